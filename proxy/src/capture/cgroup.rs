@@ -1,0 +1,160 @@
+//! Cgroup v2 directories: finding the mount, validating a path, joining a cgroup.
+//!
+//! The connect, sock_ops and getsockopt hooks attach to a cgroup v2 directory and see the
+//! sockets created by processes in it or below it. The mount point differs between hosts
+//! (`/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on hybrid ones), so it is
+//! read from `/proc/mounts`, never assumed.
+use std::{
+    fs,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use super::CaptureError;
+
+/// `CGROUP2_SUPER_MAGIC` from `linux/magic.h`.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// A validated cgroup v2 directory.
+#[derive(Clone, Debug)]
+pub struct CgroupDir {
+    path: PathBuf,
+    id: u64,
+}
+
+impl CgroupDir {
+    /// Validates that `path` exists and is a directory of a cgroup v2 hierarchy.
+    pub fn open(path: &Path) -> Result<Self, CaptureError> {
+        let meta = fs::metadata(path).map_err(|source| CaptureError::CgroupMissing {
+            path: path.to_owned(),
+            source,
+        })?;
+        if !meta.is_dir() {
+            return Err(CaptureError::NotCgroup2 {
+                path: path.to_owned(),
+                why: "not a directory".into(),
+            });
+        }
+        let fs = nix::sys::statfs::statfs(path).map_err(|e| CaptureError::CgroupMissing {
+            path: path.to_owned(),
+            source: e.into(),
+        })?;
+        let magic = fs.filesystem_type().0 as i64;
+        if magic != CGROUP2_SUPER_MAGIC {
+            return Err(CaptureError::NotCgroup2 {
+                path: path.to_owned(),
+                why: format!(
+                    "its filesystem type is {magic:#x}, not cgroup2 ({CGROUP2_SUPER_MAGIC:#x}); \
+                     the cgroup v2 mount here is {}",
+                    cgroup2_mount()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "missing".into())
+                ),
+            });
+        }
+        let path = fs::canonicalize(path).map_err(|source| CaptureError::CgroupMissing {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            path,
+            id: meta.ino(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The kernel's cgroup id (the directory's inode number on cgroup v2).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Whether the calling process is in this cgroup or one below it.
+    pub fn contains_self(&self) -> bool {
+        let (Some(mount), Some(own)) = (cgroup2_mount(), own_cgroup2_path()) else {
+            return false;
+        };
+        mount
+            .join(own.trim_start_matches('/'))
+            .starts_with(&self.path)
+    }
+
+    /// Moves the calling process into this cgroup. Sockets created afterwards belong to it,
+    /// which is what makes the getsockopt hook answer on the proxy's accepted sockets.
+    pub fn join_self(&self) -> Result<(), CaptureError> {
+        let procs = self.path.join("cgroup.procs");
+        fs::write(&procs, std::process::id().to_string()).map_err(|source| CaptureError::Io {
+            what: format!("join cgroup {}", procs.display()),
+            source,
+        })
+    }
+}
+
+/// Where the cgroup v2 hierarchy is mounted, from `/proc/mounts`.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(dir))
+    })
+}
+
+/// The calling process's cgroup v2 path relative to the mount (the `0::` line).
+fn own_cgroup2_path() -> Option<String> {
+    let text = fs::read_to_string("/proc/self/cgroup").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_owned)
+}
+
+/// Finds the directory of the cgroup with this id below the v2 mount (for status output).
+pub fn find_by_id(id: u64) -> Option<PathBuf> {
+    fn walk(dir: &Path, id: u64, depth: usize) -> Option<PathBuf> {
+        if fs::metadata(dir).ok()?.ino() == id {
+            return Some(dir.to_owned());
+        }
+        if depth == 0 {
+            return None;
+        }
+        fs::read_dir(dir)
+            .ok()?
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .find_map(|e| walk(&e.path(), id, depth - 1))
+    }
+    walk(&cgroup2_mount()?, id, 8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_cgroup2_mount_when_present() {
+        // Every supported host has one; the test documents what the function reads.
+        if let Some(m) = cgroup2_mount() {
+            assert!(m.is_dir(), "{} should be a directory", m.display());
+        }
+    }
+
+    #[test]
+    fn rejects_a_missing_path() {
+        let err = CgroupDir::open(Path::new("/nonexistent/tern-cgroup")).unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/tern-cgroup"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rejects_a_directory_that_is_not_cgroup2() {
+        let err = CgroupDir::open(Path::new("/tmp")).unwrap_err();
+        assert!(
+            err.to_string().contains("not a cgroup v2 directory"),
+            "{err}"
+        );
+    }
+}

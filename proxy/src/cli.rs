@@ -1,0 +1,270 @@
+//! The command line: flags with environment fallbacks (Istio's names where Istio has one).
+use std::{path::PathBuf, process::ExitCode};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::capture::{
+    self, CaptureSettings, InboundPorts, cgroup::CgroupDir, ebpf, parse_cidrs, parse_ports,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tern",
+    version,
+    about = "A Thrift-aware layer-4 sidecar with eBPF traffic capture"
+)]
+pub struct Cli {
+    /// Log filter (`info`, `debug`, `tern=debug,…`).
+    #[arg(long, env = "TERN_LOG", default_value = "info", global = true)]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy, optionally attaching capture for the time it runs.
+    Run(RunArgs),
+    /// Attach, detach or inspect capture on its own (e.g. from an init container).
+    #[command(subcommand)]
+    Capture(CaptureCommand),
+    /// Tell whether this kernel can run tern's eBPF capture (loads and probes every program).
+    Check,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaptureCommand {
+    /// Attach the eBPF hooks to a cgroup and pin them under bpffs; they stay after tern exits.
+    Attach(CaptureArgs),
+    /// Detach the hooks pinned for a cgroup.
+    Detach {
+        /// The cgroup v2 directory the capture is attached to.
+        #[arg(long, env = "TERN_CGROUP")]
+        cgroup: PathBuf,
+    },
+    /// Show the attached hooks, their configuration and their counters.
+    Status {
+        /// Only the capture attached to this cgroup.
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How traffic reaches the proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CaptureMode {
+    /// No capture: only connections sent to the listeners reach the proxy.
+    None,
+    /// eBPF hooks on a cgroup and the network namespace.
+    Ebpf,
+    /// Istio-style iptables REDIRECT rules in the network namespace.
+    Iptables,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Capture mechanism.
+    #[arg(long, env = "TERN_CAPTURE", value_enum, default_value = "none")]
+    pub capture: CaptureMode,
+    #[command(flatten)]
+    pub capture_args: CaptureArgs,
+    /// Seconds to wait for an upstream connection.
+    #[arg(long, env = "TERN_CONNECT_TIMEOUT", default_value_t = 10)]
+    pub connect_timeout_secs: u64,
+}
+
+/// What to capture; shared by `tern run` and `tern capture attach`.
+#[derive(Debug, Args)]
+pub struct CaptureArgs {
+    /// cgroup v2 directory whose processes are captured (eBPF capture).
+    #[arg(long, env = "TERN_CGROUP")]
+    pub cgroup: Option<PathBuf>,
+    /// Network namespace whose inbound connections are captured (eBPF capture).
+    #[arg(long, env = "TERN_NETNS", default_value = "/proc/self/ns/net")]
+    pub netns: PathBuf,
+    /// Port of the outbound listener (on 127.0.0.1 and ::1).
+    #[arg(long, env = "ENVOY_PORT", default_value_t = 15001)]
+    pub outbound_port: u16,
+    /// Port of the inbound listener.
+    #[arg(long, env = "INBOUND_CAPTURE_PORT", default_value_t = 15006)]
+    pub inbound_port: u16,
+    /// Inbound ports to capture: a list, `*` for all but the proxy's own, empty for none.
+    #[arg(long, env = "INBOUND_PORTS_INCLUDE", default_value = "*")]
+    pub inbound_ports: InboundPorts,
+    /// Outbound destination ports that bypass the proxy.
+    #[arg(long, env = "OUTBOUND_PORTS_EXCLUDE", default_value = "", value_parser = parse_ports)]
+    pub exclude_ports: std::vec::Vec<u16>,
+    /// Outbound destination CIDRs that bypass the proxy.
+    #[arg(long, env = "OUTBOUND_IP_RANGES_EXCLUDE", default_value = "", value_parser = parse_cidrs)]
+    pub exclude_cidrs: std::vec::Vec<ipnet::IpNet>,
+    /// `SO_MARK` of the proxy's own sockets; capture skips marked sockets.
+    #[arg(long, env = "TERN_MARK", default_value = "0x539", value_parser = parse_mark)]
+    pub mark: u32,
+    /// uid whose sockets are never captured (Istio runs its proxy as 1337).
+    #[arg(long, env = "PROXY_UID")]
+    pub proxy_uid: Option<u32>,
+    /// Refuse captured connections while the proxy is not listening, instead of letting them through.
+    #[arg(long, env = "TERN_FAIL_CLOSED")]
+    pub fail_closed: bool,
+}
+
+/// Ports the proxy itself serves (admin, Istio's agent and telemetry ports): never captured inbound.
+const PROXY_PORTS: [u16; 4] = [15000, 15020, 15021, 15090];
+
+impl CaptureArgs {
+    pub fn settings(&self) -> CaptureSettings {
+        CaptureSettings {
+            outbound_port: self.outbound_port,
+            inbound_port: self.inbound_port,
+            proxy_ports: PROXY_PORTS.to_vec(),
+            mark: self.mark,
+            skip_uid: self.proxy_uid,
+            exclude_ports: self.exclude_ports.clone(),
+            exclude_cidrs: self.exclude_cidrs.clone(),
+            inbound: self.inbound_ports.clone(),
+            fail_closed: self.fail_closed,
+        }
+    }
+
+    /// The validated `--cgroup`, which eBPF capture requires.
+    pub fn cgroup(&self) -> anyhow::Result<CgroupDir> {
+        let path = self
+            .cgroup
+            .as_deref()
+            .context("eBPF capture needs --cgroup <cgroup v2 directory> (or TERN_CGROUP)")?;
+        Ok(CgroupDir::open(path)?)
+    }
+}
+
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|_| format!("invalid mark {s:?}: expected a number such as 0x539 or 1337"))
+}
+
+/// Runs a parsed command line; errors are printed with their causes.
+pub fn main(cli: Cli) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("tern: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("start the tokio runtime")?;
+            runtime.block_on(crate::run::run(args))?;
+        }
+        Command::Capture(CaptureCommand::Attach(args)) => {
+            let cgroup = args.cgroup()?;
+            let capture = ebpf::EbpfCapture::attach(&cgroup, &args.netns, &args.settings())?;
+            println!(
+                "attached tern capture to cgroup {} (pinned; detach with `tern capture detach --cgroup {}`)",
+                cgroup.path().display(),
+                cgroup.path().display()
+            );
+            drop(capture);
+        }
+        Command::Capture(CaptureCommand::Detach { cgroup }) => {
+            let cgroup = CgroupDir::open(&cgroup)?;
+            ebpf::detach(&cgroup)?;
+            println!(
+                "detached tern capture from cgroup {}",
+                cgroup.path().display()
+            );
+        }
+        Command::Capture(CaptureCommand::Status { cgroup, json }) => {
+            let cgroup = cgroup.as_deref().map(CgroupDir::open).transpose()?;
+            let all = ebpf::status(cgroup.as_ref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else {
+                print_status(&all);
+            }
+        }
+        Command::Check => {
+            let findings = capture::check::run();
+            for f in &findings {
+                let mark = if f.ok { "ok  " } else { "FAIL" };
+                println!("{mark} {:<28} {}", f.what, f.detail);
+            }
+            if findings.iter().any(|f| !f.ok) {
+                println!(
+                    "this kernel cannot run tern's eBPF capture; --capture iptables may still work"
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            println!("this kernel can run tern's eBPF capture");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_status(all: &[ebpf::CaptureStatus]) {
+    if all.is_empty() {
+        println!("no tern capture is attached");
+        return;
+    }
+    for s in all {
+        let cgroup = s
+            .cgroup
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| format!("(cgroup id {}, directory gone)", s.cgroup_id));
+        println!("cgroup {cgroup}");
+        println!("  pins        {}", s.pins.display());
+        println!("  hooks       {}", s.hooks.join(", "));
+        println!(
+            "  outbound    127.0.0.1:{}   inbound :{}   mark {}   {}",
+            s.outbound_port,
+            s.inbound_port,
+            s.mark,
+            if s.fail_closed {
+                "fail-closed"
+            } else {
+                "fail-open"
+            }
+        );
+        for (name, value) in &s.counters {
+            println!("  {name:<28} {value}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_parse_in_hex_and_decimal() {
+        assert_eq!(parse_mark("0x539").unwrap(), 1337);
+        assert_eq!(parse_mark("1337").unwrap(), 1337);
+        assert!(parse_mark("0xzz").unwrap_err().contains("0xzz"));
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,423 @@
+//! tern's integration test harness: network namespaces, veth links, cgroups, processes and
+//! test peers, each a guard that removes what it made when dropped — also when a test fails.
+//!
+//! Processes run inside a namespace through `nsenter --net`, not `ip netns exec`: the latter
+//! remounts `/sys`, which would hide the cgroup v2 mount and bpffs from tern. A process joins
+//! its cgroup in a shell before `exec`, so every socket it creates belongs to that cgroup.
+use std::{
+    fs,
+    io::{BufRead, BufReader},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use serde::Deserialize;
+
+/// Fails loudly when not root: these tests need namespaces, cgroups and eBPF.
+pub fn require_root() {
+    if !nix::unistd::geteuid().is_root() {
+        if std::env::var_os("TERN_SKIP_ROOT_TESTS").is_some() {
+            eprintln!("SKIPPED: tern's integration tests need root (TERN_SKIP_ROOT_TESTS is set)");
+            return;
+        }
+        panic!(
+            "tern's integration tests need root (network namespaces, cgroups, eBPF); \
+             run them as root (`cargo xtask test`), or set TERN_SKIP_ROOT_TESTS=1 to skip them"
+        );
+    }
+}
+
+/// A short name unique to this process and call, for namespaces and cgroups of parallel runs.
+pub fn unique(tag: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "tern-{}-{}{}",
+        tag,
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The directory holding the built binaries (`target/debug`), from the running executable.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current executable");
+    let mut dir = exe.parent().expect("executable directory").to_owned();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// The `tern` binary under test: `TERN_BIN`, else the one built beside this executable.
+pub fn tern_bin() -> PathBuf {
+    let bin = std::env::var_os("TERN_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bin_dir().join("tern"));
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it with `cargo xtask build` (or run `cargo xtask test`)",
+        bin.display()
+    );
+    bin
+}
+
+pub fn testpeer_bin() -> PathBuf {
+    bin_dir().join("tern-testpeer")
+}
+
+fn run(cmd: &mut Command) -> Result<Output> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().with_context(|| format!("run {shown}"))?;
+    ensure!(
+        out.status.success(),
+        "{shown} failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(out)
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args)).map(drop)
+}
+
+/// A network namespace with loopback up, deleted (with every process in it) on drop.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Result<Self> {
+        let name = unique(tag);
+        ip(&["netns", "add", &name])?;
+        let ns = Self { name };
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The namespace file, for `nsenter` and for `tern --netns`.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/var/run/netns").join(&self.name)
+    }
+
+    /// A command that runs `program` in this namespace, in `cgroup` when given.
+    pub fn command(&self, cgroup: Option<&Cgroup>, program: &Path, args: &[&str]) -> Command {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(r#"cg=$1; ns=$2; shift 2; if [ -n "$cg" ]; then echo $$ > "$cg/cgroup.procs" || exit 97; fi; exec nsenter --net="$ns" "$@""#)
+            .arg("sh")
+            .arg(cgroup.map(|c| c.path().as_os_str()).unwrap_or_default())
+            .arg(self.path())
+            .arg(program)
+            .args(args);
+        cmd
+    }
+
+    /// Runs a command in this namespace and returns its standard output.
+    pub fn output(&self, cgroup: Option<&Cgroup>, program: &Path, args: &[&str]) -> Result<String> {
+        let out = run(&mut self.command(cgroup, program, args))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The nat and filter rules iptables shows in this namespace (fails if iptables is missing).
+    pub fn iptables_rules(&self) -> Result<Vec<String>> {
+        let out = self.output(None, Path::new("iptables-save"), &[])?;
+        Ok(out
+            .lines()
+            .filter(|l| l.starts_with("-A"))
+            .map(str::to_owned)
+            .collect())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Connects two namespaces with a veth pair named `eth0` on both sides, with these addresses.
+pub fn link(a: &Netns, a_cidr: &str, b: &Netns, b_cidr: &str) -> Result<()> {
+    ip(&[
+        "-n",
+        a.name(),
+        "link",
+        "add",
+        "eth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        b.name(),
+    ])?;
+    for (ns, cidr) in [(a, a_cidr), (b, b_cidr)] {
+        ip(&["-n", ns.name(), "addr", "add", cidr, "dev", "eth0"])?;
+        ip(&["-n", ns.name(), "link", "set", "eth0", "up"])?;
+    }
+    Ok(())
+}
+
+/// Adds another address to a namespace's `eth0`.
+pub fn add_address(ns: &Netns, cidr: &str) -> Result<()> {
+    ip(&["-n", ns.name(), "addr", "add", cidr, "dev", "eth0"])
+}
+
+/// A cgroup v2 directory made for a test; on drop its processes are killed, tern's pins for
+/// it removed and the directory deleted.
+pub struct Cgroup {
+    path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn new(tag: &str) -> Result<Self> {
+        let mount = cgroup2_mount().context("no cgroup v2 mount in /proc/mounts")?;
+        let path = mount.join(unique(tag));
+        fs::create_dir(&path).with_context(|| format!("create cgroup {}", path.display()))?;
+        Ok(Self { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn path_str(&self) -> &str {
+        self.path.to_str().expect("cgroup paths are UTF-8")
+    }
+
+    /// Where tern pins capture attached to this cgroup.
+    pub fn pin_dir(&self) -> PathBuf {
+        let id = fs::metadata(&self.path)
+            .map(|m| m.ino())
+            .unwrap_or_default();
+        Path::new("/sys/fs/bpf/tern").join(format!("cg-{id}"))
+    }
+
+    fn kill_all(&self) {
+        for _ in 0..50 {
+            let procs = fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default();
+            if procs.trim().is_empty() {
+                return;
+            }
+            for pid in procs.split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        self.kill_all();
+        let _ = fs::remove_dir_all(self.pin_dir());
+        let _ = fs::remove_dir("/sys/fs/bpf/tern");
+        let _ = fs::remove_dir(&self.path);
+    }
+}
+
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    fs::read_to_string("/proc/mounts")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+}
+
+/// A child process killed on drop.
+pub struct Process {
+    child: Child,
+}
+
+impl Process {
+    pub fn spawn(mut cmd: Command) -> Result<Self> {
+        let child = cmd.spawn().with_context(|| format!("spawn {cmd:?}"))?;
+        Ok(Self { child })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn terminate(&mut self) -> Result<()> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.child.try_wait()?.is_some() {
+                return Ok(());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        bail!("process {} did not exit within 10 s of SIGTERM", self.pid())
+    }
+
+    /// Kills the process with SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A running `tern` with its log.
+pub struct Tern {
+    pub process: Process,
+    log: PathBuf,
+}
+
+impl Tern {
+    /// Starts `tern <args>` in `ns` (and `cgroup`), and waits until it says it is running.
+    pub fn start(ns: &Netns, cgroup: Option<&Cgroup>, args: &[&str]) -> Result<Self> {
+        let log = std::env::temp_dir().join(format!("{}.log", unique("tern-log")));
+        let file = fs::File::create(&log)?;
+        let mut cmd = ns.command(cgroup, &tern_bin(), args);
+        cmd.env("TERN_LOG", "info,tern=debug")
+            .stdout(Stdio::null())
+            .stderr(file);
+        let mut tern = Self {
+            process: Process::spawn(cmd)?,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if tern.log().contains("tern is running") {
+                return Ok(tern);
+            }
+            if let Some(status) = tern.process.child.try_wait()? {
+                bail!("tern exited ({status}) before running:\n{}", tern.log());
+            }
+            if Instant::now() > deadline {
+                bail!("tern did not start within 15 s:\n{}", tern.log());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Tern {
+    fn drop(&mut self) {
+        self.process.kill();
+        if thread::panicking() {
+            eprintln!("--- tern log ---\n{}", self.log());
+        }
+        let _ = fs::remove_file(&self.log);
+    }
+}
+
+/// Runs `tern <args>` from the host and returns (success, stdout, stderr).
+pub fn tern(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(tern_bin())
+        .args(args)
+        .output()
+        .expect("run tern");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Counters of the capture attached to `cgroup`, by `hook.decision`, from `tern capture status`.
+pub fn capture_counter(cgroup: &Cgroup, name: &str) -> u64 {
+    let (ok, out, err) = tern(&["capture", "status", "--cgroup", cgroup.path_str(), "--json"]);
+    assert!(ok, "tern capture status failed: {err}");
+    let status: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+    status[0]["counters"][name].as_u64().unwrap_or(0)
+}
+
+/// An echo server (`tern-testpeer serve`) in a namespace, listening on every address given.
+pub fn serve(ns: &Netns, addrs: &[&str]) -> Result<Process> {
+    let mut cmd = ns.command(None, &testpeer_bin(), &[&["serve"], addrs].concat());
+    cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+    let mut process = Process::spawn(cmd)?;
+    let stdout = process.child.stdout.take().expect("piped");
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    ensure!(
+        line.trim() == "ready",
+        "test server did not start: {line:?}"
+    );
+    Ok(process)
+}
+
+/// What a test client saw (`tern-testpeer connect`).
+#[derive(Debug, Deserialize)]
+pub struct Connection {
+    /// The client's own address (`getsockname`).
+    pub local: Option<String>,
+    /// What `getpeername` told the client.
+    pub peer: Option<String>,
+    /// The client's address as the server saw it.
+    pub server_saw: Option<String>,
+    /// The server's local address for the connection.
+    pub server_local: Option<String>,
+    pub echoed: Option<bool>,
+    /// Set when the connection failed.
+    pub error: Option<String>,
+    pub kind: Option<String>,
+}
+
+impl Connection {
+    /// Whether the server saw the connection come from another socket than the client's own:
+    /// the sign that it went through a proxy.
+    pub fn proxied(&self) -> bool {
+        self.error.is_none() && self.local != self.server_saw
+    }
+
+    pub fn ok(&self) -> bool {
+        self.error.is_none() && self.echoed == Some(true)
+    }
+}
+
+/// Connects from `ns` (inside `cgroup` when given) to `addr` with `tern-testpeer connect`.
+pub fn connect(ns: &Netns, cgroup: Option<&Cgroup>, addr: &str) -> Connection {
+    let out = ns
+        .output(cgroup, &testpeer_bin(), &["connect", addr])
+        .expect("run the test client");
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("client output {out:?}: {e}"))
+}
+
+/// Retries `f` until it returns true or `timeout` passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(25));
+    }
+    f()
+}

@@ -1,0 +1,452 @@
+//! Capture, end to end: the real `tern` binary with real kernel hooks (or iptables rules) in
+//! network namespaces made by each test, real sockets, and a cgroup per application Pod.
+//!
+//! Topology of every test: an application Pod `app` (10.66.1.1, plus the test cgroup) linked
+//! to a server namespace `srv` (10.66.1.2 and 10.66.2.2). A connection went through the proxy
+//! when the server saw it come from another socket than the client's own.
+use std::{path::Path, process::Command, time::Duration};
+
+use tern_tests::{
+    Cgroup, Netns, Tern, add_address, capture_counter, connect, eventually, link, require_root,
+    serve, tern,
+};
+
+struct Pods {
+    app: Netns,
+    srv: Netns,
+    cgroup: Cgroup,
+}
+
+fn pods() -> Pods {
+    require_root();
+    let app = Netns::new("app").unwrap();
+    let srv = Netns::new("srv").unwrap();
+    link(&app, "10.66.1.1/24", &srv, "10.66.1.2/24").unwrap();
+    add_address(&srv, "10.66.2.2/24").unwrap();
+    let route = Command::new("ip")
+        .args([
+            "-n",
+            app.name(),
+            "route",
+            "add",
+            "10.66.2.0/24",
+            "dev",
+            "eth0",
+        ])
+        .status()
+        .unwrap();
+    assert!(route.success());
+    let cgroup = Cgroup::new("pod").unwrap();
+    Pods { app, srv, cgroup }
+}
+
+/// Programs bpftool sees attached to a cgroup (an independent view of the kernel's state).
+fn attached_programs(cgroup: &Cgroup) -> Vec<String> {
+    let out = Command::new("bpftool")
+        .args(["-j", "cgroup", "show", cgroup.path_str()])
+        .output()
+        .expect("bpftool is installed by `cargo xtask setup`");
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn run_args<'a>(mode: &'a str, cgroup: &'a Cgroup, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["run", "--capture", mode];
+    if mode == "ebpf" {
+        args.extend(["--cgroup", cgroup.path_str()]);
+    }
+    args.extend(extra);
+    args
+}
+
+/// Outbound capture: the application's connect reaches the server through tern, the
+/// application still sees the address it dialled, and the proxy's own upstream connection
+/// (from the same cgroup) is not captured again.
+fn outbound_goes_through_the_proxy(mode: &str) {
+    let p = pods();
+    let _server = serve(&p.srv, &["10.66.1.2:8080"]).unwrap();
+    let mut tern_proc = Tern::start(
+        &p.app,
+        Some(&p.cgroup),
+        &run_args(mode, &p.cgroup, &["--inbound-ports", ""]),
+    )
+    .unwrap();
+
+    let c = connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080");
+    assert!(c.ok(), "{c:?}");
+    assert!(c.proxied(), "the connection bypassed tern: {c:?}");
+    assert_eq!(
+        c.peer.as_deref(),
+        Some("10.66.1.2:8080"),
+        "getpeername: {c:?}"
+    );
+    assert!(
+        c.server_saw.as_deref().unwrap().starts_with("10.66.1.1:"),
+        "{c:?}"
+    );
+    assert!(
+        tern_proc.log().contains("original_dst=10.66.1.2:8080"),
+        "{}",
+        tern_proc.log()
+    );
+
+    let rules = p.app.iptables_rules().unwrap();
+    if mode == "ebpf" {
+        assert!(
+            rules.is_empty(),
+            "eBPF capture must not need iptables rules: {rules:?}"
+        );
+        for counter in [
+            "connect.redirected",
+            "sockops.recorded",
+            "getsockopt.answered",
+            "getpeername.rewritten",
+            "connect.skipped_mark",
+        ] {
+            assert!(
+                capture_counter(&p.cgroup, counter) >= 1,
+                "{counter} stayed 0"
+            );
+        }
+        assert!(
+            eventually(Duration::from_secs(3), || capture_counter(
+                &p.cgroup,
+                "sockops.removed"
+            ) >= 1),
+            "closed connections must leave the maps"
+        );
+    } else {
+        assert!(
+            rules
+                .iter()
+                .any(|r| r.contains("REDIRECT --to-ports 15001")),
+            "{rules:?}"
+        );
+    }
+
+    // A process outside the captured cgroup is left alone (eBPF scopes capture to the Pod's
+    // cgroup; iptables captures the whole namespace).
+    let outside = connect(&p.app, None, "10.66.1.2:8080");
+    assert!(outside.ok(), "{outside:?}");
+    assert_eq!(outside.proxied(), mode == "iptables", "{outside:?}");
+
+    tern_proc.process.terminate().unwrap();
+    assert!(
+        p.app.iptables_rules().unwrap().is_empty(),
+        "rules left after exit"
+    );
+    assert!(!p.cgroup.pin_dir().exists(), "pins left after exit");
+    let after = connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080");
+    assert!(after.ok() && !after.proxied(), "{after:?}");
+}
+
+#[test]
+fn ebpf_outbound_goes_through_the_proxy() {
+    outbound_goes_through_the_proxy("ebpf");
+}
+
+#[test]
+fn iptables_outbound_goes_through_the_proxy() {
+    outbound_goes_through_the_proxy("iptables");
+}
+
+/// Excluded ports and CIDRs, and loopback, bypass the proxy.
+fn exclusions_bypass_the_proxy(mode: &str) {
+    let p = pods();
+    let _server = serve(
+        &p.srv,
+        &["10.66.1.2:8080", "10.66.1.2:9090", "10.66.2.2:8080"],
+    )
+    .unwrap();
+    let _local = serve(&p.app, &["127.0.0.1:7070"]).unwrap();
+    let _tern = Tern::start(
+        &p.app,
+        Some(&p.cgroup),
+        &run_args(
+            mode,
+            &p.cgroup,
+            &[
+                "--inbound-ports",
+                "",
+                "--exclude-ports",
+                "9090",
+                "--exclude-cidrs",
+                "10.66.2.0/24",
+            ],
+        ),
+    )
+    .unwrap();
+
+    let captured = connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080");
+    assert!(captured.ok() && captured.proxied(), "{captured:?}");
+    for addr in ["10.66.1.2:9090", "10.66.2.2:8080", "127.0.0.1:7070"] {
+        let c = connect(&p.app, Some(&p.cgroup), addr);
+        assert!(c.ok(), "{addr}: {c:?}");
+        assert!(!c.proxied(), "{addr} should bypass tern: {c:?}");
+        assert_eq!(c.peer.as_deref(), Some(addr));
+    }
+    if mode == "ebpf" {
+        for counter in [
+            "connect.skipped_port",
+            "connect.skipped_cidr",
+            "connect.skipped_loopback",
+        ] {
+            assert!(
+                capture_counter(&p.cgroup, counter) >= 1,
+                "{counter} stayed 0"
+            );
+        }
+    }
+}
+
+#[test]
+fn ebpf_exclusions_bypass_the_proxy() {
+    exclusions_bypass_the_proxy("ebpf");
+}
+
+#[test]
+fn iptables_exclusions_bypass_the_proxy() {
+    exclusions_bypass_the_proxy("iptables");
+}
+
+/// Inbound capture: a connection to a captured port of the server Pod arrives through the
+/// inbound listener, and the application answers it, seeing the proxy's 127.0.0.6.
+fn inbound_arrives_through_the_proxy(mode: &str) {
+    let p = pods();
+    let _server = serve(&p.srv, &["0.0.0.0:8080", "0.0.0.0:9090"]).unwrap();
+    let netns = p.srv.path();
+    let mut args = run_args(mode, &p.cgroup, &["--inbound-ports", "8080"]);
+    args.extend(["--netns", netns.to_str().unwrap()]);
+    let _tern = Tern::start(&p.srv, Some(&p.cgroup), &args).unwrap();
+
+    let c = connect(&p.app, None, "10.66.1.2:8080");
+    assert!(c.ok(), "{c:?}");
+    assert!(
+        c.server_saw.as_deref().unwrap().starts_with("127.0.0.6:"),
+        "{c:?}"
+    );
+    assert_eq!(c.server_local.as_deref(), Some("10.66.1.2:8080"));
+    let other = connect(&p.app, None, "10.66.1.2:9090");
+    assert!(
+        other.ok() && !other.proxied(),
+        "port 9090 is not captured: {other:?}"
+    );
+    if mode == "ebpf" {
+        assert!(capture_counter(&p.cgroup, "sk_lookup.redirected") >= 1);
+        assert!(p.srv.iptables_rules().unwrap().is_empty());
+    }
+}
+
+#[test]
+fn ebpf_inbound_arrives_through_the_proxy() {
+    inbound_arrives_through_the_proxy("ebpf");
+}
+
+#[test]
+fn iptables_inbound_arrives_through_the_proxy() {
+    inbound_arrives_through_the_proxy("iptables");
+}
+
+/// Hooks attached by `tern capture attach` outlive the proxy: while it is down, connections go
+/// where they were sent (outbound and inbound), and a restarted proxy takes over again.
+#[test]
+fn ebpf_fails_open_when_the_proxy_dies() {
+    let p = pods();
+    let _server = serve(&p.srv, &["10.66.1.2:8080"]).unwrap();
+    let _app_server = serve(&p.app, &["0.0.0.0:8081"]).unwrap();
+    let netns = p.app.path();
+    let cg = p.cgroup.path_str();
+    let (ok, _, err) = tern(&[
+        "capture",
+        "attach",
+        "--cgroup",
+        cg,
+        "--netns",
+        netns.to_str().unwrap(),
+        "--inbound-ports",
+        "8081",
+    ]);
+    assert!(ok, "{err}");
+
+    let mut proxy = Tern::start(
+        &p.app,
+        Some(&p.cgroup),
+        &["run", "--capture", "ebpf", "--cgroup", cg],
+    )
+    .unwrap();
+    assert!(connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080").proxied());
+    let inbound = connect(&p.srv, None, "10.66.1.1:8081");
+    assert!(
+        inbound.ok()
+            && inbound
+                .server_saw
+                .as_deref()
+                .unwrap()
+                .starts_with("127.0.0.6:"),
+        "{inbound:?}"
+    );
+
+    proxy.process.kill();
+    assert!(
+        p.cgroup.pin_dir().exists(),
+        "the pinned hooks must outlive the proxy"
+    );
+    let c = connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080");
+    assert!(c.ok() && !c.proxied(), "outbound must fail open: {c:?}");
+    assert!(capture_counter(&p.cgroup, "connect.failed_open") >= 1);
+    let inbound = connect(&p.srv, None, "10.66.1.1:8081");
+    assert!(
+        inbound.ok()
+            && inbound
+                .server_saw
+                .as_deref()
+                .unwrap()
+                .starts_with("10.66.1.2:"),
+        "inbound must fail open: {inbound:?}"
+    );
+    assert!(capture_counter(&p.cgroup, "sk_lookup.failed_open") >= 1);
+
+    let _restarted = Tern::start(
+        &p.app,
+        Some(&p.cgroup),
+        &["run", "--capture", "ebpf", "--cgroup", cg],
+    )
+    .unwrap();
+    assert!(
+        connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080").proxied(),
+        "a restarted proxy takes over"
+    );
+    let (ok, _, err) = tern(&["capture", "detach", "--cgroup", cg]);
+    assert!(ok, "{err}");
+}
+
+/// With `--fail-closed`, connections are refused while the proxy is down.
+#[test]
+fn ebpf_fail_closed_refuses_when_the_proxy_is_down() {
+    let p = pods();
+    let _server = serve(&p.srv, &["10.66.1.2:8080"]).unwrap();
+    let (ok, _, err) = tern(&[
+        "capture",
+        "attach",
+        "--cgroup",
+        p.cgroup.path_str(),
+        "--inbound-ports",
+        "",
+        "--fail-closed",
+    ]);
+    assert!(ok, "{err}");
+    let c = connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080");
+    assert!(c.error.is_some(), "fail-closed must refuse: {c:?}");
+    assert_eq!(c.kind.as_deref(), Some("PermissionDenied"), "{c:?}");
+    assert!(capture_counter(&p.cgroup, "connect.refused") >= 1);
+    let (ok, _, err) = tern(&["capture", "detach", "--cgroup", p.cgroup.path_str()]);
+    assert!(ok, "{err}");
+    assert!(connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080").ok());
+}
+
+/// attach → status → detach, seen by tern and by bpftool: nothing is left behind.
+#[test]
+fn ebpf_attach_and_detach_leave_nothing_behind() {
+    let p = pods();
+    let cg = p.cgroup.path_str();
+    let netns = p.app.path();
+    let (ok, _, err) = tern(&[
+        "capture",
+        "attach",
+        "--cgroup",
+        cg,
+        "--netns",
+        netns.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    let mut attached = attached_programs(&p.cgroup);
+    attached.sort();
+    assert_eq!(
+        attached,
+        [
+            "tern_connect4",
+            "tern_connect6",
+            "tern_getsockopt",
+            "tern_peername4",
+            "tern_peername6",
+            "tern_sockops"
+        ]
+    );
+    let (ok, status, _) = tern(&["capture", "status", "--cgroup", cg]);
+    assert!(
+        ok && status.contains("tern_inbound") && status.contains("connect.redirected"),
+        "{status}"
+    );
+
+    // A second attach on the same cgroup is refused, and changes nothing.
+    let (ok, _, err) = tern(&["capture", "attach", "--cgroup", cg]);
+    assert!(!ok && err.contains("already attached"), "{err}");
+    assert_eq!(attached_programs(&p.cgroup).len(), 6);
+
+    let (ok, _, err) = tern(&["capture", "detach", "--cgroup", cg]);
+    assert!(ok, "{err}");
+    assert!(
+        attached_programs(&p.cgroup).is_empty(),
+        "programs left attached"
+    );
+    assert!(!p.cgroup.pin_dir().exists(), "pins left behind");
+    let (ok, _, err) = tern(&["capture", "detach", "--cgroup", cg]);
+    assert!(!ok && err.contains("not attached"), "{err}");
+}
+
+/// Bad input gets a clear error and never a half-attached state.
+#[test]
+fn bad_input_is_refused_clearly() {
+    let p = pods();
+    let (ok, _, err) = tern(&["capture", "attach", "--cgroup", "/nonexistent/tern"]);
+    assert!(!ok && err.contains("/nonexistent/tern"), "{err}");
+
+    let (ok, _, err) = tern(&["capture", "attach", "--cgroup", "/tmp"]);
+    assert!(!ok && err.contains("not a cgroup v2 directory"), "{err}");
+
+    let (ok, _, err) = tern(&[
+        "capture",
+        "attach",
+        "--cgroup",
+        p.cgroup.path_str(),
+        "--exclude-cidrs",
+        "10.0.0.0/40",
+    ]);
+    assert!(!ok && err.contains("10.0.0.0/40"), "{err}");
+
+    let (ok, _, err) = tern(&["run", "--capture", "ebpf"]);
+    assert!(!ok && err.contains("--cgroup"), "{err}");
+
+    // Without privileges: refused with the reason, and nothing attached.
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(tern_tests::tern_bin())
+        .args(["capture", "attach", "--cgroup", p.cgroup.path_str()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("permission denied"),
+        "{err}"
+    );
+    assert!(!p.cgroup.pin_dir().exists());
+    assert!(attached_programs(&p.cgroup).is_empty());
+    assert!(Path::new(p.cgroup.path_str()).is_dir());
+}

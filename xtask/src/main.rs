@@ -1,0 +1,277 @@
+//! tern's developer tasks.
+//!
+//! - `setup`: install what the build and the tests need on a fresh Debian machine, saying
+//!   what it does: LLVM 22 and `bpf-linker` (for the eBPF object), nightly's `rust-src`
+//!   (for `-Z build-std=core`), iproute2 and iptables (for the tests).
+//! - `build-ebpf`: build the kernel programs; the `tern` crate embeds the object.
+//! - `test`: setup, the eBPF build, fmt and clippy, and every test (unit and integration).
+//! - `demo`: tern's eBPF capture on a small topology of network namespaces.
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+mod demo;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and the tests need (idempotent).
+    Setup,
+    /// Build the eBPF object (nightly, bpfel-unknown-none, bpf-linker).
+    BuildEbpf,
+    /// Build the eBPF object and the `tern` binary.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run setup, the builds, fmt, clippy and every test.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Show tern's eBPF capture on network namespaces, then clean up.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> Result<()> {
+    match task {
+        Task::Setup => setup(),
+        Task::BuildEbpf => build_ebpf(),
+        Task::Build { release } => {
+            setup()?;
+            build_ebpf()?;
+            build_tern(release)
+        }
+        Task::Test { args } => test(&args),
+        Task::Demo => {
+            setup()?;
+            build_ebpf()?;
+            build_tern(false)?;
+            demo::run()
+        }
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_owned()
+}
+
+fn cargo_home_bin() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("bin")
+}
+
+/// PATH with cargo's bin directory in it (where `bpf-linker` is installed).
+fn path_with_cargo_bin() -> std::ffi::OsString {
+    let mut paths = vec![cargo_home_bin()];
+    if let Some(p) = env::var_os("PATH") {
+        paths.extend(env::split_paths(&p));
+    }
+    env::join_paths(paths).expect("PATH entries are valid")
+}
+
+fn step(what: &str) {
+    eprintln!("\x1b[1mxtask:\x1b[0m {what}");
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let st = cmd.status().with_context(|| format!("run {shown}"))?;
+    if !st.success() {
+        bail!("{shown} failed with {st}");
+    }
+    Ok(())
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .env("PATH", path_with_cargo_bin())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// Debian packages the build or the tests need, by the program that shows they are present.
+const PACKAGES: [(&str, &str); 6] = [
+    ("bpftool", "bpftool"),
+    ("ip", "iproute2"),
+    ("iptables", "iptables"),
+    ("nft", "nftables"),
+    ("haproxy", "haproxy"),
+    ("llvm-config-22", "llvm-22-dev"),
+];
+
+fn setup() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(program, package)| {
+            let present = if *package == "llvm-22-dev" {
+                Path::new(LLVM_PREFIX).join("bin/llvm-config").is_file()
+            } else {
+                have(program)
+            };
+            !present
+        })
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        step(
+            "setup: system packages present (bpftool, iproute2, iptables, nftables, haproxy, llvm-22-dev)",
+        );
+    } else {
+        step(&format!(
+            "setup: installing {} with apt-get",
+            missing.join(" ")
+        ));
+        status(Command::new("apt-get").args(["update", "-qq"]))?;
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+
+    let rust_src = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .context("run rustup (is the Rust toolchain installed with rustup?)")?;
+    if String::from_utf8_lossy(&rust_src.stdout).contains("rust-src") {
+        step("setup: nightly rust-src present");
+    } else {
+        step("setup: adding the rust-src component to the nightly toolchain");
+        status(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+
+    if have("bpf-linker") {
+        step("setup: bpf-linker present");
+    } else {
+        step("setup: building bpf-linker against LLVM 22 (about 3 minutes)");
+        status(
+            Command::new("cargo")
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ])
+                .env("LLVM_PREFIX", LLVM_PREFIX),
+        )?;
+    }
+    Ok(())
+}
+
+/// A cargo command free of the settings the outer `cargo run` put in the environment.
+fn cargo() -> Command {
+    let mut cmd = Command::new("cargo");
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTDOC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("PATH", path_with_cargo_bin());
+    cmd.current_dir(root());
+    cmd
+}
+
+fn build_ebpf() -> Result<()> {
+    step("build-ebpf: cargo +nightly build --release (bpfel-unknown-none, -Z build-std=core)");
+    let root = root();
+    status(
+        cargo()
+            .current_dir(root.join("ebpf/programs"))
+            .args(["+nightly", "build", "--release", "--target-dir"])
+            .arg(root.join("target/ebpf")),
+    )
+}
+
+fn build_tern(release: bool) -> Result<()> {
+    step("build: the tern binary and the test peers");
+    let mut cmd = cargo();
+    cmd.args([
+        "build",
+        "--package",
+        "tern",
+        "--package",
+        "tern-tests",
+        "--bins",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    status(&mut cmd)
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    setup()?;
+    build_ebpf()?;
+    build_tern(false)?;
+    step("test: cargo fmt --check (workspace and kernel programs)");
+    status(cargo().args(["fmt", "--all", "--check"]))?;
+    status(
+        cargo()
+            .current_dir(root().join("ebpf/programs"))
+            .args(["+nightly", "fmt", "--check"]),
+    )?;
+    step("test: cargo clippy --all-targets -- -D warnings");
+    status(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step("test: cargo test --workspace (unit tests, then integration tests in network namespaces)");
+    status(
+        cargo()
+            .args(["test", "--workspace"])
+            .args(extra)
+            .env("TERN_BIN", root().join("target/debug/tern")),
+    )
+}
