@@ -177,9 +177,13 @@ pub fn link(a: &Netns, a_cidr: &str, b: &Netns, b_cidr: &str) -> Result<()> {
     Ok(())
 }
 
-/// Adds another address to a namespace's `eth0`.
+/// Adds another address to a namespace's `eth0` (IPv6 ones without duplicate address detection).
 pub fn add_address(ns: &Netns, cidr: &str) -> Result<()> {
-    ip(&["-n", ns.name(), "addr", "add", cidr, "dev", "eth0"])
+    let mut args = vec!["-n", ns.name(), "addr", "add", cidr, "dev", "eth0"];
+    if cidr.contains(':') {
+        args.push("nodad");
+    }
+    ip(&args)
 }
 
 /// A cgroup v2 directory made for a test; on drop its processes are killed, tern's pins for
@@ -366,10 +370,15 @@ pub fn serve(ns: &Netns, addrs: &[&str]) -> Result<Process> {
     let stdout = process.child.stdout.take().expect("piped");
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line)?;
-    ensure!(
-        line.trim() == "ready",
-        "test server did not start: {line:?}"
-    );
+    if line.trim() != "ready" {
+        let addrs = Command::new("ip")
+            .args(["-n", ns.name(), "addr"])
+            .output()?;
+        bail!(
+            "test server on {addrs:?} did not start: {line:?}; the namespace has\n{}",
+            String::from_utf8_lossy(&addrs.stdout)
+        );
+    }
     Ok(process)
 }
 

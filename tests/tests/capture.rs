@@ -23,6 +23,8 @@ fn pods() -> Pods {
     let srv = Netns::new("srv").unwrap();
     link(&app, "10.66.1.1/24", &srv, "10.66.1.2/24").unwrap();
     add_address(&srv, "10.66.2.2/24").unwrap();
+    add_address(&app, "fd66::1/64").unwrap();
+    add_address(&srv, "fd66::2/64").unwrap();
     let route = Command::new("ip")
         .args([
             "-n",
@@ -38,6 +40,24 @@ fn pods() -> Pods {
     assert!(route.success());
     let cgroup = Cgroup::new("pod").unwrap();
     Pods { app, srv, cgroup }
+}
+
+/// Entries bpftool sees in one of tern's pinned maps.
+fn map_entries(cgroup: &Cgroup, map: &str) -> usize {
+    let path = cgroup.pin_dir().join(map);
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&path)
+        .output()
+        .expect("bpftool is installed by `cargo xtask setup`");
+    assert!(
+        out.status.success(),
+        "bpftool map dump {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array().map_or(0, Vec::len)
 }
 
 /// Programs bpftool sees attached to a cgroup (an independent view of the kernel's state).
@@ -126,6 +146,14 @@ fn outbound_goes_through_the_proxy(mode: &str) {
             ) >= 1),
             "closed connections must leave the maps"
         );
+        // Every captured connection has closed: both maps are empty again.
+        for map in ["ORIG_BY_COOKIE", "ORIG_BY_TUPLE"] {
+            assert!(
+                eventually(Duration::from_secs(3), || map_entries(&p.cgroup, map) == 0),
+                "{map} still holds {} entries",
+                map_entries(&p.cgroup, map)
+            );
+        }
     } else {
         assert!(
             rules
@@ -208,6 +236,120 @@ fn exclusions_bypass_the_proxy(mode: &str) {
             );
         }
     }
+}
+
+/// IPv6: a native IPv6 destination (answered through `SOL_IPV6`) and a v4-mapped one dialled
+/// from an IPv6 socket (Java's habit) both reach the server through tern.
+fn ipv6_goes_through_the_proxy(mode: &str) {
+    let p = pods();
+    let _server = serve(&p.srv, &["[fd66::2]:8080", "10.66.1.2:8080"]).unwrap();
+    let _tern = Tern::start(
+        &p.app,
+        Some(&p.cgroup),
+        &run_args(mode, &p.cgroup, &["--inbound-ports", ""]),
+    )
+    .unwrap();
+    // Duplicate address detection keeps a fresh IPv6 address unusable for a moment.
+    assert!(
+        eventually(Duration::from_secs(5), || connect(
+            &p.app,
+            None,
+            "[fd66::2]:8080"
+        )
+        .ok()),
+        "IPv6 between the namespaces never came up"
+    );
+    for (addr, seen_from) in [
+        ("[fd66::2]:8080", "[fd66::1]:"),
+        ("[::ffff:10.66.1.2]:8080", "10.66.1.1:"),
+    ] {
+        let c = connect(&p.app, Some(&p.cgroup), addr);
+        assert!(c.ok(), "{addr}: {c:?}");
+        assert!(c.proxied(), "{addr} bypassed tern: {c:?}");
+        assert_eq!(c.peer.as_deref(), Some(addr), "getpeername");
+        assert!(
+            c.server_saw.as_deref().unwrap().starts_with(seen_from),
+            "{addr}: {c:?}"
+        );
+    }
+}
+
+#[test]
+fn ebpf_ipv6_goes_through_the_proxy() {
+    ipv6_goes_through_the_proxy("ebpf");
+}
+
+#[test]
+fn iptables_ipv6_goes_through_the_proxy() {
+    ipv6_goes_through_the_proxy("iptables");
+}
+
+/// Sockets of the proxy's uid (`--proxy-uid`, Istio's 1337) are never captured.
+fn proxy_uid_bypasses(mode: &str) {
+    let p = pods();
+    let _server = serve(&p.srv, &["10.66.1.2:8080"]).unwrap();
+    let _tern = Tern::start(
+        &p.app,
+        Some(&p.cgroup),
+        &run_args(
+            mode,
+            &p.cgroup,
+            &["--inbound-ports", "", "--proxy-uid", "65534"],
+        ),
+    )
+    .unwrap();
+    let as_uid = |uid: &str| {
+        let setpriv = Path::new("/usr/bin/setpriv");
+        let peer = tern_tests::testpeer_bin();
+        let args = [
+            &format!("--reuid={uid}"),
+            "--regid=65534",
+            "--clear-groups",
+            peer.to_str().unwrap(),
+            "connect",
+            "10.66.1.2:8080",
+        ];
+        let out = p.app.output(Some(&p.cgroup), setpriv, &args).unwrap();
+        serde_json::from_str::<tern_tests::Connection>(out.trim()).unwrap()
+    };
+    let skipped = as_uid("65534");
+    assert!(
+        skipped.ok() && !skipped.proxied(),
+        "uid 65534 must bypass: {skipped:?}"
+    );
+    let captured = as_uid("65533");
+    assert!(
+        captured.ok() && captured.proxied(),
+        "other uids are captured: {captured:?}"
+    );
+    if mode == "ebpf" {
+        assert!(capture_counter(&p.cgroup, "connect.skipped_uid") >= 1);
+    }
+}
+
+#[test]
+fn ebpf_proxy_uid_bypasses() {
+    proxy_uid_bypasses("ebpf");
+}
+
+#[test]
+fn iptables_proxy_uid_bypasses() {
+    proxy_uid_bypasses("iptables");
+}
+
+/// `tern check` loads every program on this kernel and says so.
+#[test]
+fn check_reports_every_program_loadable() {
+    require_root();
+    let (ok, out, err) = tern(&["check"]);
+    assert!(ok, "{out}{err}");
+    for program in tern_ebpf_common::program_names::ALL {
+        assert!(
+            out.contains(&format!("program {program}")),
+            "{program} missing from\n{out}"
+        );
+    }
+    assert!(!out.contains("FAIL"), "{out}");
 }
 
 #[test]
@@ -403,6 +545,51 @@ fn ebpf_attach_and_detach_leave_nothing_behind() {
     assert!(!p.cgroup.pin_dir().exists(), "pins left behind");
     let (ok, _, err) = tern(&["capture", "detach", "--cgroup", cg]);
     assert!(!ok && err.contains("not attached"), "{err}");
+}
+
+/// Another agent's program on the same cgroup hook (Cilium's socket LB, say) neither evicts
+/// tern nor is evicted by it: cgroup links are multi-attach, and detach removes only tern's.
+#[test]
+fn ebpf_coexists_with_another_agents_program() {
+    let p = pods();
+    let _server = serve(&p.srv, &["10.66.1.2:8080"]).unwrap();
+    // The other agent: a separate load of a connect4 program, linked to the cgroup first.
+    // (Its own configuration map is empty, so it lets every connect through unchanged.)
+    let object = tern_tests::bin_dir().join("../ebpf/bpfel-unknown-none/release/tern-ebpf");
+    let mut other = aya::Ebpf::load_file(&object).expect("load the other agent's object");
+    let program: &mut aya::programs::CgroupSockAddr = other
+        .program_mut("tern_connect4")
+        .unwrap()
+        .try_into()
+        .unwrap();
+    program.load().unwrap();
+    let cgroup_fd = std::fs::File::open(p.cgroup.path()).unwrap();
+    program
+        .attach(&cgroup_fd, aya::programs::CgroupAttachMode::Single)
+        .unwrap();
+    assert_eq!(attached_programs(&p.cgroup), ["tern_connect4"]);
+
+    let _tern = Tern::start(
+        &p.app,
+        Some(&p.cgroup),
+        &run_args("ebpf", &p.cgroup, &["--inbound-ports", ""]),
+    )
+    .unwrap();
+    assert_eq!(
+        attached_programs(&p.cgroup).len(),
+        7,
+        "both agents' programs are attached"
+    );
+    let c = connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080");
+    assert!(c.ok() && c.proxied(), "{c:?}");
+
+    let (ok, _, err) = tern(&["capture", "detach", "--cgroup", p.cgroup.path_str()]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        attached_programs(&p.cgroup),
+        ["tern_connect4"],
+        "the other agent's program stays"
+    );
 }
 
 /// Bad input gets a clear error and never a half-attached state.
