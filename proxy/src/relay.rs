@@ -55,6 +55,19 @@ impl RelayStats {
     fn bump(counter: &[AtomicU64; 2], dir: Direction) {
         counter[dir as usize].fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Logs the counters of one direction (at shutdown, until the admin server exports them).
+    pub fn log(&self, dir: Direction) {
+        let get = |c: &[AtomicU64; 2]| c[dir as usize].load(Ordering::Relaxed);
+        tracing::info!(
+            dir = dir.as_str(),
+            accepted = get(&self.accepted),
+            relayed = get(&self.relayed),
+            rejected = get(&self.rejected),
+            upstream_failed = get(&self.upstream_failed),
+            "connections"
+        );
+    }
 }
 
 /// Accepts connections on `listener` until the task is dropped.

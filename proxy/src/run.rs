@@ -107,6 +107,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let signal = wait_for_shutdown().await;
     info!(signal, "shutting down");
     tasks.shutdown().await;
+    stats.log(Direction::Outbound);
+    stats.log(Direction::Inbound);
     match capture {
         Capture::None => {}
         Capture::Ebpf(c) => c.release(),

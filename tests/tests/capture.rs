@@ -179,16 +179,6 @@ fn outbound_goes_through_the_proxy(mode: &str) {
     assert!(after.ok() && !after.proxied(), "{after:?}");
 }
 
-#[test]
-fn ebpf_outbound_goes_through_the_proxy() {
-    outbound_goes_through_the_proxy("ebpf");
-}
-
-#[test]
-fn iptables_outbound_goes_through_the_proxy() {
-    outbound_goes_through_the_proxy("iptables");
-}
-
 /// Excluded ports and CIDRs, and loopback, bypass the proxy.
 fn exclusions_bypass_the_proxy(mode: &str) {
     let p = pods();
@@ -274,16 +264,6 @@ fn ipv6_goes_through_the_proxy(mode: &str) {
     }
 }
 
-#[test]
-fn ebpf_ipv6_goes_through_the_proxy() {
-    ipv6_goes_through_the_proxy("ebpf");
-}
-
-#[test]
-fn iptables_ipv6_goes_through_the_proxy() {
-    ipv6_goes_through_the_proxy("iptables");
-}
-
 /// Sockets of the proxy's uid (`--proxy-uid`, Istio's 1337) are never captured.
 fn proxy_uid_bypasses(mode: &str) {
     let p = pods();
@@ -327,16 +307,6 @@ fn proxy_uid_bypasses(mode: &str) {
     }
 }
 
-#[test]
-fn ebpf_proxy_uid_bypasses() {
-    proxy_uid_bypasses("ebpf");
-}
-
-#[test]
-fn iptables_proxy_uid_bypasses() {
-    proxy_uid_bypasses("iptables");
-}
-
 /// `tern check` loads every program on this kernel and says so.
 #[test]
 fn check_reports_every_program_loadable() {
@@ -350,16 +320,6 @@ fn check_reports_every_program_loadable() {
         );
     }
     assert!(!out.contains("FAIL"), "{out}");
-}
-
-#[test]
-fn ebpf_exclusions_bypass_the_proxy() {
-    exclusions_bypass_the_proxy("ebpf");
-}
-
-#[test]
-fn iptables_exclusions_bypass_the_proxy() {
-    exclusions_bypass_the_proxy("iptables");
 }
 
 /// Inbound capture: a connection to a captured port of the server Pod arrives through the
@@ -390,15 +350,30 @@ fn inbound_arrives_through_the_proxy(mode: &str) {
     }
 }
 
-#[test]
-fn ebpf_inbound_arrives_through_the_proxy() {
-    inbound_arrives_through_the_proxy("ebpf");
+/// Runs a scenario once per capture mechanism: `<scenario>::ebpf` and `<scenario>::iptables`.
+macro_rules! under_both_captures {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            #[test]
+            fn ebpf() {
+                super::$scenario("ebpf");
+            }
+
+            #[test]
+            fn iptables() {
+                super::$scenario("iptables");
+            }
+        }
+    )*};
 }
 
-#[test]
-fn iptables_inbound_arrives_through_the_proxy() {
-    inbound_arrives_through_the_proxy("iptables");
-}
+under_both_captures!(
+    outbound_goes_through_the_proxy,
+    ipv6_goes_through_the_proxy,
+    proxy_uid_bypasses,
+    exclusions_bypass_the_proxy,
+    inbound_arrives_through_the_proxy
+);
 
 /// Hooks attached by `tern capture attach` outlive the proxy: while it is down, connections go
 /// where they were sent (outbound and inbound), and a restarted proxy takes over again.

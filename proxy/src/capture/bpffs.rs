@@ -36,12 +36,7 @@ pub fn ensure_mounted() -> Result<PathBuf, CaptureError> {
 
 /// The bpffs mount point, if one is mounted.
 pub fn mount_point() -> Option<PathBuf> {
-    let mounts = fs::read_to_string("/proc/mounts").ok()?;
-    mounts.lines().find_map(|line| {
-        let mut f = line.split_whitespace();
-        let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
-        (fstype == "bpf").then(|| PathBuf::from(dir))
-    })
+    super::mount_of_type("bpf")
 }
 
 /// The directory of tern's pins under a bpffs mount.

@@ -94,12 +94,7 @@ impl CgroupDir {
 
 /// Where the cgroup v2 hierarchy is mounted, from `/proc/mounts`.
 pub fn cgroup2_mount() -> Option<PathBuf> {
-    let mounts = fs::read_to_string("/proc/mounts").ok()?;
-    mounts.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let (_, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-        (fstype == "cgroup2").then(|| PathBuf::from(dir))
-    })
+    super::mount_of_type("cgroup2")
 }
 
 /// The calling process's cgroup v2 path relative to the mount (the `0::` line).

@@ -142,12 +142,7 @@ impl EbpfCapture {
 
     /// The configuration the hooks run with.
     pub fn config(&self) -> Result<Config, CaptureError> {
-        let map = open_pinned(&self.dir, map_names::CONFIG)?;
-        let array: Array<_, Config> =
-            Array::try_from(map).map_err(|e| CaptureError::ebpf("open map CONFIG", e))?;
-        array
-            .get(&0, 0)
-            .map_err(|e| CaptureError::ebpf("read map CONFIG", e))
+        read_config(&self.dir)
     }
 
     /// Puts the proxy's inbound listening sockets where the sk_lookup program finds them.
@@ -226,12 +221,7 @@ pub fn status(cgroup: Option<&CgroupDir>) -> Result<Vec<CaptureStatus>, CaptureE
         let Some(cgroup_id) = bpffs::cgroup_id_of(&dir) else {
             continue;
         };
-        let handle = EbpfCapture {
-            dir: dir.clone(),
-            cgroup: PathBuf::new(),
-            owned: false,
-        };
-        let config = handle.config()?;
+        let config = read_config(&dir)?;
         let mut hooks: Vec<String> = program_names::ALL
             .iter()
             .filter(|p| bpffs::link_pin(&dir, p).exists())
@@ -251,6 +241,15 @@ pub fn status(cgroup: Option<&CgroupDir>) -> Result<Vec<CaptureStatus>, CaptureE
         });
     }
     Ok(out)
+}
+
+fn read_config(dir: &Path) -> Result<Config, CaptureError> {
+    let map = open_pinned(dir, map_names::CONFIG)?;
+    let array: Array<_, Config> =
+        Array::try_from(map).map_err(|e| CaptureError::ebpf("open map CONFIG", e))?;
+    array
+        .get(&0, 0)
+        .map_err(|e| CaptureError::ebpf("read map CONFIG", e))
 }
 
 fn read_counters(dir: &Path) -> Result<BTreeMap<String, u64>, CaptureError> {

@@ -93,6 +93,16 @@ pub fn parse_cidrs(list: &str) -> Result<Vec<IpNet>, String> {
         .collect()
 }
 
+/// Where a filesystem of this type is mounted, from `/proc/mounts` (the first such mount).
+pub fn mount_of_type(fstype: &str) -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, dir, ty) = (fields.next()?, fields.next()?, fields.next()?);
+        (ty == fstype).then(|| PathBuf::from(dir))
+    })
+}
+
 /// Loopback addresses the outbound listener binds; the connect hooks send captured connects here.
 pub const OUTBOUND_IP4: Ipv4Addr = Ipv4Addr::LOCALHOST;
 pub const OUTBOUND_IP6: Ipv6Addr = Ipv6Addr::LOCALHOST;
