@@ -60,6 +60,29 @@ fn map_entries(cgroup: &Cgroup, map: &str) -> usize {
     v.as_array().map_or(0, Vec::len)
 }
 
+/// Links bpftool sees on a network namespace (where `sk_lookup` attaches).
+fn netns_links(ns: &Netns) -> usize {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(ns.path()).unwrap().ino();
+    let out = Command::new("bpftool")
+        .args(["-j", "link", "show"])
+        .output()
+        .expect("bpftool is installed by `cargo xtask setup`");
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|l| l["netns_ino"].as_u64() == Some(ino))
+                .count()
+        })
+        .unwrap_or_default()
+}
+
 /// Programs bpftool sees attached to a cgroup (an independent view of the kernel's state).
 fn attached_programs(cgroup: &Cgroup) -> Vec<String> {
     let out = Command::new("bpftool")
@@ -487,6 +510,11 @@ fn ebpf_attach_and_detach_leave_nothing_behind() {
         netns.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
+    assert_eq!(
+        netns_links(&p.app),
+        1,
+        "sk_lookup is linked to the namespace"
+    );
     let mut attached = attached_programs(&p.cgroup);
     attached.sort();
     assert_eq!(
@@ -517,6 +545,11 @@ fn ebpf_attach_and_detach_leave_nothing_behind() {
         attached_programs(&p.cgroup).is_empty(),
         "programs left attached"
     );
+    assert_eq!(
+        netns_links(&p.app),
+        0,
+        "sk_lookup link left on the namespace"
+    );
     assert!(!p.cgroup.pin_dir().exists(), "pins left behind");
     let (ok, _, err) = tern(&["capture", "detach", "--cgroup", cg]);
     assert!(!ok && err.contains("not attached"), "{err}");
@@ -546,7 +579,7 @@ fn ebpf_coexists_with_another_agents_program() {
 
     let _tern = Tern::start(
         &p.app,
-        Some(&p.cgroup),
+        None, // `tern run` joins the captured cgroup itself
         &run_args("ebpf", &p.cgroup, &["--inbound-ports", ""]),
     )
     .unwrap();
