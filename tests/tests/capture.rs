@@ -476,23 +476,40 @@ fn ebpf_fails_open_when_the_proxy_dies() {
 fn ebpf_fail_closed_refuses_when_the_proxy_is_down() {
     let p = pods();
     let _server = serve(&p.srv, &["10.66.1.2:8080"]).unwrap();
+    let _app_server = serve(&p.app, &["0.0.0.0:8081"]).unwrap();
+    let netns = p.app.path();
     let (ok, _, err) = tern(&[
         "capture",
         "attach",
         "--cgroup",
         p.cgroup.path_str(),
+        "--netns",
+        netns.to_str().unwrap(),
         "--inbound-ports",
-        "",
+        "8081",
         "--fail-closed",
     ]);
     assert!(ok, "{err}");
     let c = connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080");
-    assert!(c.error.is_some(), "fail-closed must refuse: {c:?}");
+    assert!(c.error.is_some(), "fail-closed must refuse outbound: {c:?}");
     assert_eq!(c.kind.as_deref(), Some("PermissionDenied"), "{c:?}");
     assert!(capture_counter(&p.cgroup, "connect.refused") >= 1);
+    let inbound = connect(&p.srv, None, "10.66.1.1:8081");
+    assert!(
+        inbound.error.is_some(),
+        "fail-closed must refuse inbound: {inbound:?}"
+    );
+    assert_eq!(
+        inbound.kind.as_deref(),
+        Some("ConnectionRefused"),
+        "{inbound:?}"
+    );
+    assert!(capture_counter(&p.cgroup, "sk_lookup.refused") >= 1);
+
     let (ok, _, err) = tern(&["capture", "detach", "--cgroup", p.cgroup.path_str()]);
     assert!(ok, "{err}");
     assert!(connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080").ok());
+    assert!(connect(&p.srv, None, "10.66.1.1:8081").ok());
 }
 
 /// attach → status → detach, seen by tern and by bpftool: nothing is left behind.
