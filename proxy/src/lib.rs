@@ -12,3 +12,4 @@ pub mod cli;
 pub mod relay;
 pub mod run;
 pub mod socket;
+pub mod thrift;

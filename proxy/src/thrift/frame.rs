@@ -1,0 +1,565 @@
+//! Transports: detection from the first bytes, and cutting whole messages out of a read buffer.
+//!
+//! The split mirrors mini-redis: a cheap check finds where a message ends (reading a frame
+//! length, or walking an unframed body), then the message is split off the buffer as its
+//! own `BytesMut` — the same memory, no copy. Detection (Envoy's `AUTO_TRANSPORT` /
+//! `AUTO_PROTOCOL`): bytes 4–5 `80 01` framed binary, byte 4 `82` framed compact, bytes 4–5
+//! `0F FF` THeader, bytes 0–1 `80 01` unframed binary, byte 0 `82` unframed compact. Old
+//! non-strict binary cannot be told from data and is accepted only when configured.
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+
+use super::{
+    MessageType, Protocol, ThriftError, Transport,
+    wire::{self, Cursor, Header, Short},
+};
+
+/// Bounds on what one connection may make tern buffer or walk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecoderLimits {
+    /// Largest message (frame) accepted, in bytes.
+    pub max_frame: usize,
+    /// Deepest nesting of structs and containers accepted.
+    pub max_depth: usize,
+}
+
+impl Default for DecoderLimits {
+    fn default() -> Self {
+        Self {
+            max_frame: 16 << 20,
+            max_depth: 64,
+        }
+    }
+}
+
+const THEADER_MAGIC: u16 = 0x0fff;
+/// Offset of the THeader sequence id in the frame (after length, magic and flags).
+const THEADER_SEQ_AT: usize = 8;
+
+/// What a message is, with offsets into its bytes; `Copy`, so it can outlive the bytes' owner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Meta {
+    pub transport: Transport,
+    pub protocol: Protocol,
+    pub header: Header,
+    /// THeader info section (key/value blocks), when the transport is THeader.
+    pub info: Option<(usize, usize)>,
+}
+
+impl Meta {
+    pub fn name_range(&self) -> Range<usize> {
+        self.header.name_at..self.header.name_at + self.header.name_len
+    }
+}
+
+/// One whole message as it was on the wire.
+#[derive(Debug)]
+pub struct Message {
+    bytes: BytesMut,
+    meta: Meta,
+}
+
+impl Message {
+    pub fn meta(&self) -> Meta {
+        self.meta
+    }
+
+    pub fn kind(&self) -> MessageType {
+        self.meta.header.kind
+    }
+
+    pub fn seq_id(&self) -> i32 {
+        self.meta.header.seq_id
+    }
+
+    /// Encoded length of the sequence id (4 in binary; 1–5 in compact).
+    pub fn seq_len(&self) -> usize {
+        self.meta.header.seq_len
+    }
+
+    /// The full name (`Service:method` when multiplexed).
+    pub fn name(&self) -> &[u8] {
+        &self.bytes[self.meta.name_range()]
+    }
+
+    /// The multiplexed service name, when the name has one.
+    pub fn service(&self) -> Option<&[u8]> {
+        split_name(self.name()).0
+    }
+
+    /// The method name without the multiplexed service prefix.
+    pub fn method(&self) -> &[u8] {
+        split_name(self.name()).1
+    }
+
+    /// The value of a THeader info header.
+    pub fn header(&self, key: &[u8]) -> Option<&[u8]> {
+        let (start, end) = self.meta.info?;
+        let mut found = None;
+        let _ = walk_info(&self.bytes[..end], start, |k, v| {
+            if found.is_none() && k == key {
+                found = Some(v);
+            }
+        });
+        found
+    }
+
+    /// Calls `f` with every THeader info header.
+    pub fn for_each_header(&self, mut f: impl FnMut(&[u8], &[u8])) {
+        if let Some((start, end)) = self.meta.info {
+            let _ = walk_info(&self.bytes[..end], start, &mut f);
+        }
+    }
+
+    /// Rewrites the sequence id in place (and the THeader's copy of it). In compact the new
+    /// id must fit the bytes the old one took: `7 * seq_len` bits; callers pick ids of the
+    /// same varint length (see [`seq_id_fits`]).
+    pub fn set_seq_id(&mut self, id: i32) -> Result<(), SeqIdTooLong> {
+        let h = &mut self.meta.header;
+        match self.meta.protocol {
+            Protocol::Binary => {
+                self.bytes[h.seq_at..h.seq_at + 4].copy_from_slice(&id.to_be_bytes());
+            }
+            Protocol::Compact => {
+                if !seq_id_fits(id, h.seq_len) {
+                    return Err(SeqIdTooLong { id, len: h.seq_len });
+                }
+                wire::write_varint_padded(&mut self.bytes[h.seq_at..], id as u32, h.seq_len);
+            }
+        }
+        if self.meta.transport == Transport::Header {
+            self.bytes[THEADER_SEQ_AT..THEADER_SEQ_AT + 4].copy_from_slice(&id.to_be_bytes());
+        }
+        h.seq_id = id;
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The wire bytes, ready to write.
+    pub fn into_bytes(self) -> Bytes {
+        self.bytes.freeze()
+    }
+}
+
+/// A sequence id that does not fit the bytes of the one it replaces.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("sequence id {id} does not fit in {len} varint bytes")]
+pub struct SeqIdTooLong {
+    pub id: i32,
+    pub len: usize,
+}
+
+/// Whether `id` can be written as a varint of exactly `len` bytes.
+pub fn seq_id_fits(id: i32, len: usize) -> bool {
+    len >= 5 || (id as u32) < (1u32 << (7 * len))
+}
+
+/// Splits `Service:method` at the first colon.
+pub fn split_name(name: &[u8]) -> (Option<&[u8]>, &[u8]) {
+    match name.iter().position(|&b| b == b':') {
+        Some(i) => (Some(&name[..i]), &name[i + 1..]),
+        None => (None, name),
+    }
+}
+
+/// Transport and protocol from a connection's first bytes; `Ok(None)` until enough arrived.
+pub fn detect(buf: &[u8]) -> Result<Option<(Transport, Protocol)>, ThriftError> {
+    match buf {
+        [0x80, 0x01, ..] => return Ok(Some((Transport::Unframed, Protocol::Binary))),
+        [0x82, v, ..] if v & 0x1f == 1 => {
+            return Ok(Some((Transport::Unframed, Protocol::Compact)));
+        }
+        [0x80] | [0x82] => return Ok(None),
+        _ => {}
+    }
+    let Some(first) = buf.get(..6) else {
+        return Ok(None);
+    };
+    match (first[4], first[5]) {
+        (0x80, 0x01) => Ok(Some((Transport::Framed, Protocol::Binary))),
+        (0x82, v) if v & 0x1f == 1 => Ok(Some((Transport::Framed, Protocol::Compact))),
+        (0x0f, 0xff) => Ok(Some((Transport::Header, Protocol::Binary))),
+        _ => Err(ThriftError::NotThrift(first.try_into().expect("6 bytes"))),
+    }
+}
+
+/// Cuts messages out of one connection's byte stream.
+#[derive(Debug)]
+pub struct Decoder {
+    limits: DecoderLimits,
+    /// Transport and protocol, detected from the first message or configured.
+    format: Option<(Transport, Protocol)>,
+    non_strict: bool,
+}
+
+impl Decoder {
+    /// A decoder that detects transport and protocol from the first bytes.
+    pub fn detecting(limits: DecoderLimits) -> Self {
+        Self {
+            limits,
+            format: None,
+            non_strict: false,
+        }
+    }
+
+    /// A decoder for a configured transport and protocol; `non_strict` also accepts old
+    /// binary messages without a version word.
+    pub fn configured(
+        limits: DecoderLimits,
+        transport: Transport,
+        protocol: Protocol,
+        non_strict: bool,
+    ) -> Self {
+        Self {
+            limits,
+            format: Some((transport, protocol)),
+            non_strict,
+        }
+    }
+
+    /// Transport and protocol in use, once known.
+    pub fn format(&self) -> Option<(Transport, Protocol)> {
+        self.format
+    }
+
+    /// Splits the next whole message off `buf`; `Ok(None)` when more bytes are needed.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Message>, ThriftError> {
+        let (transport, protocol) = match self.format {
+            Some(f) => f,
+            None => match detect(buf)? {
+                Some(f) => {
+                    self.format = Some(f);
+                    f
+                }
+                None => return Ok(None),
+            },
+        };
+        let found = match transport {
+            Transport::Framed => self.framed(buf, protocol)?,
+            Transport::Unframed => self.unframed(buf, protocol)?,
+            Transport::Header => self.theader(buf)?,
+        };
+        Ok(found.map(|(end, meta)| Message {
+            bytes: buf.split_to(end),
+            meta,
+        }))
+    }
+
+    /// The length of the frame at the front of `buf`, once its length word arrived and it is
+    /// within bounds; reserves room for the rest.
+    fn frame_len(&self, buf: &mut BytesMut) -> Result<Option<usize>, ThriftError> {
+        let Some(word) = buf.get(..4) else {
+            return Ok(None);
+        };
+        let len = i32::from_be_bytes(word.try_into().expect("4 bytes"));
+        if len < 0 {
+            return Err(ThriftError::NegativeFrameLength(len));
+        }
+        let len = len as usize;
+        if len > self.limits.max_frame {
+            return Err(ThriftError::FrameTooLarge {
+                size: len,
+                limit: self.limits.max_frame,
+            });
+        }
+        if buf.len() < 4 + len {
+            buf.reserve(4 + len - buf.len());
+            return Ok(None);
+        }
+        Ok(Some(len))
+    }
+
+    /// Reads the message at `at` inside a complete frame ending at `end`.
+    fn message_in_frame(
+        &self,
+        frame: &[u8],
+        at: usize,
+        protocol: Protocol,
+    ) -> Result<Header, ThriftError> {
+        let mut c = Cursor::at(frame, at, true, frame.len());
+        let header = wire::read_header(&mut c, protocol, self.non_strict).map_err(invalid)?;
+        wire::skip_struct(&mut c, protocol, self.limits.max_depth).map_err(invalid)?;
+        if c.pos() != frame.len() {
+            return Err(ThriftError::TrailingBytes(frame.len() - c.pos()));
+        }
+        Ok(header)
+    }
+
+    fn framed(
+        &self,
+        buf: &mut BytesMut,
+        protocol: Protocol,
+    ) -> Result<Option<(usize, Meta)>, ThriftError> {
+        let Some(len) = self.frame_len(buf)? else {
+            return Ok(None);
+        };
+        let header = self.message_in_frame(&buf[..4 + len], 4, protocol)?;
+        Ok(Some((
+            4 + len,
+            Meta {
+                transport: Transport::Framed,
+                protocol,
+                header,
+                info: None,
+            },
+        )))
+    }
+
+    fn unframed(
+        &self,
+        buf: &mut BytesMut,
+        protocol: Protocol,
+    ) -> Result<Option<(usize, Meta)>, ThriftError> {
+        let max = self.limits.max_frame;
+        let mut c = Cursor::new(buf, false, max);
+        let walked = wire::read_header(&mut c, protocol, self.non_strict)
+            .and_then(|h| wire::skip_struct(&mut c, protocol, self.limits.max_depth).map(|()| h));
+        match walked {
+            Ok(header) if c.pos() <= max => Ok(Some((
+                c.pos(),
+                Meta {
+                    transport: Transport::Unframed,
+                    protocol,
+                    header,
+                    info: None,
+                },
+            ))),
+            Ok(_) => Err(ThriftError::FrameTooLarge {
+                size: c.pos(),
+                limit: max,
+            }),
+            Err(Short::Incomplete) if buf.len() >= max => Err(ThriftError::FrameTooLarge {
+                size: buf.len(),
+                limit: max,
+            }),
+            Err(Short::Incomplete) => Ok(None),
+            Err(Short::Invalid(e)) => Err(e),
+        }
+    }
+
+    fn theader(&self, buf: &mut BytesMut) -> Result<Option<(usize, Meta)>, ThriftError> {
+        let Some(len) = self.frame_len(buf)? else {
+            return Ok(None);
+        };
+        let frame = &buf[..4 + len];
+        let mut c = Cursor::at(frame, 4, true, frame.len());
+        let magic = c.u16().map_err(invalid)?;
+        if magic != THEADER_MAGIC {
+            return Err(ThriftError::BadHeader("magic is not 0x0fff"));
+        }
+        let _flags = c.u16().map_err(invalid)?;
+        let _seq = c.i32().map_err(invalid)?;
+        let words = c.u16().map_err(invalid)? as usize;
+        let header_end = c.pos() + words * 4;
+        if header_end > frame.len() {
+            return Err(ThriftError::BadHeader("header is longer than its frame"));
+        }
+        let protocol = match c.varint(5).map_err(invalid)? {
+            0 => Protocol::Binary,
+            2 => Protocol::Compact,
+            other => return Err(ThriftError::UnsupportedHeaderProtocol(other)),
+        };
+        let transforms = c.varint(5).map_err(invalid)?;
+        if transforms > 0 {
+            let id = c.varint(5).map_err(invalid)?;
+            return Err(ThriftError::UnsupportedTransform(id));
+        }
+        let info_at = c.pos();
+        if info_at > header_end {
+            return Err(ThriftError::BadHeader("header fields run past its size"));
+        }
+        walk_info(&frame[..header_end], info_at, |_, _| {})?;
+        let header = self.message_in_frame(frame, header_end, protocol)?;
+        Ok(Some((
+            4 + len,
+            Meta {
+                transport: Transport::Header,
+                protocol,
+                header,
+                info: Some((info_at, header_end)),
+            },
+        )))
+    }
+}
+
+fn invalid(s: Short) -> ThriftError {
+    match s {
+        Short::Incomplete => ThriftError::Truncated,
+        Short::Invalid(e) => e,
+    }
+}
+
+/// Walks THeader info blocks in `buf[at..]` (which ends at the header's end), calling `f`
+/// with each key/value. Info type 0 is padding and ends the walk; key/value blocks are types
+/// 1 (per-message) and 2 (persistent); any other type ends the walk (its layout is unknown).
+fn walk_info<'a>(
+    buf: &'a [u8],
+    at: usize,
+    mut f: impl FnMut(&'a [u8], &'a [u8]),
+) -> Result<(), ThriftError> {
+    let mut c = Cursor::at(buf, at, true, buf.len());
+    while c.pos() < buf.len() {
+        match c.varint(5).map_err(invalid)? {
+            1 | 2 => {
+                let count = c.varint(5).map_err(invalid)?;
+                for _ in 0..count {
+                    let klen = c.varint(5).map_err(invalid)? as usize;
+                    let key = c.bytes(klen).map_err(invalid)?;
+                    let vlen = c.varint(5).map_err(invalid)? as usize;
+                    let value = c.bytes(vlen).map_err(invalid)?;
+                    f(key, value);
+                }
+            }
+            _ => break,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A framed binary call `ping` with seq id 7 and an empty body.
+    fn framed_ping() -> Vec<u8> {
+        let mut msg = vec![0x80, 0x01, 0x00, 0x01, 0, 0, 0, 4];
+        msg.extend_from_slice(b"ping");
+        msg.extend_from_slice(&7i32.to_be_bytes());
+        msg.push(0); // STOP
+        let mut framed = (msg.len() as i32).to_be_bytes().to_vec();
+        framed.extend(msg);
+        framed
+    }
+
+    #[test]
+    fn detects_every_transport_and_protocol() {
+        assert_eq!(
+            detect(&[0x80, 0x01]).unwrap(),
+            Some((Transport::Unframed, Protocol::Binary))
+        );
+        assert_eq!(
+            detect(&[0x82, 0x21]).unwrap(),
+            Some((Transport::Unframed, Protocol::Compact))
+        );
+        assert_eq!(
+            detect(&[0, 0, 0, 9, 0x80, 0x01]).unwrap(),
+            Some((Transport::Framed, Protocol::Binary))
+        );
+        assert_eq!(
+            detect(&[0, 0, 0, 9, 0x82, 0x21]).unwrap(),
+            Some((Transport::Framed, Protocol::Compact))
+        );
+        assert_eq!(
+            detect(&[0, 0, 0, 9, 0x0f, 0xff]).unwrap(),
+            Some((Transport::Header, Protocol::Binary))
+        );
+        assert_eq!(detect(&[0, 0, 0]).unwrap(), None);
+        assert!(matches!(
+            detect(b"GET / HTTP/1.1"),
+            Err(ThriftError::NotThrift(_))
+        ));
+    }
+
+    #[test]
+    fn cuts_a_framed_message_out_byte_for_byte() {
+        let wire = framed_ping();
+        let mut buf = BytesMut::from(&wire[..]);
+        buf.extend_from_slice(&wire[..5]); // the start of the next message
+        let mut d = Decoder::detecting(DecoderLimits::default());
+        let m = d.decode(&mut buf).unwrap().unwrap();
+        assert_eq!(m.name(), b"ping");
+        assert_eq!(m.seq_id(), 7);
+        assert_eq!(m.kind(), MessageType::Call);
+        assert_eq!(m.as_bytes(), &wire[..]);
+        assert_eq!(buf.len(), 5);
+        assert!(d.decode(&mut buf).unwrap().is_none());
+    }
+
+    #[test]
+    fn rewrites_only_the_sequence_id() {
+        let wire = framed_ping();
+        let mut m = Decoder::detecting(DecoderLimits::default())
+            .decode(&mut BytesMut::from(&wire[..]))
+            .unwrap()
+            .unwrap();
+        m.set_seq_id(0x0102_0304).unwrap();
+        let out = m.into_bytes();
+        let changed: Vec<usize> = (0..wire.len()).filter(|&i| wire[i] != out[i]).collect();
+        assert_eq!(changed, vec![16, 17, 18, 19]);
+    }
+
+    #[test]
+    fn bounds_are_enforced() {
+        let limits = DecoderLimits {
+            max_frame: 64,
+            max_depth: 4,
+        };
+        let mut d = Decoder::detecting(limits);
+        let mut big = BytesMut::from(&[0u8, 0, 1, 0, 0x80, 0x01][..]);
+        assert!(matches!(
+            d.decode(&mut big),
+            Err(ThriftError::FrameTooLarge { size: 256, .. })
+        ));
+        let mut d = Decoder::configured(limits, Transport::Framed, Protocol::Binary, false);
+        let mut negative = BytesMut::from(&[0xffu8, 0xff, 0xff, 0xfe][..]);
+        assert_eq!(
+            d.decode(&mut negative).unwrap_err(),
+            ThriftError::NegativeFrameLength(-2)
+        );
+
+        // A frame whose length cuts the message short.
+        let mut wire = framed_ping();
+        wire[3] -= 1;
+        wire.pop();
+        let err = Decoder::detecting(limits)
+            .decode(&mut BytesMut::from(&wire[..]))
+            .unwrap_err();
+        assert_eq!(err, ThriftError::Truncated);
+
+        // Unframed bytes that never end are not buffered past the limit.
+        let mut d = Decoder::detecting(limits);
+        let mut endless =
+            BytesMut::from(&[0x80u8, 0x01, 0x00, 0x01, 0, 0, 0, 1, b'x', 0, 0, 0, 1][..]);
+        for _ in 0..7 {
+            endless.extend_from_slice(&[8, 0, 1, 0, 0, 0, 0]); // i32 fields, no STOP yet
+            assert!(
+                d.decode(&mut endless).unwrap().is_none(),
+                "{} bytes",
+                endless.len()
+            );
+        }
+        endless.extend_from_slice(&[8, 0, 1, 0, 0, 0, 0]);
+        assert!(matches!(
+            d.decode(&mut endless),
+            Err(ThriftError::FrameTooLarge {
+                size: 69,
+                limit: 64
+            })
+        ));
+    }
+
+    #[test]
+    fn multiplexed_names_split_at_the_first_colon() {
+        assert_eq!(split_name(b"Calc:add"), (Some(&b"Calc"[..]), &b"add"[..]));
+        assert_eq!(split_name(b"add"), (None, &b"add"[..]));
+    }
+
+    #[test]
+    fn compact_ids_must_fit_their_varint_bytes() {
+        assert!(seq_id_fits(127, 1));
+        assert!(!seq_id_fits(128, 1));
+        assert!(seq_id_fits(-1, 5));
+    }
+}
