@@ -7,8 +7,10 @@
 //!   connection to its original destination.
 //! - [`socket`] gathers the socket options and kernel calls the data path needs.
 //! - [`cli`] is the command line: `tern run`, `tern capture …`, `tern check`.
+pub mod balance;
 pub mod capture;
 pub mod cli;
+pub mod config;
 pub mod relay;
 pub mod run;
 pub mod socket;
