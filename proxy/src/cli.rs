@@ -72,9 +72,25 @@ pub struct RunArgs {
     pub capture: CaptureMode,
     #[command(flatten)]
     pub capture_args: CaptureArgs,
-    /// Seconds to wait for an upstream connection.
+    /// Static configuration (listeners, routes, clusters, endpoints), YAML or JSON; re-read
+    /// when it changes. Without it, every destination is relayed as it is (passthrough).
+    #[arg(long, env = "TERN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Admin server address (Envoy's 15000).
+    #[arg(long, env = "TERN_ADMIN", default_value = "127.0.0.1:15000")]
+    pub admin: std::net::SocketAddr,
+    /// Seconds to wait for a passthrough upstream connection.
     #[arg(long, env = "TERN_CONNECT_TIMEOUT", default_value_t = 10)]
     pub connect_timeout_secs: u64,
+    /// Seconds in-flight requests get to finish after SIGTERM or /quitquitquit.
+    #[arg(long, env = "TERMINATION_DRAIN_DURATION_SECONDS", default_value_t = 5)]
+    pub drain_timeout_secs: u64,
+    /// Largest Thrift message accepted, in bytes.
+    #[arg(long, env = "TERN_MAX_FRAME_SIZE", default_value_t = 16 << 20)]
+    pub max_frame_size: usize,
+    /// Deepest nesting of Thrift structs and containers accepted.
+    #[arg(long, env = "TERN_MAX_DEPTH", default_value_t = 64)]
+    pub max_depth: usize,
 }
 
 /// What to capture; shared by `tern run` and `tern capture attach`.
@@ -150,13 +166,7 @@ fn parse_mark(s: &str) -> Result<u32, String> {
 
 /// Runs a parsed command line; errors are printed with their causes.
 pub fn main(cli: Cli) -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    crate::logging::init(&cli.log_level);
     match dispatch(cli.command) {
         Ok(code) => code,
         Err(e) => {

@@ -1,17 +1,23 @@
 //! tern: a Thrift-aware layer-4 sidecar with eBPF traffic capture.
 //!
-//! - [`capture`] puts a Pod's TCP traffic through the proxy: eBPF hooks (cgroup connect,
-//!   sock_ops, getsockopt, getpeername, sk_lookup) or, for kernels without them, Istio-style
-//!   iptables REDIRECT rules.
-//! - [`relay`] runs the outbound (15001) and inbound (15006) listeners and relays each
-//!   connection to its original destination.
-//! - [`socket`] gathers the socket options and kernel calls the data path needs.
-//! - [`cli`] is the command line: `tern run`, `tern capture …`, `tern check`.
+//! Data path: [`listener`] accepts captured connections and learns their original
+//! destination ([`socket`]); [`filters`] picks the filter chain and runs it — the Thrift
+//! proxy ([`thrift`] codec, [`balance`] per request, [`upstream`] multiplexed pools) or a
+//! TCP relay. Control path: [`config`] (the model and the static file) builds snapshots
+//! that [`state`] swaps atomically; [`admin`] and [`metrics`] show what happens.
+//! [`capture`] puts a Pod's traffic through tern: eBPF hooks or iptables rules.
+//! [`cli`] and [`run`] are the command line and the `tern run` lifecycle.
+pub mod admin;
 pub mod balance;
 pub mod capture;
 pub mod cli;
 pub mod config;
-pub mod relay;
+pub mod filters;
+pub mod listener;
+pub mod logging;
+pub mod metrics;
 pub mod run;
 pub mod socket;
+pub mod state;
 pub mod thrift;
+pub mod upstream;

@@ -1,26 +1,36 @@
-//! `tern run`: bind the listeners, set up capture, relay until SIGTERM or Ctrl-C, clean up.
+//! `tern run`: bind the listeners, set up capture, load the configuration, serve until
+//! SIGTERM, Ctrl-C or `/quitquitquit`, drain, clean up.
 //!
 //! Order matters. With eBPF capture the proxy first joins the captured cgroup (sockets belong
 //! to the cgroup of the process that creates them, and the getsockopt hook only answers on
 //! sockets in the cgroup), then binds its listeners, then attaches the hooks — so the connect
 //! hook never sees the proxy missing and no connection is refused while tern starts.
+//! Draining stops accepting, lets in-flight requests finish (up to the drain timeout) and
+//! only then releases capture.
 use std::{
     net::{IpAddr, SocketAddr},
+    path::PathBuf,
     sync::Arc,
     time::Duration,
 };
 
 use anyhow::Context;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::watch};
 use tracing::{info, warn};
 
 use crate::{
+    admin::{self, Admin},
     capture::{
         CaptureError, OUTBOUND_IP4, OUTBOUND_IP6, ebpf::EbpfCapture, iptables::IptablesCapture,
     },
     cli::{CaptureMode, RunArgs},
-    relay::{self, Direction, RelaySettings, RelayStats},
+    config::{Config, file},
+    filters::{Ctx, Direction},
+    listener::{self, OpenConnections},
+    metrics::{ConfigLabels, Metrics},
     socket,
+    state::State,
+    thrift::DecoderLimits,
 };
 
 /// Capture held for the lifetime of `tern run`.
@@ -32,6 +42,11 @@ enum Capture {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = args.capture_args.settings();
+    // A broken configuration is refused before anything is attached.
+    let config = match &args.config {
+        Some(path) => file::load(path)?,
+        None => Config::default(),
+    };
     let cgroup = match args.capture {
         CaptureMode::Ebpf => {
             let cgroup = args.capture_args.cgroup()?;
@@ -52,6 +67,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         SocketAddr::new(IpAddr::V4([0, 0, 0, 0].into()), settings.inbound_port),
         SocketAddr::new(IpAddr::V6([0u16; 8].into()), settings.inbound_port),
     )?;
+    let admin_listener = TcpListener::bind(args.admin)
+        .await
+        .with_context(|| format!("listen on the admin address {}", args.admin))?;
 
     let capture = match (args.capture, cgroup) {
         (CaptureMode::Ebpf, Some(cgroup)) => {
@@ -80,41 +98,111 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ => Capture::None,
     };
 
-    let relay_settings = RelaySettings {
-        mark: settings.mark,
-        connect_timeout: Duration::from_secs(args.connect_timeout_secs),
+    let pins = match &capture {
+        Capture::Ebpf(c) => Some(c.pins().to_owned()),
+        _ => None,
     };
-    let stats = Arc::new(RelayStats::default());
+    let state = State::new(Metrics::new(pins));
+    state.apply(config);
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let drain_tx = Arc::new(drain_tx);
+    let ctx = Arc::new(Ctx {
+        state: state.clone(),
+        mark: settings.mark,
+        limits: DecoderLimits {
+            max_frame: args.max_frame_size,
+            max_depth: args.max_depth,
+        },
+        drain: drain_rx.clone(),
+        connect_timeout: Duration::from_secs(args.connect_timeout_secs),
+    });
+    let open = Arc::new(OpenConnections::default());
     let mut tasks = tokio::task::JoinSet::new();
-    for (listener, direction) in [
+    for (l, direction) in [
         (Some(outbound.0), Direction::Outbound),
         (outbound.1, Direction::Outbound),
         (Some(inbound.0), Direction::Inbound),
         (inbound.1, Direction::Inbound),
     ] {
-        if let Some(listener) = listener {
-            info!(addr = ?listener.local_addr().ok(), dir = direction.as_str(), "listening");
-            tasks.spawn(relay::serve(
-                listener,
-                direction,
-                relay_settings.clone(),
-                stats.clone(),
-            ));
+        if let Some(l) = l {
+            info!(addr = ?l.local_addr().ok(), dir = direction.as_str(), "listening");
+            tasks.spawn(listener::serve(l, direction, ctx.clone(), open.clone()));
         }
+    }
+    info!(addr = %args.admin, "admin server listening");
+    tasks.spawn(admin::serve(
+        admin_listener,
+        Arc::new(Admin {
+            state: state.clone(),
+            drain: drain_tx.clone(),
+        }),
+    ));
+    if let Some(path) = args.config.clone() {
+        tasks.spawn(watch_config(path, state.clone()));
     }
     info!("tern is running");
 
-    let signal = wait_for_shutdown().await;
-    info!(signal, "shutting down");
+    let mut drain_requested = drain_rx.clone();
+    let why = tokio::select! {
+        signal = wait_for_signal() => signal,
+        _ = drain_requested.wait_for(|d| *d) => "/quitquitquit",
+    };
+    info!(why, "draining");
+    drain_tx.send_replace(true);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.drain_timeout_secs);
+    while open.count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if open.count() > 0 {
+        warn!(
+            open = open.count(),
+            "drain timeout: closing the remaining connections"
+        );
+    }
     tasks.shutdown().await;
-    stats.log(Direction::Outbound);
-    stats.log(Direction::Inbound);
     match capture {
         Capture::None => {}
         Capture::Ebpf(c) => c.release(),
         Capture::Iptables(mut c) => c.remove(),
     }
+    info!("tern stopped");
     Ok(())
+}
+
+/// Re-reads the configuration file when it changes; a broken one is refused (logged and
+/// counted) and the last good configuration keeps serving.
+async fn watch_config(path: PathBuf, state: Arc<State>) {
+    let mut last = std::fs::read(&path).ok();
+    let count = |result: &'static str| {
+        state
+            .metrics
+            .config_updates
+            .get_or_create(&ConfigLabels {
+                source: "file",
+                result,
+            })
+            .inc();
+    };
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let Ok(now) = std::fs::read(&path) else {
+            continue;
+        };
+        if last.as_ref() == Some(&now) {
+            continue;
+        }
+        last = Some(now);
+        match file::load(&path) {
+            Ok(config) => {
+                state.apply(config);
+                count("applied");
+            }
+            Err(e) => {
+                warn!(error = %e, "configuration refused; the last good one keeps serving");
+                count("rejected");
+            }
+        }
+    }
 }
 
 /// Binds the IPv4 listener (required) and the IPv6 one (when the namespace has IPv6).
@@ -130,7 +218,7 @@ fn bind_pair(v4: SocketAddr, v6: SocketAddr) -> anyhow::Result<(TcpListener, Opt
     Ok((l4, l6))
 }
 
-async fn wait_for_shutdown() -> &'static str {
+async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("install the SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("install the SIGINT handler");

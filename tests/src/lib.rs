@@ -186,6 +186,41 @@ pub fn add_address(ns: &Netns, cidr: &str) -> Result<()> {
     ip(&args)
 }
 
+/// The topology most tests use: an application Pod `app` (10.66.1.1, fd66::1, and the
+/// cgroup `cgroup`) linked to a server namespace `srv` (10.66.1.2, 10.66.2.2, fd66::2).
+pub struct Pods {
+    pub app: Netns,
+    pub srv: Netns,
+    pub cgroup: Cgroup,
+}
+
+/// Builds [`Pods`] (needs root).
+pub fn pods() -> Pods {
+    require_root();
+    let app = Netns::new("app").expect("app namespace");
+    let srv = Netns::new("srv").expect("server namespace");
+    link(&app, "10.66.1.1/24", &srv, "10.66.1.2/24").expect("veth link");
+    for (ns, cidr) in [
+        (&srv, "10.66.2.2/24"),
+        (&app, "fd66::1/64"),
+        (&srv, "fd66::2/64"),
+    ] {
+        add_address(ns, cidr).expect("address");
+    }
+    ip(&[
+        "-n",
+        app.name(),
+        "route",
+        "add",
+        "10.66.2.0/24",
+        "dev",
+        "eth0",
+    ])
+    .expect("route");
+    let cgroup = Cgroup::new("pod").expect("cgroup");
+    Pods { app, srv, cgroup }
+}
+
 /// A cgroup v2 directory made for a test; on drop its processes are killed, tern's pins for
 /// it removed and the directory deleted.
 pub struct Cgroup {
@@ -364,7 +399,17 @@ pub fn capture_counter(cgroup: &Cgroup, name: &str) -> u64 {
 
 /// An echo server (`tern-testpeer serve`) in a namespace, listening on every address given.
 pub fn serve(ns: &Netns, addrs: &[&str]) -> Result<Process> {
-    let mut cmd = ns.command(None, &testpeer_bin(), &[&["serve"], addrs].concat());
+    start_server(ns, &testpeer_bin(), &[&["serve"], addrs].concat())
+}
+
+/// A Thrift server (`tern-thriftpeer serve ADDR ID`) in a namespace.
+pub fn thrift_serve(ns: &Netns, addr: &str, id: &str) -> Result<Process> {
+    start_server(ns, &bin_dir().join("tern-thriftpeer"), &["serve", addr, id])
+}
+
+/// Starts a server that prints `ready` once it listens.
+fn start_server(ns: &Netns, program: &Path, args: &[&str]) -> Result<Process> {
+    let mut cmd = ns.command(None, program, args);
     cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
     let mut process = Process::spawn(cmd)?;
     let stdout = process.child.stdout.take().expect("piped");
@@ -380,6 +425,91 @@ pub fn serve(ns: &Netns, addrs: &[&str]) -> Result<Process> {
         );
     }
     Ok(process)
+}
+
+/// What one phase of `tern-thriftpeer call` saw.
+#[derive(Debug, Deserialize)]
+pub struct Calls {
+    pub by_server: std::collections::BTreeMap<String, u64>,
+    pub exceptions: u64,
+    pub app_errors: Vec<String>,
+    pub values: Vec<i64>,
+    pub seq_ok: bool,
+    pub io_error: Option<String>,
+}
+
+impl Calls {
+    pub fn replies(&self) -> u64 {
+        self.by_server.values().sum()
+    }
+}
+
+/// Runs `tern-thriftpeer call ADDR ARGS…` from `ns` (in `cgroup`) and returns its one phase.
+pub fn thrift_call(ns: &Netns, cgroup: Option<&Cgroup>, addr: &str, args: &[&str]) -> Calls {
+    let peer = bin_dir().join("tern-thriftpeer");
+    let out = ns
+        .output(cgroup, &peer, &[&["call", addr], args].concat())
+        .expect("run the Thrift client");
+    serde_json::from_str(out.lines().next().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("client output {out:?}: {e}"))
+}
+
+/// A Thrift client making several phases of calls over one connection; each phase starts
+/// when [`ThriftClient::next_phase`] is called.
+pub struct ThriftClient {
+    process: Process,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl ThriftClient {
+    pub fn start(ns: &Netns, cgroup: Option<&Cgroup>, addr: &str, args: &[&str]) -> Result<Self> {
+        let peer = bin_dir().join("tern-thriftpeer");
+        let mut cmd = ns.command(cgroup, &peer, &[&["call", addr], args].concat());
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        let mut process = Process::spawn(cmd)?;
+        let stdout = BufReader::new(process.child.stdout.take().expect("piped"));
+        Ok(Self { process, stdout })
+    }
+
+    /// Reads the result of the phase that is running.
+    pub fn result(&mut self) -> Calls {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).expect("client output");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("client output {line:?}: {e}"))
+    }
+
+    /// Lets the client start its next phase.
+    pub fn next_phase(&mut self) {
+        use std::io::Write;
+        let stdin = self.process.child.stdin.as_mut().expect("piped");
+        stdin
+            .write_all(b"go\n")
+            .and_then(|()| stdin.flush())
+            .expect("client stdin");
+    }
+}
+
+/// GETs (or POSTs) a path of tern's admin server in `ns`.
+pub fn admin(ns: &Netns, method: &str, path: &str) -> String {
+    let url = format!("http://127.0.0.1:15000{path}");
+    ns.output(None, Path::new("curl"), &["-s", "-X", method, &url])
+        .expect("curl the admin server")
+}
+
+/// The value of one sample of tern's Prometheus metrics (0 when absent).
+pub fn metric(ns: &Netns, sample: &str) -> f64 {
+    admin(ns, "GET", "/stats/prometheus")
+        .lines()
+        .find_map(|l| l.strip_prefix(sample).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+/// Writes raw bytes to `addr` from `ns` and reports whether tern closed the connection.
+pub fn send_raw(ns: &Netns, cgroup: Option<&Cgroup>, addr: &str, hex: &str) -> serde_json::Value {
+    let out = ns
+        .output(cgroup, &testpeer_bin(), &["raw", addr, hex])
+        .expect("run the raw client");
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("raw client output {out:?}: {e}"))
 }
 
 /// What a test client saw (`tern-testpeer connect`).

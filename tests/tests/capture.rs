@@ -7,40 +7,8 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use tern_tests::{
-    Cgroup, Netns, Tern, add_address, capture_counter, connect, eventually, link, require_root,
-    serve, tern,
+    Cgroup, Netns, Tern, capture_counter, connect, eventually, pods, require_root, serve, tern,
 };
-
-struct Pods {
-    app: Netns,
-    srv: Netns,
-    cgroup: Cgroup,
-}
-
-fn pods() -> Pods {
-    require_root();
-    let app = Netns::new("app").unwrap();
-    let srv = Netns::new("srv").unwrap();
-    link(&app, "10.66.1.1/24", &srv, "10.66.1.2/24").unwrap();
-    add_address(&srv, "10.66.2.2/24").unwrap();
-    add_address(&app, "fd66::1/64").unwrap();
-    add_address(&srv, "fd66::2/64").unwrap();
-    let route = Command::new("ip")
-        .args([
-            "-n",
-            app.name(),
-            "route",
-            "add",
-            "10.66.2.0/24",
-            "dev",
-            "eth0",
-        ])
-        .status()
-        .unwrap();
-    assert!(route.success());
-    let cgroup = Cgroup::new("pod").unwrap();
-    Pods { app, srv, cgroup }
-}
 
 /// Entries bpftool sees in one of tern's pinned maps.
 fn map_entries(cgroup: &Cgroup, map: &str) -> usize {

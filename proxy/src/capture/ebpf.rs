@@ -135,6 +135,11 @@ impl EbpfCapture {
         })
     }
 
+    /// The pin directory (for metrics).
+    pub fn pins(&self) -> &Path {
+        &self.dir
+    }
+
     /// Whether this handle attached the hooks (and so removes them on detach).
     pub fn owned(&self) -> bool {
         self.owned
@@ -253,6 +258,14 @@ fn read_config(dir: &Path) -> Result<Config, CaptureError> {
 }
 
 fn read_counters(dir: &Path) -> Result<BTreeMap<String, u64>, CaptureError> {
+    Ok(counters(dir)?
+        .into_iter()
+        .map(|(hook, decision, value)| (format!("{hook}.{decision}"), value))
+        .collect())
+}
+
+/// The capture counters pinned in `dir`, summed over CPUs: (hook, decision, count).
+pub fn counters(dir: &Path) -> Result<Vec<(&'static str, &'static str, u64)>, CaptureError> {
     let map = open_pinned(dir, map_names::COUNTERS)?;
     let counters: PerCpuArray<_, u64> =
         PerCpuArray::try_from(map).map_err(|e| CaptureError::ebpf("open map COUNTERS", e))?;
@@ -262,7 +275,7 @@ fn read_counters(dir: &Path) -> Result<BTreeMap<String, u64>, CaptureError> {
             let per_cpu = counters
                 .get(&(*c as u32), 0)
                 .map_err(|e| CaptureError::ebpf("read map COUNTERS", e))?;
-            Ok((format!("{hook}.{decision}"), per_cpu.iter().sum()))
+            Ok((*hook, *decision, per_cpu.iter().sum()))
         })
         .collect()
 }

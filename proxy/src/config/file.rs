@@ -416,7 +416,7 @@ fn cluster(c: ClusterFile) -> Cluster {
                 .base_ejection_ms
                 .map_or(outlier.base_ejection, Duration::from_millis),
         },
-        connections_per_endpoint: c.connections_per_endpoint.unwrap_or(1),
+        connections_per_endpoint: c.connections_per_endpoint.unwrap_or(4),
         original_dst: c.original_dst,
         name: c.name,
     }

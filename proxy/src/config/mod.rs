@@ -13,7 +13,7 @@ use crate::thrift::{Protocol, Transport};
 pub mod file;
 
 /// Everything the data path routes with.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Config {
     /// A label for this configuration (file hash or xDS version).
     pub version: String,
@@ -37,7 +37,7 @@ pub enum Passthrough {
     Deny,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Listener {
     pub name: String,
     /// The address it stands for; an unspecified IP (0.0.0.0 / ::) matches any on the port.
@@ -45,7 +45,7 @@ pub struct Listener {
     pub filter_chains: Vec<FilterChain>,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct FilterChain {
     pub name: String,
     pub matcher: ChainMatch,
@@ -53,14 +53,14 @@ pub struct FilterChain {
 }
 
 /// Envoy's `filter_chain_match`, the parts tern uses. Empty lists match anything.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct ChainMatch {
     pub destination_port: Option<u16>,
     pub destination_prefixes: Vec<IpNet>,
     pub source_prefixes: Vec<IpNet>,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub enum Filter {
     /// Relay bytes to a cluster; `sniff_thrift` upgrades Thrift connections to per-request
     /// balancing with the TCP proxy's cluster as the default route.
@@ -72,7 +72,7 @@ pub enum Filter {
 }
 
 /// Where traffic goes: one cluster, or several by weight.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub enum Target {
     Cluster(String),
     Weighted(Vec<(String, u32)>),
@@ -87,7 +87,7 @@ impl Target {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct ThriftProxy {
     /// Configured transport and protocol; `None` detects them from the first bytes.
     pub transport: Option<Transport>,
@@ -98,7 +98,7 @@ pub struct ThriftProxy {
 }
 
 /// Envoy thrift_proxy route semantics: the first route whose match fits wins.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Route {
     pub matcher: RouteMatch,
     pub action: RouteAction,
@@ -106,7 +106,7 @@ pub struct Route {
     pub timeout: Option<Duration>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
 pub struct RouteMatch {
     /// Exact method name (without the multiplexed service prefix).
     pub method: Option<String>,
@@ -118,7 +118,7 @@ pub struct RouteMatch {
     pub invert: bool,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub enum RouteAction {
     Target(Target),
     /// The cluster named by this THeader header's value.
@@ -136,7 +136,7 @@ pub enum LbPolicy {
     Maglev,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Cluster {
     pub name: String,
     pub lb_policy: LbPolicy,
@@ -149,13 +149,15 @@ pub struct Cluster {
     pub connect_timeout: Duration,
     pub circuit_breakers: CircuitBreakers,
     pub outlier: OutlierDetection,
-    /// Upstream connections per endpoint that requests are multiplexed over.
+    /// Upstream connections per endpoint (per transport and protocol) that requests are
+    /// multiplexed over. Thrift servers answer one request per connection at a time, so a
+    /// new one opens when all are busy, up to this many (default 4).
     pub connections_per_endpoint: usize,
     /// Connects to the original destination instead of endpoints (Istio's passthrough).
     pub original_dst: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct CircuitBreakers {
     pub max_connections: usize,
     pub max_pending_requests: usize,
@@ -173,7 +175,7 @@ impl Default for CircuitBreakers {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct OutlierDetection {
     /// Consecutive connect failures or errors that eject an endpoint (0 disables).
     pub consecutive_errors: u32,
@@ -190,7 +192,7 @@ impl Default for OutlierDetection {
     }
 }
 
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Endpoint {
     pub address: SocketAddr,
     pub weight: u32,

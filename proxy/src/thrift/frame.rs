@@ -61,6 +61,12 @@ pub struct Message {
 }
 
 impl Message {
+    /// Rebuilds a message from bytes this codec cut out earlier, with their `Meta` (a retry
+    /// of a request whose connection never opened).
+    pub fn from_parts(bytes: BytesMut, meta: Meta) -> Self {
+        Self { bytes, meta }
+    }
+
     pub fn meta(&self) -> Meta {
         self.meta
     }
@@ -91,6 +97,34 @@ impl Message {
     /// The method name without the multiplexed service prefix.
     pub fn method(&self) -> &[u8] {
         split_name(self.name()).1
+    }
+
+    /// What a reply says: its result struct's field 0 is the return value (or none, for void),
+    /// fields 1+ are exceptions the IDL declares; an EXCEPTION message is a
+    /// `TApplicationException`.
+    pub fn reply_result(&self) -> ReplyResult {
+        if self.kind() == MessageType::Exception {
+            return ReplyResult::ApplicationException;
+        }
+        let at = self.meta.header.body_at;
+        let field_id = match (self.meta.protocol, self.bytes.get(at)) {
+            (_, None | Some(0)) => 0,
+            (Protocol::Binary, Some(_)) => self
+                .bytes
+                .get(at + 1..at + 3)
+                .map_or(0, |b| i16::from_be_bytes([b[0], b[1]])),
+            (Protocol::Compact, Some(&b)) if b >> 4 != 0 => i16::from(b >> 4),
+            (Protocol::Compact, Some(_)) => {
+                let mut c = Cursor::at(&self.bytes, at + 1, true, self.bytes.len());
+                c.varint(3)
+                    .map_or(0, |z| ((z >> 1) as i16) ^ -((z & 1) as i16))
+            }
+        };
+        if field_id == 0 {
+            ReplyResult::Success
+        } else {
+            ReplyResult::DeclaredException
+        }
     }
 
     /// The value of a THeader info header.
@@ -150,6 +184,26 @@ impl Message {
     /// The wire bytes, ready to write.
     pub fn into_bytes(self) -> Bytes {
         self.bytes.freeze()
+    }
+}
+
+/// What a reply carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReplyResult {
+    Success,
+    /// One of the exceptions the method declares.
+    DeclaredException,
+    /// A `TApplicationException` (EXCEPTION message).
+    ApplicationException,
+}
+
+impl ReplyResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReplyResult::Success => "success",
+            ReplyResult::DeclaredException => "exception",
+            ReplyResult::ApplicationException => "error",
+        }
     }
 }
 

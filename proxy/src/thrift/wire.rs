@@ -134,6 +134,8 @@ pub struct Header {
     /// Offset of the sequence id and its encoded length (4 for binary, 1–5 for compact).
     pub seq_at: usize,
     pub seq_len: usize,
+    /// Offset of the body (the struct after the header).
+    pub body_at: usize,
 }
 
 /// Reads a message header in `protocol`. `non_strict` accepts old binary headers without a
@@ -160,6 +162,7 @@ pub fn read_header(c: &mut Cursor<'_>, protocol: Protocol, non_strict: bool) -> 
                     seq_id,
                     seq_at,
                     seq_len: 4,
+                    body_at: c.pos(),
                 })
             } else if non_strict {
                 let name_len = c.size(i64::from(word), 1)?;
@@ -175,6 +178,7 @@ pub fn read_header(c: &mut Cursor<'_>, protocol: Protocol, non_strict: bool) -> 
                     seq_id,
                     seq_at,
                     seq_len: 4,
+                    body_at: c.pos(),
                 })
             } else {
                 Err(ThriftError::BadVersion(word as u32).into())
@@ -204,6 +208,7 @@ pub fn read_header(c: &mut Cursor<'_>, protocol: Protocol, non_strict: bool) -> 
                 seq_id,
                 seq_at,
                 seq_len,
+                body_at: c.pos(),
             })
         }
     }

@@ -33,6 +33,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1..]),
+        Some("raw") => raw(&args[1], &args[2]),
         Some("connect") => {
             let addr: SocketAddr = args
                 .get(1)
@@ -52,6 +53,35 @@ fn main() {
             std::process::exit(2);
         }
     }
+}
+
+/// Sends hex-encoded bytes, half-closes, and reports how the peer ended the connection.
+fn raw(addr: &str, hex: &str) {
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+        .collect();
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let sent = stream.write_all(&bytes).is_ok();
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut received = Vec::new();
+    let outcome = match std::io::Read::read_to_end(&mut stream, &mut received) {
+        Ok(_) => "closed",
+        Err(e)
+            if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut =>
+        {
+            "open"
+        }
+        Err(_) => "reset",
+    };
+    println!(
+        "{}",
+        serde_json::json!({ "sent": sent, "outcome": outcome, "received": received.len() })
+    );
 }
 
 fn serve(addrs: &[String]) {

@@ -1,0 +1,148 @@
+//! The admin server (`--admin`, default 127.0.0.1:15000), with Envoy's endpoints:
+//! `GET /ready`, `/stats/prometheus`, `/config_dump`, `/clusters`; `POST /quitquitquit`
+//! (drain and exit), `POST /logging?level=<filter>`.
+use std::{convert::Infallible, sync::Arc, time::UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    Method, Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::{net::TcpListener, sync::watch};
+use tracing::{debug, info};
+
+use crate::state::State;
+
+/// What the admin endpoints read and act on.
+pub struct Admin {
+    pub state: Arc<State>,
+    /// Set to true to start draining (`/quitquitquit`).
+    pub drain: Arc<watch::Sender<bool>>,
+}
+
+/// Serves admin requests until the task is dropped.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(handle(&admin, req)) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                debug!(error = %e, "admin connection");
+            }
+        });
+    }
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(body.into()))
+        .expect("a valid response")
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    respond(status, "text/plain; charset=utf-8", body)
+}
+
+fn json_body(v: &serde_json::Value) -> Response<Full<Bytes>> {
+    respond(
+        StatusCode::OK,
+        "application/json",
+        serde_json::to_vec_pretty(v).unwrap_or_default(),
+    )
+}
+
+fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let query = req.uri().query().unwrap_or("");
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/ready") => {
+            if *admin.drain.borrow() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n")
+            } else if admin.state.ready() {
+                text(StatusCode::OK, "LIVE\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "PRE_INITIALIZING\n")
+            }
+        }
+        (&Method::GET, "/stats/prometheus") => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            admin.state.metrics.encode(),
+        ),
+        (&Method::GET, "/config_dump") => {
+            let snap = admin.state.load();
+            let applied = snap
+                .applied_at
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            json_body(&json!({
+                "version": snap.config.version,
+                "applied_at_unix": applied,
+                "config": &*snap.config,
+            }))
+        }
+        (&Method::GET, "/clusters") => {
+            let snap = admin.state.load();
+            let clusters: Vec<_> = snap
+                .clusters
+                .values()
+                .map(|c| {
+                    let endpoints: Vec<_> = c
+                        .endpoints
+                        .iter()
+                        .map(|e| {
+                            let rt = &e.runtime;
+                            use std::sync::atomic::Ordering::Relaxed;
+                            json!({
+                                "address": e.config.address,
+                                "health": e.config.health,
+                                "weight": e.config.weight,
+                                "priority": e.config.priority,
+                                "locality": e.config.locality,
+                                "ejected": rt.ejected(),
+                                "active_requests": rt.active.load(Relaxed),
+                                "requests": rt.requests.load(Relaxed),
+                                "errors": rt.errors.load(Relaxed),
+                                "connections": rt.pool.open_connections(),
+                            })
+                        })
+                        .collect();
+                    json!({ "name": c.config.name, "lb_policy": c.config.lb_policy, "endpoints": endpoints })
+                })
+                .collect();
+            json_body(&json!({ "clusters": clusters }))
+        }
+        (&Method::POST, "/quitquitquit") => {
+            info!("drain requested through the admin server");
+            admin.drain.send_replace(true);
+            text(StatusCode::OK, "OK\n")
+        }
+        (&Method::POST, "/logging") => {
+            let level = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("level="))
+                .unwrap_or("");
+            match crate::logging::set_level(level) {
+                Ok(()) => text(StatusCode::OK, format!("log filter is now {level}\n")),
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            }
+        }
+        (_, path) => text(StatusCode::NOT_FOUND, format!("no admin endpoint {path}\n")),
+    }
+}

@@ -1,0 +1,530 @@
+//! The Thrift proxy: every request of a downstream connection is routed and balanced on its own.
+//!
+//! Each request is planned synchronously (route match, cluster, hash key, metric handles),
+//! then executed: pick an endpoint, send over that endpoint's multiplexed pool, wait for the
+//! reply within the timeout. A connect failure retries on another endpoint; every other
+//! failure — no healthy endpoint, overflow, timeout, an upstream that closed — answers the
+//! client with a `TApplicationException` in its own encoding. Replies are written back in
+//! request order, so pipelining clients see what they sent, in order, complete.
+//!
+//! Malformed input closes the connection with a counted cause, after the replies to the
+//! requests already accepted are written: nothing accepted is dropped silently.
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{StreamExt, stream::FuturesOrdered};
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+use rand::Rng;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::Instant,
+};
+use tracing::{Instrument, debug, debug_span, warn};
+
+use super::Ctx;
+use crate::{
+    balance::hash_key,
+    config::{Filter, Route, RouteAction, RouteMatch, Target},
+    metrics::{MethodLabels, ResultLabels},
+    state::{ClusterState, Snapshot},
+    thrift::{
+        Decoder, Message, MessageType,
+        frame::Meta,
+        reply::{AppExceptionType, application_exception},
+    },
+    upstream::{Failed, PoolSettings, Sent, UpstreamError},
+};
+
+/// Requests one downstream connection may have in flight before tern stops reading it.
+const MAX_IN_FLIGHT: usize = 1024;
+/// Endpoints tried for one request when connects fail.
+const MAX_ATTEMPTS: usize = 3;
+
+/// Which filter chain a connection belongs to; it follows the chain across snapshots.
+#[derive(Clone, Debug)]
+pub struct ChainRef {
+    pub listener: String,
+    pub chain: String,
+}
+
+/// Serves one downstream connection whose first bytes (`buf`) were Thrift.
+pub async fn serve(down: TcpStream, buf: BytesMut, chain: ChainRef, ctx: Arc<Ctx>) {
+    let _ = down.set_nodelay(true);
+    let (mut rd, mut wr) = down.into_split();
+    let mut conn = Downstream::new(chain, ctx.clone());
+    let mut buf = buf;
+    let mut replies = FuturesOrdered::new();
+    let mut reading = true;
+    let mut drain = ctx.drain.clone();
+    loop {
+        while reading && replies.len() < MAX_IN_FLIGHT {
+            match conn.decoder.decode(&mut buf) {
+                Ok(Some(msg)) => {
+                    let plan = conn.plan(msg);
+                    let span = debug_span!("request", seq = plan.client_seq());
+                    replies.push_back(execute(plan, ctx.clone()).instrument(span));
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    ctx.state.metrics.rejected(e.cause());
+                    warn!(error = %e, "closing a connection that sent malformed Thrift");
+                    reading = false;
+                }
+            }
+        }
+        if !reading && replies.is_empty() {
+            break;
+        }
+        tokio::select! {
+            read = rd.read_buf(&mut buf), if reading && replies.len() < MAX_IN_FLIGHT => match read {
+                Ok(0) => {
+                    if !buf.is_empty() {
+                        ctx.state.metrics.rejected("truncated");
+                        debug!(bytes = buf.len(), "connection closed inside a message");
+                    }
+                    reading = false;
+                }
+                Ok(_) => {
+                    if buf.capacity() - buf.len() < 4096 {
+                        buf.reserve(64 * 1024);
+                    }
+                }
+                Err(e) => {
+                    debug!(error = %e, "downstream read failed");
+                    reading = false;
+                }
+            },
+            Some(reply) = replies.next(), if !replies.is_empty() => {
+                if let Some(bytes) = reply
+                    && let Err(e) = wr.write_all(&bytes).await
+                {
+                    debug!(error = %e, "downstream write failed");
+                    return;
+                }
+            },
+            _ = drain.changed(), if reading => {
+                debug!("draining: no new requests on this connection");
+                reading = false;
+            },
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// Per-connection routing state.
+struct Downstream {
+    chain: ChainRef,
+    ctx: Arc<Ctx>,
+    decoder: Decoder,
+    snapshot: Arc<Snapshot>,
+    /// Request counters by cluster and method, resolved once per connection.
+    counters: HashMap<String, HashMap<Vec<u8>, Counter>>,
+}
+
+impl Downstream {
+    fn new(chain: ChainRef, ctx: Arc<Ctx>) -> Self {
+        let snapshot = ctx.state.load();
+        let format = match snapshot
+            .chain(&chain.listener, &chain.chain)
+            .map(|c| &c.filter)
+        {
+            Some(Filter::Thrift(t)) => t.transport.zip(t.protocol),
+            _ => None,
+        };
+        let decoder = match format {
+            Some((t, p)) => Decoder::configured(ctx.limits, t, p, false),
+            None => Decoder::detecting(ctx.limits),
+        };
+        Self {
+            chain,
+            ctx,
+            decoder,
+            snapshot,
+            counters: HashMap::new(),
+        }
+    }
+
+    fn plan(&mut self, msg: Message) -> Plan {
+        let current = self.ctx.state.load();
+        if !Arc::ptr_eq(&current, &self.snapshot)
+            && current
+                .chain(&self.chain.listener, &self.chain.chain)
+                .is_some()
+        {
+            self.snapshot = current;
+        }
+        let snap = self.snapshot.clone();
+        if !matches!(msg.kind(), MessageType::Call | MessageType::Oneway) {
+            return Plan::local(
+                &self.ctx,
+                &msg,
+                "",
+                "invalid_message_type",
+                AppExceptionType::ProtocolError,
+                "tern accepts only calls and one-way calls from clients",
+            );
+        }
+        let (routes, default): (&[Route], Option<&Target>) = match snap
+            .chain(&self.chain.listener, &self.chain.chain)
+            .map(|c| &c.filter)
+        {
+            Some(Filter::Thrift(t)) => (&t.routes, t.default_target.as_ref()),
+            Some(Filter::TcpProxy { target, .. }) => (&[], Some(target)),
+            None => (&[], None),
+        };
+        let routed = routes.iter().find(|r| matches(&r.matcher, &msg));
+        let (name, timeout): (Option<&str>, Option<Duration>) = match routed {
+            Some(Route {
+                action: RouteAction::Target(t),
+                timeout,
+                ..
+            }) => (Some(pick_target(t)), *timeout),
+            Some(Route {
+                action: RouteAction::ClusterHeader(h),
+                timeout,
+                ..
+            }) => (
+                msg.header(h.as_bytes())
+                    .and_then(|v| std::str::from_utf8(v).ok()),
+                *timeout,
+            ),
+            None => (default.map(pick_target), None),
+        };
+        let Some(name) = name else {
+            return Plan::local(
+                &self.ctx,
+                &msg,
+                "",
+                "no_route",
+                AppExceptionType::UnknownMethod,
+                "no route for this method",
+            );
+        };
+        let Some(cluster) = snap.clusters.get(name).cloned() else {
+            let why = format!("unknown cluster {name}");
+            return Plan::local(
+                &self.ctx,
+                &msg,
+                name,
+                "no_cluster",
+                AppExceptionType::InternalError,
+                &why,
+            );
+        };
+        debug!(method = %String::from_utf8_lossy(msg.name()), cluster = %cluster.config.name, "routed");
+        self.count_request(&cluster.config.name, msg.method());
+        let hash = cluster
+            .config
+            .hash_header
+            .as_ref()
+            .and_then(|h| msg.header(h.as_bytes()))
+            .map(hash_key);
+        let timeout = timeout.unwrap_or(cluster.config.request_timeout);
+        Plan::Forward(Forward {
+            client_seq: msg.seq_id(),
+            meta: msg.meta(),
+            msg,
+            cluster,
+            timeout,
+            hash,
+        })
+    }
+
+    fn count_request(&mut self, cluster: &str, method: &[u8]) {
+        let by_method = match self.counters.get_mut(cluster) {
+            Some(m) => m,
+            None => self.counters.entry(cluster.to_owned()).or_default(),
+        };
+        match by_method.get(method) {
+            Some(c) => {
+                c.inc();
+            }
+            None => {
+                let c = self
+                    .ctx
+                    .state
+                    .metrics
+                    .requests
+                    .get_or_create(&MethodLabels {
+                        cluster: cluster.to_owned(),
+                        method: String::from_utf8_lossy(method).into_owned(),
+                    })
+                    .clone();
+                c.inc();
+                by_method.insert(method.to_vec(), c);
+            }
+        }
+    }
+}
+
+/// Envoy's thrift route match. `method` matches the full name or the part after a
+/// multiplexed `Service:` prefix; `service` matches that prefix; headers match exactly.
+fn matches(m: &RouteMatch, msg: &Message) -> bool {
+    let method = m
+        .method
+        .as_deref()
+        .is_none_or(|want| want.as_bytes() == msg.name() || want.as_bytes() == msg.method());
+    let service = m
+        .service
+        .as_deref()
+        .is_none_or(|want| msg.service() == Some(want.as_bytes()));
+    let headers = m
+        .headers
+        .iter()
+        .all(|(k, v)| msg.header(k.as_bytes()) == Some(v.as_bytes()));
+    (method && service && headers) != m.invert
+}
+
+fn pick_target(t: &Target) -> &str {
+    match t {
+        Target::Cluster(c) => c,
+        Target::Weighted(w) => {
+            let total: u64 = w.iter().map(|(_, weight)| u64::from(*weight)).sum();
+            let mut r = rand::rng().random_range(0..total.max(1));
+            for (c, weight) in w {
+                if r < u64::from(*weight) {
+                    return c;
+                }
+                r -= u64::from(*weight);
+            }
+            &w[0].0
+        }
+    }
+}
+
+/// What to do with one request.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "boxing the common variant would allocate once per request"
+)]
+enum Plan {
+    /// Answer at once (already encoded), or nothing for a one-way call.
+    Local(Option<Bytes>),
+    Forward(Forward),
+}
+
+struct Forward {
+    msg: Message,
+    client_seq: i32,
+    meta: Meta,
+    cluster: Arc<ClusterState>,
+    timeout: Duration,
+    hash: Option<u64>,
+}
+
+impl Plan {
+    /// A local reply decided while routing, counted under `cluster` (empty when none).
+    fn local(
+        ctx: &Ctx,
+        msg: &Message,
+        cluster: &str,
+        cause: &'static str,
+        kind: AppExceptionType,
+        why: &str,
+    ) -> Plan {
+        ctx.state.metrics.local_reply(cluster, cause);
+        debug!(cause, "local reply");
+        if msg.kind() == MessageType::Oneway {
+            return Plan::Local(None);
+        }
+        Plan::Local(Some(application_exception(
+            &msg.meta(),
+            msg.name(),
+            msg.seq_id(),
+            kind,
+            why,
+        )))
+    }
+
+    fn client_seq(&self) -> i32 {
+        match self {
+            Plan::Forward(f) => f.client_seq,
+            Plan::Local(_) => 0,
+        }
+    }
+}
+
+/// Sends a request upstream and returns what to write back to the client.
+async fn execute(plan: Plan, ctx: Arc<Ctx>) -> Option<Bytes> {
+    let f = match plan {
+        Plan::Local(reply) => return reply,
+        Plan::Forward(f) => f,
+    };
+    let Forward {
+        mut msg,
+        client_seq,
+        meta,
+        cluster,
+        timeout,
+        hash,
+    } = f;
+    let cfg = &cluster.config;
+    let rt = &cluster.runtime;
+    let oneway = msg.kind() == MessageType::Oneway;
+    // The name of a local reply comes from the request bytes, wherever they are now.
+    let local = |name: &[u8], cause: &'static str, kind: AppExceptionType, why: &str| {
+        ctx.state.metrics.local_reply(&cfg.name, cause);
+        debug!(cause, "local reply");
+        (!oneway).then(|| application_exception(&meta, name, client_seq, kind, why))
+    };
+    if rt.active_requests.load(Ordering::Relaxed) >= cfg.circuit_breakers.max_requests {
+        return local(
+            msg.name(),
+            "overflow",
+            AppExceptionType::InternalError,
+            "circuit breaker overflow: max_requests",
+        );
+    }
+    let _active = ActiveRequest::new(&rt.active_requests, &rt.active_gauge);
+    let settings = PoolSettings {
+        mark: ctx.mark,
+        connect_timeout: cfg.connect_timeout,
+        per_endpoint: cfg.connections_per_endpoint,
+        max_connections: cfg.circuit_breakers.max_connections,
+        max_pending: cfg.circuit_breakers.max_pending_requests,
+        limits: ctx.limits,
+    };
+    let deadline = Instant::now() + timeout;
+    let mut tried = [usize::MAX; MAX_ATTEMPTS];
+    for attempt in 0..MAX_ATTEMPTS {
+        let Some(i) = cluster
+            .picker
+            .pick(&cluster.endpoints, hash, &tried[..attempt])
+        else {
+            let cause = if attempt == 0 {
+                "no_healthy_upstream"
+            } else {
+                "connect_failure"
+            };
+            return local(
+                msg.name(),
+                cause,
+                AppExceptionType::InternalError,
+                &format!("{cause} in cluster {}", cfg.name),
+            );
+        };
+        tried[attempt] = i;
+        let ep = &cluster.endpoints[i];
+        let ert = &ep.runtime;
+        ert.requests.fetch_add(1, Ordering::Relaxed);
+        debug!(endpoint = %ep.config.address, attempt, "sending");
+        let _in_flight = ActiveEndpoint::new(&ert.active);
+        let started = Instant::now();
+        let (rx, sent) = match ert.pool.send(ep.config.address, msg, &settings, rt) {
+            Ok(Sent::Oneway) => return None,
+            Ok(Sent::Reply(rx, sent)) => (rx, sent),
+            Err((UpstreamError::Overflow(what), back)) => {
+                return local(
+                    back.name(),
+                    "overflow",
+                    AppExceptionType::InternalError,
+                    &format!("circuit breaker overflow: {what}"),
+                );
+            }
+            Err((e, back)) => {
+                debug!(error = %e, "not sent; trying another endpoint");
+                ert.record_error(&cfg.outlier);
+                msg = back;
+                continue;
+            }
+        };
+        let name = &sent[meta.name_range()];
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(Ok(reply))) => {
+                ert.record_success();
+                rt.request_seconds.observe(started.elapsed().as_secs_f64());
+                let result = reply.reply_result().as_str();
+                ctx.state
+                    .metrics
+                    .replies
+                    .get_or_create(&ResultLabels {
+                        cluster: cfg.name.clone(),
+                        result,
+                    })
+                    .inc();
+                return Some(reply.into_bytes());
+            }
+            Ok(Ok(Err(Failed::NotSent(e)))) => {
+                debug!(error = %e, "connection never opened; trying another endpoint");
+                ert.record_error(&cfg.outlier);
+                msg = Message::from_parts(BytesMut::from(&sent[..]), meta);
+                continue;
+            }
+            Ok(Ok(Err(Failed::Lost(e)))) => {
+                ert.record_error(&cfg.outlier);
+                return local(
+                    name,
+                    "upstream_reset",
+                    AppExceptionType::InternalError,
+                    &e.to_string(),
+                );
+            }
+            Ok(Err(_)) => {
+                ert.record_error(&cfg.outlier);
+                return local(
+                    name,
+                    "upstream_reset",
+                    AppExceptionType::InternalError,
+                    "upstream connection went away",
+                );
+            }
+            Err(_) => {
+                ert.record_error(&cfg.outlier);
+                return local(
+                    name,
+                    "timeout",
+                    AppExceptionType::InternalError,
+                    &format!("upstream request timeout after {timeout:?}"),
+                );
+            }
+        }
+    }
+    local(
+        msg.name(),
+        "connect_failure",
+        AppExceptionType::InternalError,
+        &format!("could not connect to any endpoint of {}", cfg.name),
+    )
+}
+
+/// Counts a request as active in its cluster while it lives.
+struct ActiveRequest<'a>(&'a AtomicUsize, &'a Gauge);
+
+impl<'a> ActiveRequest<'a> {
+    fn new(count: &'a AtomicUsize, gauge: &'a Gauge) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        gauge.inc();
+        Self(count, gauge)
+    }
+}
+
+impl Drop for ActiveRequest<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.1.dec();
+    }
+}
+
+/// Counts a request as in flight to an endpoint while it lives (least request reads it).
+struct ActiveEndpoint<'a>(&'a AtomicU64);
+
+impl<'a> ActiveEndpoint<'a> {
+    fn new(count: &'a AtomicU64) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for ActiveEndpoint<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}

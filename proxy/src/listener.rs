@@ -1,0 +1,101 @@
+//! The outbound (15001) and inbound (15006) listeners: accept, learn each connection's
+//! original destination, and hand it to its filter chain ([`crate::filters`]).
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::net::TcpListener;
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::{
+    filters::{self, Ctx, Direction},
+    metrics::ListenerLabel,
+    socket::{self, OriginalDstSource},
+};
+
+/// Open downstream connections, for draining.
+#[derive(Debug, Default)]
+pub struct OpenConnections(AtomicUsize);
+
+impl OpenConnections {
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+struct Open(Arc<OpenConnections>, Gauge);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        (self.0).0.fetch_sub(1, Ordering::Relaxed);
+        self.1.dec();
+    }
+}
+
+/// Accepts connections until tern starts draining.
+pub async fn serve(
+    listener: TcpListener,
+    direction: Direction,
+    ctx: Arc<Ctx>,
+    open: Arc<OpenConnections>,
+) {
+    let listen_port = listener.local_addr().map_or(0, |a| a.port());
+    let label = ListenerLabel {
+        listener: direction.as_str().to_owned(),
+    };
+    let accepted = ctx
+        .state
+        .metrics
+        .downstream_connections
+        .get_or_create(&label)
+        .clone();
+    let active = ctx
+        .state
+        .metrics
+        .downstream_connections_active
+        .get_or_create(&label)
+        .clone();
+    let mut drain = ctx.drain.clone();
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    warn!(port = listen_port, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = drain.changed() => return,
+        };
+        accepted.inc();
+        active.inc();
+        open.0.fetch_add(1, Ordering::Relaxed);
+        let guard = Open(open.clone(), active.clone());
+        let ctx = ctx.clone();
+        let span = info_span!("conn", dir = direction.as_str(), %peer);
+        tokio::spawn(
+            async move {
+                let _guard = guard;
+                let (dst, learned) = match socket::original_dst(&stream) {
+                    Ok(d) => d,
+                    Err(e) => return debug!(error = %e, "no original destination"),
+                };
+                // A connection made straight to a listener has no original destination;
+                // relaying it would connect tern to itself. (sk_lookup-steered inbound
+                // connections keep their original local address, on another port.)
+                let direct = direction == Direction::Outbound || dst.port() == listen_port;
+                if learned == OriginalDstSource::LocalAddr && direct {
+                    return debug!(%dst, "closing a connection that was not captured");
+                }
+                filters::handle(stream, direction, dst, peer, ctx).await;
+            }
+            .instrument(span),
+        );
+    }
+}

@@ -1,0 +1,226 @@
+//! Every metric tern exports, defined once with its labels (`prometheus-client`, prefix `tern_`).
+//!
+//! Handlers increment; they never define. Label values on the request path are resolved
+//! once per cluster or per (connection, method) and kept as cheap metric handles, so counting
+//! a request does not allocate.
+use std::{fmt::Write as _, path::PathBuf, sync::Arc};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabel {
+    pub cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub cluster: String,
+    pub method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub cluster: String,
+    /// `success`, `exception` (a declared exception in a reply), `error` (an EXCEPTION message).
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LocalReplyLabels {
+    pub cluster: String,
+    pub cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabel {
+    pub cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConfigLabels {
+    pub source: &'static str,
+    pub result: &'static str,
+}
+
+/// tern's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<MethodLabels, Counter>,
+    pub replies: Family<ResultLabels, Counter>,
+    pub local_replies: Family<LocalReplyLabels, Counter>,
+    pub upstream_request_seconds: Family<ClusterLabel, Histogram>,
+    pub active_requests: Family<ClusterLabel, Gauge>,
+    pub downstream_connections: Family<ListenerLabel, Counter>,
+    pub downstream_connections_active: Family<ListenerLabel, Gauge>,
+    pub upstream_connections: Family<ClusterLabel, Counter>,
+    pub upstream_connections_active: Family<ClusterLabel, Gauge>,
+    pub frames_rejected: Family<CauseLabel, Counter>,
+    pub config_updates: Family<ConfigLabels, Counter>,
+}
+
+impl Metrics {
+    /// The registry; `capture_pins` is the pin directory of the eBPF capture this proxy
+    /// serves, whose counters are exported at each scrape.
+    pub fn new(capture_pins: Option<PathBuf>) -> Arc<Self> {
+        let mut registry = Registry::with_prefix("tern");
+        registry.register_collector(Box::new(CaptureCollector { pins: capture_pins }));
+        let requests = Family::default();
+        registry.register(
+            "thrift_requests",
+            "Thrift requests by cluster and method",
+            requests.clone(),
+        );
+        let replies = Family::default();
+        registry.register(
+            "thrift_replies",
+            "Upstream replies by result",
+            replies.clone(),
+        );
+        let local_replies = Family::default();
+        registry.register(
+            "thrift_local_replies",
+            "TApplicationExceptions tern answered itself, by cause",
+            local_replies.clone(),
+        );
+        let upstream_request_seconds =
+            Family::<ClusterLabel, Histogram>::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+            });
+        registry.register(
+            "thrift_upstream_request_seconds",
+            "Time from sending a request upstream to its reply",
+            upstream_request_seconds.clone(),
+        );
+        let active_requests = Family::default();
+        registry.register(
+            "thrift_active_requests",
+            "Requests waiting for a reply",
+            active_requests.clone(),
+        );
+        let downstream_connections = Family::default();
+        registry.register(
+            "downstream_connections",
+            "Connections accepted by listener",
+            downstream_connections.clone(),
+        );
+        let downstream_connections_active = Family::default();
+        registry.register(
+            "downstream_connections_active",
+            "Open downstream connections by listener",
+            downstream_connections_active.clone(),
+        );
+        let upstream_connections = Family::default();
+        registry.register(
+            "upstream_connections",
+            "Upstream connections opened by cluster",
+            upstream_connections.clone(),
+        );
+        let upstream_connections_active = Family::default();
+        registry.register(
+            "upstream_connections_active",
+            "Open upstream connections by cluster",
+            upstream_connections_active.clone(),
+        );
+        let frames_rejected = Family::default();
+        registry.register(
+            "thrift_frames_rejected",
+            "Malformed or oversized Thrift input that closed its connection, by cause",
+            frames_rejected.clone(),
+        );
+        let config_updates = Family::default();
+        registry.register(
+            "config_updates",
+            "Configuration updates by source and result (applied, rejected)",
+            config_updates.clone(),
+        );
+        Arc::new(Self {
+            registry,
+            requests,
+            replies,
+            local_replies,
+            upstream_request_seconds,
+            active_requests,
+            downstream_connections,
+            downstream_connections_active,
+            upstream_connections,
+            upstream_connections_active,
+            frames_rejected,
+            config_updates,
+        })
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            let _ = writeln!(out, "# encoding failed");
+        }
+        out
+    }
+
+    pub fn rejected(&self, cause: &'static str) {
+        self.frames_rejected
+            .get_or_create(&CauseLabel { cause })
+            .inc();
+    }
+
+    pub fn local_reply(&self, cluster: &str, cause: &'static str) {
+        self.local_replies
+            .get_or_create(&LocalReplyLabels {
+                cluster: cluster.to_owned(),
+                cause,
+            })
+            .inc();
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CaptureLabels {
+    hook: &'static str,
+    decision: &'static str,
+}
+
+/// Reads the per-CPU counters of tern's eBPF hooks when scraped.
+#[derive(Debug)]
+struct CaptureCollector {
+    /// The pin directory of the capture this proxy serves, if it runs with eBPF capture.
+    pins: Option<PathBuf>,
+}
+
+impl Collector for CaptureCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(dir) = &self.pins else {
+            return Ok(());
+        };
+        let Ok(counters) = crate::capture::ebpf::counters(dir) else {
+            return Ok(());
+        };
+        let mut family = encoder.encode_descriptor(
+            "capture_decisions",
+            "Decisions of tern's eBPF capture hooks",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (hook, decision, value) in counters {
+            let labels = CaptureLabels { hook, decision };
+            ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}

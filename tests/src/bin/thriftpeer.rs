@@ -1,0 +1,385 @@
+//! A Thrift test peer built on the `thrift` crate, for tern's data-plane tests.
+//!
+//! `tern-thriftpeer serve ADDR ID` answers on ADDR, detecting each connection's transport
+//! (framed, unframed) and protocol (binary, compact) from its first bytes, as any of:
+//! - `whoami()` → string: the server's ID;
+//! - `echo(1: binary data)` → binary: the data;
+//! - `sleep(1: i32 ms)` → string: the ID, after sleeping;
+//! - `fail()` → throws the declared exception `Oops { 1: string why }`;
+//! - oneway `notify(1: string note)`, and `count()` → i64: notifications received;
+//! - anything else: a `TApplicationException` UNKNOWN_METHOD.
+//!
+//! Method names may carry a multiplexed `Service:` prefix; replies repeat the name as sent.
+//!
+//! `tern-thriftpeer call ADDR [options]` makes calls over one connection and prints one JSON
+//! line per phase: `{"by_server": {ID: n}, "exceptions": n, "app_errors": [..], "seq_ok": bool}`.
+//! Options: `--transport framed|unframed`, `--protocol binary|compact`, `--method M`,
+//! `--calls N`, `--size BYTES` (echo payload), `--ms MS` (sleep), `--pipeline` (send all,
+//! then read), `--phases K` (K rounds of N calls on the same connection, waiting for a line
+//! on stdin between rounds).
+use std::{
+    collections::BTreeMap,
+    io::{BufReader, BufWriter, Write},
+    net::{TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use serde::Serialize;
+use thrift::protocol::{
+    TBinaryInputProtocol, TBinaryOutputProtocol, TCompactInputProtocol, TCompactOutputProtocol,
+    TFieldIdentifier, TInputProtocol, TMessageIdentifier, TMessageType, TOutputProtocol,
+    TStructIdentifier, TType,
+};
+use thrift::transport::{TFramedReadTransport, TFramedWriteTransport};
+
+type In = Box<dyn TInputProtocol + Send>;
+type Out = Box<dyn TOutputProtocol + Send>;
+
+fn protocols(stream: &TcpStream, framed: bool, compact: bool) -> (In, Out) {
+    let r = stream.try_clone().expect("clone stream");
+    let w = stream.try_clone().expect("clone stream");
+    match (framed, compact) {
+        (true, false) => (
+            Box::new(TBinaryInputProtocol::new(
+                TFramedReadTransport::new(r),
+                true,
+            )),
+            Box::new(TBinaryOutputProtocol::new(
+                TFramedWriteTransport::new(w),
+                true,
+            )),
+        ),
+        (true, true) => (
+            Box::new(TCompactInputProtocol::new(TFramedReadTransport::new(r))),
+            Box::new(TCompactOutputProtocol::new(TFramedWriteTransport::new(w))),
+        ),
+        (false, false) => (
+            Box::new(TBinaryInputProtocol::new(BufReader::new(r), true)),
+            Box::new(TBinaryOutputProtocol::new(BufWriter::new(w), true)),
+        ),
+        (false, true) => (
+            Box::new(TCompactInputProtocol::new(BufReader::new(r))),
+            Box::new(TCompactOutputProtocol::new(BufWriter::new(w))),
+        ),
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("serve") => serve(&args[1], &args[2]),
+        Some("call") => call(&args[1..]),
+        _ => {
+            eprintln!("usage: tern-thriftpeer serve ADDR ID | call ADDR [options]");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn serve(addr: &str, id: &str) {
+    let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    let notes = Arc::new(AtomicI64::new(0));
+    println!("ready");
+    std::io::stdout().flush().expect("stdout");
+    for stream in listener.incoming().flatten() {
+        let (id, notes) = (id.to_owned(), notes.clone());
+        thread::spawn(move || {
+            let mut first = [0u8; 5];
+            let Ok(n) = stream.peek(&mut first) else {
+                return;
+            };
+            if n < 5 {
+                // Wait for enough bytes to tell the format.
+                let mut buf = [0u8; 5];
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut tries = 0;
+                while stream.peek(&mut buf).map_or(0, |n| n) < 5 && tries < 500 {
+                    thread::sleep(Duration::from_millis(2));
+                    tries += 1;
+                }
+                first = buf;
+            }
+            let unframed = first[0] == 0x80 || first[0] == 0x82;
+            let compact = if unframed {
+                first[0] == 0x82
+            } else {
+                first[4] == 0x82
+            };
+            let _ = stream.set_nodelay(true);
+            let (mut i, mut o) = protocols(&stream, !unframed, compact);
+            while answer(&mut *i, &mut *o, &id, &notes).is_ok() {}
+        });
+    }
+}
+
+fn answer(
+    i: &mut dyn TInputProtocol,
+    o: &mut dyn TOutputProtocol,
+    id: &str,
+    notes: &AtomicI64,
+) -> thrift::Result<()> {
+    let msg = i.read_message_begin()?;
+    let method = msg.name.rsplit(':').next().unwrap_or("").to_owned();
+    // Read the arguments struct: field 1 as binary (echo, notify) or i32 (sleep).
+    let mut data = Vec::new();
+    let mut ms = 0;
+    i.read_struct_begin()?;
+    loop {
+        let f = i.read_field_begin()?;
+        match (f.field_type, f.id) {
+            (TType::Stop, _) => break,
+            (TType::String, Some(1)) => data = i.read_bytes()?,
+            (TType::I32, Some(1)) => ms = i.read_i32()?,
+            (t, _) => i.skip(t)?,
+        }
+        i.read_field_end()?;
+    }
+    i.read_struct_end()?;
+    i.read_message_end()?;
+    if msg.message_type == TMessageType::OneWay {
+        if method == "notify" {
+            notes.fetch_add(1, Ordering::SeqCst);
+        }
+        return Ok(());
+    }
+    let reply = |o: &mut dyn TOutputProtocol,
+                 field: i16,
+                 write: &dyn Fn(&mut dyn TOutputProtocol) -> thrift::Result<()>,
+                 ty: TType| {
+        o.write_message_begin(&TMessageIdentifier::new(
+            &msg.name,
+            TMessageType::Reply,
+            msg.sequence_number,
+        ))?;
+        o.write_struct_begin(&TStructIdentifier::new("result"))?;
+        o.write_field_begin(&TFieldIdentifier::new("f", ty, field))?;
+        write(o)?;
+        o.write_field_end()?;
+        o.write_field_stop()?;
+        o.write_struct_end()?;
+        o.write_message_end()?;
+        o.flush()
+    };
+    match method.as_str() {
+        "whoami" => reply(o, 0, &|o| o.write_string(id), TType::String),
+        "echo" => reply(o, 0, &|o| o.write_bytes(&data), TType::String),
+        "sleep" => {
+            thread::sleep(Duration::from_millis(ms.max(0) as u64));
+            reply(o, 0, &|o| o.write_string(id), TType::String)
+        }
+        "count" => reply(
+            o,
+            0,
+            &|o| o.write_i64(notes.load(Ordering::SeqCst)),
+            TType::I64,
+        ),
+        "fail" => reply(
+            o,
+            1,
+            &|o| {
+                o.write_struct_begin(&TStructIdentifier::new("Oops"))?;
+                o.write_field_begin(&TFieldIdentifier::new("why", TType::String, 1))?;
+                o.write_string("on purpose")?;
+                o.write_field_end()?;
+                o.write_field_stop()?;
+                o.write_struct_end()
+            },
+            TType::Struct,
+        ),
+        _ => {
+            o.write_message_begin(&TMessageIdentifier::new(
+                &msg.name,
+                TMessageType::Exception,
+                msg.sequence_number,
+            ))?;
+            let e = thrift::ApplicationError::new(
+                thrift::ApplicationErrorKind::UnknownMethod,
+                format!("unknown method {}", msg.name),
+            );
+            thrift::Error::write_application_error_to_out_protocol(&e, o)?;
+            o.write_message_end()?;
+            o.flush()
+        }
+    }
+}
+
+#[derive(Default, Serialize)]
+struct Phase {
+    by_server: BTreeMap<String, u64>,
+    /// Declared exceptions (`fail`).
+    exceptions: u64,
+    /// `TApplicationException` messages, by text.
+    app_errors: Vec<String>,
+    /// Replies to `count`, `echo` sizes.
+    values: Vec<i64>,
+    /// Every reply came back with the sequence id of its request, in order.
+    seq_ok: bool,
+    /// Set when the connection failed.
+    io_error: Option<String>,
+}
+
+struct Options {
+    framed: bool,
+    compact: bool,
+    method: String,
+    calls: usize,
+    size: usize,
+    ms: i32,
+    pipeline: bool,
+    phases: usize,
+}
+
+fn option<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+}
+
+fn call(args: &[String]) {
+    let addr = &args[0];
+    let o = Options {
+        framed: option(args, "--transport") != Some("unframed"),
+        compact: option(args, "--protocol") == Some("compact"),
+        method: option(args, "--method").unwrap_or("whoami").to_owned(),
+        calls: option(args, "--calls").map_or(1, |n| n.parse().expect("--calls N")),
+        size: option(args, "--size").map_or(0, |n| n.parse().expect("--size BYTES")),
+        ms: option(args, "--ms").map_or(0, |n| n.parse().expect("--ms MS")),
+        pipeline: args.iter().any(|a| a == "--pipeline"),
+        phases: option(args, "--phases").map_or(1, |n| n.parse().expect("--phases K")),
+    };
+    let stream = match TcpStream::connect(addr) {
+        Ok(s) => s,
+        Err(e) => {
+            let phase = Phase {
+                io_error: Some(e.to_string()),
+                ..Phase::default()
+            };
+            println!("{}", serde_json::to_string(&phase).expect("json"));
+            return;
+        }
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    stream.set_nodelay(true).expect("nodelay");
+    let (mut i, mut out) = protocols(&stream, o.framed, o.compact);
+    let mut seq = 0i32;
+    for phase in 0..o.phases {
+        if phase > 0 {
+            let mut line = String::new();
+            let _ = std::io::stdin().read_line(&mut line);
+        }
+        let result = run_phase(&mut *i, &mut out, &o, &mut seq);
+        println!("{}", serde_json::to_string(&result).expect("json"));
+        std::io::stdout().flush().expect("stdout");
+    }
+}
+
+fn write_call(o: &mut dyn TOutputProtocol, opts: &Options, seq: i32) -> thrift::Result<()> {
+    let oneway = opts.method.ends_with("notify");
+    let kind = if oneway {
+        TMessageType::OneWay
+    } else {
+        TMessageType::Call
+    };
+    o.write_message_begin(&TMessageIdentifier::new(&opts.method, kind, seq))?;
+    o.write_struct_begin(&TStructIdentifier::new("args"))?;
+    let method = opts.method.rsplit(':').next().unwrap_or("");
+    match method {
+        "echo" | "notify" => {
+            o.write_field_begin(&TFieldIdentifier::new("data", TType::String, 1))?;
+            o.write_bytes(&vec![b'x'; opts.size])?;
+            o.write_field_end()?;
+        }
+        "sleep" => {
+            o.write_field_begin(&TFieldIdentifier::new("ms", TType::I32, 1))?;
+            o.write_i32(opts.ms)?;
+            o.write_field_end()?;
+        }
+        _ => {}
+    }
+    o.write_field_stop()?;
+    o.write_struct_end()?;
+    o.write_message_end()?;
+    o.flush()
+}
+
+fn read_reply(i: &mut dyn TInputProtocol, phase: &mut Phase, want_seq: i32) -> thrift::Result<()> {
+    let msg = i.read_message_begin()?;
+    if msg.sequence_number != want_seq {
+        phase.seq_ok = false;
+    }
+    if msg.message_type == TMessageType::Exception {
+        let e = thrift::Error::read_application_error_from_in_protocol(i)?;
+        i.read_message_end()?;
+        phase.app_errors.push(e.message);
+        return Ok(());
+    }
+    i.read_struct_begin()?;
+    loop {
+        let f = i.read_field_begin()?;
+        match (f.field_type, f.id) {
+            (TType::Stop, _) => break,
+            (TType::String, Some(0)) => {
+                let b = i.read_bytes()?;
+                if b.first() == Some(&b'x') || b.is_empty() {
+                    phase.values.push(b.len() as i64);
+                } else {
+                    *phase
+                        .by_server
+                        .entry(String::from_utf8_lossy(&b).into_owned())
+                        .or_default() += 1;
+                }
+            }
+            (TType::I64, Some(0)) => phase.values.push(i.read_i64()?),
+            (t, Some(id)) if id >= 1 => {
+                phase.exceptions += 1;
+                i.skip(t)?;
+            }
+            (t, _) => i.skip(t)?,
+        }
+        i.read_field_end()?;
+    }
+    i.read_struct_end()?;
+    i.read_message_end()
+}
+
+fn run_phase(i: &mut dyn TInputProtocol, out: &mut Out, o: &Options, seq: &mut i32) -> Phase {
+    let mut phase = Phase {
+        seq_ok: true,
+        ..Phase::default()
+    };
+    let oneway = o.method.ends_with("notify");
+    let first = *seq;
+    let result = (|| -> thrift::Result<()> {
+        if o.pipeline {
+            for k in 0..o.calls {
+                write_call(&mut **out, o, first + k as i32)?;
+            }
+            if !oneway {
+                for k in 0..o.calls {
+                    read_reply(i, &mut phase, first + k as i32)?;
+                }
+            }
+        } else {
+            for k in 0..o.calls {
+                write_call(&mut **out, o, first + k as i32)?;
+                if !oneway {
+                    read_reply(i, &mut phase, first + k as i32)?;
+                }
+            }
+        }
+        Ok(())
+    })();
+    *seq += o.calls as i32;
+    if let Err(e) = result {
+        phase.io_error = Some(e.to_string());
+    }
+    phase
+}

@@ -1,0 +1,431 @@
+//! The Thrift data plane, end to end: a Thrift client in the application Pod (captured with
+//! eBPF) calls a service's virtual IP; the real `tern` routes and balances every request over
+//! Thrift servers in another namespace. Peers are written with the `thrift` crate.
+//!
+//! Virtual IPs: 10.96.0.10:9090 is a `thrift_proxy` listener; 10.96.0.11:9090 a plain
+//! `tcp_proxy` listener that sniffs Thrift (what istiod sends for a Thrift service).
+use std::{path::PathBuf, time::Duration};
+
+use tern_tests::{
+    Calls, Pods, Process, Tern, ThriftClient, admin, eventually, metric, pods, send_raw,
+    thrift_call, thrift_serve, unique,
+};
+
+const SERVICE: &str = "10.96.0.10:9090";
+const SNIFFED: &str = "10.96.0.11:9090";
+const SERVERS: [(&str, &str); 3] = [
+    ("10.66.1.2:9001", "s1"),
+    ("10.66.1.2:9002", "s2"),
+    ("10.66.1.2:9003", "s3"),
+];
+
+/// The configuration with these endpoints in cluster `calc`; `notify`/`count` go to `single`.
+fn config(endpoints: &[&str], extra_cluster: &str) -> String {
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|e| format!("      - {{ address: {e} }}"))
+        .collect();
+    format!(
+        r#"listeners:
+  - address: {SERVICE}
+    filter_chains:
+      - thrift_proxy:
+          routes:
+            - match: {{ method: notify }}
+              route: {{ cluster: single }}
+            - match: {{ method: count }}
+              route: {{ cluster: single }}
+          default_cluster: calc
+  - address: {SNIFFED}
+    filter_chains:
+      - tcp_proxy: {{ cluster: calc, sniff_thrift: true }}
+clusters:
+  - name: calc
+    timeout_ms: 1000
+    outlier_detection: {{ consecutive_errors: 3, base_ejection_ms: 200 }}
+    endpoints:
+{}
+  - name: single
+    endpoints: [ {{ address: 10.66.1.2:9001 }} ]
+{extra_cluster}"#,
+        eps.join("\n")
+    )
+}
+
+/// A running data plane: servers, tern with a config file, and the Pods.
+struct Mesh {
+    p: Pods,
+    tern: Tern,
+    config: PathBuf,
+    _servers: Vec<Process>,
+}
+
+impl Mesh {
+    fn start(config_text: &str, extra_args: &[&str]) -> Self {
+        let p = pods();
+        let servers = SERVERS
+            .iter()
+            .map(|(addr, id)| thrift_serve(&p.srv, addr, id).unwrap())
+            .collect();
+        let config = std::env::temp_dir().join(format!("{}.yaml", unique("config")));
+        std::fs::write(&config, config_text).unwrap();
+        let mut args = vec![
+            "run",
+            "--capture",
+            "ebpf",
+            "--cgroup",
+            p.cgroup.path_str(),
+            "--inbound-ports",
+            "",
+            "--config",
+            config.to_str().unwrap(),
+        ];
+        args.extend(extra_args);
+        let tern = Tern::start(&p.app, Some(&p.cgroup), &args).unwrap();
+        Mesh {
+            p,
+            tern,
+            config,
+            _servers: servers,
+        }
+    }
+
+    fn call(&self, addr: &str, args: &[&str]) -> Calls {
+        thrift_call(&self.p.app, Some(&self.p.cgroup), addr, args)
+    }
+
+    fn reconfigure(&self, text: &str) {
+        let applied = self.tern.log().matches("configuration applied").count();
+        std::fs::write(&self.config, text).unwrap();
+        assert!(
+            eventually(Duration::from_secs(5), || self
+                .tern
+                .log()
+                .matches("configuration applied")
+                .count()
+                > applied),
+            "tern did not apply the new configuration:\n{}",
+            self.tern.log()
+        );
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+const FORMATS: [[&str; 4]; 4] = [
+    ["--transport", "framed", "--protocol", "binary"],
+    ["--transport", "framed", "--protocol", "compact"],
+    ["--transport", "unframed", "--protocol", "binary"],
+    ["--transport", "unframed", "--protocol", "compact"],
+];
+
+fn counts(c: &Calls) -> Vec<(&str, u64)> {
+    c.by_server.iter().map(|(k, v)| (k.as_str(), *v)).collect()
+}
+
+/// One client connection, 300 calls, 3 endpoints: round robin gives each 100, in every
+/// transport and protocol, and through a sniffed plain TCP listener too.
+#[test]
+fn one_connection_is_balanced_per_request() {
+    let all: Vec<&str> = SERVERS.iter().map(|(a, _)| *a).collect();
+    let m = Mesh::start(&config(&all, ""), &[]);
+    for format in FORMATS {
+        let c = m.call(SERVICE, &[&["--calls", "300"], &format[..]].concat());
+        assert_eq!(c.io_error, None, "{format:?}");
+        assert_eq!(
+            counts(&c),
+            [("s1", 100), ("s2", 100), ("s3", 100)],
+            "{format:?}: {c:?}"
+        );
+        assert!(c.seq_ok && c.app_errors.is_empty(), "{format:?}: {c:?}");
+    }
+    let sniffed = m.call(SNIFFED, &["--calls", "300"]);
+    assert_eq!(
+        counts(&sniffed),
+        [("s1", 100), ("s2", 100), ("s3", 100)],
+        "{sniffed:?}"
+    );
+
+    // What the admin server shows.
+    assert_eq!(admin(&m.p.app, "GET", "/ready").trim(), "LIVE");
+    let clusters: serde_json::Value =
+        serde_json::from_str(&admin(&m.p.app, "GET", "/clusters")).unwrap();
+    let calc = clusters["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "calc")
+        .unwrap();
+    for e in calc["endpoints"].as_array().unwrap() {
+        assert_eq!(e["requests"], 500, "{e}");
+        // Five client connections, one sequential client at a time: one upstream connection
+        // per transport and protocol carries them all.
+        assert_eq!(e["connections"], 4, "{e}");
+    }
+    let requests = metric(
+        &m.p.app,
+        "tern_thrift_requests_total{cluster=\"calc\",method=\"whoami\"}",
+    );
+    assert_eq!(requests, 1500.0);
+    let success = metric(
+        &m.p.app,
+        "tern_thrift_replies_total{cluster=\"calc\",result=\"success\"}",
+    );
+    assert_eq!(success, 1500.0);
+    let dump: serde_json::Value =
+        serde_json::from_str(&admin(&m.p.app, "GET", "/config_dump")).unwrap();
+    assert!(
+        dump["version"].as_str().unwrap().starts_with("file-"),
+        "{dump}"
+    );
+    assert!(admin(&m.p.app, "POST", "/logging?level=debug").contains("now debug"));
+}
+
+/// Multiplexed names, one-way calls, declared and application exceptions, 1 MiB and empty
+/// payloads, in every transport and protocol.
+#[test]
+fn every_kind_of_call_arrives() {
+    let all: Vec<&str> = SERVERS.iter().map(|(a, _)| *a).collect();
+    let m = Mesh::start(&config(&all, ""), &[]);
+    let mut notified = 0;
+    for format in FORMATS {
+        let f = &format[..];
+        let mux = m.call(
+            SERVICE,
+            &[&["--method", "Calc:whoami", "--calls", "3"], f].concat(),
+        );
+        assert_eq!(mux.replies(), 3, "{format:?}: {mux:?}");
+        let fail = m.call(SERVICE, &[&["--method", "fail"], f].concat());
+        assert_eq!(
+            (fail.exceptions, fail.app_errors.len()),
+            (1, 0),
+            "{format:?}: {fail:?}"
+        );
+        let unknown = m.call(SERVICE, &[&["--method", "nosuch"], f].concat());
+        assert!(
+            unknown.app_errors[0].contains("unknown method nosuch"),
+            "{format:?}: {unknown:?}"
+        );
+        let large = m.call(
+            SERVICE,
+            &[&["--method", "echo", "--size", "1048576"], f].concat(),
+        );
+        assert_eq!(large.values, [1 << 20], "{format:?}: {large:?}");
+        let empty = m.call(SERVICE, &[&["--method", "echo", "--size", "0"], f].concat());
+        assert_eq!(empty.values, [0], "{format:?}: {empty:?}");
+        let oneway = m.call(
+            SERVICE,
+            &[&["--method", "notify", "--calls", "5"], f].concat(),
+        );
+        assert_eq!(oneway.io_error, None, "{format:?}");
+        notified += 5;
+        let count_seen = |n: i64| {
+            m.call(SERVICE, &[&["--method", "count"], f].concat())
+                .values
+                == [n]
+        };
+        assert!(
+            eventually(Duration::from_secs(3), || count_seen(notified)),
+            "{format:?}: one-way calls lost"
+        );
+    }
+    assert_eq!(
+        metric(
+            &m.p.app,
+            "tern_thrift_replies_total{cluster=\"calc\",result=\"exception\"}"
+        ),
+        4.0
+    );
+    assert_eq!(
+        metric(
+            &m.p.app,
+            "tern_thrift_replies_total{cluster=\"calc\",result=\"error\"}"
+        ),
+        4.0
+    );
+}
+
+/// Removing an endpoint from the configuration moves the traffic of a connection that stays
+/// open; a broken configuration is refused while the last good one keeps serving.
+#[test]
+fn configuration_changes_move_traffic_without_breaking_connections() {
+    let all: Vec<&str> = SERVERS.iter().map(|(a, _)| *a).collect();
+    let m = Mesh::start(&config(&all, ""), &[]);
+    let mut client = ThriftClient::start(
+        &m.p.app,
+        Some(&m.p.cgroup),
+        SERVICE,
+        &["--calls", "300", "--phases", "3"],
+    )
+    .unwrap();
+    assert_eq!(
+        counts(&client.result()),
+        [("s1", 100), ("s2", 100), ("s3", 100)]
+    );
+
+    m.reconfigure(&config(&all[..2], ""));
+    client.next_phase();
+    let after = client.result();
+    assert_eq!(counts(&after), [("s1", 150), ("s2", 150)], "{after:?}");
+    assert!(after.io_error.is_none() && after.seq_ok);
+
+    std::fs::write(
+        &m.config,
+        "clusters: [ { name: calc, lb_policy: sideways } ]",
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(5), || m
+        .tern
+        .log()
+        .contains("configuration refused")));
+    client.next_phase();
+    assert_eq!(
+        counts(&client.result()),
+        [("s1", 150), ("s2", 150)],
+        "the last good configuration serves"
+    );
+    assert_eq!(
+        metric(
+            &m.p.app,
+            "tern_config_updates_total{source=\"file\",result=\"rejected\"}"
+        ),
+        1.0
+    );
+}
+
+/// A dead endpoint costs retries, not failures; with every endpoint dead, calls get
+/// `TApplicationException`s at once instead of hanging.
+#[test]
+fn dead_endpoints_never_hang_the_client() {
+    let m = Mesh::start(&config(&["10.66.1.2:9001", "10.66.1.2:9009"], ""), &[]);
+    let c = m.call(SERVICE, &["--calls", "100"]);
+    assert_eq!(counts(&c), [("s1", 100)], "{c:?}");
+    assert!(
+        c.app_errors.is_empty(),
+        "connect failures are retried: {c:?}"
+    );
+
+    m.reconfigure(&config(&["10.66.1.2:9008", "10.66.1.2:9009"], ""));
+    let started = std::time::Instant::now();
+    let c = m.call(SERVICE, &["--calls", "20"]);
+    assert_eq!(c.app_errors.len(), 20, "{c:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        metric(
+            &m.p.app,
+            "tern_thrift_local_replies_total{cluster=\"calc\",cause=\"no_healthy_upstream\"}"
+        ) + metric(
+            &m.p.app,
+            "tern_thrift_local_replies_total{cluster=\"calc\",cause=\"connect_failure\"}"
+        ) >= 20.0
+    );
+}
+
+/// A slow endpoint hits the request timeout, and the client gets an exception in time.
+#[test]
+fn a_slow_endpoint_hits_the_timeout() {
+    let m = Mesh::start(&config(&["10.66.1.2:9001"], ""), &[]);
+    let started = std::time::Instant::now();
+    let c = m.call(SERVICE, &["--method", "sleep", "--ms", "3000"]);
+    assert_eq!(c.app_errors.len(), 1, "{c:?}");
+    assert!(c.app_errors[0].contains("timeout"), "{c:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "took {:?}",
+        started.elapsed()
+    );
+    let quick = m.call(SERVICE, &["--method", "sleep", "--ms", "10"]);
+    assert_eq!(counts(&quick), [("s1", 1)]);
+}
+
+/// A 10,000-message pipelined burst on one connection arrives complete and in order.
+#[test]
+fn a_pipelined_burst_arrives_complete_and_in_order() {
+    let all: Vec<&str> = SERVERS.iter().map(|(a, _)| *a).collect();
+    let m = Mesh::start(&config(&all, ""), &[]);
+    for format in [FORMATS[0], FORMATS[3]] {
+        let c = m.call(
+            SERVICE,
+            &[&["--calls", "10000", "--pipeline"], &format[..]].concat(),
+        );
+        assert_eq!(c.io_error, None, "{format:?}");
+        assert_eq!(c.replies(), 10_000, "{format:?}: {c:?}");
+        assert!(c.seq_ok, "{format:?}: replies out of order");
+    }
+}
+
+/// Each bound closes only the offending connection, with a counted cause.
+#[test]
+fn malformed_input_closes_only_its_connection() {
+    let m = Mesh::start(
+        &config(&["10.66.1.2:9001"], ""),
+        &["--max-frame-size", "4096", "--max-depth", "4"],
+    );
+    // A binary call header: framed length, version CALL, name "x", seq 1; then a body.
+    let frame = |body: &str| {
+        let msg = format!("80010001000000017800000001{body}");
+        format!("{:08x}{msg}", msg.len() / 2)
+    };
+    let cases = [
+        ("frame_too_large", "0000200080010001".to_owned()),
+        ("negative_length", "ffffff0080010001".to_owned()),
+        ("invalid_type", frame("630001" /* type 99 */)),
+        ("too_deep", frame(&"0c0001".repeat(6))),
+        ("truncated", frame("0b000100000010")[..40].to_owned()),
+    ];
+    let mut client = ThriftClient::start(
+        &m.p.app,
+        Some(&m.p.cgroup),
+        SERVICE,
+        &["--calls", "5", "--phases", "2"],
+    )
+    .unwrap();
+    assert_eq!(client.result().replies(), 5);
+    for (cause, hex) in cases {
+        let r = send_raw(&m.p.app, Some(&m.p.cgroup), SERVICE, &hex);
+        assert_eq!(r["outcome"], "closed", "{cause}: {r}");
+        let sample = format!("tern_thrift_frames_rejected_total{{cause=\"{cause}\"}}");
+        assert!(
+            eventually(Duration::from_secs(2), || metric(&m.p.app, &sample) >= 1.0),
+            "{cause} not counted"
+        );
+    }
+    client.next_phase();
+    let after = client.result();
+    assert_eq!(
+        after.replies(),
+        5,
+        "the well-behaved connection kept working: {after:?}"
+    );
+}
+
+/// `POST /quitquitquit` drains: no new connections, the request in flight finishes, tern exits.
+#[test]
+fn drain_lets_requests_in_flight_finish() {
+    let mut m = Mesh::start(&config(&["10.66.1.2:9001"], ""), &[]);
+    let mut slow = ThriftClient::start(
+        &m.p.app,
+        Some(&m.p.cgroup),
+        SERVICE,
+        &["--method", "sleep", "--ms", "700"],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(admin(&m.p.app, "POST", "/quitquitquit").contains("OK"));
+    let finished = slow.result();
+    assert_eq!(
+        counts(&finished),
+        [("s1", 1)],
+        "the request in flight was answered: {finished:?}"
+    );
+    m.tern.process.terminate().unwrap();
+    assert!(m.tern.log().contains("tern stopped"), "{}", m.tern.log());
+}
