@@ -407,6 +407,21 @@ pub fn thrift_serve(ns: &Netns, addr: &str, id: &str) -> Result<Process> {
     start_server(ns, &bin_dir().join("tern-thriftpeer"), &["serve", addr, id])
 }
 
+/// The Python THeader peer (`tests/python/theader_peer.py`).
+pub fn theader_peer() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("python/theader_peer.py")
+}
+
+/// A THeader Thrift server of Apache Thrift's Python library in a namespace.
+pub fn python_serve(ns: &Netns, addr: &str, id: &str) -> Result<Process> {
+    let script = theader_peer();
+    start_server(
+        ns,
+        Path::new("python3"),
+        &[script.to_str().expect("UTF-8 path"), "serve", addr, id],
+    )
+}
+
 /// Starts a server that prints `ready` once it listens.
 fn start_server(ns: &Netns, program: &Path, args: &[&str]) -> Result<Process> {
     let mut cmd = ns.command(None, program, args);

@@ -13,6 +13,7 @@ use tern_tests::{
 
 const SERVICE: &str = "10.96.0.10:9090";
 const SNIFFED: &str = "10.96.0.11:9090";
+const PYTHON: &str = "10.96.0.12:9090";
 const SERVERS: [(&str, &str); 3] = [
     ("10.66.1.2:9001", "s1"),
     ("10.66.1.2:9002", "s2"),
@@ -39,7 +40,18 @@ fn config(endpoints: &[&str], extra_cluster: &str) -> String {
   - address: {SNIFFED}
     filter_chains:
       - tcp_proxy: {{ cluster: calc, sniff_thrift: true }}
+  - address: {PYTHON}
+    filter_chains:
+      - thrift_proxy:
+          routes:
+            - match: {{ headers: {{ x-version: v2 }} }}
+              route: {{ cluster: py-v2 }}
+          default_cluster: py
 clusters:
+  - name: py
+    endpoints: [ {{ address: 10.66.1.2:9101 }}, {{ address: 10.66.1.2:9102 }} ]
+  - name: py-v2
+    endpoints: [ {{ address: 10.66.1.2:9103 }} ]
   - name: calc
     timeout_ms: 1000
     outlier_detection: {{ consecutive_errors: 3, base_ejection_ms: 200 }}
@@ -428,4 +440,43 @@ fn drain_lets_requests_in_flight_finish() {
     );
     m.tern.process.terminate().unwrap();
     assert!(m.tern.log().contains("tern stopped"), "{}", m.tern.log());
+}
+
+/// THeader, spoken by a second, independent implementation (Apache Thrift's Python library):
+/// info headers route, both sequence ids are rewritten, binary and compact payloads.
+#[test]
+fn theader_clients_of_another_implementation_are_routed_by_header() {
+    let all: Vec<&str> = SERVERS.iter().map(|(a, _)| *a).collect();
+    let m = Mesh::start(&config(&all, ""), &[]);
+    let _py: Vec<Process> = [
+        ("10.66.1.2:9101", "p1"),
+        ("10.66.1.2:9102", "p2"),
+        ("10.66.1.2:9103", "p3"),
+    ]
+    .iter()
+    .map(|(addr, id)| tern_tests::python_serve(&m.p.srv, addr, id).unwrap())
+    .collect();
+    let script = tern_tests::theader_peer();
+    let call = |args: &[&str]| -> serde_json::Value {
+        let out =
+            m.p.app
+                .output(
+                    Some(&m.p.cgroup),
+                    std::path::Path::new("python3"),
+                    &[&[script.to_str().unwrap(), "call", PYTHON], args].concat(),
+                )
+                .unwrap();
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{out:?}: {e}"))
+    };
+    for compact in [&[][..], &["--compact"][..]] {
+        let plain = call(&[&["100"], compact].concat());
+        assert_eq!(
+            plain["by_server"],
+            serde_json::json!({"p1": 50, "p2": 50}),
+            "{plain}"
+        );
+        assert_eq!(plain["seq_ok"], true);
+        let v2 = call(&[&["10", "--header", "x-version=v2"], compact].concat());
+        assert_eq!(v2["by_server"], serde_json::json!({"p3@v2": 10}), "{v2}");
+    }
 }

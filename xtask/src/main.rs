@@ -180,6 +180,17 @@ fn setup() -> Result<()> {
         ]))?;
     }
 
+    let python_thrift = Command::new("python3")
+        .args(["-c", "import thrift.transport.THeaderTransport"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if python_thrift {
+        step("setup: Python thrift (a second Thrift implementation, with THeader) present");
+    } else {
+        step("setup: installing Python thrift from PyPI (the THeader peer of the tests)");
+        status(Command::new("python3").args(["-m", "pip", "install", "--quiet", "thrift"]))?;
+    }
+
     if have("bpf-linker") {
         step("setup: bpf-linker present");
     } else {

@@ -79,6 +79,24 @@ pub enum Target {
 }
 
 impl Target {
+    /// The cluster for one request or connection: weighted clusters pick by weight.
+    pub fn pick(&self) -> &str {
+        match self {
+            Target::Cluster(c) => c,
+            Target::Weighted(w) => {
+                let total: u64 = w.iter().map(|(_, weight)| u64::from(*weight)).sum();
+                let mut r = rand::Rng::random_range(&mut rand::rng(), 0..total.max(1));
+                for (c, weight) in w {
+                    if r < u64::from(*weight) {
+                        return c;
+                    }
+                    r -= u64::from(*weight);
+                }
+                &w[0].0
+            }
+        }
+    }
+
     pub fn clusters(&self) -> Vec<&str> {
         match self {
             Target::Cluster(c) => vec![c.as_str()],

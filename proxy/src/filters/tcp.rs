@@ -4,7 +4,6 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use bytes::BytesMut;
-use rand::Rng;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::debug;
 
@@ -21,21 +20,8 @@ pub async fn proxy(
     direction: Direction,
     ctx: &Ctx,
 ) {
-    let name = match target {
-        Target::Cluster(c) => c.clone(),
-        Target::Weighted(w) => {
-            let total: u64 = w.iter().map(|(_, weight)| u64::from(*weight)).sum();
-            let mut r = rand::rng().random_range(0..total.max(1));
-            w.iter()
-                .find(|(_, weight)| {
-                    let hit = r < u64::from(*weight);
-                    r = r.saturating_sub(u64::from(*weight));
-                    hit
-                })
-                .map_or_else(|| w[0].0.clone(), |(c, _)| c.clone())
-        }
-    };
-    let Some(cluster) = ctx.state.load().clusters.get(&name).cloned() else {
+    let name = target.pick();
+    let Some(cluster) = ctx.state.load().clusters.get(name).cloned() else {
         debug!(cluster = %name, "unknown cluster: closing");
         return;
     };

@@ -21,7 +21,6 @@ use std::{
 use bytes::{Bytes, BytesMut};
 use futures_util::{StreamExt, stream::FuturesOrdered};
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
-use rand::Rng;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -186,7 +185,7 @@ impl Downstream {
                 action: RouteAction::Target(t),
                 timeout,
                 ..
-            }) => (Some(pick_target(t)), *timeout),
+            }) => (Some(t.pick()), *timeout),
             Some(Route {
                 action: RouteAction::ClusterHeader(h),
                 timeout,
@@ -196,7 +195,7 @@ impl Downstream {
                     .and_then(|v| std::str::from_utf8(v).ok()),
                 *timeout,
             ),
-            None => (default.map(pick_target), None),
+            None => (default.map(Target::pick), None),
         };
         let Some(name) = name else {
             return Plan::local(
@@ -281,23 +280,6 @@ fn matches(m: &RouteMatch, msg: &Message) -> bool {
         .iter()
         .all(|(k, v)| msg.header(k.as_bytes()) == Some(v.as_bytes()));
     (method && service && headers) != m.invert
-}
-
-fn pick_target(t: &Target) -> &str {
-    match t {
-        Target::Cluster(c) => c,
-        Target::Weighted(w) => {
-            let total: u64 = w.iter().map(|(_, weight)| u64::from(*weight)).sum();
-            let mut r = rand::rng().random_range(0..total.max(1));
-            for (c, weight) in w {
-                if r < u64::from(*weight) {
-                    return c;
-                }
-                r -= u64::from(*weight);
-            }
-            &w[0].0
-        }
-    }
 }
 
 /// What to do with one request.

@@ -144,45 +144,36 @@ pub fn read_header(c: &mut Cursor<'_>, protocol: Protocol, non_strict: bool) -> 
     match protocol {
         Protocol::Binary => {
             let word = c.i32()?;
-            if word < 0 {
+            // Strict: version and type, then the name. Old non-strict: the name's length
+            // first, the type after the name.
+            let (kind, name_len) = if word < 0 {
                 if (word as u32) & 0xffff_0000 != 0x8001_0000 {
                     return Err(ThriftError::BadVersion(word as u32).into());
                 }
-                let kind = MessageType::from_wire((word & 0xff) as u8)?;
-                let len = c.i32()?;
-                let name_len = c.size(i64::from(len), 1)?;
-                let name_at = c.pos();
-                c.skip(name_len)?;
-                let seq_at = c.pos();
-                let seq_id = c.i32()?;
-                Ok(Header {
-                    kind,
-                    name_at,
-                    name_len,
-                    seq_id,
-                    seq_at,
-                    seq_len: 4,
-                    body_at: c.pos(),
-                })
+                (Some(MessageType::from_wire((word & 0xff) as u8)?), c.i32()?)
             } else if non_strict {
-                let name_len = c.size(i64::from(word), 1)?;
-                let name_at = c.pos();
-                c.skip(name_len)?;
-                let kind = MessageType::from_wire(c.u8()?)?;
-                let seq_at = c.pos();
-                let seq_id = c.i32()?;
-                Ok(Header {
-                    kind,
-                    name_at,
-                    name_len,
-                    seq_id,
-                    seq_at,
-                    seq_len: 4,
-                    body_at: c.pos(),
-                })
+                (None, word)
             } else {
-                Err(ThriftError::BadVersion(word as u32).into())
-            }
+                return Err(ThriftError::BadVersion(word as u32).into());
+            };
+            let name_len = c.size(i64::from(name_len), 1)?;
+            let name_at = c.pos();
+            c.skip(name_len)?;
+            let kind = match kind {
+                Some(k) => k,
+                None => MessageType::from_wire(c.u8()?)?,
+            };
+            let seq_at = c.pos();
+            let seq_id = c.i32()?;
+            Ok(Header {
+                kind,
+                name_at,
+                name_len,
+                seq_id,
+                seq_at,
+                seq_len: 4,
+                body_at: c.pos(),
+            })
         }
         Protocol::Compact => {
             let id = c.u8()?;
