@@ -14,6 +14,7 @@ use tern_tests::{
 const SERVICE: &str = "10.96.0.10:9090";
 const SNIFFED: &str = "10.96.0.11:9090";
 const PYTHON: &str = "10.96.0.12:9090";
+const TIGHT: &str = "10.96.0.13:9090";
 const SERVERS: [(&str, &str); 3] = [
     ("10.66.1.2:9001", "s1"),
     ("10.66.1.2:9002", "s2"),
@@ -46,8 +47,16 @@ fn config(endpoints: &[&str], extra_cluster: &str) -> String {
           routes:
             - match: {{ headers: {{ x-version: v2 }} }}
               route: {{ cluster: py-v2 }}
+            - match: {{ headers: {{ x-pick: yes }} }}
+              route: {{ cluster_header: x-cluster }}
           default_cluster: py
+  - address: {TIGHT}
+    filter_chains:
+      - thrift_proxy: {{ default_cluster: tight }}
 clusters:
+  - name: tight
+    circuit_breakers: {{ max_requests: 1 }}
+    endpoints: [ {{ address: 10.66.1.2:9002 }} ]
   - name: py
     endpoints: [ {{ address: 10.66.1.2:9101 }}, {{ address: 10.66.1.2:9102 }} ]
   - name: py-v2
@@ -478,5 +487,52 @@ fn theader_clients_of_another_implementation_are_routed_by_header() {
         assert_eq!(plain["seq_ok"], true);
         let v2 = call(&[&["10", "--header", "x-version=v2"], compact].concat());
         assert_eq!(v2["by_server"], serde_json::json!({"p3@v2": 10}), "{v2}");
+        let picked = call(
+            &[
+                &["4", "--header", "x-pick=yes", "--header", "x-cluster=py-v2"],
+                compact,
+            ]
+            .concat(),
+        );
+        assert_eq!(
+            picked["by_server"],
+            serde_json::json!({"p3": 4}),
+            "cluster from a header: {picked}"
+        );
     }
+}
+
+/// A cluster's circuit breaker answers the requests over its limit at once, in Thrift.
+#[test]
+fn circuit_breaker_overflow_answers_in_thrift() {
+    let m = Mesh::start(&config(&["10.66.1.2:9001"], ""), &[]);
+    let c = m.call(
+        TIGHT,
+        &[
+            "--method",
+            "sleep",
+            "--ms",
+            "300",
+            "--calls",
+            "3",
+            "--pipeline",
+        ],
+    );
+    assert_eq!(counts(&c), [("s2", 1)], "{c:?}");
+    assert_eq!(c.app_errors.len(), 2, "{c:?}");
+    assert!(
+        c.app_errors.iter().all(|e| e.contains("max_requests")),
+        "{c:?}"
+    );
+    assert!(
+        c.seq_ok,
+        "local replies keep their request's place and sequence id"
+    );
+    assert_eq!(
+        metric(
+            &m.p.app,
+            "tern_thrift_local_replies_total{cluster=\"tight\",cause=\"overflow\"}"
+        ),
+        2.0
+    );
 }
