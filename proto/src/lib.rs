@@ -1,7 +1,29 @@
-//! tern's protobuf boundary: the xDS type URLs tern subscribes to.
+//! tern's protobuf boundary: the Envoy messages tern reads, their type URLs, and decoding
+//! `Any` into them with the type URL checked.
 //!
-//! The xDS issue adds the `envoy-types` re-exports and `Any` decoding here, so that no other
-//! crate depends on generated code directly.
+//! Every other crate names Envoy types through here, so generated code has one entry point
+//! and a change of `envoy-types` version touches one file.
+pub use envoy_types::pb::{
+    envoy::{
+        config::{
+            cluster::v3::Cluster,
+            core::v3::{Address, Node, SocketAddress},
+            endpoint::v3::ClusterLoadAssignment,
+            listener::v3::Listener,
+            route::v3::RouteConfiguration,
+        },
+        extensions::filters::network::{
+            tcp_proxy::v3::TcpProxy,
+            thrift_proxy::v3::RouteConfiguration as ThriftRouteConfiguration,
+            thrift_proxy::v3::ThriftProxy,
+        },
+        service::discovery::v3::{
+            DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+            Resource, aggregated_discovery_service_client, aggregated_discovery_service_server,
+        },
+    },
+    google::{protobuf::Any, rpc::Status},
+};
 
 /// Type URLs of the xDS resources tern reads, as Envoy and istiod spell them.
 pub mod type_url {
@@ -13,18 +35,85 @@ pub mod type_url {
         "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
     pub const THRIFT_ROUTE_CONFIGURATION: &str =
         "type.googleapis.com/envoy.extensions.filters.network.thrift_proxy.v3.RouteConfiguration";
+    pub const TCP_PROXY: &str =
+        "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+    pub const THRIFT_PROXY: &str =
+        "type.googleapis.com/envoy.extensions.filters.network.thrift_proxy.v3.ThriftProxy";
+}
+
+/// Why an `Any` could not be decoded as the type asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("expected a resource of type {expected}, got {actual}")]
+    WrongType {
+        expected: &'static str,
+        actual: String,
+    },
+    #[error("resource of type {type_url} does not decode: {source}")]
+    Invalid {
+        type_url: &'static str,
+        source: prost::DecodeError,
+    },
+}
+
+/// Decodes `any` as `T`, whose type URL is `type_url`.
+pub fn decode<T: prost::Message + Default>(
+    any: &Any,
+    type_url: &'static str,
+) -> Result<T, DecodeError> {
+    if any.type_url != type_url {
+        return Err(DecodeError::WrongType {
+            expected: type_url,
+            actual: any.type_url.clone(),
+        });
+    }
+    T::decode(any.value.as_slice()).map_err(|source| DecodeError::Invalid { type_url, source })
+}
+
+/// Wraps a message as an `Any` of `type_url` (for tests and the test control plane).
+pub fn encode<T: prost::Message>(message: &T, type_url: &str) -> Any {
+    Any {
+        type_url: type_url.to_owned(),
+        value: message.encode_to_vec(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn decoding_checks_the_type_url() {
+        let cluster = Cluster {
+            name: "outbound|9090||calc.default.svc.cluster.local".into(),
+            ..Default::default()
+        };
+        let any = encode(&cluster, type_url::CLUSTER);
+        let back: Cluster = decode(&any, type_url::CLUSTER).unwrap();
+        assert_eq!(back.name, cluster.name);
+        let err = decode::<Listener>(&any, type_url::LISTENER).unwrap_err();
+        assert!(
+            err.to_string().contains("envoy.config.cluster.v3.Cluster"),
+            "{err}"
+        );
+        let garbage = Any {
+            type_url: type_url::CLUSTER.into(),
+            value: vec![0xff, 0xff],
+        };
+        assert!(matches!(
+            decode::<Cluster>(&garbage, type_url::CLUSTER),
+            Err(DecodeError::Invalid { .. })
+        ));
+    }
+
     #[test]
     fn type_urls_share_the_google_prefix() {
         for url in [
-            super::type_url::LISTENER,
-            super::type_url::ROUTE_CONFIGURATION,
-            super::type_url::CLUSTER,
-            super::type_url::CLUSTER_LOAD_ASSIGNMENT,
-            super::type_url::THRIFT_ROUTE_CONFIGURATION,
+            type_url::LISTENER,
+            type_url::ROUTE_CONFIGURATION,
+            type_url::CLUSTER,
+            type_url::CLUSTER_LOAD_ASSIGNMENT,
+            type_url::THRIFT_ROUTE_CONFIGURATION,
         ] {
             assert!(url.starts_with("type.googleapis.com/envoy."), "{url}");
         }

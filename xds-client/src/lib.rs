@@ -1,4 +1,11 @@
-//! tern's xDS client: the Aggregated Discovery Service protocol (state of the world and
-//! delta) over gRPC, handing decoded resources to handlers registered per type URL.
+//! tern's xDS client: the Aggregated Discovery Service protocol, handing resources to a
+//! [`sotw::Handler`] and ACKing or NACKing by what it accepts. It knows Envoy's discovery
+//! protocol and resource names, nothing of the proxy that uses it.
 //!
-//! Empty until the xDS issue: the crate exists now so the workspace layout is fixed.
+//! - [`sotw`]: the state-of-the-world protocol as a transport-free state machine.
+//!
+//! Still to come (the xDS issue): the gRPC stream over `tonic` with reconnection, the delta
+//! protocol, TLS and bearer tokens.
+pub mod sotw;
+
+pub use sotw::{Handler, Interest, Sotw, TypeState};
