@@ -25,6 +25,40 @@ pub use envoy_types::pb::{
     google::{protobuf::Any, rpc::Status},
 };
 
+/// The generated modules behind the types above, for their nested enums and messages.
+pub mod core_types {
+    pub use envoy_types::pb::envoy::config::core::v3::*;
+}
+pub mod listener_types {
+    pub use envoy_types::pb::envoy::config::listener::v3::*;
+}
+pub mod cluster_types {
+    pub use envoy_types::pb::envoy::config::cluster::v3::cluster::*;
+    pub use envoy_types::pb::envoy::config::cluster::v3::{
+        CircuitBreakers, OutlierDetection, circuit_breakers,
+    };
+}
+pub mod endpoint_types {
+    pub use envoy_types::pb::envoy::config::endpoint::v3::*;
+}
+pub mod route_types {
+    pub use envoy_types::pb::envoy::config::route::v3::*;
+}
+pub mod matcher_types {
+    pub use envoy_types::pb::envoy::r#type::matcher::v3::*;
+}
+pub mod tcp_proxy_types {
+    pub use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy::*;
+}
+pub mod thrift_types {
+    pub use envoy_types::pb::envoy::extensions::filters::network::thrift_proxy::v3::*;
+}
+pub mod wkt {
+    pub use envoy_types::pb::google::protobuf::{
+        BoolValue, Duration, Struct, UInt32Value, Value, value::Kind,
+    };
+}
+
 /// Type URLs of the xDS resources tern reads, as Envoy and istiod spell them.
 pub mod type_url {
     pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";

@@ -20,6 +20,8 @@ pub struct Admin {
     pub state: Arc<State>,
     /// Set to true to start draining (`/quitquitquit`).
     pub drain: Arc<watch::Sender<bool>>,
+    /// The xDS client's view, when tern has a control plane.
+    pub xds: Option<watch::Receiver<tern_xds_client::ClientStatus>>,
 }
 
 /// Serves admin requests until the task is dropped.
@@ -91,10 +93,12 @@ fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 .applied_at
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
+            let xds = admin.xds.as_ref().map(|x| x.borrow().clone());
             json_body(&json!({
                 "version": snap.config.version,
                 "applied_at_unix": applied,
                 "config": &*snap.config,
+                "xds": xds,
             }))
         }
         (&Method::GET, "/clusters") => {

@@ -76,6 +76,13 @@ pub struct RunArgs {
     /// when it changes. Without it, every destination is relayed as it is (passthrough).
     #[arg(long, env = "TERN_CONFIG")]
     pub config: Option<PathBuf>,
+    /// The control plane's ADS address (`http://istiod.istio-system:15010`); without it, tern
+    /// runs on the static configuration alone.
+    #[arg(long, env = "XDS_ADDRESS")]
+    pub xds_address: Option<String>,
+    /// Node id sent to the control plane; by default istiod's form, from the Pod environment.
+    #[arg(long, env = "TERN_NODE_ID")]
+    pub node_id: Option<String>,
     /// Admin server address (Envoy's 15000).
     #[arg(long, env = "TERN_ADMIN", default_value = "127.0.0.1:15000")]
     pub admin: std::net::SocketAddr,

@@ -21,3 +21,4 @@ pub mod socket;
 pub mod state;
 pub mod thrift;
 pub mod upstream;
+pub mod xds;

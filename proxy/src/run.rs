@@ -103,7 +103,41 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let state = State::new(Metrics::new(pins));
-    state.apply(config);
+    // With a control plane, tern is ready once its first configuration is warm; the static
+    // configuration is the base it adds to. Without one, the static configuration is all.
+    let xds = args.xds_address.clone().map(|address| {
+        let interception = match args.capture {
+            CaptureMode::Iptables => "REDIRECT",
+            CaptureMode::Ebpf => "EBPF",
+            CaptureMode::None => "NONE",
+        };
+        let node = crate::xds::node::node(args.node_id.as_deref(), interception);
+        info!(%address, node = %node.id, "connecting to the control plane");
+        let engine = tern_xds_client::Sotw::new(
+            node,
+            &[
+                tern_proto::type_url::CLUSTER,
+                tern_proto::type_url::CLUSTER_LOAD_ASSIGNMENT,
+                tern_proto::type_url::LISTENER,
+                tern_proto::type_url::THRIFT_ROUTE_CONFIGURATION,
+            ],
+        );
+        let (status_tx, status_rx) = watch::channel(tern_xds_client::ClientStatus::default());
+        let stream = tern_xds_client::run_sotw(
+            tern_xds_client::StreamConfig {
+                address,
+                initial_backoff: Duration::from_millis(250),
+                max_backoff: Duration::from_secs(15),
+            },
+            engine,
+            crate::xds::handler::XdsHandler::new(state.clone(), config.clone()),
+            status_tx,
+        );
+        (stream, status_rx)
+    });
+    if xds.is_none() || args.config.is_some() {
+        state.apply(config);
+    }
     let (drain_tx, drain_rx) = watch::channel(false);
     let drain_tx = Arc::new(drain_tx);
     let ctx = Arc::new(Ctx {
@@ -130,14 +164,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     info!(addr = %args.admin, "admin server listening");
+    let xds_status = match xds {
+        Some((stream, status)) => {
+            tasks.spawn(stream);
+            Some(status)
+        }
+        None => None,
+    };
     tasks.spawn(admin::serve(
         admin_listener,
         Arc::new(Admin {
             state: state.clone(),
             drain: drain_tx.clone(),
+            xds: xds_status.clone(),
         }),
     ));
-    if let Some(path) = args.config.clone() {
+    // The file is re-read when it changes unless a control plane owns the configuration
+    // (then the file is only the base it adds to).
+    if let (Some(path), None) = (args.config.clone(), &xds_status) {
         tasks.spawn(watch_config(path, state.clone()));
     }
     info!("tern is running");

@@ -2,10 +2,12 @@
 //! [`sotw::Handler`] and ACKing or NACKing by what it accepts. It knows Envoy's discovery
 //! protocol and resource names, nothing of the proxy that uses it.
 //!
-//! - [`sotw`]: the state-of-the-world protocol as a transport-free state machine.
+//! - [`sotw`]: the state-of-the-world protocol as a transport-free state machine;
+//! - [`stream`]: the gRPC stream over `tonic`, with reconnection and resubscription.
 //!
-//! Still to come (the xDS issue): the gRPC stream over `tonic` with reconnection, the delta
-//! protocol, TLS and bearer tokens.
+//! Still to come (the xDS issue): the delta protocol, TLS and bearer tokens.
 pub mod sotw;
+pub mod stream;
 
 pub use sotw::{Handler, Interest, Sotw, TypeState};
+pub use stream::{ClientStatus, StreamConfig, run_sotw};

@@ -59,6 +59,9 @@ pub trait Handler {
 
     /// Which resources of each subscribed type the handler wants now.
     fn interest(&self, type_url: &str) -> Interest;
+
+    /// Called about once a second while a stream is open (for timeouts such as warming).
+    fn tick(&mut self) {}
 }
 
 /// Whether a type's responses carry the whole set (absence means removal).
@@ -102,6 +105,8 @@ pub struct TypeState {
     pub last_error: Option<String>,
     pub acks: u64,
     pub nacks: u64,
+    /// Whether this type was requested on the current stream.
+    requested: bool,
 }
 
 /// A type's resources after a response, and the names it removed.
@@ -136,6 +141,11 @@ impl Sotw {
     /// so a reconnected client does not get what it already has.
     pub fn open_stream(&mut self, handler: &impl Handler) -> Vec<DiscoveryRequest> {
         self.node_sent = false;
+        for s in self.state.values_mut() {
+            s.requested = false;
+            // Nonces belong to a stream; versions are kept so the server can skip what we hold.
+            s.nonce.clear();
+        }
         let types = self.types.clone();
         types
             .into_iter()
@@ -158,6 +168,7 @@ impl Sotw {
         let node = (!self.node_sent).then(|| self.node.clone());
         self.node_sent = true;
         let state = self.state.entry(type_url).or_default();
+        state.requested = true;
         state.subscribed = match interest {
             Interest::Wildcard => None,
             Interest::Names(n) => Some(n.clone()),
@@ -223,12 +234,18 @@ impl Sotw {
         let mut out = Vec::new();
         for t in types {
             let interest = handler.interest(t);
-            let subscribed = self.state.get(t).map(|s| s.subscribed.clone());
+            let state = self.state.get(t);
+            let requested = state.is_some_and(|s| s.requested);
+            // An empty first request would mean "everything": a type nobody wants yet waits.
+            if !requested && interest == Interest::Names(BTreeSet::new()) {
+                continue;
+            }
+            let subscribed = state.map(|s| s.subscribed.clone());
             let current = match &interest {
                 Interest::Wildcard => None,
                 Interest::Names(n) => Some(n.clone()),
             };
-            if subscribed != Some(current) {
+            if !requested || subscribed != Some(current) {
                 // Resources no longer wanted leave at once.
                 if let Some(state) = self.state.get_mut(t) {
                     state.resources.retain(|name, _| interest.wants(name));
@@ -412,7 +429,7 @@ mod tests {
         assert!(out[0].error_detail.is_none());
         assert_eq!(out[1].type_url, type_url::CLUSTER_LOAD_ASSIGNMENT);
         assert_eq!(out[1].resource_names, ["a", "b"]);
-        assert_eq!(out.len(), 2);
+        assert_eq!(out.len(), 2, "nothing for types still unwanted: {out:?}");
     }
 
     #[test]

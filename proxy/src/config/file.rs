@@ -221,6 +221,15 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         source,
     })?;
     let config = convert(file, version_of(text))?;
+    // A file names the header to hash; without one, ring hash and Maglev would pick at random.
+    if let Some(c) = config.clusters.values().find(|c| {
+        matches!(c.lb_policy, LbPolicy::RingHash | LbPolicy::Maglev) && c.hash_header.is_none()
+    }) {
+        return Err(ConfigError::Invalid {
+            what: format!("cluster {}", c.name),
+            why: "ring_hash and maglev need hash_header".into(),
+        });
+    }
     config.validate()?;
     Ok(config)
 }

@@ -1,0 +1,353 @@
+//! A scriptable xDS control plane for tern's tests: a tonic ADS server (state of the world)
+//! over `envoy-types`, serving Istio-shaped resources built from a YAML snapshot file.
+//!
+//! `tern-controlplane ADDR SNAPSHOT.yaml` prints `ready`, then one line per event:
+//! `STREAM`, `SUBSCRIBE <type> version=<v> names=<a,b>`, `ACK <type> <version>`,
+//! `NACK <type> <version> <reason>`. Rewriting the file pushes a new version to every stream.
+//!
+//! ```yaml
+//! version: "1"
+//! services:
+//!   - { name: calc, vip: 10.96.0.10, port: 9090, filter: thrift, endpoints: ["10.66.1.2:9001"] }
+//! broken_listener: false   # add a listener whose address is a hostname (tern must NACK it)
+//! ```
+use std::{collections::HashMap, io::Write, pin::Pin, sync::Arc, time::Duration};
+
+use serde::Deserialize;
+use tern_proto::{
+    Address, Any, Cluster, ClusterLoadAssignment, DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+    DiscoveryRequest, DiscoveryResponse, Listener, SocketAddress, TcpProxy, ThriftProxy,
+    ThriftRouteConfiguration,
+    aggregated_discovery_service_server::{
+        AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+    },
+    cluster_types, core_types, encode, endpoint_types, listener_types, tcp_proxy_types,
+    thrift_types, type_url, wkt,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+
+#[derive(Clone, Debug, Default, Deserialize)]
+struct Snapshot {
+    version: String,
+    #[serde(default)]
+    services: Vec<Service>,
+    #[serde(default)]
+    broken_listener: bool,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+struct Service {
+    name: String,
+    vip: String,
+    port: u32,
+    /// `thrift` (a thrift_proxy filter, as an EnvoyFilter would patch in) or `tcp` (istiod's
+    /// plain tcp_proxy).
+    filter: String,
+    endpoints: Vec<String>,
+}
+
+impl Service {
+    fn cluster(&self) -> String {
+        format!(
+            "outbound|{}||{}.default.svc.cluster.local",
+            self.port, self.name
+        )
+    }
+}
+
+fn say(line: impl AsRef<str>) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", line.as_ref());
+    let _ = out.flush();
+}
+
+fn short(t: &str) -> &str {
+    t.rsplit('.').next().unwrap_or(t)
+}
+
+fn addr(ip: &str, port: u32) -> Address {
+    Address {
+        address: Some(core_types::address::Address::SocketAddress(SocketAddress {
+            address: ip.into(),
+            port_specifier: Some(core_types::socket_address::PortSpecifier::PortValue(port)),
+            ..Default::default()
+        })),
+    }
+}
+
+fn typed(name: &str, any: Any) -> listener_types::Filter {
+    listener_types::Filter {
+        name: name.into(),
+        config_type: Some(listener_types::filter::ConfigType::TypedConfig(any)),
+    }
+}
+
+fn tcp_proxy(cluster: &str) -> listener_types::Filter {
+    let t = TcpProxy {
+        stat_prefix: cluster.into(),
+        cluster_specifier: Some(tcp_proxy_types::ClusterSpecifier::Cluster(cluster.into())),
+        ..Default::default()
+    };
+    typed(
+        "envoy.filters.network.tcp_proxy",
+        encode(&t, type_url::TCP_PROXY),
+    )
+}
+
+fn thrift_proxy(cluster: &str) -> listener_types::Filter {
+    let t = ThriftProxy {
+        stat_prefix: cluster.into(),
+        route_config: Some(ThriftRouteConfiguration {
+            name: cluster.into(),
+            routes: vec![thrift_types::Route {
+                r#match: Some(thrift_types::RouteMatch {
+                    match_specifier: Some(thrift_types::route_match::MatchSpecifier::MethodName(
+                        String::new(),
+                    )),
+                    ..Default::default()
+                }),
+                route: Some(thrift_types::RouteAction {
+                    cluster_specifier: Some(thrift_types::route_action::ClusterSpecifier::Cluster(
+                        cluster.into(),
+                    )),
+                    ..Default::default()
+                }),
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    typed(
+        "envoy.filters.network.thrift_proxy",
+        encode(&t, type_url::THRIFT_PROXY),
+    )
+}
+
+fn chain(filters: Vec<listener_types::Filter>) -> listener_types::FilterChain {
+    listener_types::FilterChain {
+        filters,
+        ..Default::default()
+    }
+}
+
+/// The resources of one type in a snapshot, limited to `names` when given.
+fn resources(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<Any> {
+    let wanted = |n: &str| names.is_empty() || names.iter().any(|x| x == n);
+    match type_url {
+        type_url::LISTENER => {
+            let mut listeners = vec![Listener {
+                name: "virtualOutbound".into(),
+                address: Some(addr("0.0.0.0", 15001)),
+                use_original_dst: Some(wkt::BoolValue { value: true }),
+                default_filter_chain: Some(chain(vec![tcp_proxy("PassthroughCluster")])),
+                ..Default::default()
+            }];
+            for svc in &s.services {
+                let filter = if svc.filter == "thrift" {
+                    thrift_proxy(&svc.cluster())
+                } else {
+                    tcp_proxy(&svc.cluster())
+                };
+                listeners.push(Listener {
+                    name: format!("{}_{}", svc.vip, svc.port),
+                    address: Some(addr(&svc.vip, svc.port)),
+                    filter_chains: vec![chain(vec![filter])],
+                    bind_to_port: Some(wkt::BoolValue { value: false }),
+                    ..Default::default()
+                });
+            }
+            if s.broken_listener {
+                listeners.push(Listener {
+                    name: "broken_9999".into(),
+                    address: Some(addr("calc.default.svc.cluster.local", 9999)),
+                    filter_chains: vec![chain(vec![tcp_proxy("PassthroughCluster")])],
+                    ..Default::default()
+                });
+            }
+            listeners
+                .iter()
+                .map(|l| encode(l, type_url::LISTENER))
+                .collect()
+        }
+        type_url::CLUSTER => {
+            let mut clusters = vec![Cluster {
+                name: "PassthroughCluster".into(),
+                cluster_discovery_type: Some(cluster_types::ClusterDiscoveryType::Type(4)),
+                ..Default::default()
+            }];
+            for svc in &s.services {
+                clusters.push(Cluster {
+                    name: svc.cluster(),
+                    cluster_discovery_type: Some(cluster_types::ClusterDiscoveryType::Type(3)),
+                    eds_cluster_config: Some(cluster_types::EdsClusterConfig {
+                        service_name: svc.cluster(),
+                        ..Default::default()
+                    }),
+                    connect_timeout: Some(wkt::Duration {
+                        seconds: 1,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                });
+            }
+            clusters
+                .iter()
+                .map(|c| encode(c, type_url::CLUSTER))
+                .collect()
+        }
+        type_url::CLUSTER_LOAD_ASSIGNMENT => s
+            .services
+            .iter()
+            .filter(|svc| wanted(&svc.cluster()))
+            .map(|svc| {
+                let lb_endpoints = svc
+                    .endpoints
+                    .iter()
+                    .map(|e| {
+                        let (ip, port) = e.rsplit_once(':').expect("ip:port");
+                        endpoint_types::LbEndpoint {
+                            health_status: 1,
+                            host_identifier: Some(
+                                endpoint_types::lb_endpoint::HostIdentifier::Endpoint(
+                                    endpoint_types::Endpoint {
+                                        address: Some(addr(ip, port.parse().expect("port"))),
+                                        ..Default::default()
+                                    },
+                                ),
+                            ),
+                            ..Default::default()
+                        }
+                    })
+                    .collect();
+                let cla = ClusterLoadAssignment {
+                    cluster_name: svc.cluster(),
+                    endpoints: vec![endpoint_types::LocalityLbEndpoints {
+                        lb_endpoints,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                };
+                encode(&cla, type_url::CLUSTER_LOAD_ASSIGNMENT)
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+struct ControlPlane {
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+}
+
+type Responses<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for ControlPlane {
+    type StreamAggregatedResourcesStream = Responses<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = Responses<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let mut requests = request.into_inner();
+        let mut snapshot = self.snapshot.clone();
+        let (tx, rx) = mpsc::channel(64);
+        say("STREAM");
+        tokio::spawn(async move {
+            let mut subscriptions: HashMap<String, Vec<String>> = HashMap::new();
+            let mut nonce = 0u64;
+            let mut send = |type_url: &str, names: &[String], s: &Snapshot| {
+                nonce += 1;
+                DiscoveryResponse {
+                    version_info: s.version.clone(),
+                    resources: resources(s, type_url, names),
+                    type_url: type_url.to_owned(),
+                    nonce: nonce.to_string(),
+                    ..Default::default()
+                }
+            };
+            loop {
+                tokio::select! {
+                    request = requests.message() => {
+                        let Ok(Some(r)) = request else { break };
+                        let t = r.type_url.clone();
+                        if r.response_nonce.is_empty() {
+                            say(format!("SUBSCRIBE {} version={} names={}", short(&t), r.version_info, r.resource_names.join(",")));
+                        } else if let Some(e) = &r.error_detail {
+                            say(format!("NACK {} {} {}", short(&t), r.version_info, e.message));
+                        } else {
+                            say(format!("ACK {} {}", short(&t), r.version_info));
+                        }
+                        let changed = subscriptions.get(&t) != Some(&r.resource_names);
+                        subscriptions.insert(t.clone(), r.resource_names.clone());
+                        if r.response_nonce.is_empty() || changed {
+                            let s = snapshot.borrow().clone();
+                            if tx.send(Ok(send(&t, &r.resource_names, &s))).await.is_err() { break }
+                        }
+                    }
+                    changed = snapshot.changed() => {
+                        if changed.is_err() { break }
+                        let s = snapshot.borrow().clone();
+                        for (t, names) in &subscriptions {
+                            if tx.send(Ok(send(t, names, &s))).await.is_err() { return }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        Err(Status::unimplemented(
+            "this test control plane serves the state-of-the-world protocol",
+        ))
+    }
+}
+
+fn load(path: &str) -> Option<Snapshot> {
+    let text = std::fs::read_to_string(path).ok()?;
+    match serde_yaml::from_str(&text) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            say(format!("ERROR {path}: {e}"));
+            None
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let addr: std::net::SocketAddr = args[1].parse().expect("ADDR");
+    let path = args[2].clone();
+    let (tx, rx) = watch::channel(Arc::new(load(&path).expect("a valid snapshot file")));
+    tokio::spawn(async move {
+        let mut last = std::fs::read(&path).ok();
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = std::fs::read(&path).ok();
+            if now != last {
+                last = now;
+                if let Some(s) = load(&path) {
+                    say(format!("PUSH {}", s.version));
+                    tx.send_replace(Arc::new(s));
+                }
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+    say("ready");
+    tonic::transport::Server::builder()
+        .add_service(AggregatedDiscoveryServiceServer::new(ControlPlane {
+            snapshot: rx,
+        }))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .await
+        .expect("serve");
+}

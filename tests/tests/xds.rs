@@ -1,0 +1,297 @@
+//! tern as an xDS client, end to end: the test control plane (`tern-controlplane`, a tonic
+//! ADS server) serves Istio-shaped listeners, clusters and endpoints; the real `tern` with eBPF
+//! capture takes its configuration from it, and Thrift clients in the application Pod call
+//! the services' virtual IPs.
+use std::{
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use tern_tests::{
+    Pods, Process, Tern, ThriftClient, admin, bin_dir, eventually, pods, thrift_call, thrift_serve,
+    unique,
+};
+
+const CALC: &str = "10.96.0.20:9090";
+const SNIFFED: &str = "10.96.0.21:9090";
+
+fn snapshot(version: &str, endpoints: &[&str], broken: bool) -> String {
+    let eps = endpoints
+        .iter()
+        .map(|e| format!("\"{e}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"version: "{version}"
+broken_listener: {broken}
+services:
+  - {{ name: calc, vip: 10.96.0.20, port: 9090, filter: thrift, endpoints: [{eps}] }}
+  - {{ name: thrift-plain, vip: 10.96.0.21, port: 9090, filter: tcp, endpoints: [{eps}] }}
+"#
+    )
+}
+
+/// The control plane, its snapshot file and its event log.
+struct ControlPlane {
+    process: Option<Process>,
+    snapshot: PathBuf,
+    log: PathBuf,
+}
+
+impl ControlPlane {
+    fn start(p: &Pods, snapshot: PathBuf) -> Self {
+        let log = std::env::temp_dir().join(format!("{}.log", unique("cp")));
+        let mut cp = ControlPlane {
+            process: None,
+            snapshot,
+            log,
+        };
+        cp.restart(p);
+        cp
+    }
+
+    fn restart(&mut self, p: &Pods) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let mut cmd = p.app.command(
+            None,
+            &bin_dir().join("tern-controlplane"),
+            &["127.0.0.1:15010", self.snapshot.to_str().unwrap()],
+        );
+        cmd.stdout(log).stderr(Stdio::inherit());
+        let before = self.events().matches("ready").count();
+        self.process = Some(Process::spawn(cmd).unwrap());
+        assert!(
+            eventually(Duration::from_secs(5), || self
+                .events()
+                .matches("ready")
+                .count()
+                > before),
+            "control plane did not start"
+        );
+    }
+
+    fn events(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_for(&self, event: &str) -> bool {
+        self.wait_for_within(event, Duration::from_secs(5))
+    }
+
+    fn wait_for_within(&self, event: &str, timeout: Duration) -> bool {
+        eventually(timeout, || {
+            self.events().lines().any(|l| l.starts_with(event))
+        })
+    }
+
+    fn push(&self, text: &str) {
+        std::fs::write(&self.snapshot, text).unwrap();
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- control plane events ---\n{}", self.events());
+        }
+        let _ = std::fs::remove_file(&self.snapshot);
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+struct Mesh {
+    p: Pods,
+    cp: ControlPlane,
+    tern: Tern,
+    _servers: Vec<Process>,
+}
+
+fn mesh() -> Mesh {
+    let p = pods();
+    let servers = [
+        ("10.66.1.2:9001", "s1"),
+        ("10.66.1.2:9002", "s2"),
+        ("10.66.1.2:9003", "s3"),
+    ]
+    .iter()
+    .map(|(a, id)| thrift_serve(&p.srv, a, id).unwrap())
+    .collect();
+    let file = std::env::temp_dir().join(format!("{}.yaml", unique("snapshot")));
+    std::fs::write(
+        &file,
+        snapshot(
+            "1",
+            &["10.66.1.2:9001", "10.66.1.2:9002", "10.66.1.2:9003"],
+            false,
+        ),
+    )
+    .unwrap();
+    let cp = ControlPlane::start(&p, file);
+    let tern = Tern::start(
+        &p.app,
+        Some(&p.cgroup),
+        &[
+            "run",
+            "--capture",
+            "ebpf",
+            "--cgroup",
+            p.cgroup.path_str(),
+            "--inbound-ports",
+            "",
+            "--xds-address",
+            "http://127.0.0.1:15010",
+            "--node-id",
+            "sidecar~10.66.1.1~app-0.default~default.svc.cluster.local",
+        ],
+    )
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || admin(&p.app, "GET", "/ready")
+            .trim()
+            == "LIVE"),
+        "tern never became ready:\n{}",
+        tern.log()
+    );
+    Mesh {
+        p,
+        cp,
+        tern,
+        _servers: servers,
+    }
+}
+
+fn counts(c: &tern_tests::Calls) -> Vec<(&str, u64)> {
+    c.by_server.iter().map(|(k, v)| (k.as_str(), *v)).collect()
+}
+
+/// The first configuration arrives (every type ACKed with its version), `/ready` turns 200,
+/// and calls are balanced per request — through a thrift_proxy listener and through istiod's
+/// plain tcp_proxy, sniffed.
+#[test]
+fn the_first_configuration_arrives_and_traffic_flows() {
+    let m = mesh();
+    for t in ["Listener", "Cluster", "ClusterLoadAssignment"] {
+        assert!(
+            m.cp.wait_for(&format!("ACK {t} 1")),
+            "{t} not ACKed:\n{}",
+            m.cp.events()
+        );
+    }
+    assert!(
+        m.cp.events()
+            .contains("names=outbound|9090||calc.default.svc.cluster.local"),
+        "EDS follows CDS"
+    );
+    for vip in [CALC, SNIFFED] {
+        let c = thrift_call(&m.p.app, Some(&m.p.cgroup), vip, &["--calls", "300"]);
+        assert_eq!(
+            counts(&c),
+            [("s1", 100), ("s2", 100), ("s3", 100)],
+            "{vip}: {c:?}"
+        );
+    }
+    let dump: serde_json::Value =
+        serde_json::from_str(&admin(&m.p.app, "GET", "/config_dump")).unwrap();
+    let lds = &dump["xds"]["types"]["type.googleapis.com/envoy.config.listener.v3.Listener"];
+    assert_eq!(lds["version"], "1", "{dump}");
+    assert_eq!(dump["xds"]["connected"], true);
+}
+
+/// An EDS update adds and removes endpoints; a client's open connection follows within a second.
+#[test]
+fn endpoint_updates_move_traffic_within_a_second() {
+    let m = mesh();
+    let mut client = ThriftClient::start(
+        &m.p.app,
+        Some(&m.p.cgroup),
+        CALC,
+        &["--calls", "300", "--phases", "3"],
+    )
+    .unwrap();
+    assert_eq!(
+        counts(&client.result()),
+        [("s1", 100), ("s2", 100), ("s3", 100)]
+    );
+
+    let pushed = Instant::now();
+    m.cp.push(&snapshot("2", &["10.66.1.2:9001", "10.66.1.2:9002"], false));
+    assert!(
+        m.cp.wait_for("ACK ClusterLoadAssignment 2"),
+        "{}",
+        m.cp.events()
+    );
+    let took = pushed.elapsed();
+    client.next_phase();
+    assert_eq!(counts(&client.result()), [("s1", 150), ("s2", 150)]);
+    assert!(took < Duration::from_secs(1), "the update took {took:?}");
+
+    m.cp.push(&snapshot("3", &["10.66.1.2:9003"], false));
+    assert!(m.cp.wait_for("ACK ClusterLoadAssignment 3"));
+    client.next_phase();
+    assert_eq!(counts(&client.result()), [("s3", 300)]);
+}
+
+/// A resource tern cannot use is NACKed with its reason and the last good version, and
+/// traffic keeps flowing on the configuration before it.
+#[test]
+fn a_bad_resource_is_nacked_while_traffic_keeps_flowing() {
+    let m = mesh();
+    assert!(m.cp.wait_for("ACK Listener 1"));
+    m.cp.push(&snapshot("2", &["10.66.1.2:9001"], true));
+    assert!(
+        m.cp.wait_for("NACK Listener 1 listener broken_9999"),
+        "{}",
+        m.cp.events()
+    );
+    assert!(m.cp.events().contains("is not an IP address"));
+    // The NACKed update carried the endpoints change too; the Listener NACK keeps listeners,
+    // while the accepted endpoints apply: traffic flows, to what is still configured.
+    let c = thrift_call(&m.p.app, Some(&m.p.cgroup), CALC, &["--calls", "30"]);
+    assert_eq!(c.replies(), 30, "{c:?}");
+    let dump: serde_json::Value =
+        serde_json::from_str(&admin(&m.p.app, "GET", "/config_dump")).unwrap();
+    let lds = &dump["xds"]["types"]["type.googleapis.com/envoy.config.listener.v3.Listener"];
+    assert!(
+        lds["last_error"].as_str().unwrap().contains("broken_9999"),
+        "{dump}"
+    );
+    assert_eq!(lds["version"], "1");
+}
+
+/// A control plane that goes away does not interrupt traffic; when it is back, tern
+/// resubscribes with the versions it holds.
+#[test]
+fn a_control_plane_restart_does_not_interrupt_traffic() {
+    let mut m = mesh();
+    assert!(m.cp.wait_for("ACK ClusterLoadAssignment 1"));
+    m.cp.process.take().unwrap().kill();
+    let c = thrift_call(&m.p.app, Some(&m.p.cgroup), CALC, &["--calls", "30"]);
+    assert_eq!(c.replies(), 30, "traffic without a control plane: {c:?}");
+    assert_eq!(admin(&m.p.app, "GET", "/ready").trim(), "LIVE");
+
+    m.cp.restart(&m.p);
+    // tern retries with jittered exponential backoff (capped at 15 s).
+    assert!(
+        m.cp.wait_for_within("SUBSCRIBE Cluster version=1", Duration::from_secs(20)),
+        "resubscribed with the version held:\n{}",
+        m.cp.events()
+    );
+    assert!(eventually(Duration::from_secs(5), || m
+        .cp
+        .events()
+        .matches("STREAM")
+        .count()
+        == 2));
+    let c = thrift_call(&m.p.app, Some(&m.p.cgroup), CALC, &["--calls", "30"]);
+    assert_eq!(c.replies(), 30);
+    assert!(
+        m.tern.log().contains("ADS stream failed"),
+        "{}",
+        m.tern.log()
+    );
+}
