@@ -80,6 +80,9 @@ pub struct RunArgs {
     /// runs on the static configuration alone.
     #[arg(long, env = "XDS_ADDRESS")]
     pub xds_address: Option<String>,
+    /// Use the incremental xDS protocol (`DeltaAggregatedResources`) instead of state of the world.
+    #[arg(long, env = "TERN_XDS_DELTA")]
+    pub xds_delta: bool,
     /// Node id sent to the control plane; by default istiod's form, from the Pod environment.
     #[arg(long, env = "TERN_NODE_ID")]
     pub node_id: Option<String>,

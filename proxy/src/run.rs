@@ -113,17 +113,19 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         };
         let node = crate::xds::node::node(args.node_id.as_deref(), interception);
         info!(%address, node = %node.id, "connecting to the control plane");
-        let engine = tern_xds_client::Sotw::new(
-            node,
-            &[
-                tern_proto::type_url::CLUSTER,
-                tern_proto::type_url::CLUSTER_LOAD_ASSIGNMENT,
-                tern_proto::type_url::LISTENER,
-                tern_proto::type_url::THRIFT_ROUTE_CONFIGURATION,
-            ],
-        );
+        let types = [
+            tern_proto::type_url::CLUSTER,
+            tern_proto::type_url::CLUSTER_LOAD_ASSIGNMENT,
+            tern_proto::type_url::LISTENER,
+            tern_proto::type_url::THRIFT_ROUTE_CONFIGURATION,
+        ];
+        let engine = if args.xds_delta {
+            tern_xds_client::Engine::Delta(tern_xds_client::Delta::new(node, &types))
+        } else {
+            tern_xds_client::Engine::Sotw(tern_xds_client::Sotw::new(node, &types))
+        };
         let (status_tx, status_rx) = watch::channel(tern_xds_client::ClientStatus::default());
-        let stream = tern_xds_client::run_sotw(
+        let stream = tern_xds_client::run(
             tern_xds_client::StreamConfig {
                 address,
                 initial_backoff: Duration::from_millis(250),

@@ -111,7 +111,13 @@ struct Mesh {
     _servers: Vec<Process>,
 }
 
-fn mesh() -> Mesh {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Sotw,
+    Delta,
+}
+
+fn mesh(protocol: Protocol) -> Mesh {
     let p = pods();
     let servers = [
         ("10.66.1.2:9001", "s1"),
@@ -132,24 +138,23 @@ fn mesh() -> Mesh {
     )
     .unwrap();
     let cp = ControlPlane::start(&p, file);
-    let tern = Tern::start(
-        &p.app,
-        Some(&p.cgroup),
-        &[
-            "run",
-            "--capture",
-            "ebpf",
-            "--cgroup",
-            p.cgroup.path_str(),
-            "--inbound-ports",
-            "",
-            "--xds-address",
-            "http://127.0.0.1:15010",
-            "--node-id",
-            "sidecar~10.66.1.1~app-0.default~default.svc.cluster.local",
-        ],
-    )
-    .unwrap();
+    let mut args = vec![
+        "run",
+        "--capture",
+        "ebpf",
+        "--cgroup",
+        p.cgroup.path_str(),
+        "--inbound-ports",
+        "",
+        "--xds-address",
+        "http://127.0.0.1:15010",
+        "--node-id",
+        "sidecar~10.66.1.1~app-0.default~default.svc.cluster.local",
+    ];
+    if protocol == Protocol::Delta {
+        args.push("--xds-delta");
+    }
+    let tern = Tern::start(&p.app, Some(&p.cgroup), &args).unwrap();
     assert!(
         eventually(Duration::from_secs(10), || admin(&p.app, "GET", "/ready")
             .trim()
@@ -172,9 +177,8 @@ fn counts(c: &tern_tests::Calls) -> Vec<(&str, u64)> {
 /// The first configuration arrives (every type ACKed with its version), `/ready` turns 200,
 /// and calls are balanced per request — through a thrift_proxy listener and through istiod's
 /// plain tcp_proxy, sniffed.
-#[test]
-fn the_first_configuration_arrives_and_traffic_flows() {
-    let m = mesh();
+fn the_first_configuration_arrives_and_traffic_flows(protocol: Protocol) {
+    let m = mesh(protocol);
     for t in ["Listener", "Cluster", "ClusterLoadAssignment"] {
         assert!(
             m.cp.wait_for(&format!("ACK {t} 1")),
@@ -203,9 +207,8 @@ fn the_first_configuration_arrives_and_traffic_flows() {
 }
 
 /// An EDS update adds and removes endpoints; a client's open connection follows within a second.
-#[test]
-fn endpoint_updates_move_traffic_within_a_second() {
-    let m = mesh();
+fn endpoint_updates_move_traffic_within_a_second(protocol: Protocol) {
+    let m = mesh(protocol);
     let mut client = ThriftClient::start(
         &m.p.app,
         Some(&m.p.cgroup),
@@ -238,16 +241,16 @@ fn endpoint_updates_move_traffic_within_a_second() {
 
 /// A resource tern cannot use is NACKed with its reason and the last good version, and
 /// traffic keeps flowing on the configuration before it.
-#[test]
-fn a_bad_resource_is_nacked_while_traffic_keeps_flowing() {
-    let m = mesh();
+fn a_bad_resource_is_nacked_while_traffic_keeps_flowing(protocol: Protocol) {
+    let m = mesh(protocol);
     assert!(m.cp.wait_for("ACK Listener 1"));
     m.cp.push(&snapshot("2", &["10.66.1.2:9001"], true));
-    assert!(
-        m.cp.wait_for("NACK Listener 1 listener broken_9999"),
-        "{}",
-        m.cp.events()
-    );
+    // SotW NACKs carry the last good version; the delta log names the refused response's.
+    let nacked = match protocol {
+        Protocol::Sotw => "NACK Listener 1 listener broken_9999",
+        Protocol::Delta => "NACK Listener 2 listener broken_9999",
+    };
+    assert!(m.cp.wait_for(nacked), "{}", m.cp.events());
     assert!(m.cp.events().contains("is not an IP address"));
     // The NACKed update carried the endpoints change too; the Listener NACK keeps listeners,
     // while the accepted endpoints apply: traffic flows, to what is still configured.
@@ -265,9 +268,8 @@ fn a_bad_resource_is_nacked_while_traffic_keeps_flowing() {
 
 /// A control plane that goes away does not interrupt traffic; when it is back, tern
 /// resubscribes with the versions it holds.
-#[test]
-fn a_control_plane_restart_does_not_interrupt_traffic() {
-    let mut m = mesh();
+fn a_control_plane_restart_does_not_interrupt_traffic(protocol: Protocol) {
+    let mut m = mesh(protocol);
     assert!(m.cp.wait_for("ACK ClusterLoadAssignment 1"));
     m.cp.process.take().unwrap().kill();
     let c = thrift_call(&m.p.app, Some(&m.p.cgroup), CALC, &["--calls", "30"]);
@@ -276,17 +278,38 @@ fn a_control_plane_restart_does_not_interrupt_traffic() {
 
     m.cp.restart(&m.p);
     // tern retries with jittered exponential backoff (capped at 15 s).
+    // SotW names the version held per type; delta every resource's (in any order).
+    let resubscribed = |line: &str| match protocol {
+        Protocol::Sotw => line.starts_with("SUBSCRIBE Cluster version=1"),
+        Protocol::Delta => {
+            line.starts_with("SUBSCRIBE Cluster held=") && line.contains("PassthroughCluster@1")
+        }
+    };
     assert!(
-        m.cp.wait_for_within("SUBSCRIBE Cluster version=1", Duration::from_secs(20)),
-        "resubscribed with the version held:\n{}",
+        eventually(Duration::from_secs(20), || m
+            .cp
+            .events()
+            .lines()
+            .any(resubscribed)),
+        "resubscribed with the versions held:\n{}",
         m.cp.events()
     );
+    let streams = if protocol == Protocol::Delta {
+        "STREAM delta"
+    } else {
+        "STREAM\n"
+    };
     assert!(eventually(Duration::from_secs(5), || m
         .cp
         .events()
         .matches("STREAM")
         .count()
         == 2));
+    assert_eq!(
+        m.cp.events().matches(streams).count(),
+        2,
+        "both streams spoke the protocol asked for"
+    );
     let c = thrift_call(&m.p.app, Some(&m.p.cgroup), CALC, &["--calls", "30"]);
     assert_eq!(c.replies(), 30);
     assert!(
@@ -295,3 +318,28 @@ fn a_control_plane_restart_does_not_interrupt_traffic() {
         m.tern.log()
     );
 }
+
+/// Runs each scenario under both protocols: `<scenario>::sotw` and `<scenario>::delta` —
+/// the same results either way.
+macro_rules! under_both_protocols {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            #[test]
+            fn sotw() {
+                super::$scenario(super::Protocol::Sotw);
+            }
+
+            #[test]
+            fn delta() {
+                super::$scenario(super::Protocol::Delta);
+            }
+        }
+    )*};
+}
+
+under_both_protocols!(
+    the_first_configuration_arrives_and_traffic_flows,
+    endpoint_updates_move_traffic_within_a_second,
+    a_bad_resource_is_nacked_while_traffic_keeps_flowing,
+    a_control_plane_restart_does_not_interrupt_traffic,
+);

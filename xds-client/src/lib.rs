@@ -3,11 +3,14 @@
 //! protocol and resource names, nothing of the proxy that uses it.
 //!
 //! - [`sotw`]: the state-of-the-world protocol as a transport-free state machine;
+//! - [`delta`]: the incremental protocol, likewise;
 //! - [`stream`]: the gRPC stream over `tonic`, with reconnection and resubscription.
 //!
-//! Still to come (the xDS issue): the delta protocol, TLS and bearer tokens.
+//! Still to come (the xDS issue): TLS and bearer tokens.
+pub mod delta;
 pub mod sotw;
 pub mod stream;
 
+pub use delta::Delta;
 pub use sotw::{Handler, Interest, Sotw, TypeState};
-pub use stream::{ClientStatus, StreamConfig, run_sotw};
+pub use stream::{ClientStatus, Engine, StreamConfig, run};

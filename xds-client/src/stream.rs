@@ -10,9 +10,12 @@ use serde::Serialize;
 use tern_proto::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use crate::sotw::{Handler, Sotw};
+use crate::{
+    delta::Delta,
+    sotw::{Handler, Sotw, TypeState},
+};
 
 /// Where and how to reach the control plane.
 #[derive(Clone, Debug)]
@@ -44,9 +47,15 @@ pub struct ClientStatus {
     pub types: BTreeMap<String, TypeSummary>,
 }
 
-fn summary(engine: &Sotw) -> BTreeMap<String, TypeSummary> {
-    engine
-        .state()
+/// Which protocol a stream speaks, with its state.
+#[derive(Debug)]
+pub enum Engine {
+    Sotw(Sotw),
+    Delta(Delta),
+}
+
+fn summary(state: &BTreeMap<&'static str, TypeState>) -> BTreeMap<String, TypeSummary> {
+    state
         .iter()
         .map(|(t, s)| {
             let unix = s
@@ -69,10 +78,11 @@ fn summary(engine: &Sotw) -> BTreeMap<String, TypeSummary> {
         .collect()
 }
 
-/// Runs the state-of-the-world ADS stream forever; `status` is updated after every change.
-pub async fn run_sotw<H: Handler + Send>(
+/// Runs the ADS stream forever (state of the world or delta, as `engine` says); `status`
+/// is updated after every change.
+pub async fn run<H: Handler + Send>(
     config: StreamConfig,
-    mut engine: Sotw,
+    mut engine: Engine,
     mut handler: H,
     status: watch::Sender<ClientStatus>,
 ) {
@@ -92,15 +102,12 @@ pub async fn run_sotw<H: Handler + Send>(
         backoff = (backoff * 2).min(config.max_backoff);
         reconnects += 1;
         status.send_modify(|s| s.reconnects = reconnects);
-        if backoff == config.max_backoff {
-            debug!("ADS backoff at its maximum");
-        }
     }
 }
 
 async fn stream_once<H: Handler>(
     config: &StreamConfig,
-    engine: &mut Sotw,
+    engine: &mut Engine,
     handler: &mut H,
     status: &watch::Sender<ClientStatus>,
     reconnects: u64,
@@ -113,22 +120,75 @@ async fn stream_once<H: Handler>(
         .await
         .map_err(|e| format!("connect to {}: {e}", config.address))?;
     let mut client = AggregatedDiscoveryServiceClient::new(channel);
-    let (tx, rx) = mpsc::channel(64);
-    for request in engine.open_stream(handler) {
-        tx.send(request)
+    let opened = |kind: &str| {
+        info!(address = %config.address, reconnects, protocol = kind, "ADS stream open");
+        status.send_modify(|s| {
+            s.address = config.address.clone();
+            s.connected = true;
+        });
+    };
+    match engine {
+        Engine::Sotw(e) => {
+            let (tx, rx) = mpsc::channel(64);
+            for request in e.open_stream(handler) {
+                tx.send(request)
+                    .await
+                    .map_err(|_| "request channel closed")?;
+            }
+            let mut responses = client
+                .stream_aggregated_resources(ReceiverStream::new(rx))
+                .await
+                .map_err(|e| format!("open the ADS stream: {e}"))?
+                .into_inner();
+            opened("sotw");
+            pump(&mut responses, &tx, handler, status, |r, h| {
+                let out = e.on_response(r, h);
+                for req in out
+                    .iter()
+                    .filter_map(|r| r.error_detail.as_ref().map(|d| (&r.type_url, &d.message)))
+                {
+                    warn!(type_url = %req.0, reason = %req.1, "NACK");
+                }
+                (out, summary(e.state()))
+            })
             .await
-            .map_err(|_| "request channel closed")?;
+        }
+        Engine::Delta(e) => {
+            let (tx, rx) = mpsc::channel(64);
+            for request in e.open_stream(handler) {
+                tx.send(request)
+                    .await
+                    .map_err(|_| "request channel closed")?;
+            }
+            let mut responses = client
+                .delta_aggregated_resources(ReceiverStream::new(rx))
+                .await
+                .map_err(|e| format!("open the delta ADS stream: {e}"))?
+                .into_inner();
+            opened("delta");
+            pump(&mut responses, &tx, handler, status, |r, h| {
+                let out = e.on_response(r, h);
+                for req in out
+                    .iter()
+                    .filter_map(|r| r.error_detail.as_ref().map(|d| (&r.type_url, &d.message)))
+                {
+                    warn!(type_url = %req.0, reason = %req.1, "NACK");
+                }
+                (out, summary(e.state()))
+            })
+            .await
+        }
     }
-    let mut responses = client
-        .stream_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .map_err(|e| format!("open the ADS stream: {e}"))?
-        .into_inner();
-    info!(address = %config.address, reconnects, "ADS stream open");
-    status.send_modify(|s| {
-        s.address = config.address.clone();
-        s.connected = true;
-    });
+}
+
+/// Feeds responses to the engine and its requests back, ticking the handler every second.
+async fn pump<H: Handler, Req, Resp>(
+    responses: &mut tonic::Streaming<Resp>,
+    tx: &mpsc::Sender<Req>,
+    handler: &mut H,
+    status: &watch::Sender<ClientStatus>,
+    mut on_response: impl FnMut(Resp, &mut H) -> (Vec<Req>, BTreeMap<String, TypeSummary>),
+) -> Result<(), String> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -136,14 +196,11 @@ async fn stream_once<H: Handler>(
                 let Some(response) = message.map_err(|e| format!("ADS stream: {e}"))? else {
                     return Ok(());
                 };
-                debug!(type_url = %response.type_url, version = %response.version_info, resources = response.resources.len(), "xDS response");
-                for request in engine.on_response(response, handler) {
-                    if let Some(error) = &request.error_detail {
-                        warn!(type_url = %request.type_url, reason = %error.message, "NACK");
-                    }
+                let (requests, types) = on_response(response, handler);
+                for request in requests {
                     tx.send(request).await.map_err(|_| "request channel closed")?;
                 }
-                status.send_modify(|s| s.types = summary(engine));
+                status.send_modify(|s| s.types = types);
             }
             _ = tick.tick() => handler.tick(),
         }

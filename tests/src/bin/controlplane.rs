@@ -1,8 +1,8 @@
 //! A scriptable xDS control plane for tern's tests: a tonic ADS server (state of the world)
 //! over `envoy-types`, serving Istio-shaped resources built from a YAML snapshot file.
 //!
-//! `tern-controlplane ADDR SNAPSHOT.yaml` prints `ready`, then one line per event:
-//! `STREAM`, `SUBSCRIBE <type> version=<v> names=<a,b>`, `ACK <type> <version>`,
+//! `tern-controlplane ADDR SNAPSHOT.yaml` serves both ADS protocols (state of the world and
+//! delta) and prints `ready`, then one line per event: `STREAM` (or `STREAM delta`), `SUBSCRIBE <type> version=<v> names=<a,b>`, `ACK <type> <version>`,
 //! `NACK <type> <version> <reason>`. Rewriting the file pushes a new version to every stream.
 //!
 //! ```yaml
@@ -11,12 +11,18 @@
 //!   - { name: calc, vip: 10.96.0.10, port: 9090, filter: thrift, endpoints: ["10.66.1.2:9001"] }
 //! broken_listener: false   # add a listener whose address is a hostname (tern must NACK it)
 //! ```
-use std::{collections::HashMap, io::Write, pin::Pin, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap},
+    io::Write,
+    pin::Pin,
+    sync::Arc,
+    time::Duration,
+};
 
 use serde::Deserialize;
 use tern_proto::{
     Address, Any, Cluster, ClusterLoadAssignment, DeltaDiscoveryRequest, DeltaDiscoveryResponse,
-    DiscoveryRequest, DiscoveryResponse, Listener, SocketAddress, TcpProxy, ThriftProxy,
+    DiscoveryRequest, DiscoveryResponse, Listener, Resource, SocketAddress, TcpProxy, ThriftProxy,
     ThriftRouteConfiguration,
     aggregated_discovery_service_server::{
         AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
@@ -132,8 +138,8 @@ fn chain(filters: Vec<listener_types::Filter>) -> listener_types::FilterChain {
     }
 }
 
-/// The resources of one type in a snapshot, limited to `names` when given.
-fn resources(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<Any> {
+/// The resources of one type in a snapshot, by name, limited to `names` when given.
+fn resources(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<(String, Any)> {
     let wanted = |n: &str| names.is_empty() || names.iter().any(|x| x == n);
     match type_url {
         type_url::LISTENER => {
@@ -168,7 +174,7 @@ fn resources(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<Any> {
             }
             listeners
                 .iter()
-                .map(|l| encode(l, type_url::LISTENER))
+                .map(|l| (l.name.clone(), encode(l, type_url::LISTENER)))
                 .collect()
         }
         type_url::CLUSTER => {
@@ -194,7 +200,7 @@ fn resources(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<Any> {
             }
             clusters
                 .iter()
-                .map(|c| encode(c, type_url::CLUSTER))
+                .map(|c| (c.name.clone(), encode(c, type_url::CLUSTER)))
                 .collect()
         }
         type_url::CLUSTER_LOAD_ASSIGNMENT => s
@@ -229,7 +235,10 @@ fn resources(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<Any> {
                     }],
                     ..Default::default()
                 };
-                encode(&cla, type_url::CLUSTER_LOAD_ASSIGNMENT)
+                (
+                    svc.cluster(),
+                    encode(&cla, type_url::CLUSTER_LOAD_ASSIGNMENT),
+                )
             })
             .collect(),
         _ => Vec::new(),
@@ -262,7 +271,10 @@ impl AggregatedDiscoveryService for ControlPlane {
                 nonce += 1;
                 DiscoveryResponse {
                     version_info: s.version.clone(),
-                    resources: resources(s, type_url, names),
+                    resources: resources(s, type_url, names)
+                        .into_iter()
+                        .map(|(_, r)| r)
+                        .collect(),
                     type_url: type_url.to_owned(),
                     nonce: nonce.to_string(),
                     ..Default::default()
@@ -302,11 +314,89 @@ impl AggregatedDiscoveryService for ControlPlane {
 
     async fn delta_aggregated_resources(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented(
-            "this test control plane serves the state-of-the-world protocol",
-        ))
+        let mut requests = request.into_inner();
+        let mut snapshot = self.snapshot.clone();
+        let (tx, rx) = mpsc::channel(64);
+        say("STREAM delta");
+        tokio::spawn(async move {
+            // Per type: the names subscribed (empty: wildcard), and the names last sent.
+            let mut subscriptions: HashMap<String, BTreeSet<String>> = HashMap::new();
+            let mut sent: HashMap<String, BTreeSet<String>> = HashMap::new();
+            let mut versions_by_nonce: HashMap<String, String> = HashMap::new();
+            let mut nonce = 0u64;
+            let respond =
+                |t: &str,
+                 s: &Snapshot,
+                 subscribed: &BTreeSet<String>,
+                 sent: &mut BTreeSet<String>,
+                 nonce: &mut u64,
+                 versions_by_nonce: &mut HashMap<String, String>| {
+                    *nonce += 1;
+                    let names: Vec<String> = subscribed.iter().cloned().collect();
+                    let now: Vec<(String, Any)> = resources(s, t, &names);
+                    let present: BTreeSet<String> = now.iter().map(|(n, _)| n.clone()).collect();
+                    let removed = sent.difference(&present).cloned().collect();
+                    *sent = present;
+                    versions_by_nonce.insert(nonce.to_string(), s.version.clone());
+                    DeltaDiscoveryResponse {
+                        system_version_info: s.version.clone(),
+                        type_url: t.to_owned(),
+                        resources: now
+                            .into_iter()
+                            .map(|(name, any)| Resource {
+                                name,
+                                version: s.version.clone(),
+                                resource: Some(any),
+                                ..Default::default()
+                            })
+                            .collect(),
+                        removed_resources: removed,
+                        nonce: nonce.to_string(),
+                        ..Default::default()
+                    }
+                };
+            loop {
+                tokio::select! {
+                    request = requests.message() => {
+                        let Ok(Some(r)) = request else { break };
+                        let t = r.type_url.clone();
+                        if r.response_nonce.is_empty() {
+                            let held: Vec<String> = r.initial_resource_versions.iter().map(|(n, v)| format!("{n}@{v}")).collect();
+                            say(format!("SUBSCRIBE {} held={} names={}", short(&t), held.join(","), r.resource_names_subscribe.join(",")));
+                        } else {
+                            let version = versions_by_nonce.get(&r.response_nonce).cloned().unwrap_or_default();
+                            match &r.error_detail {
+                                Some(e) => say(format!("NACK {} {version} {}", short(&t), e.message)),
+                                None => say(format!("ACK {} {version}", short(&t))),
+                            }
+                        }
+                        let subs = subscriptions.entry(t.clone()).or_default();
+                        let before = subs.clone();
+                        subs.extend(r.resource_names_subscribe.iter().cloned());
+                        for n in &r.resource_names_unsubscribe {
+                            subs.remove(n);
+                        }
+                        if r.response_nonce.is_empty() || *subs != before {
+                            let s = snapshot.borrow().clone();
+                            let subs = subs.clone();
+                            let response = respond(&t, &s, &subs, sent.entry(t.clone()).or_default(), &mut nonce, &mut versions_by_nonce);
+                            if tx.send(Ok(response)).await.is_err() { break }
+                        }
+                    }
+                    changed = snapshot.changed() => {
+                        if changed.is_err() { break }
+                        let s = snapshot.borrow().clone();
+                        for (t, subs) in &subscriptions {
+                            let response = respond(t, &s, subs, sent.entry(t.clone()).or_default(), &mut nonce, &mut versions_by_nonce);
+                            if tx.send(Ok(response)).await.is_err() { return }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
