@@ -31,6 +31,19 @@ pub enum Command {
     Capture(CaptureCommand),
     /// Tell whether this kernel can run tern's eBPF capture (loads and probes every program).
     Check,
+    /// Show the xDS client's view of a running tern: per type, version, nonce, resources, last NACK.
+    #[command(subcommand)]
+    Xds(XdsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum XdsCommand {
+    /// What the running tern holds from its control plane (read from its admin server).
+    Status {
+        /// The admin server of the tern to ask.
+        #[arg(long, env = "TERN_ADMIN", default_value = "127.0.0.1:15000")]
+        admin: std::net::SocketAddr,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -222,6 +235,10 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 print_status(&all);
             }
         }
+        Command::Xds(XdsCommand::Status { admin }) => {
+            let dump = fetch_config_dump(admin)?;
+            print!("{}", format_xds_status(&dump));
+        }
         Command::Check => {
             let findings = capture::check::run();
             for f in &findings {
@@ -238,6 +255,65 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// GETs `/config_dump` from a tern admin server (a one-request HTTP/1.0 exchange).
+fn fetch_config_dump(admin: std::net::SocketAddr) -> anyhow::Result<serde_json::Value> {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&admin, std::time::Duration::from_secs(3))
+            .with_context(|| format!("connect to the admin server at {admin}"))?;
+    stream.write_all(b"GET /config_dump HTTP/1.0\r\nHost: tern\r\n\r\n")?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .with_context(|| format!("read /config_dump from {admin}"))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .with_context(|| format!("malformed HTTP response from {admin}"))?;
+    serde_json::from_str(body).with_context(|| format!("/config_dump from {admin} is not JSON"))
+}
+
+/// The xDS part of a `/config_dump`, as a table.
+fn format_xds_status(dump: &serde_json::Value) -> String {
+    let xds = &dump["xds"];
+    if xds.is_null() {
+        return format!(
+            "no control plane: configuration {} from a file\n",
+            dump["version"]
+        );
+    }
+    let mut out = format!(
+        "control plane {}  {}  reconnects {}\nconfiguration in force: {}\n",
+        xds["address"].as_str().unwrap_or("?"),
+        if xds["connected"] == true {
+            "CONNECTED"
+        } else {
+            "DISCONNECTED"
+        },
+        xds["reconnects"],
+        dump["version"].as_str().unwrap_or("?"),
+    );
+    out += &format!(
+        "{:<24} {:<10} {:<8} {:>9} {:>6} {:>6}  last error\n",
+        "type", "version", "nonce", "resources", "acks", "nacks"
+    );
+    if let Some(types) = xds["types"].as_object() {
+        for (t, s) in types {
+            out += &format!(
+                "{:<24} {:<10} {:<8} {:>9} {:>6} {:>6}  {}\n",
+                t.rsplit('.').next().unwrap_or(t),
+                s["version"].as_str().unwrap_or(""),
+                s["nonce"].as_str().unwrap_or(""),
+                s["resources"].as_array().map_or(0, Vec::len),
+                s["acks"],
+                s["nacks"],
+                s["last_error"].as_str().unwrap_or("-"),
+            );
+        }
+    }
+    out
 }
 
 fn print_status(all: &[ebpf::CaptureStatus]) {
@@ -280,6 +356,29 @@ mod tests {
         assert_eq!(parse_mark("0x539").unwrap(), 1337);
         assert_eq!(parse_mark("1337").unwrap(), 1337);
         assert!(parse_mark("0xzz").unwrap_err().contains("0xzz"));
+    }
+
+    #[test]
+    fn xds_status_is_a_table_of_types() {
+        let dump = serde_json::json!({
+            "version": "xds-3",
+            "xds": {
+                "address": "http://127.0.0.1:15010", "connected": true, "reconnects": 1,
+                "types": { "type.googleapis.com/envoy.config.cluster.v3.Cluster": {
+                    "version": "7", "nonce": "12", "resources": ["a", "b"], "acks": 3, "nacks": 1,
+                    "last_error": "cluster b: lb_policy 7 is not supported" } }
+            }
+        });
+        let table = format_xds_status(&dump);
+        assert!(
+            table.contains("CONNECTED") && table.contains("xds-3"),
+            "{table}"
+        );
+        let row = table.lines().find(|l| l.starts_with("Cluster")).unwrap();
+        assert!(
+            row.contains(" 7 ") && row.contains(" 2 ") && row.contains("lb_policy 7"),
+            "{row}"
+        );
     }
 
     #[test]

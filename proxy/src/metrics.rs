@@ -53,7 +53,9 @@ pub struct CauseLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConfigLabels {
+    /// `file`, or the xDS resource type (`Listener`, `Cluster`, `ClusterLoadAssignment`, …).
     pub source: &'static str,
+    /// `applied` or `rejected` (an xDS NACK).
     pub result: &'static str,
 }
 
@@ -72,6 +74,8 @@ pub struct Metrics {
     pub upstream_connections_active: Family<ClusterLabel, Gauge>,
     pub frames_rejected: Family<CauseLabel, Counter>,
     pub config_updates: Family<ConfigLabels, Counter>,
+    pub xds_connected: Gauge,
+    pub xds_reconnects: Counter,
 }
 
 impl Metrics {
@@ -146,11 +150,25 @@ impl Metrics {
         let config_updates = Family::default();
         registry.register(
             "config_updates",
-            "Configuration updates by source and result (applied, rejected)",
+            "Configuration updates by source (file, or xDS type) and result (applied, rejected)",
             config_updates.clone(),
+        );
+        let xds_connected = Gauge::default();
+        registry.register(
+            "xds_connected",
+            "1 while the ADS stream to the control plane is open",
+            xds_connected.clone(),
+        );
+        let xds_reconnects = Counter::default();
+        registry.register(
+            "xds_reconnects",
+            "Times the ADS stream was reopened",
+            xds_reconnects.clone(),
         );
         Arc::new(Self {
             registry,
+            xds_connected,
+            xds_reconnects,
             requests,
             replies,
             local_replies,

@@ -169,6 +169,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let xds_status = match xds {
         Some((stream, status)) => {
             tasks.spawn(stream);
+            tasks.spawn(export_xds_state(status.clone(), state.clone()));
             Some(status)
         }
         None => None,
@@ -248,6 +249,26 @@ async fn watch_config(path: PathBuf, state: Arc<State>) {
                 count("rejected");
             }
         }
+    }
+}
+
+/// Mirrors the xDS client's connection state into metrics.
+async fn export_xds_state(
+    mut status: watch::Receiver<tern_xds_client::ClientStatus>,
+    state: Arc<State>,
+) {
+    let mut reconnects = 0;
+    while status.changed().await.is_ok() {
+        let (connected, now) = {
+            let s = status.borrow();
+            (s.connected, s.reconnects)
+        };
+        state.metrics.xds_connected.set(i64::from(connected));
+        state
+            .metrics
+            .xds_reconnects
+            .inc_by(now.saturating_sub(reconnects));
+        reconnects = now;
     }
 }
 

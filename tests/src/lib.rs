@@ -451,6 +451,8 @@ pub struct Calls {
     pub values: Vec<i64>,
     pub seq_ok: bool,
     pub io_error: Option<String>,
+    /// The slowest call, in milliseconds.
+    pub max_ms: u64,
 }
 
 impl Calls {

@@ -34,14 +34,18 @@ impl XdsHandler {
         }
     }
 
-    fn count(&self, result: &'static str) {
+    fn count(&self, type_url: &str, result: &'static str) {
+        let source = match type_url {
+            type_url::LISTENER => "Listener",
+            type_url::CLUSTER => "Cluster",
+            type_url::CLUSTER_LOAD_ASSIGNMENT => "ClusterLoadAssignment",
+            type_url::THRIFT_ROUTE_CONFIGURATION => "ThriftRouteConfiguration",
+            _ => "other",
+        };
         self.state
             .metrics
             .config_updates
-            .get_or_create(&ConfigLabels {
-                source: "xds",
-                result,
-            })
+            .get_or_create(&ConfigLabels { source, result })
             .inc();
     }
 
@@ -114,13 +118,13 @@ impl Handler for XdsHandler {
             Ok(c) => c,
             Err(e) => {
                 warn!(type_url, error = %e, "xDS update refused; the last good configuration keeps serving");
-                self.count("rejected");
+                self.count(type_url, "rejected");
                 return Err(e);
             }
         };
         self.updates += 1;
         self.resources = next;
-        self.count("applied");
+        self.count(type_url, "applied");
         let config = self.merged(xds);
         if self.resources.warm() {
             self.publish(config);

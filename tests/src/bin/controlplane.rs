@@ -10,6 +10,7 @@
 //! services:
 //!   - { name: calc, vip: 10.96.0.10, port: 9090, filter: thrift, endpoints: ["10.66.1.2:9001"] }
 //! broken_listener: false   # add a listener whose address is a hostname (tern must NACK it)
+//! bulk: 0                   # add this many generated services (10 endpoints each)
 //! ```
 use std::{
     collections::{BTreeSet, HashMap},
@@ -41,6 +42,28 @@ struct Snapshot {
     services: Vec<Service>,
     #[serde(default)]
     broken_listener: bool,
+    /// Extra services (10 endpoints each) to make a large snapshot.
+    #[serde(default)]
+    bulk: usize,
+}
+
+impl Snapshot {
+    /// The services, with `bulk` generated ones after those listed.
+    fn all_services(&self) -> Vec<Service> {
+        let mut all = self.services.clone();
+        all.extend((0..self.bulk).map(|i| {
+            Service {
+                name: format!("bulk-{i}"),
+                vip: format!("10.97.{}.{}", i / 256, i % 256),
+                port: 9090,
+                filter: "tcp".into(),
+                endpoints: (0..10)
+                    .map(|e| format!("10.200.{}.{}:{}", i / 256, i % 256, 9000 + e))
+                    .collect(),
+            }
+        }));
+        all
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -150,7 +173,7 @@ fn resources(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<(String, Any
                 default_filter_chain: Some(chain(vec![tcp_proxy("PassthroughCluster")])),
                 ..Default::default()
             }];
-            for svc in &s.services {
+            for svc in &s.all_services() {
                 let filter = if svc.filter == "thrift" {
                     thrift_proxy(&svc.cluster())
                 } else {
@@ -183,7 +206,7 @@ fn resources(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<(String, Any
                 cluster_discovery_type: Some(cluster_types::ClusterDiscoveryType::Type(4)),
                 ..Default::default()
             }];
-            for svc in &s.services {
+            for svc in &s.all_services() {
                 clusters.push(Cluster {
                     name: svc.cluster(),
                     cluster_discovery_type: Some(cluster_types::ClusterDiscoveryType::Type(3)),
@@ -204,7 +227,7 @@ fn resources(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<(String, Any
                 .collect()
         }
         type_url::CLUSTER_LOAD_ASSIGNMENT => s
-            .services
+            .all_services()
             .iter()
             .filter(|svc| wanted(&svc.cluster()))
             .map(|svc| {

@@ -221,6 +221,8 @@ struct Phase {
     seq_ok: bool,
     /// Set when the connection failed.
     io_error: Option<String>,
+    /// The slowest call, in milliseconds (calls made one at a time).
+    max_ms: u64,
 }
 
 struct Options {
@@ -369,10 +371,12 @@ fn run_phase(i: &mut dyn TInputProtocol, out: &mut Out, o: &Options, seq: &mut i
             }
         } else {
             for k in 0..o.calls {
+                let started = std::time::Instant::now();
                 write_call(&mut **out, o, first + k as i32)?;
                 if !oneway {
                     read_reply(i, &mut phase, first + k as i32)?;
                 }
+                phase.max_ms = phase.max_ms.max(started.elapsed().as_millis() as u64);
             }
         }
         Ok(())
