@@ -25,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy, optionally attaching capture for the time it runs.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Attach, detach or inspect capture on its own (e.g. from an init container).
     #[command(subcommand)]
     Capture(CaptureCommand),
@@ -93,6 +93,22 @@ pub struct RunArgs {
     /// runs on the static configuration alone.
     #[arg(long, env = "XDS_ADDRESS")]
     pub xds_address: Option<String>,
+    /// PEM CA the control plane's certificate must chain to (for an `https` xDS address).
+    #[arg(long, env = "XDS_ROOT_CA")]
+    pub xds_ca: Option<PathBuf>,
+    /// PEM certificate to present to the control plane (with --xds-client-key).
+    #[arg(long, env = "TERN_XDS_CLIENT_CERT", requires = "xds_client_key")]
+    pub xds_client_cert: Option<PathBuf>,
+    /// PEM key of --xds-client-cert.
+    #[arg(long, env = "TERN_XDS_CLIENT_KEY", requires = "xds_client_cert")]
+    pub xds_client_key: Option<PathBuf>,
+    /// Name to verify the control plane's certificate against (default: the address's host).
+    #[arg(long, env = "TERN_XDS_SERVER_NAME")]
+    pub xds_server_name: Option<String>,
+    /// File with a bearer token for the control plane (istiod expects the Pod's service
+    /// account token); read again at every connection.
+    #[arg(long, env = "TERN_XDS_TOKEN_FILE")]
+    pub xds_token_file: Option<PathBuf>,
     /// Use the incremental xDS protocol (`DeltaAggregatedResources`) instead of state of the world.
     #[arg(long, env = "TERN_XDS_DELTA")]
     pub xds_delta: bool,
@@ -206,7 +222,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("start the tokio runtime")?;
-            runtime.block_on(crate::run::run(args))?;
+            runtime.block_on(crate::run::run(*args))?;
         }
         Command::Capture(CaptureCommand::Attach(args)) => {
             let cgroup = args.cgroup()?;

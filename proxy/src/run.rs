@@ -105,38 +105,55 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let state = State::new(Metrics::new(pins));
     // With a control plane, tern is ready once its first configuration is warm; the static
     // configuration is the base it adds to. Without one, the static configuration is all.
-    let xds = args.xds_address.clone().map(|address| {
-        let interception = match args.capture {
-            CaptureMode::Iptables => "REDIRECT",
-            CaptureMode::Ebpf => "EBPF",
-            CaptureMode::None => "NONE",
-        };
-        let node = crate::xds::node::node(args.node_id.as_deref(), interception);
-        info!(%address, node = %node.id, "connecting to the control plane");
-        let types = [
-            tern_proto::type_url::CLUSTER,
-            tern_proto::type_url::CLUSTER_LOAD_ASSIGNMENT,
-            tern_proto::type_url::LISTENER,
-            tern_proto::type_url::THRIFT_ROUTE_CONFIGURATION,
-        ];
-        let engine = if args.xds_delta {
-            tern_xds_client::Engine::Delta(tern_xds_client::Delta::new(node, &types))
-        } else {
-            tern_xds_client::Engine::Sotw(tern_xds_client::Sotw::new(node, &types))
-        };
-        let (status_tx, status_rx) = watch::channel(tern_xds_client::ClientStatus::default());
-        let stream = tern_xds_client::run(
-            tern_xds_client::StreamConfig {
-                address,
-                initial_backoff: Duration::from_millis(250),
-                max_backoff: Duration::from_secs(15),
-            },
-            engine,
-            crate::xds::handler::XdsHandler::new(state.clone(), config.clone()),
-            status_tx,
-        );
-        (stream, status_rx)
-    });
+    let xds = args
+        .xds_address
+        .clone()
+        .map(|address| -> anyhow::Result<_> {
+            let interception = match args.capture {
+                CaptureMode::Iptables => "REDIRECT",
+                CaptureMode::Ebpf => "EBPF",
+                CaptureMode::None => "NONE",
+            };
+            let node = crate::xds::node::node(args.node_id.as_deref(), interception);
+            info!(%address, node = %node.id, "connecting to the control plane");
+            let types = [
+                tern_proto::type_url::CLUSTER,
+                tern_proto::type_url::CLUSTER_LOAD_ASSIGNMENT,
+                tern_proto::type_url::LISTENER,
+                tern_proto::type_url::THRIFT_ROUTE_CONFIGURATION,
+            ];
+            let engine = if args.xds_delta {
+                tern_xds_client::Engine::Delta(tern_xds_client::Delta::new(node, &types))
+            } else {
+                tern_xds_client::Engine::Sotw(tern_xds_client::Sotw::new(node, &types))
+            };
+            let (status_tx, status_rx) = watch::channel(tern_xds_client::ClientStatus::default());
+            let stream = tern_xds_client::run(
+                tern_xds_client::StreamConfig {
+                    tls: match (&args.xds_ca, address.starts_with("https://")) {
+                        (Some(ca), _) => Some(tern_xds_client::TlsFiles {
+                            ca: ca.clone(),
+                            client_cert: args
+                                .xds_client_cert
+                                .clone()
+                                .zip(args.xds_client_key.clone()),
+                            server_name: args.xds_server_name.clone(),
+                        }),
+                        (None, true) => anyhow::bail!("an https xDS address needs --xds-ca"),
+                        (None, false) => None,
+                    },
+                    token_file: args.xds_token_file.clone(),
+                    address,
+                    initial_backoff: Duration::from_millis(250),
+                    max_backoff: Duration::from_secs(15),
+                },
+                engine,
+                crate::xds::handler::XdsHandler::new(state.clone(), config.clone()),
+                status_tx,
+            );
+            Ok((stream, status_rx))
+        });
+    let xds = xds.transpose()?;
     if xds.is_none() || args.config.is_some() {
         state.apply(config);
     }

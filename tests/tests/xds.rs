@@ -42,15 +42,24 @@ struct ControlPlane {
     process: Option<Process>,
     snapshot: PathBuf,
     log: PathBuf,
+    args: Vec<String>,
 }
 
 impl ControlPlane {
     fn start(p: &Pods, snapshot: PathBuf) -> Self {
+        Self::start_with(p, snapshot, "127.0.0.1:15010", Vec::new())
+    }
+
+    /// A control plane on `addr` with extra arguments (`--tls CERT KEY`, `--token FILE`).
+    fn start_with(p: &Pods, snapshot: PathBuf, addr: &str, extra: Vec<String>) -> Self {
         let log = std::env::temp_dir().join(format!("{}.log", unique("cp")));
+        let mut args = vec![addr.to_owned(), snapshot.to_str().unwrap().to_owned()];
+        args.extend(extra);
         let mut cp = ControlPlane {
             process: None,
             snapshot,
             log,
+            args,
         };
         cp.restart(p);
         cp
@@ -62,11 +71,10 @@ impl ControlPlane {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut cmd = p.app.command(
-            None,
-            &bin_dir().join("tern-controlplane"),
-            &["127.0.0.1:15010", self.snapshot.to_str().unwrap()],
-        );
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let mut cmd = p
+            .app
+            .command(None, &bin_dir().join("tern-controlplane"), &args);
         cmd.stdout(log).stderr(Stdio::inherit());
         let before = self.events().matches("ready").count();
         self.process = Some(Process::spawn(cmd).unwrap());
@@ -414,3 +422,103 @@ under_both_protocols!(
     a_control_plane_restart_does_not_interrupt_traffic,
     a_large_snapshot_applies_without_stalling_traffic,
 );
+
+/// xDS over TLS, as istiod serves it on 15012: the control plane's certificate is checked
+/// against the given CA and name, and a bearer token from a file goes with every stream;
+/// a token the control plane refuses keeps tern on its last configuration.
+#[test]
+fn xds_over_tls_with_a_bearer_token() {
+    let p = pods();
+    let dir = std::env::temp_dir().join(unique("xds-tls"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["istiod.istio-system.svc".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let (ca_pem, cert_pem, key_pem) = (
+        file("ca.pem", &ca.pem()),
+        file("cert.pem", &cert.pem()),
+        file("key.pem", &key.serialize_pem()),
+    );
+    let token = file("token", "service-account-jwt\n");
+    let cp_token = file("cp-token", "service-account-jwt");
+
+    let _servers: Vec<Process> = [("10.66.1.2:9001", "s1"), ("10.66.1.2:9002", "s2")]
+        .iter()
+        .map(|(a, id)| thrift_serve(&p.srv, a, id).unwrap())
+        .collect();
+    let snap = dir.join("snapshot.yaml");
+    std::fs::write(
+        &snap,
+        snapshot("1", &["10.66.1.2:9001", "10.66.1.2:9002"], false),
+    )
+    .unwrap();
+    let mut cp = ControlPlane::start_with(
+        &p,
+        snap,
+        "127.0.0.1:15012",
+        vec![
+            "--tls".into(),
+            cert_pem,
+            key_pem,
+            "--token".into(),
+            cp_token,
+        ],
+    );
+    let tern = Tern::start(
+        &p.app,
+        Some(&p.cgroup),
+        &[
+            "run",
+            "--capture",
+            "ebpf",
+            "--cgroup",
+            p.cgroup.path_str(),
+            "--inbound-ports",
+            "",
+            "--xds-address",
+            "https://127.0.0.1:15012",
+            "--xds-ca",
+            &ca_pem,
+            "--xds-server-name",
+            "istiod.istio-system.svc",
+            "--xds-token-file",
+            &token,
+        ],
+    )
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || admin(&p.app, "GET", "/ready")
+            .trim()
+            == "LIVE"),
+        "not ready over TLS:\n{}\n{}",
+        tern.log(),
+        cp.events()
+    );
+    let c = thrift_call(&p.app, Some(&p.cgroup), CALC, &["--calls", "20"]);
+    assert_eq!(counts(&c), [("s1", 10), ("s2", 10)]);
+
+    // A rotated token the control plane does not accept: refused, and traffic goes on.
+    std::fs::write(&token, "stolen").unwrap();
+    cp.process.take().unwrap().kill();
+    cp.restart(&p);
+    assert!(
+        cp.wait_for_within("REJECT Bearer stolen", Duration::from_secs(20)),
+        "{}",
+        cp.events()
+    );
+    let c = thrift_call(&p.app, Some(&p.cgroup), CALC, &["--calls", "20"]);
+    assert_eq!(c.replies(), 20);
+    drop(cp);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -6,11 +6,12 @@
 //! - [`delta`]: the incremental protocol, likewise;
 //! - [`stream`]: the gRPC stream over `tonic`, with reconnection and resubscription.
 //!
-//! Still to come (the xDS issue): TLS and bearer tokens.
+//! TLS (`https` addresses: CA, optional client certificate) and a bearer token from a file
+//! are read again at every connection, so rotated credentials are picked up.
 pub mod delta;
 pub mod sotw;
 pub mod stream;
 
 pub use delta::Delta;
 pub use sotw::{Handler, Interest, Sotw, TypeState};
-pub use stream::{ClientStatus, Engine, StreamConfig, run};
+pub use stream::{ClientStatus, Engine, StreamConfig, TlsFiles, run};

@@ -3,13 +3,21 @@
 //! On a broken or refused stream the client keeps what it holds (the handler's last good
 //! configuration keeps serving), waits a jittered, exponentially growing delay, reconnects
 //! and resubscribes with the versions it holds, as Envoy does.
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use rand::Rng;
 use serde::Serialize;
 use tern_proto::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    transport::{Certificate, ClientTlsConfig, Identity},
+};
 use tracing::{info, warn};
 
 use crate::{
@@ -20,10 +28,56 @@ use crate::{
 /// Where and how to reach the control plane.
 #[derive(Clone, Debug)]
 pub struct StreamConfig {
-    /// `http://host:port` (plaintext gRPC, istiod's 15010).
+    /// `http://host:port` (plaintext gRPC, istiod's 15010) or `https://host:port` (TLS, 15012).
     pub address: String,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// TLS settings for an `https` address.
+    pub tls: Option<TlsFiles>,
+    /// A file holding a bearer token sent as `authorization: Bearer …` (istiod's JWT).
+    pub token_file: Option<PathBuf>,
+}
+
+/// Files of the TLS settings, read again at every connection so rotated ones are used.
+#[derive(Clone, Debug, Default)]
+pub struct TlsFiles {
+    /// PEM roots the server's certificate must chain to (istiod's mesh root).
+    pub ca: PathBuf,
+    /// PEM certificate and key to present, when the server asks for one.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// The name to verify the server's certificate against (default: the address's host).
+    pub server_name: Option<String>,
+}
+
+fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("read the {what} {}: {e}", path.display()))
+}
+
+fn tls_config(files: &TlsFiles) -> Result<ClientTlsConfig, String> {
+    let mut tls =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(&files.ca, "xDS CA")?));
+    if let Some((cert, key)) = &files.client_cert {
+        tls = tls.identity(Identity::from_pem(
+            read(cert, "xDS client certificate")?,
+            read(key, "xDS client key")?,
+        ));
+    }
+    if let Some(name) = &files.server_name {
+        tls = tls.domain_name(name.clone());
+    }
+    Ok(tls)
+}
+
+/// The `authorization` header value from a token file (trailing whitespace trimmed).
+fn bearer(path: &Path) -> Result<MetadataValue<Ascii>, String> {
+    let token = String::from_utf8(read(path, "xDS token file")?)
+        .map_err(|_| format!("{} is not UTF-8", path.display()))?;
+    format!("Bearer {}", token.trim()).parse().map_err(|_| {
+        format!(
+            "the token in {} is not a valid header value",
+            path.display()
+        )
+    })
 }
 
 /// One type as the client holds it, for status pages (`/config_dump`, `tern xds status`).
@@ -112,14 +166,30 @@ async fn stream_once<H: Handler>(
     status: &watch::Sender<ClientStatus>,
     reconnects: u64,
 ) -> Result<(), String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(config.address.clone())
+    let mut endpoint = tonic::transport::Endpoint::from_shared(config.address.clone())
         .map_err(|e| format!("invalid xDS address {}: {e}", config.address))?
         .connect_timeout(Duration::from_secs(5));
+    if let Some(files) = &config.tls {
+        endpoint = endpoint
+            .tls_config(tls_config(files)?)
+            .map_err(|e| format!("TLS settings for {}: {e}", config.address))?;
+    }
     let channel = endpoint
         .connect()
         .await
         .map_err(|e| format!("connect to {}: {e}", config.address))?;
-    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let token = config.token_file.as_deref().map(bearer).transpose()?;
+    let mut client = AggregatedDiscoveryServiceClient::with_interceptor(
+        channel,
+        move |mut request: tonic::Request<()>| {
+            if let Some(token) = &token {
+                request
+                    .metadata_mut()
+                    .insert("authorization", token.clone());
+            }
+            Ok(request)
+        },
+    );
     let opened = |kind: &str| {
         info!(address = %config.address, reconnects, protocol = kind, "ADS stream open");
         status.send_modify(|s| {

@@ -1,7 +1,7 @@
 //! A scriptable xDS control plane for tern's tests: a tonic ADS server (state of the world)
 //! over `envoy-types`, serving Istio-shaped resources built from a YAML snapshot file.
 //!
-//! `tern-controlplane ADDR SNAPSHOT.yaml` serves both ADS protocols (state of the world and
+//! `tern-controlplane ADDR SNAPSHOT.yaml [--tls CERT KEY] [--token FILE]` serves both ADS protocols (state of the world and
 //! delta) and prints `ready`, then one line per event: `STREAM` (or `STREAM delta`), `SUBSCRIBE <type> version=<v> names=<a,b>`, `ACK <type> <version>`,
 //! `NACK <type> <version> <reason>`. Rewriting the file pushes a new version to every stream.
 //!
@@ -439,6 +439,17 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let addr: std::net::SocketAddr = args[1].parse().expect("ADDR");
     let path = args[2].clone();
+    let option = |name: &str, n: usize| -> Option<Vec<String>> {
+        let i = args.iter().position(|a| a == name)?;
+        Some(args[i + 1..i + 1 + n].to_vec())
+    };
+    let tls = option("--tls", 2);
+    let token = option("--token", 1).map(|f| {
+        std::fs::read_to_string(&f[0])
+            .expect("token file")
+            .trim()
+            .to_owned()
+    });
     let (tx, rx) = watch::channel(Arc::new(load(&path).expect("a valid snapshot file")));
     tokio::spawn(async move {
         let mut last = std::fs::read(&path).ok();
@@ -455,11 +466,36 @@ async fn main() {
         }
     });
     let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+    let mut server = tonic::transport::Server::builder();
+    if let Some(files) = tls {
+        let cert = std::fs::read(&files[0]).expect("cert");
+        let key = std::fs::read(&files[1]).expect("key");
+        let identity = tonic::transport::Identity::from_pem(cert, key);
+        server = server
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .expect("TLS settings");
+    }
+    // With --token, streams must carry `authorization: Bearer <token>`, as istiod checks.
+    let check = move |request: Request<()>| {
+        let Some(want) = &token else {
+            return Ok(request);
+        };
+        let got = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        if got == Some(format!("Bearer {want}").as_str()) {
+            Ok(request)
+        } else {
+            say(format!("REJECT {}", got.unwrap_or("no token")));
+            Err(Status::unauthenticated("invalid bearer token"))
+        }
+    };
     say("ready");
-    tonic::transport::Server::builder()
-        .add_service(AggregatedDiscoveryServiceServer::new(ControlPlane {
-            snapshot: rx,
-        }))
+    let service =
+        AggregatedDiscoveryServiceServer::with_interceptor(ControlPlane { snapshot: rx }, check);
+    server
+        .add_service(service)
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
         .await
         .expect("serve");
