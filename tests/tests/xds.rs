@@ -522,3 +522,52 @@ fn xds_over_tls_with_a_bearer_token() {
     drop(cp);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A control plane that is down when tern starts does not stop the static configuration.
+#[test]
+fn a_control_plane_down_at_start_leaves_the_static_configuration_serving() {
+    let p = pods();
+    let _server = thrift_serve(&p.srv, "10.66.1.2:9001", "s1").unwrap();
+    let config = std::env::temp_dir().join(format!("{}.yaml", unique("static")));
+    std::fs::write(
+        &config,
+        "listeners:\n  - address: 10.96.0.30:9090\n    filter_chains: [ { thrift_proxy: { default_cluster: local } } ]\n\
+         clusters:\n  - { name: local, endpoints: [ { address: 10.66.1.2:9001 } ] }\n",
+    )
+    .unwrap();
+    let tern = Tern::start(
+        &p.app,
+        Some(&p.cgroup),
+        &[
+            "run",
+            "--capture",
+            "ebpf",
+            "--cgroup",
+            p.cgroup.path_str(),
+            "--inbound-ports",
+            "",
+            "--config",
+            config.to_str().unwrap(),
+            "--xds-address",
+            "http://127.0.0.1:15010",
+        ],
+    )
+    .unwrap();
+    assert_eq!(admin(&p.app, "GET", "/ready").trim(), "LIVE");
+    let c = thrift_call(
+        &p.app,
+        Some(&p.cgroup),
+        "10.96.0.30:9090",
+        &["--calls", "10"],
+    );
+    assert_eq!(counts(&c), [("s1", 10)], "{c:?}");
+    assert!(
+        eventually(Duration::from_secs(5), || tern
+            .log()
+            .contains("ADS stream failed")),
+        "{}",
+        tern.log()
+    );
+    assert_eq!(metric(&p.app, "tern_xds_connected"), 0.0);
+    let _ = std::fs::remove_file(&config);
+}
