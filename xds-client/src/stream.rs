@@ -11,7 +11,10 @@ use std::{
 
 use rand::Rng;
 use serde::Serialize;
-use tern_proto::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use tern_proto::{
+    DeltaDiscoveryRequest, DiscoveryRequest,
+    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{
@@ -199,60 +202,91 @@ async fn stream_once<H: Handler>(
     };
     match engine {
         Engine::Sotw(e) => {
-            let (tx, rx) = mpsc::channel(64);
-            for request in e.open_stream(handler) {
-                tx.send(request)
-                    .await
-                    .map_err(|_| "request channel closed")?;
-            }
-            let mut responses = client
-                .stream_aggregated_resources(ReceiverStream::new(rx))
-                .await
-                .map_err(|e| format!("open the ADS stream: {e}"))?
-                .into_inner();
-            opened("sotw");
-            pump(&mut responses, &tx, handler, status, |r, h| {
-                let out = e.on_response(r, h);
-                for req in out
-                    .iter()
-                    .filter_map(|r| r.error_detail.as_ref().map(|d| (&r.type_url, &d.message)))
-                {
-                    warn!(type_url = %req.0, reason = %req.1, "NACK");
-                }
-                (out, summary(e.state()))
-            })
+            let first = e.open_stream(handler);
+            let open = move |rx| async move { client.stream_aggregated_resources(rx).await };
+            converse(
+                first,
+                open,
+                handler,
+                status,
+                || opened("sotw"),
+                |r, h| {
+                    let out = e.on_response(r, h);
+                    (out, summary(e.state()))
+                },
+            )
             .await
         }
         Engine::Delta(e) => {
-            let (tx, rx) = mpsc::channel(64);
-            for request in e.open_stream(handler) {
-                tx.send(request)
-                    .await
-                    .map_err(|_| "request channel closed")?;
-            }
-            let mut responses = client
-                .delta_aggregated_resources(ReceiverStream::new(rx))
-                .await
-                .map_err(|e| format!("open the delta ADS stream: {e}"))?
-                .into_inner();
-            opened("delta");
-            pump(&mut responses, &tx, handler, status, |r, h| {
-                let out = e.on_response(r, h);
-                for req in out
-                    .iter()
-                    .filter_map(|r| r.error_detail.as_ref().map(|d| (&r.type_url, &d.message)))
-                {
-                    warn!(type_url = %req.0, reason = %req.1, "NACK");
-                }
-                (out, summary(e.state()))
-            })
+            let first = e.open_stream(handler);
+            let open = move |rx| async move { client.delta_aggregated_resources(rx).await };
+            converse(
+                first,
+                open,
+                handler,
+                status,
+                || opened("delta"),
+                |r, h| {
+                    let out = e.on_response(r, h);
+                    (out, summary(e.state()))
+                },
+            )
             .await
         }
     }
 }
 
+/// What the stream needs to know of a request: whether it NACKs, and why.
+trait XdsRequest {
+    fn nack(&self) -> Option<(&str, &str)>;
+}
+
+impl XdsRequest for DiscoveryRequest {
+    fn nack(&self) -> Option<(&str, &str)> {
+        self.error_detail
+            .as_ref()
+            .map(|d| (self.type_url.as_str(), d.message.as_str()))
+    }
+}
+
+impl XdsRequest for DeltaDiscoveryRequest {
+    fn nack(&self) -> Option<(&str, &str)> {
+        self.error_detail
+            .as_ref()
+            .map(|d| (self.type_url.as_str(), d.message.as_str()))
+    }
+}
+
+/// Opens a stream with the engine's first requests, then feeds it until it ends.
+async fn converse<H, Req, Resp, Fut>(
+    first: Vec<Req>,
+    open: impl FnOnce(ReceiverStream<Req>) -> Fut,
+    handler: &mut H,
+    status: &watch::Sender<ClientStatus>,
+    opened: impl FnOnce(),
+    on_response: impl FnMut(Resp, &mut H) -> (Vec<Req>, BTreeMap<String, TypeSummary>),
+) -> Result<(), String>
+where
+    H: Handler,
+    Req: XdsRequest,
+    Fut: std::future::Future<Output = Result<tonic::Response<tonic::Streaming<Resp>>, tonic::Status>>,
+{
+    let (tx, rx) = mpsc::channel(64);
+    for request in first {
+        tx.send(request)
+            .await
+            .map_err(|_| "request channel closed")?;
+    }
+    let mut responses = open(ReceiverStream::new(rx))
+        .await
+        .map_err(|e| format!("open the ADS stream: {e}"))?
+        .into_inner();
+    opened();
+    pump(&mut responses, &tx, handler, status, on_response).await
+}
+
 /// Feeds responses to the engine and its requests back, ticking the handler every second.
-async fn pump<H: Handler, Req, Resp>(
+async fn pump<H: Handler, Req: XdsRequest, Resp>(
     responses: &mut tonic::Streaming<Resp>,
     tx: &mpsc::Sender<Req>,
     handler: &mut H,
@@ -267,6 +301,9 @@ async fn pump<H: Handler, Req, Resp>(
                     return Ok(());
                 };
                 let (requests, types) = on_response(response, handler);
+                for (type_url, reason) in requests.iter().filter_map(XdsRequest::nack) {
+                    warn!(type_url, reason, "NACK");
+                }
                 for request in requests {
                     tx.send(request).await.map_err(|_| "request channel closed")?;
                 }

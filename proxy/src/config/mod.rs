@@ -71,6 +71,24 @@ pub enum Filter {
     Thrift(ThriftProxy),
 }
 
+impl Filter {
+    /// The targets the filter can send to (a cluster named by a header is not among them).
+    pub fn targets(&self) -> Vec<&Target> {
+        match self {
+            Filter::TcpProxy { target, .. } => vec![target],
+            Filter::Thrift(t) => t
+                .routes
+                .iter()
+                .filter_map(|r| match &r.action {
+                    RouteAction::Target(t) => Some(t),
+                    RouteAction::ClusterHeader(_) => None,
+                })
+                .chain(&t.default_target)
+                .collect(),
+        }
+    }
+}
+
 /// Where traffic goes: one cluster, or several by weight.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub enum Target {
@@ -269,19 +287,7 @@ impl Config {
             }
             for chain in &l.filter_chains {
                 let what = || format!("listener {} filter chain {}", l.name, chain.name);
-                let targets: Vec<&Target> = match &chain.filter {
-                    Filter::TcpProxy { target, .. } => vec![target],
-                    Filter::Thrift(t) => t
-                        .routes
-                        .iter()
-                        .filter_map(|r| match &r.action {
-                            RouteAction::Target(t) => Some(t),
-                            RouteAction::ClusterHeader(_) => None,
-                        })
-                        .chain(&t.default_target)
-                        .collect(),
-                };
-                for target in targets {
+                for target in chain.filter.targets() {
                     if let Target::Weighted(w) = target
                         && (w.is_empty() || w.iter().all(|(_, weight)| *weight == 0))
                     {

@@ -207,9 +207,12 @@ pub fn to_config(r: &Resources, version: String) -> Result<Config, String> {
     // would treat them as missing clusters, rather than refusing the whole update.
     for l in config.listeners.iter_mut().chain(config.inbound.as_mut()) {
         l.filter_chains.retain(|chain| {
-            let known = referenced(&chain.filter)
-                .iter()
-                .all(|c| config.clusters.contains_key(*c));
+            let known = chain
+                .filter
+                .targets()
+                .into_iter()
+                .flat_map(Target::clusters)
+                .all(|c| config.clusters.contains_key(c));
             if !known {
                 debug!(chain = %chain.name, "references an unknown cluster: skipped");
             }
@@ -218,22 +221,6 @@ pub fn to_config(r: &Resources, version: String) -> Result<Config, String> {
     }
     config.validate().map_err(|e| e.to_string())?;
     Ok(config)
-}
-
-fn referenced(f: &Filter) -> Vec<&str> {
-    match f {
-        Filter::TcpProxy { target, .. } => target.clusters(),
-        Filter::Thrift(t) => t
-            .routes
-            .iter()
-            .filter_map(|r| match &r.action {
-                RouteAction::Target(t) => Some(t),
-                RouteAction::ClusterHeader(_) => None,
-            })
-            .chain(&t.default_target)
-            .flat_map(Target::clusters)
-            .collect(),
-    }
 }
 
 /// The first filter of a chain that tern runs, translated.
