@@ -21,6 +21,16 @@ fn snapshot(version: &str, endpoints: &[&str], broken: bool) -> String {
 }
 
 fn snapshot_with_bulk(version: &str, endpoints: &[&str], broken: bool, bulk: usize) -> String {
+    snapshot_full(version, endpoints, broken, bulk, 0)
+}
+
+fn snapshot_full(
+    version: &str,
+    endpoints: &[&str],
+    broken: bool,
+    bulk: usize,
+    delay_ms: u64,
+) -> String {
     let eps = endpoints
         .iter()
         .map(|e| format!("\"{e}\""))
@@ -30,6 +40,7 @@ fn snapshot_with_bulk(version: &str, endpoints: &[&str], broken: bool, bulk: usi
         r#"version: "{version}"
 broken_listener: {broken}
 bulk: {bulk}
+delay_ms: {delay_ms}
 services:
   - {{ name: calc, vip: 10.96.0.20, port: 9090, filter: thrift, endpoints: [{eps}] }}
   - {{ name: thrift-plain, vip: 10.96.0.21, port: 9090, filter: tcp, endpoints: [{eps}] }}
@@ -421,6 +432,7 @@ under_both_protocols!(
     a_bad_resource_is_nacked_while_traffic_keeps_flowing,
     a_control_plane_restart_does_not_interrupt_traffic,
     a_large_snapshot_applies_without_stalling_traffic,
+    a_slow_control_plane_does_not_hold_up_traffic,
 );
 
 /// xDS over TLS, as istiod serves it on 15012: the control plane's certificate is checked
@@ -570,4 +582,30 @@ fn a_control_plane_down_at_start_leaves_the_static_configuration_serving() {
     );
     assert_eq!(metric(&p.app, "tern_xds_connected"), 0.0);
     let _ = std::fs::remove_file(&config);
+}
+
+/// A control plane that answers slowly holds up nothing: calls keep flowing on the
+/// configuration in force until the update arrives, then follow it.
+fn a_slow_control_plane_does_not_hold_up_traffic(protocol: Protocol) {
+    let m = mesh(protocol);
+    assert!(m.cp.wait_for("ACK ClusterLoadAssignment 1"));
+    m.cp.push(&snapshot_full("2", &["10.66.1.2:9001"], false, 0, 1500));
+    let during = thrift_call(&m.p.app, Some(&m.p.cgroup), CALC, &["--calls", "300"]);
+    assert_eq!(
+        counts(&during),
+        [("s1", 100), ("s2", 100), ("s3", 100)],
+        "{during:?}"
+    );
+    assert!(
+        during.max_ms < 500,
+        "a call waited {} ms on the control plane",
+        during.max_ms
+    );
+    assert!(
+        m.cp.wait_for_within("ACK ClusterLoadAssignment 2", Duration::from_secs(10)),
+        "{}",
+        m.cp.events()
+    );
+    let after = thrift_call(&m.p.app, Some(&m.p.cgroup), CALC, &["--calls", "30"]);
+    assert_eq!(counts(&after), [("s1", 30)]);
 }

@@ -17,6 +17,25 @@ fn text(s: impl Into<String>) -> Value {
     }
 }
 
+/// Where Istio's injector mounts the Pod's labels (downward API).
+const POD_LABELS_FILE: &str = "/etc/istio/pod/labels";
+
+fn structure(fields: impl IntoIterator<Item = (String, Value)>) -> Value {
+    Value {
+        kind: Some(Kind::StructValue(Struct {
+            fields: fields.into_iter().collect(),
+        })),
+    }
+}
+
+/// Parses the downward API's `key="value"` lines.
+fn parse_labels(file: &str) -> Vec<(String, Value)> {
+    file.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), text(v.trim().trim_matches('"'))))
+        .collect()
+}
+
 /// istiod's sidecar node id: `sidecar~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`.
 pub fn istio_node_id(ip: &str, pod: &str, namespace: &str) -> String {
     format!("sidecar~{ip}~{pod}.{namespace}~{namespace}.svc.cluster.local")
@@ -37,6 +56,27 @@ pub fn node(id: Option<&str>, interception: &str) -> Node {
                 .map(|k| (k.to_owned(), text(v)))
         })
         .collect();
+    // Structured values: ISTIO_METAJSON_<NAME> holds a JSON object of strings (e.g. LABELS).
+    for (k, v) in std::env::vars() {
+        if let Some(name) = k.strip_prefix("ISTIO_METAJSON_")
+            && let Ok(serde_json::Value::Object(map)) =
+                serde_json::from_str::<serde_json::Value>(&v)
+        {
+            let fields = map.into_iter().map(|(k, v)| {
+                (
+                    k,
+                    text(v.as_str().map_or_else(|| v.to_string(), str::to_owned)),
+                )
+            });
+            metadata.insert(name.to_owned(), structure(fields));
+        }
+    }
+    // The Pod's labels from the downward API, as istio-agent reads them.
+    if !metadata.contains_key("LABELS")
+        && let Ok(labels) = std::fs::read_to_string(POD_LABELS_FILE)
+    {
+        metadata.insert("LABELS".into(), structure(parse_labels(&labels)));
+    }
     metadata.insert("NAMESPACE".into(), text(namespace.clone()));
     metadata.insert("INTERCEPTION_MODE".into(), text(interception));
     metadata.insert("INSTANCE_IPS".into(), text(ip.clone()));
@@ -81,5 +121,12 @@ mod tests {
             md.fields["INTERCEPTION_MODE"].kind,
             Some(Kind::StringValue("REDIRECT".into()))
         );
+    }
+
+    #[test]
+    fn downward_api_labels_parse() {
+        let labels = parse_labels("app=\"calc\"\nversion=\"v2\"\n");
+        assert_eq!(labels[0].0, "app");
+        assert_eq!(labels[1].1.kind, Some(Kind::StringValue("v2".into())));
     }
 }

@@ -11,6 +11,7 @@
 //!   - { name: calc, vip: 10.96.0.10, port: 9090, filter: thrift, endpoints: ["10.66.1.2:9001"] }
 //! broken_listener: false   # add a listener whose address is a hostname (tern must NACK it)
 //! bulk: 0                   # add this many generated services (10 endpoints each)
+//! delay_ms: 0               # wait this long before every response (a slow control plane)
 //! ```
 use std::{
     collections::{BTreeSet, HashMap},
@@ -45,6 +46,9 @@ struct Snapshot {
     /// Extra services (10 endpoints each) to make a large snapshot.
     #[serde(default)]
     bulk: usize,
+    /// Wait this long before every response of this version (a slow control plane).
+    #[serde(default)]
+    delay_ms: u64,
 }
 
 impl Snapshot {
@@ -272,6 +276,13 @@ struct ControlPlane {
     snapshot: watch::Receiver<Arc<Snapshot>>,
 }
 
+/// A slow control plane: waits before answering with this snapshot.
+async fn delay(s: &Snapshot) {
+    if s.delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(s.delay_ms)).await;
+    }
+}
+
 type Responses<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -319,6 +330,7 @@ impl AggregatedDiscoveryService for ControlPlane {
                         subscriptions.insert(t.clone(), r.resource_names.clone());
                         if r.response_nonce.is_empty() || changed {
                             let s = snapshot.borrow().clone();
+                            delay(&s).await;
                             if tx.send(Ok(send(&t, &r.resource_names, &s))).await.is_err() { break }
                         }
                     }
@@ -326,6 +338,7 @@ impl AggregatedDiscoveryService for ControlPlane {
                         if changed.is_err() { break }
                         let s = snapshot.borrow().clone();
                         for (t, names) in &subscriptions {
+                            delay(&s).await;
                             if tx.send(Ok(send(t, names, &s))).await.is_err() { return }
                         }
                     }
@@ -404,6 +417,7 @@ impl AggregatedDiscoveryService for ControlPlane {
                         if r.response_nonce.is_empty() || *subs != before {
                             let s = snapshot.borrow().clone();
                             let subs = subs.clone();
+                            delay(&s).await;
                             let response = respond(&t, &s, &subs, sent.entry(t.clone()).or_default(), &mut nonce, &mut versions_by_nonce);
                             if tx.send(Ok(response)).await.is_err() { break }
                         }
@@ -412,6 +426,7 @@ impl AggregatedDiscoveryService for ControlPlane {
                         if changed.is_err() { break }
                         let s = snapshot.borrow().clone();
                         for (t, subs) in &subscriptions {
+                            delay(&s).await;
                             let response = respond(t, &s, subs, sent.entry(t.clone()).or_default(), &mut nonce, &mut versions_by_nonce);
                             if tx.send(Ok(response)).await.is_err() { return }
                         }
