@@ -383,8 +383,11 @@ fn cluster(c: &XdsCluster, r: &Resources) -> Result<Cluster, String> {
             None => (Vec::new(), BTreeMap::new(), false),
         },
         DiscoveryType::OriginalDst => (Vec::new(), BTreeMap::new(), true),
+        // DNS clusters (ServiceEntries with DNS resolution) stay, without endpoints: requests
+        // to them get a local reply rather than the whole update being refused.
         DiscoveryType::Other(t) => {
-            return Err(format!("{what}: discovery type {t} is not supported"));
+            debug!(cluster = %c.name, discovery_type = t, "cluster type tern does not resolve: no endpoints");
+            (Vec::new(), BTreeMap::new(), false)
         }
     };
     let lb_policy = match c.lb_policy {
@@ -393,7 +396,13 @@ fn cluster(c: &XdsCluster, r: &Resources) -> Result<Cluster, String> {
         2 => LbPolicy::RingHash,
         3 => LbPolicy::Random,
         5 => LbPolicy::Maglev,
-        other => return Err(format!("{what}: lb_policy {other} is not supported")),
+        // CLUSTER_PROVIDED (istiod's PassthroughCluster) and policies tern lacks: round robin.
+        other => {
+            if !original_dst {
+                debug!(cluster = %c.name, lb_policy = other, "load balancing policy not supported: round robin");
+            }
+            LbPolicy::RoundRobin
+        }
     };
     let defaults = CircuitBreakers::default();
     let thresholds = c
@@ -774,8 +783,46 @@ mod tests {
         );
 
         let mut r = istiod();
-        r.clusters.get_mut(CALC).unwrap().lb_policy = 7;
+        let l = r.listeners.get_mut("10.96.0.10_9090").unwrap();
+        l.filter_chains[0].filter_chain_match = Some(listener_types::FilterChainMatch {
+            prefix_ranges: vec![core_types::CidrRange {
+                address_prefix: "10.0.0.0".into(),
+                prefix_len: Some(wkt::UInt32Value { value: 40 }),
+            }],
+            ..Default::default()
+        });
         let err = to_config(&r, "v4".into()).unwrap_err();
-        assert!(err.contains(CALC) && err.contains("lb_policy 7"), "{err}");
+        assert!(
+            err.contains("10.96.0.10_9090") && err.contains("/40"),
+            "{err}"
+        );
+    }
+
+    /// What istiod really sends for passthrough and ServiceEntries is used, not refused.
+    #[test]
+    fn cluster_provided_and_dns_clusters_are_kept() {
+        let mut r = istiod();
+        let passthrough = XdsCluster {
+            name: "PassthroughCluster".into(),
+            cluster_discovery_type: Some(tern_proto::cluster_types::ClusterDiscoveryType::Type(4)),
+            lb_policy: 6, // CLUSTER_PROVIDED
+            ..Default::default()
+        };
+        let dns = XdsCluster {
+            name: "outbound|443||api.example.com".into(),
+            cluster_discovery_type: Some(tern_proto::cluster_types::ClusterDiscoveryType::Type(1)),
+            ..Default::default()
+        };
+        r.clusters.insert(passthrough.name.clone(), passthrough);
+        r.clusters.insert(dns.name.clone(), dns);
+        r.clusters.get_mut(CALC).unwrap().lb_policy = 7;
+        let c = to_config(&r, "v5".into()).unwrap();
+        assert!(c.clusters["PassthroughCluster"].original_dst);
+        assert!(
+            c.clusters["outbound|443||api.example.com"]
+                .endpoints
+                .is_empty()
+        );
+        assert_eq!(c.clusters[CALC].lb_policy, LbPolicy::RoundRobin);
     }
 }

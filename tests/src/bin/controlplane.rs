@@ -208,6 +208,7 @@ fn resources(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<(String, Any
             let mut clusters = vec![Cluster {
                 name: "PassthroughCluster".into(),
                 cluster_discovery_type: Some(cluster_types::ClusterDiscoveryType::Type(4)),
+                lb_policy: 6, // CLUSTER_PROVIDED, as istiod sends it
                 ..Default::default()
             }];
             for svc in &s.all_services() {
