@@ -3,8 +3,9 @@
 //! Data path: [`listener`] accepts captured connections and learns their original
 //! destination ([`socket`]); [`filters`] picks the filter chain and runs it — the Thrift
 //! proxy ([`thrift`] codec, [`balance`] per request, [`upstream`] multiplexed pools) or a
-//! TCP relay. Control path: [`config`] (the model and the static file) builds snapshots
-//! that [`state`] swaps atomically; [`admin`] and [`metrics`] show what happens.
+//! TCP relay. Control path: [`config`] (the model and the static file) and [`xds`] (what a
+//! control plane sends, through the `tern-xds-client` library) build snapshots that
+//! [`state`] swaps atomically; [`admin`] and [`metrics`] show what happens.
 //! [`capture`] puts a Pod's traffic through tern: eBPF hooks or iptables rules.
 //! [`cli`] and [`run`] are the command line and the `tern run` lifecycle.
 pub mod admin;
