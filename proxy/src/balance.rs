@@ -150,19 +150,19 @@ impl EndpointPicker {
 }
 
 fn weighted_random(level: &Level, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
-    let total: u64 = level
-        .members
-        .iter()
-        .filter(|&&(i, _)| ok(i))
-        .map(|&(_, w)| u64::from(w))
-        .sum();
+    weighted_pick(level.members.iter().copied().filter(|&(i, _)| ok(i)))
+}
+
+/// Picks one item at random in proportion to its weight; `None` when every weight is zero.
+pub fn weighted_pick<T: Copy>(items: impl Iterator<Item = (T, u32)> + Clone) -> Option<T> {
+    let total: u64 = items.clone().map(|(_, w)| u64::from(w)).sum();
     if total == 0 {
         return None;
     }
     let mut r = rand::rng().random_range(0..total);
-    for &(i, w) in level.members.iter().filter(|&&(i, _)| ok(i)) {
+    for (item, w) in items {
         if r < u64::from(w) {
-            return Some(i);
+            return Some(item);
         }
         r -= u64::from(w);
     }

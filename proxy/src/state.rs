@@ -13,7 +13,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Instant, SystemTime},
 };
 
 use arc_swap::ArcSwap;
@@ -349,13 +349,10 @@ impl State {
     }
 }
 
-/// How long a request may wait for its reply: the route's timeout, else the cluster's.
-pub fn request_timeout(route: Option<Duration>, cluster: &Cluster) -> Duration {
-    route.unwrap_or(cluster.request_timeout)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::config::file::parse;
 

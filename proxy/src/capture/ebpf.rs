@@ -140,11 +140,6 @@ impl EbpfCapture {
         &self.dir
     }
 
-    /// Whether this handle attached the hooks (and so removes them on detach).
-    pub fn owned(&self) -> bool {
-        self.owned
-    }
-
     /// The configuration the hooks run with.
     pub fn config(&self) -> Result<Config, CaptureError> {
         read_config(&self.dir)

@@ -101,16 +101,10 @@ impl Target {
     pub fn pick(&self) -> &str {
         match self {
             Target::Cluster(c) => c,
+            // Validation refuses weights that are all zero; the first is the fallback anyway.
             Target::Weighted(w) => {
-                let total: u64 = w.iter().map(|(_, weight)| u64::from(*weight)).sum();
-                let mut r = rand::Rng::random_range(&mut rand::rng(), 0..total.max(1));
-                for (c, weight) in w {
-                    if r < u64::from(*weight) {
-                        return c;
-                    }
-                    r -= u64::from(*weight);
-                }
-                &w[0].0
+                crate::balance::weighted_pick(w.iter().map(|(c, weight)| (c.as_str(), *weight)))
+                    .unwrap_or(&w[0].0)
             }
         }
     }

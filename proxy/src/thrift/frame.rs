@@ -139,13 +139,6 @@ impl Message {
         found
     }
 
-    /// Calls `f` with every THeader info header.
-    pub fn for_each_header(&self, mut f: impl FnMut(&[u8], &[u8])) {
-        if let Some((start, end)) = self.meta.info {
-            let _ = walk_info(&self.bytes[..end], start, &mut f);
-        }
-    }
-
     /// Rewrites the sequence id in place (and the THeader's copy of it). In compact the new
     /// id must fit the bytes the old one took: `7 * seq_len` bits; callers pick ids of the
     /// same varint length (see [`seq_id_fits`]).
