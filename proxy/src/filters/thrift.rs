@@ -123,7 +123,13 @@ struct Downstream {
     chain: ChainRef,
     ctx: Arc<Ctx>,
     decoder: Decoder,
+    /// The snapshot this connection routes with, and its chain's filter, resolved once per
+    /// snapshot (finding a chain walks the listeners by name).
     snapshot: Arc<Snapshot>,
+    filter: Option<Arc<Filter>>,
+    /// The last snapshot looked at: a snapshot without this chain is looked at once, and the
+    /// connection keeps routing with the one before.
+    seen: Arc<Snapshot>,
     /// Request counters by cluster and method, resolved once per connection.
     counters: HashMap<String, HashMap<Vec<u8>, Counter>>,
 }
@@ -131,10 +137,10 @@ struct Downstream {
 impl Downstream {
     fn new(chain: ChainRef, ctx: Arc<Ctx>) -> Self {
         let snapshot = ctx.state.load();
-        let format = match snapshot
+        let filter = snapshot
             .chain(&chain.listener, &chain.chain)
-            .map(|c| &c.filter)
-        {
+            .map(|c| Arc::new(c.filter.clone()));
+        let format = match filter.as_deref() {
             Some(Filter::Thrift(t)) => t.transport.zip(t.protocol),
             _ => None,
         };
@@ -146,21 +152,24 @@ impl Downstream {
             chain,
             ctx,
             decoder,
+            seen: snapshot.clone(),
             snapshot,
+            filter,
             counters: HashMap::new(),
         }
     }
 
     fn plan(&mut self, msg: Message) -> Plan {
         let current = self.ctx.state.load();
-        if !Arc::ptr_eq(&current, &self.snapshot)
-            && current
-                .chain(&self.chain.listener, &self.chain.chain)
-                .is_some()
-        {
-            self.snapshot = current;
+        if !Arc::ptr_eq(&current, &self.seen) {
+            if let Some(c) = current.chain(&self.chain.listener, &self.chain.chain) {
+                self.filter = Some(Arc::new(c.filter.clone()));
+                self.snapshot = current.clone();
+            }
+            self.seen = current;
         }
         let snap = self.snapshot.clone();
+        let filter = self.filter.clone();
         if !matches!(msg.kind(), MessageType::Call | MessageType::Oneway) {
             return Plan::local(
                 &self.ctx,
@@ -171,10 +180,7 @@ impl Downstream {
                 "tern accepts only calls and one-way calls from clients",
             );
         }
-        let (routes, default): (&[Route], Option<&Target>) = match snap
-            .chain(&self.chain.listener, &self.chain.chain)
-            .map(|c| &c.filter)
-        {
+        let (routes, default): (&[Route], Option<&Target>) = match filter.as_deref() {
             Some(Filter::Thrift(t)) => (&t.routes, t.default_target.as_ref()),
             Some(Filter::TcpProxy { target, .. }) => (&[], Some(target)),
             None => (&[], None),
