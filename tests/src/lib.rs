@@ -270,7 +270,14 @@ impl Drop for Cgroup {
         self.kill_all();
         let _ = fs::remove_dir_all(self.pin_dir());
         let _ = fs::remove_dir("/sys/fs/bpf/tern");
-        let _ = fs::remove_dir(&self.path);
+        // A cgroup whose killed processes have not fully exited yet refuses removal (EBUSY).
+        for _ in 0..100 {
+            if fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("could not remove cgroup {}", self.path.display());
     }
 }
 
