@@ -130,6 +130,10 @@ pub struct RunArgs {
     /// Deepest nesting of Thrift structs and containers accepted.
     #[arg(long, env = "TERN_MAX_DEPTH", default_value_t = 64)]
     pub max_depth: usize,
+    /// Log one line per connection when it closes: direction, peer, original destination,
+    /// what handled it, duration (at info, target `tern::access`).
+    #[arg(long, env = "TERN_ACCESS_LOG")]
+    pub access_log: bool,
 }
 
 /// What to capture; shared by `tern run` and `tern capture attach`.

@@ -5,12 +5,12 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     filters::{self, Ctx, Direction},
@@ -93,7 +93,20 @@ pub async fn serve(
                 if learned == OriginalDstSource::LocalAddr && direct {
                     return debug!(%dst, "closing a connection that was not captured");
                 }
-                filters::handle(stream, direction, dst, peer, ctx).await;
+                let started = Instant::now();
+                let access_log = ctx.access_log;
+                let handled = filters::handle(stream, direction, dst, peer, ctx).await;
+                if access_log {
+                    info!(
+                        target: "tern::access",
+                        dir = direction.as_str(),
+                        %peer,
+                        %dst,
+                        handled = handled.as_str(),
+                        duration_ms = started.elapsed().as_millis() as u64,
+                        "connection closed"
+                    );
+                }
             }
             .instrument(span),
         );

@@ -143,6 +143,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                         (None, false) => None,
                     },
                     token_file: args.xds_token_file.clone(),
+                    socket_mark: Some(settings.mark),
                     address,
                     initial_backoff: Duration::from_millis(250),
                     max_backoff: Duration::from_secs(15),
@@ -168,6 +169,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         drain: drain_rx.clone(),
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),
+        access_log: args.access_log,
     });
     let open = Arc::new(OpenConnections::default());
     let mut tasks = tokio::task::JoinSet::new();

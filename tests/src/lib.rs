@@ -18,6 +18,10 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use serde::Deserialize;
 
+mod controlplane;
+pub mod mesh;
+pub use controlplane::ControlPlane;
+
 /// Fails loudly when not root: these tests need namespaces, cgroups and eBPF.
 pub fn require_root() {
     if !nix::unistd::geteuid().is_root() {
@@ -85,6 +89,13 @@ fn ip(args: &[&str]) -> Result<()> {
     run(Command::new("ip").args(args)).map(drop)
 }
 
+/// `bpftool -j ARGS…`, parsed (empty output is `null`).
+pub fn bpftool(args: &[&str]) -> Result<serde_json::Value> {
+    let out = run(Command::new("bpftool").arg("-j").args(args))
+        .context("bpftool (installed by `cargo xtask setup`)")?;
+    Ok(serde_json::from_slice(&out.stdout).unwrap_or_default())
+}
+
 /// A network namespace with loopback up, deleted (with every process in it) on drop.
 pub struct Netns {
     name: String,
@@ -125,6 +136,20 @@ impl Netns {
     pub fn output(&self, cgroup: Option<&Cgroup>, program: &Path, args: &[&str]) -> Result<String> {
         let out = run(&mut self.command(cgroup, program, args))?;
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// BPF links bpftool sees attached to this namespace (where `sk_lookup` attaches).
+    pub fn bpf_links(&self) -> Result<usize> {
+        let ino = fs::metadata(self.path())?.ino();
+        let links = bpftool(&["link", "show"])?;
+        Ok(links
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|l| l["netns_ino"].as_u64() == Some(ino))
+                    .count()
+            })
+            .unwrap_or_default())
     }
 
     /// The nat and filter rules iptables shows in this namespace (fails if iptables is missing).
@@ -249,6 +274,19 @@ impl Cgroup {
             .map(|m| m.ino())
             .unwrap_or_default();
         Path::new("/sys/fs/bpf/tern").join(format!("cg-{id}"))
+    }
+
+    /// Programs bpftool sees attached to this cgroup (an independent view of the kernel's).
+    pub fn attached_programs(&self) -> Result<Vec<String>> {
+        let programs = bpftool(&["cgroup", "show", self.path_str()])?;
+        Ok(programs
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default())
     }
 
     fn kill_all(&self) {
@@ -406,12 +444,17 @@ pub fn capture_counter(cgroup: &Cgroup, name: &str) -> u64 {
 
 /// An echo server (`tern-testpeer serve`) in a namespace, listening on every address given.
 pub fn serve(ns: &Netns, addrs: &[&str]) -> Result<Process> {
-    start_server(ns, &testpeer_bin(), &[&["serve"], addrs].concat())
+    start_server(ns, None, &testpeer_bin(), &[&["serve"], addrs].concat())
 }
 
 /// A Thrift server (`tern-thriftpeer serve ADDR ID`) in a namespace.
 pub fn thrift_serve(ns: &Netns, addr: &str, id: &str) -> Result<Process> {
-    start_server(ns, &bin_dir().join("tern-thriftpeer"), &["serve", addr, id])
+    start_server(
+        ns,
+        None,
+        &bin_dir().join("tern-thriftpeer"),
+        &["serve", addr, id],
+    )
 }
 
 /// The Python THeader peer (`tests/python/theader_peer.py`).
@@ -424,14 +467,20 @@ pub fn python_serve(ns: &Netns, addr: &str, id: &str) -> Result<Process> {
     let script = theader_peer();
     start_server(
         ns,
+        None,
         Path::new("python3"),
         &[script.to_str().expect("UTF-8 path"), "serve", addr, id],
     )
 }
 
-/// Starts a server that prints `ready` once it listens.
-fn start_server(ns: &Netns, program: &Path, args: &[&str]) -> Result<Process> {
-    let mut cmd = ns.command(None, program, args);
+/// Starts a server that prints `ready` once it listens, in `ns` (and `cgroup`).
+pub fn start_server(
+    ns: &Netns,
+    cgroup: Option<&Cgroup>,
+    program: &Path,
+    args: &[&str],
+) -> Result<Process> {
+    let mut cmd = ns.command(cgroup, program, args);
     cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
     let mut process = Process::spawn(cmd)?;
     let stdout = process.child.stdout.take().expect("piped");
@@ -487,8 +536,18 @@ pub struct ThriftClient {
 
 impl ThriftClient {
     pub fn start(ns: &Netns, cgroup: Option<&Cgroup>, addr: &str, args: &[&str]) -> Result<Self> {
+        Self::spawn(ns, cgroup, &[&["call", addr], args].concat())
+    }
+
+    /// `tern-thriftpeer retry ADDR`: a client that keeps calling, and connecting again after
+    /// every failure; [`ThriftClient::report`] says what it saw.
+    pub fn retrying(ns: &Netns, cgroup: Option<&Cgroup>, addr: &str) -> Result<Self> {
+        Self::spawn(ns, cgroup, &["retry", addr])
+    }
+
+    fn spawn(ns: &Netns, cgroup: Option<&Cgroup>, args: &[&str]) -> Result<Self> {
         let peer = bin_dir().join("tern-thriftpeer");
-        let mut cmd = ns.command(cgroup, &peer, &[&["call", addr], args].concat());
+        let mut cmd = ns.command(cgroup, &peer, args);
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
         let mut process = Process::spawn(cmd)?;
         let stdout = BufReader::new(process.child.stdout.take().expect("piped"));
@@ -497,9 +556,23 @@ impl ThriftClient {
 
     /// Reads the result of the phase that is running.
     pub fn result(&mut self) -> Calls {
+        self.try_result().unwrap()
+    }
+
+    /// [`ThriftClient::result`], with an error when the client is gone.
+    pub fn try_result(&mut self) -> Result<Calls> {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).context("client output")?;
+        serde_json::from_str(&line).with_context(|| format!("client output {line:?}"))
+    }
+
+    /// A retrying client's calls since its last report: `ok`, `failed`, `connects`,
+    /// `by_server`, `last_error`.
+    pub fn report(&mut self) -> serde_json::Value {
+        self.next_phase();
         let mut line = String::new();
         self.stdout.read_line(&mut line).expect("client output");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("client output {line:?}: {e}"))
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("client report {line:?}: {e}"))
     }
 
     /// Lets the client start its next phase.

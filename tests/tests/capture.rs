@@ -7,69 +7,14 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use tern_tests::{
-    Cgroup, Netns, Tern, capture_counter, connect, eventually, pods, require_root, serve, tern,
+    Cgroup, Tern, bpftool, capture_counter, connect, eventually, pods, require_root, serve, tern,
 };
 
 /// Entries bpftool sees in one of tern's pinned maps.
 fn map_entries(cgroup: &Cgroup, map: &str) -> usize {
     let path = cgroup.pin_dir().join(map);
-    let out = Command::new("bpftool")
-        .args(["-j", "map", "dump", "pinned"])
-        .arg(&path)
-        .output()
-        .expect("bpftool is installed by `cargo xtask setup`");
-    assert!(
-        out.status.success(),
-        "bpftool map dump {}: {}",
-        path.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v.as_array().map_or(0, Vec::len)
-}
-
-/// Links bpftool sees on a network namespace (where `sk_lookup` attaches).
-fn netns_links(ns: &Netns) -> usize {
-    use std::os::unix::fs::MetadataExt;
-    let ino = std::fs::metadata(ns.path()).unwrap().ino();
-    let out = Command::new("bpftool")
-        .args(["-j", "link", "show"])
-        .output()
-        .expect("bpftool is installed by `cargo xtask setup`");
-    assert!(
-        out.status.success(),
-        "bpftool: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter(|l| l["netns_ino"].as_u64() == Some(ino))
-                .count()
-        })
-        .unwrap_or_default()
-}
-
-/// Programs bpftool sees attached to a cgroup (an independent view of the kernel's state).
-fn attached_programs(cgroup: &Cgroup) -> Vec<String> {
-    let out = Command::new("bpftool")
-        .args(["-j", "cgroup", "show", cgroup.path_str()])
-        .output()
-        .expect("bpftool is installed by `cargo xtask setup`");
-    assert!(
-        out.status.success(),
-        "bpftool: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| p["name"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
+    let entries = bpftool(&["map", "dump", "pinned", path.to_str().unwrap()]).unwrap();
+    entries.as_array().map_or(0, Vec::len)
 }
 
 fn run_args<'a>(mode: &'a str, cgroup: &'a Cgroup, extra: &[&'a str]) -> Vec<&'a str> {
@@ -496,11 +441,11 @@ fn ebpf_attach_and_detach_leave_nothing_behind() {
     ]);
     assert!(ok, "{err}");
     assert_eq!(
-        netns_links(&p.app),
+        p.app.bpf_links().unwrap(),
         1,
         "sk_lookup is linked to the namespace"
     );
-    let mut attached = attached_programs(&p.cgroup);
+    let mut attached = p.cgroup.attached_programs().unwrap();
     attached.sort();
     assert_eq!(
         attached,
@@ -522,16 +467,16 @@ fn ebpf_attach_and_detach_leave_nothing_behind() {
     // A second attach on the same cgroup is refused, and changes nothing.
     let (ok, _, err) = tern(&["capture", "attach", "--cgroup", cg]);
     assert!(!ok && err.contains("already attached"), "{err}");
-    assert_eq!(attached_programs(&p.cgroup).len(), 6);
+    assert_eq!(p.cgroup.attached_programs().unwrap().len(), 6);
 
     let (ok, _, err) = tern(&["capture", "detach", "--cgroup", cg]);
     assert!(ok, "{err}");
     assert!(
-        attached_programs(&p.cgroup).is_empty(),
+        p.cgroup.attached_programs().unwrap().is_empty(),
         "programs left attached"
     );
     assert_eq!(
-        netns_links(&p.app),
+        p.app.bpf_links().unwrap(),
         0,
         "sk_lookup link left on the namespace"
     );
@@ -560,7 +505,7 @@ fn ebpf_coexists_with_another_agents_program() {
     program
         .attach(&cgroup_fd, aya::programs::CgroupAttachMode::Single)
         .unwrap();
-    assert_eq!(attached_programs(&p.cgroup), ["tern_connect4"]);
+    assert_eq!(p.cgroup.attached_programs().unwrap(), ["tern_connect4"]);
 
     let _tern = Tern::start(
         &p.app,
@@ -569,7 +514,7 @@ fn ebpf_coexists_with_another_agents_program() {
     )
     .unwrap();
     assert_eq!(
-        attached_programs(&p.cgroup).len(),
+        p.cgroup.attached_programs().unwrap().len(),
         7,
         "both agents' programs are attached"
     );
@@ -579,7 +524,7 @@ fn ebpf_coexists_with_another_agents_program() {
     let (ok, _, err) = tern(&["capture", "detach", "--cgroup", p.cgroup.path_str()]);
     assert!(ok, "{err}");
     assert_eq!(
-        attached_programs(&p.cgroup),
+        p.cgroup.attached_programs().unwrap(),
         ["tern_connect4"],
         "the other agent's program stays"
     );
@@ -627,6 +572,6 @@ fn bad_input_is_refused_clearly() {
         "{err}"
     );
     assert!(!p.cgroup.pin_dir().exists());
-    assert!(attached_programs(&p.cgroup).is_empty());
+    assert!(p.cgroup.attached_programs().unwrap().is_empty());
     assert!(Path::new(p.cgroup.path_str()).is_dir());
 }

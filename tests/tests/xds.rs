@@ -2,14 +2,10 @@
 //! ADS server) serves Istio-shaped listeners, clusters and endpoints; the real `tern` with eBPF
 //! capture takes its configuration from it, and Thrift clients in the application Pod call
 //! the services' virtual IPs.
-use std::{
-    path::PathBuf,
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use tern_tests::{
-    Pods, Process, Tern, ThriftClient, admin, bin_dir, eventually, metric, pods, thrift_call,
+    ControlPlane, Pods, Process, Tern, ThriftClient, admin, eventually, metric, pods, thrift_call,
     thrift_serve, unique,
 };
 
@@ -48,86 +44,6 @@ services:
     )
 }
 
-/// The control plane, its snapshot file and its event log.
-struct ControlPlane {
-    process: Option<Process>,
-    snapshot: PathBuf,
-    log: PathBuf,
-    args: Vec<String>,
-}
-
-impl ControlPlane {
-    fn start(p: &Pods, snapshot: PathBuf) -> Self {
-        Self::start_with(p, snapshot, "127.0.0.1:15010", Vec::new())
-    }
-
-    /// A control plane on `addr` with extra arguments (`--tls CERT KEY`, `--token FILE`).
-    fn start_with(p: &Pods, snapshot: PathBuf, addr: &str, extra: Vec<String>) -> Self {
-        let log = std::env::temp_dir().join(format!("{}.log", unique("cp")));
-        let mut args = vec![addr.to_owned(), snapshot.to_str().unwrap().to_owned()];
-        args.extend(extra);
-        let mut cp = ControlPlane {
-            process: None,
-            snapshot,
-            log,
-            args,
-        };
-        cp.restart(p);
-        cp
-    }
-
-    fn restart(&mut self, p: &Pods) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        let mut cmd = p
-            .app
-            .command(None, &bin_dir().join("tern-controlplane"), &args);
-        cmd.stdout(log).stderr(Stdio::inherit());
-        let before = self.events().matches("ready").count();
-        self.process = Some(Process::spawn(cmd).unwrap());
-        assert!(
-            eventually(Duration::from_secs(5), || self
-                .events()
-                .matches("ready")
-                .count()
-                > before),
-            "control plane did not start"
-        );
-    }
-
-    fn events(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn wait_for(&self, event: &str) -> bool {
-        self.wait_for_within(event, Duration::from_secs(5))
-    }
-
-    fn wait_for_within(&self, event: &str, timeout: Duration) -> bool {
-        eventually(timeout, || {
-            self.events().lines().any(|l| l.starts_with(event))
-        })
-    }
-
-    fn push(&self, text: &str) {
-        std::fs::write(&self.snapshot, text).unwrap();
-    }
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- control plane events ---\n{}", self.events());
-        }
-        let _ = std::fs::remove_file(&self.snapshot);
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
 struct Mesh {
     p: Pods,
     cp: ControlPlane,
@@ -151,17 +67,17 @@ fn mesh(protocol: Protocol) -> Mesh {
     .iter()
     .map(|(a, id)| thrift_serve(&p.srv, a, id).unwrap())
     .collect();
-    let file = std::env::temp_dir().join(format!("{}.yaml", unique("snapshot")));
-    std::fs::write(
-        &file,
-        snapshot(
+    let cp = ControlPlane::start(
+        &p.app,
+        "127.0.0.1:15010",
+        &snapshot(
             "1",
             &["10.66.1.2:9001", "10.66.1.2:9002", "10.66.1.2:9003"],
             false,
         ),
+        &[],
     )
     .unwrap();
-    let cp = ControlPlane::start(&p, file);
     let mut args = vec![
         "run",
         "--capture",
@@ -360,12 +276,12 @@ fn a_bad_resource_is_nacked_while_traffic_keeps_flowing(protocol: Protocol) {
 fn a_control_plane_restart_does_not_interrupt_traffic(protocol: Protocol) {
     let mut m = mesh(protocol);
     assert!(m.cp.wait_for("ACK ClusterLoadAssignment 1"));
-    m.cp.process.take().unwrap().kill();
+    m.cp.stop();
     let c = thrift_call(&m.p.app, Some(&m.p.cgroup), CALC, &["--calls", "30"]);
     assert_eq!(c.replies(), 30, "traffic without a control plane: {c:?}");
     assert_eq!(admin(&m.p.app, "GET", "/ready").trim(), "LIVE");
 
-    m.cp.restart(&m.p);
+    m.cp.restart(&m.p.app).unwrap();
     // tern retries with jittered exponential backoff (capped at 15 s).
     // SotW names the version held per type; delta every resource's (in any order).
     let resubscribed = |line: &str| match protocol {
@@ -469,24 +385,19 @@ fn xds_over_tls_with_a_bearer_token() {
         .iter()
         .map(|(a, id)| thrift_serve(&p.srv, a, id).unwrap())
         .collect();
-    let snap = dir.join("snapshot.yaml");
-    std::fs::write(
-        &snap,
-        snapshot("1", &["10.66.1.2:9001", "10.66.1.2:9002"], false),
-    )
-    .unwrap();
-    let mut cp = ControlPlane::start_with(
-        &p,
-        snap,
+    let mut cp = ControlPlane::start(
+        &p.app,
         "127.0.0.1:15012",
-        vec![
+        &snapshot("1", &["10.66.1.2:9001", "10.66.1.2:9002"], false),
+        &[
             "--tls".into(),
             cert_pem,
             key_pem,
             "--token".into(),
             cp_token,
         ],
-    );
+    )
+    .unwrap();
     let tern = Tern::start(
         &p.app,
         Some(&p.cgroup),
@@ -522,8 +433,8 @@ fn xds_over_tls_with_a_bearer_token() {
 
     // A rotated token the control plane does not accept: refused, and traffic goes on.
     std::fs::write(&token, "stolen").unwrap();
-    cp.process.take().unwrap().kill();
-    cp.restart(&p);
+    cp.stop();
+    cp.restart(&p.app).unwrap();
     assert!(
         cp.wait_for_within("REJECT Bearer stolen", Duration::from_secs(20)),
         "{}",

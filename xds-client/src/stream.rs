@@ -39,6 +39,9 @@ pub struct StreamConfig {
     pub tls: Option<TlsFiles>,
     /// A file holding a bearer token sent as `authorization: Bearer …` (istiod's JWT).
     pub token_file: Option<PathBuf>,
+    /// `SO_MARK` for the connection to the control plane, so a proxy's own traffic capture
+    /// leaves it alone.
+    pub socket_mark: Option<u32>,
 }
 
 /// Files of the TLS settings, read again at every connection so rotated ones are used.
@@ -50,6 +53,43 @@ pub struct TlsFiles {
     pub client_cert: Option<(PathBuf, PathBuf)>,
     /// The name to verify the server's certificate against (default: the address's host).
     pub server_name: Option<String>,
+}
+
+/// Connects to the host and port of `uri`, with `SO_MARK` set when asked.
+async fn connect_marked(
+    uri: tonic::transport::Uri,
+    mark: Option<u32>,
+) -> std::io::Result<hyper_util::rt::TokioIo<tokio::net::TcpStream>> {
+    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    let mut last = std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!("{host} resolves to no address"),
+    );
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        if let Some(mark) = mark {
+            socket2::SockRef::from(&socket).set_mark(mark)?;
+        }
+        match socket.connect(addr).await {
+            Ok(stream) => {
+                stream.set_nodelay(true)?;
+                return Ok(hyper_util::rt::TokioIo::new(stream));
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
@@ -177,8 +217,9 @@ async fn stream_once<H: Handler>(
             .tls_config(tls_config(files)?)
             .map_err(|e| format!("TLS settings for {}: {e}", config.address))?;
     }
+    let mark = config.socket_mark;
     let channel = endpoint
-        .connect()
+        .connect_with_connector(tower::service_fn(move |uri| connect_marked(uri, mark)))
         .await
         .map_err(|e| format!("connect to {}: {e}", config.address))?;
     let token = config.token_file.as_deref().map(bearer).transpose()?;

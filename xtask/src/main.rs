@@ -5,7 +5,8 @@
 //!   (for `-Z build-std=core`), iproute2 and iptables (for the tests).
 //! - `build-ebpf`: build the kernel programs; the `tern` crate embeds the object.
 //! - `test`: setup, the eBPF build, fmt and clippy, and every test (unit and integration).
-//! - `demo`: tern's eBPF capture on a small topology of network namespaces.
+//! - `demo`: a Thrift service in a mesh of network namespaces, tern as every Pod's sidecar
+//!   (`tern-demo`, built with the test harness it uses).
 use std::{
     env,
     path::{Path, PathBuf},
@@ -14,8 +15,6 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-
-mod demo;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -41,7 +40,7 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Show tern's eBPF capture on network namespaces, then clean up.
+    /// A Thrift service in a mesh of network namespaces with tern as every sidecar, then clean up.
     Demo,
 }
 
@@ -69,7 +68,12 @@ fn run(task: Task) -> Result<()> {
             setup()?;
             build_ebpf()?;
             build_tern(false)?;
-            demo::run()
+            step("demo: target/debug/tern-demo");
+            // Replaced by the demo, so Ctrl-C reaches it alone and it cleans up before the
+            // shell prompt returns.
+            use std::os::unix::process::CommandExt;
+            let e = Command::new(root().join("target/debug/tern-demo")).exec();
+            Err(e).context("run target/debug/tern-demo")
         }
     }
 }
@@ -210,20 +214,26 @@ fn setup() -> Result<()> {
     Ok(())
 }
 
-/// A cargo command free of the settings the outer `cargo run` put in the environment.
+/// A cargo command free of the settings the outer `cargo run` put in the environment. Build
+/// scripts rerun when variables such as `CARGO_MANIFEST_DIR` or `CARGO_PKG_NAME` change (ring's
+/// do), so leaving xtask's values in place would rebuild them at every call.
 fn cargo() -> Command {
     let mut cmd = Command::new("cargo");
-    for var in [
-        "RUSTUP_TOOLCHAIN",
-        "RUSTC",
-        "RUSTDOC",
-        "RUSTC_WRAPPER",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-    ] {
-        cmd.env_remove(var);
+    for (var, _) in env::vars_os() {
+        let name = var.to_string_lossy();
+        let inherited = name.starts_with("CARGO_") && name != "CARGO_HOME";
+        if inherited
+            || [
+                "RUSTUP_TOOLCHAIN",
+                "RUSTC",
+                "RUSTDOC",
+                "RUSTC_WRAPPER",
+                "RUSTC_WORKSPACE_WRAPPER",
+            ]
+            .contains(&name.as_ref())
+        {
+            cmd.env_remove(&var);
+        }
     }
     cmd.env("PATH", path_with_cargo_bin());
     cmd.current_dir(root());
@@ -243,15 +253,10 @@ fn build_ebpf() -> Result<()> {
 
 fn build_tern(release: bool) -> Result<()> {
     step("build: the tern binary and the test peers");
+    // The whole workspace, so features unify as in `cargo test --workspace` and nothing
+    // builds twice.
     let mut cmd = cargo();
-    cmd.args([
-        "build",
-        "--package",
-        "tern",
-        "--package",
-        "tern-tests",
-        "--bins",
-    ]);
+    cmd.args(["build", "--workspace", "--bins"]);
     if release {
         cmd.arg("--release");
     }

@@ -48,11 +48,37 @@ pub struct Ctx {
     pub drain: watch::Receiver<bool>,
     /// Connect timeout for passthrough connections (clusters have their own).
     pub connect_timeout: Duration,
+    /// Log one line per connection when it closes (target `tern::access`).
+    pub access_log: bool,
 }
 
 /// How long a sniffing chain waits for a client's first bytes before relaying as plain TCP
 /// (server-first protocols send nothing until the server speaks).
 const SNIFF_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// What handled a connection, for the access log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handled {
+    /// The Thrift proxy, per request.
+    Thrift,
+    /// A TCP proxy chain's byte relay.
+    Tcp,
+    /// No listener: relayed to the original destination.
+    Passthrough,
+    /// No listener, and passthrough is denied: closed.
+    Denied,
+}
+
+impl Handled {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Handled::Thrift => "thrift",
+            Handled::Tcp => "tcp",
+            Handled::Passthrough => "passthrough",
+            Handled::Denied => "denied",
+        }
+    }
+}
 
 /// Handles one accepted connection whose original destination is `dst`.
 pub async fn handle(
@@ -61,7 +87,7 @@ pub async fn handle(
     dst: SocketAddr,
     peer: SocketAddr,
     ctx: Arc<Ctx>,
-) {
+) -> Handled {
     let snap = ctx.state.load();
     let selection = match direction {
         Direction::Outbound => snap.select(dst, peer),
@@ -80,17 +106,21 @@ pub async fn handle(
         Selection::Passthrough => {
             drop(snap);
             debug!(%dst, "no listener: passthrough");
-            return tcp::passthrough(down, BytesMut::new(), dst, direction, &ctx).await;
+            tcp::passthrough(down, BytesMut::new(), dst, direction, &ctx).await;
+            return Handled::Passthrough;
         }
         Selection::Deny => {
             debug!(%dst, "no listener and passthrough is denied: closing");
-            return;
+            return Handled::Denied;
         }
     };
     drop(snap);
     debug!(%dst, listener = %chain.listener, chain = %chain.chain, "filter chain");
     match filter {
-        Filter::Thrift(_) => thrift::serve(down, BytesMut::new(), chain, ctx).await,
+        Filter::Thrift(_) => {
+            thrift::serve(down, BytesMut::new(), chain, ctx).await;
+            Handled::Thrift
+        }
         Filter::TcpProxy {
             target,
             sniff_thrift,
@@ -98,9 +128,11 @@ pub async fn handle(
             let mut first = BytesMut::with_capacity(8 * 1024);
             if sniff_thrift && sniff(&mut down, &mut first).await {
                 debug!("first bytes are Thrift: balancing per request");
-                thrift::serve(down, first, chain, ctx).await
+                thrift::serve(down, first, chain, ctx).await;
+                Handled::Thrift
             } else {
-                tcp::proxy(down, first, &target, dst, direction, &ctx).await
+                tcp::proxy(down, first, &target, dst, direction, &ctx).await;
+                Handled::Tcp
             }
         }
     }

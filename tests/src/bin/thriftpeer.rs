@@ -17,6 +17,12 @@
 //! `--calls N`, `--size BYTES` (echo payload), `--ms MS` (sleep), `--pipeline` (send all,
 //! then read), `--phases K` (K rounds of N calls on the same connection, waiting for a line
 //! on stdin between rounds).
+//!
+//! `tern-thriftpeer retry ADDR` is a client that never gives up: it calls `whoami` every
+//! 10 ms over one connection, and when a call or a connection fails it counts the failure and
+//! connects again 50 ms later (500 ms connect timeout). Each line on stdin prints what happened
+//! since the last one: `{"ok": n, "failed": n, "connects": n, "by_server": {..}, "last_error": ..}`;
+//! it exits when stdin closes.
 use std::{
     collections::BTreeMap,
     io::{BufReader, BufWriter, Write},
@@ -74,8 +80,9 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("serve") => serve(&args[1], &args[2]),
         Some("call") => call(&args[1..]),
+        Some("retry") => retry(&args[1]),
         _ => {
-            eprintln!("usage: tern-thriftpeer serve ADDR ID | call ADDR [options]");
+            eprintln!("usage: tern-thriftpeer serve ADDR ID | call ADDR [options] | retry ADDR");
             std::process::exit(2);
         }
     }
@@ -386,4 +393,79 @@ fn run_phase(i: &mut dyn TInputProtocol, out: &mut Out, o: &Options, seq: &mut i
         phase.io_error = Some(e.to_string());
     }
     phase
+}
+
+/// What the retrying client saw since its last report.
+#[derive(Default, Serialize)]
+struct Retrying {
+    ok: u64,
+    failed: u64,
+    connects: u64,
+    by_server: BTreeMap<String, u64>,
+    last_error: Option<String>,
+}
+
+fn retry(addr: &str) {
+    let target: std::net::SocketAddr = addr.parse().expect("retry ADDR: an IP:port");
+    let seen = Arc::new(std::sync::Mutex::new(Retrying::default()));
+    let reporter = seen.clone();
+    thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            if line.is_err() {
+                break;
+            }
+            let report = std::mem::take(&mut *reporter.lock().expect("lock"));
+            println!("{}", serde_json::to_string(&report).expect("json"));
+            std::io::stdout().flush().expect("stdout");
+        }
+        std::process::exit(0);
+    });
+    let failed = |e: String| {
+        let mut s = seen.lock().expect("lock");
+        s.failed += 1;
+        s.last_error = Some(e);
+    };
+    let opts = Options {
+        framed: true,
+        compact: false,
+        method: "whoami".into(),
+        calls: 1,
+        size: 0,
+        ms: 0,
+        pipeline: false,
+        phases: 1,
+    };
+    loop {
+        let stream = match TcpStream::connect_timeout(&target, Duration::from_millis(500)) {
+            Ok(s) => s,
+            Err(e) => {
+                failed(format!("connect: {e}"));
+                thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        seen.lock().expect("lock").connects += 1;
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = stream.set_nodelay(true);
+        let (mut i, mut out) = protocols(&stream, opts.framed, opts.compact);
+        let mut seq = 0;
+        loop {
+            let phase = run_phase(&mut *i, &mut out, &opts, &mut seq);
+            if let Some(e) = phase.io_error {
+                failed(e);
+                break;
+            }
+            if let Some(e) = phase.app_errors.into_iter().next() {
+                failed(format!("TApplicationException: {e}"));
+            }
+            let mut s = seen.lock().expect("lock");
+            for (server, n) in phase.by_server {
+                s.ok += n;
+                *s.by_server.entry(server).or_default() += n;
+            }
+            drop(s);
+            thread::sleep(Duration::from_millis(10));
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
 }

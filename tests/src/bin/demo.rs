@@ -1,0 +1,287 @@
+//! `tern-demo` (run by `cargo xtask demo`): a Thrift service in a mesh of network namespaces, with tern as every
+//! Pod's sidecar (the topology of `tern_tests::mesh`), shown step by step.
+//!
+//! The client knows only the service's virtual IP and makes its calls over one connection;
+//! the demo shows the hooks in the client Pod and that no iptables rule exists, how the calls
+//! spread over the three server Pods, an endpoint removed through EDS and the traffic moving,
+//! a plain TCP port of the same service, and what the server side saw. Everything is removed
+//! when it ends — on failure and on Ctrl-C too (the guards' `Drop` runs as the demo returns).
+use std::{
+    collections::BTreeMap,
+    io::{IsTerminal, Write},
+    path::Path,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use tern_tests::{
+    connect,
+    mesh::{CONTROL_PLANE, Mesh, TCP_PORT, THRIFT_PORT, VIP, vip},
+    thrift_call,
+};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Fails once Ctrl-C (or SIGTERM) arrived, so the demo unwinds and cleans up.
+fn check_interrupt() -> Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+fn bold(s: &str) -> String {
+    format!("\x1b[1m{s}\x1b[0m")
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(_) if INTERRUPTED.load(Ordering::Relaxed) => {
+            eprintln!("tern-demo: interrupted; everything it made is removed");
+            std::process::ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("tern-demo: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the demo with the binaries built beside this one.
+fn run() -> Result<()> {
+    ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed))
+        .context("install the Ctrl-C handler")?;
+    let started = Instant::now();
+    println!(
+        "{}\n",
+        bold("tern demo: a Thrift service in a mesh of network namespaces")
+    );
+    let (result, leftovers) = {
+        let tty = std::io::stderr().is_terminal();
+        let mut progress = |what: &str| {
+            if tty {
+                eprint!("\r\x1b[2Kstarting the mesh: {what} …");
+            } else {
+                eprintln!("starting the mesh: {what}");
+            }
+        };
+        let mesh = Mesh::start(3, &mut progress);
+        if tty {
+            eprint!("\r\x1b[2K");
+        }
+        let mesh = mesh?;
+        let names = Names::of(&mesh);
+        let result = show(&mesh, started);
+        println!(
+            "\n{}",
+            bold("5. stopping: the sidecars drain and detach their hooks")
+        );
+        drop(mesh);
+        (result, names.left())
+    };
+    let (_, status, _) = tern_tests::tern(&["capture", "status"]);
+    println!("  $ tern capture status\n  {}", status.trim());
+    match leftovers {
+        Ok(()) => println!("  removed every namespace, cgroup, pin and process the demo made"),
+        Err(e) => println!("  {e}"),
+    }
+    result?;
+    println!("\ndone in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn show(m: &Mesh, started: Instant) -> Result<()> {
+    println!("mesh ready in {:.1} s", started.elapsed().as_secs_f64());
+    println!("  node       bridge br0 10.77.0.1/24; nothing routes 10.96.0.0/12 (no kube-proxy)");
+    println!(
+        "  istiod     {CONTROL_PLANE}  tern-controlplane: Istio-shaped listeners, clusters, endpoints"
+    );
+    println!(
+        "  service    calc.default.svc.cluster.local  VIP {VIP}  :{THRIFT_PORT} Thrift  :{TCP_PORT} plain TCP"
+    );
+    println!(
+        "  {:<10} {:<11} tern sidecar, eBPF capture",
+        m.client.name, m.client.ip
+    );
+    for s in &m.servers {
+        println!(
+            "  {:<10} {:<11} Thrift server :{THRIFT_PORT}, TCP echo :{TCP_PORT}, tern sidecar (inbound by sk_lookup)",
+            s.name, s.ip
+        );
+    }
+    check_interrupt()?;
+
+    println!(
+        "\n{}",
+        bold("1. capture in client-0: eBPF hooks, no iptables")
+    );
+    let cg = m.client.cgroup.path_str();
+    let (_, status, _) = tern_tests::tern(&["capture", "status", "--cgroup", cg]);
+    println!("  $ tern capture status --cgroup {cg}");
+    // Counters still at zero are left out.
+    for line in status.lines().filter(|l| !l.trim_end().ends_with(" 0")) {
+        println!("  {line}");
+    }
+    let (programs, links) = m.client.hooks()?;
+    println!(
+        "  the kernel (bpftool): {} programs on the cgroup ({}), {links} sk_lookup link on the namespace",
+        programs.len(),
+        programs.join(", ")
+    );
+    let rules = m.client.ns.iptables_rules()?;
+    println!(
+        "  iptables rules in client-0: {}",
+        if rules.is_empty() {
+            "none".to_owned()
+        } else {
+            rules.len().to_string()
+        }
+    );
+    ensure!(rules.is_empty(), "the demo found iptables rules: {rules:?}");
+    check_interrupt()?;
+
+    println!(
+        "\n{}",
+        bold(&format!(
+            "2. client-0 makes 300 calls to {} over one connection",
+            vip(THRIFT_PORT)
+        ))
+    );
+    let mut client = tern_tests::ThriftClient::start(
+        &m.client.ns,
+        Some(&m.client.cgroup),
+        &vip(THRIFT_PORT),
+        &["--calls", "300", "--phases", "2"],
+    )?;
+    let first = client.try_result()?;
+    ensure!(first.io_error.is_none(), "the calls failed: {first:?}");
+    chart(m, &first.by_server);
+    println!("  (a connection-level proxy would have sent all 300 to one server)");
+    let counter = |name: &str| tern_tests::capture_counter(&m.client.cgroup, name);
+    println!(
+        "  client-0's hooks: connect.redirected {}, getsockopt.answered {}, getpeername.rewritten {}",
+        counter("connect.redirected"),
+        counter("getsockopt.answered"),
+        counter("getpeername.rewritten")
+    );
+    check_interrupt()?;
+
+    println!(
+        "\n{}",
+        bold("3. the control plane removes calc-2 (EDS version 2); the same connection goes on")
+    );
+    m.set_endpoints(2, &["calc-1", "calc-3"])?;
+    client.next_phase();
+    let second = client.try_result()?;
+    ensure!(second.io_error.is_none(), "the calls failed: {second:?}");
+    chart(m, &second.by_server);
+    check_interrupt()?;
+
+    println!(
+        "\n{}",
+        bold(&format!(
+            "4. plain TCP to the same service ({}): balanced per connection",
+            vip(TCP_PORT)
+        ))
+    );
+    let mut last = None;
+    for i in 1..=4 {
+        let c = connect(&m.client.ns, Some(&m.client.cgroup), &vip(TCP_PORT));
+        ensure!(c.ok(), "the TCP connection failed: {c:?}");
+        let local = c.server_local.clone().unwrap_or_default();
+        let ip = local.rsplit_once(':').map_or("", |(ip, _)| ip);
+        println!(
+            "  connection {i} → {}; the application there saw it come from {}",
+            m.server_named(ip).unwrap_or("?"),
+            c.server_saw.as_deref().unwrap_or("?")
+        );
+        last = Some(local);
+    }
+    let thrift = thrift_call(&m.client.ns, Some(&m.client.cgroup), &vip(THRIFT_PORT), &[]);
+    ensure!(thrift.replies() == 1, "the Thrift call failed: {thrift:?}");
+    if let Some(dst) = last {
+        let ip = dst.rsplit_once(':').map_or("", |(ip, _)| ip);
+        if let Some(server) = m.servers.iter().find(|s| s.ip == ip) {
+            tern_tests::eventually(std::time::Duration::from_secs(2), || {
+                server.sidecar_log().contains(&format!("dst={dst}"))
+            });
+            let log = server.sidecar_log();
+            if let Some(line) = log
+                .lines()
+                .rfind(|l| l.contains("tern::access") && l.contains(&format!("dst={dst}")))
+            {
+                let fields = line.split("connection closed").nth(1).unwrap_or(line);
+                println!("  {}'s sidecar access log:{fields}", server.name);
+                println!(
+                    "  (inbound capture keeps the client Pod's address {}: no NAT on either side)",
+                    m.client.ip
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The calls each server answered, as a bar chart (the full width is every call).
+fn chart(m: &Mesh, by_server: &BTreeMap<String, u64>) {
+    let total = by_server.values().sum::<u64>().max(1);
+    for s in &m.servers {
+        let n = by_server.get(&s.name).copied().unwrap_or(0);
+        let width = (n * 60 / total) as usize;
+        println!(
+            "  {:<7} {:<60} {n:>4} ({}%)",
+            s.name,
+            "█".repeat(width),
+            n * 100 / total
+        );
+    }
+    let _ = std::io::stdout().flush();
+}
+
+/// The demo's namespaces and cgroups, to check that none is left.
+struct Names {
+    namespaces: Vec<String>,
+    cgroups: Vec<std::path::PathBuf>,
+}
+
+impl Names {
+    fn of(m: &Mesh) -> Self {
+        let pods = std::iter::once(&m.client).chain(&m.servers);
+        Self {
+            namespaces: pods
+                .clone()
+                .map(|p| p.ns.name().to_owned())
+                .chain([m.istiod.name().to_owned(), m.node.name().to_owned()])
+                .collect(),
+            cgroups: pods.map(|p| p.cgroup.path().to_owned()).collect(),
+        }
+    }
+
+    fn left(&self) -> Result<()> {
+        let netns = std::fs::read_dir("/var/run/netns")
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        let ns_left: Vec<&String> = self
+            .namespaces
+            .iter()
+            .filter(|n| netns.contains(n))
+            .collect();
+        let cg_left: Vec<&Path> = self
+            .cgroups
+            .iter()
+            .map(|c| c.as_path())
+            .filter(|c| c.exists())
+            .collect();
+        ensure!(
+            ns_left.is_empty() && cg_left.is_empty(),
+            "left behind: namespaces {ns_left:?}, cgroups {cg_left:?}"
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,293 @@
+//! A small mesh in network namespaces, as the demo and the end-to-end tests use it: a node
+//! with a bridge, a control plane, a client Pod and server Pods — each Pod a namespace and a
+//! cgroup with tern as its sidecar (eBPF capture, configuration over xDS).
+//!
+//! Addresses, on the bridge `br0` of the node's namespace (10.77.0.0/24):
+//! - the node, every Pod's gateway: 10.77.0.1. It answers "no route to host" for the service
+//!   range 10.96.0.0/12 (there is no kube-proxy): a virtual IP works only through a sidecar;
+//! - the control plane (`tern-controlplane`, Istio-shaped resources): 10.77.0.2:15010;
+//! - `client-0`: 10.77.0.10; `calc-1`, `calc-2`, …: 10.77.0.11, 10.77.0.12, …
+//!
+//! The service `calc.default.svc.cluster.local` has the virtual IP 10.96.0.50 with a Thrift
+//! port (9090, a `thrift_proxy` filter) and a plain TCP port (8080, istiod's `tcp_proxy`);
+//! every server Pod runs a Thrift server on 9090 and a TCP echo server on 8080.
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+
+use crate::{
+    Cgroup, ControlPlane, Netns, Process, Tern, admin, bin_dir, eventually, ip, start_server,
+    testpeer_bin,
+};
+
+/// The service's virtual IP.
+pub const VIP: &str = "10.96.0.50";
+/// The service's Thrift port and plain TCP port.
+pub const THRIFT_PORT: u16 = 9090;
+pub const TCP_PORT: u16 = 8080;
+/// Where the control plane serves ADS.
+pub const CONTROL_PLANE: &str = "10.77.0.2:15010";
+const GATEWAY: &str = "10.77.0.1";
+const SERVICE_RANGE: &str = "10.96.0.0/12";
+
+/// `VIP:port`.
+pub fn vip(port: u16) -> String {
+    format!("{VIP}:{port}")
+}
+
+/// A Pod: a namespace linked to the node's bridge, a cgroup, its applications and its sidecar.
+/// Fields drop in order: the sidecar, the applications, the cgroup, the namespace.
+pub struct Pod {
+    sidecar: Option<Tern>,
+    apps: Vec<Process>,
+    pub name: String,
+    pub ip: String,
+    pub cgroup: Cgroup,
+    pub ns: Netns,
+}
+
+impl Pod {
+    /// A namespace `name` with address `ip` on port `port` of the node's bridge, and a cgroup.
+    fn new(node: &Netns, name: &str, ip_addr: &str, port: u32) -> Result<Self> {
+        let ns = Netns::new(name)?;
+        bridge_port(node, &ns, ip_addr, port)?;
+        Ok(Self {
+            sidecar: None,
+            apps: Vec::new(),
+            name: name.to_owned(),
+            ip: ip_addr.to_owned(),
+            cgroup: Cgroup::new(name)?,
+            ns,
+        })
+    }
+
+    /// Starts tern as this Pod's sidecar: eBPF capture of the Pod's cgroup (outbound) and
+    /// namespace (inbound), configuration from the control plane, an access log; then waits
+    /// until its first configuration is applied (`/ready`).
+    pub fn start_sidecar(&mut self) -> Result<()> {
+        let node_id = format!(
+            "sidecar~{}~{}.default~default.svc.cluster.local",
+            self.ip, self.name
+        );
+        let netns = self.ns.path();
+        let xds = format!("http://{CONTROL_PLANE}");
+        let args = [
+            "run",
+            "--capture",
+            "ebpf",
+            "--cgroup",
+            self.cgroup.path_str(),
+            "--netns",
+            netns.to_str().context("UTF-8 path")?,
+            "--xds-address",
+            &xds,
+            "--node-id",
+            &node_id,
+            "--access-log",
+        ];
+        let tern = Tern::start(&self.ns, Some(&self.cgroup), &args)?;
+        ensure!(
+            eventually(Duration::from_secs(10), || self
+                .admin("GET", "/ready")
+                .trim()
+                == "LIVE"),
+            "{}'s sidecar never became ready:\n{}",
+            self.name,
+            tern.log()
+        );
+        self.sidecar = Some(tern);
+        Ok(())
+    }
+
+    /// Stops the sidecar with SIGTERM (it drains and detaches its hooks), as Kubernetes does.
+    pub fn stop_sidecar(&mut self) -> Result<()> {
+        if let Some(mut tern) = self.sidecar.take() {
+            tern.process.terminate()?;
+        }
+        Ok(())
+    }
+
+    /// The sidecar's log (empty when it is not running).
+    pub fn sidecar_log(&self) -> String {
+        self.sidecar.as_ref().map(Tern::log).unwrap_or_default()
+    }
+
+    /// A request to the sidecar's admin server.
+    pub fn admin(&self, method: &str, path: &str) -> String {
+        admin(&self.ns, method, path)
+    }
+
+    /// The hooks the kernel holds for this Pod: programs on its cgroup, and BPF links on its
+    /// namespace (`sk_lookup`), as bpftool sees them.
+    pub fn hooks(&self) -> Result<(Vec<String>, usize)> {
+        Ok((self.cgroup.attached_programs()?, self.ns.bpf_links()?))
+    }
+
+    /// The Thrift server (`tern-thriftpeer`, answering `whoami` with the Pod's name) and the
+    /// TCP echo server (`tern-testpeer`) of a server Pod, inside the Pod's cgroup.
+    fn start_servers(&mut self) -> Result<()> {
+        let thrift = format!("0.0.0.0:{THRIFT_PORT}");
+        let tcp = format!("0.0.0.0:{TCP_PORT}");
+        self.apps.push(start_server(
+            &self.ns,
+            Some(&self.cgroup),
+            &bin_dir().join("tern-thriftpeer"),
+            &["serve", &thrift, &self.name],
+        )?);
+        self.apps.push(start_server(
+            &self.ns,
+            Some(&self.cgroup),
+            &testpeer_bin(),
+            &["serve", &tcp],
+        )?);
+        Ok(())
+    }
+}
+
+/// Links `ns` to the node's bridge through a veth pair (`v<port>` on the node, `eth0` in
+/// `ns`), with address `ip_addr` and a default route through the node.
+fn bridge_port(node: &Netns, ns: &Netns, ip_addr: &str, port: u32) -> Result<()> {
+    let veth = format!("v{port}");
+    ip(&[
+        "-n",
+        node.name(),
+        "link",
+        "add",
+        &veth,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "eth0",
+        "netns",
+        ns.name(),
+    ])?;
+    ip(&["-n", node.name(), "link", "set", &veth, "master", "br0"])?;
+    ip(&["-n", node.name(), "link", "set", &veth, "up"])?;
+    let cidr = format!("{ip_addr}/24");
+    ip(&["-n", ns.name(), "addr", "add", &cidr, "dev", "eth0"])?;
+    ip(&["-n", ns.name(), "link", "set", "eth0", "up"])?;
+    ip(&["-n", ns.name(), "route", "add", "default", "via", GATEWAY])
+}
+
+/// The whole mesh. Dropping it removes every namespace, cgroup, pin and process it made.
+pub struct Mesh {
+    pub client: Pod,
+    pub servers: Vec<Pod>,
+    pub cp: ControlPlane,
+    pub istiod: Netns,
+    pub node: Netns,
+}
+
+impl Mesh {
+    /// Builds the mesh with `servers` server Pods, every Pod with its sidecar running.
+    /// `progress` hears what is being started.
+    pub fn start(servers: usize, progress: &mut dyn FnMut(&str)) -> Result<Self> {
+        crate::require_root();
+        progress("node: bridge br0");
+        let node = Netns::new("node")?;
+        ip(&["-n", node.name(), "link", "add", "br0", "type", "bridge"])?;
+        ip(&[
+            "-n",
+            node.name(),
+            "addr",
+            "add",
+            &format!("{GATEWAY}/24"),
+            "dev",
+            "br0",
+        ])?;
+        ip(&["-n", node.name(), "link", "set", "br0", "up"])?;
+        // A router that answers "no route to host" for the service range.
+        node.output(
+            None,
+            std::path::Path::new("sysctl"),
+            &["-qw", "net.ipv4.ip_forward=1"],
+        )?;
+        ip(&[
+            "-n",
+            node.name(),
+            "route",
+            "add",
+            "unreachable",
+            SERVICE_RANGE,
+        ])?;
+
+        progress("control plane");
+        let istiod = Netns::new("istiod")?;
+        bridge_port(&node, &istiod, "10.77.0.2", 2)?;
+        let endpoints: Vec<String> = (1..=servers)
+            .map(|i| format!("10.77.0.{}", 10 + i))
+            .collect();
+        let all: Vec<&str> = endpoints.iter().map(String::as_str).collect();
+        let cp = ControlPlane::start(&istiod, CONTROL_PLANE, &snapshot(1, &all), &[])?;
+
+        let mut server_pods = Vec::with_capacity(servers);
+        for (i, addr) in endpoints.iter().enumerate() {
+            let name = format!("calc-{}", i + 1);
+            progress(&format!("{name}: servers and sidecar"));
+            let mut pod = Pod::new(&node, &name, addr, 11 + i as u32)?;
+            pod.start_servers()?;
+            pod.start_sidecar()?;
+            server_pods.push(pod);
+        }
+        progress("client-0: sidecar");
+        let mut client = Pod::new(&node, "client-0", "10.77.0.10", 10)?;
+        client.start_sidecar()?;
+        Ok(Self {
+            client,
+            servers: server_pods,
+            cp,
+            istiod,
+            node,
+        })
+    }
+
+    /// Pushes a new version whose endpoints are the server Pods named.
+    pub fn set_endpoints(&self, version: u32, pods: &[&str]) -> Result<()> {
+        let ips: Vec<&str> = pods
+            .iter()
+            .map(|name| {
+                self.servers
+                    .iter()
+                    .find(|p| p.name == *name)
+                    .map(|p| p.ip.as_str())
+                    .with_context(|| format!("no server Pod {name}"))
+            })
+            .collect::<Result<_>>()?;
+        self.cp.push(&snapshot(version, &ips));
+        ensure!(
+            self.cp
+                .wait_for(&format!("ACK ClusterLoadAssignment {version}")),
+            "the client's sidecar did not ACK endpoints version {version}:\n{}",
+            self.cp.events()
+        );
+        Ok(())
+    }
+
+    /// The server Pod with this address, by name.
+    pub fn server_named(&self, ip_addr: &str) -> Option<&str> {
+        self.servers
+            .iter()
+            .find(|p| p.ip == ip_addr)
+            .map(|p| p.name.as_str())
+    }
+}
+
+/// The control plane's snapshot: the service `calc` on both ports, its endpoints at `ips`.
+fn snapshot(version: u32, ips: &[&str]) -> String {
+    let endpoints = |port: u16| {
+        ips.iter()
+            .map(|ip| format!("\"{ip}:{port}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        r#"version: "{version}"
+services:
+  - {{ name: calc, vip: {VIP}, port: {THRIFT_PORT}, filter: thrift, endpoints: [{}] }}
+  - {{ name: calc, vip: {VIP}, port: {TCP_PORT}, filter: tcp, endpoints: [{}] }}
+"#,
+        endpoints(THRIFT_PORT),
+        endpoints(TCP_PORT)
+    )
+}

@@ -1,0 +1,257 @@
+//! End to end: the mesh of `tern_tests::mesh` — a node bridge, a control plane serving
+//! Istio-shaped resources, a client Pod and three server Pods, every Pod with the real `tern`
+//! as its sidecar (eBPF capture, xDS) — and ordinary clients that know only the service's
+//! virtual IP. This is the path `cargo xtask demo` shows.
+use std::time::Duration;
+
+use tern_tests::{
+    Calls, ThriftClient, connect, eventually,
+    mesh::{CONTROL_PLANE, Mesh, Pod, TCP_PORT, THRIFT_PORT, vip},
+    serve,
+};
+
+fn mesh() -> Mesh {
+    Mesh::start(3, &mut |_| {}).expect("the mesh starts")
+}
+
+fn counts(c: &Calls) -> Vec<(&str, u64)> {
+    c.by_server.iter().map(|(k, v)| (k.as_str(), *v)).collect()
+}
+
+/// The sidecar's access log lines for connections from `peer_ip` to `dst`.
+fn access_lines(pod: &Pod, peer_ip: &str, dst: &str) -> Vec<String> {
+    pod.sidecar_log()
+        .lines()
+        .filter(|l| {
+            l.contains("connection closed")
+                && l.contains(&format!("peer={peer_ip}:"))
+                && l.contains(&format!("dst={dst}"))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A client's calls on one connection to the virtual IP spread evenly over the three server
+/// Pods, with the client Pod captured by eBPF hooks and no iptables rule; an EDS update that
+/// removes a server moves the same connection's calls to the other two.
+#[test]
+fn thrift_calls_are_balanced_per_request_and_follow_eds() {
+    let m = mesh();
+    let (programs, links) = m.client.hooks().unwrap();
+    assert_eq!(programs.len(), 6, "cgroup programs: {programs:?}");
+    assert_eq!(links, 1, "the sk_lookup link on the client's namespace");
+    assert!(m.client.ns.iptables_rules().unwrap().is_empty());
+    assert!(
+        !m.client
+            .sidecar_log()
+            .contains(&format!("dst={CONTROL_PLANE}")),
+        "the sidecar's own xDS connection went through its capture"
+    );
+
+    let mut client = ThriftClient::start(
+        &m.client.ns,
+        Some(&m.client.cgroup),
+        &vip(THRIFT_PORT),
+        &["--calls", "300", "--phases", "2"],
+    )
+    .unwrap();
+    let first = client.result();
+    assert_eq!(
+        counts(&first),
+        [("calc-1", 100), ("calc-2", 100), ("calc-3", 100)],
+        "{first:?}"
+    );
+    assert!(first.seq_ok && first.io_error.is_none(), "{first:?}");
+
+    m.set_endpoints(2, &["calc-1", "calc-3"]).unwrap();
+    client.next_phase();
+    let second = client.result();
+    assert_eq!(
+        counts(&second),
+        [("calc-1", 150), ("calc-3", 150)],
+        "{second:?}"
+    );
+    assert!(second.seq_ok && second.io_error.is_none(), "{second:?}");
+}
+
+/// Inbound capture on the server side: the server Pod's sidecar receives the connection with
+/// the client Pod's own address as its peer (no NAT in between), and hands it to the
+/// application from 127.0.0.6, at the address the client's sidecar dialled.
+#[test]
+fn the_server_sidecar_sees_the_client_pod_address() {
+    let m = mesh();
+    let c = connect(&m.client.ns, Some(&m.client.cgroup), &vip(TCP_PORT));
+    assert!(c.ok() && c.proxied(), "{c:?}");
+    let server_local = c.server_local.clone().unwrap();
+    let (server_ip, _) = server_local.rsplit_once(':').unwrap();
+    let server = m
+        .servers
+        .iter()
+        .find(|p| p.ip == server_ip)
+        .unwrap_or_else(|| panic!("the connection reached {server_local}, not a server Pod"));
+    assert!(
+        c.server_saw.as_deref().unwrap().starts_with("127.0.0.6:"),
+        "the application sees the inbound sidecar's passthrough source: {c:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || !access_lines(
+            server,
+            &m.client.ip,
+            &server_local
+        )
+        .is_empty()),
+        "{}'s sidecar logged no inbound connection from {}:\n{}",
+        server.name,
+        m.client.ip,
+        server.sidecar_log()
+    );
+    let line = &access_lines(server, &m.client.ip, &server_local)[0];
+    assert!(line.contains("inbound"), "{line}");
+}
+
+/// One service, two ports: the Thrift port is balanced per request on one connection, the
+/// plain TCP port per connection (each connection stays on one server for its lifetime).
+#[test]
+fn a_thrift_port_and_a_tcp_port_of_one_service_behave_differently() {
+    let m = mesh();
+    let thrift = tern_tests::thrift_call(
+        &m.client.ns,
+        Some(&m.client.cgroup),
+        &vip(THRIFT_PORT),
+        &["--calls", "30"],
+    );
+    assert_eq!(
+        counts(&thrift),
+        [("calc-1", 10), ("calc-2", 10), ("calc-3", 10)],
+        "{thrift:?}"
+    );
+
+    let mut servers = Vec::new();
+    for _ in 0..6 {
+        let c = connect(&m.client.ns, Some(&m.client.cgroup), &vip(TCP_PORT));
+        assert!(c.ok() && c.proxied(), "{c:?}");
+        let local = c.server_local.unwrap();
+        let ip = local.rsplit_once(':').unwrap().0.to_owned();
+        servers.push(m.server_named(&ip).unwrap().to_owned());
+    }
+    servers.sort();
+    servers.dedup();
+    assert_eq!(
+        servers,
+        ["calc-1", "calc-2", "calc-3"],
+        "connections are balanced"
+    );
+
+    // Seven connections closed: one Thrift, six TCP; the access log says what handled each.
+    assert!(
+        eventually(Duration::from_secs(5), || m
+            .client
+            .sidecar_log()
+            .matches("connection closed")
+            .count()
+            >= 7),
+        "{}",
+        m.client.sidecar_log()
+    );
+    let log = m.client.sidecar_log();
+    let handled = |port: u16| -> Vec<&str> {
+        log.lines()
+            .filter(|l| {
+                l.contains("connection closed") && l.contains(&format!("dst={}", vip(port)))
+            })
+            .filter_map(|l| {
+                let value = l.split("handled=").nth(1)?.split_whitespace().next()?;
+                Some(value.trim_matches('"'))
+            })
+            .collect()
+    };
+    assert_eq!(handled(THRIFT_PORT), ["thrift"], "{log}");
+    assert_eq!(handled(TCP_PORT), ["tcp"; 6], "{log}");
+}
+
+/// A connection inside the Pod to localhost is the Pod's own business: not captured, in either
+/// direction, and the sidecar never sees it.
+#[test]
+fn pod_local_connections_are_not_captured() {
+    let m = mesh();
+    let _local = serve(&m.client.ns, &["127.0.0.1:7070"]).unwrap();
+    let c = connect(&m.client.ns, Some(&m.client.cgroup), "127.0.0.1:7070");
+    assert!(c.ok(), "{c:?}");
+    assert!(
+        !c.proxied(),
+        "a localhost connection went through the proxy: {c:?}"
+    );
+    assert_eq!(c.peer.as_deref(), Some("127.0.0.1:7070"));
+    assert!(
+        tern_tests::capture_counter(&m.client.cgroup, "connect.skipped_loopback") >= 1,
+        "the connect hook counted no loopback skip"
+    );
+    assert!(!m.client.sidecar_log().contains("dst=127.0.0.1:7070"));
+}
+
+/// The client's sidecar restarts (SIGTERM, as Kubernetes stops a container, then a new
+/// process) while the client keeps calling: no hook is left behind while it is down, the
+/// client's calls fail (nothing routes the virtual IP without a sidecar) instead of hanging,
+/// and after the restart the same set of hooks is back once and the calls succeed again.
+#[test]
+fn a_client_sidecar_restart_leaves_no_hook_and_traffic_resumes() {
+    let mut m = mesh();
+    let before = m.client.hooks().unwrap();
+    let mut retrying =
+        ThriftClient::retrying(&m.client.ns, Some(&m.client.cgroup), &vip(THRIFT_PORT)).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || retrying.report()["ok"]
+            .as_u64()
+            .unwrap()
+            > 0),
+        "the client made no call through the sidecar"
+    );
+
+    m.client.stop_sidecar().unwrap();
+    assert_eq!(
+        m.client.hooks().unwrap(),
+        (Vec::new(), 0),
+        "hooks left attached after the sidecar stopped"
+    );
+    let (_, status, _) = tern_tests::tern(&["capture", "status"]);
+    assert!(
+        !status.contains(m.client.cgroup.path_str()),
+        "capture still pinned for the client's cgroup:\n{status}"
+    );
+    retrying.report();
+    let mut down = serde_json::Value::Null;
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            down = retrying.report();
+            down["failed"].as_u64().unwrap() > 0
+        }),
+        "the client saw no failure while the sidecar was down"
+    );
+    assert_eq!(
+        down["ok"], 0,
+        "while the sidecar is down the virtual IP does not answer: {down}"
+    );
+
+    m.client.start_sidecar().unwrap();
+    let mut after = m.client.hooks().unwrap();
+    let mut expected = before.clone();
+    after.0.sort();
+    expected.0.sort();
+    assert_eq!(
+        after, expected,
+        "the restarted sidecar attached the same hooks, once"
+    );
+    let mut seen = serde_json::Map::new();
+    let resumed = eventually(Duration::from_secs(10), || {
+        let r = retrying.report();
+        if let Some(by) = r["by_server"].as_object() {
+            seen.extend(by.clone());
+        }
+        seen.len() == 3
+    });
+    assert!(
+        resumed,
+        "calls did not resume over all three servers: {seen:?}\n{}",
+        m.client.sidecar_log()
+    );
+}
