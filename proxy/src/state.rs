@@ -23,7 +23,8 @@ use crate::{
     config::{
         ChainMatch, Cluster, Config, Endpoint, FilterChain, Listener, OutlierDetection, Passthrough,
     },
-    metrics::{ClusterLabel, Metrics},
+    metrics::{ClusterLabel, Metrics, ResultLabels},
+    thrift::frame::ReplyResult,
     upstream::Pool,
 };
 
@@ -113,6 +114,16 @@ pub struct ClusterRuntime {
     pub request_seconds: prometheus_client::metrics::histogram::Histogram,
     pub connections_opened: prometheus_client::metrics::counter::Counter,
     pub connections_gauge: prometheus_client::metrics::gauge::Gauge,
+    /// Replies by result (success, declared exception, application error), resolved once so
+    /// counting a reply looks nothing up and allocates nothing.
+    pub replies: [prometheus_client::metrics::counter::Counter; 3],
+}
+
+impl ClusterRuntime {
+    /// The reply counter for a result.
+    pub fn replies(&self, result: ReplyResult) -> &prometheus_client::metrics::counter::Counter {
+        &self.replies[result as usize]
+    }
 }
 
 /// A cluster in one snapshot.
@@ -310,6 +321,15 @@ impl State {
                             .upstream_connections_active
                             .get_or_create(&label)
                             .clone(),
+                        replies: ReplyResult::ALL.map(|result| {
+                            self.metrics
+                                .replies
+                                .get_or_create(&ResultLabels {
+                                    cluster: c.name.clone(),
+                                    result: result.as_str(),
+                                })
+                                .clone()
+                        }),
                     })
                 });
                 kept_clusters.insert(c.name.clone(), runtime.clone());

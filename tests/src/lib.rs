@@ -381,10 +381,20 @@ pub struct Tern {
 impl Tern {
     /// Starts `tern <args>` in `ns` (and `cgroup`), and waits until it says it is running.
     pub fn start(ns: &Netns, cgroup: Option<&Cgroup>, args: &[&str]) -> Result<Self> {
+        Self::start_logging(ns, cgroup, args, "info,tern=debug")
+    }
+
+    /// [`Tern::start`] with this log filter (`TERN_LOG`).
+    pub fn start_logging(
+        ns: &Netns,
+        cgroup: Option<&Cgroup>,
+        args: &[&str],
+        filter: &str,
+    ) -> Result<Self> {
         let log = std::env::temp_dir().join(format!("{}.log", unique("tern-log")));
         let file = fs::File::create(&log)?;
         let mut cmd = ns.command(cgroup, &tern_bin(), args);
-        cmd.env("TERN_LOG", "info,tern=debug")
+        cmd.env("TERN_LOG", filter)
             .stdout(Stdio::null())
             .stderr(file);
         let mut tern = Self {

@@ -144,9 +144,40 @@ impl Pod {
     }
 }
 
+/// The node: a namespace with the bridge `br0` (10.77.0.1/24, every Pod's gateway) that answers
+/// "no route to host" for the service range 10.96.0.0/12.
+pub fn node() -> Result<Netns> {
+    let node = Netns::new("node")?;
+    ip(&["-n", node.name(), "link", "add", "br0", "type", "bridge"])?;
+    ip(&[
+        "-n",
+        node.name(),
+        "addr",
+        "add",
+        &format!("{GATEWAY}/24"),
+        "dev",
+        "br0",
+    ])?;
+    ip(&["-n", node.name(), "link", "set", "br0", "up"])?;
+    node.output(
+        None,
+        std::path::Path::new("sysctl"),
+        &["-qw", "net.ipv4.ip_forward=1"],
+    )?;
+    ip(&[
+        "-n",
+        node.name(),
+        "route",
+        "add",
+        "unreachable",
+        SERVICE_RANGE,
+    ])?;
+    Ok(node)
+}
+
 /// Links `ns` to the node's bridge through a veth pair (`v<port>` on the node, `eth0` in
 /// `ns`), with address `ip_addr` and a default route through the node.
-fn bridge_port(node: &Netns, ns: &Netns, ip_addr: &str, port: u32) -> Result<()> {
+pub fn bridge_port(node: &Netns, ns: &Netns, ip_addr: &str, port: u32) -> Result<()> {
     let veth = format!("v{port}");
     ip(&[
         "-n",
@@ -185,32 +216,7 @@ impl Mesh {
     pub fn start(servers: usize, progress: &mut dyn FnMut(&str)) -> Result<Self> {
         crate::require_root();
         progress("node: bridge br0");
-        let node = Netns::new("node")?;
-        ip(&["-n", node.name(), "link", "add", "br0", "type", "bridge"])?;
-        ip(&[
-            "-n",
-            node.name(),
-            "addr",
-            "add",
-            &format!("{GATEWAY}/24"),
-            "dev",
-            "br0",
-        ])?;
-        ip(&["-n", node.name(), "link", "set", "br0", "up"])?;
-        // A router that answers "no route to host" for the service range.
-        node.output(
-            None,
-            std::path::Path::new("sysctl"),
-            &["-qw", "net.ipv4.ip_forward=1"],
-        )?;
-        ip(&[
-            "-n",
-            node.name(),
-            "route",
-            "add",
-            "unreachable",
-            SERVICE_RANGE,
-        ])?;
+        let node = node()?;
 
         progress("control plane");
         let istiod = Netns::new("istiod")?;

@@ -5,6 +5,8 @@
 //!   (for `-Z build-std=core`), iproute2 and iptables (for the tests).
 //! - `build-ebpf`: build the kernel programs; the `tern` crate embeds the object.
 //! - `test`: setup, the eBPF build, fmt and clippy, and every test (unit and integration).
+//! - `bench`: release builds, criterion micro-benchmarks and tern against the direct path,
+//!   HAProxy and iptables capture (`tern-bench`); writes `target/bench/report.{md,json,svg}`.
 //! - `demo`: a Thrift service in a mesh of network namespaces, tern as every Pod's sidecar
 //!   (`tern-demo`, built with the test harness it uses).
 use std::{
@@ -42,6 +44,9 @@ enum Task {
     },
     /// A Thrift service in a mesh of network namespaces with tern as every sidecar, then clean up.
     Demo,
+    /// Release builds, micro-benchmarks, then tern against the direct path, HAProxy and
+    /// iptables capture; the report goes to target/bench/.
+    Bench,
 }
 
 fn main() -> ExitCode {
@@ -64,6 +69,7 @@ fn run(task: Task) -> Result<()> {
             build_tern(release)
         }
         Task::Test { args } => test(&args),
+        Task::Bench => bench(),
         Task::Demo => {
             setup()?;
             build_ebpf()?;
@@ -249,6 +255,32 @@ fn build_ebpf() -> Result<()> {
             .args(["+nightly", "build", "--release", "--target-dir"])
             .arg(root.join("target/ebpf")),
     )
+}
+
+fn bench() -> Result<()> {
+    setup()?;
+    build_ebpf()?;
+    build_tern(true)?;
+    let out = root().join("target/bench");
+    std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
+    step("bench: micro-benchmarks (criterion: codec, router, balancer; allocations per request)");
+    status(
+        cargo()
+            .args(["bench", "--package", "tern", "--benches", "--"])
+            .args(["--warm-up-time", "0.5", "--measurement-time", "1"])
+            .env("TERN_BENCH_OUT", out.join("alloc.json")),
+    )?;
+    step("bench: direct, HAProxy, tern (TCP, Thrift), iptables and eBPF capture");
+    status(
+        Command::new(root().join("target/release/tern-bench"))
+            .arg(&out)
+            .arg(root().join("target/criterion")),
+    )?;
+    step(&format!(
+        "bench: report in {}/report.{{md,json,svg}}",
+        out.display()
+    ));
+    Ok(())
 }
 
 fn build_tern(release: bool) -> Result<()> {

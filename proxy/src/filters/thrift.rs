@@ -32,7 +32,7 @@ use super::Ctx;
 use crate::{
     balance::hash_key,
     config::{Filter, Route, RouteAction, RouteMatch, Target},
-    metrics::{MethodLabels, ResultLabels},
+    metrics::MethodLabels,
     state::{ClusterState, Snapshot},
     thrift::{
         Decoder, Message, MessageType,
@@ -429,15 +429,7 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>) -> Option<Bytes> {
             Ok(Ok(Ok(reply))) => {
                 ert.record_success();
                 rt.request_seconds.observe(started.elapsed().as_secs_f64());
-                let result = reply.reply_result().as_str();
-                ctx.state
-                    .metrics
-                    .replies
-                    .get_or_create(&ResultLabels {
-                        cluster: cfg.name.clone(),
-                        result,
-                    })
-                    .inc();
+                rt.replies(reply.reply_result()).inc();
                 return Some(reply.into_bytes());
             }
             Ok(Ok(Err(Failed::NotSent(e)))) => {

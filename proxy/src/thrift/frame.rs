@@ -191,6 +191,13 @@ pub enum ReplyResult {
 }
 
 impl ReplyResult {
+    /// Every result, in declaration order (`result as usize` indexes this array).
+    pub const ALL: [ReplyResult; 3] = [
+        ReplyResult::Success,
+        ReplyResult::DeclaredException,
+        ReplyResult::ApplicationException,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ReplyResult::Success => "success",

@@ -1,0 +1,541 @@
+//! `tern-bench` (run by `cargo xtask bench`, release binaries, root): tern against the direct
+//! path, HAProxy and iptables capture, interleaved in rounds on this machine; writes
+//! `target/bench/report.{json,md,svg}` and prints the Markdown.
+//!
+//! Topology (network namespaces on a bridge, as in `tern_tests::mesh`):
+//! - `srv` (10.77.0.2): three echo servers on :9001–9003 — the "netns" endpoints;
+//! - `cli` (10.77.0.10): the load generator, HAProxy (127.0.0.1:19000 → netns endpoints,
+//!   :19001 → loopback endpoints), three echo servers on 127.0.0.1:9101–9103 (the "loopback"
+//!   endpoints) and tern with eBPF capture of the cgroup the load generator runs in;
+//! - `cli-ipt` (10.77.0.11): tern with iptables REDIRECT capture, and the load generator.
+//!
+//! tern serves four virtual IPs: 10.96.0.1 (TCP proxy) and 10.96.0.2 (Thrift proxy) to the
+//! netns endpoints, 10.96.0.3 and 10.96.0.4 the same to the loopback endpoints.
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use tern_bench::{
+    LoadResult,
+    report::{Group, Report, Row, Sample},
+};
+use tern_tests::{Cgroup, ControlPlane, Netns, Process, Tern, bin_dir, eventually, mesh};
+
+const ROUNDS: usize = 3;
+const SECS: &str = "1.5";
+const NETNS_ENDPOINTS: &str = "10.77.0.2:9001,10.77.0.2:9002,10.77.0.2:9003";
+const LOOPBACK_ENDPOINTS: &str = "127.0.0.1:9101,127.0.0.1:9102,127.0.0.1:9103";
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tern-bench: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    tern_tests::require_root();
+    let out_dir = std::env::args()
+        .nth(1)
+        .map(PathBuf::from)
+        .context("usage: tern-bench OUT_DIR [CRITERION_DIR]")?;
+    let criterion_dir = std::env::args().nth(2).map(PathBuf::from);
+    std::fs::create_dir_all(&out_dir)?;
+    let started = Instant::now();
+    let mut bench = Bench::start()?;
+    let mut groups = Vec::new();
+
+    for (name, vip_tcp, vip_thrift, direct, haproxy, size, inflight) in [
+        (
+            "loopback, 100 B",
+            "10.96.0.3:9090",
+            "10.96.0.4:9090",
+            LOOPBACK_ENDPOINTS,
+            "127.0.0.1:19001",
+            "100",
+            "8",
+        ),
+        (
+            "netns, 100 B",
+            "10.96.0.1:9090",
+            "10.96.0.2:9090",
+            NETNS_ENDPOINTS,
+            "127.0.0.1:19000",
+            "100",
+            "8",
+        ),
+        (
+            "netns, 64 KiB",
+            "10.96.0.1:9090",
+            "10.96.0.2:9090",
+            NETNS_ENDPOINTS,
+            "127.0.0.1:19000",
+            "65536",
+            "2",
+        ),
+    ] {
+        let load = ["--connections", "4", "--inflight", inflight, "--size", size];
+        let latency = [
+            "--connections",
+            "1",
+            "--inflight",
+            "1",
+            "--size",
+            size,
+            "--secs",
+            "1",
+            "--warmup",
+            "0.2",
+        ];
+        let paths = [
+            Path_::new("direct", direct, None, false),
+            Path_::new("HAProxy (TCP)", haproxy, Some(bench.haproxy.pid()), false),
+            Path_::new("tern TCP proxy", vip_tcp, bench.tern_pid(), true),
+            Path_::new(
+                "tern Thrift, per request",
+                vip_thrift,
+                bench.tern_pid(),
+                true,
+            ),
+        ];
+        groups.push(bench.compare(name, &paths, &load, Some(&latency), &bench.cli)?);
+    }
+
+    // Connection setup: a new connection per call.
+    let churn = ["--churn", "--connections", "4", "--size", "100"];
+    let mut setup = None;
+    for exclusions in [0usize, 100, 1000] {
+        let (mut ebpf, mut ipt) = bench.capture_terns(exclusions)?;
+        let name = format!("connection setup, {exclusions} excluded CIDRs and ports");
+        let mut paths = vec![
+            Path_::new(
+                "tern, eBPF capture",
+                "10.96.0.1:9090",
+                Some(ebpf.process.pid()),
+                true,
+            ),
+            Path_::new(
+                "tern, iptables capture",
+                "10.96.0.1:9090",
+                Some(ipt.process.pid()),
+                false,
+            )
+            .in_ns(&bench.cli_ipt),
+        ];
+        if exclusions == 0 {
+            paths.insert(0, Path_::new("direct", NETNS_ENDPOINTS, None, false));
+            paths.insert(
+                1,
+                Path_::new(
+                    "HAProxy (TCP)",
+                    "127.0.0.1:19000",
+                    Some(bench.haproxy.pid()),
+                    false,
+                ),
+            );
+        }
+        let group = bench.compare(&name, &paths, &churn, None, &bench.cli)?;
+        // SIGTERM, so the next ones start from no hooks and no rules.
+        ebpf.process.terminate()?;
+        ipt.process.terminate()?;
+        if exclusions == 0 {
+            setup = Some(group);
+        } else {
+            groups.push(group);
+        }
+    }
+    groups.insert(3, setup.expect("measured"));
+
+    let idle_rss = bench.idle_rss_with_1000_clusters()?;
+    drop(bench);
+
+    let report = Report::new(
+        groups,
+        idle_rss,
+        read_micro(&out_dir, criterion_dir.as_deref()),
+        started.elapsed(),
+    );
+    report.write(&out_dir)?;
+    println!("{}", report.markdown());
+    Ok(())
+}
+
+/// One way from the load generator to the echo servers.
+struct Path_<'a> {
+    name: &'static str,
+    addr: &'a str,
+    /// The proxy on the path, for its CPU time and peak memory.
+    proxy: Option<u32>,
+    /// Whether the load generator runs in the eBPF-captured cgroup.
+    captured: bool,
+    /// The namespace the load generator runs in, when not the bench's client namespace.
+    ns: Option<&'a Netns>,
+}
+
+impl<'a> Path_<'a> {
+    fn new(name: &'static str, addr: &'a str, proxy: Option<u32>, captured: bool) -> Self {
+        Self {
+            name,
+            addr,
+            proxy,
+            captured,
+            ns: None,
+        }
+    }
+
+    fn in_ns(mut self, ns: &'a Netns) -> Self {
+        self.ns = Some(ns);
+        self
+    }
+}
+
+/// Everything the bench runs; dropping it stops every process and removes the namespaces.
+struct Bench {
+    tern_ebpf: Option<Tern>,
+    haproxy: Process,
+    _servers: Vec<Process>,
+    config: PathBuf,
+    cgroup: Cgroup,
+    cli_ipt: Netns,
+    cli: Netns,
+    _srv: Netns,
+    _node: Netns,
+}
+
+impl Bench {
+    fn start() -> Result<Self> {
+        eprintln!("tern-bench: starting servers, HAProxy and tern");
+        let node = mesh::node()?;
+        let srv = Netns::new("bench-srv")?;
+        let cli = Netns::new("bench-cli")?;
+        let cli_ipt = Netns::new("bench-ipt")?;
+        mesh::bridge_port(&node, &srv, "10.77.0.2", 2)?;
+        mesh::bridge_port(&node, &cli, "10.77.0.10", 10)?;
+        mesh::bridge_port(&node, &cli_ipt, "10.77.0.11", 11)?;
+        for ns in [&cli, &cli_ipt, &srv] {
+            // Connection churn leaves many sockets in TIME_WAIT.
+            for setting in [
+                "net.ipv4.tcp_tw_reuse=1",
+                "net.ipv4.ip_local_port_range=10000 65000",
+            ] {
+                ns.output(None, Path::new("sysctl"), &["-qw", setting])?;
+            }
+        }
+        let load = bin_dir().join("tern-load");
+        let mut servers = Vec::new();
+        for (ns, addrs) in [(&srv, NETNS_ENDPOINTS), (&cli, LOOPBACK_ENDPOINTS)] {
+            for addr in addrs.split(',') {
+                servers.push(tern_tests::start_server(ns, None, &load, &["serve", addr])?);
+            }
+        }
+        let config = std::env::temp_dir().join(format!("{}.yaml", tern_tests::unique("bench")));
+        std::fs::write(&config, tern_config())?;
+        let haproxy_cfg =
+            std::env::temp_dir().join(format!("{}.cfg", tern_tests::unique("haproxy")));
+        std::fs::write(&haproxy_cfg, haproxy_config())?;
+        let mut cmd = cli.command(
+            None,
+            Path::new("haproxy"),
+            &["-f", haproxy_cfg.to_str().unwrap(), "-db"],
+        );
+        cmd.stdout(std::process::Stdio::null());
+        let haproxy = Process::spawn(cmd)?;
+        ensure!(
+            eventually(Duration::from_secs(5), || {
+                cli.output(None, Path::new("ss"), &["-Hltn", "sport = :19000"])
+                    .is_ok_and(|o| !o.trim().is_empty())
+            }),
+            "HAProxy did not start (is it installed? `cargo xtask setup` installs it)"
+        );
+        let _ = std::fs::remove_file(&haproxy_cfg);
+        let cgroup = Cgroup::new("bench")?;
+        let tern_ebpf = start_tern(&cli, Some(&cgroup), &config, "ebpf", 0)?;
+        Ok(Self {
+            tern_ebpf: Some(tern_ebpf),
+            haproxy,
+            _servers: servers,
+            config,
+            cgroup,
+            cli_ipt,
+            cli,
+            _srv: srv,
+            _node: node,
+        })
+    }
+
+    /// tern with eBPF capture (in `cli`) and with iptables capture (in `cli-ipt`), both with
+    /// `exclusions` excluded CIDRs and ports. Only one tern may capture the cgroup, so the
+    /// bench's own eBPF tern stops first (SIGTERM: its hooks go with it).
+    fn capture_terns(&mut self, exclusions: usize) -> Result<(Tern, Tern)> {
+        if let Some(mut tern) = self.tern_ebpf.take() {
+            tern.process.terminate()?;
+        }
+        let ebpf = start_tern(
+            &self.cli,
+            Some(&self.cgroup),
+            &self.config,
+            "ebpf",
+            exclusions,
+        )?;
+        let ipt = start_tern(&self.cli_ipt, None, &self.config, "iptables", exclusions)?;
+        Ok((ebpf, ipt))
+    }
+
+    fn tern_pid(&self) -> Option<u32> {
+        self.tern_ebpf.as_ref().map(|t| t.process.pid())
+    }
+
+    /// Runs every path `ROUNDS` times, interleaved, and summarises the group: throughput
+    /// under `load`, and latency under `latency` when given.
+    fn compare(
+        &self,
+        name: &str,
+        paths: &[Path_],
+        load: &[&str],
+        latency: Option<&[&str]>,
+        ns: &Netns,
+    ) -> Result<Group> {
+        eprintln!("tern-bench: {name}");
+        let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
+        for round in 0..ROUNDS {
+            for p in paths {
+                let cpu_before = p.proxy.map(cpu_seconds).transpose()?;
+                let ns = p.ns.unwrap_or(ns);
+                let cgroup = p.captured.then_some(&self.cgroup);
+                let result = load_run(ns, cgroup, p.addr, load)?;
+                let cpu = match (p.proxy, cpu_before) {
+                    (Some(pid), Some(before)) => Some(cpu_seconds(pid)? - before),
+                    _ => None,
+                };
+                // Latency one call at a time (a saturated run measures its own queue).
+                let latency = match latency {
+                    Some(args) => Some(load_run(ns, cgroup, p.addr, args)?),
+                    None => None,
+                };
+                let peak_rss = p.proxy.map(peak_rss_kib).transpose()?;
+                let p99 = latency.as_ref().unwrap_or(&result).p99_us;
+                eprintln!(
+                    "  round {} {:<26} {:>9.0} req/s  p99 {:>7.0} µs{}",
+                    round + 1,
+                    p.name,
+                    result.rps,
+                    p99,
+                    if result.errors > 0 {
+                        format!("  ({} errors)", result.errors)
+                    } else {
+                        String::new()
+                    }
+                );
+                samples.entry(p.name).or_default().push(Sample {
+                    load: result,
+                    latency,
+                    proxy_cpu_s: cpu,
+                    proxy_peak_rss_kib: peak_rss,
+                });
+            }
+        }
+        let rows = paths
+            .iter()
+            .map(|p| Row::from_samples(p.name, samples.remove(p.name).unwrap_or_default()))
+            .collect();
+        Ok(Group::new(name, rows))
+    }
+
+    /// tern's resident memory once 1,000 clusters with 10,000 endpoints are loaded over xDS
+    /// and it is idle (no capture, its own namespace).
+    fn idle_rss_with_1000_clusters(&self) -> Result<f64> {
+        eprintln!("tern-bench: idle memory with 1,000 clusters / 10,000 endpoints");
+        let ns = Netns::new("bench-rss")?;
+        let cp = ControlPlane::start(&ns, "127.0.0.1:15010", "version: \"1\"\nbulk: 1000\n", &[])?;
+        let tern = Tern::start_logging(
+            &ns,
+            None,
+            &[
+                "run",
+                "--inbound-ports",
+                "",
+                "--xds-address",
+                "http://127.0.0.1:15010",
+            ],
+            "info",
+        )?;
+        ensure!(
+            eventually(Duration::from_secs(30), || tern_tests::admin(
+                &ns, "GET", "/ready"
+            )
+            .trim()
+                == "LIVE"),
+            "tern did not load the 1,000 clusters:\n{}",
+            tern.log()
+        );
+        ensure!(
+            cp.wait_for("ACK ClusterLoadAssignment 1"),
+            "no EDS ACK: {}",
+            cp.events()
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        let status = std::fs::read_to_string(format!("/proc/{}/status", tern.process.pid()))?;
+        let rss = field_kib(&status, "VmRSS:").context("VmRSS")?;
+        Ok(rss as f64 / 1024.0)
+    }
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+fn start_tern(
+    ns: &Netns,
+    cgroup: Option<&Cgroup>,
+    config: &Path,
+    capture: &str,
+    exclusions: usize,
+) -> Result<Tern> {
+    let cidrs: Vec<String> = (0..exclusions)
+        .map(|i| format!("172.16.{}.{}/32", i / 256, i % 256))
+        .collect();
+    let ports: Vec<String> = (0..exclusions).map(|i| (20000 + i).to_string()).collect();
+    let (cidrs, ports) = (cidrs.join(","), ports.join(","));
+    let mut args = vec![
+        "run",
+        "--capture",
+        capture,
+        "--inbound-ports",
+        "",
+        "--config",
+        config.to_str().context("UTF-8 path")?,
+        "--exclude-cidrs",
+        &cidrs,
+        "--exclude-ports",
+        &ports,
+    ];
+    if let Some(cg) = cgroup {
+        args.extend(["--cgroup", cg.path_str()]);
+    }
+    Tern::start_logging(ns, cgroup, &args, "info")
+}
+
+fn load_run(ns: &Netns, cgroup: Option<&Cgroup>, addr: &str, load: &[&str]) -> Result<LoadResult> {
+    let bin = bin_dir().join("tern-load");
+    let args = [&["run", "--addr", addr, "--secs", SECS][..], load].concat();
+    // A later `--secs` wins (clap keeps the last occurrence).
+    let out = ns.output(cgroup, &bin, &args)?;
+    let result: LoadResult =
+        serde_json::from_str(out.trim()).with_context(|| format!("tern-load output {out:?}"))?;
+    if result.requests == 0 {
+        bail!("no call succeeded on {addr} ({} errors)", result.errors);
+    }
+    Ok(result)
+}
+
+/// User and system CPU seconds a process used so far (`/proc/PID/stat`).
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("read /proc/{pid}/stat"))?;
+    let after_name = stat
+        .rsplit_once(')')
+        .map(|(_, s)| s)
+        .context("stat format")?;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat; after the name they are the 12th and 13th.
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
+    Ok(ticks as f64 / hz)
+}
+
+/// The process's peak resident memory (`VmHWM`).
+fn peak_rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    field_kib(&status, "VmHWM:").context("VmHWM")
+}
+
+fn field_kib(status: &str, field: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn tern_config() -> String {
+    let endpoints = |list: &str| {
+        list.split(',')
+            .map(|a| format!("      - {{ address: {a} }}\n"))
+            .collect::<String>()
+    };
+    format!(
+        r#"passthrough: allow
+listeners:
+  - address: 10.96.0.1:9090
+    filter_chains: [ {{ tcp_proxy: {{ cluster: echo-netns, sniff_thrift: false }} }} ]
+  - address: 10.96.0.2:9090
+    filter_chains: [ {{ thrift_proxy: {{ transport: framed, protocol: binary, default_cluster: echo-netns }} }} ]
+  - address: 10.96.0.3:9090
+    filter_chains: [ {{ tcp_proxy: {{ cluster: echo-lo, sniff_thrift: false }} }} ]
+  - address: 10.96.0.4:9090
+    filter_chains: [ {{ thrift_proxy: {{ transport: framed, protocol: binary, default_cluster: echo-lo }} }} ]
+clusters:
+  - name: echo-netns
+    endpoints:
+{}  - name: echo-lo
+    endpoints:
+{}"#,
+        endpoints(NETNS_ENDPOINTS),
+        endpoints(LOOPBACK_ENDPOINTS)
+    )
+}
+
+fn haproxy_config() -> String {
+    let servers = |list: &str| {
+        list.split(',')
+            .enumerate()
+            .map(|(i, a)| format!("    server s{i} {a}\n"))
+            .collect::<String>()
+    };
+    format!(
+        "global\n    maxconn 8000\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n\n\
+         listen netns\n    bind 127.0.0.1:19000\n    balance roundrobin\n{}\n\
+         listen loopback\n    bind 127.0.0.1:19001\n    balance roundrobin\n{}",
+        servers(NETNS_ENDPOINTS),
+        servers(LOOPBACK_ENDPOINTS)
+    )
+}
+
+/// The micro-benchmarks `cargo xtask bench` ran before: criterion's mean estimates (ns) under
+/// `criterion_dir`, and the allocations per proxied request in `OUT_DIR/alloc.json`.
+fn read_micro(out_dir: &Path, criterion_dir: Option<&Path>) -> BTreeMap<String, f64> {
+    let mut micro: BTreeMap<String, f64> = std::fs::read_to_string(out_dir.join("alloc.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = criterion_dir.into_iter().map(Path::to_owned).collect();
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                let estimates = path.join("new/estimates.json");
+                if let Ok(text) = std::fs::read_to_string(&estimates)
+                    && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+                    && let Some(mean) = v["mean"]["point_estimate"].as_f64()
+                    && let Some(base) = criterion_dir
+                    && let Ok(name) = path.strip_prefix(base)
+                {
+                    micro.insert(name.display().to_string(), mean);
+                }
+                dirs.push(path);
+            }
+        }
+    }
+    micro
+}

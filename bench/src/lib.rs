@@ -1,0 +1,132 @@
+//! tern's benchmarks: the Thrift wire format the load generator and the echo server speak,
+//! and the result of one load run.
+//!
+//! Every call is `echo(1: binary data)` in framed strict binary Thrift, encoded once with the
+//! `thrift` crate; per call only the sequence id changes. The echo server's reply is the call
+//! with its message type set to REPLY and its field id set to 0 (the result), so a reply is
+//! exactly as long as its call and both sides can check it without decoding.
+use serde::{Deserialize, Serialize};
+use thrift::protocol::{
+    TBinaryOutputProtocol, TFieldIdentifier, TMessageIdentifier, TMessageType, TOutputProtocol,
+    TStructIdentifier, TType,
+};
+
+pub mod report;
+
+/// Offset of the sequence id in a framed message: frame length, version word, name length,
+/// the name `echo`.
+pub const SEQ_OFFSET: usize = 4 + 4 + 4 + 4;
+/// Offset of the message type byte (the version word's last byte).
+pub const TYPE_OFFSET: usize = 4 + 3;
+/// Offset of the first field's id (after the sequence id and the field type byte).
+pub const FIELD_ID_OFFSET: usize = SEQ_OFFSET + 4 + 1;
+
+const CALL: u8 = 1;
+const REPLY: u8 = 2;
+
+/// A framed `echo` call carrying `size` bytes, with sequence id 0.
+pub fn echo_call(size: usize) -> Vec<u8> {
+    let mut body = Vec::with_capacity(size + 64);
+    {
+        let mut o = TBinaryOutputProtocol::new(&mut body, true);
+        let data = vec![b'x'; size];
+        o.write_message_begin(&TMessageIdentifier::new("echo", TMessageType::Call, 0))
+            .and_then(|()| o.write_struct_begin(&TStructIdentifier::new("args")))
+            .and_then(|()| o.write_field_begin(&TFieldIdentifier::new("data", TType::String, 1)))
+            .and_then(|()| o.write_bytes(&data))
+            .and_then(|()| o.write_field_end())
+            .and_then(|()| o.write_field_stop())
+            .and_then(|()| o.write_struct_end())
+            .and_then(|()| o.write_message_end())
+            .expect("encoding into memory cannot fail");
+    }
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// Writes `seq` into a framed call.
+pub fn set_seq(frame: &mut [u8], seq: i32) {
+    frame[SEQ_OFFSET..SEQ_OFFSET + 4].copy_from_slice(&seq.to_be_bytes());
+}
+
+/// The sequence id of a framed message.
+pub fn seq(frame: &[u8]) -> i32 {
+    i32::from_be_bytes(
+        frame[SEQ_OFFSET..SEQ_OFFSET + 4]
+            .try_into()
+            .expect("4 bytes"),
+    )
+}
+
+/// Whether a framed message is an `echo` call this server answers.
+pub fn is_echo_call(frame: &[u8]) -> bool {
+    frame.len() > FIELD_ID_OFFSET + 2
+        && frame[4..8] == [0x80, 0x01, 0x00, CALL]
+        && frame[8..16] == [0, 0, 0, 4, b'e', b'c', b'h', b'o']
+}
+
+/// Turns an `echo` call into its reply, in place.
+pub fn into_reply(frame: &mut [u8]) {
+    frame[TYPE_OFFSET] = REPLY;
+    frame[FIELD_ID_OFFSET..FIELD_ID_OFFSET + 2].copy_from_slice(&[0, 0]);
+}
+
+/// Whether a framed message is the reply to the call with sequence id `seq`.
+pub fn is_reply_to(frame: &[u8], seq_id: i32) -> bool {
+    frame.len() > SEQ_OFFSET + 4 && frame[4..8] == [0x80, 0x01, 0x00, REPLY] && seq(frame) == seq_id
+}
+
+/// What one load run measured.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LoadResult {
+    /// Calls answered within the measured window.
+    pub requests: u64,
+    /// Calls answered in the whole run, warm-up included (what a proxy's CPU time covers).
+    pub total: u64,
+    /// Calls that failed (I/O error, a wrong reply).
+    pub errors: u64,
+    /// Length of the measured window, in seconds.
+    pub secs: f64,
+    pub rps: f64,
+    /// Call latency percentiles, in microseconds.
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    /// Churn mode: `connect()` latency percentiles, in microseconds.
+    pub connect_p50_us: Option<f64>,
+    pub connect_p99_us: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reply_is_the_call_with_type_and_field_id_changed() {
+        let mut call = echo_call(100);
+        set_seq(&mut call, 42);
+        assert!(is_echo_call(&call));
+        assert_eq!(seq(&call), 42);
+        let mut reply = call.clone();
+        into_reply(&mut reply);
+        assert!(is_reply_to(&reply, 42));
+        assert!(!is_reply_to(&reply, 41));
+        assert!(!is_reply_to(&call, 42));
+        // The call decodes with the thrift crate as `echo(1: data)`.
+        use thrift::protocol::{TBinaryInputProtocol, TInputProtocol};
+        let mut i = TBinaryInputProtocol::new(&call[4..], true);
+        let m = i.read_message_begin().unwrap();
+        assert_eq!((m.name.as_str(), m.sequence_number), ("echo", 42));
+        i.read_struct_begin().unwrap();
+        let f = i.read_field_begin().unwrap();
+        assert_eq!(f.id, Some(1));
+        assert_eq!(i.read_bytes().unwrap().len(), 100);
+        // And the reply as the result field 0.
+        let mut i = TBinaryInputProtocol::new(&reply[4..], true);
+        let m = i.read_message_begin().unwrap();
+        assert_eq!(m.message_type, TMessageType::Reply);
+        i.read_struct_begin().unwrap();
+        assert_eq!(i.read_field_begin().unwrap().id, Some(0));
+    }
+}

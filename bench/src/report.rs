@@ -1,0 +1,483 @@
+//! The benchmark report: medians over rounds per path, ratios to the direct path and to
+//! HAProxy, the targets, written as JSON, Markdown and an SVG chart.
+use std::{collections::BTreeMap, path::Path, process::Command, time::Duration};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::LoadResult;
+
+pub const DIRECT: &str = "direct";
+pub const HAPROXY: &str = "HAProxy (TCP)";
+
+/// One round of one path.
+#[derive(Clone, Debug, Serialize)]
+pub struct Sample {
+    /// The throughput run (many calls in flight).
+    pub load: LoadResult,
+    /// The latency run (one call at a time), when the comparison has one.
+    pub latency: Option<LoadResult>,
+    /// CPU seconds the proxy used during the run.
+    pub proxy_cpu_s: Option<f64>,
+    pub proxy_peak_rss_kib: Option<u64>,
+}
+
+/// One path's medians over its rounds.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    pub path: String,
+    pub rps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub connect_p50_us: Option<f64>,
+    pub connect_p99_us: Option<f64>,
+    /// p99 over the direct path's p99.
+    pub added_p99_us: Option<f64>,
+    pub cpu_s_per_million: Option<f64>,
+    /// Requests per second of proxy CPU: throughput per proxy core.
+    pub rps_per_core: Option<f64>,
+    pub peak_rss_mib: Option<f64>,
+    pub vs_direct: Option<f64>,
+    /// Throughput per proxy core relative to HAProxy's.
+    pub per_core_vs_haproxy: Option<f64>,
+    /// Added p99 relative to HAProxy's.
+    pub added_p99_vs_haproxy: Option<f64>,
+    pub errors: u64,
+    pub samples: Vec<Sample>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+impl Row {
+    pub fn from_samples(path: &str, samples: Vec<Sample>) -> Self {
+        let m = |f: &dyn Fn(&Sample) -> Option<f64>| {
+            let v: Vec<f64> = samples.iter().filter_map(f).collect();
+            (!v.is_empty()).then(|| median(v))
+        };
+        Self {
+            path: path.to_owned(),
+            rps: m(&|s| Some(s.load.rps)).unwrap_or(f64::NAN),
+            p50_us: m(&|s| Some(s.latency.as_ref().unwrap_or(&s.load).p50_us)).unwrap_or(f64::NAN),
+            p99_us: m(&|s| Some(s.latency.as_ref().unwrap_or(&s.load).p99_us)).unwrap_or(f64::NAN),
+            p999_us: m(&|s| Some(s.latency.as_ref().unwrap_or(&s.load).p999_us))
+                .unwrap_or(f64::NAN),
+            connect_p50_us: m(&|s| s.load.connect_p50_us),
+            connect_p99_us: m(&|s| s.load.connect_p99_us),
+            added_p99_us: None,
+            cpu_s_per_million: m(&|s| s.proxy_cpu_s.map(|c| c / s.load.total.max(1) as f64 * 1e6)),
+            rps_per_core: m(&|s| s.proxy_cpu_s.map(|c| s.load.total as f64 / c.max(0.01))),
+            peak_rss_mib: samples
+                .iter()
+                .filter_map(|s| s.proxy_peak_rss_kib)
+                .max()
+                .map(|k| k as f64 / 1024.0),
+            vs_direct: None,
+            per_core_vs_haproxy: None,
+            added_p99_vs_haproxy: None,
+            errors: samples.iter().map(|s| s.load.errors).sum(),
+            samples,
+        }
+    }
+}
+
+/// A comparison: paths measured interleaved under the same load.
+#[derive(Clone, Debug, Serialize)]
+pub struct Group {
+    pub name: String,
+    pub rows: Vec<Row>,
+}
+
+impl Group {
+    /// Fills in the ratios to the direct path and to HAProxy.
+    pub fn new(name: &str, mut rows: Vec<Row>) -> Self {
+        let find = |rows: &[Row], path: &str| rows.iter().find(|r| r.path == path).cloned();
+        let direct = find(&rows, DIRECT);
+        let haproxy = find(&rows, HAPROXY);
+        for r in &mut rows {
+            if let Some(d) = &direct {
+                r.vs_direct = Some(r.rps / d.rps);
+                r.added_p99_us = Some(r.p99_us - d.p99_us);
+            }
+            if let (Some(h), Some(per_core)) = (&haproxy, r.rps_per_core) {
+                r.per_core_vs_haproxy = h.rps_per_core.map(|hp| per_core / hp);
+            }
+        }
+        let haproxy_added = rows
+            .iter()
+            .find(|r| r.path == HAPROXY)
+            .and_then(|r| r.added_p99_us);
+        for r in &mut rows {
+            if let (Some(own), Some(h)) = (r.added_p99_us, haproxy_added)
+                && h > 0.0
+            {
+                r.added_p99_vs_haproxy = Some(own / h);
+            }
+        }
+        Self {
+            name: name.to_owned(),
+            rows,
+        }
+    }
+
+    fn row(&self, path: &str) -> Option<&Row> {
+        self.rows.iter().find(|r| r.path == path)
+    }
+}
+
+/// The machine the numbers come from.
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    pub date: String,
+    pub kernel: String,
+    pub cpu: String,
+    pub cores: usize,
+}
+
+impl Machine {
+    fn this() -> Self {
+        let sh = |cmd: &str, args: &[&str]| {
+            Command::new(cmd)
+                .args(args)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+                .unwrap_or_default()
+        };
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| {
+                c.lines()
+                    .find_map(|l| l.strip_prefix("model name"))
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+            .unwrap_or_default();
+        Self {
+            date: sh("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+            kernel: sh("uname", &["-r"]),
+            cpu,
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
+/// Everything `cargo xtask bench` measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub machine: Machine,
+    pub groups: Vec<Group>,
+    /// tern's resident memory, idle, with 1,000 clusters / 10,000 endpoints (MiB).
+    pub idle_rss_mib_1000_clusters: f64,
+    /// Micro-benchmarks: criterion means (ns) and allocations per proxied request.
+    pub micro: BTreeMap<String, f64>,
+    pub duration_secs: f64,
+}
+
+fn num(v: f64) -> String {
+    if !v.is_finite() {
+        "–".into()
+    } else if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn opt(v: Option<f64>) -> String {
+    v.map_or_else(|| "–".into(), num)
+}
+
+fn ratio(v: Option<f64>) -> String {
+    v.map_or_else(|| "–".into(), |r| format!("{r:.2}×"))
+}
+
+impl Report {
+    pub fn new(
+        groups: Vec<Group>,
+        idle_rss_mib_1000_clusters: f64,
+        micro: BTreeMap<String, f64>,
+        took: Duration,
+    ) -> Self {
+        Self {
+            machine: Machine::this(),
+            groups,
+            idle_rss_mib_1000_clusters,
+            micro,
+            duration_secs: took.as_secs_f64(),
+        }
+    }
+
+    /// Writes `report.json`, `report.md` and `report.svg` into `dir`.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let write = |name: &str, text: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))
+        };
+        write("report.json", serde_json::to_string_pretty(self)?)?;
+        write("report.md", self.markdown())?;
+        write("report.svg", self.svg())
+    }
+
+    /// The tables, the targets, and the machine.
+    pub fn markdown(&self) -> String {
+        let m = &self.machine;
+        let mut s = format!(
+            "Measured by `cargo xtask bench` on {} — {} ({} cores), Linux {}; {} rounds per path, \
+             interleaved, medians; the whole bench took {:.0} s. Throughput: 4 connections with \
+             8 calls in flight each (2 for 64 KiB); latency: one call at a time on one connection; \
+             CPU and peak RSS: the proxy process's own accounting (`/proc/PID/stat`, `VmHWM`).\n\n",
+            m.date,
+            m.cpu,
+            m.cores,
+            m.kernel,
+            self.groups
+                .first()
+                .and_then(|g| g.rows.first())
+                .map_or(0, |r| r.samples.len()),
+            self.duration_secs
+        );
+        for g in &self.groups {
+            let churn = g.rows.iter().any(|r| r.connect_p50_us.is_some());
+            s += &format!("**{}**\n\n", g.name);
+            if churn {
+                s += "| path | conn/s | connect p50 µs | connect p99 µs | call p50 µs | call p99 µs | proxy CPU s per M conns | proxy peak RSS MiB | vs direct |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+                for r in &g.rows {
+                    s += &format!(
+                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                        r.path,
+                        num(r.rps),
+                        opt(r.connect_p50_us),
+                        opt(r.connect_p99_us),
+                        num(r.p50_us),
+                        num(r.p99_us),
+                        opt(r.cpu_s_per_million),
+                        opt(r.peak_rss_mib),
+                        ratio(r.vs_direct)
+                    );
+                }
+            } else {
+                s += "| path | req/s | p50 µs | p99 µs | p99.9 µs | added p99 µs | proxy CPU s per M req | req/s per proxy core | proxy peak RSS MiB | vs direct | per core vs HAProxy | added p99 vs HAProxy |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+                for r in &g.rows {
+                    s += &format!(
+                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                        r.path,
+                        num(r.rps),
+                        num(r.p50_us),
+                        num(r.p99_us),
+                        num(r.p999_us),
+                        opt(r.added_p99_us),
+                        opt(r.cpu_s_per_million),
+                        opt(r.rps_per_core),
+                        opt(r.peak_rss_mib),
+                        ratio(r.vs_direct),
+                        ratio(r.per_core_vs_haproxy),
+                        ratio(r.added_p99_vs_haproxy)
+                    );
+                }
+            }
+            s += "\n";
+        }
+        if !self.micro.is_empty() {
+            s += "**Micro-benchmarks** (criterion, mean; allocations counted per proxied request)\n\n| benchmark | value |\n|---|---:|\n";
+            for (name, v) in &self.micro {
+                let unit = if name.starts_with("allocations") {
+                    ""
+                } else {
+                    " ns"
+                };
+                s += &format!("| {name} | {}{unit} |\n", num(*v));
+            }
+            s += "\n";
+        }
+        s += &self.targets();
+        s
+    }
+
+    /// The issue's targets, with what was measured against each.
+    fn targets(&self) -> String {
+        let mut s =
+            "**Targets** (reported, not enforced)\n\n| target | measured | met |\n|---|---|---|\n"
+                .to_owned();
+        let mut line = |what: String, measured: String, met: Option<bool>| {
+            let mark = match met {
+                Some(true) => "yes",
+                Some(false) => "no",
+                None => "–",
+            };
+            s += &format!("| {what} | {measured} | {mark} |\n");
+        };
+        for g in self.groups.iter().filter(|g| g.name.ends_with("100 B")) {
+            if let Some(r) = g.row("tern Thrift, per request") {
+                line(
+                    format!(
+                        "Thrift per request ≥ 80% of HAProxy's req/s per proxy core ({})",
+                        g.name
+                    ),
+                    ratio(r.per_core_vs_haproxy),
+                    r.per_core_vs_haproxy.map(|v| v >= 0.8),
+                );
+                line(
+                    format!(
+                        "Thrift per request: added p99 ≤ 1.5× HAProxy's ({})",
+                        g.name
+                    ),
+                    ratio(r.added_p99_vs_haproxy),
+                    r.added_p99_vs_haproxy.map(|v| v <= 1.5),
+                );
+            }
+        }
+        if let Some(a) = self.micro.get("allocations per proxied request") {
+            line(
+                "zero heap allocations per request (steady state)".into(),
+                format!("{a:.2}"),
+                Some(*a < 0.01),
+            );
+        }
+        for g in self
+            .groups
+            .iter()
+            .filter(|g| g.name.starts_with("connection setup"))
+        {
+            if let (Some(e), Some(i)) =
+                (g.row("tern, eBPF capture"), g.row("tern, iptables capture"))
+            {
+                line(
+                    format!(
+                        "eBPF connection setup ≥ iptables REDIRECT ({})",
+                        g.name.trim_start_matches("connection setup, ")
+                    ),
+                    format!(
+                        "{} vs {} conn/s ({:.2}×); connect p50 {} vs {} µs",
+                        num(e.rps),
+                        num(i.rps),
+                        e.rps / i.rps,
+                        opt(e.connect_p50_us),
+                        opt(i.connect_p50_us)
+                    ),
+                    Some(e.rps >= i.rps),
+                );
+            }
+        }
+        line(
+            "idle RSS < 20 MiB with 1,000 clusters / 10,000 endpoints".into(),
+            format!("{:.1} MiB", self.idle_rss_mib_1000_clusters),
+            Some(self.idle_rss_mib_1000_clusters < 20.0),
+        );
+        s + "\n"
+    }
+
+    /// Horizontal bars of throughput per path, one panel per comparison.
+    pub fn svg(&self) -> String {
+        const BAR_H: usize = 18;
+        const LABEL_W: usize = 190;
+        const BAR_W: usize = 460;
+        let mut body = String::new();
+        let mut y = 30;
+        for g in &self.groups {
+            body += &format!(
+                "<text x=\"10\" y=\"{}\" font-weight=\"bold\">{}</text>\n",
+                y + 14,
+                escape(&g.name)
+            );
+            y += 22;
+            let max = g.rows.iter().map(|r| r.rps).fold(1.0, f64::max);
+            let unit = if g.rows.iter().any(|r| r.connect_p50_us.is_some()) {
+                "conn/s"
+            } else {
+                "req/s"
+            };
+            for r in &g.rows {
+                let w = (r.rps / max * BAR_W as f64).max(1.0) as usize;
+                let color = if r.path.starts_with("tern") {
+                    "#2b7bb9"
+                } else {
+                    "#9aa5b1"
+                };
+                body += &format!(
+                    "<text x=\"10\" y=\"{}\">{}</text><rect x=\"{LABEL_W}\" y=\"{y}\" width=\"{w}\" height=\"{}\" fill=\"{color}\"/><text x=\"{}\" y=\"{}\">{} {unit}, p99 {} µs</text>\n",
+                    y + 13,
+                    escape(&r.path),
+                    BAR_H - 4,
+                    LABEL_W + w + 6,
+                    y + 13,
+                    num(r.rps),
+                    num(r.p99_us)
+                );
+                y += BAR_H;
+            }
+            y += 12;
+        }
+        format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"900\" height=\"{}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n<text x=\"10\" y=\"18\" font-size=\"14\" font-weight=\"bold\">tern benchmarks — {} ({} cores)</text>\n{body}</svg>\n",
+            y + 10,
+            escape(&self.machine.date),
+            self.machine.cores
+        )
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(rps: f64, p99: f64, cpu: Option<f64>) -> Sample {
+        Sample {
+            load: LoadResult {
+                requests: rps as u64 * 2,
+                total: rps as u64 * 2,
+                rps,
+                p99_us: p99,
+                ..LoadResult::default()
+            },
+            latency: None,
+            proxy_cpu_s: cpu,
+            proxy_peak_rss_kib: cpu.map(|_| 10 * 1024),
+        }
+    }
+
+    #[test]
+    fn ratios_compare_medians_with_direct_and_haproxy() {
+        let rows = vec![
+            Row::from_samples(DIRECT, vec![sample(1000.0, 100.0, None); 3]),
+            Row::from_samples(HAPROXY, vec![sample(500.0, 300.0, Some(1.0)); 3]),
+            Row::from_samples(
+                "tern",
+                vec![
+                    sample(400.0, 400.0, Some(1.0)),
+                    sample(450.0, 500.0, Some(1.0)),
+                    sample(9000.0, 900.0, Some(1.0)),
+                ],
+            ),
+        ];
+        let g = Group::new("g", rows);
+        let tern = g.row("tern").unwrap();
+        assert_eq!(tern.rps, 450.0, "the median, not the mean");
+        assert_eq!(tern.vs_direct, Some(0.45));
+        assert_eq!(tern.added_p99_us, Some(400.0));
+        // HAProxy adds 200 µs; tern 400 µs.
+        assert_eq!(tern.added_p99_vs_haproxy, Some(2.0));
+        // 900 requests per CPU second against HAProxy's 1000.
+        assert_eq!(tern.rps_per_core, Some(900.0));
+        assert_eq!(tern.per_core_vs_haproxy, Some(0.9));
+        let md = Report::new(vec![g], 12.0, BTreeMap::new(), Duration::from_secs(1)).markdown();
+        assert!(md.contains("| tern | 450 |"), "{md}");
+    }
+}
