@@ -16,6 +16,7 @@ pub mod config;
 pub mod filters;
 pub mod listener;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod run;
 pub mod socket;

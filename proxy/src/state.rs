@@ -366,6 +366,10 @@ impl State {
         }));
         self.ready.store(true, Ordering::Relaxed);
         tracing::info!(%version, "configuration applied");
+        // The previous snapshot (unless a connection still holds it) and the translation's
+        // decoded resources are free now: without this glibc keeps them (37 MiB instead of
+        // 25 MiB idle with 1,000 clusters / 10,000 endpoints).
+        crate::memory::release_free_memory();
     }
 }
 

@@ -1,13 +1,25 @@
 //! Applies what the control plane sends: decode, translate, merge with the static
 //! configuration, and publish a new snapshot once the clusters it uses are warm.
-use std::{collections::BTreeMap, sync::Arc, time::Instant};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Instant,
+};
 
-use tern_proto::{Any, decode, type_url};
+use tern_proto::{Any, type_url};
 use tern_xds_client::{Handler, Interest};
 use tracing::{info, warn};
 
 use super::translate::{Resources, to_config};
 use crate::{config::Config, metrics::ConfigLabels, state::State};
+
+/// The types the handler translates.
+const SUPPORTED: [&str; 4] = [
+    type_url::LISTENER,
+    type_url::CLUSTER,
+    type_url::CLUSTER_LOAD_ASSIGNMENT,
+    type_url::THRIFT_ROUTE_CONFIGURATION,
+];
 
 /// How long a configuration waits for the endpoints of its clusters before it is used anyway.
 const WARMING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -17,7 +29,13 @@ pub struct XdsHandler {
     state: Arc<State>,
     /// The static configuration (`--config`), under what xDS adds.
     base: Config,
-    resources: Resources,
+    /// What the control plane sent, by type URL and name, still encoded.
+    raw: BTreeMap<String, BTreeMap<String, Any>>,
+    /// The endpoint and Thrift route names the held listeners and clusters ask for.
+    eds_names: BTreeSet<String>,
+    trds_names: BTreeSet<String>,
+    /// Whether listeners came from the control plane (its passthrough mode then applies).
+    has_listeners: bool,
     updates: u64,
     /// A translated configuration waiting for its clusters' endpoints, and since when.
     warming: Option<(Config, Instant)>,
@@ -28,7 +46,10 @@ impl XdsHandler {
         Self {
             state,
             base,
-            resources: Resources::default(),
+            raw: BTreeMap::new(),
+            eds_names: BTreeSet::new(),
+            trds_names: BTreeSet::new(),
+            has_listeners: false,
             updates: 0,
             warming: None,
         }
@@ -61,7 +82,7 @@ impl XdsHandler {
         if xds.inbound.is_some() {
             config.inbound = xds.inbound;
         }
-        if !self.resources.listeners.is_empty() {
+        if self.has_listeners {
             config.passthrough = xds.passthrough;
         }
         config
@@ -74,20 +95,6 @@ impl XdsHandler {
     }
 }
 
-fn decode_all<T: prost::Message + Default>(
-    resources: &BTreeMap<String, Any>,
-    url: &'static str,
-) -> Result<BTreeMap<String, T>, String> {
-    resources
-        .iter()
-        .map(|(name, any)| {
-            decode(any, url)
-                .map(|r| (name.clone(), r))
-                .map_err(|e| format!("{name}: {e}"))
-        })
-        .collect()
-}
-
 impl Handler for XdsHandler {
     fn apply(
         &mut self,
@@ -95,38 +102,36 @@ impl Handler for XdsHandler {
         resources: &BTreeMap<String, Any>,
         _removed: &[String],
     ) -> Result<(), String> {
-        let mut next = self.resources.clone();
-        let decoded = match type_url {
-            type_url::LISTENER => {
-                decode_all(resources, type_url::LISTENER).map(|r| next.listeners = r)
-            }
-            type_url::CLUSTER => {
-                decode_all(resources, type_url::CLUSTER).map(|r| next.clusters = r)
-            }
-            type_url::CLUSTER_LOAD_ASSIGNMENT => {
-                decode_all(resources, type_url::CLUSTER_LOAD_ASSIGNMENT).map(|r| next.endpoints = r)
-            }
-            type_url::THRIFT_ROUTE_CONFIGURATION => {
-                decode_all(resources, type_url::THRIFT_ROUTE_CONFIGURATION)
-                    .map(|r| next.thrift_routes = r)
-            }
-            other => Err(format!("unsupported type {other}")),
-        };
-        let translated =
-            decoded.and_then(|()| to_config(&next, format!("xds-{}", self.updates + 1)));
-        let xds = match translated {
-            Ok(c) => c,
+        if !SUPPORTED.contains(&type_url) {
+            return Err(format!("unsupported type {type_url}"));
+        }
+        let previous = self.raw.insert(type_url.to_owned(), resources.clone());
+        let version = format!("xds-{}", self.updates + 1);
+        let translated = Resources::decode(&self.raw).and_then(|r| {
+            let config = to_config(&r, version)?;
+            Ok((config, r))
+        });
+        let (xds, decoded) = match translated {
+            Ok(t) => t,
             Err(e) => {
+                match previous {
+                    Some(p) => self.raw.insert(type_url.to_owned(), p),
+                    None => self.raw.remove(type_url),
+                };
                 warn!(type_url, error = %e, "xDS update refused; the last good configuration keeps serving");
                 self.count(type_url, "rejected");
                 return Err(e);
             }
         };
+        self.eds_names = decoded.eds_names().collect();
+        self.trds_names = decoded.trds_names().collect();
+        self.has_listeners = !decoded.listeners.is_empty();
+        let warm = decoded.warm();
+        drop(decoded);
         self.updates += 1;
-        self.resources = next;
         self.count(type_url, "applied");
         let config = self.merged(xds);
-        if self.resources.warm() {
+        if warm {
             self.publish(config);
         } else {
             let since = self.warming.as_ref().map_or_else(Instant::now, |(_, t)| *t);
@@ -138,12 +143,8 @@ impl Handler for XdsHandler {
     fn interest(&self, type_url: &str) -> Interest {
         match type_url {
             type_url::LISTENER | type_url::CLUSTER => Interest::Wildcard,
-            type_url::CLUSTER_LOAD_ASSIGNMENT => {
-                Interest::Names(self.resources.eds_names().collect())
-            }
-            type_url::THRIFT_ROUTE_CONFIGURATION => {
-                Interest::Names(self.resources.trds_names().collect())
-            }
+            type_url::CLUSTER_LOAD_ASSIGNMENT => Interest::Names(self.eds_names.clone()),
+            type_url::THRIFT_ROUTE_CONFIGURATION => Interest::Names(self.trds_names.clone()),
             _ => Interest::Names(Default::default()),
         }
     }

@@ -46,7 +46,34 @@ pub struct Resources {
     pub thrift_routes: BTreeMap<String, ThriftRouteConfiguration>,
 }
 
+fn decode_all<T: prost::Message + Default>(
+    raw: &BTreeMap<String, BTreeMap<String, Any>>,
+    url: &'static str,
+) -> Result<BTreeMap<String, T>, String> {
+    raw.get(url)
+        .into_iter()
+        .flatten()
+        .map(|(name, any)| {
+            decode(any, url)
+                .map(|r| (name.clone(), r))
+                .map_err(|e| format!("{name}: {e}"))
+        })
+        .collect()
+}
+
 impl Resources {
+    /// Decodes what the control plane sent, held as `Any` by type URL and name. Decoded
+    /// resources are several times larger than their encoding, so they live only while a
+    /// configuration is translated.
+    pub fn decode(raw: &BTreeMap<String, BTreeMap<String, Any>>) -> Result<Self, String> {
+        Ok(Self {
+            listeners: decode_all(raw, type_url::LISTENER)?,
+            clusters: decode_all(raw, type_url::CLUSTER)?,
+            endpoints: decode_all(raw, type_url::CLUSTER_LOAD_ASSIGNMENT)?,
+            thrift_routes: decode_all(raw, type_url::THRIFT_ROUTE_CONFIGURATION)?,
+        })
+    }
+
     /// The `ClusterLoadAssignment` names the EDS clusters ask for.
     pub fn eds_names(&self) -> impl Iterator<Item = String> + '_ {
         self.clusters
