@@ -179,22 +179,27 @@ impl Drop for Netns {
     }
 }
 
-/// Connects two namespaces with a veth pair named `eth0` on both sides, with these addresses.
-pub fn link(a: &Netns, a_cidr: &str, b: &Netns, b_cidr: &str) -> Result<()> {
+/// A veth pair: `a_name` in `a`, `b_name` in `b`.
+fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> Result<()> {
     ip(&[
         "-n",
         a.name(),
         "link",
         "add",
-        "eth0",
+        a_name,
         "type",
         "veth",
         "peer",
         "name",
-        "eth0",
+        b_name,
         "netns",
         b.name(),
-    ])?;
+    ])
+}
+
+/// Connects two namespaces with a veth pair named `eth0` on both sides, with these addresses.
+pub fn link(a: &Netns, a_cidr: &str, b: &Netns, b_cidr: &str) -> Result<()> {
+    veth(a, "eth0", b, "eth0")?;
     for (ns, cidr) in [(a, a_cidr), (b, b_cidr)] {
         ip(&["-n", ns.name(), "addr", "add", cidr, "dev", "eth0"])?;
         ip(&["-n", ns.name(), "link", "set", "eth0", "up"])?;

@@ -179,20 +179,7 @@ pub fn node() -> Result<Netns> {
 /// `ns`), with address `ip_addr` and a default route through the node.
 pub fn bridge_port(node: &Netns, ns: &Netns, ip_addr: &str, port: u32) -> Result<()> {
     let veth = format!("v{port}");
-    ip(&[
-        "-n",
-        node.name(),
-        "link",
-        "add",
-        &veth,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "netns",
-        ns.name(),
-    ])?;
+    crate::veth(node, &veth, ns, "eth0")?;
     ip(&["-n", node.name(), "link", "set", &veth, "master", "br0"])?;
     ip(&["-n", node.name(), "link", "set", &veth, "up"])?;
     let cidr = format!("{ip_addr}/24");

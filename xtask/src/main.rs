@@ -266,7 +266,8 @@ fn bench() -> Result<()> {
     step("bench: micro-benchmarks (criterion: codec, router, balancer; allocations per request)");
     status(
         cargo()
-            .args(["bench", "--package", "tern", "--benches", "--"])
+            .args(["bench", "--package", "tern", "--bench", "micro"])
+            .args(["--bench", "alloc_per_request", "--"])
             .args(["--warm-up-time", "0.5", "--measurement-time", "1"])
             .env("TERN_BENCH_OUT", out.join("alloc.json")),
     )?;
