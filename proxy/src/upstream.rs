@@ -20,9 +20,10 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
+use futures_util::task::AtomicWaker;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt, BufWriter},
-    sync::{mpsc, oneshot},
+    sync::mpsc,
 };
 use tracing::debug;
 
@@ -48,11 +49,63 @@ pub type Refused = (UpstreamError, Message);
 
 /// What to wait for after sending.
 pub enum Sent {
-    /// The reply, and the request's bytes as sent (a shared handle, not a copy) for naming a
-    /// local reply or retrying elsewhere if the connection never opens.
-    Reply(oneshot::Receiver<Result<Message, Failed>>, Bytes),
+    /// The reply comes to the [`ReplyCell`] given to [`Pool::send`]; these are the request's
+    /// bytes as sent (a shared handle, not a copy) for naming a local reply or retrying
+    /// elsewhere if the connection never opens.
+    Reply(Bytes),
     /// A one-way call: nothing comes back.
     Oneway,
+}
+
+/// What comes back for a request: its reply, or why there is none.
+pub type Reply = Result<Message, Failed>;
+
+/// Where the reply to a request is delivered. A cell is reused by one request after another
+/// (it is allocated once per in-flight slot of a downstream connection, not per request);
+/// each request is a new generation, so a reply that arrives after its request gave up
+/// (timed out) is dropped instead of reaching the next one.
+#[derive(Debug, Default)]
+pub struct ReplyCell {
+    value: Mutex<(u64, Option<Reply>)>,
+    waker: AtomicWaker,
+}
+
+impl ReplyCell {
+    /// Starts a new request: earlier replies no longer land here. Returns its generation.
+    pub fn begin(&self) -> u64 {
+        let mut v = self.value.lock().unwrap_or_else(|e| e.into_inner());
+        v.0 += 1;
+        v.1 = None;
+        v.0
+    }
+
+    /// Delivers the reply of `generation`, unless that request is gone.
+    fn complete(&self, generation: u64, reply: Reply) {
+        let mut v = self.value.lock().unwrap_or_else(|e| e.into_inner());
+        if v.0 == generation && v.1.is_none() {
+            v.1 = Some(reply);
+            drop(v);
+            self.waker.wake();
+        }
+    }
+
+    /// Whether the request of `generation` still waits.
+    fn waiting(&self, generation: u64) -> bool {
+        self.value.lock().unwrap_or_else(|e| e.into_inner()).0 == generation
+    }
+
+    /// Waits for the reply of `generation`.
+    pub async fn reply(&self, generation: u64) -> Reply {
+        std::future::poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            let mut v = self.value.lock().unwrap_or_else(|e| e.into_inner());
+            match v.1.take() {
+                Some(r) if v.0 == generation => std::task::Poll::Ready(r),
+                _ => std::task::Poll::Pending,
+            }
+        })
+        .await
+    }
 }
 
 /// Why a sent request got no reply.
@@ -108,7 +161,8 @@ struct Pending {
 #[derive(Debug)]
 struct Waiter {
     client_seq: i32,
-    tx: oneshot::Sender<Result<Message, Failed>>,
+    cell: Arc<ReplyCell>,
+    generation: u64,
 }
 
 impl Pending {
@@ -143,7 +197,7 @@ impl Pending {
             return 0;
         }
         let before = self.waiting.len();
-        self.waiting.retain(|_, w| !w.tx.is_closed());
+        self.waiting.retain(|_, w| w.cell.waiting(w.generation));
         before - self.waiting.len()
     }
 }
@@ -159,7 +213,7 @@ impl Conn {
         p.closed = true;
         self.state.store(CLOSED, Ordering::Release);
         for (_, w) in p.waiting.drain() {
-            let _ = w.tx.send(Err(reason()));
+            w.cell.complete(w.generation, Err(reason()));
         }
         self.inflight.store(0, Ordering::Relaxed);
     }
@@ -178,6 +232,7 @@ impl Pool {
         mut msg: Message,
         settings: &PoolSettings,
         cluster: &Arc<ClusterRuntime>,
+        reply_to: (&Arc<ReplyCell>, u64),
     ) -> Result<Sent, Refused> {
         let meta = msg.meta();
         let conn = match self.connection(addr, (meta.transport, meta.protocol), settings, cluster) {
@@ -215,15 +270,22 @@ impl Pool {
         if msg.set_seq_id(id).is_err() {
             return Err((UpstreamError::Overflow("sequence id length"), msg));
         }
-        let (tx, rx) = oneshot::channel();
         let swept = p.sweep();
         conn.inflight.fetch_sub(swept, Ordering::Relaxed);
-        p.waiting.insert(id, Waiter { client_seq, tx });
+        let (cell, generation) = reply_to;
+        p.waiting.insert(
+            id,
+            Waiter {
+                client_seq,
+                cell: cell.clone(),
+                generation,
+            },
+        );
         conn.inflight.fetch_add(1, Ordering::Relaxed);
         // Sent while holding the lock, so a connection closing now drains this waiter.
         let bytes = msg.into_bytes();
         let _ = conn.tx.send(bytes.clone());
-        Ok(Sent::Reply(rx, bytes))
+        Ok(Sent::Reply(bytes))
     }
 
     /// Open connections to this endpoint (for `/clusters`).
@@ -323,7 +385,7 @@ async fn run(
                                 conn.inflight.fetch_sub(1, Ordering::Relaxed);
                                 // Same varint class both ways: the client's id always fits.
                                 let _ = reply.set_seq_id(w.client_seq);
-                                let _ = w.tx.send(Ok(reply));
+                                w.cell.complete(w.generation, Ok(reply));
                             }
                             None => {
                                 debug!(%addr, seq = reply.seq_id(), "reply for no pending request (timed out?)")
@@ -372,6 +434,27 @@ async fn run(
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_late_reply_does_not_reach_the_next_request_of_the_cell() {
+        let cell = ReplyCell::default();
+        let first = cell.begin();
+        // The first request gave up (timed out); the cell serves the next one.
+        let second = cell.begin();
+        cell.complete(
+            first,
+            Err(Failed::Lost(UpstreamError::Closed("late".into()))),
+        );
+        assert!(!cell.waiting(first) && cell.waiting(second));
+        cell.complete(
+            second,
+            Err(Failed::Lost(UpstreamError::Closed("on time".into()))),
+        );
+        match cell.reply(second).await {
+            Err(Failed::Lost(UpstreamError::Closed(why))) => assert_eq!(why, "on time"),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn compact_ids_keep_their_varint_length() {
         let mut p = Pending::default();
@@ -388,8 +471,16 @@ mod tests {
         let mut p = Pending::default();
         for _ in 0..128 {
             let id = p.allocate(1).unwrap();
-            let (tx, _rx) = oneshot::channel();
-            p.waiting.insert(id, Waiter { client_seq: 0, tx });
+            let cell = Arc::new(ReplyCell::default());
+            let generation = cell.begin();
+            p.waiting.insert(
+                id,
+                Waiter {
+                    client_seq: 0,
+                    cell,
+                    generation,
+                },
+            );
         }
         assert_eq!(p.waiting.len(), 128);
         assert_eq!(p.allocate(1), None);

@@ -19,6 +19,7 @@ use crate::{
     thrift::{DecoderLimits, frame::detect},
 };
 
+mod ordered;
 pub mod tcp;
 pub mod thrift;
 

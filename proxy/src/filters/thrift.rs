@@ -5,7 +5,9 @@
 //! reply within the timeout. A connect failure retries on another endpoint; every other
 //! failure — no healthy endpoint, overflow, timeout, an upstream that closed — answers the
 //! client with a `TApplicationException` in its own encoding. Replies are written back in
-//! request order, so pipelining clients see what they sent, in order, complete.
+//! request order, so pipelining clients see what they sent, in order, complete. Requests in
+//! flight live in reused slots ([`super::ordered`]) and their replies come back through the
+//! slot's reply cell: the steady state allocates nothing per request.
 //!
 //! Malformed input closes the connection with a counted cause, after the replies to the
 //! requests already accepted are written: nothing accepted is dropped silently.
@@ -19,7 +21,6 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use futures_util::{StreamExt, stream::FuturesOrdered};
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -28,7 +29,7 @@ use tokio::{
 };
 use tracing::{Instrument, debug, debug_span, warn};
 
-use super::Ctx;
+use super::{Ctx, ordered::Ordered};
 use crate::{
     balance::hash_key,
     config::{Filter, Route, RouteAction, RouteMatch, Target},
@@ -39,7 +40,7 @@ use crate::{
         frame::Meta,
         reply::{AppExceptionType, application_exception},
     },
-    upstream::{Failed, PoolSettings, Sent, UpstreamError},
+    upstream::{Failed, PoolSettings, ReplyCell, Sent, UpstreamError},
 };
 
 /// Requests one downstream connection may have in flight before tern stops reading it.
@@ -60,7 +61,7 @@ pub async fn serve(down: TcpStream, buf: BytesMut, chain: ChainRef, ctx: Arc<Ctx
     let (mut rd, mut wr) = down.into_split();
     let mut conn = Downstream::new(chain, ctx.clone());
     let mut buf = buf;
-    let mut replies = FuturesOrdered::new();
+    let mut replies = Ordered::default();
     let mut reading = true;
     let mut drain = ctx.drain.clone();
     loop {
@@ -69,7 +70,8 @@ pub async fn serve(down: TcpStream, buf: BytesMut, chain: ChainRef, ctx: Arc<Ctx
                 Ok(Some(msg)) => {
                     let plan = conn.plan(msg);
                     let span = debug_span!("request", seq = plan.client_seq());
-                    replies.push_back(execute(plan, ctx.clone()).instrument(span));
+                    let ctx = ctx.clone();
+                    replies.push(|cell| execute(plan, ctx, cell).instrument(span));
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -341,7 +343,7 @@ impl Plan {
 }
 
 /// Sends a request upstream and returns what to write back to the client.
-async fn execute(plan: Plan, ctx: Arc<Ctx>) -> Option<Bytes> {
+async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Bytes> {
     let f = match plan {
         Plan::Local(reply) => return reply,
         Plan::Forward(f) => f,
@@ -406,9 +408,13 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>) -> Option<Bytes> {
         debug!(endpoint = %ep.config.address, attempt, "sending");
         let _in_flight = ActiveEndpoint::new(&ert.active);
         let started = Instant::now();
-        let (rx, sent) = match ert.pool.send(ep.config.address, msg, &settings, rt) {
+        let generation = cell.begin();
+        let sent = match ert
+            .pool
+            .send(ep.config.address, msg, &settings, rt, (&cell, generation))
+        {
             Ok(Sent::Oneway) => return None,
-            Ok(Sent::Reply(rx, sent)) => (rx, sent),
+            Ok(Sent::Reply(sent)) => sent,
             Err((UpstreamError::Overflow(what), back)) => {
                 return local(
                     back.name(),
@@ -425,35 +431,26 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>) -> Option<Bytes> {
             }
         };
         let name = &sent[meta.name_range()];
-        match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(Ok(reply))) => {
+        match tokio::time::timeout_at(deadline, cell.reply(generation)).await {
+            Ok(Ok(reply)) => {
                 ert.record_success();
                 rt.request_seconds.observe(started.elapsed().as_secs_f64());
                 rt.replies(reply.reply_result()).inc();
                 return Some(reply.into_bytes());
             }
-            Ok(Ok(Err(Failed::NotSent(e)))) => {
+            Ok(Err(Failed::NotSent(e))) => {
                 debug!(error = %e, "connection never opened; trying another endpoint");
                 ert.record_error(&cfg.outlier);
                 msg = Message::from_parts(BytesMut::from(&sent[..]), meta);
                 continue;
             }
-            Ok(Ok(Err(Failed::Lost(e)))) => {
+            Ok(Err(Failed::Lost(e))) => {
                 ert.record_error(&cfg.outlier);
                 return local(
                     name,
                     "upstream_reset",
                     AppExceptionType::InternalError,
                     &e.to_string(),
-                );
-            }
-            Ok(Err(_)) => {
-                ert.record_error(&cfg.outlier);
-                return local(
-                    name,
-                    "upstream_reset",
-                    AppExceptionType::InternalError,
-                    "upstream connection went away",
                 );
             }
             Err(_) => {
