@@ -6,7 +6,7 @@
 //! failure — no healthy endpoint, overflow, timeout, an upstream that closed — answers the
 //! client with a `TApplicationException` in its own encoding. Replies are written back in
 //! request order, so pipelining clients see what they sent, in order, complete. Requests in
-//! flight live in reused slots ([`super::ordered`]) and their replies come back through the
+//! flight live in reused slots (`filters::ordered`) and their replies come back through the
 //! slot's reply cell: the steady state allocates nothing per request.
 //!
 //! Malformed input closes the connection with a counted cause, after the replies to the
