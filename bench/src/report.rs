@@ -297,7 +297,8 @@ impl Report {
                 } else {
                     " ns"
                 };
-                s += &format!("| {name} | {}{unit} |\n", num(*v));
+                let value = if *v < 0.1 { format!("{v:.3}") } else { num(*v) };
+                s += &format!("| {name} | {value}{unit} |\n");
             }
             s += "\n";
         }
@@ -341,7 +342,7 @@ impl Report {
         if let Some(a) = self.micro.get("allocations per proxied request") {
             line(
                 "zero heap allocations per request (steady state)".into(),
-                format!("{a:.2}"),
+                format!("{a:.3}"),
                 Some(*a < 0.01),
             );
         }
