@@ -20,7 +20,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use tern_bench::{
     LoadResult,
-    report::{Group, Report, Row, Sample},
+    report::{DIRECT, Group, HAPROXY, Report, Row, Sample},
 };
 use tern_tests::{Cgroup, ControlPlane, Netns, Process, Tern, bin_dir, eventually, mesh};
 
@@ -94,10 +94,10 @@ fn run() -> Result<()> {
             "0.2",
         ];
         let paths = [
-            Path_::new("direct", direct, None, false),
-            Path_::new("HAProxy (TCP)", haproxy, Some(bench.haproxy.pid()), false),
-            Path_::new("tern TCP proxy", vip_tcp, bench.tern_pid(), true),
-            Path_::new(
+            LoadPath::new(DIRECT, direct, None, false),
+            LoadPath::new(HAPROXY, haproxy, Some(bench.haproxy.pid()), false),
+            LoadPath::new("tern TCP proxy", vip_tcp, bench.tern_pid(), true),
+            LoadPath::new(
                 "tern Thrift, per request",
                 vip_thrift,
                 bench.tern_pid(),
@@ -114,13 +114,13 @@ fn run() -> Result<()> {
         let (mut ebpf, mut ipt) = bench.capture_terns(exclusions)?;
         let name = format!("connection setup, {exclusions} excluded CIDRs and ports");
         let mut paths = vec![
-            Path_::new(
+            LoadPath::new(
                 "tern, eBPF capture",
                 "10.96.0.1:9090",
                 Some(ebpf.process.pid()),
                 true,
             ),
-            Path_::new(
+            LoadPath::new(
                 "tern, iptables capture",
                 "10.96.0.1:9090",
                 Some(ipt.process.pid()),
@@ -129,15 +129,10 @@ fn run() -> Result<()> {
             .in_ns(&bench.cli_ipt),
         ];
         if exclusions == 0 {
-            paths.insert(0, Path_::new("direct", NETNS_ENDPOINTS, None, false));
+            paths.insert(0, LoadPath::new(DIRECT, NETNS_ENDPOINTS, None, false));
             paths.insert(
                 1,
-                Path_::new(
-                    "HAProxy (TCP)",
-                    "127.0.0.1:19000",
-                    Some(bench.haproxy.pid()),
-                    false,
-                ),
+                LoadPath::new(HAPROXY, "127.0.0.1:19000", Some(bench.haproxy.pid()), false),
             );
         }
         let group = bench.compare(&name, &paths, &churn, None, &bench.cli)?;
@@ -167,7 +162,7 @@ fn run() -> Result<()> {
 }
 
 /// One way from the load generator to the echo servers.
-struct Path_<'a> {
+struct LoadPath<'a> {
     name: &'static str,
     addr: &'a str,
     /// The proxy on the path, for its CPU time and peak memory.
@@ -178,7 +173,7 @@ struct Path_<'a> {
     ns: Option<&'a Netns>,
 }
 
-impl<'a> Path_<'a> {
+impl<'a> LoadPath<'a> {
     fn new(name: &'static str, addr: &'a str, proxy: Option<u32>, captured: bool) -> Self {
         Self {
             name,
@@ -296,7 +291,7 @@ impl Bench {
     fn compare(
         &self,
         name: &str,
-        paths: &[Path_],
+        paths: &[LoadPath],
         load: &[&str],
         latency: Option<&[&str]>,
         ns: &Netns,
