@@ -248,10 +248,19 @@ impl Mesh {
             })
             .collect::<Result<_>>()?;
         self.cp.push(&snapshot(version, &ips));
+        // Every sidecar ACKs the push; wait for the client's own view (`/clusters`) to hold
+        // exactly these endpoints.
+        let thrift_endpoint = |ip: &str| format!("{ip}:{THRIFT_PORT}");
+        let applied = eventually(Duration::from_secs(5), || {
+            let clusters = self.client.admin("GET", "/clusters");
+            self.servers.iter().all(|p| {
+                clusters.contains(&thrift_endpoint(&p.ip)) == ips.contains(&p.ip.as_str())
+            })
+        });
         ensure!(
-            self.cp
-                .wait_for(&format!("ACK ClusterLoadAssignment {version}")),
-            "the client's sidecar did not ACK endpoints version {version}:\n{}",
+            applied,
+            "the client's sidecar did not apply endpoints version {version}:\n{}\n{}",
+            self.client.admin("GET", "/clusters"),
             self.cp.events()
         );
         Ok(())
