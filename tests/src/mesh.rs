@@ -253,9 +253,9 @@ impl Mesh {
         let thrift_endpoint = |ip: &str| format!("{ip}:{THRIFT_PORT}");
         let applied = eventually(Duration::from_secs(5), || {
             let clusters = self.client.admin("GET", "/clusters");
-            self.servers.iter().all(|p| {
-                clusters.contains(&thrift_endpoint(&p.ip)) == ips.contains(&p.ip.as_str())
-            })
+            self.servers
+                .iter()
+                .all(|p| clusters.contains(&thrift_endpoint(&p.ip)) == ips.contains(&p.ip.as_str()))
         });
         ensure!(
             applied,
