@@ -260,22 +260,60 @@ fn build_ebpf() -> Result<()> {
 fn bench() -> Result<()> {
     setup()?;
     build_ebpf()?;
-    build_tern(true)?;
+    // Binaries and benchmarks in one release build, so dependencies compile once (`cargo
+    // bench` would build them again under its own profile).
+    step("build: release binaries and the benchmarks (micro, alloc_per_request)");
+    let built = cargo()
+        .args(["build", "--release", "--workspace", "--bins"])
+        .args(["--bench", "micro", "--bench", "alloc_per_request"])
+        .arg("--message-format=json-render-diagnostics")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("run cargo build")?;
+    if !built.status.success() {
+        bail!("the release build failed");
+    }
+    let benches: Vec<PathBuf> = String::from_utf8_lossy(&built.stdout)
+        .lines()
+        .filter(|l| l.contains(r#""kind":["bench"]"#))
+        .filter_map(|l| l.split(r#""executable":""#).nth(1)?.split('"').next())
+        .map(PathBuf::from)
+        .collect();
+    let bench_named = |name: &str| {
+        benches
+            .iter()
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|f| f.to_string_lossy().starts_with(&format!("{name}-")))
+            })
+            .cloned()
+            .with_context(|| format!("cargo built no `{name}` benchmark"))
+    };
     let out = root().join("target/bench");
     std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
-    step("bench: micro-benchmarks (criterion: codec, router, balancer; allocations per request)");
+    step("bench: allocations per proxied request");
     status(
-        cargo()
-            .args(["bench", "--package", "tern", "--bench", "micro"])
-            .args(["--bench", "alloc_per_request", "--"])
-            .args(["--warm-up-time", "0.5", "--measurement-time", "1"])
+        Command::new(bench_named("alloc_per_request")?)
             .env("TERN_BENCH_OUT", out.join("alloc.json")),
+    )?;
+    step("bench: micro-benchmarks (criterion: codec, router, balancer)");
+    let criterion = root().join("target/criterion");
+    status(
+        Command::new(bench_named("micro")?)
+            .args([
+                "--bench",
+                "--warm-up-time",
+                "0.5",
+                "--measurement-time",
+                "1",
+            ])
+            .env("CRITERION_HOME", &criterion),
     )?;
     step("bench: direct, HAProxy, tern (TCP, Thrift), iptables and eBPF capture");
     status(
         Command::new(root().join("target/release/tern-bench"))
             .arg(&out)
-            .arg(root().join("target/criterion")),
+            .arg(&criterion),
     )?;
     step(&format!(
         "bench: report in {}/report.{{md,json,svg}}",
