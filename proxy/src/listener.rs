@@ -93,10 +93,9 @@ pub async fn serve(
                 if learned == OriginalDstSource::LocalAddr && direct {
                     return debug!(%dst, "closing a connection that was not captured");
                 }
-                let started = Instant::now();
-                let access_log = ctx.access_log;
+                let started = ctx.access_log.then(Instant::now);
                 let handled = filters::handle(stream, direction, dst, peer, ctx).await;
-                if access_log {
+                if let Some(started) = started {
                     info!(
                         target: "tern::access",
                         dir = direction.as_str(),

@@ -530,6 +530,14 @@ impl Calls {
     pub fn replies(&self) -> u64 {
         self.by_server.values().sum()
     }
+
+    /// Replies by server, in server order: what tests compare with their expected split.
+    pub fn counts(&self) -> Vec<(&str, u64)> {
+        self.by_server
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect()
+    }
 }
 
 /// Runs `tern-thriftpeer call ADDR ARGS…` from `ns` (in `cgroup`) and returns its one phase.

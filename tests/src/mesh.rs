@@ -112,6 +112,16 @@ impl Pod {
         self.sidecar.as_ref().map(Tern::log).unwrap_or_default()
     }
 
+    /// The sidecar's access-log lines (`--access-log`) for connections to `dst` (`ip:port`).
+    pub fn access_log(&self, dst: &str) -> Vec<String> {
+        let dst = format!("dst={dst} ");
+        self.sidecar_log()
+            .lines()
+            .filter(|l| l.contains("tern::access") && l.contains(&dst))
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// A request to the sidecar's admin server.
     pub fn admin(&self, method: &str, path: &str) -> String {
         admin(&self.ns, method, path)
@@ -266,12 +276,10 @@ impl Mesh {
         Ok(())
     }
 
-    /// The server Pod with this address, by name.
-    pub fn server_named(&self, ip_addr: &str) -> Option<&str> {
-        self.servers
-            .iter()
-            .find(|p| p.ip == ip_addr)
-            .map(|p| p.name.as_str())
+    /// The server Pod a socket address (`ip:port`, as a connection reports it) belongs to.
+    pub fn server_at(&self, addr: &str) -> Option<&Pod> {
+        let ip = addr.rsplit_once(':').map_or(addr, |(ip, _)| ip);
+        self.servers.iter().find(|p| p.ip == ip)
     }
 }
 

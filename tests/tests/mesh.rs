@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use tern_tests::{
-    Calls, ThriftClient, connect, eventually,
+    ThriftClient, connect, eventually,
     mesh::{CONTROL_PLANE, Mesh, Pod, TCP_PORT, THRIFT_PORT, vip},
     serve,
 };
@@ -14,20 +14,12 @@ fn mesh() -> Mesh {
     Mesh::start(3, &mut |_| {}).expect("the mesh starts")
 }
 
-fn counts(c: &Calls) -> Vec<(&str, u64)> {
-    c.by_server.iter().map(|(k, v)| (k.as_str(), *v)).collect()
-}
-
-/// The sidecar's access log lines for connections from `peer_ip` to `dst`.
+/// The sidecar's access-log lines for connections from `peer_ip` to `dst`.
 fn access_lines(pod: &Pod, peer_ip: &str, dst: &str) -> Vec<String> {
-    pod.sidecar_log()
-        .lines()
-        .filter(|l| {
-            l.contains("connection closed")
-                && l.contains(&format!("peer={peer_ip}:"))
-                && l.contains(&format!("dst={dst}"))
-        })
-        .map(str::to_owned)
+    let peer = format!("peer={peer_ip}:");
+    pod.access_log(dst)
+        .into_iter()
+        .filter(|l| l.contains(&peer))
         .collect()
 }
 
@@ -57,7 +49,7 @@ fn thrift_calls_are_balanced_per_request_and_follow_eds() {
     .unwrap();
     let first = client.result();
     assert_eq!(
-        counts(&first),
+        first.counts(),
         [("calc-1", 100), ("calc-2", 100), ("calc-3", 100)],
         "{first:?}"
     );
@@ -67,7 +59,7 @@ fn thrift_calls_are_balanced_per_request_and_follow_eds() {
     client.next_phase();
     let second = client.result();
     assert_eq!(
-        counts(&second),
+        second.counts(),
         [("calc-1", 150), ("calc-3", 150)],
         "{second:?}"
     );
@@ -83,11 +75,8 @@ fn the_server_sidecar_sees_the_client_pod_address() {
     let c = connect(&m.client.ns, Some(&m.client.cgroup), &vip(TCP_PORT));
     assert!(c.ok() && c.proxied(), "{c:?}");
     let server_local = c.server_local.clone().unwrap();
-    let (server_ip, _) = server_local.rsplit_once(':').unwrap();
     let server = m
-        .servers
-        .iter()
-        .find(|p| p.ip == server_ip)
+        .server_at(&server_local)
         .unwrap_or_else(|| panic!("the connection reached {server_local}, not a server Pod"));
     assert!(
         c.server_saw.as_deref().unwrap().starts_with("127.0.0.6:"),
@@ -121,7 +110,7 @@ fn a_thrift_port_and_a_tcp_port_of_one_service_behave_differently() {
         &["--calls", "30"],
     );
     assert_eq!(
-        counts(&thrift),
+        thrift.counts(),
         [("calc-1", 10), ("calc-2", 10), ("calc-3", 10)],
         "{thrift:?}"
     );
@@ -131,8 +120,7 @@ fn a_thrift_port_and_a_tcp_port_of_one_service_behave_differently() {
         let c = connect(&m.client.ns, Some(&m.client.cgroup), &vip(TCP_PORT));
         assert!(c.ok() && c.proxied(), "{c:?}");
         let local = c.server_local.unwrap();
-        let ip = local.rsplit_once(':').unwrap().0.to_owned();
-        servers.push(m.server_named(&ip).unwrap().to_owned());
+        servers.push(m.server_at(&local).unwrap().name.clone());
     }
     servers.sort();
     servers.dedup();
@@ -154,14 +142,13 @@ fn a_thrift_port_and_a_tcp_port_of_one_service_behave_differently() {
         m.client.sidecar_log()
     );
     let log = m.client.sidecar_log();
-    let handled = |port: u16| -> Vec<&str> {
-        log.lines()
-            .filter(|l| {
-                l.contains("connection closed") && l.contains(&format!("dst={}", vip(port)))
-            })
+    let handled = |port: u16| -> Vec<String> {
+        m.client
+            .access_log(&vip(port))
+            .iter()
             .filter_map(|l| {
                 let value = l.split("handled=").nth(1)?.split_whitespace().next()?;
-                Some(value.trim_matches('"'))
+                Some(value.trim_matches('"').to_owned())
             })
             .collect()
     };

@@ -144,10 +144,6 @@ const FORMATS: [[&str; 4]; 4] = [
     ["--transport", "unframed", "--protocol", "compact"],
 ];
 
-fn counts(c: &Calls) -> Vec<(&str, u64)> {
-    c.by_server.iter().map(|(k, v)| (k.as_str(), *v)).collect()
-}
-
 /// One client connection, 300 calls, 3 endpoints: round robin gives each 100, in every
 /// transport and protocol, and through a sniffed plain TCP listener too.
 #[test]
@@ -158,7 +154,7 @@ fn one_connection_is_balanced_per_request() {
         let c = m.call(SERVICE, &[&["--calls", "300"], &format[..]].concat());
         assert_eq!(c.io_error, None, "{format:?}");
         assert_eq!(
-            counts(&c),
+            c.counts(),
             [("s1", 100), ("s2", 100), ("s3", 100)],
             "{format:?}: {c:?}"
         );
@@ -166,7 +162,7 @@ fn one_connection_is_balanced_per_request() {
     }
     let sniffed = m.call(SNIFFED, &["--calls", "300"]);
     assert_eq!(
-        counts(&sniffed),
+        sniffed.counts(),
         [("s1", 100), ("s2", 100), ("s3", 100)],
         "{sniffed:?}"
     );
@@ -284,14 +280,14 @@ fn configuration_changes_move_traffic_without_breaking_connections() {
     )
     .unwrap();
     assert_eq!(
-        counts(&client.result()),
+        client.result().counts(),
         [("s1", 100), ("s2", 100), ("s3", 100)]
     );
 
     m.reconfigure(&config(&all[..2], ""));
     client.next_phase();
     let after = client.result();
-    assert_eq!(counts(&after), [("s1", 150), ("s2", 150)], "{after:?}");
+    assert_eq!(after.counts(), [("s1", 150), ("s2", 150)], "{after:?}");
     assert!(after.io_error.is_none() && after.seq_ok);
 
     std::fs::write(
@@ -305,7 +301,7 @@ fn configuration_changes_move_traffic_without_breaking_connections() {
         .contains("configuration refused")));
     client.next_phase();
     assert_eq!(
-        counts(&client.result()),
+        client.result().counts(),
         [("s1", 150), ("s2", 150)],
         "the last good configuration serves"
     );
@@ -324,7 +320,7 @@ fn configuration_changes_move_traffic_without_breaking_connections() {
 fn dead_endpoints_never_hang_the_client() {
     let m = Mesh::start(&config(&["10.66.1.2:9001", "10.66.1.2:9009"], ""), &[]);
     let c = m.call(SERVICE, &["--calls", "100"]);
-    assert_eq!(counts(&c), [("s1", 100)], "{c:?}");
+    assert_eq!(c.counts(), [("s1", 100)], "{c:?}");
     assert!(
         c.app_errors.is_empty(),
         "connect failures are retried: {c:?}"
@@ -364,7 +360,7 @@ fn a_slow_endpoint_hits_the_timeout() {
         started.elapsed()
     );
     let quick = m.call(SERVICE, &["--method", "sleep", "--ms", "10"]);
-    assert_eq!(counts(&quick), [("s1", 1)]);
+    assert_eq!(quick.counts(), [("s1", 1)]);
 }
 
 /// A 10,000-message pipelined burst on one connection arrives complete and in order.
@@ -443,7 +439,7 @@ fn drain_lets_requests_in_flight_finish() {
     assert!(admin(&m.p.app, "POST", "/quitquitquit").contains("OK"));
     let finished = slow.result();
     assert_eq!(
-        counts(&finished),
+        finished.counts(),
         [("s1", 1)],
         "the request in flight was answered: {finished:?}"
     );
@@ -518,7 +514,7 @@ fn circuit_breaker_overflow_answers_in_thrift() {
             "--pipeline",
         ],
     );
-    assert_eq!(counts(&c), [("s2", 1)], "{c:?}");
+    assert_eq!(c.counts(), [("s2", 1)], "{c:?}");
     assert_eq!(c.app_errors.len(), 2, "{c:?}");
     assert!(
         c.app_errors.iter().all(|e| e.contains("max_requests")),

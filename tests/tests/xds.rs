@@ -110,10 +110,6 @@ fn mesh(protocol: Protocol) -> Mesh {
     }
 }
 
-fn counts(c: &tern_tests::Calls) -> Vec<(&str, u64)> {
-    c.by_server.iter().map(|(k, v)| (k.as_str(), *v)).collect()
-}
-
 /// The first configuration arrives (every type ACKed with its version), `/ready` turns 200,
 /// and calls are balanced per request — through a thrift_proxy listener and through istiod's
 /// plain tcp_proxy, sniffed.
@@ -134,7 +130,7 @@ fn the_first_configuration_arrives_and_traffic_flows(protocol: Protocol) {
     for vip in [CALC, SNIFFED] {
         let c = thrift_call(&m.p.app, Some(&m.p.cgroup), vip, &["--calls", "300"]);
         assert_eq!(
-            counts(&c),
+            c.counts(),
             [("s1", 100), ("s2", 100), ("s3", 100)],
             "{vip}: {c:?}"
         );
@@ -216,7 +212,7 @@ fn endpoint_updates_move_traffic_within_a_second(protocol: Protocol) {
     )
     .unwrap();
     assert_eq!(
-        counts(&client.result()),
+        client.result().counts(),
         [("s1", 100), ("s2", 100), ("s3", 100)]
     );
 
@@ -229,13 +225,13 @@ fn endpoint_updates_move_traffic_within_a_second(protocol: Protocol) {
     );
     let took = pushed.elapsed();
     client.next_phase();
-    assert_eq!(counts(&client.result()), [("s1", 150), ("s2", 150)]);
+    assert_eq!(client.result().counts(), [("s1", 150), ("s2", 150)]);
     assert!(took < Duration::from_secs(1), "the update took {took:?}");
 
     m.cp.push(&snapshot("3", &["10.66.1.2:9003"], false));
     assert!(m.cp.wait_for("ACK ClusterLoadAssignment 3"));
     client.next_phase();
-    assert_eq!(counts(&client.result()), [("s3", 300)]);
+    assert_eq!(client.result().counts(), [("s3", 300)]);
 }
 
 /// A resource tern cannot use is NACKed with its reason and the last good version, and
@@ -429,7 +425,7 @@ fn xds_over_tls_with_a_bearer_token() {
         cp.events()
     );
     let c = thrift_call(&p.app, Some(&p.cgroup), CALC, &["--calls", "20"]);
-    assert_eq!(counts(&c), [("s1", 10), ("s2", 10)]);
+    assert_eq!(c.counts(), [("s1", 10), ("s2", 10)]);
 
     // A rotated token the control plane does not accept: refused, and traffic goes on.
     std::fs::write(&token, "stolen").unwrap();
@@ -483,7 +479,7 @@ fn a_control_plane_down_at_start_leaves_the_static_configuration_serving() {
         "10.96.0.30:9090",
         &["--calls", "10"],
     );
-    assert_eq!(counts(&c), [("s1", 10)], "{c:?}");
+    assert_eq!(c.counts(), [("s1", 10)], "{c:?}");
     assert!(
         eventually(Duration::from_secs(5), || tern
             .log()
@@ -503,7 +499,7 @@ fn a_slow_control_plane_does_not_hold_up_traffic(protocol: Protocol) {
     m.cp.push(&snapshot_full("2", &["10.66.1.2:9001"], false, 0, 1500));
     let during = thrift_call(&m.p.app, Some(&m.p.cgroup), CALC, &["--calls", "300"]);
     assert_eq!(
-        counts(&during),
+        during.counts(),
         [("s1", 100), ("s2", 100), ("s3", 100)],
         "{during:?}"
     );
@@ -518,5 +514,5 @@ fn a_slow_control_plane_does_not_hold_up_traffic(protocol: Protocol) {
         m.cp.events()
     );
     let after = thrift_call(&m.p.app, Some(&m.p.cgroup), CALC, &["--calls", "30"]);
-    assert_eq!(counts(&after), [("s1", 30)]);
+    assert_eq!(after.counts(), [("s1", 30)]);
 }

@@ -18,7 +18,6 @@ use anyhow::{Context, Result, bail, ensure};
 use tern_tests::{
     connect,
     mesh::{CONTROL_PLANE, Mesh, TCP_PORT, THRIFT_PORT, VIP, vip},
-    thrift_call,
 };
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -191,34 +190,26 @@ fn show(m: &Mesh, started: Instant) -> Result<()> {
         let c = connect(&m.client.ns, Some(&m.client.cgroup), &vip(TCP_PORT));
         ensure!(c.ok(), "the TCP connection failed: {c:?}");
         let local = c.server_local.clone().unwrap_or_default();
-        let ip = local.rsplit_once(':').map_or("", |(ip, _)| ip);
         println!(
             "  connection {i} → {}; the application there saw it come from {}",
-            m.server_named(ip).unwrap_or("?"),
+            m.server_at(&local).map_or("?", |p| p.name.as_str()),
             c.server_saw.as_deref().unwrap_or("?")
         );
         last = Some(local);
     }
-    let thrift = thrift_call(&m.client.ns, Some(&m.client.cgroup), &vip(THRIFT_PORT), &[]);
-    ensure!(thrift.replies() == 1, "the Thrift call failed: {thrift:?}");
-    if let Some(dst) = last {
-        let ip = dst.rsplit_once(':').map_or("", |(ip, _)| ip);
-        if let Some(server) = m.servers.iter().find(|s| s.ip == ip) {
-            tern_tests::eventually(std::time::Duration::from_secs(2), || {
-                server.sidecar_log().contains(&format!("dst={dst}"))
-            });
-            let log = server.sidecar_log();
-            if let Some(line) = log
-                .lines()
-                .rfind(|l| l.contains("tern::access") && l.contains(&format!("dst={dst}")))
-            {
-                let fields = line.split("connection closed").nth(1).unwrap_or(line);
-                println!("  {}'s sidecar access log:{fields}", server.name);
-                println!(
-                    "  (inbound capture keeps the client Pod's address {}: no NAT on either side)",
-                    m.client.ip
-                );
-            }
+    if let Some(dst) = last
+        && let Some(server) = m.server_at(&dst)
+    {
+        tern_tests::eventually(std::time::Duration::from_secs(2), || {
+            !server.access_log(&dst).is_empty()
+        });
+        if let Some(line) = server.access_log(&dst).last() {
+            let fields = line.split("connection closed").nth(1).unwrap_or(line);
+            println!("  {}'s sidecar access log:{fields}", server.name);
+            println!(
+                "  (inbound capture keeps the client Pod's address {}: no NAT on either side)",
+                m.client.ip
+            );
         }
     }
     Ok(())
