@@ -80,6 +80,7 @@ fn main() {
             drain,
             connect_timeout: Duration::from_secs(1),
             access_log: false,
+            thrift_ports: Default::default(),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

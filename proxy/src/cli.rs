@@ -134,6 +134,14 @@ pub struct RunArgs {
     /// what handled it, duration (at info, target `tern::access`).
     #[arg(long, env = "TERN_ACCESS_LOG")]
     pub access_log: bool,
+    /// Destination ports where TCP proxy chains never look for Thrift and only relay bytes
+    /// (comma-separated).
+    #[arg(long, env = "TERN_THRIFT_DETECT_EXCLUDE_PORTS", default_value = "", value_parser = parse_ports)]
+    pub thrift_detect_exclude_ports: std::vec::Vec<u16>,
+    /// Destination ports whose TCP proxy chains are Thrift without detection: balanced per
+    /// request from the first byte (comma-separated).
+    #[arg(long, env = "TERN_THRIFT_PORTS", default_value = "", value_parser = parse_ports)]
+    pub thrift_ports: std::vec::Vec<u16>,
 }
 
 /// What to capture; shared by `tern run` and `tern capture attach`.

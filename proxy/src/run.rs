@@ -25,7 +25,7 @@ use crate::{
     },
     cli::{CaptureMode, RunArgs},
     config::{Config, file},
-    filters::{Ctx, Direction},
+    filters::{Ctx, Direction, ThriftPorts},
     listener::{self, OpenConnections},
     metrics::{ConfigLabels, Metrics},
     socket,
@@ -170,6 +170,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         drain: drain_rx.clone(),
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),
         access_log: args.access_log,
+        thrift_ports: ThriftPorts {
+            relay: args.thrift_detect_exclude_ports.clone(),
+            forced: args.thrift_ports.clone(),
+        },
     });
     let open = Arc::new(OpenConnections::default());
     let mut tasks = tokio::task::JoinSet::new();

@@ -423,6 +423,20 @@ fn check(format: Format, name: &str, kind: u8, seq: i32, body: &V, split: usize,
     assert_eq!(second.as_bytes(), &wire[..]);
     assert!(buf.is_empty());
 
+    // Arriving in small pieces (the walk goes on where it stopped): the same message, once.
+    let mut d = decoder(format);
+    let mut buf = BytesMut::new();
+    let piece = 1 + split % 7;
+    let mut whole = None;
+    for (i, chunk) in wire.chunks(piece).enumerate() {
+        buf.extend_from_slice(chunk);
+        if let Some(m) = d.decode(&mut buf).unwrap() {
+            assert!((i + 1) * piece >= wire.len(), "{format:?}: cut early");
+            whole = Some(m);
+        }
+    }
+    assert_eq!(whole.expect("a whole message").as_bytes(), &wire[..]);
+
     // Rewriting the sequence id changes only it, and the thrift crate reads the new one.
     let new_seq = if seq_id_fits(new_seq, m.seq_len()) {
         new_seq

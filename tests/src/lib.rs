@@ -474,7 +474,32 @@ pub fn thrift_serve(ns: &Netns, addr: &str, id: &str) -> Result<Process> {
 
 /// The Python THeader peer (`tests/python/theader_peer.py`).
 pub fn theader_peer() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("python/theader_peer.py")
+    python_peer("theader_peer.py")
+}
+
+/// A Python peer script in `tests/python/`.
+pub fn python_peer(script: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("python")
+        .join(script)
+}
+
+/// Runs a Python peer's client command in `ns` (and `cgroup`) and parses the JSON line it prints.
+pub fn python_json(
+    ns: &Netns,
+    cgroup: Option<&Cgroup>,
+    script: &str,
+    args: &[&str],
+) -> serde_json::Value {
+    let script = python_peer(script);
+    let out = ns
+        .output(
+            cgroup,
+            Path::new("python3"),
+            &[&[script.to_str().expect("UTF-8 path")], args].concat(),
+        )
+        .expect("run a Python peer");
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{script:?} printed {out:?}: {e}"))
 }
 
 /// A THeader Thrift server of Apache Thrift's Python library in a namespace.

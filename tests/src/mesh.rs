@@ -9,8 +9,10 @@
 //! - `client-0`: 10.77.0.10; `calc-1`, `calc-2`, …: 10.77.0.11, 10.77.0.12, …
 //!
 //! The service `calc.default.svc.cluster.local` has the virtual IP 10.96.0.50 with a Thrift
-//! port (9090, a `thrift_proxy` filter) and a plain TCP port (8080, istiod's `tcp_proxy`);
-//! every server Pod runs a Thrift server on 9090 and a TCP echo server on 8080.
+//! port (9090) and a plain TCP port (8080). The control plane sends both as istiod does: a
+//! plain `tcp_proxy` to `outbound|<port>||calc.default.svc.cluster.local`, no name or option
+//! that says Thrift (the sidecar finds out from the bytes). Every server Pod runs a Thrift
+//! server on 9090 and a TCP echo server on 8080.
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
@@ -294,7 +296,7 @@ fn snapshot(version: u32, ips: &[&str]) -> String {
     format!(
         r#"version: "{version}"
 services:
-  - {{ name: calc, vip: {VIP}, port: {THRIFT_PORT}, filter: thrift, endpoints: [{}] }}
+  - {{ name: calc, vip: {VIP}, port: {THRIFT_PORT}, filter: tcp, endpoints: [{}] }}
   - {{ name: calc, vip: {VIP}, port: {TCP_PORT}, filter: tcp, endpoints: [{}] }}
 "#,
         endpoints(THRIFT_PORT),

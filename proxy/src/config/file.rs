@@ -98,8 +98,7 @@ struct WeightedFile {
 struct TcpProxyFile {
     #[serde(flatten)]
     target: TargetFile,
-    /// Upgrade Thrift connections to per-request balancing; by default on when the listener,
-    /// chain or cluster name mentions "thrift".
+    /// Look at the client's first bytes and balance Thrift per request (default on).
     sniff_thrift: Option<bool>,
 }
 
@@ -291,15 +290,9 @@ fn chains(listener: &str, files: Vec<ChainFile>) -> Result<Vec<FilterChain>, Con
             let filter = match (c.tcp_proxy, c.thrift_proxy) {
                 (Some(tcp), None) => {
                     let target = target(tcp.target, &what)?;
-                    let mentions = |s: &str| s.to_ascii_lowercase().contains("thrift");
-                    let sniff_thrift = tcp.sniff_thrift.unwrap_or_else(|| {
-                        mentions(listener)
-                            || mentions(&name)
-                            || target.clusters().into_iter().any(mentions)
-                    });
                     Filter::TcpProxy {
                         target,
-                        sniff_thrift,
+                        sniff_thrift: tcp.sniff_thrift.unwrap_or(true),
                     }
                 }
                 (None, Some(t)) => Filter::Thrift(ThriftProxy {
@@ -486,7 +479,7 @@ clusters:
         assert!(matches!(
             c.listeners[1].filter_chains[0].filter,
             Filter::TcpProxy {
-                sniff_thrift: false,
+                sniff_thrift: true,
                 ..
             }
         ));
@@ -512,19 +505,23 @@ clusters:
     }
 
     #[test]
-    fn sniffing_defaults_on_for_thrift_names() {
+    fn every_tcp_proxy_detects_thrift_unless_told_not_to() {
         let c = parse(
-            "listeners: [{address: '0.0.0.0:9090', filter_chains: [{tcp_proxy: {cluster: thrift-calc}}]}]\n\
-             clusters: [{name: thrift-calc}]",
+            "listeners: [{address: '0.0.0.0:9090', filter_chains: [\
+               {match: {destination_port: 1}, tcp_proxy: {cluster: echo}},\
+               {tcp_proxy: {cluster: echo, sniff_thrift: false}}]}]\n\
+             clusters: [{name: echo}]",
             "x",
         )
         .unwrap();
-        assert!(matches!(
-            c.listeners[0].filter_chains[0].filter,
-            Filter::TcpProxy {
-                sniff_thrift: true,
-                ..
-            }
-        ));
+        let sniffs: Vec<bool> = c.listeners[0]
+            .filter_chains
+            .iter()
+            .map(|chain| match chain.filter {
+                Filter::TcpProxy { sniff_thrift, .. } => sniff_thrift,
+                Filter::Thrift(_) => unreachable!(),
+            })
+            .collect();
+        assert_eq!(sniffs, [true, false]);
     }
 }

@@ -62,8 +62,9 @@ pub struct ChainMatch {
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub enum Filter {
-    /// Relay bytes to a cluster; `sniff_thrift` upgrades Thrift connections to per-request
-    /// balancing with the TCP proxy's cluster as the default route.
+    /// Relay bytes to a cluster; `sniff_thrift` (on unless configured off) upgrades a
+    /// connection whose client speaks Thrift first to per-request balancing, with the TCP
+    /// proxy's cluster as the default route.
     TcpProxy {
         target: Target,
         sniff_thrift: bool,

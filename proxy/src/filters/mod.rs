@@ -2,23 +2,23 @@
 //! (Envoy's rules, see [`crate::state::Snapshot::select`]), whose filter handles it.
 //!
 //! - [`thrift`]: per-request routing and balancing for Thrift;
-//! - [`tcp`]: a byte relay to a cluster, or to the original destination (passthrough).
-//!
-//! A TCP proxy chain configured to sniff upgrades a connection whose first bytes are Thrift
-//! to the Thrift proxy, with the TCP proxy's cluster as default route: Istio sends Thrift
-//! services as plain `tcp_proxy`, and this is how tern balances them per request anyway.
+//! - [`tcp`]: a byte relay to a cluster, or to the original destination (passthrough);
+//! - [`detect`]: what a TCP proxy chain does first — it finds out from the first bytes
+//!   whether the client speaks Thrift, and then balances it per request. Istio sends Thrift
+//!   services as plain `tcp_proxy`, so this is how tern balances them with no configuration.
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
-use tokio::{io::AsyncReadExt, net::TcpStream, sync::watch};
+use tokio::{net::TcpStream, sync::watch};
 use tracing::debug;
 
 use crate::{
     config::Filter,
     state::{Selection, State},
-    thrift::{DecoderLimits, frame::detect},
+    thrift::DecoderLimits,
 };
 
+pub mod detect;
 mod ordered;
 pub mod tcp;
 pub mod thrift;
@@ -51,11 +51,38 @@ pub struct Ctx {
     pub connect_timeout: Duration,
     /// Log one line per connection when it closes (target `tern::access`).
     pub access_log: bool,
+    /// Destination ports where TCP proxy chains do not look for Thrift, or take it for granted.
+    pub thrift_ports: ThriftPorts,
 }
 
-/// How long a sniffing chain waits for a client's first bytes before relaying as plain TCP
-/// (server-first protocols send nothing until the server speaks).
-const SNIFF_TIMEOUT: Duration = Duration::from_millis(200);
+/// Per destination port, how a TCP proxy chain treats Thrift.
+#[derive(Clone, Debug, Default)]
+pub struct ThriftPorts {
+    /// Never detected: always relayed as TCP.
+    pub relay: Vec<u16>,
+    /// Always Thrift: balanced per request without detection.
+    pub forced: Vec<u16>,
+}
+
+/// What a TCP proxy chain does with a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TcpMode {
+    Relay,
+    Detect,
+    Thrift,
+}
+
+impl ThriftPorts {
+    fn mode(&self, port: u16, detect: bool) -> TcpMode {
+        if self.forced.contains(&port) {
+            TcpMode::Thrift
+        } else if !detect || self.relay.contains(&port) {
+            TcpMode::Relay
+        } else {
+            TcpMode::Detect
+        }
+    }
+}
 
 /// What handled a connection, for the access log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,7 +134,7 @@ pub async fn handle(
         Selection::Passthrough => {
             drop(snap);
             debug!(%dst, "no listener: passthrough");
-            tcp::passthrough(down, BytesMut::new(), dst, direction, &ctx).await;
+            tcp::passthrough(down, dst, direction, &ctx).await;
             return Handled::Passthrough;
         }
         Selection::Deny => {
@@ -115,42 +142,55 @@ pub async fn handle(
             return Handled::Denied;
         }
     };
-    drop(snap);
     debug!(%dst, listener = %chain.listener, chain = %chain.chain, "filter chain");
-    match filter {
+    let (target, detect) = match filter {
         Filter::Thrift(_) => {
+            drop(snap);
             thrift::serve(down, BytesMut::new(), chain, ctx).await;
-            Handled::Thrift
+            return Handled::Thrift;
         }
         Filter::TcpProxy {
             target,
             sniff_thrift,
-        } => {
-            let mut first = BytesMut::with_capacity(8 * 1024);
-            if sniff_thrift && sniff(&mut down, &mut first).await {
-                debug!("first bytes are Thrift: balancing per request");
-                thrift::serve(down, first, chain, ctx).await;
-                Handled::Thrift
-            } else {
-                tcp::proxy(down, first, &target, dst, direction, &ctx).await;
-                Handled::Tcp
+        } => (target, sniff_thrift),
+    };
+    let name = target.pick();
+    let Some(cluster) = snap.clusters.get(name).cloned() else {
+        debug!(cluster = %name, "unknown cluster: closing");
+        return Handled::Tcp;
+    };
+    drop(snap);
+    // An original-destination cluster has one destination: nothing to balance.
+    let detect = detect && !cluster.config.original_dst;
+    match ctx.thrift_ports.mode(dst.port(), detect) {
+        TcpMode::Thrift => {
+            thrift::serve(down, BytesMut::new(), chain, ctx).await;
+            Handled::Thrift
+        }
+        TcpMode::Relay => {
+            if let Some(up) = tcp::connect(&cluster, dst, direction, &ctx).await {
+                tcp::relay(down, BytesMut::new(), BytesMut::new(), up.stream).await;
             }
+            Handled::Tcp
         }
-    }
-}
-
-/// Reads a connection's first bytes into `buf` until they show whether it speaks Thrift.
-async fn sniff(down: &mut TcpStream, buf: &mut BytesMut) -> bool {
-    let deadline = tokio::time::Instant::now() + SNIFF_TIMEOUT;
-    loop {
-        match detect(buf) {
-            Ok(Some(_)) => return true,
-            Err(_) => return false,
-            Ok(None) => {}
-        }
-        match tokio::time::timeout_at(deadline, down.read_buf(buf)).await {
-            Ok(Ok(n)) if n > 0 => {}
-            _ => return false,
+        TcpMode::Detect => {
+            let connect = tcp::connect(&cluster, dst, direction, &ctx);
+            match detect::first_speaker(&mut down, connect, ctx.limits).await {
+                detect::Outcome::Thrift { first, .. } => {
+                    debug!("the client speaks Thrift: balancing per request");
+                    thrift::serve(down, first, chain, ctx).await;
+                    Handled::Thrift
+                }
+                detect::Outcome::Relay {
+                    from_client,
+                    from_server,
+                    upstream,
+                } => {
+                    tcp::relay(down, from_client, from_server, upstream.stream).await;
+                    Handled::Tcp
+                }
+                detect::Outcome::Unreachable => Handled::Tcp,
+            }
         }
     }
 }

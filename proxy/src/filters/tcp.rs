@@ -8,61 +8,61 @@ use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::debug;
 
 use super::{Ctx, Direction};
-use crate::{config::Target, socket, state::ClusterState};
+use crate::{socket, state::ClusterState};
 
-/// Relays to an endpoint of the target's cluster (or the original destination for an
-/// original-destination cluster); `first` holds bytes already read from the client.
-pub async fn proxy(
-    down: TcpStream,
-    first: BytesMut,
-    target: &Target,
+/// An upstream connection and, for a cluster endpoint, the endpoint it goes to.
+pub struct Connected {
+    pub stream: TcpStream,
+    /// The endpoint's index in the cluster (none for the original destination).
+    pub endpoint: Option<usize>,
+}
+
+impl super::detect::Upstream for Connected {
+    fn stream(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+}
+
+/// Connects to an endpoint of `cluster`, or to the original destination for an
+/// original-destination cluster; `None` when nothing could be reached.
+pub async fn connect(
+    cluster: &Arc<ClusterState>,
     dst: SocketAddr,
     direction: Direction,
     ctx: &Ctx,
-) {
-    let name = target.pick();
-    let Some(cluster) = ctx.state.load().clusters.get(name).cloned() else {
-        debug!(cluster = %name, "unknown cluster: closing");
-        return;
-    };
+) -> Option<Connected> {
     if cluster.config.original_dst {
-        return passthrough(down, first, dst, direction, ctx).await;
+        return connect_original(dst, direction, ctx)
+            .await
+            .map(|stream| Connected {
+                stream,
+                endpoint: None,
+            });
     }
-    let Some(upstream) = connect_endpoint(&cluster, ctx.mark).await else {
-        debug!(cluster = %name, "no endpoint reachable: closing");
-        return;
-    };
-    splice(down, first, upstream).await;
-}
-
-/// Connects to an endpoint, trying others when a connect fails.
-async fn connect_endpoint(cluster: &Arc<ClusterState>, mark: u32) -> Option<TcpStream> {
     let mut tried = Vec::new();
     for _ in 0..3 {
         let i = cluster.picker.pick(&cluster.endpoints, None, &tried)?;
         tried.push(i);
         let ep = &cluster.endpoints[i];
-        let connect = socket::connect_upstream(ep.config.address, mark, None);
+        let connect = socket::connect_upstream(ep.config.address, ctx.mark, None);
         match tokio::time::timeout(cluster.config.connect_timeout, connect).await {
-            Ok(Ok(s)) => {
+            Ok(Ok(stream)) => {
                 ep.runtime.record_success();
-                return Some(s);
+                return Some(Connected {
+                    stream,
+                    endpoint: Some(i),
+                });
             }
             _ => ep.runtime.record_error(&cluster.config.outlier),
         }
     }
+    debug!(cluster = %cluster.config.name, "no endpoint reachable");
     None
 }
 
-/// Relays to the original destination; inbound connections reach the local application
+/// Connects to the original destination; inbound connections reach the local application
 /// from 127.0.0.6.
-pub async fn passthrough(
-    down: TcpStream,
-    first: BytesMut,
-    dst: SocketAddr,
-    direction: Direction,
-    ctx: &Ctx,
-) {
+async fn connect_original(dst: SocketAddr, direction: Direction, ctx: &Ctx) -> Option<TcpStream> {
     let (target, source) = match direction {
         Direction::Outbound => (dst, None),
         Direction::Inbound => socket::inbound_target(dst),
@@ -70,21 +70,44 @@ pub async fn passthrough(
     debug!(original_dst = %dst, %target, "relaying");
     let connect = socket::connect_upstream(target, ctx.mark, source);
     match tokio::time::timeout(ctx.connect_timeout, connect).await {
-        Ok(Ok(up)) => splice(down, first, up).await,
-        Ok(Err(e)) => debug!(%target, error = %e, "upstream connect failed"),
-        Err(_) => debug!(%target, "upstream connect timed out"),
+        Ok(Ok(up)) => Some(up),
+        Ok(Err(e)) => {
+            debug!(%target, error = %e, "upstream connect failed");
+            None
+        }
+        Err(_) => {
+            debug!(%target, "upstream connect timed out");
+            None
+        }
     }
 }
 
-async fn splice(mut down: TcpStream, first: BytesMut, mut up: TcpStream) {
+/// Relays to the original destination (no listener matched).
+pub async fn passthrough(down: TcpStream, dst: SocketAddr, direction: Direction, ctx: &Ctx) {
+    if let Some(up) = connect_original(dst, direction, ctx).await {
+        relay(down, BytesMut::new(), BytesMut::new(), up).await;
+    }
+}
+
+/// Relays bytes both ways until both sides are done, starting with what each side sent
+/// before the relay began.
+pub async fn relay(
+    mut down: TcpStream,
+    from_client: BytesMut,
+    from_server: BytesMut,
+    mut up: TcpStream,
+) {
     let _ = down.set_nodelay(true);
-    if !first.is_empty() && up.write_all(&first).await.is_err() {
+    if !from_server.is_empty() && down.write_all(&from_server).await.is_err() {
+        return;
+    }
+    if !from_client.is_empty() && up.write_all(&from_client).await.is_err() {
         return;
     }
     match tokio::io::copy_bidirectional(&mut down, &mut up).await {
         Ok((to_up, to_down)) => debug!(
-            bytes_up = to_up + first.len() as u64,
-            bytes_down = to_down,
+            bytes_up = to_up + from_client.len() as u64,
+            bytes_down = to_down + from_server.len() as u64,
             "relay closed"
         ),
         Err(e) => debug!(error = %e, "relay ended with an error"),

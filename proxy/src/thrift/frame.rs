@@ -12,7 +12,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::{
     MessageType, Protocol, ThriftError, Transport,
-    wire::{self, Cursor, Header, Short},
+    wire::{self, Cursor, Header, Short, Walk},
 };
 
 /// Bounds on what one connection may make tern buffer or walk.
@@ -228,7 +228,9 @@ pub fn split_name(name: &[u8]) -> (Option<&[u8]>, &[u8]) {
     }
 }
 
-/// Transport and protocol from a connection's first bytes; `Ok(None)` until enough arrived.
+/// Transport and protocol that a connection's first bytes suggest; `Ok(None)` until enough
+/// arrived. Two bytes are a hint, not proof: [`sniff`] is what decides that a connection
+/// speaks Thrift.
 pub fn detect(buf: &[u8]) -> Result<Option<(Transport, Protocol)>, ThriftError> {
     match buf {
         [0x80, 0x01, ..] => return Ok(Some((Transport::Unframed, Protocol::Binary))),
@@ -249,6 +251,23 @@ pub fn detect(buf: &[u8]) -> Result<Option<(Transport, Protocol)>, ThriftError> 
     }
 }
 
+/// Whether a client's first bytes are Thrift: `Ok(Some)` once a whole first message is there
+/// and is a valid call or one-way call within the limits; `Ok(None)` while it may still be;
+/// an error as soon as it cannot be (a TLS ClientHello, an HTTP request, a frame longer than
+/// the limit, a header that does not decode). `decoder` keeps the progress between calls.
+pub fn sniff(
+    decoder: &mut Decoder,
+    buf: &[u8],
+) -> Result<Option<(Transport, Protocol)>, ThriftError> {
+    let Some((_, meta)) = decoder.check(buf)? else {
+        return Ok(None);
+    };
+    match meta.header.kind {
+        MessageType::Call | MessageType::Oneway => Ok(Some((meta.transport, meta.protocol))),
+        other => Err(ThriftError::BadMessageType(other as u8)),
+    }
+}
+
 /// Cuts messages out of one connection's byte stream.
 #[derive(Debug)]
 pub struct Decoder {
@@ -256,6 +275,10 @@ pub struct Decoder {
     /// Transport and protocol, detected from the first message or configured.
     format: Option<(Transport, Protocol)>,
     non_strict: bool,
+    /// The header of an unframed message whose body is partly walked (by `walk`).
+    unframed: Option<Header>,
+    /// The walk of the message body being checked, reused from message to message.
+    walk: Walk,
 }
 
 impl Decoder {
@@ -265,6 +288,8 @@ impl Decoder {
             limits,
             format: None,
             non_strict: false,
+            unframed: None,
+            walk: Walk::default(),
         }
     }
 
@@ -280,6 +305,8 @@ impl Decoder {
             limits,
             format: Some((transport, protocol)),
             non_strict,
+            unframed: None,
+            walk: Walk::default(),
         }
     }
 
@@ -288,8 +315,19 @@ impl Decoder {
         self.format
     }
 
-    /// Splits the next whole message off `buf`; `Ok(None)` when more bytes are needed.
+    /// Splits the next whole message off `buf`; `Ok(None)` when more bytes are needed (read
+    /// them onto the end of `buf`: the decoder goes on from where it stopped).
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Message>, ThriftError> {
+        Ok(self.check(buf)?.map(|(end, meta)| Message {
+            bytes: buf.split_to(end),
+            meta,
+        }))
+    }
+
+    /// Where the message at the front of `buf` ends, and what it is, once it is all there;
+    /// `Ok(None)` when more bytes are needed. Nothing is taken off `buf`; until the message
+    /// is complete, each call must see the same bytes in front (and more behind).
+    pub fn check(&mut self, buf: &[u8]) -> Result<Option<(usize, Meta)>, ThriftError> {
         let (transport, protocol) = match self.format {
             Some(f) => f,
             None => match detect(buf)? {
@@ -300,20 +338,17 @@ impl Decoder {
                 None => return Ok(None),
             },
         };
-        let found = match transport {
-            Transport::Framed => self.framed(buf, protocol)?,
-            Transport::Unframed => self.unframed(buf, protocol)?,
-            Transport::Header => self.theader(buf)?,
-        };
-        Ok(found.map(|(end, meta)| Message {
-            bytes: buf.split_to(end),
-            meta,
-        }))
+        match transport {
+            Transport::Framed => self.framed(buf, protocol),
+            Transport::Unframed => self.unframed(buf, protocol),
+            Transport::Header => self.theader(buf),
+        }
     }
 
     /// The length of the frame at the front of `buf`, once its length word arrived and it is
-    /// within bounds; reserves room for the rest.
-    fn frame_len(&self, buf: &mut BytesMut) -> Result<Option<usize>, ThriftError> {
+    /// within bounds. Nothing is reserved for the rest: a declared length is a claim, and
+    /// the read buffer grows with what actually arrives.
+    fn frame_len(&self, buf: &[u8]) -> Result<Option<usize>, ThriftError> {
         let Some(word) = buf.get(..4) else {
             return Ok(None);
         };
@@ -328,35 +363,55 @@ impl Decoder {
                 limit: self.limits.max_frame,
             });
         }
-        if buf.len() < 4 + len {
-            buf.reserve(4 + len - buf.len());
-            return Ok(None);
-        }
-        Ok(Some(len))
+        Ok((buf.len() >= 4 + len).then_some(len))
     }
 
     /// Reads the message at `at` inside a complete frame ending at `end`.
     fn message_in_frame(
-        &self,
+        &mut self,
         frame: &[u8],
         at: usize,
         protocol: Protocol,
     ) -> Result<Header, ThriftError> {
         let mut c = Cursor::at(frame, at, true, frame.len());
         let header = wire::read_header(&mut c, protocol, self.non_strict).map_err(invalid)?;
-        wire::skip_struct(&mut c, protocol, self.limits.max_depth).map_err(invalid)?;
+        self.walk.restart(c.pos());
+        self.walk
+            .resume(&mut c, protocol, self.limits.max_depth)
+            .map_err(invalid)?;
         if c.pos() != frame.len() {
             return Err(ThriftError::TrailingBytes(frame.len() - c.pos()));
         }
         Ok(header)
     }
 
-    fn framed(
+    /// Refuses a frame still arriving whose message header is already wrong, so a garbage
+    /// length does not make tern wait for (and buffer) a frame that can never be valid.
+    fn check_partial_header(
         &self,
-        buf: &mut BytesMut,
+        buf: &[u8],
+        at: usize,
+        frame_end: usize,
+        protocol: Protocol,
+    ) -> Result<(), ThriftError> {
+        let seen = &buf[..buf.len().min(frame_end)];
+        let mut c = Cursor::at(seen, at, false, frame_end);
+        match wire::read_header(&mut c, protocol, self.non_strict) {
+            Ok(_) | Err(Short::Incomplete) => Ok(()),
+            Err(Short::Invalid(e)) => Err(e),
+        }
+    }
+
+    fn framed(
+        &mut self,
+        buf: &[u8],
         protocol: Protocol,
     ) -> Result<Option<(usize, Meta)>, ThriftError> {
         let Some(len) = self.frame_len(buf)? else {
+            if let Some(word) = buf.get(..4) {
+                let end = 4 + i32::from_be_bytes(word.try_into().expect("4 bytes")) as usize;
+                self.check_partial_header(buf, 4, end, protocol)?;
+            }
             return Ok(None);
         };
         let header = self.message_in_frame(&buf[..4 + len], 4, protocol)?;
@@ -372,17 +427,33 @@ impl Decoder {
     }
 
     fn unframed(
-        &self,
-        buf: &mut BytesMut,
+        &mut self,
+        buf: &[u8],
         protocol: Protocol,
     ) -> Result<Option<(usize, Meta)>, ThriftError> {
         let max = self.limits.max_frame;
         let mut c = Cursor::new(buf, false, max);
-        let walked = wire::read_header(&mut c, protocol, self.non_strict)
-            .and_then(|h| wire::skip_struct(&mut c, protocol, self.limits.max_depth).map(|()| h));
-        match walked {
-            Ok(header) if c.pos() <= max => Ok(Some((
-                c.pos(),
+        let header = match self.unframed {
+            Some(header) => header,
+            None => match wire::read_header(&mut c, protocol, self.non_strict) {
+                Ok(header) => {
+                    self.walk.restart(header.body_at);
+                    *self.unframed.insert(header)
+                }
+                Err(Short::Incomplete) if buf.len() >= max => {
+                    return Err(ThriftError::FrameTooLarge {
+                        size: buf.len(),
+                        limit: max,
+                    });
+                }
+                Err(Short::Incomplete) => return Ok(None),
+                Err(Short::Invalid(e)) => return Err(e),
+            },
+        };
+        let walked = self.walk.resume(&mut c, protocol, self.limits.max_depth);
+        let found = match walked {
+            Ok(end) if end <= max => Ok(Some((
+                end,
                 Meta {
                     transport: Transport::Unframed,
                     protocol,
@@ -390,21 +461,26 @@ impl Decoder {
                     info: None,
                 },
             ))),
-            Ok(_) => Err(ThriftError::FrameTooLarge {
-                size: c.pos(),
+            Ok(end) => Err(ThriftError::FrameTooLarge {
+                size: end,
                 limit: max,
             }),
             Err(Short::Incomplete) if buf.len() >= max => Err(ThriftError::FrameTooLarge {
                 size: buf.len(),
                 limit: max,
             }),
-            Err(Short::Incomplete) => Ok(None),
+            Err(Short::Incomplete) => return Ok(None),
             Err(Short::Invalid(e)) => Err(e),
-        }
+        };
+        self.unframed = None;
+        found
     }
 
-    fn theader(&self, buf: &mut BytesMut) -> Result<Option<(usize, Meta)>, ThriftError> {
+    fn theader(&mut self, buf: &[u8]) -> Result<Option<(usize, Meta)>, ThriftError> {
         let Some(len) = self.frame_len(buf)? else {
+            if buf.len() >= 6 && buf[4..6] != THEADER_MAGIC.to_be_bytes() {
+                return Err(ThriftError::BadHeader("magic is not 0x0fff"));
+            }
             return Ok(None);
         };
         let frame = &buf[..4 + len];
@@ -602,6 +678,67 @@ mod tests {
                 limit: 64
             })
         ));
+    }
+
+    #[test]
+    fn a_declared_length_reserves_nothing() {
+        // 6 bytes announcing a frame of 16 MiB minus one: a claim, not memory to set aside.
+        let mut buf = BytesMut::from(&[0x00u8, 0xff, 0xff, 0xff, 0x80, 0x01][..]);
+        let before = buf.capacity();
+        assert!(
+            Decoder::detecting(DecoderLimits::default())
+                .decode(&mut buf)
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(buf.capacity(), before);
+    }
+
+    #[test]
+    fn a_frame_whose_header_is_wrong_is_refused_before_it_is_whole() {
+        // Framed binary by its first bytes, then a message type of 9, in a 1 MiB frame.
+        let mut buf = BytesMut::from(&[0x00u8, 0x10, 0x00, 0x00, 0x80, 0x01, 0x00, 0x09][..]);
+        assert_eq!(
+            Decoder::detecting(DecoderLimits::default())
+                .decode(&mut buf)
+                .unwrap_err(),
+            ThriftError::BadMessageType(9)
+        );
+    }
+
+    #[test]
+    fn sniffing_wants_a_whole_valid_call() {
+        let limits = DecoderLimits::default();
+        let ping = framed_ping();
+        for end in 0..ping.len() {
+            let mut d = Decoder::detecting(limits);
+            assert_eq!(sniff(&mut d, &ping[..end]), Ok(None), "{end} bytes");
+        }
+        let mut d = Decoder::detecting(limits);
+        assert_eq!(
+            sniff(&mut d, &ping),
+            Ok(Some((Transport::Framed, Protocol::Binary)))
+        );
+        // A reply is not what a client sends first.
+        let mut reply = ping.clone();
+        reply[7] = 2;
+        assert!(sniff(&mut Decoder::detecting(limits), &reply).is_err());
+        // TLS ClientHellos whose record length looks like framed Thrift at bytes 4-5.
+        for low in [0x80u8, 0x82] {
+            let hello = [
+                0x16, 0x03, 0x01, 0x02, low, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+            ];
+            assert!(
+                sniff(&mut Decoder::detecting(limits), &hello).is_err(),
+                "{hello:02x?}"
+            );
+        }
+        for other in [
+            &b"GET / HTTP/1.1\r\n"[..],
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+        ] {
+            assert!(sniff(&mut Decoder::detecting(limits), other).is_err());
+        }
     }
 
     #[test]

@@ -205,135 +205,251 @@ pub fn read_header(c: &mut Cursor<'_>, protocol: Protocol, non_strict: bool) -> 
     }
 }
 
-/// Skips one struct (the message body) without building it.
-pub fn skip_struct(c: &mut Cursor<'_>, protocol: Protocol, max_depth: usize) -> Read<()> {
-    match protocol {
-        Protocol::Binary => binary::skip(c, binary::STRUCT, max_depth),
-        Protocol::Compact => compact::skip(c, compact::STRUCT, max_depth),
+/// Walks a message body (one struct) without building it, and can stop where the bytes run
+/// out and go on later from there: the walk is iterative, with an explicit stack of the
+/// structs and containers it is inside, and its position only moves past whole values. An
+/// unframed message that arrives in many reads is therefore walked once in all, not once per
+/// read from its first byte.
+#[derive(Debug, Default)]
+pub struct Walk {
+    /// Where the walk goes on (a value boundary), relative to the slice it is given.
+    pos: usize,
+    stack: Vec<Level>,
+    started: bool,
+}
+
+/// A struct or container the walk is inside.
+#[derive(Clone, Copy, Debug)]
+enum Level {
+    /// Fields until STOP.
+    Struct,
+    /// `left` more elements of type `elem`.
+    List { elem: u8, left: u64 },
+    /// `left` more keys and values, alternating (a key when `left` is even).
+    Map { key: u8, value: u8, left: u64 },
+}
+
+/// What one step of a walk found.
+enum Step {
+    /// A scalar (or a string) was skipped.
+    Value,
+    /// A struct or container starts: walk inside it.
+    Enter(Level),
+    /// The innermost struct or container is done.
+    Leave,
+}
+
+impl Walk {
+    /// A walk of the struct that starts at `at`.
+    pub fn at(at: usize) -> Self {
+        let mut walk = Self::default();
+        walk.restart(at);
+        walk
+    }
+
+    /// Starts over on the struct at `at`, keeping the stack's memory (a decoder walks every
+    /// message with one `Walk`, so walking allocates nothing once the deepest nesting was seen).
+    pub fn restart(&mut self, at: usize) {
+        self.pos = at;
+        self.stack.clear();
+        self.started = false;
+    }
+
+    /// Goes on walking over `c`'s bytes from where the last call stopped; returns the end of
+    /// the struct. `Short::Incomplete` keeps the progress made: call again with more bytes
+    /// (the same bytes in front, more behind).
+    pub fn resume(
+        &mut self,
+        c: &mut Cursor<'_>,
+        protocol: Protocol,
+        max_depth: usize,
+    ) -> Read<usize> {
+        c.pos = self.pos;
+        if !self.started {
+            self.enter(Level::Struct, max_depth)?;
+            self.started = true;
+        }
+        while let Some(&top) = self.stack.last() {
+            let step = match protocol {
+                Protocol::Binary => binary::step(c, top),
+                Protocol::Compact => compact::step(c, top),
+            }?;
+            // The step read whole: commit it.
+            match step {
+                Step::Value => self.count_one(),
+                Step::Enter(level) => {
+                    self.count_one();
+                    self.enter(level, max_depth)?;
+                }
+                Step::Leave => {
+                    self.stack.pop();
+                }
+            }
+            self.pos = c.pos;
+        }
+        Ok(self.pos)
+    }
+
+    /// One element of the innermost container was read (fields are not counted).
+    fn count_one(&mut self) {
+        if let Some(Level::List { left, .. } | Level::Map { left, .. }) = self.stack.last_mut() {
+            *left -= 1;
+        }
+    }
+
+    fn enter(&mut self, level: Level, max_depth: usize) -> Read<()> {
+        if self.stack.len() >= max_depth {
+            return Err(ThriftError::TooDeep.into());
+        }
+        self.stack.push(level);
+        Ok(())
     }
 }
 
+/// Skips one struct (a message body) that is all in `c`'s bytes, or reports where it stops.
+#[cfg(test)]
+fn skip_struct(c: &mut Cursor<'_>, protocol: Protocol, max_depth: usize) -> Read<()> {
+    Walk::at(c.pos()).resume(c, protocol, max_depth).map(drop)
+}
+
 mod binary {
-    use super::{Cursor, Read, ThriftError};
+    use super::{Cursor, Level, Read, Step, ThriftError};
 
-    pub const STRUCT: u8 = 12;
+    /// The next step inside `level`.
+    pub(super) fn step(c: &mut Cursor<'_>, level: Level) -> Read<Step> {
+        match level {
+            Level::Struct => {
+                let field = c.u8()?;
+                if field == 0 {
+                    return Ok(Step::Leave);
+                }
+                c.skip(2)?;
+                value(c, field)
+            }
+            Level::List { left: 0, .. } | Level::Map { left: 0, .. } => Ok(Step::Leave),
+            Level::List { elem, .. } => value(c, elem),
+            Level::Map {
+                key,
+                value: v,
+                left,
+            } => value(c, if left % 2 == 0 { key } else { v }),
+        }
+    }
 
-    /// Skips one value of wire type `ty`; `depth` is how many more levels may nest.
-    pub fn skip(c: &mut Cursor<'_>, ty: u8, depth: usize) -> Read<()> {
+    /// Skips a value of wire type `ty`, or reads the header of the struct or container it is.
+    fn value(c: &mut Cursor<'_>, ty: u8) -> Read<Step> {
         match ty {
-            2 | 3 => c.skip(1),
-            6 => c.skip(2),
-            8 => c.skip(4),
-            4 | 10 => c.skip(8),
-            16 => c.skip(16),
+            2 | 3 => c.skip(1)?,
+            6 => c.skip(2)?,
+            8 => c.skip(4)?,
+            4 | 10 => c.skip(8)?,
+            16 => c.skip(16)?,
             11 => {
                 let len = c.i32()?;
                 let len = c.size(i64::from(len), 1)?;
-                c.skip(len)
+                c.skip(len)?;
             }
-            12 => {
-                let depth = depth.checked_sub(1).ok_or(ThriftError::TooDeep)?;
-                loop {
-                    let field = c.u8()?;
-                    if field == 0 {
-                        return Ok(());
-                    }
-                    c.skip(2)?;
-                    skip(c, field, depth)?;
-                }
-            }
+            12 => return Ok(Step::Enter(Level::Struct)),
             13 => {
-                let depth = depth.checked_sub(1).ok_or(ThriftError::TooDeep)?;
-                let (k, v) = (c.u8()?, c.u8()?);
+                let (key, value) = (c.u8()?, c.u8()?);
                 let n = c.i32()?;
-                let n = c.size(i64::from(n), 2)?;
-                for _ in 0..n {
-                    skip(c, k, depth)?;
-                    skip(c, v, depth)?;
-                }
-                Ok(())
+                let n = c.size(i64::from(n), 2)? as u64;
+                return Ok(Step::Enter(Level::Map {
+                    key,
+                    value,
+                    left: 2 * n,
+                }));
             }
             14 | 15 => {
-                let depth = depth.checked_sub(1).ok_or(ThriftError::TooDeep)?;
-                let e = c.u8()?;
+                let elem = c.u8()?;
                 let n = c.i32()?;
-                let n = c.size(i64::from(n), 1)?;
-                for _ in 0..n {
-                    skip(c, e, depth)?;
-                }
-                Ok(())
+                let left = c.size(i64::from(n), 1)? as u64;
+                return Ok(Step::Enter(Level::List { elem, left }));
             }
-            other => Err(ThriftError::BadType(other).into()),
+            other => return Err(ThriftError::BadType(other).into()),
         }
+        Ok(Step::Value)
     }
 }
 
 mod compact {
-    use super::{Cursor, Read, ThriftError};
+    use super::{Cursor, Level, Read, Step, ThriftError};
 
-    pub const STRUCT: u8 = 12;
+    /// The next step inside `level`.
+    pub(super) fn step(c: &mut Cursor<'_>, level: Level) -> Read<Step> {
+        match level {
+            Level::Struct => {
+                let header = c.u8()?;
+                if header == 0 {
+                    return Ok(Step::Leave);
+                }
+                if header >> 4 == 0 {
+                    c.varint(3)?; // field id as a zigzag i16
+                }
+                match header & 0x0f {
+                    // A field's boolean lives in its type nibble.
+                    1 | 2 => Ok(Step::Value),
+                    t => value(c, t),
+                }
+            }
+            Level::List { left: 0, .. } | Level::Map { left: 0, .. } => Ok(Step::Leave),
+            Level::List { elem, .. } => value(c, elem),
+            Level::Map {
+                key,
+                value: v,
+                left,
+            } => value(c, if left % 2 == 0 { key } else { v }),
+        }
+    }
 
-    /// Skips one value of compact type `ty`. Inside containers booleans take a byte.
-    pub fn skip(c: &mut Cursor<'_>, ty: u8, depth: usize) -> Read<()> {
+    /// Skips a value of compact type `ty` (inside containers booleans take a byte), or reads
+    /// the header of the struct or container it is.
+    fn value(c: &mut Cursor<'_>, ty: u8) -> Read<Step> {
         match ty {
-            1..=3 => c.skip(1),
-            4 => c.varint(3).map(drop),
-            5 => c.varint(5).map(drop),
-            6 => c.varint(10).map(drop),
-            7 => c.skip(8),
-            13 => c.skip(16),
+            1..=3 => c.skip(1)?,
+            4 => drop(c.varint(3)?),
+            5 => drop(c.varint(5)?),
+            6 => drop(c.varint(10)?),
+            7 => c.skip(8)?,
+            13 => c.skip(16)?,
             8 => {
                 let len = c.varint(5)?;
                 let len = c.size(len as i64, 1)?;
-                c.skip(len)
+                c.skip(len)?;
             }
-            12 => {
-                let depth = depth.checked_sub(1).ok_or(ThriftError::TooDeep)?;
-                loop {
-                    let header = c.u8()?;
-                    if header == 0 {
-                        return Ok(());
-                    }
-                    if header >> 4 == 0 {
-                        c.varint(3)?; // field id as a zigzag i16
-                    }
-                    match header & 0x0f {
-                        // A field's boolean lives in its type nibble.
-                        1 | 2 => {}
-                        t => skip(c, t, depth)?,
-                    }
-                }
-            }
+            12 => return Ok(Step::Enter(Level::Struct)),
             9 | 10 => {
-                let depth = depth.checked_sub(1).ok_or(ThriftError::TooDeep)?;
                 let header = c.u8()?;
                 let n = match header >> 4 {
                     15 => c.varint(5)?,
                     short => u64::from(short),
                 };
-                let n = c.size(n as i64, 1)?;
-                let e = header & 0x0f;
-                for _ in 0..n {
-                    skip(c, e, depth)?;
-                }
-                Ok(())
+                let left = c.size(n as i64, 1)? as u64;
+                return Ok(Step::Enter(Level::List {
+                    elem: header & 0x0f,
+                    left,
+                }));
             }
             11 => {
-                let depth = depth.checked_sub(1).ok_or(ThriftError::TooDeep)?;
                 let n = c.varint(5)?;
-                let n = c.size(n as i64, 2)?;
+                let n = c.size(n as i64, 2)? as u64;
                 if n == 0 {
-                    return Ok(());
+                    return Ok(Step::Enter(Level::Map {
+                        key: 0,
+                        value: 0,
+                        left: 0,
+                    }));
                 }
                 let kv = c.u8()?;
-                for _ in 0..n {
-                    skip(c, kv >> 4, depth)?;
-                    skip(c, kv & 0x0f, depth)?;
-                }
-                Ok(())
+                return Ok(Step::Enter(Level::Map {
+                    key: kv >> 4,
+                    value: kv & 0x0f,
+                    left: 2 * n,
+                }));
             }
-            other => Err(ThriftError::BadType(other).into()),
+            other => return Err(ThriftError::BadType(other).into()),
         }
+        Ok(Step::Value)
     }
 }
 

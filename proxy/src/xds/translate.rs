@@ -262,14 +262,11 @@ fn chain_filter(
             type_url::TCP_PROXY => {
                 let t: TcpProxy =
                     decode(any, type_url::TCP_PROXY).map_err(|e| format!("{what}: {e}"))?;
+                // istiod's names never say Thrift: every tcp_proxy looks at the bytes.
                 let target = tcp_target(&t, what)?;
-                let mentions = |s: &str| s.to_ascii_lowercase().contains("thrift");
-                let sniff_thrift = mentions(what)
-                    || mentions(&t.stat_prefix)
-                    || target.clusters().into_iter().any(mentions);
                 return Ok(Some(Filter::TcpProxy {
                     target,
-                    sniff_thrift,
+                    sniff_thrift: true,
                 }));
             }
             type_url::THRIFT_PROXY => {

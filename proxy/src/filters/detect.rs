@@ -1,0 +1,114 @@
+//! Thrift detection on a TCP proxy chain, at no cost to other protocols.
+//!
+//! istiod sends every Thrift service as a plain `tcp_proxy`, with names that never say
+//! Thrift, so the bytes must. The upstream connection is opened at once, as a TCP proxy
+//! would, and whichever side speaks first decides:
+//! - the server (MySQL, SMTP, SSH greetings): relay, with no delay at all;
+//! - the client, with a whole first message that is a valid Thrift call or one-way call
+//!   within the frame limit: per-request balancing, and the connection opened meanwhile goes
+//!   to the endpoint's pool;
+//! - the client, with anything else (a TLS ClientHello, an HTTP request, a frame that is too
+//!   long, a header that does not decode): relay, every byte read so far included.
+use std::future::Future;
+
+use bytes::BytesMut;
+use tokio::{io::AsyncReadExt, net::TcpStream};
+
+use crate::thrift::{Decoder, DecoderLimits, Protocol, Transport, frame::sniff};
+
+/// What a chain's first bytes decided.
+pub enum Outcome<U> {
+    /// The client spoke Thrift first; `first` holds what it sent so far (its first message
+    /// whole). `upstream` is the connection opened meanwhile, when it opened.
+    Thrift {
+        first: BytesMut,
+        format: (Transport, Protocol),
+        upstream: Option<U>,
+    },
+    /// Anything else: relay, starting with the bytes each side sent already.
+    Relay {
+        from_client: BytesMut,
+        from_server: BytesMut,
+        upstream: U,
+    },
+    /// The client is not speaking Thrift and no upstream connection could be opened.
+    Unreachable,
+}
+
+/// An upstream connection, as detection needs it.
+pub trait Upstream {
+    fn stream(&mut self) -> &mut TcpStream;
+}
+
+impl Upstream for TcpStream {
+    fn stream(&mut self) -> &mut TcpStream {
+        self
+    }
+}
+
+/// Reads both sides until one decides (see the module doc); `connect` opens the upstream.
+pub async fn first_speaker<U: Upstream>(
+    down: &mut TcpStream,
+    connect: impl Future<Output = Option<U>>,
+    limits: DecoderLimits,
+) -> Outcome<U> {
+    let mut decoder = Decoder::detecting(limits);
+    let mut from_client = BytesMut::with_capacity(4096);
+    let mut from_server = BytesMut::new();
+    let mut connect = std::pin::pin!(connect);
+    let mut connecting = true;
+    let mut upstream: Option<U> = None;
+    let relay = loop {
+        tokio::select! {
+            read = down.read_buf(&mut from_client) => match read {
+                Ok(n) if n > 0 => match sniff(&mut decoder, &from_client) {
+                    Ok(Some(format)) => {
+                        return Outcome::Thrift { first: from_client, format, upstream };
+                    }
+                    Ok(None) => {
+                        if from_client.capacity() - from_client.len() < 1024 {
+                            from_client.reserve(from_client.len().max(4096));
+                        }
+                    }
+                    Err(_) => break true,
+                },
+                // The client closed its side (or failed) before it said anything that is
+                // Thrift: the relay forwards that.
+                _ => break true,
+            },
+            opened = &mut connect, if connecting => {
+                connecting = false;
+                match opened {
+                    Some(u) => upstream = Some(u),
+                    None => break false,
+                }
+            },
+            read = async {
+                match upstream.as_mut() {
+                    Some(u) => u.stream().read_buf(&mut from_server).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                // The server spoke first (or closed): relay.
+                let _ = read;
+                break true;
+            },
+        }
+    };
+    if !relay {
+        return Outcome::Unreachable;
+    }
+    let upstream = match upstream {
+        Some(u) => Some(u),
+        None if connecting => connect.await,
+        None => None,
+    };
+    match upstream {
+        Some(upstream) => Outcome::Relay {
+            from_client,
+            from_server,
+            upstream,
+        },
+        None => Outcome::Unreachable,
+    }
+}
