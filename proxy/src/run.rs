@@ -210,6 +210,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let (Some(path), None) = (args.config.clone(), &xds_status) {
         tasks.spawn(watch_config(path, state.clone()));
     }
+    tasks.spawn(close_idle_connections(state.clone()));
     info!("tern is running");
 
     let mut drain_requested = drain_rx.clone();
@@ -237,6 +238,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     info!("tern stopped");
     Ok(())
+}
+
+/// Closes upstream connections that stayed idle past their cluster's idle timeout.
+async fn close_idle_connections(state: Arc<State>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let snapshot = state.load();
+        for cluster in snapshot.clusters.values() {
+            for endpoint in &cluster.endpoints {
+                endpoint
+                    .runtime
+                    .pool
+                    .close_idle(&cluster.runtime, cluster.config.idle_timeout);
+            }
+        }
+    }
 }
 
 /// Re-reads the configuration file when it changes; a broken one is refused (logged and

@@ -109,7 +109,10 @@ impl Candidate for EndpointHandle {
 pub struct ClusterRuntime {
     pub active_requests: AtomicUsize,
     pub pending_requests: AtomicUsize,
+    /// Upstream connections, connecting or open (`max_connections` counts them).
     pub connections: AtomicUsize,
+    /// Notified when a connection is given back or closes, for requests waiting for one.
+    pub released: tokio::sync::Notify,
     pub active_gauge: prometheus_client::metrics::gauge::Gauge,
     pub request_seconds: prometheus_client::metrics::histogram::Histogram,
     pub connections_opened: prometheus_client::metrics::counter::Counter,
@@ -117,6 +120,25 @@ pub struct ClusterRuntime {
     /// Replies by result (success, declared exception, application error), resolved once so
     /// counting a reply looks nothing up and allocates nothing.
     pub replies: [prometheus_client::metrics::counter::Counter; 3],
+}
+
+/// Counts a request against its cluster's `max_requests` while it lives.
+#[derive(Debug)]
+pub struct ActiveRequest(Arc<ClusterRuntime>);
+
+impl ActiveRequest {
+    pub fn new(cluster: Arc<ClusterRuntime>) -> Self {
+        cluster.active_requests.fetch_add(1, Ordering::Relaxed);
+        cluster.active_gauge.inc();
+        Self(cluster)
+    }
+}
+
+impl Drop for ActiveRequest {
+    fn drop(&mut self) {
+        self.0.active_requests.fetch_sub(1, Ordering::Relaxed);
+        self.0.active_gauge.dec();
+    }
 }
 
 impl ClusterRuntime {
@@ -305,6 +327,7 @@ impl State {
                         active_requests: AtomicUsize::new(0),
                         pending_requests: AtomicUsize::new(0),
                         connections: AtomicUsize::new(0),
+                        released: tokio::sync::Notify::new(),
                         active_gauge: self.metrics.active_requests.get_or_create(&label).clone(),
                         request_seconds: self
                             .metrics
@@ -345,6 +368,14 @@ impl State {
                 )
             })
             .collect();
+        // Endpoints that left: their connections close once their requests are done.
+        for ((cluster, _), gone) in endpoints.iter() {
+            if !kept_endpoints.contains_key(&(cluster.clone(), gone.address))
+                && let Some(rt) = cluster_rt.get(cluster)
+            {
+                gone.pool.retire(rt);
+            }
+        }
         *endpoints = kept_endpoints;
         *cluster_rt = kept_clusters;
         let mut exact = HashMap::new();

@@ -28,7 +28,7 @@ use serde::Deserialize;
 use super::{
     ChainMatch, CircuitBreakers, Cluster, Config, ConfigError, Endpoint, Filter, FilterChain,
     Health, LbPolicy, Listener, OutlierDetection, Passthrough, Route, RouteAction, RouteMatch,
-    Target, ThriftProxy,
+    Target, ThriftProxy, UpstreamMode,
 };
 use crate::thrift::{Protocol, Transport};
 
@@ -171,6 +171,10 @@ struct ClusterFile {
     #[serde(default)]
     outlier_detection: OutlierFile,
     connections_per_endpoint: Option<usize>,
+    /// `exclusive` (default) or `multiplexed`.
+    #[serde(default)]
+    thrift_upstream: UpstreamMode,
+    idle_timeout_ms: Option<u64>,
     #[serde(default)]
     original_dst: bool,
 }
@@ -418,7 +422,11 @@ fn cluster(c: ClusterFile) -> Cluster {
                 .base_ejection_ms
                 .map_or(outlier.base_ejection, Duration::from_millis),
         },
+        upstream: c.thrift_upstream,
         connections_per_endpoint: c.connections_per_endpoint.unwrap_or(4),
+        idle_timeout: c
+            .idle_timeout_ms
+            .map_or(super::DEFAULT_IDLE_TIMEOUT, Duration::from_millis),
         original_dst: c.original_dst,
         name: c.name,
     }

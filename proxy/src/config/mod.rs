@@ -90,6 +90,9 @@ impl Filter {
     }
 }
 
+/// How long an upstream connection stays open unused (Envoy's default idle timeout: 1 h).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// Where traffic goes: one cluster, or several by weight.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub enum Target {
@@ -180,12 +183,29 @@ pub struct Cluster {
     pub connect_timeout: Duration,
     pub circuit_breakers: CircuitBreakers,
     pub outlier: OutlierDetection,
-    /// Upstream connections per endpoint (per transport and protocol) that requests are
-    /// multiplexed over. Thrift servers answer one request per connection at a time, so a
-    /// new one opens when all are busy, up to this many (default 4).
+    /// How Thrift requests use upstream connections.
+    pub upstream: UpstreamMode,
+    /// Multiplexed connections per endpoint (per transport and protocol); a new one opens
+    /// when all are busy, up to this many (default 4). Exclusive connections grow to
+    /// `max_connections` instead.
     pub connections_per_endpoint: usize,
+    /// Idle upstream connections close after this long.
+    pub idle_timeout: Duration,
     /// Connects to the original destination instead of endpoints (Istio's passthrough).
     pub original_dst: bool,
+}
+
+/// How a cluster's Thrift requests share upstream connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamMode {
+    /// A request has a connection to itself until its reply arrives, as Thrift servers
+    /// expect (they answer one request per connection at a time). Envoy's thrift_proxy too.
+    #[default]
+    Exclusive,
+    /// Requests share connections, with sequence ids rewritten; only for servers known to
+    /// answer out of order.
+    Multiplexed,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]

@@ -13,7 +13,7 @@ use tokio::{net::TcpStream, sync::watch};
 use tracing::debug;
 
 use crate::{
-    config::Filter,
+    config::{Filter, UpstreamMode},
     state::{Selection, State},
     thrift::DecoderLimits,
 };
@@ -176,8 +176,28 @@ pub async fn handle(
         TcpMode::Detect => {
             let connect = tcp::connect(&cluster, dst, direction, &ctx);
             match detect::first_speaker(&mut down, connect, ctx.limits).await {
-                detect::Outcome::Thrift { first, .. } => {
+                detect::Outcome::Thrift {
+                    first,
+                    format,
+                    upstream,
+                } => {
                     debug!("the client speaks Thrift: balancing per request");
+                    // The connection opened meanwhile serves the pool (one-request-at-a-time
+                    // connections are interchangeable); a multiplexed pool opens its own.
+                    if let Some(tcp::Connected {
+                        stream,
+                        endpoint: Some(i),
+                    }) = upstream
+                        && cluster.config.upstream == UpstreamMode::Exclusive
+                    {
+                        let settings = thrift::pool_settings(&cluster.config, &ctx);
+                        cluster.endpoints[i].runtime.pool.adopt(
+                            stream,
+                            format,
+                            &settings,
+                            &cluster.runtime,
+                        );
+                    }
                     thrift::serve(down, first, chain, ctx).await;
                     Handled::Thrift
                 }

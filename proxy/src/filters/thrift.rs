@@ -15,13 +15,13 @@ use std::{
     collections::HashMap,
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
 
 use bytes::{Bytes, BytesMut};
-use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
+use prometheus_client::metrics::counter::Counter;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -32,15 +32,15 @@ use tracing::{Instrument, debug, debug_span, warn};
 use super::{Ctx, ordered::Ordered};
 use crate::{
     balance::hash_key,
-    config::{Filter, Route, RouteAction, RouteMatch, Target},
+    config::{Cluster, Filter, Route, RouteAction, RouteMatch, Target, UpstreamMode},
     metrics::MethodLabels,
-    state::{ClusterState, Snapshot},
+    state::{ActiveRequest, ClusterState, Snapshot},
     thrift::{
         Decoder, Message, MessageType,
         frame::Meta,
         reply::{AppExceptionType, application_exception},
     },
-    upstream::{Failed, PoolSettings, ReplyCell, Sent, UpstreamError},
+    upstream::{Failed, PoolSettings, ReplyCell, UpstreamError, exclusive, multiplexed::Sent},
 };
 
 /// Requests one downstream connection may have in flight before tern stops reading it.
@@ -373,17 +373,55 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Byte
             "circuit breaker overflow: max_requests",
         );
     }
-    let _active = ActiveRequest::new(&rt.active_requests, &rt.active_gauge);
-    let settings = PoolSettings {
-        mark: ctx.mark,
-        connect_timeout: cfg.connect_timeout,
-        per_endpoint: cfg.connections_per_endpoint,
-        max_connections: cfg.circuit_breakers.max_connections,
-        max_pending: cfg.circuit_breakers.max_pending_requests,
-        limits: ctx.limits,
-    };
-    let deadline = Instant::now() + timeout;
+    let _active = ActiveRequest::new(rt.clone());
+    let settings = pool_settings(cfg, &ctx);
+    let deadline = deadline_after(timeout);
     let mut tried = [usize::MAX; MAX_ATTEMPTS];
+    // What an attempt's outcome means for the client; `name` names a local reply.
+    let conclude_with =
+        |endpoint: &crate::state::EndpointRuntime,
+         started: Instant,
+         outcome: Result<Result<Option<Message>, Failed>, tokio::time::error::Elapsed>,
+         name: &[u8]| {
+            match outcome {
+                Ok(Ok(Some(reply))) => {
+                    endpoint.record_success();
+                    rt.request_seconds.observe(started.elapsed().as_secs_f64());
+                    rt.replies(reply.reply_result()).inc();
+                    Next::Done(Some(reply.into_bytes()))
+                }
+                Ok(Ok(None)) => Next::Done(None),
+                Ok(Err(Failed::NotSent(UpstreamError::Overflow(what)))) => Next::Done(local(
+                    name,
+                    "overflow",
+                    AppExceptionType::InternalError,
+                    &format!("circuit breaker overflow: {what}"),
+                )),
+                Ok(Err(Failed::NotSent(e))) => {
+                    debug!(error = %e, "not sent; trying another endpoint");
+                    endpoint.record_error(&cfg.outlier);
+                    Next::Retry
+                }
+                Ok(Err(Failed::Lost(e))) => {
+                    endpoint.record_error(&cfg.outlier);
+                    Next::Done(local(
+                        name,
+                        "upstream_reset",
+                        AppExceptionType::InternalError,
+                        &e.to_string(),
+                    ))
+                }
+                Err(_) => {
+                    endpoint.record_error(&cfg.outlier);
+                    Next::Done(local(
+                        name,
+                        "timeout",
+                        AppExceptionType::InternalError,
+                        &format!("upstream request timeout after {timeout:?}"),
+                    ))
+                }
+            }
+        };
     for attempt in 0..MAX_ATTEMPTS {
         let Some(i) = cluster
             .picker
@@ -408,60 +446,44 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Byte
         debug!(endpoint = %ep.config.address, attempt, "sending");
         let _in_flight = ActiveEndpoint::new(&ert.active);
         let started = Instant::now();
-        let generation = cell.begin();
-        let sent = match ert
-            .pool
-            .send(ep.config.address, msg, &settings, rt, (&cell, generation))
-        {
-            Ok(Sent::Oneway) => return None,
-            Ok(Sent::Reply(sent)) => sent,
-            Err((UpstreamError::Overflow(what), back)) => {
-                return local(
-                    back.name(),
-                    "overflow",
-                    AppExceptionType::InternalError,
-                    &format!("circuit breaker overflow: {what}"),
-                );
+        let conclude = |outcome, name: &[u8]| conclude_with(ert, started, outcome, name);
+        let outcome = match cfg.upstream {
+            UpstreamMode::Exclusive => {
+                let call = exclusive::call(&ert.pool, ep.config.address, &msg, &settings, rt);
+                let outcome = tokio::time::timeout_at(deadline, call).await;
+                conclude(outcome, msg.name())
             }
-            Err((e, back)) => {
-                debug!(error = %e, "not sent; trying another endpoint");
-                ert.record_error(&cfg.outlier);
-                msg = back;
-                continue;
+            UpstreamMode::Multiplexed => {
+                let generation = cell.begin();
+                match ert
+                    .pool
+                    .send(ep.config.address, msg, &settings, rt, (&cell, generation))
+                {
+                    Ok(Sent::Oneway) => return None,
+                    Ok(Sent::Reply(sent)) => {
+                        let waited = tokio::time::timeout_at(deadline, cell.reply(generation));
+                        let outcome = waited.await.map(|reply| reply.map(Some));
+                        match conclude(outcome, &sent[meta.name_range()]) {
+                            Next::Retry => {
+                                // Only a retry (the connection never opened) needs the
+                                // bytes again.
+                                msg = Message::from_parts(BytesMut::from(&sent[..]), meta);
+                                continue;
+                            }
+                            Next::Done(reply) => return reply,
+                        }
+                    }
+                    Err((e, back)) => {
+                        let next = conclude(Ok(Err(Failed::NotSent(e))), back.name());
+                        msg = back;
+                        next
+                    }
+                }
             }
         };
-        let name = &sent[meta.name_range()];
-        match tokio::time::timeout_at(deadline, cell.reply(generation)).await {
-            Ok(Ok(reply)) => {
-                ert.record_success();
-                rt.request_seconds.observe(started.elapsed().as_secs_f64());
-                rt.replies(reply.reply_result()).inc();
-                return Some(reply.into_bytes());
-            }
-            Ok(Err(Failed::NotSent(e))) => {
-                debug!(error = %e, "connection never opened; trying another endpoint");
-                ert.record_error(&cfg.outlier);
-                msg = Message::from_parts(BytesMut::from(&sent[..]), meta);
-                continue;
-            }
-            Ok(Err(Failed::Lost(e))) => {
-                ert.record_error(&cfg.outlier);
-                return local(
-                    name,
-                    "upstream_reset",
-                    AppExceptionType::InternalError,
-                    &e.to_string(),
-                );
-            }
-            Err(_) => {
-                ert.record_error(&cfg.outlier);
-                return local(
-                    name,
-                    "timeout",
-                    AppExceptionType::InternalError,
-                    &format!("upstream request timeout after {timeout:?}"),
-                );
-            }
+        match outcome {
+            Next::Done(reply) => return reply,
+            Next::Retry => {}
         }
     }
     local(
@@ -472,22 +494,32 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Byte
     )
 }
 
-/// Counts a request as active in its cluster while it lives.
-struct ActiveRequest<'a>(&'a AtomicUsize, &'a Gauge);
-
-impl<'a> ActiveRequest<'a> {
-    fn new(count: &'a AtomicUsize, gauge: &'a Gauge) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        gauge.inc();
-        Self(count, gauge)
+/// What a cluster's pools need to know.
+pub(super) fn pool_settings(cfg: &Cluster, ctx: &Ctx) -> PoolSettings {
+    PoolSettings {
+        mark: ctx.mark,
+        connect_timeout: cfg.connect_timeout,
+        per_endpoint: cfg.connections_per_endpoint,
+        max_connections: cfg.circuit_breakers.max_connections,
+        max_pending: cfg.circuit_breakers.max_pending_requests,
+        limits: ctx.limits,
     }
 }
 
-impl Drop for ActiveRequest<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-        self.1.dec();
-    }
+/// What an attempt leaves to do.
+enum Next {
+    /// Answer the client with this (nothing for a one-way call).
+    Done(Option<Bytes>),
+    /// Nothing reached the server: try another endpoint.
+    Retry,
+}
+
+/// When a request that starts now times out; a timeout too long to represent never does
+/// (in practice: in a century).
+fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 /// Counts a request as in flight to an endpoint while it lives (least request reads it).

@@ -32,7 +32,7 @@ use crate::{
     config::{
         ChainMatch, CircuitBreakers, Cluster, Config, Endpoint, Filter, FilterChain, Health,
         LbPolicy, Listener, OutlierDetection, Passthrough, Route, RouteAction, RouteMatch, Target,
-        ThriftProxy,
+        ThriftProxy, UpstreamMode,
     },
     thrift::{Protocol, Transport},
 };
@@ -475,9 +475,31 @@ fn cluster(c: &XdsCluster, r: &Resources) -> Result<Cluster, String> {
             },
             None => outlier,
         },
+        upstream: upstream_mode(c),
         connections_per_endpoint: 4,
+        idle_timeout: crate::config::DEFAULT_IDLE_TIMEOUT,
         original_dst,
     })
+}
+
+/// A cluster opts in to multiplexed Thrift upstream connections with the metadata
+/// `filter_metadata: { tern: { thrift_upstream: multiplexed } }` (a DestinationRule cannot
+/// say it; an EnvoyFilter or another control plane can).
+fn upstream_mode(c: &XdsCluster) -> UpstreamMode {
+    use tern_proto::wkt::Kind;
+    let mode = c
+        .metadata
+        .as_ref()
+        .and_then(|m| m.filter_metadata.get("tern"))
+        .and_then(|s| s.fields.get("thrift_upstream"))
+        .and_then(|v| match &v.kind {
+            Some(Kind::StringValue(s)) => Some(s.as_str()),
+            _ => None,
+        });
+    match mode {
+        Some("multiplexed") => UpstreamMode::Multiplexed,
+        _ => UpstreamMode::Exclusive,
+    }
 }
 
 type Endpoints = (Vec<Endpoint>, BTreeMap<String, u32>, bool);

@@ -1,48 +1,43 @@
-//! Upstream connections to one endpoint, with requests from many downstream connections
-//! multiplexed over them.
+//! Multiplexed connections (a cluster opts in, for servers that answer out of order): the
+//! requests of many downstream connections share a few connections to one endpoint.
 //!
 //! Each request gets a sequence id that is free on the connection it is sent on and is
-//! rewritten in place; the reply's id is mapped back to the client's and rewritten again, so
-//! replies may come back in any order. In compact protocol ids are varints: a request's
-//! upstream id is chosen with the same encoded length as the client's, so both rewrites fit
-//! the bytes exactly. One-way calls are written and done. A connection that fails to connect
-//! hands every queued request back (for a retry on another endpoint); one that closes fails
-//! its requests in flight (the client gets a local reply).
+//! rewritten in place; the reply's id is mapped back to the client's and rewritten again. In
+//! compact protocol ids are varints: a request's upstream id is chosen with the same encoded
+//! length as the client's, so both rewrites fit the bytes exactly. A request that gives up
+//! (times out) keeps its id reserved until its reply arrives or the connection closes, so a
+//! late reply can never be mapped to a newer request; a connection whose ids run out takes
+//! no new requests and closes when its live requests are done. One-way calls are written and
+//! done, and count against the circuit breakers until written. The write queue is bounded.
+//! A connection that fails to connect hands every queued request back (for a retry on
+//! another endpoint); one that closes fails its requests in flight.
 use std::{
     collections::HashMap,
     io,
     net::SocketAddr,
+    ops::Range,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU8, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering},
     },
-    time::Duration,
 };
 
 use bytes::{Bytes, BytesMut};
-use futures_util::task::AtomicWaker;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt, BufWriter},
-    sync::mpsc,
+    sync::{Notify, mpsc},
 };
 use tracing::debug;
 
+use super::{Failed, Pool, PoolSettings, ReplyCell, UpstreamError, answers_by_name};
 use crate::{
     socket,
-    state::ClusterRuntime,
-    thrift::{Decoder, DecoderLimits, Message, MessageType, Protocol, Transport},
+    state::{ActiveRequest, ClusterRuntime},
+    thrift::{Decoder, Message, MessageType, Protocol, Transport},
 };
 
-/// Why a request got no reply from upstream.
-#[derive(Debug, thiserror::Error)]
-pub enum UpstreamError {
-    #[error("connect to {0} failed: {1}")]
-    ConnectFailed(SocketAddr, io::Error),
-    #[error("upstream connection closed: {0}")]
-    Closed(String),
-    #[error("circuit breaker overflow: {0}")]
-    Overflow(&'static str),
-}
+/// Requests queued for writing on one connection before new ones overflow.
+const WRITE_QUEUE: usize = 1024;
 
 /// A request handed back unsent, with the reason.
 pub type Refused = (UpstreamError, Message);
@@ -57,94 +52,27 @@ pub enum Sent {
     Oneway,
 }
 
-/// What comes back for a request: its reply, or why there is none.
-pub type Reply = Result<Message, Failed>;
-
-/// Where the reply to a request is delivered. A cell is reused by one request after another
-/// (it is allocated once per in-flight slot of a downstream connection, not per request);
-/// each request is a new generation, so a reply that arrives after its request gave up
-/// (timed out) is dropped instead of reaching the next one.
-#[derive(Debug, Default)]
-pub struct ReplyCell {
-    value: Mutex<(u64, Option<Reply>)>,
-    waker: AtomicWaker,
-}
-
-impl ReplyCell {
-    /// Starts a new request: earlier replies no longer land here. Returns its generation.
-    pub fn begin(&self) -> u64 {
-        let mut v = self.value.lock().unwrap_or_else(|e| e.into_inner());
-        v.0 += 1;
-        v.1 = None;
-        v.0
-    }
-
-    /// Delivers the reply of `generation`, unless that request is gone.
-    fn complete(&self, generation: u64, reply: Reply) {
-        let mut v = self.value.lock().unwrap_or_else(|e| e.into_inner());
-        if v.0 == generation && v.1.is_none() {
-            v.1 = Some(reply);
-            drop(v);
-            self.waker.wake();
-        }
-    }
-
-    /// Whether the request of `generation` still waits.
-    fn waiting(&self, generation: u64) -> bool {
-        self.value.lock().unwrap_or_else(|e| e.into_inner()).0 == generation
-    }
-
-    /// Waits for the reply of `generation`.
-    pub async fn reply(&self, generation: u64) -> Reply {
-        std::future::poll_fn(|cx| {
-            self.waker.register(cx.waker());
-            let mut v = self.value.lock().unwrap_or_else(|e| e.into_inner());
-            match v.1.take() {
-                Some(r) if v.0 == generation => std::task::Poll::Ready(r),
-                _ => std::task::Poll::Pending,
-            }
-        })
-        .await
-    }
-}
-
-/// Why a sent request got no reply.
-#[derive(Debug)]
-pub enum Failed {
-    /// The connection never opened; the request can be retried elsewhere.
-    NotSent(UpstreamError),
-    /// The request may have reached the server; no retry.
-    Lost(UpstreamError),
-}
-
-/// Settings a pool needs from its cluster.
-#[derive(Clone, Copy, Debug)]
-pub struct PoolSettings {
-    pub mark: u32,
-    pub connect_timeout: Duration,
-    pub per_endpoint: usize,
-    pub max_connections: usize,
-    pub max_pending: usize,
-    pub limits: DecoderLimits,
-}
+/// Bytes to write, with what keeps a one-way call counted until it is written.
+type Queued = (Bytes, Option<ActiveRequest>);
 
 const CONNECTING: u8 = 0;
 const OPEN: u8 = 1;
 const CLOSED: u8 = 2;
 
-/// The connections to one endpoint.
+/// The multiplexed connections to one endpoint.
 #[derive(Debug, Default)]
-pub struct Pool {
-    conns: Mutex<Vec<Arc<Conn>>>,
-}
+pub(super) struct Conns(Mutex<Vec<Arc<Conn>>>);
 
 #[derive(Debug)]
 struct Conn {
     format: (Transport, Protocol),
-    tx: mpsc::UnboundedSender<Bytes>,
+    tx: mpsc::Sender<Queued>,
     state: AtomicU8,
     inflight: AtomicUsize,
     pending: Mutex<Pending>,
+    /// Takes no new requests; closes once no live request waits on it.
+    retiring: AtomicBool,
+    wake: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -155,7 +83,6 @@ struct Pending {
     /// Requests queued while connecting (counted against max pending requests).
     queued: usize,
     closed: bool,
-    registered: u32,
 }
 
 #[derive(Debug)]
@@ -163,6 +90,9 @@ struct Waiter {
     client_seq: i32,
     cell: Arc<ReplyCell>,
     generation: u64,
+    /// The request as sent, for checking that the reply is its own.
+    request: Bytes,
+    name: Range<usize>,
 }
 
 impl Pending {
@@ -188,18 +118,6 @@ impl Pending {
         }
         None
     }
-
-    /// Drops waiters whose caller stopped waiting (timed out), now and then; returns how
-    /// many went.
-    fn sweep(&mut self) -> usize {
-        self.registered = self.registered.wrapping_add(1);
-        if !self.registered.is_multiple_of(256) {
-            return 0;
-        }
-        let before = self.waiting.len();
-        self.waiting.retain(|_, w| w.cell.waiting(w.generation));
-        before - self.waiting.len()
-    }
 }
 
 impl Conn {
@@ -217,11 +135,37 @@ impl Conn {
         }
         self.inflight.store(0, Ordering::Relaxed);
     }
+
+    /// Takes no new requests from now on; closes once no live request waits.
+    fn retire(&self) {
+        self.retiring.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    /// Whether a retiring connection has no live request left (abandoned ones, whose
+    /// callers timed out, do not hold it open).
+    fn done(&self) -> bool {
+        if !self.retiring.load(Ordering::Acquire) {
+            return false;
+        }
+        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.waiting.values().all(|w| !w.cell.waiting(w.generation))
+    }
+}
+
+impl Conns {
+    /// Every connection takes no new requests; each closes when its live requests are done.
+    pub(super) fn retire(&self) {
+        let mut conns = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for c in conns.drain(..) {
+            c.retire();
+        }
+    }
 }
 
 impl Pool {
-    /// Sends a request to `addr` on a connection of its transport and protocol, opening one
-    /// when none is free and the cluster's limits allow.
+    /// Sends a request to `addr` on a multiplexed connection of its transport and protocol,
+    /// opening one when none is free and the cluster's limits allow.
     #[expect(
         clippy::result_large_err,
         reason = "the refused request is handed back by value; boxing would allocate per request"
@@ -248,6 +192,9 @@ impl Pool {
         if p.closed {
             return Err((UpstreamError::Closed("connection closed".into()), msg));
         }
+        let Ok(slot) = conn.tx.try_reserve() else {
+            return Err((UpstreamError::Overflow("upstream write queue"), msg));
+        };
         if conn.state() == CONNECTING {
             if cluster.pending_requests.load(Ordering::Relaxed) >= settings.max_pending {
                 return Err((UpstreamError::Overflow("max_pending_requests"), msg));
@@ -256,11 +203,14 @@ impl Pool {
             p.queued += 1;
         }
         if oneway {
-            // Nothing comes back, so the sequence id needs no rewriting.
-            let _ = conn.tx.send(msg.into_bytes());
+            // Nothing comes back, so the sequence id needs no rewriting; the call counts
+            // against the circuit breakers until it is written.
+            slot.send((msg.into_bytes(), Some(ActiveRequest::new(cluster.clone()))));
             return Ok(Sent::Oneway);
         }
         let Some(id) = p.allocate(class) else {
+            // Ids held by requests that timed out: this connection takes no more.
+            conn.retire();
             return Err((
                 UpstreamError::Overflow("sequence ids on the connection"),
                 msg,
@@ -270,28 +220,22 @@ impl Pool {
         if msg.set_seq_id(id).is_err() {
             return Err((UpstreamError::Overflow("sequence id length"), msg));
         }
-        let swept = p.sweep();
-        conn.inflight.fetch_sub(swept, Ordering::Relaxed);
         let (cell, generation) = reply_to;
+        // Sent while holding the lock, so a connection closing now drains this waiter.
+        let bytes = msg.into_bytes();
         p.waiting.insert(
             id,
             Waiter {
                 client_seq,
                 cell: cell.clone(),
                 generation,
+                request: bytes.clone(),
+                name: meta.name_range(),
             },
         );
         conn.inflight.fetch_add(1, Ordering::Relaxed);
-        // Sent while holding the lock, so a connection closing now drains this waiter.
-        let bytes = msg.into_bytes();
-        let _ = conn.tx.send(bytes.clone());
+        slot.send((bytes.clone(), None));
         Ok(Sent::Reply(bytes))
-    }
-
-    /// Open connections to this endpoint (for `/clusters`).
-    pub fn open_connections(&self) -> usize {
-        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns.iter().filter(|c| c.state() == OPEN).count()
     }
 
     fn connection(
@@ -301,8 +245,8 @@ impl Pool {
         settings: &PoolSettings,
         cluster: &Arc<ClusterRuntime>,
     ) -> Result<Arc<Conn>, UpstreamError> {
-        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns.retain(|c| c.state() != CLOSED);
+        let mut conns = self.multiplexed.0.lock().unwrap_or_else(|e| e.into_inner());
+        conns.retain(|c| c.state() != CLOSED && !c.retiring.load(Ordering::Acquire));
         let same = conns.iter().filter(|c| c.format == format);
         let count = same.clone().count();
         let least = same
@@ -314,20 +258,28 @@ impl Pool {
         if !(busy && count < settings.per_endpoint) {
             return least.ok_or(UpstreamError::Overflow("connections"));
         }
-        if cluster.connections.load(Ordering::Relaxed) >= settings.max_connections {
+        if !super::reserve_connection(cluster, settings.max_connections) {
             return least.ok_or(UpstreamError::Overflow("max_connections"));
         }
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let conn = Arc::new(Conn {
             format,
             tx,
             state: AtomicU8::new(CONNECTING),
             inflight: AtomicUsize::new(0),
             pending: Mutex::new(Pending::default()),
+            retiring: AtomicBool::new(self.retired()),
+            wake: Notify::new(),
         });
-        cluster.connections.fetch_add(1, Ordering::Relaxed);
         cluster.connections_opened.inc();
-        tokio::spawn(run(conn.clone(), addr, *settings, rx, cluster.clone()));
+        tokio::spawn(run(
+            conn.clone(),
+            addr,
+            *settings,
+            rx,
+            cluster.clone(),
+            self.open.clone(),
+        ));
         conns.push(conn.clone());
         Ok(conn)
     }
@@ -337,8 +289,9 @@ async fn run(
     conn: Arc<Conn>,
     addr: SocketAddr,
     settings: PoolSettings,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    mut rx: mpsc::Receiver<Queued>,
     cluster: Arc<ClusterRuntime>,
+    open: Arc<AtomicUsize>,
 ) {
     let connected = tokio::time::timeout(
         settings.connect_timeout,
@@ -362,10 +315,11 @@ async fn run(
             debug!(%addr, error = %e, "upstream connect failed");
             let kind = e.kind();
             conn.close(|| Failed::NotSent(UpstreamError::ConnectFailed(addr, kind.into())));
-            cluster.connections.fetch_sub(1, Ordering::Relaxed);
+            super::release_connection(&cluster);
             return;
         }
     };
+    open.fetch_add(1, Ordering::Relaxed);
     cluster.connections_gauge.inc();
     let (mut rd, wr) = stream.into_split();
     let (transport, protocol) = conn.format;
@@ -375,21 +329,12 @@ async fn run(
         loop {
             loop {
                 match decoder.decode(&mut buf) {
-                    Ok(Some(mut reply)) => {
-                        let waiter = {
-                            let mut p = conn.pending.lock().unwrap_or_else(|e| e.into_inner());
-                            p.waiting.remove(&reply.seq_id())
-                        };
-                        match waiter {
-                            Some(w) => {
-                                conn.inflight.fetch_sub(1, Ordering::Relaxed);
-                                // Same varint class both ways: the client's id always fits.
-                                let _ = reply.set_seq_id(w.client_seq);
-                                w.cell.complete(w.generation, Ok(reply));
-                            }
-                            None => {
-                                debug!(%addr, seq = reply.seq_id(), "reply for no pending request (timed out?)")
-                            }
+                    Ok(Some(reply)) => {
+                        if let Err(why) = deliver(&conn, reply) {
+                            return why;
+                        }
+                        if conn.done() {
+                            return "endpoint removed".to_owned();
                         }
                     }
                     Ok(None) => break,
@@ -397,7 +342,7 @@ async fn run(
                 }
             }
             if buf.capacity() - buf.len() < 4096 {
-                buf.reserve(64 * 1024);
+                buf.reserve(buf.len().max(64 * 1024));
             }
             match rd.read_buf(&mut buf).await {
                 Ok(0) => return format!("{addr} closed the connection"),
@@ -408,14 +353,27 @@ async fn run(
     };
     let writer = async {
         let mut out = BufWriter::with_capacity(64 * 1024, wr);
-        while let Some(bytes) = rx.recv().await {
+        while let Some((bytes, counted)) = rx.recv().await {
             out.write_all(&bytes).await?;
-            while let Ok(more) = rx.try_recv() {
+            drop(counted);
+            while let Ok((more, counted)) = rx.try_recv() {
                 out.write_all(&more).await?;
+                drop(counted);
             }
             out.flush().await?;
         }
         Ok::<_, io::Error>(())
+    };
+    let retired = async {
+        loop {
+            let woken = conn.wake.notified();
+            let mut woken = std::pin::pin!(woken);
+            woken.as_mut().enable();
+            if conn.done() {
+                return;
+            }
+            woken.await;
+        }
     };
     let reason = tokio::select! {
         reason = reader => reason,
@@ -423,37 +381,46 @@ async fn run(
             Ok(()) => "pool dropped".to_owned(),
             Err(e) => format!("write to {addr}: {e}"),
         },
+        () = retired => "endpoint removed".to_owned(),
     };
     debug!(%addr, %reason, "upstream connection closed");
     conn.close(|| Failed::Lost(UpstreamError::Closed(reason.clone())));
-    cluster.connections.fetch_sub(1, Ordering::Relaxed);
+    open.fetch_sub(1, Ordering::Relaxed);
     cluster.connections_gauge.dec();
+    super::release_connection(&cluster);
+}
+
+/// Hands a reply to the request it answers; an error closes the connection. A reply to a
+/// request that gave up is dropped, and only then is its id free again.
+fn deliver(conn: &Conn, mut reply: Message) -> Result<(), String> {
+    let waiter = {
+        let mut p = conn.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.waiting.remove(&reply.seq_id())
+    };
+    let Some(w) = waiter else {
+        return Err(format!(
+            "a reply with sequence id {} nobody sent",
+            reply.seq_id()
+        ));
+    };
+    conn.inflight.fetch_sub(1, Ordering::Relaxed);
+    answers_by_name(&w.request[w.name.clone()], &reply)?;
+    if !w.cell.waiting(w.generation) {
+        debug!(
+            seq = reply.seq_id(),
+            "late reply to a request that gave up: dropped"
+        );
+        return Ok(());
+    }
+    // Same varint class both ways: the client's id always fits.
+    let _ = reply.set_seq_id(w.client_seq);
+    w.cell.complete(w.generation, Ok(reply));
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn a_late_reply_does_not_reach_the_next_request_of_the_cell() {
-        let cell = ReplyCell::default();
-        let first = cell.begin();
-        // The first request gave up (timed out); the cell serves the next one.
-        let second = cell.begin();
-        cell.complete(
-            first,
-            Err(Failed::Lost(UpstreamError::Closed("late".into()))),
-        );
-        assert!(!cell.waiting(first) && cell.waiting(second));
-        cell.complete(
-            second,
-            Err(Failed::Lost(UpstreamError::Closed("on time".into()))),
-        );
-        match cell.reply(second).await {
-            Err(Failed::Lost(UpstreamError::Closed(why))) => assert_eq!(why, "on time"),
-            other => panic!("{other:?}"),
-        }
-    }
 
     #[test]
     fn compact_ids_keep_their_varint_length() {
@@ -479,6 +446,8 @@ mod tests {
                     client_seq: 0,
                     cell,
                     generation,
+                    request: Bytes::new(),
+                    name: 0..0,
                 },
             );
         }

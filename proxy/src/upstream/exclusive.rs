@@ -1,0 +1,328 @@
+//! One request per connection at a time (the default): a request takes an idle connection
+//! to its endpoint, or opens one while the cluster's `max_connections` allow, or waits for
+//! one (counted against `max_pending_requests`). It writes itself and reads its reply on
+//! that connection from its own task — no hop to a connection task and back — and gives the
+//! connection back when the reply is whole and checked. A request that is dropped before
+//! (timed out, or its client went away) drops the connection with it: a late reply can only
+//! ever reach a closed socket, never another request.
+use std::{
+    net::SocketAddr,
+    sync::{Mutex, atomic::Ordering},
+    time::Instant,
+};
+
+use bytes::BytesMut;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+use tracing::debug;
+
+use super::{
+    Failed, Pool, PoolSettings, UpstreamError, answers, release_connection, reserve_connection,
+    wake_pending,
+};
+use crate::{
+    socket,
+    state::ClusterRuntime,
+    thrift::{Decoder, DecoderLimits, Message, MessageType, Protocol, Transport},
+};
+
+/// Initial read buffer of a connection; it grows with what arrives, never with what a frame
+/// header claims.
+const READ_BUFFER: usize = 16 * 1024;
+
+/// An open connection with its reply decoder.
+#[derive(Debug)]
+struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+    decoder: Decoder,
+    format: (Transport, Protocol),
+}
+
+/// Idle connections of one endpoint, most recently used last.
+#[derive(Debug, Default)]
+pub(super) struct Idle(Mutex<Vec<(Conn, Instant)>>);
+
+impl Idle {
+    /// An idle connection of this format that is still usable (the server has neither
+    /// closed it nor sent anything on it while it was idle).
+    fn take(
+        &self,
+        pool: &Pool,
+        cluster: &ClusterRuntime,
+        format: (Transport, Protocol),
+    ) -> Option<Conn> {
+        let mut idle = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(i) = idle.iter().rposition(|(c, _)| c.format == format) {
+            let (conn, _) = idle.swap_remove(i);
+            // Readiness is cached by tokio: this costs no system call unless the socket
+            // became readable, which an idle Thrift connection never should.
+            match conn.stream.try_read(&mut [0u8; 1]) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(conn),
+                _ => {
+                    debug!("an idle upstream connection was closed or sent data: dropped");
+                    closed(pool, cluster);
+                }
+            }
+        }
+        None
+    }
+
+    fn put(&self, conn: Conn) {
+        let mut idle = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        idle.push((conn, Instant::now()));
+    }
+
+    fn has(&self, format: (Transport, Protocol)) -> bool {
+        let idle = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        idle.iter().any(|(c, _)| c.format == format)
+    }
+
+    /// Closes the connections idle since before `since` (all of them for `None`).
+    pub(super) fn close_idle(&self, pool: &Pool, cluster: &ClusterRuntime, since: Option<Instant>) {
+        let gone: Vec<(Conn, Instant)> = {
+            let mut idle = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            let (keep, gone) = idle
+                .drain(..)
+                .partition(|(_, at)| since.is_some_and(|s| *at >= s));
+            *idle = keep;
+            gone
+        };
+        for _ in gone {
+            closed(pool, cluster);
+        }
+    }
+}
+
+/// Bookkeeping for a connection that closed.
+fn closed(pool: &Pool, cluster: &ClusterRuntime) {
+    pool.open.fetch_sub(1, Ordering::Relaxed);
+    cluster.connections_gauge.dec();
+    release_connection(cluster);
+}
+
+/// A connection taken by one request. Dropped without [`Lease::release`], it is closed.
+struct Lease<'a> {
+    conn: Option<Conn>,
+    pool: &'a Pool,
+    cluster: &'a ClusterRuntime,
+}
+
+impl Lease<'_> {
+    /// Puts the connection back for the next request (or closes it if its endpoint left).
+    fn release(mut self) {
+        if let Some(conn) = self.conn.take() {
+            if self.pool.retired() {
+                drop(conn);
+                closed(self.pool, self.cluster);
+            } else {
+                self.pool.exclusive.put(conn);
+                wake_pending(self.cluster);
+            }
+        }
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if self.conn.take().is_some() {
+            closed(self.pool, self.cluster);
+        }
+    }
+}
+
+/// Counts a request waiting for a connection while it lives.
+struct Pending<'a>(&'a ClusterRuntime);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.pending_requests.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Sends `request` to `addr` on a connection of its own and reads the reply (none for a
+/// one-way call). Wrap it in the request's timeout: dropping it closes the connection.
+pub async fn call(
+    pool: &Pool,
+    addr: SocketAddr,
+    request: &Message,
+    settings: &PoolSettings,
+    cluster: &ClusterRuntime,
+) -> Result<Option<Message>, Failed> {
+    let meta = request.meta();
+    let mut lease = acquire(
+        pool,
+        addr,
+        (meta.transport, meta.protocol),
+        settings,
+        cluster,
+    )
+    .await?;
+    let conn = lease
+        .conn
+        .as_mut()
+        .expect("a lease holds its connection until released");
+    if let Err(e) = conn.stream.write_all(request.as_bytes()).await {
+        return Err(Failed::Lost(UpstreamError::Closed(format!(
+            "write to {addr}: {e}"
+        ))));
+    }
+    if request.kind() == MessageType::Oneway {
+        lease.release();
+        return Ok(None);
+    }
+    let reply = loop {
+        match conn.decoder.decode(&mut conn.buf) {
+            Ok(Some(reply)) => break reply,
+            Ok(None) => {}
+            Err(e) => {
+                return Err(Failed::Lost(UpstreamError::Closed(format!(
+                    "invalid reply from {addr}: {e}"
+                ))));
+            }
+        }
+        if conn.buf.capacity() - conn.buf.len() < 1024 {
+            conn.buf.reserve(conn.buf.len().max(READ_BUFFER));
+        }
+        match conn.stream.read_buf(&mut conn.buf).await {
+            Ok(0) => {
+                return Err(Failed::Lost(UpstreamError::Closed(format!(
+                    "{addr} closed the connection"
+                ))));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return Err(Failed::Lost(UpstreamError::Closed(format!(
+                    "read from {addr}: {e}"
+                ))));
+            }
+        }
+    };
+    if let Err(why) = answers(request, &reply) {
+        debug!(%addr, %why, "closing an upstream connection whose reply is not its request's");
+        return Err(Failed::Lost(UpstreamError::Mismatch(why)));
+    }
+    if conn.buf.is_empty() {
+        lease.release();
+    } else {
+        debug!(%addr, bytes = conn.buf.len(), "upstream sent bytes nobody asked for: closing");
+    }
+    Ok(Some(reply))
+}
+
+/// An idle connection, a new one, or — at the cluster's `max_connections` — the next one
+/// given back, waiting as a pending request (at most `max_pending_requests` of them).
+async fn acquire<'a>(
+    pool: &'a Pool,
+    addr: SocketAddr,
+    format: (Transport, Protocol),
+    settings: &PoolSettings,
+    cluster: &'a ClusterRuntime,
+) -> Result<Lease<'a>, Failed> {
+    let lease = |conn| Lease {
+        conn: Some(conn),
+        pool,
+        cluster,
+    };
+    if let Some(conn) = pool.exclusive.take(pool, cluster, format) {
+        return Ok(lease(conn));
+    }
+    let mut pending = None;
+    loop {
+        if reserve_connection(cluster, settings.max_connections) {
+            drop(pending);
+            return connect(pool, addr, format, settings, cluster)
+                .await
+                .map(lease);
+        }
+        if pending.is_none() {
+            if cluster.pending_requests.fetch_add(1, Ordering::SeqCst) >= settings.max_pending {
+                cluster.pending_requests.fetch_sub(1, Ordering::SeqCst);
+                return Err(Failed::NotSent(UpstreamError::Overflow(
+                    "max_pending_requests",
+                )));
+            }
+            pending = Some(Pending(cluster));
+        }
+        // Registered before looking again, so a connection given back in between wakes us.
+        let released = cluster.released.notified();
+        let mut released = std::pin::pin!(released);
+        released.as_mut().enable();
+        if let Some(conn) = pool.exclusive.take(pool, cluster, format) {
+            return Ok(lease(conn));
+        }
+        if reserve_connection(cluster, settings.max_connections) {
+            drop(pending);
+            return connect(pool, addr, format, settings, cluster)
+                .await
+                .map(lease);
+        }
+        released.await;
+    }
+}
+
+/// Opens a connection; its place in `max_connections` is already taken.
+async fn connect(
+    pool: &Pool,
+    addr: SocketAddr,
+    format: (Transport, Protocol),
+    settings: &PoolSettings,
+    cluster: &ClusterRuntime,
+) -> Result<Conn, Failed> {
+    let connected = tokio::time::timeout(
+        settings.connect_timeout,
+        socket::connect_upstream(addr, settings.mark, None),
+    )
+    .await
+    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+    match connected {
+        Ok(stream) => {
+            pool.open.fetch_add(1, Ordering::Relaxed);
+            cluster.connections_gauge.inc();
+            cluster.connections_opened.inc();
+            Ok(new_conn(stream, format, settings.limits))
+        }
+        Err(e) => {
+            debug!(%addr, error = %e, "upstream connect failed");
+            release_connection(cluster);
+            Err(Failed::NotSent(UpstreamError::ConnectFailed(addr, e)))
+        }
+    }
+}
+
+fn new_conn(stream: TcpStream, format: (Transport, Protocol), limits: DecoderLimits) -> Conn {
+    Conn {
+        stream,
+        buf: BytesMut::with_capacity(READ_BUFFER),
+        decoder: Decoder::configured(limits, format.0, format.1, false),
+        format,
+    }
+}
+
+impl Pool {
+    /// Keeps a connection opened for another reason (Thrift detection opens one before it
+    /// knows) as an idle connection of this format, when the pool has none idle and the
+    /// cluster has room; otherwise it is closed.
+    pub fn adopt(
+        &self,
+        stream: TcpStream,
+        format: (Transport, Protocol),
+        settings: &PoolSettings,
+        cluster: &ClusterRuntime,
+    ) {
+        if self.retired() || self.exclusive.has(format) {
+            return;
+        }
+        if !reserve_connection(cluster, settings.max_connections) {
+            return;
+        }
+        self.open.fetch_add(1, Ordering::Relaxed);
+        cluster.connections_gauge.inc();
+        cluster.connections_opened.inc();
+        self.exclusive
+            .put(new_conn(stream, format, settings.limits));
+        wake_pending(cluster);
+    }
+}

@@ -1,0 +1,163 @@
+//! Upstream connections to one endpoint, for the Thrift proxy.
+//!
+//! Thrift servers — Apache Thrift's `TSimpleServer`, `TThreadedServer`, `TThreadPoolServer`,
+//! and most in production — read a connection's next request only after answering the one
+//! before. Requests of many clients pipelined onto one connection would wait behind the
+//! slowest of them. So by default ([`exclusive`]) a request takes a connection for itself
+//! until its reply arrives (a one-way call: until it is written), as Envoy's thrift_proxy
+//! does; idle connections are reused, and the pool grows to the cluster's circuit breakers.
+//! A cluster whose servers answer out of order can opt in to [`multiplexed`] connections.
+//!
+//! Either way a reply must belong to its request: its sequence id, a reply message type and
+//! the request's method name are checked ([`answers`]), and a connection that breaks that is
+//! closed. A request that gives up (times out) leaves its connection unusable for others:
+//! closed (exclusive), or its sequence id held until its reply or the connection's end
+//! (multiplexed).
+use std::{
+    io,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use crate::{
+    state::ClusterRuntime,
+    thrift::{DecoderLimits, Message, MessageType, frame::split_name},
+};
+
+pub mod exclusive;
+pub mod multiplexed;
+mod reply_cell;
+
+pub use reply_cell::ReplyCell;
+
+/// Why a request got no reply from upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connect to {0} failed: {1}")]
+    ConnectFailed(SocketAddr, io::Error),
+    #[error("upstream connection closed: {0}")]
+    Closed(String),
+    #[error("circuit breaker overflow: {0}")]
+    Overflow(&'static str),
+    #[error("reply does not answer its request: {0}")]
+    Mismatch(String),
+}
+
+/// Why a request got no reply.
+#[derive(Debug)]
+pub enum Failed {
+    /// Nothing reached the server; the request can be retried elsewhere (or, for an
+    /// overflow, answered at once).
+    NotSent(UpstreamError),
+    /// The request may have reached the server; no retry.
+    Lost(UpstreamError),
+}
+
+/// What comes back for a request: its reply, or why there is none.
+pub type Reply = Result<Message, Failed>;
+
+/// Settings a pool needs from its cluster.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolSettings {
+    pub mark: u32,
+    pub connect_timeout: Duration,
+    /// Multiplexed connections per endpoint (per transport and protocol).
+    pub per_endpoint: usize,
+    pub max_connections: usize,
+    pub max_pending: usize,
+    pub limits: DecoderLimits,
+}
+
+/// The connections to one endpoint.
+#[derive(Debug, Default)]
+pub struct Pool {
+    exclusive: exclusive::Idle,
+    multiplexed: multiplexed::Conns,
+    /// Open connections of either kind (for `/clusters`).
+    open: Arc<AtomicUsize>,
+    /// The endpoint left the configuration: connections close once their requests are done.
+    retired: AtomicBool,
+}
+
+impl Pool {
+    /// Open connections to this endpoint (for `/clusters`).
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// The endpoint left the configuration: idle connections close now, busy ones after
+    /// their requests.
+    pub fn retire(&self, cluster: &ClusterRuntime) {
+        self.retired.store(true, Ordering::Release);
+        self.exclusive.close_idle(self, cluster, None);
+        self.multiplexed.retire();
+    }
+
+    fn retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    /// Closes exclusive connections idle for longer than `timeout`.
+    pub fn close_idle(&self, cluster: &ClusterRuntime, timeout: Duration) {
+        if let Some(since) = Instant::now().checked_sub(timeout) {
+            self.exclusive.close_idle(self, cluster, Some(since));
+        }
+    }
+}
+
+/// Counts a connection (connecting or open) against its cluster's `max_connections`.
+fn reserve_connection(cluster: &ClusterRuntime, max: usize) -> bool {
+    cluster
+        .connections
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_ok()
+}
+
+/// Gives a connection's place back to its cluster; requests waiting for one look again.
+fn release_connection(cluster: &ClusterRuntime) {
+    cluster.connections.fetch_sub(1, Ordering::AcqRel);
+    wake_pending(cluster);
+}
+
+/// Wakes requests waiting for a connection, if any wait.
+fn wake_pending(cluster: &ClusterRuntime) {
+    if cluster.pending_requests.load(Ordering::SeqCst) > 0 {
+        cluster.released.notify_waiters();
+    }
+}
+
+/// Whether `reply` answers `request`: the same sequence id, a reply or exception, and the
+/// request's method name (a multiplexing server may answer with the name without its
+/// `Service:` prefix).
+pub fn answers(request: &Message, reply: &Message) -> Result<(), String> {
+    if reply.seq_id() != request.seq_id() {
+        return Err(format!(
+            "sequence id {} for request {}",
+            reply.seq_id(),
+            request.seq_id()
+        ));
+    }
+    answers_by_name(request.name(), reply)
+}
+
+/// [`answers`] without the sequence id (a multiplexed connection maps ids itself).
+fn answers_by_name(request_name: &[u8], reply: &Message) -> Result<(), String> {
+    if !matches!(reply.kind(), MessageType::Reply | MessageType::Exception) {
+        return Err(format!("a {} message", reply.kind().as_str()));
+    }
+    let name = reply.name();
+    if name != request_name && name != split_name(request_name).1 {
+        return Err(format!(
+            "method {:?} for a call of {:?}",
+            String::from_utf8_lossy(&name[..name.len().min(64)]),
+            String::from_utf8_lossy(&request_name[..request_name.len().min(64)])
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,80 @@
+//! Where the reply to a multiplexed request is delivered, without a channel per request.
+use std::sync::Mutex;
+
+use futures_util::task::AtomicWaker;
+
+use super::Reply;
+
+/// A cell is reused by one request after another (it is allocated once per in-flight slot of
+/// a downstream connection, not per request); each request is a new generation, so a reply
+/// that arrives after its request gave up (timed out) is dropped instead of reaching the next.
+#[derive(Debug, Default)]
+pub struct ReplyCell {
+    value: Mutex<(u64, Option<Reply>)>,
+    waker: AtomicWaker,
+}
+
+impl ReplyCell {
+    /// Starts a new request: earlier replies no longer land here. Returns its generation.
+    pub fn begin(&self) -> u64 {
+        let mut v = self.value.lock().unwrap_or_else(|e| e.into_inner());
+        v.0 += 1;
+        v.1 = None;
+        v.0
+    }
+
+    /// Delivers the reply of `generation`, unless that request is gone.
+    pub(super) fn complete(&self, generation: u64, reply: Reply) {
+        let mut v = self.value.lock().unwrap_or_else(|e| e.into_inner());
+        if v.0 == generation && v.1.is_none() {
+            v.1 = Some(reply);
+            drop(v);
+            self.waker.wake();
+        }
+    }
+
+    /// Whether the request of `generation` still waits.
+    pub(super) fn waiting(&self, generation: u64) -> bool {
+        self.value.lock().unwrap_or_else(|e| e.into_inner()).0 == generation
+    }
+
+    /// Waits for the reply of `generation`.
+    pub async fn reply(&self, generation: u64) -> Reply {
+        std::future::poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            let mut v = self.value.lock().unwrap_or_else(|e| e.into_inner());
+            match v.1.take() {
+                Some(r) if v.0 == generation => std::task::Poll::Ready(r),
+                _ => std::task::Poll::Pending,
+            }
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::upstream::{Failed, UpstreamError};
+
+    #[tokio::test]
+    async fn a_late_reply_does_not_reach_the_next_request_of_the_cell() {
+        let cell = ReplyCell::default();
+        let first = cell.begin();
+        // The first request gave up (timed out); the cell serves the next one.
+        let second = cell.begin();
+        cell.complete(
+            first,
+            Err(Failed::Lost(UpstreamError::Closed("late".into()))),
+        );
+        assert!(!cell.waiting(first) && cell.waiting(second));
+        cell.complete(
+            second,
+            Err(Failed::Lost(UpstreamError::Closed("on time".into()))),
+        );
+        match cell.reply(second).await {
+            Err(Failed::Lost(UpstreamError::Closed(why))) => assert_eq!(why, "on time"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
