@@ -17,6 +17,7 @@ pub mod filters;
 pub mod listener;
 pub mod logging;
 pub mod memory;
+pub mod method_labels;
 pub mod metrics;
 pub mod run;
 pub mod socket;

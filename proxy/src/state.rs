@@ -21,8 +21,10 @@ use arc_swap::ArcSwap;
 use crate::{
     balance::{Candidate, EndpointPicker},
     config::{
-        ChainMatch, Cluster, Config, Endpoint, FilterChain, Listener, OutlierDetection, Passthrough,
+        ChainMatch, Cluster, Config, Endpoint, Filter, FilterChain, Listener, OutlierDetection,
+        Passthrough, RouteAction,
     },
+    method_labels::MethodCounters,
     metrics::{ClusterLabel, Metrics, ResultLabels},
     thrift::frame::ReplyResult,
     upstream::Pool,
@@ -120,6 +122,8 @@ pub struct ClusterRuntime {
     /// Replies by result (success, declared exception, application error), resolved once so
     /// counting a reply looks nothing up and allocates nothing.
     pub replies: [prometheus_client::metrics::counter::Counter; 3],
+    /// Requests by method, with bounded labels.
+    pub methods: MethodCounters,
 }
 
 /// Counts a request against its cluster's `max_requests` while it lives.
@@ -344,6 +348,7 @@ impl State {
                             .upstream_connections_active
                             .get_or_create(&label)
                             .clone(),
+                        methods: MethodCounters::new(&c.name, &self.metrics.requests),
                         replies: ReplyResult::ALL.map(|result| {
                             self.metrics
                                 .replies
@@ -368,6 +373,27 @@ impl State {
                 )
             })
             .collect();
+        // Methods the configuration routes on keep labels of their own in the clusters they
+        // route to.
+        for l in config.listeners.iter().chain(&config.inbound) {
+            for chain in &l.filter_chains {
+                let Filter::Thrift(t) = &chain.filter else {
+                    continue;
+                };
+                for route in &t.routes {
+                    let (Some(method), RouteAction::Target(target)) =
+                        (&route.matcher.method, &route.action)
+                    else {
+                        continue;
+                    };
+                    for name in target.clusters() {
+                        if let Some(rt) = kept_clusters.get(name) {
+                            rt.methods.configure(method.as_bytes());
+                        }
+                    }
+                }
+            }
+        }
         // Endpoints that left: their connections close once their requests are done.
         for ((cluster, _), gone) in endpoints.iter() {
             if !kept_endpoints.contains_key(&(cluster.clone(), gone.address))

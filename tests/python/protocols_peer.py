@@ -5,11 +5,17 @@ Python's own sockets and `ssl` (OpenSSL), independent of tern.
         greeter: a server-first protocol (SMTP-like): "220 ..." at once, then echoes
         echo:    echoes whatever arrives
         tls:     a TLS server (CERT, KEY) that echoes what it decrypts
+        stalled: accepts connections and never reads from them
     protocols_peer.py greet ADDR          ms until the greeting arrives, with nothing sent first
     protocols_peer.py hellos ADDR         TLS ClientHello records of every length 0x0100-0x01ff
                                           (every low byte); each must come back unchanged
     protocols_peer.py echo ADDR HEX       sends bytes; they must come back unchanged
     protocols_peer.py tls ADDR CA NAME    a real TLS handshake and an echo through it
+    protocols_peer.py oneways ADDR N SIZE SECONDS
+                                          N framed binary one-way calls of SIZE bytes on one
+                                          connection, for at most SECONDS; how many were written
+    protocols_peer.py names ADDR N        N calls with distinct method names (framed binary,
+                                          pipelined), reading every reply
 Each client prints one JSON line.
 """
 import json
@@ -42,6 +48,9 @@ def echo_loop(conn):
         conn.close()
 
 
+stalled = []
+
+
 def serve(addr, kind, cert=None, key=None):
     listener = listen(addr)
     ctx = None
@@ -56,6 +65,9 @@ def serve(addr, kind, cert=None, key=None):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if kind == "greeter":
                 conn.sendall(b"220 mail.example ESMTP ready\r\n")
+            elif kind == "stalled":
+                stalled.append(conn)
+                return
             elif kind == "tls":
                 try:
                     conn = ctx.wrap_socket(conn, server_side=True)
@@ -133,9 +145,50 @@ def tls(addr, ca, name):
     print(json.dumps({"version": s.version(), "echoed": back == b"hello over tls"}))
 
 
+def frame(name, kind, seq, body=b"\0"):
+    msg = (0x80010000 | kind).to_bytes(4, "big") + len(name).to_bytes(4, "big") + name
+    msg += seq.to_bytes(4, "big", signed=True) + body
+    return len(msg).to_bytes(4, "big") + msg
+
+
+def oneways(addr, n, size, seconds):
+    n, size, seconds = int(n), int(size), float(seconds)
+    # notify(1: string note)
+    note = b"x" * size
+    call = frame(b"notify", 4, 0, b"\x0b\x00\x01" + len(note).to_bytes(4, "big") + note + b"\0")
+    s = connect(addr)
+    s.settimeout(seconds)
+    written = 0
+    deadline = time.monotonic() + seconds
+    try:
+        while written < n and time.monotonic() < deadline:
+            s.sendall(call)
+            written += 1
+    except OSError:
+        pass
+    print(json.dumps({"written": written}))
+
+
+def names(addr, n):
+    n = int(n)
+    s = connect(addr)
+    s.settimeout(30)
+    batch = 500
+    replies = 0
+    for start in range(0, n, batch):
+        calls = b"".join(frame(b"m%d" % i, 1, i) for i in range(start, min(n, start + batch)))
+        s.sendall(calls)
+        for _ in range(start, min(n, start + batch)):
+            length = int.from_bytes(read_exactly(s, 4), "big")
+            read_exactly(s, length)
+            replies += 1
+    print(json.dumps({"replies": replies}))
+
+
 if __name__ == "__main__":
     cmd, rest = sys.argv[1], sys.argv[2:]
     try:
-        {"serve": serve, "greet": greet, "hellos": hellos, "echo": echo, "tls": tls}[cmd](*rest)
+        {"serve": serve, "greet": greet, "hellos": hellos, "echo": echo, "tls": tls,
+         "oneways": oneways, "names": names}[cmd](*rest)
     except OSError as e:
         print(json.dumps({"error": str(e)}))

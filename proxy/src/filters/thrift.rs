@@ -12,7 +12,6 @@
 //! Malformed input closes the connection with a counted cause, after the replies to the
 //! requests already accepted are written: nothing accepted is dropped silently.
 use std::{
-    collections::HashMap,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -21,7 +20,6 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use prometheus_client::metrics::counter::Counter;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -33,11 +31,10 @@ use super::{Ctx, ordered::Ordered};
 use crate::{
     balance::hash_key,
     config::{Cluster, Filter, Route, RouteAction, RouteMatch, Target, UpstreamMode},
-    metrics::MethodLabels,
     state::{ActiveRequest, ClusterState, Snapshot},
     thrift::{
         Decoder, Message, MessageType,
-        frame::Meta,
+        frame::{Meta, split_name},
         reply::{AppExceptionType, application_exception},
     },
     upstream::{Failed, PoolSettings, ReplyCell, UpstreamError, exclusive, multiplexed::Sent},
@@ -132,8 +129,6 @@ struct Downstream {
     /// The last snapshot looked at: a snapshot without this chain is looked at once, and the
     /// connection keeps routing with the one before.
     seen: Arc<Snapshot>,
-    /// Request counters by cluster and method, resolved once per connection.
-    counters: HashMap<String, HashMap<Vec<u8>, Counter>>,
 }
 
 impl Downstream {
@@ -157,7 +152,6 @@ impl Downstream {
             seen: snapshot.clone(),
             snapshot,
             filter,
-            counters: HashMap::new(),
         }
     }
 
@@ -216,18 +210,18 @@ impl Downstream {
             );
         };
         let Some(cluster) = snap.clusters.get(name).cloned() else {
+            // The name may come from a client's header: it is no label value.
             let why = format!("unknown cluster {name}");
             return Plan::local(
                 &self.ctx,
                 &msg,
-                name,
+                "",
                 "no_cluster",
                 AppExceptionType::InternalError,
                 &why,
             );
         };
         debug!(method = %String::from_utf8_lossy(msg.name()), cluster = %cluster.config.name, "routed");
-        self.count_request(&cluster.config.name, msg.method());
         let hash = cluster
             .config
             .hash_header
@@ -243,32 +237,6 @@ impl Downstream {
             timeout,
             hash,
         })
-    }
-
-    fn count_request(&mut self, cluster: &str, method: &[u8]) {
-        let by_method = match self.counters.get_mut(cluster) {
-            Some(m) => m,
-            None => self.counters.entry(cluster.to_owned()).or_default(),
-        };
-        match by_method.get(method) {
-            Some(c) => {
-                c.inc();
-            }
-            None => {
-                let c = self
-                    .ctx
-                    .state
-                    .metrics
-                    .requests
-                    .get_or_create(&MethodLabels {
-                        cluster: cluster.to_owned(),
-                        method: String::from_utf8_lossy(method).into_owned(),
-                    })
-                    .clone();
-                c.inc();
-                by_method.insert(method.to_vec(), c);
-            }
-        }
     }
 }
 
@@ -361,6 +329,7 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Byte
     let oneway = msg.kind() == MessageType::Oneway;
     // The name of a local reply comes from the request bytes, wherever they are now.
     let local = |name: &[u8], cause: &'static str, kind: AppExceptionType, why: &str| {
+        rt.methods.count(split_name(name).1, false);
         ctx.state.metrics.local_reply(&cfg.name, cause);
         debug!(cause, "local reply");
         (!oneway).then(|| application_exception(&meta, name, client_seq, kind, why))
@@ -385,12 +354,17 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Byte
          name: &[u8]| {
             match outcome {
                 Ok(Ok(Some(reply))) => {
+                    let answered = reply.kind() == MessageType::Reply;
+                    rt.methods.count(split_name(name).1, answered);
                     endpoint.record_success();
                     rt.request_seconds.observe(started.elapsed().as_secs_f64());
                     rt.replies(reply.reply_result()).inc();
                     Next::Done(Some(reply.into_bytes()))
                 }
-                Ok(Ok(None)) => Next::Done(None),
+                Ok(Ok(None)) => {
+                    rt.methods.count(split_name(name).1, false);
+                    Next::Done(None)
+                }
                 Ok(Err(Failed::NotSent(UpstreamError::Overflow(what)))) => Next::Done(local(
                     name,
                     "overflow",
@@ -459,7 +433,11 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Byte
                     .pool
                     .send(ep.config.address, msg, &settings, rt, (&cell, generation))
                 {
-                    Ok(Sent::Oneway) => return None,
+                    Ok(Sent::Oneway(sent)) => {
+                        rt.methods
+                            .count(split_name(&sent[meta.name_range()]).1, false);
+                        return None;
+                    }
                     Ok(Sent::Reply(sent)) => {
                         let waited = tokio::time::timeout_at(deadline, cell.reply(generation));
                         let outcome = waited.await.map(|reply| reply.map(Some));

@@ -48,8 +48,8 @@ pub enum Sent {
     /// bytes as sent (a shared handle, not a copy) for naming a local reply or retrying
     /// elsewhere if the connection never opens.
     Reply(Bytes),
-    /// A one-way call: nothing comes back.
-    Oneway,
+    /// A one-way call (its bytes as sent): nothing comes back.
+    Oneway(Bytes),
 }
 
 /// Bytes to write, with what keeps a one-way call counted until it is written.
@@ -205,8 +205,9 @@ impl Pool {
         if oneway {
             // Nothing comes back, so the sequence id needs no rewriting; the call counts
             // against the circuit breakers until it is written.
-            slot.send((msg.into_bytes(), Some(ActiveRequest::new(cluster.clone()))));
-            return Ok(Sent::Oneway);
+            let bytes = msg.into_bytes();
+            slot.send((bytes.clone(), Some(ActiveRequest::new(cluster.clone()))));
+            return Ok(Sent::Oneway(bytes));
         }
         let Some(id) = p.allocate(class) else {
             // Ids held by requests that timed out: this connection takes no more.

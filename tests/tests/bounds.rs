@@ -1,0 +1,199 @@
+//! What tern holds is bounded by its configuration, not by what peers do: connections to an
+//! endpoint that left the configuration close, a one-way flood at a server that stopped
+//! reading does not grow tern's memory, and clients' method names do not create metric series.
+use std::{path::PathBuf, time::Duration};
+
+use tern_tests::{
+    Pods, Process, Tern, admin, eventually, pods, python_json, python_peer, start_server,
+    thrift_call, thrift_serve, unique,
+};
+
+const CALC: &str = "10.96.0.60:9090";
+const STALLED: &str = "10.96.0.61:9090";
+
+fn config(calc_endpoints: &[&str]) -> String {
+    let eps: Vec<String> = calc_endpoints
+        .iter()
+        .map(|e| format!("{{ address: {e} }}"))
+        .collect();
+    format!(
+        r#"listeners:
+  - address: {CALC}
+    filter_chains: [ {{ tcp_proxy: {{ cluster: 'outbound|9090||calc.default.svc.cluster.local' }} }} ]
+  - address: {STALLED}
+    filter_chains: [ {{ tcp_proxy: {{ cluster: 'outbound|9090||stalled.default.svc.cluster.local' }} }} ]
+clusters:
+  - name: 'outbound|9090||calc.default.svc.cluster.local'
+    endpoints: [ {} ]
+  - name: 'outbound|9090||stalled.default.svc.cluster.local'
+    endpoints: [ {{ address: 10.66.1.2:9301 }} ]
+"#,
+        eps.join(", ")
+    )
+}
+
+struct Setup {
+    p: Pods,
+    tern: Tern,
+    _servers: Vec<Process>,
+    config: PathBuf,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+const ENDPOINTS: [&str; 3] = ["10.66.1.2:9001", "10.66.1.2:9002", "10.66.1.2:9003"];
+
+fn setup() -> Setup {
+    let p = pods();
+    let mut servers: Vec<Process> = ENDPOINTS
+        .iter()
+        .zip(["s1", "s2", "s3"])
+        .map(|(addr, id)| thrift_serve(&p.srv, addr, id).unwrap())
+        .collect();
+    let peer = python_peer("protocols_peer.py");
+    servers.push(
+        start_server(
+            &p.srv,
+            None,
+            std::path::Path::new("python3"),
+            &[peer.to_str().unwrap(), "serve", "10.66.1.2:9301", "stalled"],
+        )
+        .unwrap(),
+    );
+    let config = std::env::temp_dir().join(format!("{}.yaml", unique("bounds")));
+    std::fs::write(&config, self::config(&ENDPOINTS)).unwrap();
+    let tern = Tern::start(
+        &p.app,
+        Some(&p.cgroup),
+        &[
+            "run",
+            "--capture",
+            "ebpf",
+            "--cgroup",
+            p.cgroup.path_str(),
+            "--inbound-ports",
+            "",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    Setup {
+        p,
+        tern,
+        _servers: servers,
+        config,
+    }
+}
+
+/// Established connections to a local port of the server namespace.
+fn established(s: &Setup, port: u16) -> usize {
+    let filter = format!("( sport = :{port} )");
+    let out =
+        s.p.srv
+            .output(
+                None,
+                std::path::Path::new("ss"),
+                &["-Htn", "state", "established", &filter],
+            )
+            .unwrap();
+    out.lines().filter(|l| !l.trim().is_empty()).count()
+}
+
+fn rss_kib(s: &Setup) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", s.tern.process.pid())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// An endpoint removed from the configuration loses its upstream connections.
+#[test]
+fn an_endpoint_that_leaves_loses_its_connections() {
+    let s = setup();
+    let c = thrift_call(&s.p.app, Some(&s.p.cgroup), CALC, &["--calls", "30"]);
+    assert_eq!(c.counts(), [("s1", 10), ("s2", 10), ("s3", 10)], "{c:?}");
+    assert!(
+        established(&s, 9002) >= 1,
+        "an idle pooled connection to s2"
+    );
+    let applied = s.tern.log().matches("configuration applied").count();
+    std::fs::write(&s.config, config(&[ENDPOINTS[0], ENDPOINTS[2]])).unwrap();
+    assert!(eventually(Duration::from_secs(5), || s
+        .tern
+        .log()
+        .matches("configuration applied")
+        .count()
+        > applied));
+    assert!(
+        eventually(Duration::from_secs(3), || established(&s, 9002) == 0),
+        "connections to the removed endpoint stay open: {}",
+        established(&s, 9002)
+    );
+    assert!(established(&s, 9001) >= 1, "the others keep theirs");
+}
+
+/// A client that floods one-way calls at a server that reads nothing: tern pushes back
+/// (its circuit breakers and the client's TCP window) instead of buffering the flood.
+#[test]
+fn a_one_way_flood_at_a_stalled_server_keeps_memory_bounded() {
+    let s = setup();
+    let before = rss_kib(&s);
+    let flood = python_json(
+        &s.p.app,
+        Some(&s.p.cgroup),
+        "protocols_peer.py",
+        &["oneways", STALLED, "200000", "4096", "4"],
+    );
+    let written = flood["written"].as_u64().unwrap();
+    let after = rss_kib(&s);
+    eprintln!("one-way flood: {written} calls written, tern RSS {before} KiB -> {after} KiB");
+    // 200,000 calls of 4 KiB are 800 MiB; what tern may hold is bounded by its circuit
+    // breakers (1,024 requests) and read buffers.
+    assert!(
+        after.saturating_sub(before) < 96 * 1024,
+        "RSS grew from {before} KiB to {after} KiB while the client wrote {written} calls"
+    );
+    assert!(
+        written < 200_000,
+        "the flood was absorbed somewhere: {written} calls written"
+    );
+}
+
+/// 20,000 calls with distinct method names add no metric series.
+#[test]
+fn clients_method_names_create_no_metric_series() {
+    let s = setup();
+    let series = || {
+        admin(&s.p.app, "GET", "/stats/prometheus")
+            .lines()
+            .filter(|l| l.starts_with("tern_thrift_requests_total"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let names = python_json(
+        &s.p.app,
+        Some(&s.p.cgroup),
+        "protocols_peer.py",
+        &["names", CALC, "20000"],
+    );
+    assert_eq!(names["replies"], 20000, "{names}");
+    let after = series();
+    assert!(
+        after.iter().all(|l| !l.contains("method=\"m")),
+        "a client's method names became labels: {after:?}"
+    );
+    assert!(after.len() <= 4, "{after:?}");
+    let other = after
+        .iter()
+        .find(|l| l.contains("calc") && l.contains("method=\"other\""))
+        .unwrap();
+    assert!(other.ends_with(" 20000"), "{other}");
+}
