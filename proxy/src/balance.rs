@@ -191,10 +191,11 @@ impl Level {
             .map(|&i| {
                 let e = &endpoints[i];
                 let w = if uses_localities {
-                    let lw = u64::from(*locality_weights.get(&e.locality).unwrap_or(&1));
-                    let share =
-                        1000 * lw * u64::from(e.weight) / per_locality[e.locality.as_str()].max(1);
-                    share.clamp(1, u64::from(u32::MAX)) as u32
+                    // In u128: 1000 × u32 × u32 does not fit u64.
+                    let lw = u128::from(*locality_weights.get(&e.locality).unwrap_or(&1));
+                    let share = 1000 * lw * u128::from(e.weight)
+                        / u128::from(per_locality[e.locality.as_str()].max(1));
+                    u32::try_from(share.max(1)).unwrap_or(u32::MAX)
                 } else {
                     e.weight.max(1)
                 };
@@ -359,6 +360,23 @@ mod tests {
             priority,
             locality: locality.into(),
             health,
+        }
+    }
+
+    #[test]
+    fn the_largest_weights_do_not_overflow() {
+        let eps = vec![
+            ep(1, u32::MAX, 0, "a", Health::Healthy),
+            ep(2, u32::MAX, 0, "b", Health::Healthy),
+        ];
+        let weights = BTreeMap::from([("a".to_string(), u32::MAX), ("b".to_string(), 1)]);
+        for policy in [
+            LbPolicy::RoundRobin,
+            LbPolicy::Random,
+            LbPolicy::LeastRequest,
+        ] {
+            let p = EndpointPicker::new(policy, &eps, &weights);
+            assert!(p.pick(&fakes(&eps), None, &[]).is_some(), "{policy:?}");
         }
     }
 

@@ -33,7 +33,7 @@ use crate::{
 /// Milliseconds since the process started (for ejection deadlines in atomics).
 fn now_ms() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+    u64::try_from(START.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Live state of one endpoint of one cluster.
@@ -80,8 +80,11 @@ impl EndpointRuntime {
             self.consecutive_errors.store(0, Ordering::Relaxed);
             let times = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
             let duration = outlier.base_ejection.saturating_mul(times.min(10));
+            // Saturating: a base ejection time of years ejects until the end of time, and
+            // never wraps to "not ejected".
+            let millis = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX);
             self.ejected_until_ms
-                .store(now_ms() + duration.as_millis() as u64, Ordering::Relaxed);
+                .store(now_ms().saturating_add(millis), Ordering::Relaxed);
             tracing::info!(endpoint = %self.address, ?duration, "ejected after consecutive errors");
         }
     }
@@ -501,6 +504,17 @@ clusters:
             chain_for(&state.load(), "10.96.0.10:8080", "10.9.0.1:1"),
             "passthrough"
         );
+    }
+
+    #[test]
+    fn a_huge_ejection_time_ejects_without_overflow() {
+        let e = EndpointRuntime::new("10.0.0.1:1".parse().unwrap());
+        let outlier = OutlierDetection {
+            consecutive_errors: 1,
+            base_ejection: Duration::MAX,
+        };
+        e.record_error(&outlier);
+        assert!(e.ejected());
     }
 
     #[test]

@@ -515,3 +515,16 @@ impl Drop for ActiveEndpoint<'_> {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timeout_too_long_to_represent_never_fires() {
+        let far = deadline_after(Duration::MAX);
+        assert!(far > Instant::now() + Duration::from_secs(50 * 365 * 24 * 3600));
+        let near = deadline_after(Duration::from_millis(5));
+        assert!(near <= Instant::now() + Duration::from_millis(5));
+    }
+}

@@ -161,10 +161,19 @@ fn cidrs(ranges: &[tern_proto::core_types::CidrRange], what: &str) -> Result<Vec
             let ip: IpAddr = r.address_prefix.parse().map_err(|_| {
                 format!("{what}: prefix {:?} is not an IP address", r.address_prefix)
             })?;
-            let len =
-                r.prefix_len
-                    .map_or(if ip.is_ipv4() { 32 } else { 128 }, |l| l.value) as u8;
-            IpNet::new(ip, len).map_err(|e| format!("{what}: {}/{len}: {e}", r.address_prefix))
+            let len = r
+                .prefix_len
+                .map_or(if ip.is_ipv4() { 32 } else { 128 }, |l| l.value);
+            // Checked, not cast: a prefix length of 264 must not become 8.
+            u8::try_from(len)
+                .ok()
+                .and_then(|l| IpNet::new(ip, l).ok())
+                .ok_or_else(|| {
+                    format!(
+                        "{what}: prefix {}/{len}: length out of range",
+                        r.address_prefix
+                    )
+                })
         })
         .collect()
 }
@@ -206,10 +215,17 @@ pub fn to_config(r: &Resources, version: String) -> Result<Config, String> {
                 continue;
             };
             let m = c.filter_chain_match.clone().unwrap_or_default();
+            let destination_port = m
+                .destination_port
+                .map(|p| {
+                    u16::try_from(p.value)
+                        .map_err(|_| format!("{what}: destination port {} out of range", p.value))
+                })
+                .transpose()?;
             chains.push(FilterChain {
                 name,
                 matcher: ChainMatch {
-                    destination_port: m.destination_port.map(|p| p.value as u16),
+                    destination_port,
                     destination_prefixes: cidrs(&m.prefix_ranges, &what)?,
                     source_prefixes: cidrs(&m.source_prefix_ranges, &what)?,
                 },
@@ -444,22 +460,20 @@ fn cluster(c: &XdsCluster, r: &Resources) -> Result<Cluster, String> {
         connect_timeout: c
             .connect_timeout
             .as_ref()
-            .map_or(Duration::from_secs(10), |d| {
-                Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
-            }),
+            .map_or(Duration::from_secs(10), duration),
         circuit_breakers: CircuitBreakers {
             max_connections: thresholds
                 .as_ref()
                 .and_then(|t| t.max_connections)
-                .map_or(defaults.max_connections, |v| v.value as usize),
+                .map_or(defaults.max_connections, |v| count(v.value)),
             max_pending_requests: thresholds
                 .as_ref()
                 .and_then(|t| t.max_pending_requests)
-                .map_or(defaults.max_pending_requests, |v| v.value as usize),
+                .map_or(defaults.max_pending_requests, |v| count(v.value)),
             max_requests: thresholds
                 .as_ref()
                 .and_then(|t| t.max_requests)
-                .map_or(defaults.max_requests, |v| v.value as usize),
+                .map_or(defaults.max_requests, |v| count(v.value)),
         },
         outlier: match &c.outlier_detection {
             Some(o) => OutlierDetection {
@@ -469,9 +483,7 @@ fn cluster(c: &XdsCluster, r: &Resources) -> Result<Cluster, String> {
                 base_ejection: o
                     .base_ejection_time
                     .as_ref()
-                    .map_or(outlier.base_ejection, |d| {
-                        Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
-                    }),
+                    .map_or(outlier.base_ejection, duration),
             },
             None => outlier,
         },
@@ -500,6 +512,17 @@ fn upstream_mode(c: &XdsCluster) -> UpstreamMode {
         Some("multiplexed") => UpstreamMode::Multiplexed,
         _ => UpstreamMode::Exclusive,
     }
+}
+
+/// A protobuf duration; negative parts count as zero.
+fn duration(d: &tern_proto::wkt::Duration) -> Duration {
+    Duration::from_secs(u64::try_from(d.seconds).unwrap_or(0))
+        .saturating_add(Duration::from_nanos(u64::try_from(d.nanos).unwrap_or(0)))
+}
+
+/// A circuit breaker threshold.
+fn count(v: u32) -> usize {
+    usize::try_from(v).unwrap_or(usize::MAX)
 }
 
 type Endpoints = (Vec<Endpoint>, BTreeMap<String, u32>, bool);
@@ -551,6 +574,28 @@ mod tests {
 
     use super::*;
     use crate::state::{Selection, State};
+
+    #[test]
+    fn numbers_out_of_range_are_refused_not_wrapped() {
+        let range = |len: u32| core_types::CidrRange {
+            address_prefix: "10.0.0.0".into(),
+            prefix_len: Some(wkt::UInt32Value { value: len }),
+        };
+        assert!(cidrs(&[range(8)], "x").is_ok());
+        let err = cidrs(&[range(264)], "x").unwrap_err();
+        assert!(err.contains("10.0.0.0/264"), "{err}");
+        assert!(cidrs(&[range(33)], "x").is_err());
+        let huge = wkt::Duration {
+            seconds: i64::MAX,
+            nanos: i32::MAX,
+        };
+        assert!(duration(&huge) >= Duration::from_secs(i64::MAX as u64));
+        let negative = wkt::Duration {
+            seconds: -5,
+            nanos: -1,
+        };
+        assert_eq!(duration(&negative), Duration::ZERO);
+    }
 
     fn addr(ip: &str, port: u32) -> tern_proto::Address {
         tern_proto::Address {
