@@ -171,11 +171,20 @@ impl Machine {
     }
 }
 
+/// A million calls with distinct method names, and the metrics page around them.
+#[derive(Clone, Debug, Serialize)]
+pub struct MethodNames {
+    pub calls: u64,
+    pub page_bytes_before: usize,
+    pub page_bytes_after: usize,
+}
+
 /// Everything `cargo xtask bench` measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     pub machine: Machine,
     pub groups: Vec<Group>,
+    pub method_names: MethodNames,
     /// tern's resident memory, idle, with 1,000 clusters / 10,000 endpoints (MiB).
     pub idle_rss_mib_1000_clusters: f64,
     /// Micro-benchmarks: criterion means (ns) and allocations per proxied request.
@@ -206,6 +215,7 @@ fn ratio(v: Option<f64>) -> String {
 impl Report {
     pub fn new(
         groups: Vec<Group>,
+        method_names: MethodNames,
         idle_rss_mib_1000_clusters: f64,
         micro: BTreeMap<String, f64>,
         took: Duration,
@@ -213,6 +223,7 @@ impl Report {
         Self {
             machine: Machine::this(),
             groups,
+            method_names,
             idle_rss_mib_1000_clusters,
             micro,
             duration_secs: took.as_secs_f64(),
@@ -339,6 +350,49 @@ impl Report {
                 );
             }
         }
+        if let Some(g) = self
+            .groups
+            .iter()
+            .find(|g| g.name.starts_with("serial Thrift server"))
+            && let (Some(d), Some(t)) = (g.row(DIRECT), g.row("tern Thrift, per request"))
+        {
+            line(
+                "serial Thrift server: fast callers' p99 beside slow ones, tern vs direct".into(),
+                format!(
+                    "{} vs {} µs ({})",
+                    num(t.p99_us),
+                    num(d.p99_us),
+                    ratio(Some(t.p99_us / d.p99_us))
+                ),
+                None,
+            );
+        }
+        let pieces = |label: &str| {
+            self.micro
+                .get(&format!("codec-unframed-16MiB/{label}"))
+                .copied()
+        };
+        if let (Some(whole), Some(reads)) = (pieces("whole"), pieces("1460-byte reads")) {
+            line(
+                "unframed 16 MiB in 1,460-byte reads costs about as much as in one piece".into(),
+                format!(
+                    "{:.1} ms vs {:.1} ms ({})",
+                    reads / 1e6,
+                    whole / 1e6,
+                    ratio(Some(reads / whole))
+                ),
+                Some(reads / whole < 2.0),
+            );
+        }
+        let n = &self.method_names;
+        line(
+            format!(
+                "{} distinct method names leave the metrics page bounded",
+                n.calls
+            ),
+            format!("{} → {} bytes", n.page_bytes_before, n.page_bytes_after),
+            Some(n.page_bytes_after < n.page_bytes_before + 4096),
+        );
         if let Some(a) = self.micro.get("allocations per proxied request") {
             line(
                 "zero heap allocations per request (steady state)".into(),
@@ -478,7 +532,19 @@ mod tests {
         // 900 requests per CPU second against HAProxy's 1000.
         assert_eq!(tern.rps_per_core, Some(900.0));
         assert_eq!(tern.per_core_vs_haproxy, Some(0.9));
-        let md = Report::new(vec![g], 12.0, BTreeMap::new(), Duration::from_secs(1)).markdown();
+        let names = MethodNames {
+            calls: 1_000_000,
+            page_bytes_before: 5000,
+            page_bytes_after: 5010,
+        };
+        let md = Report::new(
+            vec![g],
+            names,
+            12.0,
+            BTreeMap::new(),
+            Duration::from_secs(1),
+        )
+        .markdown();
         assert!(md.contains("| tern | 450 |"), "{md}");
     }
 }

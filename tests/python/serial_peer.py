@@ -4,6 +4,7 @@ reads a connection's next request only after it answered the one before.
     serial_peer.py serve ADDR ID [--compact]    prints "ready"; framed transport
         whoami()           -> string ID
         sleep(1: i32 ms)   -> string "late:ID", after sleeping ms
+        echo(1: binary)    -> binary, the same bytes
 The interface matches `tern-thriftpeer call`'s, so that client can call it.
 """
 import sys
@@ -24,6 +25,7 @@ class Processor:
     def process(self, iprot, oprot):
         name, kind, seq = iprot.readMessageBegin()
         ms = 0
+        data = b""
         iprot.readStructBegin()
         while True:
             _, ftype, fid = iprot.readFieldBegin()
@@ -31,6 +33,8 @@ class Processor:
                 break
             if fid == 1 and ftype == TType.I32:
                 ms = iprot.readI32()
+            elif fid == 1 and ftype == TType.STRING:
+                data = iprot.readBinary()
             else:
                 iprot.skip(ftype)
             iprot.readFieldEnd()
@@ -42,6 +46,8 @@ class Processor:
         elif method == "sleep":
             time.sleep(ms / 1000)
             answer = "late:" + self.ident
+        elif method == "echo":
+            answer = data
         else:
             oprot.writeMessageBegin(name, TMessageType.EXCEPTION, seq)
             TApplicationException(TApplicationException.UNKNOWN_METHOD, "unknown method " + name).write(oprot)
@@ -51,7 +57,10 @@ class Processor:
         oprot.writeMessageBegin(name, TMessageType.REPLY, seq)
         oprot.writeStructBegin("result")
         oprot.writeFieldBegin("success", TType.STRING, 0)
-        oprot.writeString(answer)
+        if isinstance(answer, bytes):
+            oprot.writeBinary(answer)
+        else:
+            oprot.writeString(answer)
         oprot.writeFieldEnd()
         oprot.writeFieldStop()
         oprot.writeStructEnd()

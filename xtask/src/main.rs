@@ -7,6 +7,8 @@
 //! - `test`: setup, the eBPF build, fmt and clippy, and every test (unit and integration).
 //! - `bench`: release builds, criterion micro-benchmarks and tern against the direct path,
 //!   HAProxy and iptables capture (`tern-bench`); writes `target/bench/report.{md,json,svg}`.
+//! - `fuzz`: cargo-fuzz targets for the codec, the static configuration and xDS translation,
+//!   each for a given time from the committed seed corpus (`test` runs each briefly).
 //! - `demo`: a Thrift service in a mesh of network namespaces, tern as every Pod's sidecar
 //!   (`tern-demo`, built with the test harness it uses).
 use std::{
@@ -47,6 +49,15 @@ enum Task {
     /// Release builds, micro-benchmarks, then tern against the direct path, HAProxy and
     /// iptables capture; the report goes to target/bench/.
     Bench,
+    /// Fuzz the codec and the configuration entry points (cargo-fuzz, libFuzzer, nightly),
+    /// starting from the seed corpus in fuzz/corpus/; a crash fails with its input saved.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only these targets (codec, codec_configured, static_config, xds_translate).
+        targets: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -70,6 +81,11 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Test { args } => test(&args),
         Task::Bench => bench(),
+        Task::Fuzz { seconds, targets } => {
+            setup()?;
+            build_ebpf()?;
+            fuzz(seconds, &targets)
+        }
         Task::Demo => {
             setup()?;
             build_ebpf()?;
@@ -334,6 +350,87 @@ fn build_tern(release: bool) -> Result<()> {
     status(&mut cmd)
 }
 
+/// The fuzz targets (`fuzz/fuzz_targets/*.rs`).
+const FUZZ_TARGETS: [&str; 4] = [
+    "codec",
+    "codec_configured",
+    "static_config",
+    "xds_translate",
+];
+/// cargo-fuzz flags: optimised, with debug assertions (overflow checks), no sanitizer (tern's
+/// fuzzed code has no `unsafe`; ASan would only slow the runs).
+const FUZZ_FLAGS: [&str; 4] = ["-O", "-a", "-s", "none"];
+
+fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
+    if have("cargo-fuzz") {
+        step("fuzz: cargo-fuzz present");
+    } else {
+        step("fuzz: installing cargo-fuzz from crates.io (about a minute)");
+        status(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    }
+    let dir = root().join("fuzz");
+    step("fuzz: cargo +nightly fuzz build (the first build takes about 6 minutes)");
+    status(
+        cargo()
+            .current_dir(&dir)
+            .args(["+nightly", "fuzz", "build"])
+            .args(FUZZ_FLAGS),
+    )?;
+    let targets: Vec<&str> = FUZZ_TARGETS
+        .into_iter()
+        .filter(|t| only.is_empty() || only.iter().any(|o| o == t))
+        .collect();
+    if targets.is_empty() {
+        bail!("no fuzz target named {only:?}; there are {FUZZ_TARGETS:?}");
+    }
+    let mut summary = Vec::new();
+    for target in targets {
+        step(&format!("fuzz: {target} for {seconds} s"));
+        // New inputs go to a working corpus under target/; the committed seeds stay as they are.
+        let work = root().join("target/fuzz-corpus").join(target);
+        std::fs::create_dir_all(&work)?;
+        let out = cargo()
+            .current_dir(&dir)
+            .args(["+nightly", "fuzz", "run"])
+            .args(FUZZ_FLAGS)
+            .arg(target)
+            .arg(&work)
+            .arg(dir.join("corpus").join(target))
+            .args([
+                "--",
+                &format!("-max_total_time={seconds}"),
+                "-print_final_stats=1",
+            ])
+            .args(["-timeout=10", "-rss_limit_mb=4096", "-close_fd_mask=3"])
+            .output()
+            .with_context(|| format!("run the fuzz target {target}"))?;
+        let log = String::from_utf8_lossy(&out.stderr);
+        let stat = |name: &str| {
+            log.lines()
+                .find_map(|l| l.strip_prefix(&format!("stat::{name}:")))
+                .map_or("?".to_owned(), |v| v.trim().to_owned())
+        };
+        if !out.status.success() {
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!(
+                "fuzz target {target} failed ({}); its input is under fuzz/artifacts/{target}/\n{}",
+                out.status,
+                tail.join("\n")
+            );
+        }
+        summary.push(format!(
+            "{target}: {} executions in {seconds} s, no crash (peak RSS {} MB)",
+            stat("number_of_executed_units"),
+            stat("peak_rss_mb")
+        ));
+    }
+    for line in summary {
+        step(&format!("fuzz: {line}"));
+    }
+    Ok(())
+}
+
 fn test(extra: &[String]) -> Result<()> {
     setup()?;
     build_ebpf()?;
@@ -360,5 +457,9 @@ fn test(extra: &[String]) -> Result<()> {
             .args(["test", "--workspace"])
             .args(extra)
             .env("TERN_BIN", root().join("target/debug/tern")),
-    )
+    )?;
+    if extra.is_empty() {
+        fuzz(15, &[])?;
+    }
+    Ok(())
 }

@@ -20,7 +20,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use tern_bench::{
     LoadResult,
-    report::{DIRECT, Group, HAPROXY, Report, Row, Sample},
+    report::{DIRECT, Group, HAPROXY, MethodNames, Report, Row, Sample},
 };
 use tern_tests::{Cgroup, ControlPlane, Netns, Process, Tern, bin_dir, eventually, mesh};
 
@@ -28,6 +28,10 @@ const ROUNDS: usize = 3;
 const SECS: &str = "1.5";
 const NETNS_ENDPOINTS: &str = "10.77.0.2:9001,10.77.0.2:9002,10.77.0.2:9003";
 const LOOPBACK_ENDPOINTS: &str = "127.0.0.1:9101,127.0.0.1:9102,127.0.0.1:9103";
+/// Apache Thrift's Python `TThreadedServer` (one request per connection at a time), and the
+/// virtual IP tern serves it on, as istiod would (a plain `tcp_proxy`).
+const SERIAL_SERVER: &str = "10.77.0.2:9401";
+const SERIAL_VIP: &str = "10.96.0.5:9090";
 
 fn main() -> std::process::ExitCode {
     match run() {
@@ -107,6 +111,53 @@ fn run() -> Result<()> {
         groups.push(bench.compare(name, &paths, &load, Some(&latency), &bench.cli)?);
     }
 
+    // The same, with two low-priority processes keeping both cores busy, as on a shared node.
+    {
+        let busy: Vec<Process> = (0..2)
+            .map(|_| {
+                Process::spawn({
+                    let mut cmd = std::process::Command::new("nice");
+                    cmd.args(["-n", "19", "sh", "-c", "while :; do :; done"]);
+                    cmd
+                })
+            })
+            .collect::<Result<_>>()?;
+        let load = ["--connections", "4", "--inflight", "8", "--size", "100"];
+        let latency = [
+            "--connections",
+            "1",
+            "--inflight",
+            "1",
+            "--size",
+            "100",
+            "--secs",
+            "1",
+            "--warmup",
+            "0.2",
+        ];
+        let paths = [
+            LoadPath::new(DIRECT, NETNS_ENDPOINTS, None, false),
+            LoadPath::new(HAPROXY, "127.0.0.1:19000", Some(bench.haproxy.pid()), false),
+            LoadPath::new("tern TCP proxy", "10.96.0.1:9090", bench.tern_pid(), true),
+            LoadPath::new(
+                "tern Thrift, per request",
+                "10.96.0.2:9090",
+                bench.tern_pid(),
+                true,
+            ),
+        ];
+        groups.push(bench.compare(
+            "netns, two busy low-priority processes, 100 B",
+            &paths,
+            &load,
+            Some(&latency),
+            &bench.cli,
+        )?);
+        drop(busy);
+    }
+    groups.push(bench.serial_server_with_slow_callers()?);
+    let method_names = bench.million_method_names()?;
+
     // Connection setup: a new connection per call.
     let churn = ["--churn", "--connections", "4", "--size", "100"];
     let mut setup = None;
@@ -145,13 +196,14 @@ fn run() -> Result<()> {
             groups.push(group);
         }
     }
-    groups.insert(3, setup.expect("measured"));
+    groups.insert(5, setup.expect("measured"));
 
     let idle_rss = bench.idle_rss_with_1000_clusters()?;
     drop(bench);
 
     let report = Report::new(
         groups,
+        method_names,
         idle_rss,
         read_micro(&out_dir, criterion_dir.as_deref()),
         started.elapsed(),
@@ -229,6 +281,18 @@ impl Bench {
                 servers.push(tern_tests::start_server(ns, None, &load, &["serve", addr])?);
             }
         }
+        let serial = tern_tests::python_peer("serial_peer.py");
+        servers.push(tern_tests::start_server(
+            &srv,
+            None,
+            Path::new("python3"),
+            &[
+                serial.to_str().context("UTF-8 path")?,
+                "serve",
+                SERIAL_SERVER,
+                "serial",
+            ],
+        )?);
         let config = std::env::temp_dir().join(format!("{}.yaml", tern_tests::unique("bench")));
         std::fs::write(&config, tern_config())?;
         let haproxy_cfg =
@@ -340,6 +404,92 @@ impl Bench {
             .map(|p| Row::from_samples(p.name, samples.remove(p.name).unwrap_or_default()))
             .collect();
         Ok(Group::new(name, rows))
+    }
+
+    /// Apache Thrift's serial Python server, with two callers of a method that takes 300 ms
+    /// on it all along: the fast callers' latency (4 connections, one call at a time each),
+    /// direct and through tern (detected on a plain `tcp_proxy`, exclusive connections).
+    fn serial_server_with_slow_callers(&self) -> Result<Group> {
+        let name = "serial Thrift server (TThreadedServer), fast callers beside 2 slow ones";
+        eprintln!("tern-bench: {name}");
+        let thriftpeer = bin_dir().join("tern-thriftpeer");
+        let paths = [
+            (DIRECT, SERIAL_SERVER, false),
+            ("tern Thrift, per request", SERIAL_VIP, true),
+        ];
+        let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
+        for _ in 0..ROUNDS {
+            for (path, addr, captured) in paths {
+                let cgroup = captured.then_some(&self.cgroup);
+                let slow: Vec<Process> = (0..2)
+                    .map(|_| {
+                        let mut cmd = self.cli.command(
+                            cgroup,
+                            &thriftpeer,
+                            &[
+                                "call", addr, "--method", "sleep", "--ms", "300", "--calls", "1000",
+                            ],
+                        );
+                        cmd.stdout(std::process::Stdio::null());
+                        Process::spawn(cmd)
+                    })
+                    .collect::<Result<_>>()?;
+                std::thread::sleep(Duration::from_millis(200));
+                let fast = load_run(
+                    &self.cli,
+                    cgroup,
+                    addr,
+                    &[
+                        "--connections",
+                        "4",
+                        "--inflight",
+                        "1",
+                        "--size",
+                        "100",
+                        "--secs",
+                        "2",
+                    ],
+                )?;
+                drop(slow);
+                eprintln!(
+                    "  {path:<26} {:>9.0} req/s  p99 {:>7.0} µs",
+                    fast.rps, fast.p99_us
+                );
+                samples.entry(path).or_default().push(Sample {
+                    load: fast,
+                    latency: None,
+                    proxy_cpu_s: None,
+                    proxy_peak_rss_kib: None,
+                });
+            }
+        }
+        let rows = paths
+            .iter()
+            .map(|(p, _, _)| Row::from_samples(p, samples.remove(p).unwrap_or_default()))
+            .collect();
+        Ok(Group::new(name, rows))
+    }
+
+    /// A client sends a million calls with distinct method names through tern's Thrift path;
+    /// the metrics page must not grow with them.
+    fn million_method_names(&self) -> Result<MethodNames> {
+        eprintln!("tern-bench: a million distinct method names");
+        let page = || tern_tests::admin(&self.cli, "GET", "/stats/prometheus").len();
+        let before = page();
+        let names = tern_tests::python_json(
+            &self.cli,
+            Some(&self.cgroup),
+            "protocols_peer.py",
+            &["names", SERIAL_VIP, "1000000"],
+        );
+        let calls = names["replies"]
+            .as_u64()
+            .context("the names client failed")?;
+        Ok(MethodNames {
+            calls,
+            page_bytes_before: before,
+            page_bytes_after: page(),
+        })
     }
 
     /// tern's resident memory once 1,000 clusters with 10,000 endpoints are loaded over xDS
@@ -477,7 +627,12 @@ listeners:
     filter_chains: [ {{ tcp_proxy: {{ cluster: echo-lo, sniff_thrift: false }} }} ]
   - address: 10.96.0.4:9090
     filter_chains: [ {{ thrift_proxy: {{ transport: framed, protocol: binary, default_cluster: echo-lo }} }} ]
+  - address: {SERIAL_VIP}
+    filter_chains: [ {{ tcp_proxy: {{ cluster: 'outbound|9090||serial.bench.svc.cluster.local' }} }} ]
 clusters:
+  - name: 'outbound|9090||serial.bench.svc.cluster.local'
+    timeout_ms: 10000
+    endpoints: [ {{ address: {SERIAL_SERVER} }} ]
   - name: echo-netns
     endpoints:
 {}  - name: echo-lo

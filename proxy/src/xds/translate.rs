@@ -644,6 +644,66 @@ mod tests {
 
     /// What istiod sends a sidecar for a Thrift service `calc` on port 9090 (plain TCP, as
     /// Istio sends Thrift), a second service routed with thrift_proxy, and the Pod's inbound.
+    /// The fuzz target `xds_translate` starts from these resources: each seed is one of
+    /// them alone, and one holds them all. `TERN_UPDATE_FUZZ_SEEDS=1` writes them.
+    #[test]
+    fn the_xds_fuzz_seeds_are_the_istiod_resources() {
+        use prost::Message as _;
+        let r = istiod();
+        let mut records: Vec<(u8, String, Vec<u8>)> = Vec::new();
+        records.extend(
+            r.listeners
+                .iter()
+                .map(|(n, l)| (0, n.clone(), l.encode_to_vec())),
+        );
+        records.extend(
+            r.clusters
+                .iter()
+                .map(|(n, c)| (1, n.clone(), c.encode_to_vec())),
+        );
+        records.extend(
+            r.endpoints
+                .iter()
+                .map(|(n, e)| (2, n.clone(), e.encode_to_vec())),
+        );
+        records.extend(
+            r.thrift_routes
+                .iter()
+                .map(|(n, t)| (3, n.clone(), t.encode_to_vec())),
+        );
+        let encode = |records: &[(u8, String, Vec<u8>)]| {
+            let mut out = Vec::new();
+            for (selector, name, body) in records {
+                out.push(*selector);
+                out.push(u8::try_from(name.len()).unwrap());
+                out.extend_from_slice(name.as_bytes());
+                out.extend_from_slice(&u16::try_from(body.len()).unwrap().to_be_bytes());
+                out.extend_from_slice(body);
+            }
+            out
+        };
+        let mut seeds: Vec<(String, Vec<u8>)> = records
+            .iter()
+            .enumerate()
+            .map(|(i, rec)| (format!("resource-{i}"), encode(std::slice::from_ref(rec))))
+            .collect();
+        seeds.push(("all".into(), encode(&records)));
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/xds_translate");
+        if std::env::var_os("TERN_UPDATE_FUZZ_SEEDS").is_some() {
+            std::fs::create_dir_all(&dir).unwrap();
+            for (name, bytes) in &seeds {
+                std::fs::write(dir.join(name), bytes).unwrap();
+            }
+        }
+        for (name, bytes) in &seeds {
+            let committed = std::fs::read(dir.join(name)).unwrap_or_else(|e| {
+                panic!("seed {name}: {e} (TERN_UPDATE_FUZZ_SEEDS=1 writes it)")
+            });
+            assert_eq!(&committed, bytes, "seed {name} is stale");
+        }
+    }
+
     fn istiod() -> Resources {
         let mut r = Resources::default();
         let outbound = XdsListener {
