@@ -330,11 +330,25 @@ impl Report {
             };
             s += &format!("| {what} | {measured} | {mark} |\n");
         };
-        for g in self.groups.iter().filter(|g| g.name.ends_with("100 B")) {
-            if let Some(r) = g.row("tern Thrift, per request") {
+        let thrift_paths = [
+            "tern Thrift, per request",
+            "tern Thrift, per request, multiplexed",
+        ];
+        for (g, path) in self
+            .groups
+            .iter()
+            .filter(|g| g.name.ends_with("100 B"))
+            .flat_map(|g| thrift_paths.iter().map(move |p| (g, *p)))
+        {
+            if let Some(r) = g.row(path) {
+                let mode = if path.ends_with("multiplexed") {
+                    ", multiplexed"
+                } else {
+                    ""
+                };
                 line(
                     format!(
-                        "Thrift per request ≥ 80% of HAProxy's req/s per proxy core ({})",
+                        "Thrift per request{mode} ≥ 80% of HAProxy's req/s per proxy core ({})",
                         g.name
                     ),
                     ratio(r.per_core_vs_haproxy),
@@ -342,7 +356,7 @@ impl Report {
                 );
                 line(
                     format!(
-                        "Thrift per request: added p99 ≤ 1.5× HAProxy's ({})",
+                        "Thrift per request{mode}: added p99 ≤ 1.5× HAProxy's ({})",
                         g.name
                     ),
                     ratio(r.added_p99_vs_haproxy),

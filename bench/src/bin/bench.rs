@@ -31,6 +31,8 @@ const LOOPBACK_ENDPOINTS: &str = "127.0.0.1:9101,127.0.0.1:9102,127.0.0.1:9103";
 /// Apache Thrift's Python `TThreadedServer` (one request per connection at a time), and the
 /// virtual IP tern serves it on, as istiod would (a plain `tcp_proxy`).
 const SERIAL_SERVER: &str = "10.77.0.2:9401";
+/// The Thrift path with a multiplexed cluster (opt-in; the echo server answers pipelined calls).
+const MULTIPLEXED: &str = "tern Thrift, per request, multiplexed";
 const SERIAL_VIP: &str = "10.96.0.5:9090";
 
 fn main() -> std::process::ExitCode {
@@ -55,11 +57,12 @@ fn run() -> Result<()> {
     let mut bench = Bench::start()?;
     let mut groups = Vec::new();
 
-    for (name, vip_tcp, vip_thrift, direct, haproxy, size, inflight) in [
+    for (name, vip_tcp, vip_thrift, vip_mux, direct, haproxy, size, inflight) in [
         (
             "loopback, 100 B",
             "10.96.0.3:9090",
             "10.96.0.4:9090",
+            "10.96.0.7:9090",
             LOOPBACK_ENDPOINTS,
             "127.0.0.1:19001",
             "100",
@@ -69,6 +72,7 @@ fn run() -> Result<()> {
             "netns, 100 B",
             "10.96.0.1:9090",
             "10.96.0.2:9090",
+            "10.96.0.6:9090",
             NETNS_ENDPOINTS,
             "127.0.0.1:19000",
             "100",
@@ -78,6 +82,7 @@ fn run() -> Result<()> {
             "netns, 64 KiB",
             "10.96.0.1:9090",
             "10.96.0.2:9090",
+            "10.96.0.6:9090",
             NETNS_ENDPOINTS,
             "127.0.0.1:19000",
             "65536",
@@ -107,6 +112,7 @@ fn run() -> Result<()> {
                 bench.tern_pid(),
                 true,
             ),
+            LoadPath::new(MULTIPLEXED, vip_mux, bench.tern_pid(), true),
         ];
         groups.push(bench.compare(name, &paths, &load, Some(&latency), &bench.cli)?);
     }
@@ -627,10 +633,20 @@ listeners:
     filter_chains: [ {{ tcp_proxy: {{ cluster: echo-lo, sniff_thrift: false }} }} ]
   - address: 10.96.0.4:9090
     filter_chains: [ {{ thrift_proxy: {{ transport: framed, protocol: binary, default_cluster: echo-lo }} }} ]
+  - address: 10.96.0.6:9090
+    filter_chains: [ {{ thrift_proxy: {{ transport: framed, protocol: binary, default_cluster: echo-netns-mux }} }} ]
+  - address: 10.96.0.7:9090
+    filter_chains: [ {{ thrift_proxy: {{ transport: framed, protocol: binary, default_cluster: echo-lo-mux }} }} ]
   - address: {SERIAL_VIP}
     filter_chains: [ {{ tcp_proxy: {{ cluster: 'outbound|9090||serial.bench.svc.cluster.local' }} }} ]
 clusters:
-  - name: 'outbound|9090||serial.bench.svc.cluster.local'
+  - name: echo-netns-mux
+    thrift_upstream: multiplexed
+    endpoints:
+{}  - name: echo-lo-mux
+    thrift_upstream: multiplexed
+    endpoints:
+{}  - name: 'outbound|9090||serial.bench.svc.cluster.local'
     timeout_ms: 10000
     endpoints: [ {{ address: {SERIAL_SERVER} }} ]
   - name: echo-netns
@@ -638,6 +654,8 @@ clusters:
 {}  - name: echo-lo
     endpoints:
 {}"#,
+        endpoints(NETNS_ENDPOINTS),
+        endpoints(LOOPBACK_ENDPOINTS),
         endpoints(NETNS_ENDPOINTS),
         endpoints(LOOPBACK_ENDPOINTS)
     )

@@ -20,6 +20,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -42,6 +43,8 @@ use crate::{
 
 /// Requests one downstream connection may have in flight before tern stops reading it.
 const MAX_IN_FLIGHT: usize = 1024;
+/// Replies written back in one system call, at most.
+const MAX_BATCH: usize = 64;
 /// Endpoints tried for one request when connects fail.
 const MAX_ATTEMPTS: usize = 3;
 
@@ -59,6 +62,8 @@ pub async fn serve(down: TcpStream, buf: BytesMut, chain: ChainRef, ctx: Arc<Ctx
     let mut conn = Downstream::new(chain, ctx.clone());
     let mut buf = buf;
     let mut replies = Ordered::default();
+    // Replies ready to write together (kept, so its capacity is reused).
+    let mut out: Vec<Bytes> = Vec::with_capacity(MAX_BATCH);
     let mut reading = true;
     let mut drain = ctx.drain.clone();
     loop {
@@ -101,9 +106,17 @@ pub async fn serve(down: TcpStream, buf: BytesMut, chain: ChainRef, ctx: Arc<Ctx
                 }
             },
             Some(reply) = replies.next(), if !replies.is_empty() => {
-                if let Some(bytes) = reply
-                    && let Err(e) = wr.write_all(&bytes).await
-                {
+                // This reply and every one already done behind it go out in one write.
+                out.extend(reply);
+                while out.len() < MAX_BATCH {
+                    match replies.next().now_or_never() {
+                        Some(Some(reply)) => out.extend(reply),
+                        _ => break,
+                    }
+                }
+                let written = write_all_vectored(&mut wr, &out).await;
+                out.clear();
+                if let Err(e) = written {
                     debug!(error = %e, "downstream write failed");
                     return;
                 }
@@ -115,6 +128,33 @@ pub async fn serve(down: TcpStream, buf: BytesMut, chain: ChainRef, ctx: Arc<Ctx
         }
     }
     let _ = wr.shutdown().await;
+}
+
+/// Writes every buffer, in order, with as few (vectored) writes as the socket takes.
+async fn write_all_vectored(
+    wr: &mut (impl tokio::io::AsyncWrite + Unpin),
+    bufs: &[Bytes],
+) -> std::io::Result<()> {
+    let (mut i, mut offset) = (0, 0);
+    while i < bufs.len() {
+        let mut slices = [std::io::IoSlice::new(&[]); MAX_BATCH];
+        let mut n = 0;
+        for (k, b) in bufs[i..].iter().enumerate().take(MAX_BATCH) {
+            slices[k] = std::io::IoSlice::new(if k == 0 { &b[offset..] } else { b });
+            n = k + 1;
+        }
+        let mut written = wr.write_vectored(&slices[..n]).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while i < bufs.len() && written >= bufs[i].len() - offset {
+            written -= bufs[i].len() - offset;
+            i += 1;
+            offset = 0;
+        }
+        offset += written;
+    }
+    Ok(())
 }
 
 /// Per-connection routing state.
@@ -519,6 +559,27 @@ impl Drop for ActiveEndpoint<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn replies_written_together_arrive_whole_and_in_order_through_short_writes() {
+        use tokio::io::AsyncReadExt;
+        let bufs: Vec<Bytes> = (0..70u8)
+            .map(|i| Bytes::from(vec![i; 1 + usize::from(i % 13)]))
+            .collect();
+        let expected: Vec<u8> = bufs.iter().flat_map(|b| b.to_vec()).collect();
+        // A pipe that takes 7 bytes at a time: every write is short.
+        let (mut a, mut b) = tokio::io::duplex(7);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        for chunk in bufs.chunks(MAX_BATCH) {
+            write_all_vectored(&mut a, chunk).await.unwrap();
+        }
+        drop(a);
+        assert_eq!(reader.await.unwrap(), expected);
+    }
 
     #[test]
     fn a_timeout_too_long_to_represent_never_fires() {

@@ -161,3 +161,43 @@ fn answers_by_name(request_name: &[u8], reply: &Message) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::BytesMut;
+
+    use super::*;
+    use crate::thrift::Decoder;
+
+    /// A framed strict-binary message with an empty body.
+    fn message(name: &str, kind: u8, seq: i32) -> Message {
+        let mut m = vec![0x80, 0x01, 0x00, kind];
+        m.extend_from_slice(&(name.len() as i32).to_be_bytes());
+        m.extend_from_slice(name.as_bytes());
+        m.extend_from_slice(&seq.to_be_bytes());
+        m.push(0);
+        let mut framed = (m.len() as u32).to_be_bytes().to_vec();
+        framed.extend(m);
+        Decoder::detecting(DecoderLimits::default())
+            .decode(&mut BytesMut::from(&framed[..]))
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_reply_must_match_its_request() {
+        let call = message("Calc:add", 1, 7);
+        assert!(answers(&call, &message("Calc:add", 2, 7)).is_ok());
+        // A multiplexing server answers with the method alone; an exception is an answer.
+        assert!(answers(&call, &message("add", 3, 7)).is_ok());
+        let wrong = [
+            message("add", 2, 8),       // another request's sequence id
+            message("add", 1, 7),       // a call, not a reply
+            message("sub", 2, 7),       // another method
+            message("Other:add", 2, 7), // another service
+        ];
+        for reply in wrong {
+            assert!(answers(&call, &reply).is_err(), "{reply:?}");
+        }
+    }
+}

@@ -405,7 +405,14 @@ fn deliver(conn: &Conn, mut reply: Message) -> Result<(), String> {
         ));
     };
     conn.inflight.fetch_sub(1, Ordering::Relaxed);
-    answers_by_name(&w.request[w.name.clone()], &reply)?;
+    if let Err(why) = answers_by_name(&w.request[w.name.clone()], &reply) {
+        // The connection closes for this; the request learns it now, not at its timeout.
+        w.cell.complete(
+            w.generation,
+            Err(Failed::Lost(UpstreamError::Mismatch(why.clone()))),
+        );
+        return Err(why);
+    }
     if !w.cell.waiting(w.generation) {
         debug!(
             seq = reply.seq_id(),
