@@ -398,9 +398,9 @@ impl State {
             }
         }
         // Endpoints that left: their connections close once their requests are done.
-        for ((cluster, _), gone) in endpoints.iter() {
-            if !kept_endpoints.contains_key(&(cluster.clone(), gone.address))
-                && let Some(rt) = cluster_rt.get(cluster)
+        for (key, gone) in endpoints.iter() {
+            if !kept_endpoints.contains_key(key)
+                && let Some(rt) = cluster_rt.get(&key.0)
             {
                 gone.pool.retire(rt);
             }

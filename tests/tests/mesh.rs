@@ -55,7 +55,29 @@ fn thrift_calls_are_balanced_per_request_and_follow_eds() {
     );
     assert!(first.seq_ok && first.io_error.is_none(), "{first:?}");
 
+    // The client sidecar's pooled connections to calc-2 (from the client Pod's address).
+    let calc2 = m.servers.iter().find(|p| p.name == "calc-2").unwrap();
+    let from_client = || {
+        let filter = format!("( sport = :{THRIFT_PORT} and dst {} )", m.client.ip);
+        calc2
+            .ns
+            .output(
+                None,
+                std::path::Path::new("ss"),
+                &["-Htn", "state", "established", &filter],
+            )
+            .unwrap()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count()
+    };
+    assert!(from_client() >= 1, "an idle pooled connection to calc-2");
+
     m.set_endpoints(2, &["calc-1", "calc-3"]).unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || from_client() == 0),
+        "EDS removed calc-2, and the client sidecar's connections to it stay open"
+    );
     client.next_phase();
     let second = client.result();
     assert_eq!(

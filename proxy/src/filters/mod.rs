@@ -73,6 +73,7 @@ enum TcpMode {
 }
 
 impl ThriftPorts {
+    /// The mode for a chain to `port`; `detect` is the chain's own setting.
     fn mode(&self, port: u16, detect: bool) -> TcpMode {
         if self.forced.contains(&port) {
             TcpMode::Thrift
@@ -160,9 +161,14 @@ pub async fn handle(
         return Handled::Tcp;
     };
     drop(snap);
-    // An original-destination cluster has one destination: nothing to balance.
-    let detect = detect && !cluster.config.original_dst;
-    match ctx.thrift_ports.mode(dst.port(), detect) {
+    // An original-destination cluster has one destination and no endpoints: nothing to
+    // balance, whatever the port.
+    let mode = if cluster.config.original_dst {
+        TcpMode::Relay
+    } else {
+        ctx.thrift_ports.mode(dst.port(), detect)
+    };
+    match mode {
         TcpMode::Thrift => {
             thrift::serve(down, BytesMut::new(), chain, ctx).await;
             Handled::Thrift
@@ -212,5 +218,22 @@ pub async fn handle(
                 detect::Outcome::Unreachable => Handled::Tcp,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_flags_override_a_chains_own_setting() {
+        let ports = ThriftPorts {
+            relay: vec![5432],
+            forced: vec![9090],
+        };
+        assert_eq!(ports.mode(8080, true), TcpMode::Detect);
+        assert_eq!(ports.mode(8080, false), TcpMode::Relay);
+        assert_eq!(ports.mode(5432, true), TcpMode::Relay);
+        assert_eq!(ports.mode(9090, false), TcpMode::Thrift);
     }
 }
