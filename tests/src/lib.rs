@@ -224,6 +224,52 @@ pub struct Pods {
     pub cgroup: Cgroup,
 }
 
+impl Pods {
+    /// `tern run` in the application Pod: eBPF capture of its cgroup, no inbound capture, the
+    /// static configuration `config`, and `extra` arguments.
+    pub fn start_tern(&self, config: &ConfigFile, extra: &[&str]) -> Result<Tern> {
+        let mut args = vec![
+            "run",
+            "--capture",
+            "ebpf",
+            "--cgroup",
+            self.cgroup.path_str(),
+            "--inbound-ports",
+            "",
+            "--config",
+            config.path_str(),
+        ];
+        args.extend(extra);
+        Tern::start(&self.app, Some(&self.cgroup), &args)
+    }
+}
+
+/// A test's static configuration file (`tern run --config`); removed on drop.
+pub struct ConfigFile(PathBuf);
+
+impl ConfigFile {
+    pub fn new(text: &str) -> Result<Self> {
+        let path = std::env::temp_dir().join(format!("{}.yaml", unique("config")));
+        fs::write(&path, text)?;
+        Ok(Self(path))
+    }
+
+    /// Replaces the configuration (a running tern re-reads it).
+    pub fn write(&self, text: &str) -> Result<()> {
+        Ok(fs::write(&self.0, text)?)
+    }
+
+    pub fn path_str(&self) -> &str {
+        self.0.to_str().expect("temporary paths are UTF-8")
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
 /// Builds [`Pods`] (needs root).
 pub fn pods() -> Pods {
     require_root();

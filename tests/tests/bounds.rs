@@ -1,11 +1,11 @@
 //! What tern holds is bounded by its configuration, not by what peers do: connections to an
 //! endpoint that left the configuration close, a one-way flood at a server that stopped
 //! reading does not grow tern's memory, and clients' method names do not create metric series.
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use tern_tests::{
-    Pods, Process, Tern, admin, eventually, pods, python_json, python_peer, start_server,
-    thrift_call, thrift_serve, unique,
+    ConfigFile, Pods, Process, Tern, admin, eventually, pods, python_json, python_peer,
+    start_server, thrift_call, thrift_serve,
 };
 
 const CALC: &str = "10.96.0.60:9090";
@@ -36,13 +36,7 @@ struct Setup {
     p: Pods,
     tern: Tern,
     _servers: Vec<Process>,
-    config: PathBuf,
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.config);
-    }
+    config: ConfigFile,
 }
 
 const ENDPOINTS: [&str; 3] = ["10.66.1.2:9001", "10.66.1.2:9002", "10.66.1.2:9003"];
@@ -64,24 +58,8 @@ fn setup() -> Setup {
         )
         .unwrap(),
     );
-    let config = std::env::temp_dir().join(format!("{}.yaml", unique("bounds")));
-    std::fs::write(&config, self::config(&ENDPOINTS)).unwrap();
-    let tern = Tern::start(
-        &p.app,
-        Some(&p.cgroup),
-        &[
-            "run",
-            "--capture",
-            "ebpf",
-            "--cgroup",
-            p.cgroup.path_str(),
-            "--inbound-ports",
-            "",
-            "--config",
-            config.to_str().unwrap(),
-        ],
-    )
-    .unwrap();
+    let config = ConfigFile::new(&self::config(&ENDPOINTS)).unwrap();
+    let tern = p.start_tern(&config, &[]).unwrap();
     Setup {
         p,
         tern,
@@ -125,7 +103,9 @@ fn an_endpoint_that_leaves_loses_its_connections() {
         "an idle pooled connection to s2"
     );
     let applied = s.tern.log().matches("configuration applied").count();
-    std::fs::write(&s.config, config(&[ENDPOINTS[0], ENDPOINTS[2]])).unwrap();
+    s.config
+        .write(&config(&[ENDPOINTS[0], ENDPOINTS[2]]))
+        .unwrap();
     assert!(eventually(Duration::from_secs(5), || s
         .tern
         .log()

@@ -6,7 +6,8 @@
 use std::path::PathBuf;
 
 use tern_tests::{
-    Pods, Process, Tern, pods, python_json, python_peer, start_server, thrift_call, unique,
+    ConfigFile, Pods, Process, Tern, pods, python_json, python_peer, start_server, thrift_call,
+    unique,
 };
 
 const ECHO_VIP: &str = "10.96.0.30";
@@ -55,6 +56,7 @@ struct Setup {
     p: Pods,
     _tern: Tern,
     _servers: Vec<Process>,
+    _config: ConfigFile,
     dir: PathBuf,
 }
 
@@ -118,25 +120,13 @@ fn setup(extra_args: &[&str]) -> Setup {
         cert.to_str().unwrap(),
         key.to_str().unwrap(),
     ]));
-    let config = dir.join("config.yaml");
-    std::fs::write(&config, istiod_shaped()).unwrap();
-    let mut args = vec![
-        "run",
-        "--capture",
-        "ebpf",
-        "--cgroup",
-        p.cgroup.path_str(),
-        "--inbound-ports",
-        "",
-        "--config",
-        config.to_str().unwrap(),
-    ];
-    args.extend(extra_args);
-    let tern = Tern::start(&p.app, Some(&p.cgroup), &args).unwrap();
+    let config = ConfigFile::new(&istiod_shaped()).unwrap();
+    let tern = p.start_tern(&config, extra_args).unwrap();
     Setup {
         p,
         _tern: tern,
         _servers: servers,
+        _config: config,
         dir,
     }
 }

@@ -3,9 +3,9 @@
 //! fast ones, and a reply that arrives after its request timed out never reaches another
 //! request — with exclusive connections (the default) and multiplexed ones (opt-in), in
 //! binary and compact.
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
-use tern_tests::{Pods, Process, Tern, ThriftClient, pods, python_peer, start_server, unique};
+use tern_tests::{ConfigFile, Pods, Process, Tern, ThriftClient, pods, python_peer, start_server};
 
 /// Exclusive (default) and multiplexed clusters over the binary server (9201) and the
 /// compact one (9202); every cluster times requests out after 300 ms, except `whoami` calls
@@ -53,13 +53,7 @@ struct Setup {
     p: Pods,
     _tern: Tern,
     _servers: Vec<Process>,
-    config: PathBuf,
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.config);
-    }
+    _config: ConfigFile,
 }
 
 fn setup() -> Setup {
@@ -78,29 +72,13 @@ fn setup() -> Setup {
         start_server(&p.srv, None, std::path::Path::new("python3"), &args).unwrap()
     })
     .collect();
-    let config = std::env::temp_dir().join(format!("{}.yaml", unique("serial")));
-    std::fs::write(&config, CONFIG).unwrap();
-    let tern = Tern::start(
-        &p.app,
-        Some(&p.cgroup),
-        &[
-            "run",
-            "--capture",
-            "ebpf",
-            "--cgroup",
-            p.cgroup.path_str(),
-            "--inbound-ports",
-            "",
-            "--config",
-            config.to_str().unwrap(),
-        ],
-    )
-    .unwrap();
+    let config = ConfigFile::new(CONFIG).unwrap();
+    let tern = p.start_tern(&config, &[]).unwrap();
     Setup {
         p,
         _tern: tern,
         _servers: servers,
-        config,
+        _config: config,
     }
 }
 

@@ -4,11 +4,11 @@
 //!
 //! Virtual IPs: 10.96.0.10:9090 is a `thrift_proxy` listener; 10.96.0.11:9090 a plain
 //! `tcp_proxy` listener that sniffs Thrift (what istiod sends for a Thrift service).
-use std::{path::PathBuf, time::Duration};
+use std::time::Duration;
 
 use tern_tests::{
-    Calls, Pods, Process, Tern, ThriftClient, admin, eventually, metric, pods, send_raw,
-    thrift_call, thrift_serve, unique,
+    Calls, ConfigFile, Pods, Process, Tern, ThriftClient, admin, eventually, metric, pods,
+    send_raw, thrift_call, thrift_serve,
 };
 
 const SERVICE: &str = "10.96.0.10:9090";
@@ -77,7 +77,7 @@ clusters:
 struct Mesh {
     p: Pods,
     tern: Tern,
-    config: PathBuf,
+    config: ConfigFile,
     _servers: Vec<Process>,
 }
 
@@ -88,21 +88,8 @@ impl Mesh {
             .iter()
             .map(|(addr, id)| thrift_serve(&p.srv, addr, id).unwrap())
             .collect();
-        let config = std::env::temp_dir().join(format!("{}.yaml", unique("config")));
-        std::fs::write(&config, config_text).unwrap();
-        let mut args = vec![
-            "run",
-            "--capture",
-            "ebpf",
-            "--cgroup",
-            p.cgroup.path_str(),
-            "--inbound-ports",
-            "",
-            "--config",
-            config.to_str().unwrap(),
-        ];
-        args.extend(extra_args);
-        let tern = Tern::start(&p.app, Some(&p.cgroup), &args).unwrap();
+        let config = ConfigFile::new(config_text).unwrap();
+        let tern = p.start_tern(&config, extra_args).unwrap();
         Mesh {
             p,
             tern,
@@ -117,7 +104,7 @@ impl Mesh {
 
     fn reconfigure(&self, text: &str) {
         let applied = self.tern.log().matches("configuration applied").count();
-        std::fs::write(&self.config, text).unwrap();
+        self.config.write(text).unwrap();
         assert!(
             eventually(Duration::from_secs(5), || self
                 .tern
@@ -128,12 +115,6 @@ impl Mesh {
             "tern did not apply the new configuration:\n{}",
             self.tern.log()
         );
-    }
-}
-
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.config);
     }
 }
 
@@ -290,11 +271,9 @@ fn configuration_changes_move_traffic_without_breaking_connections() {
     assert_eq!(after.counts(), [("s1", 150), ("s2", 150)], "{after:?}");
     assert!(after.io_error.is_none() && after.seq_ok);
 
-    std::fs::write(
-        &m.config,
-        "clusters: [ { name: calc, lb_policy: sideways } ]",
-    )
-    .unwrap();
+    m.config
+        .write("clusters: [ { name: calc, lb_policy: sideways } ]")
+        .unwrap();
     assert!(eventually(Duration::from_secs(5), || m
         .tern
         .log()

@@ -57,7 +57,9 @@ fn run() -> Result<()> {
     let mut bench = Bench::start()?;
     let mut groups = Vec::new();
 
-    for (name, vip_tcp, vip_thrift, vip_mux, direct, haproxy, size, inflight) in [
+    // The namespace path twice: the second time with two low-priority processes keeping both
+    // cores busy, as on a shared node.
+    for (name, vip_tcp, vip_thrift, vip_mux, direct, haproxy, size, inflight, busy) in [
         (
             "loopback, 100 B",
             "10.96.0.3:9090",
@@ -67,6 +69,7 @@ fn run() -> Result<()> {
             "127.0.0.1:19001",
             "100",
             "8",
+            false,
         ),
         (
             "netns, 100 B",
@@ -77,6 +80,18 @@ fn run() -> Result<()> {
             "127.0.0.1:19000",
             "100",
             "8",
+            false,
+        ),
+        (
+            "netns, two busy low-priority processes, 100 B",
+            "10.96.0.1:9090",
+            "10.96.0.2:9090",
+            "10.96.0.6:9090",
+            NETNS_ENDPOINTS,
+            "127.0.0.1:19000",
+            "100",
+            "8",
+            true,
         ),
         (
             "netns, 64 KiB",
@@ -87,6 +102,7 @@ fn run() -> Result<()> {
             "127.0.0.1:19000",
             "65536",
             "2",
+            false,
         ),
     ] {
         let load = ["--connections", "4", "--inflight", inflight, "--size", size];
@@ -114,53 +130,17 @@ fn run() -> Result<()> {
             ),
             LoadPath::new(MULTIPLEXED, vip_mux, bench.tern_pid(), true),
         ];
-        groups.push(bench.compare(name, &paths, &load, Some(&latency), &bench.cli)?);
-    }
-
-    // The same, with two low-priority processes keeping both cores busy, as on a shared node.
-    {
-        let busy: Vec<Process> = (0..2)
+        let busy: Vec<Process> = (0..if busy { 2 } else { 0 })
             .map(|_| {
-                Process::spawn({
-                    let mut cmd = std::process::Command::new("nice");
-                    cmd.args(["-n", "19", "sh", "-c", "while :; do :; done"]);
-                    cmd
-                })
+                let mut cmd = std::process::Command::new("nice");
+                cmd.args(["-n", "19", "sh", "-c", "while :; do :; done"]);
+                Process::spawn(cmd)
             })
             .collect::<Result<_>>()?;
-        let load = ["--connections", "4", "--inflight", "8", "--size", "100"];
-        let latency = [
-            "--connections",
-            "1",
-            "--inflight",
-            "1",
-            "--size",
-            "100",
-            "--secs",
-            "1",
-            "--warmup",
-            "0.2",
-        ];
-        let paths = [
-            LoadPath::new(DIRECT, NETNS_ENDPOINTS, None, false),
-            LoadPath::new(HAPROXY, "127.0.0.1:19000", Some(bench.haproxy.pid()), false),
-            LoadPath::new("tern TCP proxy", "10.96.0.1:9090", bench.tern_pid(), true),
-            LoadPath::new(
-                "tern Thrift, per request",
-                "10.96.0.2:9090",
-                bench.tern_pid(),
-                true,
-            ),
-        ];
-        groups.push(bench.compare(
-            "netns, two busy low-priority processes, 100 B",
-            &paths,
-            &load,
-            Some(&latency),
-            &bench.cli,
-        )?);
+        groups.push(bench.compare(name, &paths, &load, Some(&latency), &bench.cli)?);
         drop(busy);
     }
+
     groups.push(bench.serial_server_with_slow_callers()?);
     let method_names = bench.million_method_names()?;
 

@@ -270,10 +270,7 @@ impl Walk {
             self.started = true;
         }
         while let Some(&top) = self.stack.last() {
-            let step = match protocol {
-                Protocol::Binary => binary::step(c, top),
-                Protocol::Compact => compact::step(c, top),
-            }?;
+            let step = step(c, top, protocol)?;
             // The step read whole: commit it.
             match step {
                 Step::Value => self.count_one(),
@@ -306,6 +303,27 @@ impl Walk {
     }
 }
 
+/// The next step inside `level`: a struct's next field, or a container's next element.
+fn step(c: &mut Cursor<'_>, level: Level, protocol: Protocol) -> Read<Step> {
+    let value = match protocol {
+        Protocol::Binary => binary::value,
+        Protocol::Compact => compact::value,
+    };
+    match level {
+        Level::Struct => match protocol {
+            Protocol::Binary => binary::field(c),
+            Protocol::Compact => compact::field(c),
+        },
+        Level::List { left: 0, .. } | Level::Map { left: 0, .. } => Ok(Step::Leave),
+        Level::List { elem, .. } => value(c, elem),
+        Level::Map {
+            key,
+            value: v,
+            left,
+        } => value(c, if left % 2 == 0 { key } else { v }),
+    }
+}
+
 /// Skips one struct (a message body) that is all in `c`'s bytes, or reports where it stops.
 #[cfg(test)]
 fn skip_struct(c: &mut Cursor<'_>, protocol: Protocol, max_depth: usize) -> Read<()> {
@@ -315,29 +333,18 @@ fn skip_struct(c: &mut Cursor<'_>, protocol: Protocol, max_depth: usize) -> Read
 mod binary {
     use super::{Cursor, Level, Read, Step, ThriftError};
 
-    /// The next step inside `level`.
-    pub(super) fn step(c: &mut Cursor<'_>, level: Level) -> Read<Step> {
-        match level {
-            Level::Struct => {
-                let field = c.u8()?;
-                if field == 0 {
-                    return Ok(Step::Leave);
-                }
-                c.skip(2)?;
-                value(c, field)
-            }
-            Level::List { left: 0, .. } | Level::Map { left: 0, .. } => Ok(Step::Leave),
-            Level::List { elem, .. } => value(c, elem),
-            Level::Map {
-                key,
-                value: v,
-                left,
-            } => value(c, if left % 2 == 0 { key } else { v }),
+    /// A struct's next field (type, id, then its value), or its end.
+    pub(super) fn field(c: &mut Cursor<'_>) -> Read<Step> {
+        let field = c.u8()?;
+        if field == 0 {
+            return Ok(Step::Leave);
         }
+        c.skip(2)?;
+        value(c, field)
     }
 
     /// Skips a value of wire type `ty`, or reads the header of the struct or container it is.
-    fn value(c: &mut Cursor<'_>, ty: u8) -> Read<Step> {
+    pub(super) fn value(c: &mut Cursor<'_>, ty: u8) -> Read<Step> {
         match ty {
             2 | 3 => c.skip(1)?,
             6 => c.skip(2)?,
@@ -375,36 +382,25 @@ mod binary {
 mod compact {
     use super::{Cursor, Level, Read, Step, ThriftError};
 
-    /// The next step inside `level`.
-    pub(super) fn step(c: &mut Cursor<'_>, level: Level) -> Read<Step> {
-        match level {
-            Level::Struct => {
-                let header = c.u8()?;
-                if header == 0 {
-                    return Ok(Step::Leave);
-                }
-                if header >> 4 == 0 {
-                    c.varint(3)?; // field id as a zigzag i16
-                }
-                match header & 0x0f {
-                    // A field's boolean lives in its type nibble.
-                    1 | 2 => Ok(Step::Value),
-                    t => value(c, t),
-                }
-            }
-            Level::List { left: 0, .. } | Level::Map { left: 0, .. } => Ok(Step::Leave),
-            Level::List { elem, .. } => value(c, elem),
-            Level::Map {
-                key,
-                value: v,
-                left,
-            } => value(c, if left % 2 == 0 { key } else { v }),
+    /// A struct's next field (header, id when not a delta, then its value), or its end.
+    pub(super) fn field(c: &mut Cursor<'_>) -> Read<Step> {
+        let header = c.u8()?;
+        if header == 0 {
+            return Ok(Step::Leave);
+        }
+        if header >> 4 == 0 {
+            c.varint(3)?; // field id as a zigzag i16
+        }
+        match header & 0x0f {
+            // A field's boolean lives in its type nibble.
+            1 | 2 => Ok(Step::Value),
+            t => value(c, t),
         }
     }
 
     /// Skips a value of compact type `ty` (inside containers booleans take a byte), or reads
     /// the header of the struct or container it is.
-    fn value(c: &mut Cursor<'_>, ty: u8) -> Read<Step> {
+    pub(super) fn value(c: &mut Cursor<'_>, ty: u8) -> Read<Step> {
         match ty {
             1..=3 => c.skip(1)?,
             4 => drop(c.varint(3)?),
