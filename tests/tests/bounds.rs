@@ -12,6 +12,11 @@ const CALC: &str = "10.96.0.60:9090";
 const STALLED: &str = "10.96.0.61:9090";
 
 fn config(calc_endpoints: &[&str]) -> String {
+    config_with(calc_endpoints, "")
+}
+
+/// The configuration, with `extra` settings for the calc cluster.
+fn config_with(calc_endpoints: &[&str], extra: &str) -> String {
     let eps: Vec<String> = calc_endpoints
         .iter()
         .map(|e| format!("{{ address: {e} }}"))
@@ -25,6 +30,7 @@ fn config(calc_endpoints: &[&str]) -> String {
 clusters:
   - name: 'outbound|9090||calc.default.svc.cluster.local'
     endpoints: [ {} ]
+{extra}
   - name: 'outbound|9090||stalled.default.svc.cluster.local'
     endpoints: [ {{ address: 10.66.1.2:9301 }} ]
 "#,
@@ -118,6 +124,31 @@ fn an_endpoint_that_leaves_loses_its_connections() {
         established(&s, 9002)
     );
     assert!(established(&s, 9001) >= 1, "the others keep theirs");
+}
+
+/// Pooled connections nobody uses close after the cluster's idle timeout.
+#[test]
+fn idle_connections_close_after_the_idle_timeout() {
+    let s = setup();
+    s.config
+        .write(&config_with(&ENDPOINTS, "    idle_timeout_ms: 300"))
+        .unwrap();
+    assert!(eventually(Duration::from_secs(5), || s
+        .tern
+        .log()
+        .matches("configuration applied")
+        .count()
+        >= 2));
+    let c = thrift_call(&s.p.app, Some(&s.p.cgroup), CALC, &["--calls", "3"]);
+    assert_eq!(c.replies(), 3, "{c:?}");
+    assert!(
+        established(&s, 9001) >= 1,
+        "a pooled connection after the calls"
+    );
+    assert!(
+        eventually(Duration::from_secs(3), || established(&s, 9001) == 0),
+        "idle connections outlived the 300 ms idle timeout"
+    );
 }
 
 /// A client that floods one-way calls at a server that reads nothing: tern pushes back
