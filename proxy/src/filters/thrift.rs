@@ -41,8 +41,12 @@ use crate::{
     upstream::{Failed, PoolSettings, ReplyCell, UpstreamError, exclusive, multiplexed::Sent},
 };
 
-/// Requests one downstream connection may have in flight before tern stops reading it.
-const MAX_IN_FLIGHT: usize = 1024;
+/// Requests one downstream connection may have in flight before tern stops reading it (TCP
+/// pushes back on the client). Each holds an upstream connection (exclusive mode), so this
+/// also bounds how many connections one pipelining client can make tern open: with 1,024, a
+/// 10,000-call burst opened hundreds of connections to thread-per-connection servers, and
+/// under load their setup alone outlived a 1 s timeout.
+const MAX_IN_FLIGHT: usize = 128;
 /// Replies written back in one system call, at most.
 const MAX_BATCH: usize = 64;
 /// Endpoints tried for one request when connects fail.
