@@ -470,6 +470,22 @@ impl Tern {
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Writes `text` to the configuration file this tern runs with, and waits until it
+    /// applied it.
+    pub fn reconfigure(&self, config: &ConfigFile, text: &str) {
+        let applied = self.log().matches("configuration applied").count();
+        config.write(text).unwrap();
+        assert!(
+            eventually(Duration::from_secs(5), || self
+                .log()
+                .matches("configuration applied")
+                .count()
+                > applied),
+            "tern did not apply the new configuration:\n{}",
+            self.log()
+        );
+    }
 }
 
 impl Drop for Tern {

@@ -108,16 +108,8 @@ fn an_endpoint_that_leaves_loses_its_connections() {
         established(&s, 9002) >= 1,
         "an idle pooled connection to s2"
     );
-    let applied = s.tern.log().matches("configuration applied").count();
-    s.config
-        .write(&config(&[ENDPOINTS[0], ENDPOINTS[2]]))
-        .unwrap();
-    assert!(eventually(Duration::from_secs(5), || s
-        .tern
-        .log()
-        .matches("configuration applied")
-        .count()
-        > applied));
+    s.tern
+        .reconfigure(&s.config, &config(&[ENDPOINTS[0], ENDPOINTS[2]]));
     assert!(
         eventually(Duration::from_secs(3), || established(&s, 9002) == 0),
         "connections to the removed endpoint stay open: {}",
@@ -130,15 +122,10 @@ fn an_endpoint_that_leaves_loses_its_connections() {
 #[test]
 fn idle_connections_close_after_the_idle_timeout() {
     let s = setup();
-    s.config
-        .write(&config_with(&ENDPOINTS, "    idle_timeout_ms: 300"))
-        .unwrap();
-    assert!(eventually(Duration::from_secs(5), || s
-        .tern
-        .log()
-        .matches("configuration applied")
-        .count()
-        >= 2));
+    s.tern.reconfigure(
+        &s.config,
+        &config_with(&ENDPOINTS, "    idle_timeout_ms: 300"),
+    );
     let c = thrift_call(&s.p.app, Some(&s.p.cgroup), CALC, &["--calls", "3"]);
     assert_eq!(c.replies(), 3, "{c:?}");
     assert!(

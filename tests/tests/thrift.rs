@@ -103,18 +103,7 @@ impl Mesh {
     }
 
     fn reconfigure(&self, text: &str) {
-        let applied = self.tern.log().matches("configuration applied").count();
-        self.config.write(text).unwrap();
-        assert!(
-            eventually(Duration::from_secs(5), || self
-                .tern
-                .log()
-                .matches("configuration applied")
-                .count()
-                > applied),
-            "tern did not apply the new configuration:\n{}",
-            self.tern.log()
-        );
+        self.tern.reconfigure(&self.config, text);
     }
 }
 

@@ -14,50 +14,40 @@ use std::future::Future;
 use bytes::BytesMut;
 use tokio::{io::AsyncReadExt, net::TcpStream};
 
+use super::tcp::Connected;
 use crate::thrift::{Decoder, DecoderLimits, Protocol, Transport, frame::sniff};
 
 /// What a chain's first bytes decided.
-pub enum Outcome<U> {
+pub enum Outcome {
     /// The client spoke Thrift first; `first` holds what it sent so far (its first message
     /// whole). `upstream` is the connection opened meanwhile, when it opened.
     Thrift {
         first: BytesMut,
         format: (Transport, Protocol),
-        upstream: Option<U>,
+        upstream: Option<Connected>,
     },
     /// Anything else: relay, starting with the bytes each side sent already.
     Relay {
         from_client: BytesMut,
         from_server: BytesMut,
-        upstream: U,
+        upstream: Connected,
     },
     /// The client is not speaking Thrift and no upstream connection could be opened.
     Unreachable,
 }
 
-/// An upstream connection, as detection needs it.
-pub trait Upstream {
-    fn stream(&mut self) -> &mut TcpStream;
-}
-
-impl Upstream for TcpStream {
-    fn stream(&mut self) -> &mut TcpStream {
-        self
-    }
-}
-
 /// Reads both sides until one decides (see the module doc); `connect` opens the upstream.
-pub async fn first_speaker<U: Upstream>(
+pub async fn first_speaker(
     down: &mut TcpStream,
-    connect: impl Future<Output = Option<U>>,
+    connect: impl Future<Output = Option<Connected>>,
     limits: DecoderLimits,
-) -> Outcome<U> {
+) -> Outcome {
     let mut decoder = Decoder::detecting(limits);
     let mut from_client = BytesMut::with_capacity(4096);
     let mut from_server = BytesMut::new();
     let mut connect = std::pin::pin!(connect);
     let mut connecting = true;
-    let mut upstream: Option<U> = None;
+    let mut upstream: Option<Connected> = None;
     let relay = loop {
         tokio::select! {
             read = down.read_buf(&mut from_client) => match read {
@@ -85,7 +75,7 @@ pub async fn first_speaker<U: Upstream>(
             },
             read = async {
                 match upstream.as_mut() {
-                    Some(u) => u.stream().read_buf(&mut from_server).await,
+                    Some(u) => u.stream.read_buf(&mut from_server).await,
                     None => std::future::pending().await,
                 }
             } => {

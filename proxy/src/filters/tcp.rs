@@ -17,12 +17,6 @@ pub struct Connected {
     pub endpoint: Option<usize>,
 }
 
-impl super::detect::Upstream for Connected {
-    fn stream(&mut self) -> &mut TcpStream {
-        &mut self.stream
-    }
-}
-
 /// Connects to an endpoint of `cluster`, or to the original destination for an
 /// original-destination cluster; `None` when nothing could be reached.
 pub async fn connect(
