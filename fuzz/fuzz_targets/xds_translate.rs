@@ -1,17 +1,13 @@
 //! xDS translation: resources as a control plane sends them (encoded protobuf, any of the
-//! four types tern reads), decoded and translated into tern's configuration, and applied.
+//! four types tern reads), handed to the xDS handler as updates (decoded, translated one by
+//! one, refused or applied, published as a snapshot). Nothing may panic, whatever the bytes.
 //! Input: records of (type selector byte, name length byte, name, 2-byte length, bytes).
 #![no_main]
 
-use std::collections::BTreeMap;
-
 use libfuzzer_sys::fuzz_target;
-use tern::{
-    metrics::Metrics,
-    state::State,
-    xds::translate::{Resources, to_config},
-};
+use tern::{config::Config, metrics::Metrics, state::State, xds::handler::XdsHandler};
 use tern_proto::{Any, type_url};
+use tern_xds_client::{Handler, Update};
 
 const TYPES: [&str; 4] = [
     type_url::LISTENER,
@@ -21,7 +17,7 @@ const TYPES: [&str; 4] = [
 ];
 
 fuzz_target!(|data: &[u8]| {
-    let mut raw: BTreeMap<String, BTreeMap<String, Any>> = BTreeMap::new();
+    let mut handler = XdsHandler::new(State::new(Metrics::new(None)), Config::default());
     let mut rest = data;
     while let [selector, name_len, tail @ ..] = rest {
         let name_len = usize::from(*name_len);
@@ -34,18 +30,25 @@ fuzz_target!(|data: &[u8]| {
         let value = body[..len.min(body.len())].to_vec();
         rest = &body[len.min(body.len())..];
         let url = TYPES[usize::from(*selector) % TYPES.len()];
-        raw.entry(url.to_owned()).or_default().insert(
-            name,
-            Any {
-                type_url: url.to_owned(),
-                value,
-            },
-        );
-    }
-    let Ok(resources) = Resources::decode(&raw) else {
-        return;
-    };
-    if let Ok(config) = to_config(&resources, "fuzz".into()) {
-        State::new(Metrics::new(None)).apply(config);
+        // A high bit in the selector removes the resource instead.
+        let update = if selector & 0x80 != 0 {
+            Update {
+                changed: Vec::new(),
+                removed: vec![name],
+            }
+        } else {
+            Update {
+                changed: vec![(
+                    name,
+                    Any {
+                        type_url: url.to_owned(),
+                        value,
+                    },
+                )],
+                removed: Vec::new(),
+            }
+        };
+        let _ = handler.apply(url, update);
+        handler.tick();
     }
 });

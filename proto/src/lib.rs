@@ -13,7 +13,7 @@ pub use envoy_types::pb::{
             route::v3::RouteConfiguration,
         },
         extensions::filters::network::{
-            tcp_proxy::v3::TcpProxy,
+            http_connection_manager::v3::HttpConnectionManager, tcp_proxy::v3::TcpProxy,
             thrift_proxy::v3::RouteConfiguration as ThriftRouteConfiguration,
             thrift_proxy::v3::ThriftProxy,
         },
@@ -53,9 +53,12 @@ pub mod tcp_proxy_types {
 pub mod thrift_types {
     pub use envoy_types::pb::envoy::extensions::filters::network::thrift_proxy::v3::*;
 }
+pub mod hcm_types {
+    pub use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::*;
+}
 pub mod wkt {
     pub use envoy_types::pb::google::protobuf::{
-        BoolValue, Duration, Struct, UInt32Value, Value, value::Kind,
+        BoolValue, Duration, Struct, UInt32Value, UInt64Value, Value, value::Kind,
     };
 }
 
@@ -73,6 +76,18 @@ pub mod type_url {
         "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
     pub const THRIFT_PROXY: &str =
         "type.googleapis.com/envoy.extensions.filters.network.thrift_proxy.v3.ThriftProxy";
+    pub const HTTP_CONNECTION_MANAGER: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+    pub const NETWORK_RBAC: &str =
+        "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC";
+    pub const NETWORK_EXT_AUTHZ: &str =
+        "type.googleapis.com/envoy.extensions.filters.network.ext_authz.v3.ExtAuthz";
+    pub const HTTP_RBAC: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
+    pub const HTTP_EXT_AUTHZ: &str =
+        "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz";
+    pub const DOWNSTREAM_TLS_CONTEXT: &str =
+        "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
+    pub const UPSTREAM_TLS_CONTEXT: &str =
+        "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
 }
 
 /// Why an `Any` could not be decoded as the type asked for.

@@ -186,7 +186,7 @@ fn balancer(c: &mut Criterion) {
         ("ring_hash", LbPolicy::RingHash),
         ("maglev", LbPolicy::Maglev),
     ] {
-        let picker = EndpointPicker::new(policy, &configs, &BTreeMap::new());
+        let picker = EndpointPicker::new(policy, &configs, &BTreeMap::new(), &Default::default());
         let mut key = 0u64;
         g.bench_function(BenchmarkId::new(name, "100 endpoints"), |b| {
             b.iter(|| {

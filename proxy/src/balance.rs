@@ -2,22 +2,26 @@
 //!
 //! An [`EndpointPicker`] is built once per configuration snapshot (schedules, rings and tables
 //! are precomputed there) and then picks without locks: round robin is an atomic cursor over
-//! a weighted schedule, least request is the power of two choices on live in-flight counts,
-//! ring hash and Maglev map a request's hash key to an endpoint. Priorities are tried in
+//! a weighted schedule (built earliest-deadline-first, in O(n log n)), least request is the
+//! power of two choices on live in-flight counts, ring hash and Maglev map a request's hash
+//! key to an endpoint exactly as Envoy does (xxHash64 over the same strings, the same ring
+//! and table construction), so tern and Envoy sidecars send one key to one endpoint. Priorities are tried in
 //! order: the first level with an available endpoint serves. Within a level an endpoint's
 //! share is its weight times its locality's weight, normalised per locality. Endpoints that
 //! are UNHEALTHY, DRAINING, ejected by outlier detection, or excluded (already tried for this
 //! request) are skipped; if only ejected ones remain, ejection is ignored (Envoy's panic mode)
 //! rather than failing every request.
 use std::{
-    collections::BTreeMap,
-    hash::{DefaultHasher, Hash, Hasher},
+    cmp::Reverse,
+    collections::{BTreeMap, BinaryHeap},
+    net::IpAddr,
     sync::atomic::{AtomicUsize, Ordering},
 };
 
 use rand::Rng;
+use xxhash_rust::xxh64::xxh64;
 
-use crate::config::{Endpoint, LbPolicy};
+use crate::config::{Endpoint, HashTable, LbPolicy};
 
 /// What the picker needs to know about an endpoint at pick time.
 pub trait Candidate {
@@ -28,9 +32,9 @@ pub trait Candidate {
     fn ejected(&self) -> bool;
 }
 
-const RING_POINTS_PER_WEIGHT: usize = 64;
-const MAGLEV_TABLE: usize = 65_537;
-const SCHEDULE_MAX: usize = 4_096;
+/// Round-robin schedules longer than this many turns (or 8 per endpoint, if more) are
+/// scaled down; weights keep their proportions to within an eighth of a turn.
+const SCHEDULE_MAX: u64 = 4_096;
 
 /// Picks endpoints for one cluster; built per snapshot.
 #[derive(Debug)]
@@ -45,22 +49,26 @@ struct Level {
     /// Indices of the endpoints at this priority and their effective weights.
     members: Vec<(usize, u32)>,
     /// Round robin: endpoint indices interleaved by weight.
-    schedule: Vec<usize>,
+    schedule: Vec<u32>,
     /// Ring hash: (point, endpoint index), sorted by point.
     ring: Vec<(u64, usize)>,
     /// Maglev lookup table of endpoint indices.
-    maglev: Vec<usize>,
+    maglev: Vec<u32>,
 }
 
-fn hash_of(v: impl Hash) -> u64 {
-    let mut h = DefaultHasher::new();
-    v.hash(&mut h);
-    h.finish()
-}
-
-/// Hashes a request key (a header value) for ring hash and Maglev.
+/// Hashes a request key (a header value) for ring hash and Maglev: Envoy's xxHash64.
 pub fn hash_key(key: &[u8]) -> u64 {
-    hash_of(key)
+    xxh64(key, 0)
+}
+
+/// The hash key of a connection's source, as Envoy's `source_ip` hash policy (Istio's
+/// `useSourceIp`) computes it: xxHash64 of the address as text.
+pub fn source_hash(ip: IpAddr) -> u64 {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    hash_key(ip.to_string().as_bytes())
 }
 
 impl EndpointPicker {
@@ -68,13 +76,14 @@ impl EndpointPicker {
         policy: LbPolicy,
         endpoints: &[Endpoint],
         locality_weights: &BTreeMap<String, u32>,
+        table: &HashTable,
     ) -> Self {
         let mut priorities: Vec<u32> = endpoints.iter().map(|e| e.priority).collect();
         priorities.sort_unstable();
         priorities.dedup();
         let levels = priorities
             .into_iter()
-            .map(|p| Level::new(policy, endpoints, p, locality_weights))
+            .map(|p| Level::new(policy, endpoints, p, locality_weights, table))
             .collect();
         Self {
             policy,
@@ -124,16 +133,17 @@ impl EndpointPicker {
                     .find(|&i| ok(i))
             }
             (LbPolicy::Maglev, Some(h)) if !level.maglev.is_empty() => {
-                let start = (h % level.maglev.len() as u64) as usize;
-                (0..level.maglev.len())
-                    .map(|k| level.maglev[(start + k) % level.maglev.len()])
+                let n = level.maglev.len();
+                let start = usize::try_from(h % n as u64).unwrap_or(0);
+                (0..n)
+                    .map(|k| level.maglev[(start + k) % n] as usize)
                     .find(|&i| ok(i))
             }
             (LbPolicy::RoundRobin, _) if !level.schedule.is_empty() => {
                 let n = level.schedule.len();
                 let start = self.cursor.fetch_add(1, Ordering::Relaxed);
                 (0..n)
-                    .map(|k| level.schedule[(start + k) % n])
+                    .map(|k| level.schedule[(start + k) % n] as usize)
                     .find(|&i| ok(i))
             }
             (LbPolicy::LeastRequest, _) => {
@@ -175,6 +185,7 @@ impl Level {
         endpoints: &[Endpoint],
         priority: u32,
         locality_weights: &BTreeMap<String, u32>,
+        table: &HashTable,
     ) -> Self {
         let indices: Vec<usize> = (0..endpoints.len())
             .filter(|&i| endpoints[i].priority == priority)
@@ -204,32 +215,42 @@ impl Level {
             .collect();
         // Configured health is known now: unroutable endpoints stay out of schedules and
         // tables, so skipping them cannot skew the rotation.
-        let routable: Vec<(usize, u32)> = members
+        let routable: Vec<usize> = indices
             .iter()
             .copied()
-            .filter(|&(i, _)| endpoints[i].health.routable())
+            .filter(|&i| endpoints[i].health.routable())
             .collect();
-        let schedule = if policy == LbPolicy::RoundRobin {
-            schedule(&routable)
-        } else {
-            Vec::new()
-        };
-        let ring = if policy == LbPolicy::RingHash {
-            ring(&routable, endpoints)
-        } else {
-            Vec::new()
-        };
-        let maglev = if policy == LbPolicy::Maglev {
-            maglev(&routable, endpoints)
-        } else {
-            Vec::new()
-        };
-        Self {
+        let mut level = Self {
+            schedule: Vec::new(),
+            ring: Vec::new(),
+            maglev: Vec::new(),
             members,
-            schedule,
-            ring,
-            maglev,
+        };
+        match policy {
+            LbPolicy::RoundRobin => {
+                let weighted: Vec<(usize, u32)> = level
+                    .members
+                    .iter()
+                    .copied()
+                    .filter(|&(i, _)| endpoints[i].health.routable())
+                    .collect();
+                level.schedule = schedule(&weighted);
+            }
+            LbPolicy::RingHash | LbPolicy::Maglev => {
+                let weights = if uses_localities {
+                    normalized_by_locality(&routable, endpoints, locality_weights)
+                } else {
+                    normalized(&routable, endpoints, 1.0)
+                };
+                if policy == LbPolicy::RingHash {
+                    level.ring = ring(&weights, endpoints, table);
+                } else {
+                    level.maglev = maglev(&weights, endpoints, table.maglev_table_size);
+                }
+            }
+            LbPolicy::LeastRequest | LbPolicy::Random => {}
         }
+        level
     }
 
     fn weight_of(&self, i: usize) -> u32 {
@@ -240,90 +261,216 @@ impl Level {
     }
 }
 
-/// Smooth weighted round robin (nginx's), unrolled into a schedule: equal weights give plain
-/// rotation; weights interleave instead of bunching. Long schedules are scaled down.
-fn schedule(members: &[(usize, u32)]) -> Vec<usize> {
+/// Weighted round robin unrolled into a schedule, earliest deadline first: every endpoint
+/// is due again `1/weight` after its last turn, so weights interleave instead of bunching
+/// and equal weights give plain rotation. Long schedules are scaled down.
+fn schedule(members: &[(usize, u32)]) -> Vec<u32> {
     let total: u64 = members.iter().map(|&(_, w)| u64::from(w)).sum();
     if total == 0 {
         return Vec::new();
     }
-    let scale = (total as f64 / SCHEDULE_MAX as f64).max(1.0);
-    let weights: Vec<i64> = members
+    let longest = SCHEDULE_MAX.max(8 * members.len() as u64);
+    let scale = (total as f64 / longest as f64).max(1.0);
+    let index = |i: usize| u32::try_from(i).unwrap_or(u32::MAX);
+    let weights: Vec<u64> = members
         .iter()
-        .map(|&(_, w)| ((f64::from(w) / scale).round() as i64).max(1))
+        .map(|&(_, w)| ((f64::from(w) / scale).round() as u64).max(1))
         .collect();
-    let sum: i64 = weights.iter().sum();
-    let mut current = vec![0i64; members.len()];
-    (0..sum)
-        .map(|_| {
-            for (c, w) in current.iter_mut().zip(&weights) {
-                *c += w;
-            }
-            let best = (0..members.len())
-                .max_by_key(|&k| (current[k], std::cmp::Reverse(k)))
-                .expect("members");
-            current[best] -= sum;
-            members[best].0
+    if weights.iter().all(|&w| w == weights[0]) {
+        return members.iter().map(|&(i, _)| index(i)).collect();
+    }
+    let turns: u64 = weights.iter().sum();
+    // Deadlines as exact fractions k/w compared by cross-multiplication (no float drift):
+    // (numerator, weight, member); ties go to the earlier member.
+    let mut heap: BinaryHeap<Reverse<Due>> = weights
+        .iter()
+        .enumerate()
+        .map(|(k, &w)| {
+            Reverse(Due {
+                turn: 1,
+                weight: w,
+                member: k,
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(usize::try_from(turns).unwrap_or(0));
+    for _ in 0..turns {
+        let Some(Reverse(due)) = heap.pop() else {
+            break;
+        };
+        out.push(index(members[due.member].0));
+        heap.push(Reverse(Due {
+            turn: due.turn + 1,
+            ..due
+        }));
+    }
+    out
+}
+
+/// When a member of a schedule is next due: at `turn / weight`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Due {
+    turn: u64,
+    weight: u64,
+    member: usize,
+}
+
+impl Ord for Due {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (u128::from(self.turn) * u128::from(other.weight))
+            .cmp(&(u128::from(other.turn) * u128::from(self.weight)))
+            .then(self.member.cmp(&other.member))
+    }
+}
+
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// Envoy's host weights normalised to sum to `share` (`normalizeHostWeights`).
+fn normalized(members: &[usize], endpoints: &[Endpoint], share: f64) -> Vec<(usize, f64)> {
+    let sum: u64 = members
+        .iter()
+        .map(|&i| u64::from(endpoints[i].weight))
+        .sum();
+    members
+        .iter()
+        .map(|&i| {
+            let w = f64::from(endpoints[i].weight) * share / (sum.max(1) as f64);
+            (i, w)
         })
         .collect()
 }
 
-fn ring(members: &[(usize, u32)], endpoints: &[Endpoint]) -> Vec<(u64, usize)> {
-    let min = members.iter().map(|&(_, w)| w).min().unwrap_or(1).max(1);
-    let mut ring: Vec<(u64, usize)> = members
+/// Envoy's locality-weighted normalisation: each locality gets its share of the weights
+/// (`normalizeLocalityWeights`), split among its endpoints by weight.
+fn normalized_by_locality(
+    members: &[usize],
+    endpoints: &[Endpoint],
+    locality_weights: &BTreeMap<String, u32>,
+) -> Vec<(usize, f64)> {
+    let mut localities: Vec<&str> = Vec::new();
+    for &i in members {
+        if !localities.contains(&endpoints[i].locality.as_str()) {
+            localities.push(&endpoints[i].locality);
+        }
+    }
+    let weight = |l: &str| u64::from(*locality_weights.get(l).unwrap_or(&1));
+    let sum: u64 = localities.iter().map(|l| weight(l)).sum();
+    if sum == 0 {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for l in localities {
+        let in_locality: Vec<usize> = members
+            .iter()
+            .copied()
+            .filter(|&i| endpoints[i].locality == l)
+            .collect();
+        out.extend(normalized(
+            &in_locality,
+            endpoints,
+            weight(l) as f64 / sum as f64,
+        ));
+    }
+    out
+}
+
+/// Envoy's ring: the least-weighted host gets a whole number of points, `minimum_ring_size`
+/// in all at least (`maximum_ring_size` at most); point k of a host is the xxHash64 of
+/// `"<address>_<k>"`.
+fn ring(weights: &[(usize, f64)], endpoints: &[Endpoint], table: &HashTable) -> Vec<(u64, usize)> {
+    let Some(min) = weights
         .iter()
-        .flat_map(|&(i, w)| {
-            let points = RING_POINTS_PER_WEIGHT * (w / min).min(64) as usize;
-            (0..points).map(move |k| (hash_of((endpoints[i].address, k)), i))
-        })
-        .collect();
-    ring.sort_unstable();
+        .map(|&(_, w)| w)
+        .filter(|w| *w > 0.0)
+        .min_by(f64::total_cmp)
+    else {
+        return Vec::new();
+    };
+    let scale =
+        ((min * table.minimum_ring_size as f64).ceil() / min).min(table.maximum_ring_size as f64);
+    let mut ring = Vec::with_capacity(scale.ceil() as usize);
+    let (mut current, mut target) = (0.0f64, 0.0f64);
+    let mut key = String::new();
+    for &(i, w) in weights {
+        target += scale * w;
+        let mut k = 0u64;
+        while current < target {
+            use std::fmt::Write;
+            key.clear();
+            let _ = write!(key, "{}_{k}", endpoints[i].address);
+            ring.push((xxh64(key.as_bytes(), 0), i));
+            k += 1;
+            current += 1.0;
+        }
+    }
+    ring.sort_by_key(|&(point, _)| point);
     ring
 }
 
-/// Maglev's lookup table: each endpoint fills slots along its own permutation, in turns
-/// proportional to its weight.
-fn maglev(members: &[(usize, u32)], endpoints: &[Endpoint]) -> Vec<usize> {
-    if members.is_empty() {
+/// Envoy's Maglev table: hosts in order of their address text, each with an offset and a
+/// skip from xxHash64 (seeds 0 and 1), taking turns in proportion to their weight.
+fn maglev(weights: &[(usize, f64)], endpoints: &[Endpoint], size: u64) -> Vec<u32> {
+    struct Entry {
+        index: usize,
+        offset: u64,
+        skip: u64,
+        weight: f64,
+        target: f64,
+        next: u64,
+    }
+    let size = size.max(2);
+    let Some(max) = weights.iter().map(|&(_, w)| w).max_by(f64::total_cmp) else {
+        return Vec::new();
+    };
+    if max <= 0.0 {
         return Vec::new();
     }
-    let m = MAGLEV_TABLE as u64;
-    let perms: Vec<(u64, u64)> = members
+    let mut keyed: Vec<(String, usize, f64)> = weights
         .iter()
-        .map(|&(i, _)| {
-            let a = endpoints[i].address;
-            (
-                hash_of((a, "offset")) % m,
-                hash_of((a, "skip")) % (m - 1) + 1,
-            )
+        .map(|&(i, w)| (endpoints[i].address.to_string(), i, w))
+        .collect();
+    keyed.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut entries: Vec<Entry> = keyed
+        .iter()
+        .map(|(key, i, w)| Entry {
+            index: *i,
+            offset: xxh64(key.as_bytes(), 0) % size,
+            skip: xxh64(key.as_bytes(), 1) % (size - 1) + 1,
+            weight: *w,
+            target: 0.0,
+            next: 0,
         })
         .collect();
-    let max_w = members.iter().map(|&(_, w)| w).max().unwrap_or(1).max(1);
-    let mut table = vec![usize::MAX; MAGLEV_TABLE];
-    let mut next = vec![0u64; members.len()];
-    let mut credit = vec![0u64; members.len()];
-    let mut filled = 0;
-    while filled < MAGLEV_TABLE {
-        for (k, &(i, w)) in members.iter().enumerate() {
-            credit[k] += u64::from(w);
-            if credit[k] < u64::from(max_w) {
+    let Ok(len) = usize::try_from(size) else {
+        return Vec::new();
+    };
+    let mut table = vec![u32::MAX; len];
+    let mut filled = 0usize;
+    let mut iteration = 1u64;
+    while filled < len {
+        for e in entries.iter_mut() {
+            if filled == len {
+                break;
+            }
+            if (iteration as f64) * e.weight < e.target {
                 continue;
             }
-            credit[k] -= u64::from(max_w);
-            let (offset, skip) = perms[k];
+            e.target += max;
             loop {
-                let slot = ((offset + next[k] * skip) % m) as usize;
-                next[k] += 1;
-                if table[slot] == usize::MAX {
-                    table[slot] = i;
+                let slot = ((e.offset + e.skip.wrapping_mul(e.next)) % size) as usize;
+                e.next += 1;
+                if table[slot] == u32::MAX {
+                    table[slot] = u32::try_from(e.index).unwrap_or(u32::MAX);
                     filled += 1;
                     break;
                 }
             }
-            if filled == MAGLEV_TABLE {
-                break;
-            }
         }
+        iteration += 1;
     }
     table
 }
@@ -375,7 +522,7 @@ mod tests {
             LbPolicy::Random,
             LbPolicy::LeastRequest,
         ] {
-            let p = EndpointPicker::new(policy, &eps, &weights);
+            let p = EndpointPicker::new(policy, &eps, &weights, &HashTable::default());
             assert!(p.pick(&fakes(&eps), None, &[]).is_some(), "{policy:?}");
         }
     }
@@ -401,7 +548,12 @@ mod tests {
     #[test]
     fn round_robin_spreads_evenly() {
         let eps: Vec<_> = (1..=3).map(|n| ep(n, 1, 0, "", Health::Healthy)).collect();
-        let p = EndpointPicker::new(LbPolicy::RoundRobin, &eps, &BTreeMap::new());
+        let p = EndpointPicker::new(
+            LbPolicy::RoundRobin,
+            &eps,
+            &BTreeMap::new(),
+            &HashTable::default(),
+        );
         let c = counts(&p, &fakes(&eps), 300);
         assert_eq!(c, HashMap::from([(0, 100), (1, 100), (2, 100)]));
     }
@@ -414,7 +566,12 @@ mod tests {
             ep(3, 5, 0, "", Health::Unhealthy),
             ep(4, 5, 0, "", Health::Draining),
         ];
-        let p = EndpointPicker::new(LbPolicy::RoundRobin, &eps, &BTreeMap::new());
+        let p = EndpointPicker::new(
+            LbPolicy::RoundRobin,
+            &eps,
+            &BTreeMap::new(),
+            &HashTable::default(),
+        );
         let c = counts(&p, &fakes(&eps), 400);
         assert_eq!(c, HashMap::from([(0, 100), (1, 300)]));
     }
@@ -425,13 +582,23 @@ mod tests {
             ep(1, 1, 0, "", Health::Unhealthy),
             ep(2, 1, 1, "", Health::Healthy),
         ];
-        let p = EndpointPicker::new(LbPolicy::Random, &eps, &BTreeMap::new());
+        let p = EndpointPicker::new(
+            LbPolicy::Random,
+            &eps,
+            &BTreeMap::new(),
+            &HashTable::default(),
+        );
         assert_eq!(p.pick(&fakes(&eps), None, &[]), Some(1));
         let eps = vec![
             ep(1, 1, 0, "", Health::Healthy),
             ep(2, 1, 1, "", Health::Healthy),
         ];
-        let p = EndpointPicker::new(LbPolicy::Random, &eps, &BTreeMap::new());
+        let p = EndpointPicker::new(
+            LbPolicy::Random,
+            &eps,
+            &BTreeMap::new(),
+            &HashTable::default(),
+        );
         assert!((0..100).all(|_| p.pick(&fakes(&eps), None, &[]) == Some(0)));
     }
 
@@ -440,7 +607,12 @@ mod tests {
         let eps: Vec<_> = (1..=2).map(|n| ep(n, 1, 0, "", Health::Healthy)).collect();
         let mut f = fakes(&eps);
         f[0].ejected = true;
-        let p = EndpointPicker::new(LbPolicy::RoundRobin, &eps, &BTreeMap::new());
+        let p = EndpointPicker::new(
+            LbPolicy::RoundRobin,
+            &eps,
+            &BTreeMap::new(),
+            &HashTable::default(),
+        );
         assert!((0..10).all(|_| p.pick(&f, None, &[]) == Some(1)));
         assert_eq!(
             p.pick(&f, None, &[1]),
@@ -458,7 +630,7 @@ mod tests {
             ep(3, 1, 0, "b", Health::Healthy),
         ];
         let weights = BTreeMap::from([("a".to_string(), 1), ("b".to_string(), 3)]);
-        let p = EndpointPicker::new(LbPolicy::RoundRobin, &eps, &weights);
+        let p = EndpointPicker::new(LbPolicy::RoundRobin, &eps, &weights, &HashTable::default());
         let c = counts(&p, &fakes(&eps), 800);
         assert_eq!(c[&2], 600, "{c:?}");
         assert_eq!(c[&0] + c[&1], 200, "{c:?}");
@@ -469,7 +641,12 @@ mod tests {
         let eps: Vec<_> = (1..=2).map(|n| ep(n, 1, 0, "", Health::Healthy)).collect();
         let f = fakes(&eps);
         f[0].active.set(100);
-        let p = EndpointPicker::new(LbPolicy::LeastRequest, &eps, &BTreeMap::new());
+        let p = EndpointPicker::new(
+            LbPolicy::LeastRequest,
+            &eps,
+            &BTreeMap::new(),
+            &HashTable::default(),
+        );
         let c = counts(&p, &f, 1000);
         // Two choices: the busy one wins only when both draws are it (about a quarter).
         assert!(c.get(&0).copied().unwrap_or(0) < 350, "{c:?}");
@@ -479,7 +656,7 @@ mod tests {
     fn hash_policies_are_consistent_and_move_little() {
         for policy in [LbPolicy::RingHash, LbPolicy::Maglev] {
             let eps: Vec<_> = (1..=4).map(|n| ep(n, 1, 0, "", Health::Healthy)).collect();
-            let p = EndpointPicker::new(policy, &eps, &BTreeMap::new());
+            let p = EndpointPicker::new(policy, &eps, &BTreeMap::new(), &HashTable::default());
             let f = fakes(&eps);
             let keys: Vec<u64> = (0..1000).map(|k: i32| hash_key(&k.to_be_bytes())).collect();
             let before: Vec<usize> = keys
@@ -497,7 +674,8 @@ mod tests {
                 .unwrap();
             assert!(spread > 150, "{policy:?} spreads keys: {spread}");
             // Removing endpoint 3 moves only its keys.
-            let p3 = EndpointPicker::new(policy, &eps[..3], &BTreeMap::new());
+            let p3 =
+                EndpointPicker::new(policy, &eps[..3], &BTreeMap::new(), &HashTable::default());
             let moved = keys
                 .iter()
                 .zip(&before)
@@ -508,5 +686,141 @@ mod tests {
                 "{policy:?} moved {moved} keys that stayed mapped"
             );
         }
+    }
+
+    /// Envoy's hosts 127.0.0.1:90 to :95, as its load balancer tests build them.
+    fn envoy_hosts(weights: &[u32]) -> Vec<Endpoint> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(k, &w)| Endpoint {
+                address: ([127, 0, 0, 1], 90 + k as u16).into(),
+                weight: w,
+                priority: 0,
+                locality: String::new(),
+                health: Health::Healthy,
+            })
+            .collect()
+    }
+
+    /// The ring of Envoy's `RingHashLoadBalancerTest.Basic` (minimum ring size 12): the
+    /// points it lists, and the hosts it expects for its keys.
+    #[test]
+    fn ring_hash_places_keys_as_envoy_does() {
+        let eps = envoy_hosts(&[1; 6]);
+        let table = HashTable {
+            minimum_ring_size: 12,
+            ..HashTable::default()
+        };
+        let p = EndpointPicker::new(LbPolicy::RingHash, &eps, &BTreeMap::new(), &table);
+        let ports: Vec<(u64, u16)> = p.levels[0]
+            .ring
+            .iter()
+            .map(|&(point, i)| (point, eps[i].address.port()))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                (833437586790550860, 94),
+                (928266305478181108, 92),
+                (1033482794131418490, 90),
+                (3551244743356806947, 95),
+                (3851675632748031481, 93),
+                (5583722120771150861, 91),
+                (6311230543546372928, 91),
+                (7700377290971790572, 93),
+                (13144177310400110813, 95),
+                (13444792449719432967, 92),
+                (15516499411664133160, 94),
+                (16117243373044804889, 90),
+            ]
+        );
+        let f = fakes(&eps);
+        for (key, host) in [
+            (0, 4),
+            (u64::MAX, 4),
+            (3551244743356806947, 5),
+            (3551244743356806948, 3),
+            (16117243373044804880, 0),
+        ] {
+            assert_eq!(p.pick(&f, Some(key), &[]), Some(host), "key {key}");
+        }
+    }
+
+    /// Envoy's `MaglevLoadBalancerTest.Basic` (table 7) and `.Weighted` (table 17, weights 1
+    /// and 2): the host for each key `i` is `table[i % size]`.
+    #[test]
+    fn maglev_places_keys_as_envoy_does() {
+        for (weights, size, expected) in [
+            (&[1u32; 6][..], 7, &[2usize, 4, 0, 1, 5, 0, 3][..]),
+            (
+                &[1, 2][..],
+                17,
+                &[1, 0, 0, 1, 0, 1, 1, 0, 1, 1, 1, 1, 1, 0, 1, 0, 1][..],
+            ),
+        ] {
+            let eps = envoy_hosts(weights);
+            let table = HashTable {
+                maglev_table_size: size,
+                ..HashTable::default()
+            };
+            let p = EndpointPicker::new(LbPolicy::Maglev, &eps, &BTreeMap::new(), &table);
+            let f = fakes(&eps);
+            let got: Vec<usize> = (0..size)
+                .map(|key| p.pick(&f, Some(key), &[]).unwrap())
+                .collect();
+            assert_eq!(got, expected, "weights {weights:?}");
+        }
+    }
+
+    #[test]
+    fn source_keys_are_envoys_xxhash_of_the_address_text() {
+        // xxHash64 of "10.0.0.1" with seed 0, as Envoy's `source_ip` hash policy computes it.
+        assert_eq!(
+            source_hash("10.0.0.1".parse().unwrap()),
+            xxh64(b"10.0.0.1", 0)
+        );
+        assert_eq!(
+            source_hash("::ffff:10.0.0.1".parse().unwrap()),
+            source_hash("10.0.0.1".parse().unwrap())
+        );
+        // The published xxHash64 test vector for the empty input.
+        assert_eq!(hash_key(b""), 0xef46db3751d8e999);
+    }
+
+    #[test]
+    fn weighted_schedules_interleave_and_scale_linearly() {
+        let eps = vec![
+            ep(1, 2, 0, "", Health::Healthy),
+            ep(2, 3, 0, "", Health::Healthy),
+        ];
+        let p = EndpointPicker::new(
+            LbPolicy::RoundRobin,
+            &eps,
+            &BTreeMap::new(),
+            &HashTable::default(),
+        );
+        assert_eq!(
+            p.levels[0].schedule,
+            [1, 0, 1, 0, 1],
+            "interleaved, not bunched"
+        );
+        // 20,000 endpoints of two weights: one turn per weight unit (the bench times it).
+        let many: Vec<Endpoint> = (0..20_000u32)
+            .map(|n| Endpoint {
+                address: (std::net::Ipv4Addr::from(0x0a00_0000 + n), 9090).into(),
+                weight: 1 + n % 2,
+                priority: 0,
+                locality: String::new(),
+                health: Health::Healthy,
+            })
+            .collect();
+        let p = EndpointPicker::new(
+            LbPolicy::RoundRobin,
+            &many,
+            &BTreeMap::new(),
+            &HashTable::default(),
+        );
+        assert_eq!(p.levels[0].schedule.len(), 30_000);
     }
 }

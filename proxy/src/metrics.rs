@@ -59,6 +59,19 @@ pub struct ConfigLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SetAsideLabels {
+    /// `listener`, `filter_chain` or `cluster`.
+    pub kind: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabel {
+    /// The xDS resource type (`Listener`, `Cluster`, …).
+    pub resource: &'static str,
+}
+
 /// tern's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -76,6 +89,8 @@ pub struct Metrics {
     pub config_updates: Family<ConfigLabels, Counter>,
     pub xds_connected: Gauge,
     pub xds_reconnects: Counter,
+    pub xds_set_aside: Family<SetAsideLabels, Gauge>,
+    pub xds_rejected: Family<TypeLabel, Gauge>,
 }
 
 impl Metrics {
@@ -165,8 +180,22 @@ impl Metrics {
             "Times the ADS stream was reopened",
             xds_reconnects.clone(),
         );
+        let xds_set_aside = Family::default();
+        registry.register(
+            "xds_set_aside",
+            "Resources (or filter chains) from the control plane tern knowingly does not run, by kind and reason",
+            xds_set_aside.clone(),
+        );
+        let xds_rejected = Family::default();
+        registry.register(
+            "xds_rejected",
+            "Resources refused (NACKed) and not in force, by type",
+            xds_rejected.clone(),
+        );
         Arc::new(Self {
             registry,
+            xds_set_aside,
+            xds_rejected,
             xds_connected,
             xds_reconnects,
             requests,

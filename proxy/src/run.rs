@@ -67,8 +67,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         SocketAddr::new(IpAddr::V4([0, 0, 0, 0].into()), settings.inbound_port),
         SocketAddr::new(IpAddr::V6([0u16; 8].into()), settings.inbound_port),
     )?;
-    let admin_listener = TcpListener::bind(args.admin)
-        .await
+    // The admin server runs on the control thread; its socket is bound now, so a port in
+    // use fails the start.
+    let admin_listener = std::net::TcpListener::bind(args.admin)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .with_context(|| format!("listen on the admin address {}", args.admin))?;
 
     let capture = match (args.capture, cgroup) {
@@ -189,22 +191,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     info!(addr = %args.admin, "admin server listening");
-    let xds_status = match xds {
-        Some((stream, status)) => {
-            tasks.spawn(stream);
-            tasks.spawn(export_xds_state(status.clone(), state.clone()));
-            Some(status)
-        }
-        None => None,
+    let (xds_stream, xds_status) = match xds {
+        Some((stream, status)) => (Some(stream), Some(status)),
+        None => (None, None),
     };
-    tasks.spawn(admin::serve(
+    let admin = Arc::new(Admin {
+        state: state.clone(),
+        drain: drain_tx.clone(),
+        xds: xds_status.clone(),
+    });
+    spawn_control_thread(
         admin_listener,
-        Arc::new(Admin {
-            state: state.clone(),
-            drain: drain_tx.clone(),
-            xds: xds_status.clone(),
-        }),
-    ));
+        admin,
+        xds_stream,
+        xds_status.clone(),
+        state.clone(),
+    )?;
     // The file is re-read when it changes unless a control plane owns the configuration
     // (then the file is only the base it adds to).
     if let (Some(path), None) = (args.config.clone(), &xds_status) {
@@ -237,6 +239,47 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Capture::Iptables(mut c) => c.remove(),
     }
     info!("tern stopped");
+    Ok(())
+}
+
+/// Runs control work on a thread and runtime of its own, as ztunnel does: the xDS client
+/// (decoding, translating, building snapshots) and the admin server never take a data-plane
+/// worker; the data path sees only the atomic swap of a finished snapshot. The thread ends
+/// with the process.
+fn spawn_control_thread(
+    admin_listener: std::net::TcpListener,
+    admin: Arc<Admin>,
+    xds: Option<impl std::future::Future<Output = ()> + Send + 'static>,
+    xds_status: Option<watch::Receiver<tern_xds_client::ClientStatus>>,
+    state: Arc<State>,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the control runtime")?;
+    std::thread::Builder::new()
+        .name("tern-control".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                let admin_listener = match TcpListener::from_std(admin_listener) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        warn!(error = %e, "the admin server cannot run");
+                        return;
+                    }
+                };
+                let mut tasks = tokio::task::JoinSet::new();
+                tasks.spawn(admin::serve(admin_listener, admin));
+                if let Some(stream) = xds {
+                    tasks.spawn(stream);
+                }
+                if let Some(status) = xds_status {
+                    tasks.spawn(export_xds_state(status, state));
+                }
+                while tasks.join_next().await.is_some() {}
+            });
+        })
+        .context("start the control thread")?;
     Ok(())
 }
 

@@ -234,16 +234,16 @@ fn endpoint_updates_move_traffic_within_a_second(protocol: Protocol) {
     assert_eq!(client.result().counts(), [("s3", 300)]);
 }
 
-/// A resource tern cannot use is NACKed with its reason and the last good version, and
-/// traffic keeps flowing on the configuration before it.
+/// A resource tern cannot use is NACKed by name with its reason (SotW: with the last
+/// version accepted whole), the rest of its response applies, and traffic keeps flowing.
 fn a_bad_resource_is_nacked_while_traffic_keeps_flowing(protocol: Protocol) {
     let m = mesh(protocol);
     assert!(m.cp.wait_for("ACK Listener 1"));
     m.cp.push(&snapshot("2", &["10.66.1.2:9001"], true));
     // SotW NACKs carry the last good version; the delta log names the refused response's.
     let nacked = match protocol {
-        Protocol::Sotw => "NACK Listener 1 listener broken_9999",
-        Protocol::Delta => "NACK Listener 2 listener broken_9999",
+        Protocol::Sotw => "NACK Listener 1 broken_9999: address:",
+        Protocol::Delta => "NACK Listener 2 broken_9999: address:",
     };
     assert!(m.cp.wait_for(nacked), "{}", m.cp.events());
     assert!(m.cp.events().contains("is not an IP address"));
@@ -259,6 +259,12 @@ fn a_bad_resource_is_nacked_while_traffic_keeps_flowing(protocol: Protocol) {
         "{dump}"
     );
     assert_eq!(lds["version"], "1");
+    assert!(
+        lds["rejected"]["broken_9999"]
+            .as_str()
+            .is_some_and(|r| r.contains("not an IP address")),
+        "{dump}"
+    );
     assert!(
         metric(
             &m.p.app,

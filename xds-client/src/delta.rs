@@ -4,15 +4,16 @@
 //! that changed (each with its own version) and the names removed; the client ACKs or NACKs
 //! by nonce alone; subscriptions change by difference (`resource_names_subscribe` /
 //! `_unsubscribe`); a new stream announces the versions held (`initial_resource_versions`)
-//! so the server sends only what changed. The handler still sees the complete set.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+//! so the server sends only what changed. The handler sees exactly what changed.
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use tern_proto::{Any, DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Status};
+use tern_proto::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Status};
 
-use crate::sotw::{Handler, Interest, TypeState, resource_name};
-
-/// A type's resources after a response, their versions, and the names it removed.
-type DeltaUpdate = (BTreeMap<String, Any>, BTreeMap<String, String>, Vec<String>);
+use crate::{
+    handler::{Handler, Interest, RejectedConfig, Update},
+    resource::{Changes, Held, ResponseError, TypeState, resource_name},
+    sotw::forget_unwanted,
+};
 
 /// The protocol state of one delta ADS client.
 #[derive(Debug)]
@@ -20,9 +21,16 @@ pub struct Delta {
     node: Node,
     types: Vec<&'static str>,
     state: BTreeMap<&'static str, TypeState>,
-    /// Version of every resource held, by type and name.
-    versions: BTreeMap<&'static str, BTreeMap<String, String>>,
     node_sent: bool,
+}
+
+/// A delta resource the client itself refuses (the handler never sees it).
+#[derive(Debug, thiserror::Error)]
+enum MalformedResource {
+    #[error("no body")]
+    NoBody,
+    #[error("its body is named {0:?}")]
+    Misnamed(Option<String>),
 }
 
 impl Delta {
@@ -31,7 +39,6 @@ impl Delta {
             node,
             types: types.to_vec(),
             state: types.iter().map(|t| (*t, TypeState::default())).collect(),
-            versions: types.iter().map(|t| (*t, BTreeMap::new())).collect(),
             node_sent: false,
         }
     }
@@ -64,19 +71,15 @@ impl Delta {
                 state.subscribed = Some(BTreeSet::new());
                 continue;
             }
-            let mut req = self.base(t);
-            req.initial_resource_versions = self.versions[t]
+            let initial_resource_versions = state
+                .resources
                 .iter()
-                .map(|(n, v)| (n.clone(), v.clone()))
-                .collect::<HashMap<_, _>>();
-            let state = self.state.entry(t).or_default();
-            match interest {
-                Interest::Wildcard => state.subscribed = None,
-                Interest::Names(names) => {
-                    req.resource_names_subscribe = names.iter().cloned().collect();
-                    state.subscribed = Some(names);
-                }
-            }
+                .map(|(n, h)| (n.clone(), h.version.clone()))
+                .collect();
+            state.subscribed = interest.subscribed();
+            let mut req = self.base(t);
+            req.initial_resource_versions = initial_resource_versions;
+            req.resource_names_subscribe = interest.names();
             out.push(req);
         }
         out
@@ -91,45 +94,33 @@ impl Delta {
         let Some(type_url) = self.types.iter().copied().find(|t| *t == response.type_url) else {
             return Vec::new();
         };
-        let outcome = self
-            .check(type_url, &response)
-            .and_then(|(resources, versions, removed)| {
-                handler.apply(type_url, &resources, &removed)?;
-                Ok((resources, versions))
-            });
-        let mut reply = self.base(type_url);
-        reply.response_nonce = response.nonce.clone();
+        let version = response.system_version_info.clone();
+        let nonce = response.nonce.clone();
+        let changes = self.changes(type_url, response);
         let state = self.state.entry(type_url).or_default();
-        state.nonce = response.nonce.clone();
-        state.last_update = Some(std::time::SystemTime::now());
-        match outcome {
-            Ok((resources, versions)) => {
-                state.version = response.system_version_info.clone();
-                state.resources = resources;
-                state.last_error = None;
-                state.acks += 1;
-                self.versions.insert(type_url, versions);
-            }
-            Err(reason) => {
-                state.last_error = Some(reason.clone());
-                state.nacks += 1;
-                reply.error_detail = Some(Status {
-                    code: 3,
-                    message: reason,
-                    details: Vec::new(),
-                });
-            }
-        }
+        let nack = match changes {
+            Ok(changes) => state.apply(type_url, changes, version, handler),
+            Err(e) => Some(state.refuse(&e)),
+        };
+        let mut reply = self.base(type_url);
+        reply.response_nonce = nonce.clone();
+        reply.error_detail = nack.map(|message| Status {
+            code: 3,
+            message,
+            details: Vec::new(),
+        });
+        self.state.entry(type_url).or_default().nonce = nonce;
         let mut out = vec![reply];
         out.extend(self.interest_changes(handler));
         out
     }
 
-    fn interest_changes(&mut self, handler: &impl Handler) -> Vec<DeltaDiscoveryRequest> {
+    fn interest_changes(&mut self, handler: &mut impl Handler) -> Vec<DeltaDiscoveryRequest> {
         let types = self.types.clone();
         let mut out = Vec::new();
         for t in types {
-            let Interest::Names(wanted) = handler.interest(t) else {
+            let interest = handler.interest(t);
+            let Interest::Names(wanted) = &interest else {
                 continue;
             };
             let had = self
@@ -137,56 +128,72 @@ impl Delta {
                 .get(t)
                 .and_then(|s| s.subscribed.clone())
                 .unwrap_or_default();
-            if had == wanted {
+            if &had == wanted {
                 continue;
             }
             let mut req = self.base(t);
             req.resource_names_subscribe = wanted.difference(&had).cloned().collect();
-            req.resource_names_unsubscribe = had.difference(&wanted).cloned().collect();
-            let state = self.state.entry(t).or_default();
-            state.resources.retain(|n, _| wanted.contains(n));
-            if let Some(v) = self.versions.get_mut(t) {
-                v.retain(|n, _| wanted.contains(n));
-            }
-            self.state.entry(t).or_default().subscribed = Some(wanted);
+            req.resource_names_unsubscribe = had.difference(wanted).cloned().collect();
+            forget_unwanted(self.state.get_mut(t), t, &interest, handler);
+            self.state.entry(t).or_default().subscribed = Some(wanted.clone());
             out.push(req);
         }
         out
     }
 
-    /// Validates a response and computes the resources, their versions, and what it removed.
-    fn check(
+    /// Checks a response: the update for the handler, what will be held of each changed
+    /// resource, and the resources refused before the handler (no body, a wrong name).
+    fn changes(
         &self,
         type_url: &'static str,
-        response: &DeltaDiscoveryResponse,
-    ) -> Result<DeltaUpdate, String> {
-        let mut resources = self.state[type_url].resources.clone();
-        let mut versions = self.versions[type_url].clone();
-        for r in &response.resources {
-            let Some(any) = &r.resource else {
-                return Err(format!("resource {} has no body", r.name));
+        response: DeltaDiscoveryResponse,
+    ) -> Result<Changes, ResponseError> {
+        let state = &self.state[type_url];
+        let mut seen = HashSet::with_capacity(response.resources.len());
+        let mut update = Update::default();
+        let mut held = Vec::new();
+        let mut malformed = Vec::new();
+        for r in response.resources {
+            if !seen.insert(r.name.clone()) {
+                return Err(ResponseError::Duplicate(r.name));
+            }
+            let Some(any) = r.resource else {
+                malformed.push(RejectedConfig::new(r.name, MalformedResource::NoBody));
+                continue;
             };
             if any.type_url != type_url {
-                return Err(format!(
-                    "a resource of type {} in a response of type {type_url}",
-                    any.type_url
+                return Err(ResponseError::WrongType {
+                    expected: type_url.to_owned(),
+                    found: any.type_url,
+                });
+            }
+            let inside = resource_name(&any.value);
+            if inside.as_deref() != Some(r.name.as_str()) {
+                malformed.push(RejectedConfig::new(
+                    r.name,
+                    MalformedResource::Misnamed(inside),
                 ));
+                continue;
             }
-            let name = resource_name(any)?;
-            if name != r.name {
-                return Err(format!("resource {} is named {name} inside", r.name));
-            }
-            resources.insert(name.clone(), any.clone());
-            versions.insert(name, r.version.clone());
+            held.push((
+                r.name.clone(),
+                Held {
+                    version: r.version,
+                    hash: 0,
+                },
+            ));
+            update.changed.push((r.name, any));
         }
-        let mut removed = Vec::new();
-        for name in &response.removed_resources {
-            if resources.remove(name).is_some() {
-                removed.push(name.clone());
-            }
-            versions.remove(name);
-        }
-        Ok((resources, versions, removed))
+        update.removed = response
+            .removed_resources
+            .into_iter()
+            .filter(|n| state.resources.contains_key(n) || state.rejected.contains_key(n))
+            .collect();
+        Ok(Changes {
+            update,
+            held,
+            malformed,
+        })
     }
 }
 
@@ -201,20 +208,30 @@ mod tests {
         clusters: BTreeSet<String>,
     }
 
+    #[derive(Debug, thiserror::Error)]
+    #[error("refused")]
+    struct Refused;
+
     impl Handler for Fake {
-        fn apply(
-            &mut self,
-            t: &str,
-            resources: &BTreeMap<String, Any>,
-            _removed: &[String],
-        ) -> Result<(), String> {
-            if resources.contains_key("bad") {
-                return Err("cluster bad is refused".into());
+        fn apply(&mut self, t: &'static str, update: Update) -> Result<(), Vec<RejectedConfig>> {
+            let mut rejected = Vec::new();
+            for (name, _) in update.changed {
+                if name == "bad" {
+                    rejected.push(RejectedConfig::new(name, Refused));
+                } else if t == type_url::CLUSTER {
+                    self.clusters.insert(name);
+                }
             }
             if t == type_url::CLUSTER {
-                self.clusters = resources.keys().cloned().collect();
+                for r in &update.removed {
+                    self.clusters.remove(r);
+                }
             }
-            Ok(())
+            if rejected.is_empty() {
+                Ok(())
+            } else {
+                Err(rejected)
+            }
         }
         fn interest(&self, t: &str) -> Interest {
             if t == type_url::CLUSTER_LOAD_ASSIGNMENT {
@@ -289,22 +306,27 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_response_is_nacked_by_nonce_and_changes_nothing() {
+    fn a_refused_resource_is_nacked_by_nonce_and_the_others_apply() {
         let mut d = engine();
         let mut h = Fake::default();
         d.open_stream(&h);
         d.on_response(response("1", vec![cluster("a", "1")], &[]), &mut h);
-        let out = d.on_response(response("2", vec![cluster("bad", "2")], &[]), &mut h);
-        assert_eq!(out[0].response_nonce, "2");
-        assert!(
-            out[0]
-                .error_detail
-                .as_ref()
-                .unwrap()
-                .message
-                .contains("refused")
+        let out = d.on_response(
+            response("2", vec![cluster("bad", "2"), cluster("b", "2")], &[]),
+            &mut h,
         );
-        assert_eq!(d.state()[type_url::CLUSTER].resources.len(), 1);
+        assert_eq!(out[0].response_nonce, "2");
+        assert_eq!(
+            out[0].error_detail.as_ref().unwrap().message,
+            "bad: refused"
+        );
+        assert_eq!(
+            d.state()[type_url::CLUSTER]
+                .resources
+                .keys()
+                .collect::<Vec<_>>(),
+            ["a", "b"]
+        );
         let mismatched = Resource {
             name: "x".into(),
             ..cluster("y", "3")

@@ -2,6 +2,8 @@
 //! [`sotw::Handler`] and ACKing or NACKing by what it accepts. It knows Envoy's discovery
 //! protocol and resource names, nothing of the proxy that uses it.
 //!
+//! - [`handler`]: what a user implements: it gets what changed and names what it refuses;
+//! - [`resource`]: what the client keeps of resources (names, versions), and their names;
 //! - [`sotw`]: the state-of-the-world protocol as a transport-free state machine;
 //! - [`delta`]: the incremental protocol, likewise;
 //! - [`stream`]: the gRPC stream over `tonic`, with reconnection and resubscription.
@@ -9,9 +11,13 @@
 //! TLS (`https` addresses: CA, optional client certificate) and a bearer token from a file
 //! are read again at every connection, so rotated credentials are picked up.
 pub mod delta;
+pub mod handler;
+pub mod resource;
 pub mod sotw;
 pub mod stream;
 
 pub use delta::Delta;
-pub use sotw::{Handler, Interest, Sotw, TypeState};
-pub use stream::{ClientStatus, Engine, StreamConfig, TlsFiles, run};
+pub use handler::{Handler, Interest, RejectedConfig, Update};
+pub use resource::{ResponseError, TypeState};
+pub use sotw::Sotw;
+pub use stream::{ClientStatus, Engine, StreamConfig, StreamError, TlsFiles, run};

@@ -1,116 +1,36 @@
 //! The state-of-the-world ADS protocol as a state machine, without a transport.
 //!
 //! [`Sotw`] turns responses into the requests Envoy would send: an ACK carrying the version
-//! and nonce of a response the [`Handler`] accepted, or a NACK carrying the last accepted
-//! version, the response's nonce and the handler's reason in `error_detail` — while the
-//! previous resources stay in force. Subscriptions follow the handler: after every update
-//! it says which resources of each type it wants ([`Interest`]), and a changed interest is
-//! sent at once (CDS names the EDS resources to watch, LDS the RDS ones).
+//! and nonce of a response whose resources the [`Handler`] all accepted, or a NACK carrying
+//! the last version accepted whole, the response's nonce and the refused resources by name
+//! in `error_detail`. Either way the accepted resources are in force (Envoy's per-resource
+//! acceptance). Subscriptions follow the handler: after every update it says which
+//! resources of each type it wants ([`Interest`]), and a changed interest is sent at once
+//! (CDS names the EDS resources to watch, LDS the RDS ones).
 //!
 //! Listener and Cluster responses carry the whole set: a resource missing from one is
 //! removed. Other types (endpoints, routes) arrive as they change; they leave only when no
-//! longer wanted. Keeping the protocol free of I/O makes every rule above a unit test.
+//! longer wanted. Only what changed reaches the handler: the client keeps a hash of every
+//! body it holds, not the body. Keeping the protocol free of I/O makes every rule above a
+//! unit test.
 use std::{
-    collections::{BTreeMap, BTreeSet},
-    time::SystemTime,
+    collections::{BTreeMap, BTreeSet, HashSet},
+    hash::{DefaultHasher, Hasher},
 };
 
-use tern_proto::{
-    Any, Cluster, ClusterLoadAssignment, DiscoveryRequest, DiscoveryResponse, Listener, Node,
-    RouteConfiguration, Status, ThriftRouteConfiguration, decode, type_url,
+use tern_proto::{DiscoveryRequest, DiscoveryResponse, Node, Status};
+
+use crate::{
+    handler::{Handler, Interest, Update},
+    resource::{Changes, Held, ResponseError, TypeState, is_full_state, resource_name},
 };
 
-/// Which resources of a type a handler wants.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Interest {
-    /// Everything the server has (Envoy's wildcard for listeners and clusters).
-    Wildcard,
-    /// These names.
-    Names(BTreeSet<String>),
+/// A hash of a resource body, to tell a changed resource from one sent again.
+pub(crate) fn body_hash(body: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    h.write(body);
+    h.finish()
 }
-
-impl Interest {
-    fn names(&self) -> Vec<String> {
-        match self {
-            Interest::Wildcard => Vec::new(),
-            Interest::Names(n) => n.iter().cloned().collect(),
-        }
-    }
-
-    fn wants(&self, name: &str) -> bool {
-        match self {
-            Interest::Wildcard => true,
-            Interest::Names(n) => n.contains(name),
-        }
-    }
-}
-
-/// What a user of the client does with resources. The client ACKs what `apply` accepts and
-/// NACKs (with the returned reason) what it refuses.
-pub trait Handler {
-    /// The complete set of resources of `type_url` now held, by name, and the names that
-    /// went away. An error refuses the whole update; the previous set stays.
-    fn apply(
-        &mut self,
-        type_url: &str,
-        resources: &BTreeMap<String, Any>,
-        removed: &[String],
-    ) -> Result<(), String>;
-
-    /// Which resources of each subscribed type the handler wants now.
-    fn interest(&self, type_url: &str) -> Interest;
-
-    /// Called about once a second while a stream is open (for timeouts such as warming).
-    fn tick(&mut self) {}
-}
-
-/// Whether a type's responses carry the whole set (absence means removal).
-pub fn is_full_state(type_url: &str) -> bool {
-    type_url == type_url::LISTENER || type_url == type_url::CLUSTER
-}
-
-/// The name of a resource, read from the message itself.
-pub fn resource_name(any: &Any) -> Result<String, String> {
-    let name = match any.type_url.as_str() {
-        type_url::LISTENER => decode::<Listener>(any, type_url::LISTENER).map(|r| r.name),
-        type_url::CLUSTER => decode::<Cluster>(any, type_url::CLUSTER).map(|r| r.name),
-        type_url::CLUSTER_LOAD_ASSIGNMENT => {
-            decode::<ClusterLoadAssignment>(any, type_url::CLUSTER_LOAD_ASSIGNMENT)
-                .map(|r| r.cluster_name)
-        }
-        type_url::ROUTE_CONFIGURATION => {
-            decode::<RouteConfiguration>(any, type_url::ROUTE_CONFIGURATION).map(|r| r.name)
-        }
-        type_url::THRIFT_ROUTE_CONFIGURATION => {
-            decode::<ThriftRouteConfiguration>(any, type_url::THRIFT_ROUTE_CONFIGURATION)
-                .map(|r| r.name)
-        }
-        other => return Err(format!("unsupported resource type {other}")),
-    };
-    name.map_err(|e| e.to_string())
-}
-
-/// What the client holds for one type, as `/config_dump` and `tern xds status` show it.
-#[derive(Clone, Debug, Default)]
-pub struct TypeState {
-    /// Version of the last accepted response ("" before the first).
-    pub version: String,
-    /// Nonce of the last response, accepted or not.
-    pub nonce: String,
-    pub resources: BTreeMap<String, Any>,
-    /// The names last subscribed to (`None` for a wildcard).
-    pub subscribed: Option<BTreeSet<String>>,
-    pub last_update: Option<SystemTime>,
-    /// The reason of the last NACK, cleared by the next ACK.
-    pub last_error: Option<String>,
-    pub acks: u64,
-    pub nacks: u64,
-    /// Whether this type was requested on the current stream.
-    requested: bool,
-}
-
-/// A type's resources after a response, and the names it removed.
-type Update = (BTreeMap<String, Any>, Vec<String>);
 
 /// The protocol state of one ADS client.
 #[derive(Debug)]
@@ -169,10 +89,7 @@ impl Sotw {
         self.node_sent = true;
         let state = self.state.entry(type_url).or_default();
         state.requested = true;
-        state.subscribed = match interest {
-            Interest::Wildcard => None,
-            Interest::Names(n) => Some(n.clone()),
-        };
+        state.subscribed = interest.subscribed();
         DiscoveryRequest {
             version_info: state.version.clone(),
             node,
@@ -200,36 +117,23 @@ impl Sotw {
             return Vec::new();
         };
         let interest = handler.interest(type_url);
-        let outcome =
-            self.check(type_url, &response, &interest)
-                .and_then(|(resources, removed)| {
-                    handler.apply(type_url, &resources, &removed)?;
-                    Ok(resources)
-                });
+        let version = response.version_info.clone();
+        let nonce = response.nonce.clone();
+        let changes = self.changes(type_url, response, &interest);
         let state = self.state.entry(type_url).or_default();
-        state.nonce = response.nonce.clone();
-        state.last_update = Some(SystemTime::now());
-        let mut out = Vec::new();
-        match outcome {
-            Ok(resources) => {
-                state.version = response.version_info.clone();
-                state.resources = resources;
-                state.last_error = None;
-                state.acks += 1;
-                out.push(self.request_for(type_url, &interest, None));
-            }
-            Err(reason) => {
-                state.last_error = Some(reason.clone());
-                state.nacks += 1;
-                out.push(self.request_for(type_url, &interest, Some(reason)));
-            }
-        }
+        let nack = match changes {
+            Ok(changes) => state.apply(type_url, changes, version, handler),
+            Err(e) => Some(state.refuse(&e)),
+        };
+        self.state.entry(type_url).or_default().nonce = nonce;
+        let mut out = vec![self.request_for(type_url, &interest, nack)];
         out.extend(self.interest_changes(handler));
         out
     }
 
-    /// Requests for types whose interest differs from what was last subscribed.
-    fn interest_changes(&mut self, handler: &impl Handler) -> Vec<DiscoveryRequest> {
+    /// Requests for types whose interest differs from what was last subscribed; resources
+    /// no longer wanted leave at once.
+    fn interest_changes(&mut self, handler: &mut impl Handler) -> Vec<DiscoveryRequest> {
         let types = self.types.clone();
         let mut out = Vec::new();
         for t in types {
@@ -241,66 +145,111 @@ impl Sotw {
                 continue;
             }
             let subscribed = state.map(|s| s.subscribed.clone());
-            let current = match &interest {
-                Interest::Wildcard => None,
-                Interest::Names(n) => Some(n.clone()),
-            };
-            if !requested || subscribed != Some(current) {
-                // Resources no longer wanted leave at once.
-                if let Some(state) = self.state.get_mut(t) {
-                    state.resources.retain(|name, _| interest.wants(name));
-                }
+            if !requested || subscribed != Some(interest.subscribed()) {
+                forget_unwanted(self.state.get_mut(t), t, &interest, handler);
                 out.push(self.request_for(t, &interest, None));
             }
         }
         out
     }
 
-    /// Validates a response and computes the resource set it leads to, and what it removes.
-    fn check(
+    /// Checks a response and works out what changed: the update for the handler, and what
+    /// the client will hold of each changed resource if it is accepted.
+    fn changes(
         &self,
         type_url: &'static str,
-        response: &DiscoveryResponse,
+        response: DiscoveryResponse,
         interest: &Interest,
-    ) -> Result<Update, String> {
+    ) -> Result<Changes, ResponseError> {
         let held = &self.state[type_url].resources;
-        let mut incoming = BTreeMap::new();
-        for any in &response.resources {
+        let mut seen = HashSet::with_capacity(response.resources.len());
+        let mut update = Update::default();
+        let mut changed = Vec::new();
+        for (index, any) in response.resources.into_iter().enumerate() {
             if any.type_url != type_url {
-                return Err(format!(
-                    "a resource of type {} in a response of type {type_url}",
-                    any.type_url
-                ));
+                return Err(ResponseError::WrongType {
+                    expected: type_url.to_owned(),
+                    found: any.type_url,
+                });
             }
-            let name = resource_name(any)?;
-            if name.is_empty() {
-                return Err(format!("a {type_url} resource without a name"));
+            let name = resource_name(&any.value)
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| ResponseError::Unnamed {
+                    type_url: type_url.to_owned(),
+                    index,
+                })?;
+            if !seen.insert(name.clone()) {
+                return Err(ResponseError::Duplicate(name));
             }
-            if incoming.insert(name.clone(), any.clone()).is_some() {
-                return Err(format!("resource {name} appears twice"));
+            if !interest.wants(&name) {
+                continue;
             }
+            let hash = body_hash(&any.value);
+            if held.get(&name).is_some_and(|h| h.hash == hash) {
+                continue;
+            }
+            changed.push((
+                name.clone(),
+                Held {
+                    version: response.version_info.clone(),
+                    hash,
+                },
+            ));
+            update.changed.push((name, any));
         }
-        let mut resources = if is_full_state(type_url) {
-            BTreeMap::new()
-        } else {
-            held.clone()
-        };
-        resources.extend(incoming);
-        resources.retain(|name, _| interest.wants(name));
-        let removed = held
-            .keys()
-            .filter(|n| !resources.contains_key(*n))
+        let rejected = self.state[type_url].rejected.keys();
+        let known: BTreeSet<&String> = held.keys().chain(rejected).collect();
+        update.removed = known
+            .into_iter()
+            .filter(|n| !interest.wants(n) || (is_full_state(type_url) && !seen.contains(*n)))
             .cloned()
             .collect();
-        Ok((resources, removed))
+        Ok(Changes {
+            update,
+            held: changed,
+            malformed: Vec::new(),
+        })
     }
+}
+
+/// Drops what a type holds beyond `interest`, telling the handler.
+pub(crate) fn forget_unwanted(
+    state: Option<&mut TypeState>,
+    type_url: &'static str,
+    interest: &Interest,
+    handler: &mut impl Handler,
+) {
+    let Some(state) = state else { return };
+    let removed: Vec<String> = state
+        .resources
+        .keys()
+        .chain(state.rejected.keys())
+        .filter(|n| !interest.wants(n))
+        .cloned()
+        .collect();
+    if removed.is_empty() {
+        return;
+    }
+    for n in &removed {
+        state.resources.remove(n);
+        state.rejected.remove(n);
+    }
+    // Removing resources nobody wants cannot be refused.
+    let _ = handler.apply(
+        type_url,
+        Update {
+            changed: Vec::new(),
+            removed,
+        },
+    );
 }
 
 #[cfg(test)]
 mod tests {
-    use tern_proto::encode;
+    use tern_proto::{Cluster, ClusterLoadAssignment, Listener, encode, type_url};
 
     use super::*;
+    use crate::handler::RejectedConfig;
 
     /// Wants every cluster and listener, and the endpoints of every cluster it holds;
     /// refuses clusters named "bad".
@@ -310,25 +259,33 @@ mod tests {
         applied: Vec<(String, Vec<String>, Vec<String>)>,
     }
 
+    #[derive(Debug, thiserror::Error)]
+    #[error("unsupported lb_policy")]
+    struct Unsupported;
+
     impl Handler for Fake {
-        fn apply(
-            &mut self,
-            t: &str,
-            resources: &BTreeMap<String, Any>,
-            removed: &[String],
-        ) -> Result<(), String> {
-            if resources.contains_key("bad") {
-                return Err("cluster bad: unsupported lb_policy".into());
+        fn apply(&mut self, t: &'static str, update: Update) -> Result<(), Vec<RejectedConfig>> {
+            let mut rejected = Vec::new();
+            let mut changed = Vec::new();
+            for (name, _) in update.changed {
+                if name == "bad" {
+                    rejected.push(RejectedConfig::new(name, Unsupported));
+                } else {
+                    changed.push(name);
+                }
             }
             if t == type_url::CLUSTER {
-                self.clusters = resources.keys().cloned().collect();
+                self.clusters.extend(changed.iter().cloned());
+                for r in &update.removed {
+                    self.clusters.remove(r);
+                }
             }
-            self.applied.push((
-                t.to_owned(),
-                resources.keys().cloned().collect(),
-                removed.to_vec(),
-            ));
-            Ok(())
+            self.applied.push((t.to_owned(), changed, update.removed));
+            if rejected.is_empty() {
+                Ok(())
+            } else {
+                Err(rejected)
+            }
         }
 
         fn interest(&self, t: &str) -> Interest {
@@ -433,32 +390,42 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_response_is_nacked_with_the_last_good_version_and_kept_out() {
+    fn a_refused_resource_is_nacked_by_name_and_the_others_apply() {
         let mut s = engine();
         let mut h = Fake::default();
         s.open_stream(&h);
         s.on_response(clusters("v1", "n1", &["a"]), &mut h);
-        let out = s.on_response(clusters("v2", "n2", &["a", "bad"]), &mut h);
+        let out = s.on_response(clusters("v2", "n2", &["a", "b", "bad"]), &mut h);
         let nack = &out[0];
         assert_eq!(
             (nack.version_info.as_str(), nack.response_nonce.as_str()),
             ("v1", "n2")
         );
-        assert!(
-            nack.error_detail
-                .as_ref()
-                .unwrap()
-                .message
-                .contains("unsupported lb_policy")
-        );
+        let message = &nack.error_detail.as_ref().unwrap().message;
+        assert_eq!(message, "bad: unsupported lb_policy");
         let state = &s.state()[type_url::CLUSTER];
         assert_eq!(state.version, "v1");
-        assert_eq!(state.resources.keys().collect::<Vec<_>>(), ["a"]);
+        assert_eq!(
+            state.resources.keys().collect::<Vec<_>>(),
+            ["a", "b"],
+            "b applies"
+        );
+        assert_eq!(state.rejected.keys().collect::<Vec<_>>(), ["bad"]);
+        assert_eq!(
+            h.applied.last().unwrap().1,
+            ["b"],
+            "a did not change: not handed again"
+        );
         assert_eq!((state.acks, state.nacks), (1, 1));
-        assert!(state.last_error.is_some());
-        // The next good response clears the error.
-        s.on_response(clusters("v3", "n3", &["a"]), &mut h);
-        assert!(s.state()[type_url::CLUSTER].last_error.is_none());
+        // The same bad resource again is refused again; once it is gone, the next response
+        // is ACKed and clears the error.
+        let out = s.on_response(clusters("v3", "n3", &["a", "b", "bad"]), &mut h);
+        assert!(out[0].error_detail.is_some());
+        let out = s.on_response(clusters("v4", "n4", &["a", "b"]), &mut h);
+        assert!(out[0].error_detail.is_none());
+        let state = &s.state()[type_url::CLUSTER];
+        assert!(state.last_error.is_none() && state.rejected.is_empty());
+        assert_eq!(state.version, "v4");
     }
 
     #[test]

@@ -2,7 +2,13 @@
 //!
 //! On a broken or refused stream the client keeps what it holds (the handler's last good
 //! configuration keeps serving), waits a jittered, exponentially growing delay, reconnects
-//! and resubscribes with the versions it holds, as Envoy does.
+//! and resubscribes with the versions it holds, as Envoy does. A stream that lived (it
+//! carried a response) resets the delay, and one the server ended cleanly (istiod does at
+//! its maximum connection age) is reopened at once.
+//!
+//! The channel is fit for a large mesh: responses up to [`MAX_MESSAGE`] (tonic's default is
+//! 4 MiB; a big mesh's CDS or EDS is larger), HTTP/2 keepalive pings so a dead control
+//! plane is noticed, and `SO_MARK` on the socket so the proxy's own capture leaves it alone.
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
@@ -23,10 +29,48 @@ use tonic::{
 };
 use tracing::{info, warn};
 
-use crate::{
-    delta::Delta,
-    sotw::{Handler, Sotw, TypeState},
-};
+use crate::{delta::Delta, handler::Handler, resource::TypeState, sotw::Sotw};
+
+/// The largest response accepted (ztunnel's limit too).
+pub const MAX_MESSAGE: usize = 200 * 1024 * 1024;
+/// HTTP/2 keepalive: a ping this often, and the connection is dead without an answer in
+/// [`KEEPALIVE_TIMEOUT`].
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a stream ended or could not open.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("invalid xDS address {address}: {source}")]
+    Address {
+        address: String,
+        source: tonic::transport::Error,
+    },
+    #[error("read the {what} {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the token in {0} is not a valid header value")]
+    Token(PathBuf),
+    #[error("TLS settings for {address}: {source}")]
+    Tls {
+        address: String,
+        source: tonic::transport::Error,
+    },
+    #[error("connect to {address}: {source}")]
+    Connect {
+        address: String,
+        source: tonic::transport::Error,
+    },
+    #[error("open the ADS stream: {0}")]
+    Open(tonic::Status),
+    #[error("ADS stream: {0}")]
+    Stream(tonic::Status),
+    #[error("the request channel closed")]
+    Closed,
+}
 
 /// Where and how to reach the control plane.
 #[derive(Clone, Debug)]
@@ -92,11 +136,15 @@ async fn connect_marked(
     Err(last)
 }
 
-fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("read the {what} {}: {e}", path.display()))
+fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, StreamError> {
+    std::fs::read(path).map_err(|source| StreamError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })
 }
 
-fn tls_config(files: &TlsFiles) -> Result<ClientTlsConfig, String> {
+fn tls_config(files: &TlsFiles) -> Result<ClientTlsConfig, StreamError> {
     let mut tls =
         ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(&files.ca, "xDS CA")?));
     if let Some((cert, key)) = &files.client_cert {
@@ -112,15 +160,12 @@ fn tls_config(files: &TlsFiles) -> Result<ClientTlsConfig, String> {
 }
 
 /// The `authorization` header value from a token file (trailing whitespace trimmed).
-fn bearer(path: &Path) -> Result<MetadataValue<Ascii>, String> {
+fn bearer(path: &Path) -> Result<MetadataValue<Ascii>, StreamError> {
     let token = String::from_utf8(read(path, "xDS token file")?)
-        .map_err(|_| format!("{} is not UTF-8", path.display()))?;
-    format!("Bearer {}", token.trim()).parse().map_err(|_| {
-        format!(
-            "the token in {} is not a valid header value",
-            path.display()
-        )
-    })
+        .map_err(|_| StreamError::Token(path.to_owned()))?;
+    format!("Bearer {}", token.trim())
+        .parse()
+        .map_err(|_| StreamError::Token(path.to_owned()))
 }
 
 /// One type as the client holds it, for status pages (`/config_dump`, `tern xds status`).
@@ -129,6 +174,8 @@ pub struct TypeSummary {
     pub version: String,
     pub nonce: String,
     pub resources: Vec<String>,
+    /// Resources refused, with the reason (a held one keeps its previous version).
+    pub rejected: BTreeMap<String, String>,
     pub last_update_unix: Option<u64>,
     pub last_error: Option<String>,
     pub acks: u64,
@@ -165,6 +212,7 @@ fn summary(state: &BTreeMap<&'static str, TypeState>) -> BTreeMap<String, TypeSu
                     version: s.version.clone(),
                     nonce: s.nonce.clone(),
                     resources: s.resources.keys().cloned().collect(),
+                    rejected: s.rejected.clone(),
                     last_update_unix: unix,
                     last_error: s.last_error.clone(),
                     acks: s.acks,
@@ -186,17 +234,33 @@ pub async fn run<H: Handler + Send>(
     let mut backoff = config.initial_backoff;
     let mut reconnects = 0u64;
     loop {
-        match stream_once(&config, &mut engine, &mut handler, &status, reconnects).await {
-            Ok(()) => info!(address = %config.address, "ADS stream closed by the control plane"),
+        let mut lived = false;
+        let ended = stream_once(
+            &config,
+            &mut engine,
+            &mut handler,
+            &status,
+            reconnects,
+            &mut lived,
+        )
+        .await;
+        status.send_modify(|s| s.connected = false);
+        if lived {
+            backoff = config.initial_backoff;
+        }
+        match ended {
+            Ok(()) => {
+                // A clean end (istiod's maximum connection age): reconnect at once.
+                info!(address = %config.address, "ADS stream closed by the control plane; reconnecting");
+            }
             Err(e) => {
-                warn!(address = %config.address, error = %e, "ADS stream failed; keeping the last configuration")
+                warn!(address = %config.address, error = %e, "ADS stream failed; keeping the last configuration");
+                // Full jitter over an exponentially growing window.
+                let delay = rand::rng().random_range(backoff / 2..=backoff);
+                tokio::time::sleep(delay).await;
+                backoff = (backoff * 2).min(config.max_backoff);
             }
         }
-        status.send_modify(|s| s.connected = false);
-        // Full jitter over an exponentially growing window.
-        let delay = rand::rng().random_range(backoff / 2..=backoff);
-        tokio::time::sleep(delay).await;
-        backoff = (backoff * 2).min(config.max_backoff);
         reconnects += 1;
         status.send_modify(|s| s.reconnects = reconnects);
     }
@@ -208,20 +272,34 @@ async fn stream_once<H: Handler>(
     handler: &mut H,
     status: &watch::Sender<ClientStatus>,
     reconnects: u64,
-) -> Result<(), String> {
+    lived: &mut bool,
+) -> Result<(), StreamError> {
+    let address = || config.address.clone();
     let mut endpoint = tonic::transport::Endpoint::from_shared(config.address.clone())
-        .map_err(|e| format!("invalid xDS address {}: {e}", config.address))?
-        .connect_timeout(Duration::from_secs(5));
+        .map_err(|source| StreamError::Address {
+            address: address(),
+            source,
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
     if let Some(files) = &config.tls {
         endpoint = endpoint
             .tls_config(tls_config(files)?)
-            .map_err(|e| format!("TLS settings for {}: {e}", config.address))?;
+            .map_err(|source| StreamError::Tls {
+                address: address(),
+                source,
+            })?;
     }
     let mark = config.socket_mark;
     let channel = endpoint
         .connect_with_connector(tower::service_fn(move |uri| connect_marked(uri, mark)))
         .await
-        .map_err(|e| format!("connect to {}: {e}", config.address))?;
+        .map_err(|source| StreamError::Connect {
+            address: address(),
+            source,
+        })?;
     let token = config.token_file.as_deref().map(bearer).transpose()?;
     let mut client = AggregatedDiscoveryServiceClient::with_interceptor(
         channel,
@@ -233,7 +311,9 @@ async fn stream_once<H: Handler>(
             }
             Ok(request)
         },
-    );
+    )
+    .max_decoding_message_size(MAX_MESSAGE)
+    .max_encoding_message_size(MAX_MESSAGE);
     let opened = |kind: &str| {
         info!(address = %config.address, reconnects, protocol = kind, "ADS stream open");
         status.send_modify(|s| {
@@ -250,6 +330,7 @@ async fn stream_once<H: Handler>(
                 open,
                 handler,
                 status,
+                lived,
                 || opened("sotw"),
                 |r, h| {
                     let out = e.on_response(r, h);
@@ -266,6 +347,7 @@ async fn stream_once<H: Handler>(
                 open,
                 handler,
                 status,
+                lived,
                 || opened("delta"),
                 |r, h| {
                     let out = e.on_response(r, h);
@@ -304,9 +386,10 @@ async fn converse<H, Req, Resp, Fut>(
     open: impl FnOnce(ReceiverStream<Req>) -> Fut,
     handler: &mut H,
     status: &watch::Sender<ClientStatus>,
+    lived: &mut bool,
     opened: impl FnOnce(),
     on_response: impl FnMut(Resp, &mut H) -> (Vec<Req>, BTreeMap<String, TypeSummary>),
-) -> Result<(), String>
+) -> Result<(), StreamError>
 where
     H: Handler,
     Req: XdsRequest,
@@ -314,16 +397,14 @@ where
 {
     let (tx, rx) = mpsc::channel(64);
     for request in first {
-        tx.send(request)
-            .await
-            .map_err(|_| "request channel closed")?;
+        tx.send(request).await.map_err(|_| StreamError::Closed)?;
     }
     let mut responses = open(ReceiverStream::new(rx))
         .await
-        .map_err(|e| format!("open the ADS stream: {e}"))?
+        .map_err(StreamError::Open)?
         .into_inner();
     opened();
-    pump(&mut responses, &tx, handler, status, on_response).await
+    pump(&mut responses, &tx, handler, status, lived, on_response).await
 }
 
 /// Feeds responses to the engine and its requests back, ticking the handler every second.
@@ -332,21 +413,23 @@ async fn pump<H: Handler, Req: XdsRequest, Resp>(
     tx: &mpsc::Sender<Req>,
     handler: &mut H,
     status: &watch::Sender<ClientStatus>,
+    lived: &mut bool,
     mut on_response: impl FnMut(Resp, &mut H) -> (Vec<Req>, BTreeMap<String, TypeSummary>),
-) -> Result<(), String> {
+) -> Result<(), StreamError> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             message = responses.message() => {
-                let Some(response) = message.map_err(|e| format!("ADS stream: {e}"))? else {
+                let Some(response) = message.map_err(StreamError::Stream)? else {
                     return Ok(());
                 };
+                *lived = true;
                 let (requests, types) = on_response(response, handler);
                 for (type_url, reason) in requests.iter().filter_map(XdsRequest::nack) {
                     warn!(type_url, reason, "NACK");
                 }
                 for request in requests {
-                    tx.send(request).await.map_err(|_| "request channel closed")?;
+                    tx.send(request).await.map_err(|_| StreamError::Closed)?;
                 }
                 status.send_modify(|s| s.types = types);
             }

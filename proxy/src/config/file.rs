@@ -20,15 +20,15 @@
 //!     endpoints:
 //!       - { address: 10.0.0.1:9090, weight: 1, priority: 0, locality: zone-a, health: healthy }
 //! ```
-use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use ipnet::IpNet;
 use serde::Deserialize;
 
 use super::{
     ChainMatch, CircuitBreakers, Cluster, Config, ConfigError, Endpoint, Filter, FilterChain,
-    Health, LbPolicy, Listener, OutlierDetection, Passthrough, Route, RouteAction, RouteMatch,
-    Target, ThriftProxy, UpstreamMode,
+    HashTable, Health, LbPolicy, Listener, OutlierDetection, Passthrough, Route, RouteAction,
+    RouteMatch, Target, ThriftProxy, UpstreamMode,
 };
 use crate::thrift::{Protocol, Transport};
 
@@ -168,8 +168,8 @@ struct ClusterFile {
     connect_timeout_ms: Option<u64>,
     #[serde(default)]
     circuit_breakers: CircuitBreakersFile,
-    #[serde(default)]
-    outlier_detection: OutlierFile,
+    /// Off unless present (Envoy's default).
+    outlier_detection: Option<OutlierFile>,
     connections_per_endpoint: Option<usize>,
     /// `exclusive` (default) or `multiplexed`.
     #[serde(default)]
@@ -190,8 +190,13 @@ struct CircuitBreakersFile {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OutlierFile {
+    /// Consecutive errors (5xx) that eject an endpoint.
     consecutive_errors: Option<u32>,
+    consecutive_gateway_failure: Option<u32>,
+    enforcing_consecutive_gateway_failure: Option<u32>,
     base_ejection_ms: Option<u64>,
+    max_ejection_ms: Option<u64>,
+    max_ejection_percent: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -253,11 +258,11 @@ fn convert(file: File, version: String) -> Result<Config, ConfigError> {
                 .name
                 .unwrap_or_else(|| format!("{}_{}", l.address.ip(), l.address.port()));
             let filter_chains = chains(&name, l.filter_chains)?;
-            Ok(Listener {
+            Ok(Arc::new(Listener {
                 name,
                 address: l.address,
                 filter_chains,
-            })
+            }))
         })
         .collect::<Result<_, ConfigError>>()?;
     let inbound = file
@@ -273,7 +278,7 @@ fn convert(file: File, version: String) -> Result<Config, ConfigError> {
     let clusters = file
         .clusters
         .into_iter()
-        .map(|c| (c.name.clone(), cluster(c)))
+        .map(|c| (c.name.clone(), Arc::new(cluster(c))))
         .collect();
     Ok(Config {
         version,
@@ -281,6 +286,7 @@ fn convert(file: File, version: String) -> Result<Config, ConfigError> {
         inbound,
         passthrough: file.passthrough,
         clusters,
+        set_aside: Vec::new(),
     })
 }
 
@@ -322,6 +328,7 @@ fn chains(listener: &str, files: Vec<ChainFile>) -> Result<Vec<FilterChain>, Con
                     destination_port: c.matcher.destination_port,
                     destination_prefixes: c.matcher.destination_prefixes,
                     source_prefixes: c.matcher.source_prefixes,
+                    ..ChainMatch::default()
                 },
                 filter,
             })
@@ -384,6 +391,7 @@ fn cluster(c: ClusterFile) -> Cluster {
     Cluster {
         lb_policy: c.lb_policy,
         hash_header: c.hash_header,
+        hash_table: HashTable::default(),
         endpoints: c
             .endpoints
             .into_iter()
@@ -412,16 +420,25 @@ fn cluster(c: ClusterFile) -> Cluster {
                 .max_requests
                 .unwrap_or(defaults.max_requests),
         },
-        outlier: OutlierDetection {
-            consecutive_errors: c
-                .outlier_detection
-                .consecutive_errors
-                .unwrap_or(outlier.consecutive_errors),
-            base_ejection: c
-                .outlier_detection
+        outlier: c.outlier_detection.map(|o| OutlierDetection {
+            consecutive_5xx: o.consecutive_errors.unwrap_or(outlier.consecutive_5xx),
+            consecutive_gateway_failure: o
+                .consecutive_gateway_failure
+                .unwrap_or(outlier.consecutive_gateway_failure),
+            enforcing_consecutive_gateway_failure: o
+                .enforcing_consecutive_gateway_failure
+                .unwrap_or(outlier.enforcing_consecutive_gateway_failure),
+            base_ejection: o
                 .base_ejection_ms
                 .map_or(outlier.base_ejection, Duration::from_millis),
-        },
+            max_ejection: o
+                .max_ejection_ms
+                .map_or(outlier.max_ejection, Duration::from_millis),
+            max_ejection_percent: o
+                .max_ejection_percent
+                .unwrap_or(outlier.max_ejection_percent),
+            ..outlier
+        }),
         upstream: c.thrift_upstream,
         connections_per_endpoint: c.connections_per_endpoint.unwrap_or(4),
         idle_timeout: c
@@ -527,7 +544,7 @@ clusters:
             .iter()
             .map(|chain| match chain.filter {
                 Filter::TcpProxy { sniff_thrift, .. } => sniff_thrift,
-                Filter::Thrift(_) => unreachable!(),
+                _ => unreachable!(),
             })
             .collect();
         assert_eq!(sniffs, [true, false]);

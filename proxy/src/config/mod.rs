@@ -4,7 +4,7 @@
 //! and, later, the xDS client. A `Config` is validated once, then immutable; the proxy swaps
 //! whole snapshots atomically ([`crate::state`]), so a broken update is refused while the
 //! last good configuration keeps serving, and the data path never takes a lock to read it.
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use ipnet::IpNet;
 
@@ -17,13 +17,71 @@ pub mod file;
 pub struct Config {
     /// A label for this configuration (file hash or xDS version).
     pub version: String,
-    /// Outbound listeners, matched against a connection's original destination.
-    pub listeners: Vec<Listener>,
+    /// Outbound listeners, matched against a connection's original destination. Shared, so
+    /// a new configuration that keeps a listener does not copy it.
+    pub listeners: Vec<Arc<Listener>>,
     /// The inbound listener's filter chains (Istio's `virtualInbound`), if any.
     pub inbound: Option<Listener>,
     /// What happens to outbound destinations no listener matches.
     pub passthrough: Passthrough,
-    pub clusters: BTreeMap<String, Cluster>,
+    /// Shared, so a new configuration that keeps a cluster does not copy it, and the
+    /// snapshot keeps its picker and pools (see [`crate::state`]).
+    pub clusters: BTreeMap<String, Arc<Cluster>>,
+    /// What the control plane sent that tern knowingly does not run (shown, and counted).
+    pub set_aside: Vec<SetAside>,
+}
+
+/// A resource, or part of one, that tern knowingly does not run as configured.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct SetAside {
+    /// `listener`, `filter_chain` (`<listener>/<chain>`) or `cluster`.
+    pub kind: &'static str,
+    pub name: String,
+    pub reason: SetAsideReason,
+}
+
+/// Why something is set aside, and what becomes of its traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SetAsideReason {
+    /// An Envoy internal listener (HBONE's `connect_originate`, `main_internal`): no address
+    /// a connection can reach.
+    InternalListener,
+    /// A listener bound to a port of its own (HBONE's `connect_terminate` on 15008); tern
+    /// serves only 15001 and 15006.
+    BoundListener,
+    /// An HTTP connection manager chain: its connections are relayed to their original
+    /// destination as TCP.
+    Http,
+    /// A chain that terminates TLS (a `DownstreamTlsContext`): its connections are refused.
+    TlsTermination,
+    /// A filter whose configuration comes from ECDS: its chain's connections are refused.
+    Ecds,
+    /// A chain with no filter tern runs: skipped.
+    NoFilter,
+    /// A DNS cluster (STRICT_DNS, LOGICAL_DNS): tern does not resolve it; no endpoints.
+    DnsCluster,
+    /// A custom cluster type (aggregate, dynamic forward proxy): no endpoints.
+    CustomCluster,
+    /// TLS towards the endpoints (`transport_socket_matches`, `transport_socket`): not yet
+    /// originated; the endpoints are reached in plaintext.
+    UpstreamTls,
+}
+
+impl SetAsideReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SetAsideReason::InternalListener => "internal_listener",
+            SetAsideReason::BoundListener => "bound_listener",
+            SetAsideReason::Http => "http",
+            SetAsideReason::TlsTermination => "tls_termination",
+            SetAsideReason::Ecds => "ecds",
+            SetAsideReason::NoFilter => "no_filter",
+            SetAsideReason::DnsCluster => "dns_cluster",
+            SetAsideReason::CustomCluster => "custom_cluster",
+            SetAsideReason::UpstreamTls => "upstream_tls",
+        }
+    }
 }
 
 /// Outbound destinations that match no listener.
@@ -58,6 +116,12 @@ pub struct ChainMatch {
     pub destination_port: Option<u16>,
     pub destination_prefixes: Vec<IpNet>,
     pub source_prefixes: Vec<IpNet>,
+    /// `raw_buffer` or `tls`.
+    pub transport_protocol: Option<String>,
+    /// ALPN (TLS) or the detected protocol (`http/1.1`, `h2c`) of plaintext.
+    pub application_protocols: Vec<String>,
+    /// TLS SNI: exact names or `*.suffix` wildcards.
+    pub server_names: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
@@ -70,6 +134,12 @@ pub enum Filter {
         sniff_thrift: bool,
     },
     Thrift(ThriftProxy),
+    /// Relay to the original destination (a chain set aside whose traffic still flows, such
+    /// as HTTP).
+    Passthrough,
+    /// Close the connection (a chain set aside that must not fail open, such as one that
+    /// terminates TLS).
+    Refuse,
 }
 
 impl Filter {
@@ -86,6 +156,7 @@ impl Filter {
                 })
                 .chain(&t.default_target)
                 .collect(),
+            Filter::Passthrough | Filter::Refuse => Vec::new(),
         }
     }
 }
@@ -170,19 +241,30 @@ pub enum LbPolicy {
     Maglev,
 }
 
+impl LbPolicy {
+    /// Whether the policy picks by a hash key (ring hash, Maglev).
+    pub fn hashes(self) -> bool {
+        matches!(self, LbPolicy::RingHash | LbPolicy::Maglev)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Cluster {
     pub name: String,
     pub lb_policy: LbPolicy,
-    /// THeader header hashed by ring hash and Maglev (requests without it pick at random).
+    /// Ring hash and Maglev: the THeader header whose value is a Thrift request's key
+    /// (requests without it use the source IP, as TCP connections always do).
     pub hash_header: Option<String>,
+    /// Ring hash and Maglev table sizes.
+    pub hash_table: HashTable,
     pub endpoints: Vec<Endpoint>,
     /// Weight of each locality within a priority (missing ones weigh 1).
     pub locality_weights: BTreeMap<String, u32>,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
     pub circuit_breakers: CircuitBreakers,
-    pub outlier: OutlierDetection,
+    /// Off unless the cluster asks for it (Envoy's default).
+    pub outlier: Option<OutlierDetection>,
     /// How Thrift requests use upstream connections.
     pub upstream: UpstreamMode,
     /// Multiplexed connections per endpoint (per transport and protocol); a new one opens
@@ -226,19 +308,56 @@ impl Default for CircuitBreakers {
     }
 }
 
+/// Envoy's consecutive-error outlier detection. Gateway errors are failures to connect,
+/// connections lost mid-request, and timeouts; 5xx errors are those plus `TApplicationException`
+/// replies. Success-rate and failure-percentage ejection are not implemented.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct OutlierDetection {
-    /// Consecutive connect failures or errors that eject an endpoint (0 disables).
-    pub consecutive_errors: u32,
-    /// How long the first ejection lasts (later ones last longer, as in Envoy).
+    /// Consecutive 5xx errors that eject an endpoint (0 disables).
+    pub consecutive_5xx: u32,
+    /// Percent chance such an ejection is enforced.
+    pub enforcing_consecutive_5xx: u32,
+    /// Consecutive gateway errors that eject an endpoint (0 disables).
+    pub consecutive_gateway_failure: u32,
+    /// Percent chance such an ejection is enforced (Envoy's default: 0, never).
+    pub enforcing_consecutive_gateway_failure: u32,
+    /// How long the first ejection lasts; the nth lasts n times longer, up to `max_ejection`.
     pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    /// At most this percent of a cluster's endpoints are ejected at once (at least one can be).
+    pub max_ejection_percent: u32,
 }
 
 impl Default for OutlierDetection {
+    /// Envoy's defaults.
     fn default() -> Self {
         Self {
-            consecutive_errors: 5,
+            consecutive_5xx: 5,
+            enforcing_consecutive_5xx: 100,
+            consecutive_gateway_failure: 5,
+            enforcing_consecutive_gateway_failure: 0,
             base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(300),
+            max_ejection_percent: 10,
+        }
+    }
+}
+
+/// Envoy's ring hash and Maglev sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct HashTable {
+    pub minimum_ring_size: u64,
+    pub maximum_ring_size: u64,
+    /// Maglev's table size (a prime).
+    pub maglev_table_size: u64,
+}
+
+impl Default for HashTable {
+    fn default() -> Self {
+        Self {
+            minimum_ring_size: 1024,
+            maximum_ring_size: 8 * 1024 * 1024,
+            maglev_table_size: 65_537,
         }
     }
 }
@@ -296,7 +415,7 @@ impl Config {
             why: why.to_owned(),
         };
         let mut names = std::collections::HashSet::new();
-        for l in self.listeners.iter().chain(&self.inbound) {
+        for l in self.listeners.iter().map(|l| &**l).chain(&self.inbound) {
             if !names.insert(&l.name) {
                 return Err(invalid(format!("listener {}", l.name), "duplicate name"));
             }
@@ -323,11 +442,6 @@ impl Config {
                     what(),
                     "connections_per_endpoint must be at least 1",
                 ));
-            }
-            if matches!(c.lb_policy, LbPolicy::RingHash | LbPolicy::Maglev)
-                && c.hash_header.is_none()
-            {
-                return Err(invalid(what(), "ring_hash and maglev need hash_header"));
             }
         }
         Ok(())

@@ -120,9 +120,7 @@ pub async fn handle(
     let snap = ctx.state.load();
     let selection = match direction {
         Direction::Outbound => snap.select(dst, peer),
-        Direction::Inbound => snap
-            .select_inbound(dst, peer)
-            .map_or(Selection::Passthrough, |(l, c)| Selection::Chain(l, c)),
+        Direction::Inbound => snap.select_inbound(dst, peer),
     };
     let (chain, filter) = match selection {
         Selection::Chain(l, c) => (
@@ -150,6 +148,15 @@ pub async fn handle(
             thrift::serve(down, BytesMut::new(), chain, ctx).await;
             return Handled::Thrift;
         }
+        Filter::Passthrough => {
+            drop(snap);
+            tcp::passthrough(down, dst, direction, &ctx).await;
+            return Handled::Passthrough;
+        }
+        Filter::Refuse => {
+            debug!(%dst, chain = %chain.chain, "a chain tern does not run: closing");
+            return Handled::Denied;
+        }
         Filter::TcpProxy {
             target,
             sniff_thrift,
@@ -174,13 +181,13 @@ pub async fn handle(
             Handled::Thrift
         }
         TcpMode::Relay => {
-            if let Some(up) = tcp::connect(&cluster, dst, direction, &ctx).await {
+            if let Some(up) = tcp::connect(&cluster, dst, peer, direction, &ctx).await {
                 tcp::relay(down, BytesMut::new(), BytesMut::new(), up.stream).await;
             }
             Handled::Tcp
         }
         TcpMode::Detect => {
-            let connect = tcp::connect(&cluster, dst, direction, &ctx);
+            let connect = tcp::connect(&cluster, dst, peer, direction, &ctx);
             match detect::first_speaker(&mut down, connect, ctx.limits).await {
                 detect::Outcome::Thrift {
                     first,

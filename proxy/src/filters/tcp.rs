@@ -8,7 +8,11 @@ use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::debug;
 
 use super::{Ctx, Direction};
-use crate::{socket, state::ClusterState};
+use crate::{
+    balance::source_hash,
+    socket,
+    state::{ClusterState, Failure},
+};
 
 /// An upstream connection and, for a cluster endpoint, the endpoint it goes to.
 pub struct Connected {
@@ -18,10 +22,12 @@ pub struct Connected {
 }
 
 /// Connects to an endpoint of `cluster`, or to the original destination for an
-/// original-destination cluster; `None` when nothing could be reached.
+/// original-destination cluster; `None` when nothing could be reached. Ring hash and Maglev
+/// clusters hash the connection's source IP (Istio's `useSourceIp`).
 pub async fn connect(
     cluster: &Arc<ClusterState>,
     dst: SocketAddr,
+    source: SocketAddr,
     direction: Direction,
     ctx: &Ctx,
 ) -> Option<Connected> {
@@ -33,21 +39,26 @@ pub async fn connect(
                 endpoint: None,
             });
     }
+    let hash = cluster
+        .config
+        .lb_policy
+        .hashes()
+        .then(|| source_hash(source.ip()));
     let mut tried = Vec::new();
     for _ in 0..3 {
-        let i = cluster.picker.pick(&cluster.endpoints, None, &tried)?;
+        let i = cluster.picker.pick(&cluster.endpoints, hash, &tried)?;
         tried.push(i);
         let ep = &cluster.endpoints[i];
         let connect = socket::connect_upstream(ep.config.address, ctx.mark, None);
         match tokio::time::timeout(cluster.config.connect_timeout, connect).await {
             Ok(Ok(stream)) => {
-                ep.runtime.record_success();
+                cluster.record_success(&ep.runtime);
                 return Some(Connected {
                     stream,
                     endpoint: Some(i),
                 });
             }
-            _ => ep.runtime.record_error(&cluster.config.outlier),
+            _ => cluster.record_failure(&ep.runtime, Failure::Gateway),
         }
     }
     debug!(cluster = %cluster.config.name, "no endpoint reachable");

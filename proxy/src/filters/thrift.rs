@@ -12,6 +12,7 @@
 //! Malformed input closes the connection with a counted cause, after the replies to the
 //! requests already accepted are written: nothing accepted is dropped silently.
 use std::{
+    net::IpAddr,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -30,12 +31,12 @@ use tracing::{Instrument, debug, debug_span, warn};
 
 use super::{Ctx, ordered::Ordered};
 use crate::{
-    balance::hash_key,
+    balance::{hash_key, source_hash},
     config::{Cluster, Filter, Route, RouteAction, RouteMatch, Target, UpstreamMode},
-    state::{ActiveRequest, ClusterState, Snapshot},
+    state::{ActiveRequest, ClusterState, Failure, Snapshot},
     thrift::{
         Decoder, Message, MessageType,
-        frame::{Meta, split_name},
+        frame::{Meta, ReplyResult, split_name},
         reply::{AppExceptionType, application_exception},
     },
     upstream::{Failed, PoolSettings, ReplyCell, UpstreamError, exclusive, multiplexed::Sent},
@@ -62,8 +63,9 @@ pub struct ChainRef {
 /// Serves one downstream connection whose first bytes (`buf`) were Thrift.
 pub async fn serve(down: TcpStream, buf: BytesMut, chain: ChainRef, ctx: Arc<Ctx>) {
     let _ = down.set_nodelay(true);
+    let source = down.peer_addr().ok().map(|a| a.ip());
     let (mut rd, mut wr) = down.into_split();
-    let mut conn = Downstream::new(chain, ctx.clone());
+    let mut conn = Downstream::new(chain, ctx.clone(), source);
     let mut buf = buf;
     let mut replies = Ordered::default();
     // Replies ready to write together (kept, so its capacity is reused).
@@ -173,10 +175,13 @@ struct Downstream {
     /// The last snapshot looked at: a snapshot without this chain is looked at once, and the
     /// connection keeps routing with the one before.
     seen: Arc<Snapshot>,
+    /// The hash key of the client's address, for ring hash and Maglev requests without a
+    /// hash header.
+    source_hash: Option<u64>,
 }
 
 impl Downstream {
-    fn new(chain: ChainRef, ctx: Arc<Ctx>) -> Self {
+    fn new(chain: ChainRef, ctx: Arc<Ctx>, source: Option<IpAddr>) -> Self {
         let snapshot = ctx.state.load();
         let filter = snapshot
             .chain(&chain.listener, &chain.chain)
@@ -196,6 +201,7 @@ impl Downstream {
             seen: snapshot.clone(),
             snapshot,
             filter,
+            source_hash: source.map(source_hash),
         }
     }
 
@@ -223,7 +229,8 @@ impl Downstream {
         let (routes, default): (&[Route], Option<&Target>) = match filter.as_deref() {
             Some(Filter::Thrift(t)) => (&t.routes, t.default_target.as_ref()),
             Some(Filter::TcpProxy { target, .. }) => (&[], Some(target)),
-            None => (&[], None),
+            // A chain that became a relay or refusal: nothing to route to.
+            Some(Filter::Passthrough | Filter::Refuse) | None => (&[], None),
         };
         let routed = routes.iter().find(|r| matches(&r.matcher, &msg));
         let (name, timeout): (Option<&str>, Option<Duration>) = match routed {
@@ -266,12 +273,17 @@ impl Downstream {
             );
         };
         debug!(method = %String::from_utf8_lossy(msg.name()), cluster = %cluster.config.name, "routed");
-        let hash = cluster
-            .config
-            .hash_header
-            .as_ref()
-            .and_then(|h| msg.header(h.as_bytes()))
-            .map(hash_key);
+        let hash = if cluster.config.lb_policy.hashes() {
+            cluster
+                .config
+                .hash_header
+                .as_ref()
+                .and_then(|h| msg.header(h.as_bytes()))
+                .map(hash_key)
+                .or(self.source_hash)
+        } else {
+            None
+        };
         let timeout = timeout.unwrap_or(cluster.config.request_timeout);
         Plan::Forward(Forward {
             client_seq: msg.seq_id(),
@@ -400,7 +412,12 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Byte
                 Ok(Ok(Some(reply))) => {
                     let answered = reply.kind() == MessageType::Reply;
                     rt.methods.count(split_name(name).1, answered);
-                    endpoint.record_success();
+                    match reply.reply_result() {
+                        ReplyResult::ApplicationException => {
+                            cluster.record_failure(endpoint, Failure::Application)
+                        }
+                        _ => cluster.record_success(endpoint),
+                    }
                     rt.request_seconds.observe(started.elapsed().as_secs_f64());
                     rt.replies(reply.reply_result()).inc();
                     Next::Done(Some(reply.into_bytes()))
@@ -417,11 +434,11 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Byte
                 )),
                 Ok(Err(Failed::NotSent(e))) => {
                     debug!(error = %e, "not sent; trying another endpoint");
-                    endpoint.record_error(&cfg.outlier);
+                    cluster.record_failure(endpoint, Failure::Gateway);
                     Next::Retry
                 }
                 Ok(Err(Failed::Lost(e))) => {
-                    endpoint.record_error(&cfg.outlier);
+                    cluster.record_failure(endpoint, Failure::Gateway);
                     Next::Done(local(
                         name,
                         "upstream_reset",
@@ -430,7 +447,7 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Byte
                     ))
                 }
                 Err(_) => {
-                    endpoint.record_error(&cfg.outlier);
+                    cluster.record_failure(endpoint, Failure::Gateway);
                     Next::Done(local(
                         name,
                         "timeout",

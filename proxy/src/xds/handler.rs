@@ -1,17 +1,27 @@
-//! Applies what the control plane sends: decode, translate, merge with the static
-//! configuration, and publish a new snapshot once the clusters it uses are warm.
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::Arc,
-    time::Instant,
-};
+//! The xDS client's handler: decodes and translates each changed resource once, refuses the
+//! ones it cannot use by name (the others apply), and publishes the configuration they make
+//! on top of the static one.
+//!
+//! It runs on the control thread (see `run.rs`), never on a data-plane worker: decoding,
+//! translating and building the snapshot cost the data path nothing but the atomic swap.
+use std::{collections::BTreeMap, sync::Arc};
 
-use tern_proto::{Any, type_url};
-use tern_xds_client::{Handler, Interest};
+use tern_proto::{
+    Cluster as XdsCluster, ClusterLoadAssignment, Listener as XdsListener,
+    ThriftRouteConfiguration, decode, type_url,
+};
+use tern_xds_client::{Handler, Interest, RejectedConfig, Update};
 use tracing::{info, warn};
 
-use super::translate::{Resources, to_config};
-use crate::{config::Config, metrics::ConfigLabels, state::State};
+use super::{
+    store::Store,
+    translate::{TranslateError, cluster, endpoints, listener},
+};
+use crate::{
+    config::Config,
+    metrics::{ConfigLabels, SetAsideLabels, TypeLabel},
+    state::State,
+};
 
 /// The types the handler translates.
 const SUPPORTED: [&str; 4] = [
@@ -21,24 +31,32 @@ const SUPPORTED: [&str; 4] = [
     type_url::THRIFT_ROUTE_CONFIGURATION,
 ];
 
-/// How long a configuration waits for the endpoints of its clusters before it is used anyway.
-const WARMING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// A resource type's short name, for logs and metric labels.
+fn short(type_url: &str) -> &'static str {
+    match type_url {
+        type_url::LISTENER => "Listener",
+        type_url::CLUSTER => "Cluster",
+        type_url::CLUSTER_LOAD_ASSIGNMENT => "ClusterLoadAssignment",
+        type_url::THRIFT_ROUTE_CONFIGURATION => "ThriftRouteConfiguration",
+        _ => "other",
+    }
+}
 
 /// The proxy's xDS handler.
 pub struct XdsHandler {
     state: Arc<State>,
     /// The static configuration (`--config`), under what xDS adds.
     base: Config,
-    /// What the control plane sent, by type URL and name, still encoded.
-    raw: BTreeMap<String, BTreeMap<String, Any>>,
-    /// The endpoint and Thrift route names the held listeners and clusters ask for.
-    eds_names: BTreeSet<String>,
-    trds_names: BTreeSet<String>,
-    /// Whether listeners came from the control plane (its passthrough mode then applies).
-    has_listeners: bool,
+    store: Store,
+    /// Resources refused and not in force, by type (for the gauge).
+    rejected: BTreeMap<&'static str, std::collections::BTreeSet<String>>,
+    /// Whether listeners and clusters have each arrived once (tern is ready after both,
+    /// once no cluster warms).
+    seen_listeners: bool,
+    seen_clusters: bool,
     updates: u64,
-    /// A translated configuration waiting for its clusters' endpoints, and since when.
-    warming: Option<(Config, Instant)>,
+    /// Set-aside gauge series set last time, reset when they go away.
+    set_aside_series: Vec<SetAsideLabels>,
 }
 
 impl XdsHandler {
@@ -46,28 +64,84 @@ impl XdsHandler {
         Self {
             state,
             base,
-            raw: BTreeMap::new(),
-            eds_names: BTreeSet::new(),
-            trds_names: BTreeSet::new(),
-            has_listeners: false,
+            store: Store::default(),
+            rejected: BTreeMap::new(),
+            seen_listeners: false,
+            seen_clusters: false,
             updates: 0,
-            warming: None,
+            set_aside_series: Vec::new(),
         }
     }
 
     fn count(&self, type_url: &str, result: &'static str) {
-        let source = match type_url {
-            type_url::LISTENER => "Listener",
-            type_url::CLUSTER => "Cluster",
-            type_url::CLUSTER_LOAD_ASSIGNMENT => "ClusterLoadAssignment",
-            type_url::THRIFT_ROUTE_CONFIGURATION => "ThriftRouteConfiguration",
-            _ => "other",
-        };
         self.state
             .metrics
             .config_updates
-            .get_or_create(&ConfigLabels { source, result })
+            .get_or_create(&ConfigLabels {
+                source: short(type_url),
+                result,
+            })
             .inc();
+    }
+
+    /// Decodes, checks and translates one resource into the store.
+    fn put(
+        &mut self,
+        type_url: &str,
+        name: &str,
+        any: &tern_proto::Any,
+    ) -> Result<(), TranslateError> {
+        match type_url {
+            type_url::LISTENER => {
+                let l: XdsListener = decode(any, type_url::LISTENER)?;
+                let t = listener::translate(&l, &self.store.thrift_routes)?;
+                self.store.put_listener(name.to_owned(), t, l);
+            }
+            type_url::CLUSTER => {
+                let c: XdsCluster = decode(any, type_url::CLUSTER)?;
+                let t = cluster::translate(&c)?;
+                self.store.put_cluster(name.to_owned(), t);
+            }
+            type_url::CLUSTER_LOAD_ASSIGNMENT => {
+                let cla: ClusterLoadAssignment = decode(any, type_url::CLUSTER_LOAD_ASSIGNMENT)?;
+                let la = endpoints::translate_resource(&cla)?;
+                self.store.put_endpoints(name.to_owned(), la);
+            }
+            type_url::THRIFT_ROUTE_CONFIGURATION => {
+                let rc: ThriftRouteConfiguration =
+                    decode(any, type_url::THRIFT_ROUTE_CONFIGURATION)?;
+                self.store.thrift_routes.insert(name.to_owned(), rc);
+                self.retranslate_listeners(name);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn remove(&mut self, type_url: &str, name: &str) {
+        match type_url {
+            type_url::LISTENER => self.store.remove_listener(name),
+            type_url::CLUSTER => self.store.remove_cluster(name),
+            type_url::CLUSTER_LOAD_ASSIGNMENT => self.store.remove_endpoints(name),
+            type_url::THRIFT_ROUTE_CONFIGURATION => {
+                self.store.thrift_routes.remove(name);
+                self.retranslate_listeners(name);
+            }
+            _ => {}
+        }
+    }
+
+    /// Listeners whose Thrift routes changed are translated again (they were accepted with
+    /// the same routes missing, so they translate now too, or keep their last version).
+    fn retranslate_listeners(&mut self, route: &str) {
+        for (name, proto) in self.store.listeners_using(route) {
+            match listener::translate(&proto, &self.store.thrift_routes) {
+                Ok(t) => self.store.put_listener(name, t, proto),
+                Err(e) => {
+                    warn!(listener = %name, error = %e, "listener no longer translates with its new Thrift routes; keeping its last version")
+                }
+            }
+        }
     }
 
     /// The static configuration with the control plane's on top (its names win).
@@ -82,82 +156,129 @@ impl XdsHandler {
         if xds.inbound.is_some() {
             config.inbound = xds.inbound;
         }
-        if self.has_listeners {
+        if self.store.has_listeners() {
             config.passthrough = xds.passthrough;
         }
+        config.set_aside = xds.set_aside;
         config
     }
 
-    fn publish(&mut self, config: Config) {
-        info!(version = %config.version, listeners = config.listeners.len(), clusters = config.clusters.len(), "xDS configuration ready");
-        self.state.apply(config);
-        self.warming = None;
+    /// Builds and swaps in the configuration the store holds now.
+    fn publish(&mut self) {
+        self.updates += 1;
+        let xds = self.store.assemble(format!("xds-{}", self.updates));
+        self.export_set_aside(&xds);
+        let config = self.merged(xds);
+        info!(version = %config.version, listeners = config.listeners.len(), clusters = config.clusters.len(), set_aside = config.set_aside.len(), "xDS configuration ready");
+        self.state.update(config);
+        if self.seen_listeners && self.seen_clusters && !self.store.warming() && !self.state.ready()
+        {
+            info!("the first complete xDS configuration is in force: ready");
+            self.state.mark_ready();
+        }
+    }
+
+    fn export_set_aside(&mut self, config: &Config) {
+        let family = &self.state.metrics.xds_set_aside;
+        for labels in self.set_aside_series.drain(..) {
+            family.get_or_create(&labels).set(0);
+        }
+        let mut counts: BTreeMap<(&'static str, &'static str), i64> = BTreeMap::new();
+        for s in &config.set_aside {
+            *counts.entry((s.kind, s.reason.as_str())).or_default() += 1;
+        }
+        for ((kind, reason), n) in counts {
+            let labels = SetAsideLabels { kind, reason };
+            family.get_or_create(&labels).set(n);
+            self.set_aside_series.push(labels);
+        }
     }
 }
 
 impl Handler for XdsHandler {
-    fn apply(
-        &mut self,
-        type_url: &str,
-        resources: &BTreeMap<String, Any>,
-        _removed: &[String],
-    ) -> Result<(), String> {
+    fn apply(&mut self, type_url: &'static str, update: Update) -> Result<(), Vec<RejectedConfig>> {
         if !SUPPORTED.contains(&type_url) {
-            return Err(format!("unsupported type {type_url}"));
+            return Err(update
+                .changed
+                .into_iter()
+                .map(|(name, _)| RejectedConfig::new(name, UnsupportedType(type_url)))
+                .collect());
         }
-        let previous = self.raw.insert(type_url.to_owned(), resources.clone());
-        let version = format!("xds-{}", self.updates + 1);
-        let translated = Resources::decode(&self.raw).and_then(|r| {
-            let config = to_config(&r, version)?;
-            Ok((config, r))
-        });
-        let (xds, decoded) = match translated {
-            Ok(t) => t,
-            Err(e) => {
-                match previous {
-                    Some(p) => self.raw.insert(type_url.to_owned(), p),
-                    None => self.raw.remove(type_url),
-                };
-                warn!(type_url, error = %e, "xDS update refused; the last good configuration keeps serving");
-                self.count(type_url, "rejected");
-                return Err(e);
+        let rejected_now = self.rejected.entry(type_url).or_default();
+        for name in &update.removed {
+            rejected_now.remove(name);
+        }
+        for name in &update.removed {
+            self.remove(type_url, name);
+        }
+        let mut rejected = Vec::new();
+        for (name, any) in update.changed {
+            match self.put(type_url, &name, &any) {
+                Ok(()) => {
+                    self.rejected.entry(type_url).or_default().remove(&name);
+                }
+                Err(e) => {
+                    warn!(resource = short(type_url), %name, error = %e, "resource refused; its last good version (if any) stays in force");
+                    self.rejected
+                        .entry(type_url)
+                        .or_default()
+                        .insert(name.clone());
+                    rejected.push(RejectedConfig::new(name, e));
+                }
             }
-        };
-        self.eds_names = decoded.eds_names().collect();
-        self.trds_names = decoded.trds_names().collect();
-        self.has_listeners = !decoded.listeners.is_empty();
-        let warm = decoded.warm();
-        drop(decoded);
-        self.updates += 1;
-        self.count(type_url, "applied");
-        let config = self.merged(xds);
-        if warm {
-            self.publish(config);
-        } else {
-            let since = self.warming.as_ref().map_or_else(Instant::now, |(_, t)| *t);
-            self.warming = Some((config, since));
         }
-        Ok(())
+        match type_url {
+            type_url::LISTENER => self.seen_listeners = true,
+            type_url::CLUSTER => self.seen_clusters = true,
+            _ => {}
+        }
+        let count = self.rejected.get(type_url).map_or(0, |r| r.len());
+        self.state
+            .metrics
+            .xds_rejected
+            .get_or_create(&TypeLabel {
+                resource: short(type_url),
+            })
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+        self.count(
+            type_url,
+            if rejected.is_empty() {
+                "applied"
+            } else {
+                "rejected"
+            },
+        );
+        self.publish();
+        if rejected.is_empty() {
+            Ok(())
+        } else {
+            Err(rejected)
+        }
     }
 
     fn interest(&self, type_url: &str) -> Interest {
         match type_url {
             type_url::LISTENER | type_url::CLUSTER => Interest::Wildcard,
-            type_url::CLUSTER_LOAD_ASSIGNMENT => Interest::Names(self.eds_names.clone()),
-            type_url::THRIFT_ROUTE_CONFIGURATION => Interest::Names(self.trds_names.clone()),
+            type_url::CLUSTER_LOAD_ASSIGNMENT => Interest::Names(self.store.eds_names()),
+            type_url::THRIFT_ROUTE_CONFIGURATION => Interest::Names(self.store.trds_names()),
             _ => Interest::Names(Default::default()),
         }
     }
 
     fn tick(&mut self) {
-        if let Some((_, since)) = &self.warming
-            && since.elapsed() >= WARMING_TIMEOUT
-            && let Some((config, _)) = self.warming.take()
-        {
+        // A cluster whose endpoints did not come within its initial fetch timeout is used
+        // without them, and readiness no longer waits for it.
+        if self.store.stale_past_timeout() {
             warn!(
-                "clusters still without endpoints after the warming timeout; using the configuration anyway"
+                "clusters still without endpoints after their initial fetch timeout; using them without"
             );
-            self.publish(config);
+            self.publish();
         }
+        self.state.release_memory();
     }
 }
+
+/// A resource of a type tern does not subscribe to.
+#[derive(Debug, thiserror::Error)]
+#[error("unsupported resource type {0}")]
+struct UnsupportedType(&'static str);

@@ -1,8 +1,15 @@
 //! The proxy's side of xDS: turning what a control plane sends into tern's configuration.
 //!
-//! - [`translate`]: Envoy resources (istiod-shaped) into a [`crate::config::Config`];
-//! - [`handler`]: the xDS client's handler: NACKs what cannot be used, publishes what is warm;
+//! - [`translate`]: Envoy resources (istiod-shaped) into tern's model, one at a time;
+//! - [`store`]: the translated resources held, warming per cluster, and the configuration
+//!   they make;
+//! - [`handler`]: the xDS client's handler: refuses what cannot be used by name, applies
+//!   the rest, publishes;
 //! - [`node`]: the node identity istiod expects.
 pub mod handler;
 pub mod node;
+pub mod store;
 pub mod translate;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,303 @@
+//! The snapshot the data path reads, swapped atomically, and the live state that outlives
+//! snapshots.
+//!
+//! - [`snapshot`]: one immutable configuration, indexed for the data path;
+//! - [`runtime`]: per endpoint and per cluster live state (counters, pools, breakers);
+//! - [`outlier`]: Envoy's consecutive-error ejection.
+//!
+//! The control path (file reload, xDS) builds a new [`Snapshot`] from a `Config` and stores
+//! it with `arc-swap`; requests load the current one without a lock. An update costs what
+//! changed: a cluster whose configuration is the same `Arc` as before keeps its whole
+//! [`ClusterState`] (endpoints, picker, pools, outlier state); a changed one is rebuilt,
+//! keeping the runtime of every endpoint it still has.
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Instant, SystemTime},
+};
+
+use arc_swap::ArcSwap;
+
+pub mod outlier;
+pub mod runtime;
+pub mod snapshot;
+
+pub use outlier::Failure;
+pub use runtime::{ActiveRequest, ClusterRuntime, EndpointRuntime};
+pub use snapshot::{ClusterState, EndpointHandle, Selection, Snapshot};
+
+use crate::{
+    balance::EndpointPicker,
+    config::{Cluster, Config, Filter, RouteAction},
+    metrics::Metrics,
+};
+
+/// At most one `malloc_trim` this often (it walks the heap; pushes can come 100 times a
+/// second).
+const TRIM_INTERVAL_MS: u64 = 2_000;
+
+/// The current snapshot and the live state snapshots share.
+pub struct State {
+    current: ArcSwap<Snapshot>,
+    /// Live cluster state by name; touched only when applying a snapshot (one writer: the
+    /// lock only orders appliers, the data path never takes it).
+    clusters: Mutex<HashMap<String, Arc<ClusterRuntime>>>,
+    ready: AtomicBool,
+    /// When memory was last given back to the system (ms since `born`), and whether an
+    /// apply since has freed enough to be worth it.
+    born: Instant,
+    trimmed_ms: AtomicU64,
+    trim_pending: AtomicBool,
+    pub metrics: Arc<Metrics>,
+}
+
+impl State {
+    pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Self {
+            current: ArcSwap::from_pointee(Snapshot::empty()),
+            clusters: Mutex::new(HashMap::new()),
+            ready: AtomicBool::new(false),
+            born: Instant::now(),
+            trimmed_ms: AtomicU64::new(0),
+            trim_pending: AtomicBool::new(false),
+            metrics,
+        })
+    }
+
+    /// The snapshot in force now; cheap, lock-free.
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Whether a complete configuration has been applied (the admin server's `/ready`).
+    pub fn ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    pub fn mark_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    /// Replaces the snapshot with one built from a validated `config`, which is complete:
+    /// tern is ready.
+    pub fn apply(&self, config: Config) {
+        self.update(config);
+        self.mark_ready();
+    }
+
+    /// Replaces the snapshot with one built from `config`, rebuilding only the clusters
+    /// whose configuration changed.
+    pub fn update(&self, config: Config) {
+        let previous = self.load();
+        let mut runtimes = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rebuilt = 0usize;
+        let mut clusters = HashMap::with_capacity(config.clusters.len());
+        for (name, c) in &config.clusters {
+            let state = match previous.clusters.get(name) {
+                Some(old) if Arc::ptr_eq(&old.config, c) => old.clone(),
+                _ => {
+                    rebuilt += 1;
+                    let runtime = runtimes
+                        .entry(name.clone())
+                        .or_insert_with(|| Arc::new(ClusterRuntime::new(name, &self.metrics)))
+                        .clone();
+                    Arc::new(build_cluster(c.clone(), runtime))
+                }
+            };
+            clusters.insert(name.clone(), state);
+        }
+        // Clusters that left: their connections close once their requests are done.
+        runtimes.retain(|name, rt| {
+            if config.clusters.contains_key(name) {
+                return true;
+            }
+            let endpoints = rt.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+            for e in endpoints.values() {
+                e.pool.retire(rt);
+            }
+            rebuilt += 1;
+            false
+        });
+        drop(runtimes);
+        configure_method_labels(&config, &clusters);
+        let mut exact = HashMap::new();
+        let mut wildcard = HashMap::new();
+        for (i, l) in config.listeners.iter().enumerate() {
+            if l.address.ip().is_unspecified() {
+                wildcard.insert(l.address.port(), i);
+            } else {
+                exact.insert(l.address, i);
+            }
+        }
+        let version = config.version.clone();
+        self.current.store(Arc::new(Snapshot {
+            config: Arc::new(config),
+            clusters,
+            applied_at: SystemTime::now(),
+            exact,
+            wildcard,
+        }));
+        drop(previous);
+        tracing::info!(%version, clusters_rebuilt = rebuilt, "configuration applied");
+        if rebuilt > 0 {
+            self.trim_pending.store(true, Ordering::Relaxed);
+        }
+        self.release_memory();
+    }
+
+    /// Gives freed memory back to the system if an update freed some and the last time was
+    /// long enough ago (called after updates and periodically).
+    pub fn release_memory(&self) {
+        let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if self.trim_pending.load(Ordering::Relaxed)
+            && now.saturating_sub(self.trimmed_ms.load(Ordering::Relaxed)) >= TRIM_INTERVAL_MS
+        {
+            self.trim_pending.store(false, Ordering::Relaxed);
+            self.trimmed_ms.store(now, Ordering::Relaxed);
+            // The previous snapshot (unless a connection still holds it) and the
+            // translation's decoded resources are free now: without this glibc keeps them
+            // (37 MiB instead of 25 MiB idle with 1,000 clusters / 10,000 endpoints).
+            crate::memory::release_free_memory();
+        }
+    }
+}
+
+/// A cluster's state for a new or changed configuration: endpoints it keeps keep their
+/// runtime; endpoints that left have their connections closed after their requests.
+fn build_cluster(config: Arc<Cluster>, runtime: Arc<ClusterRuntime>) -> ClusterState {
+    let mut known = runtime.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+    let mut kept = HashMap::with_capacity(config.endpoints.len());
+    let endpoints: Vec<EndpointHandle> = config
+        .endpoints
+        .iter()
+        .map(|e| {
+            let rt = known
+                .get(&e.address)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(EndpointRuntime::new(e.address)));
+            kept.insert(e.address, rt.clone());
+            EndpointHandle {
+                config: e.clone(),
+                runtime: rt,
+            }
+        })
+        .collect();
+    for (address, gone) in known.iter() {
+        if !kept.contains_key(address) {
+            gone.pool.retire(&runtime);
+        }
+    }
+    *known = kept;
+    drop(known);
+    let picker = EndpointPicker::new(
+        config.lb_policy,
+        &config.endpoints,
+        &config.locality_weights,
+        &config.hash_table,
+    );
+    ClusterState {
+        config,
+        endpoints,
+        picker,
+        runtime,
+    }
+}
+
+/// Methods the configuration routes on keep labels of their own in the clusters they route
+/// to.
+fn configure_method_labels(config: &Config, clusters: &HashMap<String, Arc<ClusterState>>) {
+    for l in config.listeners.iter().map(|l| &**l).chain(&config.inbound) {
+        for chain in &l.filter_chains {
+            let Filter::Thrift(t) = &chain.filter else {
+                continue;
+            };
+            for route in &t.routes {
+                let (Some(method), RouteAction::Target(target)) =
+                    (&route.matcher.method, &route.action)
+                else {
+                    continue;
+                };
+                for name in target.clusters() {
+                    if let Some(c) = clusters.get(name) {
+                        c.runtime.methods.configure(method.as_bytes());
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::file::parse;
+
+    const CONFIG: &str = r#"
+passthrough: deny
+listeners:
+  - address: 10.96.0.10:9090
+    filter_chains:
+      - { name: exact, tcp_proxy: { cluster: a } }
+  - address: 0.0.0.0:9090
+    filter_chains:
+      - { name: any, tcp_proxy: { cluster: a } }
+      - { name: pod-range, match: { destination_prefixes: [10.1.0.0/16] }, tcp_proxy: { cluster: a } }
+      - { name: pod-range-from-us, match: { destination_prefixes: [10.1.0.0/16], source_prefixes: [10.9.0.0/16] }, tcp_proxy: { cluster: a } }
+      - { name: host, match: { destination_prefixes: [10.1.2.3/32] }, tcp_proxy: { cluster: a } }
+clusters:
+  - name: a
+    endpoints: [ { address: 10.0.0.1:9090 } ]
+"#;
+
+    fn chain_for(s: &Snapshot, dst: &str, src: &str) -> String {
+        match s.select(dst.parse().unwrap(), src.parse().unwrap()) {
+            Selection::Chain(_, c) => c.name.clone(),
+            Selection::Passthrough => "passthrough".into(),
+            Selection::Deny => "deny".into(),
+        }
+    }
+
+    #[test]
+    fn selects_listeners_and_chains_as_envoy_does() {
+        let state = State::new(Metrics::new(None));
+        state.apply(parse(CONFIG, "test").unwrap());
+        let s = state.load();
+        assert_eq!(chain_for(&s, "10.96.0.10:9090", "10.9.0.1:1"), "exact");
+        assert_eq!(chain_for(&s, "10.2.0.1:9090", "10.9.0.1:1"), "any");
+        assert_eq!(chain_for(&s, "10.1.0.1:9090", "10.8.0.1:1"), "pod-range");
+        assert_eq!(
+            chain_for(&s, "10.1.0.1:9090", "10.9.0.1:1"),
+            "pod-range-from-us"
+        );
+        assert_eq!(chain_for(&s, "10.1.2.3:9090", "10.9.0.1:1"), "host");
+        assert_eq!(
+            chain_for(&s, "[::ffff:10.1.2.3]:9090", "10.9.0.1:1"),
+            "host"
+        );
+        assert_eq!(chain_for(&s, "10.96.0.10:8080", "10.9.0.1:1"), "deny");
+    }
+
+    #[test]
+    fn endpoints_keep_their_state_across_snapshots() {
+        let state = State::new(Metrics::new(None));
+        state.apply(parse(CONFIG, "test").unwrap());
+        let before = state.load().clusters["a"].endpoints[0].runtime.clone();
+        before.requests.fetch_add(7, Ordering::Relaxed);
+        state.apply(
+            parse(
+                &CONFIG.replace("passthrough: deny", "passthrough: allow"),
+                "test",
+            )
+            .unwrap(),
+        );
+        let after = state.load().clusters["a"].endpoints[0].runtime.clone();
+        assert!(Arc::ptr_eq(&before, &after));
+        assert_eq!(
+            chain_for(&state.load(), "10.96.0.10:8080", "10.9.0.1:1"),
+            "passthrough"
+        );
+    }
+}

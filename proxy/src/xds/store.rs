@@ -1,0 +1,238 @@
+//! What the control plane sent, translated resource by resource, and the configuration
+//! assembled from it.
+//!
+//! Each resource is decoded and translated once, when it arrives; the encoded bytes are not
+//! kept. Assembling a configuration clones only `Arc`s: a cluster is rebuilt when its own
+//! resource or its endpoints change, so an EDS update touches its one cluster, and the
+//! snapshot keeps every other cluster's picker and pools.
+//!
+//! Warming is per cluster, as Envoy's: a cluster waiting for its first endpoints keeps its
+//! previous version in force (or stays out, if new) until they arrive or its
+//! `initial_fetch_timeout` passes; everything else applies at once.
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
+
+use tern_proto::{Listener as XdsListener, ThriftRouteConfiguration};
+
+use super::translate::{
+    cluster::{self, Endpoints},
+    endpoints::LoadAssignment,
+    listener::{self, ListenerKind},
+};
+use crate::config::{Cluster, Config, Listener, Passthrough, SetAside};
+
+struct HeldListener {
+    translated: listener::Translated,
+    /// The listener shared with every configuration built while it does not change.
+    built: Option<Arc<Listener>>,
+    /// Kept only for a listener that names Thrift route configurations: it is translated
+    /// again when they change.
+    proto: Option<XdsListener>,
+}
+
+struct HeldCluster {
+    translated: cluster::Translated,
+    /// The version in force (what the last configuration carried).
+    published: Option<Arc<Cluster>>,
+    /// Whether `published` is behind the resource or its endpoints.
+    stale: bool,
+    /// Since when it waits for endpoints.
+    since: Instant,
+}
+
+/// Everything held from the control plane, translated.
+#[derive(Default)]
+pub struct Store {
+    listeners: BTreeMap<String, HeldListener>,
+    clusters: BTreeMap<String, HeldCluster>,
+    endpoints: BTreeMap<String, Arc<LoadAssignment>>,
+    pub(super) thrift_routes: BTreeMap<String, ThriftRouteConfiguration>,
+}
+
+impl Store {
+    pub fn put_listener(
+        &mut self,
+        name: String,
+        translated: listener::Translated,
+        proto: XdsListener,
+    ) {
+        let built = match &translated.kind {
+            ListenerKind::Outbound(l) => Some(Arc::new(l.clone())),
+            _ => None,
+        };
+        let proto = (!translated.thrift_routes.is_empty()).then_some(proto);
+        self.listeners.insert(
+            name,
+            HeldListener {
+                translated,
+                built,
+                proto,
+            },
+        );
+    }
+
+    pub fn remove_listener(&mut self, name: &str) {
+        self.listeners.remove(name);
+    }
+
+    pub fn put_cluster(&mut self, name: String, translated: cluster::Translated) {
+        let published = self.clusters.remove(&name).and_then(|c| c.published);
+        self.clusters.insert(
+            name,
+            HeldCluster {
+                translated,
+                published,
+                stale: true,
+                since: Instant::now(),
+            },
+        );
+    }
+
+    pub fn remove_cluster(&mut self, name: &str) {
+        self.clusters.remove(name);
+    }
+
+    /// New endpoints for `name`: the clusters that use them are rebuilt.
+    pub fn put_endpoints(&mut self, name: String, endpoints: LoadAssignment) {
+        self.endpoints.insert(name.clone(), Arc::new(endpoints));
+        self.endpoints_changed(&name);
+    }
+
+    pub fn remove_endpoints(&mut self, name: &str) {
+        if self.endpoints.remove(name).is_some() {
+            self.endpoints_changed(name);
+        }
+    }
+
+    fn endpoints_changed(&mut self, name: &str) {
+        for c in self.clusters.values_mut() {
+            if matches!(&c.translated.endpoints, Endpoints::Eds { name: n, .. } if n == name) {
+                c.stale = true;
+            }
+        }
+    }
+
+    /// The listeners that name Thrift route configuration `route`, with their resources,
+    /// to be translated again.
+    pub fn listeners_using(&self, route: &str) -> Vec<(String, XdsListener)> {
+        self.listeners
+            .iter()
+            .filter(|(_, l)| l.translated.thrift_routes.iter().any(|r| r == route))
+            .filter_map(|(n, l)| Some((n.clone(), l.proto.clone()?)))
+            .collect()
+    }
+
+    /// The endpoint and Thrift route names the held clusters and listeners ask for.
+    pub fn eds_names(&self) -> std::collections::BTreeSet<String> {
+        self.clusters
+            .values()
+            .filter_map(|c| match &c.translated.endpoints {
+                Endpoints::Eds { name, .. } => Some(name.clone()),
+                Endpoints::Fixed(_) => None,
+            })
+            .collect()
+    }
+
+    pub fn trds_names(&self) -> std::collections::BTreeSet<String> {
+        self.listeners
+            .values()
+            .flat_map(|l| l.translated.thrift_routes.iter().cloned())
+            .collect()
+    }
+
+    pub fn has_listeners(&self) -> bool {
+        !self.listeners.is_empty()
+    }
+
+    /// Whether a cluster waited past its initial fetch timeout and is not yet in force
+    /// without its endpoints.
+    pub fn stale_past_timeout(&self) -> bool {
+        self.clusters.values().any(|c| {
+            c.stale
+                && matches!(&c.translated.endpoints, Endpoints::Eds { name, .. } if !self.endpoints.contains_key(name))
+                && !self.waits(c)
+        })
+    }
+
+    /// Whether some cluster still waits for its first endpoints (within its timeout).
+    pub fn warming(&self) -> bool {
+        self.clusters.values().any(|c| self.waits(c))
+    }
+
+    fn waits(&self, c: &HeldCluster) -> bool {
+        match &c.translated.endpoints {
+            Endpoints::Eds {
+                name,
+                initial_fetch_timeout,
+            } => {
+                c.stale
+                    && !self.endpoints.contains_key(name)
+                    && initial_fetch_timeout.is_none_or(|t| c.since.elapsed() < t)
+            }
+            Endpoints::Fixed(_) => false,
+        }
+    }
+
+    /// The configuration the resources held make: `version` labels it.
+    pub fn assemble(&mut self, version: String) -> Config {
+        let mut config = Config {
+            version,
+            ..Config::default()
+        };
+        let names: Vec<String> = self.clusters.keys().cloned().collect();
+        for name in names {
+            let waits = self.waits(&self.clusters[&name]);
+            let c = self.clusters.get_mut(&name).expect("held");
+            if c.stale && !waits {
+                // Past its timeout an EDS cluster without endpoints is used without them.
+                let endpoints = match &c.translated.endpoints {
+                    Endpoints::Fixed(la) => Some(la),
+                    Endpoints::Eds { name, .. } => self.endpoints.get(name).map(|la| &**la),
+                };
+                let (endpoints, locality_weights) = endpoints
+                    .map(|la| (la.endpoints.clone(), la.locality_weights.clone()))
+                    .unwrap_or_default();
+                c.published = Some(Arc::new(Cluster {
+                    endpoints,
+                    locality_weights,
+                    ..c.translated.cluster.clone()
+                }));
+                c.stale = false;
+            }
+            if let Some(p) = &c.published {
+                config.clusters.insert(name.clone(), p.clone());
+            }
+            if let Some(reason) = c.translated.set_aside {
+                config.set_aside.push(SetAside {
+                    kind: "cluster",
+                    name,
+                    reason,
+                });
+            }
+        }
+        for (name, l) in &self.listeners {
+            match &l.translated.kind {
+                ListenerKind::VirtualOutbound(mode) => config.passthrough = *mode,
+                ListenerKind::Inbound(listener) => config.inbound = Some(listener.clone()),
+                ListenerKind::Outbound(_) => {
+                    config.listeners.extend(l.built.clone());
+                }
+                ListenerKind::SetAside(reason) => config.set_aside.push(SetAside {
+                    kind: "listener",
+                    name: name.clone(),
+                    reason: *reason,
+                }),
+            }
+            for (chain, reason) in &l.translated.set_aside_chains {
+                config.set_aside.push(SetAside {
+                    kind: "filter_chain",
+                    name: format!("{name}/{chain}"),
+                    reason: *reason,
+                });
+            }
+        }
+        if !self.has_listeners() {
+            config.passthrough = Passthrough::default();
+        }
+        config
+    }
+}

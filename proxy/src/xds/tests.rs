@@ -1,0 +1,678 @@
+//! The xDS path end to end in one process: istiod-shaped resources through the handler
+//! (decode, translate, store, publish) into the snapshot the data path reads.
+use std::collections::BTreeMap;
+
+use tern_proto::{
+    Any, Cluster as XdsCluster, ClusterLoadAssignment, Listener as XdsListener, SocketAddress,
+    TcpProxy, ThriftRouteConfiguration, core_types, encode, endpoint_types, listener_types,
+    tcp_proxy_types, thrift_types, type_url, wkt,
+};
+use tern_xds_client::{Handler, Update};
+
+use super::handler::XdsHandler;
+use crate::{
+    config::{Config, Filter, Health, LbPolicy, Passthrough, SetAsideReason, Target},
+    metrics::Metrics,
+    state::{Selection, State},
+    thrift::{Protocol, Transport},
+};
+
+/// Resources by type, decoded (the test builds them; the handler gets them encoded).
+#[derive(Default)]
+struct Resources {
+    listeners: BTreeMap<String, XdsListener>,
+    clusters: BTreeMap<String, XdsCluster>,
+    endpoints: BTreeMap<String, ClusterLoadAssignment>,
+    thrift_routes: BTreeMap<String, ThriftRouteConfiguration>,
+}
+
+fn changed<T: prost::Message>(items: &BTreeMap<String, T>, url: &str) -> Update {
+    Update {
+        changed: items
+            .iter()
+            .map(|(n, r)| (n.clone(), encode(r, url)))
+            .collect(),
+        removed: Vec::new(),
+    }
+}
+
+/// A handler with every resource of `r` applied in istiod's order (CDS, EDS, LDS).
+fn apply_all(r: &Resources) -> (XdsHandler, std::sync::Arc<State>, Vec<String>) {
+    let state = State::new(Metrics::new(None));
+    let mut h = XdsHandler::new(state.clone(), Config::default());
+    let mut rejected = Vec::new();
+    for (url, update) in [
+        (type_url::CLUSTER, changed(&r.clusters, type_url::CLUSTER)),
+        (
+            type_url::CLUSTER_LOAD_ASSIGNMENT,
+            changed(&r.endpoints, type_url::CLUSTER_LOAD_ASSIGNMENT),
+        ),
+        (
+            type_url::THRIFT_ROUTE_CONFIGURATION,
+            changed(&r.thrift_routes, type_url::THRIFT_ROUTE_CONFIGURATION),
+        ),
+        (
+            type_url::LISTENER,
+            changed(&r.listeners, type_url::LISTENER),
+        ),
+    ] {
+        if let Err(r) = h.apply(url, update) {
+            rejected.extend(r.iter().map(ToString::to_string));
+        }
+    }
+    (h, state, rejected)
+}
+
+fn addr(ip: &str, port: u32) -> tern_proto::Address {
+    tern_proto::Address {
+        address: Some(core_types::address::Address::SocketAddress(SocketAddress {
+            address: ip.into(),
+            port_specifier: Some(core_types::socket_address::PortSpecifier::PortValue(port)),
+            ..Default::default()
+        })),
+    }
+}
+
+fn filter(name: &str, any: Any) -> listener_types::Filter {
+    listener_types::Filter {
+        name: name.into(),
+        config_type: Some(listener_types::filter::ConfigType::TypedConfig(any)),
+    }
+}
+
+fn tcp_proxy(cluster: &str) -> listener_types::Filter {
+    let t = TcpProxy {
+        stat_prefix: cluster.into(),
+        cluster_specifier: Some(tcp_proxy_types::ClusterSpecifier::Cluster(cluster.into())),
+        ..Default::default()
+    };
+    filter(
+        "envoy.filters.network.tcp_proxy",
+        encode(&t, type_url::TCP_PROXY),
+    )
+}
+
+fn chain(port: Option<u32>, filters: Vec<listener_types::Filter>) -> listener_types::FilterChain {
+    listener_types::FilterChain {
+        filter_chain_match: port.map(|p| listener_types::FilterChainMatch {
+            destination_port: Some(wkt::UInt32Value { value: p }),
+            ..Default::default()
+        }),
+        filters,
+        ..Default::default()
+    }
+}
+
+const CALC: &str = "outbound|9090||calc.default.svc.cluster.local";
+
+/// What istiod sends a sidecar for a Thrift service `calc` on port 9090 (plain TCP, as
+/// Istio sends Thrift), a second service routed with thrift_proxy, and the Pod's inbound.
+/// The fuzz target `xds_translate` starts from these resources: each seed is one of
+/// them alone, and one holds them all. `TERN_UPDATE_FUZZ_SEEDS=1` writes them.
+#[test]
+fn the_xds_fuzz_seeds_are_the_istiod_resources() {
+    use prost::Message as _;
+    let r = istiod();
+    let mut records: Vec<(u8, String, Vec<u8>)> = Vec::new();
+    records.extend(
+        r.listeners
+            .iter()
+            .map(|(n, l)| (0, n.clone(), l.encode_to_vec())),
+    );
+    records.extend(
+        r.clusters
+            .iter()
+            .map(|(n, c)| (1, n.clone(), c.encode_to_vec())),
+    );
+    records.extend(
+        r.endpoints
+            .iter()
+            .map(|(n, e)| (2, n.clone(), e.encode_to_vec())),
+    );
+    records.extend(
+        r.thrift_routes
+            .iter()
+            .map(|(n, t)| (3, n.clone(), t.encode_to_vec())),
+    );
+    let encode = |records: &[(u8, String, Vec<u8>)]| {
+        let mut out = Vec::new();
+        for (selector, name, body) in records {
+            out.push(*selector);
+            out.push(u8::try_from(name.len()).unwrap());
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(&u16::try_from(body.len()).unwrap().to_be_bytes());
+            out.extend_from_slice(body);
+        }
+        out
+    };
+    let mut seeds: Vec<(String, Vec<u8>)> = records
+        .iter()
+        .enumerate()
+        .map(|(i, rec)| (format!("resource-{i}"), encode(std::slice::from_ref(rec))))
+        .collect();
+    seeds.push(("all".into(), encode(&records)));
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/xds_translate");
+    if std::env::var_os("TERN_UPDATE_FUZZ_SEEDS").is_some() {
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, bytes) in &seeds {
+            std::fs::write(dir.join(name), bytes).unwrap();
+        }
+    }
+    for (name, bytes) in &seeds {
+        let committed = std::fs::read(dir.join(name))
+            .unwrap_or_else(|e| panic!("seed {name}: {e} (TERN_UPDATE_FUZZ_SEEDS=1 writes it)"));
+        assert_eq!(&committed, bytes, "seed {name} is stale");
+    }
+}
+
+fn istiod() -> Resources {
+    let mut r = Resources::default();
+    let outbound = XdsListener {
+        name: "virtualOutbound".into(),
+        address: Some(addr("0.0.0.0", 15001)),
+        use_original_dst: Some(wkt::BoolValue { value: true }),
+        default_filter_chain: Some(chain(None, vec![tcp_proxy("BlackHoleCluster")])),
+        ..Default::default()
+    };
+    // Istio's metadata exchange comes first: tern skips filters it does not run.
+    let mx = filter(
+        "istio.metadata_exchange",
+        Any {
+            type_url: "type.googleapis.com/udpa.type.v1.TypedStruct".into(),
+            value: vec![],
+        },
+    );
+    let calc = XdsListener {
+        name: "10.96.0.10_9090".into(),
+        address: Some(addr("10.96.0.10", 9090)),
+        filter_chains: vec![chain(None, vec![mx, tcp_proxy(CALC)])],
+        bind_to_port: Some(wkt::BoolValue { value: false }),
+        ..Default::default()
+    };
+    let thrift = thrift_types::ThriftProxy {
+        transport: 1,
+        protocol: 3,
+        route_config: Some(ThriftRouteConfiguration {
+            name: "store".into(),
+            routes: vec![thrift_types::Route {
+                r#match: Some(thrift_types::RouteMatch {
+                    match_specifier: Some(thrift_types::route_match::MatchSpecifier::ServiceName(
+                        "Store:".into(),
+                    )),
+                    ..Default::default()
+                }),
+                route: Some(thrift_types::RouteAction {
+                    cluster_specifier: Some(thrift_types::route_action::ClusterSpecifier::Cluster(
+                        CALC.into(),
+                    )),
+                    ..Default::default()
+                }),
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let store = XdsListener {
+        name: "0.0.0.0_9191".into(),
+        address: Some(addr("0.0.0.0", 9191)),
+        bind_to_port: Some(wkt::BoolValue { value: false }),
+        filter_chains: vec![chain(
+            None,
+            vec![filter(
+                "envoy.filters.network.thrift_proxy",
+                encode(&thrift, type_url::THRIFT_PROXY),
+            )],
+        )],
+        ..Default::default()
+    };
+    let inbound = XdsListener {
+        name: "virtualInbound".into(),
+        address: Some(addr("0.0.0.0", 15006)),
+        filter_chains: vec![chain(Some(8080), vec![tcp_proxy("inbound|8080||")])],
+        ..Default::default()
+    };
+    for l in [outbound, calc, store, inbound] {
+        r.listeners.insert(l.name.clone(), l);
+    }
+    let eds = XdsCluster {
+        name: CALC.into(),
+        cluster_discovery_type: Some(tern_proto::cluster_types::ClusterDiscoveryType::Type(3)),
+        eds_cluster_config: Some(tern_proto::cluster_types::EdsClusterConfig {
+            service_name: CALC.into(),
+            ..Default::default()
+        }),
+        lb_policy: 1,
+        ..Default::default()
+    };
+    let inbound_cluster = XdsCluster {
+        name: "inbound|8080||".into(),
+        cluster_discovery_type: Some(tern_proto::cluster_types::ClusterDiscoveryType::Type(4)),
+        ..Default::default()
+    };
+    let blackhole = XdsCluster {
+        name: "BlackHoleCluster".into(),
+        ..Default::default()
+    };
+    for c in [eds, inbound_cluster, blackhole] {
+        r.clusters.insert(c.name.clone(), c);
+    }
+    let lb = |ip: &str, health: i32| endpoint_types::LbEndpoint {
+        health_status: health,
+        host_identifier: Some(endpoint_types::lb_endpoint::HostIdentifier::Endpoint(
+            endpoint_types::Endpoint {
+                address: Some(addr(ip, 9090)),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    };
+    let cla = ClusterLoadAssignment {
+        cluster_name: CALC.into(),
+        endpoints: vec![
+            endpoint_types::LocalityLbEndpoints {
+                locality: Some(core_types::Locality {
+                    region: "r".into(),
+                    zone: "a".into(),
+                    ..Default::default()
+                }),
+                lb_endpoints: vec![lb("10.0.0.1", 1), lb("10.0.0.2", 3)],
+                load_balancing_weight: Some(wkt::UInt32Value { value: 2 }),
+                ..Default::default()
+            },
+            endpoint_types::LocalityLbEndpoints {
+                lb_endpoints: vec![lb("10.0.1.1", 0)],
+                priority: 1,
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    };
+    r.endpoints.insert(CALC.into(), cla);
+    r
+}
+
+#[test]
+fn translates_what_istiod_sends_a_sidecar() {
+    let (_, state, rejected) = apply_all(&istiod());
+    assert!(rejected.is_empty(), "{rejected:?}");
+    assert!(state.ready());
+    let snap = state.load();
+    let c = &snap.config;
+    assert_eq!(
+        c.passthrough,
+        Passthrough::Deny,
+        "REGISTRY_ONLY from the BlackHoleCluster default"
+    );
+    assert_eq!(
+        c.listeners.len(),
+        2,
+        "virtualOutbound is tern's own listener"
+    );
+    assert_eq!(
+        c.inbound.as_ref().unwrap().filter_chains[0]
+            .matcher
+            .destination_port,
+        Some(8080)
+    );
+    let calc = &c.clusters[CALC];
+    assert_eq!(calc.lb_policy, LbPolicy::LeastRequest);
+    assert_eq!(
+        calc.outlier, None,
+        "outlier detection only where a cluster asks"
+    );
+    assert_eq!(calc.endpoints.len(), 3);
+    assert_eq!(calc.endpoints[1].health, Health::Draining);
+    assert_eq!(
+        (
+            calc.endpoints[2].priority,
+            calc.endpoints[0].locality.as_str()
+        ),
+        (1, "r/a/")
+    );
+    assert_eq!(calc.locality_weights["r/a/"], 2);
+    assert!(c.clusters["inbound|8080||"].original_dst);
+    match snap.select(
+        "10.96.0.10:9090".parse().unwrap(),
+        "10.0.9.9:1".parse().unwrap(),
+    ) {
+        Selection::Chain(l, chain) => {
+            assert_eq!(l.name, "10.96.0.10_9090");
+            assert!(
+                matches!(&chain.filter, Filter::TcpProxy { target: Target::Cluster(t), .. } if t == CALC)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    match snap.select(
+        "10.7.7.7:9191".parse().unwrap(),
+        "10.0.9.9:1".parse().unwrap(),
+    ) {
+        Selection::Chain(_, chain) => {
+            let Filter::Thrift(t) = &chain.filter else {
+                panic!("thrift")
+            };
+            assert_eq!(
+                (t.transport, t.protocol),
+                (Some(Transport::Framed), Some(Protocol::Compact))
+            );
+            assert_eq!(t.routes[0].matcher.service.as_deref(), Some("Store"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        snap.select(
+            "10.9.9.9:80".parse().unwrap(),
+            "10.0.9.9:1".parse().unwrap()
+        ),
+        Selection::Deny
+    ));
+    // An inbound port no chain matches is refused, as Envoy does.
+    assert!(matches!(
+        snap.select_inbound(
+            "10.0.0.5:9999".parse().unwrap(),
+            "10.0.9.9:1".parse().unwrap()
+        ),
+        Selection::Deny
+    ));
+}
+
+/// One corrupt cluster and one unusable listener: they are refused by name, everything
+/// else applies, and a later good version replaces the refusal.
+#[test]
+fn a_bad_resource_is_refused_by_name_and_the_rest_applies() {
+    let (mut h, state, _) = apply_all(&istiod());
+    let mut corrupt = encode(
+        &XdsCluster {
+            name: "outbound|7070||corrupt.default.svc.cluster.local".into(),
+            ..Default::default()
+        },
+        type_url::CLUSTER,
+    );
+    corrupt.value.extend_from_slice(&[0xff, 0xff]);
+    let good = XdsCluster {
+        name: "outbound|6060||good.default.svc.cluster.local".into(),
+        ..Default::default()
+    };
+    let err = h
+        .apply(
+            type_url::CLUSTER,
+            Update {
+                changed: vec![
+                    (
+                        "outbound|7070||corrupt.default.svc.cluster.local".into(),
+                        corrupt,
+                    ),
+                    (good.name.clone(), encode(&good, type_url::CLUSTER)),
+                ],
+                removed: Vec::new(),
+            },
+        )
+        .unwrap_err();
+    assert_eq!(err.len(), 1);
+    assert_eq!(
+        err[0].name,
+        "outbound|7070||corrupt.default.svc.cluster.local"
+    );
+    let snap = state.load();
+    assert!(
+        snap.clusters.contains_key(&good.name),
+        "the good cluster serves"
+    );
+    assert!(
+        snap.clusters.contains_key(CALC),
+        "clusters held before stay"
+    );
+
+    let hostname = XdsListener {
+        name: "broken_9999".into(),
+        address: Some(addr("calc.default.svc", 9999)),
+        bind_to_port: Some(wkt::BoolValue { value: false }),
+        ..Default::default()
+    };
+    let err = h
+        .apply(
+            type_url::LISTENER,
+            changed(
+                &BTreeMap::from([(hostname.name.clone(), hostname)]),
+                type_url::LISTENER,
+            ),
+        )
+        .unwrap_err();
+    let message = err[0].to_string();
+    assert!(
+        message.contains("broken_9999") && message.contains("not an IP"),
+        "{message}"
+    );
+    assert_eq!(
+        state.load().config.listeners.len(),
+        2,
+        "the other listeners stay"
+    );
+}
+
+/// What istiod sends that tern does not run is set aside and counted, never refused; an
+/// authorization filter tern cannot enforce refuses its listener.
+#[test]
+fn internal_listeners_http_and_tls_chains_are_set_aside_rbac_is_refused() {
+    let mut r = istiod();
+    let internal = XdsListener {
+        name: "connect_originate".into(),
+        listener_specifier: Some(
+            listener_types::listener::ListenerSpecifier::InternalListener(Default::default()),
+        ),
+        filter_chains: vec![chain(None, vec![tcp_proxy(CALC)])],
+        ..Default::default()
+    };
+    let terminate = XdsListener {
+        name: "connect_terminate".into(),
+        address: Some(addr("0.0.0.0", 15008)),
+        filter_chains: vec![chain(None, vec![tcp_proxy(CALC)])],
+        ..Default::default()
+    };
+    let hcm = filter(
+        "envoy.filters.network.http_connection_manager",
+        encode(
+            &tern_proto::HttpConnectionManager::default(),
+            type_url::HTTP_CONNECTION_MANAGER,
+        ),
+    );
+    let mut tls_chain = chain(Some(8443), vec![tcp_proxy("inbound|8080||")]);
+    tls_chain.name = "tls".into();
+    tls_chain.transport_socket = Some(core_types::TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(core_types::transport_socket::ConfigType::TypedConfig(Any {
+            type_url: type_url::DOWNSTREAM_TLS_CONTEXT.into(),
+            value: Vec::new(),
+        })),
+    });
+    let mut http_chain = chain(Some(8080), vec![hcm]);
+    http_chain.name = "http".into();
+    let inbound = r.listeners.get_mut("virtualInbound").unwrap();
+    inbound.filter_chains.push(tls_chain);
+    inbound.filter_chains.push(http_chain);
+    for l in [internal, terminate] {
+        r.listeners.insert(l.name.clone(), l);
+    }
+    let (mut h, state, rejected) = apply_all(&r);
+    assert!(rejected.is_empty(), "{rejected:?}");
+    let snap = state.load();
+    let reasons: Vec<(&str, &str, SetAsideReason)> = snap
+        .config
+        .set_aside
+        .iter()
+        .map(|s| (s.kind, s.name.as_str(), s.reason))
+        .collect();
+    assert!(
+        reasons.contains(&(
+            "listener",
+            "connect_originate",
+            SetAsideReason::InternalListener
+        )),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&(
+            "listener",
+            "connect_terminate",
+            SetAsideReason::BoundListener
+        )),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&(
+            "filter_chain",
+            "virtualInbound/tls",
+            SetAsideReason::TlsTermination
+        )),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&("filter_chain", "virtualInbound/http", SetAsideReason::Http)),
+        "{reasons:?}"
+    );
+    let metrics = state.metrics.encode();
+    assert!(
+        metrics.contains(r#"tern_xds_set_aside{kind="listener",reason="internal_listener"} 1"#),
+        "{metrics}"
+    );
+
+    // Network RBAC in virtualInbound: the listener is refused, not run without its policy.
+    let rbac = filter(
+        "envoy.filters.network.rbac",
+        Any {
+            type_url: type_url::NETWORK_RBAC.into(),
+            value: Vec::new(),
+        },
+    );
+    let mut inbound = r.listeners["virtualInbound"].clone();
+    inbound.filter_chains[0].filters.insert(0, rbac);
+    let err = h
+        .apply(
+            type_url::LISTENER,
+            changed(
+                &BTreeMap::from([(inbound.name.clone(), inbound)]),
+                type_url::LISTENER,
+            ),
+        )
+        .unwrap_err();
+    assert!(
+        err[0]
+            .to_string()
+            .contains("network RBAC cannot be enforced"),
+        "{}",
+        err[0]
+    );
+}
+
+/// An EDS change rebuilds its one cluster; every other cluster keeps its state (picker,
+/// pools, outlier state) by pointer.
+#[test]
+fn an_endpoint_change_touches_only_its_cluster() {
+    let mut r = istiod();
+    let other = XdsCluster {
+        name: "outbound|80||other.default.svc.cluster.local".into(),
+        cluster_discovery_type: Some(tern_proto::cluster_types::ClusterDiscoveryType::Type(3)),
+        ..Default::default()
+    };
+    r.endpoints.insert(
+        other.name.clone(),
+        ClusterLoadAssignment {
+            cluster_name: other.name.clone(),
+            ..r.endpoints[CALC].clone()
+        },
+    );
+    r.clusters.insert(other.name.clone(), other.clone());
+    let (mut h, state, _) = apply_all(&r);
+    let before = state.load();
+    let mut cla = r.endpoints[CALC].clone();
+    cla.endpoints[0].lb_endpoints.truncate(1);
+    h.apply(
+        type_url::CLUSTER_LOAD_ASSIGNMENT,
+        changed(
+            &BTreeMap::from([(CALC.to_string(), cla)]),
+            type_url::CLUSTER_LOAD_ASSIGNMENT,
+        ),
+    )
+    .unwrap();
+    let after = state.load();
+    assert_eq!(after.clusters[CALC].endpoints.len(), 2);
+    assert!(!std::sync::Arc::ptr_eq(
+        &before.clusters[CALC],
+        &after.clusters[CALC]
+    ));
+    assert!(std::sync::Arc::ptr_eq(
+        &before.clusters[&other.name],
+        &after.clusters[&other.name]
+    ));
+    assert!(
+        std::sync::Arc::ptr_eq(
+            &before.clusters[CALC].endpoints[0].runtime,
+            &after.clusters[CALC].endpoints[0].runtime
+        ),
+        "a kept endpoint keeps its runtime"
+    );
+}
+
+/// A changed cluster waiting for its new endpoints keeps its previous version in force; a
+/// new one waits outside; neither holds anything else back.
+#[test]
+fn warming_is_per_cluster() {
+    let r = istiod();
+    let (mut h, state, _) = apply_all(&r);
+    // CALC now reads endpoints under another name, not sent yet.
+    let mut moved = r.clusters[CALC].clone();
+    moved.eds_cluster_config = Some(tern_proto::cluster_types::EdsClusterConfig {
+        service_name: "calc-v2".into(),
+        ..Default::default()
+    });
+    moved.lb_policy = 0;
+    let fresh = XdsCluster {
+        name: "outbound|81||fresh.default.svc.cluster.local".into(),
+        cluster_discovery_type: Some(tern_proto::cluster_types::ClusterDiscoveryType::Type(3)),
+        ..Default::default()
+    };
+    let static_one = XdsCluster {
+        name: "static".into(),
+        ..Default::default()
+    };
+    h.apply(
+        type_url::CLUSTER,
+        changed(
+            &BTreeMap::from([
+                (CALC.to_string(), moved),
+                (fresh.name.clone(), fresh.clone()),
+                ("static".to_string(), static_one),
+            ]),
+            type_url::CLUSTER,
+        ),
+    )
+    .unwrap();
+    let snap = state.load();
+    assert_eq!(
+        snap.clusters[CALC].config.lb_policy,
+        LbPolicy::LeastRequest,
+        "the old version serves"
+    );
+    assert!(
+        !snap.clusters.contains_key(&fresh.name),
+        "a new cluster waits for its endpoints"
+    );
+    assert!(
+        snap.clusters.contains_key("static"),
+        "the rest applies at once"
+    );
+    let mut cla = r.endpoints[CALC].clone();
+    cla.cluster_name = "calc-v2".into();
+    h.apply(
+        type_url::CLUSTER_LOAD_ASSIGNMENT,
+        changed(
+            &BTreeMap::from([("calc-v2".to_string(), cla)]),
+            type_url::CLUSTER_LOAD_ASSIGNMENT,
+        ),
+    )
+    .unwrap();
+    assert_eq!(
+        state.load().clusters[CALC].config.lb_policy,
+        LbPolicy::RoundRobin
+    );
+}

@@ -1,0 +1,326 @@
+//! A `Cluster` into tern's model, without its endpoints (EDS sends those separately).
+//!
+//! EDS clusters take their endpoints from the `ClusterLoadAssignment` named by
+//! `service_name` (else the cluster name), STATIC ones carry them inline, ORIGINAL_DST ones
+//! relay to the original destination. Load-balancing policy with Envoy's ring hash and
+//! Maglev sizes, connect timeout, default-priority circuit breakers, and outlier detection
+//! only where the cluster asks for it, with Envoy's defaults for what it leaves out.
+use std::time::Duration;
+
+use tern_proto::{Cluster as XdsCluster, cluster_types};
+
+use super::{
+    Invalid, SetAsideReason, TranslateError, count, duration,
+    endpoints::{self, LoadAssignment},
+};
+use crate::config::{
+    CircuitBreakers, Cluster, HashTable, LbPolicy, OutlierDetection, UpstreamMode,
+};
+
+/// Where a cluster's endpoints come from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Endpoints {
+    /// The `ClusterLoadAssignment` of this name, waited for at most this long before the
+    /// cluster is used without endpoints (`initial_fetch_timeout`; `None`: forever).
+    Eds {
+        name: String,
+        initial_fetch_timeout: Option<Duration>,
+    },
+    /// Inline (STATIC), or none at all.
+    Fixed(LoadAssignment),
+}
+
+/// A translated cluster: its configuration (endpoints empty), where its endpoints come
+/// from, and what of it is set aside.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Translated {
+    pub cluster: Cluster,
+    pub endpoints: Endpoints,
+    pub set_aside: Option<SetAsideReason>,
+}
+
+/// Envoy's `initial_fetch_timeout` default.
+const INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
+/// Envoy's largest `maximum_ring_size`.
+const MAX_RING_SIZE: u64 = 8 * 1024 * 1024;
+
+pub fn translate(c: &XdsCluster) -> Result<Translated, TranslateError> {
+    use cluster_types::ClusterDiscoveryType;
+    let mut set_aside = None;
+    let mut original_dst = false;
+    let endpoints = match c.cluster_discovery_type {
+        None | Some(ClusterDiscoveryType::Type(0)) => Endpoints::Fixed(match &c.load_assignment {
+            Some(cla) => endpoints::translate(cla).map_err(|e| e.at("load_assignment"))?,
+            None => LoadAssignment::default(),
+        }),
+        Some(ClusterDiscoveryType::Type(3)) => {
+            let eds = c.eds_cluster_config.as_ref();
+            let name = eds
+                .map(|e| e.service_name.clone())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| c.name.clone());
+            let timeout = eds
+                .and_then(|e| e.eds_config.as_ref())
+                .and_then(|s| s.initial_fetch_timeout.as_ref())
+                .map_or(Some(INITIAL_FETCH_TIMEOUT), |d| {
+                    Some(duration(d)).filter(|d| !d.is_zero())
+                });
+            Endpoints::Eds {
+                name,
+                initial_fetch_timeout: timeout,
+            }
+        }
+        Some(ClusterDiscoveryType::Type(4)) => {
+            original_dst = true;
+            Endpoints::Fixed(LoadAssignment::default())
+        }
+        // DNS clusters (ServiceEntries with DNS resolution) stay, without endpoints:
+        // requests to them get a local reply rather than the resource being refused.
+        Some(ClusterDiscoveryType::Type(_)) => {
+            set_aside = Some(SetAsideReason::DnsCluster);
+            Endpoints::Fixed(LoadAssignment::default())
+        }
+        Some(ClusterDiscoveryType::ClusterType(_)) => {
+            set_aside = Some(SetAsideReason::CustomCluster);
+            Endpoints::Fixed(LoadAssignment::default())
+        }
+    };
+    if set_aside.is_none() && originates_tls(c) {
+        set_aside = Some(SetAsideReason::UpstreamTls);
+    }
+    let lb_policy = match c.lb_policy {
+        0 => LbPolicy::RoundRobin,
+        1 => LbPolicy::LeastRequest,
+        2 => LbPolicy::RingHash,
+        3 => LbPolicy::Random,
+        5 => LbPolicy::Maglev,
+        // CLUSTER_PROVIDED (istiod's PassthroughCluster) and policies tern lacks: round robin.
+        _ => LbPolicy::RoundRobin,
+    };
+    let defaults = CircuitBreakers::default();
+    let thresholds = c
+        .circuit_breakers
+        .as_ref()
+        .and_then(|cb| cb.thresholds.iter().find(|t| t.priority == 0));
+    let threshold = |get: fn(&cluster_types::circuit_breakers::Thresholds) -> Option<u32>,
+                     default: usize| {
+        thresholds.and_then(get).map_or(default, count)
+    };
+    let cluster = Cluster {
+        name: c.name.clone(),
+        lb_policy,
+        hash_header: None,
+        hash_table: hash_table(c)?,
+        endpoints: Vec::new(),
+        locality_weights: Default::default(),
+        request_timeout: Duration::from_secs(15),
+        connect_timeout: c
+            .connect_timeout
+            .as_ref()
+            .map_or(Duration::from_secs(10), duration),
+        circuit_breakers: CircuitBreakers {
+            max_connections: threshold(
+                |t| t.max_connections.map(|v| v.value),
+                defaults.max_connections,
+            ),
+            max_pending_requests: threshold(
+                |t| t.max_pending_requests.map(|v| v.value),
+                defaults.max_pending_requests,
+            ),
+            max_requests: threshold(|t| t.max_requests.map(|v| v.value), defaults.max_requests),
+        },
+        outlier: c.outlier_detection.as_ref().map(outlier),
+        upstream: upstream_mode(c),
+        connections_per_endpoint: 4,
+        idle_timeout: crate::config::DEFAULT_IDLE_TIMEOUT,
+        original_dst,
+    };
+    Ok(Translated {
+        cluster,
+        endpoints,
+        set_aside,
+    })
+}
+
+/// Whether the cluster asks for TLS towards its endpoints (Istio's auto-mTLS
+/// `transport_socket_matches`, or a `transport_socket`).
+fn originates_tls(c: &XdsCluster) -> bool {
+    use tern_proto::core_types::transport_socket::ConfigType;
+    let tls = |ts: Option<&tern_proto::core_types::TransportSocket>| {
+        matches!(
+            ts.and_then(|t| t.config_type.as_ref()),
+            Some(ConfigType::TypedConfig(any)) if any.type_url == tern_proto::type_url::UPSTREAM_TLS_CONTEXT
+        )
+    };
+    tls(c.transport_socket.as_ref())
+        || c.transport_socket_matches
+            .iter()
+            .any(|m| tls(m.transport_socket.as_ref()))
+}
+
+/// Ring hash and Maglev sizes, checked as Envoy checks them.
+fn hash_table(c: &XdsCluster) -> Result<HashTable, TranslateError> {
+    use cluster_types::LbConfig;
+    let mut table = HashTable::default();
+    match &c.lb_config {
+        Some(LbConfig::RingHashLbConfig(r)) => {
+            if let Some(v) = r.minimum_ring_size {
+                table.minimum_ring_size = v.value.max(1);
+            }
+            if let Some(v) = r.maximum_ring_size {
+                table.maximum_ring_size = v.value.clamp(1, MAX_RING_SIZE);
+            }
+            table.minimum_ring_size = table.minimum_ring_size.min(MAX_RING_SIZE);
+            if table.minimum_ring_size > table.maximum_ring_size {
+                return Err(Invalid::RingSize {
+                    min: table.minimum_ring_size,
+                    max: table.maximum_ring_size,
+                }
+                .at("ring_hash_lb_config"));
+            }
+        }
+        Some(LbConfig::MaglevLbConfig(m)) => {
+            if let Some(v) = m.table_size {
+                // Envoy allows up to 5,000,011; a prime keeps every permutation complete.
+                if v.value > 5_000_011 || !is_prime(v.value) {
+                    return Err(Invalid::MaglevTableSize(v.value).at("maglev_lb_config"));
+                }
+                table.maglev_table_size = v.value;
+            }
+        }
+        _ => {}
+    }
+    Ok(table)
+}
+
+fn is_prime(n: u64) -> bool {
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
+}
+
+/// Envoy's outlier detection settings, with its defaults for what is left out.
+fn outlier(o: &cluster_types::OutlierDetection) -> OutlierDetection {
+    let d = OutlierDetection::default();
+    let percent = |v: Option<tern_proto::wkt::UInt32Value>, default: u32| {
+        v.map_or(default, |v| v.value.min(100))
+    };
+    OutlierDetection {
+        consecutive_5xx: o.consecutive_5xx.map_or(d.consecutive_5xx, |v| v.value),
+        enforcing_consecutive_5xx: percent(
+            o.enforcing_consecutive_5xx,
+            d.enforcing_consecutive_5xx,
+        ),
+        consecutive_gateway_failure: o
+            .consecutive_gateway_failure
+            .map_or(d.consecutive_gateway_failure, |v| v.value),
+        enforcing_consecutive_gateway_failure: percent(
+            o.enforcing_consecutive_gateway_failure,
+            d.enforcing_consecutive_gateway_failure,
+        ),
+        base_ejection: o
+            .base_ejection_time
+            .as_ref()
+            .map_or(d.base_ejection, duration),
+        max_ejection: o
+            .max_ejection_time
+            .as_ref()
+            .map_or(d.max_ejection, duration),
+        max_ejection_percent: percent(o.max_ejection_percent, d.max_ejection_percent),
+    }
+}
+
+/// A cluster opts in to multiplexed Thrift upstream connections with the metadata
+/// `filter_metadata: { tern: { thrift_upstream: multiplexed } }` (a DestinationRule cannot
+/// say it; an EnvoyFilter or another control plane can).
+fn upstream_mode(c: &XdsCluster) -> UpstreamMode {
+    use tern_proto::wkt::Kind;
+    let mode = c
+        .metadata
+        .as_ref()
+        .and_then(|m| m.filter_metadata.get("tern"))
+        .and_then(|s| s.fields.get("thrift_upstream"))
+        .and_then(|v| match &v.kind {
+            Some(Kind::StringValue(s)) => Some(s.as_str()),
+            _ => None,
+        });
+    match mode {
+        Some("multiplexed") => UpstreamMode::Multiplexed,
+        _ => UpstreamMode::Exclusive,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outlier_detection_only_where_asked_with_envoys_defaults() {
+        let plain = XdsCluster {
+            name: "c".into(),
+            ..Default::default()
+        };
+        assert_eq!(translate(&plain).unwrap().cluster.outlier, None);
+        let asked = XdsCluster {
+            outlier_detection: Some(cluster_types::OutlierDetection {
+                consecutive_5xx: Some(tern_proto::wkt::UInt32Value { value: 3 }),
+                max_ejection_percent: Some(tern_proto::wkt::UInt32Value { value: 250 }),
+                ..Default::default()
+            }),
+            ..plain
+        };
+        let o = translate(&asked).unwrap().cluster.outlier.unwrap();
+        assert_eq!(o.consecutive_5xx, 3);
+        assert_eq!(o.max_ejection_percent, 100, "a percentage is at most 100");
+        assert_eq!(o.enforcing_consecutive_gateway_failure, 0);
+        assert_eq!(o.base_ejection, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn hash_sizes_are_checked_and_only_that_cluster_is_refused() {
+        use tern_proto::wkt::UInt64Value;
+        let ring = |min: u64, max: u64| XdsCluster {
+            name: "ring".into(),
+            lb_policy: 2,
+            lb_config: Some(cluster_types::LbConfig::RingHashLbConfig(
+                cluster_types::RingHashLbConfig {
+                    minimum_ring_size: Some(UInt64Value { value: min }),
+                    maximum_ring_size: Some(UInt64Value { value: max }),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        };
+        let t = translate(&ring(12, 100)).unwrap();
+        assert_eq!(t.cluster.lb_policy, LbPolicy::RingHash);
+        assert_eq!(t.cluster.hash_table.minimum_ring_size, 12);
+        let err = translate(&ring(20, 10)).unwrap_err().to_string();
+        assert!(
+            err.contains("minimum_ring_size (20) > maximum_ring_size (10)"),
+            "{err}"
+        );
+        let huge = translate(&ring(u64::MAX, u64::MAX)).unwrap();
+        assert_eq!(huge.cluster.hash_table.maximum_ring_size, MAX_RING_SIZE);
+        let maglev = |size: u64| XdsCluster {
+            name: "maglev".into(),
+            lb_policy: 5,
+            lb_config: Some(cluster_types::LbConfig::MaglevLbConfig(
+                cluster_types::MaglevLbConfig {
+                    table_size: Some(UInt64Value { value: size }),
+                },
+            )),
+            ..Default::default()
+        };
+        assert_eq!(
+            translate(&maglev(17))
+                .unwrap()
+                .cluster
+                .hash_table
+                .maglev_table_size,
+            17
+        );
+        assert!(translate(&maglev(8)).is_err());
+        assert!(translate(&maglev(u64::MAX)).is_err());
+    }
+}

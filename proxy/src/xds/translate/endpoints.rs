@@ -1,0 +1,56 @@
+//! A `ClusterLoadAssignment` into endpoints: address, health, weight, priority, locality.
+use std::collections::BTreeMap;
+
+use tern_proto::ClusterLoadAssignment;
+
+use super::{Invalid, TranslateError, socket_addr};
+use crate::config::{Endpoint, Health};
+
+/// A cluster's endpoints and the weight of each locality.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoadAssignment {
+    pub endpoints: Vec<Endpoint>,
+    pub locality_weights: BTreeMap<String, u32>,
+}
+
+pub fn translate(cla: &ClusterLoadAssignment) -> Result<LoadAssignment, Invalid> {
+    use tern_proto::endpoint_types::lb_endpoint::HostIdentifier;
+    let mut out = LoadAssignment::default();
+    for group in &cla.endpoints {
+        let locality = group
+            .locality
+            .as_ref()
+            .map(|l| [l.region.as_str(), l.zone.as_str(), l.sub_zone.as_str()].join("/"))
+            .unwrap_or_default();
+        if let Some(w) = group.load_balancing_weight {
+            out.locality_weights.insert(locality.clone(), w.value);
+        }
+        for e in &group.lb_endpoints {
+            let Some(HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
+                continue;
+            };
+            let address = socket_addr(ep.address.as_ref())?;
+            let health = match e.health_status {
+                1 => Health::Healthy,
+                2 => Health::Unhealthy,
+                3 => Health::Draining,
+                4 => Health::Timeout,
+                5 => Health::Degraded,
+                _ => Health::Unknown,
+            };
+            out.endpoints.push(Endpoint {
+                address,
+                weight: e.load_balancing_weight.map_or(1, |w| w.value.max(1)),
+                priority: group.priority,
+                locality: locality.clone(),
+                health,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Translates a `ClusterLoadAssignment` received by itself (EDS).
+pub fn translate_resource(cla: &ClusterLoadAssignment) -> Result<LoadAssignment, TranslateError> {
+    translate(cla).map_err(|e| e.at("endpoint"))
+}

@@ -1,0 +1,405 @@
+//! A `Listener` into tern's model.
+//!
+//! - `virtualOutbound` (`use_original_dst`) is tern's own outbound listener: only the cluster
+//!   its catch-all chain (or default chain) goes to is read — `BlackHoleCluster` means
+//!   unknown destinations are refused (`REGISTRY_ONLY`), anything else relays them;
+//! - `virtualInbound` supplies the inbound filter chains;
+//! - listeners bound to no port (`<vip>_<port>`, `0.0.0.0_<port>`) are matched against
+//!   original destinations, with each chain's `tcp_proxy` or `thrift_proxy`;
+//! - internal listeners and listeners bound to ports of their own (HBONE) are set aside.
+//!
+//! Per chain: filters that only observe (stats, metadata exchange, peer authentication
+//! metadata) are skipped; an HTTP connection manager chain is set aside and relayed as TCP to
+//! its original destination; a chain that terminates TLS or runs an ECDS filter is set aside
+//! and refuses its connections; an authorization filter tern cannot enforce (network RBAC,
+//! ext_authz, or HTTP RBAC/ext_authz inside an HTTP chain) refuses the whole listener.
+use std::collections::BTreeMap;
+
+use tern_proto::{
+    Listener as XdsListener, TcpProxy, ThriftProxy as XdsThrift, ThriftRouteConfiguration, decode,
+    listener_types, type_url,
+};
+
+use super::{Invalid, SetAsideReason, TranslateError, cidrs, socket_addr, typed_config};
+use crate::{
+    config::{
+        ChainMatch, Filter, FilterChain, Listener, Passthrough, Route, RouteAction, RouteMatch,
+        Target, ThriftProxy,
+    },
+    thrift::{Protocol, Transport},
+};
+
+/// What a listener becomes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ListenerKind {
+    /// Istio's `virtualOutbound`: what happens to destinations no listener matches.
+    VirtualOutbound(Passthrough),
+    /// Istio's `virtualInbound`.
+    Inbound(Listener),
+    /// A listener matched against original destinations.
+    Outbound(Listener),
+    /// Not run at all.
+    SetAside(SetAsideReason),
+}
+
+/// A translated listener, the chains it set aside, and the Thrift route configurations it
+/// names (it is translated again when they change).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Translated {
+    pub kind: ListenerKind,
+    pub set_aside_chains: Vec<(String, SetAsideReason)>,
+    pub thrift_routes: Vec<String>,
+}
+
+/// Translates one listener; `routes` are the Thrift route configurations held.
+pub fn translate(
+    l: &XdsListener,
+    routes: &BTreeMap<String, ThriftRouteConfiguration>,
+) -> Result<Translated, TranslateError> {
+    let thrift_routes = trds_names(l);
+    let done = |kind| Translated {
+        kind,
+        set_aside_chains: Vec::new(),
+        thrift_routes: thrift_routes.clone(),
+    };
+    if l.use_original_dst.is_some_and(|b| b.value) {
+        return Ok(done(ListenerKind::VirtualOutbound(passthrough_mode(l))));
+    }
+    let internal = matches!(
+        l.listener_specifier,
+        Some(listener_types::listener::ListenerSpecifier::InternalListener(_))
+    );
+    if internal || is_internal_address(l) {
+        return Ok(done(ListenerKind::SetAside(
+            SetAsideReason::InternalListener,
+        )));
+    }
+    let address = socket_addr(l.address.as_ref()).map_err(|e| e.at("address"))?;
+    let inbound = l.name == "virtualInbound";
+    // Listeners other than Istio's two that bind a port (HBONE's connect_terminate): tern
+    // listens on 15001 and 15006 only, so nothing ever reaches them.
+    if !inbound && l.bind_to_port.is_none_or(|b| b.value) {
+        return Ok(done(ListenerKind::SetAside(SetAsideReason::BoundListener)));
+    }
+    let mut chains = Vec::new();
+    let mut set_aside_chains = Vec::new();
+    for (i, c) in l.filter_chains.iter().enumerate() {
+        let name = if c.name.is_empty() {
+            format!("{}#{i}", l.name)
+        } else {
+            c.name.clone()
+        };
+        let context = format!("filter chain {name}");
+        let at = |e: Invalid| e.at(context.clone());
+        let filter = match chain_filter(c, routes).map_err(at)? {
+            ChainFilter::Run(f) => f,
+            ChainFilter::Pending => continue,
+            ChainFilter::SetAside(reason) => {
+                set_aside_chains.push((name.clone(), reason));
+                match reason {
+                    SetAsideReason::Http => Filter::Passthrough,
+                    SetAsideReason::NoFilter => continue,
+                    _ => Filter::Refuse,
+                }
+            }
+        };
+        let m = c.filter_chain_match.clone().unwrap_or_default();
+        let destination_port = m
+            .destination_port
+            .map(|p| u16::try_from(p.value).map_err(|_| Invalid::PortOutOfRange(p.value.into())))
+            .transpose()
+            .map_err(at)?;
+        chains.push(FilterChain {
+            name,
+            matcher: ChainMatch {
+                destination_port,
+                destination_prefixes: cidrs(&m.prefix_ranges).map_err(at)?,
+                source_prefixes: cidrs(&m.source_prefix_ranges).map_err(at)?,
+                transport_protocol: Some(m.transport_protocol).filter(|t| !t.is_empty()),
+                application_protocols: m.application_protocols,
+                server_names: m.server_names,
+            },
+            filter,
+        });
+    }
+    let listener = Listener {
+        name: l.name.clone(),
+        address,
+        filter_chains: chains,
+    };
+    let kind = if inbound {
+        ListenerKind::Inbound(listener)
+    } else {
+        ListenerKind::Outbound(listener)
+    };
+    Ok(Translated {
+        kind,
+        set_aside_chains,
+        thrift_routes,
+    })
+}
+
+fn is_internal_address(l: &XdsListener) -> bool {
+    use tern_proto::core_types::address::Address;
+    matches!(
+        l.address.as_ref().and_then(|a| a.address.as_ref()),
+        Some(Address::EnvoyInternalAddress(_))
+    )
+}
+
+/// `virtualOutbound`'s mode: its catch-all chain (no match criteria other than a port of
+/// its own) or default chain going to `BlackHoleCluster` means `REGISTRY_ONLY`.
+fn passthrough_mode(l: &XdsListener) -> Passthrough {
+    let catch_all = l
+        .filter_chains
+        .iter()
+        .filter(|c| {
+            c.filter_chain_match
+                .as_ref()
+                .is_none_or(|m| m.destination_port.is_none())
+        })
+        .chain(&l.default_filter_chain);
+    for c in catch_all {
+        for f in &c.filters {
+            if let Some(any) = typed_config(f)
+                && any.type_url == type_url::TCP_PROXY
+                && let Ok(t) = decode::<TcpProxy>(any, type_url::TCP_PROXY)
+                && let Ok(Target::Cluster(cluster)) = tcp_target(&t)
+            {
+                return if cluster == "BlackHoleCluster" {
+                    Passthrough::Deny
+                } else {
+                    Passthrough::Allow
+                };
+            }
+        }
+    }
+    Passthrough::Allow
+}
+
+/// The Thrift route configurations a listener's thrift_proxy filters name (`trds`).
+fn trds_names(l: &XdsListener) -> Vec<String> {
+    l.filter_chains
+        .iter()
+        .chain(&l.default_filter_chain)
+        .flat_map(|c| &c.filters)
+        .filter_map(typed_config)
+        .filter(|a| a.type_url == type_url::THRIFT_PROXY)
+        .filter_map(|a| decode::<XdsThrift>(a, type_url::THRIFT_PROXY).ok())
+        .filter_map(|t| t.trds.map(|r| r.route_config_name))
+        .collect()
+}
+
+/// What a chain's filters come to.
+enum ChainFilter {
+    Run(Filter),
+    /// A thrift_proxy whose `trds` route configuration has not arrived.
+    Pending,
+    SetAside(SetAsideReason),
+}
+
+/// Filters that only observe or annotate a connection: skipping them changes no routing and
+/// no authorization.
+fn observes_only(name: &str, any: &tern_proto::Any) -> bool {
+    let observing_names = [
+        "istio.stats",
+        "istio.metadata_exchange",
+        "envoy.filters.network.metadata_exchange",
+        "istio_authn",
+        "istio.set_internal_dst_address",
+    ];
+    observing_names.contains(&name)
+        || any.type_url.ends_with("stats.PluginConfig")
+        || any
+            .type_url
+            .ends_with("envoy.tcp.metadataexchange.config.MetadataExchange")
+}
+
+fn chain_filter(
+    c: &listener_types::FilterChain,
+    routes: &BTreeMap<String, ThriftRouteConfiguration>,
+) -> Result<ChainFilter, Invalid> {
+    if let Some(ts) = &c.transport_socket
+        && let Some(tern_proto::core_types::transport_socket::ConfigType::TypedConfig(any)) =
+            &ts.config_type
+        && any.type_url == type_url::DOWNSTREAM_TLS_CONTEXT
+    {
+        // Authorization in the chain still refuses the listener: a policy is never dropped.
+        check_authorization(c)?;
+        return Ok(ChainFilter::SetAside(SetAsideReason::TlsTermination));
+    }
+    for f in &c.filters {
+        let Some(any) = typed_config(f) else {
+            // ECDS (`config_discovery`): whatever it is, tern cannot run it.
+            return Ok(ChainFilter::SetAside(SetAsideReason::Ecds));
+        };
+        match any.type_url.as_str() {
+            type_url::TCP_PROXY => {
+                let t: TcpProxy = decode(any, type_url::TCP_PROXY)?;
+                return Ok(ChainFilter::Run(Filter::TcpProxy {
+                    target: tcp_target(&t)?,
+                    // istiod's names never say Thrift: every tcp_proxy looks at the bytes.
+                    sniff_thrift: true,
+                }));
+            }
+            type_url::THRIFT_PROXY => {
+                let t: XdsThrift = decode(any, type_url::THRIFT_PROXY)?;
+                return Ok(match thrift(&t, routes)? {
+                    Some(t) => ChainFilter::Run(Filter::Thrift(t)),
+                    None => ChainFilter::Pending,
+                });
+            }
+            type_url::HTTP_CONNECTION_MANAGER => {
+                check_http_authorization(any)?;
+                return Ok(ChainFilter::SetAside(SetAsideReason::Http));
+            }
+            type_url::NETWORK_RBAC => return Err(Invalid::Unenforceable("network RBAC")),
+            type_url::NETWORK_EXT_AUTHZ => return Err(Invalid::Unenforceable("network ext_authz")),
+            _ if observes_only(&f.name, any) => {}
+            other => {
+                tracing::debug!(filter = %f.name, type_url = %other, "filter tern does not run: skipped");
+            }
+        }
+    }
+    Ok(ChainFilter::SetAside(SetAsideReason::NoFilter))
+}
+
+/// Refuses a chain that carries an authorization filter, wherever it is.
+fn check_authorization(c: &listener_types::FilterChain) -> Result<(), Invalid> {
+    for any in c.filters.iter().filter_map(typed_config) {
+        match any.type_url.as_str() {
+            type_url::NETWORK_RBAC => return Err(Invalid::Unenforceable("network RBAC")),
+            type_url::NETWORK_EXT_AUTHZ => return Err(Invalid::Unenforceable("network ext_authz")),
+            type_url::HTTP_CONNECTION_MANAGER => check_http_authorization(any)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// An HTTP chain is relayed as TCP; with an authorization filter inside that would let
+/// requests through unchecked.
+fn check_http_authorization(any: &tern_proto::Any) -> Result<(), Invalid> {
+    use tern_proto::hcm_types::http_filter::ConfigType;
+    let hcm: tern_proto::HttpConnectionManager = decode(any, type_url::HTTP_CONNECTION_MANAGER)?;
+    for f in &hcm.http_filters {
+        if let Some(ConfigType::TypedConfig(t)) = &f.config_type {
+            match t.type_url.as_str() {
+                type_url::HTTP_RBAC => return Err(Invalid::Unenforceable("HTTP RBAC")),
+                type_url::HTTP_EXT_AUTHZ => return Err(Invalid::Unenforceable("HTTP ext_authz")),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+fn tcp_target(t: &TcpProxy) -> Result<Target, Invalid> {
+    use tern_proto::tcp_proxy_types::ClusterSpecifier;
+    match &t.cluster_specifier {
+        Some(ClusterSpecifier::Cluster(c)) => Ok(Target::Cluster(c.clone())),
+        Some(ClusterSpecifier::WeightedClusters(w)) => weighted(
+            w.clusters
+                .iter()
+                .map(|c| (c.name.clone(), c.weight))
+                .collect(),
+        ),
+        None => Err(Invalid::TcpProxyWithoutCluster),
+    }
+}
+
+fn weighted(w: Vec<(String, u32)>) -> Result<Target, Invalid> {
+    if w.iter().all(|(_, weight)| *weight == 0) {
+        return Err(Invalid::NoWeight);
+    }
+    Ok(Target::Weighted(w))
+}
+
+/// A thrift_proxy filter; `None` while its `trds` route configuration has not arrived.
+fn thrift(
+    t: &XdsThrift,
+    held: &BTreeMap<String, ThriftRouteConfiguration>,
+) -> Result<Option<ThriftProxy>, Invalid> {
+    use tern_proto::thrift_types::{route_action::ClusterSpecifier, route_match::MatchSpecifier};
+    let routes = match (&t.route_config, &t.trds) {
+        (Some(rc), _) => rc,
+        (None, Some(trds)) => match held.get(&trds.route_config_name) {
+            Some(rc) => rc,
+            None => return Ok(None),
+        },
+        (None, None) => return Err(Invalid::ThriftWithoutRoutes),
+    };
+    let transport = match t.transport {
+        1 => Some(Transport::Framed),
+        2 => Some(Transport::Unframed),
+        3 => Some(Transport::Header),
+        _ => None,
+    };
+    let protocol = match t.protocol {
+        1 | 2 => Some(Protocol::Binary),
+        3 => Some(Protocol::Compact),
+        4 => return Err(Invalid::TwitterProtocol),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    for route in &routes.routes {
+        let m = route.r#match.clone().unwrap_or_default();
+        let (method, service) = match m.match_specifier {
+            Some(MatchSpecifier::MethodName(n)) => (Some(n).filter(|n| !n.is_empty()), None),
+            Some(MatchSpecifier::ServiceName(s)) => {
+                (None, Some(s.trim_end_matches(':').to_owned()))
+            }
+            None => (None, None),
+        };
+        let headers = m
+            .headers
+            .iter()
+            .map(header_exact)
+            .collect::<Result<_, _>>()?;
+        let action = match route
+            .route
+            .as_ref()
+            .and_then(|a| a.cluster_specifier.clone())
+        {
+            Some(ClusterSpecifier::Cluster(c)) => RouteAction::Target(Target::Cluster(c)),
+            Some(ClusterSpecifier::WeightedClusters(w)) => RouteAction::Target(weighted(
+                w.clusters
+                    .iter()
+                    .map(|c| (c.name.clone(), c.weight.map_or(0, |w| w.value)))
+                    .collect(),
+            )?),
+            Some(ClusterSpecifier::ClusterHeader(h)) => RouteAction::ClusterHeader(h),
+            None => return Err(Invalid::RouteWithoutCluster),
+        };
+        out.push(Route {
+            matcher: RouteMatch {
+                method,
+                service,
+                headers,
+                invert: m.invert,
+            },
+            action,
+            timeout: None,
+        });
+    }
+    Ok(Some(ThriftProxy {
+        transport,
+        protocol,
+        routes: out,
+        default_target: None,
+    }))
+}
+
+fn header_exact(h: &tern_proto::route_types::HeaderMatcher) -> Result<(String, String), Invalid> {
+    use tern_proto::route_types::header_matcher::HeaderMatchSpecifier;
+    #[allow(deprecated)]
+    let value = match &h.header_match_specifier {
+        Some(HeaderMatchSpecifier::ExactMatch(v)) => v.clone(),
+        Some(HeaderMatchSpecifier::StringMatch(s)) => match &s.match_pattern {
+            Some(tern_proto::matcher_types::string_matcher::MatchPattern::Exact(v)) => v.clone(),
+            _ => return Err(Invalid::HeaderMatch(h.name.clone())),
+        },
+        _ => return Err(Invalid::HeaderMatch(h.name.clone())),
+    };
+    Ok((h.name.clone(), value))
+}

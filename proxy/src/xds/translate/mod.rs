@@ -1,0 +1,173 @@
+//! Envoy resources (as istiod or any Envoy control plane sends them) into tern's model, one
+//! resource at a time, so one bad resource is refused by name while the others apply.
+//!
+//! - [`listener`]: a `Listener` into a listener tern matches original destinations against,
+//!   the inbound listener, the passthrough mode, or a listener set aside;
+//! - [`cluster`]: a `Cluster` into a cluster without its endpoints, and where they come from;
+//! - [`endpoints`]: a `ClusterLoadAssignment` into endpoints.
+//!
+//! What tern knowingly does not run is set aside with a [`SetAsideReason`] (shown in
+//! `/config_dump`, counted in `tern_xds_set_aside`). What it cannot honour safely (an
+//! authorization filter it cannot enforce) is an error, so the resource is NACKed and never
+//! runs without its policy.
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use tern_proto::{Any, DecodeError};
+
+pub use crate::config::SetAsideReason;
+
+pub mod cluster;
+pub mod endpoints;
+pub mod listener;
+
+/// Why a resource cannot be used; `context` says which part of it.
+#[derive(Debug, thiserror::Error)]
+#[error("{context}{}{kind}", if context.is_empty() { "" } else { ": " })]
+pub struct TranslateError {
+    pub context: String,
+    pub kind: Invalid,
+}
+
+/// What is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum Invalid {
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("no socket address")]
+    NoSocketAddress,
+    #[error("{0:?} is not an IP address")]
+    NotAnIp(String),
+    #[error("port {0} out of range")]
+    PortOutOfRange(u64),
+    #[error("no port number")]
+    NoPort,
+    #[error("prefix {prefix}/{len}: length out of range")]
+    PrefixOutOfRange { prefix: String, len: u32 },
+    #[error("{0} cannot be enforced by tern; refused rather than skipped")]
+    Unenforceable(&'static str),
+    #[error("tcp_proxy without a cluster")]
+    TcpProxyWithoutCluster,
+    #[error("thrift_proxy without routes")]
+    ThriftWithoutRoutes,
+    #[error("the Twitter protocol is not supported")]
+    TwitterProtocol,
+    #[error("a route without a cluster")]
+    RouteWithoutCluster,
+    #[error("header {0} uses a match tern does not support (only exact)")]
+    HeaderMatch(String),
+    #[error("weighted clusters need a positive weight")]
+    NoWeight,
+    #[error("ring hash: minimum_ring_size ({min}) > maximum_ring_size ({max})")]
+    RingSize { min: u64, max: u64 },
+    #[error("maglev table size {0} is not a prime number")]
+    MaglevTableSize(u64),
+}
+
+impl Invalid {
+    /// This error, in `context`.
+    pub fn at(self, context: impl Into<String>) -> TranslateError {
+        TranslateError {
+            context: context.into(),
+            kind: self,
+        }
+    }
+}
+
+impl From<DecodeError> for TranslateError {
+    fn from(e: DecodeError) -> Self {
+        Invalid::Decode(e).at("")
+    }
+}
+
+pub(crate) fn typed_config(f: &tern_proto::listener_types::Filter) -> Option<&Any> {
+    match &f.config_type {
+        Some(tern_proto::listener_types::filter::ConfigType::TypedConfig(any)) => Some(any),
+        _ => None,
+    }
+}
+
+/// A socket address; the port is range-checked, not cast.
+pub(crate) fn socket_addr(a: Option<&tern_proto::Address>) -> Result<SocketAddr, Invalid> {
+    use tern_proto::core_types::{address, socket_address::PortSpecifier};
+    let Some(address::Address::SocketAddress(s)) = a.and_then(|a| a.address.as_ref()) else {
+        return Err(Invalid::NoSocketAddress);
+    };
+    let ip: IpAddr = s
+        .address
+        .parse()
+        .map_err(|_| Invalid::NotAnIp(s.address.clone()))?;
+    let port = match s.port_specifier {
+        Some(PortSpecifier::PortValue(p)) => {
+            u16::try_from(p).map_err(|_| Invalid::PortOutOfRange(u64::from(p)))?
+        }
+        _ => return Err(Invalid::NoPort),
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// CIDR ranges; a prefix length out of range is refused (264 must not become 8).
+pub(crate) fn cidrs(ranges: &[tern_proto::core_types::CidrRange]) -> Result<Vec<IpNet>, Invalid> {
+    ranges
+        .iter()
+        .map(|r| {
+            let ip: IpAddr = r
+                .address_prefix
+                .parse()
+                .map_err(|_| Invalid::NotAnIp(r.address_prefix.clone()))?;
+            let len = r
+                .prefix_len
+                .map_or(if ip.is_ipv4() { 32 } else { 128 }, |l| l.value);
+            u8::try_from(len)
+                .ok()
+                .and_then(|l| IpNet::new(ip, l).ok())
+                .ok_or_else(|| Invalid::PrefixOutOfRange {
+                    prefix: r.address_prefix.clone(),
+                    len,
+                })
+        })
+        .collect()
+}
+
+/// A protobuf duration; negative parts count as zero.
+pub(crate) fn duration(d: &tern_proto::wkt::Duration) -> Duration {
+    Duration::from_secs(u64::try_from(d.seconds).unwrap_or(0))
+        .saturating_add(Duration::from_nanos(u64::try_from(d.nanos).unwrap_or(0)))
+}
+
+/// A count from the control plane (a threshold, a size).
+pub(crate) fn count(v: u32) -> usize {
+    usize::try_from(v).unwrap_or(usize::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use tern_proto::{core_types, wkt};
+
+    use super::*;
+
+    #[test]
+    fn numbers_out_of_range_are_refused_not_wrapped() {
+        let range = |len: u32| core_types::CidrRange {
+            address_prefix: "10.0.0.0".into(),
+            prefix_len: Some(wkt::UInt32Value { value: len }),
+        };
+        assert!(cidrs(&[range(8)]).is_ok());
+        let err = cidrs(&[range(264)]).unwrap_err().to_string();
+        assert!(err.contains("10.0.0.0/264"), "{err}");
+        assert!(cidrs(&[range(33)]).is_err());
+        let huge = wkt::Duration {
+            seconds: i64::MAX,
+            nanos: i32::MAX,
+        };
+        assert!(duration(&huge) >= Duration::from_secs(i64::MAX as u64));
+        let negative = wkt::Duration {
+            seconds: -5,
+            nanos: -1,
+        };
+        assert_eq!(duration(&negative), Duration::ZERO);
+    }
+}
