@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use tern_tests::{
-    ControlPlane, Pods, Process, Tern, ThriftClient, admin, eventually, metric, pods, thrift_call,
-    thrift_serve, unique,
+    ControlPlane, Pods, Process, Tern, ThriftClient, admin, connect, eventually, metric, pods,
+    serve, thrift_call, thrift_serve, unique,
 };
 
 const CALC: &str = "10.96.0.20:9090";
@@ -27,6 +27,17 @@ fn snapshot_full(
     bulk: usize,
     delay_ms: u64,
 ) -> String {
+    snapshot_custom(
+        version,
+        endpoints,
+        &format!("broken_listener: {broken}\nbulk: {bulk}\ndelay_ms: {delay_ms}\n"),
+        "",
+    )
+}
+
+/// The two Thrift services with `endpoints`, more `services` (YAML list items) and
+/// top-level `settings` (YAML lines) of the control plane's snapshot.
+fn snapshot_custom(version: &str, endpoints: &[&str], settings: &str, services: &str) -> String {
     let eps = endpoints
         .iter()
         .map(|e| format!("\"{e}\""))
@@ -34,13 +45,11 @@ fn snapshot_full(
         .join(", ");
     format!(
         r#"version: "{version}"
-broken_listener: {broken}
-bulk: {bulk}
-delay_ms: {delay_ms}
+{settings}
 services:
   - {{ name: calc, vip: 10.96.0.20, port: 9090, filter: thrift, endpoints: [{eps}] }}
   - {{ name: thrift-plain, vip: 10.96.0.21, port: 9090, filter: tcp, endpoints: [{eps}] }}
-"#
+{services}"#
     )
 }
 
@@ -57,7 +66,14 @@ enum Protocol {
     Delta,
 }
 
+const THREE: [&str; 3] = ["10.66.1.2:9001", "10.66.1.2:9002", "10.66.1.2:9003"];
+
 fn mesh(protocol: Protocol) -> Mesh {
+    mesh_with(protocol, &snapshot("1", &THREE, false))
+}
+
+/// The mesh, with the control plane serving `first` at start.
+fn mesh_with(protocol: Protocol, first: &str) -> Mesh {
     let p = pods();
     let servers = [
         ("10.66.1.2:9001", "s1"),
@@ -67,17 +83,7 @@ fn mesh(protocol: Protocol) -> Mesh {
     .iter()
     .map(|(a, id)| thrift_serve(&p.srv, a, id).unwrap())
     .collect();
-    let cp = ControlPlane::start(
-        &p.app,
-        "127.0.0.1:15010",
-        &snapshot(
-            "1",
-            &["10.66.1.2:9001", "10.66.1.2:9002", "10.66.1.2:9003"],
-            false,
-        ),
-        &[],
-    )
-    .unwrap();
+    let cp = ControlPlane::start(&p.app, "127.0.0.1:15010", first, &[]).unwrap();
     let mut args = vec![
         "run",
         "--capture",
@@ -326,6 +332,198 @@ fn a_control_plane_restart_does_not_interrupt_traffic(protocol: Protocol) {
     );
 }
 
+/// A response that mixes a corrupt cluster with good ones: the good ones (and the listener
+/// and endpoints that use them) serve, and the NACK names the corrupt one.
+fn a_corrupt_cluster_is_refused_by_name_and_the_others_serve(protocol: Protocol) {
+    let m = mesh(protocol);
+    let _echo = serve(&m.p.srv, &["10.66.1.2:7001"]).unwrap();
+    assert!(m.cp.wait_for("ACK ClusterLoadAssignment 1"));
+    m.cp.push(&snapshot_custom(
+        "2",
+        &THREE,
+        "corrupt_cluster: true",
+        "  - { name: fresh, vip: 10.96.0.30, port: 7070, filter: tcp, endpoints: [\"10.66.1.2:7001\"] }\n",
+    ));
+    let nacked = match protocol {
+        Protocol::Sotw => "NACK Cluster 1 outbound|7777||corrupt.default.svc.cluster.local: ",
+        Protocol::Delta => "NACK Cluster 2 outbound|7777||corrupt.default.svc.cluster.local: ",
+    };
+    assert!(m.cp.wait_for(nacked), "{}", m.cp.events());
+    assert!(m.cp.wait_for("ACK Listener 2"), "{}", m.cp.events());
+    let c = connect(&m.p.app, Some(&m.p.cgroup), "10.96.0.30:7070");
+    assert!(
+        c.ok() && c.proxied(),
+        "the cluster sent beside the corrupt one serves: {c:?}"
+    );
+    let calls = thrift_call(&m.p.app, Some(&m.p.cgroup), CALC, &["--calls", "30"]);
+    assert_eq!(calls.replies(), 30, "{calls:?}");
+    let dump: serde_json::Value =
+        serde_json::from_str(&admin(&m.p.app, "GET", "/config_dump")).unwrap();
+    let cds = &dump["xds"]["types"]["type.googleapis.com/envoy.config.cluster.v3.Cluster"];
+    assert!(
+        cds["rejected"]["outbound|7777||corrupt.default.svc.cluster.local"].is_string(),
+        "{cds}"
+    );
+    assert_eq!(
+        metric(&m.p.app, "tern_xds_rejected{resource=\"Cluster\"}"),
+        1.0
+    );
+}
+
+/// A CDS response of more than 5 MiB (tonic's default limit is 4 MiB) is accepted.
+fn a_5_mib_cds_response_is_accepted(protocol: Protocol) {
+    let m = mesh(protocol);
+    assert!(m.cp.wait_for("ACK ClusterLoadAssignment 1"));
+    m.cp.push(&snapshot_custom(
+        "2",
+        &THREE,
+        "bulk: 500\ncluster_padding: 11000",
+        "",
+    ));
+    assert!(
+        m.cp.wait_for_within("ACK Cluster 2", Duration::from_secs(30)),
+        "{}",
+        m.cp.events()
+    );
+    if protocol == Protocol::Sotw {
+        let sent: usize =
+            m.cp.events()
+                .lines()
+                .filter_map(|l| l.strip_prefix("SENT Cluster "))
+                .filter_map(|l| l.split(' ').next()?.parse().ok())
+                .max()
+                .unwrap();
+        assert!(sent > 5 * 1024 * 1024, "the CDS response was {sent} bytes");
+    }
+    // The new clusters are in force once their endpoints arrive (warming per cluster).
+    let clusters = || {
+        let dump: serde_json::Value =
+            serde_json::from_str(&admin(&m.p.app, "GET", "/config_dump")).unwrap();
+        dump["config"]["clusters"]
+            .as_object()
+            .map_or(0, |c| c.len())
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || clusters() > 500),
+        "{} clusters",
+        clusters()
+    );
+    let calls = thrift_call(&m.p.app, Some(&m.p.cgroup), CALC, &["--calls", "30"]);
+    assert_eq!(calls.replies(), 30, "{calls:?}");
+}
+
+/// A control plane that ends every stream after 1.5 s (istiod does at its maximum connection
+/// age): tern reconnects at once, an update pushed meanwhile lands within a second, and no
+/// call fails.
+fn streams_closed_by_the_server_cost_no_traffic(protocol: Protocol) {
+    let m = mesh_with(
+        protocol,
+        &snapshot_custom("1", &THREE, "close_every_ms: 1500", ""),
+    );
+    assert!(m.cp.wait_for("ACK ClusterLoadAssignment 1"));
+    let mut client = ThriftClient::retrying(&m.p.app, Some(&m.p.cgroup), CALC).unwrap();
+    // Watch the event log: when each CLOSE appears, and when the next ACK follows it.
+    let mut gaps = Vec::new();
+    let started = Instant::now();
+    let mut closes_seen = 0;
+    let mut closed_at = None;
+    let mut pushed = false;
+    while started.elapsed() < Duration::from_secs(7) {
+        let events = m.cp.events();
+        let closes = events.matches("CLOSE").count();
+        if closes > closes_seen {
+            closes_seen = closes;
+            closed_at = Some((Instant::now(), events.matches("ACK").count()));
+        }
+        if let Some((at, acks)) = closed_at
+            && events.matches("ACK").count() > acks
+        {
+            gaps.push(at.elapsed());
+            closed_at = None;
+        }
+        if !pushed && started.elapsed() > Duration::from_secs(3) {
+            m.cp.push(&snapshot_custom(
+                "2",
+                &["10.66.1.2:9001"],
+                "close_every_ms: 1500",
+                "",
+            ));
+            pushed = true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        gaps.len() >= 3,
+        "streams closed and reopened: {gaps:?}\n{}",
+        m.cp.events()
+    );
+    assert!(
+        gaps.iter().all(|g| *g < Duration::from_secs(1)),
+        "update gaps after a clean close: {gaps:?}"
+    );
+    let report = client.report();
+    assert_eq!(report["failed"], 0, "{report}");
+    assert!(report["ok"].as_u64().unwrap() > 100, "{report}");
+    assert!(m.cp.events().contains("ACK ClusterLoadAssignment 2"));
+    let after = thrift_call(&m.p.app, Some(&m.p.cgroup), CALC, &["--calls", "10"]);
+    assert_eq!(after.counts(), [("s1", 10)]);
+    assert!(
+        !m.tern.log().contains("ADS stream failed"),
+        "a clean end is not a failure:\n{}",
+        m.tern.log()
+    );
+}
+
+/// A RING_HASH cluster from xDS (a DestinationRule `consistentHash: useSourceIp`) sends one
+/// source's connections, and its Thrift calls, to one endpoint; the same endpoints under
+/// round robin spread them.
+fn ring_hash_keeps_a_source_on_one_endpoint(protocol: Protocol) {
+    let m = mesh_with(
+        protocol,
+        &snapshot_custom(
+            "1",
+            &THREE,
+            "",
+            "  - { name: sticky, vip: 10.96.0.31, port: 7070, filter: tcp, lb: ring_hash, endpoints: [\"10.66.1.2:7001\", \"10.66.1.2:7002\", \"10.66.1.2:7003\"] }
+  - { name: spread, vip: 10.96.0.32, port: 7070, filter: tcp, endpoints: [\"10.66.1.2:7001\", \"10.66.1.2:7002\", \"10.66.1.2:7003\"] }
+  - { name: sticky-thrift, vip: 10.96.0.33, port: 9090, filter: tcp, lb: maglev, endpoints: [\"10.66.1.2:9001\", \"10.66.1.2:9002\", \"10.66.1.2:9003\"] }
+",
+        ),
+    );
+    let _echo = serve(
+        &m.p.srv,
+        &["10.66.1.2:7001", "10.66.1.2:7002", "10.66.1.2:7003"],
+    )
+    .unwrap();
+    assert!(m.cp.wait_for("ACK ClusterLoadAssignment 1"));
+    let endpoints = |vip: &str| -> std::collections::BTreeSet<String> {
+        (0..12)
+            .map(|_| {
+                let c = connect(&m.p.app, Some(&m.p.cgroup), vip);
+                assert!(c.ok(), "{c:?}");
+                c.server_local.unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(
+        endpoints("10.96.0.31:7070").len(),
+        1,
+        "ring hash: one endpoint"
+    );
+    assert!(
+        endpoints("10.96.0.32:7070").len() > 1,
+        "round robin spreads"
+    );
+    let calls = thrift_call(
+        &m.p.app,
+        Some(&m.p.cgroup),
+        "10.96.0.33:9090",
+        &["--calls", "30"],
+    );
+    assert_eq!(calls.counts().len(), 1, "Maglev by source: {calls:?}");
+    assert_eq!(calls.replies(), 30);
+}
+
 /// Runs each scenario under both protocols: `<scenario>::sotw` and `<scenario>::delta` —
 /// the same results either way.
 macro_rules! under_both_protocols {
@@ -345,6 +543,10 @@ macro_rules! under_both_protocols {
 }
 
 under_both_protocols!(
+    a_corrupt_cluster_is_refused_by_name_and_the_others_serve,
+    a_5_mib_cds_response_is_accepted,
+    streams_closed_by_the_server_cost_no_traffic,
+    ring_hash_keeps_a_source_on_one_endpoint,
     the_first_configuration_arrives_and_traffic_flows,
     endpoint_updates_move_traffic_within_a_second,
     a_bad_resource_is_nacked_while_traffic_keeps_flowing,

@@ -206,15 +206,28 @@ fn setup() -> Result<()> {
         ]))?;
     }
 
-    let python_thrift = Command::new("python3")
-        .args(["-c", "import thrift.transport.THeaderTransport"])
-        .status()
-        .is_ok_and(|s| s.success());
-    if python_thrift {
-        step("setup: Python thrift (a second Thrift implementation, with THeader) present");
-    } else {
-        step("setup: installing Python thrift from PyPI (the THeader peer of the tests)");
-        status(Command::new("python3").args(["-m", "pip", "install", "--quiet", "thrift"]))?;
+    for (module, package, why) in [
+        (
+            "thrift.transport.THeaderTransport",
+            "thrift",
+            "Python thrift (a second Thrift implementation, with THeader: the tests' peer)",
+        ),
+        (
+            "envoy.config.listener.v3.listener_pb2",
+            "xds-protos",
+            "Python xds-protos (Envoy's protos: the tests turn Istio /config_dumps back into resources)",
+        ),
+    ] {
+        let present = Command::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .status()
+            .is_ok_and(|s| s.success());
+        if present {
+            step(&format!("setup: {why} present"));
+        } else {
+            step(&format!("setup: installing {why} from PyPI"));
+            status(Command::new("python3").args(["-m", "pip", "install", "--quiet", package]))?;
+        }
     }
 
     if have("bpf-linker") {

@@ -3,18 +3,30 @@
 //!
 //! `tern-controlplane ADDR SNAPSHOT.yaml [--tls CERT KEY] [--token FILE]` serves both ADS protocols (state of the world and
 //! delta) and prints `ready`, then one line per event: `STREAM` (or `STREAM delta`), `SUBSCRIBE <type> version=<v> names=<a,b>`, `ACK <type> <version>`,
-//! `NACK <type> <version> <reason>`. Rewriting the file pushes a new version to every stream.
+//! `NACK <type> <version> <reason>`, `SENT <type> <n> bytes` (state of the world), `CLOSE` (a
+//! stream ended by `close_every_ms`). Rewriting the file pushes a new version to every stream.
 //!
 //! ```yaml
 //! version: "1"
 //! services:
 //!   - { name: calc, vip: 10.96.0.10, port: 9090, filter: thrift, endpoints: ["10.66.1.2:9001"] }
+//!   - { name: sticky, vip: 10.96.0.11, port: 7070, filter: tcp, lb: ring_hash, endpoints: [...] }
 //! broken_listener: false   # add a listener whose address is a hostname (tern must NACK it)
 //! bulk: 0                   # add this many generated services (10 endpoints each)
+//! cluster_padding: 0        # bytes of metadata in every generated cluster (a large CDS)
 //! delay_ms: 0               # wait this long before every response (a slow control plane)
+//! close_every_ms: 0         # end every stream cleanly this often (istiod's max connection age)
+//! corrupt_cluster: false    # add a cluster whose body does not decode
+//! # Real istiod resources (`tests/python/istio_dump.py` converts a /config_dump): listeners,
+//! # clusters and endpoints served as they are. Clusters the listeners name that the dump
+//! # lacks are made in istiod's EDS shape; EDS clusters without endpoints get
+//! # `dump_endpoints`, except those listed in `endpoints`.
+//! dumps: [/tmp/istio.bin]
+//! dump_endpoints: ["10.66.1.2:9999"]
+//! endpoints: { "outbound|443||kubernetes.default.svc.cluster.local": ["10.66.1.2:9443"] }
 //! ```
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     io::Write,
     pin::Pin,
     sync::Arc,
@@ -49,6 +61,94 @@ struct Snapshot {
     /// Wait this long before every response of this version (a slow control plane).
     #[serde(default)]
     delay_ms: u64,
+    /// End every stream cleanly this often (istiod's maximum connection age).
+    #[serde(default)]
+    close_every_ms: u64,
+    #[serde(default)]
+    corrupt_cluster: bool,
+    #[serde(default)]
+    cluster_padding: usize,
+    /// Files of real istiod resources (`tests/python/istio_dump.py`).
+    #[serde(default)]
+    dumps: Vec<String>,
+    #[serde(default)]
+    dump_endpoints: Vec<String>,
+    /// Endpoints by EDS name, for clusters from the dumps.
+    #[serde(default)]
+    endpoints: BTreeMap<String, Vec<String>>,
+    /// The dumps' resources, read when the snapshot is loaded.
+    #[serde(skip)]
+    dumped: Dumped,
+}
+
+/// Resources read from dump files, by type URL and name (encoded as istiod sent them).
+#[derive(Clone, Debug, Default)]
+struct Dumped(BTreeMap<String, BTreeMap<String, Any>>);
+
+impl Dumped {
+    /// Reads files of records: type URL, name, body (u16, u16, u32 big-endian lengths).
+    fn read(paths: &[String]) -> Result<Self, String> {
+        let mut out: BTreeMap<String, BTreeMap<String, Any>> = BTreeMap::new();
+        for path in paths {
+            let bytes = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
+            let mut rest = bytes.as_slice();
+            while !rest.is_empty() {
+                let mut take = |width: usize| -> Result<Vec<u8>, String> {
+                    let len = match width {
+                        2 => rest
+                            .get(..2)
+                            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]]))),
+                        _ => rest
+                            .get(..4)
+                            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize),
+                    }
+                    .ok_or(format!("{path}: truncated"))?;
+                    let body = rest
+                        .get(width..width + len)
+                        .ok_or(format!("{path}: truncated"))?
+                        .to_vec();
+                    rest = &rest[width + len..];
+                    Ok(body)
+                };
+                let type_url = String::from_utf8(take(2)?).map_err(|e| e.to_string())?;
+                let name = String::from_utf8(take(2)?).map_err(|e| e.to_string())?;
+                let value = take(4)?;
+                out.entry(type_url.clone())
+                    .or_default()
+                    .insert(name, Any { type_url, value });
+            }
+        }
+        Ok(Self(out))
+    }
+
+    fn of(&self, type_url: &str) -> impl Iterator<Item = (&String, &Any)> {
+        self.0.get(type_url).into_iter().flatten()
+    }
+
+    /// The clusters the dump's listeners send to (tcp_proxy), whether the dump has them or not.
+    fn clusters_named_by_listeners(&self) -> BTreeSet<String> {
+        let mut names = BTreeSet::new();
+        for (_, any) in self.of(type_url::LISTENER) {
+            let Ok(l) = tern_proto::decode::<Listener>(any, type_url::LISTENER) else {
+                continue;
+            };
+            for f in l
+                .filter_chains
+                .iter()
+                .chain(&l.default_filter_chain)
+                .flat_map(|c| &c.filters)
+            {
+                if let Some(listener_types::filter::ConfigType::TypedConfig(a)) = &f.config_type
+                    && a.type_url == type_url::TCP_PROXY
+                    && let Ok(t) = tern_proto::decode::<TcpProxy>(a, type_url::TCP_PROXY)
+                    && let Some(tcp_proxy_types::ClusterSpecifier::Cluster(c)) = t.cluster_specifier
+                {
+                    names.insert(c);
+                }
+            }
+        }
+        names
+    }
 }
 
 impl Snapshot {
@@ -61,6 +161,7 @@ impl Snapshot {
                 vip: format!("10.97.{}.{}", i / 256, i % 256),
                 port: 9090,
                 filter: "tcp".into(),
+                lb: None,
                 endpoints: (0..10)
                     .map(|e| format!("10.200.{}.{}:{}", i / 256, i % 256, 9000 + e))
                     .collect(),
@@ -79,6 +180,10 @@ struct Service {
     /// plain tcp_proxy).
     filter: String,
     endpoints: Vec<String>,
+    /// `ring_hash` or `maglev` (what a DestinationRule's `consistentHash` produces);
+    /// default round robin.
+    #[serde(default)]
+    lb: Option<String>,
 }
 
 impl Service {
@@ -166,17 +271,140 @@ fn chain(filters: Vec<listener_types::Filter>) -> listener_types::FilterChain {
 }
 
 /// The resources of one type in a snapshot, by name, limited to `names` when given.
+/// The resources of one type: those the snapshot generates, then those of its dumps.
 fn resources(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<(String, Any)> {
+    let mut out = generated(s, type_url, names);
+    out.extend(from_dumps(s, type_url, names));
+    out
+}
+
+/// An EDS cluster as istiod sends one.
+fn eds_cluster(name: &str) -> Cluster {
+    Cluster {
+        name: name.into(),
+        cluster_discovery_type: Some(cluster_types::ClusterDiscoveryType::Type(3)),
+        eds_cluster_config: Some(cluster_types::EdsClusterConfig {
+            service_name: name.into(),
+            ..Default::default()
+        }),
+        connect_timeout: Some(wkt::Duration {
+            seconds: 1,
+            nanos: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+/// A `ClusterLoadAssignment` of `ip:port` endpoints.
+fn load_assignment(name: &str, endpoints: &[String]) -> ClusterLoadAssignment {
+    let lb_endpoints = endpoints
+        .iter()
+        .map(|e| {
+            let (ip, port) = e.rsplit_once(':').expect("ip:port");
+            endpoint_types::LbEndpoint {
+                health_status: 1,
+                host_identifier: Some(endpoint_types::lb_endpoint::HostIdentifier::Endpoint(
+                    endpoint_types::Endpoint {
+                        address: Some(addr(ip, port.parse().expect("port"))),
+                        ..Default::default()
+                    },
+                )),
+                ..Default::default()
+            }
+        })
+        .collect();
+    ClusterLoadAssignment {
+        cluster_name: name.into(),
+        endpoints: vec![endpoint_types::LocalityLbEndpoints {
+            lb_endpoints,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The dumps' resources, with what the test supplies: clusters the listeners name but the
+/// dump lacks, and endpoints for EDS clusters.
+fn from_dumps(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<(String, Any)> {
+    let d = &s.dumped;
+    if d.0.is_empty() {
+        return Vec::new();
+    }
     let wanted = |n: &str| names.is_empty() || names.iter().any(|x| x == n);
+    let dumped: BTreeMap<&String, Cluster> = d
+        .of(type_url::CLUSTER)
+        .filter_map(|(n, a)| Some((n, tern_proto::decode(a, type_url::CLUSTER).ok()?)))
+        .collect();
+    let missing: Vec<String> = d
+        .clusters_named_by_listeners()
+        .into_iter()
+        .filter(|n| !dumped.contains_key(n))
+        .collect();
+    match type_url {
+        type_url::LISTENER => d
+            .of(type_url)
+            .map(|(n, a)| (n.clone(), a.clone()))
+            .collect(),
+        type_url::CLUSTER => d
+            .of(type_url)
+            .map(|(n, a)| (n.clone(), a.clone()))
+            .chain(
+                missing
+                    .iter()
+                    .map(|n| (n.clone(), encode(&eds_cluster(n), type_url::CLUSTER))),
+            )
+            .collect(),
+        type_url::CLUSTER_LOAD_ASSIGNMENT => {
+            let eds_names = dumped
+                .values()
+                .filter(|c| {
+                    c.cluster_discovery_type == Some(cluster_types::ClusterDiscoveryType::Type(3))
+                })
+                .map(|c| {
+                    c.eds_cluster_config
+                        .as_ref()
+                        .map(|e| e.service_name.clone())
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or_else(|| c.name.clone())
+                })
+                .chain(missing);
+            let held: BTreeMap<&String, &Any> = d.of(type_url).collect();
+            eds_names
+                .filter(|n| wanted(n))
+                .filter_map(|n| {
+                    let any = match (s.endpoints.get(&n), held.get(&n)) {
+                        (Some(eps), _) => encode(&load_assignment(&n, eps), type_url),
+                        (None, Some(any)) => (*any).clone(),
+                        (None, None) if !s.dump_endpoints.is_empty() => {
+                            encode(&load_assignment(&n, &s.dump_endpoints), type_url)
+                        }
+                        (None, None) => return None,
+                    };
+                    Some((n, any))
+                })
+                .collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// The resources the snapshot's settings generate.
+fn generated(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<(String, Any)> {
+    let wanted = |n: &str| names.is_empty() || names.iter().any(|x| x == n);
+    // With dumps, the dump's own virtualOutbound and PassthroughCluster are served.
+    let own = s.dumped.0.is_empty();
     match type_url {
         type_url::LISTENER => {
-            let mut listeners = vec![Listener {
-                name: "virtualOutbound".into(),
-                address: Some(addr("0.0.0.0", 15001)),
-                use_original_dst: Some(wkt::BoolValue { value: true }),
-                default_filter_chain: Some(chain(vec![tcp_proxy("PassthroughCluster")])),
-                ..Default::default()
-            }];
+            let mut listeners: Vec<Listener> = own
+                .then(|| Listener {
+                    name: "virtualOutbound".into(),
+                    address: Some(addr("0.0.0.0", 15001)),
+                    use_original_dst: Some(wkt::BoolValue { value: true }),
+                    default_filter_chain: Some(chain(vec![tcp_proxy("PassthroughCluster")])),
+                    ..Default::default()
+                })
+                .into_iter()
+                .collect();
             for svc in &s.all_services() {
                 let filter = if svc.filter == "thrift" {
                     thrift_proxy(&svc.cluster())
@@ -205,64 +433,63 @@ fn resources(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<(String, Any
                 .collect()
         }
         type_url::CLUSTER => {
-            let mut clusters = vec![Cluster {
-                name: "PassthroughCluster".into(),
-                cluster_discovery_type: Some(cluster_types::ClusterDiscoveryType::Type(4)),
-                lb_policy: 6, // CLUSTER_PROVIDED, as istiod sends it
-                ..Default::default()
-            }];
-            for svc in &s.all_services() {
-                clusters.push(Cluster {
-                    name: svc.cluster(),
-                    cluster_discovery_type: Some(cluster_types::ClusterDiscoveryType::Type(3)),
-                    eds_cluster_config: Some(cluster_types::EdsClusterConfig {
-                        service_name: svc.cluster(),
-                        ..Default::default()
-                    }),
-                    connect_timeout: Some(wkt::Duration {
-                        seconds: 1,
-                        nanos: 0,
-                    }),
+            let mut clusters: Vec<Cluster> = own
+                .then(|| Cluster {
+                    name: "PassthroughCluster".into(),
+                    cluster_discovery_type: Some(cluster_types::ClusterDiscoveryType::Type(4)),
+                    lb_policy: 6, // CLUSTER_PROVIDED, as istiod sends it
                     ..Default::default()
-                });
+                })
+                .into_iter()
+                .collect();
+            for svc in &s.all_services() {
+                let mut c = eds_cluster(&svc.cluster());
+                c.lb_policy = match svc.lb.as_deref() {
+                    Some("ring_hash") => 2,
+                    Some("maglev") => 5,
+                    _ => 0,
+                };
+                if s.cluster_padding > 0 {
+                    c.metadata = Some(core_types::Metadata {
+                        filter_metadata: [(
+                            "padding".to_string(),
+                            wkt::Struct {
+                                fields: [(
+                                    "bytes".to_string(),
+                                    wkt::Value {
+                                        kind: Some(wkt::Kind::StringValue(
+                                            "x".repeat(s.cluster_padding),
+                                        )),
+                                    },
+                                )]
+                                .into(),
+                            },
+                        )]
+                        .into(),
+                        ..Default::default()
+                    });
+                }
+                clusters.push(c);
             }
-            clusters
+            let mut out: Vec<(String, Any)> = clusters
                 .iter()
                 .map(|c| (c.name.clone(), encode(c, type_url::CLUSTER)))
-                .collect()
+                .collect();
+            if s.corrupt_cluster {
+                // A body that names itself, then does not decode.
+                let name = "outbound|7777||corrupt.default.svc.cluster.local";
+                let mut any = encode(&eds_cluster(name), type_url::CLUSTER);
+                any.value.extend_from_slice(&[0xff, 0xff]);
+                out.push((name.into(), any));
+            }
+            out
         }
         type_url::CLUSTER_LOAD_ASSIGNMENT => s
             .all_services()
             .iter()
             .filter(|svc| wanted(&svc.cluster()))
             .map(|svc| {
-                let lb_endpoints = svc
-                    .endpoints
-                    .iter()
-                    .map(|e| {
-                        let (ip, port) = e.rsplit_once(':').expect("ip:port");
-                        endpoint_types::LbEndpoint {
-                            health_status: 1,
-                            host_identifier: Some(
-                                endpoint_types::lb_endpoint::HostIdentifier::Endpoint(
-                                    endpoint_types::Endpoint {
-                                        address: Some(addr(ip, port.parse().expect("port"))),
-                                        ..Default::default()
-                                    },
-                                ),
-                            ),
-                            ..Default::default()
-                        }
-                    })
-                    .collect();
-                let cla = ClusterLoadAssignment {
-                    cluster_name: svc.cluster(),
-                    endpoints: vec![endpoint_types::LocalityLbEndpoints {
-                        lb_endpoints,
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                };
+                let cla = load_assignment(&svc.cluster(), &svc.endpoints);
                 (
                     svc.cluster(),
                     encode(&cla, type_url::CLUSTER_LOAD_ASSIGNMENT),
@@ -281,6 +508,17 @@ struct ControlPlane {
 async fn delay(s: &Snapshot) {
     if s.delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(s.delay_ms)).await;
+    }
+}
+
+/// Resolves when a stream opened now is to be ended cleanly (never without `close_every_ms`).
+fn closing(s: &Snapshot) -> impl std::future::Future<Output = ()> + use<> {
+    let every = s.close_every_ms;
+    async move {
+        if every == 0 {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(Duration::from_millis(every)).await;
     }
 }
 
@@ -304,7 +542,7 @@ impl AggregatedDiscoveryService for ControlPlane {
             let mut nonce = 0u64;
             let mut send = |type_url: &str, names: &[String], s: &Snapshot| {
                 nonce += 1;
-                DiscoveryResponse {
+                let response = DiscoveryResponse {
                     version_info: s.version.clone(),
                     resources: resources(s, type_url, names)
                         .into_iter()
@@ -313,10 +551,22 @@ impl AggregatedDiscoveryService for ControlPlane {
                     type_url: type_url.to_owned(),
                     nonce: nonce.to_string(),
                     ..Default::default()
-                }
+                };
+                say(format!(
+                    "SENT {} {} bytes",
+                    short(type_url),
+                    prost::Message::encoded_len(&response)
+                ));
+                response
             };
+            let close = closing(&snapshot.borrow());
+            tokio::pin!(close);
             loop {
                 tokio::select! {
+                    _ = &mut close => {
+                        say("CLOSE");
+                        break;
+                    }
                     request = requests.message() => {
                         let Ok(Some(r)) = request else { break };
                         let t = r.type_url.clone();
@@ -394,8 +644,14 @@ impl AggregatedDiscoveryService for ControlPlane {
                         ..Default::default()
                     }
                 };
+            let close = closing(&snapshot.borrow());
+            tokio::pin!(close);
             loop {
                 tokio::select! {
+                    _ = &mut close => {
+                        say("CLOSE");
+                        break;
+                    }
                     request = requests.message() => {
                         let Ok(Some(r)) = request else { break };
                         let t = r.type_url.clone();
@@ -441,8 +697,17 @@ impl AggregatedDiscoveryService for ControlPlane {
 
 fn load(path: &str) -> Option<Snapshot> {
     let text = std::fs::read_to_string(path).ok()?;
-    match serde_yaml::from_str(&text) {
-        Ok(s) => Some(s),
+    match serde_yaml::from_str::<Snapshot>(&text) {
+        Ok(mut s) => match Dumped::read(&s.dumps) {
+            Ok(d) => {
+                s.dumped = d;
+                Some(s)
+            }
+            Err(e) => {
+                say(format!("ERROR {path}: {e}"));
+                None
+            }
+        },
         Err(e) => {
             say(format!("ERROR {path}: {e}"));
             None

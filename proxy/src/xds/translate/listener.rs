@@ -78,7 +78,13 @@ pub fn translate(
     let inbound = l.name == "virtualInbound";
     // Listeners other than Istio's two that bind a port (HBONE's connect_terminate): tern
     // listens on 15001 and 15006 only, so nothing ever reaches them.
-    if !inbound && l.bind_to_port.is_none_or(|b| b.value) {
+    // Istio before 1.10 says it in `deprecated_v1`.
+    #[allow(deprecated)]
+    let bind_to_port = l
+        .bind_to_port
+        .or_else(|| l.deprecated_v1.as_ref().and_then(|d| d.bind_to_port))
+        .is_none_or(|b| b.value);
+    if !inbound && bind_to_port {
         return Ok(done(ListenerKind::SetAside(SetAsideReason::BoundListener)));
     }
     let mut chains = Vec::new();

@@ -1,0 +1,352 @@
+//! Real istiod configuration: the `/config_dump`s of real Istio sidecars in
+//! `../shared/istio-dumps/`, turned back into the resources istiod sent
+//! (`tests/python/istio_dump.py`) and served over ADS by the test control plane, state of the
+//! world and delta. Every listener and cluster ends up applied, set aside with a counted
+//! reason, or (only where tern cannot enforce a policy) refused; and a service of the dump,
+//! with endpoints the test supplies, answers Thrift calls balanced per request through tern.
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use serde_json::Value;
+use tern_tests::{
+    ControlPlane, Pods, Process, Tern, admin, eventually, metric, pods, python_peer, thrift_call,
+    thrift_serve, unique,
+};
+
+/// Copies of `../shared/istio-dumps/` (see its `SOURCES.md`), so a clean clone has them.
+const DUMPS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/istio-dumps");
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    Sotw,
+    Delta,
+}
+
+/// A dump converted to the control plane's resource file; removed on drop.
+struct Converted(PathBuf);
+
+impl Converted {
+    fn new(dump: &str) -> Self {
+        let out = std::env::temp_dir().join(format!("{}.bin", unique("istio-dump")));
+        let status = Command::new("python3")
+            .arg(python_peer("istio_dump.py"))
+            .arg(Path::new(DUMPS).join(dump))
+            .arg(&out)
+            .status()
+            .expect("run istio_dump.py");
+        assert!(status.success(), "converting {dump}");
+        Self(out)
+    }
+}
+
+impl Drop for Converted {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+struct DumpMesh {
+    p: Pods,
+    cp: ControlPlane,
+    tern: Tern,
+    _servers: Vec<Process>,
+    _files: Vec<Converted>,
+}
+
+/// Serves `dumps` with `cluster`'s endpoints at two Thrift servers (every other EDS cluster
+/// gets an address nothing listens on), and starts tern with eBPF capture against it.
+fn serve(dumps: &[&str], cluster: &str, protocol: Protocol) -> DumpMesh {
+    let p = pods();
+    let servers = [("10.66.1.2:9001", "s1"), ("10.66.1.2:9002", "s2")]
+        .iter()
+        .map(|(a, id)| thrift_serve(&p.srv, a, id).unwrap())
+        .collect();
+    let files: Vec<Converted> = dumps.iter().map(|d| Converted::new(d)).collect();
+    let paths: Vec<String> = files
+        .iter()
+        .map(|f| format!("{:?}", f.0.display().to_string()))
+        .collect();
+    let snapshot = format!(
+        r#"version: "1"
+dumps: [{}]
+dump_endpoints: ["10.66.1.2:9999"]
+endpoints: {{ "{cluster}": ["10.66.1.2:9001", "10.66.1.2:9002"] }}
+"#,
+        paths.join(", ")
+    );
+    let cp = ControlPlane::start(&p.app, "127.0.0.1:15010", &snapshot, &[]).unwrap();
+    let mut args = vec![
+        "run",
+        "--capture",
+        "ebpf",
+        "--cgroup",
+        p.cgroup.path_str(),
+        "--inbound-ports",
+        "",
+        "--xds-address",
+        "http://127.0.0.1:15010",
+        "--node-id",
+        "sidecar~172.24.32.19~app1-0.default~default.svc.cluster.local",
+    ];
+    if protocol == Protocol::Delta {
+        args.push("--xds-delta");
+    }
+    let tern = Tern::start(&p.app, Some(&p.cgroup), &args).unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || admin(&p.app, "GET", "/ready")
+            .trim()
+            == "LIVE"),
+        "tern never became ready:\n{}\n{}",
+        tern.log(),
+        cp.events()
+    );
+    DumpMesh {
+        p,
+        cp,
+        tern,
+        _servers: servers,
+        _files: files,
+    }
+}
+
+/// The names of the resources of a type in a dump file.
+fn dump_names(dump: &str, section: &str, key: &str, inner: &str, field: &str) -> BTreeSet<String> {
+    let text = std::fs::read_to_string(Path::new(DUMPS).join(dump)).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["configs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["@type"].as_str().unwrap().ends_with(section))
+        .flat_map(|c| c[key].as_array().cloned().unwrap_or_default())
+        .map(|r| {
+            let r = if r["active_state"].is_object() {
+                r["active_state"][inner].clone()
+            } else {
+                r[inner].clone()
+            };
+            r[field].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+/// What tern made of every resource: listeners and clusters are each in force, set aside
+/// with a reason, or refused; `refused` lists what may be refused, and why.
+fn check_every_resource(m: &DumpMesh, dump: &str, refused: &[(&str, &str)]) {
+    let dump_json: Value = serde_json::from_str(&admin(&m.p.app, "GET", "/config_dump")).unwrap();
+    let config = &dump_json["config"];
+    let types = &dump_json["xds"]["types"];
+    let lds = &types["type.googleapis.com/envoy.config.listener.v3.Listener"];
+    let cds = &types["type.googleapis.com/envoy.config.cluster.v3.Cluster"];
+    let names = |v: &Value| -> BTreeSet<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|n| n.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let set_aside: BTreeSet<(String, String)> = config["set_aside"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["kind"].as_str().unwrap().to_owned(),
+                s["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let in_force: BTreeSet<String> = config["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap().to_owned())
+        .chain(config["inbound"]["name"].as_str().map(str::to_owned))
+        .collect();
+    let listeners = dump_names(
+        dump,
+        "ListenersConfigDump",
+        "dynamic_listeners",
+        "listener",
+        "name",
+    );
+    let rejected: BTreeSet<String> = lds["rejected"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(n, _)| n.clone())
+        .collect();
+    let expected_refusals: BTreeSet<String> = refused.iter().map(|(n, _)| n.to_string()).collect();
+    assert_eq!(rejected, expected_refusals, "refused listeners: {lds}");
+    for (name, why) in refused {
+        let reason = lds["rejected"][name].as_str().unwrap();
+        assert!(reason.contains(why), "{name}: {reason}");
+    }
+    for l in &listeners {
+        let accounted = names(&lds["resources"]).contains(l) || rejected.contains(l);
+        assert!(accounted, "listener {l} neither held nor refused: {lds}");
+        let placed = in_force.contains(l)
+            || l == "virtualOutbound"
+            || rejected.contains(l)
+            || set_aside.contains(&("listener".into(), l.clone()));
+        assert!(placed, "listener {l} neither in force nor set aside");
+        // Every per-service listener (`<vip>_<port>`, `0.0.0.0_<port>`) runs.
+        let per_service = l.split_once('_').is_some_and(|(ip, port)| {
+            ip.parse::<std::net::IpAddr>().is_ok() && port.parse::<u16>().is_ok()
+        });
+        if per_service {
+            assert!(in_force.contains(l), "listener {l} is not in force");
+        }
+    }
+    // Clusters: every one the dump has (if it has them) is in force, none refused.
+    let clusters = dump_names(
+        dump,
+        "ClustersConfigDump",
+        "dynamic_active_clusters",
+        "cluster",
+        "name",
+    );
+    assert!(
+        cds["rejected"].as_object().is_none_or(|r| r.is_empty()),
+        "{cds}"
+    );
+    let configured: BTreeSet<String> = config["clusters"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    for c in &clusters {
+        assert!(configured.contains(c), "cluster {c} not in force");
+    }
+    // Set-aside counts are exported.
+    let counted: f64 = set_aside
+        .iter()
+        .map(|(kind, _)| kind.clone())
+        .collect::<BTreeSet<_>>()
+        .iter()
+        .map(|kind| {
+            config["set_aside"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|s| s["kind"] == kind.as_str())
+                .count() as f64
+        })
+        .sum();
+    let metrics = admin(&m.p.app, "GET", "/stats/prometheus");
+    let exported: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("tern_xds_set_aside{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(exported, counted, "{metrics}");
+}
+
+/// Calls a service of the dump through tern: answered, and balanced per request.
+fn call_through(m: &DumpMesh, vip: &str) {
+    let c = thrift_call(&m.p.app, Some(&m.p.cgroup), vip, &["--calls", "40"]);
+    assert_eq!(c.replies(), 40, "{c:?}\n{}", m.tern.log());
+    let counts = c.counts();
+    assert_eq!(counts.len(), 2, "both endpoints serve: {counts:?}");
+}
+
+fn istio_1_22(protocol: Protocol) {
+    let dump = "istio-1.22.3-sidecar-app1.config_dump.json";
+    let m = serve(
+        &[dump],
+        "outbound|443||kubernetes.default.svc.cluster.local",
+        protocol,
+    );
+    assert!(m.cp.wait_for("ACK Listener"), "{}", m.cp.events());
+    assert!(!m.cp.events().contains("NACK"), "{}", m.cp.events());
+    check_every_resource(&m, dump, &[]);
+    call_through(&m, "10.96.0.1:443");
+    assert!(
+        metric(
+            &m.p.app,
+            "tern_xds_set_aside{kind=\"cluster\",reason=\"upstream_tls\"}"
+        ) >= 45.0
+    );
+}
+
+fn istio_1_9_with_2022_endpoints(protocol: Protocol) {
+    let dump = "istio-1.9.1-sidecar-productpage.config_dump.json";
+    let m = serve(
+        &[
+            dump,
+            "istio-2022-07-sidecar-endpoints-only.config_dump.json",
+        ],
+        "outbound|443||istiod.istio-system.svc.cluster.local",
+        protocol,
+    );
+    assert!(
+        m.cp.wait_for("ACK ClusterLoadAssignment"),
+        "{}",
+        m.cp.events()
+    );
+    assert!(!m.cp.events().contains("NACK"), "{}", m.cp.events());
+    check_every_resource(&m, dump, &[]);
+    call_through(&m, "10.105.109.31:443");
+    // The real endpoint shapes of the 2022 dump are in force where names match.
+    let dump_json: Value = serde_json::from_str(&admin(&m.p.app, "GET", "/config_dump")).unwrap();
+    let reviews =
+        &dump_json["config"]["clusters"]["outbound|9080||reviews.default.svc.cluster.local"];
+    assert_eq!(
+        reviews["endpoints"].as_array().map(Vec::len),
+        Some(3),
+        "{reviews}"
+    );
+}
+
+fn istio_2023_listeners(protocol: Protocol) {
+    let dump = "istio-2023-06-sidecar-listeners-only.config_dump.json";
+    let m = serve(
+        &[dump],
+        "outbound|443||kubernetes.default.svc.cluster.local",
+        protocol,
+    );
+    // virtualInbound carries network and HTTP RBAC: refused, not run without its policy.
+    assert!(m.cp.wait_for("NACK Listener"), "{}", m.cp.events());
+    let events = m.cp.events();
+    for nack in events.lines().filter(|l| l.starts_with("NACK")) {
+        assert!(
+            nack.contains(" virtualInbound: "),
+            "only virtualInbound is refused: {nack}"
+        );
+    }
+    check_every_resource(
+        &m,
+        dump,
+        &[("virtualInbound", "cannot be enforced by tern")],
+    );
+    // The internal listener that once NACKed all 27 is set aside; the rest serve.
+    let dump_json: Value = serde_json::from_str(&admin(&m.p.app, "GET", "/config_dump")).unwrap();
+    let set_aside = dump_json["config"]["set_aside"].to_string();
+    assert!(
+        set_aside.contains("connect_originate") && set_aside.contains("internal_listener"),
+        "{set_aside}"
+    );
+    call_through(&m, "10.96.0.1:443");
+}
+
+macro_rules! both_protocols {
+    ($($name:ident),*) => {
+        mod sotw {
+            $(#[test] fn $name() { super::$name(super::Protocol::Sotw) })*
+        }
+        mod delta {
+            $(#[test] fn $name() { super::$name(super::Protocol::Delta) })*
+        }
+    };
+}
+
+both_protocols!(
+    istio_1_22,
+    istio_1_9_with_2022_endpoints,
+    istio_2023_listeners
+);
