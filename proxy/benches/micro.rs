@@ -147,7 +147,12 @@ fn router(c: &mut Criterion) {
     let dst: SocketAddr = "10.96.3.200:9090".parse().expect("address");
     let src: SocketAddr = "10.0.0.9:40000".parse().expect("address");
     c.bench_function("router/select among 1000 listeners", |b| {
-        b.iter(|| matches!(snap.select(black_box(dst), src), Selection::Chain(..)))
+        b.iter(|| {
+            matches!(
+                snap.select(black_box(dst), src, &Default::default()),
+                Selection::Chain(..)
+            )
+        })
     });
 }
 

@@ -91,6 +91,7 @@ endpoints: {{ "{cluster}": ["10.66.1.2:9001", "10.66.1.2:9002"] }}
         "http://127.0.0.1:15010",
         "--node-id",
         "sidecar~172.24.32.19~app1-0.default~default.svc.cluster.local",
+        "--access-log",
     ];
     if protocol == Protocol::Delta {
         args.push("--xds-delta");
@@ -334,6 +335,81 @@ fn istio_2023_listeners(protocol: Protocol) {
     call_through(&m, "10.96.0.1:443");
 }
 
+/// A Python `ssl` ClientHello for `server_name` offering `alpn`, as hex.
+fn client_hello(server_name: &str, alpn: &str) -> String {
+    let script = format!(
+        "import ssl\nctx = ssl.create_default_context()\nctx.set_alpn_protocols({alpn:?}.split(','))\n\
+         i, o = ssl.MemoryBIO(), ssl.MemoryBIO()\ns = ctx.wrap_bio(i, o, server_hostname={server_name:?})\n\
+         try:\n    s.do_handshake()\nexcept ssl.SSLWantReadError:\n    pass\nprint(o.read().hex())"
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// istiod's `0.0.0.0_9411` listener has an HTTP chain (`raw_buffer` with `http/1.1`/`h2c`)
+/// and a default chain to `PassthroughCluster`: HTTP takes the first (relayed, set aside),
+/// TLS and other bytes the default one, decided from the first bytes as Envoy's inspectors do.
+fn istio_1_22_chains_by_first_bytes(protocol: Protocol) {
+    let dump = "istio-1.22.3-sidecar-app1.config_dump.json";
+    let m = serve(
+        &[dump],
+        "outbound|443||kubernetes.default.svc.cluster.local",
+        protocol,
+    );
+    let _echo = tern_tests::serve(&m.p.srv, &["10.66.1.2:9411"]).unwrap();
+    assert!(m.cp.wait_for("ACK Listener"), "{}", m.cp.events());
+    let handled = |n: usize| -> Vec<String> {
+        assert!(
+            eventually(Duration::from_secs(5), || m
+                .tern
+                .log()
+                .lines()
+                .filter(|l| l.contains("tern::access") && l.contains("dst=10.66.1.2:9411"))
+                .count()
+                >= n),
+            "{}",
+            m.tern.log()
+        );
+        m.tern
+            .log()
+            .lines()
+            .filter(|l| l.contains("tern::access") && l.contains("dst=10.66.1.2:9411"))
+            .map(|l| {
+                l.split("handled=")
+                    .nth(1)
+                    .unwrap()
+                    .split(' ')
+                    .next()
+                    .unwrap()
+                    .trim_matches('"')
+                    .to_owned()
+            })
+            .collect()
+    };
+    let http = "GET / HTTP/1.1\r\nHost: zipkin\r\n\r\n"
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    tern_tests::send_raw(&m.p.app, Some(&m.p.cgroup), "10.66.1.2:9411", &http);
+    assert_eq!(handled(1), ["passthrough"], "HTTP takes the HTTP chain");
+    let hello = client_hello(
+        "zipkin.istio-system.svc.cluster.local",
+        "istio-peer-exchange,istio",
+    );
+    assert!(hello.starts_with("16"), "{hello}");
+    tern_tests::send_raw(&m.p.app, Some(&m.p.cgroup), "10.66.1.2:9411", &hello);
+    assert_eq!(handled(2)[1], "tcp", "TLS takes the default chain");
+    let c = tern_tests::connect(&m.p.app, Some(&m.p.cgroup), "10.66.1.2:9411");
+    assert!(
+        c.ok(),
+        "a server-first protocol waits out the inspection: {c:?}"
+    );
+    assert_eq!(handled(3)[2], "tcp");
+}
+
 macro_rules! both_protocols {
     ($($name:ident),*) => {
         mod sotw {
@@ -347,6 +423,7 @@ macro_rules! both_protocols {
 
 both_protocols!(
     istio_1_22,
+    istio_1_22_chains_by_first_bytes,
     istio_1_9_with_2022_endpoints,
     istio_2023_listeners
 );

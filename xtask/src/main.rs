@@ -55,7 +55,8 @@ enum Task {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
-        /// Only these targets (codec, codec_configured, static_config, xds_translate).
+        /// Only these targets (codec, codec_configured, first_bytes, static_config,
+        /// xds_translate).
         targets: Vec<String>,
     },
 }
@@ -364,9 +365,10 @@ fn build_tern(release: bool) -> Result<()> {
 }
 
 /// The fuzz targets (`fuzz/fuzz_targets/*.rs`).
-const FUZZ_TARGETS: [&str; 4] = [
+const FUZZ_TARGETS: [&str; 5] = [
     "codec",
     "codec_configured",
+    "first_bytes",
     "static_config",
     "xds_translate",
 ];

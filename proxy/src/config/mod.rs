@@ -122,6 +122,8 @@ pub struct ChainMatch {
     pub application_protocols: Vec<String>,
     /// TLS SNI: exact names or `*.suffix` wildcards.
     pub server_names: Vec<String>,
+    /// The listener's default chain: used when no other chain matches.
+    pub default_chain: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]

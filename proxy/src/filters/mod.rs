@@ -3,6 +3,7 @@
 //!
 //! - [`thrift`]: per-request routing and balancing for Thrift;
 //! - [`tcp`]: a byte relay to a cluster, or to the original destination (passthrough);
+//! - [`inspect`]: TLS ClientHello and HTTP detection, for chains that match on them;
 //! - [`detect`]: what a TCP proxy chain does first — it finds out from the first bytes
 //!   whether the client speaks Thrift, and then balances it per request. Istio sends Thrift
 //!   services as plain `tcp_proxy`, so this is how tern balances them with no configuration.
@@ -19,6 +20,7 @@ use crate::{
 };
 
 pub mod detect;
+pub mod inspect;
 mod ordered;
 pub mod tcp;
 pub mod thrift;
@@ -117,10 +119,22 @@ pub async fn handle(
     peer: SocketAddr,
     ctx: Arc<Ctx>,
 ) -> Handled {
-    let snap = ctx.state.load();
+    let mut snap = ctx.state.load();
+    let inbound = direction == Direction::Inbound;
+    // Chains that match on TLS, ALPN or HTTP need the first bytes (peeked, not consumed).
+    let inspected = if snap.needs_inspection(dst, inbound) {
+        drop(snap);
+        let found = inspect::inspect(&down).await;
+        debug!(%dst, ?found, "inspected");
+        snap = ctx.state.load();
+        found
+    } else {
+        inspect::Inspected::default()
+    };
+    let peeked = inspected.peeked();
     let selection = match direction {
-        Direction::Outbound => snap.select(dst, peer),
-        Direction::Inbound => snap.select_inbound(dst, peer),
+        Direction::Outbound => snap.select(dst, peer, &peeked),
+        Direction::Inbound => snap.select_inbound(dst, peer, &peeked),
     };
     let (chain, filter) = match selection {
         Selection::Chain(l, c) => (

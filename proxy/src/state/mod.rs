@@ -27,7 +27,7 @@ pub mod snapshot;
 
 pub use outlier::Failure;
 pub use runtime::{ActiveRequest, ClusterRuntime, EndpointRuntime};
-pub use snapshot::{ClusterState, EndpointHandle, Selection, Snapshot};
+pub use snapshot::{ClusterState, EndpointHandle, Peeked, Selection, Snapshot};
 
 use crate::{
     balance::EndpointPicker,
@@ -253,7 +253,11 @@ clusters:
 "#;
 
     fn chain_for(s: &Snapshot, dst: &str, src: &str) -> String {
-        match s.select(dst.parse().unwrap(), src.parse().unwrap()) {
+        match s.select(
+            dst.parse().unwrap(),
+            src.parse().unwrap(),
+            &Peeked::default(),
+        ) {
             Selection::Chain(_, c) => c.name.clone(),
             Selection::Passthrough => "passthrough".into(),
             Selection::Deny => "deny".into(),

@@ -107,13 +107,11 @@ impl Snapshot {
 
     /// Envoy's listener selection: the listener bound to the destination exactly, else the
     /// wildcard listener on its port; then the most specific filter chain that matches.
-    pub fn select(&self, dst: SocketAddr, src: SocketAddr) -> Selection<'_> {
-        let listener = self
-            .exact
-            .get(&dst)
-            .or_else(|| self.wildcard.get(&dst.port()))
-            .map(|&i| &*self.config.listeners[i]);
-        match listener.and_then(|l| best_chain(l, dst, src).map(|c| (l, c))) {
+    pub fn select(&self, dst: SocketAddr, src: SocketAddr, peeked: &Peeked) -> Selection<'_> {
+        match self
+            .listener_for(dst)
+            .and_then(|l| best_chain(l, dst, src, peeked).map(|c| (l, c)))
+        {
             Some((l, c)) => Selection::Chain(l, c),
             None if self.config.passthrough == Passthrough::Deny => Selection::Deny,
             None => Selection::Passthrough,
@@ -123,14 +121,46 @@ impl Snapshot {
     /// The inbound filter chain for a connection to a local port. With no inbound listener
     /// the connection goes to the application; with one, a connection no chain matches is
     /// refused, as Envoy does.
-    pub fn select_inbound(&self, dst: SocketAddr, src: SocketAddr) -> Selection<'_> {
+    pub fn select_inbound(
+        &self,
+        dst: SocketAddr,
+        src: SocketAddr,
+        peeked: &Peeked,
+    ) -> Selection<'_> {
         let Some(l) = self.config.inbound.as_ref() else {
             return Selection::Passthrough;
         };
-        match best_chain(l, dst, src) {
+        match best_chain(l, dst, src, peeked) {
             Some(c) => Selection::Chain(l, c),
             None => Selection::Deny,
         }
+    }
+
+    /// The listener an outbound connection to `dst` is matched against.
+    fn listener_for(&self, dst: SocketAddr) -> Option<&Listener> {
+        self.exact
+            .get(&dst)
+            .or_else(|| self.wildcard.get(&dst.port()))
+            .map(|&i| &*self.config.listeners[i])
+    }
+
+    /// Whether choosing a chain for a connection to `dst` needs its first bytes inspected
+    /// (some chain there matches on TLS, ALPN or SNI).
+    pub fn needs_inspection(&self, dst: SocketAddr, inbound: bool) -> bool {
+        let listener = if inbound {
+            self.config.inbound.as_ref()
+        } else {
+            self.listener_for(dst)
+        };
+        listener.is_some_and(|l| {
+            l.filter_chains.iter().any(|c| {
+                let m = &c.matcher;
+                (m.destination_port.is_none() || m.destination_port == Some(dst.port()))
+                    && (m.transport_protocol.is_some()
+                        || !m.application_protocols.is_empty()
+                        || !m.server_names.is_empty())
+            })
+        })
     }
 
     /// A chain by listener and chain name (a connection follows its chain across snapshots).
@@ -157,13 +187,12 @@ fn prefix_len(nets: &[ipnet::IpNet], ip: IpAddr) -> Option<u8> {
         .max()
 }
 
-/// What tern knows of a connection's first bytes when it picks a chain. Until it inspects
-/// a ClientHello (as Envoy's tls_inspector does), every connection counts as plaintext with
-/// no application protocol, so chains that ask for TLS, an ALPN or a server name never match.
+/// What a connection's first bytes said (see `filters::inspect`), for chains that match on
+/// them; a connection not inspected is plaintext with no application protocol.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Peeked<'a> {
     pub tls: bool,
-    pub application_protocols: &'a [&'a str],
+    pub application_protocols: &'a [String],
     pub server_name: Option<&'a str>,
 }
 
@@ -184,16 +213,22 @@ fn server_name_score(names: &[String], sni: Option<&str>) -> Option<usize> {
 
 /// The most specific matching chain, by Envoy's `filter_chain_match` order: destination
 /// port, destination prefix, server name, transport protocol, application protocols, then
-/// source prefix.
-fn best_chain(l: &Listener, dst: SocketAddr, src: SocketAddr) -> Option<&FilterChain> {
-    let peeked = Peeked::default();
+/// source prefix; the listener's default chain when none matches.
+fn best_chain<'l>(
+    l: &'l Listener,
+    dst: SocketAddr,
+    src: SocketAddr,
+    peeked: &Peeked,
+) -> Option<&'l FilterChain> {
     let unmap = |ip: IpAddr| match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
     };
     let (dip, sip) = (unmap(dst.ip()), unmap(src.ip()));
-    l.filter_chains
+    let best = l
+        .filter_chains
         .iter()
+        .filter(|c| !c.matcher.default_chain)
         .filter_map(|c| {
             let ChainMatch {
                 destination_port,
@@ -202,6 +237,7 @@ fn best_chain(l: &Listener, dst: SocketAddr, src: SocketAddr) -> Option<&FilterC
                 transport_protocol,
                 application_protocols,
                 server_names,
+                default_chain: _,
             } = &c.matcher;
             let port = match destination_port {
                 Some(p) if *p != dst.port() => return None,
@@ -220,7 +256,7 @@ fn best_chain(l: &Listener, dst: SocketAddr, src: SocketAddr) -> Option<&FilterC
                 0
             } else if application_protocols
                 .iter()
-                .any(|p| peeked.application_protocols.contains(&p.as_str()))
+                .any(|p| peeked.application_protocols.contains(p))
             {
                 1
             } else {
@@ -230,5 +266,6 @@ fn best_chain(l: &Listener, dst: SocketAddr, src: SocketAddr) -> Option<&FilterC
             Some(((port, d, names, transport, alpn, s), c))
         })
         .max_by_key(|(score, _)| *score)
-        .map(|(_, c)| c)
+        .map(|(_, c)| c);
+    best.or_else(|| l.filter_chains.iter().find(|c| c.matcher.default_chain))
 }

@@ -13,7 +13,7 @@ use super::handler::XdsHandler;
 use crate::{
     config::{Config, Filter, Health, LbPolicy, Passthrough, SetAsideReason, Target},
     metrics::Metrics,
-    state::{Selection, State},
+    state::{Peeked, Selection, State},
     thrift::{Protocol, Transport},
 };
 
@@ -334,6 +334,7 @@ fn translates_what_istiod_sends_a_sidecar() {
     match snap.select(
         "10.96.0.10:9090".parse().unwrap(),
         "10.0.9.9:1".parse().unwrap(),
+        &Peeked::default(),
     ) {
         Selection::Chain(l, chain) => {
             assert_eq!(l.name, "10.96.0.10_9090");
@@ -346,6 +347,7 @@ fn translates_what_istiod_sends_a_sidecar() {
     match snap.select(
         "10.7.7.7:9191".parse().unwrap(),
         "10.0.9.9:1".parse().unwrap(),
+        &Peeked::default(),
     ) {
         Selection::Chain(_, chain) => {
             let Filter::Thrift(t) = &chain.filter else {
@@ -362,7 +364,8 @@ fn translates_what_istiod_sends_a_sidecar() {
     assert!(matches!(
         snap.select(
             "10.9.9.9:80".parse().unwrap(),
-            "10.0.9.9:1".parse().unwrap()
+            "10.0.9.9:1".parse().unwrap(),
+            &Peeked::default()
         ),
         Selection::Deny
     ));
@@ -370,7 +373,8 @@ fn translates_what_istiod_sends_a_sidecar() {
     assert!(matches!(
         snap.select_inbound(
             "10.0.0.5:9999".parse().unwrap(),
-            "10.0.9.9:1".parse().unwrap()
+            "10.0.9.9:1".parse().unwrap(),
+            &Peeked::default()
         ),
         Selection::Deny
     ));
@@ -675,4 +679,73 @@ fn warming_is_per_cluster() {
         state.load().clusters[CALC].config.lb_policy,
         LbPolicy::RoundRobin
     );
+}
+
+/// Chains that match on the first bytes: istiod's HTTP chain (`raw_buffer` with
+/// `http/1.1`/`h2c`), its TLS chains, and the listener's default chain for the rest.
+#[test]
+fn chains_match_on_tls_alpn_and_http_with_the_default_chain_last() {
+    let mut r = istiod();
+    let hcm = filter(
+        "envoy.filters.network.http_connection_manager",
+        encode(
+            &tern_proto::HttpConnectionManager::default(),
+            type_url::HTTP_CONNECTION_MANAGER,
+        ),
+    );
+    let mut http = chain(None, vec![hcm]);
+    http.filter_chain_match = Some(listener_types::FilterChainMatch {
+        transport_protocol: "raw_buffer".into(),
+        application_protocols: vec!["http/1.1".into(), "h2c".into()],
+        ..Default::default()
+    });
+    let mut mtls = chain(None, vec![tcp_proxy(CALC)]);
+    mtls.name = "mtls".into();
+    mtls.filter_chain_match = Some(listener_types::FilterChainMatch {
+        transport_protocol: "tls".into(),
+        application_protocols: vec!["istio-peer-exchange".into(), "istio".into()],
+        server_names: vec!["*.cluster.local".into()],
+        ..Default::default()
+    });
+    let zipkin = XdsListener {
+        name: "0.0.0.0_9411".into(),
+        address: Some(addr("0.0.0.0", 9411)),
+        filter_chains: vec![http, mtls],
+        default_filter_chain: Some(chain(None, vec![tcp_proxy("inbound|8080||")])),
+        bind_to_port: Some(wkt::BoolValue { value: false }),
+        ..Default::default()
+    };
+    r.listeners.insert(zipkin.name.clone(), zipkin);
+    let (_, state, rejected) = apply_all(&r);
+    assert!(rejected.is_empty(), "{rejected:?}");
+    let snap = state.load();
+    let dst = "10.96.3.3:9411".parse().unwrap();
+    assert!(snap.needs_inspection(dst, false));
+    assert!(!snap.needs_inspection("10.96.0.10:9090".parse().unwrap(), false));
+    let chain_for = |peeked: Peeked| match snap.select(dst, "10.0.9.9:1".parse().unwrap(), &peeked)
+    {
+        Selection::Chain(_, c) => c.name.clone(),
+        other => panic!("{other:?}"),
+    };
+    let http11 = ["http/1.1".to_string()];
+    assert_eq!(
+        chain_for(Peeked {
+            application_protocols: &http11,
+            ..Peeked::default()
+        }),
+        "0.0.0.0_9411#0"
+    );
+    assert_eq!(chain_for(Peeked::default()), "0.0.0.0_9411#default");
+    let istio = ["istio-peer-exchange".to_string(), "istio".to_string()];
+    let tls = |sni| Peeked {
+        tls: true,
+        application_protocols: &istio,
+        server_name: sni,
+    };
+    assert_eq!(
+        chain_for(tls(Some("outbound_.9411_._.zipkin.cluster.local"))),
+        "mtls"
+    );
+    assert_eq!(chain_for(tls(Some("example.com"))), "0.0.0.0_9411#default");
+    assert_eq!(chain_for(tls(None)), "0.0.0.0_9411#default");
 }

@@ -89,12 +89,26 @@ pub fn translate(
     }
     let mut chains = Vec::new();
     let mut set_aside_chains = Vec::new();
-    for (i, c) in l.filter_chains.iter().enumerate() {
-        let name = if c.name.is_empty() {
-            format!("{}#{i}", l.name)
-        } else {
-            c.name.clone()
+    let mut used = std::collections::BTreeSet::new();
+    let listed = l
+        .filter_chains
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (c, i.to_string()));
+    let default = l
+        .default_filter_chain
+        .iter()
+        .map(|c| (c, "default".to_owned()));
+    for (c, index) in listed.chain(default) {
+        let is_default = index == "default";
+        // A connection finds its chain again by name in later snapshots, so names are made
+        // unique (istiod gives several of virtualInbound's chains the same one).
+        let name = match c.name.as_str() {
+            "" => format!("{}#{index}", l.name),
+            n if used.contains(n) => format!("{n}#{index}"),
+            n => n.to_owned(),
         };
+        used.insert(name.clone());
         let context = format!("filter chain {name}");
         let at = |e: Invalid| e.at(context.clone());
         let filter = match chain_filter(c, routes).map_err(at)? {
@@ -124,6 +138,7 @@ pub fn translate(
                 transport_protocol: Some(m.transport_protocol).filter(|t| !t.is_empty()),
                 application_protocols: m.application_protocols,
                 server_names: m.server_names,
+                default_chain: is_default,
             },
             filter,
         });
