@@ -16,6 +16,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = snapshot.select(
             "10.96.0.10:9090".parse().unwrap(),
             "10.0.0.1:1".parse().unwrap(),
+            &Default::default(),
         );
         for cluster in snapshot.clusters.values() {
             let _ = cluster.picker.pick(&cluster.endpoints, Some(7), &[]);
