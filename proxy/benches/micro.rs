@@ -178,7 +178,7 @@ fn balancer(c: &mut Criterion) {
                 address: SocketAddr::from(([10, 0, (i / 256) as u8, (i % 256) as u8], 9090)),
                 weight: 1 + i % 3,
                 priority: 0,
-                locality: String::new(),
+                locality: "".into(),
                 health: Default::default(),
             })
         })

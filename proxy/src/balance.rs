@@ -15,7 +15,10 @@ use std::{
     cmp::Reverse,
     collections::{BTreeMap, BinaryHeap},
     net::IpAddr,
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 use rand::Rng;
@@ -75,7 +78,7 @@ impl EndpointPicker {
     pub fn new(
         policy: LbPolicy,
         endpoints: &[Endpoint],
-        locality_weights: &BTreeMap<String, u32>,
+        locality_weights: &BTreeMap<Arc<str>, u32>,
         table: &HashTable,
     ) -> Self {
         let mut priorities: Vec<u32> = endpoints.iter().map(|e| e.priority).collect();
@@ -184,7 +187,7 @@ impl Level {
         policy: LbPolicy,
         endpoints: &[Endpoint],
         priority: u32,
-        locality_weights: &BTreeMap<String, u32>,
+        locality_weights: &BTreeMap<Arc<str>, u32>,
         table: &HashTable,
     ) -> Self {
         let indices: Vec<usize> = (0..endpoints.len())
@@ -203,9 +206,9 @@ impl Level {
                 let e = &endpoints[i];
                 let w = if uses_localities {
                     // In u128: 1000 × u32 × u32 does not fit u64.
-                    let lw = u128::from(*locality_weights.get(&e.locality).unwrap_or(&1));
+                    let lw = u128::from(*locality_weights.get(&*e.locality).unwrap_or(&1));
                     let share = 1000 * lw * u128::from(e.weight)
-                        / u128::from(per_locality[e.locality.as_str()].max(1));
+                        / u128::from(per_locality[&*e.locality].max(1));
                     u32::try_from(share.max(1)).unwrap_or(u32::MAX)
                 } else {
                     e.weight.max(1)
@@ -349,11 +352,11 @@ fn normalized(members: &[usize], endpoints: &[Endpoint], share: f64) -> Vec<(usi
 fn normalized_by_locality(
     members: &[usize],
     endpoints: &[Endpoint],
-    locality_weights: &BTreeMap<String, u32>,
+    locality_weights: &BTreeMap<Arc<str>, u32>,
 ) -> Vec<(usize, f64)> {
     let mut localities: Vec<&str> = Vec::new();
     for &i in members {
-        if !localities.contains(&endpoints[i].locality.as_str()) {
+        if !localities.contains(&&*endpoints[i].locality) {
             localities.push(&endpoints[i].locality);
         }
     }
@@ -367,7 +370,7 @@ fn normalized_by_locality(
         let in_locality: Vec<usize> = members
             .iter()
             .copied()
-            .filter(|&i| endpoints[i].locality == l)
+            .filter(|&i| &*endpoints[i].locality == l)
             .collect();
         out.extend(normalized(
             &in_locality,
@@ -516,7 +519,7 @@ mod tests {
             ep(1, u32::MAX, 0, "a", Health::Healthy),
             ep(2, u32::MAX, 0, "b", Health::Healthy),
         ];
-        let weights = BTreeMap::from([("a".to_string(), u32::MAX), ("b".to_string(), 1)]);
+        let weights = BTreeMap::from([(Arc::from("a"), u32::MAX), (Arc::from("b"), 1)]);
         for policy in [
             LbPolicy::RoundRobin,
             LbPolicy::Random,
@@ -629,7 +632,7 @@ mod tests {
             ep(2, 1, 0, "a", Health::Healthy),
             ep(3, 1, 0, "b", Health::Healthy),
         ];
-        let weights = BTreeMap::from([("a".to_string(), 1), ("b".to_string(), 3)]);
+        let weights = BTreeMap::from([(Arc::from("a"), 1), (Arc::from("b"), 3)]);
         let p = EndpointPicker::new(LbPolicy::RoundRobin, &eps, &weights, &HashTable::default());
         let c = counts(&p, &fakes(&eps), 800);
         assert_eq!(c[&2], 600, "{c:?}");
@@ -697,7 +700,7 @@ mod tests {
                 address: ([127, 0, 0, 1], 90 + k as u16).into(),
                 weight: w,
                 priority: 0,
-                locality: String::new(),
+                locality: "".into(),
                 health: Health::Healthy,
             })
             .collect()
@@ -811,7 +814,7 @@ mod tests {
                 address: (std::net::Ipv4Addr::from(0x0a00_0000 + n), 9090).into(),
                 weight: 1 + n % 2,
                 priority: 0,
-                locality: String::new(),
+                locality: "".into(),
                 health: Health::Healthy,
             })
             .collect();

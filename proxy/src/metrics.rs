@@ -91,6 +91,7 @@ pub struct Metrics {
     pub xds_reconnects: Counter,
     pub xds_set_aside: Family<SetAsideLabels, Gauge>,
     pub xds_rejected: Family<TypeLabel, Gauge>,
+    pub xds_apply_seconds: Family<TypeLabel, Histogram, fn() -> Histogram>,
 }
 
 impl Metrics {
@@ -192,8 +193,16 @@ impl Metrics {
             "Resources refused (NACKed) and not in force, by type",
             xds_rejected.clone(),
         );
+        let xds_apply_seconds: Family<TypeLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.00005, 1.5, 28)));
+        registry.register(
+            "xds_apply_seconds",
+            "Time to apply one xDS response (decode, translate, build and swap the snapshot), by type",
+            xds_apply_seconds.clone(),
+        );
         Arc::new(Self {
             registry,
+            xds_apply_seconds,
             xds_set_aside,
             xds_rejected,
             xds_connected,

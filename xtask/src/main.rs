@@ -292,10 +292,17 @@ fn bench() -> Result<()> {
     build_ebpf()?;
     // Binaries and benchmarks in one release build, so dependencies compile once (`cargo
     // bench` would build them again under its own profile).
-    step("build: release binaries and the benchmarks (micro, alloc_per_request)");
+    step("build: release binaries and the benchmarks (micro, alloc_per_request, xds_apply)");
     let built = cargo()
         .args(["build", "--release", "--workspace", "--bins"])
-        .args(["--bench", "micro", "--bench", "alloc_per_request"])
+        .args([
+            "--bench",
+            "micro",
+            "--bench",
+            "alloc_per_request",
+            "--bench",
+            "xds_apply",
+        ])
         .arg("--message-format=json-render-diagnostics")
         .stderr(std::process::Stdio::inherit())
         .output()
@@ -325,6 +332,10 @@ fn bench() -> Result<()> {
     status(
         Command::new(bench_named("alloc_per_request")?)
             .env("TERN_BENCH_OUT", out.join("alloc.json")),
+    )?;
+    step("bench: applying xDS updates (in-process)");
+    status(
+        Command::new(bench_named("xds_apply")?).env("TERN_BENCH_OUT", out.join("xds_apply.json")),
     )?;
     step("bench: micro-benchmarks (criterion: codec, router, balancer)");
     let criterion = root().join("target/criterion");

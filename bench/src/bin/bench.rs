@@ -20,7 +20,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use tern_bench::{
     LoadResult,
-    report::{DIRECT, Group, HAPROXY, MethodNames, Report, Row, Sample},
+    report::{DIRECT, Group, HAPROXY, MethodNames, Report, Row, Sample, XdsUpdates},
 };
 use tern_tests::{Cgroup, ControlPlane, Netns, Process, Tern, bin_dir, eventually, mesh};
 
@@ -53,6 +53,15 @@ fn run() -> Result<()> {
         .context("usage: tern-bench OUT_DIR [CRITERION_DIR]")?;
     let criterion_dir = std::env::args().nth(2).map(PathBuf::from);
     std::fs::create_dir_all(&out_dir)?;
+    // `TERN_BENCH_ONLY=xds`: only the xDS measurements, printed (for working on them).
+    if std::env::var("TERN_BENCH_ONLY").as_deref() == Ok("xds") {
+        let bench = Bench::start()?;
+        let idle = bench.idle_rss_with_1000_clusters()?;
+        drop(bench);
+        println!("idle RSS, 1,000 clusters: {idle:.1} MiB");
+        println!("{:#?}", xds_updates()?);
+        return Ok(());
+    }
     let started = Instant::now();
     let mut bench = Bench::start()?;
     let mut groups = Vec::new();
@@ -186,11 +195,13 @@ fn run() -> Result<()> {
 
     let idle_rss = bench.idle_rss_with_1000_clusters()?;
     drop(bench);
+    let xds = xds_updates()?;
 
     let report = Report::new(
         groups,
         method_names,
         idle_rss,
+        xds,
         read_micro(&out_dir, criterion_dir.as_deref()),
         started.elapsed(),
     );
@@ -510,11 +521,143 @@ impl Bench {
             "no EDS ACK: {}",
             cp.events()
         );
-        std::thread::sleep(Duration::from_secs(1));
+        // Idle: the last update's memory given back (tern trims at most every 2 s).
+        std::thread::sleep(Duration::from_secs(3));
         let status = std::fs::read_to_string(format!("/proc/{}/status", tern.process.pid()))?;
         let rss = field_kib(&status, "VmRSS:").context("VmRSS")?;
         Ok(rss as f64 / 1024.0)
     }
+}
+
+/// Endpoint churn from the control plane while Thrift calls run: tern with eBPF capture and
+/// 1,000 clusters / 10,000 endpoints over xDS; the p99 of calls with no pushes, then with one
+/// endpoint change pushed 100 times a second, and what each apply took (tern's
+/// `tern_xds_apply_seconds`). Also tern's peak memory with capture.
+fn xds_updates() -> Result<XdsUpdates> {
+    eprintln!("tern-bench: xDS endpoint churn, 100 changes a second, 1,000 clusters");
+    let p = tern_tests::pods();
+    let servers = ["10.66.1.2:9201", "10.66.1.2:9202"]
+        .iter()
+        .map(|a| {
+            tern_tests::start_server(&p.srv, None, &bin_dir().join("tern-load"), &["serve", a])
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let snapshot = |churn: u64| {
+        format!(
+            "version: \"{}\"\nbulk: 999\nchurn_per_sec: {churn}\nservices:\n  - {{ name: calc, vip: 10.96.0.20, port: 9090, filter: tcp, endpoints: [\"10.66.1.2:9201\", \"10.66.1.2:9202\"] }}\n",
+            1 + churn
+        )
+    };
+    let cp = ControlPlane::start(&p.app, "127.0.0.1:15010", &snapshot(0), &[])?;
+    let tern = Tern::start_logging(
+        &p.app,
+        Some(&p.cgroup),
+        &[
+            "run",
+            "--capture",
+            "ebpf",
+            "--cgroup",
+            p.cgroup.path_str(),
+            "--inbound-ports",
+            "",
+            "--xds-address",
+            "http://127.0.0.1:15010",
+        ],
+        "info",
+    )?;
+    ensure!(
+        eventually(Duration::from_secs(30), || tern_tests::admin(
+            &p.app, "GET", "/ready"
+        )
+        .trim()
+            == "LIVE"),
+        "tern did not load the 1,000 clusters:\n{}",
+        tern.log()
+    );
+    ensure!(cp.wait_for("ACK ClusterLoadAssignment 1"), "no EDS ACK");
+    let latency = [
+        "--connections",
+        "1",
+        "--inflight",
+        "1",
+        "--size",
+        "100",
+        "--secs",
+        "4",
+        "--warmup",
+        "0.5",
+    ];
+    let quiet = load_run(&p.app, Some(&p.cgroup), "10.96.0.20:9090", &latency)?;
+    let applies = |text: &str| apply_buckets(text, "ClusterLoadAssignment");
+    let before = applies(&tern_tests::admin(&p.app, "GET", "/stats/prometheus"));
+    cp.push(&snapshot(100));
+    std::thread::sleep(Duration::from_millis(500));
+    let churned = load_run(&p.app, Some(&p.cgroup), "10.96.0.20:9090", &latency)?;
+    let after = applies(&tern_tests::admin(&p.app, "GET", "/stats/prometheus"));
+    cp.push(&snapshot(0));
+    let window: Vec<(f64, f64)> = after
+        .iter()
+        .zip(&before)
+        .map(|((le, a), (_, b))| (*le, a - b))
+        .collect();
+    let count = window.last().map_or(0.0, |(_, n)| *n);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", tern.process.pid()))?;
+    drop(servers);
+    Ok(XdsUpdates {
+        applies_during_calls: count as u64,
+        apply_p50_ms: quantile(&window, 0.5) * 1e3,
+        apply_p99_ms: quantile(&window, 0.99) * 1e3,
+        quiet_p99_us: quiet.p99_us,
+        churn_p99_us: churned.p99_us,
+        churn_errors: churned.errors,
+        peak_rss_mib_with_capture: field_kib(&status, "VmHWM:").context("VmHWM")? as f64 / 1024.0,
+        rss_mib_with_capture: field_kib(&status, "VmRSS:").context("VmRSS")? as f64 / 1024.0,
+    })
+}
+
+/// The cumulative buckets (upper bound, count) of `tern_xds_apply_seconds` for a type.
+fn apply_buckets(metrics: &str, resource: &str) -> Vec<(f64, f64)> {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("tern_xds_apply_seconds_bucket{")
+                && l.contains(&format!("resource=\"{resource}\""))
+        })
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A quantile from cumulative buckets, interpolated linearly within its bucket.
+fn quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
+    let total = buckets.last().map_or(0.0, |(_, n)| *n);
+    if total == 0.0 {
+        return f64::NAN;
+    }
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for &(le, n) in buckets {
+        if n >= rank {
+            if !le.is_finite() {
+                return lower.0;
+            }
+            let share = if n > lower.1 {
+                (rank - lower.1) / (n - lower.1)
+            } else {
+                1.0
+            };
+            return lower.0 + (le - lower.0) * share;
+        }
+        lower = (le, n);
+    }
+    lower.0
 }
 
 impl Drop for Bench {
@@ -660,10 +803,14 @@ fn haproxy_config() -> String {
 /// The micro-benchmarks `cargo xtask bench` ran before: criterion's mean estimates (ns) under
 /// `criterion_dir`, and the allocations per proxied request in `OUT_DIR/alloc.json`.
 fn read_micro(out_dir: &Path, criterion_dir: Option<&Path>) -> BTreeMap<String, f64> {
-    let mut micro: BTreeMap<String, f64> = std::fs::read_to_string(out_dir.join("alloc.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
+    let mut micro: BTreeMap<String, f64> = BTreeMap::new();
+    for file in ["alloc.json", "xds_apply.json"] {
+        let values: BTreeMap<String, f64> = std::fs::read_to_string(out_dir.join(file))
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        micro.extend(values);
+    }
     let mut dirs: Vec<PathBuf> = criterion_dir.into_iter().map(Path::to_owned).collect();
     while let Some(dir) = dirs.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else {

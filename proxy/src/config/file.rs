@@ -399,11 +399,16 @@ fn cluster(c: ClusterFile) -> Cluster {
                 address: e.address,
                 weight: e.weight.unwrap_or(1).max(1),
                 priority: e.priority,
-                locality: e.locality,
+                locality: e.locality.into(),
                 health: e.health,
             })
             .collect(),
-        locality_weights: c.locality_weights,
+        locality_weights: Arc::new(
+            c.locality_weights
+                .into_iter()
+                .map(|(l, w)| (Arc::from(l), w))
+                .collect(),
+        ),
         request_timeout: Duration::from_millis(c.timeout_ms.unwrap_or(15_000)),
         connect_timeout: Duration::from_millis(c.connect_timeout_ms.unwrap_or(1_000)),
         circuit_breakers: CircuitBreakers {

@@ -259,9 +259,10 @@ pub struct Cluster {
     pub hash_header: Option<String>,
     /// Ring hash and Maglev table sizes.
     pub hash_table: HashTable,
-    pub endpoints: Vec<Endpoint>,
+    /// Shared with the xDS store that received them, so a cluster holds no copy of its own.
+    pub endpoints: Arc<[Endpoint]>,
     /// Weight of each locality within a priority (missing ones weigh 1).
-    pub locality_weights: BTreeMap<String, u32>,
+    pub locality_weights: Arc<BTreeMap<Arc<str>, u32>>,
     pub request_timeout: Duration,
     pub connect_timeout: Duration,
     pub circuit_breakers: CircuitBreakers,
@@ -369,7 +370,8 @@ pub struct Endpoint {
     pub address: SocketAddr,
     pub weight: u32,
     pub priority: u32,
-    pub locality: String,
+    /// `region/zone/subzone`, shared by the endpoints of a locality.
+    pub locality: Arc<str>,
     pub health: Health,
 }
 

@@ -11,10 +11,10 @@
 //! [`ClusterState`] (endpoints, picker, pools, outlier state); a changed one is rebuilt,
 //! keeping the runtime of every endpoint it still has.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Instant, SystemTime},
 };
@@ -38,6 +38,12 @@ use crate::{
 /// At most one `malloc_trim` this often (it walks the heap; pushes can come 100 times a
 /// second).
 const TRIM_INTERVAL_MS: u64 = 2_000;
+/// A trim is worth it once updates rebuilt this many endpoints (or clusters) since the last.
+const TRIM_AFTER_FREED: usize = 10_000;
+/// Replaced snapshots are kept this long (and at most this many), then freed on the control
+/// thread.
+const RETIRE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+const RETIRED_MAX: usize = 8;
 
 /// The current snapshot and the live state snapshots share.
 pub struct State {
@@ -50,7 +56,9 @@ pub struct State {
     /// apply since has freed enough to be worth it.
     born: Instant,
     trimmed_ms: AtomicU64,
-    trim_pending: AtomicBool,
+    /// Endpoints (or clusters) rebuilt or removed since the last trim.
+    freed: AtomicUsize,
+    retired: Mutex<VecDeque<(Instant, Arc<Snapshot>)>>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -62,7 +70,8 @@ impl State {
             ready: AtomicBool::new(false),
             born: Instant::now(),
             trimmed_ms: AtomicU64::new(0),
-            trim_pending: AtomicBool::new(false),
+            freed: AtomicUsize::new(usize::MAX / 2),
+            retired: Mutex::new(VecDeque::new()),
             metrics,
         })
     }
@@ -84,8 +93,10 @@ impl State {
     /// Replaces the snapshot with one built from a validated `config`, which is complete:
     /// tern is ready.
     pub fn apply(&self, config: Config) {
+        let version = config.version.clone();
         self.update(config);
         self.mark_ready();
+        tracing::info!(%version, "configuration applied");
     }
 
     /// Replaces the snapshot with one built from `config`, rebuilding only the clusters
@@ -94,12 +105,14 @@ impl State {
         let previous = self.load();
         let mut runtimes = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
         let mut rebuilt = 0usize;
+        let mut rebuilt_endpoints = 0usize;
         let mut clusters = HashMap::with_capacity(config.clusters.len());
         for (name, c) in &config.clusters {
             let state = match previous.clusters.get(name) {
                 Some(old) if Arc::ptr_eq(&old.config, c) => old.clone(),
                 _ => {
                     rebuilt += 1;
+                    rebuilt_endpoints += c.endpoints.len();
                     let runtime = runtimes
                         .entry(name.clone())
                         .or_insert_with(|| Arc::new(ClusterRuntime::new(name, &self.metrics)))
@@ -125,37 +138,66 @@ impl State {
         configure_method_labels(&config, &clusters);
         let mut exact = HashMap::new();
         let mut wildcard = HashMap::new();
+        let mut by_name = HashMap::with_capacity(config.listeners.len());
         for (i, l) in config.listeners.iter().enumerate() {
             if l.address.ip().is_unspecified() {
                 wildcard.insert(l.address.port(), i);
             } else {
                 exact.insert(l.address, i);
             }
+            by_name.insert(l.name.clone(), i);
         }
         let version = config.version.clone();
-        self.current.store(Arc::new(Snapshot {
+        let replaced = self.current.swap(Arc::new(Snapshot {
             config: Arc::new(config),
             clusters,
             applied_at: SystemTime::now(),
             exact,
             wildcard,
+            by_name,
         }));
         drop(previous);
-        tracing::info!(%version, clusters_rebuilt = rebuilt, "configuration applied");
-        if rebuilt > 0 {
-            self.trim_pending.store(true, Ordering::Relaxed);
-        }
+        self.retire(replaced);
+        tracing::debug!(%version, clusters_rebuilt = rebuilt, "snapshot swapped");
+        self.freed
+            .fetch_add(rebuilt_endpoints.max(rebuilt), Ordering::Relaxed);
         self.release_memory();
     }
 
-    /// Gives freed memory back to the system if an update freed some and the last time was
-    /// long enough ago (called after updates and periodically).
+    /// Keeps a replaced snapshot for a while, so that it is freed here, on the control
+    /// thread, rather than by whichever data-plane worker lets go of it last (freeing a
+    /// large snapshot is thousands of deallocations).
+    fn retire(&self, snapshot: Arc<Snapshot>) {
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        retired.push_back((now, snapshot));
+        while retired
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) >= RETIRE_AFTER)
+            || retired.len() > RETIRED_MAX
+        {
+            retired.pop_front();
+        }
+    }
+
+    /// Frees retired snapshots that aged, and gives freed memory back to the system when
+    /// updates have freed enough since the last time and that was long enough ago (called
+    /// after updates and once a second).
     pub fn release_memory(&self) {
+        {
+            let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+            while retired
+                .front()
+                .is_some_and(|(at, _)| at.elapsed() >= RETIRE_AFTER)
+            {
+                retired.pop_front();
+            }
+        }
         let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
-        if self.trim_pending.load(Ordering::Relaxed)
+        if self.freed.load(Ordering::Relaxed) >= TRIM_AFTER_FREED
             && now.saturating_sub(self.trimmed_ms.load(Ordering::Relaxed)) >= TRIM_INTERVAL_MS
         {
-            self.trim_pending.store(false, Ordering::Relaxed);
+            self.freed.store(0, Ordering::Relaxed);
             self.trimmed_ms.store(now, Ordering::Relaxed);
             // The previous snapshot (unless a connection still holds it) and the
             // translation's decoded resources are free now: without this glibc keeps them

@@ -92,6 +92,8 @@ pub struct Snapshot {
     pub applied_at: SystemTime,
     pub(super) exact: HashMap<SocketAddr, usize>,
     pub(super) wildcard: HashMap<u16, usize>,
+    /// Listeners by name, for connections that find their chain again in a new snapshot.
+    pub(super) by_name: HashMap<String, usize>,
 }
 
 impl Snapshot {
@@ -102,6 +104,7 @@ impl Snapshot {
             applied_at: SystemTime::now(),
             exact: HashMap::new(),
             wildcard: HashMap::new(),
+            by_name: HashMap::new(),
         }
     }
 
@@ -165,15 +168,15 @@ impl Snapshot {
 
     /// A chain by listener and chain name (a connection follows its chain across snapshots).
     pub fn chain(&self, listener: &str, chain: &str) -> Option<&FilterChain> {
-        self.config
-            .listeners
-            .iter()
-            .map(|l| &**l)
-            .chain(&self.config.inbound)
-            .find(|l| l.name == listener)?
-            .filter_chains
-            .iter()
-            .find(|c| c.name == chain)
+        let l = match self.by_name.get(listener) {
+            Some(&i) => &*self.config.listeners[i],
+            None => self
+                .config
+                .inbound
+                .as_ref()
+                .filter(|l| l.name == listener)?,
+        };
+        l.filter_chains.iter().find(|c| c.name == chain)
     }
 }
 

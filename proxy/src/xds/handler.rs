@@ -11,7 +11,7 @@ use tern_proto::{
     ThriftRouteConfiguration, decode, type_url,
 };
 use tern_xds_client::{Handler, Interest, RejectedConfig, Update};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     store::Store,
@@ -169,11 +169,19 @@ impl XdsHandler {
         let xds = self.store.assemble(format!("xds-{}", self.updates));
         self.export_set_aside(&xds);
         let config = self.merged(xds);
-        info!(version = %config.version, listeners = config.listeners.len(), clusters = config.clusters.len(), set_aside = config.set_aside.len(), "xDS configuration ready");
+        // Pushes can come a hundred times a second: one line each only at debug level.
+        debug!(version = %config.version, listeners = config.listeners.len(), clusters = config.clusters.len(), set_aside = config.set_aside.len(), "xDS configuration in force");
+        let summary = (
+            config.version.clone(),
+            config.listeners.len(),
+            config.clusters.len(),
+            config.set_aside.len(),
+        );
         self.state.update(config);
         if self.seen_listeners && self.seen_clusters && !self.store.warming() && !self.state.ready()
         {
-            info!("the first complete xDS configuration is in force: ready");
+            let (version, listeners, clusters, set_aside) = summary;
+            info!(%version, listeners, clusters, set_aside, "the first complete xDS configuration is in force: ready");
             self.state.mark_ready();
         }
     }
@@ -197,6 +205,7 @@ impl XdsHandler {
 
 impl Handler for XdsHandler {
     fn apply(&mut self, type_url: &'static str, update: Update) -> Result<(), Vec<RejectedConfig>> {
+        let started = std::time::Instant::now();
         if !SUPPORTED.contains(&type_url) {
             return Err(update
                 .changed
@@ -249,6 +258,13 @@ impl Handler for XdsHandler {
             },
         );
         self.publish();
+        self.state
+            .metrics
+            .xds_apply_seconds
+            .get_or_create(&TypeLabel {
+                resource: short(type_url),
+            })
+            .observe(started.elapsed().as_secs_f64());
         if rejected.is_empty() {
             Ok(())
         } else {

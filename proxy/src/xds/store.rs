@@ -18,15 +18,15 @@ use super::translate::{
     endpoints::LoadAssignment,
     listener::{self, ListenerKind},
 };
-use crate::config::{Cluster, Config, Listener, Passthrough, SetAside};
+use crate::config::{Cluster, Config, Passthrough, SetAside};
 
 struct HeldListener {
+    /// Its outbound listener is an `Arc`, shared with every configuration built while it
+    /// does not change.
     translated: listener::Translated,
-    /// The listener shared with every configuration built while it does not change.
-    built: Option<Arc<Listener>>,
     /// Kept only for a listener that names Thrift route configurations: it is translated
-    /// again when they change.
-    proto: Option<XdsListener>,
+    /// again when they change. Boxed: a decoded `Listener` is large, and most hold none.
+    proto: Option<Box<XdsListener>>,
 }
 
 struct HeldCluster {
@@ -55,19 +55,9 @@ impl Store {
         translated: listener::Translated,
         proto: XdsListener,
     ) {
-        let built = match &translated.kind {
-            ListenerKind::Outbound(l) => Some(Arc::new(l.clone())),
-            _ => None,
-        };
-        let proto = (!translated.thrift_routes.is_empty()).then_some(proto);
-        self.listeners.insert(
-            name,
-            HeldListener {
-                translated,
-                built,
-                proto,
-            },
-        );
+        let proto = (!translated.thrift_routes.is_empty()).then(|| Box::new(proto));
+        self.listeners
+            .insert(name, HeldListener { translated, proto });
     }
 
     pub fn remove_listener(&mut self, name: &str) {
@@ -117,7 +107,7 @@ impl Store {
         self.listeners
             .iter()
             .filter(|(_, l)| l.translated.thrift_routes.iter().any(|r| r == route))
-            .filter_map(|(n, l)| Some((n.clone(), l.proto.clone()?)))
+            .filter_map(|(n, l)| Some((n.clone(), (**l.proto.as_ref()?).clone())))
             .collect()
     }
 
@@ -188,9 +178,10 @@ impl Store {
                     Endpoints::Fixed(la) => Some(la),
                     Endpoints::Eds { name, .. } => self.endpoints.get(name).map(|la| &**la),
                 };
-                let (endpoints, locality_weights) = endpoints
-                    .map(|la| (la.endpoints.clone(), la.locality_weights.clone()))
-                    .unwrap_or_default();
+                let LoadAssignment {
+                    endpoints,
+                    locality_weights,
+                } = endpoints.cloned().unwrap_or_default();
                 c.published = Some(Arc::new(Cluster {
                     endpoints,
                     locality_weights,
@@ -213,9 +204,7 @@ impl Store {
             match &l.translated.kind {
                 ListenerKind::VirtualOutbound(mode) => config.passthrough = *mode,
                 ListenerKind::Inbound(listener) => config.inbound = Some(listener.clone()),
-                ListenerKind::Outbound(_) => {
-                    config.listeners.extend(l.built.clone());
-                }
+                ListenerKind::Outbound(listener) => config.listeners.push(listener.clone()),
                 ListenerKind::SetAside(reason) => config.set_aside.push(SetAside {
                     kind: "listener",
                     name: name.clone(),

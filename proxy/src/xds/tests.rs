@@ -1,6 +1,6 @@
 //! The xDS path end to end in one process: istiod-shaped resources through the handler
 //! (decode, translate, store, publish) into the snapshot the data path reads.
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use tern_proto::{
     Any, Cluster as XdsCluster, ClusterLoadAssignment, Listener as XdsListener, SocketAddress,
@@ -323,13 +323,10 @@ fn translates_what_istiod_sends_a_sidecar() {
     assert_eq!(calc.endpoints.len(), 3);
     assert_eq!(calc.endpoints[1].health, Health::Draining);
     assert_eq!(
-        (
-            calc.endpoints[2].priority,
-            calc.endpoints[0].locality.as_str()
-        ),
+        (calc.endpoints[2].priority, &*calc.endpoints[0].locality),
         (1, "r/a/")
     );
-    assert_eq!(calc.locality_weights["r/a/"], 2);
+    assert_eq!(calc.locality_weights[&Arc::<str>::from("r/a/")], 2);
     assert!(c.clusters["inbound|8080||"].original_dst);
     match snap.select(
         "10.96.0.10:9090".parse().unwrap(),

@@ -17,6 +17,7 @@
 //! delay_ms: 0               # wait this long before every response (a slow control plane)
 //! close_every_ms: 0         # end every stream cleanly this often (istiod's max connection age)
 //! corrupt_cluster: false    # add a cluster whose body does not decode
+//! churn_per_sec: 0          # push this many one-endpoint EDS changes a second (SotW)
 //! # Real istiod resources (`tests/python/istio_dump.py` converts a /config_dump): listeners,
 //! # clusters and endpoints served as they are. Clusters the listeners name that the dump
 //! # lacks are made in istiod's EDS shape; EDS clusters without endpoints get
@@ -66,6 +67,10 @@ struct Snapshot {
     close_every_ms: u64,
     #[serde(default)]
     corrupt_cluster: bool,
+    /// State of the world: push this many single-endpoint changes a second (each a response
+    /// with one generated service's `ClusterLoadAssignment`, as istiod pushes EDS).
+    #[serde(default)]
+    churn_per_sec: u64,
     #[serde(default)]
     cluster_padding: usize,
     /// Files of real istiod resources (`tests/python/istio_dump.py`).
@@ -511,6 +516,35 @@ async fn delay(s: &Snapshot) {
     }
 }
 
+/// One churned endpoint change: generated service `n` (cycling through those `wanted`)
+/// with its first endpoint on another port, alone in a response.
+fn churn_response(
+    s: &Snapshot,
+    wanted: &[String],
+    n: u64,
+    nonce: u64,
+) -> Option<DiscoveryResponse> {
+    let services = s.all_services();
+    let candidates: Vec<&Service> = services
+        .iter()
+        .filter(|svc| wanted.is_empty() || wanted.contains(&svc.cluster()))
+        .filter(|svc| svc.name.starts_with("bulk-"))
+        .collect();
+    let svc = candidates.get(usize::try_from(n).ok()? % candidates.len().max(1))?;
+    let mut endpoints = svc.endpoints.clone();
+    if let Some((ip, _)) = endpoints.first().and_then(|e| e.rsplit_once(':')) {
+        endpoints[0] = format!("{ip}:{}", 10_000 + n % 50_000);
+    }
+    let cla = load_assignment(&svc.cluster(), &endpoints);
+    Some(DiscoveryResponse {
+        version_info: format!("churn-{n}"),
+        resources: vec![encode(&cla, type_url::CLUSTER_LOAD_ASSIGNMENT)],
+        type_url: type_url::CLUSTER_LOAD_ASSIGNMENT.to_owned(),
+        nonce: nonce.to_string(),
+        ..Default::default()
+    })
+}
+
 /// Resolves when a stream opened now is to be ended cleanly (never without `close_every_ms`).
 fn closing(s: &Snapshot) -> impl std::future::Future<Output = ()> + use<> {
     let every = s.close_every_ms;
@@ -540,8 +574,8 @@ impl AggregatedDiscoveryService for ControlPlane {
         tokio::spawn(async move {
             let mut subscriptions: HashMap<String, Vec<String>> = HashMap::new();
             let mut nonce = 0u64;
-            let mut send = |type_url: &str, names: &[String], s: &Snapshot| {
-                nonce += 1;
+            let send = |type_url: &str, names: &[String], s: &Snapshot, nonce: &mut u64| {
+                *nonce += 1;
                 let response = DiscoveryResponse {
                     version_info: s.version.clone(),
                     resources: resources(s, type_url, names)
@@ -561,11 +595,32 @@ impl AggregatedDiscoveryService for ControlPlane {
             };
             let close = closing(&snapshot.borrow());
             tokio::pin!(close);
+            let mut churned = 0u64;
+            let churn = tokio::time::sleep(Duration::from_millis(100));
+            tokio::pin!(churn);
             loop {
                 tokio::select! {
                     _ = &mut close => {
                         say("CLOSE");
                         break;
+                    }
+                    _ = &mut churn => {
+                        let s = snapshot.borrow().clone();
+                        let wanted = subscriptions.get(type_url::CLUSTER_LOAD_ASSIGNMENT);
+                        let every = match s.churn_per_sec {
+                            0 => Duration::from_millis(100),
+                            n => Duration::from_micros(1_000_000 / n),
+                        };
+                        churn.as_mut().reset(tokio::time::Instant::now() + every);
+                        if let (true, Some(wanted)) = (s.churn_per_sec > 0, wanted) {
+                            churned += 1;
+                            nonce += 1;
+                            if let Some(response) = churn_response(&s, wanted, churned, nonce)
+                                && tx.send(Ok(response)).await.is_err()
+                            {
+                                break;
+                            }
+                        }
                     }
                     request = requests.message() => {
                         let Ok(Some(r)) = request else { break };
@@ -582,7 +637,7 @@ impl AggregatedDiscoveryService for ControlPlane {
                         if r.response_nonce.is_empty() || changed {
                             let s = snapshot.borrow().clone();
                             delay(&s).await;
-                            if tx.send(Ok(send(&t, &r.resource_names, &s))).await.is_err() { break }
+                            if tx.send(Ok(send(&t, &r.resource_names, &s, &mut nonce))).await.is_err() { break }
                         }
                     }
                     changed = snapshot.changed() => {
@@ -590,7 +645,7 @@ impl AggregatedDiscoveryService for ControlPlane {
                         let s = snapshot.borrow().clone();
                         for (t, names) in &subscriptions {
                             delay(&s).await;
-                            if tx.send(Ok(send(t, names, &s))).await.is_err() { return }
+                            if tx.send(Ok(send(t, names, &s, &mut nonce))).await.is_err() { return }
                         }
                     }
                 }

@@ -111,7 +111,7 @@ pub fn translate(c: &XdsCluster) -> Result<Translated, TranslateError> {
         lb_policy,
         hash_header: None,
         hash_table: hash_table(c)?,
-        endpoints: Vec::new(),
+        endpoints: std::sync::Arc::new([]),
         locality_weights: Default::default(),
         request_timeout: Duration::from_secs(15),
         connect_timeout: c

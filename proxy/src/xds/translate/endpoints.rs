@@ -1,29 +1,41 @@
 //! A `ClusterLoadAssignment` into endpoints: address, health, weight, priority, locality.
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use tern_proto::ClusterLoadAssignment;
 
 use super::{Invalid, TranslateError, socket_addr};
 use crate::config::{Endpoint, Health};
 
-/// A cluster's endpoints and the weight of each locality.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// A cluster's endpoints and the weight of each locality (shared with the clusters built
+/// from them).
+#[derive(Clone, Debug, PartialEq)]
 pub struct LoadAssignment {
-    pub endpoints: Vec<Endpoint>,
-    pub locality_weights: BTreeMap<String, u32>,
+    pub endpoints: Arc<[Endpoint]>,
+    pub locality_weights: Arc<BTreeMap<Arc<str>, u32>>,
+}
+
+impl Default for LoadAssignment {
+    fn default() -> Self {
+        Self {
+            endpoints: Arc::new([]),
+            locality_weights: Arc::default(),
+        }
+    }
 }
 
 pub fn translate(cla: &ClusterLoadAssignment) -> Result<LoadAssignment, Invalid> {
     use tern_proto::endpoint_types::lb_endpoint::HostIdentifier;
-    let mut out = LoadAssignment::default();
+    let mut endpoints = Vec::new();
+    let mut locality_weights = BTreeMap::new();
     for group in &cla.endpoints {
-        let locality = group
+        let locality: Arc<str> = group
             .locality
             .as_ref()
             .map(|l| [l.region.as_str(), l.zone.as_str(), l.sub_zone.as_str()].join("/"))
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .into();
         if let Some(w) = group.load_balancing_weight {
-            out.locality_weights.insert(locality.clone(), w.value);
+            locality_weights.insert(locality.clone(), w.value);
         }
         for e in &group.lb_endpoints {
             let Some(HostIdentifier::Endpoint(ep)) = &e.host_identifier else {
@@ -38,7 +50,7 @@ pub fn translate(cla: &ClusterLoadAssignment) -> Result<LoadAssignment, Invalid>
                 5 => Health::Degraded,
                 _ => Health::Unknown,
             };
-            out.endpoints.push(Endpoint {
+            endpoints.push(Endpoint {
                 address,
                 weight: e.load_balancing_weight.map_or(1, |w| w.value.max(1)),
                 priority: group.priority,
@@ -47,7 +59,10 @@ pub fn translate(cla: &ClusterLoadAssignment) -> Result<LoadAssignment, Invalid>
             });
         }
     }
-    Ok(out)
+    Ok(LoadAssignment {
+        endpoints: endpoints.into(),
+        locality_weights: Arc::new(locality_weights),
+    })
 }
 
 /// Translates a `ClusterLoadAssignment` received by itself (EDS).

@@ -13,7 +13,7 @@
 //! its original destination; a chain that terminates TLS or runs an ECDS filter is set aside
 //! and refuses its connections; an authorization filter tern cannot enforce (network RBAC,
 //! ext_authz, or HTTP RBAC/ext_authz inside an HTTP chain) refuses the whole listener.
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use tern_proto::{
     Listener as XdsListener, TcpProxy, ThriftProxy as XdsThrift, ThriftRouteConfiguration, decode,
@@ -36,8 +36,9 @@ pub enum ListenerKind {
     VirtualOutbound(Passthrough),
     /// Istio's `virtualInbound`.
     Inbound(Listener),
-    /// A listener matched against original destinations.
-    Outbound(Listener),
+    /// A listener matched against original destinations (shared by the configurations
+    /// built while it does not change).
+    Outbound(Arc<Listener>),
     /// Not run at all.
     SetAside(SetAsideReason),
 }
@@ -87,7 +88,7 @@ pub fn translate(
     if !inbound && bind_to_port {
         return Ok(done(ListenerKind::SetAside(SetAsideReason::BoundListener)));
     }
-    let mut chains = Vec::new();
+    let mut chains = Vec::with_capacity(l.filter_chains.len() + 1);
     let mut set_aside_chains = Vec::new();
     let mut used = std::collections::BTreeSet::new();
     let listed = l
@@ -143,6 +144,8 @@ pub fn translate(
             filter,
         });
     }
+    // Held for as long as the listener is: no spare capacity (1,000 listeners).
+    chains.shrink_to_fit();
     let listener = Listener {
         name: l.name.clone(),
         address,
@@ -151,7 +154,7 @@ pub fn translate(
     let kind = if inbound {
         ListenerKind::Inbound(listener)
     } else {
-        ListenerKind::Outbound(listener)
+        ListenerKind::Outbound(Arc::new(listener))
     };
     Ok(Translated {
         kind,
