@@ -25,6 +25,8 @@ pub use envoy_types::pb::{
     google::{protobuf::Any, rpc::Status},
 };
 
+pub mod build;
+
 /// The generated modules behind the types above, for their nested enums and messages.
 pub mod core_types {
     pub use envoy_types::pb::envoy::config::core::v3::*;

@@ -11,60 +11,19 @@
 use std::{collections::BTreeMap, time::Instant};
 
 use tern::{config::Config, metrics::Metrics, state::State, xds::handler::XdsHandler};
-use tern_proto::{
-    Cluster, ClusterLoadAssignment, SocketAddress, cluster_types, core_types, encode,
-    endpoint_types, type_url, wkt,
-};
+use tern_proto::{ClusterLoadAssignment, build, encode, type_url};
 use tern_xds_client::{Handler, Update};
-
-fn eds_cluster(name: &str) -> Cluster {
-    Cluster {
-        name: name.into(),
-        cluster_discovery_type: Some(cluster_types::ClusterDiscoveryType::Type(3)),
-        eds_cluster_config: Some(cluster_types::EdsClusterConfig {
-            service_name: name.into(),
-            ..Default::default()
-        }),
-        lb_policy: 0,
-        ..Default::default()
-    }
-}
 
 /// `n` endpoints, weights 1 to 3; `variant` moves the first one to another port.
 fn load_assignment(name: &str, n: u32, variant: u32) -> ClusterLoadAssignment {
-    let lb_endpoints = (0..n)
-        .map(|i| endpoint_types::LbEndpoint {
-            health_status: 1,
-            load_balancing_weight: Some(wkt::UInt32Value { value: 1 + i % 3 }),
-            host_identifier: Some(endpoint_types::lb_endpoint::HostIdentifier::Endpoint(
-                endpoint_types::Endpoint {
-                    address: Some(core_types::Address {
-                        address: Some(core_types::address::Address::SocketAddress(SocketAddress {
-                            address: std::net::Ipv4Addr::from(0x0a00_0000 + i).to_string(),
-                            port_specifier: Some(
-                                core_types::socket_address::PortSpecifier::PortValue(if i == 0 {
-                                    9000 + variant
-                                } else {
-                                    9000
-                                }),
-                            ),
-                            ..Default::default()
-                        })),
-                    }),
-                    ..Default::default()
-                },
-            )),
-            ..Default::default()
+    let endpoints = (0..n)
+        .map(|i| {
+            let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i).to_string();
+            let port = if i == 0 { 9000 + variant } else { 9000 };
+            build::endpoint(&ip, port, 1 + i % 3)
         })
         .collect();
-    ClusterLoadAssignment {
-        cluster_name: name.into(),
-        endpoints: vec![endpoint_types::LocalityLbEndpoints {
-            lb_endpoints,
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
+    build::load_assignment(name, endpoints)
 }
 
 fn handler() -> XdsHandler {
@@ -85,7 +44,7 @@ fn apply(h: &mut XdsHandler, url: &'static str, items: Vec<(String, tern_proto::
 fn clusters(h: &mut XdsHandler, names: &[String]) {
     let items = names
         .iter()
-        .map(|n| (n.clone(), encode(&eds_cluster(n), type_url::CLUSTER)))
+        .map(|n| (n.clone(), encode(&build::eds_cluster(n), type_url::CLUSTER)))
         .collect();
     apply(h, type_url::CLUSTER, items);
 }

@@ -225,10 +225,9 @@ pub struct Pods {
 }
 
 impl Pods {
-    /// `tern run` in the application Pod: eBPF capture of its cgroup, no inbound capture, the
-    /// static configuration `config`, and `extra` arguments.
-    pub fn start_tern(&self, config: &ConfigFile, extra: &[&str]) -> Result<Tern> {
-        let mut args = vec![
+    /// `tern run` with eBPF capture of the Pod's cgroup and no inbound capture.
+    fn captured(&self) -> Vec<&str> {
+        vec![
             "run",
             "--capture",
             "ebpf",
@@ -236,11 +235,41 @@ impl Pods {
             self.cgroup.path_str(),
             "--inbound-ports",
             "",
-            "--config",
-            config.path_str(),
-        ];
+        ]
+    }
+
+    /// `tern run` in the application Pod: eBPF capture of its cgroup, no inbound capture, the
+    /// static configuration `config`, and `extra` arguments.
+    pub fn start_tern(&self, config: &ConfigFile, extra: &[&str]) -> Result<Tern> {
+        let mut args = self.captured();
+        args.extend(["--config", config.path_str()]);
         args.extend(extra);
         Tern::start(&self.app, Some(&self.cgroup), &args)
+    }
+
+    /// `tern run` in the application Pod with eBPF capture (no inbound), configured by the
+    /// control plane at 127.0.0.1:15010 in the Pod's namespace, and `extra` arguments;
+    /// returns once tern is ready, with `log_level` logs.
+    pub fn start_tern_xds(&self, extra: &[&str], log_level: &str) -> Result<Tern> {
+        let mut args = self.captured();
+        args.extend([
+            "--xds-address",
+            "http://127.0.0.1:15010",
+            "--node-id",
+            "sidecar~10.66.1.1~app-0.default~default.svc.cluster.local",
+        ]);
+        args.extend(extra);
+        let tern = Tern::start_logging(&self.app, Some(&self.cgroup), &args, log_level)?;
+        ensure!(
+            eventually(Duration::from_secs(30), || admin(
+                &self.app, "GET", "/ready"
+            )
+            .trim()
+                == "LIVE"),
+            "tern never became ready:\n{}",
+            tern.log()
+        );
+        Ok(tern)
     }
 }
 

@@ -79,32 +79,13 @@ endpoints: {{ "{cluster}": ["10.66.1.2:9001", "10.66.1.2:9002"] }}
         paths.join(", ")
     );
     let cp = ControlPlane::start(&p.app, "127.0.0.1:15010", &snapshot, &[]).unwrap();
-    let mut args = vec![
-        "run",
-        "--capture",
-        "ebpf",
-        "--cgroup",
-        p.cgroup.path_str(),
-        "--inbound-ports",
-        "",
-        "--xds-address",
-        "http://127.0.0.1:15010",
-        "--node-id",
-        "sidecar~172.24.32.19~app1-0.default~default.svc.cluster.local",
-        "--access-log",
-    ];
+    let mut extra = vec!["--access-log"];
     if protocol == Protocol::Delta {
-        args.push("--xds-delta");
+        extra.push("--xds-delta");
     }
-    let tern = Tern::start(&p.app, Some(&p.cgroup), &args).unwrap();
-    assert!(
-        eventually(Duration::from_secs(20), || admin(&p.app, "GET", "/ready")
-            .trim()
-            == "LIVE"),
-        "tern never became ready:\n{}\n{}",
-        tern.log(),
-        cp.events()
-    );
+    let tern = p
+        .start_tern_xds(&extra, "info,tern=debug")
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", cp.events()));
     DumpMesh {
         p,
         cp,

@@ -84,30 +84,12 @@ fn mesh_with(protocol: Protocol, first: &str) -> Mesh {
     .map(|(a, id)| thrift_serve(&p.srv, a, id).unwrap())
     .collect();
     let cp = ControlPlane::start(&p.app, "127.0.0.1:15010", first, &[]).unwrap();
-    let mut args = vec![
-        "run",
-        "--capture",
-        "ebpf",
-        "--cgroup",
-        p.cgroup.path_str(),
-        "--inbound-ports",
-        "",
-        "--xds-address",
-        "http://127.0.0.1:15010",
-        "--node-id",
-        "sidecar~10.66.1.1~app-0.default~default.svc.cluster.local",
-    ];
-    if protocol == Protocol::Delta {
-        args.push("--xds-delta");
-    }
-    let tern = Tern::start(&p.app, Some(&p.cgroup), &args).unwrap();
-    assert!(
-        eventually(Duration::from_secs(10), || admin(&p.app, "GET", "/ready")
-            .trim()
-            == "LIVE"),
-        "tern never became ready:\n{}",
-        tern.log()
-    );
+    let extra: &[&str] = if protocol == Protocol::Delta {
+        &["--xds-delta"]
+    } else {
+        &[]
+    };
+    let tern = p.start_tern_xds(extra, "info,tern=debug").unwrap();
     Mesh {
         p,
         cp,

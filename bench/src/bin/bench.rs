@@ -549,31 +549,7 @@ fn xds_updates() -> Result<XdsUpdates> {
         )
     };
     let cp = ControlPlane::start(&p.app, "127.0.0.1:15010", &snapshot(0), &[])?;
-    let tern = Tern::start_logging(
-        &p.app,
-        Some(&p.cgroup),
-        &[
-            "run",
-            "--capture",
-            "ebpf",
-            "--cgroup",
-            p.cgroup.path_str(),
-            "--inbound-ports",
-            "",
-            "--xds-address",
-            "http://127.0.0.1:15010",
-        ],
-        "info",
-    )?;
-    ensure!(
-        eventually(Duration::from_secs(30), || tern_tests::admin(
-            &p.app, "GET", "/ready"
-        )
-        .trim()
-            == "LIVE"),
-        "tern did not load the 1,000 clusters:\n{}",
-        tern.log()
-    );
+    let tern = p.start_tern_xds(&[], "info")?;
     ensure!(cp.wait_for("ACK ClusterLoadAssignment 1"), "no EDS ACK");
     let latency = [
         "--connections",

@@ -3,9 +3,10 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use tern_proto::{
-    Any, Cluster as XdsCluster, ClusterLoadAssignment, Listener as XdsListener, SocketAddress,
-    TcpProxy, ThriftRouteConfiguration, core_types, encode, endpoint_types, listener_types,
-    tcp_proxy_types, thrift_types, type_url, wkt,
+    Any, Cluster as XdsCluster, ClusterLoadAssignment, Listener as XdsListener,
+    ThriftRouteConfiguration,
+    build::{address as addr, filter, tcp_proxy},
+    core_types, encode, endpoint_types, listener_types, thrift_types, type_url, wkt,
 };
 use tern_xds_client::{Handler, Update};
 
@@ -61,35 +62,6 @@ fn apply_all(r: &Resources) -> (XdsHandler, std::sync::Arc<State>, Vec<String>) 
         }
     }
     (h, state, rejected)
-}
-
-fn addr(ip: &str, port: u32) -> tern_proto::Address {
-    tern_proto::Address {
-        address: Some(core_types::address::Address::SocketAddress(SocketAddress {
-            address: ip.into(),
-            port_specifier: Some(core_types::socket_address::PortSpecifier::PortValue(port)),
-            ..Default::default()
-        })),
-    }
-}
-
-fn filter(name: &str, any: Any) -> listener_types::Filter {
-    listener_types::Filter {
-        name: name.into(),
-        config_type: Some(listener_types::filter::ConfigType::TypedConfig(any)),
-    }
-}
-
-fn tcp_proxy(cluster: &str) -> listener_types::Filter {
-    let t = TcpProxy {
-        stat_prefix: cluster.into(),
-        cluster_specifier: Some(tcp_proxy_types::ClusterSpecifier::Cluster(cluster.into())),
-        ..Default::default()
-    };
-    filter(
-        "envoy.filters.network.tcp_proxy",
-        encode(&t, type_url::TCP_PROXY),
-    )
 }
 
 fn chain(port: Option<u32>, filters: Vec<listener_types::Filter>) -> listener_types::FilterChain {

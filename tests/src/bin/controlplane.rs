@@ -36,14 +36,15 @@ use std::{
 
 use serde::Deserialize;
 use tern_proto::{
-    Address, Any, Cluster, ClusterLoadAssignment, DeltaDiscoveryRequest, DeltaDiscoveryResponse,
-    DiscoveryRequest, DiscoveryResponse, Listener, Resource, SocketAddress, TcpProxy, ThriftProxy,
+    Any, Cluster, ClusterLoadAssignment, DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+    DiscoveryRequest, DiscoveryResponse, Listener, Resource, TcpProxy, ThriftProxy,
     ThriftRouteConfiguration,
     aggregated_discovery_service_server::{
         AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
     },
-    cluster_types, core_types, encode, endpoint_types, listener_types, tcp_proxy_types,
-    thrift_types, type_url, wkt,
+    build::{self, address as addr, eds_cluster, filter as typed, tcp_proxy},
+    cluster_types, core_types, encode, listener_types, tcp_proxy_types, thrift_types, type_url,
+    wkt,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
@@ -210,35 +211,6 @@ fn short(t: &str) -> &str {
     t.rsplit('.').next().unwrap_or(t)
 }
 
-fn addr(ip: &str, port: u32) -> Address {
-    Address {
-        address: Some(core_types::address::Address::SocketAddress(SocketAddress {
-            address: ip.into(),
-            port_specifier: Some(core_types::socket_address::PortSpecifier::PortValue(port)),
-            ..Default::default()
-        })),
-    }
-}
-
-fn typed(name: &str, any: Any) -> listener_types::Filter {
-    listener_types::Filter {
-        name: name.into(),
-        config_type: Some(listener_types::filter::ConfigType::TypedConfig(any)),
-    }
-}
-
-fn tcp_proxy(cluster: &str) -> listener_types::Filter {
-    let t = TcpProxy {
-        stat_prefix: cluster.into(),
-        cluster_specifier: Some(tcp_proxy_types::ClusterSpecifier::Cluster(cluster.into())),
-        ..Default::default()
-    };
-    typed(
-        "envoy.filters.network.tcp_proxy",
-        encode(&t, type_url::TCP_PROXY),
-    )
-}
-
 fn thrift_proxy(cluster: &str) -> listener_types::Filter {
     let t = ThriftProxy {
         stat_prefix: cluster.into(),
@@ -283,49 +255,18 @@ fn resources(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<(String, Any
     out
 }
 
-/// An EDS cluster as istiod sends one.
-fn eds_cluster(name: &str) -> Cluster {
-    Cluster {
-        name: name.into(),
-        cluster_discovery_type: Some(cluster_types::ClusterDiscoveryType::Type(3)),
-        eds_cluster_config: Some(cluster_types::EdsClusterConfig {
-            service_name: name.into(),
-            ..Default::default()
-        }),
-        connect_timeout: Some(wkt::Duration {
-            seconds: 1,
-            nanos: 0,
-        }),
-        ..Default::default()
-    }
-}
-
 /// A `ClusterLoadAssignment` of `ip:port` endpoints.
 fn load_assignment(name: &str, endpoints: &[String]) -> ClusterLoadAssignment {
-    let lb_endpoints = endpoints
-        .iter()
-        .map(|e| {
-            let (ip, port) = e.rsplit_once(':').expect("ip:port");
-            endpoint_types::LbEndpoint {
-                health_status: 1,
-                host_identifier: Some(endpoint_types::lb_endpoint::HostIdentifier::Endpoint(
-                    endpoint_types::Endpoint {
-                        address: Some(addr(ip, port.parse().expect("port"))),
-                        ..Default::default()
-                    },
-                )),
-                ..Default::default()
-            }
-        })
-        .collect();
-    ClusterLoadAssignment {
-        cluster_name: name.into(),
-        endpoints: vec![endpoint_types::LocalityLbEndpoints {
-            lb_endpoints,
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
+    build::load_assignment(
+        name,
+        endpoints
+            .iter()
+            .map(|e| {
+                let (ip, port) = e.rsplit_once(':').expect("ip:port");
+                build::endpoint(ip, port.parse().expect("port"), 1)
+            })
+            .collect(),
+    )
 }
 
 /// The dumps' resources, with what the test supplies: clusters the listeners name but the
