@@ -465,7 +465,7 @@ impl Report {
         );
         let x = &self.xds_updates;
         line(
-            "with eBPF capture and 1,000 clusters: memory now / peak (BTF parsed at load)".into(),
+            "with eBPF capture and 1,000 clusters, after the churn: memory now / peak".into(),
             format!(
                 "{:.1} / {:.1} MiB",
                 x.rss_mib_with_capture, x.peak_rss_mib_with_capture

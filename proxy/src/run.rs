@@ -157,6 +157,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             Ok((stream, status_rx))
         });
     let xds = xds.transpose()?;
+    let loaded_version = config.version.clone();
     if xds.is_none() || args.config.is_some() {
         state.apply(config);
     }
@@ -210,7 +211,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // The file is re-read when it changes unless a control plane owns the configuration
     // (then the file is only the base it adds to).
     if let (Some(path), None) = (args.config.clone(), &xds_status) {
-        tasks.spawn(watch_config(path, state.clone()));
+        tasks.spawn(watch_config(path, state.clone(), loaded_version));
     }
     tasks.spawn(close_idle_connections(state.clone()));
     info!("tern is running");
@@ -303,8 +304,10 @@ async fn close_idle_connections(state: Arc<State>) {
 
 /// Re-reads the configuration file when it changes; a broken one is refused (logged and
 /// counted) and the last good configuration keeps serving.
-async fn watch_config(path: PathBuf, state: Arc<State>) {
-    let mut last = std::fs::read(&path).ok();
+async fn watch_config(path: PathBuf, state: Arc<State>, loaded: String) {
+    // What was loaded at start, by its version (a hash of the text): a change written before
+    // this task first looks is still a change.
+    let mut last = loaded;
     let count = |result: &'static str| {
         state
             .metrics
@@ -317,14 +320,15 @@ async fn watch_config(path: PathBuf, state: Arc<State>) {
     };
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
-        let Ok(now) = std::fs::read(&path) else {
+        let Ok(now) = std::fs::read_to_string(&path) else {
             continue;
         };
-        if last.as_ref() == Some(&now) {
+        let version = file::version_of(&now);
+        if version == last {
             continue;
         }
-        last = Some(now);
-        match file::load(&path) {
+        last = version;
+        match file::parse(&now, &path.display().to_string()) {
             Ok(config) => {
                 state.apply(config);
                 count("applied");

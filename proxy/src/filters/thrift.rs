@@ -385,7 +385,7 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Byte
     let oneway = msg.kind() == MessageType::Oneway;
     // The name of a local reply comes from the request bytes, wherever they are now.
     let local = |name: &[u8], cause: &'static str, kind: AppExceptionType, why: &str| {
-        rt.methods.count(split_name(name).1, false);
+        rt.metrics().methods.count(split_name(name).1, false);
         ctx.state.metrics.local_reply(&cfg.name, cause);
         debug!(cause, "local reply");
         (!oneway).then(|| application_exception(&meta, name, client_seq, kind, why))
@@ -411,19 +411,21 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Byte
             match outcome {
                 Ok(Ok(Some(reply))) => {
                     let answered = reply.kind() == MessageType::Reply;
-                    rt.methods.count(split_name(name).1, answered);
+                    rt.metrics().methods.count(split_name(name).1, answered);
                     match reply.reply_result() {
                         ReplyResult::ApplicationException => {
                             cluster.record_failure(endpoint, Failure::Application)
                         }
                         _ => cluster.record_success(endpoint),
                     }
-                    rt.request_seconds.observe(started.elapsed().as_secs_f64());
-                    rt.replies(reply.reply_result()).inc();
+                    rt.metrics()
+                        .request_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    rt.metrics().replies(reply.reply_result()).inc();
                     Next::Done(Some(reply.into_bytes()))
                 }
                 Ok(Ok(None)) => {
-                    rt.methods.count(split_name(name).1, false);
+                    rt.metrics().methods.count(split_name(name).1, false);
                     Next::Done(None)
                 }
                 Ok(Err(Failed::NotSent(UpstreamError::Overflow(what)))) => Next::Done(local(
@@ -495,7 +497,8 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Byte
                     .send(ep.config.address, msg, &settings, rt, (&cell, generation))
                 {
                     Ok(Sent::Oneway(sent)) => {
-                        rt.methods
+                        rt.metrics()
+                            .methods
                             .count(split_name(&sent[meta.name_range()]).1, false);
                         return None;
                     }

@@ -264,7 +264,7 @@ fn configure_method_labels(config: &Config, clusters: &HashMap<String, Arc<Clust
                 };
                 for name in target.clusters() {
                     if let Some(c) = clusters.get(name) {
-                        c.runtime.methods.configure(method.as_bytes());
+                        c.runtime.metrics().methods.configure(method.as_bytes());
                     }
                 }
             }

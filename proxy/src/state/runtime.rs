@@ -6,7 +6,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
 };
@@ -58,30 +58,36 @@ pub struct ClusterRuntime {
     pub connections: AtomicUsize,
     /// Notified when a connection is given back or closes, for requests waiting for one.
     pub released: tokio::sync::Notify,
-    pub active_gauge: Gauge,
-    pub request_seconds: Histogram,
-    pub connections_opened: Counter,
-    pub connections_gauge: Gauge,
-    /// Replies by result (success, declared exception, application error), resolved once so
-    /// counting a reply looks nothing up and allocates nothing.
-    pub replies: [Counter; 3],
-    /// Requests by method, with bounded labels.
-    pub methods: MethodCounters,
+    /// The cluster's metric series, made when it first sees traffic: a mesh has thousands of
+    /// clusters and each series costs memory (and a line on the metrics page).
+    metrics: OnceLock<ClusterMetrics>,
+    name: Box<str>,
+    registry: Arc<Metrics>,
     /// The runtime of each endpoint, by address; read and written only when a snapshot is
     /// built (the data path reaches endpoints through the snapshot).
     pub(super) endpoints: Mutex<HashMap<SocketAddr, Arc<EndpointRuntime>>>,
 }
 
-impl ClusterRuntime {
-    pub(super) fn new(name: &str, metrics: &Metrics) -> Self {
+/// A cluster's metric handles, resolved once so counting looks nothing up and allocates
+/// nothing.
+#[derive(Debug)]
+pub struct ClusterMetrics {
+    pub active_gauge: Gauge,
+    pub request_seconds: Histogram,
+    pub connections_opened: Counter,
+    pub connections_gauge: Gauge,
+    /// Replies by result (success, declared exception, application error).
+    pub replies: [Counter; 3],
+    /// Requests by method, with bounded labels.
+    pub methods: MethodCounters,
+}
+
+impl ClusterMetrics {
+    fn new(name: &str, metrics: &Metrics) -> Self {
         let label = ClusterLabel {
             cluster: name.to_owned(),
         };
         Self {
-            active_requests: AtomicUsize::new(0),
-            pending_requests: AtomicUsize::new(0),
-            connections: AtomicUsize::new(0),
-            released: tokio::sync::Notify::new(),
             active_gauge: metrics.active_requests.get_or_create(&label).clone(),
             request_seconds: metrics
                 .upstream_request_seconds
@@ -102,13 +108,33 @@ impl ClusterRuntime {
                     })
                     .clone()
             }),
-            endpoints: Mutex::new(HashMap::new()),
         }
     }
 
     /// The reply counter for a result.
     pub fn replies(&self, result: ReplyResult) -> &Counter {
         &self.replies[result as usize]
+    }
+}
+
+impl ClusterRuntime {
+    pub(super) fn new(name: &str, metrics: &Arc<Metrics>) -> Self {
+        Self {
+            active_requests: AtomicUsize::new(0),
+            pending_requests: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
+            released: tokio::sync::Notify::new(),
+            metrics: OnceLock::new(),
+            name: name.into(),
+            registry: metrics.clone(),
+            endpoints: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The cluster's metric handles (made on first use).
+    pub fn metrics(&self) -> &ClusterMetrics {
+        self.metrics
+            .get_or_init(|| ClusterMetrics::new(&self.name, &self.registry))
     }
 }
 
@@ -119,7 +145,7 @@ pub struct ActiveRequest(Arc<ClusterRuntime>);
 impl ActiveRequest {
     pub fn new(cluster: Arc<ClusterRuntime>) -> Self {
         cluster.active_requests.fetch_add(1, Ordering::Relaxed);
-        cluster.active_gauge.inc();
+        cluster.metrics().active_gauge.inc();
         Self(cluster)
     }
 }
@@ -127,6 +153,6 @@ impl ActiveRequest {
 impl Drop for ActiveRequest {
     fn drop(&mut self) {
         self.0.active_requests.fetch_sub(1, Ordering::Relaxed);
-        self.0.active_gauge.dec();
+        self.0.metrics().active_gauge.dec();
     }
 }

@@ -99,7 +99,7 @@ impl Idle {
 /// Bookkeeping for a connection that closed.
 fn closed(pool: &Pool, cluster: &ClusterRuntime) {
     pool.open.fetch_sub(1, Ordering::Relaxed);
-    cluster.connections_gauge.dec();
+    cluster.metrics().connections_gauge.dec();
     release_connection(cluster);
 }
 
@@ -280,8 +280,8 @@ async fn connect(
     match connected {
         Ok(stream) => {
             pool.open.fetch_add(1, Ordering::Relaxed);
-            cluster.connections_gauge.inc();
-            cluster.connections_opened.inc();
+            cluster.metrics().connections_gauge.inc();
+            cluster.metrics().connections_opened.inc();
             Ok(new_conn(stream, format, settings.limits))
         }
         Err(e) => {
@@ -319,8 +319,8 @@ impl Pool {
             return;
         }
         self.open.fetch_add(1, Ordering::Relaxed);
-        cluster.connections_gauge.inc();
-        cluster.connections_opened.inc();
+        cluster.metrics().connections_gauge.inc();
+        cluster.metrics().connections_opened.inc();
         self.exclusive
             .put(new_conn(stream, format, settings.limits));
         wake_pending(cluster);

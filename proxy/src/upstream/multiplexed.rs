@@ -272,7 +272,7 @@ impl Pool {
             retiring: AtomicBool::new(self.retired()),
             wake: Notify::new(),
         });
-        cluster.connections_opened.inc();
+        cluster.metrics().connections_opened.inc();
         tokio::spawn(run(
             conn.clone(),
             addr,
@@ -321,7 +321,7 @@ async fn run(
         }
     };
     open.fetch_add(1, Ordering::Relaxed);
-    cluster.connections_gauge.inc();
+    cluster.metrics().connections_gauge.inc();
     let (mut rd, wr) = stream.into_split();
     let (transport, protocol) = conn.format;
     let reader = async {
@@ -387,7 +387,7 @@ async fn run(
     debug!(%addr, %reason, "upstream connection closed");
     conn.close(|| Failed::Lost(UpstreamError::Closed(reason.clone())));
     open.fetch_sub(1, Ordering::Relaxed);
-    cluster.connections_gauge.dec();
+    cluster.metrics().connections_gauge.dec();
     super::release_connection(&cluster);
 }
 
