@@ -149,17 +149,7 @@ impl Store {
     }
 
     fn waits(&self, c: &HeldCluster) -> bool {
-        match &c.translated.endpoints {
-            Endpoints::Eds {
-                name,
-                initial_fetch_timeout,
-            } => {
-                c.stale
-                    && !self.endpoints.contains_key(name)
-                    && initial_fetch_timeout.is_none_or(|t| c.since.elapsed() < t)
-            }
-            Endpoints::Fixed(_) => false,
-        }
+        waits(c, &self.endpoints)
     }
 
     /// The configuration the resources held make: `version` labels it.
@@ -168,11 +158,8 @@ impl Store {
             version,
             ..Config::default()
         };
-        let names: Vec<String> = self.clusters.keys().cloned().collect();
-        for name in names {
-            let waits = self.waits(&self.clusters[&name]);
-            let c = self.clusters.get_mut(&name).expect("held");
-            if c.stale && !waits {
+        for (name, c) in self.clusters.iter_mut() {
+            if c.stale && !waits(c, &self.endpoints) {
                 // Past its timeout an EDS cluster without endpoints is used without them.
                 let endpoints = match &c.translated.endpoints {
                     Endpoints::Fixed(la) => Some(la),
@@ -195,7 +182,7 @@ impl Store {
             if let Some(reason) = c.translated.set_aside {
                 config.set_aside.push(SetAside {
                     kind: "cluster",
-                    name,
+                    name: name.clone(),
                     reason,
                 });
             }
@@ -223,5 +210,20 @@ impl Store {
             config.passthrough = Passthrough::default();
         }
         config
+    }
+}
+
+/// Whether a cluster still waits for its first endpoints (within its initial fetch timeout).
+fn waits(c: &HeldCluster, endpoints: &BTreeMap<String, Arc<LoadAssignment>>) -> bool {
+    match &c.translated.endpoints {
+        Endpoints::Eds {
+            name,
+            initial_fetch_timeout,
+        } => {
+            c.stale
+                && !endpoints.contains_key(name)
+                && initial_fetch_timeout.is_none_or(|t| c.since.elapsed() < t)
+        }
+        Endpoints::Fixed(_) => false,
     }
 }
