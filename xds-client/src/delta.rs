@@ -102,14 +102,14 @@ impl Delta {
             Ok(changes) => state.apply(type_url, changes, version, handler),
             Err(e) => Some(state.refuse(&e)),
         };
+        state.nonce = nonce.clone();
         let mut reply = self.base(type_url);
-        reply.response_nonce = nonce.clone();
+        reply.response_nonce = nonce;
         reply.error_detail = nack.map(|message| Status {
             code: 3,
             message,
             details: Vec::new(),
         });
-        self.state.entry(type_url).or_default().nonce = nonce;
         let mut out = vec![reply];
         out.extend(self.interest_changes(handler));
         out

@@ -1,5 +1,5 @@
 //! tern's xDS client: the Aggregated Discovery Service protocol, handing resources to a
-//! [`sotw::Handler`] and ACKing or NACKing by what it accepts. It knows Envoy's discovery
+//! [`Handler`] and ACKing or NACKing by what it accepts. It knows Envoy's discovery
 //! protocol and resource names, nothing of the proxy that uses it.
 //!
 //! - [`handler`]: what a user implements: it gets what changed and names what it refuses;

@@ -125,7 +125,7 @@ impl Sotw {
             Ok(changes) => state.apply(type_url, changes, version, handler),
             Err(e) => Some(state.refuse(&e)),
         };
-        self.state.entry(type_url).or_default().nonce = nonce;
+        state.nonce = nonce;
         let mut out = vec![self.request_for(type_url, &interest, nack)];
         out.extend(self.interest_changes(handler));
         out

@@ -213,11 +213,8 @@ impl Handler for XdsHandler {
                 .map(|(name, _)| RejectedConfig::new(name, UnsupportedType(type_url)))
                 .collect());
         }
-        let rejected_now = self.rejected.entry(type_url).or_default();
         for name in &update.removed {
-            rejected_now.remove(name);
-        }
-        for name in &update.removed {
+            self.rejected.entry(type_url).or_default().remove(name);
             self.remove(type_url, name);
         }
         let mut rejected = Vec::new();

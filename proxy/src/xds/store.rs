@@ -134,13 +134,9 @@ impl Store {
     }
 
     /// Whether a cluster waited past its initial fetch timeout and is not yet in force
-    /// without its endpoints.
+    /// without its endpoints (every other stale cluster is built when it goes stale).
     pub fn stale_past_timeout(&self) -> bool {
-        self.clusters.values().any(|c| {
-            c.stale
-                && matches!(&c.translated.endpoints, Endpoints::Eds { name, .. } if !self.endpoints.contains_key(name))
-                && !self.waits(c)
-        })
+        self.clusters.values().any(|c| c.stale && !self.waits(c))
     }
 
     /// Whether some cluster still waits for its first endpoints (within its timeout).
