@@ -2,7 +2,8 @@
 //! plane and its benchmarks (one place, so they all send the same shapes).
 use crate::{
     Address, Any, Cluster, ClusterLoadAssignment, SocketAddress, TcpProxy, cluster_types,
-    core_types, encode, endpoint_types, listener_types, tcp_proxy_types, type_url, wkt,
+    core_types, encode, endpoint_types, listener_types, matcher_types, tcp_proxy_types, tls_types,
+    type_url, wkt,
 };
 
 /// `ip:port` as a socket address.
@@ -82,4 +83,138 @@ pub fn load_assignment(
         }],
         ..Default::default()
     }
+}
+
+/// An SDS secret from istio-agent (`default`: the workload certificate; `ROOTCA`: the
+/// mesh roots).
+fn sds(name: &str) -> tls_types::SdsSecretConfig {
+    tls_types::SdsSecretConfig {
+        name: name.into(),
+        sds_config: None,
+    }
+}
+
+/// istiod's common TLS context: TLS 1.2–1.3, the `default` certificate, and peers checked
+/// against `ROOTCA` and these SAN matchers.
+fn istio_common_tls(
+    alpn: &[&str],
+    sans: Vec<matcher_types::StringMatcher>,
+) -> tls_types::CommonTlsContext {
+    use tls_types::common_tls_context::{
+        CombinedCertificateValidationContext, ValidationContextType,
+    };
+    #[allow(deprecated)]
+    let validation = tls_types::CertificateValidationContext {
+        match_subject_alt_names: sans,
+        ..Default::default()
+    };
+    tls_types::CommonTlsContext {
+        tls_params: Some(tls_types::TlsParameters {
+            tls_minimum_protocol_version: 3,
+            tls_maximum_protocol_version: 4,
+            ..Default::default()
+        }),
+        alpn_protocols: alpn.iter().map(|p| (*p).into()).collect(),
+        tls_certificate_sds_secret_configs: vec![sds("default")],
+        validation_context_type: Some(ValidationContextType::CombinedValidationContext(
+            CombinedCertificateValidationContext {
+                default_validation_context: Some(validation),
+                validation_context_sds_secret_config: Some(sds("ROOTCA")),
+                ..Default::default()
+            },
+        )),
+        ..Default::default()
+    }
+}
+
+fn exact(s: &str) -> matcher_types::StringMatcher {
+    matcher_types::StringMatcher {
+        match_pattern: Some(matcher_types::string_matcher::MatchPattern::Exact(s.into())),
+        ignore_case: false,
+    }
+}
+
+/// The transport socket of an inbound chain that terminates Istio mTLS, as istiod writes
+/// it for a TCP port: client certificates required, any identity of `trust_domain`.
+pub fn istio_downstream_tls(trust_domain: &str) -> core_types::TransportSocket {
+    let prefix = matcher_types::StringMatcher {
+        match_pattern: Some(matcher_types::string_matcher::MatchPattern::Prefix(
+            format!("spiffe://{trust_domain}/"),
+        )),
+        ignore_case: false,
+    };
+    let t = tls_types::DownstreamTlsContext {
+        common_tls_context: Some(istio_common_tls(
+            &["istio-peer-exchange", "h2", "http/1.1"],
+            vec![prefix],
+        )),
+        require_client_certificate: Some(wkt::BoolValue { value: true }),
+        ..Default::default()
+    };
+    core_types::TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(core_types::transport_socket::ConfigType::TypedConfig(
+            encode(&t, type_url::DOWNSTREAM_TLS_CONTEXT),
+        )),
+    }
+}
+
+/// istiod's auto-mTLS on an outbound cluster: endpoints labelled `tlsMode: istio` get mTLS
+/// verifying `san`, with this SNI; the others plaintext.
+pub fn istio_auto_mtls(cluster: &mut Cluster, san: &str, sni: &str) {
+    let t = tls_types::UpstreamTlsContext {
+        common_tls_context: Some(istio_common_tls(
+            &["istio-peer-exchange", "istio"],
+            vec![exact(san)],
+        )),
+        sni: sni.into(),
+        ..Default::default()
+    };
+    let socket = |any| core_types::TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(core_types::transport_socket::ConfigType::TypedConfig(any)),
+    };
+    let tls_mode = |v: &str| wkt::Struct {
+        fields: [(
+            "tlsMode".to_owned(),
+            wkt::Value {
+                kind: Some(wkt::Kind::StringValue(v.into())),
+            },
+        )]
+        .into(),
+    };
+    cluster.transport_socket_matches = vec![
+        cluster_types::TransportSocketMatch {
+            name: "tlsMode-istio".into(),
+            r#match: Some(tls_mode("istio")),
+            transport_socket: Some(socket(encode(&t, type_url::UPSTREAM_TLS_CONTEXT))),
+        },
+        cluster_types::TransportSocketMatch {
+            name: "tlsMode-disabled".into(),
+            r#match: Some(wkt::Struct::default()),
+            transport_socket: Some(socket(Any {
+                type_url: type_url::RAW_BUFFER.into(),
+                value: Vec::new(),
+            })),
+        },
+    ];
+}
+
+/// Labels an endpoint `tlsMode: istio`, as istiod does for Pods with a sidecar.
+pub fn istio_tls_mode(e: &mut endpoint_types::LbEndpoint) {
+    let fields = [(
+        "tlsMode".to_owned(),
+        wkt::Value {
+            kind: Some(wkt::Kind::StringValue("istio".into())),
+        },
+    )];
+    e.metadata
+        .get_or_insert_with(Default::default)
+        .filter_metadata
+        .insert(
+            "envoy.transport_socket_match".into(),
+            wkt::Struct {
+                fields: fields.into(),
+            },
+        );
 }

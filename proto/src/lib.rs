@@ -26,6 +26,7 @@ pub use envoy_types::pb::{
 };
 
 pub mod build;
+pub mod istio_ca;
 
 /// The generated modules behind the types above, for their nested enums and messages.
 pub mod core_types {
@@ -58,6 +59,13 @@ pub mod thrift_types {
 pub mod hcm_types {
     pub use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::*;
 }
+pub mod tls_types {
+    pub use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::*;
+}
+pub mod rbac_types {
+    pub use envoy_types::pb::envoy::config::rbac::v3::*;
+}
+pub use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
 pub mod wkt {
     pub use envoy_types::pb::google::protobuf::{
         BoolValue, Duration, Struct, UInt32Value, UInt64Value, Value, value::Kind,
@@ -86,6 +94,8 @@ pub mod type_url {
     pub const HTTP_RBAC: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
     pub const HTTP_EXT_AUTHZ: &str =
         "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz";
+    pub const RAW_BUFFER: &str =
+        "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer";
     pub const DOWNSTREAM_TLS_CONTEXT: &str =
         "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
     pub const UPSTREAM_TLS_CONTEXT: &str =

@@ -94,11 +94,20 @@ fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
             let xds = admin.xds.as_ref().map(|x| x.borrow().clone());
+            // The workload certificate (never its key), as Envoy's `/certs` shows it.
+            let certificate = admin.state.tls.store.current().map(|c| {
+                json!({
+                    "info": c.info,
+                    "expires_in_seconds": c.expires_in(),
+                    "roots": c.roots.roots.len(),
+                })
+            });
             json_body(&json!({
                 "version": snap.config.version,
                 "applied_at_unix": applied,
                 "config": &*snap.config,
                 "xds": xds,
+                "certificate": certificate,
             }))
         }
         (&Method::GET, "/clusters") => {

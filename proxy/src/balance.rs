@@ -510,6 +510,7 @@ mod tests {
             priority,
             locality: locality.into(),
             health,
+            socket_labels: None,
         }
     }
 
@@ -702,6 +703,7 @@ mod tests {
                 priority: 0,
                 locality: "".into(),
                 health: Health::Healthy,
+                socket_labels: None,
             })
             .collect()
     }
@@ -816,6 +818,7 @@ mod tests {
                 priority: 0,
                 locality: "".into(),
                 health: Health::Healthy,
+                socket_labels: None,
             })
             .collect();
         let p = EndpointPicker::new(

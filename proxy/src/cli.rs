@@ -142,6 +142,73 @@ pub struct RunArgs {
     /// request from the first byte (comma-separated).
     #[arg(long, env = "TERN_THRIFT_PORTS", default_value = "", value_parser = parse_ports)]
     pub thrift_ports: std::vec::Vec<u16>,
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+}
+
+/// Where the workload certificate comes from (istio-agent's names where it has them).
+#[derive(Debug, Args)]
+pub struct IdentityArgs {
+    /// Istio's CA (`https://istiod.istio-system.svc:15012`). Defaults to the xDS address when
+    /// that is `https`, as istio-agent does.
+    #[arg(long, env = "CA_ADDR")]
+    pub ca_address: Option<String>,
+    /// PEM roots the CA's certificate must chain to (default: --xds-ca). They are also
+    /// trusted as mesh roots.
+    #[arg(long, env = "CA_ROOT_CA")]
+    pub ca_root: Option<PathBuf>,
+    /// Read the certificate from `cert-chain.pem`, `key.pem` and `root-cert.pem` in this
+    /// directory (re-read when they change) instead of asking a CA.
+    #[arg(long, env = "TERN_CERT_DIR", conflicts_with = "ca_address")]
+    pub cert_dir: Option<PathBuf>,
+    /// Also write the CA's certificates there, as istio-agent does.
+    #[arg(long, env = "OUTPUT_CERTS")]
+    pub output_certs: Option<PathBuf>,
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    #[arg(long, env = "SERVICE_ACCOUNT", default_value = "default")]
+    pub service_account: String,
+    /// Sent to the CA as `ClusterID`.
+    #[arg(long, env = "ISTIO_META_CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+    /// Requested certificate lifetime (Go duration: `24h`, `90m`, `30s`).
+    #[arg(long, env = "SECRET_TTL", default_value = "24h", value_parser = parse_go_duration)]
+    pub secret_ttl: std::time::Duration,
+    /// Renew once this share of the certificate's lifetime has passed.
+    #[arg(long, env = "SECRET_GRACE_PERIOD_RATIO", default_value_t = 0.5)]
+    pub secret_grace_period_ratio: f64,
+}
+
+/// A Go duration as Istio's environment writes it: `24h`, `1h30m`, `90s`, `500ms`.
+pub fn parse_go_duration(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("invalid duration {s:?}: expected e.g. 24h, 1h30m, 90s");
+    let mut total = 0f64;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        let value: f64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let seconds = match &rest[..unit] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 0.001,
+            _ => return Err(bad()),
+        };
+        total += value * seconds;
+        rest = &rest[unit..];
+    }
+    std::time::Duration::try_from_secs_f64(total).map_err(|_| bad())
 }
 
 /// What to capture; shared by `tern run` and `tern capture attach`.
@@ -413,5 +480,28 @@ mod tests {
     fn the_command_line_is_well_formed() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn go_durations_as_istio_writes_them() {
+        assert_eq!(
+            parse_go_duration("24h"),
+            Ok(std::time::Duration::from_secs(86_400))
+        );
+        assert_eq!(
+            parse_go_duration("24h0m0s"),
+            Ok(std::time::Duration::from_secs(86_400))
+        );
+        assert_eq!(
+            parse_go_duration("1h30m"),
+            Ok(std::time::Duration::from_secs(5_400))
+        );
+        assert_eq!(
+            parse_go_duration("500ms"),
+            Ok(std::time::Duration::from_millis(500))
+        );
+        for bad in ["", "24", "h", "1d", "-1h"] {
+            assert!(parse_go_duration(bad).is_err(), "{bad}");
+        }
     }
 }

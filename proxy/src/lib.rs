@@ -22,6 +22,8 @@ pub mod metrics;
 pub mod run;
 pub mod socket;
 pub mod state;
+pub mod stream;
 pub mod thrift;
+pub mod tls;
 pub mod upstream;
 pub mod xds;

@@ -94,14 +94,15 @@ pub async fn serve(
                     return debug!(%dst, "closing a connection that was not captured");
                 }
                 let started = ctx.access_log.then(Instant::now);
-                let handled = filters::handle(stream, direction, dst, peer, ctx).await;
+                let outcome = filters::handle(stream, direction, dst, peer, ctx).await;
                 if let Some(started) = started {
                     info!(
                         target: "tern::access",
                         dir = direction.as_str(),
                         %peer,
                         %dst,
-                        handled = handled.as_str(),
+                        peer_identity = outcome.peer_identity.as_deref().unwrap_or("-"),
+                        handled = outcome.handled.as_str(),
                         duration_ms = started.elapsed().as_millis() as u64,
                         "connection closed"
                     );

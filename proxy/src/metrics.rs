@@ -72,6 +72,22 @@ pub struct TypeLabel {
     pub resource: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    /// `inbound` (tern terminates) or `outbound` (tern originates).
+    pub direction: &'static str,
+    /// `ok`, or why it failed (`san_mismatch`, `unknown_issuer`, `no_peer_certificate`, …).
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CertUpdateLabels {
+    /// `istio_ca` or `files`.
+    pub source: &'static str,
+    /// `installed` or `failed`.
+    pub result: &'static str,
+}
+
 /// tern's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -92,6 +108,9 @@ pub struct Metrics {
     pub xds_set_aside: Family<SetAsideLabels, Gauge>,
     pub xds_rejected: Family<TypeLabel, Gauge>,
     pub xds_apply_seconds: Family<TypeLabel, Histogram, fn() -> Histogram>,
+    pub tls_handshakes: Family<HandshakeLabels, Counter>,
+    pub tls_certificate_updates: Family<CertUpdateLabels, Counter>,
+    pub tls_certificate_expiry: Gauge,
 }
 
 impl Metrics {
@@ -200,8 +219,29 @@ impl Metrics {
             "Time to apply one xDS response (decode, translate, build and swap the snapshot), by type",
             xds_apply_seconds.clone(),
         );
+        let tls_handshakes = Family::default();
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes by direction and result (ok, or why they failed)",
+            tls_handshakes.clone(),
+        );
+        let tls_certificate_updates = Family::default();
+        registry.register(
+            "tls_certificate_updates",
+            "Workload certificates installed, or attempts that failed, by source",
+            tls_certificate_updates.clone(),
+        );
+        let tls_certificate_expiry = Gauge::default();
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the workload certificate in force expires (Unix seconds; 0: none yet)",
+            tls_certificate_expiry.clone(),
+        );
         Arc::new(Self {
             registry,
+            tls_handshakes,
+            tls_certificate_updates,
+            tls_certificate_expiry,
             xds_apply_seconds,
             xds_set_aside,
             xds_rejected,
@@ -233,6 +273,17 @@ impl Metrics {
     pub fn rejected(&self, cause: &'static str) {
         self.frames_rejected
             .get_or_create(&CauseLabel { cause })
+            .inc();
+    }
+
+    /// Counts a TLS handshake.
+    pub fn handshake(&self, direction: &'static str, result: Result<(), &std::io::Error>) {
+        let result = match result {
+            Ok(()) => "ok",
+            Err(e) => crate::tls::failure::reason(e),
+        };
+        self.tls_handshakes
+            .get_or_create(&HandshakeLabels { direction, result })
             .inc();
     }
 
@@ -278,5 +329,35 @@ impl Collector for CaptureCollector {
             ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
+    }
+}
+
+/// The workload certificate's source reports here.
+#[derive(Debug)]
+pub struct CertMetrics {
+    pub metrics: Arc<Metrics>,
+    pub source: &'static str,
+}
+
+impl crate::tls::source::CertEvents for CertMetrics {
+    fn installed(&self, cert: &crate::tls::WorkloadCert) {
+        self.metrics.tls_certificate_expiry.set(cert.info.not_after);
+        self.metrics
+            .tls_certificate_updates
+            .get_or_create(&CertUpdateLabels {
+                source: self.source,
+                result: "installed",
+            })
+            .inc();
+    }
+
+    fn failed(&self) {
+        self.metrics
+            .tls_certificate_updates
+            .get_or_create(&CertUpdateLabels {
+                source: self.source,
+                result: "failed",
+            })
+            .inc();
     }
 }

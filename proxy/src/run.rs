@@ -27,10 +27,11 @@ use crate::{
     config::{Config, file},
     filters::{Ctx, Direction, ThriftPorts},
     listener::{self, OpenConnections},
-    metrics::{ConfigLabels, Metrics},
+    metrics::{CertMetrics, ConfigLabels, Metrics},
     socket,
     state::State,
     thrift::DecoderLimits,
+    tls,
 };
 
 /// Capture held for the lifetime of `tern run`.
@@ -132,21 +133,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             let (status_tx, status_rx) = watch::channel(tern_xds_client::ClientStatus::default());
             let stream = tern_xds_client::run(
                 tern_xds_client::StreamConfig {
-                    tls: match (&args.xds_ca, address.starts_with("https://")) {
-                        (Some(ca), _) => Some(tern_xds_client::TlsFiles {
-                            ca: ca.clone(),
-                            client_cert: args
-                                .xds_client_cert
-                                .clone()
-                                .zip(args.xds_client_key.clone()),
-                            server_name: args.xds_server_name.clone(),
-                        }),
-                        (None, true) => anyhow::bail!("an https xDS address needs --xds-ca"),
-                        (None, false) => None,
-                    },
-                    token_file: args.xds_token_file.clone(),
-                    socket_mark: Some(settings.mark),
-                    address,
+                    channel: channel_config(&args, address, settings.mark)?,
                     initial_backoff: Duration::from_millis(250),
                     max_backoff: Duration::from_secs(15),
                 },
@@ -201,13 +188,26 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         drain: drain_tx.clone(),
         xds: xds_status.clone(),
     });
-    spawn_control_thread(
-        admin_listener,
-        admin,
-        xds_stream,
-        xds_status.clone(),
-        state.clone(),
-    )?;
+    let mut control: Vec<ControlTask> = Vec::new();
+    if let Some(stream) = xds_stream {
+        control.push(Box::pin(stream));
+    }
+    if let Some(status) = xds_status.clone() {
+        control.push(Box::pin(export_xds_state(status, state.clone())));
+    }
+    if let Some((source, label)) = cert_source(&args, settings.mark)? {
+        info!(source = label, "workload certificate source");
+        let events = Arc::new(CertMetrics {
+            metrics: state.metrics.clone(),
+            source: label,
+        });
+        control.push(Box::pin(tls::source::run(
+            source,
+            state.tls.store.clone(),
+            events,
+        )));
+    }
+    spawn_control_thread(admin_listener, admin, control)?;
     // The file is re-read when it changes unless a control plane owns the configuration
     // (then the file is only the base it adds to).
     if let (Some(path), None) = (args.config.clone(), &xds_status) {
@@ -243,6 +243,55 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Work for the control thread.
+type ControlTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Where the workload certificate comes from: files, Istio's CA (`CA_ADDR`, else an
+/// `https` xDS address), or nowhere (then TLS contexts that need it fail their handshakes).
+fn cert_source(
+    args: &RunArgs,
+    mark: u32,
+) -> anyhow::Result<Option<(tls::source::CertSource, &'static str)>> {
+    use tls::source::CertSource;
+    let id = &args.identity;
+    if let Some(dir) = &id.cert_dir {
+        return Ok(Some((CertSource::Files(dir.clone()), "files")));
+    }
+    let address = id.ca_address.clone().or_else(|| {
+        args.xds_address
+            .clone()
+            .filter(|a| a.starts_with("https://"))
+    });
+    let Some(address) = address else {
+        return Ok(None);
+    };
+    let mut channel = channel_config(args, address, mark)?;
+    let root = id.ca_root.clone().or_else(|| args.xds_ca.clone());
+    if let (Some(tls), Some(root)) = (channel.tls.as_mut(), &root) {
+        tls.ca = root.clone();
+    }
+    let extra_roots = root
+        .map(|r| {
+            std::fs::read_to_string(&r).with_context(|| format!("read the CA root {}", r.display()))
+        })
+        .transpose()?;
+    let client = Box::new(tls::ca::CaClient {
+        channel,
+        identity: tls::SpiffeId::new(&id.trust_domain, &id.namespace, &id.service_account),
+        cluster_id: id.cluster_id.clone(),
+        ttl: id.secret_ttl,
+        extra_roots,
+    });
+    Ok(Some((
+        CertSource::IstioCa {
+            client,
+            renew_ratio: id.secret_grace_period_ratio,
+            output: id.output_certs.clone(),
+        },
+        "istio_ca",
+    )))
+}
+
 /// Runs control work on a thread and runtime of its own, as ztunnel does: the xDS client
 /// (decoding, translating, building snapshots) and the admin server never take a data-plane
 /// worker; the data path sees only the atomic swap of a finished snapshot. The thread ends
@@ -250,9 +299,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 fn spawn_control_thread(
     admin_listener: std::net::TcpListener,
     admin: Arc<Admin>,
-    xds: Option<impl std::future::Future<Output = ()> + Send + 'static>,
-    xds_status: Option<watch::Receiver<tern_xds_client::ClientStatus>>,
-    state: Arc<State>,
+    control: Vec<ControlTask>,
 ) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -271,17 +318,40 @@ fn spawn_control_thread(
                 };
                 let mut tasks = tokio::task::JoinSet::new();
                 tasks.spawn(admin::serve(admin_listener, admin));
-                if let Some(stream) = xds {
-                    tasks.spawn(stream);
-                }
-                if let Some(status) = xds_status {
-                    tasks.spawn(export_xds_state(status, state));
+                for task in control {
+                    tasks.spawn(task);
                 }
                 while tasks.join_next().await.is_some() {}
             });
         })
         .context("start the control thread")?;
     Ok(())
+}
+
+/// How to reach the control plane at `address` (istiod's xDS, and its CA).
+fn channel_config(
+    args: &RunArgs,
+    address: String,
+    mark: u32,
+) -> anyhow::Result<tern_xds_client::ChannelConfig> {
+    let tls = match (&args.xds_ca, address.starts_with("https://")) {
+        (Some(ca), _) => Some(tern_xds_client::TlsFiles {
+            ca: ca.clone(),
+            client_cert: args
+                .xds_client_cert
+                .clone()
+                .zip(args.xds_client_key.clone()),
+            server_name: args.xds_server_name.clone(),
+        }),
+        (None, true) => anyhow::bail!("an https address ({address}) needs --xds-ca"),
+        (None, false) => None,
+    };
+    Ok(tern_xds_client::ChannelConfig {
+        address,
+        tls,
+        token_file: args.xds_token_file.clone(),
+        socket_mark: Some(mark),
+    })
 }
 
 /// Closes upstream connections that stayed idle past their cluster's idle timeout.

@@ -20,6 +20,7 @@ use serde::Deserialize;
 
 mod controlplane;
 pub mod mesh;
+pub mod pki;
 pub use controlplane::ControlPlane;
 
 /// Fails loudly when not root: these tests need namespaces, cgroups and eBPF.
@@ -251,15 +252,31 @@ impl Pods {
     /// control plane at 127.0.0.1:15010 in the Pod's namespace, and `extra` arguments;
     /// returns once tern is ready, with `log_level` logs.
     pub fn start_tern_xds(&self, extra: &[&str], log_level: &str) -> Result<Tern> {
-        let mut args = self.captured();
-        args.extend([
+        let mut args = vec![
+            "--inbound-ports",
+            "",
             "--xds-address",
             "http://127.0.0.1:15010",
+        ];
+        args.extend(extra);
+        self.start_tern_with(&args, log_level)
+    }
+
+    /// `tern run` in the application Pod with eBPF capture of its cgroup (and, unless `args`
+    /// say otherwise, of every inbound port), the node id of `app-0`, and `args`; waits
+    /// until it is ready.
+    pub fn start_tern_with(&self, args: &[&str], log_level: &str) -> Result<Tern> {
+        let mut all = vec![
+            "run",
+            "--capture",
+            "ebpf",
+            "--cgroup",
+            self.cgroup.path_str(),
             "--node-id",
             "sidecar~10.66.1.1~app-0.default~default.svc.cluster.local",
-        ]);
-        args.extend(extra);
-        let tern = Tern::start_logging(&self.app, Some(&self.cgroup), &args, log_level)?;
+        ];
+        all.extend(args);
+        let tern = Tern::start_logging(&self.app, Some(&self.cgroup), &all, log_level)?;
         ensure!(
             eventually(Duration::from_secs(30), || admin(
                 &self.app, "GET", "/ready"

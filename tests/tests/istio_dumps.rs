@@ -248,12 +248,39 @@ fn istio_1_22(protocol: Protocol) {
     assert!(!m.cp.events().contains("NACK"), "{}", m.cp.events());
     check_every_resource(&m, dump, &[]);
     call_through(&m, "10.96.0.1:443");
-    assert!(
-        metric(
-            &m.p.app,
-            "tern_xds_set_aside{kind=\"cluster\",reason=\"upstream_tls\"}"
-        ) >= 45.0
-    );
+    // Auto-mTLS is in force: every EDS cluster picks TLS for `tlsMode: istio` endpoints,
+    // verifying the SAN istiod names, and plaintext for the others.
+    let dump_json: Value = serde_json::from_str(&admin(&m.p.app, "GET", "/config_dump")).unwrap();
+    let clusters = dump_json["config"]["clusters"].as_object().unwrap();
+    let auto_mtls = clusters
+        .values()
+        .filter(|c| {
+            let matches = &c["transport"]["matches"];
+            matches[0]["name"] == "tlsMode-istio"
+                && matches[0]["tls"]["alpn"][0] == "istio"
+                && !matches[0]["tls"]["alpn"]
+                    .as_array()
+                    .is_some_and(|a| a.contains(&"istio-peer-exchange".into()))
+                && matches[0]["tls"]["validation"]["roots"] == "mesh"
+                && matches[1]["name"] == "tlsMode-disabled"
+                && matches[1]["tls"].is_null()
+        })
+        .count();
+    assert!(auto_mtls >= 45, "{auto_mtls} clusters with auto-mTLS");
+    // virtualInbound's TLS chains terminate TLS (ALPN `istio`, never `istio-peer-exchange`).
+    let inbound = &dump_json["config"]["inbound"]["filter_chains"];
+    let tls_chains: Vec<&Value> = inbound
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| !c["tls"].is_null())
+        .collect();
+    assert!(!tls_chains.is_empty(), "{inbound}");
+    for c in tls_chains {
+        let alpn = c["tls"]["alpn"].as_array().unwrap();
+        assert!(!alpn.contains(&"istio-peer-exchange".into()), "{c}");
+        assert_eq!(c["tls"]["require_client_certificate"], true, "{c}");
+    }
 }
 
 fn istio_1_9_with_2022_endpoints(protocol: Protocol) {

@@ -6,18 +6,21 @@
 //! - [`resource`]: what the client keeps of resources (names, versions), and their names;
 //! - [`sotw`]: the state-of-the-world protocol as a transport-free state machine;
 //! - [`delta`]: the incremental protocol, likewise;
+//! - [`channel`]: the gRPC channel to the control plane (also for Istio's CA);
 //! - [`stream`]: the gRPC stream over `tonic`, with reconnection and resubscription.
 //!
 //! TLS (`https` addresses: CA, optional client certificate) and a bearer token from a file
 //! are read again at every connection, so rotated credentials are picked up.
+pub mod channel;
 pub mod delta;
 pub mod handler;
 pub mod resource;
 pub mod sotw;
 pub mod stream;
 
+pub use channel::{ChannelConfig, ChannelError, TlsFiles};
 pub use delta::Delta;
 pub use handler::{Handler, Interest, RejectedConfig, Update};
 pub use resource::{ResponseError, TypeState};
 pub use sotw::Sotw;
-pub use stream::{ClientStatus, Engine, StreamConfig, StreamError, TlsFiles, run};
+pub use stream::{ClientStatus, Engine, StreamConfig, StreamError, run};

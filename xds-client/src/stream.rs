@@ -6,14 +6,9 @@
 //! carried a response) resets the delay, and one the server ended cleanly (istiod does at
 //! its maximum connection age) is reopened at once.
 //!
-//! The channel is fit for a large mesh: responses up to [`MAX_MESSAGE`] (tonic's default is
-//! 4 MiB; a big mesh's CDS or EDS is larger), HTTP/2 keepalive pings so a dead control
-//! plane is noticed, and `SO_MARK` on the socket so the proxy's own capture leaves it alone.
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+//! Responses are accepted up to [`MAX_MESSAGE`] (tonic's default is 4 MiB; a big mesh's CDS
+//! or EDS is larger); the channel itself is [`crate::channel`]'s.
+use std::{collections::BTreeMap, time::Duration};
 
 use rand::Rng;
 use serde::Serialize;
@@ -23,47 +18,24 @@ use tern_proto::{
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{
-    metadata::{Ascii, MetadataValue},
-    transport::{Certificate, ClientTlsConfig, Identity},
-};
 use tracing::{info, warn};
 
-use crate::{delta::Delta, handler::Handler, resource::TypeState, sotw::Sotw};
+use crate::{
+    channel::{ChannelConfig, ChannelError},
+    delta::Delta,
+    handler::Handler,
+    resource::TypeState,
+    sotw::Sotw,
+};
 
 /// The largest response accepted (ztunnel's limit too).
 pub const MAX_MESSAGE: usize = 200 * 1024 * 1024;
-/// HTTP/2 keepalive: a ping this often, and the connection is dead without an answer in
-/// [`KEEPALIVE_TIMEOUT`].
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a stream ended or could not open.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
-    #[error("invalid xDS address {address}: {source}")]
-    Address {
-        address: String,
-        source: tonic::transport::Error,
-    },
-    #[error("read the {what} {path}: {source}")]
-    Read {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("the token in {0} is not a valid header value")]
-    Token(PathBuf),
-    #[error("TLS settings for {address}: {source}")]
-    Tls {
-        address: String,
-        source: tonic::transport::Error,
-    },
-    #[error("connect to {address}: {source}")]
-    Connect {
-        address: String,
-        source: tonic::transport::Error,
-    },
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
     #[error("open the ADS stream: {0}")]
     Open(tonic::Status),
     #[error("ADS stream: {0}")]
@@ -72,100 +44,12 @@ pub enum StreamError {
     Closed,
 }
 
-/// Where and how to reach the control plane.
+/// Where and how to reach the control plane, and how soon to try again.
 #[derive(Clone, Debug)]
 pub struct StreamConfig {
-    /// `http://host:port` (plaintext gRPC, istiod's 15010) or `https://host:port` (TLS, 15012).
-    pub address: String,
+    pub channel: ChannelConfig,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
-    /// TLS settings for an `https` address.
-    pub tls: Option<TlsFiles>,
-    /// A file holding a bearer token sent as `authorization: Bearer …` (istiod's JWT).
-    pub token_file: Option<PathBuf>,
-    /// `SO_MARK` for the connection to the control plane, so a proxy's own traffic capture
-    /// leaves it alone.
-    pub socket_mark: Option<u32>,
-}
-
-/// Files of the TLS settings, read again at every connection so rotated ones are used.
-#[derive(Clone, Debug, Default)]
-pub struct TlsFiles {
-    /// PEM roots the server's certificate must chain to (istiod's mesh root).
-    pub ca: PathBuf,
-    /// PEM certificate and key to present, when the server asks for one.
-    pub client_cert: Option<(PathBuf, PathBuf)>,
-    /// The name to verify the server's certificate against (default: the address's host).
-    pub server_name: Option<String>,
-}
-
-/// Connects to the host and port of `uri`, with `SO_MARK` set when asked.
-async fn connect_marked(
-    uri: tonic::transport::Uri,
-    mark: Option<u32>,
-) -> std::io::Result<hyper_util::rt::TokioIo<tokio::net::TcpStream>> {
-    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
-    let port = uri
-        .port_u16()
-        .unwrap_or(if uri.scheme_str() == Some("https") {
-            443
-        } else {
-            80
-        });
-    let mut last = std::io::Error::new(
-        std::io::ErrorKind::NotFound,
-        format!("{host} resolves to no address"),
-    );
-    for addr in tokio::net::lookup_host((host, port)).await? {
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        if let Some(mark) = mark {
-            socket2::SockRef::from(&socket).set_mark(mark)?;
-        }
-        match socket.connect(addr).await {
-            Ok(stream) => {
-                stream.set_nodelay(true)?;
-                return Ok(hyper_util::rt::TokioIo::new(stream));
-            }
-            Err(e) => last = e,
-        }
-    }
-    Err(last)
-}
-
-fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, StreamError> {
-    std::fs::read(path).map_err(|source| StreamError::Read {
-        what,
-        path: path.to_owned(),
-        source,
-    })
-}
-
-fn tls_config(files: &TlsFiles) -> Result<ClientTlsConfig, StreamError> {
-    let mut tls =
-        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(&files.ca, "xDS CA")?));
-    if let Some((cert, key)) = &files.client_cert {
-        tls = tls.identity(Identity::from_pem(
-            read(cert, "xDS client certificate")?,
-            read(key, "xDS client key")?,
-        ));
-    }
-    if let Some(name) = &files.server_name {
-        tls = tls.domain_name(name.clone());
-    }
-    Ok(tls)
-}
-
-/// The `authorization` header value from a token file (trailing whitespace trimmed).
-fn bearer(path: &Path) -> Result<MetadataValue<Ascii>, StreamError> {
-    let token = String::from_utf8(read(path, "xDS token file")?)
-        .map_err(|_| StreamError::Token(path.to_owned()))?;
-    format!("Bearer {}", token.trim())
-        .parse()
-        .map_err(|_| StreamError::Token(path.to_owned()))
 }
 
 /// One type as the client holds it, for status pages (`/config_dump`, `tern xds status`).
@@ -251,10 +135,10 @@ pub async fn run<H: Handler + Send>(
         match ended {
             Ok(()) => {
                 // A clean end (istiod's maximum connection age): reconnect at once.
-                info!(address = %config.address, "ADS stream closed by the control plane; reconnecting");
+                info!(address = %config.channel.address, "ADS stream closed by the control plane; reconnecting");
             }
             Err(e) => {
-                warn!(address = %config.address, error = %e, "ADS stream failed; keeping the last configuration");
+                warn!(address = %config.channel.address, error = %e, "ADS stream failed; keeping the last configuration");
                 // Full jitter over an exponentially growing window.
                 let delay = rand::rng().random_range(backoff / 2..=backoff);
                 tokio::time::sleep(delay).await;
@@ -274,37 +158,12 @@ async fn stream_once<H: Handler>(
     reconnects: u64,
     lived: &mut bool,
 ) -> Result<(), StreamError> {
-    let address = || config.address.clone();
-    let mut endpoint = tonic::transport::Endpoint::from_shared(config.address.clone())
-        .map_err(|source| StreamError::Address {
-            address: address(),
-            source,
-        })?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .keep_alive_while_idle(true);
-    if let Some(files) = &config.tls {
-        endpoint = endpoint
-            .tls_config(tls_config(files)?)
-            .map_err(|source| StreamError::Tls {
-                address: address(),
-                source,
-            })?;
-    }
-    let mark = config.socket_mark;
-    let channel = endpoint
-        .connect_with_connector(tower::service_fn(move |uri| connect_marked(uri, mark)))
-        .await
-        .map_err(|source| StreamError::Connect {
-            address: address(),
-            source,
-        })?;
-    let token = config.token_file.as_deref().map(bearer).transpose()?;
+    let crate::channel::Connected { channel, bearer } =
+        crate::channel::open(&config.channel).await?;
     let mut client = AggregatedDiscoveryServiceClient::with_interceptor(
         channel,
         move |mut request: tonic::Request<()>| {
-            if let Some(token) = &token {
+            if let Some(token) = &bearer {
                 request
                     .metadata_mut()
                     .insert("authorization", token.clone());
@@ -315,9 +174,9 @@ async fn stream_once<H: Handler>(
     .max_decoding_message_size(MAX_MESSAGE)
     .max_encoding_message_size(MAX_MESSAGE);
     let opened = |kind: &str| {
-        info!(address = %config.address, reconnects, protocol = kind, "ADS stream open");
+        info!(address = %config.channel.address, reconnects, protocol = kind, "ADS stream open");
         status.send_modify(|s| {
-            s.address = config.address.clone();
+            s.address = config.channel.address.clone();
             s.connected = true;
         });
     };

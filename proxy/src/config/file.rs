@@ -316,6 +316,7 @@ fn chains(listener: &str, files: Vec<ChainFile>) -> Result<Vec<FilterChain>, Con
             };
             Ok(FilterChain {
                 name: name.clone(),
+                tls: None,
                 matcher: ChainMatch {
                     destination_port: c.matcher.destination_port,
                     destination_prefixes: c.matcher.destination_prefixes,
@@ -381,6 +382,7 @@ fn cluster(c: ClusterFile) -> Cluster {
     let defaults = CircuitBreakers::default();
     let outlier = OutlierDetection::default();
     Cluster {
+        transport: Default::default(),
         lb_policy: c.lb_policy,
         hash_header: c.hash_header,
         hash_table: HashTable::default(),
@@ -393,6 +395,7 @@ fn cluster(c: ClusterFile) -> Cluster {
                 priority: e.priority,
                 locality: e.locality.into(),
                 health: e.health,
+                socket_labels: None,
             })
             .collect(),
         locality_weights: Arc::new(

@@ -11,6 +11,9 @@ use ipnet::IpNet;
 use crate::thrift::{Protocol, Transport};
 
 pub mod file;
+pub mod tls;
+
+pub use tls::{DownstreamTls, SocketLabels, TransportSockets, UpstreamTls};
 
 /// Everything the data path routes with.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
@@ -53,8 +56,6 @@ pub enum SetAsideReason {
     /// An HTTP connection manager chain: its connections are relayed to their original
     /// destination as TCP.
     Http,
-    /// A chain that terminates TLS (a `DownstreamTlsContext`): its connections are refused.
-    TlsTermination,
     /// A filter whose configuration comes from ECDS: its chain's connections are refused.
     Ecds,
     /// A chain with no filter tern runs: skipped.
@@ -63,9 +64,6 @@ pub enum SetAsideReason {
     DnsCluster,
     /// A custom cluster type (aggregate, dynamic forward proxy): no endpoints.
     CustomCluster,
-    /// TLS towards the endpoints (`transport_socket_matches`, `transport_socket`): not yet
-    /// originated; the endpoints are reached in plaintext.
-    UpstreamTls,
 }
 
 impl SetAsideReason {
@@ -74,12 +72,10 @@ impl SetAsideReason {
             SetAsideReason::InternalListener => "internal_listener",
             SetAsideReason::BoundListener => "bound_listener",
             SetAsideReason::Http => "http",
-            SetAsideReason::TlsTermination => "tls_termination",
             SetAsideReason::Ecds => "ecds",
             SetAsideReason::NoFilter => "no_filter",
             SetAsideReason::DnsCluster => "dns_cluster",
             SetAsideReason::CustomCluster => "custom_cluster",
-            SetAsideReason::UpstreamTls => "upstream_tls",
         }
     }
 }
@@ -107,6 +103,8 @@ pub struct Listener {
 pub struct FilterChain {
     pub name: String,
     pub matcher: ChainMatch,
+    /// TLS terminated before the filter sees the bytes.
+    pub tls: Option<Arc<DownstreamTls>>,
     pub filter: Filter,
 }
 
@@ -139,8 +137,8 @@ pub enum Filter {
     /// Relay to the original destination (a chain set aside whose traffic still flows, such
     /// as HTTP).
     Passthrough,
-    /// Close the connection (a chain set aside that must not fail open, such as one that
-    /// terminates TLS).
+    /// Close the connection (a chain set aside that must not fail open, such as one whose
+    /// filter comes from ECDS).
     Refuse,
 }
 
@@ -278,6 +276,8 @@ pub struct Cluster {
     pub idle_timeout: Duration,
     /// Connects to the original destination instead of endpoints (Istio's passthrough).
     pub original_dst: bool,
+    /// TLS or plaintext, per endpoint.
+    pub transport: TransportSockets,
 }
 
 /// How a cluster's Thrift requests share upstream connections.
@@ -373,6 +373,9 @@ pub struct Endpoint {
     /// `region/zone/subzone`, shared by the endpoints of a locality.
     pub locality: Arc<str>,
     pub health: Health,
+    /// Its `envoy.transport_socket_match` metadata, which picks TLS or plaintext (shared by
+    /// the endpoints that have the same).
+    pub socket_labels: Option<SocketLabels>,
 }
 
 /// Envoy's `HealthStatus`; UNHEALTHY and DRAINING endpoints get no requests.

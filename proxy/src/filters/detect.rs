@@ -12,10 +12,13 @@
 use std::future::Future;
 
 use bytes::BytesMut;
-use tokio::{io::AsyncReadExt, net::TcpStream};
+use tokio::io::AsyncReadExt;
 
 use super::tcp::Connected;
-use crate::thrift::{Decoder, DecoderLimits, Protocol, Transport, frame::sniff};
+use crate::{
+    stream::Stream,
+    thrift::{Decoder, DecoderLimits, Protocol, Transport, frame::sniff},
+};
 
 /// What a chain's first bytes decided.
 pub enum Outcome {
@@ -38,7 +41,7 @@ pub enum Outcome {
 
 /// Reads both sides until one decides (see the module doc); `connect` opens the upstream.
 pub async fn first_speaker(
-    down: &mut TcpStream,
+    down: &mut Stream,
     connect: impl Future<Output = Option<Connected>>,
     limits: DecoderLimits,
 ) -> Outcome {

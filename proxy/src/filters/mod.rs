@@ -11,6 +11,8 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
 use tokio::{net::TcpStream, sync::watch};
+
+use crate::{stream::Stream, tls::ServerTls};
 use tracing::debug;
 
 use crate::{
@@ -111,14 +113,31 @@ impl Handled {
     }
 }
 
+/// What became of a connection, for the access log.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub handled: Handled,
+    /// The client's identity (its certificate's SPIFFE URI), when tern terminated mTLS.
+    pub peer_identity: Option<String>,
+}
+
+impl From<Handled> for Outcome {
+    fn from(handled: Handled) -> Self {
+        Outcome {
+            handled,
+            peer_identity: None,
+        }
+    }
+}
+
 /// Handles one accepted connection whose original destination is `dst`.
 pub async fn handle(
-    mut down: TcpStream,
+    down: TcpStream,
     direction: Direction,
     dst: SocketAddr,
     peer: SocketAddr,
     ctx: Arc<Ctx>,
-) -> Handled {
+) -> Outcome {
     let mut snap = ctx.state.load();
     let inbound = direction == Direction::Inbound;
     // Chains that match on TLS, ALPN or HTTP need the first bytes (peeked, not consumed).
@@ -136,26 +155,91 @@ pub async fn handle(
         Direction::Outbound => snap.select(dst, peer, &peeked),
         Direction::Inbound => snap.select_inbound(dst, peer, &peeked),
     };
-    let (chain, filter) = match selection {
+    let (chain, filter, tls) = match selection {
         Selection::Chain(l, c) => (
             thrift::ChainRef {
                 listener: l.name.clone(),
                 chain: c.name.clone(),
             },
             c.filter.clone(),
+            c.tls
+                .as_ref()
+                .map(|_| snap.server_tls(&l.name, &c.name).map(|t| t.server.clone())),
         ),
         Selection::Passthrough => {
             drop(snap);
             debug!(%dst, "no listener: passthrough");
-            tcp::passthrough(down, dst, direction, &ctx).await;
-            return Handled::Passthrough;
+            tcp::passthrough(down.into(), dst, direction, &ctx).await;
+            return Handled::Passthrough.into();
         }
         Selection::Deny => {
-            debug!(%dst, "no listener and passthrough is denied: closing");
-            return Handled::Denied;
+            debug!(%dst, "no filter chain matches, and passthrough is denied: closing");
+            return Handled::Denied.into();
         }
     };
+    drop(snap);
     debug!(%dst, listener = %chain.listener, chain = %chain.chain, "filter chain");
+    let (down, peer_identity) = match tls {
+        None => (Stream::Plain(down), None),
+        Some(Some(Ok(server))) => {
+            match terminate(down, &server, peeked.application_protocols, &ctx).await {
+                Some(terminated) => terminated,
+                None => return Handled::Denied.into(),
+            }
+        }
+        Some(_) => {
+            debug!(chain = %chain.chain, "the chain's TLS server is unusable: closing");
+            return Handled::Denied.into();
+        }
+    };
+    let handled = run_filter(down, filter, chain, direction, dst, peer, ctx).await;
+    Outcome {
+        handled,
+        peer_identity,
+    }
+}
+
+/// How long a client has to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Terminates TLS; the stream and the client's identity, or `None` when the handshake
+/// failed (counted by reason).
+async fn terminate(
+    down: TcpStream,
+    server: &ServerTls,
+    offered: &[String],
+    ctx: &Ctx,
+) -> Option<(Stream, Option<String>)> {
+    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, server.accept(down, offered))
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+    ctx.state
+        .metrics
+        .handshake("inbound", handshake.as_ref().map(|_| ()));
+    match handshake {
+        Ok(tls) => {
+            let identity = crate::tls::peer_identity(tls.get_ref().1.peer_certificates());
+            debug!(peer_identity = ?identity, "TLS terminated");
+            Some((Stream::Tls(Box::new(tls.into())), identity))
+        }
+        Err(e) => {
+            debug!(error = %e, "TLS handshake failed: closing");
+            None
+        }
+    }
+}
+
+/// Runs a chain's filter on a connection.
+async fn run_filter(
+    mut down: Stream,
+    filter: Filter,
+    chain: thrift::ChainRef,
+    direction: Direction,
+    dst: SocketAddr,
+    peer: SocketAddr,
+    ctx: Arc<Ctx>,
+) -> Handled {
+    let snap = ctx.state.load();
     let (target, detect) = match filter {
         Filter::Thrift(_) => {
             drop(snap);

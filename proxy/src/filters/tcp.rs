@@ -1,10 +1,10 @@
-//! The TCP proxy: relays a connection's bytes to a cluster endpoint or to its original
-//! destination, with `copy_bidirectional` (each direction's end of stream forwarded on its
-//! own: half-close).
+//! The TCP proxy: relays a connection's bytes to a cluster endpoint (over TLS when the
+//! endpoint takes it) or to its original destination, with `copy_bidirectional` (each
+//! direction's end of stream forwarded on its own: half-close).
 use std::{net::SocketAddr, sync::Arc};
 
 use bytes::BytesMut;
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::io::AsyncWriteExt;
 use tracing::debug;
 
 use super::{Ctx, Direction};
@@ -12,11 +12,13 @@ use crate::{
     balance::source_hash,
     socket,
     state::{ClusterState, Failure},
+    stream::Stream,
+    upstream::dial::dial,
 };
 
 /// An upstream connection and, for a cluster endpoint, the endpoint it goes to.
 pub struct Connected {
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// The endpoint's index in the cluster (none for the original destination).
     pub endpoint: Option<usize>,
 }
@@ -49,9 +51,14 @@ pub async fn connect(
         let i = cluster.picker.pick(&cluster.endpoints, hash, &tried)?;
         tried.push(i);
         let ep = &cluster.endpoints[i];
-        let connect = socket::connect_upstream(ep.config.address, ctx.mark, None);
-        match tokio::time::timeout(cluster.config.connect_timeout, connect).await {
-            Ok(Ok(stream)) => {
+        let connect = dial(
+            &ep.runtime,
+            &cluster.runtime,
+            ctx.mark,
+            cluster.config.connect_timeout,
+        );
+        match connect.await {
+            Ok(stream) => {
                 cluster.record_success(&ep.runtime);
                 return Some(Connected {
                     stream,
@@ -67,7 +74,7 @@ pub async fn connect(
 
 /// Connects to the original destination; inbound connections reach the local application
 /// from 127.0.0.6.
-async fn connect_original(dst: SocketAddr, direction: Direction, ctx: &Ctx) -> Option<TcpStream> {
+async fn connect_original(dst: SocketAddr, direction: Direction, ctx: &Ctx) -> Option<Stream> {
     let (target, source) = match direction {
         Direction::Outbound => (dst, None),
         Direction::Inbound => socket::inbound_target(dst),
@@ -75,7 +82,7 @@ async fn connect_original(dst: SocketAddr, direction: Direction, ctx: &Ctx) -> O
     debug!(original_dst = %dst, %target, "relaying");
     let connect = socket::connect_upstream(target, ctx.mark, source);
     match tokio::time::timeout(ctx.connect_timeout, connect).await {
-        Ok(Ok(up)) => Some(up),
+        Ok(Ok(up)) => Some(Stream::Plain(up)),
         Ok(Err(e)) => {
             debug!(%target, error = %e, "upstream connect failed");
             None
@@ -88,7 +95,7 @@ async fn connect_original(dst: SocketAddr, direction: Direction, ctx: &Ctx) -> O
 }
 
 /// Relays to the original destination (no listener matched).
-pub async fn passthrough(down: TcpStream, dst: SocketAddr, direction: Direction, ctx: &Ctx) {
+pub async fn passthrough(down: Stream, dst: SocketAddr, direction: Direction, ctx: &Ctx) {
     if let Some(up) = connect_original(dst, direction, ctx).await {
         relay(down, BytesMut::new(), BytesMut::new(), up).await;
     }
@@ -96,12 +103,7 @@ pub async fn passthrough(down: TcpStream, dst: SocketAddr, direction: Direction,
 
 /// Relays bytes both ways until both sides are done, starting with what each side sent
 /// before the relay began.
-pub async fn relay(
-    mut down: TcpStream,
-    from_client: BytesMut,
-    from_server: BytesMut,
-    mut up: TcpStream,
-) {
+pub async fn relay(mut down: Stream, from_client: BytesMut, from_server: BytesMut, mut up: Stream) {
     let _ = down.set_nodelay(true);
     if !from_server.is_empty() && down.write_all(&from_server).await.is_err() {
         return;

@@ -24,7 +24,6 @@ use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
     time::Instant,
 };
 use tracing::{Instrument, debug, debug_span, warn};
@@ -34,12 +33,16 @@ use crate::{
     balance::{hash_key, source_hash},
     config::{Cluster, Filter, Route, RouteAction, RouteMatch, Target, UpstreamMode},
     state::{ActiveRequest, ClusterState, Failure, Snapshot},
+    stream::Stream,
     thrift::{
         Decoder, Message, MessageType,
         frame::{Meta, ReplyResult, split_name},
         reply::{AppExceptionType, application_exception},
     },
-    upstream::{Failed, PoolSettings, ReplyCell, UpstreamError, exclusive, multiplexed::Sent},
+    upstream::{
+        Failed, PoolSettings, ReplyCell, UpstreamError, exclusive,
+        multiplexed::{self, Sent},
+    },
 };
 
 /// Requests one downstream connection may have in flight before tern stops reading it (TCP
@@ -61,7 +64,7 @@ pub struct ChainRef {
 }
 
 /// Serves one downstream connection whose first bytes (`buf`) were Thrift.
-pub async fn serve(down: TcpStream, buf: BytesMut, chain: ChainRef, ctx: Arc<Ctx>) {
+pub async fn serve(down: Stream, buf: BytesMut, chain: ChainRef, ctx: Arc<Ctx>) {
     let _ = down.set_nodelay(true);
     let source = down.peer_addr().ok().map(|a| a.ip());
     let (mut rd, mut wr) = down.into_split();
@@ -486,16 +489,13 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Byte
         let conclude = |outcome, name: &[u8]| conclude_with(ert, started, outcome, name);
         let outcome = match cfg.upstream {
             UpstreamMode::Exclusive => {
-                let call = exclusive::call(&ert.pool, ep.config.address, &msg, &settings, rt);
+                let call = exclusive::call(ert, &msg, &settings, rt);
                 let outcome = tokio::time::timeout_at(deadline, call).await;
                 conclude(outcome, msg.name())
             }
             UpstreamMode::Multiplexed => {
                 let generation = cell.begin();
-                match ert
-                    .pool
-                    .send(ep.config.address, msg, &settings, rt, (&cell, generation))
-                {
+                match multiplexed::send(ert, msg, &settings, rt, (&cell, generation)) {
                     Ok(Sent::Oneway(sent)) => {
                         rt.metrics()
                             .methods

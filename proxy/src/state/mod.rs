@@ -27,12 +27,13 @@ pub mod snapshot;
 
 pub use outlier::Failure;
 pub use runtime::{ActiveRequest, ClusterRuntime, EndpointRuntime};
-pub use snapshot::{ClusterState, EndpointHandle, Peeked, Selection, Snapshot};
+pub use snapshot::{ChainTls, ClusterState, EndpointHandle, Peeked, Selection, Snapshot};
 
 use crate::{
     balance::EndpointPicker,
     config::{Cluster, Config, Filter, RouteAction},
     metrics::Metrics,
+    tls::{CertStore, TlsContexts},
 };
 
 /// At most one `malloc_trim` this often (it walks the heap; pushes can come 100 times a
@@ -60,6 +61,8 @@ pub struct State {
     freed: AtomicUsize,
     retired: Mutex<VecDeque<(Instant, Arc<Snapshot>)>>,
     pub metrics: Arc<Metrics>,
+    /// The workload certificate, and TLS clients and servers that use it.
+    pub tls: TlsContexts,
 }
 
 impl State {
@@ -73,6 +76,7 @@ impl State {
             freed: AtomicUsize::new(usize::MAX / 2),
             retired: Mutex::new(VecDeque::new()),
             metrics,
+            tls: TlsContexts::new(Arc::new(CertStore::default())),
         })
     }
 
@@ -115,7 +119,9 @@ impl State {
                     rebuilt_endpoints += c.endpoints.len();
                     let runtime = runtimes
                         .entry(name.clone())
-                        .or_insert_with(|| Arc::new(ClusterRuntime::new(name, &self.metrics)))
+                        .or_insert_with(|| {
+                            Arc::new(ClusterRuntime::new(name, &self.metrics, &self.tls))
+                        })
                         .clone();
                     Arc::new(build_cluster(c.clone(), runtime))
                 }
@@ -147,8 +153,10 @@ impl State {
             }
             by_name.insert(l.name.clone(), i);
         }
+        let server_tls = self.server_tls(&config, &previous);
         let version = config.version.clone();
         let replaced = self.current.swap(Arc::new(Snapshot {
+            server_tls,
             config: Arc::new(config),
             clusters,
             applied_at: SystemTime::now(),
@@ -162,6 +170,40 @@ impl State {
         self.freed
             .fetch_add(rebuilt_endpoints.max(rebuilt), Ordering::Relaxed);
         self.release_memory();
+    }
+
+    /// The TLS servers of the chains that terminate TLS; a chain whose TLS configuration did
+    /// not change keeps its server (and its session cache).
+    fn server_tls(&self, config: &Config, previous: &Snapshot) -> HashMap<String, Vec<ChainTls>> {
+        let mut out = HashMap::new();
+        for l in config.listeners.iter().map(|l| &**l).chain(&config.inbound) {
+            let chains: Vec<ChainTls> = l
+                .filter_chains
+                .iter()
+                .filter_map(|c| {
+                    let tls = c.tls.as_ref()?;
+                    if let Some(kept) = previous
+                        .server_tls(&l.name, &c.name)
+                        .filter(|k| k.config == *tls)
+                    {
+                        return Some(kept.clone());
+                    }
+                    let server = self.tls.server(tls).map(Arc::new).map_err(|e| {
+                        tracing::warn!(listener = %l.name, chain = %c.name, error = %e, "TLS server unusable: the chain refuses its connections");
+                        e.to_string()
+                    });
+                    Some(ChainTls {
+                        chain: c.name.clone(),
+                        config: tls.clone(),
+                        server,
+                    })
+                })
+                .collect();
+            if !chains.is_empty() {
+                out.insert(l.name.clone(), chains);
+            }
+        }
+        out
     }
 
     /// Keeps a replaced snapshot for a while, so that it is freed here, on the control
@@ -216,19 +258,24 @@ fn build_cluster(config: Arc<Cluster>, runtime: Arc<ClusterRuntime>) -> ClusterS
         .endpoints
         .iter()
         .map(|e| {
+            let tls = config
+                .transport
+                .for_endpoint(e.socket_labels.as_ref())
+                .cloned();
+            let key = (e.address, tls);
             let rt = known
-                .get(&e.address)
+                .get(&key)
                 .cloned()
-                .unwrap_or_else(|| Arc::new(EndpointRuntime::new(e.address)));
-            kept.insert(e.address, rt.clone());
+                .unwrap_or_else(|| Arc::new(EndpointRuntime::new(e.address, key.1.clone())));
+            kept.insert(key, rt.clone());
             EndpointHandle {
                 config: e.clone(),
                 runtime: rt,
             }
         })
         .collect();
-    for (address, gone) in known.iter() {
-        if !kept.contains_key(address) {
+    for (key, gone) in known.iter() {
+        if !kept.contains_key(key) {
             gone.pool.retire(&runtime);
         }
     }

@@ -15,16 +15,21 @@ use prometheus_client::metrics::{counter::Counter, gauge::Gauge, histogram::Hist
 
 use super::outlier::Outlier;
 use crate::{
+    config::UpstreamTls,
     method_labels::MethodCounters,
     metrics::{ClusterLabel, Metrics, ResultLabels},
     thrift::frame::ReplyResult,
+    tls::{ClientTls, ContextError, TlsContexts},
     upstream::Pool,
 };
 
-/// Live state of one endpoint of one cluster.
+/// Live state of one endpoint of one cluster, for one way of reaching it (an endpoint that
+/// switches between TLS and plaintext gets a new runtime, and a new pool).
 #[derive(Debug)]
 pub struct EndpointRuntime {
     pub address: SocketAddr,
+    /// TLS towards it, or plaintext.
+    pub tls: Option<Arc<UpstreamTls>>,
     pub active: AtomicU64,
     pub requests: AtomicU64,
     pub errors: AtomicU64,
@@ -33,9 +38,10 @@ pub struct EndpointRuntime {
 }
 
 impl EndpointRuntime {
-    pub(super) fn new(address: SocketAddr) -> Self {
+    pub(super) fn new(address: SocketAddr, tls: Option<Arc<UpstreamTls>>) -> Self {
         Self {
             address,
+            tls,
             active: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -63,10 +69,21 @@ pub struct ClusterRuntime {
     metrics: OnceLock<ClusterMetrics>,
     name: Box<str>,
     registry: Arc<Metrics>,
-    /// The runtime of each endpoint, by address; read and written only when a snapshot is
-    /// built (the data path reaches endpoints through the snapshot).
-    pub(super) endpoints: Mutex<HashMap<SocketAddr, Arc<EndpointRuntime>>>,
+    /// The runtime of each endpoint, by address and TLS; read and written only when a
+    /// snapshot is built (the data path reaches endpoints through the snapshot).
+    pub(super) endpoints: Mutex<HashMap<EndpointKey, Arc<EndpointRuntime>>>,
+    /// TLS clients of the cluster's contexts, made when a connection first needs one (a
+    /// mesh has thousands of clusters; a Pod talks to a few). Taken when a connection
+    /// opens, never per request, and never by the control path.
+    client_tls: Mutex<Vec<(Arc<UpstreamTls>, Arc<ClientTls>)>>,
+    contexts: TlsContexts,
 }
+
+/// An endpoint runtime's identity: its address and how it is reached.
+pub(super) type EndpointKey = (SocketAddr, Option<Arc<UpstreamTls>>);
+
+/// TLS clients a cluster keeps (it has one or two contexts; more only after changes).
+const CLIENT_TLS_KEPT: usize = 4;
 
 /// A cluster's metric handles, resolved once so counting looks nothing up and allocates
 /// nothing.
@@ -118,8 +135,10 @@ impl ClusterMetrics {
 }
 
 impl ClusterRuntime {
-    pub(super) fn new(name: &str, metrics: &Arc<Metrics>) -> Self {
+    pub(super) fn new(name: &str, metrics: &Arc<Metrics>, contexts: &TlsContexts) -> Self {
         Self {
+            client_tls: Mutex::new(Vec::new()),
+            contexts: contexts.clone(),
             active_requests: AtomicUsize::new(0),
             pending_requests: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
@@ -129,6 +148,29 @@ impl ClusterRuntime {
             registry: metrics.clone(),
             endpoints: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The TLS client for `tls`, made on first use.
+    pub fn client_tls(&self, tls: &Arc<UpstreamTls>) -> Result<Arc<ClientTls>, ContextError> {
+        let mut kept = self.client_tls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, client)) = kept.iter().find(|(t, _)| Arc::ptr_eq(t, tls) || t == tls) {
+            return Ok(client.clone());
+        }
+        let client = Arc::new(self.contexts.client(tls)?);
+        if kept.len() >= CLIENT_TLS_KEPT {
+            kept.remove(0);
+        }
+        kept.push((tls.clone(), client.clone()));
+        Ok(client)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The metrics registry (for counts that are not per cluster).
+    pub fn registry(&self) -> &Metrics {
+        &self.registry
     }
 
     /// The cluster's metric handles (made on first use).

@@ -13,7 +13,10 @@ use super::{
 };
 use crate::{
     balance::{Candidate, EndpointPicker},
-    config::{ChainMatch, Cluster, Config, Endpoint, FilterChain, Listener, Passthrough},
+    config::{
+        ChainMatch, Cluster, Config, DownstreamTls, Endpoint, FilterChain, Listener, Passthrough,
+    },
+    tls::ServerTls,
 };
 
 /// An endpoint as one snapshot configures it, with its shared live state.
@@ -94,6 +97,16 @@ pub struct Snapshot {
     pub(super) wildcard: HashMap<u16, usize>,
     /// Listeners by name, for connections that find their chain again in a new snapshot.
     pub(super) by_name: HashMap<String, usize>,
+    /// The TLS servers of chains that terminate TLS, by listener, then chain name.
+    pub(super) server_tls: HashMap<String, Vec<ChainTls>>,
+}
+
+/// A chain's TLS server, or why it could not be built (its connections are refused).
+#[derive(Debug, Clone)]
+pub struct ChainTls {
+    pub chain: String,
+    pub config: Arc<DownstreamTls>,
+    pub server: Result<Arc<ServerTls>, String>,
 }
 
 impl Snapshot {
@@ -105,7 +118,16 @@ impl Snapshot {
             exact: HashMap::new(),
             wildcard: HashMap::new(),
             by_name: HashMap::new(),
+            server_tls: HashMap::new(),
         }
+    }
+
+    /// The TLS server of a chain that terminates TLS.
+    pub fn server_tls(&self, listener: &str, chain: &str) -> Option<&ChainTls> {
+        self.server_tls
+            .get(listener)?
+            .iter()
+            .find(|c| c.chain == chain)
     }
 
     /// Envoy's listener selection: the listener bound to the destination exactly, else the
@@ -161,7 +183,9 @@ impl Snapshot {
                 (m.destination_port.is_none() || m.destination_port == Some(dst.port()))
                     && (m.transport_protocol.is_some()
                         || !m.application_protocols.is_empty()
-                        || !m.server_names.is_empty())
+                        || !m.server_names.is_empty()
+                        // A TLS server selects ALPN from what the client offers.
+                        || c.tls.is_some())
             })
         })
     }

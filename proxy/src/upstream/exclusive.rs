@@ -6,16 +6,12 @@
 //! (timed out, or its client went away) drops the connection with it: a late reply can only
 //! ever reach a closed socket, never another request.
 use std::{
-    net::SocketAddr,
     sync::{Mutex, atomic::Ordering},
     time::Instant,
 };
 
 use bytes::BytesMut;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::debug;
 
 use super::{
@@ -23,8 +19,8 @@ use super::{
     wake_pending,
 };
 use crate::{
-    socket,
-    state::ClusterRuntime,
+    state::{ClusterRuntime, EndpointRuntime},
+    stream::Stream,
     thrift::{Decoder, DecoderLimits, Message, MessageType, Protocol, Transport},
 };
 
@@ -35,7 +31,7 @@ const READ_BUFFER: usize = 16 * 1024;
 /// An open connection with its reply decoder.
 #[derive(Debug)]
 struct Conn {
-    stream: TcpStream,
+    stream: Stream,
     buf: BytesMut,
     decoder: Decoder,
     format: (Transport, Protocol),
@@ -56,16 +52,12 @@ impl Idle {
     ) -> Option<Conn> {
         let mut idle = self.0.lock().unwrap_or_else(|e| e.into_inner());
         while let Some(i) = idle.iter().rposition(|(c, _)| c.format == format) {
-            let (conn, _) = idle.swap_remove(i);
-            // Readiness is cached by tokio: this costs no system call unless the socket
-            // became readable, which an idle Thrift connection never should.
-            match conn.stream.try_read(&mut [0u8; 1]) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(conn),
-                _ => {
-                    debug!("an idle upstream connection was closed or sent data: dropped");
-                    closed(pool, cluster);
-                }
+            let (mut conn, _) = idle.swap_remove(i);
+            if conn.stream.idle_usable() {
+                return Some(conn);
             }
+            debug!("an idle upstream connection was closed or sent data: dropped");
+            closed(pool, cluster);
         }
         None
     }
@@ -142,24 +134,17 @@ impl Drop for Pending<'_> {
     }
 }
 
-/// Sends `request` to `addr` on a connection of its own and reads the reply (none for a
+/// Sends `request` to `endpoint` on a connection of its own and reads the reply (none for a
 /// one-way call). Wrap it in the request's timeout: dropping it closes the connection.
 pub async fn call(
-    pool: &Pool,
-    addr: SocketAddr,
+    endpoint: &EndpointRuntime,
     request: &Message,
     settings: &PoolSettings,
     cluster: &ClusterRuntime,
 ) -> Result<Option<Message>, Failed> {
     let meta = request.meta();
-    let mut lease = acquire(
-        pool,
-        addr,
-        (meta.transport, meta.protocol),
-        settings,
-        cluster,
-    )
-    .await?;
+    let addr = endpoint.address;
+    let mut lease = acquire(endpoint, (meta.transport, meta.protocol), settings, cluster).await?;
     let conn = lease
         .conn
         .as_mut()
@@ -215,12 +200,12 @@ pub async fn call(
 /// An idle connection, a new one, or — at the cluster's `max_connections` — the next one
 /// given back, waiting as a pending request (at most `max_pending_requests` of them).
 async fn acquire<'a>(
-    pool: &'a Pool,
-    addr: SocketAddr,
+    endpoint: &'a EndpointRuntime,
     format: (Transport, Protocol),
     settings: &PoolSettings,
     cluster: &'a ClusterRuntime,
 ) -> Result<Lease<'a>, Failed> {
+    let pool = &endpoint.pool;
     let lease = |conn| Lease {
         conn: Some(conn),
         pool,
@@ -233,7 +218,7 @@ async fn acquire<'a>(
     loop {
         if reserve_connection(cluster, settings.max_connections) {
             drop(pending);
-            return connect(pool, addr, format, settings, cluster)
+            return connect(endpoint, format, settings, cluster)
                 .await
                 .map(lease);
         }
@@ -255,7 +240,7 @@ async fn acquire<'a>(
         }
         if reserve_connection(cluster, settings.max_connections) {
             drop(pending);
-            return connect(pool, addr, format, settings, cluster)
+            return connect(endpoint, format, settings, cluster)
                 .await
                 .map(lease);
         }
@@ -265,18 +250,14 @@ async fn acquire<'a>(
 
 /// Opens a connection; its place in `max_connections` is already taken.
 async fn connect(
-    pool: &Pool,
-    addr: SocketAddr,
+    endpoint: &EndpointRuntime,
     format: (Transport, Protocol),
     settings: &PoolSettings,
     cluster: &ClusterRuntime,
 ) -> Result<Conn, Failed> {
-    let connected = tokio::time::timeout(
-        settings.connect_timeout,
-        socket::connect_upstream(addr, settings.mark, None),
-    )
-    .await
-    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+    let (pool, addr) = (&endpoint.pool, endpoint.address);
+    let connected =
+        super::dial::dial(endpoint, cluster, settings.mark, settings.connect_timeout).await;
     match connected {
         Ok(stream) => {
             pool.open.fetch_add(1, Ordering::Relaxed);
@@ -292,7 +273,7 @@ async fn connect(
     }
 }
 
-fn new_conn(stream: TcpStream, format: (Transport, Protocol), limits: DecoderLimits) -> Conn {
+fn new_conn(stream: Stream, format: (Transport, Protocol), limits: DecoderLimits) -> Conn {
     Conn {
         stream,
         buf: BytesMut::with_capacity(READ_BUFFER),
@@ -307,7 +288,7 @@ impl Pool {
     /// cluster has room; otherwise it is closed.
     pub fn adopt(
         &self,
-        stream: TcpStream,
+        stream: Stream,
         format: (Transport, Protocol),
         settings: &PoolSettings,
         cluster: &ClusterRuntime,

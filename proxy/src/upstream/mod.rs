@@ -28,6 +28,7 @@ use crate::{
     thrift::{DecoderLimits, Message, MessageType, frame::split_name},
 };
 
+pub mod dial;
 pub mod exclusive;
 pub mod multiplexed;
 mod reply_cell;

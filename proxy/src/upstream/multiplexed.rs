@@ -14,7 +14,6 @@
 use std::{
     collections::HashMap,
     io,
-    net::SocketAddr,
     ops::Range,
     sync::{
         Arc, Mutex,
@@ -31,8 +30,7 @@ use tracing::debug;
 
 use super::{Failed, Pool, PoolSettings, ReplyCell, UpstreamError, answers_by_name};
 use crate::{
-    socket,
-    state::{ActiveRequest, ClusterRuntime},
+    state::{ActiveRequest, ClusterRuntime, EndpointRuntime},
     thrift::{Decoder, Message, MessageType, Protocol, Transport},
 };
 
@@ -163,23 +161,40 @@ impl Conns {
     }
 }
 
+/// Sends a request to `endpoint` on a multiplexed connection of its transport and protocol,
+/// opening one when none is free and the cluster's limits allow.
+#[expect(
+    clippy::result_large_err,
+    reason = "the refused request is handed back by value; boxing would allocate per request"
+)]
+pub fn send(
+    endpoint: &Arc<EndpointRuntime>,
+    msg: Message,
+    settings: &PoolSettings,
+    cluster: &Arc<ClusterRuntime>,
+    reply_to: (&Arc<ReplyCell>, u64),
+) -> Result<Sent, Refused> {
+    endpoint
+        .pool
+        .send(endpoint, msg, settings, cluster, reply_to)
+}
+
 impl Pool {
-    /// Sends a request to `addr` on a multiplexed connection of its transport and protocol,
-    /// opening one when none is free and the cluster's limits allow.
     #[expect(
         clippy::result_large_err,
         reason = "the refused request is handed back by value; boxing would allocate per request"
     )]
-    pub fn send(
+    fn send(
         &self,
-        addr: SocketAddr,
+        endpoint: &Arc<EndpointRuntime>,
         mut msg: Message,
         settings: &PoolSettings,
         cluster: &Arc<ClusterRuntime>,
         reply_to: (&Arc<ReplyCell>, u64),
     ) -> Result<Sent, Refused> {
         let meta = msg.meta();
-        let conn = match self.connection(addr, (meta.transport, meta.protocol), settings, cluster) {
+        let format = (meta.transport, meta.protocol);
+        let conn = match self.connection(endpoint, format, settings, cluster) {
             Ok(c) => c,
             Err(e) => return Err((e, msg)),
         };
@@ -241,7 +256,7 @@ impl Pool {
 
     fn connection(
         &self,
-        addr: SocketAddr,
+        endpoint: &Arc<EndpointRuntime>,
         format: (Transport, Protocol),
         settings: &PoolSettings,
         cluster: &Arc<ClusterRuntime>,
@@ -275,7 +290,7 @@ impl Pool {
         cluster.metrics().connections_opened.inc();
         tokio::spawn(run(
             conn.clone(),
-            addr,
+            endpoint.clone(),
             *settings,
             rx,
             cluster.clone(),
@@ -288,18 +303,15 @@ impl Pool {
 
 async fn run(
     conn: Arc<Conn>,
-    addr: SocketAddr,
+    endpoint: Arc<EndpointRuntime>,
     settings: PoolSettings,
     mut rx: mpsc::Receiver<Queued>,
     cluster: Arc<ClusterRuntime>,
     open: Arc<AtomicUsize>,
 ) {
-    let connected = tokio::time::timeout(
-        settings.connect_timeout,
-        socket::connect_upstream(addr, settings.mark, None),
-    )
-    .await
-    .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()));
+    let addr = endpoint.address;
+    let connected =
+        super::dial::dial(&endpoint, &cluster, settings.mark, settings.connect_timeout).await;
     {
         let mut p = conn.pending.lock().unwrap_or_else(|e| e.into_inner());
         cluster

@@ -451,13 +451,7 @@ fn internal_listeners_http_and_tls_chains_are_set_aside_rbac_is_refused() {
     );
     let mut tls_chain = chain(Some(8443), vec![tcp_proxy("inbound|8080||")]);
     tls_chain.name = "tls".into();
-    tls_chain.transport_socket = Some(core_types::TransportSocket {
-        name: "envoy.transport_sockets.tls".into(),
-        config_type: Some(core_types::transport_socket::ConfigType::TypedConfig(Any {
-            type_url: type_url::DOWNSTREAM_TLS_CONTEXT.into(),
-            value: Vec::new(),
-        })),
-    });
+    tls_chain.transport_socket = Some(tern_proto::build::istio_downstream_tls("cluster.local"));
     let mut http_chain = chain(Some(8080), vec![hcm]);
     http_chain.name = "http".into();
     let inbound = r.listeners.get_mut("virtualInbound").unwrap();
@@ -491,14 +485,15 @@ fn internal_listeners_http_and_tls_chains_are_set_aside_rbac_is_refused() {
         )),
         "{reasons:?}"
     );
-    assert!(
-        reasons.contains(&(
-            "filter_chain",
-            "virtualInbound/tls",
-            SetAsideReason::TlsTermination
-        )),
-        "{reasons:?}"
-    );
+    // The chain that terminates TLS runs, with its TLS server.
+    let inbound = snap.config.inbound.as_ref().expect("virtualInbound");
+    let tls_chain = inbound
+        .filter_chains
+        .iter()
+        .find(|c| c.name == "tls")
+        .unwrap();
+    assert!(tls_chain.tls.is_some());
+    assert!(snap.server_tls("virtualInbound", "tls").is_some());
     assert!(
         reasons.contains(&("filter_chain", "virtualInbound/http", SetAsideReason::Http)),
         "{reasons:?}"

@@ -1,16 +1,21 @@
 //! A scriptable xDS control plane for tern's tests: a tonic ADS server (state of the world)
 //! over `envoy-types`, serving Istio-shaped resources built from a YAML snapshot file.
 //!
-//! `tern-controlplane ADDR SNAPSHOT.yaml [--tls CERT KEY] [--token FILE]` serves both ADS protocols (state of the world and
+//! `tern-controlplane ADDR SNAPSHOT.yaml [--tls CERT KEY] [--token FILE] [--ca CERT KEY IDENTITY]`
+//! serves both ADS protocols (state of the world and
 //! delta) and prints `ready`, then one line per event: `STREAM` (or `STREAM delta`), `SUBSCRIBE <type> version=<v> names=<a,b>`, `ACK <type> <version>`,
 //! `NACK <type> <version> <reason>`, `SENT <type> <n> bytes` (state of the world), `CLOSE` (a
 //! stream ended by `close_every_ms`). Rewriting the file pushes a new version to every stream.
+//! With `--ca`, it is also Istio's CA: `CreateCertificate` signs CSRs for IDENTITY with the
+//! CA's files (`ISSUE <identity> ttl=<s> cluster=<id>` per certificate).
 //!
 //! ```yaml
 //! version: "1"
 //! services:
 //!   - { name: calc, vip: 10.96.0.10, port: 9090, filter: thrift, endpoints: ["10.66.1.2:9001"] }
 //!   - { name: sticky, vip: 10.96.0.11, port: 7070, filter: tcp, lb: ring_hash, endpoints: [...] }
+//!   - { name: secure, vip: 10.96.0.12, port: 7070, filter: tcp, mtls: "spiffe://cluster.local/ns/x/sa/y", endpoints: [...] }
+//! inbound: strict           # Istio's virtualInbound with mTLS chains (strict or permissive)
 //! broken_listener: false   # add a listener whose address is a hostname (tern must NACK it)
 //! bulk: 0                   # add this many generated services (10 endpoints each)
 //! cluster_padding: 0        # bytes of metadata in every generated cluster (a large CDS)
@@ -82,6 +87,10 @@ struct Snapshot {
     /// Endpoints by EDS name, for clusters from the dumps.
     #[serde(default)]
     endpoints: BTreeMap<String, Vec<String>>,
+    /// An Istio `virtualInbound` listener with mTLS chains: `strict` (TLS only) or
+    /// `permissive` (TLS and plaintext), its connections relayed to the application.
+    #[serde(default)]
+    inbound: Option<String>,
     /// The dumps' resources, read when the snapshot is loaded.
     #[serde(skip)]
     dumped: Dumped,
@@ -168,6 +177,7 @@ impl Snapshot {
                 port: 9090,
                 filter: "tcp".into(),
                 lb: None,
+                mtls: None,
                 endpoints: (0..10)
                     .map(|e| format!("10.200.{}.{}:{}", i / 256, i % 256, 9000 + e))
                     .collect(),
@@ -190,6 +200,10 @@ struct Service {
     /// default round robin.
     #[serde(default)]
     lb: Option<String>,
+    /// Istio's auto-mTLS: the endpoints are labelled `tlsMode: istio` and the cluster
+    /// verifies this SAN.
+    #[serde(default)]
+    mtls: Option<String>,
 }
 
 impl Service {
@@ -238,6 +252,43 @@ fn thrift_proxy(cluster: &str) -> listener_types::Filter {
         "envoy.filters.network.thrift_proxy",
         encode(&t, type_url::THRIFT_PROXY),
     )
+}
+
+/// Istio's `virtualInbound` for a TCP port: a chain for mesh mTLS (ALPN
+/// `istio-peer-exchange`/`istio`), one for other TLS, and in permissive mode one for
+/// plaintext; all relay to the application.
+fn virtual_inbound(mode: &str) -> Listener {
+    let to_app = || vec![tcp_proxy("InboundPassthroughCluster")];
+    let matching = |transport: &str, alpn: &[&str]| listener_types::FilterChainMatch {
+        transport_protocol: transport.into(),
+        application_protocols: alpn.iter().map(|a| (*a).into()).collect(),
+        prefix_ranges: vec![core_types::CidrRange {
+            address_prefix: "0.0.0.0".into(),
+            prefix_len: Some(wkt::UInt32Value { value: 0 }),
+        }],
+        ..Default::default()
+    };
+    let mut chains = vec![listener_types::FilterChain {
+        name: "virtualInbound".into(),
+        filter_chain_match: Some(matching("tls", &["istio-peer-exchange", "istio"])),
+        transport_socket: Some(build::istio_downstream_tls("cluster.local")),
+        filters: to_app(),
+        ..Default::default()
+    }];
+    if mode == "permissive" {
+        chains.push(listener_types::FilterChain {
+            name: "virtualInbound".into(),
+            filter_chain_match: Some(matching("raw_buffer", &[])),
+            filters: to_app(),
+            ..Default::default()
+        });
+    }
+    Listener {
+        name: "virtualInbound".into(),
+        address: Some(addr("0.0.0.0", 15006)),
+        filter_chains: chains,
+        ..Default::default()
+    }
 }
 
 fn chain(filters: Vec<listener_types::Filter>) -> listener_types::FilterChain {
@@ -365,6 +416,9 @@ fn generated(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<(String, Any
                     ..Default::default()
                 });
             }
+            if let Some(mode) = &s.inbound {
+                listeners.push(virtual_inbound(mode));
+            }
             if s.broken_listener {
                 listeners.push(Listener {
                     name: "broken_9999".into(),
@@ -388,8 +442,23 @@ fn generated(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<(String, Any
                 })
                 .into_iter()
                 .collect();
+            if s.inbound.is_some() {
+                clusters.push(Cluster {
+                    name: "InboundPassthroughCluster".into(),
+                    cluster_discovery_type: Some(cluster_types::ClusterDiscoveryType::Type(4)),
+                    lb_policy: 6,
+                    ..Default::default()
+                });
+            }
             for svc in &s.all_services() {
                 let mut c = eds_cluster(&svc.cluster());
+                if let Some(san) = &svc.mtls {
+                    let sni = format!(
+                        "outbound_.{}_._.{}.default.svc.cluster.local",
+                        svc.port, svc.name
+                    );
+                    build::istio_auto_mtls(&mut c, san, &sni);
+                }
                 c.lb_policy = match svc.lb.as_deref() {
                     Some("ring_hash") => 2,
                     Some("maglev") => 5,
@@ -435,7 +504,12 @@ fn generated(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<(String, Any
             .iter()
             .filter(|svc| wanted(&svc.cluster()))
             .map(|svc| {
-                let cla = load_assignment(&svc.cluster(), &svc.endpoints);
+                let mut cla = load_assignment(&svc.cluster(), &svc.endpoints);
+                if svc.mtls.is_some() {
+                    for e in cla.endpoints.iter_mut().flat_map(|l| &mut l.lb_endpoints) {
+                        build::istio_tls_mode(e);
+                    }
+                }
                 (
                     svc.cluster(),
                     encode(&cla, type_url::CLUSTER_LOAD_ASSIGNMENT),
@@ -711,6 +785,51 @@ fn load(path: &str) -> Option<Snapshot> {
     }
 }
 
+/// Istio's CA: signs a CSR when the caller's token is valid (the interceptor checks it)
+/// and the CSR asks for the identity the token stands for, as istiod does.
+struct Ca {
+    ca: tern_tests::pki::TestCa,
+    identity: String,
+}
+
+#[tonic::async_trait]
+impl tern_proto::istio_ca::istio_certificate_service_server::IstioCertificateService for Ca {
+    async fn create_certificate(
+        &self,
+        request: Request<tern_proto::istio_ca::IstioCertificateRequest>,
+    ) -> Result<Response<tern_proto::istio_ca::IstioCertificateResponse>, Status> {
+        let cluster = request
+            .metadata()
+            .get("clusterid")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned();
+        let r = request.into_inner();
+        let ttl = Duration::from_secs(u64::try_from(r.validity_duration).unwrap_or(0).max(1));
+        let (cert, sans) = self
+            .ca
+            .sign_csr(&r.csr, ttl)
+            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        if sans != [self.identity.clone()] {
+            say(format!("DENY {sans:?}"));
+            return Err(Status::permission_denied(format!(
+                "the token is for {}, not {sans:?}",
+                self.identity
+            )));
+        }
+        say(format!(
+            "ISSUE {} ttl={}s cluster={cluster}",
+            self.identity,
+            ttl.as_secs()
+        ));
+        Ok(Response::new(
+            tern_proto::istio_ca::IstioCertificateResponse {
+                cert_chain: vec![cert, self.ca.pem()],
+            },
+        ))
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -768,11 +887,19 @@ async fn main() {
             Err(Status::unauthenticated("invalid bearer token"))
         }
     };
+    let ca = option("--ca", 3).map(|a| {
+        let ca = tern_tests::pki::TestCa::load(a[0].as_ref(), a[1].as_ref()).expect("the CA files");
+        tern_proto::istio_ca::istio_certificate_service_server::IstioCertificateServiceServer::with_interceptor(
+            Ca { ca, identity: a[2].clone() },
+            check.clone(),
+        )
+    });
     say("ready");
     let service =
         AggregatedDiscoveryServiceServer::with_interceptor(ControlPlane { snapshot: rx }, check);
     server
         .add_service(service)
+        .add_optional_service(ca)
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
         .await
         .expect("serve");

@@ -85,9 +85,7 @@ pub fn translate(c: &XdsCluster) -> Result<Translated, TranslateError> {
             Endpoints::Fixed(LoadAssignment::default())
         }
     };
-    if set_aside.is_none() && originates_tls(c) {
-        set_aside = Some(SetAsideReason::UpstreamTls);
-    }
+    let transport = super::tls::transport_sockets(c).map_err(|e| e.at("transport_socket"))?;
     let lb_policy = match c.lb_policy {
         0 => LbPolicy::RoundRobin,
         1 => LbPolicy::LeastRequest,
@@ -134,28 +132,13 @@ pub fn translate(c: &XdsCluster) -> Result<Translated, TranslateError> {
         connections_per_endpoint: 4,
         idle_timeout: crate::config::DEFAULT_IDLE_TIMEOUT,
         original_dst,
+        transport,
     };
     Ok(Translated {
         cluster,
         endpoints,
         set_aside,
     })
-}
-
-/// Whether the cluster asks for TLS towards its endpoints (Istio's auto-mTLS
-/// `transport_socket_matches`, or a `transport_socket`).
-fn originates_tls(c: &XdsCluster) -> bool {
-    use tern_proto::core_types::transport_socket::ConfigType;
-    let tls = |ts: Option<&tern_proto::core_types::TransportSocket>| {
-        matches!(
-            ts.and_then(|t| t.config_type.as_ref()),
-            Some(ConfigType::TypedConfig(any)) if any.type_url == tern_proto::type_url::UPSTREAM_TLS_CONTEXT
-        )
-    };
-    tls(c.transport_socket.as_ref())
-        || c.transport_socket_matches
-            .iter()
-            .any(|m| tls(m.transport_socket.as_ref()))
 }
 
 /// Ring hash and Maglev sizes, checked as Envoy checks them.

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, sync::Arc};
 use tern_proto::ClusterLoadAssignment;
 
 use super::{Invalid, TranslateError, socket_addr};
-use crate::config::{Endpoint, Health};
+use crate::config::{Endpoint, Health, SocketLabels};
 
 /// A cluster's endpoints and the weight of each locality (shared with the clusters built
 /// from them).
@@ -27,6 +27,7 @@ pub fn translate(cla: &ClusterLoadAssignment) -> Result<LoadAssignment, Invalid>
     use tern_proto::endpoint_types::lb_endpoint::HostIdentifier;
     let mut endpoints = Vec::new();
     let mut locality_weights = BTreeMap::new();
+    let mut labels_seen: Vec<SocketLabels> = Vec::new();
     for group in &cla.endpoints {
         let locality: Arc<str> = group
             .locality
@@ -56,6 +57,7 @@ pub fn translate(cla: &ClusterLoadAssignment) -> Result<LoadAssignment, Invalid>
                 priority: group.priority,
                 locality: locality.clone(),
                 health,
+                socket_labels: socket_labels(e, &mut labels_seen),
             });
         }
     }
@@ -63,6 +65,30 @@ pub fn translate(cla: &ClusterLoadAssignment) -> Result<LoadAssignment, Invalid>
         endpoints: endpoints.into(),
         locality_weights: Arc::new(locality_weights),
     })
+}
+
+/// An endpoint's `envoy.transport_socket_match` metadata, shared with the endpoints before
+/// it that have the same (a cluster's endpoints have one or two kinds).
+fn socket_labels(
+    e: &tern_proto::endpoint_types::LbEndpoint,
+    seen: &mut Vec<SocketLabels>,
+) -> Option<SocketLabels> {
+    let s = e
+        .metadata
+        .as_ref()?
+        .filter_metadata
+        .get(super::tls::SOCKET_MATCH_METADATA)?;
+    let mut labels: Vec<(String, String)> = super::tls::string_fields(s).collect();
+    labels.sort();
+    if let Some(known) = seen.iter().find(|k| ***k == labels[..]) {
+        return Some(known.clone());
+    }
+    let labels: SocketLabels = labels.into();
+    // A bound on the search: a cluster whose endpoints all differ shares nothing.
+    if seen.len() < 8 {
+        seen.push(labels.clone());
+    }
+    Some(labels)
 }
 
 /// Translates a `ClusterLoadAssignment` received by itself (EDS).

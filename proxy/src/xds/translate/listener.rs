@@ -130,8 +130,10 @@ pub fn translate(
             .map(|p| u16::try_from(p.value).map_err(|_| Invalid::PortOutOfRange(p.value.into())))
             .transpose()
             .map_err(at)?;
+        let tls = super::tls::downstream_socket(c.transport_socket.as_ref()).map_err(at)?;
         chains.push(FilterChain {
             name,
+            tls,
             matcher: ChainMatch {
                 destination_port,
                 destination_prefixes: cidrs(&m.prefix_ranges).map_err(at)?,
@@ -243,15 +245,6 @@ fn chain_filter(
     c: &listener_types::FilterChain,
     routes: &BTreeMap<String, ThriftRouteConfiguration>,
 ) -> Result<ChainFilter, Invalid> {
-    if let Some(ts) = &c.transport_socket
-        && let Some(tern_proto::core_types::transport_socket::ConfigType::TypedConfig(any)) =
-            &ts.config_type
-        && any.type_url == type_url::DOWNSTREAM_TLS_CONTEXT
-    {
-        // Authorization in the chain still refuses the listener: a policy is never dropped.
-        check_authorization(c)?;
-        return Ok(ChainFilter::SetAside(SetAsideReason::TlsTermination));
-    }
     for f in &c.filters {
         let Some(any) = typed_config(f) else {
             // ECDS (`config_discovery`): whatever it is, tern cannot run it.
@@ -286,19 +279,6 @@ fn chain_filter(
         }
     }
     Ok(ChainFilter::SetAside(SetAsideReason::NoFilter))
-}
-
-/// Refuses a chain that carries an authorization filter, wherever it is.
-fn check_authorization(c: &listener_types::FilterChain) -> Result<(), Invalid> {
-    for any in c.filters.iter().filter_map(typed_config) {
-        match any.type_url.as_str() {
-            type_url::NETWORK_RBAC => return Err(Invalid::Unenforceable("network RBAC")),
-            type_url::NETWORK_EXT_AUTHZ => return Err(Invalid::Unenforceable("network ext_authz")),
-            type_url::HTTP_CONNECTION_MANAGER => check_http_authorization(any)?,
-            _ => {}
-        }
-    }
-    Ok(())
 }
 
 /// An HTTP chain is relayed as TCP; with an authorization filter inside that would let

@@ -4,7 +4,8 @@
 //! - [`listener`]: a `Listener` into a listener tern matches original destinations against,
 //!   the inbound listener, the passthrough mode, or a listener set aside;
 //! - [`cluster`]: a `Cluster` into a cluster without its endpoints, and where they come from;
-//! - [`endpoints`]: a `ClusterLoadAssignment` into endpoints.
+//! - [`endpoints`]: a `ClusterLoadAssignment` into endpoints;
+//! - [`tls`]: TLS transport sockets (towards endpoints, and on inbound chains).
 //!
 //! What tern knowingly does not run is set aside with a [`SetAsideReason`] (shown in
 //! `/config_dump`, counted in `tern_xds_set_aside`). What it cannot honour safely (an
@@ -23,6 +24,7 @@ pub use crate::config::SetAsideReason;
 pub mod cluster;
 pub mod endpoints;
 pub mod listener;
+pub mod tls;
 
 /// Why a resource cannot be used; `context` says which part of it.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +67,22 @@ pub enum Invalid {
     RingSize { min: u64, max: u64 },
     #[error("maglev table size {0} is not a prime number")]
     MaglevTableSize(u64),
+    #[error("transport socket {0} is not supported (only TLS and raw buffer)")]
+    TransportSocket(String),
+    #[error("TLS versions below 1.2 only: tern speaks TLS 1.2 and 1.3")]
+    TlsVersion,
+    #[error("a TLS server context without a certificate")]
+    NoServerCertificate,
+    #[error(
+        "secret {0:?} is not available to tern (SDS default, ROOTCA, file-cert: and file-root: are)"
+    )]
+    Secret(String),
+    #[error("{0}: only a filename data source is supported")]
+    DataSource(&'static str),
+    #[error(
+        "certificate validation with {0} cannot be enforced by tern; refused rather than skipped"
+    )]
+    ValidationContext(&'static str),
 }
 
 impl Invalid {

@@ -1,0 +1,174 @@
+//! TLS as the configuration asks for it: towards endpoints (Envoy's `UpstreamTlsContext`,
+//! chosen per endpoint by `transport_socket_matches`) and on inbound chains
+//! (`DownstreamTlsContext`). Descriptions only; `crate::tls` builds the TLS stacks from them.
+use std::{path::PathBuf, sync::Arc};
+
+/// Where a certificate to present comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertSource {
+    /// The workload certificate (Istio's SDS secret `default`).
+    Workload,
+    /// PEM files (a DestinationRule's `clientCertificate` / `privateKey`).
+    Files { chain: PathBuf, key: PathBuf },
+}
+
+/// What a peer's certificate must chain to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Roots {
+    /// The mesh roots (Istio's SDS secret `ROOTCA`).
+    Mesh,
+    /// A PEM file (`file-root:<path>`, a DestinationRule's `caCertificates`).
+    File(PathBuf),
+    /// No validation context: any certificate is accepted, as Envoy does.
+    Unverified,
+}
+
+/// Envoy's `StringMatcher` for subject alternative names.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Contains(String),
+}
+
+impl StringMatch {
+    pub fn matches(&self, s: &str) -> bool {
+        match self {
+            StringMatch::Exact(v) => s == v,
+            StringMatch::Prefix(v) => s.starts_with(v.as_str()),
+            StringMatch::Suffix(v) => s.ends_with(v.as_str()),
+            StringMatch::Contains(v) => s.contains(v.as_str()),
+        }
+    }
+}
+
+/// How a peer's certificate is checked.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct Validation {
+    pub roots: Roots,
+    /// One of the certificate's URI or DNS SANs must match one of these (none: any).
+    pub subject_alt_names: Vec<StringMatch>,
+}
+
+/// TLS towards an endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct UpstreamTls {
+    /// The SNI sent (none: no SNI).
+    pub sni: Option<String>,
+    /// ALPN offered. Istio's `istio-peer-exchange` is never offered: it commits both sides
+    /// to Istio's metadata-exchange preamble, which tern does not speak.
+    pub alpn: Vec<String>,
+    /// The certificate presented, if any.
+    pub client_cert: Option<CertSource>,
+    pub validation: Validation,
+}
+
+/// TLS terminated on an inbound chain.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct DownstreamTls {
+    /// ALPN the server selects from; `istio-peer-exchange` is never among them.
+    pub alpn: Vec<String>,
+    pub cert: CertSource,
+    pub require_client_certificate: bool,
+    pub validation: Validation,
+}
+
+/// Envoy's `transport_socket_matches` with the cluster's own `transport_socket`: an
+/// endpoint gets the first match whose criteria its `envoy.transport_socket_match` metadata
+/// has, else the default. `None` is plaintext.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct TransportSockets {
+    pub matches: Vec<SocketMatch>,
+    pub default: Option<Arc<UpstreamTls>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct SocketMatch {
+    pub name: String,
+    /// Metadata keys and values an endpoint must have (none: every endpoint).
+    pub criteria: Vec<(String, String)>,
+    pub tls: Option<Arc<UpstreamTls>>,
+}
+
+/// An endpoint's `envoy.transport_socket_match` metadata (Istio's `tlsMode`).
+pub type SocketLabels = Arc<[(String, String)]>;
+
+impl TransportSockets {
+    /// Whether any endpoint can get TLS.
+    pub fn any_tls(&self) -> bool {
+        self.default.is_some() || self.matches.iter().any(|m| m.tls.is_some())
+    }
+
+    /// The TLS an endpoint with these labels gets (`None`: plaintext).
+    pub fn for_endpoint(&self, labels: Option<&SocketLabels>) -> Option<&Arc<UpstreamTls>> {
+        let has = |(k, v): &(String, String)| {
+            labels.is_some_and(|l| l.iter().any(|(lk, lv)| lk == k && lv == v))
+        };
+        match self.matches.iter().find(|m| m.criteria.iter().all(has)) {
+            Some(m) => m.tls.as_ref(),
+            None => self.default.as_ref(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tls() -> Arc<UpstreamTls> {
+        Arc::new(UpstreamTls {
+            sni: None,
+            alpn: vec!["istio".into()],
+            client_cert: Some(CertSource::Workload),
+            validation: Validation {
+                roots: Roots::Mesh,
+                subject_alt_names: vec![],
+            },
+        })
+    }
+
+    #[test]
+    fn istio_auto_mtls_picks_tls_by_the_endpoints_tls_mode() {
+        // As istiod writes it: tlsMode-istio, then tlsMode-disabled with an empty match.
+        let sockets = TransportSockets {
+            matches: vec![
+                SocketMatch {
+                    name: "tlsMode-istio".into(),
+                    criteria: vec![("tlsMode".into(), "istio".into())],
+                    tls: Some(tls()),
+                },
+                SocketMatch {
+                    name: "tlsMode-disabled".into(),
+                    criteria: vec![],
+                    tls: None,
+                },
+            ],
+            default: None,
+        };
+        let istio: SocketLabels = Arc::from([("tlsMode".to_owned(), "istio".to_owned())]);
+        let disabled: SocketLabels = Arc::from([("tlsMode".to_owned(), "disabled".to_owned())]);
+        assert!(sockets.for_endpoint(Some(&istio)).is_some());
+        assert!(sockets.for_endpoint(Some(&disabled)).is_none());
+        assert!(sockets.for_endpoint(None).is_none());
+        assert!(sockets.any_tls());
+        let always = TransportSockets {
+            matches: vec![],
+            default: Some(tls()),
+        };
+        assert!(always.for_endpoint(None).is_some());
+    }
+
+    #[test]
+    fn san_matchers() {
+        let id = "spiffe://cluster.local/ns/foo/sa/bar";
+        assert!(StringMatch::Exact(id.into()).matches(id));
+        assert!(StringMatch::Prefix("spiffe://cluster.local/".into()).matches(id));
+        assert!(!StringMatch::Prefix("spiffe://other/".into()).matches(id));
+        assert!(StringMatch::Suffix("/sa/bar".into()).matches(id));
+        assert!(StringMatch::Contains("/ns/foo/".into()).matches(id));
+    }
+}

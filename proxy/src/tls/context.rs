@@ -1,0 +1,211 @@
+//! rustls clients and servers built from the configuration's TLS descriptions. They read
+//! the workload certificate and mesh roots from the [`CertStore`] at every handshake, so a
+//! renewal needs no rebuild.
+use std::{io, net::IpAddr, path::Path, sync::Arc};
+
+use rustls::{
+    ClientConfig, ServerConfig, SignatureScheme,
+    client::ResolvesClientCert,
+    pki_types::{PrivateKeyDer, ServerName, pem::PemObject},
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+};
+use tokio::net::TcpStream;
+
+use super::{
+    certs::{self, CertError},
+    store::CertStore,
+    verify::{ClientVerifier, PeerCheck, ServerVerifier, TrustedRoots},
+};
+use crate::config::tls::{CertSource, DownstreamTls, Roots, UpstreamTls, Validation};
+
+/// Why a TLS context could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    #[error("read {path}: {source}")]
+    Read { path: String, source: io::Error },
+    #[error(transparent)]
+    Cert(#[from] CertError),
+    #[error("SNI {0:?} is not a valid name")]
+    Sni(String),
+    #[error("{0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// Builds TLS clients and servers that use the workload certificate of `store`.
+#[derive(Debug, Clone)]
+pub struct TlsContexts {
+    pub store: Arc<CertStore>,
+}
+
+/// A TLS client for one `UpstreamTlsContext`.
+#[derive(Debug)]
+pub struct ClientTls {
+    config: Arc<ClientConfig>,
+    /// `None`: no SNI (the endpoint's IP names it, which sends none).
+    sni: Option<ServerName<'static>>,
+}
+
+/// A TLS server for one `DownstreamTlsContext`: one configuration with its ALPN list, and
+/// one without for clients that offer none of it (rustls would refuse those; Envoy carries
+/// on without ALPN).
+#[derive(Debug)]
+pub struct ServerTls {
+    with_alpn: Arc<ServerConfig>,
+    without_alpn: Arc<ServerConfig>,
+    alpn: Vec<String>,
+}
+
+impl TlsContexts {
+    pub fn new(store: Arc<CertStore>) -> Self {
+        Self { store }
+    }
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    fn check(&self, v: &Validation) -> Result<PeerCheck, ContextError> {
+        let roots = match &v.roots {
+            Roots::Mesh => TrustedRoots::Mesh(self.store.clone()),
+            Roots::File(path) => {
+                TrustedRoots::Fixed(Arc::new(certs::root_store(&read(path)?, "trusted CA")?))
+            }
+            Roots::Unverified => TrustedRoots::Unverified,
+        };
+        Ok(PeerCheck::new(roots, v.subject_alt_names.clone()))
+    }
+
+    fn cert(&self, source: &CertSource) -> Result<CertResolver, ContextError> {
+        Ok(match source {
+            CertSource::Workload => CertResolver::Workload(self.store.clone()),
+            CertSource::Files { chain, key } => {
+                let chain = certs::certificates(&read(chain)?, "certificate chain")?;
+                let key = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|source| {
+                    CertError::Pem {
+                        what: "private key",
+                        source,
+                    }
+                })?;
+                let signing =
+                    rustls::crypto::ring::sign::any_supported_type(&key).map_err(CertError::Key)?;
+                CertResolver::Fixed(Arc::new(CertifiedKey::new(chain, signing)))
+            }
+        })
+    }
+
+    pub fn client(&self, t: &UpstreamTls) -> Result<ClientTls, ContextError> {
+        let verifier = Arc::new(ServerVerifier(self.check(&t.validation)?));
+        let builder = ClientConfig::builder_with_provider(Self::provider())
+            .with_safe_default_protocol_versions()?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
+        let mut config = match &t.client_cert {
+            Some(source) => builder.with_client_cert_resolver(Arc::new(self.cert(source)?)),
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = t.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        let sni = t
+            .sni
+            .as_ref()
+            .map(|s| {
+                ServerName::try_from(s.as_str())
+                    .map(|n| n.to_owned())
+                    .map_err(|_| ContextError::Sni(s.clone()))
+            })
+            .transpose()?;
+        Ok(ClientTls {
+            config: Arc::new(config),
+            sni,
+        })
+    }
+
+    pub fn server(&self, t: &DownstreamTls) -> Result<ServerTls, ContextError> {
+        let verifier = Arc::new(ClientVerifier {
+            check: self.check(&t.validation)?,
+            mandatory: t.require_client_certificate,
+        });
+        let config = ServerConfig::builder_with_provider(Self::provider())
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::new(self.cert(&t.cert)?));
+        let mut with_alpn = config.clone();
+        with_alpn.alpn_protocols = t.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        Ok(ServerTls {
+            with_alpn: Arc::new(with_alpn),
+            without_alpn: Arc::new(config),
+            alpn: t.alpn.clone(),
+        })
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, ContextError> {
+    std::fs::read(path).map_err(|source| ContextError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+impl ClientTls {
+    /// The TLS handshake over a connected socket to `ip`.
+    pub async fn connect(
+        &self,
+        tcp: TcpStream,
+        ip: IpAddr,
+    ) -> io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let name = self.sni.clone().unwrap_or(ServerName::IpAddress(ip.into()));
+        tokio_rustls::TlsConnector::from(self.config.clone())
+            .connect(name, tcp)
+            .await
+    }
+}
+
+impl ServerTls {
+    /// The TLS handshake of an accepted socket whose ClientHello offered `offered` ALPN.
+    pub async fn accept(
+        &self,
+        tcp: TcpStream,
+        offered: &[String],
+    ) -> io::Result<tokio_rustls::server::TlsStream<TcpStream>> {
+        let config = if self.alpn.iter().any(|p| offered.contains(p)) {
+            &self.with_alpn
+        } else {
+            &self.without_alpn
+        };
+        tokio_rustls::TlsAcceptor::from(config.clone())
+            .accept(tcp)
+            .await
+    }
+}
+
+/// The certificate presented: the workload's as it is now, or fixed files.
+#[derive(Debug)]
+enum CertResolver {
+    Workload(Arc<CertStore>),
+    Fixed(Arc<CertifiedKey>),
+}
+
+impl CertResolver {
+    fn get(&self) -> Option<Arc<CertifiedKey>> {
+        match self {
+            CertResolver::Workload(store) => store.current().map(|c| c.certified.clone()),
+            CertResolver::Fixed(c) => Some(c.clone()),
+        }
+    }
+}
+
+impl ResolvesClientCert for CertResolver {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.get()
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.get()
+    }
+}

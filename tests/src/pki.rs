@@ -1,0 +1,165 @@
+//! A test CA standing in for istiod's: it signs workload CSRs (the control plane's
+//! `CreateCertificate`) and issues certificates to test peers. Its files live in a
+//! temporary directory removed on drop.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+
+use crate::unique;
+
+/// The CA: its certificate and key, and the directory of the files it wrote.
+pub struct TestCa {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+    dir: PathBuf,
+}
+
+/// PEM files of an issued certificate.
+pub struct Issued {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Issued {
+    pub fn cert_str(&self) -> &str {
+        self.cert.to_str().expect("UTF-8 path")
+    }
+    pub fn key_str(&self) -> &str {
+        self.key.to_str().expect("UTF-8 path")
+    }
+}
+
+impl TestCa {
+    /// A new self-signed root, written as `ca.pem` and `ca-key.pem`.
+    pub fn new() -> Result<Self> {
+        let dir = std::env::temp_dir().join(unique("pki"));
+        fs::create_dir_all(&dir)?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "cluster.local");
+        dn.push(DnType::CommonName, "tern test root CA");
+        params.distinguished_name = dn;
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let cert = params.self_signed(&key)?;
+        fs::write(dir.join("ca.pem"), cert.pem())?;
+        fs::write(dir.join("ca-key.pem"), key.serialize_pem())?;
+        Ok(Self { cert, key, dir })
+    }
+
+    /// The CA whose files `new` wrote (for the control plane process).
+    pub fn load(cert: &Path, key: &Path) -> Result<Self> {
+        let key = KeyPair::from_pem(&fs::read_to_string(key)?)?;
+        let params = CertificateParams::from_ca_cert_pem(&fs::read_to_string(cert)?)?;
+        // Re-signed with the same key and subject: what issuing needs.
+        let cert = params.self_signed(&key)?;
+        Ok(Self {
+            cert,
+            key,
+            dir: PathBuf::new(),
+        })
+    }
+
+    pub fn cert_path(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    pub fn key_path(&self) -> PathBuf {
+        self.dir.join("ca-key.pem")
+    }
+
+    pub fn ca_str(&self) -> String {
+        self.cert_path().to_str().expect("UTF-8 path").to_owned()
+    }
+
+    /// A certificate with these SANs (`spiffe://…` URIs, else DNS names), valid for `ttl`,
+    /// for server and client use, written as `<name>.pem` and `<name>-key.pem`.
+    pub fn issue(&self, name: &str, sans: &[&str], ttl: Duration) -> Result<Issued> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans.iter().map(|s| san(s)).collect::<Result<_>>()?;
+        workload(&mut params, ttl);
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        let issued = Issued {
+            cert: self.dir.join(format!("{name}.pem")),
+            key: self.dir.join(format!("{name}-key.pem")),
+        };
+        fs::write(&issued.cert, cert.pem())?;
+        fs::write(&issued.key, key.serialize_pem())?;
+        Ok(issued)
+    }
+
+    /// Signs a CSR for `ttl` (the control plane's CA); the SANs are the CSR's.
+    pub fn sign_csr(&self, csr: &str, ttl: Duration) -> Result<(String, Vec<String>)> {
+        let mut csr = CertificateSigningRequestParams::from_pem(csr).context("parse the CSR")?;
+        workload(&mut csr.params, ttl);
+        let sans = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .map(|s| match s {
+                SanType::URI(u) => u.as_str().to_owned(),
+                SanType::DnsName(d) => d.as_str().to_owned(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        let cert = csr.signed_by(&self.cert, &self.key)?;
+        Ok((cert.pem(), sans))
+    }
+
+    pub fn pem(&self) -> String {
+        self.cert.pem()
+    }
+}
+
+impl Drop for TestCa {
+    fn drop(&mut self) {
+        if !self.dir.as_os_str().is_empty() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn san(s: &str) -> Result<SanType> {
+    Ok(if s.contains("://") {
+        SanType::URI(s.try_into()?)
+    } else {
+        SanType::DnsName(s.try_into()?)
+    })
+}
+
+/// What Istio's CA puts in a workload certificate: both usages, valid from a second ago
+/// (clock skew) for `ttl`.
+fn workload(params: &mut CertificateParams, ttl: Duration) {
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::seconds(1);
+    params.not_after = now + ttl;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.distinguished_name = DistinguishedName::new();
+    params.serial_number = Some(rand_serial().into());
+}
+
+fn rand_serial() -> Vec<u8> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut serial = nanos.to_be_bytes().to_vec();
+    serial[0] &= 0x7f;
+    serial
+}

@@ -1,0 +1,351 @@
+//! tern in an Istio mesh's mutual TLS, against peers with an independent TLS stack
+//! (Python's `ssl`): the workload certificate from Istio's CA API (the test control plane's
+//! `CreateCertificate`, over TLS with a bearer token, as istio-agent calls istiod on 15012),
+//! renewed with no gap; outbound auto-mTLS chosen per endpoint by `tlsMode`, with the
+//! server's SAN checked; inbound TLS terminated in STRICT and PERMISSIVE mode.
+use std::{path::Path, time::Duration};
+
+use tern_tests::{
+    ControlPlane, Pods, Process, Tern, eventually, metric, pki::TestCa, pods, python_peer,
+    start_server, unique,
+};
+
+const APP_ID: &str = "spiffe://cluster.local/ns/default/sa/app";
+const SERVER_ID: &str = "spiffe://cluster.local/ns/backend/sa/server";
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/backend/sa/client";
+/// The mTLS echo server in the server Pod.
+const ECHO: &str = "10.66.1.2:9443";
+/// Its service, with the right SAN and with a SAN it does not have.
+const SECURE: &str = "10.96.0.30:9443";
+const WRONG_SAN: &str = "10.96.0.31:9443";
+/// The mTLS Thrift server in the server Pod, and its service.
+const THRIFT: &str = "10.66.1.2:9444";
+const SECURE_THRIFT: &str = "10.96.0.32:9444";
+
+fn snapshot(version: &str, inbound: &str) -> String {
+    format!(
+        r#"version: "{version}"
+inbound: {inbound}
+services:
+  - {{ name: secure, vip: 10.96.0.30, port: 9443, filter: tcp, mtls: "{SERVER_ID}", endpoints: ["{ECHO}"] }}
+  - {{ name: wrong-san, vip: 10.96.0.31, port: 9443, filter: tcp, mtls: "spiffe://cluster.local/ns/backend/sa/other", endpoints: ["{ECHO}"] }}
+  - {{ name: secure-thrift, vip: 10.96.0.32, port: 9444, filter: tcp, mtls: "{SERVER_ID}", endpoints: ["{THRIFT}"] }}
+"#
+    )
+}
+
+/// The mesh: the CA, the control plane (xDS and CA over TLS on 15012, with a token), the
+/// mTLS servers in the server Pod, and tern in the application Pod.
+struct Mesh {
+    p: Pods,
+    ca: TestCa,
+    cp: ControlPlane,
+    tern: Tern,
+    server_log: std::path::PathBuf,
+    _servers: Vec<Process>,
+    _token: TempFile,
+}
+
+struct TempFile(std::path::PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn mesh(inbound: &str, ttl: &str) -> Mesh {
+    let p = pods();
+    let ca = TestCa::new().unwrap();
+    let istiod = ca
+        .issue(
+            "istiod",
+            &["istiod.istio-system.svc"],
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let server = ca
+        .issue("server", &[SERVER_ID], Duration::from_secs(3600))
+        .unwrap();
+    let token = TempFile(std::env::temp_dir().join(unique("token")));
+    std::fs::write(&token.0, "a-service-account-jwt\n").unwrap();
+    let token_str = token.0.to_str().unwrap().to_owned();
+    let server_log = std::env::temp_dir().join(unique("tls-server-log"));
+    let script = python_peer("tls_peer.py");
+    let ca_path = ca.ca_str();
+    let log = server_log.to_str().unwrap();
+    let servers = vec![
+        start_server(
+            &p.srv,
+            None,
+            Path::new("python3"),
+            &[
+                script.to_str().unwrap(),
+                "server",
+                ECHO,
+                server.cert_str(),
+                server.key_str(),
+                &ca_path,
+                log,
+            ],
+        )
+        .unwrap(),
+        start_server(
+            &p.srv,
+            None,
+            Path::new("python3"),
+            &[
+                script.to_str().unwrap(),
+                "thrift",
+                THRIFT,
+                server.cert_str(),
+                server.key_str(),
+                &ca_path,
+                log,
+                "secure-1",
+            ],
+        )
+        .unwrap(),
+    ];
+    let cp = ControlPlane::start(
+        &p.app,
+        "127.0.0.1:15012",
+        &snapshot("1", inbound),
+        &[
+            "--tls".into(),
+            istiod.cert_str().into(),
+            istiod.key_str().into(),
+            "--token".into(),
+            token_str.clone(),
+            "--ca".into(),
+            ca_path.clone(),
+            ca.key_path().to_str().unwrap().into(),
+            APP_ID.into(),
+        ],
+    )
+    .unwrap();
+    let tern = p
+        .start_tern_with(
+            &[
+                "--xds-address",
+                "https://127.0.0.1:15012",
+                "--xds-ca",
+                &ca_path,
+                "--xds-server-name",
+                "istiod.istio-system.svc",
+                "--xds-token-file",
+                &token_str,
+                "--namespace",
+                "default",
+                "--service-account",
+                "app",
+                "--secret-ttl",
+                ttl,
+                "--access-log",
+            ],
+            "info,tern=debug",
+        )
+        .unwrap();
+    Mesh {
+        p,
+        ca,
+        cp,
+        tern,
+        server_log,
+        _servers: servers,
+        _token: token,
+    }
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.server_log);
+    }
+}
+
+impl Mesh {
+    fn python(&self, ns: &tern_tests::Netns, args: &[&str]) -> serde_json::Value {
+        let cgroup = std::ptr::eq(ns, &self.p.app).then_some(&self.p.cgroup);
+        tern_tests::python_json(ns, cgroup, "tls_peer.py", args)
+    }
+
+    fn config_dump(&self) -> serde_json::Value {
+        serde_json::from_str(&tern_tests::admin(&self.p.app, "GET", "/config_dump")).unwrap()
+    }
+
+    fn server_log(&self) -> String {
+        std::fs::read_to_string(&self.server_log).unwrap_or_default()
+    }
+
+    fn handshakes(&self, direction: &str, result: &str) -> f64 {
+        metric(
+            &self.p.app,
+            &format!(r#"tern_tls_handshakes_total{{direction="{direction}",result="{result}"}}"#),
+        )
+    }
+}
+
+/// tern gets its certificate from Istio's CA API, and calls an mTLS server (Python `ssl`)
+/// with it: the server sees tern's SPIFFE identity, tern checks the server's, a server
+/// whose SAN is not the expected one is refused and counted, Thrift calls go over pooled
+/// mTLS connections, and a renewal breaks no open connection.
+#[test]
+fn workload_certificate_from_istios_ca_and_outbound_mtls() {
+    let m = mesh("null", "6s");
+    // Issued through CreateCertificate, with the token and the cluster id.
+    assert!(
+        m.cp.wait_for(&format!("ISSUE {APP_ID} ttl=6s cluster=Kubernetes")),
+        "{}",
+        m.cp.events()
+    );
+    assert!(eventually(Duration::from_secs(5), || {
+        m.config_dump()["certificate"]["info"]["sans"][0] == APP_ID
+    }));
+    let serial = m.config_dump()["certificate"]["info"]["serial"].clone();
+    assert!(
+        metric(
+            &m.p.app,
+            r#"tern_tls_certificate_updates_total{source="istio_ca",result="installed"}"#
+        ) >= 1.0
+    );
+
+    // Outbound: the application speaks plaintext to the service; tern originates mTLS.
+    let out = m.python(&m.p.app, &["plain", SECURE]);
+    assert_eq!(out["reply"], format!("{APP_ID} hello"), "{out}");
+    assert!(
+        m.server_log()
+            .contains(&format!("PEER {APP_ID} ALPN istio")),
+        "the server saw tern's identity over ALPN istio (never istio-peer-exchange):\n{}",
+        m.server_log()
+    );
+    assert!(
+        m.tern.log().contains(SERVER_ID),
+        "tern logs the server's identity"
+    );
+    assert!(m.handshakes("outbound", "ok") >= 1.0);
+
+    // A server whose SAN is not the one the cluster expects is refused, with its reason.
+    let out = m.python(&m.p.app, &["plain", WRONG_SAN]);
+    assert!(out.get("reply").is_none(), "{out}");
+    assert!(m.handshakes("outbound", "san_mismatch") >= 1.0);
+
+    // Thrift per request over pooled mTLS connections to a real TThreadedServer.
+    let calls = tern_tests::thrift_call(
+        &m.p.app,
+        Some(&m.p.cgroup),
+        SECURE_THRIFT,
+        &["--calls", "50"],
+    );
+    assert_eq!(calls.by_server.get("secure-1"), Some(&50), "{calls:?}");
+    let thrift_handshakes = m
+        .server_log()
+        .lines()
+        .filter(|l| *l == format!("PEER {APP_ID}"))
+        .count();
+    assert!(
+        (1..=4).contains(&thrift_handshakes),
+        "50 calls reuse pooled connections: {thrift_handshakes} handshakes"
+    );
+
+    // Renewal at half of the 6 s lifetime: a connection opened before it keeps working,
+    // and the certificate in force is a new one.
+    let script = python_peer("tls_peer.py");
+    let held =
+        m.p.app
+            .command(
+                Some(&m.p.cgroup),
+                Path::new("python3"),
+                &[
+                    script.to_str().unwrap(),
+                    "plain",
+                    SECURE,
+                    "--again-after",
+                    "5",
+                ],
+            )
+            .output();
+    assert!(
+        m.cp.events().matches(&format!("ISSUE {APP_ID}")).count() >= 2,
+        "renewed:\n{}",
+        m.cp.events()
+    );
+    let held: serde_json::Value =
+        serde_json::from_slice(&held.unwrap().stdout).expect("JSON from the held connection");
+    assert_eq!(held["reply"], format!("{APP_ID} hello"), "{held}");
+    assert_eq!(held["again"], format!("{APP_ID} hello"), "{held}");
+    assert_ne!(m.config_dump()["certificate"]["info"]["serial"], serial);
+    let out = m.python(&m.p.app, &["plain", SECURE]);
+    assert_eq!(out["reply"], format!("{APP_ID} hello"), "{out}");
+}
+
+/// Inbound: an mTLS client (Python `ssl`, its certificate from the mesh CA) reaches the
+/// application through tern in STRICT mode, and tern records its identity; a plaintext
+/// client is refused in STRICT and let through in PERMISSIVE.
+#[test]
+fn inbound_mtls_strict_and_permissive() {
+    let m = mesh("strict", "1h");
+    let client =
+        m.ca.issue("client", &[CLIENT_ID], Duration::from_secs(3600))
+            .unwrap();
+    let app = tern_tests::serve(&m.p.app, &["10.66.1.1:8080"]).unwrap();
+    assert!(m.cp.wait_for(&format!("ISSUE {APP_ID}")));
+    assert!(eventually(Duration::from_secs(5), || {
+        m.config_dump()["certificate"]["info"]["sans"][0] == APP_ID
+    }));
+    let ca = m.ca.ca_str();
+    let mtls = || {
+        m.python(
+            &m.p.srv,
+            &[
+                "client",
+                "10.66.1.1:8080",
+                client.cert_str(),
+                client.key_str(),
+                &ca,
+                "--alpn",
+                "istio-peer-exchange,istio",
+            ],
+        )
+    };
+    let out = mtls();
+    assert!(
+        out["reply"].as_str().unwrap_or("").starts_with("peer="),
+        "{out}\n{}",
+        m.tern.log()
+    );
+    assert_eq!(
+        out["server"], APP_ID,
+        "tern presented its workload certificate"
+    );
+    assert_eq!(out["alpn"], "istio", "never istio-peer-exchange");
+    let log = m.tern.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("tern::access") && l.contains(CLIENT_ID)),
+        "the access log names the client:\n{log}"
+    );
+
+    // STRICT: plaintext is refused.
+    let plain = m.python(&m.p.srv, &["plain", "10.66.1.1:8080"]);
+    assert!(plain.get("reply").is_none(), "{plain}");
+
+    // A mesh client without a certificate is refused too, and counted.
+    let before = m.handshakes("inbound", "no_peer_certificate");
+    let out = m.python(
+        &m.p.srv,
+        &["client", "10.66.1.1:8080", "-", "-", &ca, "--alpn", "istio"],
+    );
+    assert!(out.get("reply").is_none(), "{out}");
+    assert!(m.handshakes("inbound", "no_peer_certificate") > before);
+
+    // PERMISSIVE: both.
+    m.cp.push(&snapshot("2", "permissive"));
+    assert!(m.cp.wait_for("ACK Listener 2"), "{}", m.cp.events());
+    let plain = m.python(&m.p.srv, &["plain", "10.66.1.1:8080"]);
+    assert!(
+        plain["reply"].as_str().unwrap_or("").starts_with("peer="),
+        "{plain}"
+    );
+    assert!(mtls()["reply"].as_str().unwrap_or("").starts_with("peer="));
+    drop(app);
+}
