@@ -102,6 +102,7 @@ pub async fn serve(
                         %peer,
                         %dst,
                         peer_identity = outcome.peer_identity.as_deref().unwrap_or("-"),
+                        denied_by = outcome.denied_by.as_deref().unwrap_or("-"),
                         handled = outcome.handled.as_str(),
                         duration_ms = started.elapsed().as_millis() as u64,
                         "connection closed"

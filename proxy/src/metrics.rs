@@ -81,6 +81,12 @@ pub struct HandshakeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RbacLabels {
+    /// `allowed`, `denied`, `shadow_allowed`, `shadow_denied` (Envoy's `rbac.*` counters).
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CertUpdateLabels {
     /// `istio_ca` or `files`.
     pub source: &'static str,
@@ -111,6 +117,7 @@ pub struct Metrics {
     pub tls_handshakes: Family<HandshakeLabels, Counter>,
     pub tls_certificate_updates: Family<CertUpdateLabels, Counter>,
     pub tls_certificate_expiry: Gauge,
+    pub rbac_decisions: Family<RbacLabels, Counter>,
 }
 
 impl Metrics {
@@ -237,8 +244,15 @@ impl Metrics {
             "When the workload certificate in force expires (Unix seconds; 0: none yet)",
             tls_certificate_expiry.clone(),
         );
+        let rbac_decisions = Family::default();
+        registry.register(
+            "rbac_decisions",
+            "Network RBAC decisions on connections and Thrift calls, shadow rules included",
+            rbac_decisions.clone(),
+        );
         Arc::new(Self {
             registry,
+            rbac_decisions,
             tls_handshakes,
             tls_certificate_updates,
             tls_certificate_expiry,
@@ -284,6 +298,12 @@ impl Metrics {
         };
         self.tls_handshakes
             .get_or_create(&HandshakeLabels { direction, result })
+            .inc();
+    }
+
+    pub fn rbac(&self, result: &'static str) {
+        self.rbac_decisions
+            .get_or_create(&RbacLabels { result })
             .inc();
     }
 

@@ -122,6 +122,9 @@ def client(addr, cert, key, ca, alpn):
             with ctx.wrap_socket(raw) as conn:
                 conn.sendall(b"hello\n")
                 reply = conn.recv(4096).decode()
+                if not reply:
+                    print(json.dumps({"error": "closed"}))
+                    return
                 print(json.dumps({
                     "reply": reply.strip(),
                     "server": uri_san(conn.getpeercert()),

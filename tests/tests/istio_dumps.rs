@@ -13,7 +13,7 @@ use std::{
 
 use serde_json::Value;
 use tern_tests::{
-    ControlPlane, Pods, Process, Tern, admin, eventually, metric, pods, python_peer, thrift_call,
+    ControlPlane, Pods, Process, Tern, admin, eventually, pods, python_peer, thrift_call,
     thrift_serve, unique,
 };
 

@@ -23,9 +23,15 @@ const THRIFT: &str = "10.66.1.2:9444";
 const SECURE_THRIFT: &str = "10.96.0.32:9444";
 
 fn snapshot(version: &str, inbound: &str) -> String {
+    snapshot_with(version, inbound, "")
+}
+
+/// The snapshot with these YAML lines (`inbound_rbac:` …) added.
+fn snapshot_with(version: &str, inbound: &str, extra: &str) -> String {
     format!(
         r#"version: "{version}"
 inbound: {inbound}
+{extra}
 services:
   - {{ name: secure, vip: 10.96.0.30, port: 9443, filter: tcp, mtls: "{SERVER_ID}", endpoints: ["{ECHO}"] }}
   - {{ name: wrong-san, vip: 10.96.0.31, port: 9443, filter: tcp, mtls: "spiffe://cluster.local/ns/backend/sa/other", endpoints: ["{ECHO}"] }}
@@ -55,6 +61,10 @@ impl Drop for TempFile {
 }
 
 fn mesh(inbound: &str, ttl: &str) -> Mesh {
+    mesh_with(&snapshot("1", inbound), ttl)
+}
+
+fn mesh_with(first: &str, ttl: &str) -> Mesh {
     let p = pods();
     let ca = TestCa::new().unwrap();
     let istiod = ca
@@ -110,7 +120,7 @@ fn mesh(inbound: &str, ttl: &str) -> Mesh {
     let cp = ControlPlane::start(
         &p.app,
         "127.0.0.1:15012",
-        &snapshot("1", inbound),
+        first,
         &[
             "--tls".into(),
             istiod.cert_str().into(),
@@ -348,4 +358,125 @@ fn inbound_mtls_strict_and_permissive() {
     );
     assert!(mtls()["reply"].as_str().unwrap_or("").starts_with("peer="));
     drop(app);
+}
+
+/// Authorization as istiod writes a TCP `AuthorizationPolicy` (network RBAC), enforced on
+/// inbound connections before a byte reaches the application: ALLOW by principal, DENY by
+/// port, with the deciding policy in the access log; Thrift methods per call; and a rule
+/// tern cannot decide refuses the listener instead of being skipped.
+#[test]
+fn inbound_authorization_policies() {
+    let rules = format!(
+        r#"inbound_rbac:
+  - {{ name: "ns[default]-policy[deny-admin]-rule[0]", action: deny, ports: [8081] }}
+  - {{ name: "ns[default]-policy[allow-client]-rule[0]", action: allow, principals: ["{CLIENT_ID}"] }}"#
+    );
+    let m = mesh_with(&snapshot_with("1", "strict", &rules), "1h");
+    let client =
+        m.ca.issue("client", &[CLIENT_ID], Duration::from_secs(3600))
+            .unwrap();
+    let other =
+        m.ca.issue(
+            "other",
+            &["spiffe://cluster.local/ns/backend/sa/other"],
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let _app = tern_tests::serve(&m.p.app, &["10.66.1.1:8080", "10.66.1.1:8081"]).unwrap();
+    let _thrift = tern_tests::thrift_serve(&m.p.app, "10.66.1.1:9090", "app").unwrap();
+    assert!(eventually(Duration::from_secs(5), || {
+        m.config_dump()["certificate"]["info"]["sans"][0] == APP_ID
+    }));
+    let ca = m.ca.ca_str();
+    let call = |who: &tern_tests::pki::Issued, addr: &str| {
+        m.python(
+            &m.p.srv,
+            &[
+                "client",
+                addr,
+                who.cert_str(),
+                who.key_str(),
+                &ca,
+                "--alpn",
+                "istio",
+            ],
+        )
+    };
+    let access = |port: &str| -> Vec<String> {
+        m.tern
+            .log()
+            .lines()
+            .filter(|l| l.contains("tern::access") && l.contains(&format!("dst=10.66.1.1:{port}")))
+            .map(str::to_owned)
+            .collect()
+    };
+    // ALLOW by principal.
+    let ok = call(&client, "10.66.1.1:8080");
+    assert!(
+        ok["reply"].as_str().unwrap_or("").starts_with("peer="),
+        "{ok}"
+    );
+    let denied = call(&other, "10.66.1.1:8080");
+    assert!(denied.get("reply").is_none(), "{denied}");
+    assert!(
+        access("8080")
+            .iter()
+            .any(|l| l.contains("handled=\"denied\"") && l.contains("denied_by=\"none\"")),
+        "{:?}",
+        access("8080")
+    );
+    // DENY by port, whoever asks.
+    let denied = call(&client, "10.66.1.1:8081");
+    assert!(denied.get("reply").is_none(), "{denied}");
+    assert!(
+        access("8081")
+            .iter()
+            .any(|l| l.contains("denied_by=\"ns[default]-policy[deny-admin]-rule[0]\"")),
+        "{:?}",
+        access("8081")
+    );
+    assert!(metric(&m.p.app, r#"tern_rbac_decisions_total{result="denied"}"#) >= 2.0);
+
+    // Thrift methods, per call (PERMISSIVE, so a plaintext Thrift client can call).
+    let rules = r#"inbound_rbac:
+  - { name: "ns[default]-policy[thrift-reads]-rule[0]", action: allow, ports: [9090], methods: ["who*"] }"#;
+    m.cp.push(&snapshot_with("2", "permissive", rules));
+    assert!(m.cp.wait_for("ACK Listener 2"), "{}", m.cp.events());
+    let allowed = tern_tests::thrift_call(&m.p.srv, None, "10.66.1.1:9090", &["--calls", "5"]);
+    assert_eq!(
+        allowed.by_server.get("app"),
+        Some(&5),
+        "{allowed:?}\n{}",
+        m.tern.log()
+    );
+    let refused = tern_tests::thrift_call(
+        &m.p.srv,
+        None,
+        "10.66.1.1:9090",
+        &["--calls", "3", "--method", "echo"],
+    );
+    assert_eq!(refused.app_errors.len(), 3, "{refused:?}");
+    assert!(
+        refused.app_errors[0].contains("RBAC: access denied"),
+        "{refused:?}"
+    );
+
+    // A rule tern cannot decide on a connection: the listener is refused, with the reason,
+    // and the last good one keeps enforcing.
+    let rules = r#"inbound_rbac:
+  - { name: "ns[default]-policy[http]-rule[0]", action: deny, header: true }"#;
+    m.cp.push(&snapshot_with("3", "permissive", rules));
+    assert!(m.cp.wait_for("NACK Listener"), "{}", m.cp.events());
+    assert!(
+        m.cp.events().contains("header permission"),
+        "{}",
+        m.cp.events()
+    );
+    let still = tern_tests::thrift_call(
+        &m.p.srv,
+        None,
+        "10.66.1.1:9090",
+        &["--calls", "1", "--method", "echo"],
+    );
+    assert_eq!(still.app_errors.len(), 1, "{still:?}");
 }

@@ -317,6 +317,7 @@ fn chains(listener: &str, files: Vec<ChainFile>) -> Result<Vec<FilterChain>, Con
             Ok(FilterChain {
                 name: name.clone(),
                 tls: None,
+                rbac: Vec::new(),
                 matcher: ChainMatch {
                     destination_port: c.matcher.destination_port,
                     destination_prefixes: c.matcher.destination_prefixes,

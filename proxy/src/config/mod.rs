@@ -11,6 +11,8 @@ use ipnet::IpNet;
 use crate::thrift::{Protocol, Transport};
 
 pub mod file;
+pub mod matcher;
+pub mod rbac;
 pub mod tls;
 
 pub use tls::{DownstreamTls, SocketLabels, TransportSockets, UpstreamTls};
@@ -105,6 +107,8 @@ pub struct FilterChain {
     pub matcher: ChainMatch,
     /// TLS terminated before the filter sees the bytes.
     pub tls: Option<Arc<DownstreamTls>>,
+    /// Network RBAC filters, in order: every one must allow a connection.
+    pub rbac: Vec<Arc<rbac::Rbac>>,
     pub filter: Filter,
 }
 

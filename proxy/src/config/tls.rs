@@ -3,6 +3,8 @@
 //! (`DownstreamTlsContext`). Descriptions only; `crate::tls` builds the TLS stacks from them.
 use std::{path::PathBuf, sync::Arc};
 
+pub use super::matcher::StringMatch;
+
 /// Where a certificate to present comes from.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -23,27 +25,6 @@ pub enum Roots {
     File(PathBuf),
     /// No validation context: any certificate is accepted, as Envoy does.
     Unverified,
-}
-
-/// Envoy's `StringMatcher` for subject alternative names.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StringMatch {
-    Exact(String),
-    Prefix(String),
-    Suffix(String),
-    Contains(String),
-}
-
-impl StringMatch {
-    pub fn matches(&self, s: &str) -> bool {
-        match self {
-            StringMatch::Exact(v) => s == v,
-            StringMatch::Prefix(v) => s.starts_with(v.as_str()),
-            StringMatch::Suffix(v) => s.ends_with(v.as_str()),
-            StringMatch::Contains(v) => s.contains(v.as_str()),
-        }
-    }
 }
 
 /// How a peer's certificate is checked.
@@ -160,15 +141,5 @@ mod tests {
             default: Some(tls()),
         };
         assert!(always.for_endpoint(None).is_some());
-    }
-
-    #[test]
-    fn san_matchers() {
-        let id = "spiffe://cluster.local/ns/foo/sa/bar";
-        assert!(StringMatch::Exact(id.into()).matches(id));
-        assert!(StringMatch::Prefix("spiffe://cluster.local/".into()).matches(id));
-        assert!(!StringMatch::Prefix("spiffe://other/".into()).matches(id));
-        assert!(StringMatch::Suffix("/sa/bar".into()).matches(id));
-        assert!(StringMatch::Contains("/ns/foo/".into()).matches(id));
     }
 }

@@ -4,6 +4,7 @@
 //! - [`thrift`]: per-request routing and balancing for Thrift;
 //! - [`tcp`]: a byte relay to a cluster, or to the original destination (passthrough);
 //! - [`inspect`]: TLS ClientHello and HTTP detection, for chains that match on them;
+//! - [`authz`]: the chain's RBAC filters, on the connection and on Thrift calls;
 //! - [`detect`]: what a TCP proxy chain does first — it finds out from the first bytes
 //!   whether the client speaks Thrift, and then balances it per request. Istio sends Thrift
 //!   services as plain `tcp_proxy`, so this is how tern balances them with no configuration.
@@ -13,6 +14,7 @@ use bytes::BytesMut;
 use tokio::{net::TcpStream, sync::watch};
 
 use crate::{stream::Stream, tls::ServerTls};
+use authz::Authz;
 use tracing::debug;
 
 use crate::{
@@ -21,7 +23,9 @@ use crate::{
     thrift::DecoderLimits,
 };
 
+pub mod authz;
 pub mod detect;
+mod guarded;
 pub mod inspect;
 mod ordered;
 pub mod tcp;
@@ -119,6 +123,8 @@ pub struct Outcome {
     pub handled: Handled,
     /// The client's identity (its certificate's SPIFFE URI), when tern terminated mTLS.
     pub peer_identity: Option<String>,
+    /// The RBAC policy that refused the connection (`none`: no ALLOW policy matched).
+    pub denied_by: Option<String>,
 }
 
 impl From<Handled> for Outcome {
@@ -126,8 +132,18 @@ impl From<Handled> for Outcome {
         Outcome {
             handled,
             peer_identity: None,
+            denied_by: None,
         }
     }
+}
+
+/// A connection as its filter sees it: where it goes, from where, and its authorization.
+pub struct Conn {
+    pub direction: Direction,
+    pub dst: SocketAddr,
+    pub peer: SocketAddr,
+    /// The chain's RBAC filters, when it has any.
+    pub authz: Option<Arc<Authz>>,
 }
 
 /// Handles one accepted connection whose original destination is `dst`.
@@ -155,7 +171,7 @@ pub async fn handle(
         Direction::Outbound => snap.select(dst, peer, &peeked),
         Direction::Inbound => snap.select_inbound(dst, peer, &peeked),
     };
-    let (chain, filter, tls) = match selection {
+    let (chain, filter, tls, rbac) = match selection {
         Selection::Chain(l, c) => (
             thrift::ChainRef {
                 listener: l.name.clone(),
@@ -165,6 +181,7 @@ pub async fn handle(
             c.tls
                 .as_ref()
                 .map(|_| snap.server_tls(&l.name, &c.name).map(|t| t.server.clone())),
+            c.rbac.clone(),
         ),
         Selection::Passthrough => {
             drop(snap);
@@ -192,10 +209,38 @@ pub async fn handle(
             return Handled::Denied.into();
         }
     };
-    let handled = run_filter(down, filter, chain, direction, dst, peer, ctx).await;
+    let authz = (!rbac.is_empty()).then(|| {
+        Arc::new(Authz {
+            filters: rbac,
+            source: peer,
+            destination: dst,
+            principal: peer_identity.clone(),
+            server_name: inspected.server_name.clone(),
+        })
+    });
+    if let Some(a) = &authz
+        && let Err(denied) = a.check_connection(&ctx.state.metrics)
+    {
+        return Outcome {
+            handled: Handled::Denied,
+            peer_identity,
+            denied_by: Some(denied.policy),
+        };
+    }
+    let conn = Conn {
+        direction,
+        dst,
+        peer,
+        authz,
+    };
+    let (handled, denied_by) = match run_filter(down, filter, chain, &conn, ctx).await {
+        Ok(handled) => (handled, None),
+        Err(denied) => (Handled::Denied, Some(denied.policy)),
+    };
     Outcome {
         handled,
         peer_identity,
+        denied_by,
     }
 }
 
@@ -229,31 +274,42 @@ async fn terminate(
     }
 }
 
-/// Runs a chain's filter on a connection.
+/// Runs a chain's filter on a connection; refused when a rule that waited for the Thrift
+/// method refuses a connection that is not Thrift.
 async fn run_filter(
     mut down: Stream,
     filter: Filter,
     chain: thrift::ChainRef,
-    direction: Direction,
-    dst: SocketAddr,
-    peer: SocketAddr,
+    conn: &Conn,
     ctx: Arc<Ctx>,
-) -> Handled {
+) -> Result<Handled, authz::Denied> {
+    let Conn {
+        direction,
+        dst,
+        peer,
+        ..
+    } = *conn;
+    // Rules that name Thrift methods, on a connection that is not Thrift.
+    let not_thrift = || match &conn.authz {
+        Some(a) if a.defers() => a.check_not_thrift(&ctx.state.metrics),
+        _ => Ok(()),
+    };
     let snap = ctx.state.load();
     let (target, detect) = match filter {
         Filter::Thrift(_) => {
             drop(snap);
-            thrift::serve(down, BytesMut::new(), chain, ctx).await;
-            return Handled::Thrift;
+            thrift::serve(down, BytesMut::new(), chain, conn.authz.clone(), ctx).await;
+            return Ok(Handled::Thrift);
         }
         Filter::Passthrough => {
             drop(snap);
+            not_thrift()?;
             tcp::passthrough(down, dst, direction, &ctx).await;
-            return Handled::Passthrough;
+            return Ok(Handled::Passthrough);
         }
         Filter::Refuse => {
             debug!(%dst, chain = %chain.chain, "a chain tern does not run: closing");
-            return Handled::Denied;
+            return Ok(Handled::Denied);
         }
         Filter::TcpProxy {
             target,
@@ -263,22 +319,26 @@ async fn run_filter(
     let name = target.pick();
     let Some(cluster) = snap.clusters.get(name).cloned() else {
         debug!(cluster = %name, "unknown cluster: closing");
-        return Handled::Tcp;
+        return Ok(Handled::Tcp);
     };
     drop(snap);
     // An original-destination cluster has one destination and no endpoints: nothing to
-    // balance, whatever the port.
-    let mode = if cluster.config.original_dst {
+    // balance, whatever the port; Thrift is looked for only when rules name its methods.
+    let guarded = cluster.config.original_dst && conn.authz.as_ref().is_some_and(|a| a.defers());
+    let mode = if guarded {
+        TcpMode::Detect
+    } else if cluster.config.original_dst {
         TcpMode::Relay
     } else {
         ctx.thrift_ports.mode(dst.port(), detect)
     };
-    match mode {
+    let handled = match mode {
         TcpMode::Thrift => {
-            thrift::serve(down, BytesMut::new(), chain, ctx).await;
+            thrift::serve(down, BytesMut::new(), chain, conn.authz.clone(), ctx).await;
             Handled::Thrift
         }
         TcpMode::Relay => {
+            not_thrift()?;
             if let Some(up) = tcp::connect(&cluster, dst, peer, direction, &ctx).await {
                 tcp::relay(down, BytesMut::new(), BytesMut::new(), up.stream).await;
             }
@@ -287,6 +347,22 @@ async fn run_filter(
         TcpMode::Detect => {
             let connect = tcp::connect(&cluster, dst, peer, direction, &ctx);
             match detect::first_speaker(&mut down, connect, ctx.limits).await {
+                detect::Outcome::Thrift {
+                    first,
+                    format,
+                    upstream,
+                } if guarded => {
+                    let up = match upstream {
+                        Some(up) => Some(up),
+                        None => tcp::connect(&cluster, dst, peer, direction, &ctx).await,
+                    };
+                    let (Some(up), Some(authz)) = (up, conn.authz.clone()) else {
+                        return Ok(Handled::Tcp);
+                    };
+                    debug!("the client speaks Thrift: authorizing each call");
+                    guarded::serve(down, first, up.stream, format, authz, ctx).await;
+                    Handled::Thrift
+                }
                 detect::Outcome::Thrift {
                     first,
                     format,
@@ -309,7 +385,7 @@ async fn run_filter(
                             &cluster.runtime,
                         );
                     }
-                    thrift::serve(down, first, chain, ctx).await;
+                    thrift::serve(down, first, chain, conn.authz.clone(), ctx).await;
                     Handled::Thrift
                 }
                 detect::Outcome::Relay {
@@ -317,13 +393,16 @@ async fn run_filter(
                     from_server,
                     upstream,
                 } => {
+                    // Nothing of the client's has been sent yet.
+                    not_thrift()?;
                     tcp::relay(down, from_client, from_server, upstream.stream).await;
                     Handled::Tcp
                 }
                 detect::Outcome::Unreachable => Handled::Tcp,
             }
         }
-    }
+    };
+    Ok(handled)
 }
 
 #[cfg(test)]

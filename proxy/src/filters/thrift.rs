@@ -28,7 +28,7 @@ use tokio::{
 };
 use tracing::{Instrument, debug, debug_span, warn};
 
-use super::{Ctx, ordered::Ordered};
+use super::{Ctx, authz::Authz, ordered::Ordered};
 use crate::{
     balance::{hash_key, source_hash},
     config::{Cluster, Filter, Route, RouteAction, RouteMatch, Target, UpstreamMode},
@@ -64,11 +64,19 @@ pub struct ChainRef {
 }
 
 /// Serves one downstream connection whose first bytes (`buf`) were Thrift.
-pub async fn serve(down: Stream, buf: BytesMut, chain: ChainRef, ctx: Arc<Ctx>) {
+pub async fn serve(
+    down: Stream,
+    buf: BytesMut,
+    chain: ChainRef,
+    authz: Option<Arc<Authz>>,
+    ctx: Arc<Ctx>,
+) {
     let _ = down.set_nodelay(true);
     let source = down.peer_addr().ok().map(|a| a.ip());
     let (mut rd, mut wr) = down.into_split();
     let mut conn = Downstream::new(chain, ctx.clone(), source);
+    // Only rules that name methods are left to decide per call.
+    conn.authz = authz.filter(|a| a.defers());
     let mut buf = buf;
     let mut replies = Ordered::default();
     // Replies ready to write together (kept, so its capacity is reused).
@@ -181,6 +189,8 @@ struct Downstream {
     /// The hash key of the client's address, for ring hash and Maglev requests without a
     /// hash header.
     source_hash: Option<u64>,
+    /// RBAC rules that name Thrift methods, decided per call.
+    authz: Option<Arc<Authz>>,
 }
 
 impl Downstream {
@@ -205,6 +215,7 @@ impl Downstream {
             snapshot,
             filter,
             source_hash: source.map(source_hash),
+            authz: None,
         }
     }
 
@@ -227,6 +238,18 @@ impl Downstream {
                 "invalid_message_type",
                 AppExceptionType::ProtocolError,
                 "tern accepts only calls and one-way calls from clients",
+            );
+        }
+        if let Some(a) = &self.authz
+            && a.check_call(&self.ctx.state.metrics, &msg).is_err()
+        {
+            return Plan::local(
+                &self.ctx,
+                &msg,
+                "",
+                "rbac_access_denied",
+                AppExceptionType::Unknown,
+                "RBAC: access denied",
             );
         }
         let (routes, default): (&[Route], Option<&Target>) = match filter.as_deref() {

@@ -251,6 +251,10 @@ impl State {
 
 /// A cluster's state for a new or changed configuration: endpoints it keeps keep their
 /// runtime; endpoints that left have their connections closed after their requests.
+#[expect(
+    clippy::mutable_key_type,
+    reason = "a TLS context hashes and compares by its configuration; the only interior mutability is a compiled regex's match cache"
+)]
 fn build_cluster(config: Arc<Cluster>, runtime: Arc<ClusterRuntime>) -> ClusterState {
     let mut known = runtime.endpoints.lock().unwrap_or_else(|e| e.into_inner());
     let mut kept = HashMap::with_capacity(config.endpoints.len());

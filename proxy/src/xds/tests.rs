@@ -426,7 +426,7 @@ fn a_bad_resource_is_refused_by_name_and_the_rest_applies() {
 /// What istiod sends that tern does not run is set aside and counted, never refused; an
 /// authorization filter tern cannot enforce refuses its listener.
 #[test]
-fn internal_listeners_http_and_tls_chains_are_set_aside_rbac_is_refused() {
+fn set_aside_listeners_tls_chains_and_network_rbac() {
     let mut r = istiod();
     let internal = XdsListener {
         name: "connect_originate".into(),
@@ -504,32 +504,88 @@ fn internal_listeners_http_and_tls_chains_are_set_aside_rbac_is_refused() {
         "{metrics}"
     );
 
-    // Network RBAC in virtualInbound: the listener is refused, not run without its policy.
-    let rbac = filter(
-        "envoy.filters.network.rbac",
-        Any {
-            type_url: type_url::NETWORK_RBAC.into(),
-            value: Vec::new(),
-        },
-    );
-    let mut inbound = r.listeners["virtualInbound"].clone();
-    inbound.filter_chains[0].filters.insert(0, rbac);
+    // Network RBAC in virtualInbound is enforced; a rule it cannot decide on a connection
+    // (an HTTP header) refuses the listener, which is never run without its policy.
+    use tern_proto::rbac_types::{self, permission::Rule, principal::Identifier};
+    let rbac_filter = |permission: Rule| {
+        let rules = rbac_types::Rbac {
+            action: 0,
+            policies: [(
+                "ns[default]-policy[p]-rule[0]".to_owned(),
+                rbac_types::Policy {
+                    permissions: vec![rbac_types::Permission {
+                        rule: Some(permission),
+                    }],
+                    principals: vec![rbac_types::Principal {
+                        identifier: Some(Identifier::Any(true)),
+                    }],
+                    ..Default::default()
+                },
+            )]
+            .into(),
+            ..Default::default()
+        };
+        filter(
+            "envoy.filters.network.rbac",
+            encode(
+                &tern_proto::NetworkRbac {
+                    rules: Some(rules),
+                    stat_prefix: "tcp.".into(),
+                    ..Default::default()
+                },
+                type_url::NETWORK_RBAC,
+            ),
+        )
+    };
+    let with = |rbac| {
+        let mut inbound = r.listeners["virtualInbound"].clone();
+        inbound.filter_chains[0].filters.insert(0, rbac);
+        changed(
+            &BTreeMap::from([(inbound.name.clone(), inbound)]),
+            type_url::LISTENER,
+        )
+    };
+    h.apply(
+        type_url::LISTENER,
+        with(rbac_filter(Rule::DestinationPort(8080))),
+    )
+    .unwrap();
+    let snap = state.load();
+    let chain = &snap.config.inbound.as_ref().unwrap().filter_chains[0];
+    assert_eq!(chain.rbac.len(), 1, "{chain:?}");
     let err = h
         .apply(
             type_url::LISTENER,
-            changed(
-                &BTreeMap::from([(inbound.name.clone(), inbound)]),
-                type_url::LISTENER,
-            ),
+            with(rbac_filter(Rule::Header(Default::default()))),
         )
         .unwrap_err();
     assert!(
-        err[0]
-            .to_string()
-            .contains("network RBAC cannot be enforced"),
+        err[0].to_string().contains("header permission"),
         "{}",
         err[0]
     );
+    // istiod's empty rules (`rules: {}`): ALLOW with no policy, which denies every connection.
+    let empty = filter(
+        "envoy.filters.network.rbac",
+        encode(
+            &tern_proto::NetworkRbac {
+                rules: Some(Default::default()),
+                ..Default::default()
+            },
+            type_url::NETWORK_RBAC,
+        ),
+    );
+    h.apply(type_url::LISTENER, with(empty)).unwrap();
+    let snap = state.load();
+    let rbac = &snap.config.inbound.as_ref().unwrap().filter_chains[0].rbac[0];
+    let attrs = crate::config::rbac::Attributes {
+        source: "10.0.0.1:1".parse().unwrap(),
+        destination: "10.0.0.2:8080".parse().unwrap(),
+        principal: Some("spiffe://cluster.local/ns/a/sa/b"),
+        server_name: None,
+        thrift: None,
+    };
+    assert!(!rbac.decide(&attrs).allowed);
 }
 
 /// An EDS change rebuilds its one cluster; every other cluster keeps its state (picker,

@@ -16,6 +16,8 @@
 //!   - { name: sticky, vip: 10.96.0.11, port: 7070, filter: tcp, lb: ring_hash, endpoints: [...] }
 //!   - { name: secure, vip: 10.96.0.12, port: 7070, filter: tcp, mtls: "spiffe://cluster.local/ns/x/sa/y", endpoints: [...] }
 //! inbound: strict           # Istio's virtualInbound with mTLS chains (strict or permissive)
+//! inbound_rbac:             # its network RBAC (an AuthorizationPolicy's rules)
+//!   - { name: p, action: allow, principals: ["spiffe://…"], ports: [8080], methods: ["get*"] }
 //! broken_listener: false   # add a listener whose address is a hostname (tern must NACK it)
 //! bulk: 0                   # add this many generated services (10 endpoints each)
 //! cluster_padding: 0        # bytes of metadata in every generated cluster (a large CDS)
@@ -91,6 +93,10 @@ struct Snapshot {
     /// `permissive` (TLS and plaintext), its connections relayed to the application.
     #[serde(default)]
     inbound: Option<String>,
+    /// `AuthorizationPolicy` rules for the inbound chains, as istiod writes them (network
+    /// RBAC filters: DENY, then ALLOW).
+    #[serde(default)]
+    inbound_rbac: Vec<RbacPolicy>,
     /// The dumps' resources, read when the snapshot is loaded.
     #[serde(skip)]
     dumped: Dumped,
@@ -187,6 +193,144 @@ impl Snapshot {
     }
 }
 
+/// One rule of an `AuthorizationPolicy`.
+#[derive(Clone, Debug, Deserialize)]
+struct RbacPolicy {
+    name: String,
+    /// `allow` or `deny`.
+    action: String,
+    /// Peer identities (SPIFFE URIs); none: anyone.
+    #[serde(default)]
+    principals: Vec<String>,
+    /// Destination ports; none: any.
+    #[serde(default)]
+    ports: Vec<u32>,
+    /// Thrift methods (tern's `tern.thrift_method`; `get*` is a prefix); none: any.
+    #[serde(default)]
+    methods: Vec<String>,
+    /// Adds an HTTP header permission (what a TCP filter cannot decide).
+    #[serde(default)]
+    header: bool,
+}
+
+/// The network RBAC filters for `policies`: one per action, DENY first (istiod's order).
+fn rbac_filters(policies: &[RbacPolicy]) -> Vec<listener_types::Filter> {
+    use tern_proto::rbac_types::{self, permission::Rule, principal::Identifier};
+    let or_rules = |rules: Vec<rbac_types::Permission>| rbac_types::Permission {
+        rule: Some(Rule::OrRules(rbac_types::permission::Set { rules })),
+    };
+    let any_permission = rbac_types::Permission {
+        rule: Some(Rule::Any(true)),
+    };
+    let policy = |p: &RbacPolicy| {
+        let mut and = Vec::new();
+        if !p.ports.is_empty() {
+            and.push(or_rules(
+                p.ports
+                    .iter()
+                    .map(|port| rbac_types::Permission {
+                        rule: Some(Rule::DestinationPort(*port)),
+                    })
+                    .collect(),
+            ));
+        }
+        if !p.methods.is_empty() {
+            and.push(or_rules(
+                p.methods
+                    .iter()
+                    .map(|m| rbac_types::Permission {
+                        rule: Some(Rule::Matcher(core_types::TypedExtensionConfig {
+                            name: "tern.thrift_method".into(),
+                            typed_config: Some(encode(
+                                &wkt::Struct {
+                                    fields: [(
+                                        "method".to_owned(),
+                                        wkt::Value {
+                                            kind: Some(wkt::Kind::StringValue(m.clone())),
+                                        },
+                                    )]
+                                    .into(),
+                                },
+                                "type.googleapis.com/google.protobuf.Struct",
+                            )),
+                        })),
+                    })
+                    .collect(),
+            ));
+        }
+        if p.header {
+            and.push(rbac_types::Permission {
+                rule: Some(Rule::Header(Default::default())),
+            });
+        }
+        let permission = if and.is_empty() {
+            any_permission.clone()
+        } else {
+            rbac_types::Permission {
+                rule: Some(Rule::AndRules(rbac_types::permission::Set { rules: and })),
+            }
+        };
+        let principal = if p.principals.is_empty() {
+            rbac_types::Principal {
+                identifier: Some(Identifier::Any(true)),
+            }
+        } else {
+            rbac_types::Principal {
+                identifier: Some(Identifier::OrIds(rbac_types::principal::Set {
+                    ids: p
+                        .principals
+                        .iter()
+                        .map(|id| rbac_types::Principal {
+                            identifier: Some(Identifier::FilterState(
+                                tern_proto::matcher_types::FilterStateMatcher {
+                                    key: "io.istio.peer_principal".into(),
+                                    matcher: Some(
+                                        tern_proto::matcher_types::filter_state_matcher::Matcher::StringMatch(
+                                            tern_proto::matcher_types::StringMatcher {
+                                                match_pattern: Some(tern_proto::matcher_types::string_matcher::MatchPattern::Exact(id.clone())),
+                                                ignore_case: false,
+                                            },
+                                        ),
+                                    ),
+                                },
+                            )),
+                        })
+                        .collect(),
+                })),
+            }
+        };
+        rbac_types::Policy {
+            permissions: vec![permission],
+            principals: vec![principal],
+            ..Default::default()
+        }
+    };
+    [("deny", 1), ("allow", 0)]
+        .iter()
+        .filter(|(action, _)| policies.iter().any(|p| p.action == *action))
+        .map(|(action, code)| {
+            let rules = rbac_types::Rbac {
+                action: *code,
+                policies: policies
+                    .iter()
+                    .filter(|p| p.action == *action)
+                    .map(|p| (p.name.clone(), policy(p)))
+                    .collect(),
+                ..Default::default()
+            };
+            let filter = tern_proto::NetworkRbac {
+                rules: Some(rules),
+                stat_prefix: "tcp.".into(),
+                ..Default::default()
+            };
+            typed(
+                "envoy.filters.network.rbac",
+                encode(&filter, type_url::NETWORK_RBAC),
+            )
+        })
+        .collect()
+}
+
 #[derive(Clone, Debug, Deserialize)]
 struct Service {
     name: String,
@@ -257,8 +401,12 @@ fn thrift_proxy(cluster: &str) -> listener_types::Filter {
 /// Istio's `virtualInbound` for a TCP port: a chain for mesh mTLS (ALPN
 /// `istio-peer-exchange`/`istio`), one for other TLS, and in permissive mode one for
 /// plaintext; all relay to the application.
-fn virtual_inbound(mode: &str) -> Listener {
-    let to_app = || vec![tcp_proxy("InboundPassthroughCluster")];
+fn virtual_inbound(mode: &str, rbac: &[listener_types::Filter]) -> Listener {
+    let to_app = || {
+        let mut filters = rbac.to_vec();
+        filters.push(tcp_proxy("InboundPassthroughCluster"));
+        filters
+    };
     let matching = |transport: &str, alpn: &[&str]| listener_types::FilterChainMatch {
         transport_protocol: transport.into(),
         application_protocols: alpn.iter().map(|a| (*a).into()).collect(),
@@ -417,7 +565,7 @@ fn generated(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<(String, Any
                 });
             }
             if let Some(mode) = &s.inbound {
-                listeners.push(virtual_inbound(mode));
+                listeners.push(virtual_inbound(mode, &rbac_filters(&s.inbound_rbac)));
             }
             if s.broken_listener {
                 listeners.push(Listener {

@@ -9,10 +9,12 @@
 //! - internal listeners and listeners bound to ports of their own (HBONE) are set aside.
 //!
 //! Per chain: filters that only observe (stats, metadata exchange, peer authentication
-//! metadata) are skipped; an HTTP connection manager chain is set aside and relayed as TCP to
-//! its original destination; a chain that terminates TLS or runs an ECDS filter is set aside
-//! and refuses its connections; an authorization filter tern cannot enforce (network RBAC,
-//! ext_authz, or HTTP RBAC/ext_authz inside an HTTP chain) refuses the whole listener.
+//! metadata) are skipped; network RBAC filters are enforced ([`super::rbac`]); TLS is
+//! terminated where the chain has a `DownstreamTlsContext` ([`super::tls`]); an HTTP
+//! connection manager chain is set aside and relayed as TCP to its original destination; a
+//! chain that runs an ECDS filter is set aside and refuses its connections; an authorization
+//! filter tern cannot enforce (ext_authz, or HTTP RBAC/ext_authz inside an HTTP chain, or an
+//! RBAC rule it cannot decide) refuses the whole listener.
 use std::{collections::BTreeMap, sync::Arc};
 
 use tern_proto::{
@@ -24,7 +26,7 @@ use super::{Invalid, SetAsideReason, TranslateError, cidrs, socket_addr, typed_c
 use crate::{
     config::{
         ChainMatch, Filter, FilterChain, Listener, Passthrough, Route, RouteAction, RouteMatch,
-        Target, ThriftProxy,
+        Target, ThriftProxy, rbac::Rbac,
     },
     thrift::{Protocol, Transport},
 };
@@ -112,7 +114,8 @@ pub fn translate(
         used.insert(name.clone());
         let context = format!("filter chain {name}");
         let at = |e: Invalid| e.at(context.clone());
-        let filter = match chain_filter(c, routes).map_err(at)? {
+        let (filter, rbac) = chain_filter(c, routes).map_err(at)?;
+        let filter = match filter {
             ChainFilter::Run(f) => f,
             ChainFilter::Pending => continue,
             ChainFilter::SetAside(reason) => {
@@ -134,6 +137,7 @@ pub fn translate(
         chains.push(FilterChain {
             name,
             tls,
+            rbac,
             matcher: ChainMatch {
                 destination_port,
                 destination_prefixes: cidrs(&m.prefix_ranges).map_err(at)?,
@@ -241,9 +245,20 @@ fn observes_only(name: &str, any: &tern_proto::Any) -> bool {
             .ends_with("envoy.tcp.metadataexchange.config.MetadataExchange")
 }
 
+/// A chain's terminal filter, and the network RBAC filters ahead of it.
 fn chain_filter(
     c: &listener_types::FilterChain,
     routes: &BTreeMap<String, ThriftRouteConfiguration>,
+) -> Result<(ChainFilter, Vec<Arc<Rbac>>), Invalid> {
+    let mut rbac = Vec::new();
+    let filter = terminal_filter(c, routes, &mut rbac)?;
+    Ok((filter, rbac))
+}
+
+fn terminal_filter(
+    c: &listener_types::FilterChain,
+    routes: &BTreeMap<String, ThriftRouteConfiguration>,
+    rbac: &mut Vec<Arc<Rbac>>,
 ) -> Result<ChainFilter, Invalid> {
     for f in &c.filters {
         let Some(any) = typed_config(f) else {
@@ -270,7 +285,7 @@ fn chain_filter(
                 check_http_authorization(any)?;
                 return Ok(ChainFilter::SetAside(SetAsideReason::Http));
             }
-            type_url::NETWORK_RBAC => return Err(Invalid::Unenforceable("network RBAC")),
+            type_url::NETWORK_RBAC => rbac.push(Arc::new(super::rbac::translate(any)?)),
             type_url::NETWORK_EXT_AUTHZ => return Err(Invalid::Unenforceable("network ext_authz")),
             _ if observes_only(&f.name, any) => {}
             other => {

@@ -5,7 +5,8 @@
 //!   the inbound listener, the passthrough mode, or a listener set aside;
 //! - [`cluster`]: a `Cluster` into a cluster without its endpoints, and where they come from;
 //! - [`endpoints`]: a `ClusterLoadAssignment` into endpoints;
-//! - [`tls`]: TLS transport sockets (towards endpoints, and on inbound chains).
+//! - [`tls`]: TLS transport sockets (towards endpoints, and on inbound chains);
+//! - [`rbac`]: network RBAC filters (TCP `AuthorizationPolicy`), Thrift methods included.
 //!
 //! What tern knowingly does not run is set aside with a [`SetAsideReason`] (shown in
 //! `/config_dump`, counted in `tern_xds_set_aside`). What it cannot honour safely (an
@@ -24,6 +25,7 @@ pub use crate::config::SetAsideReason;
 pub mod cluster;
 pub mod endpoints;
 pub mod listener;
+pub mod rbac;
 pub mod tls;
 
 /// Why a resource cannot be used; `context` says which part of it.
@@ -83,6 +85,10 @@ pub enum Invalid {
         "certificate validation with {0} cannot be enforced by tern; refused rather than skipped"
     )]
     ValidationContext(&'static str),
+    #[error("{0} is not supported")]
+    Matcher(String),
+    #[error("RBAC {0} cannot be enforced by tern on a connection; refused rather than skipped")]
+    RbacRule(&'static str),
 }
 
 impl Invalid {
@@ -148,6 +154,28 @@ pub(crate) fn cidrs(ranges: &[tern_proto::core_types::CidrRange]) -> Result<Vec<
                 })
         })
         .collect()
+}
+
+/// Envoy's `StringMatcher`; a case-insensitive match (which tern does not make) is refused.
+pub(crate) fn string_match(
+    m: &tern_proto::matcher_types::StringMatcher,
+) -> Result<crate::config::matcher::StringMatch, Invalid> {
+    use crate::config::matcher::{Regex, StringMatch};
+    use tern_proto::matcher_types::string_matcher::MatchPattern;
+    if m.ignore_case {
+        return Err(Invalid::Matcher("a case-insensitive string match".into()));
+    }
+    Ok(match &m.match_pattern {
+        Some(MatchPattern::Exact(v)) => StringMatch::Exact(v.clone()),
+        Some(MatchPattern::Prefix(v)) => StringMatch::Prefix(v.clone()),
+        Some(MatchPattern::Suffix(v)) => StringMatch::Suffix(v.clone()),
+        Some(MatchPattern::Contains(v)) => StringMatch::Contains(v.clone()),
+        Some(MatchPattern::SafeRegex(r)) => StringMatch::Regex(
+            Regex::new(&r.regex)
+                .map_err(|e| Invalid::Matcher(format!("regex {:?}: {e}", r.regex)))?,
+        ),
+        _ => return Err(Invalid::Matcher("a custom or empty string match".into())),
+    })
 }
 
 /// A protobuf duration; negative parts count as zero.

@@ -8,14 +8,11 @@
 //! cannot get refuses the resource: a peer is never accepted unchecked because of it.
 use std::{path::PathBuf, sync::Arc};
 
-use tern_proto::{
-    Any, Cluster as XdsCluster, core_types, decode, matcher_types, tls_types, type_url, wkt,
-};
+use tern_proto::{Any, Cluster as XdsCluster, core_types, decode, tls_types, type_url, wkt};
 
 use super::Invalid;
 use crate::config::tls::{
-    CertSource, DownstreamTls, Roots, SocketMatch, StringMatch, TransportSockets, UpstreamTls,
-    Validation,
+    CertSource, DownstreamTls, Roots, SocketMatch, TransportSockets, UpstreamTls, Validation,
 };
 
 /// The ALPN value that commits both ends to Istio's metadata-exchange preamble; tern never
@@ -226,7 +223,7 @@ fn validation(common: &tls_types::CommonTlsContext) -> Result<Validation, Invali
         // Deprecated in Envoy, and still what istiod writes.
         #[allow(deprecated)]
         for m in &v.match_subject_alt_names {
-            subject_alt_names.push(string_match(m)?);
+            subject_alt_names.push(super::string_match(m)?);
         }
         for m in &v.match_typed_subject_alt_names {
             // URI and DNS names are matched; other kinds would be skipped, so refused.
@@ -235,7 +232,7 @@ fn validation(common: &tls_types::CommonTlsContext) -> Result<Validation, Invali
                     "a SAN matcher other than DNS or URI",
                 ));
             }
-            subject_alt_names.push(string_match(&m.matcher.clone().unwrap_or_default())?);
+            subject_alt_names.push(super::string_match(&m.matcher.clone().unwrap_or_default())?);
         }
     }
     if roots == Roots::Unverified && !subject_alt_names.is_empty() {
@@ -247,19 +244,5 @@ fn validation(common: &tls_types::CommonTlsContext) -> Result<Validation, Invali
     Ok(Validation {
         roots,
         subject_alt_names,
-    })
-}
-
-fn string_match(m: &matcher_types::StringMatcher) -> Result<StringMatch, Invalid> {
-    use matcher_types::string_matcher::MatchPattern;
-    if m.ignore_case {
-        return Err(Invalid::ValidationContext("a case-insensitive SAN matcher"));
-    }
-    Ok(match &m.match_pattern {
-        Some(MatchPattern::Exact(v)) => StringMatch::Exact(v.clone()),
-        Some(MatchPattern::Prefix(v)) => StringMatch::Prefix(v.clone()),
-        Some(MatchPattern::Suffix(v)) => StringMatch::Suffix(v.clone()),
-        Some(MatchPattern::Contains(v)) => StringMatch::Contains(v.clone()),
-        _ => return Err(Invalid::ValidationContext("a regex or custom SAN matcher")),
     })
 }

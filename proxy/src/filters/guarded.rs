@@ -1,0 +1,106 @@
+//! Thrift to an original destination (the local application, inbound) when the chain's
+//! RBAC names Thrift methods: one call at a time over the connection tern opened, each call
+//! authorized before it is sent. A refused call is answered with a `TApplicationException`
+//! and never reaches the application. Calls are handled in order (a Thrift server answers a
+//! connection's calls in order anyway), so every reply reaches the call it answers; a reply
+//! that does not answer its call closes the connection.
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::debug;
+
+use super::{Ctx, authz::Authz};
+use crate::{
+    stream::Stream,
+    thrift::{
+        Decoder, Message, MessageType, Protocol, Transport,
+        reply::{AppExceptionType, application_exception},
+    },
+    upstream::answers,
+};
+
+/// Relays calls from `down` (which sent `buf` already) to `up`, authorizing each.
+pub async fn serve(
+    mut down: Stream,
+    mut buf: BytesMut,
+    mut up: Stream,
+    format: (Transport, Protocol),
+    authz: Arc<Authz>,
+    ctx: Arc<Ctx>,
+) {
+    let mut requests = Decoder::configured(ctx.limits, format.0, format.1, false);
+    let mut replies = Decoder::configured(ctx.limits, format.0, format.1, false);
+    let mut from_up = BytesMut::with_capacity(16 * 1024);
+    loop {
+        let call = match next(&mut requests, &mut down, &mut buf).await {
+            Ok(Some(call)) => call,
+            Ok(None) => break,
+            Err(why) => {
+                debug!(%why, "Thrift connection ended");
+                break;
+            }
+        };
+        if !matches!(call.kind(), MessageType::Call | MessageType::Oneway) {
+            debug!("a client sent a message that is not a call: closing");
+            break;
+        }
+        if authz.check_call(&ctx.state.metrics, &call).is_err() {
+            ctx.state.metrics.local_reply("", "rbac_access_denied");
+            if call.kind() == MessageType::Call {
+                let reply = application_exception(
+                    &call.meta(),
+                    call.name(),
+                    call.seq_id(),
+                    AppExceptionType::Unknown,
+                    "RBAC: access denied",
+                );
+                if down.write_all(&reply).await.is_err() {
+                    break;
+                }
+            }
+            continue;
+        }
+        if up.write_all(call.as_bytes()).await.is_err() {
+            break;
+        }
+        if call.kind() == MessageType::Oneway {
+            continue;
+        }
+        let reply = match next(&mut replies, &mut up, &mut from_up).await {
+            Ok(Some(reply)) => reply,
+            _ => break,
+        };
+        if let Err(why) = answers(&call, &reply) {
+            debug!(%why, "the application's reply does not answer the call: closing");
+            break;
+        }
+        if down.write_all(reply.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    let _ = down.shutdown().await;
+}
+
+/// The next whole message from `stream` (bytes already read in `buf`); `None` at a clean
+/// end between messages.
+async fn next(
+    decoder: &mut Decoder,
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+) -> Result<Option<Message>, String> {
+    loop {
+        if let Some(m) = decoder.decode(buf).map_err(|e| e.to_string())? {
+            return Ok(Some(m));
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(buf.len().max(16 * 1024));
+        }
+        match stream.read_buf(buf).await {
+            Ok(0) if buf.is_empty() => return Ok(None),
+            Ok(0) => return Err("closed inside a message".into()),
+            Ok(_) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}

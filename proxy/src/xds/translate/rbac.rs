@@ -1,0 +1,176 @@
+//! Envoy's network RBAC filter (istiod's TCP `AuthorizationPolicy`) into tern's
+//! [`Rbac`](crate::config::rbac::Rbac).
+//!
+//! Principals: `authenticated`, istiod's `filter_state` `io.istio.peer_principal` (the same
+//! peer identity), source, direct remote and remote IP, and/or/not, any. Permissions:
+//! destination IP and port (or port range), SNI, and/or/not, any; and tern's Thrift method
+//! matcher (`tern.thrift_method`, below). Anything else — headers, paths, metadata, CEL
+//! conditions, the matcher API — cannot be decided on a connection: the filter is refused
+//! (the listener is NACKed), never run without it.
+//!
+//! A Thrift method permission is a `matcher` extension named `tern.thrift_method` whose
+//! `typed_config` is a `google.protobuf.Struct`: `{method: "<name>"}` (a trailing `*`
+//! makes it a prefix), and optionally `{service: "<multiplexed service>"}`.
+use tern_proto::{NetworkRbac, core_types, decode, rbac_types, type_url, wkt};
+
+use super::{Invalid, cidrs, string_match};
+use crate::config::{
+    matcher::StringMatch,
+    rbac::{Action, Permission, Policy, Principal, Rbac, Rules},
+};
+
+/// The name of tern's Thrift method permission.
+pub const THRIFT_METHOD: &str = "tern.thrift_method";
+const PEER_PRINCIPAL: &str = "io.istio.peer_principal";
+const STRUCT: &str = "type.googleapis.com/google.protobuf.Struct";
+/// Nesting deeper than this is refused (a hostile configuration cannot exhaust the stack).
+const MAX_DEPTH: usize = 32;
+
+pub fn translate(any: &tern_proto::Any) -> Result<Rbac, Invalid> {
+    let r: NetworkRbac = decode(any, type_url::NETWORK_RBAC)?;
+    if r.matcher.is_some() || r.shadow_matcher.is_some() {
+        return Err(Invalid::RbacRule("the matcher API"));
+    }
+    Ok(Rbac {
+        stat_prefix: r.stat_prefix.clone(),
+        rules: r.rules.as_ref().map(rules).transpose()?,
+        shadow_rules: r.shadow_rules.as_ref().map(rules).transpose()?,
+    })
+}
+
+fn rules(r: &rbac_types::Rbac) -> Result<Rules, Invalid> {
+    let action = match r.action {
+        0 => Action::Allow,
+        1 => Action::Deny,
+        2 => Action::Log,
+        _ => return Err(Invalid::RbacRule("an unknown action")),
+    };
+    let mut policies = r
+        .policies
+        .iter()
+        .map(|(name, p)| {
+            if p.condition.is_some() || p.checked_condition.is_some() {
+                return Err(Invalid::RbacRule("a CEL condition"));
+            }
+            Ok(Policy {
+                name: name.clone(),
+                permissions: p
+                    .permissions
+                    .iter()
+                    .map(|x| permission(x, 0))
+                    .collect::<Result<_, _>>()?,
+                principals: p
+                    .principals
+                    .iter()
+                    .map(|x| principal(x, 0))
+                    .collect::<Result<_, _>>()?,
+            })
+        })
+        .collect::<Result<Vec<_>, Invalid>>()?;
+    policies.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Rules { action, policies })
+}
+
+fn cidr(r: &core_types::CidrRange) -> Result<ipnet::IpNet, Invalid> {
+    Ok(cidrs(std::slice::from_ref(r))?.remove(0))
+}
+
+#[allow(deprecated)]
+fn permission(p: &rbac_types::Permission, depth: usize) -> Result<Permission, Invalid> {
+    use rbac_types::permission::Rule;
+    if depth > MAX_DEPTH {
+        return Err(Invalid::RbacRule("nesting deeper than 32"));
+    }
+    let all = |s: &rbac_types::permission::Set| {
+        s.rules
+            .iter()
+            .map(|r| permission(r, depth + 1))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(match &p.rule {
+        Some(Rule::Any(true)) => Permission::Any,
+        Some(Rule::AndRules(s)) => Permission::And(all(s)?),
+        Some(Rule::OrRules(s)) => Permission::Or(all(s)?),
+        Some(Rule::NotRule(r)) => Permission::Not(Box::new(permission(r, depth + 1)?)),
+        Some(Rule::DestinationIp(r)) => Permission::DestinationIp(cidr(r)?),
+        Some(Rule::DestinationPort(port)) => Permission::DestinationPort(
+            u16::try_from(*port).map_err(|_| Invalid::PortOutOfRange((*port).into()))?,
+        ),
+        Some(Rule::DestinationPortRange(r)) => Permission::DestinationPortRange {
+            start: u32::try_from(r.start).unwrap_or(0),
+            end: u32::try_from(r.end).unwrap_or(0),
+        },
+        Some(Rule::RequestedServerName(m)) => Permission::RequestedServerName(string_match(m)?),
+        Some(Rule::Matcher(ext)) if ext.name == THRIFT_METHOD => thrift_method(ext)?,
+        Some(Rule::Header(_)) => return Err(Invalid::RbacRule("a header permission")),
+        Some(Rule::UrlPath(_)) => return Err(Invalid::RbacRule("a URL path permission")),
+        Some(Rule::Metadata(_)) => return Err(Invalid::RbacRule("a metadata permission")),
+        Some(Rule::Matcher(_)) => return Err(Invalid::RbacRule("a matcher extension")),
+        _ => return Err(Invalid::RbacRule("an empty or unknown permission")),
+    })
+}
+
+#[allow(deprecated)]
+fn principal(p: &rbac_types::Principal, depth: usize) -> Result<Principal, Invalid> {
+    use rbac_types::principal::Identifier;
+    use tern_proto::matcher_types::filter_state_matcher::Matcher;
+    if depth > MAX_DEPTH {
+        return Err(Invalid::RbacRule("nesting deeper than 32"));
+    }
+    let all = |s: &rbac_types::principal::Set| {
+        s.ids
+            .iter()
+            .map(|r| principal(r, depth + 1))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(match &p.identifier {
+        Some(Identifier::Any(true)) => Principal::Any,
+        Some(Identifier::AndIds(s)) => Principal::And(all(s)?),
+        Some(Identifier::OrIds(s)) => Principal::Or(all(s)?),
+        Some(Identifier::NotId(r)) => Principal::Not(Box::new(principal(r, depth + 1)?)),
+        Some(Identifier::Authenticated(a)) => {
+            Principal::Authenticated(a.principal_name.as_ref().map(string_match).transpose()?)
+        }
+        Some(Identifier::FilterState(f)) if f.key == PEER_PRINCIPAL => match &f.matcher {
+            Some(Matcher::StringMatch(m)) => Principal::Authenticated(Some(string_match(m)?)),
+            _ => {
+                return Err(Invalid::RbacRule(
+                    "a filter state match that is not a string",
+                ));
+            }
+        },
+        Some(Identifier::SourceIp(r)) => Principal::SourceIp(cidr(r)?),
+        Some(Identifier::DirectRemoteIp(r)) => Principal::DirectRemoteIp(cidr(r)?),
+        Some(Identifier::RemoteIp(r)) => Principal::RemoteIp(cidr(r)?),
+        Some(Identifier::Header(_)) => return Err(Invalid::RbacRule("a header principal")),
+        Some(Identifier::UrlPath(_)) => return Err(Invalid::RbacRule("a URL path principal")),
+        Some(Identifier::Metadata(_) | Identifier::SourcedMetadata(_)) => {
+            return Err(Invalid::RbacRule("a metadata principal"));
+        }
+        Some(Identifier::FilterState(_)) => {
+            return Err(Invalid::RbacRule(
+                "a filter state principal other than the peer's",
+            ));
+        }
+        _ => return Err(Invalid::RbacRule("an empty or unknown principal")),
+    })
+}
+
+/// `{method: "get*", service: "Calc"}` as a Struct.
+fn thrift_method(ext: &core_types::TypedExtensionConfig) -> Result<Permission, Invalid> {
+    let bad = || Invalid::RbacRule("a tern.thrift_method without a method string");
+    let any = ext.typed_config.as_ref().ok_or_else(bad)?;
+    let s: wkt::Struct = decode(any, STRUCT)?;
+    let text = |k: &str| match s.fields.get(k).and_then(|v| v.kind.as_ref()) {
+        Some(wkt::Kind::StringValue(v)) => Some(v.as_str()),
+        _ => None,
+    };
+    let glob = |v: &str| match v.strip_suffix('*') {
+        Some(prefix) => StringMatch::Prefix(prefix.to_owned()),
+        None => StringMatch::Exact(v.to_owned()),
+    };
+    Ok(Permission::ThriftMethod {
+        service: text("service").map(glob),
+        method: glob(text("method").ok_or_else(bad)?),
+    })
+}
