@@ -200,6 +200,26 @@ pub fn istio_auto_mtls(cluster: &mut Cluster, san: &str, sni: &str) {
     ];
 }
 
+/// Gives an endpoint istiod's workload metadata (`istio.workload`:
+/// `name;namespace;canonical name;revision;cluster`).
+pub fn istio_workload(e: &mut endpoint_types::LbEndpoint, workload: &str) {
+    let fields = [(
+        "workload".to_owned(),
+        wkt::Value {
+            kind: Some(wkt::Kind::StringValue(workload.into())),
+        },
+    )];
+    e.metadata
+        .get_or_insert_with(Default::default)
+        .filter_metadata
+        .insert(
+            "istio".into(),
+            wkt::Struct {
+                fields: fields.into(),
+            },
+        );
+}
+
 /// Labels an endpoint `tlsMode: istio`, as istiod does for Pods with a sidecar.
 pub fn istio_tls_mode(e: &mut endpoint_types::LbEndpoint) {
     let fields = [(

@@ -180,7 +180,7 @@ fn balancer(c: &mut Criterion) {
                 priority: 0,
                 locality: "".into(),
                 health: Default::default(),
-                socket_labels: None,
+                metadata: None,
             })
         })
         .collect();

@@ -24,8 +24,18 @@ pub struct Admin {
     pub xds: Option<watch::Receiver<tern_xds_client::ClientStatus>>,
 }
 
+/// Which endpoints a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Everything (Envoy's 15000, on loopback).
+    Admin,
+    /// What Prometheus and kubelet read, on the Pod's address (istio-agent's 15020):
+    /// `/stats/prometheus` (tern's and Istio's metrics) and `/healthz/ready`.
+    Stats,
+}
+
 /// Serves admin requests until the task is dropped.
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, scope: Scope) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -34,7 +44,17 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(handle(&admin, req)) }
+                async move {
+                    Ok::<_, Infallible>(match (scope, req.uri().path()) {
+                        (Scope::Admin, _) | (Scope::Stats, "/stats/prometheus") => {
+                            handle(&admin, req)
+                        }
+                        (Scope::Stats, "/healthz/ready") => ready(&admin),
+                        (Scope::Stats, path) => {
+                            text(StatusCode::NOT_FOUND, format!("no endpoint {path}\n"))
+                        }
+                    })
+                }
             });
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -70,18 +90,20 @@ fn json_body(v: &serde_json::Value) -> Response<Full<Bytes>> {
     )
 }
 
+fn ready(admin: &Admin) -> Response<Full<Bytes>> {
+    if *admin.drain.borrow() {
+        text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n")
+    } else if admin.state.ready() {
+        text(StatusCode::OK, "LIVE\n")
+    } else {
+        text(StatusCode::SERVICE_UNAVAILABLE, "PRE_INITIALIZING\n")
+    }
+}
+
 fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let query = req.uri().query().unwrap_or("");
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/ready") => {
-            if *admin.drain.borrow() {
-                text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n")
-            } else if admin.state.ready() {
-                text(StatusCode::OK, "LIVE\n")
-            } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "PRE_INITIALIZING\n")
-            }
-        }
+        (&Method::GET, "/ready") => ready(admin),
         (&Method::GET, "/stats/prometheus") => respond(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",

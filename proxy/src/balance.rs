@@ -510,7 +510,7 @@ mod tests {
             priority,
             locality: locality.into(),
             health,
-            socket_labels: None,
+            metadata: None,
         }
     }
 
@@ -703,7 +703,7 @@ mod tests {
                 priority: 0,
                 locality: "".into(),
                 health: Health::Healthy,
-                socket_labels: None,
+                metadata: None,
             })
             .collect()
     }
@@ -818,7 +818,7 @@ mod tests {
                 priority: 0,
                 locality: "".into(),
                 health: Health::Healthy,
-                socket_labels: None,
+                metadata: None,
             })
             .collect();
         let p = EndpointPicker::new(

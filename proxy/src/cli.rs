@@ -118,6 +118,10 @@ pub struct RunArgs {
     /// Admin server address (Envoy's 15000).
     #[arg(long, env = "TERN_ADMIN", default_value = "127.0.0.1:15000")]
     pub admin: std::net::SocketAddr,
+    /// Where Prometheus scrapes `/stats/prometheus` (tern's and Istio's metrics) and kubelet
+    /// reads `/healthz/ready`: istio-agent's 15020. `off` serves neither.
+    #[arg(long, env = "TERN_STATS_ADDRESS", default_value = "0.0.0.0:15020", value_parser = parse_stats_address)]
+    pub stats_address: StatsAddress,
     /// Seconds to wait for a passthrough upstream connection.
     #[arg(long, env = "TERN_CONNECT_TIMEOUT", default_value_t = 10)]
     pub connect_timeout_secs: u64,
@@ -271,6 +275,20 @@ impl CaptureArgs {
             .as_deref()
             .context("eBPF capture needs --cgroup <cgroup v2 directory> (or TERN_CGROUP)")?;
         Ok(CgroupDir::open(path)?)
+    }
+}
+
+/// An address, or `off`.
+#[derive(Clone, Copy, Debug)]
+pub struct StatsAddress(pub Option<std::net::SocketAddr>);
+
+fn parse_stats_address(s: &str) -> Result<StatsAddress, String> {
+    match s {
+        "off" | "" => Ok(StatsAddress(None)),
+        _ => s
+            .parse()
+            .map(|a| StatsAddress(Some(a)))
+            .map_err(|_| format!("invalid address {s:?}: expected ip:port or off")),
     }
 }
 

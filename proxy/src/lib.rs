@@ -23,6 +23,7 @@ pub mod run;
 pub mod socket;
 pub mod state;
 pub mod stream;
+pub mod telemetry;
 pub mod thrift;
 pub mod tls;
 pub mod upstream;

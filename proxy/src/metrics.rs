@@ -5,6 +5,8 @@
 //! a request does not allocate.
 use std::{fmt::Write as _, path::PathBuf, sync::Arc};
 
+use crate::telemetry::{IstioMetrics, Workload};
+
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
@@ -118,12 +120,19 @@ pub struct Metrics {
     pub tls_certificate_updates: Family<CertUpdateLabels, Counter>,
     pub tls_certificate_expiry: Gauge,
     pub rbac_decisions: Family<RbacLabels, Counter>,
+    /// Istio's standard metrics (exported with these, without the `tern_` prefix).
+    pub istio: Arc<IstioMetrics>,
 }
 
 impl Metrics {
     /// The registry; `capture_pins` is the pin directory of the eBPF capture this proxy
     /// serves, whose counters are exported at each scrape.
     pub fn new(capture_pins: Option<PathBuf>) -> Arc<Self> {
+        Self::for_workload(capture_pins, Workload::default())
+    }
+
+    /// [`Metrics::new`], for Istio's metrics naming `local` as tern's workload.
+    pub fn for_workload(capture_pins: Option<PathBuf>, local: Workload) -> Arc<Self> {
         let mut registry = Registry::with_prefix("tern");
         registry.register_collector(Box::new(CaptureCollector { pins: capture_pins }));
         let requests = Family::default();
@@ -252,6 +261,7 @@ impl Metrics {
         );
         Arc::new(Self {
             registry,
+            istio: IstioMetrics::new(local),
             rbac_decisions,
             tls_handshakes,
             tls_certificate_updates,
@@ -278,7 +288,14 @@ impl Metrics {
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
+        // Each registry ends with `# EOF`: only the last one may.
         if encode(&mut out, &self.registry).is_err() {
+            let _ = writeln!(out, "# encoding failed");
+        }
+        if let Some(cut) = out.rfind("# EOF") {
+            out.truncate(cut);
+        }
+        if encode(&mut out, &self.istio.registry).is_err() {
             let _ = writeln!(out, "# encoding failed");
         }
         out

@@ -105,19 +105,23 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Capture::Ebpf(c) => Some(c.pins().to_owned()),
         _ => None,
     };
-    let state = State::new(Metrics::new(pins));
+    let interception = match args.capture {
+        CaptureMode::Iptables => "REDIRECT",
+        CaptureMode::Ebpf => "EBPF",
+        CaptureMode::None => "NONE",
+    };
+    let node = crate::xds::node::node(args.node_id.as_deref(), interception);
+    let state = State::new(Metrics::for_workload(
+        pins,
+        crate::telemetry::Workload::from_node(&node),
+    ));
     // With a control plane, tern is ready once its first configuration is warm; the static
     // configuration is the base it adds to. Without one, the static configuration is all.
     let xds = args
         .xds_address
         .clone()
         .map(|address| -> anyhow::Result<_> {
-            let interception = match args.capture {
-                CaptureMode::Iptables => "REDIRECT",
-                CaptureMode::Ebpf => "EBPF",
-                CaptureMode::None => "NONE",
-            };
-            let node = crate::xds::node::node(args.node_id.as_deref(), interception);
+            let node = node.clone();
             info!(%address, node = %node.id, "connecting to the control plane");
             let types = [
                 tern_proto::type_url::CLUSTER,
@@ -207,7 +211,18 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             events,
         )));
     }
-    spawn_control_thread(admin_listener, admin, control)?;
+    let mut servers = vec![(admin_listener, admin::Scope::Admin)];
+    if let Some(addr) = args.stats_address.0 {
+        // Prometheus scrapes it; a port in use costs the metrics, not the Pod.
+        match std::net::TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
+            Ok(l) => {
+                info!(%addr, "stats server listening");
+                servers.push((l, admin::Scope::Stats));
+            }
+            Err(e) => warn!(%addr, error = %e, "no stats server"),
+        }
+    }
+    spawn_control_thread(servers, admin, control)?;
     // The file is re-read when it changes unless a control plane owns the configuration
     // (then the file is only the base it adds to).
     if let (Some(path), None) = (args.config.clone(), &xds_status) {
@@ -297,7 +312,7 @@ fn cert_source(
 /// worker; the data path sees only the atomic swap of a finished snapshot. The thread ends
 /// with the process.
 fn spawn_control_thread(
-    admin_listener: std::net::TcpListener,
+    servers: Vec<(std::net::TcpListener, admin::Scope)>,
     admin: Arc<Admin>,
     control: Vec<ControlTask>,
 ) -> anyhow::Result<()> {
@@ -309,15 +324,15 @@ fn spawn_control_thread(
         .name("tern-control".into())
         .spawn(move || {
             runtime.block_on(async move {
-                let admin_listener = match TcpListener::from_std(admin_listener) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        warn!(error = %e, "the admin server cannot run");
-                        return;
-                    }
-                };
                 let mut tasks = tokio::task::JoinSet::new();
-                tasks.spawn(admin::serve(admin_listener, admin));
+                for (listener, scope) in servers {
+                    match TcpListener::from_std(listener) {
+                        Ok(l) => {
+                            tasks.spawn(admin::serve(l, admin.clone(), scope));
+                        }
+                        Err(e) => warn!(error = %e, ?scope, "an admin server cannot run"),
+                    }
+                }
                 for task in control {
                     tasks.spawn(task);
                 }

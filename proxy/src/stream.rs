@@ -49,6 +49,14 @@ impl Stream {
         matches!(self, Stream::Tls(_))
     }
 
+    /// The peer's identity, when the stream is TLS and the peer presented a certificate.
+    pub fn peer_identity(&self) -> Option<String> {
+        match self {
+            Stream::Plain(_) => None,
+            Stream::Tls(s) => crate::tls::peer_identity(s.get_ref().1.peer_certificates()),
+        }
+    }
+
     /// Whether an idle connection can take a request: the peer has neither closed it nor
     /// sent application bytes. Costs no system call while the socket has not become
     /// readable (tokio caches readiness); TLS records that carry no data (a TLS 1.3 session

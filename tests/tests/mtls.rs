@@ -187,6 +187,18 @@ impl Mesh {
         std::fs::read_to_string(&self.server_log).unwrap_or_default()
     }
 
+    /// What Prometheus scrapes on 15020.
+    fn stats(&self) -> String {
+        self.p
+            .app
+            .output(
+                None,
+                Path::new("curl"),
+                &["-s", "http://127.0.0.1:15020/stats/prometheus"],
+            )
+            .unwrap()
+    }
+
     fn handshakes(&self, direction: &str, result: &str) -> f64 {
         metric(
             &self.p.app,
@@ -255,6 +267,57 @@ fn workload_certificate_from_istios_ca_and_outbound_mtls() {
     assert!(
         (1..=4).contains(&thrift_handshakes),
         "50 calls reuse pooled connections: {thrift_handshakes} handshakes"
+    );
+
+    // Istio's standard metrics on 15020, as Kiali reads them: Thrift calls and TCP
+    // connections reported by the source, with both workloads and both identities.
+    let stats = m.stats();
+    let series = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        stats
+            .lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")))
+            .filter(|l| {
+                labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let thrift = [
+        ("reporter", "source"),
+        ("source_workload", "app-0"),
+        ("source_principal", APP_ID),
+        ("destination_workload", "secure-thrift-v1"),
+        (
+            "destination_service",
+            "secure-thrift.default.svc.cluster.local",
+        ),
+        ("destination_principal", SERVER_ID),
+        ("request_protocol", "thrift"),
+        ("response_code", "success"),
+    ];
+    assert_eq!(series("istio_requests_total", &thrift), 50.0, "{stats}");
+    assert_eq!(
+        series("istio_request_duration_milliseconds_count", &thrift),
+        50.0
+    );
+    assert!(series("istio_response_bytes_sum", &thrift) > 0.0);
+    let tcp = [
+        ("reporter", "source"),
+        ("destination_workload", "secure-v1"),
+        ("destination_service_name", "secure"),
+        ("destination_principal", SERVER_ID),
+        ("request_protocol", "tcp"),
+        ("connection_security_policy", "unknown"),
+    ];
+    assert!(
+        series("istio_tcp_connections_opened_total", &tcp) >= 1.0,
+        "{stats}"
+    );
+    assert!(
+        series("istio_tcp_received_bytes_total", &tcp) >= 6.0,
+        "{stats}"
     );
 
     // Renewal at half of the 6 s lifetime: a connection opened before it keeps working,
@@ -333,6 +396,19 @@ fn inbound_mtls_strict_and_permissive() {
         log.lines()
             .any(|l| l.contains("tern::access") && l.contains(CLIENT_ID)),
         "the access log names the client:\n{log}"
+    );
+
+    // The destination reports the client's identity and mutual TLS.
+    let stats = m.stats();
+    assert!(
+        stats
+            .lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains(r#"reporter="destination""#)
+                && l.contains(&format!(r#"source_principal="{CLIENT_ID}""#))
+                && l.contains(r#"source_workload_namespace="backend""#)
+                && l.contains(r#"connection_security_policy="mutual_tls""#)),
+        "{stats}"
     );
 
     // STRICT: plaintext is refused.

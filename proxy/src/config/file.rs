@@ -384,6 +384,7 @@ fn cluster(c: ClusterFile) -> Cluster {
     let outlier = OutlierDetection::default();
     Cluster {
         transport: Default::default(),
+        service: crate::config::ServiceRef::from_cluster_name(&c.name).map(Arc::new),
         lb_policy: c.lb_policy,
         hash_header: c.hash_header,
         hash_table: HashTable::default(),
@@ -396,7 +397,7 @@ fn cluster(c: ClusterFile) -> Cluster {
                 priority: e.priority,
                 locality: e.locality.into(),
                 health: e.health,
-                socket_labels: None,
+                metadata: None,
             })
             .collect(),
         locality_weights: Arc::new(

@@ -15,7 +15,7 @@ pub mod matcher;
 pub mod rbac;
 pub mod tls;
 
-pub use tls::{DownstreamTls, SocketLabels, TransportSockets, UpstreamTls};
+pub use tls::{DownstreamTls, TransportSockets, UpstreamTls};
 
 /// Everything the data path routes with.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
@@ -282,6 +282,42 @@ pub struct Cluster {
     pub original_dst: bool,
     /// TLS or plaintext, per endpoint.
     pub transport: TransportSockets,
+    /// The service it stands for, for Istio's metrics.
+    pub service: Option<Arc<ServiceRef>>,
+}
+
+/// A Kubernetes service: Istio's `istio.services` cluster metadata, else the host in an
+/// `outbound|<port>|<subset>|<host>` cluster name.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceRef {
+    pub host: String,
+    pub name: String,
+    pub namespace: String,
+}
+
+impl ServiceRef {
+    /// From a host `name.namespace.svc…` (a host of another shape has no namespace).
+    pub fn from_host(host: &str) -> Self {
+        let mut labels = host.split('.');
+        let name = labels.next().unwrap_or_default().to_owned();
+        let namespace = labels.next().unwrap_or_default().to_owned();
+        Self {
+            host: host.to_owned(),
+            name,
+            namespace,
+        }
+    }
+
+    /// From istiod's cluster name `outbound|<port>|<subset>|<host>`.
+    pub fn from_cluster_name(cluster: &str) -> Option<Self> {
+        let mut parts = cluster.split('|');
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some("outbound" | "inbound"), Some(_), Some(_), Some(host)) if !host.is_empty() => {
+                Some(Self::from_host(host))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// How a cluster's Thrift requests share upstream connections.
@@ -377,9 +413,17 @@ pub struct Endpoint {
     /// `region/zone/subzone`, shared by the endpoints of a locality.
     pub locality: Arc<str>,
     pub health: Health,
-    /// Its `envoy.transport_socket_match` metadata, which picks TLS or plaintext (shared by
-    /// the endpoints that have the same).
-    pub socket_labels: Option<SocketLabels>,
+    /// What the control plane says of it (shared by the endpoints that have the same).
+    pub metadata: Option<Arc<EndpointMetadata>>,
+}
+
+/// An endpoint's metadata that tern uses.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct EndpointMetadata {
+    /// `envoy.transport_socket_match` (Istio's `tlsMode`): picks TLS or plaintext.
+    pub socket_match: Vec<(String, String)>,
+    /// Istio's `istio.workload`: `name;namespace;canonical name;revision;cluster`.
+    pub workload: Option<String>,
 }
 
 /// Envoy's `HealthStatus`; UNHEALTHY and DRAINING endpoints get no requests.

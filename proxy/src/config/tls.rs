@@ -75,20 +75,16 @@ pub struct SocketMatch {
     pub tls: Option<Arc<UpstreamTls>>,
 }
 
-/// An endpoint's `envoy.transport_socket_match` metadata (Istio's `tlsMode`).
-pub type SocketLabels = Arc<[(String, String)]>;
-
 impl TransportSockets {
     /// Whether any endpoint can get TLS.
     pub fn any_tls(&self) -> bool {
         self.default.is_some() || self.matches.iter().any(|m| m.tls.is_some())
     }
 
-    /// The TLS an endpoint with these labels gets (`None`: plaintext).
-    pub fn for_endpoint(&self, labels: Option<&SocketLabels>) -> Option<&Arc<UpstreamTls>> {
-        let has = |(k, v): &(String, String)| {
-            labels.is_some_and(|l| l.iter().any(|(lk, lv)| lk == k && lv == v))
-        };
+    /// The TLS an endpoint with these `envoy.transport_socket_match` labels gets (`None`:
+    /// plaintext).
+    pub fn for_endpoint(&self, labels: &[(String, String)]) -> Option<&Arc<UpstreamTls>> {
+        let has = |(k, v): &(String, String)| labels.iter().any(|(lk, lv)| lk == k && lv == v);
         match self.matches.iter().find(|m| m.criteria.iter().all(has)) {
             Some(m) => m.tls.as_ref(),
             None => self.default.as_ref(),
@@ -130,16 +126,16 @@ mod tests {
             ],
             default: None,
         };
-        let istio: SocketLabels = Arc::from([("tlsMode".to_owned(), "istio".to_owned())]);
-        let disabled: SocketLabels = Arc::from([("tlsMode".to_owned(), "disabled".to_owned())]);
-        assert!(sockets.for_endpoint(Some(&istio)).is_some());
-        assert!(sockets.for_endpoint(Some(&disabled)).is_none());
-        assert!(sockets.for_endpoint(None).is_none());
+        let istio = [("tlsMode".to_owned(), "istio".to_owned())];
+        let disabled = [("tlsMode".to_owned(), "disabled".to_owned())];
+        assert!(sockets.for_endpoint(&istio).is_some());
+        assert!(sockets.for_endpoint(&disabled).is_none());
+        assert!(sockets.for_endpoint(&[]).is_none());
         assert!(sockets.any_tls());
         let always = TransportSockets {
             matches: vec![],
             default: Some(tls()),
         };
-        assert!(always.for_endpoint(None).is_some());
+        assert!(always.for_endpoint(&[]).is_some());
     }
 }

@@ -27,6 +27,7 @@ pub mod authz;
 pub mod detect;
 mod guarded;
 pub mod inspect;
+mod istio;
 mod ordered;
 pub mod tcp;
 pub mod thrift;
@@ -142,6 +143,8 @@ pub struct Conn {
     pub direction: Direction,
     pub dst: SocketAddr,
     pub peer: SocketAddr,
+    /// The client's identity, when tern terminated mTLS.
+    pub peer_identity: Option<String>,
     /// The chain's RBAC filters, when it has any.
     pub authz: Option<Arc<Authz>>,
 }
@@ -186,7 +189,7 @@ pub async fn handle(
         Selection::Passthrough => {
             drop(snap);
             debug!(%dst, "no listener: passthrough");
-            tcp::passthrough(down.into(), dst, direction, &ctx).await;
+            tcp::passthrough(down.into(), dst, direction, None, &ctx).await;
             return Handled::Passthrough.into();
         }
         Selection::Deny => {
@@ -231,6 +234,7 @@ pub async fn handle(
         direction,
         dst,
         peer,
+        peer_identity: peer_identity.clone(),
         authz,
     };
     let (handled, denied_by) = match run_filter(down, filter, chain, &conn, ctx).await {
@@ -289,6 +293,7 @@ async fn run_filter(
         peer,
         ..
     } = *conn;
+    let identity = conn.peer_identity.as_deref();
     // Rules that name Thrift methods, on a connection that is not Thrift.
     let not_thrift = || match &conn.authz {
         Some(a) if a.defers() => a.check_not_thrift(&ctx.state.metrics),
@@ -304,7 +309,7 @@ async fn run_filter(
         Filter::Passthrough => {
             drop(snap);
             not_thrift()?;
-            tcp::passthrough(down, dst, direction, &ctx).await;
+            tcp::passthrough(down, dst, direction, identity, &ctx).await;
             return Ok(Handled::Passthrough);
         }
         Filter::Refuse => {
@@ -340,7 +345,15 @@ async fn run_filter(
         TcpMode::Relay => {
             not_thrift()?;
             if let Some(up) = tcp::connect(&cluster, dst, peer, direction, &ctx).await {
-                tcp::relay(down, BytesMut::new(), BytesMut::new(), up.stream).await;
+                let series = istio::tcp(
+                    &ctx,
+                    direction,
+                    Some(&cluster),
+                    up.endpoint,
+                    Some(&up.stream),
+                    identity,
+                );
+                tcp::relay(down, BytesMut::new(), BytesMut::new(), up.stream, series).await;
             }
             Handled::Tcp
         }
@@ -395,7 +408,15 @@ async fn run_filter(
                 } => {
                     // Nothing of the client's has been sent yet.
                     not_thrift()?;
-                    tcp::relay(down, from_client, from_server, upstream.stream).await;
+                    let series = istio::tcp(
+                        &ctx,
+                        direction,
+                        Some(&cluster),
+                        upstream.endpoint,
+                        Some(&upstream.stream),
+                        identity,
+                    );
+                    tcp::relay(down, from_client, from_server, upstream.stream, series).await;
                     Handled::Tcp
                 }
                 detect::Outcome::Unreachable => Handled::Tcp,

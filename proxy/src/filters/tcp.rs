@@ -13,6 +13,7 @@ use crate::{
     socket,
     state::{ClusterState, Failure},
     stream::Stream,
+    telemetry::TcpSeries,
     upstream::dial::dial,
 };
 
@@ -94,16 +95,32 @@ async fn connect_original(dst: SocketAddr, direction: Direction, ctx: &Ctx) -> O
     }
 }
 
-/// Relays to the original destination (no listener matched).
-pub async fn passthrough(down: Stream, dst: SocketAddr, direction: Direction, ctx: &Ctx) {
+/// Relays to the original destination (no listener matched, or a chain set aside);
+/// `peer_identity` is the client's, when tern terminated mTLS.
+pub async fn passthrough(
+    down: Stream,
+    dst: SocketAddr,
+    direction: Direction,
+    peer_identity: Option<&str>,
+    ctx: &Ctx,
+) {
     if let Some(up) = connect_original(dst, direction, ctx).await {
-        relay(down, BytesMut::new(), BytesMut::new(), up).await;
+        let series = super::istio::tcp(ctx, direction, None, None, Some(&up), peer_identity);
+        relay(down, BytesMut::new(), BytesMut::new(), up, series).await;
     }
 }
 
 /// Relays bytes both ways until both sides are done, starting with what each side sent
 /// before the relay began.
-pub async fn relay(mut down: Stream, from_client: BytesMut, from_server: BytesMut, mut up: Stream) {
+pub async fn relay(
+    mut down: Stream,
+    from_client: BytesMut,
+    from_server: BytesMut,
+    mut up: Stream,
+    series: TcpSeries,
+) {
+    series.opened.inc();
+    let _closed = Closed(&series);
     let _ = down.set_nodelay(true);
     if !from_server.is_empty() && down.write_all(&from_server).await.is_err() {
         return;
@@ -111,12 +128,27 @@ pub async fn relay(mut down: Stream, from_client: BytesMut, from_server: BytesMu
     if !from_client.is_empty() && up.write_all(&from_client).await.is_err() {
         return;
     }
+    series.received_bytes.inc_by(from_client.len() as u64);
+    series.sent_bytes.inc_by(from_server.len() as u64);
     match tokio::io::copy_bidirectional(&mut down, &mut up).await {
-        Ok((to_up, to_down)) => debug!(
-            bytes_up = to_up + from_client.len() as u64,
-            bytes_down = to_down + from_server.len() as u64,
-            "relay closed"
-        ),
+        Ok((to_up, to_down)) => {
+            series.received_bytes.inc_by(to_up);
+            series.sent_bytes.inc_by(to_down);
+            debug!(
+                bytes_up = to_up + from_client.len() as u64,
+                bytes_down = to_down + from_server.len() as u64,
+                "relay closed"
+            );
+        }
         Err(e) => debug!(error = %e, "relay ended with an error"),
+    }
+}
+
+/// Counts the connection closed however the relay ends.
+struct Closed<'a>(&'a TcpSeries);
+
+impl Drop for Closed<'_> {
+    fn drop(&mut self) {
+        self.0.closed.inc();
     }
 }

@@ -28,7 +28,7 @@ use tokio::{
 };
 use tracing::{Instrument, debug, debug_span, warn};
 
-use super::{Ctx, authz::Authz, ordered::Ordered};
+use super::{Ctx, authz::Authz, istio, ordered::Ordered};
 use crate::{
     balance::{hash_key, source_hash},
     config::{Cluster, Filter, Route, RouteAction, RouteMatch, Target, UpstreamMode},
@@ -372,16 +372,14 @@ impl Plan {
     ) -> Plan {
         ctx.state.metrics.local_reply(cluster, cause);
         debug!(cause, "local reply");
-        if msg.kind() == MessageType::Oneway {
-            return Plan::Local(None);
-        }
-        Plan::Local(Some(application_exception(
-            &msg.meta(),
-            msg.name(),
-            msg.seq_id(),
-            kind,
-            why,
-        )))
+        let reply = (msg.kind() != MessageType::Oneway)
+            .then(|| application_exception(&msg.meta(), msg.name(), msg.seq_id(), kind, why));
+        istio::local_reply(ctx, None, cause).observe(
+            0.0,
+            msg.as_bytes().len(),
+            reply.as_ref().map_or(0, Bytes::len),
+        );
+        Plan::Local(reply)
     }
 
     fn client_seq(&self) -> i32 {
@@ -409,12 +407,21 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Byte
     let cfg = &cluster.config;
     let rt = &cluster.runtime;
     let oneway = msg.kind() == MessageType::Oneway;
+    let began = Instant::now();
+    let request_len = msg.as_bytes().len();
+    let elapsed_ms = || began.elapsed().as_secs_f64() * 1000.0;
     // The name of a local reply comes from the request bytes, wherever they are now.
     let local = |name: &[u8], cause: &'static str, kind: AppExceptionType, why: &str| {
         rt.metrics().methods.count(split_name(name).1, false);
         ctx.state.metrics.local_reply(&cfg.name, cause);
         debug!(cause, "local reply");
-        (!oneway).then(|| application_exception(&meta, name, client_seq, kind, why))
+        let reply = (!oneway).then(|| application_exception(&meta, name, client_seq, kind, why));
+        istio::local_reply(&ctx, Some(&cluster), cause).observe(
+            elapsed_ms(),
+            request_len,
+            reply.as_ref().map_or(0, Bytes::len),
+        );
+        reply
     };
     if rt.active_requests.load(Ordering::Relaxed) >= cfg.circuit_breakers.max_requests {
         return local(
@@ -430,12 +437,15 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Byte
     let mut tried = [usize::MAX; MAX_ATTEMPTS];
     // What an attempt's outcome means for the client; `name` names a local reply.
     let conclude_with =
-        |endpoint: &crate::state::EndpointRuntime,
+        |ep: &crate::state::EndpointHandle,
          started: Instant,
          outcome: Result<Result<Option<Message>, Failed>, tokio::time::error::Elapsed>,
          name: &[u8]| {
+            let endpoint = &*ep.runtime;
             match outcome {
                 Ok(Ok(Some(reply))) => {
+                    istio::endpoint_requests(&ctx, &cluster, ep)[reply.reply_result() as usize]
+                        .observe(elapsed_ms(), request_len, reply.as_bytes().len());
                     let answered = reply.kind() == MessageType::Reply;
                     rt.metrics().methods.count(split_name(name).1, answered);
                     match reply.reply_result() {
@@ -451,6 +461,11 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Byte
                     Next::Done(Some(reply.into_bytes()))
                 }
                 Ok(Ok(None)) => {
+                    istio::endpoint_requests(&ctx, &cluster, ep)[0].observe(
+                        elapsed_ms(),
+                        request_len,
+                        0,
+                    );
                     rt.metrics().methods.count(split_name(name).1, false);
                     Next::Done(None)
                 }
@@ -509,7 +524,7 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Byte
         debug!(endpoint = %ep.config.address, attempt, "sending");
         let _in_flight = ActiveEndpoint::new(&ert.active);
         let started = Instant::now();
-        let conclude = |outcome, name: &[u8]| conclude_with(ert, started, outcome, name);
+        let conclude = |outcome, name: &[u8]| conclude_with(ep, started, outcome, name);
         let outcome = match cfg.upstream {
             UpstreamMode::Exclusive => {
                 let call = exclusive::call(ert, &msg, &settings, rt);
@@ -520,6 +535,11 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Byte
                 let generation = cell.begin();
                 match multiplexed::send(ert, msg, &settings, rt, (&cell, generation)) {
                     Ok(Sent::Oneway(sent)) => {
+                        istio::endpoint_requests(&ctx, &cluster, ep)[0].observe(
+                            elapsed_ms(),
+                            request_len,
+                            0,
+                        );
                         rt.metrics()
                             .methods
                             .count(split_name(&sent[meta.name_range()]).1, false);

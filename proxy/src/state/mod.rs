@@ -264,7 +264,7 @@ fn build_cluster(config: Arc<Cluster>, runtime: Arc<ClusterRuntime>) -> ClusterS
         .map(|e| {
             let tls = config
                 .transport
-                .for_endpoint(e.socket_labels.as_ref())
+                .for_endpoint(e.metadata.as_ref().map_or(&[], |m| &m.socket_match[..]))
                 .cloned();
             let key = (e.address, tls);
             let rt = known

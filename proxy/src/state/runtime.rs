@@ -18,6 +18,7 @@ use crate::{
     config::UpstreamTls,
     method_labels::MethodCounters,
     metrics::{ClusterLabel, Metrics, ResultLabels},
+    telemetry::RequestSeries,
     thrift::frame::ReplyResult,
     tls::{ClientTls, ContextError, TlsContexts},
     upstream::Pool,
@@ -35,6 +36,10 @@ pub struct EndpointRuntime {
     pub errors: AtomicU64,
     pub outlier: Outlier,
     pub pool: Pool,
+    /// The identity its certificate showed at the first TLS handshake.
+    pub server_identity: OnceLock<String>,
+    /// Istio's request series of calls to it (made at the first call).
+    pub istio: OnceLock<[RequestSeries; 3]>,
 }
 
 impl EndpointRuntime {
@@ -47,6 +52,8 @@ impl EndpointRuntime {
             errors: AtomicU64::new(0),
             outlier: Outlier::default(),
             pool: Pool::default(),
+            server_identity: OnceLock::new(),
+            istio: OnceLock::new(),
         }
     }
 

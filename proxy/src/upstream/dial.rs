@@ -34,13 +34,17 @@ pub async fn dial(
         cluster
             .registry()
             .handshake("outbound", handshake.as_ref().map(|_| ()));
-        let tls = handshake?;
+        let stream = Stream::Tls(Box::new(handshake?.into()));
+        let identity = stream.peer_identity();
         tracing::debug!(
             endpoint = %endpoint.address,
-            server_identity = crate::tls::peer_identity(tls.get_ref().1.peer_certificates()).as_deref().unwrap_or("-"),
+            server_identity = identity.as_deref().unwrap_or("-"),
             "TLS to the endpoint"
         );
-        Ok(Stream::Tls(Box::new(tls.into())))
+        if let Some(id) = identity {
+            let _ = endpoint.server_identity.set(id);
+        }
+        Ok(stream)
     };
     tokio::time::timeout(timeout, open)
         .await

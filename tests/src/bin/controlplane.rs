@@ -653,8 +653,12 @@ fn generated(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<(String, Any
             .filter(|svc| wanted(&svc.cluster()))
             .map(|svc| {
                 let mut cla = load_assignment(&svc.cluster(), &svc.endpoints);
-                if svc.mtls.is_some() {
-                    for e in cla.endpoints.iter_mut().flat_map(|l| &mut l.lb_endpoints) {
+                for e in cla.endpoints.iter_mut().flat_map(|l| &mut l.lb_endpoints) {
+                    build::istio_workload(
+                        e,
+                        &format!("{}-v1;default;{};v1;Kubernetes", svc.name, svc.name),
+                    );
+                    if svc.mtls.is_some() {
                         build::istio_tls_mode(e);
                     }
                 }

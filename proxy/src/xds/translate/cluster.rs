@@ -14,7 +14,7 @@ use super::{
     endpoints::{self, LoadAssignment},
 };
 use crate::config::{
-    CircuitBreakers, Cluster, HashTable, LbPolicy, OutlierDetection, UpstreamMode,
+    CircuitBreakers, Cluster, HashTable, LbPolicy, OutlierDetection, ServiceRef, UpstreamMode,
 };
 
 /// Where a cluster's endpoints come from.
@@ -133,6 +133,7 @@ pub fn translate(c: &XdsCluster) -> Result<Translated, TranslateError> {
         idle_timeout: crate::config::DEFAULT_IDLE_TIMEOUT,
         original_dst,
         transport,
+        service: service(c).map(std::sync::Arc::new),
     };
     Ok(Translated {
         cluster,
@@ -211,6 +212,40 @@ fn outlier(o: &cluster_types::OutlierDetection) -> OutlierDetection {
             .as_ref()
             .map_or(d.max_ejection, duration),
         max_ejection_percent: percent(o.max_ejection_percent, d.max_ejection_percent),
+    }
+}
+
+/// The service from istiod's `istio.services` metadata, else from the cluster's name.
+fn service(c: &XdsCluster) -> Option<ServiceRef> {
+    use tern_proto::wkt::Kind;
+    let first = c
+        .metadata
+        .as_ref()
+        .and_then(|m| m.filter_metadata.get("istio"))
+        .and_then(|s| s.fields.get("services"))
+        .and_then(|v| match &v.kind {
+            Some(Kind::ListValue(l)) => l.values.first(),
+            _ => None,
+        })
+        .and_then(|v| match &v.kind {
+            Some(Kind::StructValue(s)) => Some(s),
+            _ => None,
+        });
+    let text = |s: &tern_proto::wkt::Struct, k: &str| match s
+        .fields
+        .get(k)
+        .and_then(|v| v.kind.as_ref())
+    {
+        Some(Kind::StringValue(v)) => Some(v.clone()),
+        _ => None,
+    };
+    match first {
+        Some(s) => Some(ServiceRef {
+            host: text(s, "host")?,
+            name: text(s, "name").unwrap_or_default(),
+            namespace: text(s, "namespace").unwrap_or_default(),
+        }),
+        None => ServiceRef::from_cluster_name(&c.name),
     }
 }
 

@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, sync::Arc};
 use tern_proto::ClusterLoadAssignment;
 
 use super::{Invalid, TranslateError, socket_addr};
-use crate::config::{Endpoint, Health, SocketLabels};
+use crate::config::{Endpoint, EndpointMetadata, Health};
 
 /// A cluster's endpoints and the weight of each locality (shared with the clusters built
 /// from them).
@@ -27,7 +27,7 @@ pub fn translate(cla: &ClusterLoadAssignment) -> Result<LoadAssignment, Invalid>
     use tern_proto::endpoint_types::lb_endpoint::HostIdentifier;
     let mut endpoints = Vec::new();
     let mut locality_weights = BTreeMap::new();
-    let mut labels_seen: Vec<SocketLabels> = Vec::new();
+    let mut seen: Vec<Arc<EndpointMetadata>> = Vec::new();
     for group in &cla.endpoints {
         let locality: Arc<str> = group
             .locality
@@ -57,7 +57,7 @@ pub fn translate(cla: &ClusterLoadAssignment) -> Result<LoadAssignment, Invalid>
                 priority: group.priority,
                 locality: locality.clone(),
                 health,
-                socket_labels: socket_labels(e, &mut labels_seen),
+                metadata: metadata(e, &mut seen),
             });
         }
     }
@@ -67,28 +67,41 @@ pub fn translate(cla: &ClusterLoadAssignment) -> Result<LoadAssignment, Invalid>
     })
 }
 
-/// An endpoint's `envoy.transport_socket_match` metadata, shared with the endpoints before
-/// it that have the same (a cluster's endpoints have one or two kinds).
-fn socket_labels(
+/// An endpoint's metadata (`envoy.transport_socket_match`, `istio.workload`), shared with
+/// the endpoints before it that have the same (a deployment's endpoints do).
+fn metadata(
     e: &tern_proto::endpoint_types::LbEndpoint,
-    seen: &mut Vec<SocketLabels>,
-) -> Option<SocketLabels> {
-    let s = e
-        .metadata
-        .as_ref()?
-        .filter_metadata
-        .get(super::tls::SOCKET_MATCH_METADATA)?;
-    let mut labels: Vec<(String, String)> = super::tls::string_fields(s).collect();
-    labels.sort();
-    if let Some(known) = seen.iter().find(|k| ***k == labels[..]) {
+    seen: &mut Vec<Arc<EndpointMetadata>>,
+) -> Option<Arc<EndpointMetadata>> {
+    let md = &e.metadata.as_ref()?.filter_metadata;
+    let mut socket_match: Vec<(String, String)> = md
+        .get(super::tls::SOCKET_MATCH_METADATA)
+        .map(|s| super::tls::string_fields(s).collect())
+        .unwrap_or_default();
+    socket_match.sort();
+    let workload = md
+        .get("istio")
+        .and_then(|s| s.fields.get("workload"))
+        .and_then(|v| match &v.kind {
+            Some(tern_proto::wkt::Kind::StringValue(w)) => Some(w.clone()),
+            _ => None,
+        });
+    if socket_match.is_empty() && workload.is_none() {
+        return None;
+    }
+    let found = EndpointMetadata {
+        socket_match,
+        workload,
+    };
+    if let Some(known) = seen.iter().find(|k| ***k == found) {
         return Some(known.clone());
     }
-    let labels: SocketLabels = labels.into();
+    let found = Arc::new(found);
     // A bound on the search: a cluster whose endpoints all differ shares nothing.
     if seen.len() < 8 {
-        seen.push(labels.clone());
+        seen.push(found.clone());
     }
-    Some(labels)
+    Some(found)
 }
 
 /// Translates a `ClusterLoadAssignment` received by itself (EDS).
