@@ -200,6 +200,31 @@ pub fn istio_auto_mtls(cluster: &mut Cluster, san: &str, sni: &str) {
     ];
 }
 
+/// A DestinationRule's `tls: {mode: SIMPLE, caCertificates, sni, subjectAltNames}` on a
+/// cluster, as istiod writes it: TLS to every endpoint, no client certificate, the server
+/// checked against the file's roots and `san`.
+pub fn istio_simple_tls(cluster: &mut Cluster, ca_file: &str, sni: &str, san: &str) {
+    let mut common = istio_common_tls(&[], vec![exact(san)]);
+    common.tls_certificate_sds_secret_configs.clear();
+    if let Some(tls_types::common_tls_context::ValidationContextType::CombinedValidationContext(
+        c,
+    )) = &mut common.validation_context_type
+    {
+        c.validation_context_sds_secret_config = Some(sds(&format!("file-root:{ca_file}")));
+    }
+    let t = tls_types::UpstreamTlsContext {
+        common_tls_context: Some(common),
+        sni: sni.into(),
+        ..Default::default()
+    };
+    cluster.transport_socket = Some(core_types::TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(core_types::transport_socket::ConfigType::TypedConfig(
+            encode(&t, type_url::UPSTREAM_TLS_CONTEXT),
+        )),
+    });
+}
+
 /// Gives an endpoint istiod's workload metadata (`istio.workload`:
 /// `name;namespace;canonical name;revision;cluster`).
 pub fn istio_workload(e: &mut endpoint_types::LbEndpoint, workload: &str) {

@@ -54,9 +54,11 @@ struct Mesh {
 
 struct TempFile(std::path::PathBuf);
 
+/// A temporary file or directory, removed on drop.
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -65,8 +67,15 @@ fn mesh(inbound: &str, ttl: &str) -> Mesh {
 }
 
 fn mesh_with(first: &str, ttl: &str) -> Mesh {
+    mesh_full(first, &["--secret-ttl", ttl], |_| {})
+}
+
+/// The mesh with `extra` arguments for tern, and `prepare` run with the CA before tern
+/// starts.
+fn mesh_full(first: &str, extra: &[&str], prepare: impl FnOnce(&TestCa)) -> Mesh {
     let p = pods();
     let ca = TestCa::new().unwrap();
+    prepare(&ca);
     let istiod = ca
         .issue(
             "istiod",
@@ -134,28 +143,23 @@ fn mesh_with(first: &str, ttl: &str) -> Mesh {
         ],
     )
     .unwrap();
-    let tern = p
-        .start_tern_with(
-            &[
-                "--xds-address",
-                "https://127.0.0.1:15012",
-                "--xds-ca",
-                &ca_path,
-                "--xds-server-name",
-                "istiod.istio-system.svc",
-                "--xds-token-file",
-                &token_str,
-                "--namespace",
-                "default",
-                "--service-account",
-                "app",
-                "--secret-ttl",
-                ttl,
-                "--access-log",
-            ],
-            "info,tern=debug",
-        )
-        .unwrap();
+    let mut args = vec![
+        "--xds-address",
+        "https://127.0.0.1:15012",
+        "--xds-ca",
+        &ca_path,
+        "--xds-server-name",
+        "istiod.istio-system.svc",
+        "--xds-token-file",
+        &token_str,
+        "--namespace",
+        "default",
+        "--service-account",
+        "app",
+        "--access-log",
+    ];
+    args.extend(extra);
+    let tern = p.start_tern_with(&args, "info,tern=debug").unwrap();
     Mesh {
         p,
         ca,
@@ -555,4 +559,105 @@ fn inbound_authorization_policies() {
         &["--calls", "1", "--method", "echo"],
     );
     assert_eq!(still.app_errors.len(), 1, "{still:?}");
+}
+
+/// A DestinationRule's SIMPLE TLS to a host outside the mesh (`openssl s_server`): tern
+/// originates TLS with the rule's SNI, checks the server against the rule's CA file and
+/// SAN, presents no certificate; a SAN the server does not have is refused.
+#[test]
+fn destination_rule_simple_tls_to_an_openssl_server() {
+    let m = mesh("null", "1h");
+    let external =
+        m.ca.issue(
+            "external",
+            &["api.external.test"],
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let mut server = m.p.srv.command(
+        None,
+        Path::new("openssl"),
+        &[
+            "s_server",
+            "-accept",
+            "10.66.1.2:8443",
+            "-cert",
+            external.cert_str(),
+            "-key",
+            external.key_str(),
+            "-rev",
+            "-quiet",
+        ],
+    );
+    server.stdin(std::process::Stdio::null());
+    server.stdout(std::process::Stdio::null());
+    let _server = Process::spawn(server).unwrap();
+    let ca = m.ca.ca_str();
+    m.cp.push(&snapshot_with(
+        "2",
+        "null",
+        "",
+    ).replace(
+        "services:\n",
+        &format!(
+            "services:\n  - {{ name: external, vip: 10.96.0.40, port: 8443, filter: tcp, simple_tls: {{ ca: \"{ca}\", sni: api.external.test, san: api.external.test }}, endpoints: [\"10.66.1.2:8443\"] }}\n  - {{ name: external-wrong, vip: 10.96.0.41, port: 8443, filter: tcp, simple_tls: {{ ca: \"{ca}\", sni: api.external.test, san: api.other.test }}, endpoints: [\"10.66.1.2:8443\"] }}\n"
+        ),
+    ));
+    assert!(m.cp.wait_for("ACK Cluster 2"), "{}", m.cp.events());
+    let out = eventually_reply(&m, "10.96.0.40:8443");
+    assert_eq!(out["reply"], "olleh", "{out}\n{}", m.tern.log());
+    let wrong = m.python(&m.p.app, &["plain", "10.96.0.41:8443"]);
+    assert!(wrong.get("reply").is_none(), "{wrong}");
+    assert!(m.handshakes("outbound", "san_mismatch") >= 1.0);
+}
+
+/// A reply through `addr`, once the server is up.
+fn eventually_reply(m: &Mesh, addr: &str) -> serde_json::Value {
+    let mut out = serde_json::Value::Null;
+    eventually(Duration::from_secs(5), || {
+        out = m.python(&m.p.app, &["plain", addr]);
+        out.get("reply").is_some()
+    });
+    out
+}
+
+/// Certificates from files, as Istio's `OUTPUT_CERTS` or istio-csr write them: tern reads
+/// `cert-chain.pem`, `key.pem` and `root-cert.pem`, calls the mTLS server with them, and
+/// reads them again when they change; a broken set is refused and the last one serves.
+#[test]
+fn workload_certificate_from_files_read_again_when_they_change() {
+    let temp = TempFile(std::env::temp_dir().join(unique("certs")));
+    let dir = temp.0.clone();
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |ca: &TestCa, name: &str| {
+        let issued = ca
+            .issue(name, &[APP_ID], Duration::from_secs(3600))
+            .unwrap();
+        std::fs::copy(&issued.cert, dir.join("cert-chain.pem")).unwrap();
+        std::fs::copy(&issued.key, dir.join("key.pem")).unwrap();
+        std::fs::copy(ca.cert_path(), dir.join("root-cert.pem")).unwrap();
+    };
+    let dir_str = dir.to_str().unwrap().to_owned();
+    let m = mesh_full(&snapshot("1", "null"), &["--cert-dir", &dir_str], |ca| {
+        write(ca, "files-1")
+    });
+    let serial = || m.config_dump()["certificate"]["info"]["serial"].clone();
+    assert!(eventually(Duration::from_secs(5), || !serial().is_null()));
+    assert!(!m.cp.events().contains("ISSUE"), "no CA call with files");
+    let first = serial();
+    let out = m.python(&m.p.app, &["plain", SECURE]);
+    assert_eq!(out["reply"], format!("{APP_ID} hello"), "{out}");
+
+    write(&m.ca, "files-2");
+    assert!(eventually(Duration::from_secs(5), || serial() != first));
+    let out = m.python(&m.p.app, &["plain", SECURE]);
+    assert_eq!(out["reply"], format!("{APP_ID} hello"), "{out}");
+
+    let second = serial();
+    std::fs::write(dir.join("key.pem"), "not a key").unwrap();
+    assert!(eventually(Duration::from_secs(5), || metric(
+        &m.p.app,
+        r#"tern_tls_certificate_updates_total{source="files",result="failed"}"#
+    ) >= 1.0));
+    assert_eq!(serial(), second, "the last good certificate keeps serving");
 }

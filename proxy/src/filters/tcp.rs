@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
+use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::debug;
 
 use super::{Ctx, Direction};
@@ -14,7 +14,7 @@ use crate::{
     state::{ClusterState, Failure},
     stream::Stream,
     telemetry::TcpSeries,
-    upstream::dial::dial,
+    upstream::dial::{dial, secure},
 };
 
 /// An upstream connection and, for a cluster endpoint, the endpoint it goes to.
@@ -35,12 +35,20 @@ pub async fn connect(
     ctx: &Ctx,
 ) -> Option<Connected> {
     if cluster.config.original_dst {
-        return connect_original(dst, direction, ctx)
-            .await
-            .map(|stream| Connected {
-                stream,
-                endpoint: None,
-            });
+        let (tcp, target) = connect_original(dst, direction, ctx).await?;
+        // A DestinationRule's TLS applies to the original destination too.
+        let tls = cluster.config.transport.for_endpoint(&[]);
+        let stream = match secure(tcp, target, tls, &cluster.runtime).await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(%target, error = %e, "TLS to the original destination failed");
+                return None;
+            }
+        };
+        return Some(Connected {
+            stream,
+            endpoint: None,
+        });
     }
     let hash = cluster
         .config
@@ -75,7 +83,12 @@ pub async fn connect(
 
 /// Connects to the original destination; inbound connections reach the local application
 /// from 127.0.0.6.
-async fn connect_original(dst: SocketAddr, direction: Direction, ctx: &Ctx) -> Option<Stream> {
+/// The socket to the original destination, and the address it reached.
+async fn connect_original(
+    dst: SocketAddr,
+    direction: Direction,
+    ctx: &Ctx,
+) -> Option<(TcpStream, SocketAddr)> {
     let (target, source) = match direction {
         Direction::Outbound => (dst, None),
         Direction::Inbound => socket::inbound_target(dst),
@@ -83,7 +96,7 @@ async fn connect_original(dst: SocketAddr, direction: Direction, ctx: &Ctx) -> O
     debug!(original_dst = %dst, %target, "relaying");
     let connect = socket::connect_upstream(target, ctx.mark, source);
     match tokio::time::timeout(ctx.connect_timeout, connect).await {
-        Ok(Ok(up)) => Some(Stream::Plain(up)),
+        Ok(Ok(up)) => Some((up, target)),
         Ok(Err(e)) => {
             debug!(%target, error = %e, "upstream connect failed");
             None
@@ -104,7 +117,8 @@ pub async fn passthrough(
     peer_identity: Option<&str>,
     ctx: &Ctx,
 ) {
-    if let Some(up) = connect_original(dst, direction, ctx).await {
+    if let Some((up, _)) = connect_original(dst, direction, ctx).await {
+        let up = Stream::Plain(up);
         let series = super::istio::tcp(ctx, direction, None, None, Some(&up), peer_identity);
         relay(down, BytesMut::new(), BytesMut::new(), up, series).await;
     }

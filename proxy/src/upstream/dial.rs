@@ -1,9 +1,13 @@
-//! Opening a connection to an endpoint: TCP from a marked socket, then the TLS handshake
-//! when the endpoint is reached over TLS (Istio's auto-mTLS picks that per endpoint). The
-//! whole of it is bounded by the connect timeout; handshakes are counted by result.
-use std::{io, time::Duration};
+//! Opening a connection upstream: TCP from a marked socket, then the TLS handshake when the
+//! destination is reached over TLS (Istio's auto-mTLS picks that per endpoint; a
+//! DestinationRule can ask it of an original-destination cluster). The whole of it is
+//! bounded by the connect timeout; handshakes are counted by result.
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::net::TcpStream;
 
 use crate::{
+    config::UpstreamTls,
     socket,
     state::{ClusterRuntime, EndpointRuntime},
     stream::Stream,
@@ -16,32 +20,10 @@ pub async fn dial(
     mark: u32,
     timeout: Duration,
 ) -> io::Result<Stream> {
-    // The TLS client is resolved before connecting: a context that cannot be built (a
-    // missing file) fails the attempt without opening a socket.
-    let tls = match &endpoint.tls {
-        Some(t) => Some(cluster.client_tls(t).map_err(|e| {
-            tracing::warn!(cluster = %cluster.name(), error = %e, "TLS context unusable");
-            io::Error::other(e)
-        })?),
-        None => None,
-    };
     let open = async {
         let tcp = socket::connect_upstream(endpoint.address, mark, None).await?;
-        let Some(tls) = tls else {
-            return Ok(Stream::Plain(tcp));
-        };
-        let handshake = tls.connect(tcp, endpoint.address.ip()).await;
-        cluster
-            .registry()
-            .handshake("outbound", handshake.as_ref().map(|_| ()));
-        let stream = Stream::Tls(Box::new(handshake?.into()));
-        let identity = stream.peer_identity();
-        tracing::debug!(
-            endpoint = %endpoint.address,
-            server_identity = identity.as_deref().unwrap_or("-"),
-            "TLS to the endpoint"
-        );
-        if let Some(id) = identity {
+        let stream = secure(tcp, endpoint.address, endpoint.tls.as_ref(), cluster).await?;
+        if let Some(id) = stream.peer_identity() {
             let _ = endpoint.server_identity.set(id);
         }
         Ok(stream)
@@ -49,4 +31,31 @@ pub async fn dial(
     tokio::time::timeout(timeout, open)
         .await
         .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+}
+
+/// TLS over a socket connected to `addr`, when `tls` asks for it.
+pub async fn secure(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    tls: Option<&Arc<UpstreamTls>>,
+    cluster: &ClusterRuntime,
+) -> io::Result<Stream> {
+    let Some(tls) = tls else {
+        return Ok(Stream::Plain(tcp));
+    };
+    let client = cluster.client_tls(tls).map_err(|e| {
+        tracing::warn!(cluster = %cluster.name(), error = %e, "TLS context unusable");
+        io::Error::other(e)
+    })?;
+    let handshake = client.connect(tcp, addr.ip()).await;
+    cluster
+        .registry()
+        .handshake("outbound", handshake.as_ref().map(|_| ()));
+    let stream = Stream::Tls(Box::new(handshake?.into()));
+    tracing::debug!(
+        %addr,
+        server_identity = stream.peer_identity().as_deref().unwrap_or("-"),
+        "TLS upstream"
+    );
+    Ok(stream)
 }

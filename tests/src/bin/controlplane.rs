@@ -184,6 +184,7 @@ impl Snapshot {
                 filter: "tcp".into(),
                 lb: None,
                 mtls: None,
+                simple_tls: None,
                 endpoints: (0..10)
                     .map(|e| format!("10.200.{}.{}:{}", i / 256, i % 256, 9000 + e))
                     .collect(),
@@ -348,6 +349,16 @@ struct Service {
     /// verifies this SAN.
     #[serde(default)]
     mtls: Option<String>,
+    /// A DestinationRule's SIMPLE TLS: `{ca, sni, san}`.
+    #[serde(default)]
+    simple_tls: Option<SimpleTls>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+struct SimpleTls {
+    ca: String,
+    sni: String,
+    san: String,
 }
 
 impl Service {
@@ -600,6 +611,9 @@ fn generated(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<(String, Any
             }
             for svc in &s.all_services() {
                 let mut c = eds_cluster(&svc.cluster());
+                if let Some(t) = &svc.simple_tls {
+                    build::istio_simple_tls(&mut c, &t.ca, &t.sni, &t.san);
+                }
                 if let Some(san) = &svc.mtls {
                     let sni = format!(
                         "outbound_.{}_._.{}.default.svc.cluster.local",
