@@ -195,6 +195,37 @@ pub struct XdsUpdates {
     pub rss_mib_with_capture: f64,
 }
 
+/// Connection setup with mutual TLS, terminated by one proxy.
+#[derive(Clone, Debug, Serialize)]
+pub struct MtlsSetup {
+    pub handshakes_per_s: f64,
+    pub proxy_cpu_s: f64,
+    /// Handshakes per CPU second of the proxy.
+    pub handshakes_per_core: f64,
+}
+
+/// Thrift calls through two sidecars.
+#[derive(Clone, Debug, Serialize)]
+pub struct MtlsPath {
+    pub rps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    /// CPU seconds per million calls, client-side and server-side tern.
+    pub client_cpu_s_per_m: f64,
+    pub server_cpu_s_per_m: f64,
+}
+
+/// What mutual TLS costs (`bench/src/bin/bench/mtls.rs`).
+#[derive(Clone, Debug, Serialize)]
+pub struct MtlsBench {
+    pub tern: MtlsSetup,
+    pub haproxy: MtlsSetup,
+    pub thrift_mtls: MtlsPath,
+    pub thrift_plaintext: MtlsPath,
+    /// mTLS handshakes the client-side tern made for all the calls (pooled connections).
+    pub pooled_handshakes: f64,
+}
+
 /// Everything `cargo xtask bench` measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
@@ -204,6 +235,7 @@ pub struct Report {
     /// tern's resident memory, idle, with 1,000 clusters / 10,000 endpoints (MiB).
     pub idle_rss_mib_1000_clusters: f64,
     pub xds_updates: XdsUpdates,
+    pub mtls: Option<MtlsBench>,
     /// Micro-benchmarks: criterion means (ns) and allocations per proxied request.
     pub micro: BTreeMap<String, f64>,
     pub duration_secs: f64,
@@ -235,6 +267,7 @@ impl Report {
         method_names: MethodNames,
         idle_rss_mib_1000_clusters: f64,
         xds_updates: XdsUpdates,
+        mtls: Option<MtlsBench>,
         micro: BTreeMap<String, f64>,
         took: Duration,
     ) -> Self {
@@ -244,6 +277,7 @@ impl Report {
             method_names,
             idle_rss_mib_1000_clusters,
             xds_updates,
+            mtls,
             micro,
             duration_secs: took.as_secs_f64(),
         }
@@ -521,6 +555,37 @@ impl Report {
             ),
             None,
         );
+        if let Some(t) = &self.mtls {
+            line(
+                "mTLS connection setup (full handshakes, client certificate): tern vs HAProxy, per proxy core".into(),
+                format!(
+                    "{} vs {} handshakes per core ({}); {} vs {} per s",
+                    num(t.tern.handshakes_per_core),
+                    num(t.haproxy.handshakes_per_core),
+                    ratio(Some(t.tern.handshakes_per_core / t.haproxy.handshakes_per_core)),
+                    num(t.tern.handshakes_per_s),
+                    num(t.haproxy.handshakes_per_s)
+                ),
+                None,
+            );
+            let (m, p) = (&t.thrift_mtls, &t.thrift_plaintext);
+            line(
+                "Thrift through two sidecars, pooled mTLS vs plaintext: req/s, p99, CPU s per M calls (client + server tern)".into(),
+                format!(
+                    "{} vs {} req/s; {} vs {} µs; {} + {} vs {} + {} s; {} handshakes for all calls",
+                    num(m.rps),
+                    num(p.rps),
+                    num(m.p99_us),
+                    num(p.p99_us),
+                    num(m.client_cpu_s_per_m),
+                    num(m.server_cpu_s_per_m),
+                    num(p.client_cpu_s_per_m),
+                    num(p.server_cpu_s_per_m),
+                    num(t.pooled_handshakes)
+                ),
+                None,
+            );
+        }
         s + "\n"
     }
 
@@ -643,6 +708,7 @@ mod tests {
             names,
             12.0,
             xds,
+            None,
             BTreeMap::new(),
             Duration::from_secs(1),
         )

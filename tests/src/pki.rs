@@ -163,3 +163,69 @@ fn rand_serial() -> Vec<u8> {
     serial[0] &= 0x7f;
     serial
 }
+
+/// A mesh's trust, as istiod holds it: the CA, istiod's serving certificate (for
+/// `istiod.istio-system.svc`) and a service-account token file; the token is removed on drop.
+pub struct MeshTrust {
+    pub ca: TestCa,
+    pub istiod: Issued,
+    token: PathBuf,
+}
+
+/// Where the test control plane listens in a Pod (istiod's TLS port).
+pub const ISTIOD: &str = "127.0.0.1:15012";
+
+impl MeshTrust {
+    pub fn new() -> Result<Self> {
+        let ca = TestCa::new()?;
+        let istiod = ca.issue(
+            "istiod",
+            &["istiod.istio-system.svc"],
+            Duration::from_secs(3600),
+        )?;
+        let token = ca.dir.join("istio-token");
+        fs::write(&token, "a-service-account-jwt\n")?;
+        Ok(Self { ca, istiod, token })
+    }
+
+    fn token_str(&self) -> String {
+        self.token.to_str().expect("UTF-8 path").to_owned()
+    }
+
+    /// The test control plane's arguments: xDS and Istio's CA over TLS, the token checked,
+    /// certificates issued for `identity`.
+    pub fn control_plane_args(&self, identity: &str) -> Vec<String> {
+        vec![
+            "--tls".into(),
+            self.istiod.cert_str().into(),
+            self.istiod.key_str().into(),
+            "--token".into(),
+            self.token_str(),
+            "--ca".into(),
+            self.ca.ca_str(),
+            self.ca.key_path().to_str().expect("UTF-8 path").into(),
+            identity.into(),
+        ]
+    }
+
+    /// `tern run`'s arguments to reach that control plane at [`ISTIOD`] as istio-agent
+    /// would, for the identity of `namespace`/`service_account`.
+    pub fn tern_args(&self, namespace: &str, service_account: &str) -> Vec<String> {
+        [
+            "--xds-address",
+            &format!("https://{ISTIOD}"),
+            "--xds-ca",
+            &self.ca.ca_str(),
+            "--xds-server-name",
+            "istiod.istio-system.svc",
+            "--xds-token-file",
+            &self.token_str(),
+            "--namespace",
+            namespace,
+            "--service-account",
+            service_account,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+}

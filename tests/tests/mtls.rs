@@ -6,8 +6,9 @@
 use std::{path::Path, time::Duration};
 
 use tern_tests::{
-    ControlPlane, Pods, Process, Tern, eventually, metric, pki::TestCa, pods, python_peer,
-    start_server, unique,
+    ControlPlane, Pods, Process, Tern, eventually, metric,
+    pki::{ISTIOD, MeshTrust, TestCa},
+    pods, python_peer, start_server, unique,
 };
 
 const APP_ID: &str = "spiffe://cluster.local/ns/default/sa/app";
@@ -44,17 +45,16 @@ services:
 /// mTLS servers in the server Pod, and tern in the application Pod.
 struct Mesh {
     p: Pods,
-    ca: TestCa,
+    trust: MeshTrust,
     cp: ControlPlane,
     tern: Tern,
     server_log: std::path::PathBuf,
     _servers: Vec<Process>,
-    _token: TempFile,
 }
 
+/// A temporary file or directory, removed on drop.
 struct TempFile(std::path::PathBuf);
 
-/// A temporary file or directory, removed on drop.
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
@@ -74,100 +74,49 @@ fn mesh_with(first: &str, ttl: &str) -> Mesh {
 /// starts.
 fn mesh_full(first: &str, extra: &[&str], prepare: impl FnOnce(&TestCa)) -> Mesh {
     let p = pods();
-    let ca = TestCa::new().unwrap();
-    prepare(&ca);
-    let istiod = ca
-        .issue(
-            "istiod",
-            &["istiod.istio-system.svc"],
-            Duration::from_secs(3600),
-        )
-        .unwrap();
+    let trust = MeshTrust::new().unwrap();
+    let ca = &trust.ca;
+    prepare(ca);
     let server = ca
         .issue("server", &[SERVER_ID], Duration::from_secs(3600))
         .unwrap();
-    let token = TempFile(std::env::temp_dir().join(unique("token")));
-    std::fs::write(&token.0, "a-service-account-jwt\n").unwrap();
-    let token_str = token.0.to_str().unwrap().to_owned();
     let server_log = std::env::temp_dir().join(unique("tls-server-log"));
     let script = python_peer("tls_peer.py");
-    let ca_path = ca.ca_str();
+    let ca_path = trust.ca.ca_str();
     let log = server_log.to_str().unwrap();
+    let python = |mode: &str, addr: &str, more: &[&str]| {
+        let args = [
+            &[
+                script.to_str().unwrap(),
+                mode,
+                addr,
+                server.cert_str(),
+                server.key_str(),
+                &ca_path,
+                log,
+            ][..],
+            more,
+        ]
+        .concat();
+        start_server(&p.srv, None, Path::new("python3"), &args).unwrap()
+    };
     let servers = vec![
-        start_server(
-            &p.srv,
-            None,
-            Path::new("python3"),
-            &[
-                script.to_str().unwrap(),
-                "server",
-                ECHO,
-                server.cert_str(),
-                server.key_str(),
-                &ca_path,
-                log,
-            ],
-        )
-        .unwrap(),
-        start_server(
-            &p.srv,
-            None,
-            Path::new("python3"),
-            &[
-                script.to_str().unwrap(),
-                "thrift",
-                THRIFT,
-                server.cert_str(),
-                server.key_str(),
-                &ca_path,
-                log,
-                "secure-1",
-            ],
-        )
-        .unwrap(),
+        python("server", ECHO, &[]),
+        python("thrift", THRIFT, &["secure-1"]),
     ];
-    let cp = ControlPlane::start(
-        &p.app,
-        "127.0.0.1:15012",
-        first,
-        &[
-            "--tls".into(),
-            istiod.cert_str().into(),
-            istiod.key_str().into(),
-            "--token".into(),
-            token_str.clone(),
-            "--ca".into(),
-            ca_path.clone(),
-            ca.key_path().to_str().unwrap().into(),
-            APP_ID.into(),
-        ],
-    )
-    .unwrap();
-    let mut args = vec![
-        "--xds-address",
-        "https://127.0.0.1:15012",
-        "--xds-ca",
-        &ca_path,
-        "--xds-server-name",
-        "istiod.istio-system.svc",
-        "--xds-token-file",
-        &token_str,
-        "--namespace",
-        "default",
-        "--service-account",
-        "app",
-        "--access-log",
-    ];
-    args.extend(extra);
+    let cp = ControlPlane::start(&p.app, ISTIOD, first, &trust.control_plane_args(APP_ID)).unwrap();
+    let mut args = trust.tern_args("default", "app");
+    args.push("--access-log".into());
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let tern = p.start_tern_with(&args, "info,tern=debug").unwrap();
     Mesh {
         p,
-        ca,
+        trust,
         cp,
         tern,
         server_log,
         _servers: servers,
-        _token: token,
     }
 }
 
@@ -361,15 +310,17 @@ fn workload_certificate_from_istios_ca_and_outbound_mtls() {
 #[test]
 fn inbound_mtls_strict_and_permissive() {
     let m = mesh("strict", "1h");
-    let client =
-        m.ca.issue("client", &[CLIENT_ID], Duration::from_secs(3600))
-            .unwrap();
+    let client = m
+        .trust
+        .ca
+        .issue("client", &[CLIENT_ID], Duration::from_secs(3600))
+        .unwrap();
     let app = tern_tests::serve(&m.p.app, &["10.66.1.1:8080"]).unwrap();
     assert!(m.cp.wait_for(&format!("ISSUE {APP_ID}")));
     assert!(eventually(Duration::from_secs(5), || {
         m.config_dump()["certificate"]["info"]["sans"][0] == APP_ID
     }));
-    let ca = m.ca.ca_str();
+    let ca = m.trust.ca.ca_str();
     let mtls = || {
         m.python(
             &m.p.srv,
@@ -452,11 +403,15 @@ fn inbound_authorization_policies() {
   - {{ name: "ns[default]-policy[allow-client]-rule[0]", action: allow, principals: ["{CLIENT_ID}"] }}"#
     );
     let m = mesh_with(&snapshot_with("1", "strict", &rules), "1h");
-    let client =
-        m.ca.issue("client", &[CLIENT_ID], Duration::from_secs(3600))
-            .unwrap();
-    let other =
-        m.ca.issue(
+    let client = m
+        .trust
+        .ca
+        .issue("client", &[CLIENT_ID], Duration::from_secs(3600))
+        .unwrap();
+    let other = m
+        .trust
+        .ca
+        .issue(
             "other",
             &["spiffe://cluster.local/ns/backend/sa/other"],
             Duration::from_secs(3600),
@@ -467,7 +422,7 @@ fn inbound_authorization_policies() {
     assert!(eventually(Duration::from_secs(5), || {
         m.config_dump()["certificate"]["info"]["sans"][0] == APP_ID
     }));
-    let ca = m.ca.ca_str();
+    let ca = m.trust.ca.ca_str();
     let call = |who: &tern_tests::pki::Issued, addr: &str| {
         m.python(
             &m.p.srv,
@@ -567,8 +522,10 @@ fn inbound_authorization_policies() {
 #[test]
 fn destination_rule_simple_tls_to_an_openssl_server() {
     let m = mesh("null", "1h");
-    let external =
-        m.ca.issue(
+    let external = m
+        .trust
+        .ca
+        .issue(
             "external",
             &["api.external.test"],
             Duration::from_secs(3600),
@@ -592,7 +549,7 @@ fn destination_rule_simple_tls_to_an_openssl_server() {
     server.stdin(std::process::Stdio::null());
     server.stdout(std::process::Stdio::null());
     let _server = Process::spawn(server).unwrap();
-    let ca = m.ca.ca_str();
+    let ca = m.trust.ca.ca_str();
     m.cp.push(&snapshot_with(
         "2",
         "null",
@@ -648,7 +605,7 @@ fn workload_certificate_from_files_read_again_when_they_change() {
     let out = m.python(&m.p.app, &["plain", SECURE]);
     assert_eq!(out["reply"], format!("{APP_ID} hello"), "{out}");
 
-    write(&m.ca, "files-2");
+    write(&m.trust.ca, "files-2");
     assert!(eventually(Duration::from_secs(5), || serial() != first));
     let out = m.python(&m.p.app, &["plain", SECURE]);
     assert_eq!(out["reply"], format!("{APP_ID} hello"), "{out}");

@@ -24,6 +24,9 @@ use tern_bench::{
 };
 use tern_tests::{Cgroup, ControlPlane, Netns, Process, Tern, bin_dir, eventually, mesh};
 
+#[path = "bench/mtls.rs"]
+mod mtls;
+
 const ROUNDS: usize = 3;
 const SECS: &str = "1.5";
 const NETNS_ENDPOINTS: &str = "10.77.0.2:9001,10.77.0.2:9002,10.77.0.2:9003";
@@ -54,6 +57,10 @@ fn run() -> Result<()> {
     let criterion_dir = std::env::args().nth(2).map(PathBuf::from);
     std::fs::create_dir_all(&out_dir)?;
     // `TERN_BENCH_ONLY=xds`: only the xDS measurements, printed (for working on them).
+    if std::env::var("TERN_BENCH_ONLY").as_deref() == Ok("mtls") {
+        println!("{:#?}", mtls::run()?);
+        return Ok(());
+    }
     if std::env::var("TERN_BENCH_ONLY").as_deref() == Ok("xds") {
         let bench = Bench::start()?;
         let idle = bench.idle_rss_with_1000_clusters()?;
@@ -196,12 +203,14 @@ fn run() -> Result<()> {
     let idle_rss = bench.idle_rss_with_1000_clusters()?;
     drop(bench);
     let xds = xds_updates()?;
+    let mtls = mtls::run()?;
 
     let report = Report::new(
         groups,
         method_names,
         idle_rss,
         xds,
+        Some(mtls),
         read_micro(&out_dir, criterion_dir.as_deref()),
         started.elapsed(),
     );

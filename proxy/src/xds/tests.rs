@@ -137,6 +137,66 @@ fn the_xds_fuzz_seeds_are_the_istiod_resources() {
     }
 }
 
+/// A network RBAC filter with one ALLOW policy, as istiod writes it.
+fn rbac_filter(
+    policy: &str,
+    permission: tern_proto::rbac_types::permission::Rule,
+    principal: tern_proto::rbac_types::principal::Identifier,
+) -> tern_proto::listener_types::Filter {
+    use tern_proto::rbac_types;
+    let rules = rbac_types::Rbac {
+        action: 0,
+        policies: [(
+            policy.to_owned(),
+            rbac_types::Policy {
+                permissions: vec![rbac_types::Permission {
+                    rule: Some(permission),
+                }],
+                principals: vec![rbac_types::Principal {
+                    identifier: Some(principal),
+                }],
+                ..Default::default()
+            },
+        )]
+        .into(),
+        ..Default::default()
+    };
+    filter(
+        "envoy.filters.network.rbac",
+        encode(
+            &tern_proto::NetworkRbac {
+                rules: Some(rules),
+                stat_prefix: "tcp.".into(),
+                ..Default::default()
+            },
+            type_url::NETWORK_RBAC,
+        ),
+    )
+}
+
+/// istiod's network RBAC for `AuthorizationPolicy` ALLOW `from.source.namespaces: [ns]`.
+fn allow_namespace(ns: &str) -> tern_proto::listener_types::Filter {
+    use tern_proto::{
+        matcher_types::{self, filter_state_matcher::Matcher, string_matcher::MatchPattern},
+        rbac_types::{permission::Rule, principal::Identifier},
+    };
+    let by_namespace = matcher_types::StringMatcher {
+        match_pattern: Some(MatchPattern::SafeRegex(matcher_types::RegexMatcher {
+            regex: format!(".*/ns/{ns}/.*"),
+            ..Default::default()
+        })),
+        ignore_case: false,
+    };
+    rbac_filter(
+        &format!("ns[{ns}]-policy[allow]-rule[0]"),
+        Rule::Any(true),
+        Identifier::FilterState(matcher_types::FilterStateMatcher {
+            key: "io.istio.peer_principal".into(),
+            matcher: Some(Matcher::StringMatch(by_namespace)),
+        }),
+    )
+}
+
 fn istiod() -> Resources {
     let mut r = Resources::default();
     let outbound = XdsListener {
@@ -197,10 +257,19 @@ fn istiod() -> Resources {
         )],
         ..Default::default()
     };
+    // Port 8443 takes Istio mTLS, with a TCP AuthorizationPolicy (network RBAC).
+    let mut mtls_chain = chain(
+        Some(8443),
+        vec![allow_namespace("shop"), tcp_proxy("inbound|8080||")],
+    );
+    mtls_chain.transport_socket = Some(tern_proto::build::istio_downstream_tls("cluster.local"));
     let inbound = XdsListener {
         name: "virtualInbound".into(),
         address: Some(addr("0.0.0.0", 15006)),
-        filter_chains: vec![chain(Some(8080), vec![tcp_proxy("inbound|8080||")])],
+        filter_chains: vec![
+            chain(Some(8080), vec![tcp_proxy("inbound|8080||")]),
+            mtls_chain,
+        ],
         ..Default::default()
     };
     for l in [outbound, calc, store, inbound] {
@@ -216,6 +285,12 @@ fn istiod() -> Resources {
         lb_policy: 1,
         ..Default::default()
     };
+    let mut eds = eds;
+    tern_proto::build::istio_auto_mtls(
+        &mut eds,
+        "spiffe://cluster.local/ns/default/sa/calc",
+        "outbound_.9090_._.calc.default.svc.cluster.local",
+    );
     let inbound_cluster = XdsCluster {
         name: "inbound|8080||".into(),
         cluster_discovery_type: Some(tern_proto::cluster_types::ClusterDiscoveryType::Type(4)),
@@ -247,7 +322,19 @@ fn istiod() -> Resources {
                     zone: "a".into(),
                     ..Default::default()
                 }),
-                lb_endpoints: vec![lb("10.0.0.1", 1), lb("10.0.0.2", 3)],
+                lb_endpoints: vec![
+                    {
+                        // A Pod with a sidecar: mTLS, and its workload for Istio's metrics.
+                        let mut e = lb("10.0.0.1", 1);
+                        tern_proto::build::istio_tls_mode(&mut e);
+                        tern_proto::build::istio_workload(
+                            &mut e,
+                            "calc-v1;default;calc;v1;Kubernetes",
+                        );
+                        e
+                    },
+                    lb("10.0.0.2", 3),
+                ],
                 load_balancing_weight: Some(wkt::UInt32Value { value: 2 }),
                 ..Default::default()
             },
@@ -506,35 +593,12 @@ fn set_aside_listeners_tls_chains_and_network_rbac() {
 
     // Network RBAC in virtualInbound is enforced; a rule it cannot decide on a connection
     // (an HTTP header) refuses the listener, which is never run without its policy.
-    use tern_proto::rbac_types::{self, permission::Rule, principal::Identifier};
-    let rbac_filter = |permission: Rule| {
-        let rules = rbac_types::Rbac {
-            action: 0,
-            policies: [(
-                "ns[default]-policy[p]-rule[0]".to_owned(),
-                rbac_types::Policy {
-                    permissions: vec![rbac_types::Permission {
-                        rule: Some(permission),
-                    }],
-                    principals: vec![rbac_types::Principal {
-                        identifier: Some(Identifier::Any(true)),
-                    }],
-                    ..Default::default()
-                },
-            )]
-            .into(),
-            ..Default::default()
-        };
-        filter(
-            "envoy.filters.network.rbac",
-            encode(
-                &tern_proto::NetworkRbac {
-                    rules: Some(rules),
-                    stat_prefix: "tcp.".into(),
-                    ..Default::default()
-                },
-                type_url::NETWORK_RBAC,
-            ),
+    use tern_proto::rbac_types::{permission::Rule, principal::Identifier};
+    let any_peer = |permission| {
+        rbac_filter(
+            "ns[default]-policy[p]-rule[0]",
+            permission,
+            Identifier::Any(true),
         )
     };
     let with = |rbac| {
@@ -547,7 +611,7 @@ fn set_aside_listeners_tls_chains_and_network_rbac() {
     };
     h.apply(
         type_url::LISTENER,
-        with(rbac_filter(Rule::DestinationPort(8080))),
+        with(any_peer(Rule::DestinationPort(8080))),
     )
     .unwrap();
     let snap = state.load();
@@ -556,7 +620,7 @@ fn set_aside_listeners_tls_chains_and_network_rbac() {
     let err = h
         .apply(
             type_url::LISTENER,
-            with(rbac_filter(Rule::Header(Default::default()))),
+            with(any_peer(Rule::Header(Default::default()))),
         )
         .unwrap_err();
     assert!(

@@ -97,6 +97,10 @@ struct Snapshot {
     /// RBAC filters: DENY, then ALLOW).
     #[serde(default)]
     inbound_rbac: Vec<RbacPolicy>,
+    /// The inbound mTLS chain matches any TLS client, not only those offering Istio's ALPN
+    /// (for clients such as `openssl s_time`, which offer none).
+    #[serde(default)]
+    inbound_any_alpn: bool,
     /// The dumps' resources, read when the snapshot is loaded.
     #[serde(skip)]
     dumped: Dumped,
@@ -412,7 +416,7 @@ fn thrift_proxy(cluster: &str) -> listener_types::Filter {
 /// Istio's `virtualInbound` for a TCP port: a chain for mesh mTLS (ALPN
 /// `istio-peer-exchange`/`istio`), one for other TLS, and in permissive mode one for
 /// plaintext; all relay to the application.
-fn virtual_inbound(mode: &str, rbac: &[listener_types::Filter]) -> Listener {
+fn virtual_inbound(mode: &str, rbac: &[listener_types::Filter], any_alpn: bool) -> Listener {
     let to_app = || {
         let mut filters = rbac.to_vec();
         filters.push(tcp_proxy("InboundPassthroughCluster"));
@@ -429,7 +433,14 @@ fn virtual_inbound(mode: &str, rbac: &[listener_types::Filter]) -> Listener {
     };
     let mut chains = vec![listener_types::FilterChain {
         name: "virtualInbound".into(),
-        filter_chain_match: Some(matching("tls", &["istio-peer-exchange", "istio"])),
+        filter_chain_match: Some(matching(
+            "tls",
+            if any_alpn {
+                &[]
+            } else {
+                &["istio-peer-exchange", "istio"]
+            },
+        )),
         transport_socket: Some(build::istio_downstream_tls("cluster.local")),
         filters: to_app(),
         ..Default::default()
@@ -576,7 +587,11 @@ fn generated(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<(String, Any
                 });
             }
             if let Some(mode) = &s.inbound {
-                listeners.push(virtual_inbound(mode, &rbac_filters(&s.inbound_rbac)));
+                listeners.push(virtual_inbound(
+                    mode,
+                    &rbac_filters(&s.inbound_rbac),
+                    s.inbound_any_alpn,
+                ));
             }
             if s.broken_listener {
                 listeners.push(Listener {
