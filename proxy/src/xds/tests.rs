@@ -323,17 +323,23 @@ fn istiod() -> Resources {
                     ..Default::default()
                 }),
                 lb_endpoints: vec![
+                    // One metadata key per endpoint: prost encodes a map in hash order,
+                    // and the seeds must not change from run to run.
                     {
-                        // A Pod with a sidecar: mTLS, and its workload for Istio's metrics.
+                        // A Pod with a sidecar: mTLS.
                         let mut e = lb("10.0.0.1", 1);
                         tern_proto::build::istio_tls_mode(&mut e);
+                        e
+                    },
+                    {
+                        // Its workload, for Istio's metrics.
+                        let mut e = lb("10.0.0.2", 3);
                         tern_proto::build::istio_workload(
                             &mut e,
                             "calc-v1;default;calc;v1;Kubernetes",
                         );
                         e
                     },
-                    lb("10.0.0.2", 3),
                 ],
                 load_balancing_weight: Some(wkt::UInt32Value { value: 2 }),
                 ..Default::default()
