@@ -76,9 +76,20 @@ pub struct SocketMatch {
 }
 
 impl TransportSockets {
-    /// Whether any endpoint can get TLS.
-    pub fn any_tls(&self) -> bool {
-        self.default.is_some() || self.matches.iter().any(|m| m.tls.is_some())
+    /// The TLS contexts endpoints can get, each once.
+    pub fn contexts(&self) -> Vec<&Arc<UpstreamTls>> {
+        let mut all: Vec<&Arc<UpstreamTls>> = Vec::new();
+        for t in self
+            .matches
+            .iter()
+            .filter_map(|m| m.tls.as_ref())
+            .chain(&self.default)
+        {
+            if !all.iter().any(|a| Arc::ptr_eq(a, t)) {
+                all.push(t);
+            }
+        }
+        all
     }
 
     /// The TLS an endpoint with these `envoy.transport_socket_match` labels gets (`None`:
@@ -131,7 +142,7 @@ mod tests {
         assert!(sockets.for_endpoint(&istio).is_some());
         assert!(sockets.for_endpoint(&disabled).is_none());
         assert!(sockets.for_endpoint(&[]).is_none());
-        assert!(sockets.any_tls());
+        assert_eq!(sockets.contexts().len(), 1);
         let always = TransportSockets {
             matches: vec![],
             default: Some(tls()),

@@ -12,15 +12,15 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
 use tokio::{net::TcpStream, sync::watch};
-
-use crate::{stream::Stream, tls::ServerTls};
-use authz::Authz;
 use tracing::debug;
 
+use self::authz::Authz;
 use crate::{
     config::{Filter, UpstreamMode},
     state::{Selection, State},
+    stream::Stream,
     thrift::DecoderLimits,
+    tls::ServerTls,
 };
 
 pub mod authz;

@@ -251,26 +251,35 @@ impl State {
 
 /// A cluster's state for a new or changed configuration: endpoints it keeps keep their
 /// runtime; endpoints that left have their connections closed after their requests.
-#[expect(
-    clippy::mutable_key_type,
-    reason = "a TLS context hashes and compares by its configuration; the only interior mutability is a compiled regex's match cache"
-)]
 fn build_cluster(config: Arc<Cluster>, runtime: Arc<ClusterRuntime>) -> ClusterState {
     let mut known = runtime.endpoints.lock().unwrap_or_else(|e| e.into_inner());
     let mut kept = HashMap::with_capacity(config.endpoints.len());
+    // An endpoint's TLS context, by its place among the cluster's few: hashing the context
+    // itself for every endpoint of a large cluster would cost more than the rest.
+    let contexts = config.transport.contexts();
     let endpoints: Vec<EndpointHandle> = config
         .endpoints
         .iter()
         .map(|e| {
             let tls = config
                 .transport
-                .for_endpoint(e.metadata.as_ref().map_or(&[], |m| &m.socket_match[..]))
-                .cloned();
-            let key = (e.address, tls);
+                .for_endpoint(e.metadata.as_ref().map_or(&[], |m| &m.socket_match[..]));
+            let key = (
+                e.address,
+                tls.and_then(|t| contexts.iter().position(|c| Arc::ptr_eq(c, t))),
+            );
+            // The same place may hold another context after an update: then a new runtime
+            // (and pool), so no connection made under the old one is reused.
+            let same = |rt: &&Arc<EndpointRuntime>| match (&rt.tls, tls) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+                _ => false,
+            };
             let rt = known
                 .get(&key)
+                .filter(same)
                 .cloned()
-                .unwrap_or_else(|| Arc::new(EndpointRuntime::new(e.address, key.1.clone())));
+                .unwrap_or_else(|| Arc::new(EndpointRuntime::new(e.address, tls.cloned())));
             kept.insert(key, rt.clone());
             EndpointHandle {
                 config: e.clone(),
@@ -279,7 +288,7 @@ fn build_cluster(config: Arc<Cluster>, runtime: Arc<ClusterRuntime>) -> ClusterS
         })
         .collect();
     for (key, gone) in known.iter() {
-        if !kept.contains_key(key) {
+        if kept.get(key).is_none_or(|k| !Arc::ptr_eq(k, gone)) {
             gone.pool.retire(&runtime);
         }
     }
@@ -396,5 +405,63 @@ clusters:
             chain_for(&state.load(), "10.96.0.10:8080", "10.9.0.1:1"),
             "passthrough"
         );
+    }
+
+    #[test]
+    fn an_endpoint_that_changes_between_tls_and_plaintext_gets_a_new_pool() {
+        use crate::config::{
+            EndpointMetadata,
+            tls::{CertSource, Roots, SocketMatch, TransportSockets, UpstreamTls, Validation},
+        };
+        let state = State::new(Metrics::new(None));
+        let mtls = |san: &str| {
+            Arc::new(UpstreamTls {
+                sni: None,
+                alpn: vec!["istio".into()],
+                client_cert: Some(CertSource::Workload),
+                validation: Validation {
+                    roots: Roots::Mesh,
+                    subject_alt_names: vec![crate::config::matcher::StringMatch::Exact(
+                        san.into(),
+                    )],
+                },
+            })
+        };
+        let with = |tls: Arc<UpstreamTls>, tls_mode: &str| {
+            let mut config = parse(CONFIG, "test").unwrap();
+            let mut c = (*config.clusters["a"]).clone();
+            c.transport = TransportSockets {
+                matches: vec![SocketMatch {
+                    name: "tlsMode-istio".into(),
+                    criteria: vec![("tlsMode".into(), "istio".into())],
+                    tls: Some(tls),
+                }],
+                default: None,
+            };
+            let mut endpoints = c.endpoints.to_vec();
+            endpoints[0].metadata = Some(Arc::new(EndpointMetadata {
+                socket_match: vec![("tlsMode".into(), tls_mode.into())],
+                workload: None,
+            }));
+            c.endpoints = endpoints.into();
+            config.clusters.insert("a".into(), Arc::new(c));
+            config
+        };
+        let runtime = |state: &State| state.load().clusters["a"].endpoints[0].runtime.clone();
+        state.apply(with(mtls("spiffe://td/ns/a/sa/b"), "istio"));
+        let first = runtime(&state);
+        assert!(first.tls.is_some());
+        // The same context again (another Arc, equal): the same runtime and pool.
+        state.apply(with(mtls("spiffe://td/ns/a/sa/b"), "istio"));
+        assert!(Arc::ptr_eq(&first, &runtime(&state)));
+        // Another SAN to verify: connections made under the old check are not reused.
+        state.apply(with(mtls("spiffe://td/ns/a/sa/c"), "istio"));
+        let second = runtime(&state);
+        assert!(!Arc::ptr_eq(&first, &second));
+        // The Pod lost its sidecar: plaintext, and a new pool again.
+        state.apply(with(mtls("spiffe://td/ns/a/sa/c"), "disabled"));
+        let third = runtime(&state);
+        assert!(third.tls.is_none());
+        assert!(!Arc::ptr_eq(&second, &third));
     }
 }

@@ -86,8 +86,9 @@ pub struct ClusterRuntime {
     contexts: TlsContexts,
 }
 
-/// An endpoint runtime's identity: its address and how it is reached.
-pub(super) type EndpointKey = (SocketAddr, Option<Arc<UpstreamTls>>);
+/// An endpoint runtime's identity: its address, and which of its cluster's TLS contexts
+/// reaches it (none: plaintext).
+pub(super) type EndpointKey = (SocketAddr, Option<usize>);
 
 /// TLS clients a cluster keeps (it has one or two contexts; more only after changes).
 const CLIENT_TLS_KEPT: usize = 4;
