@@ -397,26 +397,22 @@ fn inbound_mtls_strict_and_permissive() {
 /// tern cannot decide refuses the listener instead of being skipped.
 #[test]
 fn inbound_authorization_policies() {
+    const OTHER_ID: &str = "spiffe://cluster.local/ns/backend/sa/other";
+    const BANNED_ID: &str = "spiffe://cluster.local/ns/backend/sa/banned";
     let rules = format!(
         r#"inbound_rbac:
   - {{ name: "ns[default]-policy[deny-admin]-rule[0]", action: deny, ports: [8081] }}
-  - {{ name: "ns[default]-policy[allow-client]-rule[0]", action: allow, principals: ["{CLIENT_ID}"] }}"#
+  - {{ name: "ns[default]-policy[deny-banned]-rule[0]", action: deny, principals: ["{BANNED_ID}"] }}
+  - {{ name: "ns[default]-policy[allow-client]-rule[0]", action: allow, principals: ["{CLIENT_ID}", "{BANNED_ID}"], ports: [8080, 8081] }}"#
     );
     let m = mesh_with(&snapshot_with("1", "strict", &rules), "1h");
-    let client = m
-        .trust
-        .ca
-        .issue("client", &[CLIENT_ID], Duration::from_secs(3600))
-        .unwrap();
-    let other = m
-        .trust
-        .ca
-        .issue(
-            "other",
-            &["spiffe://cluster.local/ns/backend/sa/other"],
-            Duration::from_secs(3600),
-        )
-        .unwrap();
+    let long = Duration::from_secs(3600);
+    let issue = |name, id| m.trust.ca.issue(name, &[id], long).unwrap();
+    let (client, other, banned) = (
+        issue("client", CLIENT_ID),
+        issue("other", OTHER_ID),
+        issue("banned", BANNED_ID),
+    );
     let _app = tern_tests::serve(&m.p.app, &["10.66.1.1:8080", "10.66.1.1:8081"]).unwrap();
     let _thrift = tern_tests::thrift_serve(&m.p.app, "10.66.1.1:9090", "app").unwrap();
     assert!(eventually(Duration::from_secs(5), || {
@@ -437,40 +433,36 @@ fn inbound_authorization_policies() {
             ],
         )
     };
-    let access = |port: &str| -> Vec<String> {
-        m.tern
-            .log()
-            .lines()
-            .filter(|l| l.contains("tern::access") && l.contains(&format!("dst=10.66.1.1:{port}")))
-            .map(str::to_owned)
-            .collect()
+    // Whether the access log says a connection to `port` was denied by `policy`.
+    let denied_by = |port: &str, policy: &str| {
+        m.tern.log().lines().any(|l| {
+            l.contains("tern::access")
+                && l.contains(&format!("dst=10.66.1.1:{port}"))
+                && l.contains("handled=\"denied\"")
+                && l.contains(&format!("denied_by=\"{policy}\""))
+        })
     };
-    // ALLOW by principal.
+    // ALLOW by principal and port.
     let ok = call(&client, "10.66.1.1:8080");
     assert!(
         ok["reply"].as_str().unwrap_or("").starts_with("peer="),
         "{ok}"
     );
+    // Not an allowed principal; not an allowed port.
     let denied = call(&other, "10.66.1.1:8080");
     assert!(denied.get("reply").is_none(), "{denied}");
-    assert!(
-        access("8080")
-            .iter()
-            .any(|l| l.contains("handled=\"denied\"") && l.contains("denied_by=\"none\"")),
-        "{:?}",
-        access("8080")
-    );
-    // DENY by port, whoever asks.
+    assert!(denied_by("8080", "none"), "{}", m.tern.log());
+    let denied = call(&client, "10.66.1.1:8082");
+    assert!(denied.get("reply").is_none(), "{denied}");
+    assert!(denied_by("8082", "none"), "{}", m.tern.log());
+    // DENY by principal (even though an ALLOW names it), and by port (whoever asks).
+    let denied = call(&banned, "10.66.1.1:8080");
+    assert!(denied.get("reply").is_none(), "{denied}");
+    assert!(denied_by("8080", "ns[default]-policy[deny-banned]-rule[0]"));
     let denied = call(&client, "10.66.1.1:8081");
     assert!(denied.get("reply").is_none(), "{denied}");
-    assert!(
-        access("8081")
-            .iter()
-            .any(|l| l.contains("denied_by=\"ns[default]-policy[deny-admin]-rule[0]\"")),
-        "{:?}",
-        access("8081")
-    );
-    assert!(metric(&m.p.app, r#"tern_rbac_decisions_total{result="denied"}"#) >= 2.0);
+    assert!(denied_by("8081", "ns[default]-policy[deny-admin]-rule[0]"));
+    assert!(metric(&m.p.app, r#"tern_rbac_decisions_total{result="denied"}"#) >= 4.0);
 
     // Thrift methods, per call (PERMISSIVE, so a plaintext Thrift client can call).
     let rules = r#"inbound_rbac:

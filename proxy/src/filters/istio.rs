@@ -87,7 +87,7 @@ pub fn endpoint_requests<'a>(
         let remote = endpoint_workload(Some(ep));
         let istio = &ctx.state.metrics.istio;
         let own = own_principal(ctx);
-        let server = ep.runtime.server_identity.get().map(String::as_str);
+        let server = ep.runtime.server_identity.get().map(|s| &**s);
         let peers = Peers {
             reporter: Reporter::Source,
             source: &istio.local,
@@ -97,7 +97,7 @@ pub fn endpoint_requests<'a>(
             service: cluster.config.service.as_deref(),
             mutual_tls: false,
         };
-        ReplyResult::ALL.map(|r| istio.requests(&peers, r.as_str(), "-"))
+        Box::new(ReplyResult::ALL.map(|r| istio.requests(&peers, r.as_str(), "-")))
     })
 }
 

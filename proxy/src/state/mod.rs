@@ -421,9 +421,7 @@ clusters:
                 client_cert: Some(CertSource::Workload),
                 validation: Validation {
                     roots: Roots::Mesh,
-                    subject_alt_names: vec![crate::config::matcher::StringMatch::Exact(
-                        san.into(),
-                    )],
+                    subject_alt_names: vec![crate::config::matcher::StringMatch::Exact(san.into())],
                 },
             })
         };

@@ -37,9 +37,10 @@ pub struct EndpointRuntime {
     pub outlier: Outlier,
     pub pool: Pool,
     /// The identity its certificate showed at the first TLS handshake.
-    pub server_identity: OnceLock<String>,
+    pub server_identity: OnceLock<Box<str>>,
     /// Istio's request series of calls to it (made at the first call).
-    pub istio: OnceLock<[RequestSeries; 3]>,
+    /// (Boxed: a mesh has 10,000s of endpoints, and most never see a call.)
+    pub istio: OnceLock<Box<[RequestSeries; 3]>>,
 }
 
 impl EndpointRuntime {
