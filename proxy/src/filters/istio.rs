@@ -83,11 +83,12 @@ pub fn endpoint_requests<'a>(
     cluster: &ClusterState,
     ep: &'a EndpointHandle,
 ) -> &'a [RequestSeries; 3] {
-    ep.runtime.istio.get_or_init(|| {
+    let observed = ep.runtime.observed();
+    observed.istio.get_or_init(|| {
         let remote = endpoint_workload(Some(ep));
         let istio = &ctx.state.metrics.istio;
         let own = own_principal(ctx);
-        let server = ep.runtime.server_identity.get().map(|s| &**s);
+        let server = observed.server_identity.get().map(|s| &**s);
         let peers = Peers {
             reporter: Reporter::Source,
             source: &istio.local,
@@ -97,7 +98,7 @@ pub fn endpoint_requests<'a>(
             service: cluster.config.service.as_deref(),
             mutual_tls: false,
         };
-        Box::new(ReplyResult::ALL.map(|r| istio.requests(&peers, r.as_str(), "-")))
+        ReplyResult::ALL.map(|r| istio.requests(&peers, r.as_str(), "-"))
     })
 }
 

@@ -36,11 +36,18 @@ pub struct EndpointRuntime {
     pub errors: AtomicU64,
     pub outlier: Outlier,
     pub pool: Pool,
+    /// What its traffic taught, made when it first has some (boxed: a mesh has 10,000s
+    /// of endpoints, and most never see a connection).
+    observed: OnceLock<Box<Observed>>,
+}
+
+/// What an endpoint's traffic taught.
+#[derive(Debug, Default)]
+pub struct Observed {
     /// The identity its certificate showed at the first TLS handshake.
     pub server_identity: OnceLock<Box<str>>,
     /// Istio's request series of calls to it (made at the first call).
-    /// (Boxed: a mesh has 10,000s of endpoints, and most never see a call.)
-    pub istio: OnceLock<Box<[RequestSeries; 3]>>,
+    pub istio: OnceLock<[RequestSeries; 3]>,
 }
 
 impl EndpointRuntime {
@@ -53,9 +60,13 @@ impl EndpointRuntime {
             errors: AtomicU64::new(0),
             outlier: Outlier::default(),
             pool: Pool::default(),
-            server_identity: OnceLock::new(),
-            istio: OnceLock::new(),
+            observed: OnceLock::new(),
         }
+    }
+
+    /// What its traffic taught (made on first use).
+    pub fn observed(&self) -> &Observed {
+        self.observed.get_or_init(Box::default)
     }
 
     pub fn ejected(&self) -> bool {
