@@ -70,7 +70,10 @@ impl WorkloadCert {
             })?;
         let signing =
             rustls::crypto::ring::sign::any_supported_type(&key).map_err(CertError::Key)?;
-        let info = describe(&chain[0])?;
+        let leaf = chain.first().ok_or(CertError::NoCertificate {
+            what: "certificate chain",
+        })?;
+        let info = describe(leaf)?;
         let mut roots = RootCertStore::empty();
         for root in roots_der {
             roots.add(root).map_err(CertError::Root)?;

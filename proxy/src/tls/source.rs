@@ -117,6 +117,7 @@ fn write_files(dir: &std::path::Path, pem: &PemFiles) -> std::io::Result<()> {
 
 async fn from_files(dir: PathBuf, store: Arc<CertStore>, events: Arc<dyn CertEvents>) {
     let mut last: Option<PemFiles> = None;
+    let mut warned = false;
     loop {
         let read = |name| std::fs::read_to_string(dir.join(name));
         match (read(CHAIN_FILE), read(KEY_FILE), read(ROOT_FILE)) {
@@ -142,9 +143,10 @@ async fn from_files(dir: PathBuf, store: Arc<CertStore>, events: Arc<dyn CertEve
                 }
             }
             (chain, key, roots) => {
-                if last.is_none() {
+                if !warned {
+                    warned = true;
                     let e = [chain.err(), key.err(), roots.err()];
-                    warn!(dir = %dir.display(), error = ?e.iter().flatten().next(), "certificate files not readable yet");
+                    warn!(dir = %dir.display(), error = ?e.iter().flatten().next(), "certificate files not readable (tried again every second)");
                 }
             }
         }

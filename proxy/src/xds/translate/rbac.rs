@@ -72,7 +72,9 @@ fn rules(r: &rbac_types::Rbac) -> Result<Rules, Invalid> {
 }
 
 fn cidr(r: &core_types::CidrRange) -> Result<ipnet::IpNet, Invalid> {
-    Ok(cidrs(std::slice::from_ref(r))?.remove(0))
+    cidrs(std::slice::from_ref(r))?
+        .pop()
+        .ok_or_else(|| Invalid::NotAnIp(r.address_prefix.clone()))
 }
 
 #[allow(deprecated)]
