@@ -65,6 +65,13 @@ pub enum CaptureCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Remove the captures of Pods that are gone (their cgroup or network namespace was
+    /// deleted while the hooks stayed pinned); `tern run` does it at every start.
+    Gc {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// How traffic reaches the proxy.
@@ -348,6 +355,24 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 print_status(&all);
             }
         }
+        Command::Capture(CaptureCommand::Gc { json }) => {
+            let removed = capture::gc::collect()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&removed)?);
+            } else if removed.is_empty() {
+                println!("no capture of a deleted Pod is pinned");
+            }
+            if !json {
+                for c in &removed {
+                    println!(
+                        "removed {} ({}; {} of kernel memory)",
+                        c.pins.display(),
+                        c.why.describe(),
+                        format_bytes(c.kernel_memory)
+                    );
+                }
+            }
+        }
         Command::Xds(XdsCommand::Status { admin }) => {
             let dump = fetch_config_dump(admin)?;
             print!("{}", format_xds_status(&dump));
@@ -429,6 +454,15 @@ fn format_xds_status(dump: &serde_json::Value) -> String {
     out
 }
 
+/// Bytes in KiB or MiB, for people.
+fn format_bytes(n: u64) -> String {
+    if n >= 1 << 20 {
+        format!("{:.1} MiB", n as f64 / f64::from(1 << 20))
+    } else {
+        format!("{:.1} KiB", n as f64 / 1024.0)
+    }
+}
+
 fn print_status(all: &[ebpf::CaptureStatus]) {
     if all.is_empty() {
         println!("no tern capture is attached");
@@ -441,7 +475,9 @@ fn print_status(all: &[ebpf::CaptureStatus]) {
             .map(|p| p.display().to_string())
             .unwrap_or_else(|| format!("(cgroup id {}, directory gone)", s.cgroup_id));
         println!("cgroup {cgroup}");
+        println!("  state       {}", s.liveness.describe());
         println!("  pins        {}", s.pins.display());
+        println!("  kernel mem  {}", format_bytes(s.kernel_memory));
         println!("  hooks       {}", s.hooks.join(", "));
         println!(
             "  outbound    127.0.0.1:{}   inbound :{}   mark {}   {}",

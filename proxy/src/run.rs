@@ -76,6 +76,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let capture = match (args.capture, cgroup) {
         (CaptureMode::Ebpf, Some(cgroup)) => {
+            // Pods deleted while their tern was dead left their hooks pinned: free them.
+            if let Err(e) = crate::capture::gc::collect() {
+                warn!(error = %e, "could not remove the captures of deleted Pods");
+            }
             let capture = match EbpfCapture::open(&cgroup) {
                 Ok(pinned) => {
                     info!(cgroup = %cgroup.path().display(), "using the eBPF capture already pinned for this cgroup");

@@ -176,6 +176,7 @@ impl Drop for Netns {
         }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
+            .stderr(Stdio::null())
             .status();
     }
 }

@@ -4,10 +4,11 @@
 //! Topology of every test: an application Pod `app` (10.66.1.1, plus the test cgroup) linked
 //! to a server namespace `srv` (10.66.1.2 and 10.66.2.2). A connection went through the proxy
 //! when the server saw it come from another socket than the client's own.
-use std::{path::Path, process::Command, time::Duration};
+use std::{os::unix::fs::MetadataExt, path::Path, process::Command, time::Duration};
 
 use tern_tests::{
-    Cgroup, Tern, bpftool, capture_counter, connect, eventually, pods, require_root, serve, tern,
+    Cgroup, Netns, Tern, bpftool, capture_counter, connect, eventually, pods, require_root, serve,
+    tern,
 };
 
 /// Entries bpftool sees in one of tern's pinned maps.
@@ -66,6 +67,7 @@ fn outbound_goes_through_the_proxy(mode: &str) {
         for counter in [
             "connect.redirected",
             "sockops.recorded",
+            "sockops.handed_over",
             "getsockopt.answered",
             "getpeername.rewritten",
             "connect.skipped_mark",
@@ -75,21 +77,13 @@ fn outbound_goes_through_the_proxy(mode: &str) {
                 "{counter} stayed 0"
             );
         }
-        assert!(
-            eventually(Duration::from_secs(3), || capture_counter(
-                &p.cgroup,
-                "sockops.removed"
-            ) >= 1),
-            "closed connections must leave the maps"
+        // Every hand-over was taken by the proxy's socket: the 4-tuple map is empty (the
+        // per-socket records go with their sockets).
+        assert_eq!(
+            map_entries(&p.cgroup, "ORIG_BY_TUPLE"),
+            0,
+            "hand-overs left in ORIG_BY_TUPLE"
         );
-        // Every captured connection has closed: both maps are empty again.
-        for map in ["ORIG_BY_COOKIE", "ORIG_BY_TUPLE"] {
-            assert!(
-                eventually(Duration::from_secs(3), || map_entries(&p.cgroup, map) == 0),
-                "{map} still holds {} entries",
-                map_entries(&p.cgroup, map)
-            );
-        }
     } else {
         assert!(
             rules
@@ -574,4 +568,170 @@ fn bad_input_is_refused_clearly() {
     assert!(!p.cgroup.pin_dir().exists());
     assert!(p.cgroup.attached_programs().unwrap().is_empty());
     assert!(Path::new(p.cgroup.path_str()).is_dir());
+}
+
+/// bpf objects bpftool shows, by kind: the ids of links, programs and maps.
+fn bpf_ids(kind: &str) -> Vec<u64> {
+    bpftool(&[kind, "show"])
+        .unwrap()
+        .as_array()
+        .map(|a| a.iter().filter_map(|o| o["id"].as_u64()).collect())
+        .unwrap_or_default()
+}
+
+/// What one pinned capture holds in the kernel, by bpftool: its link, program and map ids.
+fn capture_objects(pins: &Path) -> (Vec<u64>, Vec<u64>, Vec<u64>) {
+    let (mut links, mut programs, mut maps) = (Vec::new(), Vec::new(), Vec::new());
+    for entry in std::fs::read_dir(pins).unwrap().flatten() {
+        let path = entry.path();
+        let path = path.to_str().unwrap();
+        if entry.file_name().to_string_lossy().starts_with("link_") {
+            let link = bpftool(&["link", "show", "pinned", path]).unwrap();
+            links.push(link["id"].as_u64().unwrap());
+            programs.push(link["prog_id"].as_u64().unwrap());
+        } else {
+            maps.push(
+                bpftool(&["map", "show", "pinned", path]).unwrap()["id"]
+                    .as_u64()
+                    .unwrap(),
+            );
+        }
+    }
+    (links, programs, maps)
+}
+
+/// A Pod deleted while its tern was dead (SIGKILL leaves the hooks pinned, by design): the
+/// next tern that starts on the node removes everything the dead capture held in the kernel,
+/// and `tern capture gc` does the same on demand, leaving live captures alone.
+#[test]
+fn ebpf_captures_of_deleted_pods_are_collected() {
+    require_root();
+    let ns = Netns::new("gc").unwrap();
+    let cgroup = Cgroup::new("gc").unwrap();
+    let run = ["run", "--capture", "ebpf", "--cgroup", cgroup.path_str()];
+    let mut dead = Tern::start(&ns, Some(&cgroup), &run).unwrap();
+    let pins = cgroup.pin_dir();
+    let (links, programs, maps) = capture_objects(&pins);
+    assert_eq!((links.len(), programs.len()), (7, 7), "{pins:?}");
+    let netns_ino = std::fs::metadata(ns.path()).unwrap().ino();
+    dead.process.kill();
+    assert!(
+        pins.is_dir(),
+        "SIGKILL must leave the capture pinned (fail-open)"
+    );
+
+    // The Pod is deleted: its cgroup and its network namespace.
+    std::fs::remove_dir(cgroup.path()).expect("remove the dead Pod's cgroup");
+    assert!(
+        Command::new("ip")
+            .args(["netns", "del", ns.name()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (ok, status, _) = tern(&["capture", "status", "--json"]);
+    assert!(ok, "{status}");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let ours = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| Path::new(s["pins"].as_str().unwrap()) == pins)
+        .expect("the dead capture in status")
+        .clone();
+    assert_eq!(ours["liveness"], "cgroup_gone", "{ours}");
+    let held = ours["kernel_memory"].as_u64().unwrap();
+    assert!(
+        held > 0 && held < 1 << 20,
+        "kernel memory per capture: {held} bytes"
+    );
+
+    // Another Pod's tern starts: the dead capture is collected.
+    let p = pods();
+    let _live = p
+        .start_tern(&tern_tests::ConfigFile::new("").unwrap(), &[])
+        .unwrap();
+    assert!(!pins.exists(), "the dead capture's pins are still there");
+    let (live_links, live_programs, live_maps) = (bpf_ids("link"), bpf_ids("prog"), bpf_ids("map"));
+    for (kind, dead_ids, live_ids) in [
+        ("link", &links, &live_links),
+        ("program", &programs, &live_programs),
+        ("map", &maps, &live_maps),
+    ] {
+        let left: Vec<_> = dead_ids.iter().filter(|id| live_ids.contains(id)).collect();
+        assert!(
+            left.is_empty(),
+            "{kind}s of the dead capture remain: {left:?}"
+        );
+    }
+    let on_dead_netns = bpftool(&["link", "show"])
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["netns_ino"].as_u64() == Some(netns_ino))
+        .count();
+    assert_eq!(on_dead_netns, 0, "a link still holds the deleted namespace");
+
+    // `tern capture gc` leaves the live capture alone.
+    let (ok, out, err) = tern(&["capture", "gc"]);
+    assert!(ok, "{err}");
+    assert!(
+        !out.contains(&p.cgroup.pin_dir().display().to_string()),
+        "{out}"
+    );
+    assert!(p.cgroup.pin_dir().is_dir(), "a live capture was collected");
+}
+
+/// Original destinations live in the sockets' own storage: a churn of connections, half of
+/// them reset, neither evicts the record of a connection opened before it nor leaves
+/// hand-over entries behind.
+#[test]
+fn ebpf_original_destinations_survive_churn() {
+    let p = pods();
+    let _server = serve(&p.srv, &["10.66.1.2:8080"]).unwrap();
+    let _tern = Tern::start(
+        &p.app,
+        Some(&p.cgroup),
+        &run_args("ebpf", &p.cgroup, &["--inbound-ports", ""]),
+    )
+    .unwrap();
+    let script = r#"
+import json, socket, struct
+dst = ("10.66.1.2", 8080)
+held = socket.create_connection(dst)
+held_greeting = held.recv(200).decode()
+for i in range(2000):
+    s = socket.create_connection(dst)
+    if i % 2:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+held.sendall(b"still here\n")
+echo = held.recv(200).decode()
+print(json.dumps({"peer": "%s:%d" % held.getpeername(), "greeting": held_greeting, "echo": echo}))
+"#;
+    let out = p
+        .app
+        .output(Some(&p.cgroup), Path::new("python3"), &["-c", script])
+        .unwrap();
+    let out: serde_json::Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{out:?}: {e}"));
+    assert_eq!(out["peer"], "10.66.1.2:8080", "{out}");
+    assert!(
+        out["greeting"]
+            .as_str()
+            .unwrap()
+            .starts_with("peer=10.66.1.1:"),
+        "{out}"
+    );
+    assert_eq!(out["echo"], "still here\n", "{out}");
+    assert!(capture_counter(&p.cgroup, "sockops.handed_over") >= 2001);
+    assert!(
+        eventually(Duration::from_secs(5), || map_entries(
+            &p.cgroup,
+            "ORIG_BY_TUPLE"
+        ) == 0),
+        "ORIG_BY_TUPLE holds {} entries after the churn",
+        map_entries(&p.cgroup, "ORIG_BY_TUPLE")
+    );
 }

@@ -14,18 +14,20 @@ pub mod map_names {
     pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
     pub const EXCLUDED_CIDRS: &str = "EXCLUDED_CIDRS";
     pub const INBOUND_PORTS: &str = "INBOUND_PORTS";
-    pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
+    pub const ORIG_BY_SOCKET: &str = "ORIG_BY_SOCKET";
+    pub const ORIG_ON_ACCEPTED: &str = "ORIG_ON_ACCEPTED";
     pub const ORIG_BY_TUPLE: &str = "ORIG_BY_TUPLE";
     pub const LISTENERS: &str = "LISTENERS";
 
     /// Every map, in the order the loader pins them.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 9] = [
         CONFIG,
         COUNTERS,
         EXCLUDED_PORTS,
         EXCLUDED_CIDRS,
         INBOUND_PORTS,
-        ORIG_BY_COOKIE,
+        ORIG_BY_SOCKET,
+        ORIG_ON_ACCEPTED,
         ORIG_BY_TUPLE,
         LISTENERS,
     ];
@@ -53,10 +55,14 @@ pub mod program_names {
     ];
 }
 
-/// Capacity of the maps that follow live connections. They are LRU maps: under churn the
-/// oldest entries go first, so a burst of connections that never close cannot fill them.
-pub const MAX_TRACKED_CONNECTIONS: u32 = 65_536;
-/// Capacity of the exclusion maps (ports, CIDRs) and of the inbound port set.
+/// Capacity of the hand-over map: captured connections established on the application's
+/// side and not yet on the proxy's (microseconds on loopback, or until the application's
+/// socket closes). It is not preallocated, so an idle capture holds only its buckets; a
+/// connection that finds it full is not captured (the connect hook runs first and keeps its
+/// record in socket storage, so the proxy would get no original destination and close it).
+pub const MAX_PENDING_HANDOVERS: u32 = 8_192;
+/// Capacity of the exclusion maps (ports, CIDRs) and of the inbound port set; the hash maps
+/// among them are not preallocated either, as a Pod lists a handful of ports.
 pub const MAX_EXCLUSIONS: u32 = 4_096;
 
 /// `SO_ORIGINAL_DST` (and `IP6T_SO_ORIGINAL_DST`), answered by the getsockopt hook.
@@ -167,7 +173,7 @@ pub enum Counter {
     ConnectRefused,
     /// sockops: original destination tied to the established 4-tuple.
     SockopsRecorded,
-    /// sockops: entries removed when the connection closed.
+    /// sockops: a hand-over left when the application's socket closed before the proxy took it.
     SockopsRemoved,
     /// getsockopt: `SO_ORIGINAL_DST` answered.
     GetsockoptAnswered,
@@ -181,10 +187,12 @@ pub enum Counter {
     InboundFailedOpen,
     /// sk_lookup: no inbound listener and fail-closed, the connection was dropped.
     InboundRefused,
+    /// sockops: the proxy's accepted socket took the original destination over.
+    SockopsHandedOver,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
 
     /// Every counter with the name it has in `tern capture status` and in metrics.
     pub const ALL: [(Counter, &'static str, &'static str); Self::COUNT as usize] = [
@@ -208,6 +216,7 @@ impl Counter {
         (Counter::InboundSkipped, "sk_lookup", "skipped"),
         (Counter::InboundFailedOpen, "sk_lookup", "failed_open"),
         (Counter::InboundRefused, "sk_lookup", "refused"),
+        (Counter::SockopsHandedOver, "sockops", "handed_over"),
     ];
 }
 

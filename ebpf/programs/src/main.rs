@@ -1,12 +1,14 @@
 //! tern's kernel programs: capture a Pod's TCP traffic for the sidecar without NAT.
 //!
 //! - `connect4`/`connect6` (cgroup): rewrite the destination of every captured TCP connect to
-//!   the proxy's outbound listener, remembering the original destination by socket cookie.
-//! - `sockops` (cgroup): when such a connection is established, tie the original destination
-//!   to its 4-tuple (the getsockopt hook cannot see the cookie of the application's socket),
-//!   and remove both entries when it closes.
-//! - `getsockopt` (cgroup): answer `SO_ORIGINAL_DST` on the proxy's accepted socket from the
-//!   4-tuple map, so the proxy reads the original destination exactly as under iptables.
+//!   the proxy's outbound listener, keeping the original destination in the application's
+//!   socket's own storage (`ORIG_BY_SOCKET`, freed with the socket, even when the connect fails).
+//! - `sockops` (cgroup): when such a connection is established, publish the original
+//!   destination under its 4-tuple (`ORIG_BY_TUPLE`); when the proxy's side of the same
+//!   connection is established, move it into the accepted socket's storage (`ORIG_ON_ACCEPTED`).
+//!   A 4-tuple entry lives only in between, or until the application's socket closes first.
+//! - `getsockopt` (cgroup): answer `SO_ORIGINAL_DST` on the proxy's accepted socket from its
+//!   storage, so the proxy reads the original destination exactly as under iptables.
 //! - `getpeername4`/`getpeername6` (cgroup): show the application the address it dialled.
 //! - `sk_lookup` (network namespace): steer new inbound connections on captured ports to the
 //!   proxy's inbound listener held in a sockmap; its local address stays the original one.
@@ -23,17 +25,22 @@ use core::ptr::{read_volatile, write_volatile};
 use aya_ebpf::{
     EbpfContext,
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_TCP_CLOSE, bpf_sock, bpf_sock_tuple, sk_action,
     },
-    helpers::{bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
-    macros::{cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap, lpm_trie::Key},
+    btf_maps::SkStorage,
+    helpers::{
+        bpf_get_current_uid_gid, bpf_sk_lookup_tcp, bpf_sk_release,
+        generated::bpf_sk_storage_get,
+    },
+    macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap, lpm_trie::Key},
     programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 use tern_ebpf_common::{
     AF_INET, AF_INET6, CidrKey, Config, Counter, INBOUND_PORT_CAPTURE, INBOUND_PORT_EXCLUDE,
-    LISTENER_INBOUND_V4, LISTENER_INBOUND_V6, MAX_EXCLUSIONS, MAX_TRACKED_CONNECTIONS, OrigDst,
+    LISTENER_INBOUND_V4, LISTENER_INBOUND_V6, MAX_EXCLUSIONS, MAX_PENDING_HANDOVERS, OrigDst,
     SO_ORIGINAL_DST, SOL_IP, SOL_IPV6, TupleKey, flags, is_v4_mapped, v4_mapped,
 };
 
@@ -56,21 +63,48 @@ static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
 #[map]
-static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_EXCLUSIONS, 0);
+static EXCLUDED_PORTS: HashMap<u16, u8> =
+    HashMap::with_max_entries(MAX_EXCLUSIONS, BPF_F_NO_PREALLOC);
 
 #[map]
 static EXCLUDED_CIDRS: LpmTrie<CidrKey, u8> = LpmTrie::with_max_entries(MAX_EXCLUSIONS, 0);
 
 #[map]
-static INBOUND_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(MAX_EXCLUSIONS, 0);
+static INBOUND_PORTS: HashMap<u16, u8> =
+    HashMap::with_max_entries(MAX_EXCLUSIONS, BPF_F_NO_PREALLOC);
 
-#[map]
-static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> =
-    LruHashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, 0);
+/// The original destination on the application's socket that dialled it.
+#[btf_map]
+static ORIG_BY_SOCKET: SkStorage<OrigDst> = SkStorage::new();
 
+/// The original destination on the proxy's accepted socket of the same connection.
+#[btf_map]
+static ORIG_ON_ACCEPTED: SkStorage<OrigDst> = SkStorage::new();
+
+/// Hand-over from the application's socket to the proxy's: entries exist only while a
+/// connection is between the two sides' establishment. Not preallocated, never evicting.
 #[map]
-static ORIG_BY_TUPLE: LruHashMap<TupleKey, OrigDst> =
-    LruHashMap::with_max_entries(MAX_TRACKED_CONNECTIONS, 0);
+static ORIG_BY_TUPLE: HashMap<TupleKey, OrigDst> =
+    HashMap::with_max_entries(MAX_PENDING_HANDOVERS, BPF_F_NO_PREALLOC);
+
+/// The storage of `map` on socket `sk`, created from `init` when given; null when absent.
+///
+/// # Safety
+/// `map` is one of this object's socket storage maps and `sk` a socket pointer the verifier
+/// accepts for `bpf_sk_storage_get` in the calling program type, non-null.
+#[inline(always)]
+unsafe fn sk_storage<T>(map: &SkStorage<T>, sk: *mut bpf_sock, init: Option<&T>) -> *mut T {
+    let map = core::ptr::from_ref(map).cast_mut().cast();
+    let (value, flags) = match init {
+        Some(v) => (
+            core::ptr::from_ref(v).cast_mut().cast(),
+            BPF_SK_STORAGE_GET_F_CREATE as u64,
+        ),
+        None => (core::ptr::null_mut(), 0),
+    };
+    // SAFETY: per this function's contract.
+    unsafe { bpf_sk_storage_get(map, sk.cast(), value, flags) }.cast()
+}
 
 #[map]
 static LISTENERS: SockMap = SockMap::with_max_entries(2, 0);
@@ -201,18 +235,21 @@ fn redirect_connect(ctx: &SockAddrContext, dst: [u32; 4], native_v4: bool) -> i3
         return ALLOW;
     }
 
-    // SAFETY: the cookie helper is allowed for sock_addr programs.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let orig = OrigDst {
+    let mut orig = OrigDst {
         ip: dst,
         port: port_be,
         family: if native_v4 { AF_INET } else { AF_INET6 },
     };
-    if ORIG_BY_COOKIE.insert(&cookie, &orig, 0).is_err() {
+    // SAFETY: the storage helper is allowed for sock_addr programs on the context's socket.
+    let slot = unsafe { ORIG_BY_SOCKET.get_or_insert_ptr_mut(ctx, Some(&mut orig)) };
+    if slot.is_null() {
         // Without a record the proxy could not learn where to go: leave the connect alone.
         count(Counter::ConnectFailedOpen);
         return ALLOW;
     }
+    // A socket that connects again (after a failed attempt) records its new destination.
+    // SAFETY: a non-null storage pointer is this socket's value, valid for this program run.
+    unsafe { *slot = orig };
 
     let sa = ctx.sock_addr;
     // SAFETY: user_ip4/user_ip6/user_port are writable in connect hooks; each is written
@@ -299,28 +336,59 @@ fn sockops_key(ctx: &SockOpsContext) -> TupleKey {
     }
 }
 
+/// The socket of a sock_ops context, when it is a full socket.
+#[inline(always)]
+fn sockops_sk(ctx: &SockOpsContext) -> *mut bpf_sock {
+    // SAFETY: reading the `sk` pointer of this program's own context.
+    unsafe { (*ctx.ops).__bindgen_anon_2.sk }
+}
+
 #[sock_ops]
 pub fn tern_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            // SAFETY: the cookie helper is allowed for sock_ops programs.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            // SAFETY: the value is copied out at once.
-            let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }).copied() else {
+            let sk = sockops_sk(&ctx);
+            if sk.is_null() {
                 return 0;
-            };
+            }
+            // SAFETY: `sk` is this context's full socket, non-null checked above.
+            let slot = unsafe { sk_storage(&ORIG_BY_SOCKET, sk, None) };
+            if slot.is_null() {
+                return 0;
+            }
+            // SAFETY: a non-null storage pointer is this socket's value; copied out at once.
+            let orig = unsafe { *slot };
             if ORIG_BY_TUPLE.insert(&sockops_key(&ctx), &orig, 0).is_ok() {
                 count(Counter::SockopsRecorded);
             }
-            // Ask for state callbacks so the entries go away with the connection.
+            // Ask for state callbacks so a hand-over nobody took goes away with the connection.
             let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_STATE_CB_FLAG as i32);
         }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            // The proxy's side of a captured connection: its peer is the application's socket.
+            let own = sockops_key(&ctx);
+            let key = TupleKey {
+                src_ip: own.dst_ip,
+                dst_ip: own.src_ip,
+                src_port: own.dst_port,
+                dst_port: own.src_port,
+            };
+            // SAFETY: the value is copied out at once.
+            let Some(orig) = (unsafe { ORIG_BY_TUPLE.get(&key) }).copied() else {
+                return 0;
+            };
+            let sk = sockops_sk(&ctx);
+            if sk.is_null() {
+                return 0;
+            }
+            // SAFETY: `sk` is this context's full socket, non-null checked above.
+            if !unsafe { sk_storage(&ORIG_ON_ACCEPTED, sk, Some(&orig)) }.is_null() {
+                let _ = ORIG_BY_TUPLE.remove(&key);
+                count(Counter::SockopsHandedOver);
+            }
+        }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
-            // SAFETY: the cookie helper is allowed for sock_ops programs.
-            let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-            let had_cookie = ORIG_BY_COOKIE.remove(&cookie).is_ok();
-            let had_tuple = ORIG_BY_TUPLE.remove(&sockops_key(&ctx)).is_ok();
-            if had_cookie || had_tuple {
+            if ORIG_BY_TUPLE.remove(&sockops_key(&ctx)).is_ok() {
                 count(Counter::SockopsRemoved);
             }
         }
@@ -357,33 +425,13 @@ pub fn tern_getsockopt(ctx: SockoptContext) -> i32 {
     if sk.is_null() {
         return pass_through(&ctx);
     }
-    // The proxy's accepted socket: its peer is the application's socket (the key's src),
-    // its local address the listener the application was sent to (the key's dst).
     // SAFETY: `sk` is the socket getsockopt was called on, non-null checked above.
-    let key = unsafe {
-        let (v4_peer, v4_local, v6_peer, v6_local) = (
-            read_ip4_mapped(&(*sk).dst_ip4),
-            read_ip4_mapped(&(*sk).src_ip4),
-            read_ip6(&(*sk).dst_ip6),
-            read_ip6(&(*sk).src_ip6),
-        );
-        let (src_ip, dst_ip) = if read_volatile(&(*sk).family) == AF_INET as u32 {
-            (v4_peer, v4_local)
-        } else {
-            (v6_peer, v6_local)
-        };
-        TupleKey {
-            src_ip,
-            dst_ip,
-            // bpf_sock: dst_port is network order, src_port host order.
-            src_port: u16::from_be(read_volatile(&(*sk).dst_port)),
-            dst_port: read_volatile(&(*sk).src_port) as u16,
-        }
-    };
-    // SAFETY: the value is copied out at once.
-    let Some(orig) = (unsafe { ORIG_BY_TUPLE.get(&key) }).copied() else {
+    let slot = unsafe { sk_storage(&ORIG_ON_ACCEPTED, sk, None) };
+    if slot.is_null() {
         return pass_through(&ctx);
-    };
+    }
+    // SAFETY: a non-null storage pointer is this socket's value; copied out at once.
+    let orig = unsafe { *slot };
 
     // SAFETY: optval/optval_end delimit the kernel's copy of the caller's buffer; every
     // write below is bounds-checked against optval_end first.
@@ -426,12 +474,13 @@ pub fn tern_getsockopt(ctx: SockoptContext) -> i32 {
 /// Shows the application its original destination instead of the proxy's listener.
 #[inline(always)]
 fn rewrite_peer(ctx: &SockAddrContext, v4: bool) -> i32 {
-    // SAFETY: the cookie helper is allowed for sock_addr programs.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: the value is copied out at once.
-    let Some(orig) = (unsafe { ORIG_BY_COOKIE.get(&cookie) }).copied() else {
+    // SAFETY: the storage helper is allowed for sock_addr programs on the context's socket.
+    let slot = unsafe { ORIG_BY_SOCKET.get_ptr_mut(ctx) };
+    if slot.is_null() {
         return ALLOW;
-    };
+    }
+    // SAFETY: a non-null storage pointer is this socket's value; copied out at once.
+    let orig = unsafe { *slot };
     let sa = ctx.sock_addr;
     // SAFETY: user_ip4/user_ip6/user_port are writable in getpeername hooks; one store each.
     unsafe {

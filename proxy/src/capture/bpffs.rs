@@ -59,6 +59,23 @@ pub fn cgroup_id_of(pin_dir: &Path) -> Option<u64> {
         .ok()
 }
 
+/// Every capture's pin directory under a bpffs mount.
+pub fn capture_dirs(bpffs: &Path) -> Vec<PathBuf> {
+    match fs::read_dir(tern_root(bpffs)) {
+        Ok(entries) => entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.is_dir() && cgroup_id_of(p).is_some())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Removes tern's directory once the last capture is gone (it fails while one remains).
+pub fn remove_root_if_empty(bpffs: &Path) {
+    let _ = fs::remove_dir(tern_root(bpffs));
+}
+
 /// Pin path of a program's link.
 pub fn link_pin(dir: &Path, program: &str) -> PathBuf {
     dir.join(format!("link_{program}"))

@@ -34,7 +34,7 @@ use tern_ebpf_common::{
 use super::{
     CaptureError, CaptureSettings, InboundPorts, OUTBOUND_IP4, OUTBOUND_IP6, bpffs,
     cgroup::{self, CgroupDir},
-    link,
+    gc, sys,
 };
 
 /// The kernel object built by `cargo xtask build-ebpf`, embedded at build time.
@@ -189,8 +189,10 @@ pub fn detach(cgroup: &CgroupDir) -> Result<(), CaptureError> {
 #[derive(Debug, Serialize)]
 pub struct CaptureStatus {
     pub cgroup_id: u64,
-    /// The cgroup directory, when it still exists.
+    /// The cgroup directory, when this process can see it.
     pub cgroup: Option<PathBuf>,
+    /// Whether its cgroup and network namespace still exist, as its links report.
+    pub liveness: gc::Liveness,
     pub pins: PathBuf,
     /// Programs whose links are pinned.
     pub hooks: Vec<String>,
@@ -198,6 +200,8 @@ pub struct CaptureStatus {
     pub inbound_port: u16,
     pub mark: String,
     pub fail_closed: bool,
+    /// Kernel memory held by its maps and programs, in bytes.
+    pub kernel_memory: u64,
     /// `hook.decision` → count, summed over CPUs.
     pub counters: BTreeMap<String, u64>,
 }
@@ -207,13 +211,9 @@ pub fn status(cgroup: Option<&CgroupDir>) -> Result<Vec<CaptureStatus>, CaptureE
     let Some(bpffs) = bpffs::mount_point() else {
         return Ok(Vec::new());
     };
-    let root = bpffs::tern_root(&bpffs);
     let dirs: Vec<PathBuf> = match cgroup {
         Some(cg) => vec![bpffs::pin_dir(&bpffs, cg.id())],
-        None => match fs::read_dir(&root) {
-            Ok(entries) => entries.filter_map(Result::ok).map(|e| e.path()).collect(),
-            Err(_) => Vec::new(),
-        },
+        None => bpffs::capture_dirs(&bpffs),
     };
     let mut out = Vec::new();
     for dir in dirs.into_iter().filter(|d| d.is_dir()) {
@@ -230,12 +230,14 @@ pub fn status(cgroup: Option<&CgroupDir>) -> Result<Vec<CaptureStatus>, CaptureE
         out.push(CaptureStatus {
             cgroup_id,
             cgroup: cgroup::find_by_id(cgroup_id),
+            liveness: gc::liveness(&dir),
             pins: dir.clone(),
             hooks,
             outbound_port: config.outbound_port as u16,
             inbound_port: config.inbound_port as u16,
             mark: format!("{:#x}", config.mark),
             fail_closed: config.flags & flags::FAIL_CLOSED != 0,
+            kernel_memory: gc::kernel_memory(&dir),
             counters: read_counters(&dir)?,
         });
     }
@@ -297,7 +299,7 @@ fn remove_pins(dir: &Path) {
 /// A program's link to its cgroup or network namespace, not yet pinned.
 enum HookLink {
     Aya(FdLink),
-    /// See [`super::link`]: aya 0.14 cannot turn a cgroup sockopt link into an `FdLink`.
+    /// See [`super::sys`]: aya 0.14 cannot turn a cgroup sockopt link into an `FdLink`.
     Raw(std::os::fd::OwnedFd),
 }
 
@@ -305,7 +307,7 @@ impl HookLink {
     fn pin(self, path: &Path) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         match self {
             HookLink::Aya(link) => link.pin(path).map(drop).map_err(Into::into),
-            HookLink::Raw(fd) => link::pin(&fd, path).map_err(Into::into),
+            HookLink::Raw(fd) => sys::pin(&fd, path).map_err(Into::into),
         }
     }
 }
@@ -330,7 +332,7 @@ fn load_and_attach(
         }
         Program::CgroupSockopt(p) => {
             p.load()?;
-            let fd = link::create_cgroup_link(p.fd()?, cgroup, link::BPF_CGROUP_GETSOCKOPT)?;
+            let fd = sys::create_cgroup_link(p.fd()?, cgroup, sys::BPF_CGROUP_GETSOCKOPT)?;
             return Ok(HookLink::Raw(fd));
         }
         Program::SkLookup(p) => {

@@ -17,8 +17,9 @@ pub mod bpffs;
 pub mod cgroup;
 pub mod check;
 pub mod ebpf;
+pub mod gc;
 pub mod iptables;
-mod link;
+mod sys;
 
 /// What to capture and where to send it; shared by both mechanisms.
 #[derive(Clone, Debug)]
