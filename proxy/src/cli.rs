@@ -29,8 +29,9 @@ pub enum Command {
     /// Attach, detach or inspect capture on its own (e.g. from an init container).
     #[command(subcommand)]
     Capture(CaptureCommand),
-    /// Tell whether this kernel can run tern's eBPF capture (loads and probes every program).
-    Check,
+    /// Tell whether this kernel can run tern's eBPF capture (loads and probes every program),
+    /// and, given a Pod, which cgroup capture would attach to and why.
+    Check(PodCgroupArgs),
     /// Show the xDS client's view of a running tern: per type, version, nonce, resources, last NACK.
     #[command(subcommand)]
     Xds(XdsCommand),
@@ -51,11 +52,7 @@ pub enum CaptureCommand {
     /// Attach the eBPF hooks to a cgroup and pin them under bpffs; they stay after tern exits.
     Attach(CaptureArgs),
     /// Detach the hooks pinned for a cgroup.
-    Detach {
-        /// The cgroup v2 directory the capture is attached to.
-        #[arg(long, env = "TERN_CGROUP")]
-        cgroup: PathBuf,
-    },
+    Detach(PodCgroupArgs),
     /// Show the attached hooks, their configuration and their counters.
     Status {
         /// Only the capture attached to this cgroup.
@@ -222,12 +219,53 @@ pub fn parse_go_duration(s: &str) -> Result<std::time::Duration, String> {
     std::time::Duration::try_from_secs_f64(total).map_err(|_| bad())
 }
 
-/// What to capture; shared by `tern run` and `tern capture attach`.
+/// Which cgroup is the Pod's: a directory, or the Pod's UID to find it by.
 #[derive(Debug, Args)]
-pub struct CaptureArgs {
+pub struct PodCgroupArgs {
     /// cgroup v2 directory whose processes are captured (eBPF capture).
     #[arg(long, env = "TERN_CGROUP")]
     pub cgroup: Option<PathBuf>,
+    /// The Pod's UID (`metadata.uid`): capture the cgroup the kubelet made for it, found below
+    /// `--cgroup-root` (cgroupfs and systemd drivers).
+    #[arg(long, env = "POD_UID", conflicts_with = "cgroup")]
+    pub pod_uid: Option<String>,
+    /// The node's cgroup v2 hierarchy as mounted for tern (in a container, a read-only mount of
+    /// the node's /sys/fs/cgroup); default: the cgroup2 mount in /proc/mounts.
+    #[arg(long, env = "TERN_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+}
+
+impl PodCgroupArgs {
+    /// The validated cgroup, with how it was found.
+    pub fn resolve(&self) -> anyhow::Result<(CgroupDir, String)> {
+        if let Some(path) = &self.cgroup {
+            return Ok((CgroupDir::open(path)?, "given by --cgroup".to_owned()));
+        }
+        let uid = self.pod_uid.as_deref().context(
+            "eBPF capture needs the Pod's cgroup: --pod-uid <metadata.uid> (POD_UID) or \
+             --cgroup <cgroup v2 directory> (TERN_CGROUP)",
+        )?;
+        let root = match &self.cgroup_root {
+            Some(root) => root.clone(),
+            None => capture::cgroup::cgroup2_mount()
+                .context("no cgroup2 filesystem in /proc/mounts; pass --cgroup-root")?,
+        };
+        let found = capture::pod::find(&root, uid)?;
+        let how = format!(
+            "Pod {uid}: {:?} driver, {} QoS, below {}",
+            found.driver,
+            found.qos,
+            root.display()
+        );
+        Ok((CgroupDir::open(&found.path)?, how))
+    }
+}
+
+/// What to capture; shared by `tern run` and `tern capture attach`.
+#[derive(Debug, Args)]
+pub struct CaptureArgs {
+    #[command(flatten)]
+    pub pod: PodCgroupArgs,
     /// Network namespace whose inbound connections are captured (eBPF capture).
     #[arg(long, env = "TERN_NETNS", default_value = "/proc/self/ns/net")]
     pub netns: PathBuf,
@@ -255,6 +293,28 @@ pub struct CaptureArgs {
     /// Refuse captured connections while the proxy is not listening, instead of letting them through.
     #[arg(long, env = "TERN_FAIL_CLOSED")]
     pub fail_closed: bool,
+    /// The node's addresses (`status.hostIP`, one per family, comma-separated): inbound
+    /// connections from them (kubelet probes) reach the application without the proxy.
+    #[arg(long, env = "HOST_IP", default_value = "", value_parser = parse_node_ips)]
+    pub host_ip: NodeIps,
+}
+
+/// At most one address per family.
+#[derive(Clone, Debug, Default)]
+pub struct NodeIps(pub Vec<std::net::IpAddr>);
+
+fn parse_node_ips(s: &str) -> Result<NodeIps, String> {
+    let mut ips: Vec<std::net::IpAddr> = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let ip: std::net::IpAddr = part
+            .parse()
+            .map_err(|_| format!("invalid node address {part:?} in {s:?}"))?;
+        if ips.iter().any(|i| i.is_ipv4() == ip.is_ipv4()) {
+            return Err(format!("{s:?}: at most one IPv4 and one IPv6 node address"));
+        }
+        ips.push(ip);
+    }
+    Ok(NodeIps(ips))
 }
 
 /// Ports the proxy itself serves (admin, Istio's agent and telemetry ports): never captured inbound.
@@ -272,16 +332,15 @@ impl CaptureArgs {
             exclude_cidrs: self.exclude_cidrs.clone(),
             inbound: self.inbound_ports.clone(),
             fail_closed: self.fail_closed,
+            node_ips: self.host_ip.0.clone(),
         }
     }
 
-    /// The validated `--cgroup`, which eBPF capture requires.
+    /// The Pod's validated cgroup, which eBPF capture requires.
     pub fn cgroup(&self) -> anyhow::Result<CgroupDir> {
-        let path = self
-            .cgroup
-            .as_deref()
-            .context("eBPF capture needs --cgroup <cgroup v2 directory> (or TERN_CGROUP)")?;
-        Ok(CgroupDir::open(path)?)
+        let (cgroup, how) = self.pod.resolve()?;
+        tracing::info!(cgroup = %cgroup.path().display(), how, "the Pod's cgroup");
+        Ok(cgroup)
     }
 }
 
@@ -338,8 +397,8 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             );
             drop(capture);
         }
-        Command::Capture(CaptureCommand::Detach { cgroup }) => {
-            let cgroup = CgroupDir::open(&cgroup)?;
+        Command::Capture(CaptureCommand::Detach(pod)) => {
+            let (cgroup, _) = pod.resolve()?;
             ebpf::detach(&cgroup)?;
             println!(
                 "detached tern capture from cgroup {}",
@@ -377,19 +436,39 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let dump = fetch_config_dump(admin)?;
             print!("{}", format_xds_status(&dump));
         }
-        Command::Check => {
-            let findings = capture::check::run();
-            for f in &findings {
+        Command::Check(pod) => {
+            let kernel = capture::check::run();
+            let pod_findings = if pod.cgroup.is_some() || pod.pod_uid.is_some() {
+                capture::check::pod(pod.resolve().map_err(|e| format!("{e:#}")))
+            } else {
+                Vec::new()
+            };
+            for f in kernel.iter().chain(&pod_findings) {
                 let mark = if f.ok { "ok  " } else { "FAIL" };
                 println!("{mark} {:<28} {}", f.what, f.detail);
             }
-            if findings.iter().any(|f| !f.ok) {
-                println!(
+            let kernel_ok = kernel.iter().all(|f| f.ok);
+            println!(
+                "{}",
+                if kernel_ok {
+                    "this kernel can run tern's eBPF capture"
+                } else {
                     "this kernel cannot run tern's eBPF capture; --capture iptables may still work"
+                }
+            );
+            if !pod_findings.is_empty() {
+                println!(
+                    "{}",
+                    if pod_findings.iter().all(|f| f.ok) {
+                        "tern can capture this Pod from where it runs"
+                    } else {
+                        "tern cannot capture this Pod from where it runs"
+                    }
                 );
+            }
+            if !kernel_ok || pod_findings.iter().any(|f| !f.ok) {
                 return Ok(ExitCode::FAILURE);
             }
-            println!("this kernel can run tern's eBPF capture");
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -1,10 +1,11 @@
 //! `tern run`: bind the listeners, set up capture, load the configuration, serve until
 //! SIGTERM, Ctrl-C or `/quitquitquit`, drain, clean up.
 //!
-//! Order matters. With eBPF capture the proxy first joins the captured cgroup (sockets belong
-//! to the cgroup of the process that creates them, and the getsockopt hook only answers on
-//! sockets in the cgroup), then binds its listeners, then attaches the hooks — so the connect
-//! hook never sees the proxy missing and no connection is refused while tern starts.
+//! Order matters. With eBPF capture the proxy first checks that it runs inside the captured
+//! cgroup (sockets belong to the cgroup of the process that creates them, and the getsockopt
+//! hook only answers on sockets in the cgroup), then binds its listeners, then attaches the
+//! hooks — so the connect hook never sees the proxy missing and no connection is refused while
+//! tern starts.
 //! Draining stops accepting, lets in-flight requests finish (up to the drain timeout) and
 //! only then releases capture.
 use std::{
@@ -51,10 +52,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let cgroup = match args.capture {
         CaptureMode::Ebpf => {
             let cgroup = args.capture_args.cgroup()?;
-            if !cgroup.contains_self() {
-                cgroup.join_self()?;
-                info!(cgroup = %cgroup.path().display(), "joined the captured cgroup");
-            }
+            cgroup.require_self_inside()?;
             Some(cgroup)
         }
         _ => None,

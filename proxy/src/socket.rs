@@ -7,7 +7,7 @@
 //!   capture mechanism sends them back to the proxy.
 use std::{
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
 };
 
 use socket2::SockRef;
@@ -86,16 +86,13 @@ pub async fn connect_upstream(
 }
 
 /// Where and from which source the proxy reaches the local application an inbound
-/// connection was sent to: IPv4 at the original address from 127.0.0.6 (so applications
-/// bound to the Pod IP are reached, and the connection is not captured again); IPv6 at
-/// `[::1]` with the original port (loopback is never captured, and no `::6` is assigned).
+/// connection was sent to: the original address, so applications bound only to the Pod's
+/// address are reached; from 127.0.0.6 over IPv4 (as Istio does), and over IPv6 from that
+/// same address (no `::6` is assigned). Capture leaves both sources alone.
 pub fn inbound_target(dst: SocketAddr) -> (SocketAddr, Option<IpAddr>) {
     match dst {
         SocketAddr::V4(_) => (dst, Some(IpAddr::V4(INBOUND_PASSTHROUGH_V4))),
-        SocketAddr::V6(v6) => (
-            SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), v6.port()),
-            None,
-        ),
+        SocketAddr::V6(v6) => (dst, Some(IpAddr::V6(*v6.ip()))),
     }
 }
 

@@ -280,6 +280,46 @@ fn inbound_arrives_through_the_proxy(mode: &str) {
     }
 }
 
+/// Inbound over IPv6 reaches an application bound only to the Pod's IPv6 address (tern
+/// connects from that address, which capture leaves alone), and connections from the node's
+/// address (`--host-ip`: kubelet probes) reach the application without tern.
+fn inbound_ipv6_and_node_probes(mode: &str) {
+    let p = pods();
+    assert!(
+        eventually(Duration::from_secs(5), || !p
+            .srv
+            .output(None, Path::new("ip"), &["-6", "addr", "show", "tentative"])
+            .unwrap()
+            .contains("fd66::2")),
+        "fd66::2 stayed tentative"
+    );
+    let _server = serve(&p.srv, &["[fd66::2]:8080", "10.66.1.2:8080"]).unwrap();
+    let netns = p.srv.path();
+    let mut args = run_args(mode, &p.cgroup, &["--inbound-ports", "*"]);
+    args.extend(["--netns", netns.to_str().unwrap(), "--host-ip", "10.66.1.1"]);
+    let _tern = Tern::start(&p.srv, Some(&p.cgroup), &args).unwrap();
+
+    let v6 = connect(&p.app, None, "[fd66::2]:8080");
+    assert!(v6.ok(), "{v6:?}");
+    assert!(v6.proxied(), "IPv6 inbound bypassed tern: {v6:?}");
+    assert!(
+        v6.server_saw.as_deref().unwrap().starts_with("[fd66::2]:"),
+        "{v6:?}"
+    );
+    assert_eq!(v6.server_local.as_deref(), Some("[fd66::2]:8080"));
+
+    let probe = connect(&p.app, None, "10.66.1.2:8080");
+    assert!(probe.ok(), "{probe:?}");
+    assert!(
+        !probe.proxied(),
+        "a connection from the node went through tern: {probe:?}"
+    );
+    if mode == "ebpf" {
+        assert!(capture_counter(&p.cgroup, "sk_lookup.skipped_node") >= 1);
+        assert!(capture_counter(&p.cgroup, "sk_lookup.skipped") >= 1);
+    }
+}
+
 /// Runs a scenario once per capture mechanism: `<scenario>::ebpf` and `<scenario>::iptables`.
 macro_rules! under_both_captures {
     ($($scenario:ident),* $(,)?) => {$(
@@ -302,7 +342,8 @@ under_both_captures!(
     ipv6_goes_through_the_proxy,
     proxy_uid_bypasses,
     exclusions_bypass_the_proxy,
-    inbound_arrives_through_the_proxy
+    inbound_arrives_through_the_proxy,
+    inbound_ipv6_and_node_probes
 );
 
 /// Hooks attached by `tern capture attach` outlive the proxy: while it is down, connections go
@@ -503,7 +544,7 @@ fn ebpf_coexists_with_another_agents_program() {
 
     let _tern = Tern::start(
         &p.app,
-        None, // `tern run` joins the captured cgroup itself
+        Some(&p.cgroup),
         &run_args("ebpf", &p.cgroup, &["--inbound-ports", ""]),
     )
     .unwrap();
@@ -629,17 +670,26 @@ fn ebpf_captures_of_deleted_pods_are_collected() {
             .unwrap()
             .success()
     );
-    let (ok, status, _) = tern(&["capture", "status", "--json"]);
-    assert!(ok, "{status}");
-    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
-    let ours = status
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| Path::new(s["pins"].as_str().unwrap()) == pins)
-        .expect("the dead capture in status")
-        .clone();
-    assert_eq!(ours["liveness"], "cgroup_gone", "{ours}");
+    // The kernel releases a removed cgroup, and detaches its links, asynchronously.
+    let dead_status = || {
+        let (ok, status, err) = tern(&["capture", "status", "--json"]);
+        assert!(ok, "{err}");
+        let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+        status
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| Path::new(s["pins"].as_str().unwrap()) == pins)
+            .expect("the dead capture in status")
+            .clone()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || dead_status()["liveness"]
+            != "live"),
+        "{}",
+        dead_status()
+    );
+    let ours = dead_status();
     let held = ours["kernel_memory"].as_u64().unwrap();
     assert!(
         held > 0 && held < 1 << 20,

@@ -88,6 +88,10 @@ pub mod flags {
     pub const INBOUND_ALL_PORTS: u32 = 1 << 1;
     /// Skip sockets created by [`super::Config::skip_uid`].
     pub const SKIP_UID: u32 = 1 << 2;
+    /// Leave inbound connections from [`super::Config::node_ip4`] alone (kubelet probes).
+    pub const NODE_IP4: u32 = 1 << 3;
+    /// Leave inbound connections from [`super::Config::node_ip6`] alone (kubelet probes).
+    pub const NODE_IP6: u32 = 1 << 4;
 }
 
 /// The single entry of the `CONFIG` array: where to send captured connections and what to skip.
@@ -108,6 +112,10 @@ pub struct Config {
     pub skip_uid: u32,
     /// `flags::*`.
     pub flags: u32,
+    /// The node's IPv4 address (network order), when `flags::NODE_IP4` is set.
+    pub node_ip4: u32,
+    /// The node's IPv6 address (network-order words), when `flags::NODE_IP6` is set.
+    pub node_ip6: [u32; 4],
 }
 
 /// Where an application meant to connect: the destination before the connect hook rewrote it.
@@ -181,7 +189,8 @@ pub enum Counter {
     GetpeernameRewritten,
     /// sk_lookup: steered to the inbound listener.
     InboundRedirected,
-    /// sk_lookup: loopback or the proxy's own traffic, left alone.
+    /// sk_lookup: loopback or the proxy's own traffic (from 127.0.0.6, or over IPv6 from the
+    /// destination address itself), left alone.
     InboundSkipped,
     /// sk_lookup: no inbound listener, the connection went to the application.
     InboundFailedOpen,
@@ -189,10 +198,12 @@ pub enum Counter {
     InboundRefused,
     /// sockops: the proxy's accepted socket took the original destination over.
     SockopsHandedOver,
+    /// sk_lookup: from the node (kubelet probes), left alone.
+    InboundSkippedNode,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
 
     /// Every counter with the name it has in `tern capture status` and in metrics.
     pub const ALL: [(Counter, &'static str, &'static str); Self::COUNT as usize] = [
@@ -217,6 +228,7 @@ impl Counter {
         (Counter::InboundFailedOpen, "sk_lookup", "failed_open"),
         (Counter::InboundRefused, "sk_lookup", "refused"),
         (Counter::SockopsHandedOver, "sockops", "handed_over"),
+        (Counter::InboundSkippedNode, "sk_lookup", "skipped_node"),
     ];
 }
 
@@ -230,7 +242,7 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TupleKey {}
 
-    const _: () = assert!(core::mem::size_of::<super::Config>() == 40);
+    const _: () = assert!(core::mem::size_of::<super::Config>() == 60);
     const _: () = assert!(core::mem::size_of::<super::OrigDst>() == 20);
     const _: () = assert!(core::mem::size_of::<super::TupleKey>() == 36);
 }

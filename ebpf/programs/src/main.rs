@@ -511,7 +511,7 @@ pub fn tern_peername6(ctx: SockAddrContext) -> i32 {
 #[sk_lookup]
 pub fn tern_inbound(ctx: SkLookupContext) -> u32 {
     // SAFETY: reading this program's own context.
-    let (family, protocol, port, local_ip4, local_ip6, remote_ip4) = unsafe {
+    let (family, protocol, port, local_ip4, local_ip6, remote_ip4, remote_ip6) = unsafe {
         let l = &*ctx.lookup;
         (
             l.family,
@@ -520,6 +520,7 @@ pub fn tern_inbound(ctx: SkLookupContext) -> u32 {
             l.local_ip4,
             l.local_ip6,
             l.remote_ip4,
+            l.remote_ip6,
         )
     };
     if protocol != IPPROTO_TCP {
@@ -544,8 +545,24 @@ pub fn tern_inbound(ctx: SkLookupContext) -> u32 {
     } else {
         local_ip6 == [0, 0, 0, u32::from_be(1)] || is_v4_mapped(&local_ip6)
     };
-    if loopback || (v4 && u32::from_be(remote_ip4) == INBOUND_PASSTHROUGH_SRC) {
+    // The proxy reaches the application from 127.0.0.6, or over IPv6 from the Pod's own
+    // address (the destination itself).
+    let own = if v4 {
+        u32::from_be(remote_ip4) == INBOUND_PASSTHROUGH_SRC
+    } else {
+        remote_ip6 == local_ip6
+    };
+    if loopback || own {
         count(Counter::InboundSkipped);
+        return sk_action::SK_PASS;
+    }
+    let from_node = if v4 {
+        cfg.flags & flags::NODE_IP4 != 0 && remote_ip4 == cfg.node_ip4
+    } else {
+        cfg.flags & flags::NODE_IP6 != 0 && remote_ip6 == cfg.node_ip6
+    };
+    if from_node {
+        count(Counter::InboundSkippedNode);
         return sk_action::SK_PASS;
     }
     let slot = if v4 {

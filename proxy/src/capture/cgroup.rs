@@ -1,4 +1,4 @@
-//! Cgroup v2 directories: finding the mount, validating a path, joining a cgroup.
+//! Cgroup v2 directories: finding the mount, validating a path, telling whether tern is inside.
 //!
 //! The connect, sock_ops and getsockopt hooks attach to a cgroup v2 directory and see the
 //! sockets created by processes in it or below it. The mount point differs between hosts
@@ -71,38 +71,49 @@ impl CgroupDir {
         self.id
     }
 
-    /// Whether the calling process is in this cgroup or one below it.
+    /// Whether the calling process is in this cgroup or one below it: its pid is listed in a
+    /// `cgroup.procs` of the subtree. That holds from inside a container too, where
+    /// `/proc/self/cgroup` says `0::/` and pids are shown as this process's namespace sees them.
     pub fn contains_self(&self) -> bool {
-        let (Some(mount), Some(own)) = (cgroup2_mount(), own_cgroup2_path()) else {
-            return false;
-        };
-        mount
-            .join(own.trim_start_matches('/'))
-            .starts_with(&self.path)
+        let pid = std::process::id().to_string();
+        let mut budget = 10_000usize;
+        let mut pending = vec![self.path.clone()];
+        while let Some(dir) = pending.pop() {
+            let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            if procs.lines().any(|l| l.trim() == pid) {
+                return true;
+            }
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.filter_map(Result::ok) {
+                if budget == 0 {
+                    return false;
+                }
+                budget -= 1;
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    pending.push(entry.path());
+                }
+            }
+        }
+        false
     }
 
-    /// Moves the calling process into this cgroup. Sockets created afterwards belong to it,
-    /// which is what makes the getsockopt hook answer on the proxy's accepted sockets.
-    pub fn join_self(&self) -> Result<(), CaptureError> {
-        let procs = self.path.join("cgroup.procs");
-        fs::write(&procs, std::process::id().to_string()).map_err(|source| CaptureError::Io {
-            what: format!("join cgroup {}", procs.display()),
-            source,
-        })
+    /// Refuses a cgroup tern is not inside (see [`CaptureError::NotInside`]).
+    pub fn require_self_inside(&self) -> Result<(), CaptureError> {
+        if self.contains_self() {
+            Ok(())
+        } else {
+            Err(CaptureError::NotInside {
+                cgroup: self.path.clone(),
+            })
+        }
     }
 }
 
 /// Where the cgroup v2 hierarchy is mounted, from `/proc/mounts`.
 pub fn cgroup2_mount() -> Option<PathBuf> {
     super::mount_of_type("cgroup2")
-}
-
-/// The calling process's cgroup v2 path relative to the mount (the `0::` line).
-fn own_cgroup2_path() -> Option<String> {
-    let text = fs::read_to_string("/proc/self/cgroup").ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(str::to_owned)
 }
 
 /// Finds the directory of the cgroup with this id below the v2 mount (for status output).

@@ -1,7 +1,11 @@
 //! `tern check`: can this kernel run tern's capture? Load and probe, never guess by version.
 use std::path::Path;
 
-use super::{bpffs, cgroup, ebpf};
+use super::{
+    bpffs,
+    cgroup::{self, CgroupDir},
+    ebpf,
+};
 
 /// One line of the report.
 #[derive(Debug)]
@@ -58,4 +62,35 @@ pub fn run() -> Vec<Finding> {
         Err(e) => add("eBPF object", Err(e.to_string())),
     }
     out
+}
+
+/// What `tern check` says of the Pod's cgroup: which one, how it was found, and whether tern
+/// runs inside it (the getsockopt hook answers only there).
+pub fn pod(resolved: Result<(CgroupDir, String), String>) -> Vec<Finding> {
+    match resolved {
+        Ok((cgroup, how)) => {
+            let inside = cgroup.contains_self();
+            vec![
+                Finding {
+                    what: "Pod cgroup".into(),
+                    ok: true,
+                    detail: format!("{} (id {}; {how})", cgroup.path().display(), cgroup.id()),
+                },
+                Finding {
+                    what: "tern inside the Pod cgroup".into(),
+                    ok: inside,
+                    detail: if inside {
+                        "yes: its pid is listed in the subtree's cgroup.procs".into()
+                    } else {
+                        "no: tern must run as a container of the Pod".into()
+                    },
+                },
+            ]
+        }
+        Err(why) => vec![Finding {
+            what: "Pod cgroup".into(),
+            ok: false,
+            detail: why,
+        }],
+    }
 }

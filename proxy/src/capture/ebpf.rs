@@ -404,6 +404,19 @@ fn configure(ebpf: &mut Ebpf, s: &CaptureSettings) -> Result<(), CaptureError> {
     if s.inbound == InboundPorts::All {
         bits |= flags::INBOUND_ALL_PORTS;
     }
+    let (mut node_ip4, mut node_ip6) = (0, [0; 4]);
+    for ip in &s.node_ips {
+        match ip {
+            IpAddr::V4(v4) => {
+                bits |= flags::NODE_IP4;
+                node_ip4 = u32::from(*v4).to_be();
+            }
+            IpAddr::V6(v6) => {
+                bits |= flags::NODE_IP6;
+                node_ip6 = ip6_words(v6.octets());
+            }
+        }
+    }
     let config = Config {
         outbound_ip4: u32::from(OUTBOUND_IP4).to_be(),
         outbound_ip6: ip6_words(OUTBOUND_IP6.octets()),
@@ -412,6 +425,8 @@ fn configure(ebpf: &mut Ebpf, s: &CaptureSettings) -> Result<(), CaptureError> {
         mark: s.mark,
         skip_uid: s.skip_uid.unwrap_or(u32::MAX),
         flags: bits,
+        node_ip4,
+        node_ip6,
     };
     let mut array: Array<_, Config> =
         Array::try_from(map_mut(ebpf, map_names::CONFIG)).map_err(map_err(map_names::CONFIG))?;

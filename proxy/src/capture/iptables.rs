@@ -176,6 +176,14 @@ fn install_rules(family: Family, s: &CaptureSettings) -> String {
     if family == Family::V4 {
         r += &format!("-A TERN_INBOUND -s {INBOUND_PASSTHROUGH_SRC} -j RETURN\n");
     }
+    for ip in &s.node_ips {
+        if matches!(
+            (family, ip),
+            (Family::V4, IpAddr::V4(_)) | (Family::V6, IpAddr::V6(_))
+        ) {
+            r += &format!("-A TERN_INBOUND -s {ip} -j RETURN\n");
+        }
+    }
     match &s.inbound {
         InboundPorts::None => {}
         InboundPorts::All => {
@@ -231,7 +239,20 @@ mod tests {
             exclude_cidrs: parse_cidrs("10.9.0.0/16,fd00::/8").unwrap(),
             inbound,
             fail_closed: false,
+            node_ips: vec!["10.0.0.7".parse().unwrap(), "fd00::7".parse().unwrap()],
         }
+    }
+
+    #[test]
+    fn node_addresses_bypass_inbound_capture_in_their_family() {
+        let v4 = install_rules(Family::V4, &settings(InboundPorts::All));
+        assert!(v4.contains("-A TERN_INBOUND -s 10.0.0.7 -j RETURN"), "{v4}");
+        assert!(!v4.contains("fd00::7"), "{v4}");
+        let v6 = install_rules(Family::V6, &settings(InboundPorts::All));
+        assert!(v6.contains("-A TERN_INBOUND -s fd00::7 -j RETURN"), "{v6}");
+        let before =
+            |r: &str| r.find("-s fd00::7").unwrap() < r.find("TERN_IN_REDIRECT\n").unwrap();
+        assert!(before(&v6), "{v6}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod check;
 pub mod ebpf;
 pub mod gc;
 pub mod iptables;
+pub mod pod;
 mod sys;
 
 /// What to capture and where to send it; shared by both mechanisms.
@@ -42,6 +43,9 @@ pub struct CaptureSettings {
     pub inbound: InboundPorts,
     /// Refuse connections while the proxy is down instead of letting them through.
     pub fail_closed: bool,
+    /// The node's addresses (at most one per family): inbound connections from them (kubelet
+    /// probes) reach the application without the proxy.
+    pub node_ips: Vec<IpAddr>,
 }
 
 /// Which inbound destination ports are captured.
@@ -123,6 +127,18 @@ pub enum CaptureError {
          run `tern capture detach --cgroup {cgroup}` first"
     )]
     AlreadyAttached { cgroup: PathBuf, pins: PathBuf },
+    #[error("the cgroup of Pod {uid} below {root}: {why}")]
+    PodCgroup {
+        uid: String,
+        root: PathBuf,
+        why: String,
+    },
+    #[error(
+        "tern is not in cgroup {cgroup}: the getsockopt hook answers only on sockets made \
+         inside it, and tern moves into no cgroup (under cgroup v2 a Pod's cgroup has children \
+         and refuses processes). Run tern as a container of the Pod, or start it inside {cgroup}"
+    )]
+    NotInside { cgroup: PathBuf },
     #[error("tern capture is not attached to cgroup {cgroup} (no pins at {pins})")]
     NotAttached { cgroup: PathBuf, pins: PathBuf },
     #[error(
