@@ -32,6 +32,8 @@ pub enum Command {
     /// Tell whether this kernel can run tern's eBPF capture (loads and probes every program),
     /// and, given a Pod, which cgroup capture would attach to and why.
     Check(PodCgroupArgs),
+    /// Add tern to Kubernetes workloads in YAML (as `istioctl kube-inject`).
+    Inject(InjectArgs),
     /// Show the xDS client's view of a running tern: per type, version, nonce, resources, last NACK.
     #[command(subcommand)]
     Xds(XdsCommand),
@@ -219,6 +221,51 @@ pub fn parse_go_duration(s: &str) -> Result<std::time::Duration, String> {
     std::time::Duration::try_from_secs_f64(total).map_err(|_| bad())
 }
 
+/// What `tern inject` reads and what it gives every sidecar.
+#[derive(Debug, Args)]
+pub struct InjectArgs {
+    /// Kubernetes YAML to inject (`-` for standard input); several documents are fine.
+    #[arg(short = 'f', long = "filename", default_value = "-")]
+    pub input: PathBuf,
+    /// Where to write the result (default: standard output).
+    #[arg(short = 'o', long)]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
+}
+
+/// The sidecar injection adds; shared by `tern inject` and `tern webhook`.
+#[derive(Debug, Args)]
+pub struct SidecarArgs {
+    /// tern's image.
+    #[arg(long, env = "TERN_IMAGE", default_value_t = crate::inject::Options::default().image)]
+    pub image: String,
+    /// Run tern as a native sidecar (Kubernetes ≥ 1.29); `false` makes it the first container.
+    #[arg(long, env = "TERN_NATIVE_SIDECAR", default_value_t = true, action = clap::ArgAction::Set)]
+    pub native_sidecar: bool,
+    /// istiod's xDS and CA address, given to every sidecar.
+    #[arg(long, default_value_t = crate::inject::Options::default().xds_address)]
+    pub xds_address: String,
+    /// The mesh's cluster id (`ISTIO_META_CLUSTER_ID`).
+    #[arg(long, default_value = "Kubernetes")]
+    pub cluster_id: String,
+    /// The mesh's trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+}
+
+impl SidecarArgs {
+    pub fn options(&self) -> crate::inject::Options {
+        crate::inject::Options {
+            image: self.image.clone(),
+            native_sidecar: self.native_sidecar,
+            xds_address: self.xds_address.clone(),
+            cluster_id: self.cluster_id.clone(),
+            trust_domain: self.trust_domain.clone(),
+        }
+    }
+}
+
 /// Which cgroup is the Pod's: a directory, or the Pod's UID to find it by.
 #[derive(Debug, Args)]
 pub struct PodCgroupArgs {
@@ -278,6 +325,9 @@ pub struct CaptureArgs {
     /// Inbound ports to capture: a list, `*` for all but the proxy's own, empty for none.
     #[arg(long, env = "INBOUND_PORTS_INCLUDE", default_value = "*")]
     pub inbound_ports: InboundPorts,
+    /// Inbound ports never captured, whatever --inbound-ports says.
+    #[arg(long, env = "INBOUND_PORTS_EXCLUDE", default_value = "", value_parser = parse_ports)]
+    pub exclude_inbound_ports: std::vec::Vec<u16>,
     /// Outbound destination ports that bypass the proxy.
     #[arg(long, env = "OUTBOUND_PORTS_EXCLUDE", default_value = "", value_parser = parse_ports)]
     pub exclude_ports: std::vec::Vec<u16>,
@@ -331,6 +381,7 @@ impl CaptureArgs {
             exclude_ports: self.exclude_ports.clone(),
             exclude_cidrs: self.exclude_cidrs.clone(),
             inbound: self.inbound_ports.clone(),
+            exclude_inbound_ports: self.exclude_inbound_ports.clone(),
             fail_closed: self.fail_closed,
             node_ips: self.host_ip.0.clone(),
         }
@@ -412,6 +463,28 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&all)?);
             } else {
                 print_status(&all);
+            }
+        }
+        Command::Inject(args) => {
+            let text = if args.input.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("read standard input")?
+            } else {
+                std::fs::read_to_string(&args.input)
+                    .with_context(|| format!("read {}", args.input.display()))?
+            };
+            let (yaml, report) = crate::inject::manifests(&text, &args.sidecar.options())?;
+            match &args.output {
+                Some(path) => std::fs::write(path, &yaml)
+                    .with_context(|| format!("write {}", path.display()))?,
+                None => print!("{yaml}"),
+            }
+            for item in report {
+                let done = match item.outcome {
+                    crate::inject::Outcome::Injected => "injected",
+                    crate::inject::Outcome::AlreadyInjected => "unchanged (already injected)",
+                    crate::inject::Outcome::OptedOut => "unchanged (opted out)",
+                };
+                eprintln!("tern inject: {} {done}", item.what);
             }
         }
         Command::Capture(CaptureCommand::Gc { json }) => {

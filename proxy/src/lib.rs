@@ -7,6 +7,7 @@
 //! control plane sends, through the `tern-xds-client` library) build snapshots that
 //! [`state`] swaps atomically; [`admin`] and [`metrics`] show what happens.
 //! [`capture`] puts a Pod's traffic through tern: eBPF hooks or iptables rules.
+//! [`inject`] adds tern to Kubernetes workloads.
 //! [`cli`] and [`run`] are the command line and the `tern run` lifecycle.
 pub mod admin;
 pub mod balance;
@@ -14,6 +15,7 @@ pub mod capture;
 pub mod cli;
 pub mod config;
 pub mod filters;
+pub mod inject;
 pub mod listener;
 pub mod logging;
 pub mod memory;

@@ -218,6 +218,11 @@ fn setup() -> Result<()> {
             "xds-protos",
             "Python xds-protos (Envoy's protos: the tests turn Istio /config_dumps back into resources)",
         ),
+        (
+            "kubernetes_validate",
+            "kubernetes-validate",
+            "kubernetes-validate (Kubernetes' API schemas: the tests validate injected manifests)",
+        ),
     ] {
         let present = Command::new("python3")
             .args(["-c", &format!("import {module}")])

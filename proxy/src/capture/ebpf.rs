@@ -456,14 +456,11 @@ fn configure(ebpf: &mut Ebpf, s: &CaptureSettings) -> Result<(), CaptureError> {
     let mut inbound: HashMap<_, u16, u8> =
         HashMap::try_from(map_mut(ebpf, map_names::INBOUND_PORTS))
             .map_err(map_err(map_names::INBOUND_PORTS))?;
-    let own: Vec<u16> = [s.outbound_port, s.inbound_port]
-        .into_iter()
-        .chain(s.proxy_ports.iter().copied())
-        .collect();
+    let excluded = s.inbound_excluded();
     match &s.inbound {
         InboundPorts::None => {}
         InboundPorts::All => {
-            for &port in &own {
+            for &port in &excluded {
                 inbound
                     .insert(port, INBOUND_PORT_EXCLUDE, 0)
                     .map_err(map_err(map_names::INBOUND_PORTS))?;
@@ -471,11 +468,8 @@ fn configure(ebpf: &mut Ebpf, s: &CaptureSettings) -> Result<(), CaptureError> {
         }
         InboundPorts::Only(list) => {
             for &port in list {
-                if own.contains(&port) {
-                    tracing::warn!(
-                        port,
-                        "not capturing inbound traffic to the proxy's own port"
-                    );
+                if excluded.contains(&port) {
+                    tracing::warn!(port, "not capturing inbound traffic to an excluded port");
                     continue;
                 }
                 inbound

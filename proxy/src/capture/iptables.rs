@@ -187,16 +187,14 @@ fn install_rules(family: Family, s: &CaptureSettings) -> String {
     match &s.inbound {
         InboundPorts::None => {}
         InboundPorts::All => {
-            let own = [s.outbound_port, s.inbound_port]
-                .into_iter()
-                .chain(s.proxy_ports.iter().copied());
-            for port in own {
+            for port in s.inbound_excluded() {
                 r += &format!("-A TERN_INBOUND -p tcp --dport {port} -j RETURN\n");
             }
             r += "-A TERN_INBOUND -p tcp -j TERN_IN_REDIRECT\n";
         }
         InboundPorts::Only(ports) => {
-            for port in ports {
+            let excluded = s.inbound_excluded();
+            for port in ports.iter().filter(|p| !excluded.contains(p)) {
                 r += &format!("-A TERN_INBOUND -p tcp --dport {port} -j TERN_IN_REDIRECT\n");
             }
         }
@@ -238,6 +236,7 @@ mod tests {
             exclude_ports: parse_ports("22").unwrap(),
             exclude_cidrs: parse_cidrs("10.9.0.0/16,fd00::/8").unwrap(),
             inbound,
+            exclude_inbound_ports: vec![8081],
             fail_closed: false,
             node_ips: vec!["10.0.0.7".parse().unwrap(), "fd00::7".parse().unwrap()],
         }

@@ -41,6 +41,8 @@ pub struct CaptureSettings {
     pub exclude_cidrs: Vec<IpNet>,
     /// Inbound ports to capture.
     pub inbound: InboundPorts,
+    /// Inbound ports never captured (Istio's `excludeInboundPorts`), whatever `inbound` says.
+    pub exclude_inbound_ports: Vec<u16>,
     /// Refuse connections while the proxy is down instead of letting them through.
     pub fail_closed: bool,
     /// The node's addresses (at most one per family): inbound connections from them (kubelet
@@ -68,6 +70,17 @@ impl std::str::FromStr for InboundPorts {
             "*" => Ok(Self::All),
             list => parse_ports(list).map(Self::Only),
         }
+    }
+}
+
+impl CaptureSettings {
+    /// Ports inbound capture never takes: the proxy's own, and the excluded ones.
+    pub fn inbound_excluded(&self) -> Vec<u16> {
+        [self.outbound_port, self.inbound_port]
+            .into_iter()
+            .chain(self.proxy_ports.iter().copied())
+            .chain(self.exclude_inbound_ports.iter().copied())
+            .collect()
     }
 }
 
