@@ -20,6 +20,7 @@ use serde::Deserialize;
 
 mod controlplane;
 pub mod mesh;
+pub mod oci;
 pub mod pki;
 pub use controlplane::ControlPlane;
 
@@ -201,10 +202,22 @@ fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> Result<()> {
 
 /// Connects two namespaces with a veth pair named `eth0` on both sides, with these addresses.
 pub fn link(a: &Netns, a_cidr: &str, b: &Netns, b_cidr: &str) -> Result<()> {
-    veth(a, "eth0", b, "eth0")?;
-    for (ns, cidr) in [(a, a_cidr), (b, b_cidr)] {
-        ip(&["-n", ns.name(), "addr", "add", cidr, "dev", "eth0"])?;
-        ip(&["-n", ns.name(), "link", "set", "eth0", "up"])?;
+    link_via(a, "eth0", a_cidr, b, "eth0", b_cidr)
+}
+
+/// Connects two namespaces with a veth pair of these names and addresses.
+pub fn link_via(
+    a: &Netns,
+    a_if: &str,
+    a_cidr: &str,
+    b: &Netns,
+    b_if: &str,
+    b_cidr: &str,
+) -> Result<()> {
+    veth(a, a_if, b, b_if)?;
+    for (ns, dev, cidr) in [(a, a_if, a_cidr), (b, b_if, b_cidr)] {
+        ip(&["-n", ns.name(), "addr", "add", cidr, "dev", dev])?;
+        ip(&["-n", ns.name(), "link", "set", dev, "up"])?;
     }
     Ok(())
 }

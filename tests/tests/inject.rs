@@ -168,7 +168,10 @@ fn what_cannot_be_injected_is_refused_clearly() {
             "excludeOutboundPorts: invalid port \"ssh\"",
         ),
         (include.as_str(), "includeOutboundIPRanges"),
-        ("kind: [unclosed", "document 2: not YAML: did not find expected"),
+        (
+            "kind: [unclosed",
+            "document 2: not YAML: did not find expected",
+        ),
     ] {
         // Refused whole: the good document before the bad one is not written either.
         let good = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: fine\nspec:\n  containers:\n  - name: a\n    image: a\n";

@@ -150,12 +150,13 @@ fn have(program: &str) -> bool {
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Debian packages the build or the tests need, by the program that shows they are present.
-const PACKAGES: [(&str, &str); 6] = [
+const PACKAGES: [(&str, &str); 7] = [
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
     ("iptables", "iptables"),
     ("nft", "nftables"),
     ("haproxy", "haproxy"),
+    ("runc", "runc"),
     ("llvm-config-22", "llvm-22-dev"),
 ];
 
@@ -174,7 +175,7 @@ fn setup() -> Result<()> {
         .collect();
     if missing.is_empty() {
         step(
-            "setup: system packages present (bpftool, iproute2, iptables, nftables, haproxy, llvm-22-dev)",
+            "setup: system packages present (bpftool, iproute2, iptables, nftables, haproxy, runc, llvm-22-dev)",
         );
     } else {
         step(&format!(

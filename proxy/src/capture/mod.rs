@@ -155,7 +155,8 @@ pub enum CaptureError {
     #[error("tern capture is not attached to cgroup {cgroup} (no pins at {pins})")]
     NotAttached { cgroup: PathBuf, pins: PathBuf },
     #[error(
-        "{what}: permission denied; capture needs root or CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN"
+        "{what}: permission denied; capture needs root or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON \
+         (and CAP_SYS_ADMIN to mount bpffs when it is not mounted)"
     )]
     Privileges { what: String },
     #[error("{what}: {source}")]

@@ -18,12 +18,14 @@ pub const HOST_CGROUP: &str = "/host/sys/fs/cgroup";
 /// tern's health and metrics port (Istio's merged-metrics port).
 pub const STATS_PORT: u16 = 15020;
 
-/// Capabilities tern needs, each for one thing it does:
+/// Capabilities tern needs, measured in the Pod test (runc, kernel 6.x):
 /// - `BPF`: load the programs and create the maps;
 /// - `NET_ADMIN`: attach cgroup and `sk_lookup` programs, `SO_MARK` its own sockets;
-/// - `SYS_ADMIN`: provisional, until the Pod test measures whether the rest suffice;
-/// - `SYS_RESOURCE`: kernels before 5.11 charge maps to `RLIMIT_MEMLOCK`.
-pub const CAPABILITIES: [&str; 4] = ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE"];
+/// - `PERFMON`: without it the kernel refuses to load `tern_getsockopt` (`EPERM`).
+///
+/// Not `SYS_ADMIN` (bpffs comes mounted from the node) and not `SYS_RESOURCE` (kernels since
+/// 5.11 charge maps to the cgroup, not to `RLIMIT_MEMLOCK`).
+pub const CAPABILITIES: [&str; 3] = ["BPF", "NET_ADMIN", "PERFMON"];
 
 /// The sidecar container, as YAML values in Kubernetes' field order.
 pub fn container(options: &Options, extra_env: &[(String, String)], native: bool) -> Value {

@@ -1,0 +1,300 @@
+//! tern in a real Pod: containers started by a real OCI runtime (runc) with private cgroup,
+//! mount and pid namespaces, the Pod's cgroup laid out as the kubelet lays it out (both
+//! drivers), and tern started from the command, environment, capabilities and mounts that
+//! `tern inject` wrote. From inside its container, tern finds the Pod's cgroup by the Pod's
+//! UID and captures the application's outbound and inbound traffic, while a kubelet-like
+//! probe from the node keeps reaching the application. A Pod deleted after its tern was
+//! killed leaves nothing in the kernel once `tern capture gc` runs.
+use std::{path::PathBuf, time::Duration};
+
+use serde_yaml::Value;
+use tern_tests::{
+    Netns, bpftool, connect, eventually, link_via,
+    oci::{BIN, Bind, CgroupDriver, Container, OciPod},
+    require_root, serve, tern, tern_bin,
+};
+
+const NODE_IP: &str = "10.77.0.1";
+const POD_IP: &str = "10.77.0.2";
+
+/// The application's Pod manifest, as a user writes it.
+const MANIFEST: &str = "apiVersion: v1
+kind: Pod
+metadata:
+  name: app
+  namespace: default
+spec:
+  containers:
+  - name: app
+    image: registry.example.com/app:1
+    readinessProbe:
+      tcpSocket:
+        port: 8080
+";
+
+/// tern's container as `tern inject` writes it, turned into what the kubelet would start:
+/// the downward API resolved, the volumes bound from the host. istiod is not here, so the
+/// environment that points at it is left out (tern runs on passthrough).
+fn injected_tern(pod: &OciPod) -> Container {
+    let out = std::process::Command::new(tern_bin())
+        .arg("inject")
+        .stdin({
+            let file = std::env::temp_dir().join(tern_tests::unique("manifest"));
+            std::fs::write(&file, MANIFEST).unwrap();
+            std::fs::File::open(&file).unwrap()
+        })
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let manifest: Value = serde_yaml::from_slice(&out.stdout).unwrap();
+    let spec = &manifest["spec"]["initContainers"][0];
+    assert_eq!(spec["name"], "tern");
+    assert_eq!(spec["securityContext"]["privileged"], false);
+
+    let mut args = vec![format!("{BIN}/tern")];
+    args.extend(
+        spec["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned()),
+    );
+    let field = |path: &str| -> String {
+        match path {
+            "metadata.name" => "app".into(),
+            "metadata.namespace" => "default".into(),
+            "metadata.uid" => pod.uid.clone(),
+            "status.podIP" => POD_IP.into(),
+            "status.hostIP" => NODE_IP.into(),
+            "spec.serviceAccountName" => "default".into(),
+            other => panic!("unexpected downward API field {other}"),
+        }
+    };
+    let env = spec["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let name = e["name"].as_str().unwrap().to_owned();
+            let value = match e["value"].as_str() {
+                Some(v) => v.to_owned(),
+                None => field(e["valueFrom"]["fieldRef"]["fieldPath"].as_str().unwrap()),
+            };
+            (name, value)
+        })
+        .filter(|(name, _)| {
+            !matches!(
+                name.as_str(),
+                "XDS_ADDRESS" | "XDS_ROOT_CA" | "TERN_XDS_TOKEN_FILE"
+            )
+        })
+        .collect();
+    let capabilities = spec["securityContext"]["capabilities"]["add"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect();
+    let host_path = |volume: &str| -> Option<PathBuf> {
+        match volume {
+            "tern-bpffs" => Some("/sys/fs/bpf".into()),
+            // The node's cgroup v2 hierarchy (on this host it is not at /sys/fs/cgroup).
+            "tern-host-cgroup" => tern_tests::cgroup2_mount(),
+            _ => None, // istiod's token, root certificate and the Pod's labels
+        }
+    };
+    let binds = spec["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter_map(|m| {
+            Some(Bind {
+                source: host_path(m["name"].as_str()?)?,
+                destination: m["mountPath"].as_str()?.to_owned(),
+                read_only: m["readOnly"].as_bool().unwrap_or(false),
+            })
+        })
+        .collect();
+    Container {
+        name: "tern".into(),
+        args,
+        env,
+        capabilities: Some(capabilities),
+        binds,
+    }
+}
+
+fn pod_is_captured_from_inside(driver: CgroupDriver) {
+    require_root();
+    let node = Netns::new("node").unwrap();
+    let peer = Netns::new("peer").unwrap();
+    let mut pod = OciPod::new(driver).unwrap();
+    link_via(
+        &node,
+        "eth0",
+        &format!("{NODE_IP}/24"),
+        &pod.ns,
+        "eth0",
+        &format!("{POD_IP}/24"),
+    )
+    .unwrap();
+    link_via(
+        &peer,
+        "eth0",
+        "10.78.0.1/24",
+        &pod.ns,
+        "eth1",
+        "10.78.0.2/24",
+    )
+    .unwrap();
+    let _outside = serve(&node, &[&format!("{NODE_IP}:9090")]).unwrap();
+
+    pod.run(&Container {
+        name: "app".into(),
+        args: vec![
+            format!("{BIN}/tern-testpeer"),
+            "serve".into(),
+            "0.0.0.0:8080".into(),
+        ],
+        ..Default::default()
+    })
+    .unwrap();
+    let tern_container = injected_tern(&pod);
+    pod.run(&tern_container).unwrap();
+    // kubelet's startup probe, from the node.
+    let ready = || {
+        node.output(
+            None,
+            std::path::Path::new("curl"),
+            &[
+                "-s",
+                "-m",
+                "1",
+                &format!("http://{POD_IP}:15020/healthz/ready"),
+            ],
+        )
+        .unwrap_or_default()
+        .trim()
+            == "LIVE"
+    };
+    assert!(
+        eventually(Duration::from_secs(20), ready),
+        "tern never became ready:\n{}",
+        pod.log("tern")
+    );
+    let log = pod.log("tern");
+    assert!(
+        log.contains(&pod.cgroup_relative()),
+        "tern did not find the Pod's cgroup:\n{log}"
+    );
+
+    // tern's view from inside: a private cgroup namespace, and the Pod's cgroup found by UID.
+    let own = pod.exec("tern", &["cat", "/proc/self/cgroup"]).unwrap();
+    assert!(
+        String::from_utf8_lossy(&own.stdout).contains("0::/\n"),
+        "{own:?}"
+    );
+    let check = pod
+        .exec("tern", &[&format!("{BIN}/tern"), "check"])
+        .unwrap();
+    let check = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert!(
+        check.contains("tern inside the Pod cgroup   yes"),
+        "{check}"
+    );
+    let driver_name = match driver {
+        CgroupDriver::Cgroupfs => "Cgroupfs driver",
+        CgroupDriver::Systemd => "Systemd driver",
+    };
+    assert!(check.contains(driver_name), "{check}");
+
+    // Outbound: the application's connect goes through tern and it still sees its destination.
+    let out = pod
+        .exec(
+            "app",
+            &[
+                &format!("{BIN}/tern-testpeer"),
+                "connect",
+                &format!("{NODE_IP}:9090"),
+            ],
+        )
+        .unwrap();
+    let c: tern_tests::Connection =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    assert!(c.ok() && c.proxied(), "{c:?}\n{}", pod.log("tern"));
+    assert_eq!(c.peer.as_deref(), Some(&*format!("{NODE_IP}:9090")));
+
+    // Inbound from another Pod: through tern (the application sees 127.0.0.6).
+    let c = connect(&peer, None, "10.78.0.2:8080");
+    assert!(c.ok(), "{c:?}");
+    assert!(
+        c.server_saw.as_deref().unwrap().starts_with("127.0.0.6:"),
+        "{c:?}"
+    );
+    // A kubelet-like TCP probe from the node: straight to the application.
+    let probe = connect(&node, None, &format!("{POD_IP}:8080"));
+    assert!(probe.ok() && !probe.proxied(), "{probe:?}");
+    assert!(
+        probe
+            .server_saw
+            .as_deref()
+            .unwrap()
+            .starts_with(&format!("{NODE_IP}:")),
+        "{probe:?}"
+    );
+
+    // tern is killed, then the Pod deleted: its capture stays pinned until collected.
+    let (ok, status, err) = tern(&["capture", "status", "--json"]);
+    assert!(ok, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let pins = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| {
+            s["cgroup"]
+                .as_str()
+                .is_some_and(|c| c.ends_with(&pod.cgroup_relative()))
+        })
+        .unwrap_or_else(|| panic!("no capture for the Pod's cgroup: {status}"))["pins"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    pod.kill("tern", "KILL").unwrap();
+    assert!(eventually(Duration::from_secs(5), || !pod.running("tern")));
+    assert!(
+        PathBuf::from(&pins).is_dir(),
+        "killing tern removed its pins (capture must fail open)"
+    );
+    let netns_ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(pod.ns.path()).unwrap());
+    pod.delete();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let (ok, _, _) = tern(&["capture", "gc"]);
+            ok && !PathBuf::from(&pins).exists()
+        }),
+        "the deleted Pod's capture was never collected"
+    );
+    let left = bpftool(&["link", "show"])
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["netns_ino"].as_u64() == Some(netns_ino))
+        .count();
+    assert_eq!(left, 0, "a link still holds the deleted Pod's namespace");
+}
+
+#[test]
+fn pod_with_cgroupfs_driver_is_captured_from_inside() {
+    pod_is_captured_from_inside(CgroupDriver::Cgroupfs);
+}
+
+#[test]
+fn pod_with_systemd_driver_is_captured_from_inside() {
+    pod_is_captured_from_inside(CgroupDriver::Systemd);
+}
