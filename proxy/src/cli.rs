@@ -34,6 +34,8 @@ pub enum Command {
     Check(PodCgroupArgs),
     /// Add tern to Kubernetes workloads in YAML (as `istioctl kube-inject`).
     Inject(InjectArgs),
+    /// Serve Kubernetes' mutating admission webhook that adds tern to Pods (HTTPS).
+    Webhook(WebhookArgs),
     /// Show the xDS client's view of a running tern: per type, version, nonce, resources, last NACK.
     #[command(subcommand)]
     Xds(XdsCommand),
@@ -230,6 +232,30 @@ pub struct InjectArgs {
     /// Where to write the result (default: standard output).
     #[arg(short = 'o', long)]
     pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
+}
+
+/// Where `tern webhook` serves, with which certificate.
+#[derive(Debug, Args)]
+pub struct WebhookArgs {
+    /// HTTPS address.
+    #[arg(long, env = "TERN_WEBHOOK_LISTEN", default_value = "0.0.0.0:9443")]
+    pub listen: std::net::SocketAddr,
+    /// PEM certificate chain (re-read when it changes).
+    #[arg(
+        long,
+        env = "TERN_WEBHOOK_CERT",
+        default_value = "/etc/tern-webhook/tls.crt"
+    )]
+    pub tls_cert: PathBuf,
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long,
+        env = "TERN_WEBHOOK_KEY",
+        default_value = "/etc/tern-webhook/tls.key"
+    )]
+    pub tls_key: PathBuf,
     #[command(flatten)]
     pub sidecar: SidecarArgs,
 }
@@ -464,6 +490,18 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             } else {
                 print_status(&all);
             }
+        }
+        Command::Webhook(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("start the tokio runtime")?;
+            runtime.block_on(crate::webhook::serve(crate::webhook::WebhookConfig {
+                listen: args.listen,
+                cert: args.tls_cert,
+                key: args.tls_key,
+                options: args.sidecar.options(),
+            }))?;
         }
         Command::Inject(args) => {
             let text = if args.input.as_os_str() == "-" {

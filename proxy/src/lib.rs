@@ -7,7 +7,7 @@
 //! control plane sends, through the `tern-xds-client` library) build snapshots that
 //! [`state`] swaps atomically; [`admin`] and [`metrics`] show what happens.
 //! [`capture`] puts a Pod's traffic through tern: eBPF hooks or iptables rules.
-//! [`inject`] adds tern to Kubernetes workloads.
+//! [`inject`] adds tern to Kubernetes workloads; [`webhook`] does it at admission.
 //! [`cli`] and [`run`] are the command line and the `tern run` lifecycle.
 pub mod admin;
 pub mod balance;
@@ -29,4 +29,5 @@ pub mod telemetry;
 pub mod thrift;
 pub mod tls;
 pub mod upstream;
+pub mod webhook;
 pub mod xds;

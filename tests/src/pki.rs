@@ -56,7 +56,8 @@ impl TestCa {
         Ok(Self { cert, key, dir })
     }
 
-    /// The CA whose files `new` wrote (for the control plane process).
+    /// The CA whose files `new` wrote (for the control plane process); it signs CSRs
+    /// ([`TestCa::sign_csr`]) but writes no files.
     pub fn load(cert: &Path, key: &Path) -> Result<Self> {
         let key = KeyPair::from_pem(&fs::read_to_string(key)?)?;
         let params = CertificateParams::from_ca_cert_pem(&fs::read_to_string(cert)?)?;
@@ -84,6 +85,10 @@ impl TestCa {
     /// A certificate with these SANs (`spiffe://…` URIs, else DNS names), valid for `ttl`,
     /// for server and client use, written as `<name>.pem` and `<name>-key.pem`.
     pub fn issue(&self, name: &str, sans: &[&str], ttl: Duration) -> Result<Issued> {
+        anyhow::ensure!(
+            !self.dir.as_os_str().is_empty(),
+            "a loaded CA only signs CSRs; issue() writes files and needs TestCa::new"
+        );
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         params.subject_alt_names = sans.iter().map(|s| san(s)).collect::<Result<_>>()?;

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_yaml::Value;
 
 pub mod annotations;
+pub mod patch;
 pub mod pod;
 pub mod sidecar;
 
@@ -122,21 +123,30 @@ pub fn inject_object(
             why: format!("it has no {}", template_path.join(".")),
         })?;
     }
-    let Some(map) = template.as_mapping_mut() else {
+    let outcome = inject_pod(template, options, &what)?;
+    report.push(Injected { what, outcome });
+    Ok(())
+}
+
+/// Injects a Pod, or a workload's Pod template: a map with `metadata` and `spec`.
+pub fn inject_pod(pod: &mut Value, options: &Options, what: &str) -> Result<Outcome, InjectError> {
+    let Some(map) = pod.as_mapping_mut() else {
         return Err(InjectError::Refused {
-            what,
-            why: "its Pod template is not a map".into(),
+            what: what.to_owned(),
+            why: "it is not a map".into(),
         });
     };
     let mut metadata = map.get("metadata").cloned().unwrap_or(Value::Null);
-    let result = match map.get_mut("spec") {
-        Some(spec) => pod::inject(&mut metadata, spec, options, &what),
-        None => Err(InjectError::Refused {
-            what: what.clone(),
-            why: "it has no Pod spec".into(),
-        }),
+    let outcome = match map.get_mut("spec") {
+        Some(spec) => pod::inject(&mut metadata, spec, options, what)?,
+        None => {
+            return Err(InjectError::Refused {
+                what: what.to_owned(),
+                why: "it has no Pod spec".into(),
+            });
+        }
     };
-    if let Ok(Outcome::Injected) = result {
+    if outcome == Outcome::Injected {
         match map.get_mut("metadata") {
             Some(slot) => *slot = metadata,
             None => {
@@ -144,9 +154,5 @@ pub fn inject_object(
             }
         }
     }
-    report.push(Injected {
-        what,
-        outcome: result?,
-    });
-    Ok(())
+    Ok(outcome)
 }

@@ -61,16 +61,9 @@ pub struct PemFiles {
 impl WorkloadCert {
     /// From PEM: the chain (leaf first), its key, and the roots (mesh root, or several).
     pub fn from_pem(pem: PemFiles) -> Result<Self, CertError> {
-        let chain = certificates(pem.chain.as_bytes(), "certificate chain")?;
+        let certified = certified_key(&pem.chain, &pem.key)?;
         let roots_der = certificates(pem.roots.as_bytes(), "root certificates")?;
-        let key =
-            PrivateKeyDer::from_pem_slice(pem.key.as_bytes()).map_err(|source| CertError::Pem {
-                what: "private key",
-                source,
-            })?;
-        let signing =
-            rustls::crypto::ring::sign::any_supported_type(&key).map_err(CertError::Key)?;
-        let leaf = chain.first().ok_or(CertError::NoCertificate {
+        let leaf = certified.cert.first().ok_or(CertError::NoCertificate {
             what: "certificate chain",
         })?;
         let info = describe(leaf)?;
@@ -78,8 +71,6 @@ impl WorkloadCert {
         for root in roots_der {
             roots.add(root).map_err(CertError::Root)?;
         }
-        let certified = CertifiedKey::new(chain, signing);
-        certified.keys_match().map_err(CertError::KeyMismatch)?;
         Ok(Self {
             certified: Arc::new(certified),
             roots: Arc::new(roots),
@@ -92,6 +83,19 @@ impl WorkloadCert {
     pub fn expires_in(&self) -> i64 {
         self.info.not_after - unix_now()
     }
+}
+
+/// A chain (leaf first) and its private key, both PEM, checked to belong together.
+pub fn certified_key(chain: &str, key: &str) -> Result<CertifiedKey, CertError> {
+    let chain = certificates(chain.as_bytes(), "certificate chain")?;
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|source| CertError::Pem {
+        what: "private key",
+        source,
+    })?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key).map_err(CertError::Key)?;
+    let certified = CertifiedKey::new(chain, signing);
+    certified.keys_match().map_err(CertError::KeyMismatch)?;
+    Ok(certified)
 }
 
 /// Every certificate in a PEM text; none is an error.

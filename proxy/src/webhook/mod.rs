@@ -1,0 +1,167 @@
+//! `tern webhook`: Kubernetes' mutating admission webhook for tern, over HTTPS.
+//!
+//! `POST /inject` answers `AdmissionReview`s ([`review`]); `GET /healthz/ready` is its
+//! readiness; `GET /metrics` counts reviews by verdict. Selection is the API server's, from
+//! the `MutatingWebhookConfiguration` (namespace label `tern-injection=enabled`, or the Pod
+//! label `tern.io/inject=true`); the webhook then honours the Pod's own opt-outs, never
+//! injects twice, and never denies a Pod. With `failurePolicy: Ignore`, Pods keep being
+//! created while it is down.
+use std::{convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{
+    Method, Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::inject::Options;
+
+pub mod cert;
+pub mod review;
+
+/// The largest request body read: Kubernetes objects are at most 1.5 MiB in etcd.
+const MAX_BODY: usize = 4 << 20;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const CERT_RELOAD_EVERY: Duration = Duration::from_secs(5);
+
+/// What `tern webhook` serves with.
+pub struct WebhookConfig {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub options: Options,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    result: &'static str,
+}
+
+struct Webhook {
+    options: Options,
+    reviews: Family<VerdictLabels, Counter>,
+    registry: Registry,
+}
+
+/// Serves until the process ends.
+pub async fn serve(config: WebhookConfig) -> anyhow::Result<()> {
+    let cert = cert::ReloadingCert::load(&config.cert, &config.key)
+        .context("the webhook's serving certificate")?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS versions")?
+    .with_no_client_auth()
+    .with_cert_resolver(cert.clone());
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    tokio::spawn(cert.watch(CERT_RELOAD_EVERY));
+
+    let mut registry = Registry::with_prefix("tern_webhook");
+    let reviews = Family::<VerdictLabels, Counter>::default();
+    registry.register(
+        "reviews",
+        "AdmissionReviews answered, by verdict",
+        reviews.clone(),
+    );
+    let webhook = Arc::new(Webhook {
+        options: config.options,
+        reviews,
+        registry,
+    });
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen on {}", config.listen))?;
+    tracing::info!(address = %config.listen, "tern webhook is serving");
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            continue;
+        };
+        let (acceptor, webhook) = (acceptor.clone(), webhook.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+            };
+            let service = service_fn(move |req| {
+                let webhook = webhook.clone();
+                async move { Ok::<_, Infallible>(handle(&webhook, req).await) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), service)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "webhook connection");
+            }
+        });
+    }
+}
+
+async fn handle(webhook: &Webhook, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::POST, "/inject") => {}
+        (&Method::GET, "/healthz/ready") => return text(StatusCode::OK, "ok\n".into()),
+        (&Method::GET, "/metrics") => {
+            let mut out = String::new();
+            return match encode(&mut out, &webhook.registry) {
+                Ok(()) => text(StatusCode::OK, out),
+                Err(_) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "encoding failed\n".into(),
+                ),
+            };
+        }
+        (_, path) => return text(StatusCode::NOT_FOUND, format!("no endpoint {path}\n")),
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(e) => {
+            return text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body refused: {e}\n"),
+            );
+        }
+    };
+    match review::review(&body, &webhook.options) {
+        Ok((answer, verdict)) => {
+            webhook
+                .reviews
+                .get_or_create(&VerdictLabels {
+                    result: verdict.label(),
+                })
+                .inc();
+            let mut response = Response::new(Full::new(Bytes::from(answer.to_string())));
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        Err(e) => {
+            webhook
+                .reviews
+                .get_or_create(&VerdictLabels {
+                    result: "malformed",
+                })
+                .inc();
+            text(StatusCode::BAD_REQUEST, format!("{e}\n"))
+        }
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+}

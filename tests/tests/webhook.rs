@@ -1,0 +1,255 @@
+//! `tern webhook` over HTTPS, as the API server calls it: `AdmissionReview`s for a selected
+//! Pod (its JSONPatch gives exactly what `tern inject` writes), an opted-out one, an
+//! injected one, one tern cannot inject (admitted with a warning, never denied), requests
+//! that are not reviews, and a serving certificate rotated on disk.
+use std::{path::Path, time::Duration};
+
+use base64::Engine;
+use serde_json::{Value, json};
+use tern_tests::{Netns, Process, eventually, pki::TestCa, require_root, tern_bin};
+
+const HOST: &str = "tern-webhook.tern-system.svc";
+
+struct Webhook {
+    ns: Netns,
+    _process: Process,
+    dir: std::path::PathBuf,
+}
+
+impl Webhook {
+    fn start(ca: &TestCa) -> Self {
+        let ns = Netns::new("webhook").unwrap();
+        let dir = std::env::temp_dir().join(tern_tests::unique("webhook-tls"));
+        std::fs::create_dir_all(&dir).unwrap();
+        install_cert(ca, &dir, "first");
+        let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+        let args = [
+            "webhook",
+            "--listen",
+            "127.0.0.1:9443",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ];
+        let mut cmd = ns.command(None, &tern_bin(), &args);
+        cmd.stdout(std::process::Stdio::null());
+        let webhook = Self {
+            _process: Process::spawn(cmd).unwrap(),
+            ns,
+            dir,
+        };
+        assert!(
+            eventually(Duration::from_secs(10), || webhook
+                .curl(ca, "GET", "/healthz/ready", None)
+                .0
+                == 200),
+            "the webhook never became ready"
+        );
+        webhook
+    }
+
+    /// (HTTP status, body); status 0 when the TLS connection failed.
+    fn curl(&self, ca: &TestCa, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        let file = self.dir.join("body.json");
+        std::fs::write(&file, body.unwrap_or("")).unwrap();
+        let url = format!("https://{HOST}:9443{path}");
+        let resolve = format!("{HOST}:9443:127.0.0.1");
+        let data = format!("@{}", file.display());
+        let ca_file = ca.ca_str();
+        let mut args = vec![
+            "-s",
+            "-m",
+            "5",
+            "-w",
+            "\n%{http_code}",
+            "--cacert",
+            &ca_file,
+            "--resolve",
+            &resolve,
+            "-X",
+            method,
+            &url,
+        ];
+        if body.is_some() {
+            args.extend([
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                &data,
+            ]);
+        }
+        let out = self
+            .ns
+            .output(None, Path::new("curl"), &args)
+            .unwrap_or_default();
+        let (body, status) = out.rsplit_once('\n').unwrap_or(("", "0"));
+        (status.trim().parse().unwrap_or(0), body.to_owned())
+    }
+}
+
+impl Drop for Webhook {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Writes a certificate for the webhook's Service name into `dir` as tls.crt / tls.key.
+fn install_cert(ca: &TestCa, dir: &Path, name: &str) {
+    let issued = ca.issue(name, &[HOST], Duration::from_secs(3600)).unwrap();
+    // Written aside and renamed, as a Secret volume update does.
+    for (from, to) in [(&issued.cert, "tls.crt"), (&issued.key, "tls.key")] {
+        let tmp = dir.join(format!(".{to}"));
+        std::fs::copy(from, &tmp).unwrap();
+        std::fs::rename(&tmp, dir.join(to)).unwrap();
+    }
+}
+
+fn pod(labels: Value, extra_spec: Value) -> Value {
+    let mut spec = json!({"containers": [{"name": "app", "image": "registry.example.com/app:1"}]});
+    spec.as_object_mut()
+        .unwrap()
+        .extend(extra_spec.as_object().unwrap().clone());
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"generateName": "app-7d9f-", "namespace": "shop", "labels": labels},
+        "spec": spec,
+    })
+}
+
+fn review(uid: &str, operation: &str, object: &Value) -> String {
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "shop",
+            "operation": operation,
+            "object": object,
+        }
+    })
+    .to_string()
+}
+
+/// The response of a review that must succeed, and its decoded patch (if any).
+fn answer(webhook: &Webhook, ca: &TestCa, body: &str) -> (Value, Option<json_patch::Patch>) {
+    let (status, text) = webhook.curl(ca, "POST", "/inject", Some(body));
+    assert_eq!(status, 200, "{text}");
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(answer["apiVersion"], "admission.k8s.io/v1");
+    let response = answer["response"].clone();
+    assert_eq!(response["allowed"], true, "{response}");
+    let patch = response["patch"].as_str().map(|p| {
+        assert_eq!(response["patchType"], "JSONPatch");
+        let bytes = base64::engine::general_purpose::STANDARD.decode(p).unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    });
+    (response, patch)
+}
+
+/// What `tern inject` writes for the same Pod, as JSON.
+fn injected_by_the_cli(pod: &Value) -> Value {
+    let file = std::env::temp_dir().join(tern_tests::unique("pod.json"));
+    std::fs::write(&file, pod.to_string()).unwrap();
+    let out = std::process::Command::new(tern_bin())
+        .args(["inject", "-f", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml: serde_yaml::Value = serde_yaml::from_slice(&out.stdout).unwrap();
+    serde_json::to_value(yaml).unwrap()
+}
+
+#[test]
+fn reviews_are_answered_as_the_api_server_expects() {
+    require_root();
+    let ca = TestCa::new().unwrap();
+    let webhook = Webhook::start(&ca);
+
+    // Selected: the patch makes exactly what `tern inject` makes.
+    let selected = pod(json!({"app": "cart"}), json!({}));
+    let (response, patch) = answer(&webhook, &ca, &review("u-1", "CREATE", &selected));
+    assert_eq!(response["uid"], "u-1");
+    let mut patched = selected.clone();
+    json_patch::patch(&mut patched, &patch.expect("a patch")).unwrap();
+    assert_eq!(patched, injected_by_the_cli(&selected));
+    assert_eq!(patched["spec"]["initContainers"][0]["name"], "tern");
+
+    // Already injected: no second sidecar.
+    let (_, patch) = answer(&webhook, &ca, &review("u-2", "CREATE", &patched));
+    assert!(patch.is_none(), "patched twice");
+    // Opted out by label (tern's or Istio's): unchanged.
+    for label in ["tern.io/inject", "sidecar.istio.io/inject"] {
+        let opted_out = pod(json!({"app": "cart", label: "false"}), json!({}));
+        let (_, patch) = answer(&webhook, &ca, &review("u-3", "CREATE", &opted_out));
+        assert!(patch.is_none(), "{label}=false was injected");
+    }
+    // Not a creation: unchanged.
+    let (_, patch) = answer(&webhook, &ca, &review("u-4", "UPDATE", &selected));
+    assert!(patch.is_none());
+    // What tern cannot inject is admitted as it is, with a warning: never denied.
+    let host = pod(json!({"app": "node-agent"}), json!({"hostNetwork": true}));
+    let (response, patch) = answer(&webhook, &ca, &review("u-5", "CREATE", &host));
+    assert!(patch.is_none());
+    let warning = response["warnings"][0].as_str().unwrap_or_default();
+    assert!(
+        warning.contains("tern was not injected") && warning.contains("hostNetwork"),
+        "{response}"
+    );
+
+    // Not reviews: 400 with the reason.
+    for (body, says) in [
+        ("{not json", "not JSON"),
+        (
+            r#"{"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview"}"#,
+            "not an admission.k8s.io/v1 AdmissionReview",
+        ),
+        (
+            r#"{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {}}"#,
+            "no request.uid",
+        ),
+    ] {
+        let (status, text) = webhook.curl(&ca, "POST", "/inject", Some(body));
+        assert_eq!(status, 400, "{body}: {text}");
+        assert!(text.contains(says), "{text}");
+    }
+    let (_, metrics) = webhook.curl(&ca, "GET", "/metrics", None);
+    for line in [
+        "tern_webhook_reviews_total{result=\"injected\"} 1",
+        "tern_webhook_reviews_total{result=\"unchanged\"} 4",
+        "tern_webhook_reviews_total{result=\"not_injected\"} 1",
+        "tern_webhook_reviews_total{result=\"malformed\"} 3",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
+}
+
+#[test]
+fn a_rotated_certificate_is_served_without_a_restart() {
+    require_root();
+    let first = TestCa::new().unwrap();
+    let webhook = Webhook::start(&first);
+    let second = TestCa::new().unwrap();
+    assert_eq!(
+        webhook.curl(&second, "GET", "/healthz/ready", None).0,
+        0,
+        "trusted the wrong CA"
+    );
+    install_cert(&second, &webhook.dir, "second");
+    assert!(
+        eventually(Duration::from_secs(15), || webhook
+            .curl(&second, "GET", "/healthz/ready", None)
+            .0
+            == 200),
+        "the rotated certificate was never served"
+    );
+    assert_eq!(webhook.curl(&first, "GET", "/healthz/ready", None).0, 0);
+}
