@@ -37,7 +37,11 @@ impl Drop for Open {
     }
 }
 
-/// Accepts connections until tern starts draining.
+/// Accepts connections until tern exits. The listeners stay open while tern drains: closing
+/// them would make capture fail open, so the application's new outbound connections would
+/// bypass tern and new inbound ones would reach the application without TLS or
+/// authorization. Draining ends the connections that were open when it began (see
+/// [`crate::filters::thrift`]) and waits for them, up to the drain timeout.
 pub async fn serve(
     listener: TcpListener,
     direction: Direction,
@@ -60,18 +64,14 @@ pub async fn serve(
         .downstream_connections_active
         .get_or_create(&label)
         .clone();
-    let mut drain = ctx.drain.clone();
     loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    warn!(port = listen_port, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = drain.changed() => return,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                warn!(port = listen_port, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         accepted.inc();
         active.inc();

@@ -320,6 +320,55 @@ fn inbound_ipv6_and_node_probes(mode: &str) {
     }
 }
 
+/// While tern drains (SIGTERM), the application's new outbound connections still go through
+/// it, until it exits; only then does capture let them through directly.
+#[test]
+fn ebpf_outbound_goes_through_the_proxy_while_draining() {
+    let p = pods();
+    let _server = serve(&p.srv, &["10.66.1.2:8080"]).unwrap();
+    let mut tern_proc = Tern::start(
+        &p.app,
+        Some(&p.cgroup),
+        &run_args(
+            "ebpf",
+            &p.cgroup,
+            &["--inbound-ports", "", "--drain-timeout-secs", "4"],
+        ),
+    )
+    .unwrap();
+    // A connection that stays open keeps tern draining for the whole drain timeout.
+    let held =
+        "import socket, time\ns = socket.create_connection(('10.66.1.2', 8080))\ntime.sleep(10)\n";
+    let _held = tern_tests::Process::spawn(p.app.command(
+        Some(&p.cgroup),
+        Path::new("python3"),
+        &["-c", held],
+    ))
+    .unwrap();
+    assert!(eventually(Duration::from_secs(5), || capture_counter(
+        &p.cgroup,
+        "sockops.handed_over"
+    ) >= 1));
+    let _ = Command::new("kill")
+        .args(["-TERM", &tern_proc.process.pid().to_string()])
+        .status();
+    assert!(
+        eventually(Duration::from_secs(3), || tern_proc
+            .log()
+            .contains("draining")),
+        "{}",
+        tern_proc.log()
+    );
+    let during = connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080");
+    assert!(
+        during.ok() && during.proxied(),
+        "bypassed tern while it drained: {during:?}"
+    );
+    tern_proc.process.terminate().unwrap();
+    let after = connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080");
+    assert!(after.ok() && !after.proxied(), "{after:?}");
+}
+
 /// Runs a scenario once per capture mechanism: `<scenario>::ebpf` and `<scenario>::iptables`.
 macro_rules! under_both_captures {
     ($($scenario:ident),* $(,)?) => {$(

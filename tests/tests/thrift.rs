@@ -392,7 +392,8 @@ fn malformed_input_closes_only_its_connection() {
     );
 }
 
-/// `POST /quitquitquit` drains: no new connections, the request in flight finishes, tern exits.
+/// `POST /quitquitquit` drains: the connection open when it began takes no new requests, the
+/// request in flight finishes, tern exits.
 #[test]
 fn drain_lets_requests_in_flight_finish() {
     let mut m = Mesh::start(&config(&["10.66.1.2:9001"], ""), &[]);

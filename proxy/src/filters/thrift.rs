@@ -82,7 +82,10 @@ pub async fn serve(
     // Replies ready to write together (kept, so its capacity is reused).
     let mut out: Vec<Bytes> = Vec::with_capacity(MAX_BATCH);
     let mut reading = true;
+    // A connection open when draining begins takes no new requests; one accepted during the
+    // drain (the client reconnecting) is served until tern exits.
     let mut drain = ctx.drain.clone();
+    drain.borrow_and_update();
     loop {
         while reading && replies.len() < MAX_IN_FLIGHT {
             match conn.decoder.decode(&mut buf) {
