@@ -569,49 +569,89 @@ fn ebpf_attach_and_detach_leave_nothing_behind() {
     assert!(!ok && err.contains("not attached"), "{err}");
 }
 
-/// Another agent's program on the same cgroup hook (Cilium's socket LB, say) neither evicts
-/// tern nor is evicted by it: cgroup links are multi-attach, and detach removes only tern's.
+/// Another agent's socket load balancer on the same cgroup (`service-lb`, a stand-in for
+/// Cilium's socket LB: `connect4` translates 10.96.0.10:80 to the backend 10.66.1.2:8080, and
+/// `getpeername4` shows the service again).
+struct ServiceLb(aya::Ebpf);
+
+const SERVICE_VIP: &str = "10.96.0.10:80";
+
+impl ServiceLb {
+    /// Loads it and links it to the cgroup (after whatever is linked already: cgroup
+    /// programs of one hook run in the order they were attached).
+    fn attach(cgroup: &Cgroup) -> Self {
+        let object = tern_tests::bin_dir().join("../ebpf/bpfel-unknown-none/release/service-lb");
+        let mut lb = aya::Ebpf::load_file(&object).expect("load service-lb");
+        let mut services: aya::maps::HashMap<_, u64, u64> =
+            aya::maps::HashMap::try_from(lb.map_mut("SERVICES").unwrap()).unwrap();
+        let pack = |addr: &str| {
+            let addr: std::net::SocketAddrV4 = addr.parse().unwrap();
+            let ip = u32::from_ne_bytes(addr.ip().octets());
+            (u64::from(ip) << 32) | u64::from(addr.port().to_be())
+        };
+        services
+            .insert(pack(SERVICE_VIP), pack("10.66.1.2:8080"), 0)
+            .unwrap();
+        let cgroup_fd = std::fs::File::open(cgroup.path()).unwrap();
+        for name in ["lb_connect4", "lb_peername4"] {
+            let program: &mut aya::programs::CgroupSockAddr =
+                lb.program_mut(name).unwrap().try_into().unwrap();
+            program.load().unwrap();
+            program
+                .attach(&cgroup_fd, aya::programs::CgroupAttachMode::Single)
+                .unwrap();
+        }
+        Self(lb)
+    }
+}
+
+/// An address-rewriting agent on the same cgroup: neither evicts the other, and what each
+/// sees depends on the order they were attached, as documented in the README:
+/// - tern first: tern sees the service address (and routes by it), its own upstream connect
+///   is translated by the load balancer, and the application sees the service address;
+/// - the load balancer first: tern sees the backend it chose, and so does the application.
+/// Detaching tern leaves the other agent's programs in place.
 #[test]
-fn ebpf_coexists_with_another_agents_program() {
-    let p = pods();
-    let _server = serve(&p.srv, &["10.66.1.2:8080"]).unwrap();
-    // The other agent: a separate load of a connect4 program, linked to the cgroup first.
-    // (Its own configuration map is empty, so it lets every connect through unchanged.)
-    let object = tern_tests::bin_dir().join("../ebpf/bpfel-unknown-none/release/tern-ebpf");
-    let mut other = aya::Ebpf::load_file(&object).expect("load the other agent's object");
-    let program: &mut aya::programs::CgroupSockAddr = other
-        .program_mut("tern_connect4")
-        .unwrap()
-        .try_into()
-        .unwrap();
-    program.load().unwrap();
-    let cgroup_fd = std::fs::File::open(p.cgroup.path()).unwrap();
-    program
-        .attach(&cgroup_fd, aya::programs::CgroupAttachMode::Single)
-        .unwrap();
-    assert_eq!(p.cgroup.attached_programs().unwrap(), ["tern_connect4"]);
+fn ebpf_coexists_with_an_address_rewriting_load_balancer() {
+    for lb_first in [false, true] {
+        let p = pods();
+        let _server = serve(&p.srv, &["10.66.1.2:8080"]).unwrap();
+        let run = run_args("ebpf", &p.cgroup, &["--inbound-ports", ""]);
+        let (_lb, tern_proc) = if lb_first {
+            let lb = ServiceLb::attach(&p.cgroup);
+            (lb, Tern::start(&p.app, Some(&p.cgroup), &run).unwrap())
+        } else {
+            let t = Tern::start(&p.app, Some(&p.cgroup), &run).unwrap();
+            (ServiceLb::attach(&p.cgroup), t)
+        };
+        assert_eq!(p.cgroup.attached_programs().unwrap().len(), 8);
 
-    let _tern = Tern::start(
-        &p.app,
-        Some(&p.cgroup),
-        &run_args("ebpf", &p.cgroup, &["--inbound-ports", ""]),
-    )
-    .unwrap();
-    assert_eq!(
-        p.cgroup.attached_programs().unwrap().len(),
-        7,
-        "both agents' programs are attached"
-    );
-    let c = connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080");
-    assert!(c.ok() && c.proxied(), "{c:?}");
+        let c = connect(&p.app, Some(&p.cgroup), SERVICE_VIP);
+        assert!(c.ok() && c.proxied(), "lb first: {lb_first}: {c:?}");
+        let (tern_saw, app_saw) = if lb_first {
+            ("10.66.1.2:8080", "10.66.1.2:8080")
+        } else {
+            (SERVICE_VIP, SERVICE_VIP)
+        };
+        assert!(
+            tern_proc
+                .log()
+                .contains(&format!("original_dst={tern_saw}")),
+            "lb first: {lb_first}: tern should have seen {tern_saw}:\n{}",
+            tern_proc.log()
+        );
+        assert_eq!(c.peer.as_deref(), Some(app_saw), "lb first: {lb_first}");
 
-    let (ok, _, err) = tern(&["capture", "detach", "--cgroup", p.cgroup.path_str()]);
-    assert!(ok, "{err}");
-    assert_eq!(
-        p.cgroup.attached_programs().unwrap(),
-        ["tern_connect4"],
-        "the other agent's program stays"
-    );
+        let (ok, _, err) = tern(&["capture", "detach", "--cgroup", p.cgroup.path_str()]);
+        assert!(ok, "{err}");
+        let mut left = p.cgroup.attached_programs().unwrap();
+        left.sort();
+        assert_eq!(
+            left,
+            ["lb_connect4", "lb_peername4"],
+            "the other agent's programs stay"
+        );
+    }
 }
 
 /// Bad input gets a clear error and never a half-attached state.
