@@ -572,7 +572,8 @@ fn ebpf_attach_and_detach_leave_nothing_behind() {
 /// Another agent's socket load balancer on the same cgroup (`service-lb`, a stand-in for
 /// Cilium's socket LB: `connect4` translates 10.96.0.10:80 to the backend 10.66.1.2:8080, and
 /// `getpeername4` shows the service again).
-struct ServiceLb(aya::Ebpf);
+/// Holds the loaded programs and their links (dropping it detaches them).
+struct ServiceLb(#[allow(dead_code)] aya::Ebpf);
 
 const SERVICE_VIP: &str = "10.96.0.10:80";
 
@@ -610,6 +611,7 @@ impl ServiceLb {
 /// - tern first: tern sees the service address (and routes by it), its own upstream connect
 ///   is translated by the load balancer, and the application sees the service address;
 /// - the load balancer first: tern sees the backend it chose, and so does the application.
+///
 /// Detaching tern leaves the other agent's programs in place.
 #[test]
 fn ebpf_coexists_with_an_address_rewriting_load_balancer() {
