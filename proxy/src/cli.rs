@@ -232,6 +232,9 @@ pub struct InjectArgs {
     /// Where to write the result (default: standard output).
     #[arg(short = 'o', long)]
     pub output: Option<PathBuf>,
+    /// Write istiod's injection template for tern (Helm values) instead of injecting.
+    #[arg(long, conflicts_with = "input")]
+    pub istio_template: bool,
     #[command(flatten)]
     pub sidecar: SidecarArgs,
 }
@@ -502,6 +505,14 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 key: args.tls_key,
                 options: args.sidecar.options(),
             }))?;
+        }
+        Command::Inject(args) if args.istio_template => {
+            let template = crate::inject::istio_template(&args.sidecar.options());
+            match &args.output {
+                Some(path) => std::fs::write(path, &template)
+                    .with_context(|| format!("write {}", path.display()))?,
+                None => print!("{template}"),
+            }
         }
         Command::Inject(args) => {
             let text = if args.input.as_os_str() == "-" {

@@ -184,3 +184,102 @@ fn what_cannot_be_injected_is_refused_clearly() {
         assert!(err.contains(says), "{err}");
     }
 }
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+/// istiod's injection template (deploy/istio/tern-template.yaml) is what `tern inject
+/// --istio-template` writes, holds no Go template action, and makes a valid Pod once istiod
+/// merges it into one.
+#[test]
+fn the_istio_template_matches_its_file_and_makes_a_valid_pod() {
+    let (ok, out, err) = inject(&["--istio-template"], "");
+    assert!(ok, "{err}");
+    let file = repo("deploy/istio/tern-template.yaml");
+    if std::env::var_os("TERN_UPDATE_GOLDEN").is_some() {
+        std::fs::write(&file, &out).unwrap();
+    }
+    assert_eq!(
+        out,
+        std::fs::read_to_string(&file).unwrap(),
+        "regenerate with TERN_UPDATE_GOLDEN=1"
+    );
+    let values: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+    let template = values["sidecarInjectorWebhook"]["templates"]["tern"]
+        .as_str()
+        .unwrap();
+    assert!(
+        !template.contains("{{"),
+        "istiod would read a Go template action"
+    );
+    let template: serde_yaml::Value = serde_yaml::from_str(template).unwrap();
+    let mut pod: serde_yaml::Value = serde_yaml::from_str(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: app\nspec:\n  containers:\n  - name: app\n    image: app:1\n",
+    )
+    .unwrap();
+    pod["metadata"]["annotations"] = template["metadata"]["annotations"].clone();
+    pod["spec"]["initContainers"] = template["spec"]["initContainers"].clone();
+    pod["spec"]["volumes"] = template["spec"]["volumes"].clone();
+    validate(&serde_yaml::to_string(&pod).unwrap(), "1.30.0").unwrap();
+}
+
+/// The webhook's install manifests validate, run the image `tern inject` gives sidecars,
+/// and mount the Secret cert-manager.yaml makes where `tern webhook` reads it.
+#[test]
+fn the_webhook_install_validates_and_agrees_with_tern() {
+    let install = std::fs::read_to_string(repo("deploy/kubernetes/tern-webhook.yaml")).unwrap();
+    validate(&install, "1.30.0").unwrap();
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&install)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let (_, template, _) = inject(&["--istio-template"], "");
+    let image = container["image"].as_str().unwrap();
+    assert!(
+        template.contains(&format!("image: {image}")),
+        "{image} is not the sidecar image"
+    );
+    let env = |name: &str| {
+        container["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(env("TERN_IMAGE"), image);
+    let secret = deployment["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"]
+        .as_str()
+        .unwrap();
+    let mount = container["volumeMounts"][0]["mountPath"].as_str().unwrap();
+    assert_eq!(env("TERN_WEBHOOK_CERT"), format!("{mount}/tls.crt"));
+    assert_eq!(env("TERN_WEBHOOK_KEY"), format!("{mount}/tls.key"));
+
+    let cert_manager =
+        std::fs::read_to_string(repo("deploy/kubernetes/cert-manager.yaml")).unwrap();
+    let certificate = serde_yaml::Deserializer::from_str(&cert_manager)
+        .map(|d| <serde_yaml::Value as serde::Deserialize>::deserialize(d).unwrap())
+        .find(|d| d["kind"] == "Certificate")
+        .unwrap();
+    assert_eq!(certificate["spec"]["secretName"], secret);
+    let webhook_config = docs
+        .iter()
+        .find(|d| d["kind"] == "MutatingWebhookConfiguration")
+        .unwrap();
+    assert_eq!(
+        webhook_config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+        format!(
+            "{}/{}",
+            certificate["metadata"]["namespace"].as_str().unwrap(),
+            certificate["metadata"]["name"].as_str().unwrap()
+        )
+    );
+    for hook in webhook_config["webhooks"].as_sequence().unwrap() {
+        assert_eq!(hook["failurePolicy"], "Ignore");
+        assert_eq!(hook["clientConfig"]["service"]["path"], "/inject");
+    }
+}

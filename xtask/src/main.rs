@@ -9,6 +9,7 @@
 //!   HAProxy and iptables capture (`tern-bench`); writes `target/bench/report.{md,json,svg}`.
 //! - `fuzz`: cargo-fuzz targets for the codec, the static configuration and xDS translation,
 //!   each for a given time from the committed seed corpus (`test` runs each briefly).
+//! - `dist`: the static `tern` binary (musl) that the `Containerfile` puts on an empty base.
 //! - `demo`: a Thrift service in a mesh of network namespaces, tern as every Pod's sidecar
 //!   (`tern-demo`, built with the test harness it uses).
 use std::{
@@ -46,6 +47,8 @@ enum Task {
     },
     /// A Thrift service in a mesh of network namespaces with tern as every sidecar, then clean up.
     Demo,
+    /// The static tern binary for the container image: target/dist/tern (x86_64 musl).
+    Dist,
     /// Release builds, micro-benchmarks, then tern against the direct path, HAProxy and
     /// iptables capture; the report goes to target/bench/.
     Bench,
@@ -82,6 +85,11 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Test { args } => test(&args),
         Task::Bench => bench(),
+        Task::Dist => {
+            setup()?;
+            build_ebpf()?;
+            dist()
+        }
         Task::Fuzz { seconds, targets } => {
             setup()?;
             build_ebpf()?;
@@ -150,13 +158,14 @@ fn have(program: &str) -> bool {
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Debian packages the build or the tests need, by the program that shows they are present.
-const PACKAGES: [(&str, &str); 7] = [
+const PACKAGES: [(&str, &str); 8] = [
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
     ("iptables", "iptables"),
     ("nft", "nftables"),
     ("haproxy", "haproxy"),
     ("runc", "runc"),
+    ("musl-gcc", "musl-tools"),
     ("llvm-config-22", "llvm-22-dev"),
 ];
 
@@ -175,7 +184,7 @@ fn setup() -> Result<()> {
         .collect();
     if missing.is_empty() {
         step(
-            "setup: system packages present (bpftool, iproute2, iptables, nftables, haproxy, runc, llvm-22-dev)",
+            "setup: system packages present (bpftool, iproute2, iptables, nftables, haproxy, runc, musl-tools, llvm-22-dev)",
         );
     } else {
         step(&format!(
@@ -379,6 +388,59 @@ fn build_tern(release: bool) -> Result<()> {
         cmd.arg("--release");
     }
     status(&mut cmd)
+}
+
+/// The musl target the image's static binary is built for.
+const DIST_TARGET: &str = "x86_64-unknown-linux-musl";
+
+fn dist() -> Result<()> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("run rustup")?;
+    if !String::from_utf8_lossy(&installed.stdout).contains(DIST_TARGET) {
+        step(&format!("dist: adding the {DIST_TARGET} target"));
+        status(Command::new("rustup").args(["target", "add", DIST_TARGET]))?;
+    }
+    step(&format!(
+        "dist: cargo build --release --target {DIST_TARGET} -p tern"
+    ));
+    status(
+        cargo()
+            .args([
+                "build",
+                "--release",
+                "--target",
+                DIST_TARGET,
+                "-p",
+                "tern",
+                "--bin",
+                "tern",
+            ])
+            // ring's C and assembly, for musl.
+            .env("CC_x86_64_unknown_linux_musl", "musl-gcc"),
+    )?;
+    let built = root().join("target").join(DIST_TARGET).join("release/tern");
+    let out = root().join("target/dist");
+    std::fs::create_dir_all(&out)?;
+    let dest = out.join("tern");
+    std::fs::copy(&built, &dest).with_context(|| format!("copy {}", built.display()))?;
+    status(Command::new("strip").arg(&dest))?;
+    // Static: no interpreter, so it runs on an empty base image.
+    let elf = std::fs::read(&dest)?;
+    if elf.windows(b"ld-linux".len()).any(|w| w == b"ld-linux") {
+        bail!(
+            "{} links against glibc's loader; it would not run on an empty base",
+            dest.display()
+        );
+    }
+    let size = std::fs::metadata(&dest)?.len();
+    step(&format!(
+        "dist: {} ({:.1} MiB, static); build the image with `docker build -f Containerfile .`",
+        dest.display(),
+        size as f64 / f64::from(1 << 20)
+    ));
+    Ok(())
 }
 
 /// The fuzz targets (`fuzz/fuzz_targets/*.rs`).

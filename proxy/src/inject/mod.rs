@@ -156,3 +156,51 @@ pub fn inject_pod(pod: &mut Value, options: &Options, what: &str) -> Result<Outc
     }
     Ok(outcome)
 }
+
+/// An injection template for istiod (`sidecarInjectorWebhook.templates.tern` in its Helm
+/// values), so a mesh that runs istiod's injector adds tern to the Pods annotated
+/// `inject.istio.io/templates: tern`, in place of Envoy and istio-init. istiod merges the
+/// template's Pod into the Pod (strategic merge: tern's init container goes after the Pod's
+/// own), so Istio's traffic annotations are not read there: set tern's environment in the
+/// template instead.
+pub fn istio_template(options: &Options) -> String {
+    let mut pod = serde_yaml::Mapping::new();
+    let mut metadata = serde_yaml::Mapping::new();
+    let mut annotations = serde_yaml::Mapping::new();
+    annotations.insert(annotations::STATUS.into(), pod::status(options).into());
+    for (key, value) in pod::DEFAULT_ANNOTATIONS {
+        annotations.insert(key.into(), value.into());
+    }
+    metadata.insert("annotations".into(), Value::Mapping(annotations));
+    let mut spec = serde_yaml::Mapping::new();
+    let list = if options.native_sidecar {
+        "initContainers"
+    } else {
+        "containers"
+    };
+    spec.insert(
+        list.into(),
+        Value::Sequence(vec![sidecar::container(
+            options,
+            &[],
+            options.native_sidecar,
+        )]),
+    );
+    spec.insert("volumes".into(), Value::Sequence(sidecar::volumes()));
+    pod.insert("metadata".into(), Value::Mapping(metadata));
+    pod.insert("spec".into(), Value::Mapping(spec));
+    let template = serde_yaml::to_string(&pod).unwrap_or_default();
+    let mut out = String::from(
+        "# istiod's injection template for tern: Pods annotated `inject.istio.io/templates: tern`\n\
+         # get tern in place of Envoy and istio-init. Install with istiod's Helm values, e.g.\n\
+         #   helm upgrade istiod istio/istiod -n istio-system --reuse-values -f tern-template.yaml\n\
+         # Written by `tern inject --istio-template`.\n\
+         sidecarInjectorWebhook:\n  templates:\n    tern: |\n",
+    );
+    for line in template.lines() {
+        out.push_str("      ");
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}

@@ -124,6 +124,25 @@ pub fn inject(
     Ok(Outcome::Injected)
 }
 
+/// Annotations injection adds when the Pod has none of its own: Prometheus scrapes tern's
+/// merged metrics, as it scrapes Istio's agent.
+pub const DEFAULT_ANNOTATIONS: [(&str, &str); 3] = [
+    ("prometheus.io/scrape", "true"),
+    ("prometheus.io/port", "15020"),
+    ("prometheus.io/path", "/stats/prometheus"),
+];
+
+/// The `tern.io/status` annotation: what injection added.
+pub fn status(options: &Options) -> String {
+    serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "containers": [sidecar::CONTAINER],
+        "volumes": sidecar::VOLUMES,
+        "native": options.native_sidecar,
+    })
+    .to_string()
+}
+
 fn has_container(spec: &Value, name: &str) -> bool {
     ["containers", "initContainers"].iter().any(|list| {
         spec.get(list)
