@@ -303,8 +303,13 @@ pub struct PodCgroupArgs {
     pub cgroup: Option<PathBuf>,
     /// The Pod's UID (`metadata.uid`): capture the cgroup the kubelet made for it, found below
     /// `--cgroup-root` (cgroupfs and systemd drivers).
-    #[arg(long, env = "POD_UID", conflicts_with = "cgroup")]
+    #[arg(long, env = "POD_UID")]
     pub pod_uid: Option<String>,
+    /// The Pod's cgroup by its id (the directory's inode, as `bpftool cgroup` and CRI
+    /// runtimes show it), found below `--cgroup-root`. Takes precedence over `--pod-uid`;
+    /// `--cgroup` over both.
+    #[arg(long, env = "TERN_CGROUP_ID")]
+    pub cgroup_id: Option<u64>,
     /// The node's cgroup v2 hierarchy as mounted for tern (in a container, a read-only mount of
     /// the node's /sys/fs/cgroup); default: the cgroup2 mount in /proc/mounts.
     #[arg(long, env = "TERN_CGROUP_ROOT")]
@@ -317,15 +322,27 @@ impl PodCgroupArgs {
         if let Some(path) = &self.cgroup {
             return Ok((CgroupDir::open(path)?, "given by --cgroup".to_owned()));
         }
-        let uid = self.pod_uid.as_deref().context(
-            "eBPF capture needs the Pod's cgroup: --pod-uid <metadata.uid> (POD_UID) or \
-             --cgroup <cgroup v2 directory> (TERN_CGROUP)",
-        )?;
+        if self.pod_uid.is_none() && self.cgroup_id.is_none() {
+            anyhow::bail!(
+                "eBPF capture needs the Pod's cgroup: --pod-uid <metadata.uid> (POD_UID), \
+                 --cgroup-id <id> (TERN_CGROUP_ID) or --cgroup <cgroup v2 directory> (TERN_CGROUP)"
+            );
+        }
         let root = match &self.cgroup_root {
             Some(root) => root.clone(),
             None => capture::cgroup::cgroup2_mount()
                 .context("no cgroup2 filesystem in /proc/mounts; pass --cgroup-root")?,
         };
+        if let Some(id) = self.cgroup_id {
+            let path = capture::cgroup::find_by_id_below(&root, id).with_context(|| {
+                format!(
+                    "no cgroup with id {id} within 8 levels below {}",
+                    root.display()
+                )
+            })?;
+            return Ok((CgroupDir::open(&path)?, format!("cgroup id {id}")));
+        }
+        let uid = self.pod_uid.as_deref().unwrap_or_default();
         let found = capture::pod::find(&root, uid)?;
         let how = format!(
             "Pod {uid}: {:?} driver, {} QoS, below {}",

@@ -98,6 +98,20 @@ pub fn bpftool(args: &[&str]) -> Result<serde_json::Value> {
     Ok(serde_json::from_slice(&out.stdout).unwrap_or_default())
 }
 
+/// BPF links bpftool sees attached to the network namespace with this inode (one that may be
+/// gone already).
+pub fn bpf_links_on_netns(ino: u64) -> Result<usize> {
+    let links = bpftool(&["link", "show"])?;
+    Ok(links
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|l| l["netns_ino"].as_u64() == Some(ino))
+                .count()
+        })
+        .unwrap_or_default())
+}
+
 /// A network namespace with loopback up, deleted (with every process in it) on drop.
 pub struct Netns {
     name: String,
@@ -142,16 +156,7 @@ impl Netns {
 
     /// BPF links bpftool sees attached to this namespace (where `sk_lookup` attaches).
     pub fn bpf_links(&self) -> Result<usize> {
-        let ino = fs::metadata(self.path())?.ino();
-        let links = bpftool(&["link", "show"])?;
-        Ok(links
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter(|l| l["netns_ino"].as_u64() == Some(ino))
-                    .count()
-            })
-            .unwrap_or_default())
+        bpf_links_on_netns(fs::metadata(self.path())?.ino())
     }
 
     /// The nat and filter rules iptables shows in this namespace (fails if iptables is missing).

@@ -805,13 +805,7 @@ fn ebpf_captures_of_deleted_pods_are_collected() {
             "{kind}s of the dead capture remain: {left:?}"
         );
     }
-    let on_dead_netns = bpftool(&["link", "show"])
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|l| l["netns_ino"].as_u64() == Some(netns_ino))
-        .count();
+    let on_dead_netns = tern_tests::bpf_links_on_netns(netns_ino).unwrap();
     assert_eq!(on_dead_netns, 0, "a link still holds the deleted namespace");
 
     // `tern capture gc` leaves the live capture alone.

@@ -9,7 +9,7 @@ use std::{path::PathBuf, time::Duration};
 
 use serde_yaml::Value;
 use tern_tests::{
-    Netns, bpftool, connect, eventually, link_via,
+    Netns, connect, eventually, link_via,
     oci::{BIN, Bind, CgroupDriver, Container, OciPod},
     require_root, serve, tern, tern_bin,
 };
@@ -211,6 +211,28 @@ fn pod_is_captured_from_inside(driver: CgroupDriver) {
         CgroupDriver::Systemd => "Systemd driver",
     };
     assert!(check.contains(driver_name), "{check}");
+    // The same cgroup by its id, as `bpftool cgroup` or a CRI runtime shows it.
+    let id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(pod.cgroup()).unwrap());
+    let by_id = pod
+        .exec(
+            "tern",
+            &[
+                &format!("{BIN}/tern"),
+                "check",
+                "--cgroup-id",
+                &id.to_string(),
+            ],
+        )
+        .unwrap();
+    let by_id = String::from_utf8_lossy(&by_id.stdout).into_owned();
+    assert!(
+        by_id.contains(&format!("(id {id}; cgroup id {id})")),
+        "{by_id}"
+    );
+    assert!(
+        by_id.contains("tern inside the Pod cgroup   yes"),
+        "{by_id}"
+    );
 
     // Outbound: the application's connect goes through tern and it still sees its destination.
     let out = pod
@@ -279,13 +301,7 @@ fn pod_is_captured_from_inside(driver: CgroupDriver) {
         }),
         "the deleted Pod's capture was never collected"
     );
-    let left = bpftool(&["link", "show"])
-        .unwrap()
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|l| l["netns_ino"].as_u64() == Some(netns_ino))
-        .count();
+    let left = tern_tests::bpf_links_on_netns(netns_ino).unwrap();
     assert_eq!(left, 0, "a link still holds the deleted Pod's namespace");
 }
 

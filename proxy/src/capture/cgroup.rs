@@ -118,6 +118,11 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
 
 /// Finds the directory of the cgroup with this id below the v2 mount (for status output).
 pub fn find_by_id(id: u64) -> Option<PathBuf> {
+    find_by_id_below(&cgroup2_mount()?, id)
+}
+
+/// Finds the directory of the cgroup with this id below `root` (at most 8 levels down).
+pub fn find_by_id_below(root: &Path, id: u64) -> Option<PathBuf> {
     fn walk(dir: &Path, id: u64, depth: usize) -> Option<PathBuf> {
         if fs::metadata(dir).ok()?.ino() == id {
             return Some(dir.to_owned());
@@ -131,7 +136,7 @@ pub fn find_by_id(id: u64) -> Option<PathBuf> {
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
             .find_map(|e| walk(&e.path(), id, depth - 1))
     }
-    walk(&cgroup2_mount()?, id, 8)
+    walk(root, id, 8)
 }
 
 #[cfg(test)]

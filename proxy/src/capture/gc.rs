@@ -95,12 +95,14 @@ pub struct Collected {
     pub kernel_memory: u64,
 }
 
-/// Removes every pinned capture whose cgroup or network namespace is gone.
+/// Removes every pinned capture whose cgroup or network namespace is gone; the first failure
+/// (after trying every capture) is the error.
 pub fn collect() -> Result<Vec<Collected>, CaptureError> {
     let Some(mount) = bpffs::mount_point() else {
         return Ok(Vec::new());
     };
     let mut out = Vec::new();
+    let mut failed = None;
     for dir in bpffs::capture_dirs(&mount) {
         let Some(cgroup_id) = bpffs::cgroup_id_of(&dir) else {
             continue;
@@ -110,8 +112,13 @@ pub fn collect() -> Result<Vec<Collected>, CaptureError> {
             continue;
         }
         let kernel_memory = kernel_memory(&dir);
-        fs::remove_dir_all(&dir)
-            .map_err(|e| CaptureError::io(format!("remove the pins at {}", dir.display()), e))?;
+        if let Err(e) = fs::remove_dir_all(&dir) {
+            // One capture that cannot be removed does not keep the others.
+            let e = CaptureError::io(format!("remove the pins at {}", dir.display()), e);
+            tracing::warn!(error = %e, "could not remove a dead capture");
+            failed.get_or_insert(e);
+            continue;
+        }
         tracing::info!(
             pins = %dir.display(),
             why = why.describe(),
@@ -126,5 +133,8 @@ pub fn collect() -> Result<Vec<Collected>, CaptureError> {
         });
     }
     bpffs::remove_root_if_empty(&mount);
-    Ok(out)
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
 }
