@@ -694,6 +694,9 @@ fn print_status(all: &[ebpf::CaptureStatus]) {
             .unwrap_or_else(|| format!("(cgroup id {}, directory gone)", s.cgroup_id));
         println!("cgroup {cgroup}");
         println!("  state       {}", s.liveness.describe());
+        if let Some(problem) = &s.problem {
+            println!("  problem     {problem}");
+        }
         println!("  pins        {}", s.pins.display());
         println!("  kernel mem  {}", format_bytes(s.kernel_memory));
         println!("  hooks       {}", s.hooks.join(", "));

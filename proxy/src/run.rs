@@ -81,7 +81,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             let capture = match EbpfCapture::open(&cgroup) {
                 Ok(pinned) => {
                     info!(cgroup = %cgroup.path().display(), "using the eBPF capture already pinned for this cgroup");
-                    let config = pinned.config()?;
+                    let config = pinned.config().with_context(|| {
+                        format!(
+                            "the capture pinned at {} was attached by another tern version; \
+                             detach it (`tern capture detach`) and start again",
+                            pinned.pins().display()
+                        )
+                    })?;
                     if config.outbound_port != u32::from(settings.outbound_port) {
                         warn!(
                             pinned = config.outbound_port,

@@ -204,6 +204,10 @@ pub struct CaptureStatus {
     pub kernel_memory: u64,
     /// `hook.decision` → count, summed over CPUs.
     pub counters: BTreeMap<String, u64>,
+    /// Why its configuration or counters could not be read (a capture pinned by another
+    /// tern version, whose maps differ).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// Every capture pinned on this host (or only the one for `cgroup`).
@@ -220,7 +224,14 @@ pub fn status(cgroup: Option<&CgroupDir>) -> Result<Vec<CaptureStatus>, CaptureE
         let Some(cgroup_id) = bpffs::cgroup_id_of(&dir) else {
             continue;
         };
-        let config = read_config(&dir)?;
+        let (config, counters, problem) = match (read_config(&dir), read_counters(&dir)) {
+            (Ok(config), Ok(counters)) => (config, counters, None),
+            (Err(e), _) | (_, Err(e)) => (
+                Config::default(),
+                BTreeMap::new(),
+                Some(format!("{e} (pinned by another tern version?)")),
+            ),
+        };
         let mut hooks: Vec<String> = program_names::ALL
             .iter()
             .filter(|p| bpffs::link_pin(&dir, p).exists())
@@ -238,7 +249,8 @@ pub fn status(cgroup: Option<&CgroupDir>) -> Result<Vec<CaptureStatus>, CaptureE
             mark: format!("{:#x}", config.mark),
             fail_closed: config.flags & flags::FAIL_CLOSED != 0,
             kernel_memory: gc::kernel_memory(&dir),
-            counters: read_counters(&dir)?,
+            counters,
+            problem,
         });
     }
     Ok(out)
