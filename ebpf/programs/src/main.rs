@@ -31,8 +31,7 @@ use aya_ebpf::{
     },
     btf_maps::SkStorage,
     helpers::{
-        bpf_get_current_uid_gid, bpf_sk_lookup_tcp, bpf_sk_release,
-        generated::bpf_sk_storage_get,
+        bpf_get_current_uid_gid, bpf_sk_lookup_tcp, bpf_sk_release, generated::bpf_sk_storage_get,
     },
     macros::{btf_map, cgroup_sock_addr, cgroup_sockopt, map, sk_lookup, sock_ops},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap, lpm_trie::Key},
