@@ -281,8 +281,9 @@ impl OciPod {
                 .stderr(Stdio::null())
                 .status();
         }
-        // The container cgroups go with runc; the Pod's and its parents (when empty) here.
-        if let Some(mount) = cgroup2_mount() {
+        // The container cgroups go with runc; the Pod's and its parents (when empty) here,
+        // in every hierarchy runc made them in (on hybrid hosts, v1 controllers too).
+        for mount in cgroup_mounts() {
             let pod = mount.join(self.cgroup_relative());
             for _ in 0..100 {
                 if !pod.exists() || remove_empty_tree(&pod) {
@@ -300,6 +301,18 @@ impl OciPod {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Every cgroup hierarchy's mount point (v2, and v1 controllers on hybrid hosts).
+fn cgroup_mounts() -> Vec<PathBuf> {
+    fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            matches!(f.get(2), Some(&"cgroup" | &"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .collect()
 }
 
 /// Removes a cgroup directory and its (process-free) children, deepest first.
