@@ -329,7 +329,7 @@ impl PodCgroupArgs {
             );
         }
         let root = match &self.cgroup_root {
-            Some(root) => root.clone(),
+            Some(root) => capture::cgroup::v2_root(root),
             None => capture::cgroup::cgroup2_mount()
                 .context("no cgroup2 filesystem in /proc/mounts; pass --cgroup-root")?,
         };

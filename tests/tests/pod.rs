@@ -99,13 +99,15 @@ fn injected_tern(pod: &OciPod) -> Container {
         .iter()
         .map(|c| c.as_str().unwrap().to_owned())
         .collect();
+    // The node's directories the injected volumes name (hostPath): bpffs, and the node's
+    // whole /sys/fs/cgroup (on this hybrid host, v1 controllers with v2 at `unified/`).
     let host_path = |volume: &str| -> Option<PathBuf> {
-        match volume {
-            "tern-bpffs" => Some("/sys/fs/bpf".into()),
-            // The node's cgroup v2 hierarchy (on this host it is not at /sys/fs/cgroup).
-            "tern-host-cgroup" => tern_tests::cgroup2_mount(),
-            _ => None, // istiod's token, root certificate and the Pod's labels
-        }
+        manifest["spec"]["volumes"]
+            .as_sequence()?
+            .iter()
+            .find(|v| v["name"] == volume)?["hostPath"]["path"]
+            .as_str()
+            .map(PathBuf::from)
     };
     let binds = spec["volumeMounts"]
         .as_sequence()

@@ -111,6 +111,22 @@ impl CgroupDir {
     }
 }
 
+/// The cgroup v2 hierarchy at or below `root`: a node's `/sys/fs/cgroup` mounted into a
+/// container is the v2 hierarchy itself on unified hosts, and a tmpfs of v1 controllers with
+/// the v2 hierarchy at `unified/` on hybrid ones.
+pub fn v2_root(root: &Path) -> PathBuf {
+    let is_v2 = |p: &Path| {
+        nix::sys::statfs::statfs(p)
+            .is_ok_and(|fs| fs.filesystem_type().0 == CGROUP2_SUPER_MAGIC)
+    };
+    let unified = root.join("unified");
+    if !is_v2(root) && is_v2(&unified) {
+        unified
+    } else {
+        root.to_owned()
+    }
+}
+
 /// Where the cgroup v2 hierarchy is mounted, from `/proc/mounts`.
 pub fn cgroup2_mount() -> Option<PathBuf> {
     super::mount_of_type("cgroup2")

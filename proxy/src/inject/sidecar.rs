@@ -63,7 +63,7 @@ pub fn container(options: &Options, extra_env: &[(String, String)], native: bool
     let mut c = Mapping::new();
     c.insert("name".into(), CONTAINER.into());
     c.insert("image".into(), options.image.as_str().into());
-    c.insert("args".into(), yaml("[run, --capture, ebpf, --access-log]"));
+    c.insert("args".into(), yaml("[run, --capture, ebpf]"));
     if native {
         // A native sidecar: an init container that keeps running, started before the
         // application's containers and stopped after them.
