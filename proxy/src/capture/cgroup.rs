@@ -116,8 +116,7 @@ impl CgroupDir {
 /// the v2 hierarchy at `unified/` on hybrid ones.
 pub fn v2_root(root: &Path) -> PathBuf {
     let is_v2 = |p: &Path| {
-        nix::sys::statfs::statfs(p)
-            .is_ok_and(|fs| fs.filesystem_type().0 == CGROUP2_SUPER_MAGIC)
+        nix::sys::statfs::statfs(p).is_ok_and(|fs| fs.filesystem_type().0 == CGROUP2_SUPER_MAGIC)
     };
     let unified = root.join("unified");
     if !is_v2(root) && is_v2(&unified) {
