@@ -259,6 +259,10 @@ pub struct WebhookArgs {
         default_value = "/etc/tern-webhook/tls.key"
     )]
     pub tls_key: PathBuf,
+    /// Seconds it keeps answering, reported unready, after SIGTERM (while its Service stops
+    /// sending it reviews: one that fails would admit a Pod without tern).
+    #[arg(long, env = "TERN_WEBHOOK_SHUTDOWN_GRACE_SECS", default_value_t = 5)]
+    pub shutdown_grace_secs: u64,
     #[command(flatten)]
     pub sidecar: SidecarArgs,
 }
@@ -521,6 +525,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 cert: args.tls_cert,
                 key: args.tls_key,
                 options: args.sidecar.options(),
+                shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace_secs),
             }))?;
         }
         Command::Inject(args) if args.istio_template => {

@@ -467,7 +467,8 @@ fn bind_pair(v4: SocketAddr, v6: SocketAddr) -> anyhow::Result<(TcpListener, Opt
     Ok((l4, l6))
 }
 
-async fn wait_for_signal() -> &'static str {
+/// Waits for SIGTERM or SIGINT and says which.
+pub async fn wait_for_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("install the SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("install the SIGINT handler");

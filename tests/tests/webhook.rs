@@ -12,18 +12,22 @@ const HOST: &str = "tern-webhook.tern-system.svc";
 
 struct Webhook {
     ns: Netns,
-    _process: Process,
+    process: Process,
     dir: std::path::PathBuf,
 }
 
 impl Webhook {
     fn start(ca: &TestCa) -> Self {
+        Self::start_with(ca, &[])
+    }
+
+    fn start_with(ca: &TestCa, extra: &[&str]) -> Self {
         let ns = Netns::new("webhook").unwrap();
         let dir = std::env::temp_dir().join(tern_tests::unique("webhook-tls"));
         std::fs::create_dir_all(&dir).unwrap();
         install_cert(ca, &dir, "first");
         let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
-        let args = [
+        let mut args = vec![
             "webhook",
             "--listen",
             "127.0.0.1:9443",
@@ -32,10 +36,11 @@ impl Webhook {
             "--tls-key",
             key.to_str().unwrap(),
         ];
+        args.extend(extra);
         let mut cmd = ns.command(None, &tern_bin(), &args);
         cmd.stdout(std::process::Stdio::null());
         let webhook = Self {
-            _process: Process::spawn(cmd).unwrap(),
+            process: Process::spawn(cmd).unwrap(),
             ns,
             dir,
         };
@@ -252,4 +257,30 @@ fn a_rotated_certificate_is_served_without_a_restart() {
         "the rotated certificate was never served"
     );
     assert_eq!(webhook.curl(&first, "GET", "/healthz/ready", None).0, 0);
+}
+
+/// On SIGTERM the webhook reports itself unready but keeps answering reviews for its grace
+/// period (its Service stops sending them meanwhile), then exits.
+#[test]
+fn it_stops_gracefully() {
+    require_root();
+    let ca = TestCa::new().unwrap();
+    let mut webhook = Webhook::start_with(&ca, &["--shutdown-grace-secs", "2"]);
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &webhook.process.pid().to_string()])
+        .status();
+    assert!(
+        eventually(Duration::from_secs(2), || webhook
+            .curl(&ca, "GET", "/healthz/ready", None)
+            .0
+            == 503),
+        "still ready after SIGTERM"
+    );
+    let selected = pod(json!({"app": "cart"}), json!({}));
+    let (_, patch) = answer(&webhook, &ca, &review("u-9", "CREATE", &selected));
+    assert!(
+        patch.is_some(),
+        "a review during the grace period was not answered"
+    );
+    webhook.process.terminate().unwrap();
 }

@@ -5,8 +5,18 @@
 //! the `MutatingWebhookConfiguration` (namespace label `tern-injection=enabled`, or the Pod
 //! label `tern.io/inject=true`); the webhook then honours the Pod's own opt-outs, never
 //! injects twice, and never denies a Pod. With `failurePolicy: Ignore`, Pods keep being
-//! created while it is down.
-use std::{convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+//! created while it is down — without tern, so on SIGTERM it first reports itself unready and
+//! keeps answering for a grace period, while its Service stops sending it reviews.
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -39,6 +49,8 @@ pub struct WebhookConfig {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub options: Options,
+    /// How long it keeps answering, unready, after SIGTERM.
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -48,6 +60,8 @@ struct VerdictLabels {
 
 struct Webhook {
     options: Options,
+    /// Set on SIGTERM: `/healthz/ready` fails while reviews are still answered.
+    stopping: AtomicBool,
     reviews: Family<VerdictLabels, Counter>,
     registry: Registry,
 }
@@ -76,6 +90,7 @@ pub async fn serve(config: WebhookConfig) -> anyhow::Result<()> {
     );
     let webhook = Arc::new(Webhook {
         options: config.options,
+        stopping: AtomicBool::new(false),
         reviews,
         registry,
     });
@@ -83,6 +98,17 @@ pub async fn serve(config: WebhookConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listen on {}", config.listen))?;
     tracing::info!(address = %config.listen, "tern webhook is serving");
+    let accepting = tokio::spawn(accept(listener, acceptor, webhook.clone()));
+    let why = crate::run::wait_for_signal().await;
+    webhook.stopping.store(true, Ordering::Relaxed);
+    tracing::info!(why, grace = ?config.shutdown_grace, "stopping: unready, still answering");
+    tokio::time::sleep(config.shutdown_grace).await;
+    accepting.abort();
+    tracing::info!("tern webhook stopped");
+    Ok(())
+}
+
+async fn accept(listener: TcpListener, acceptor: TlsAcceptor, webhook: Arc<Webhook>) {
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
             continue;
@@ -111,6 +137,9 @@ pub async fn serve(config: WebhookConfig) -> anyhow::Result<()> {
 async fn handle(webhook: &Webhook, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
         (&Method::POST, "/inject") => {}
+        (&Method::GET, "/healthz/ready") if webhook.stopping.load(Ordering::Relaxed) => {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "stopping\n".into());
+        }
         (&Method::GET, "/healthz/ready") => return text(StatusCode::OK, "ok\n".into()),
         (&Method::GET, "/metrics") => {
             let mut out = String::new();
