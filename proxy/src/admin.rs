@@ -66,7 +66,8 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, scope: Scope) {
     }
 }
 
-fn respond(
+/// A response with this status, content type and body (also the webhook's).
+pub(crate) fn respond(
     status: StatusCode,
     content_type: &str,
     body: impl Into<Bytes>,
@@ -78,7 +79,8 @@ fn respond(
         .expect("a valid response")
 }
 
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+/// A plain-text response.
+pub(crate) fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     respond(status, "text/plain; charset=utf-8", body)
 }
 

@@ -280,10 +280,10 @@ pub struct SidecarArgs {
     #[arg(long, default_value_t = crate::inject::Options::default().xds_address)]
     pub xds_address: String,
     /// The mesh's cluster id (`ISTIO_META_CLUSTER_ID`).
-    #[arg(long, default_value = "Kubernetes")]
+    #[arg(long, default_value_t = crate::inject::Options::default().cluster_id)]
     pub cluster_id: String,
     /// The mesh's trust domain.
-    #[arg(long, default_value = "cluster.local")]
+    #[arg(long, default_value_t = crate::inject::Options::default().trust_domain)]
     pub trust_domain: String,
 }
 
@@ -321,12 +321,17 @@ pub struct PodCgroupArgs {
 }
 
 impl PodCgroupArgs {
+    /// Whether any of the ways to name the Pod's cgroup was given.
+    pub fn given(&self) -> bool {
+        self.cgroup.is_some() || self.cgroup_id.is_some() || self.pod_uid.is_some()
+    }
+
     /// The validated cgroup, with how it was found.
     pub fn resolve(&self) -> anyhow::Result<(CgroupDir, String)> {
         if let Some(path) = &self.cgroup {
             return Ok((CgroupDir::open(path)?, "given by --cgroup".to_owned()));
         }
-        if self.pod_uid.is_none() && self.cgroup_id.is_none() {
+        if !self.given() {
             anyhow::bail!(
                 "eBPF capture needs the Pod's cgroup: --pod-uid <metadata.uid> (POD_UID), \
                  --cgroup-id <id> (TERN_CGROUP_ID) or --cgroup <cgroup v2 directory> (TERN_CGROUP)"
@@ -530,11 +535,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Inject(args) if args.istio_template => {
             let template = crate::inject::istio_template(&args.sidecar.options());
-            match &args.output {
-                Some(path) => std::fs::write(path, &template)
-                    .with_context(|| format!("write {}", path.display()))?,
-                None => print!("{template}"),
-            }
+            write_output(args.output.as_deref(), &template)?;
         }
         Command::Inject(args) => {
             let text = if args.input.as_os_str() == "-" {
@@ -544,11 +545,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     .with_context(|| format!("read {}", args.input.display()))?
             };
             let (yaml, report) = crate::inject::manifests(&text, &args.sidecar.options())?;
-            match &args.output {
-                Some(path) => std::fs::write(path, &yaml)
-                    .with_context(|| format!("write {}", path.display()))?,
-                None => print!("{yaml}"),
-            }
+            write_output(args.output.as_deref(), &yaml)?;
             for item in report {
                 let done = match item.outcome {
                     crate::inject::Outcome::Injected => "injected",
@@ -562,10 +559,10 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             let removed = capture::gc::collect()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&removed)?);
-            } else if removed.is_empty() {
-                println!("no capture of a deleted Pod is pinned");
-            }
-            if !json {
+            } else {
+                if removed.is_empty() {
+                    println!("no capture of a deleted Pod is pinned");
+                }
                 for c in &removed {
                     println!(
                         "removed {} ({}; {} of kernel memory)",
@@ -582,7 +579,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Check(pod) => {
             let kernel = capture::check::run();
-            let pod_findings = if pod.cgroup.is_some() || pod.pod_uid.is_some() {
+            let pod_findings = if pod.given() {
                 capture::check::pod(pod.resolve().map_err(|e| format!("{e:#}")))
             } else {
                 Vec::new()
@@ -675,6 +672,19 @@ fn format_xds_status(dump: &serde_json::Value) -> String {
         }
     }
     out
+}
+
+/// Writes `text` to `path`, or to standard output without one.
+fn write_output(path: Option<&std::path::Path>, text: &str) -> anyhow::Result<()> {
+    match path {
+        Some(path) => {
+            std::fs::write(path, text).with_context(|| format!("write {}", path.display()))
+        }
+        None => {
+            print!("{text}");
+            Ok(())
+        }
+    }
 }
 
 /// Bytes in KiB or MiB, for people.

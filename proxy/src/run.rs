@@ -6,8 +6,8 @@
 //! hook only answers on sockets in the cgroup), then binds its listeners, then attaches the
 //! hooks — so the connect hook never sees the proxy missing and no connection is refused while
 //! tern starts.
-//! Draining stops accepting, lets in-flight requests finish (up to the drain timeout) and
-//! only then releases capture.
+//! Draining keeps the listeners open (see [`crate::listener::serve`]), lets the connections
+//! open when it began finish (up to the drain timeout) and only then releases capture.
 use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,

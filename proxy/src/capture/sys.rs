@@ -166,30 +166,40 @@ pub struct LinkInfo {
     pub target: LinkTarget,
 }
 
+/// The fields of `struct bpf_link_info` read here, then room for every variant of its union
+/// (the kernel fills at most `info_len` bytes).
+#[repr(C)]
+#[derive(Default)]
+struct LinkInfoPrefix {
+    link_type: u32,
+    id: u32,
+    prog_id: u32,
+    _pad: u32,
+    /// Start of the union: `cgroup.cgroup_id` (u64) or `netns.netns_ino` (u32).
+    target: [u8; 8],
+    _rest: [u64; 27],
+}
+
 /// Reads a link's kernel info (`struct bpf_link_info`).
 pub fn link_info(link: impl AsFd) -> io::Result<LinkInfo> {
-    // Large enough for every variant of `struct bpf_link_info`; the kernel fills at most
-    // `info_len` bytes. Layout: type, id, prog_id (u32 each), then the 8-aligned union.
-    let mut info = [0u64; 32];
+    let mut info = LinkInfoPrefix::default();
     let mut attr = InfoByFdAttr {
         bpf_fd: link.as_fd().as_raw_fd() as u32,
-        info_len: std::mem::size_of_val(&info) as u32,
-        info: info.as_mut_ptr() as u64,
+        info_len: std::mem::size_of::<LinkInfoPrefix>() as u32,
+        info: &mut info as *mut LinkInfoPrefix as u64,
         ..Default::default()
     };
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    let bytes: Vec<u8> = info.iter().flat_map(|w| w.to_ne_bytes()).collect();
-    let u32_at =
-        |at: usize| u32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
-    let program_id = u32_at(8);
-    let target = match u32_at(0) {
-        BPF_LINK_TYPE_CGROUP => LinkTarget::Cgroup(u64::from_ne_bytes(
-            bytes[16..24].try_into().unwrap_or_default(),
-        )),
-        BPF_LINK_TYPE_NETNS => LinkTarget::Netns(u32_at(16)),
+    let [a, b, c, d, ..] = info.target;
+    let target = match info.link_type {
+        BPF_LINK_TYPE_CGROUP => LinkTarget::Cgroup(u64::from_ne_bytes(info.target)),
+        BPF_LINK_TYPE_NETNS => LinkTarget::Netns(u32::from_ne_bytes([a, b, c, d])),
         _ => LinkTarget::Other,
     };
-    Ok(LinkInfo { program_id, target })
+    Ok(LinkInfo {
+        program_id: info.prog_id,
+        target,
+    })
 }
 
 /// The kernel memory a bpf object holds (`memlock` in its `/proc/self/fdinfo` entry), in bytes.

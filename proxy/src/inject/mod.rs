@@ -173,18 +173,9 @@ pub fn istio_template(options: &Options) -> String {
     }
     metadata.insert("annotations".into(), Value::Mapping(annotations));
     let mut spec = serde_yaml::Mapping::new();
-    let list = if options.native_sidecar {
-        "initContainers"
-    } else {
-        "containers"
-    };
     spec.insert(
-        list.into(),
-        Value::Sequence(vec![sidecar::container(
-            options,
-            &[],
-            options.native_sidecar,
-        )]),
+        sidecar::list(options).into(),
+        Value::Sequence(vec![sidecar::container(options, &[])]),
     );
     spec.insert("volumes".into(), Value::Sequence(sidecar::volumes()));
     pod.insert("metadata".into(), Value::Mapping(metadata));

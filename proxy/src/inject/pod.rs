@@ -75,12 +75,8 @@ pub fn inject(
     };
     let env = annotations::environment(&annotations_in).map_err(|e| refuse(&e.to_string()))?;
 
-    let container = sidecar::container(options, &env, options.native_sidecar);
-    let list = if options.native_sidecar {
-        "initContainers"
-    } else {
-        "containers"
-    };
+    let container = sidecar::container(options, &env);
+    let list = sidecar::list(options);
     // Check every field written before writing any: a malformed Pod is refused whole.
     for key in [list, "volumes"] {
         if !matches!(spec.get(key), None | Some(Value::Null | Value::Sequence(_))) {
@@ -101,22 +97,12 @@ pub fn inject(
     sequence_mut(spec, "volumes").extend(sidecar::volumes());
 
     let annotations_out = mapping_mut(metadata, "annotations");
-    let status = serde_json::json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "containers": [sidecar::CONTAINER],
-        "volumes": sidecar::VOLUMES,
-        "native": options.native_sidecar,
-    });
-    annotations_out.insert(annotations::STATUS.into(), status.to_string().into());
-    for (key, value) in [
-        (
-            "kubectl.kubernetes.io/default-container",
-            first_app.as_str(),
-        ),
-        ("prometheus.io/scrape", "true"),
-        ("prometheus.io/port", "15020"),
-        ("prometheus.io/path", "/stats/prometheus"),
-    ] {
+    annotations_out.insert(annotations::STATUS.into(), status(options).into());
+    let default_container = (
+        "kubectl.kubernetes.io/default-container",
+        first_app.as_str(),
+    );
+    for (key, value) in std::iter::once(default_container).chain(DEFAULT_ANNOTATIONS) {
         if !annotations_out.contains_key(key) {
             annotations_out.insert(key.into(), value.into());
         }

@@ -27,8 +27,17 @@ pub const STATS_PORT: u16 = 15020;
 /// 5.11 charge maps to the cgroup, not to `RLIMIT_MEMLOCK`).
 pub const CAPABILITIES: [&str; 3] = ["BPF", "NET_ADMIN", "PERFMON"];
 
+/// Where the container goes in the Pod spec: a native sidecar is an init container.
+pub fn list(options: &Options) -> &'static str {
+    if options.native_sidecar {
+        "initContainers"
+    } else {
+        "containers"
+    }
+}
+
 /// The sidecar container, as YAML values in Kubernetes' field order.
-pub fn container(options: &Options, extra_env: &[(String, String)], native: bool) -> Value {
+pub fn container(options: &Options, extra_env: &[(String, String)]) -> Value {
     let field = |name: &str, path: &str| {
         yaml(&format!(
             "{{name: {name}, valueFrom: {{fieldRef: {{fieldPath: {path}}}}}}}"
@@ -64,7 +73,7 @@ pub fn container(options: &Options, extra_env: &[(String, String)], native: bool
     c.insert("name".into(), CONTAINER.into());
     c.insert("image".into(), options.image.as_str().into());
     c.insert("args".into(), yaml("[run, --capture, ebpf]"));
-    if native {
+    if options.native_sidecar {
         // A native sidecar: an init container that keeps running, started before the
         // application's containers and stopped after them.
         c.insert("restartPolicy".into(), "Always".into());
@@ -144,7 +153,6 @@ mod tests {
         let c = container(
             &options,
             &[("XDS_ADDRESS".into(), "https://x:15012".into())],
-            true,
         );
         assert_eq!(c["restartPolicy"], "Always");
         let env = c["env"].as_sequence().unwrap();
@@ -164,10 +172,10 @@ mod tests {
             .collect();
         assert_eq!(mounts, names);
         assert_eq!(names, VOLUMES);
-        assert!(
-            container(&options, &[], false)
-                .get("restartPolicy")
-                .is_none()
-        );
+        let plain = Options {
+            native_sidecar: false,
+            ..Options::default()
+        };
+        assert!(container(&plain, &[]).get("restartPolicy").is_none());
     }
 }

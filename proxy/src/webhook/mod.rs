@@ -33,7 +33,10 @@ use prometheus_client::{
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::inject::Options;
+use crate::{
+    admin::{respond, text},
+    inject::Options,
+};
 
 pub mod cert;
 pub mod review;
@@ -138,16 +141,17 @@ async fn handle(webhook: &Webhook, req: Request<Incoming>) -> Response<Full<Byte
     match (req.method(), req.uri().path()) {
         (&Method::POST, "/inject") => {}
         (&Method::GET, "/healthz/ready") if webhook.stopping.load(Ordering::Relaxed) => {
-            return text(StatusCode::SERVICE_UNAVAILABLE, "stopping\n".into());
+            return text(StatusCode::SERVICE_UNAVAILABLE, "stopping\n");
         }
-        (&Method::GET, "/healthz/ready") => return text(StatusCode::OK, "ok\n".into()),
+        (&Method::GET, "/healthz/ready") => return text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/metrics") => {
             let mut out = String::new();
             return match encode(&mut out, &webhook.registry) {
                 Ok(()) => text(StatusCode::OK, out),
                 Err(_) => text(
                     StatusCode::INTERNAL_SERVER_ERROR,
-                    "encoding failed\n".into(),
+                    "encoding failed
+",
                 ),
             };
         }
@@ -170,12 +174,7 @@ async fn handle(webhook: &Webhook, req: Request<Incoming>) -> Response<Full<Byte
                     result: verdict.label(),
                 })
                 .inc();
-            let mut response = Response::new(Full::new(Bytes::from(answer.to_string())));
-            response.headers_mut().insert(
-                hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("application/json"),
-            );
-            response
+            respond(StatusCode::OK, "application/json", answer.to_string())
         }
         Err(e) => {
             webhook
@@ -187,10 +186,4 @@ async fn handle(webhook: &Webhook, req: Request<Incoming>) -> Response<Full<Byte
             text(StatusCode::BAD_REQUEST, format!("{e}\n"))
         }
     }
-}
-
-fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    response
 }
