@@ -65,6 +65,7 @@ pub mod tls_types {
 pub mod rbac_types {
     pub use envoy_types::pb::envoy::config::rbac::v3::*;
 }
+pub use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 pub use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
 pub mod wkt {
     pub use envoy_types::pb::google::protobuf::{

@@ -21,6 +21,7 @@ pub mod logging;
 pub mod memory;
 pub mod method_labels;
 pub mod metrics;
+pub mod refusal;
 pub mod run;
 pub mod socket;
 pub mod state;

@@ -102,6 +102,7 @@ pub async fn serve(
                         %peer,
                         %dst,
                         peer_identity = outcome.peer_identity.as_deref().unwrap_or("-"),
+                        refused = outcome.refused.map_or("-", |r| r.as_str()),
                         denied_by = outcome.denied_by.as_deref().unwrap_or("-"),
                         handled = outcome.handled.as_str(),
                         duration_ms = started.elapsed().as_millis() as u64,

@@ -89,6 +89,14 @@ pub struct RbacLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// Why (see [`crate::refusal::Refusal`]).
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CertUpdateLabels {
     /// `istio_ca` or `files`.
     pub source: &'static str,
@@ -120,6 +128,7 @@ pub struct Metrics {
     pub tls_certificate_updates: Family<CertUpdateLabels, Counter>,
     pub tls_certificate_expiry: Gauge,
     pub rbac_decisions: Family<RbacLabels, Counter>,
+    pub connections_refused: Family<RefusedLabels, Counter>,
     /// Istio's standard metrics (exported with these, without the `tern_` prefix).
     pub istio: Arc<IstioMetrics>,
 }
@@ -259,10 +268,17 @@ impl Metrics {
             "Network RBAC decisions on connections and Thrift calls, shadow rules included",
             rbac_decisions.clone(),
         );
+        let connections_refused = Family::default();
+        registry.register(
+            "connections_refused",
+            "Connections tern closed without reaching their destination, by direction and reason",
+            connections_refused.clone(),
+        );
         Arc::new(Self {
             registry,
             istio: IstioMetrics::new(local),
             rbac_decisions,
+            connections_refused,
             tls_handshakes,
             tls_certificate_updates,
             tls_certificate_expiry,
@@ -315,6 +331,16 @@ impl Metrics {
         };
         self.tls_handshakes
             .get_or_create(&HandshakeLabels { direction, result })
+            .inc();
+    }
+
+    /// Counts a refused connection.
+    pub fn refused(&self, direction: &'static str, why: crate::refusal::Refusal) {
+        self.connections_refused
+            .get_or_create(&RefusedLabels {
+                direction,
+                reason: why.as_str(),
+            })
             .inc();
     }
 

@@ -25,7 +25,7 @@ use crate::{
         CaptureError, OUTBOUND_IP4, OUTBOUND_IP6, ebpf::EbpfCapture, iptables::IptablesCapture,
     },
     cli::{CaptureMode, RunArgs},
-    config::{Config, file},
+    config::{Config, NoInbound, file},
     filters::{Ctx, Direction, ThriftPorts},
     listener::{self, OpenConnections},
     metrics::{CertMetrics, ConfigLabels, Metrics},
@@ -157,8 +157,15 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         });
     let xds = xds.transpose()?;
     let loaded_version = config.version.clone();
-    if xds.is_none() || args.config.is_some() {
+    if xds.is_none() {
         state.apply(config);
+    } else {
+        // Until the control plane's first configuration, the static one serves outbound,
+        // and inbound is closed unless it has an inbound listener of its own; not ready.
+        state.update(Config {
+            no_inbound: NoInbound::AwaitingPolicy,
+            ..config
+        });
     }
     let (drain_tx, drain_rx) = watch::channel(false);
     let drain_tx = Arc::new(drain_tx);

@@ -271,12 +271,11 @@ impl Pods {
     /// control plane at 127.0.0.1:15010 in the Pod's namespace, and `extra` arguments;
     /// returns once tern is ready, with `log_level` logs.
     pub fn start_tern_xds(&self, extra: &[&str], log_level: &str) -> Result<Tern> {
-        let mut args = vec![
-            "--inbound-ports",
-            "",
-            "--xds-address",
-            "http://127.0.0.1:15010",
-        ];
+        let mut args = vec!["--xds-address", "http://127.0.0.1:15010"];
+        // No inbound capture unless `extra` asks for some.
+        if !extra.contains(&"--inbound-ports") {
+            args.extend(["--inbound-ports", ""]);
+        }
         args.extend(extra);
         self.start_tern_with(&args, log_level)
     }

@@ -60,6 +60,11 @@ struct DumpMesh {
 /// Serves `dumps` with `cluster`'s endpoints at two Thrift servers (every other EDS cluster
 /// gets an address nothing listens on), and starts tern with eBPF capture against it.
 fn serve(dumps: &[&str], cluster: &str, protocol: Protocol) -> DumpMesh {
+    serve_with(dumps, cluster, protocol, &[])
+}
+
+/// [`serve`], with more arguments for tern.
+fn serve_with(dumps: &[&str], cluster: &str, protocol: Protocol, args: &[&str]) -> DumpMesh {
     let p = pods();
     let servers = [("10.66.1.2:9001", "s1"), ("10.66.1.2:9002", "s2")]
         .iter()
@@ -80,6 +85,7 @@ endpoints: {{ "{cluster}": ["10.66.1.2:9001", "10.66.1.2:9002"] }}
     );
     let cp = ControlPlane::start(&p.app, "127.0.0.1:15010", &snapshot, &[]).unwrap();
     let mut extra = vec!["--access-log"];
+    extra.extend(args);
     if protocol == Protocol::Delta {
         extra.push("--xds-delta");
     }
@@ -314,33 +320,75 @@ fn istio_1_9_with_2022_endpoints(protocol: Protocol) {
 
 fn istio_2023_listeners(protocol: Protocol) {
     let dump = "istio-2023-06-sidecar-listeners-only.config_dump.json";
-    let m = serve(
+    let m = serve_with(
         &[dump],
         "outbound|443||kubernetes.default.svc.cluster.local",
         protocol,
+        &["--inbound-ports", "8080"],
     );
-    // virtualInbound carries network and HTTP RBAC: refused, not run without its policy.
-    assert!(m.cp.wait_for("NACK Listener"), "{}", m.cp.events());
-    let events = m.cp.events();
-    for nack in events.lines().filter(|l| l.starts_with("NACK")) {
-        assert!(
-            nack.contains(" virtualInbound: "),
-            "only virtualInbound is refused: {nack}"
-        );
-    }
-    check_every_resource(
-        &m,
-        dump,
-        &[("virtualInbound", "cannot be enforced by tern")],
-    );
-    // The internal listener that once NACKed all 27 is set aside; the rest serve.
+    // virtualInbound carries network RBAC, HTTP RBAC and HTTP ext_authz: accepted, with
+    // its policy enforced as istiod would on TCP, and the chains that need ext_authz
+    // refusing their connections.
+    assert!(m.cp.wait_for("ACK Listener"), "{}", m.cp.events());
+    assert!(!m.cp.events().contains("NACK"), "{}", m.cp.events());
+    check_every_resource(&m, dump, &[]);
     let dump_json: Value = serde_json::from_str(&admin(&m.p.app, "GET", "/config_dump")).unwrap();
-    let set_aside = dump_json["config"]["set_aside"].to_string();
+    let set_aside = &dump_json["config"]["set_aside"];
+    let refusing: Vec<&Value> = set_aside
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| {
+            s["name"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("virtualInbound/"))
+                && s["reason"] == "unenforceable"
+                && s["filter"] == "envoy.filters.http.ext_authz"
+        })
+        .collect();
+    // Its catch-all HTTP chains and port 80's, TLS and plaintext.
+    assert_eq!(refusing.len(), 4, "the HTTP chains: {set_aside}");
+    // The internal listener that once NACKed all 27 is set aside; the rest serve.
+    let set_aside = set_aside.to_string();
     assert!(
         set_aside.contains("connect_originate") && set_aside.contains("internal_listener"),
         "{set_aside}"
     );
     call_through(&m, "10.96.0.1:443");
+    // Its TCP policy (`rules: {}`, istiod's ALLOW with no rule left: nothing is allowed)
+    // holds: plaintext to the Pod never reaches the application, and the refusal says why.
+    let _app = tern_tests::serve(&m.p.app, &["10.66.1.1:8080"]).unwrap();
+    let plain = tern_tests::connect(&m.p.srv, None, "10.66.1.1:8080");
+    assert!(!plain.ok(), "{plain:?}\n{}", m.tern.log());
+    assert!(
+        eventually(Duration::from_secs(5), || m
+            .tern
+            .log()
+            .lines()
+            .any(|l| l.contains("tern::access")
+                && l.contains("dst=10.66.1.1:8080")
+                && l.contains("refused=\"rbac\""))),
+        "{}",
+        m.tern.log()
+    );
+    // HTTP to it is refused too (the HTTP chains need ext_authz).
+    let request: String = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let http = tern_tests::send_raw(&m.p.srv, None, "10.66.1.1:8080", &request);
+    assert_eq!(http["received"], 0, "{http}");
+    assert!(
+        eventually(Duration::from_secs(5), || m
+            .tern
+            .log()
+            .lines()
+            .any(|l| l.contains("tern::access")
+                && l.contains("dst=10.66.1.1:8080")
+                && l.contains("refused=\"chain_not_enforceable\""))),
+        "{}",
+        m.tern.log()
+    );
 }
 
 /// A Python `ssl` ClientHello for `server_name` offering `alpn`, as hex.
@@ -358,8 +406,9 @@ fn client_hello(server_name: &str, alpn: &str) -> String {
 }
 
 /// istiod's `0.0.0.0_9411` listener has an HTTP chain (`raw_buffer` with `http/1.1`/`h2c`)
-/// and a default chain to `PassthroughCluster`: HTTP takes the first (relayed, set aside),
-/// TLS and other bytes the default one, decided from the first bytes as Envoy's inspectors do.
+/// and a default chain to `PassthroughCluster`: HTTP takes the first — which this Pod's
+/// WasmPlugin (an ECDS filter tern cannot run) makes refuse its connections — TLS and other
+/// bytes the default one, decided from the first bytes as Envoy's inspectors do.
 fn istio_1_22_chains_by_first_bytes(protocol: Protocol) {
     let dump = "istio-1.22.3-sidecar-app1.config_dump.json";
     let m = serve(
@@ -402,7 +451,16 @@ fn istio_1_22_chains_by_first_bytes(protocol: Protocol) {
         .map(|b| format!("{b:02x}"))
         .collect::<String>();
     tern_tests::send_raw(&m.p.app, Some(&m.p.cgroup), "10.66.1.2:9411", &http);
-    assert_eq!(handled(1), ["passthrough"], "HTTP takes the HTTP chain");
+    assert_eq!(handled(1), ["denied"], "HTTP takes the HTTP chain");
+    assert!(
+        m.tern
+            .log()
+            .lines()
+            .any(|l| l.contains("dst=10.66.1.2:9411")
+                && l.contains("refused=\"chain_not_enforceable\"")),
+        "{}",
+        m.tern.log()
+    );
     let hello = client_hello(
         "zipkin.istio-system.svc.cluster.local",
         "istio-peer-exchange,istio",

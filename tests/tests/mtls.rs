@@ -6,7 +6,7 @@
 use std::{path::Path, time::Duration};
 
 use tern_tests::{
-    ControlPlane, Pods, Process, Tern, eventually, metric,
+    ControlPlane, Pods, Process, Tern, admin, eventually, metric,
     pki::{ISTIOD, MeshTrust, TestCa},
     pods, python_peer, start_server, unique,
 };
@@ -489,7 +489,8 @@ fn inbound_authorization_policies() {
     );
 
     // A rule tern cannot decide on a connection: the listener is refused, with the reason,
-    // and the last good one keeps enforcing.
+    // and inbound is closed — never left to the previous policy, which lacks the new rule —
+    // and tern is no longer ready.
     let rules = r#"inbound_rbac:
   - { name: "ns[default]-policy[http]-rule[0]", action: deny, header: true }"#;
     m.cp.push(&snapshot_with("3", "permissive", rules));
@@ -499,13 +500,23 @@ fn inbound_authorization_policies() {
         "{}",
         m.cp.events()
     );
-    let still = tern_tests::thrift_call(
+    let closed = tern_tests::thrift_call(
         &m.p.srv,
         None,
         "10.66.1.1:9090",
-        &["--calls", "1", "--method", "echo"],
+        &["--calls", "1", "--method", "whoami"],
     );
-    assert_eq!(still.app_errors.len(), 1, "{still:?}");
+    assert_eq!(closed.replies(), 0, "{closed:?}");
+    assert!(closed.app_errors.is_empty(), "{closed:?}");
+    assert!(
+        metric(
+            &m.p.app,
+            r#"tern_connections_refused_total{direction="inbound",reason="inbound_listener_refused"}"#
+        ) >= 1.0,
+        "{}",
+        m.tern.log()
+    );
+    assert_ne!(admin(&m.p.app, "GET", "/ready").trim(), "LIVE");
 }
 
 /// A DestinationRule's SIMPLE TLS to a host outside the mesh (`openssl s_server`): tern

@@ -632,7 +632,10 @@ fn xds_over_tls_with_a_bearer_token() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A control plane that is down when tern starts does not stop the static configuration.
+/// A control plane that is down when tern starts does not stop the static configuration
+/// serving outbound; inbound, whose policy is the control plane's, is refused until its
+/// inbound listener arrives (a plaintext client never reaches the application), and tern is
+/// not ready.
 #[test]
 fn a_control_plane_down_at_start_leaves_the_static_configuration_serving() {
     let p = pods();
@@ -654,7 +657,8 @@ fn a_control_plane_down_at_start_leaves_the_static_configuration_serving() {
             "--cgroup",
             p.cgroup.path_str(),
             "--inbound-ports",
-            "",
+            "8080",
+            "--access-log",
             "--config",
             config.to_str().unwrap(),
             "--xds-address",
@@ -662,7 +666,7 @@ fn a_control_plane_down_at_start_leaves_the_static_configuration_serving() {
         ],
     )
     .unwrap();
-    assert_eq!(admin(&p.app, "GET", "/ready").trim(), "LIVE");
+    assert_ne!(admin(&p.app, "GET", "/ready").trim(), "LIVE");
     let c = thrift_call(
         &p.app,
         Some(&p.cgroup),
@@ -678,6 +682,18 @@ fn a_control_plane_down_at_start_leaves_the_static_configuration_serving() {
         tern.log()
     );
     assert_eq!(metric(&p.app, "tern_xds_connected"), 0.0);
+    let _app = tern_tests::serve(&p.app, &["10.66.1.1:8080"]).unwrap();
+    let inbound = tern_tests::connect(&p.srv, None, "10.66.1.1:8080");
+    assert!(!inbound.ok(), "{inbound:?}\n{}", tern.log());
+    assert!(
+        eventually(Duration::from_secs(5), || metric(
+            &p.app,
+            r#"tern_connections_refused_total{direction="inbound",reason="awaiting_policy"}"#
+        ) >= 1.0),
+        "{}",
+        tern.log()
+    );
+    assert_ne!(admin(&p.app, "GET", "/ready").trim(), "LIVE");
     let _ = std::fs::remove_file(&config);
 }
 

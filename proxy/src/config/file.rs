@@ -27,8 +27,8 @@ use serde::Deserialize;
 
 use super::{
     ChainMatch, CircuitBreakers, Cluster, Config, ConfigError, Endpoint, Filter, FilterChain,
-    HashTable, Health, LbPolicy, Listener, OutlierDetection, Passthrough, Route, RouteAction,
-    RouteMatch, Target, ThriftProxy, UpstreamMode,
+    HashTable, Health, LbPolicy, Listener, NoInbound, OutlierDetection, Passthrough, Route,
+    RouteAction, RouteMatch, Target, ThriftProxy, UpstreamMode,
 };
 use crate::thrift::{Protocol, Transport};
 
@@ -276,6 +276,7 @@ fn convert(file: File, version: String) -> Result<Config, ConfigError> {
         version,
         listeners,
         inbound,
+        no_inbound: NoInbound::Passthrough,
         passthrough: file.passthrough,
         clusters,
         set_aside: Vec::new(),

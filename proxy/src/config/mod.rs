@@ -27,6 +27,8 @@ pub struct Config {
     pub listeners: Vec<Arc<Listener>>,
     /// The inbound listener's filter chains (Istio's `virtualInbound`), if any.
     pub inbound: Option<Listener>,
+    /// What inbound connections get while no inbound listener is in force.
+    pub no_inbound: NoInbound,
     /// What happens to outbound destinations no listener matches.
     pub passthrough: Passthrough,
     /// Shared, so a new configuration that keeps a cluster does not copy it, and the
@@ -43,6 +45,9 @@ pub struct SetAside {
     pub kind: &'static str,
     pub name: String,
     pub reason: SetAsideReason,
+    /// The filter that made it so, where one did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
 }
 
 /// Why something is set aside, and what becomes of its traffic.
@@ -56,10 +61,14 @@ pub enum SetAsideReason {
     /// serves only 15001 and 15006.
     BoundListener,
     /// An HTTP connection manager chain: its connections are relayed to their original
-    /// destination as TCP.
+    /// destination as TCP, after its RBAC (decided on the connection, see
+    /// `xds::translate::rbac`).
     Http,
     /// A filter whose configuration comes from ECDS: its chain's connections are refused.
     Ecds,
+    /// A filter tern cannot run and must not skip (ext_authz, jwt_authn, Wasm, Lua, or any
+    /// filter tern does not know): its chain's connections are refused.
+    Unenforceable,
     /// A chain with no filter tern runs: skipped.
     NoFilter,
     /// A DNS cluster (STRICT_DNS, LOGICAL_DNS): tern does not resolve it; no endpoints.
@@ -75,6 +84,7 @@ impl SetAsideReason {
             SetAsideReason::BoundListener => "bound_listener",
             SetAsideReason::Http => "http",
             SetAsideReason::Ecds => "ecds",
+            SetAsideReason::Unenforceable => "unenforceable_filter",
             SetAsideReason::NoFilter => "no_filter",
             SetAsideReason::DnsCluster => "dns_cluster",
             SetAsideReason::CustomCluster => "custom_cluster",
@@ -91,6 +101,36 @@ pub enum Passthrough {
     Allow,
     /// Close the connection (Istio's `BlackHoleCluster`, `REGISTRY_ONLY`).
     Deny,
+}
+
+/// Inbound connections when no inbound listener is in force.
+///
+/// Only a configuration without a control plane relays them to the application: with a
+/// control plane, inbound policy is the control plane's, so until an inbound listener it
+/// sent is in force (first start, a control plane slow or unreachable, a listener refused)
+/// every inbound connection is refused, as Envoy's unbound 15006 refuses them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoInbound {
+    /// Relay to the application: no control plane, and the static configuration has no
+    /// inbound listener.
+    #[default]
+    Passthrough,
+    /// Refused: no inbound listener from the control plane yet.
+    AwaitingPolicy,
+    /// Refused: the control plane's inbound listener was refused (its reason is in the NACK,
+    /// the log and `/config_dump`).
+    Refused,
+}
+
+impl NoInbound {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoInbound::Passthrough => "passthrough",
+            NoInbound::AwaitingPolicy => "awaiting_policy",
+            NoInbound::Refused => "inbound_listener_refused",
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]

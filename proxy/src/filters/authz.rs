@@ -1,7 +1,7 @@
 //! Enforcing a chain's RBAC filters on a connection: once when it is accepted (after TLS,
 //! so the peer's identity is known, and before any byte reaches the upstream), and — for
-//! rules that name Thrift methods — on every Thrift call, or once with no method when the
-//! connection turns out not to be Thrift.
+//! rules that name Thrift methods — on every Thrift call. A connection on such a chain that
+//! is not Thrift is refused by the filter (see `filters::run_filter`), never relayed.
 use std::{net::SocketAddr, sync::Arc};
 
 use tracing::{debug, info};
@@ -38,12 +38,6 @@ impl Authz {
     /// The check when a connection is accepted: the filters that do not name methods.
     pub fn check_connection(&self, metrics: &Metrics) -> Result<(), Denied> {
         self.check(metrics, None, |f| !f.names_thrift_methods())
-    }
-
-    /// The check of a connection that is not Thrift: the filters that name methods (none
-    /// of those permissions match).
-    pub fn check_not_thrift(&self, metrics: &Metrics) -> Result<(), Denied> {
-        self.check(metrics, None, |f| f.names_thrift_methods())
     }
 
     /// The check of one Thrift call.

@@ -17,6 +17,7 @@ use tracing::debug;
 use self::authz::Authz;
 use crate::{
     config::{Filter, UpstreamMode},
+    refusal::Refusal,
     state::{Selection, State},
     stream::Stream,
     thrift::DecoderLimits,
@@ -124,6 +125,8 @@ pub struct Outcome {
     pub handled: Handled,
     /// The client's identity (its certificate's SPIFFE URI), when tern terminated mTLS.
     pub peer_identity: Option<String>,
+    /// Why tern refused it, if it did.
+    pub refused: Option<Refusal>,
     /// The RBAC policy that refused the connection (`none`: no ALLOW policy matched).
     pub denied_by: Option<String>,
 }
@@ -133,6 +136,20 @@ impl From<Handled> for Outcome {
         Outcome {
             handled,
             peer_identity: None,
+            refused: None,
+            denied_by: None,
+        }
+    }
+}
+
+impl Outcome {
+    /// A connection refused for `why` (counted).
+    fn refused(why: Refusal, direction: Direction, ctx: &Ctx) -> Self {
+        ctx.state.metrics.refused(direction.as_str(), why);
+        Outcome {
+            handled: Handled::Denied,
+            peer_identity: None,
+            refused: Some(why),
             denied_by: None,
         }
     }
@@ -192,24 +209,28 @@ pub async fn handle(
             tcp::passthrough(down.into(), dst, direction, None, &ctx).await;
             return Handled::Passthrough.into();
         }
-        Selection::Deny => {
-            debug!(%dst, "no filter chain matches, and passthrough is denied: closing");
-            return Handled::Denied.into();
+        Selection::Refused(why) => {
+            debug!(%dst, reason = why.as_str(), "refused");
+            return Outcome::refused(why, direction, &ctx);
         }
     };
     drop(snap);
     debug!(%dst, listener = %chain.listener, chain = %chain.chain, "filter chain");
+    if filter == Filter::Refuse {
+        debug!(%dst, chain = %chain.chain, "a chain tern cannot enforce: closing");
+        return Outcome::refused(Refusal::ChainNotEnforceable, direction, &ctx);
+    }
     let (down, peer_identity) = match tls {
         None => (Stream::Plain(down), None),
         Some(Some(Ok(server))) => {
             match terminate(down, &server, peeked.application_protocols, &ctx).await {
                 Some(terminated) => terminated,
-                None => return Handled::Denied.into(),
+                None => return Outcome::refused(Refusal::TlsHandshake, direction, &ctx),
             }
         }
         Some(_) => {
             debug!(chain = %chain.chain, "the chain's TLS server is unusable: closing");
-            return Handled::Denied.into();
+            return Outcome::refused(Refusal::TlsUnusable, direction, &ctx);
         }
     };
     let authz = (!rbac.is_empty()).then(|| {
@@ -225,9 +246,9 @@ pub async fn handle(
         && let Err(denied) = a.check_connection(&ctx.state.metrics)
     {
         return Outcome {
-            handled: Handled::Denied,
             peer_identity,
             denied_by: Some(denied.policy),
+            ..Outcome::refused(Refusal::Rbac, direction, &ctx)
         };
     }
     let conn = Conn {
@@ -237,14 +258,15 @@ pub async fn handle(
         peer_identity: peer_identity.clone(),
         authz,
     };
-    let (handled, denied_by) = match run_filter(down, filter, chain, &conn, ctx).await {
-        Ok(handled) => (handled, None),
-        Err(denied) => (Handled::Denied, Some(denied.policy)),
-    };
-    Outcome {
-        handled,
-        peer_identity,
-        denied_by,
+    match run_filter(down, filter, chain, &conn, ctx.clone()).await {
+        Ok(handled) => Outcome {
+            peer_identity,
+            ..handled.into()
+        },
+        Err(why) => Outcome {
+            peer_identity,
+            ..Outcome::refused(why, direction, &ctx)
+        },
     }
 }
 
@@ -278,15 +300,16 @@ async fn terminate(
     }
 }
 
-/// Runs a chain's filter on a connection; refused when a rule that waited for the Thrift
-/// method refuses a connection that is not Thrift.
+/// Runs a chain's filter on a connection. A chain whose rules name Thrift methods takes
+/// nothing but Thrift calls tern fully understands: anything else is refused, so a client
+/// cannot slip a method past a rule by framing it in a way tern does not decode.
 async fn run_filter(
     mut down: Stream,
     filter: Filter,
     chain: thrift::ChainRef,
     conn: &Conn,
     ctx: Arc<Ctx>,
-) -> Result<Handled, authz::Denied> {
+) -> Result<Handled, Refusal> {
     let Conn {
         direction,
         dst,
@@ -296,7 +319,10 @@ async fn run_filter(
     let identity = conn.peer_identity.as_deref();
     // Rules that name Thrift methods, on a connection that is not Thrift.
     let not_thrift = || match &conn.authz {
-        Some(a) if a.defers() => a.check_not_thrift(&ctx.state.metrics),
+        Some(a) if a.defers() => {
+            debug!(%dst, "rules name Thrift methods and the client did not send a Thrift call: closing");
+            Err(Refusal::NotAThriftCall)
+        }
         _ => Ok(()),
     };
     let snap = ctx.state.load();
@@ -312,10 +338,7 @@ async fn run_filter(
             tcp::passthrough(down, dst, direction, identity, &ctx).await;
             return Ok(Handled::Passthrough);
         }
-        Filter::Refuse => {
-            debug!(%dst, chain = %chain.chain, "a chain tern does not run: closing");
-            return Ok(Handled::Denied);
-        }
+        Filter::Refuse => return Err(Refusal::ChainNotEnforceable),
         Filter::TcpProxy {
             target,
             sniff_thrift,

@@ -91,7 +91,12 @@ impl State {
     }
 
     pub fn mark_ready(&self) {
-        self.ready.store(true, Ordering::Relaxed);
+        self.set_ready(true);
+    }
+
+    /// Sets readiness; what it was before.
+    pub fn set_ready(&self, ready: bool) -> bool {
+        self.ready.swap(ready, Ordering::Relaxed)
     }
 
     /// Replaces the snapshot with one built from a validated `config`, which is complete:
@@ -362,7 +367,7 @@ clusters:
         ) {
             Selection::Chain(_, c) => c.name.clone(),
             Selection::Passthrough => "passthrough".into(),
-            Selection::Deny => "deny".into(),
+            Selection::Refused(r) => r.as_str().into(),
         }
     }
 
@@ -383,7 +388,10 @@ clusters:
             chain_for(&s, "[::ffff:10.1.2.3]:9090", "10.9.0.1:1"),
             "host"
         );
-        assert_eq!(chain_for(&s, "10.96.0.10:8080", "10.9.0.1:1"), "deny");
+        assert_eq!(
+            chain_for(&s, "10.96.0.10:8080", "10.9.0.1:1"),
+            "registry_only"
+        );
     }
 
     #[test]

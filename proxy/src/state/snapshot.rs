@@ -16,6 +16,7 @@ use crate::{
     config::{
         ChainMatch, Cluster, Config, DownstreamTls, Endpoint, FilterChain, Listener, Passthrough,
     },
+    refusal::Refusal,
     tls::ServerTls,
 };
 
@@ -83,8 +84,8 @@ pub enum Selection<'a> {
     Chain(&'a Listener, &'a FilterChain),
     /// No listener or chain: relay to the original destination.
     Passthrough,
-    /// No listener or chain, and unknown destinations are refused.
-    Deny,
+    /// Refused, and why.
+    Refused(Refusal),
 }
 
 /// One immutable configuration with everything precomputed for the data path.
@@ -138,14 +139,17 @@ impl Snapshot {
             .and_then(|l| best_chain(l, dst, src, peeked).map(|c| (l, c)))
         {
             Some((l, c)) => Selection::Chain(l, c),
-            None if self.config.passthrough == Passthrough::Deny => Selection::Deny,
+            None if self.config.passthrough == Passthrough::Deny => {
+                Selection::Refused(Refusal::RegistryOnly)
+            }
             None => Selection::Passthrough,
         }
     }
 
     /// The inbound filter chain for a connection to a local port. With no inbound listener
-    /// the connection goes to the application; with one, a connection no chain matches is
-    /// refused, as Envoy does.
+    /// the connection is refused, unless tern runs without a control plane and its static
+    /// configuration has no inbound listener (see [`crate::config::NoInbound`]); with one, a connection no
+    /// chain matches is refused, as Envoy does.
     pub fn select_inbound(
         &self,
         dst: SocketAddr,
@@ -153,11 +157,14 @@ impl Snapshot {
         peeked: &Peeked,
     ) -> Selection<'_> {
         let Some(l) = self.config.inbound.as_ref() else {
-            return Selection::Passthrough;
+            return match Refusal::without_inbound(self.config.no_inbound) {
+                Some(refusal) => Selection::Refused(refusal),
+                None => Selection::Passthrough,
+            };
         };
         match best_chain(l, dst, src, peeked) {
             Some(c) => Selection::Chain(l, c),
-            None => Selection::Deny,
+            None => Selection::Refused(Refusal::NoFilterChain),
         }
     }
 

@@ -18,7 +18,7 @@ use super::{
     translate::{TranslateError, cluster, endpoints, listener},
 };
 use crate::{
-    config::Config,
+    config::{Config, NoInbound},
     metrics::{ConfigLabels, SetAsideLabels, TypeLabel},
     state::State,
 };
@@ -54,6 +54,9 @@ pub struct XdsHandler {
     /// once no cluster warms).
     seen_listeners: bool,
     seen_clusters: bool,
+    /// The control plane's inbound listener was refused (inbound stays closed until one is
+    /// accepted).
+    inbound_refused: bool,
     updates: u64,
     /// Set-aside gauge series set last time, reset when they go away.
     set_aside_series: Vec<SetAsideLabels>,
@@ -68,6 +71,7 @@ impl XdsHandler {
             rejected: BTreeMap::new(),
             seen_listeners: false,
             seen_clusters: false,
+            inbound_refused: false,
             updates: 0,
             set_aside_series: Vec::new(),
         }
@@ -156,6 +160,15 @@ impl XdsHandler {
         if xds.inbound.is_some() {
             config.inbound = xds.inbound;
         }
+        // Inbound policy is the control plane's: closed until its inbound listener is in
+        // force, and closed again if it refuses one (never the previous policy, which may
+        // lack a DENY the refused one carried).
+        config.no_inbound = if self.inbound_refused {
+            config.inbound = None;
+            NoInbound::Refused
+        } else {
+            NoInbound::AwaitingPolicy
+        };
         if self.store.has_listeners() {
             config.passthrough = xds.passthrough;
         }
@@ -177,12 +190,18 @@ impl XdsHandler {
             config.clusters.len(),
             config.set_aside.len(),
         );
+        let inbound = config.inbound.is_some();
+        let no_inbound = config.no_inbound;
         self.state.update(config);
-        if self.seen_listeners && self.seen_clusters && !self.store.warming() && !self.state.ready()
-        {
-            let (version, listeners, clusters, set_aside) = summary;
-            info!(%version, listeners, clusters, set_aside, "the first complete xDS configuration is in force: ready");
-            self.state.mark_ready();
+        // Ready once listeners and clusters came, none warms, and inbound policy is in force:
+        // a Pod whose inbound refuses everything must not get traffic.
+        let ready = self.seen_listeners && self.seen_clusters && !self.store.warming() && inbound;
+        let was = self.state.set_ready(ready);
+        let (version, listeners, clusters, set_aside) = summary;
+        if ready && !was {
+            info!(%version, listeners, clusters, set_aside, "a complete xDS configuration with inbound policy is in force: ready");
+        } else if was && !ready {
+            warn!(%version, reason = no_inbound.as_str(), "no inbound policy in force: inbound connections are refused and tern is not ready");
         }
     }
 
@@ -216,12 +235,29 @@ impl Handler for XdsHandler {
         for name in &update.removed {
             self.rejected.entry(type_url).or_default().remove(name);
             self.remove(type_url, name);
+            if type_url == type_url::LISTENER && name == listener::VIRTUAL_INBOUND {
+                self.inbound_refused = false;
+            }
         }
         let mut rejected = Vec::new();
         for (name, any) in update.changed {
+            let inbound = type_url == type_url::LISTENER && name == listener::VIRTUAL_INBOUND;
             match self.put(type_url, &name, &any) {
                 Ok(()) => {
                     self.rejected.entry(type_url).or_default().remove(&name);
+                    if inbound {
+                        self.inbound_refused = false;
+                    }
+                }
+                Err(e) if inbound => {
+                    warn!(resource = short(type_url), %name, error = %e, "inbound listener refused: every inbound connection is refused until one is accepted");
+                    self.store.remove_listener(&name);
+                    self.inbound_refused = true;
+                    self.rejected
+                        .entry(type_url)
+                        .or_default()
+                        .insert(name.clone());
+                    rejected.push(RejectedConfig::new(name, e));
                 }
                 Err(e) => {
                     warn!(resource = short(type_url), %name, error = %e, "resource refused; its last good version (if any) stays in force");

@@ -180,6 +180,7 @@ impl Store {
                     kind: "cluster",
                     name: name.clone(),
                     reason,
+                    filter: None,
                 });
             }
         }
@@ -192,13 +193,15 @@ impl Store {
                     kind: "listener",
                     name: name.clone(),
                     reason: *reason,
+                    filter: None,
                 }),
             }
-            for (chain, reason) in &l.translated.set_aside_chains {
+            for chain in &l.translated.set_aside_chains {
                 config.set_aside.push(SetAside {
                     kind: "filter_chain",
-                    name: format!("{name}/{chain}"),
-                    reason: *reason,
+                    name: format!("{name}/{}", chain.name),
+                    reason: chain.reason,
+                    filter: chain.filter.clone(),
                 });
             }
         }

@@ -14,6 +14,7 @@ use super::handler::XdsHandler;
 use crate::{
     config::{Config, Filter, Health, LbPolicy, Passthrough, SetAsideReason, Target},
     metrics::Metrics,
+    refusal::Refusal,
     state::{Peeked, Selection, State},
     thrift::{Protocol, Transport},
 };
@@ -429,7 +430,7 @@ fn translates_what_istiod_sends_a_sidecar() {
             "10.0.9.9:1".parse().unwrap(),
             &Peeked::default()
         ),
-        Selection::Deny
+        Selection::Refused(Refusal::RegistryOnly)
     ));
     // An inbound port no chain matches is refused, as Envoy does.
     assert!(matches!(
@@ -438,7 +439,7 @@ fn translates_what_istiod_sends_a_sidecar() {
             "10.0.9.9:1".parse().unwrap(),
             &Peeked::default()
         ),
-        Selection::Deny
+        Selection::Refused(Refusal::NoFilterChain)
     ));
 }
 
@@ -623,6 +624,7 @@ fn set_aside_listeners_tls_chains_and_network_rbac() {
     let snap = state.load();
     let chain = &snap.config.inbound.as_ref().unwrap().filter_chains[0];
     assert_eq!(chain.rbac.len(), 1, "{chain:?}");
+    assert!(state.ready());
     let err = h
         .apply(
             type_url::LISTENER,
@@ -634,6 +636,20 @@ fn set_aside_listeners_tls_chains_and_network_rbac() {
         "{}",
         err[0]
     );
+    // A refused inbound listener closes inbound (never the previous policy) and tern is no
+    // longer ready.
+    let snap = state.load();
+    assert!(snap.config.inbound.is_none());
+    assert_eq!(snap.config.no_inbound, crate::config::NoInbound::Refused);
+    assert!(matches!(
+        snap.select_inbound(
+            "10.0.0.2:8080".parse().unwrap(),
+            "10.0.0.1:1".parse().unwrap(),
+            &Peeked::default()
+        ),
+        Selection::Refused(Refusal::InboundListenerRefused)
+    ));
+    assert!(!state.ready());
     // istiod's empty rules (`rules: {}`): ALLOW with no policy, which denies every connection.
     let empty = filter(
         "envoy.filters.network.rbac",
@@ -646,6 +662,7 @@ fn set_aside_listeners_tls_chains_and_network_rbac() {
         ),
     );
     h.apply(type_url::LISTENER, with(empty)).unwrap();
+    assert!(state.ready());
     let snap = state.load();
     let rbac = &snap.config.inbound.as_ref().unwrap().filter_chains[0].rbac[0];
     let attrs = crate::config::rbac::Attributes {
@@ -838,4 +855,307 @@ fn chains_match_on_tls_alpn_and_http_with_the_default_chain_last() {
     );
     assert_eq!(chain_for(tls(Some("example.com"))), "0.0.0.0_9411#default");
     assert_eq!(chain_for(tls(None)), "0.0.0.0_9411#default");
+}
+
+/// Inbound is closed until the control plane's inbound listener is in force: before the
+/// first configuration, with listeners and clusters but no `virtualInbound`, and readiness
+/// waits for it.
+#[test]
+fn inbound_is_closed_until_its_listener_is_in_force() {
+    let mut r = istiod();
+    let inbound = r.listeners.remove("virtualInbound").unwrap();
+    let (mut h, state, rejected) = apply_all(&r);
+    assert!(rejected.is_empty(), "{rejected:?}");
+    let snap = state.load();
+    assert_eq!(
+        snap.config.no_inbound,
+        crate::config::NoInbound::AwaitingPolicy
+    );
+    assert!(matches!(
+        snap.select_inbound(
+            "10.0.0.2:8080".parse().unwrap(),
+            "10.0.0.1:1".parse().unwrap(),
+            &Peeked::default()
+        ),
+        Selection::Refused(Refusal::AwaitingPolicy)
+    ));
+    assert!(!state.ready(), "ready without inbound policy");
+    h.apply(
+        type_url::LISTENER,
+        changed(
+            &BTreeMap::from([(inbound.name.clone(), inbound)]),
+            type_url::LISTENER,
+        ),
+    )
+    .unwrap();
+    assert!(state.load().config.inbound.is_some());
+    assert!(state.ready());
+    // A static configuration without a control plane keeps its passthrough.
+    assert_eq!(
+        Config::default().no_inbound,
+        crate::config::NoInbound::Passthrough
+    );
+}
+
+/// A listener that says `use_original_dst` is read only for its passthrough cluster: one
+/// named `virtualInbound`, or carrying RBAC, is refused rather than misread.
+#[test]
+fn roles_are_not_taken_from_shape() {
+    use tern_proto::rbac_types::{permission::Rule, principal::Identifier};
+    let mut r = istiod();
+    let inbound = r.listeners.get_mut("virtualInbound").unwrap();
+    inbound.use_original_dst = Some(wkt::BoolValue { value: true });
+    let (_, state, rejected) = apply_all(&r);
+    assert!(
+        rejected
+            .iter()
+            .any(|e| e.contains("virtualInbound with use_original_dst")),
+        "{rejected:?}"
+    );
+    assert_eq!(
+        state.load().config.no_inbound,
+        crate::config::NoInbound::Refused
+    );
+    let mut r = istiod();
+    let outbound = r.listeners.get_mut("virtualOutbound").unwrap();
+    outbound
+        .default_filter_chain
+        .as_mut()
+        .unwrap()
+        .filters
+        .insert(0, rbac_filter("p", Rule::Any(true), Identifier::Any(true)));
+    let (_, _, rejected) = apply_all(&r);
+    assert!(
+        rejected.iter().any(|e| e.contains("use_original_dst")),
+        "{rejected:?}"
+    );
+}
+
+/// HTTP chains are relayed as TCP with their HTTP RBAC decided as istiod decides a TCP
+/// policy: an ALLOW rule that needs HTTP attributes never matches, a DENY rule matches on
+/// its L4 parts. A chain with a filter tern cannot run (ext_authz, jwt_authn, anything
+/// unknown) refuses its connections, visibly; a network filter tern does not know does too.
+#[test]
+#[allow(deprecated)]
+fn http_policy_on_connections_and_unenforceable_chains() {
+    use tern_proto::rbac_types::{self, permission::Rule, principal::Identifier};
+    let http_rbac = |action: i32, policies: Vec<(&str, Vec<Rule>, Vec<Identifier>)>| {
+        let rules = rbac_types::Rbac {
+            action,
+            policies: policies
+                .into_iter()
+                .map(|(name, perms, ids)| {
+                    (
+                        name.to_owned(),
+                        rbac_types::Policy {
+                            permissions: perms
+                                .into_iter()
+                                .map(|r| rbac_types::Permission { rule: Some(r) })
+                                .collect(),
+                            principals: ids
+                                .into_iter()
+                                .map(|i| rbac_types::Principal {
+                                    identifier: Some(i),
+                                })
+                                .collect(),
+                            ..Default::default()
+                        },
+                    )
+                })
+                .collect(),
+            ..Default::default()
+        };
+        tern_proto::hcm_types::HttpFilter {
+            name: "envoy.filters.http.rbac".into(),
+            config_type: Some(tern_proto::hcm_types::http_filter::ConfigType::TypedConfig(
+                encode(
+                    &tern_proto::HttpRbac {
+                        rules: Some(rules),
+                        ..Default::default()
+                    },
+                    type_url::HTTP_RBAC,
+                ),
+            )),
+            ..Default::default()
+        }
+    };
+    let other_filter = |name: &str, url: &str| tern_proto::hcm_types::HttpFilter {
+        name: name.into(),
+        config_type: Some(tern_proto::hcm_types::http_filter::ConfigType::TypedConfig(
+            Any {
+                type_url: url.into(),
+                value: Vec::new(),
+            },
+        )),
+        ..Default::default()
+    };
+    let router = other_filter(
+        "envoy.filters.http.router",
+        "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+    );
+    let hcm = |filters: Vec<tern_proto::hcm_types::HttpFilter>| {
+        filter(
+            "envoy.filters.network.http_connection_manager",
+            encode(
+                &tern_proto::HttpConnectionManager {
+                    http_filters: filters,
+                    ..Default::default()
+                },
+                type_url::HTTP_CONNECTION_MANAGER,
+            ),
+        )
+    };
+    let header = || Rule::Header(Default::default());
+    let peer = |p: &str| {
+        Identifier::Authenticated(rbac_types::principal::Authenticated {
+            principal_name: Some(tern_proto::matcher_types::StringMatcher {
+                match_pattern: Some(
+                    tern_proto::matcher_types::string_matcher::MatchPattern::Exact(p.into()),
+                ),
+                ..Default::default()
+            }),
+        })
+    };
+    let mut r = istiod();
+    let inbound = r.listeners.get_mut("virtualInbound").unwrap();
+    let mut named = |name: &str, port: u32, filters| {
+        let mut c = chain(Some(port), filters);
+        c.name = name.into();
+        inbound.filter_chains.push(c);
+    };
+    // ALLOW: a GET-only rule for `sleep` never matches; a port rule for `admin` does.
+    named(
+        "allow",
+        8001,
+        vec![hcm(vec![
+            http_rbac(
+                0,
+                vec![
+                    ("get-only", vec![header()], vec![peer("spiffe://td/sleep")]),
+                    (
+                        "port",
+                        vec![Rule::DestinationPort(8001)],
+                        vec![peer("spiffe://td/admin")],
+                    ),
+                ],
+            ),
+            router.clone(),
+        ])],
+    );
+    // DENY: "deny POST from anyone not carrying a JWT" becomes "deny everyone".
+    named(
+        "deny",
+        8002,
+        vec![hcm(vec![
+            http_rbac(
+                1,
+                vec![(
+                    "no-jwt",
+                    vec![header()],
+                    vec![Identifier::NotId(Box::new(rbac_types::Principal {
+                        identifier: Some(Identifier::Metadata(Default::default())),
+                    }))],
+                )],
+            ),
+            router.clone(),
+        ])],
+    );
+    named(
+        "ext-authz",
+        8003,
+        vec![hcm(vec![
+            other_filter("envoy.filters.http.ext_authz", type_url::HTTP_EXT_AUTHZ),
+            router.clone(),
+        ])],
+    );
+    named(
+        "jwt",
+        8004,
+        vec![hcm(vec![
+            other_filter(
+                "envoy.filters.http.jwt_authn",
+                "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            ),
+            router,
+        ])],
+    );
+    named(
+        "unknown-network",
+        8005,
+        vec![
+            filter(
+                "envoy.filters.network.local_ratelimit",
+                Any {
+                    type_url: "type.googleapis.com/envoy.extensions.filters.network.local_ratelimit.v3.LocalRateLimit".into(),
+                    value: Vec::new(),
+                },
+            ),
+            tcp_proxy("inbound|8005||"),
+        ],
+    );
+    named(
+        "network-ext-authz",
+        8006,
+        vec![
+            filter(
+                "envoy.filters.network.ext_authz",
+                Any {
+                    type_url: type_url::NETWORK_EXT_AUTHZ.into(),
+                    value: Vec::new(),
+                },
+            ),
+            tcp_proxy("inbound|8006||"),
+        ],
+    );
+    let (_, state, rejected) = apply_all(&r);
+    assert!(rejected.is_empty(), "{rejected:?}");
+    let snap = state.load();
+    let inbound = snap.config.inbound.as_ref().unwrap();
+    let decide = |chain: &str, port: u16, principal: &str| {
+        let c = inbound
+            .filter_chains
+            .iter()
+            .find(|c| c.name == chain)
+            .unwrap();
+        assert_eq!(c.filter, Filter::Passthrough, "{chain}");
+        let attrs = crate::config::rbac::Attributes {
+            source: "10.0.0.1:1".parse().unwrap(),
+            destination: std::net::SocketAddr::from(([10, 0, 0, 2], port)),
+            principal: Some(principal),
+            server_name: None,
+            thrift: None,
+        };
+        c.rbac.iter().all(|f| f.decide(&attrs).allowed)
+    };
+    assert!(!decide("allow", 8001, "spiffe://td/sleep"));
+    assert!(decide("allow", 8001, "spiffe://td/admin"));
+    assert!(!decide("deny", 8002, "spiffe://td/sleep"));
+    assert!(!decide("deny", 8002, "spiffe://td/admin"));
+    for (chain, filter) in [
+        ("ext-authz", "envoy.filters.http.ext_authz"),
+        ("jwt", "envoy.filters.http.jwt_authn"),
+        ("unknown-network", "envoy.filters.network.local_ratelimit"),
+        ("network-ext-authz", "envoy.filters.network.ext_authz"),
+    ] {
+        let c = inbound
+            .filter_chains
+            .iter()
+            .find(|c| c.name == chain)
+            .unwrap();
+        assert_eq!(c.filter, Filter::Refuse, "{chain}");
+        let s = snap
+            .config
+            .set_aside
+            .iter()
+            .find(|s| s.name == format!("virtualInbound/{chain}"))
+            .unwrap();
+        assert_eq!(s.reason, SetAsideReason::Unenforceable);
+        assert_eq!(s.filter.as_deref(), Some(filter));
+    }
+    let metrics = state.metrics.encode();
+    assert!(
+        metrics
+            .contains(r#"tern_xds_set_aside{kind="filter_chain",reason="unenforceable_filter"} 4"#),
+        "{metrics}"
+    );
 }

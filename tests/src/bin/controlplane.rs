@@ -89,8 +89,10 @@ struct Snapshot {
     /// Endpoints by EDS name, for clusters from the dumps.
     #[serde(default)]
     endpoints: BTreeMap<String, Vec<String>>,
-    /// An Istio `virtualInbound` listener with mTLS chains: `strict` (TLS only) or
-    /// `permissive` (TLS and plaintext), its connections relayed to the application.
+    /// Istio's `virtualInbound` listener, its connections relayed to the application:
+    /// `strict` (mTLS only), `permissive` (mTLS and plaintext), `plaintext` (istiod's shape
+    /// with mTLS disabled: the default, as istiod always sends one), or `none` (no inbound
+    /// listener at all: tern then refuses inbound connections). Dumps bring their own.
     #[serde(default)]
     inbound: Option<String>,
     /// `AuthorizationPolicy` rules for the inbound chains, as istiod writes them (network
@@ -104,6 +106,17 @@ struct Snapshot {
     /// The dumps' resources, read when the snapshot is loaded.
     #[serde(skip)]
     dumped: Dumped,
+}
+
+impl Snapshot {
+    /// The inbound listener's mode, if one is served (`own`: no dumps).
+    fn inbound_mode(&self, own: bool) -> Option<&str> {
+        match self.inbound.as_deref() {
+            Some("none") => None,
+            Some(mode) => Some(mode),
+            None => own.then_some("plaintext"),
+        }
+    }
 }
 
 /// Resources read from dump files, by type URL and name (encoded as istiod sent them).
@@ -431,21 +444,24 @@ fn virtual_inbound(mode: &str, rbac: &[listener_types::Filter], any_alpn: bool) 
         }],
         ..Default::default()
     };
-    let mut chains = vec![listener_types::FilterChain {
-        name: "virtualInbound".into(),
-        filter_chain_match: Some(matching(
-            "tls",
-            if any_alpn {
-                &[]
-            } else {
-                &["istio-peer-exchange", "istio"]
-            },
-        )),
-        transport_socket: Some(build::istio_downstream_tls("cluster.local")),
-        filters: to_app(),
-        ..Default::default()
-    }];
-    if mode == "permissive" {
+    let mut chains = Vec::new();
+    if mode != "plaintext" {
+        chains.push(listener_types::FilterChain {
+            name: "virtualInbound".into(),
+            filter_chain_match: Some(matching(
+                "tls",
+                if any_alpn {
+                    &[]
+                } else {
+                    &["istio-peer-exchange", "istio"]
+                },
+            )),
+            transport_socket: Some(build::istio_downstream_tls("cluster.local")),
+            filters: to_app(),
+            ..Default::default()
+        });
+    }
+    if mode == "permissive" || mode == "plaintext" {
         chains.push(listener_types::FilterChain {
             name: "virtualInbound".into(),
             filter_chain_match: Some(matching("raw_buffer", &[])),
@@ -586,7 +602,7 @@ fn generated(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<(String, Any
                     ..Default::default()
                 });
             }
-            if let Some(mode) = &s.inbound {
+            if let Some(mode) = s.inbound_mode(own) {
                 listeners.push(virtual_inbound(
                     mode,
                     &rbac_filters(&s.inbound_rbac),
@@ -616,7 +632,7 @@ fn generated(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<(String, Any
                 })
                 .into_iter()
                 .collect();
-            if s.inbound.is_some() {
+            if s.inbound_mode(own).is_some() {
                 clusters.push(Cluster {
                     name: "InboundPassthroughCluster".into(),
                     cluster_discovery_type: Some(cluster_types::ClusterDiscoveryType::Type(4)),

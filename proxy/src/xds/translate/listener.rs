@@ -2,19 +2,21 @@
 //!
 //! - `virtualOutbound` (`use_original_dst`) is tern's own outbound listener: only the cluster
 //!   its catch-all chain (or default chain) goes to is read — `BlackHoleCluster` means
-//!   unknown destinations are refused (`REGISTRY_ONLY`), anything else relays them;
+//!   unknown destinations are refused (`REGISTRY_ONLY`), anything else relays them. Such a
+//!   listener that carries authorization, or is named `virtualInbound`, is refused: its
+//!   policy would be dropped;
 //! - `virtualInbound` supplies the inbound filter chains;
 //! - listeners bound to no port (`<vip>_<port>`, `0.0.0.0_<port>`) are matched against
 //!   original destinations, with each chain's `tcp_proxy` or `thrift_proxy`;
 //! - internal listeners and listeners bound to ports of their own (HBONE) are set aside.
 //!
-//! Per chain: filters that only observe (stats, metadata exchange, peer authentication
-//! metadata) are skipped; network RBAC filters are enforced ([`super::rbac`]); TLS is
-//! terminated where the chain has a `DownstreamTlsContext` ([`super::tls`]); an HTTP
-//! connection manager chain is set aside and relayed as TCP to its original destination; a
-//! chain that runs an ECDS filter is set aside and refuses its connections; an authorization
-//! filter tern cannot enforce (ext_authz, or HTTP RBAC/ext_authz inside an HTTP chain, or an
-//! RBAC rule it cannot decide) refuses the whole listener.
+//! Per chain, nothing is skipped that could decide a connection's fate: filters that only
+//! observe (stats, metadata exchange, peer authentication metadata) are skipped; RBAC filters
+//! are enforced ([`super::rbac`]), network and HTTP alike; TLS is terminated where the chain
+//! has a `DownstreamTlsContext` ([`super::tls`]); an HTTP connection manager chain is relayed
+//! as TCP to its original destination after its RBAC; a chain with anything else (ext_authz,
+//! jwt_authn, Wasm, Lua, ECDS, a filter tern does not know) is set aside and refuses its
+//! connections, never relays them. An RBAC rule tern cannot decide refuses the listener.
 use std::{collections::BTreeMap, sync::Arc};
 
 use tern_proto::{
@@ -30,6 +32,9 @@ use crate::{
     },
     thrift::{Protocol, Transport},
 };
+
+/// Istio's inbound listener, by its name.
+pub const VIRTUAL_INBOUND: &str = "virtualInbound";
 
 /// What a listener becomes.
 #[derive(Clone, Debug, PartialEq)]
@@ -50,8 +55,16 @@ pub enum ListenerKind {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Translated {
     pub kind: ListenerKind,
-    pub set_aside_chains: Vec<(String, SetAsideReason)>,
+    pub set_aside_chains: Vec<ChainSetAside>,
     pub thrift_routes: Vec<String>,
+}
+
+/// A chain set aside, why, and the filter that made it so.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChainSetAside {
+    pub name: String,
+    pub reason: SetAsideReason,
+    pub filter: Option<String>,
 }
 
 /// Translates one listener; `routes` are the Thrift route configurations held.
@@ -65,7 +78,19 @@ pub fn translate(
         set_aside_chains: Vec::new(),
         thrift_routes: thrift_routes.clone(),
     };
+    let inbound = l.name == VIRTUAL_INBOUND;
     if l.use_original_dst.is_some_and(|b| b.value) {
+        // Only the passthrough cluster of such a listener is read: one that carries policy
+        // (or names itself the inbound listener) would have that policy dropped.
+        if inbound {
+            return Err(Invalid::Unenforceable("virtualInbound with use_original_dst").at(""));
+        }
+        if carries_policy(l) {
+            return Err(Invalid::Unenforceable(
+                "authorization filters on a use_original_dst listener",
+            )
+            .at(""));
+        }
         return Ok(done(ListenerKind::VirtualOutbound(passthrough_mode(l))));
     }
     let internal = matches!(
@@ -78,7 +103,6 @@ pub fn translate(
         )));
     }
     let address = socket_addr(l.address.as_ref()).map_err(|e| e.at("address"))?;
-    let inbound = l.name == "virtualInbound";
     // Listeners other than Istio's two that bind a port (HBONE's connect_terminate): tern
     // listens on 15001 and 15006 only, so nothing ever reaches them.
     // Istio before 1.10 says it in `deprecated_v1`.
@@ -118,8 +142,15 @@ pub fn translate(
         let filter = match filter {
             ChainFilter::Run(f) => f,
             ChainFilter::Pending => continue,
-            ChainFilter::SetAside(reason) => {
-                set_aside_chains.push((name.clone(), reason));
+            ChainFilter::SetAside(reason, filter) => {
+                if reason == SetAsideReason::Unenforceable {
+                    tracing::warn!(listener = %l.name, chain = %name, filter = filter.as_deref().unwrap_or("-"), "a filter tern cannot enforce: the chain refuses its connections");
+                }
+                set_aside_chains.push(ChainSetAside {
+                    name: name.clone(),
+                    reason,
+                    filter,
+                });
                 match reason {
                     SetAsideReason::Http => Filter::Passthrough,
                     SetAsideReason::NoFilter => continue,
@@ -177,6 +208,16 @@ fn is_internal_address(l: &XdsListener) -> bool {
     )
 }
 
+/// Whether any chain of the listener has an authorization filter.
+fn carries_policy(l: &XdsListener) -> bool {
+    l.filter_chains
+        .iter()
+        .chain(&l.default_filter_chain)
+        .flat_map(|c| &c.filters)
+        .filter_map(typed_config)
+        .any(|a| a.type_url == type_url::NETWORK_RBAC || a.type_url == type_url::NETWORK_EXT_AUTHZ)
+}
+
 /// `virtualOutbound`'s mode: its catch-all chain (no match criteria other than a port of
 /// its own) or default chain going to `BlackHoleCluster` means `REGISTRY_ONLY`.
 fn passthrough_mode(l: &XdsListener) -> Passthrough {
@@ -225,7 +266,8 @@ enum ChainFilter {
     Run(Filter),
     /// A thrift_proxy whose `trds` route configuration has not arrived.
     Pending,
-    SetAside(SetAsideReason),
+    /// Set aside, and the filter that made it so.
+    SetAside(SetAsideReason, Option<String>),
 }
 
 /// Filters that only observe or annotate a connection: skipping them changes no routing and
@@ -245,7 +287,32 @@ fn observes_only(name: &str, any: &tern_proto::Any) -> bool {
             .ends_with("envoy.tcp.metadataexchange.config.MetadataExchange")
 }
 
-/// A chain's terminal filter, and the network RBAC filters ahead of it.
+/// HTTP filters that change nothing a request's admission depends on, so a chain relayed as
+/// TCP may go without them: Istio's observers (stats, metadata exchange, ALPN, JWT metadata
+/// for RBAC, which [`super::rbac`] handles, and HBONE's baggage), CORS and fault injection
+/// (they shape responses, never admit a request), gRPC stats and the router.
+fn http_filter_skippable(name: &str, any: &tern_proto::Any) -> bool {
+    let istio_observers = [
+        "istio.stats",
+        "istio.metadata_exchange",
+        "istio.alpn",
+        "istio_authn",
+        "connect_baggage",
+        "connect_authority",
+    ];
+    let harmless = [
+        "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+        "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors",
+        "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+        "type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
+    ];
+    istio_observers.contains(&name)
+        || harmless.contains(&any.type_url.as_str())
+        || any.type_url.ends_with("stats.PluginConfig")
+}
+
+/// A chain's terminal filter, and the RBAC filters ahead of it (or, for an HTTP chain, in
+/// it).
 fn chain_filter(
     c: &listener_types::FilterChain,
     routes: &BTreeMap<String, ThriftRouteConfiguration>,
@@ -260,10 +327,19 @@ fn terminal_filter(
     routes: &BTreeMap<String, ThriftRouteConfiguration>,
     rbac: &mut Vec<Arc<Rbac>>,
 ) -> Result<ChainFilter, Invalid> {
+    let refuse = |name: &str| {
+        Ok(ChainFilter::SetAside(
+            SetAsideReason::Unenforceable,
+            Some(name.to_owned()),
+        ))
+    };
     for f in &c.filters {
         let Some(any) = typed_config(f) else {
             // ECDS (`config_discovery`): whatever it is, tern cannot run it.
-            return Ok(ChainFilter::SetAside(SetAsideReason::Ecds));
+            return Ok(ChainFilter::SetAside(
+                SetAsideReason::Ecds,
+                Some(f.name.clone()),
+            ));
         };
         match any.type_url.as_str() {
             type_url::TCP_PROXY => {
@@ -281,36 +357,40 @@ fn terminal_filter(
                     None => ChainFilter::Pending,
                 });
             }
-            type_url::HTTP_CONNECTION_MANAGER => {
-                check_http_authorization(any)?;
-                return Ok(ChainFilter::SetAside(SetAsideReason::Http));
-            }
+            type_url::HTTP_CONNECTION_MANAGER => return http_chain(any, rbac),
             type_url::NETWORK_RBAC => rbac.push(Arc::new(super::rbac::translate(any)?)),
-            type_url::NETWORK_EXT_AUTHZ => return Err(Invalid::Unenforceable("network ext_authz")),
             _ if observes_only(&f.name, any) => {}
-            other => {
-                tracing::debug!(filter = %f.name, type_url = %other, "filter tern does not run: skipped");
-            }
+            _ => return refuse(&f.name),
         }
     }
-    Ok(ChainFilter::SetAside(SetAsideReason::NoFilter))
+    Ok(ChainFilter::SetAside(SetAsideReason::NoFilter, None))
 }
 
-/// An HTTP chain is relayed as TCP; with an authorization filter inside that would let
-/// requests through unchecked.
-fn check_http_authorization(any: &tern_proto::Any) -> Result<(), Invalid> {
+/// An HTTP chain is relayed as TCP: its RBAC filters are decided on the connection; any
+/// other filter that could refuse a request (ext_authz, jwt_authn, Wasm, Lua, ECDS, unknown)
+/// sets the chain aside, refusing its connections.
+fn http_chain(any: &tern_proto::Any, rbac: &mut Vec<Arc<Rbac>>) -> Result<ChainFilter, Invalid> {
     use tern_proto::hcm_types::http_filter::ConfigType;
     let hcm: tern_proto::HttpConnectionManager = decode(any, type_url::HTTP_CONNECTION_MANAGER)?;
     for f in &hcm.http_filters {
-        if let Some(ConfigType::TypedConfig(t)) = &f.config_type {
-            match t.type_url.as_str() {
-                type_url::HTTP_RBAC => return Err(Invalid::Unenforceable("HTTP RBAC")),
-                type_url::HTTP_EXT_AUTHZ => return Err(Invalid::Unenforceable("HTTP ext_authz")),
-                _ => {}
+        let Some(ConfigType::TypedConfig(t)) = &f.config_type else {
+            return Ok(ChainFilter::SetAside(
+                SetAsideReason::Ecds,
+                Some(f.name.clone()),
+            ));
+        };
+        match t.type_url.as_str() {
+            type_url::HTTP_RBAC => rbac.push(Arc::new(super::rbac::translate_http(t)?)),
+            _ if http_filter_skippable(&f.name, t) => {}
+            _ => {
+                return Ok(ChainFilter::SetAside(
+                    SetAsideReason::Unenforceable,
+                    Some(f.name.clone()),
+                ));
             }
         }
     }
-    Ok(())
+    Ok(ChainFilter::SetAside(SetAsideReason::Http, None))
 }
 
 fn tcp_target(t: &TcpProxy) -> Result<Target, Invalid> {

@@ -1,0 +1,127 @@
+"""An attacker of Thrift-method rules, and a server as generated processors are: Apache
+Thrift's Python library, whose processors dispatch on the method name and ignore the message
+type, and whose binary protocol reads old non-strict messages.
+
+    bypass_peer.py serve ADDR LOG [--non-strict]
+        a TThreadedServer that appends every method it runs to LOG, one per line, and
+        answers it; THeader (any transform, framed or unframed binary or compact) by
+        default, or unframed non-strict binary; prints "ready"
+    bypass_peer.py send ADDR MODE METHOD
+        one message named METHOD, framed as MODE says:
+          call       framed strict binary CALL (what tern decodes)
+          reply      framed strict binary, type REPLY
+          exception  framed strict binary, type EXCEPTION
+          non-strict unframed binary without a version word, CALL
+          zlib       THeader with the zlib transform, CALL
+        prints JSON: {"answered": bytes received before the peer closed or 3 s passed}
+"""
+import json
+import socket
+import struct
+import sys
+import threading
+
+from thrift.Thrift import TMessageType, TType
+from thrift.protocol.TBinaryProtocol import TBinaryProtocol, TBinaryProtocolFactory
+from thrift.protocol.THeaderProtocol import THeaderProtocol, THeaderProtocolFactory
+from thrift.server.TServer import TThreadedServer
+from thrift.transport.THeaderTransport import THeaderClientType, THeaderTransformID
+from thrift.transport.TSocket import TServerSocket
+from thrift.transport.TTransport import TBufferedTransportFactory, TMemoryBuffer
+
+LOCK = threading.Lock()
+
+
+class Processor:
+    def __init__(self, log):
+        self.log = log
+
+    def process(self, iprot, oprot):
+        name, _kind, seq = iprot.readMessageBegin()
+        iprot.skip(TType.STRUCT)
+        iprot.readMessageEnd()
+        with LOCK, open(self.log, "a") as f:
+            f.write(name + "\n")
+        oprot.writeMessageBegin(name, TMessageType.REPLY, seq)
+        oprot.writeStructBegin("result")
+        oprot.writeFieldBegin("success", TType.STRING, 0)
+        oprot.writeString("ran " + name)
+        oprot.writeFieldEnd()
+        oprot.writeFieldStop()
+        oprot.writeStructEnd()
+        oprot.writeMessageEnd()
+        oprot.trans.flush()
+        return True
+
+
+def serve(addr, log, non_strict):
+    host, port = addr.rsplit(":", 1)
+    sock = TServerSocket(host=host, port=int(port))
+    if non_strict:
+        proto = TBinaryProtocolFactory(strictRead=False, strictWrite=False)
+    else:
+        proto = THeaderProtocolFactory(
+            allowed_client_types=(
+                THeaderClientType.HEADERS,
+                THeaderClientType.FRAMED_BINARY,
+                THeaderClientType.UNFRAMED_BINARY,
+                THeaderClientType.FRAMED_COMPACT,
+                THeaderClientType.UNFRAMED_COMPACT,
+            )
+        )
+    server = TThreadedServer(Processor(log), sock, TBufferedTransportFactory(), proto, daemon=True)
+    sock.listen()
+    sock.listen = lambda: None  # serve() would bind again
+    print("ready", flush=True)
+    server.serve()
+
+
+def message(mode, method):
+    """The bytes of one `method` message with an empty argument struct."""
+    kind = {"reply": TMessageType.REPLY, "exception": TMessageType.EXCEPTION}.get(mode, TMessageType.CALL)
+    if mode == "zlib":
+        buf = TMemoryBuffer()
+        proto = THeaderProtocol(buf, [THeaderClientType.HEADERS])
+        proto.trans.add_transform(THeaderTransformID.ZLIB)
+        proto.writeMessageBegin(method, kind, 1)
+        proto.writeStructBegin("args")
+        proto.writeFieldStop()
+        proto.writeStructEnd()
+        proto.writeMessageEnd()
+        proto.trans.flush()
+        return buf.getvalue()
+    buf = TMemoryBuffer()
+    proto = TBinaryProtocol(buf, strictRead=False, strictWrite=(mode != "non-strict"))
+    proto.writeMessageBegin(method, kind, 1)
+    proto.writeStructBegin("args")
+    proto.writeFieldStop()
+    proto.writeStructEnd()
+    proto.writeMessageEnd()
+    body = buf.getvalue()
+    if mode == "non-strict":
+        return body
+    return struct.pack(">i", len(body)) + body
+
+
+def send(addr, mode, method):
+    host, port = addr.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=3)
+    s.settimeout(3)
+    answered = 0
+    try:
+        s.sendall(message(mode, method))
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answered += len(chunk)
+    except OSError:
+        pass
+    print(json.dumps({"answered": answered}), flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "serve":
+        serve(sys.argv[2], sys.argv[3], "--non-strict" in sys.argv[4:])
+    elif sys.argv[1] == "send":
+        send(sys.argv[2], sys.argv[3], sys.argv[4])

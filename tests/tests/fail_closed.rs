@@ -1,0 +1,114 @@
+//! tern's protection tried as an attacker would, with configuration shaped as istiod writes
+//! it: each test is a way around mTLS or authorization that once worked, and must not.
+//! The peers are real: Apache Thrift's Python servers (whose processors dispatch on the
+//! method name and ignore the message type), Python `ssl`, the test control plane.
+use std::{path::Path, time::Duration};
+
+use tern_tests::{
+    ControlPlane, Netns, Pods, Process, Tern, eventually, metric, pods, python_json, python_peer,
+    start_server, unique,
+};
+
+/// A file the test's servers write; removed on drop.
+struct TempFile(std::path::PathBuf);
+
+impl TempFile {
+    fn new(what: &str) -> Self {
+        Self(std::env::temp_dir().join(unique(what)))
+    }
+
+    fn read(&self) -> String {
+        std::fs::read_to_string(&self.0).unwrap_or_default()
+    }
+
+    fn str(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A Python Thrift server in the application Pod that logs every method it runs.
+fn method_logging_server(p: &Pods, addr: &str, log: &TempFile, extra: &[&str]) -> Process {
+    let script = python_peer("bypass_peer.py");
+    let args = [
+        &[script.to_str().unwrap(), "serve", addr, log.str()][..],
+        extra,
+    ]
+    .concat();
+    start_server(&p.app, None, Path::new("python3"), &args).unwrap()
+}
+
+fn send(ns: &Netns, addr: &str, mode: &str, method: &str) -> serde_json::Value {
+    python_json(ns, None, "bypass_peer.py", &["send", addr, mode, method])
+}
+
+struct Mesh {
+    p: Pods,
+    cp: ControlPlane,
+    tern: Tern,
+}
+
+/// The control plane serving `snapshot`, and tern in the application Pod capturing inbound
+/// `ports`.
+fn mesh(snapshot: &str, ports: &str) -> Mesh {
+    let p = pods();
+    let cp = ControlPlane::start(&p.app, "127.0.0.1:15010", snapshot, &[]).unwrap();
+    let tern = p
+        .start_tern_xds(
+            &["--inbound-ports", ports, "--access-log"],
+            "info,tern=debug",
+        )
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", cp.events()));
+    Mesh { p, cp, tern }
+}
+
+fn refused(m: &Mesh, reason: &str) -> f64 {
+    metric(
+        &m.p.app,
+        &format!(r#"tern_connections_refused_total{{direction="inbound",reason="{reason}"}}"#),
+    )
+}
+
+/// `deny echo` is in force on a chain: no way of framing `echo` reaches the application.
+/// A message typed REPLY or EXCEPTION (processors dispatch on the name), old non-strict
+/// binary (Java's and Python's `TBinaryProtocol` read it by default) and THeader with the
+/// zlib transform (tern does not decode it) are refused at the first message; a proper
+/// call is answered with `RBAC: access denied`; `whoami` still runs.
+#[test]
+fn thrift_method_rules_cannot_be_bypassed() {
+    let snapshot = r#"version: "1"
+inbound_rbac:
+  - { name: "ns[default]-policy[deny-echo]-rule[0]", action: deny, ports: [9090, 9091], methods: ["echo"] }
+"#;
+    let m = mesh(snapshot, "9090,9091");
+    let (header_log, strict_log) = (TempFile::new("ran-header"), TempFile::new("ran-nonstrict"));
+    let _header = method_logging_server(&m.p, "10.66.1.1:9090", &header_log, &[]);
+    let _loose = method_logging_server(&m.p, "10.66.1.1:9091", &strict_log, &["--non-strict"]);
+    for mode in ["reply", "exception", "zlib"] {
+        let out = send(&m.p.srv, "10.66.1.1:9090", mode, "echo");
+        assert_eq!(out["answered"], 0, "{mode}: {out}");
+    }
+    let out = send(&m.p.srv, "10.66.1.1:9091", "non-strict", "echo");
+    assert_eq!(out["answered"], 0, "non-strict: {out}");
+    // A proper call is refused with an exception; an allowed one runs.
+    let out = send(&m.p.srv, "10.66.1.1:9090", "call", "echo");
+    assert!(out["answered"].as_u64().unwrap() > 0, "{out}");
+    let out = send(&m.p.srv, "10.66.1.1:9090", "call", "whoami");
+    assert!(out["answered"].as_u64().unwrap() > 0, "{out}");
+    assert!(
+        eventually(Duration::from_secs(5), || header_log
+            .read()
+            .contains("whoami")),
+        "{}",
+        m.tern.log()
+    );
+    let ran = format!("{}{}", header_log.read(), strict_log.read());
+    assert!(!ran.contains("echo"), "echo ran: {ran}\n{}", m.tern.log());
+    assert!(refused(&m, "not_a_thrift_call") >= 4.0, "{}", m.tern.log());
+    drop(m.cp);
+}
