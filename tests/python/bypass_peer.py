@@ -14,6 +14,12 @@ type, and whose binary protocol reads old non-strict messages.
           non-strict unframed binary without a version word, CALL
           zlib       THeader with the zlib transform, CALL
         prints JSON: {"answered": bytes received before the peer closed or 3 s passed}
+    bypass_peer.py session ADDR N INTERVAL_MS METHOD
+        N framed binary calls of METHOD on one connection, INTERVAL_MS apart; prints JSON:
+        {"outcomes": ["ran" | "denied" | "closed", ...]}
+    bypass_peer.py hold ADDR SECONDS
+        a line-echo session (the test peer greets first) kept busy for SECONDS; prints
+        JSON: {"echoes": n, "closed": whether the connection was closed under it}
 """
 import json
 import socket
@@ -120,8 +126,68 @@ def send(addr, mode, method):
     print(json.dumps({"answered": answered}), flush=True)
 
 
+def read_frame(s):
+    def exactly(n):
+        data = b""
+        while len(data) < n:
+            chunk = s.recv(n - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+    (length,) = struct.unpack(">i", exactly(4))
+    return exactly(length)
+
+
+def session(addr, n, interval_ms, method):
+    import time
+
+    host, port = addr.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=5)
+    outcomes = []
+    for _ in range(n):
+        try:
+            s.sendall(message("call", method))
+            frame = read_frame(s)
+            buf = TMemoryBuffer(frame)
+            _name, kind, _seq = TBinaryProtocol(buf).readMessageBegin()
+            outcomes.append("ran" if kind == TMessageType.REPLY else "denied")
+        except (OSError, EOFError):
+            outcomes.append("closed")
+        time.sleep(interval_ms / 1000)
+    print(json.dumps({"outcomes": outcomes}), flush=True)
+
+
+def hold(addr, seconds):
+    import time
+
+    host, port = addr.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=2)
+    f = s.makefile("rwb")
+    echoes, closed = 0, False
+    deadline = time.time() + seconds
+    try:
+        if not f.readline():
+            raise EOFError
+        while time.time() < deadline:
+            f.write(b"x\n")
+            f.flush()
+            if f.readline() != b"x\n":
+                raise EOFError
+            echoes += 1
+            time.sleep(0.05)
+    except (OSError, EOFError):
+        closed = True
+    print(json.dumps({"echoes": echoes, "closed": closed}), flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(sys.argv[2], sys.argv[3], "--non-strict" in sys.argv[4:])
     elif sys.argv[1] == "send":
         send(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif sys.argv[1] == "session":
+        session(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+    elif sys.argv[1] == "hold":
+        hold(sys.argv[2], float(sys.argv[3]))

@@ -112,3 +112,81 @@ inbound_rbac:
     assert!(refused(&m, "not_a_thrift_call") >= 4.0, "{}", m.tern.log());
     drop(m.cp);
 }
+
+/// A policy pushed while connections are open reaches them: the next call on an open
+/// Thrift connection is decided by the new rule, a relayed connection the new rule denies is
+/// closed, and a new connection is refused — nothing keeps the policy of the moment it
+/// opened.
+#[test]
+fn a_policy_pushed_mid_connection_reaches_open_connections() {
+    let m = mesh("version: \"1\"\n", "9090,8080");
+    let log = TempFile::new("ran-session");
+    let _thrift = method_logging_server(&m.p, "10.66.1.1:9090", &log, &[]);
+    let _echo = tern_tests::serve(&m.p.app, &["10.66.1.1:8080"]).unwrap();
+    let srv = &m.p.srv;
+    let (outcomes, held) = std::thread::scope(|scope| {
+        let session = scope.spawn(|| {
+            python_json(
+                srv,
+                None,
+                "bypass_peer.py",
+                &["session", "10.66.1.1:9090", "30", "100", "whoami"],
+            )
+        });
+        let held = scope.spawn(|| {
+            python_json(
+                srv,
+                None,
+                "bypass_peer.py",
+                &["hold", "10.66.1.1:8080", "4"],
+            )
+        });
+        // Both connections are served (the relay once tern connected to the application).
+        assert!(
+            eventually(Duration::from_secs(5), || log.read().contains("whoami")
+                && m.tern
+                    .log()
+                    .contains("relaying original_dst=10.66.1.1:8080")),
+            "{}",
+            m.tern.log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        m.cp.push(
+            r#"version: "2"
+inbound_rbac:
+  - { name: "ns[default]-policy[deny-whoami]-rule[0]", action: deny, ports: [9090], methods: ["whoami"] }
+  - { name: "ns[default]-policy[deny-8080]-rule[0]", action: deny, ports: [8080] }
+"#,
+        );
+        assert!(m.cp.wait_for("ACK Listener 2"), "{}", m.cp.events());
+        (session.join().unwrap(), held.join().unwrap())
+    });
+    let outcomes: Vec<&str> = outcomes["outcomes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_str().unwrap())
+        .collect();
+    // Calls before the push ran; from the first that did not, none ran: the connection
+    // was relayed, so it is closed (a relay cannot be held to method rules).
+    let first_stopped = outcomes.iter().position(|o| *o != "ran");
+    assert!(
+        first_stopped.is_some_and(|i| i > 0 && !outcomes[i..].contains(&"ran")),
+        "{outcomes:?}\n{}",
+        m.tern.log()
+    );
+    // A new connection is held to the new rule call by call.
+    let out = send(&m.p.srv, "10.66.1.1:9090", "call", "whoami");
+    assert!(out["answered"].as_u64().unwrap() > 0, "{out}");
+    let ran = log.read().matches("whoami").count();
+    assert_eq!(
+        ran,
+        first_stopped.unwrap(),
+        "whoami ran after the push: {outcomes:?}"
+    );
+    assert_eq!(held["closed"], true, "{held}\n{}", m.tern.log());
+    assert!(held["echoes"].as_u64().unwrap() > 0, "{held}");
+    assert!(refused(&m, "rbac") >= 1.0, "{}", m.tern.log());
+    let again = tern_tests::connect(&m.p.srv, None, "10.66.1.1:8080");
+    assert!(!again.ok(), "{again:?}");
+}

@@ -5,10 +5,10 @@
 //! lets a connection through only if a policy matches; DENY refuses it if one does; LOG
 //! lets everything through. Shadow rules are evaluated and counted, never enforced.
 //!
-//! A permission on Thrift methods (`tern.thrift_method`) is decided per request: chains
-//! whose rules name methods are checked for every Thrift call, and a connection that turns
-//! out not to be Thrift is checked once, with no method (such a permission then does not
-//! match).
+//! A permission on Thrift methods (`tern.thrift_method`) is decided per request. On a
+//! connection, before its calls, such a permission is unknown (three-valued logic): where the
+//! outcome depends on it, the connection is authorized call by call, and a connection that is
+//! not Thrift cannot be decided and is refused.
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
@@ -103,6 +103,9 @@ pub struct Attributes<'a> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
     pub allowed: bool,
+    /// Without a Thrift method (a connection, before its calls), whether the outcome
+    /// depends on the method: then `allowed` is false, and only calls can be decided.
+    pub undecided: bool,
     /// The policy that decided (matched), if any.
     pub policy: Option<String>,
     /// What the shadow rules would have decided.
@@ -116,38 +119,55 @@ fn unmap(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Kleene's three-valued `and` over `items` (`None`: unknown).
+fn all3<T>(items: &[T], f: impl Fn(&T) -> Option<bool>) -> Option<bool> {
+    let mut unknown = false;
+    for x in items {
+        match f(x) {
+            Some(false) => return Some(false),
+            None => unknown = true,
+            Some(true) => {}
+        }
+    }
+    (!unknown).then_some(true)
+}
+
+/// Kleene's three-valued `or` over `items` (`None`: unknown).
+fn any3<T>(items: &[T], f: impl Fn(&T) -> Option<bool>) -> Option<bool> {
+    let mut unknown = false;
+    for x in items {
+        match f(x) {
+            Some(true) => return Some(true),
+            None => unknown = true,
+            Some(false) => {}
+        }
+    }
+    (!unknown).then_some(false)
+}
+
 impl Permission {
-    fn matches(&self, a: &Attributes) -> bool {
-        match self {
+    /// Whether the permission matches; `None` when it depends on a Thrift method and there
+    /// is none (a connection before its calls).
+    fn eval(&self, a: &Attributes) -> Option<bool> {
+        Some(match self {
             Permission::Any => true,
-            Permission::And(all) => all.iter().all(|p| p.matches(a)),
-            Permission::Or(any) => any.iter().any(|p| p.matches(a)),
-            Permission::Not(p) => !p.matches(a),
+            Permission::And(all) => return all3(all, |p| p.eval(a)),
+            Permission::Or(any) => return any3(any, |p| p.eval(a)),
+            Permission::Not(p) => return p.eval(a).map(|m| !m),
             Permission::DestinationIp(net) => net.contains(&unmap(a.destination.ip())),
             Permission::DestinationPort(port) => a.destination.port() == *port,
             Permission::DestinationPortRange { start, end } => {
                 (*start..*end).contains(&u32::from(a.destination.port()))
             }
             Permission::RequestedServerName(m) => m.matches(a.server_name.unwrap_or("")),
-            Permission::ThriftMethod { service, method } => match a.thrift {
-                Some((s, m)) => {
-                    method.matches(m)
-                        && service
-                            .as_ref()
-                            .is_none_or(|want| s.is_some_and(|s| want.matches(s)))
-                }
-                None => false,
-            },
-        }
-    }
-
-    fn names_thrift_methods(&self) -> bool {
-        match self {
-            Permission::And(p) | Permission::Or(p) => p.iter().any(Self::names_thrift_methods),
-            Permission::Not(p) => p.names_thrift_methods(),
-            Permission::ThriftMethod { .. } => true,
-            _ => false,
-        }
+            Permission::ThriftMethod { service, method } => {
+                let (s, m) = a.thrift?;
+                method.matches(m)
+                    && service
+                        .as_ref()
+                        .is_none_or(|want| s.is_some_and(|s| want.matches(s)))
+            }
+        })
     }
 }
 
@@ -171,57 +191,58 @@ impl Principal {
     }
 }
 
+impl Policy {
+    fn eval(&self, a: &Attributes) -> Option<bool> {
+        let principal = self.principals.iter().any(|x| x.matches(a));
+        if !principal {
+            return Some(false);
+        }
+        any3(&self.permissions, |x| x.eval(a))
+    }
+}
+
 impl Rules {
-    /// The first policy (by name) that matches.
-    fn matched(&self, a: &Attributes) -> Option<&Policy> {
-        self.policies.iter().find(|p| {
-            p.permissions.iter().any(|x| x.matches(a)) && p.principals.iter().any(|x| x.matches(a))
-        })
-    }
-
-    /// Whether these rules allow `a`, and the policy that matched.
-    fn decide(&self, a: &Attributes) -> (bool, Option<&Policy>) {
-        let matched = self.matched(a);
-        let allowed = match self.action {
-            Action::Allow => matched.is_some(),
-            Action::Deny => matched.is_none(),
-            Action::Log => true,
-        };
-        (allowed, matched)
-    }
-
-    fn names_thrift_methods(&self) -> bool {
-        self.policies
-            .iter()
-            .flat_map(|p| &p.permissions)
-            .any(Permission::names_thrift_methods)
+    /// Whether these rules allow `a`, the policy that matched, and whether, without a
+    /// Thrift method, the outcome depends on it (then not allowed).
+    fn decide(&self, a: &Attributes) -> (bool, Option<&Policy>, bool) {
+        let mut undecided = false;
+        let mut matched = None;
+        for p in &self.policies {
+            match p.eval(a) {
+                Some(true) => {
+                    matched = Some(p);
+                    break;
+                }
+                None => undecided = true,
+                Some(false) => {}
+            }
+        }
+        match self.action {
+            Action::Allow if matched.is_some() => (true, matched, false),
+            Action::Allow => (false, None, undecided),
+            Action::Deny if matched.is_some() => (false, matched, false),
+            Action::Deny => (!undecided, None, undecided),
+            Action::Log => (true, matched, false),
+        }
     }
 }
 
 impl Rbac {
     pub fn decide(&self, a: &Attributes) -> Decision {
-        let (allowed, policy) = match &self.rules {
+        let (allowed, policy, undecided) = match &self.rules {
             Some(r) => {
-                let (allowed, p) = r.decide(a);
-                (allowed, p.map(|p| p.name.clone()))
+                let (allowed, p, undecided) = r.decide(a);
+                (allowed, p.map(|p| p.name.clone()), undecided)
             }
             // No rules: the filter enforces nothing.
-            None => (true, None),
+            None => (true, None, false),
         };
         Decision {
             allowed,
+            undecided,
             policy,
             shadow_allowed: self.shadow_rules.as_ref().map(|r| r.decide(a).0),
         }
-    }
-
-    /// Whether a rule names Thrift methods (then it is decided per request on Thrift
-    /// connections).
-    pub fn names_thrift_methods(&self) -> bool {
-        self.rules
-            .iter()
-            .chain(&self.shadow_rules)
-            .any(Rules::names_thrift_methods)
     }
 }
 
@@ -256,6 +277,74 @@ mod tests {
     }
 
     const FRONTEND: &str = "spiffe://cluster.local/ns/default/sa/frontend";
+
+    #[test]
+    fn without_a_method_only_what_depends_on_it_is_undecided() {
+        let deny_echo = policy(
+            "deny-echo",
+            vec![Permission::And(vec![
+                Permission::DestinationPort(9090),
+                Permission::ThriftMethod {
+                    service: None,
+                    method: StringMatch::Exact("echo".into()),
+                },
+            ])],
+            vec![Principal::Any],
+        );
+        let deny_admin = policy(
+            "deny-admin",
+            vec![Permission::DestinationPort(8080)],
+            vec![Principal::Any],
+        );
+        let deny = rbac(Action::Deny, vec![deny_admin, deny_echo]);
+        // Another port: the method rule cannot match, the port rule decides.
+        let d = deny.decide(&attrs(None, 8080));
+        assert!(!d.allowed && !d.undecided);
+        assert_eq!(d.policy.as_deref(), Some("deny-admin"));
+        let d = deny.decide(&attrs(None, 7070));
+        assert!(d.allowed && !d.undecided);
+        // The method rule's port: only a call decides.
+        let d = deny.decide(&attrs(None, 9090));
+        assert!(!d.allowed && d.undecided);
+        let mut call = attrs(None, 9090);
+        call.thrift = Some((None, "echo"));
+        assert!(!deny.decide(&call).allowed);
+        call.thrift = Some((None, "whoami"));
+        assert!(deny.decide(&call).allowed);
+        // ALLOW: a rule that needs no method allows without one; one that does, undecided.
+        let allow_reads = policy(
+            "reads",
+            vec![Permission::ThriftMethod {
+                service: None,
+                method: StringMatch::Prefix("get".into()),
+            }],
+            vec![Principal::Any],
+        );
+        let allow = rbac(Action::Allow, vec![allow_reads.clone()]);
+        assert!(allow.decide(&attrs(None, 9090)).undecided);
+        let allow_port = policy(
+            "port",
+            vec![Permission::DestinationPort(9090)],
+            vec![Principal::Any],
+        );
+        let allow = rbac(Action::Allow, vec![allow_reads, allow_port]);
+        let d = allow.decide(&attrs(None, 9090));
+        assert!(d.allowed && !d.undecided);
+        // `not method`: still unknown without one.
+        let not_echo = policy(
+            "not-echo",
+            vec![Permission::Not(Box::new(Permission::ThriftMethod {
+                service: None,
+                method: StringMatch::Exact("echo".into()),
+            }))],
+            vec![Principal::Any],
+        );
+        assert!(
+            rbac(Action::Deny, vec![not_echo])
+                .decide(&attrs(None, 1))
+                .undecided
+        );
+    }
 
     #[test]
     fn allow_deny_and_log_as_envoy_decides() {
@@ -334,7 +423,7 @@ mod tests {
             vec![Principal::Any],
         );
         let allow = rbac(Action::Allow, vec![p]);
-        assert!(allow.names_thrift_methods());
+        assert!(allow.decide(&attrs(None, 9090)).undecided);
         let call = |m| Attributes {
             thrift: Some((None, m)),
             ..attrs(None, 9090)

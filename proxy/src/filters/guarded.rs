@@ -26,7 +26,7 @@ pub async fn serve(
     mut buf: BytesMut,
     mut up: Stream,
     format: (Transport, Protocol),
-    authz: Arc<Authz>,
+    mut authz: Authz,
     ctx: Arc<Ctx>,
 ) {
     let mut requests = Decoder::configured(ctx.limits, format.0, format.1, false);
@@ -45,7 +45,11 @@ pub async fn serve(
             debug!("a client sent a message that is not a call: closing");
             break;
         }
-        if authz.check_call(&ctx.state.metrics, &call).is_err() {
+        if let Err(denied) = authz.check_call(&call) {
+            if denied.connection {
+                // The policy in force no longer allows the connection at all.
+                break;
+            }
             ctx.state.metrics.local_reply("", "rbac_access_denied");
             if call.kind() == MessageType::Call {
                 let reply = application_exception(

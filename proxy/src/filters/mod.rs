@@ -162,8 +162,8 @@ pub struct Conn {
     pub peer: SocketAddr,
     /// The client's identity, when tern terminated mTLS.
     pub peer_identity: Option<String>,
-    /// The chain's RBAC filters, when it has any.
-    pub authz: Option<Arc<Authz>>,
+    /// The chain's RBAC filters, kept to the policy in force.
+    pub authz: Authz,
 }
 
 /// Handles one accepted connection whose original destination is `dst`.
@@ -174,6 +174,9 @@ pub async fn handle(
     peer: SocketAddr,
     ctx: Arc<Ctx>,
 ) -> Outcome {
+    // Subscribed before the configuration is read: a policy change from here on reaches
+    // the connection.
+    let policy = ctx.state.policy_changes();
     let mut snap = ctx.state.load();
     let inbound = direction == Direction::Inbound;
     // Chains that match on TLS, ALPN or HTTP need the first bytes (peeked, not consumed).
@@ -206,7 +209,8 @@ pub async fn handle(
         Selection::Passthrough => {
             drop(snap);
             debug!(%dst, "no listener: passthrough");
-            tcp::passthrough(down.into(), dst, direction, None, &ctx).await;
+            // No chain, so no policy to change: the result is always Ok.
+            let _ = tcp::passthrough(down.into(), dst, direction, None, None, &ctx).await;
             return Handled::Passthrough.into();
         }
         Selection::Refused(why) => {
@@ -233,22 +237,21 @@ pub async fn handle(
             return Outcome::refused(Refusal::TlsUnusable, direction, &ctx);
         }
     };
-    let authz = (!rbac.is_empty()).then(|| {
-        Arc::new(Authz {
-            filters: rbac,
-            source: peer,
-            destination: dst,
-            principal: peer_identity.clone(),
-            server_name: inspected.server_name.clone(),
-        })
-    });
-    if let Some(a) = &authz
-        && let Err(denied) = a.check_connection(&ctx.state.metrics)
-    {
+    let mut authz = Authz::new(
+        chain.clone(),
+        rbac,
+        ctx.state.clone(),
+        policy,
+        peer,
+        dst,
+        peer_identity.clone(),
+        inspected.server_name.clone(),
+    );
+    if let Err(denied) = authz.check_connection() {
         return Outcome {
             peer_identity,
             denied_by: Some(denied.policy),
-            ..Outcome::refused(Refusal::Rbac, direction, &ctx)
+            ..Outcome::refused(denied.reason, direction, &ctx)
         };
     }
     let conn = Conn {
@@ -258,7 +261,7 @@ pub async fn handle(
         peer_identity: peer_identity.clone(),
         authz,
     };
-    match run_filter(down, filter, chain, &conn, ctx.clone()).await {
+    match run_filter(down, filter, chain, conn, ctx.clone()).await {
         Ok(handled) => Outcome {
             peer_identity,
             ..handled.into()
@@ -307,35 +310,39 @@ async fn run_filter(
     mut down: Stream,
     filter: Filter,
     chain: thrift::ChainRef,
-    conn: &Conn,
+    conn: Conn,
     ctx: Arc<Ctx>,
 ) -> Result<Handled, Refusal> {
     let Conn {
         direction,
         dst,
         peer,
-        ..
-    } = *conn;
-    let identity = conn.peer_identity.as_deref();
+        peer_identity,
+        authz,
+    } = conn;
+    let identity = peer_identity.as_deref();
+    let defers = authz.defers();
     // Rules that name Thrift methods, on a connection that is not Thrift.
-    let not_thrift = || match &conn.authz {
-        Some(a) if a.defers() => {
+    let not_thrift = || {
+        if defers {
             debug!(%dst, "rules name Thrift methods and the client did not send a Thrift call: closing");
-            Err(Refusal::NotAThriftCall)
+            return Err(Refusal::NotAThriftCall);
         }
-        _ => Ok(()),
+        Ok(())
     };
     let snap = ctx.state.load();
     let (target, detect) = match filter {
         Filter::Thrift(_) => {
             drop(snap);
-            thrift::serve(down, BytesMut::new(), chain, conn.authz.clone(), ctx).await;
+            thrift::serve(down, BytesMut::new(), chain, authz, ctx).await;
             return Ok(Handled::Thrift);
         }
         Filter::Passthrough => {
             drop(snap);
             not_thrift()?;
-            tcp::passthrough(down, dst, direction, identity, &ctx).await;
+            tcp::passthrough(down, dst, direction, identity, Some(authz), &ctx)
+                .await
+                .map_err(|d| d.reason)?;
             return Ok(Handled::Passthrough);
         }
         Filter::Refuse => return Err(Refusal::ChainNotEnforceable),
@@ -352,7 +359,7 @@ async fn run_filter(
     drop(snap);
     // An original-destination cluster has one destination and no endpoints: nothing to
     // balance, whatever the port; Thrift is looked for only when rules name its methods.
-    let guarded = cluster.config.original_dst && conn.authz.as_ref().is_some_and(|a| a.defers());
+    let guarded = cluster.config.original_dst && defers;
     let mode = if guarded {
         TcpMode::Detect
     } else if cluster.config.original_dst {
@@ -362,7 +369,7 @@ async fn run_filter(
     };
     let handled = match mode {
         TcpMode::Thrift => {
-            thrift::serve(down, BytesMut::new(), chain, conn.authz.clone(), ctx).await;
+            thrift::serve(down, BytesMut::new(), chain, authz, ctx).await;
             Handled::Thrift
         }
         TcpMode::Relay => {
@@ -376,7 +383,16 @@ async fn run_filter(
                     Some(&up.stream),
                     identity,
                 );
-                tcp::relay(down, BytesMut::new(), BytesMut::new(), up.stream, series).await;
+                tcp::relay(
+                    down,
+                    BytesMut::new(),
+                    BytesMut::new(),
+                    up.stream,
+                    series,
+                    Some(authz),
+                )
+                .await
+                .map_err(|d| d.reason)?;
             }
             Handled::Tcp
         }
@@ -392,7 +408,7 @@ async fn run_filter(
                         Some(up) => Some(up),
                         None => tcp::connect(&cluster, dst, peer, direction, &ctx).await,
                     };
-                    let (Some(up), Some(authz)) = (up, conn.authz.clone()) else {
+                    let Some(up) = up else {
                         return Ok(Handled::Tcp);
                     };
                     debug!("the client speaks Thrift: authorizing each call");
@@ -421,7 +437,7 @@ async fn run_filter(
                             &cluster.runtime,
                         );
                     }
-                    thrift::serve(down, first, chain, conn.authz.clone(), ctx).await;
+                    thrift::serve(down, first, chain, authz, ctx).await;
                     Handled::Thrift
                 }
                 detect::Outcome::Relay {
@@ -439,7 +455,16 @@ async fn run_filter(
                         Some(&upstream.stream),
                         identity,
                     );
-                    tcp::relay(down, from_client, from_server, upstream.stream, series).await;
+                    tcp::relay(
+                        down,
+                        from_client,
+                        from_server,
+                        upstream.stream,
+                        series,
+                        Some(authz),
+                    )
+                    .await
+                    .map_err(|d| d.reason)?;
                     Handled::Tcp
                 }
                 detect::Outcome::Unreachable => Handled::Tcp,

@@ -7,7 +7,10 @@ use bytes::BytesMut;
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tracing::debug;
 
-use super::{Ctx, Direction};
+use super::{
+    Ctx, Direction,
+    authz::{Authz, Denied},
+};
 use crate::{
     balance::source_hash,
     socket,
@@ -109,42 +112,60 @@ async fn connect_original(
 }
 
 /// Relays to the original destination (no listener matched, or a chain set aside);
-/// `peer_identity` is the client's, when tern terminated mTLS.
+/// `peer_identity` is the client's, when tern terminated mTLS; `authz`, the chain's.
 pub async fn passthrough(
     down: Stream,
     dst: SocketAddr,
     direction: Direction,
     peer_identity: Option<&str>,
+    authz: Option<Authz>,
     ctx: &Ctx,
-) {
+) -> Result<(), Denied> {
     if let Some((up, _)) = connect_original(dst, direction, ctx).await {
         let up = Stream::Plain(up);
         let series = super::istio::tcp(ctx, direction, None, None, Some(&up), peer_identity);
-        relay(down, BytesMut::new(), BytesMut::new(), up, series).await;
+        relay(down, BytesMut::new(), BytesMut::new(), up, series, authz).await?;
     }
+    Ok(())
 }
 
 /// Relays bytes both ways until both sides are done, starting with what each side sent
-/// before the relay began.
+/// before the relay began; closes both sides as soon as the policy in force (`authz`, for
+/// a filter chain's connection) no longer allows the connection, and says why.
 pub async fn relay(
     mut down: Stream,
     from_client: BytesMut,
     from_server: BytesMut,
     mut up: Stream,
     series: TcpSeries,
-) {
+    authz: Option<Authz>,
+) -> Result<(), Denied> {
     series.opened.inc();
     let _closed = Closed(&series);
     let _ = down.set_nodelay(true);
     if !from_server.is_empty() && down.write_all(&from_server).await.is_err() {
-        return;
+        return Ok(());
     }
     if !from_client.is_empty() && up.write_all(&from_client).await.is_err() {
-        return;
+        return Ok(());
     }
     series.received_bytes.inc_by(from_client.len() as u64);
     series.sent_bytes.inc_by(from_server.len() as u64);
-    match tokio::io::copy_bidirectional(&mut down, &mut up).await {
+    let mut authz = authz;
+    let revoked = async {
+        match authz.as_mut() {
+            Some(a) => a.revoked().await,
+            None => std::future::pending().await,
+        }
+    };
+    let copied = tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut down, &mut up) => copied,
+        denied = revoked => {
+            debug!(policy = %denied.policy, reason = denied.reason.as_str(), "the policy in force no longer allows the connection: closing");
+            return Err(denied);
+        }
+    };
+    match copied {
         Ok((to_up, to_down)) => {
             series.received_bytes.inc_by(to_up);
             series.sent_bytes.inc_by(to_down);
@@ -156,6 +177,7 @@ pub async fn relay(
         }
         Err(e) => debug!(error = %e, "relay ended with an error"),
     }
+    Ok(())
 }
 
 /// Counts the connection closed however the relay ends.

@@ -64,19 +64,12 @@ pub struct ChainRef {
 }
 
 /// Serves one downstream connection whose first bytes (`buf`) were Thrift.
-pub async fn serve(
-    down: Stream,
-    buf: BytesMut,
-    chain: ChainRef,
-    authz: Option<Arc<Authz>>,
-    ctx: Arc<Ctx>,
-) {
+pub async fn serve(down: Stream, buf: BytesMut, chain: ChainRef, authz: Authz, ctx: Arc<Ctx>) {
     let _ = down.set_nodelay(true);
     let source = down.peer_addr().ok().map(|a| a.ip());
     let (mut rd, mut wr) = down.into_split();
     let mut conn = Downstream::new(chain, ctx.clone(), source);
-    // Only rules that name methods are left to decide per call.
-    conn.authz = authz.filter(|a| a.defers());
+    conn.authz = Some(authz);
     let mut buf = buf;
     let mut replies = Ordered::default();
     // Replies ready to write together (kept, so its capacity is reused).
@@ -94,6 +87,12 @@ pub async fn serve(
                     let span = debug_span!("request", seq = plan.client_seq());
                     let ctx = ctx.clone();
                     replies.push(|cell| execute(plan, ctx, cell).instrument(span));
+                    if conn.revoked {
+                        debug!(
+                            "the policy in force no longer allows the connection: no new requests"
+                        );
+                        reading = false;
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -193,7 +192,9 @@ struct Downstream {
     /// hash header.
     source_hash: Option<u64>,
     /// RBAC rules that name Thrift methods, decided per call.
-    authz: Option<Arc<Authz>>,
+    authz: Option<Authz>,
+    /// The policy in force no longer allows the connection: it takes no new requests.
+    revoked: bool,
 }
 
 impl Downstream {
@@ -219,6 +220,7 @@ impl Downstream {
             filter,
             source_hash: source.map(source_hash),
             authz: None,
+            revoked: false,
         }
     }
 
@@ -243,9 +245,10 @@ impl Downstream {
                 "tern accepts only calls and one-way calls from clients",
             );
         }
-        if let Some(a) = &self.authz
-            && a.check_call(&self.ctx.state.metrics, &msg).is_err()
+        if let Some(a) = &mut self.authz
+            && let Err(denied) = a.check_call(&msg)
         {
+            self.revoked |= denied.connection;
             return Plan::local(
                 &self.ctx,
                 &msg,

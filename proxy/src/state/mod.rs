@@ -60,6 +60,9 @@ pub struct State {
     /// Endpoints (or clusters) rebuilt or removed since the last trim.
     freed: AtomicUsize,
     retired: Mutex<VecDeque<(Instant, Arc<Snapshot>)>>,
+    /// Changes whenever listeners (and so filter chains and their policy) change, so open
+    /// connections check themselves against the policy in force.
+    policy: tokio::sync::watch::Sender<()>,
     pub metrics: Arc<Metrics>,
     /// The workload certificate, and TLS clients and servers that use it.
     pub tls: TlsContexts,
@@ -75,6 +78,7 @@ impl State {
             trimmed_ms: AtomicU64::new(0),
             freed: AtomicUsize::new(usize::MAX / 2),
             retired: Mutex::new(VecDeque::new()),
+            policy: tokio::sync::watch::Sender::new(()),
             metrics,
             tls: TlsContexts::new(Arc::new(CertStore::default())),
         })
@@ -83,6 +87,11 @@ impl State {
     /// The snapshot in force now; cheap, lock-free.
     pub fn load(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    /// A receiver that sees every change of listeners (see [`crate::filters::authz`]).
+    pub fn policy_changes(&self) -> tokio::sync::watch::Receiver<()> {
+        self.policy.subscribe()
     }
 
     /// Whether a complete configuration has been applied (the admin server's `/ready`).
@@ -160,6 +169,7 @@ impl State {
         }
         let server_tls = self.server_tls(&config, &previous);
         let version = config.version.clone();
+        let listeners_changed = listeners_changed(&previous.config, &config);
         let replaced = self.current.swap(Arc::new(Snapshot {
             server_tls,
             config: Arc::new(config),
@@ -171,6 +181,9 @@ impl State {
         }));
         drop(previous);
         self.retire(replaced);
+        if listeners_changed {
+            self.policy.send_replace(());
+        }
         tracing::debug!(%version, clusters_rebuilt = rebuilt, "snapshot swapped");
         self.freed
             .fetch_add(rebuilt_endpoints.max(rebuilt), Ordering::Relaxed);
@@ -252,6 +265,19 @@ impl State {
             crate::memory::release_free_memory();
         }
     }
+}
+
+/// Whether `new` changes any listener of `old` (outbound ones are shared while unchanged,
+/// so a pointer comparison tells; the inbound listener is compared whole).
+fn listeners_changed(old: &Config, new: &Config) -> bool {
+    old.listeners.len() != new.listeners.len()
+        || old
+            .listeners
+            .iter()
+            .zip(&new.listeners)
+            .any(|(a, b)| !Arc::ptr_eq(a, b))
+        || old.inbound != new.inbound
+        || old.no_inbound != new.no_inbound
 }
 
 /// A cluster's state for a new or changed configuration: endpoints it keeps keep their
