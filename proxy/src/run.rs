@@ -145,7 +145,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             let (status_tx, status_rx) = watch::channel(tern_xds_client::ClientStatus::default());
             let stream = tern_xds_client::run(
                 tern_xds_client::StreamConfig {
-                    channel: channel_config(&args, address, settings.mark)?,
+                    channel: channel_config(&args, address, args.xds_ca.as_deref(), settings.mark)?,
                     initial_backoff: Duration::from_millis(250),
                     max_backoff: Duration::from_secs(15),
                 },
@@ -295,11 +295,13 @@ fn cert_source(
     let Some(address) = address else {
         return Ok(None);
     };
-    let mut channel = channel_config(args, address, mark)?;
-    let root = id.ca_root.clone().or_else(|| args.xds_ca.clone());
-    if let (Some(tls), Some(root)) = (channel.tls.as_mut(), &root) {
-        tls.ca = root.clone();
+    if !address.starts_with("https://") {
+        anyhow::bail!(
+            "the CA address {address} is plaintext: certificates are requested, and the token sent, only over TLS verified against a root"
+        );
     }
+    let root = id.ca_root.clone().or_else(|| args.xds_ca.clone());
+    let channel = channel_config(args, address, root.as_deref(), mark)?;
     let extra_roots = root
         .map(|r| {
             std::fs::read_to_string(&r).with_context(|| format!("read the CA root {}", r.display()))
@@ -358,28 +360,43 @@ fn spawn_control_thread(
     Ok(())
 }
 
-/// How to reach the control plane at `address` (istiod's xDS, and its CA).
+/// How to reach the control plane at `address` (istiod's xDS, and its CA), verified
+/// against `root`. An `https` address needs a root; a plaintext one takes none (it would go
+/// unused) and never carries the token.
 fn channel_config(
     args: &RunArgs,
     address: String,
+    root: Option<&std::path::Path>,
     mark: u32,
 ) -> anyhow::Result<tern_xds_client::ChannelConfig> {
-    let tls = match (&args.xds_ca, address.starts_with("https://")) {
-        (Some(ca), _) => Some(tern_xds_client::TlsFiles {
-            ca: ca.clone(),
+    let https = address.starts_with("https://");
+    let tls = match (https, root) {
+        (true, Some(ca)) => Some(tern_xds_client::TlsFiles {
+            ca: ca.to_owned(),
             client_cert: args
                 .xds_client_cert
                 .clone()
                 .zip(args.xds_client_key.clone()),
             server_name: args.xds_server_name.clone(),
         }),
-        (None, true) => anyhow::bail!("an https address ({address}) needs --xds-ca"),
-        (None, false) => None,
+        (true, None) => anyhow::bail!("an https address ({address}) needs a root to verify it"),
+        (false, Some(ca)) => anyhow::bail!(
+            "{address} is plaintext, so the root {} would not be used: use an https:// address",
+            ca.display()
+        ),
+        (false, None) => None,
+    };
+    let token_file = match (&args.xds_token_file, https) {
+        (Some(t), false) => {
+            warn!(%address, token = %t.display(), "the token is never sent in cleartext: this plaintext address gets none");
+            None
+        }
+        (token, _) => token.clone(),
     };
     Ok(tern_xds_client::ChannelConfig {
         address,
         tls,
-        token_file: args.xds_token_file.clone(),
+        token_file,
         socket_mark: Some(mark),
     })
 }

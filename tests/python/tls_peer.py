@@ -7,7 +7,7 @@ check tern's TLS against an independent implementation.
         as "<client URI SAN> <line>".
     tls_peer.py thrift ADDR CERT KEY CA LOG ID
         the same TLS, serving serial_peer.py's Thrift interface (TThreadedServer, framed).
-    tls_peer.py client ADDR CERT KEY CA [--alpn P,Q]
+    tls_peer.py client ADDR CERT KEY CA [--alpn P,Q] [--tls12]
         connects with a client certificate (none for CERT "-"), verifies the server's
         chain against CA, sends "hello", prints JSON: reply, server (its URI SAN), alpn;
         or error.
@@ -108,8 +108,10 @@ def serve_thrift(addr, cert, key, ca, log, ident):
     server.serve()
 
 
-def client(addr, cert, key, ca, alpn):
+def client(addr, cert, key, ca, alpn, tls12=False):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if tls12:
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = False
     ctx.load_verify_locations(ca)
     if cert != "-":
@@ -161,6 +163,6 @@ if __name__ == "__main__":
         serve_thrift(*args[:6])
     elif cmd == "client":
         alpn = args[args.index("--alpn") + 1].split(",") if "--alpn" in args else None
-        client(*args[:4], alpn)
+        client(*args[:4], alpn, "--tls12" in args)
     elif cmd == "plain":
         plain(args[0], float(args[args.index("--again-after") + 1]) if "--again-after" in args else 0)

@@ -190,3 +190,64 @@ inbound_rbac:
     let again = tern_tests::connect(&m.p.srv, None, "10.66.1.1:8080");
     assert!(!again.ok(), "{again:?}");
 }
+
+/// No secret goes over plaintext: a plaintext control plane never receives the token (it
+/// sees streams without one), and a plaintext CA address is refused at start, before any
+/// certificate is requested.
+#[test]
+fn no_secret_over_plaintext() {
+    let p = pods();
+    let token = TempFile::new("istio-token");
+    std::fs::write(&token.0, "secret-istio-token").unwrap();
+    let cp = ControlPlane::start(
+        &p.app,
+        "127.0.0.1:15010",
+        "version: \"1\"\n",
+        &["--token".to_owned(), token.str().to_owned()],
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        let args = [
+            &[
+                "run",
+                "--capture",
+                "ebpf",
+                "--cgroup",
+                p.cgroup.path_str(),
+                "--inbound-ports",
+                "",
+                "--xds-address",
+                "http://127.0.0.1:15010",
+                "--xds-token-file",
+                token.str(),
+            ][..],
+            extra,
+        ]
+        .concat();
+        Tern::start(&p.app, Some(&p.cgroup), &args)
+    };
+    let tern = run(&[]).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || cp
+            .events()
+            .contains("REJECT no token")),
+        "{}\n{}",
+        cp.events(),
+        tern.log()
+    );
+    assert!(
+        !cp.events().contains("secret-istio-token"),
+        "{}",
+        cp.events()
+    );
+    assert!(
+        tern.log().contains("never sent in cleartext"),
+        "{}",
+        tern.log()
+    );
+    drop(tern);
+    let refused = run(&["--ca-address", "http://127.0.0.1:15010"])
+        .err()
+        .unwrap();
+    assert!(refused.to_string().contains("is plaintext"), "{refused:#}");
+}

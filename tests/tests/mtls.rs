@@ -621,3 +621,95 @@ fn workload_certificate_from_files_read_again_when_they_change() {
     ) >= 1.0));
     assert_eq!(serial(), second, "the last good certificate keeps serving");
 }
+
+/// Identity only from verified peers, and `tls_params` honoured: a chain with no validation
+/// context asks for no client certificate, so a self-signed `spiffe://…/sa/admin` is no
+/// principal and an ALLOW for it does not let it in; one that requires a certificate it
+/// cannot verify refuses its connections; MeshConfig's `minProtocolVersion: TLSV1_3`
+/// refuses a TLS 1.2 client.
+#[test]
+fn identity_only_from_verified_peers_and_tls_params_hold() {
+    const ADMIN_ID: &str = "spiffe://cluster.local/ns/default/sa/admin";
+    let allow_admin = format!(
+        r#"inbound_rbac:
+  - {{ name: "ns[default]-policy[admin]-rule[0]", action: allow, principals: ["{ADMIN_ID}"] }}"#
+    );
+    let tls = |settings: &str| format!("inbound_tls: {{ {settings} }}\n{allow_admin}");
+    let m = mesh_with(
+        &snapshot_with(
+            "1",
+            "strict",
+            &tls("unverified: true, require_client_certificate: false"),
+        ),
+        "1h",
+    );
+    let _app = tern_tests::serve(&m.p.app, &["10.66.1.1:8080"]).unwrap();
+    assert!(eventually(Duration::from_secs(5), || {
+        m.config_dump()["certificate"]["info"]["sans"][0] == APP_ID
+    }));
+    let forger = TestCa::new().unwrap();
+    let forged = forger
+        .issue("admin", &[ADMIN_ID], Duration::from_secs(3600))
+        .unwrap();
+    let ca = m.trust.ca.ca_str();
+    let call = |who: &tern_tests::pki::Issued, extra: &[&str]| {
+        let args = [
+            &[
+                "client",
+                "10.66.1.1:8080",
+                who.cert_str(),
+                who.key_str(),
+                &ca,
+                "--alpn",
+                "istio",
+            ][..],
+            extra,
+        ]
+        .concat();
+        m.python(&m.p.srv, &args)
+    };
+    let out = call(&forged, &[]);
+    assert!(out.get("reply").is_none(), "{out}\n{}", m.tern.log());
+    assert!(
+        eventually(Duration::from_secs(5), || m.tern.log().lines().any(|l| l
+            .contains("tern::access")
+            && l.contains("dst=10.66.1.1:8080")
+            && l.contains("peer_identity=\"-\"")
+            && l.contains("refused=\"rbac\""))),
+        "the forged certificate gave no identity:\n{}",
+        m.tern.log()
+    );
+    // Requiring a certificate nobody can verify: the chain refuses its connections.
+    m.cp.push(&snapshot_with(
+        "2",
+        "strict",
+        &tls("unverified: true, require_client_certificate: true"),
+    ));
+    assert!(m.cp.wait_for("ACK Listener 2"), "{}", m.cp.events());
+    let out = call(&forged, &[]);
+    assert!(out.get("reply").is_none(), "{out}");
+    assert!(
+        eventually(Duration::from_secs(5), || metric(
+            &m.p.app,
+            r#"tern_connections_refused_total{direction="inbound",reason="tls_unusable"}"#
+        ) >= 1.0),
+        "{}",
+        m.tern.log()
+    );
+    // TLS 1.3 at least: a TLS 1.2 client is refused, a TLS 1.3 one served.
+    let admin = m
+        .trust
+        .ca
+        .issue("admin", &[ADMIN_ID], Duration::from_secs(3600))
+        .unwrap();
+    m.cp.push(&snapshot_with("3", "strict", &tls("min_version: TLSv1_3")));
+    assert!(m.cp.wait_for("ACK Listener 3"), "{}", m.cp.events());
+    let old = call(&admin, &["--tls12"]);
+    assert!(old.get("reply").is_none(), "{old}");
+    let new = call(&admin, &[]);
+    assert!(
+        new["reply"].as_str().unwrap_or("").starts_with("peer="),
+        "{new}\n{}",
+        m.tern.log()
+    );
+}

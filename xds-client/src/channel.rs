@@ -57,6 +57,10 @@ pub enum ChannelError {
     },
     #[error("the token in {0} is not a valid header value")]
     Token(PathBuf),
+    #[error(
+        "{address} is not https with a root to verify it: the token and certificate requests go only over verified TLS, and TLS settings only with https"
+    )]
+    NotVerifiedTls { address: String },
     #[error("TLS settings for {address}: {source}")]
     Tls {
         address: String,
@@ -78,6 +82,12 @@ pub struct Connected {
 /// Connects to the control plane.
 pub async fn open(config: &ChannelConfig) -> Result<Connected, ChannelError> {
     let address = || config.address.clone();
+    // A token, or TLS settings, on a plaintext channel would be sent in the clear, or
+    // silently unused.
+    let https = config.address.starts_with("https://");
+    if https != config.tls.is_some() || (config.token_file.is_some() && !https) {
+        return Err(ChannelError::NotVerifiedTls { address: address() });
+    }
     let mut endpoint = tonic::transport::Endpoint::from_shared(config.address.clone())
         .map_err(|source| ChannelError::Address {
             address: address(),

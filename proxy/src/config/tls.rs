@@ -35,6 +35,35 @@ pub struct Validation {
     pub subject_alt_names: Vec<StringMatch>,
 }
 
+/// A TLS protocol version tern speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum TlsVersion {
+    #[serde(rename = "TLSv1_2")]
+    Tls12,
+    #[serde(rename = "TLSv1_3")]
+    Tls13,
+}
+
+/// Envoy's `tls_params`, as tern honours them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct TlsParams {
+    pub min_version: TlsVersion,
+    pub max_version: TlsVersion,
+    /// TLS 1.2 cipher suites allowed, as IANA names (none listed: rustls' defaults). TLS 1.3
+    /// suites are not configurable, as in Envoy.
+    pub tls12_cipher_suites: Vec<String>,
+}
+
+impl Default for TlsParams {
+    fn default() -> Self {
+        Self {
+            min_version: TlsVersion::Tls12,
+            max_version: TlsVersion::Tls13,
+            tls12_cipher_suites: Vec::new(),
+        }
+    }
+}
+
 /// TLS towards an endpoint.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct UpstreamTls {
@@ -46,6 +75,7 @@ pub struct UpstreamTls {
     /// The certificate presented, if any.
     pub client_cert: Option<CertSource>,
     pub validation: Validation,
+    pub params: TlsParams,
 }
 
 /// TLS terminated on an inbound chain.
@@ -54,8 +84,11 @@ pub struct DownstreamTls {
     /// ALPN the server selects from; `istio-peer-exchange` is never among them.
     pub alpn: Vec<String>,
     pub cert: CertSource,
+    /// Ignored without trusted roots: no client certificate is asked for then.
     pub require_client_certificate: bool,
+    /// No trusted roots: no client certificate is asked for, and the peer has no identity.
     pub validation: Validation,
+    pub params: TlsParams,
 }
 
 /// Envoy's `transport_socket_matches` with the cluster's own `transport_socket`: an
@@ -116,6 +149,7 @@ mod tests {
                 roots: Roots::Mesh,
                 subject_alt_names: vec![],
             },
+            params: Default::default(),
         })
     }
 

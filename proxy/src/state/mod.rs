@@ -457,6 +457,7 @@ clusters:
                     roots: Roots::Mesh,
                     subject_alt_names: vec![crate::config::matcher::StringMatch::Exact(san.into())],
                 },
+                params: Default::default(),
             })
         };
         let with = |tls: Arc<UpstreamTls>, tls_mode: &str| {

@@ -17,7 +17,9 @@ use super::{
     store::CertStore,
     verify::{ClientVerifier, PeerCheck, ServerVerifier, TrustedRoots},
 };
-use crate::config::tls::{CertSource, DownstreamTls, Roots, UpstreamTls, Validation};
+use crate::config::tls::{
+    CertSource, DownstreamTls, Roots, TlsParams, TlsVersion, UpstreamTls, Validation,
+};
 
 /// Why a TLS context could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +32,10 @@ pub enum ContextError {
     Sni(String),
     #[error("{0}")]
     Rustls(#[from] rustls::Error),
+    #[error(
+        "a client certificate is required but no validation context says whom to trust: refused rather than accepting any certificate"
+    )]
+    ClientCertificateUnverifiable,
 }
 
 /// Builds TLS clients and servers that use the workload certificate of `store`.
@@ -61,8 +67,31 @@ impl TlsContexts {
         Self { store }
     }
 
-    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-        Arc::new(rustls::crypto::ring::default_provider())
+    /// rustls' ring provider with only the TLS 1.2 suites `params` allow.
+    fn provider(params: &TlsParams) -> Arc<rustls::crypto::CryptoProvider> {
+        let mut provider = rustls::crypto::ring::default_provider();
+        if !params.tls12_cipher_suites.is_empty() {
+            provider.cipher_suites.retain(|s| match s {
+                rustls::SupportedCipherSuite::Tls12(_) => params
+                    .tls12_cipher_suites
+                    .iter()
+                    .any(|name| Some(name.as_str()) == s.suite().as_str()),
+                rustls::SupportedCipherSuite::Tls13(_) => true,
+            });
+        }
+        Arc::new(provider)
+    }
+
+    /// The protocol versions `params` allow.
+    fn versions(params: &TlsParams) -> Vec<&'static rustls::SupportedProtocolVersion> {
+        [
+            (TlsVersion::Tls12, &rustls::version::TLS12),
+            (TlsVersion::Tls13, &rustls::version::TLS13),
+        ]
+        .into_iter()
+        .filter(|(v, _)| (params.min_version..=params.max_version).contains(v))
+        .map(|(_, v)| v)
+        .collect()
     }
 
     fn check(&self, v: &Validation) -> Result<PeerCheck, ContextError> {
@@ -96,8 +125,8 @@ impl TlsContexts {
 
     pub fn client(&self, t: &UpstreamTls) -> Result<ClientTls, ContextError> {
         let verifier = Arc::new(ServerVerifier(self.check(&t.validation)?));
-        let builder = ClientConfig::builder_with_provider(Self::provider())
-            .with_safe_default_protocol_versions()?
+        let builder = ClientConfig::builder_with_provider(Self::provider(&t.params))
+            .with_protocol_versions(&Self::versions(&t.params))?
             .dangerous()
             .with_custom_certificate_verifier(verifier);
         let mut config = match &t.client_cert {
@@ -120,15 +149,20 @@ impl TlsContexts {
         })
     }
 
+    /// A TLS server. Without trusted roots no client certificate is asked for, so no peer
+    /// gets an identity nobody vouched for; one that requires a certificate is refused.
     pub fn server(&self, t: &DownstreamTls) -> Result<ServerTls, ContextError> {
-        let verifier = Arc::new(ClientVerifier {
-            check: self.check(&t.validation)?,
-            mandatory: t.require_client_certificate,
-        });
-        let config = ServerConfig::builder_with_provider(Self::provider())
-            .with_safe_default_protocol_versions()?
-            .with_client_cert_verifier(verifier)
-            .with_cert_resolver(Arc::new(self.cert(&t.cert)?));
+        let builder = ServerConfig::builder_with_provider(Self::provider(&t.params))
+            .with_protocol_versions(&Self::versions(&t.params))?;
+        let builder = match (&t.validation.roots, t.require_client_certificate) {
+            (Roots::Unverified, true) => return Err(ContextError::ClientCertificateUnverifiable),
+            (Roots::Unverified, false) => builder.with_no_client_auth(),
+            _ => builder.with_client_cert_verifier(Arc::new(ClientVerifier {
+                check: self.check(&t.validation)?,
+                mandatory: t.require_client_certificate,
+            })),
+        };
+        let config = builder.with_cert_resolver(Arc::new(self.cert(&t.cert)?));
         let mut with_alpn = config.clone();
         with_alpn.alpn_protocols = t.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
         Ok(ServerTls {

@@ -103,9 +103,59 @@ struct Snapshot {
     /// (for clients such as `openssl s_time`, which offer none).
     #[serde(default)]
     inbound_any_alpn: bool,
+    /// How the inbound mTLS chains' `DownstreamTlsContext` departs from istiod's.
+    #[serde(default)]
+    inbound_tls: InboundTls,
     /// The dumps' resources, read when the snapshot is loaded.
     #[serde(skip)]
     dumped: Dumped,
+}
+
+/// Departures from istiod's inbound `DownstreamTlsContext`.
+#[derive(Clone, Debug, Default, Deserialize)]
+struct InboundTls {
+    /// `tls_params.tls_minimum_protocol_version` (`TLSv1_3`: MeshConfig's
+    /// `meshMTLS.minProtocolVersion`).
+    #[serde(default)]
+    min_version: Option<String>,
+    /// No validation context at all (nobody says whom to trust).
+    #[serde(default)]
+    unverified: bool,
+    /// `require_client_certificate` (istiod: true).
+    #[serde(default)]
+    require_client_certificate: Option<bool>,
+}
+
+impl InboundTls {
+    fn socket(&self) -> core_types::TransportSocket {
+        use tern_proto::tls_types::{self, common_tls_context::ValidationContextType};
+        let mut socket = build::istio_downstream_tls("cluster.local");
+        let Some(core_types::transport_socket::ConfigType::TypedConfig(any)) =
+            socket.config_type.as_mut()
+        else {
+            return socket;
+        };
+        let mut t: tls_types::DownstreamTlsContext =
+            tern_proto::decode(any, type_url::DOWNSTREAM_TLS_CONTEXT).expect("istiod's context");
+        let common = t.common_tls_context.get_or_insert_with(Default::default);
+        if let Some(v) = &self.min_version {
+            common.tls_params = Some(tls_types::TlsParameters {
+                tls_minimum_protocol_version: match v.as_str() {
+                    "TLSv1_3" => 4,
+                    _ => 3,
+                },
+                ..Default::default()
+            });
+        }
+        if self.unverified {
+            common.validation_context_type = None::<ValidationContextType>;
+        }
+        if let Some(r) = self.require_client_certificate {
+            t.require_client_certificate = Some(wkt::BoolValue { value: r });
+        }
+        *any = encode(&t, type_url::DOWNSTREAM_TLS_CONTEXT);
+        socket
+    }
 }
 
 impl Snapshot {
@@ -429,7 +479,12 @@ fn thrift_proxy(cluster: &str) -> listener_types::Filter {
 /// Istio's `virtualInbound` for a TCP port: a chain for mesh mTLS (ALPN
 /// `istio-peer-exchange`/`istio`), one for other TLS, and in permissive mode one for
 /// plaintext; all relay to the application.
-fn virtual_inbound(mode: &str, rbac: &[listener_types::Filter], any_alpn: bool) -> Listener {
+fn virtual_inbound(
+    mode: &str,
+    rbac: &[listener_types::Filter],
+    any_alpn: bool,
+    tls: &InboundTls,
+) -> Listener {
     let to_app = || {
         let mut filters = rbac.to_vec();
         filters.push(tcp_proxy("InboundPassthroughCluster"));
@@ -456,7 +511,7 @@ fn virtual_inbound(mode: &str, rbac: &[listener_types::Filter], any_alpn: bool) 
                     &["istio-peer-exchange", "istio"]
                 },
             )),
-            transport_socket: Some(build::istio_downstream_tls("cluster.local")),
+            transport_socket: Some(tls.socket()),
             filters: to_app(),
             ..Default::default()
         });
@@ -607,6 +662,7 @@ fn generated(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<(String, Any
                     mode,
                     &rbac_filters(&s.inbound_rbac),
                     s.inbound_any_alpn,
+                    &s.inbound_tls,
                 ));
             }
             if s.broken_listener {

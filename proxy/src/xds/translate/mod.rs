@@ -71,8 +71,10 @@ pub enum Invalid {
     MaglevTableSize(u64),
     #[error("transport socket {0} is not supported (only TLS and raw buffer)")]
     TransportSocket(String),
-    #[error("TLS versions below 1.2 only: tern speaks TLS 1.2 and 1.3")]
+    #[error("TLS versions tern cannot speak (only 1.2 and 1.3), or none at all")]
     TlsVersion,
+    #[error("TLS 1.2 only, and none of its cipher suites ({0}) is one tern has")]
+    CipherSuites(String),
     #[error("a TLS server context without a certificate")]
     NoServerCertificate,
     #[error(

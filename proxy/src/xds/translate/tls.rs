@@ -3,8 +3,8 @@
 //!
 //! Certificates and roots come from the secrets istiod names — SDS `default` (the workload
 //! certificate) and `ROOTCA` (the mesh roots) — or from files (`file-cert:`/`file-root:`
-//! names, or `filename` data sources). TLS 1.2 and 1.3 only, with rustls' cipher suites (a
-//! subset of Istio's list). A check tern cannot make (certificate pins, CRLs) or a secret it
+//! names, or `filename` data sources). `tls_params` are honoured within what rustls
+//! speaks: TLS 1.2 and 1.3, and the ECDHE AEAD suites among those listed. A check tern cannot make (certificate pins, CRLs) or a secret it
 //! cannot get refuses the resource: a peer is never accepted unchecked because of it.
 use std::{path::PathBuf, sync::Arc};
 
@@ -12,7 +12,8 @@ use tern_proto::{Any, Cluster as XdsCluster, core_types, decode, tls_types, type
 
 use super::Invalid;
 use crate::config::tls::{
-    CertSource, DownstreamTls, Roots, SocketMatch, TransportSockets, UpstreamTls, Validation,
+    CertSource, DownstreamTls, Roots, SocketMatch, TlsParams, TlsVersion, TransportSockets,
+    UpstreamTls, Validation,
 };
 
 /// The ALPN value that commits both ends to Istio's metadata-exchange preamble; tern never
@@ -79,13 +80,14 @@ fn upstream_socket(
 
 fn upstream(t: &tls_types::UpstreamTlsContext) -> Result<UpstreamTls, Invalid> {
     let common = t.common_tls_context.clone().unwrap_or_default();
-    check_versions(&common)?;
+    let params = params(&common)?;
     let client_cert = certificate(&common)?;
     Ok(UpstreamTls {
         sni: Some(t.sni.clone()).filter(|s| !s.is_empty()),
         alpn: without_peer_exchange(&common.alpn_protocols),
         client_cert,
         validation: validation(&common)?,
+        params,
     })
 }
 
@@ -100,7 +102,7 @@ pub fn downstream_socket(
         type_url::DOWNSTREAM_TLS_CONTEXT => {
             let t: tls_types::DownstreamTlsContext = decode(any, type_url::DOWNSTREAM_TLS_CONTEXT)?;
             let common = t.common_tls_context.clone().unwrap_or_default();
-            check_versions(&common)?;
+            let params = params(&common)?;
             let cert = certificate(&common)?.ok_or(Invalid::NoServerCertificate)?;
             let mut alpn = without_peer_exchange(&common.alpn_protocols);
             // An Envoy client offers `istio-peer-exchange, istio`: selecting `istio` keeps
@@ -116,6 +118,7 @@ pub fn downstream_socket(
                 cert,
                 require_client_certificate: t.require_client_certificate.is_some_and(|b| b.value),
                 validation: validation(&common)?,
+                params,
             })))
         }
         type_url::RAW_BUFFER => Ok(None),
@@ -130,17 +133,69 @@ fn without_peer_exchange(alpn: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// rustls speaks TLS 1.2 and 1.3: a context that allows neither is refused.
-fn check_versions(common: &tls_types::CommonTlsContext) -> Result<(), Invalid> {
-    let max = common
-        .tls_params
-        .as_ref()
-        .map_or(0, |p| p.tls_maximum_protocol_version);
-    // TLS_AUTO is 0; TLSv1_0 and TLSv1_1 are 1 and 2.
-    if max == 1 || max == 2 {
+/// `tls_params` as tern can honour them: versions within TLS 1.2–1.3 (a minimum below 1.2
+/// is met by 1.2; a context that allows neither, or no version at all, is refused) and the
+/// TLS 1.2 cipher suites rustls has among those listed. A context whose list leaves TLS 1.2
+/// no suite keeps TLS 1.3 only, or is refused when it allows nothing else: never a suite
+/// the configuration did not name.
+fn params(common: &tls_types::CommonTlsContext) -> Result<TlsParams, Invalid> {
+    let Some(p) = common.tls_params.as_ref() else {
+        return Ok(TlsParams::default());
+    };
+    // TLS_AUTO 0, TLSv1_0 1, TLSv1_1 2, TLSv1_2 3, TLSv1_3 4.
+    let min_version = match p.tls_minimum_protocol_version {
+        0..=3 => TlsVersion::Tls12,
+        4 => TlsVersion::Tls13,
+        _ => return Err(Invalid::TlsVersion),
+    };
+    let max_version = match p.tls_maximum_protocol_version {
+        0 | 4 => TlsVersion::Tls13,
+        3 => TlsVersion::Tls12,
+        _ => return Err(Invalid::TlsVersion),
+    };
+    if min_version > max_version {
         return Err(Invalid::TlsVersion);
     }
-    Ok(())
+    let mut params = TlsParams {
+        min_version,
+        max_version,
+        tls12_cipher_suites: Vec::new(),
+    };
+    if p.cipher_suites.is_empty() || min_version == TlsVersion::Tls13 {
+        return Ok(params);
+    }
+    // OpenSSL names, and BoringSSL's `[a|b]` equal-preference groups.
+    for name in p
+        .cipher_suites
+        .iter()
+        .flat_map(|c| c.trim_matches(|c| c == '[' || c == ']').split('|'))
+    {
+        if let Some(iana) = tls12_suite(name)
+            && !params.tls12_cipher_suites.iter().any(|s| s == iana)
+        {
+            params.tls12_cipher_suites.push(iana.to_owned());
+        }
+    }
+    if params.tls12_cipher_suites.is_empty() {
+        if max_version == TlsVersion::Tls12 {
+            return Err(Invalid::CipherSuites(p.cipher_suites.join(":")));
+        }
+        params.min_version = TlsVersion::Tls13;
+    }
+    Ok(params)
+}
+
+/// The IANA name of a TLS 1.2 suite rustls has, by its OpenSSL name.
+fn tls12_suite(openssl: &str) -> Option<&'static str> {
+    Some(match openssl {
+        "ECDHE-ECDSA-AES128-GCM-SHA256" => "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384" => "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305" => "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256" => "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+        "ECDHE-RSA-AES256-GCM-SHA384" => "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+        "ECDHE-RSA-CHACHA20-POLY1305" => "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+        _ => return None,
+    })
 }
 
 /// The certificate a context presents.
@@ -245,4 +300,63 @@ fn validation(common: &tls_types::CommonTlsContext) -> Result<Validation, Invali
         roots,
         subject_alt_names,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(min: i32, max: i32, ciphers: &[&str]) -> Result<TlsParams, Invalid> {
+        params(&tls_types::CommonTlsContext {
+            tls_params: Some(tls_types::TlsParameters {
+                tls_minimum_protocol_version: min,
+                tls_maximum_protocol_version: max,
+                cipher_suites: ciphers.iter().map(|c| (*c).to_owned()).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn tls_params_are_honoured_or_refused() {
+        // meshMTLS.minProtocolVersion: TLSV1_3.
+        let p = with(4, 0, &[]).unwrap();
+        assert_eq!(
+            (p.min_version, p.max_version),
+            (TlsVersion::Tls13, TlsVersion::Tls13)
+        );
+        // A minimum below 1.2 is met by 1.2; a maximum below it cannot be.
+        assert_eq!(with(1, 0, &[]).unwrap().min_version, TlsVersion::Tls12);
+        assert!(with(0, 2, &[]).is_err());
+        assert!(with(4, 3, &[]).is_err(), "minimum above maximum");
+        // Istio's default list: the ECDHE suites rustls has; the RSA key exchange ones
+        // (which rustls lacks) are never added.
+        let p = with(
+            0,
+            0,
+            &[
+                "ECDHE-ECDSA-AES256-GCM-SHA384",
+                "ECDHE-RSA-AES256-GCM-SHA384",
+                "[ECDHE-ECDSA-AES128-GCM-SHA256|ECDHE-ECDSA-CHACHA20-POLY1305]",
+                "AES256-GCM-SHA384",
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            p.tls12_cipher_suites,
+            [
+                "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+                "TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384",
+                "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+                "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+            ]
+        );
+        // Nothing tern has for TLS 1.2: TLS 1.3 only, or refused when 1.2 is all.
+        assert_eq!(
+            with(0, 0, &["AES128-SHA"]).unwrap().min_version,
+            TlsVersion::Tls13
+        );
+        assert!(with(0, 3, &["AES128-SHA"]).is_err());
+    }
 }
