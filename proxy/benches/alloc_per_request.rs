@@ -81,6 +81,8 @@ fn main() {
             connect_timeout: Duration::from_secs(1),
             access_log: false,
             thrift_ports: Default::default(),
+            budget: tern::budget::BufferBudget::new(64 << 20),
+            message_timeout: Duration::from_secs(15),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

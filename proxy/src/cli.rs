@@ -142,6 +142,18 @@ pub struct RunArgs {
     /// Deepest nesting of Thrift structs and containers accepted.
     #[arg(long, env = "TERN_MAX_DEPTH", default_value_t = 64)]
     pub max_depth: usize,
+    /// Bytes all downstream connections' read buffers may hold together (partial messages
+    /// included); a connection that would take more is closed. Keep it well under the
+    /// container's memory limit.
+    #[arg(long, env = "TERN_MAX_BUFFERED_BYTES", default_value_t = 64 << 20)]
+    pub max_buffered_bytes: usize,
+    /// Downstream connections open at once (both listeners); more are refused and counted.
+    #[arg(long, env = "TERN_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Seconds a client has from a message's first byte to its last (its first message too,
+    /// while tern finds out whether it speaks Thrift); slower ones are closed.
+    #[arg(long, env = "TERN_MESSAGE_TIMEOUT", default_value_t = 15)]
+    pub message_timeout_secs: u64,
     /// Log one line per connection when it closes: direction, peer, original destination,
     /// what handled it, duration (at info, target `tern::access`).
     #[arg(long, env = "TERN_ACCESS_LOG")]

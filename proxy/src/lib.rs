@@ -11,6 +11,7 @@
 //! [`cli`] and [`run`] are the command line and the `tern run` lifecycle.
 pub mod admin;
 pub mod balance;
+pub mod budget;
 pub mod capture;
 pub mod cli;
 pub mod config;

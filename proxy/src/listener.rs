@@ -15,6 +15,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::{
     filters::{self, Ctx, Direction},
     metrics::ListenerLabel,
+    refusal::Refusal,
     socket::{self, OriginalDstSource},
 };
 
@@ -37,7 +38,8 @@ impl Drop for Open {
     }
 }
 
-/// Accepts connections until tern exits. The listeners stay open while tern drains: closing
+/// Accepts connections until tern exits; past `max_connections` open ones (across
+/// listeners), a new connection is closed at once and counted. The listeners stay open while tern drains: closing
 /// them would make capture fail open, so the application's new outbound connections would
 /// bypass tern and new inbound ones would reach the application without TLS or
 /// authorization. Draining ends the connections that were open when it began (see
@@ -47,6 +49,7 @@ pub async fn serve(
     direction: Direction,
     ctx: Arc<Ctx>,
     open: Arc<OpenConnections>,
+    max_connections: usize,
 ) {
     let listen_port = listener.local_addr().map_or(0, |a| a.port());
     let label = ListenerLabel {
@@ -74,6 +77,14 @@ pub async fn serve(
             }
         };
         accepted.inc();
+        if open.count() >= max_connections {
+            ctx.state
+                .metrics
+                .refused(direction.as_str(), Refusal::Overloaded);
+            debug!(%peer, open = open.count(), "too many connections: refused");
+            drop(stream);
+            continue;
+        }
         active.inc();
         open.0.fetch_add(1, Ordering::Relaxed);
         let guard = Open(open.clone(), active.clone());

@@ -183,6 +183,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             relay: args.thrift_detect_exclude_ports.clone(),
             forced: args.thrift_ports.clone(),
         },
+        budget: crate::budget::BufferBudget::new(args.max_buffered_bytes),
+        message_timeout: Duration::from_secs(args.message_timeout_secs),
     });
     let open = Arc::new(OpenConnections::default());
     let mut tasks = tokio::task::JoinSet::new();
@@ -194,7 +196,13 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     ] {
         if let Some(l) = l {
             info!(addr = ?l.local_addr().ok(), dir = direction.as_str(), "listening");
-            tasks.spawn(listener::serve(l, direction, ctx.clone(), open.clone()));
+            tasks.spawn(listener::serve(
+                l,
+                direction,
+                ctx.clone(),
+                open.clone(),
+                args.max_connections,
+            ));
         }
     }
     info!(addr = %args.admin, "admin server listening");

@@ -20,6 +20,9 @@ type, and whose binary protocol reads old non-strict messages.
     bypass_peer.py hold ADDR SECONDS
         a line-echo session (the test peer greets first) kept busy for SECONDS; prints
         JSON: {"echoes": n, "closed": whether the connection was closed under it}
+    bypass_peer.py flood ADDR N SIZE SECONDS
+        N connections each send a framed binary CALL whose SIZE-byte frame lacks its last
+        byte, and hold it for SECONDS; prints JSON: {"closed": how many the peer closed}
 """
 import json
 import socket
@@ -182,6 +185,57 @@ def hold(addr, seconds):
     print(json.dumps({"echoes": echoes, "closed": closed}), flush=True)
 
 
+def flood(addr, n, size, seconds):
+    import time
+
+    host, port = addr.rsplit(":", 1)
+    # A valid call header, then a binary field that fills the frame.
+    head = TMemoryBuffer()
+    proto = TBinaryProtocol(head)
+    proto.writeMessageBegin("echo", TMessageType.CALL, 1)
+    proto.writeStructBegin("args")
+    proto.writeFieldBegin("data", TType.STRING, 1)
+    head = head.getvalue()
+    body_len = size - len(head) - 4 - 1  # the string's length word, the struct's stop
+    frame = struct.pack(">i", size) + head + struct.pack(">i", body_len)
+    chunk = b"x" * 65536
+    socks, closed = [], 0
+
+    def one():
+        nonlocal closed
+        try:
+            s = socket.create_connection((host, int(port)), timeout=10)
+            socks.append(s)
+            s.sendall(frame)
+            left = body_len  # the stop byte is never sent
+            while left > 0:
+                part = chunk[: min(left, len(chunk))]
+                s.sendall(part)
+                left -= len(part)
+        except OSError:
+            with LOCK:
+                closed += 1
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    time.sleep(seconds)
+    for s in socks:
+        s.setblocking(False)
+        try:
+            if s.recv(1) == b"":
+                with LOCK:
+                    closed += 1
+        except BlockingIOError:
+            pass
+        except OSError:
+            with LOCK:
+                closed += 1
+    print(json.dumps({"closed": closed}), flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(sys.argv[2], sys.argv[3], "--non-strict" in sys.argv[4:])
@@ -189,5 +243,7 @@ if __name__ == "__main__":
         send(sys.argv[2], sys.argv[3], sys.argv[4])
     elif sys.argv[1] == "session":
         session(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+    elif sys.argv[1] == "flood":
+        flood(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
     elif sys.argv[1] == "hold":
         hold(sys.argv[2], float(sys.argv[3]))

@@ -56,15 +56,29 @@ struct Mesh {
 /// The control plane serving `snapshot`, and tern in the application Pod capturing inbound
 /// `ports`.
 fn mesh(snapshot: &str, ports: &str) -> Mesh {
+    mesh_with(snapshot, ports, &[])
+}
+
+/// [`mesh`], with more arguments for tern.
+fn mesh_with(snapshot: &str, ports: &str, extra: &[&str]) -> Mesh {
     let p = pods();
     let cp = ControlPlane::start(&p.app, "127.0.0.1:15010", snapshot, &[]).unwrap();
+    let args = [&["--inbound-ports", ports, "--access-log"][..], extra].concat();
     let tern = p
-        .start_tern_xds(
-            &["--inbound-ports", ports, "--access-log"],
-            "info,tern=debug",
-        )
+        .start_tern_xds(&args, "info,tern=debug")
         .unwrap_or_else(|e| panic!("{e:#}\n{}", cp.events()));
     Mesh { p, cp, tern }
+}
+
+/// tern's peak resident memory, in MiB.
+fn peak_rss_mib(tern: &Tern) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", tern.process.pid())).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib / 1024.0
 }
 
 fn refused(m: &Mesh, reason: &str) -> f64 {
@@ -250,4 +264,65 @@ fn no_secret_over_plaintext() {
         .err()
         .unwrap();
     assert!(refused.to_string().contains("is plaintext"), "{refused:#}");
+}
+
+/// 40 clients each hold an 8 MiB Thrift frame without its last byte (on a chain whose rules
+/// need the method, so tern buffers it): the read buffers' budget (64 MiB by default) closes
+/// the ones past it, tern stays far under the injected 256 Mi limit, and it keeps serving.
+/// A client that starts a message and stalls is closed when its time is up.
+#[test]
+fn a_flood_of_half_sent_frames_leaves_tern_bounded_and_serving() {
+    let snapshot = r#"version: "1"
+inbound_rbac:
+  - { name: "ns[default]-policy[deny-echo]-rule[0]", action: deny, methods: ["echo"] }
+"#;
+    let m = mesh_with(snapshot, "9090", &["--message-timeout-secs", "3"]);
+    let log = TempFile::new("ran-flood");
+    let _server = method_logging_server(&m.p, "10.66.1.1:9090", &log, &[]);
+    let before = peak_rss_mib(&m.tern);
+    let srv = &m.p.srv;
+    let flood = std::thread::scope(|scope| {
+        let flood = scope.spawn(|| {
+            python_json(
+                srv,
+                None,
+                "bypass_peer.py",
+                &["flood", "10.66.1.1:9090", "40", &(8 << 20).to_string(), "5"],
+            )
+        });
+        // Serving meanwhile.
+        std::thread::sleep(Duration::from_millis(500));
+        let out = send(srv, "10.66.1.1:9090", "call", "whoami");
+        assert!(
+            out["answered"].as_u64().unwrap() > 0,
+            "{out}\n{}",
+            m.tern.log()
+        );
+        flood.join().unwrap()
+    });
+    let peak = peak_rss_mib(&m.tern);
+    eprintln!("tern peak RSS under the flood: {peak:.1} MiB (before: {before:.1} MiB)");
+    assert!(
+        flood["closed"].as_u64().unwrap() >= 30,
+        "{flood}: the budget closed the connections past it"
+    );
+    assert!(refused(&m, "overloaded") >= 30.0, "{}", m.tern.log());
+    assert!(peak < 160.0, "peak RSS {peak:.1} MiB (before: {before:.1})");
+    assert!(log.read().contains("whoami"));
+    assert!(!log.read().contains("echo"));
+    // The half-sent frames within the budget were closed when their time (3 s) was up,
+    // while their clients still held them.
+    assert!(
+        refused(&m, "first_bytes_timeout") >= 1.0,
+        "{}",
+        m.tern.log()
+    );
+    assert_eq!(
+        refused(&m, "first_bytes_timeout") + refused(&m, "overloaded"),
+        40.0,
+        "{}",
+        m.tern.log()
+    );
+    let out = send(srv, "10.66.1.1:9090", "call", "whoami");
+    assert!(out["answered"].as_u64().unwrap() > 0, "{out}");
 }

@@ -100,6 +100,8 @@ struct TcpProxyFile {
     target: TargetFile,
     /// Look at the client's first bytes and balance Thrift per request (default on).
     sniff_thrift: Option<bool>,
+    /// Milliseconds a relayed connection may stay silent both ways (default 1 h; 0: forever).
+    idle_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -296,6 +298,11 @@ fn chains(listener: &str, files: Vec<ChainFile>) -> Result<Vec<FilterChain>, Con
                     Filter::TcpProxy {
                         target,
                         sniff_thrift: tcp.sniff_thrift.unwrap_or(true),
+                        idle_timeout: match tcp.idle_timeout_ms {
+                            Some(0) => None,
+                            Some(ms) => Some(Duration::from_millis(ms)),
+                            None => Some(super::DEFAULT_IDLE_TIMEOUT),
+                        },
                     }
                 }
                 (None, Some(t)) => Filter::Thrift(ThriftProxy {

@@ -176,6 +176,9 @@ pub enum Filter {
     TcpProxy {
         target: Target,
         sniff_thrift: bool,
+        /// A relayed connection with no bytes either way for this long is closed (`None`:
+        /// never; Envoy's and Istio's default is 1 h).
+        idle_timeout: Option<Duration>,
     },
     Thrift(ThriftProxy),
     /// Relay to the original destination (a chain set aside whose traffic still flows, such

@@ -8,14 +8,17 @@
 //!   within the frame limit: per-request balancing, and the connection opened meanwhile goes
 //!   to the endpoint's pool;
 //! - the client, with anything else (a TLS ClientHello, an HTTP request, a frame that is too
-//!   long, a header that does not decode): relay, every byte read so far included.
-use std::future::Future;
+//!   long, a header that does not decode): relay, every byte read so far included;
+//! - nobody, before the first message's time is up: relay what there is (a chain whose
+//!   rules need Thrift refuses it instead).
+use std::{future::Future, time::Duration};
 
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 
 use super::tcp::Connected;
 use crate::{
+    budget::Held,
     stream::Stream,
     thrift::{Decoder, DecoderLimits, Protocol, Transport, frame::sniff},
 };
@@ -29,21 +32,29 @@ pub enum Outcome {
         format: (Transport, Protocol),
         upstream: Option<Connected>,
     },
-    /// Anything else: relay, starting with the bytes each side sent already.
+    /// Anything else: relay, starting with the bytes each side sent already. `stalled`:
+    /// neither side had said anything decisive when the first message's time was up.
     Relay {
         from_client: BytesMut,
         from_server: BytesMut,
         upstream: Connected,
+        stalled: bool,
     },
     /// The client is not speaking Thrift and no upstream connection could be opened.
     Unreachable,
+    /// The client's first message would take the read buffers over their budget.
+    Overloaded,
 }
 
 /// Reads both sides until one decides (see the module doc); `connect` opens the upstream.
+/// The client's first message must arrive within `timeout` (or the connection is relayed as
+/// it is, `stalled`), and its buffer grows within `held`'s budget.
 pub async fn first_speaker(
     down: &mut Stream,
     connect: impl Future<Output = Option<Connected>>,
     limits: DecoderLimits,
+    held: &mut Held,
+    timeout: Duration,
 ) -> Outcome {
     let mut decoder = Decoder::detecting(limits);
     let mut from_client = BytesMut::with_capacity(4096);
@@ -51,6 +62,9 @@ pub async fn first_speaker(
     let mut connect = std::pin::pin!(connect);
     let mut connecting = true;
     let mut upstream: Option<Connected> = None;
+    let deadline = tokio::time::sleep(timeout);
+    let mut deadline = std::pin::pin!(deadline);
+    let mut stalled = false;
     let relay = loop {
         tokio::select! {
             read = down.read_buf(&mut from_client) => match read {
@@ -59,8 +73,11 @@ pub async fn first_speaker(
                         return Outcome::Thrift { first: from_client, format, upstream };
                     }
                     Ok(None) => {
-                        if from_client.capacity() - from_client.len() < 1024 {
-                            from_client.reserve(from_client.len().max(4096));
+                        let more = from_client.len().max(4096);
+                        if from_client.capacity() - from_client.len() < 1024
+                            && held.reserve(&mut from_client, more).is_err()
+                        {
+                            return Outcome::Overloaded;
                         }
                     }
                     Err(_) => break true,
@@ -86,6 +103,10 @@ pub async fn first_speaker(
                 let _ = read;
                 break true;
             },
+            () = &mut deadline => {
+                stalled = true;
+                break true;
+            },
         }
     };
     if !relay {
@@ -101,6 +122,7 @@ pub async fn first_speaker(
             from_client,
             from_server,
             upstream,
+            stalled,
         },
         None => Outcome::Unreachable,
     }

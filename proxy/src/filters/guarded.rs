@@ -11,6 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::debug;
 
 use super::{Ctx, authz::Authz};
+use crate::budget::Held;
 use crate::{
     stream::Stream,
     thrift::{
@@ -24,6 +25,7 @@ use crate::{
 pub async fn serve(
     mut down: Stream,
     mut buf: BytesMut,
+    mut held: Held,
     mut up: Stream,
     format: (Transport, Protocol),
     mut authz: Authz,
@@ -33,7 +35,15 @@ pub async fn serve(
     let mut replies = Decoder::configured(ctx.limits, format.0, format.1, false);
     let mut from_up = BytesMut::with_capacity(16 * 1024);
     loop {
-        let call = match next(&mut requests, &mut down, &mut buf).await {
+        let call = match next(
+            &mut requests,
+            &mut down,
+            &mut buf,
+            Some(&mut held),
+            ctx.message_timeout,
+        )
+        .await
+        {
             Ok(Some(call)) => call,
             Ok(None) => break,
             Err(why) => {
@@ -71,7 +81,15 @@ pub async fn serve(
         if call.kind() == MessageType::Oneway {
             continue;
         }
-        let reply = match next(&mut replies, &mut up, &mut from_up).await {
+        let reply = match next(
+            &mut replies,
+            &mut up,
+            &mut from_up,
+            None,
+            ctx.message_timeout,
+        )
+        .await
+        {
             Ok(Some(reply)) => reply,
             _ => break,
         };
@@ -87,20 +105,36 @@ pub async fn serve(
 }
 
 /// The next whole message from `stream` (bytes already read in `buf`); `None` at a clean
-/// end between messages.
+/// end between messages. A message must arrive whole within `timeout` of its first byte,
+/// and the client's buffer grows within its budget (`held`).
 async fn next(
     decoder: &mut Decoder,
     stream: &mut Stream,
     buf: &mut BytesMut,
+    mut held: Option<&mut Held>,
+    timeout: std::time::Duration,
 ) -> Result<Option<Message>, String> {
+    let mut deadline = None;
     loop {
         if let Some(m) = decoder.decode(buf).map_err(|e| e.to_string())? {
             return Ok(Some(m));
         }
         if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(buf.len().max(16 * 1024));
+            let more = buf.len().max(16 * 1024);
+            match held.as_deref_mut() {
+                Some(h) => h.reserve(buf, more).map_err(|e| e.to_string())?,
+                None => buf.reserve(more),
+            }
         }
-        match stream.read_buf(buf).await {
+        let read = if buf.is_empty() {
+            stream.read_buf(buf).await
+        } else {
+            let at = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
+            tokio::time::timeout_at(at, stream.read_buf(buf))
+                .await
+                .map_err(|_| "a message took longer than its time".to_owned())?
+        };
+        match read {
             Ok(0) if buf.is_empty() => return Ok(None),
             Ok(0) => return Err("closed inside a message".into()),
             Ok(_) => {}

@@ -63,6 +63,10 @@ pub struct Ctx {
     pub access_log: bool,
     /// Destination ports where TCP proxy chains do not look for Thrift, or take it for granted.
     pub thrift_ports: ThriftPorts,
+    /// What downstream read buffers may hold together.
+    pub budget: Arc<crate::budget::BufferBudget>,
+    /// From a message's first byte to its last.
+    pub message_timeout: Duration,
 }
 
 /// Per destination port, how a TCP proxy chain treats Thrift.
@@ -331,10 +335,11 @@ async fn run_filter(
         Ok(())
     };
     let snap = ctx.state.load();
-    let (target, detect) = match filter {
+    let (target, detect, idle) = match filter {
         Filter::Thrift(_) => {
             drop(snap);
-            thrift::serve(down, BytesMut::new(), chain, authz, ctx).await;
+            let held = ctx.budget.hold();
+            thrift::serve(down, BytesMut::new(), held, chain, authz, ctx).await;
             return Ok(Handled::Thrift);
         }
         Filter::Passthrough => {
@@ -349,7 +354,8 @@ async fn run_filter(
         Filter::TcpProxy {
             target,
             sniff_thrift,
-        } => (target, sniff_thrift),
+            idle_timeout,
+        } => (target, sniff_thrift, idle_timeout),
     };
     let name = target.pick();
     let Some(cluster) = snap.clusters.get(name).cloned() else {
@@ -369,7 +375,8 @@ async fn run_filter(
     };
     let handled = match mode {
         TcpMode::Thrift => {
-            thrift::serve(down, BytesMut::new(), chain, authz, ctx).await;
+            let held = ctx.budget.hold();
+            thrift::serve(down, BytesMut::new(), held, chain, authz, ctx).await;
             Handled::Thrift
         }
         TcpMode::Relay => {
@@ -385,11 +392,11 @@ async fn run_filter(
                 );
                 tcp::relay(
                     down,
-                    BytesMut::new(),
-                    BytesMut::new(),
+                    (BytesMut::new(), BytesMut::new()),
                     up.stream,
                     series,
                     Some(authz),
+                    idle,
                 )
                 .await
                 .map_err(|d| d.reason)?;
@@ -398,7 +405,15 @@ async fn run_filter(
         }
         TcpMode::Detect => {
             let connect = tcp::connect(&cluster, dst, peer, direction, &ctx);
-            match detect::first_speaker(&mut down, connect, ctx.limits).await {
+            let mut held = ctx.budget.hold();
+            let first = detect::first_speaker(
+                &mut down,
+                connect,
+                ctx.limits,
+                &mut held,
+                ctx.message_timeout,
+            );
+            match first.await {
                 detect::Outcome::Thrift {
                     first,
                     format,
@@ -412,7 +427,7 @@ async fn run_filter(
                         return Ok(Handled::Tcp);
                     };
                     debug!("the client speaks Thrift: authorizing each call");
-                    guarded::serve(down, first, up.stream, format, authz, ctx).await;
+                    guarded::serve(down, first, held, up.stream, format, authz, ctx).await;
                     Handled::Thrift
                 }
                 detect::Outcome::Thrift {
@@ -437,15 +452,19 @@ async fn run_filter(
                             &cluster.runtime,
                         );
                     }
-                    thrift::serve(down, first, chain, authz, ctx).await;
+                    thrift::serve(down, first, held, chain, authz, ctx).await;
                     Handled::Thrift
                 }
                 detect::Outcome::Relay {
                     from_client,
                     from_server,
                     upstream,
+                    stalled,
                 } => {
                     // Nothing of the client's has been sent yet.
+                    if stalled && defers {
+                        return Err(Refusal::FirstBytesTimeout);
+                    }
                     not_thrift()?;
                     let series = istio::tcp(
                         &ctx,
@@ -457,17 +476,18 @@ async fn run_filter(
                     );
                     tcp::relay(
                         down,
-                        from_client,
-                        from_server,
+                        (from_client, from_server),
                         upstream.stream,
                         series,
                         Some(authz),
+                        idle,
                     )
                     .await
                     .map_err(|d| d.reason)?;
                     Handled::Tcp
                 }
                 detect::Outcome::Unreachable => Handled::Tcp,
+                detect::Outcome::Overloaded => return Err(Refusal::Overloaded),
             }
         }
     };

@@ -1,10 +1,22 @@
 //! The TCP proxy: relays a connection's bytes to a cluster endpoint (over TLS when the
 //! endpoint takes it) or to its original destination, with `copy_bidirectional` (each
 //! direction's end of stream forwarded on its own: half-close).
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
 
 use bytes::BytesMut;
-use tokio::{io::AsyncWriteExt, net::TcpStream};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
+    net::TcpStream,
+};
 use tracing::debug;
 
 use super::{
@@ -124,22 +136,25 @@ pub async fn passthrough(
     if let Some((up, _)) = connect_original(dst, direction, ctx).await {
         let up = Stream::Plain(up);
         let series = super::istio::tcp(ctx, direction, None, None, Some(&up), peer_identity);
-        relay(down, BytesMut::new(), BytesMut::new(), up, series, authz).await?;
+        let idle = Some(crate::config::DEFAULT_IDLE_TIMEOUT);
+        relay(down, Default::default(), up, series, authz, idle).await?;
     }
     Ok(())
 }
 
 /// Relays bytes both ways until both sides are done, starting with what each side sent
-/// before the relay began; closes both sides as soon as the policy in force (`authz`, for
-/// a filter chain's connection) no longer allows the connection, and says why.
+/// before the relay began (`early`: from the client, from the server); closes both sides as
+/// soon as the policy in force (`authz`, for a filter chain's connection) no longer allows
+/// the connection, and says why, or when no byte moved either way for `idle`.
 pub async fn relay(
     mut down: Stream,
-    from_client: BytesMut,
-    from_server: BytesMut,
+    early: (BytesMut, BytesMut),
     mut up: Stream,
     series: TcpSeries,
     authz: Option<Authz>,
+    idle: Option<Duration>,
 ) -> Result<(), Denied> {
+    let (from_client, from_server) = early;
     series.opened.inc();
     let _closed = Closed(&series);
     let _ = down.set_nodelay(true);
@@ -158,8 +173,18 @@ pub async fn relay(
             None => std::future::pending().await,
         }
     };
+    let started = Instant::now();
+    let last = AtomicU64::new(0);
+    let (mut d, mut u) = (
+        Active::new(&mut down, &last, started),
+        Active::new(&mut up, &last, started),
+    );
     let copied = tokio::select! {
-        copied = tokio::io::copy_bidirectional(&mut down, &mut up) => copied,
+        copied = tokio::io::copy_bidirectional(&mut d, &mut u) => copied,
+        () = idle_for(idle, &last, started) => {
+            debug!(?idle, "no bytes either way for the idle timeout: closing");
+            return Ok(());
+        }
         denied = revoked => {
             debug!(policy = %denied.policy, reason = denied.reason.as_str(), "the policy in force no longer allows the connection: closing");
             return Err(denied);
@@ -186,5 +211,116 @@ struct Closed<'a>(&'a TcpSeries);
 impl Drop for Closed<'_> {
     fn drop(&mut self) {
         self.0.closed.inc();
+    }
+}
+
+/// Resolves once no byte moved for `idle` (never, without one); `last` is when bytes last
+/// moved, in milliseconds after `started`. One timer per idle period, not one per read.
+async fn idle_for(idle: Option<Duration>, last: &AtomicU64, started: Instant) {
+    let Some(idle) = idle else {
+        return std::future::pending().await;
+    };
+    loop {
+        let moved = started + Duration::from_millis(last.load(Ordering::Relaxed));
+        let until = moved + idle;
+        if Instant::now() >= until {
+            return;
+        }
+        tokio::time::sleep_until(until.into()).await;
+    }
+}
+
+/// A stream that notes when it last moved bytes (for the relay's idle timeout).
+struct Active<'a, S> {
+    inner: &'a mut S,
+    last: &'a AtomicU64,
+    started: Instant,
+}
+
+impl<'a, S> Active<'a, S> {
+    fn new(inner: &'a mut S, last: &'a AtomicU64, started: Instant) -> Self {
+        Self {
+            inner,
+            last,
+            started,
+        }
+    }
+
+    fn moved(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(ms, Ordering::Relaxed);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Active<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.moved();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Active<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut *self.inner).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.moved();
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_relay_is_idle_only_when_no_byte_moves_either_way() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        let started = Instant::now();
+        let last = AtomicU64::new(0);
+        let idle = Some(Duration::from_millis(300));
+        let mut watched = Active::new(&mut a, &last, started);
+        // Bytes every 100 ms keep it alive past the idle timeout.
+        let busy = async {
+            for _ in 0..6 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                watched.write_all(b"x").await.unwrap();
+                let mut one = [0u8; 1];
+                b.read_exact(&mut one).await.unwrap();
+            }
+        };
+        tokio::select! {
+            () = busy => {}
+            () = idle_for(idle, &last, started) => panic!("idle while bytes moved"),
+        }
+        assert!(started.elapsed() >= Duration::from_millis(600));
+        let quiet = Instant::now();
+        idle_for(idle, &last, started).await;
+        assert!(quiet.elapsed() >= Duration::from_millis(250));
+        // No idle timeout: never.
+        let never = tokio::time::timeout(Duration::from_millis(50), idle_for(None, &last, started));
+        assert!(never.await.is_err());
     }
 }

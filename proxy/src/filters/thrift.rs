@@ -29,6 +29,7 @@ use tokio::{
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::{Ctx, authz::Authz, istio, ordered::Ordered};
+use crate::budget::Held;
 use crate::{
     balance::{hash_key, source_hash},
     config::{Cluster, Filter, Route, RouteAction, RouteMatch, Target, UpstreamMode},
@@ -64,7 +65,14 @@ pub struct ChainRef {
 }
 
 /// Serves one downstream connection whose first bytes (`buf`) were Thrift.
-pub async fn serve(down: Stream, buf: BytesMut, chain: ChainRef, authz: Authz, ctx: Arc<Ctx>) {
+pub async fn serve(
+    down: Stream,
+    buf: BytesMut,
+    mut held: Held,
+    chain: ChainRef,
+    authz: Authz,
+    ctx: Arc<Ctx>,
+) {
     let _ = down.set_nodelay(true);
     let source = down.peer_addr().ok().map(|a| a.ip());
     let (mut rd, mut wr) = down.into_split();
@@ -79,10 +87,17 @@ pub async fn serve(down: Stream, buf: BytesMut, chain: ChainRef, authz: Authz, c
     // drain (the client reconnecting) is served until tern exits.
     let mut drain = ctx.drain.clone();
     drain.borrow_and_update();
+    // A message must arrive whole within the message timeout of its first byte: one timer,
+    // set when a partial message starts (or the one before it completed).
+    let stall = tokio::time::sleep(ctx.message_timeout);
+    let mut stall = std::pin::pin!(stall);
+    let mut partial = false;
     loop {
+        let mut progressed = false;
         while reading && replies.len() < MAX_IN_FLIGHT {
             match conn.decoder.decode(&mut buf) {
                 Ok(Some(msg)) => {
+                    progressed = true;
                     let plan = conn.plan(msg);
                     let span = debug_span!("request", seq = plan.client_seq());
                     let ctx = ctx.clone();
@@ -105,6 +120,13 @@ pub async fn serve(down: Stream, buf: BytesMut, chain: ChainRef, authz: Authz, c
         if !reading && replies.is_empty() {
             break;
         }
+        let now_partial = reading && !buf.is_empty();
+        if now_partial && (!partial || progressed) {
+            stall
+                .as_mut()
+                .reset(tokio::time::Instant::now() + ctx.message_timeout);
+        }
+        partial = now_partial;
         tokio::select! {
             read = rd.read_buf(&mut buf), if reading && replies.len() < MAX_IN_FLIGHT => match read {
                 Ok(0) => {
@@ -115,8 +137,13 @@ pub async fn serve(down: Stream, buf: BytesMut, chain: ChainRef, authz: Authz, c
                     reading = false;
                 }
                 Ok(_) => {
-                    if buf.capacity() - buf.len() < 4096 {
-                        buf.reserve(64 * 1024);
+                    if buf.capacity() - buf.len() < 4096
+                        && let Err(e) = held.reserve(&mut buf, 64 * 1024)
+                    {
+                        ctx.state.metrics.rejected("buffer_budget");
+                        warn!(error = %e, "closing a connection: no buffer left for it");
+                        reading = false;
+                        buf.clear();
                     }
                 }
                 Err(e) => {
@@ -139,6 +166,13 @@ pub async fn serve(down: Stream, buf: BytesMut, chain: ChainRef, authz: Authz, c
                     debug!(error = %e, "downstream write failed");
                     return;
                 }
+            },
+            () = &mut stall, if partial => {
+                ctx.state.metrics.rejected("message_timeout");
+                debug!(bytes = buf.len(), "a message took longer than its time: no new requests");
+                reading = false;
+                partial = false;
+                buf.clear();
             },
             _ = drain.changed(), if reading => {
                 debug!("draining: no new requests on this connection");

@@ -348,6 +348,11 @@ fn terminal_filter(
                     target: tcp_target(&t)?,
                     // istiod's names never say Thrift: every tcp_proxy looks at the bytes.
                     sniff_thrift: true,
+                    // Envoy's default is 1 h; zero turns it off.
+                    idle_timeout: match &t.idle_timeout {
+                        None => Some(crate::config::DEFAULT_IDLE_TIMEOUT),
+                        Some(d) => Some(super::duration(d)).filter(|d| !d.is_zero()),
+                    },
                 }));
             }
             type_url::THRIFT_PROXY => {

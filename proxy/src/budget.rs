@@ -1,0 +1,125 @@
+//! A bound on the bytes all downstream connections' read buffers hold together, so clients
+//! holding partial messages cannot grow tern past its memory limit: a connection whose buffer
+//! would take the total over the bound is closed (counted as `overloaded`), the others go on.
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering},
+};
+
+/// The shared budget.
+#[derive(Debug)]
+pub struct BufferBudget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+/// What one connection's buffer holds of the budget; given back when dropped.
+#[derive(Debug)]
+pub struct Held {
+    budget: Arc<BufferBudget>,
+    bytes: usize,
+}
+
+/// The budget cannot take a buffer that large.
+#[derive(Debug, thiserror::Error)]
+#[error("read buffers of all connections would hold more than {limit} bytes")]
+pub struct Exhausted {
+    pub limit: usize,
+}
+
+impl BufferBudget {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            used: AtomicUsize::new(0),
+            limit,
+        })
+    }
+
+    /// Bytes held now, across connections.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// A connection's share, holding nothing yet.
+    pub fn hold(self: &Arc<Self>) -> Held {
+        Held {
+            budget: self.clone(),
+            bytes: 0,
+        }
+    }
+}
+
+impl Held {
+    /// Accounts a buffer that now has `capacity` bytes; refused (and nothing changed) when
+    /// the total would go over the limit.
+    pub fn resize(&mut self, capacity: usize) -> Result<(), Exhausted> {
+        let budget = &self.budget;
+        if capacity > self.bytes {
+            let more = capacity - self.bytes;
+            let grown = budget
+                .used
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                    used.checked_add(more)
+                        .filter(|total| *total <= budget.limit)
+                });
+            if grown.is_err() {
+                return Err(Exhausted {
+                    limit: budget.limit,
+                });
+            }
+        } else {
+            budget
+                .used
+                .fetch_sub(self.bytes - capacity, Ordering::Relaxed);
+        }
+        self.bytes = capacity;
+        Ok(())
+    }
+
+    /// Grows `buf` by at least `additional` bytes of spare capacity, within the budget.
+    pub fn reserve(
+        &mut self,
+        buf: &mut bytes::BytesMut,
+        additional: usize,
+    ) -> Result<(), Exhausted> {
+        let wanted = buf.len().saturating_add(additional);
+        if buf.capacity() >= wanted {
+            return Ok(());
+        }
+        // BytesMut may double: account for what it may take.
+        self.resize(wanted.max(buf.capacity().saturating_mul(2)))?;
+        buf.reserve(additional);
+        self.resize(buf.capacity())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_share_one_bound() {
+        let budget = BufferBudget::new(1000);
+        let mut a = budget.hold();
+        let mut b = budget.hold();
+        a.resize(600).unwrap();
+        assert!(b.resize(500).is_err(), "over the bound");
+        assert_eq!(budget.used(), 600);
+        b.resize(400).unwrap();
+        a.resize(100).unwrap();
+        assert_eq!(budget.used(), 500);
+        drop(a);
+        assert_eq!(budget.used(), 400);
+        let mut buf = bytes::BytesMut::new();
+        assert!(b.reserve(&mut buf, 10_000).is_err());
+        assert_eq!(budget.used(), 400, "a refused growth holds nothing more");
+        drop(b);
+        assert_eq!(budget.used(), 0);
+    }
+}
