@@ -37,14 +37,22 @@ pub enum Scope {
 /// Serves admin requests until the task is dropped.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, scope: Scope) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
         let admin = admin.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
+            let service = service_fn(move |req: Request<Incoming>| {
                 let admin = admin.clone();
                 async move {
+                    // What changes tern (draining, log levels) only from inside the Pod, as
+                    // pilot-agent allows, whatever address the admin server is bound to.
+                    if req.method() != Method::GET && !peer.ip().to_canonical().is_loopback() {
+                        return Ok::<_, Infallible>(text(
+                            StatusCode::FORBIDDEN,
+                            "only from loopback\n".to_owned(),
+                        ));
+                    }
                     Ok::<_, Infallible>(match (scope, req.uri().path()) {
                         (Scope::Admin, _) | (Scope::Stats, "/stats/prometheus") => {
                             handle(&admin, req)

@@ -407,13 +407,33 @@ pub struct CaptureArgs {
     /// uid whose sockets are never captured (Istio runs its proxy as 1337).
     #[arg(long, env = "PROXY_UID")]
     pub proxy_uid: Option<u32>,
-    /// Refuse captured connections while the proxy is not listening, instead of letting them through.
-    #[arg(long, env = "TERN_FAIL_CLOSED")]
-    pub fail_closed: bool,
-    /// The node's addresses (`status.hostIP`, one per family, comma-separated): inbound
-    /// connections from them (kubelet probes) reach the application without the proxy.
-    #[arg(long, env = "HOST_IP", default_value = "", value_parser = parse_node_ips)]
-    pub host_ip: NodeIps,
+    /// Let outbound connections through while the proxy is not listening (eBPF), instead of
+    /// refusing them. Inbound is refused while the proxy is down, whatever this says.
+    #[arg(long, env = "TERN_OUTBOUND_FAIL_OPEN")]
+    pub outbound_fail_open: bool,
+    /// UNSAFE: addresses (one per family, comma-separated) whose inbound connections skip
+    /// the proxy — meant for the node's, for kubelet probes, but every host-network Pod and
+    /// every NodePort client SNATed to the node then skips mTLS and authorization. Off.
+    #[arg(long, env = "TERN_UNSAFE_NODE_BYPASS", default_value = "", value_parser = parse_node_ips)]
+    pub unsafe_node_bypass: NodeIps,
+}
+
+/// Every environment variable some `tern` command reads (its flags' fallbacks).
+pub fn env_names() -> std::collections::BTreeSet<String> {
+    use clap::CommandFactory;
+    fn walk(cmd: &clap::Command, out: &mut std::collections::BTreeSet<String>) {
+        for arg in cmd.get_arguments() {
+            if let Some(env) = arg.get_env() {
+                out.insert(env.to_string_lossy().into_owned());
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            walk(sub, out);
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    walk(&Cli::command(), &mut out);
+    out
 }
 
 /// At most one address per family.
@@ -449,8 +469,8 @@ impl CaptureArgs {
             exclude_cidrs: self.exclude_cidrs.clone(),
             inbound: self.inbound_ports.clone(),
             exclude_inbound_ports: self.exclude_inbound_ports.clone(),
-            fail_closed: self.fail_closed,
-            node_ips: self.host_ip.0.clone(),
+            outbound_fail_open: self.outbound_fail_open,
+            node_ips: self.unsafe_node_bypass.0.clone(),
         }
     }
 
@@ -507,6 +527,8 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Capture(CaptureCommand::Attach(args)) => {
             let cgroup = args.cgroup()?;
+            // Only tern's own Pod: never a sibling's, never an ancestor holding other Pods.
+            cgroup.require_self_inside()?;
             let capture = ebpf::EbpfCapture::attach(&cgroup, &args.netns, &args.settings())?;
             println!(
                 "attached tern capture to cgroup {} (pinned; detach with `tern capture detach --cgroup {}`)",
@@ -517,6 +539,9 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Capture(CaptureCommand::Detach(pod)) => {
             let (cgroup, _) = pod.resolve()?;
+            // Another Pod's capture is its protection: not for this Pod to remove (captures
+            // of deleted Pods go with `tern capture gc`).
+            cgroup.require_self_inside()?;
             ebpf::detach(&cgroup)?;
             println!(
                 "detached tern capture from cgroup {}",
@@ -732,10 +757,10 @@ fn print_status(all: &[ebpf::CaptureStatus]) {
             s.outbound_port,
             s.inbound_port,
             s.mark,
-            if s.fail_closed {
-                "fail-closed"
+            if s.outbound_fail_open {
+                "outbound fails open"
             } else {
-                "fail-open"
+                "fails closed"
             }
         );
         for (name, value) in &s.counters {

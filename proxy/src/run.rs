@@ -6,8 +6,9 @@
 //! hook only answers on sockets in the cgroup), then binds its listeners, then attaches the
 //! hooks — so the connect hook never sees the proxy missing and no connection is refused while
 //! tern starts.
-//! Draining keeps the listeners open (see [`crate::listener::serve`]), lets the connections
-//! open when it began finish (up to the drain timeout) and only then releases capture.
+//! Draining keeps the listeners open (see [`crate::listener::serve`]) and lets the connections
+//! open when it began finish (up to the drain timeout). eBPF capture is not released at exit:
+//! while tern is down (exited, crashed, restarting) the Pod's inbound is refused.
 use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
@@ -274,7 +275,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     tasks.shutdown().await;
     match capture {
         Capture::None => {}
-        Capture::Ebpf(c) => c.release(),
+        // The capture stays while the Pod lives: without tern its inbound is refused (and
+        // its outbound too, unless it fails open), never let through unchecked. A restarted
+        // tern takes it over; it goes with the Pod (`tern capture gc`, at every start).
+        Capture::Ebpf(_) => info!("the eBPF capture stays attached while the Pod lives"),
         Capture::Iptables(mut c) => c.remove(),
     }
     info!("tern stopped");

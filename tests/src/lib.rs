@@ -459,6 +459,11 @@ impl Process {
         self.child.id()
     }
 
+    /// Whether it has exited.
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().is_ok_and(|s| s.is_some())
+    }
+
     /// Sends SIGTERM and waits for the process to exit.
     pub fn terminate(&mut self) -> Result<()> {
         let _ = Command::new("kill")
@@ -565,6 +570,24 @@ impl Drop for Tern {
 /// Runs `tern <args>` from the host and returns (success, stdout, stderr).
 pub fn tern(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(tern_bin())
+        .args(args)
+        .output()
+        .expect("run tern");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `tern <args>` run inside the cgroup at `cgroup` (as a container of that Pod would run it).
+pub fn tern_in(cgroup: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(r#"echo $$ > "$1/cgroup.procs" || exit 97; shift; exec "$@""#)
+        .arg("sh")
+        .arg(cgroup)
+        .arg(tern_bin())
         .args(args)
         .output()
         .expect("run tern");

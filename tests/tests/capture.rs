@@ -8,7 +8,7 @@ use std::{os::unix::fs::MetadataExt, path::Path, process::Command, time::Duratio
 
 use tern_tests::{
     Cgroup, Netns, Tern, bpftool, capture_counter, connect, eventually, pods, require_root, serve,
-    tern,
+    tern, tern_in,
 };
 
 /// Entries bpftool sees in one of tern's pinned maps.
@@ -104,7 +104,18 @@ fn outbound_goes_through_the_proxy(mode: &str) {
         p.app.iptables_rules().unwrap().is_empty(),
         "rules left after exit"
     );
-    assert!(!p.cgroup.pin_dir().exists(), "pins left after exit");
+    if mode == "ebpf" {
+        // eBPF capture stays while the Pod lives: without tern, connections are refused.
+        assert!(p.cgroup.pin_dir().exists(), "the capture outlives tern");
+        let after = connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080");
+        assert_eq!(after.kind.as_deref(), Some("PermissionDenied"), "{after:?}");
+        let (ok, _, err) = tern_in(
+            p.cgroup.path(),
+            &["capture", "detach", "--cgroup", p.cgroup.path_str()],
+        );
+        assert!(ok, "{err}");
+        assert!(!p.cgroup.pin_dir().exists(), "pins left after detach");
+    }
     let after = connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080");
     assert!(after.ok() && !after.proxied(), "{after:?}");
 }
@@ -282,7 +293,7 @@ fn inbound_arrives_through_the_proxy(mode: &str) {
 
 /// Inbound over IPv6 reaches an application bound only to the Pod's IPv6 address (tern
 /// connects from that address, which capture leaves alone), and connections from the node's
-/// address (`--host-ip`: kubelet probes) reach the application without tern.
+/// address (`--unsafe-node-bypass`, off by default) reach the application without tern.
 fn inbound_ipv6_and_node_probes(mode: &str) {
     let p = pods();
     assert!(
@@ -296,7 +307,12 @@ fn inbound_ipv6_and_node_probes(mode: &str) {
     let _server = serve(&p.srv, &["[fd66::2]:8080", "10.66.1.2:8080"]).unwrap();
     let netns = p.srv.path();
     let mut args = run_args(mode, &p.cgroup, &["--inbound-ports", "*"]);
-    args.extend(["--netns", netns.to_str().unwrap(), "--host-ip", "10.66.1.1"]);
+    args.extend([
+        "--netns",
+        netns.to_str().unwrap(),
+        "--unsafe-node-bypass",
+        "10.66.1.1",
+    ]);
     let _tern = Tern::start(&p.srv, Some(&p.cgroup), &args).unwrap();
 
     let v6 = connect(&p.app, None, "[fd66::2]:8080");
@@ -321,7 +337,7 @@ fn inbound_ipv6_and_node_probes(mode: &str) {
 }
 
 /// While tern drains (SIGTERM), the application's new outbound connections still go through
-/// it, until it exits; only then does capture let them through directly.
+/// it, until it exits; then capture refuses them (it stays while the Pod lives).
 #[test]
 fn ebpf_outbound_goes_through_the_proxy_while_draining() {
     let p = pods();
@@ -366,7 +382,7 @@ fn ebpf_outbound_goes_through_the_proxy_while_draining() {
     );
     tern_proc.process.terminate().unwrap();
     let after = connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080");
-    assert!(after.ok() && !after.proxied(), "{after:?}");
+    assert_eq!(after.kind.as_deref(), Some("PermissionDenied"), "{after:?}");
 }
 
 /// Runs a scenario once per capture mechanism: `<scenario>::ebpf` and `<scenario>::iptables`.
@@ -395,118 +411,120 @@ under_both_captures!(
     inbound_ipv6_and_node_probes
 );
 
-/// Hooks attached by `tern capture attach` outlive the proxy: while it is down, connections go
-/// where they were sent (outbound and inbound), and a restarted proxy takes over again.
+/// Hooks attached by `tern capture attach` outlive the proxy, and fail closed while it is
+/// down: inbound is refused (never let through to the application unchecked), outbound is
+/// refused too unless `--outbound-fail-open`; a restarted proxy takes over again.
 #[test]
-fn ebpf_fails_open_when_the_proxy_dies() {
-    let p = pods();
-    let _server = serve(&p.srv, &["10.66.1.2:8080"]).unwrap();
-    let _app_server = serve(&p.app, &["0.0.0.0:8081"]).unwrap();
-    let netns = p.app.path();
-    let cg = p.cgroup.path_str();
-    let (ok, _, err) = tern(&[
-        "capture",
-        "attach",
-        "--cgroup",
-        cg,
-        "--netns",
-        netns.to_str().unwrap(),
-        "--inbound-ports",
-        "8081",
-    ]);
-    assert!(ok, "{err}");
+fn ebpf_fails_closed_when_the_proxy_dies() {
+    for outbound_fail_open in [false, true] {
+        let p = pods();
+        let _server = serve(&p.srv, &["10.66.1.2:8080"]).unwrap();
+        let _app_server = serve(&p.app, &["0.0.0.0:8081"]).unwrap();
+        let netns = p.app.path();
+        let cg = p.cgroup.path_str();
+        let mut attach = vec![
+            "capture",
+            "attach",
+            "--cgroup",
+            cg,
+            "--netns",
+            netns.to_str().unwrap(),
+            "--inbound-ports",
+            "8081",
+        ];
+        if outbound_fail_open {
+            attach.push("--outbound-fail-open");
+        }
+        let (ok, _, err) = tern_in(p.cgroup.path(), &attach);
+        assert!(ok, "{err}");
 
-    let mut proxy = Tern::start(
-        &p.app,
-        Some(&p.cgroup),
-        &["run", "--capture", "ebpf", "--cgroup", cg],
-    )
-    .unwrap();
-    assert!(connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080").proxied());
-    let inbound = connect(&p.srv, None, "10.66.1.1:8081");
-    assert!(
-        inbound.ok()
-            && inbound
-                .server_saw
-                .as_deref()
-                .unwrap()
-                .starts_with("127.0.0.6:"),
-        "{inbound:?}"
-    );
+        let mut proxy = Tern::start(
+            &p.app,
+            Some(&p.cgroup),
+            &["run", "--capture", "ebpf", "--cgroup", cg],
+        )
+        .unwrap();
+        assert!(connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080").proxied());
+        let inbound = connect(&p.srv, None, "10.66.1.1:8081");
+        assert!(
+            inbound.ok()
+                && inbound
+                    .server_saw
+                    .as_deref()
+                    .unwrap()
+                    .starts_with("127.0.0.6:"),
+            "{inbound:?}"
+        );
 
-    proxy.process.kill();
-    assert!(
-        p.cgroup.pin_dir().exists(),
-        "the pinned hooks must outlive the proxy"
-    );
-    let c = connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080");
-    assert!(c.ok() && !c.proxied(), "outbound must fail open: {c:?}");
-    assert!(capture_counter(&p.cgroup, "connect.failed_open") >= 1);
-    let inbound = connect(&p.srv, None, "10.66.1.1:8081");
-    assert!(
-        inbound.ok()
-            && inbound
-                .server_saw
-                .as_deref()
-                .unwrap()
-                .starts_with("10.66.1.2:"),
-        "inbound must fail open: {inbound:?}"
-    );
-    assert!(capture_counter(&p.cgroup, "sk_lookup.failed_open") >= 1);
+        proxy.process.kill();
+        assert!(
+            p.cgroup.pin_dir().exists(),
+            "the pinned hooks must outlive the proxy"
+        );
+        let c = connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080");
+        if outbound_fail_open {
+            assert!(c.ok() && !c.proxied(), "outbound fails open: {c:?}");
+            assert!(capture_counter(&p.cgroup, "connect.failed_open") >= 1);
+        } else {
+            assert_eq!(c.kind.as_deref(), Some("PermissionDenied"), "{c:?}");
+            assert!(capture_counter(&p.cgroup, "connect.refused") >= 1);
+        }
+        let inbound = connect(&p.srv, None, "10.66.1.1:8081");
+        assert_eq!(
+            inbound.kind.as_deref(),
+            Some("ConnectionRefused"),
+            "inbound never fails open: {inbound:?}"
+        );
+        assert!(capture_counter(&p.cgroup, "sk_lookup.refused") >= 1);
 
-    let _restarted = Tern::start(
-        &p.app,
-        Some(&p.cgroup),
-        &["run", "--capture", "ebpf", "--cgroup", cg],
-    )
-    .unwrap();
-    assert!(
-        connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080").proxied(),
-        "a restarted proxy takes over"
-    );
-    let (ok, _, err) = tern(&["capture", "detach", "--cgroup", cg]);
-    assert!(ok, "{err}");
+        let _restarted = Tern::start(
+            &p.app,
+            Some(&p.cgroup),
+            &["run", "--capture", "ebpf", "--cgroup", cg],
+        )
+        .unwrap();
+        assert!(
+            connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080").proxied(),
+            "a restarted proxy takes over"
+        );
+        assert!(connect(&p.srv, None, "10.66.1.1:8081").ok());
+        let (ok, _, err) = tern_in(p.cgroup.path(), &["capture", "detach", "--cgroup", cg]);
+        assert!(ok, "{err}");
+    }
 }
 
-/// With `--fail-closed`, connections are refused while the proxy is down.
+/// A capture is its Pod's alone: tern refuses to attach to a cgroup above its own (which
+/// would hold other Pods) or to detach another Pod's capture.
 #[test]
-fn ebpf_fail_closed_refuses_when_the_proxy_is_down() {
+fn captures_belong_to_their_pod() {
     let p = pods();
-    let _server = serve(&p.srv, &["10.66.1.2:8080"]).unwrap();
-    let _app_server = serve(&p.app, &["0.0.0.0:8081"]).unwrap();
-    let netns = p.app.path();
-    let (ok, _, err) = tern(&[
-        "capture",
-        "attach",
-        "--cgroup",
-        p.cgroup.path_str(),
-        "--netns",
-        netns.to_str().unwrap(),
-        "--inbound-ports",
-        "8081",
-        "--fail-closed",
-    ]);
+    let other = pods();
+    let cg = p.cgroup.path_str();
+    // tern in its container's cgroup, below the Pod's (kubelet's layout).
+    let container = p.cgroup.path().join("tern");
+    std::fs::create_dir(&container).unwrap();
+    let parent = p
+        .cgroup
+        .path()
+        .parent()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let (ok, _, err) = tern_in(&container, &["capture", "attach", "--cgroup", &parent]);
+    assert!(!ok && err.contains("directly below it"), "{err}");
+    assert!(other.cgroup.attached_programs().unwrap().is_empty());
+    let (ok, _, err) = tern_in(&container, &["capture", "attach", "--cgroup", cg]);
     assert!(ok, "{err}");
-    let c = connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080");
-    assert!(c.error.is_some(), "fail-closed must refuse outbound: {c:?}");
-    assert_eq!(c.kind.as_deref(), Some("PermissionDenied"), "{c:?}");
-    assert!(capture_counter(&p.cgroup, "connect.refused") >= 1);
-    let inbound = connect(&p.srv, None, "10.66.1.1:8081");
-    assert!(
-        inbound.error.is_some(),
-        "fail-closed must refuse inbound: {inbound:?}"
-    );
-    assert_eq!(
-        inbound.kind.as_deref(),
-        Some("ConnectionRefused"),
-        "{inbound:?}"
-    );
-    assert!(capture_counter(&p.cgroup, "sk_lookup.refused") >= 1);
-
-    let (ok, _, err) = tern(&["capture", "detach", "--cgroup", p.cgroup.path_str()]);
+    let _ = std::fs::remove_dir(&container);
+    // From another Pod's cgroup: refused, and the capture stays.
+    let (ok, _, err) = tern_in(other.cgroup.path(), &["capture", "detach", "--cgroup", cg]);
+    assert!(!ok && err.contains("not in cgroup"), "{err}");
+    assert!(p.cgroup.pin_dir().exists());
+    let (ok, _, err) = tern_in(other.cgroup.path(), &["capture", "attach", "--cgroup", cg]);
+    assert!(!ok, "{err}");
+    let (ok, _, err) = tern_in(p.cgroup.path(), &["capture", "detach", "--cgroup", cg]);
     assert!(ok, "{err}");
-    assert!(connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080").ok());
-    assert!(connect(&p.srv, None, "10.66.1.1:8081").ok());
 }
 
 /// attach → status → detach, seen by tern and by bpftool: nothing is left behind.
@@ -515,14 +533,17 @@ fn ebpf_attach_and_detach_leave_nothing_behind() {
     let p = pods();
     let cg = p.cgroup.path_str();
     let netns = p.app.path();
-    let (ok, _, err) = tern(&[
-        "capture",
-        "attach",
-        "--cgroup",
-        cg,
-        "--netns",
-        netns.to_str().unwrap(),
-    ]);
+    let (ok, _, err) = tern_in(
+        p.cgroup.path(),
+        &[
+            "capture",
+            "attach",
+            "--cgroup",
+            cg,
+            "--netns",
+            netns.to_str().unwrap(),
+        ],
+    );
     assert!(ok, "{err}");
     assert_eq!(
         p.app.bpf_links().unwrap(),
@@ -549,11 +570,11 @@ fn ebpf_attach_and_detach_leave_nothing_behind() {
     );
 
     // A second attach on the same cgroup is refused, and changes nothing.
-    let (ok, _, err) = tern(&["capture", "attach", "--cgroup", cg]);
+    let (ok, _, err) = tern_in(p.cgroup.path(), &["capture", "attach", "--cgroup", cg]);
     assert!(!ok && err.contains("already attached"), "{err}");
     assert_eq!(p.cgroup.attached_programs().unwrap().len(), 6);
 
-    let (ok, _, err) = tern(&["capture", "detach", "--cgroup", cg]);
+    let (ok, _, err) = tern_in(p.cgroup.path(), &["capture", "detach", "--cgroup", cg]);
     assert!(ok, "{err}");
     assert!(
         p.cgroup.attached_programs().unwrap().is_empty(),
@@ -565,7 +586,7 @@ fn ebpf_attach_and_detach_leave_nothing_behind() {
         "sk_lookup link left on the namespace"
     );
     assert!(!p.cgroup.pin_dir().exists(), "pins left behind");
-    let (ok, _, err) = tern(&["capture", "detach", "--cgroup", cg]);
+    let (ok, _, err) = tern_in(p.cgroup.path(), &["capture", "detach", "--cgroup", cg]);
     assert!(!ok && err.contains("not attached"), "{err}");
 }
 
@@ -644,7 +665,10 @@ fn ebpf_coexists_with_an_address_rewriting_load_balancer() {
         );
         assert_eq!(c.peer.as_deref(), Some(app_saw), "lb first: {lb_first}");
 
-        let (ok, _, err) = tern(&["capture", "detach", "--cgroup", p.cgroup.path_str()]);
+        let (ok, _, err) = tern_in(
+            p.cgroup.path(),
+            &["capture", "detach", "--cgroup", p.cgroup.path_str()],
+        );
         assert!(ok, "{err}");
         let mut left = p.cgroup.attached_programs().unwrap();
         left.sort();
@@ -666,21 +690,30 @@ fn bad_input_is_refused_clearly() {
     let (ok, _, err) = tern(&["capture", "attach", "--cgroup", "/tmp"]);
     assert!(!ok && err.contains("not a cgroup v2 directory"), "{err}");
 
-    let (ok, _, err) = tern(&[
-        "capture",
-        "attach",
-        "--cgroup",
-        p.cgroup.path_str(),
-        "--exclude-cidrs",
-        "10.0.0.0/40",
-    ]);
+    let (ok, _, err) = tern_in(
+        p.cgroup.path(),
+        &[
+            "capture",
+            "attach",
+            "--cgroup",
+            p.cgroup.path_str(),
+            "--exclude-cidrs",
+            "10.0.0.0/40",
+        ],
+    );
     assert!(!ok && err.contains("10.0.0.0/40"), "{err}");
 
     let (ok, _, err) = tern(&["run", "--capture", "ebpf"]);
     assert!(!ok && err.contains("--cgroup"), "{err}");
 
-    // Without privileges: refused with the reason, and nothing attached.
-    let out = Command::new("setpriv")
+    // Without privileges (inside the Pod's cgroup): refused with the reason, and nothing
+    // attached.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(r#"echo $$ > "$1/cgroup.procs" || exit 97; shift; exec "$@""#)
+        .arg("sh")
+        .arg(p.cgroup.path())
+        .arg("setpriv")
         .args([
             "--reuid=65534",
             "--regid=65534",

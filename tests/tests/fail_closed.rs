@@ -326,3 +326,40 @@ inbound_rbac:
     let out = send(srv, "10.66.1.1:9090", "call", "whoami");
     assert!(out["answered"].as_u64().unwrap() > 0, "{out}");
 }
+
+/// `/quitquitquit` (any process in the Pod can POST it) and a crash stop tern, not the
+/// protection: the capture stays, so inbound is refused until tern is back; the restarted
+/// tern serves again (once its inbound policy is in force).
+#[test]
+fn quitquitquit_and_a_crash_leave_inbound_closed() {
+    let mut m = mesh("version: \"1\"\n", "8080");
+    let _app = tern_tests::serve(&m.p.app, &["10.66.1.1:8080"]).unwrap();
+    assert!(tern_tests::connect(&m.p.srv, None, "10.66.1.1:8080").ok());
+    // A GET does not stop it.
+    tern_tests::admin(&m.p.app, "GET", "/quitquitquit");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!m.tern.process.exited());
+    tern_tests::admin(&m.p.app, "POST", "/quitquitquit");
+    assert!(
+        eventually(Duration::from_secs(10), || m.tern.process.exited()),
+        "{}",
+        m.tern.log()
+    );
+    let down = tern_tests::connect(&m.p.srv, None, "10.66.1.1:8080");
+    assert_eq!(
+        down.kind.as_deref(),
+        Some("ConnectionRefused"),
+        "inbound after /quitquitquit: {down:?}"
+    );
+    m.tern =
+        m.p.start_tern_xds(
+            &["--inbound-ports", "8080", "--access-log"],
+            "info,tern=debug",
+        )
+        .unwrap();
+    assert!(tern_tests::connect(&m.p.srv, None, "10.66.1.1:8080").ok());
+    // A crash: the same.
+    m.tern.process.kill();
+    let down = tern_tests::connect(&m.p.srv, None, "10.66.1.1:8080");
+    assert_eq!(down.kind.as_deref(), Some("ConnectionRefused"), "{down:?}");
+}

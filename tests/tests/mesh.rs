@@ -199,11 +199,11 @@ fn pod_local_connections_are_not_captured() {
 }
 
 /// The client's sidecar restarts (SIGTERM, as Kubernetes stops a container, then a new
-/// process) while the client keeps calling: no hook is left behind while it is down, the
-/// client's calls fail (nothing routes the virtual IP without a sidecar) instead of hanging,
-/// and after the restart the same set of hooks is back once and the calls succeed again.
+/// process) while the client keeps calling: the capture stays while it is down, so the
+/// client's calls fail (refused, never sent around the sidecar) instead of hanging, and the
+/// restarted sidecar takes the same hooks over, once, and the calls succeed again.
 #[test]
-fn a_client_sidecar_restart_leaves_no_hook_and_traffic_resumes() {
+fn a_client_sidecar_restart_keeps_the_capture_and_traffic_resumes() {
     let mut m = mesh();
     let before = m.client.hooks().unwrap();
     let mut retrying =
@@ -217,15 +217,18 @@ fn a_client_sidecar_restart_leaves_no_hook_and_traffic_resumes() {
     );
 
     m.client.stop_sidecar().unwrap();
+    let mut stopped = m.client.hooks().unwrap();
+    let mut expected = before.clone();
+    stopped.0.sort();
+    expected.0.sort();
     assert_eq!(
-        m.client.hooks().unwrap(),
-        (Vec::new(), 0),
-        "hooks left attached after the sidecar stopped"
+        stopped, expected,
+        "the capture stays while the sidecar is down"
     );
     let (_, status, _) = tern_tests::tern(&["capture", "status"]);
     assert!(
-        !status.contains(m.client.cgroup.path_str()),
-        "capture still pinned for the client's cgroup:\n{status}"
+        status.contains(m.client.cgroup.path_str()),
+        "the client's capture is pinned:\n{status}"
     );
     retrying.report();
     let mut down = serde_json::Value::Null;
@@ -243,9 +246,7 @@ fn a_client_sidecar_restart_leaves_no_hook_and_traffic_resumes() {
 
     m.client.start_sidecar().unwrap();
     let mut after = m.client.hooks().unwrap();
-    let mut expected = before.clone();
     after.0.sort();
-    expected.0.sort();
     assert_eq!(
         after, expected,
         "the restarted sidecar attached the same hooks, once"

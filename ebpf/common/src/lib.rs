@@ -82,8 +82,10 @@ pub const INBOUND_PORT_EXCLUDE: u8 = 0;
 
 /// Bits of [`Config::flags`].
 pub mod flags {
-    /// Refuse connections while the proxy is not listening, instead of letting them through.
-    pub const FAIL_CLOSED: u32 = 1 << 0;
+    /// Let outbound connections through while the proxy is not listening (an opt-in for
+    /// availability). Inbound never fails open: while the proxy is down it is refused.
+    /// (Bit 0, once "fail closed" for both directions, is retired.)
+    pub const OUTBOUND_FAIL_OPEN: u32 = 1 << 5;
     /// Capture inbound connections to every port not marked `INBOUND_PORT_EXCLUDE`.
     pub const INBOUND_ALL_PORTS: u32 = 1 << 1;
     /// Skip sockets created by [`super::Config::skip_uid`].

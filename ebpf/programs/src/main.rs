@@ -226,12 +226,12 @@ fn redirect_connect(ctx: &SockAddrContext, dst: [u32; 4], native_v4: bool) -> i3
     };
     let proxy_port_be = (cfg.outbound_port as u16).to_be();
     if !proxy_listening(ctx, &proxy_ip, proxy_port_be, to_v4) {
-        if cfg.flags & flags::FAIL_CLOSED != 0 {
-            count(Counter::ConnectRefused);
-            return DENY;
+        if cfg.flags & flags::OUTBOUND_FAIL_OPEN != 0 {
+            count(Counter::ConnectFailedOpen);
+            return ALLOW;
         }
-        count(Counter::ConnectFailedOpen);
-        return ALLOW;
+        count(Counter::ConnectRefused);
+        return DENY;
     }
 
     let mut orig = OrigDst {
@@ -569,18 +569,16 @@ pub fn tern_inbound(ctx: SkLookupContext) -> u32 {
     } else {
         LISTENER_INBOUND_V6
     };
+    // Inbound never fails open: without the proxy's socket (tern down, restarting, exited)
+    // a captured port refuses connections rather than skip TLS and authorization.
     match LISTENERS.redirect_sk_lookup(&ctx, slot, 0) {
         Ok(()) => {
             count(Counter::InboundRedirected);
             sk_action::SK_PASS
         }
-        Err(_) if cfg.flags & flags::FAIL_CLOSED != 0 => {
+        Err(_) => {
             count(Counter::InboundRefused);
             sk_action::SK_DROP
-        }
-        Err(_) => {
-            count(Counter::InboundFailedOpen);
-            sk_action::SK_PASS
         }
     }
 }

@@ -71,32 +71,30 @@ impl CgroupDir {
         self.id
     }
 
-    /// Whether the calling process is in this cgroup or one below it: its pid is listed in a
-    /// `cgroup.procs` of the subtree. That holds from inside a container too, where
-    /// `/proc/self/cgroup` says `0::/` and pids are shown as this process's namespace sees them.
+    /// Whether the calling process is in this cgroup or directly below it (a Pod's cgroup
+    /// holds its containers' cgroups): its pid is listed in the `cgroup.procs` of this
+    /// cgroup or of a child. That holds from inside a container too, where `/proc/self/cgroup`
+    /// says `0::/` and pids are shown as this process's namespace sees them. An ancestor
+    /// further up (a QoS slice, `kubepods`) would hold other Pods: it is not tern's to capture.
     pub fn contains_self(&self) -> bool {
         let pid = std::process::id().to_string();
-        let mut budget = 10_000usize;
-        let mut pending = vec![self.path.clone()];
-        while let Some(dir) = pending.pop() {
-            let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-            if procs.lines().any(|l| l.trim() == pid) {
-                return true;
-            }
-            let Ok(entries) = fs::read_dir(&dir) else {
-                continue;
-            };
-            for entry in entries.filter_map(Result::ok) {
-                if budget == 0 {
-                    return false;
-                }
-                budget -= 1;
-                if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    pending.push(entry.path());
-                }
-            }
+        let lists_self = |dir: &Path| {
+            fs::read_to_string(dir.join("cgroup.procs"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.trim() == pid)
+        };
+        if lists_self(&self.path) {
+            return true;
         }
-        false
+        let Ok(entries) = fs::read_dir(&self.path) else {
+            return false;
+        };
+        entries
+            .filter_map(Result::ok)
+            .take(10_000)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .any(|e| lists_self(&e.path()))
     }
 
     /// Refuses a cgroup tern is not inside (see [`CaptureError::NotInside`]).

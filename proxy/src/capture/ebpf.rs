@@ -40,12 +40,10 @@ use super::{
 /// The kernel object built by `cargo xtask build-ebpf`, embedded at build time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tern-ebpf.o"));
 
-/// Capture attached to one cgroup, as seen through its pins.
+/// Capture attached to one cgroup, as seen through its pins. The hooks stay when this handle
+/// goes away: they go with the Pod ([`super::gc`]) or by [`detach`].
 pub struct EbpfCapture {
     dir: PathBuf,
-    cgroup: PathBuf,
-    /// Whether this process attached the hooks and removes them on [`EbpfCapture::detach`].
-    owned: bool,
 }
 
 impl EbpfCapture {
@@ -109,11 +107,7 @@ impl EbpfCapture {
             return Err(e);
         }
         tracing::info!(cgroup = %cgroup.path().display(), pins = %dir.display(), "eBPF capture attached");
-        Ok(Self {
-            dir,
-            cgroup: cgroup.path().to_owned(),
-            owned: true,
-        })
+        Ok(Self { dir })
     }
 
     /// Opens the capture pinned for `cgroup` by an earlier `attach` (an init container, or a
@@ -127,11 +121,7 @@ impl EbpfCapture {
                 pins: dir,
             });
         }
-        Ok(Self {
-            dir,
-            cgroup: cgroup.path().to_owned(),
-            owned: false,
-        })
+        Ok(Self { dir })
     }
 
     /// The pin directory (for metrics).
@@ -145,8 +135,8 @@ impl EbpfCapture {
     }
 
     /// Puts the proxy's inbound listening sockets where the sk_lookup program finds them.
-    /// The kernel drops them from the map when the sockets close, which is what makes inbound
-    /// capture fail open while the proxy is down.
+    /// The kernel drops them from the map when the sockets close: while the proxy is down,
+    /// the program finds none and refuses inbound connections.
     pub fn register_inbound(
         &self,
         v4: &impl AsRawFd,
@@ -164,16 +154,6 @@ impl EbpfCapture {
                 .map_err(|e| CaptureError::ebpf("register the IPv6 inbound listener", e))?;
         }
         Ok(())
-    }
-
-    /// Removes the pins when this handle attached them; otherwise leaves the hooks in place.
-    pub fn release(self) {
-        if self.owned {
-            remove_pins(&self.dir);
-            tracing::info!(cgroup = %self.cgroup.display(), "eBPF capture detached");
-        } else {
-            tracing::info!(cgroup = %self.cgroup.display(), "leaving the pinned eBPF capture attached");
-        }
     }
 }
 
@@ -199,7 +179,7 @@ pub struct CaptureStatus {
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub mark: String,
-    pub fail_closed: bool,
+    pub outbound_fail_open: bool,
     /// Kernel memory held by its maps and programs, in bytes.
     pub kernel_memory: u64,
     /// `hook.decision` → count, summed over CPUs.
@@ -247,7 +227,7 @@ pub fn status(cgroup: Option<&CgroupDir>) -> Result<Vec<CaptureStatus>, CaptureE
             outbound_port: config.outbound_port as u16,
             inbound_port: config.inbound_port as u16,
             mark: format!("{:#x}", config.mark),
-            fail_closed: config.flags & flags::FAIL_CLOSED != 0,
+            outbound_fail_open: config.flags & flags::OUTBOUND_FAIL_OPEN != 0,
             kernel_memory: gc::kernel_memory(&dir),
             counters,
             problem,
@@ -407,8 +387,8 @@ fn configure(ebpf: &mut Ebpf, s: &CaptureSettings) -> Result<(), CaptureError> {
         move |e: aya::maps::MapError| CaptureError::ebpf(format!("configure map {name}"), e)
     };
     let mut bits = 0;
-    if s.fail_closed {
-        bits |= flags::FAIL_CLOSED;
+    if s.outbound_fail_open {
+        bits |= flags::OUTBOUND_FAIL_OPEN;
     }
     if s.skip_uid.is_some() {
         bits |= flags::SKIP_UID;

@@ -237,7 +237,7 @@ mod tests {
             exclude_cidrs: parse_cidrs("10.9.0.0/16,fd00::/8").unwrap(),
             inbound,
             exclude_inbound_ports: vec![8081],
-            fail_closed: false,
+            outbound_fail_open: false,
             node_ips: vec!["10.0.0.7".parse().unwrap(), "fd00::7".parse().unwrap()],
         }
     }

@@ -43,10 +43,12 @@ pub struct CaptureSettings {
     pub inbound: InboundPorts,
     /// Inbound ports never captured (Istio's `excludeInboundPorts`), whatever `inbound` says.
     pub exclude_inbound_ports: Vec<u16>,
-    /// Refuse connections while the proxy is down instead of letting them through.
-    pub fail_closed: bool,
-    /// The node's addresses (at most one per family): inbound connections from them (kubelet
-    /// probes) reach the application without the proxy.
+    /// Let outbound connections through while the proxy is down (eBPF; inbound is always
+    /// refused then).
+    pub outbound_fail_open: bool,
+    /// Addresses (at most one per family) whose inbound connections skip the proxy: an
+    /// unsafe opt-in (every host-network Pod and SNATed NodePort client of the node would
+    /// skip mTLS and authorization too).
     pub node_ips: Vec<IpAddr>,
 }
 
@@ -147,9 +149,11 @@ pub enum CaptureError {
         why: String,
     },
     #[error(
-        "tern is not in cgroup {cgroup}: the getsockopt hook answers only on sockets made \
-         inside it, and tern moves into no cgroup (under cgroup v2 a Pod's cgroup has children \
-         and refuses processes). Run tern as a container of the Pod, or start it inside {cgroup}"
+        "tern is not in cgroup {cgroup} or directly below it: it captures only its own Pod's \
+         cgroup (one further up holds other Pods), the getsockopt hook answers only on sockets \
+         made inside it, and tern moves into no cgroup (under cgroup v2 a Pod's cgroup has \
+         children and refuses processes). Run tern as a container of the Pod, or start it \
+         inside {cgroup}"
     )]
     NotInside { cgroup: PathBuf },
     #[error("tern capture is not attached to cgroup {cgroup} (no pins at {pins})")]

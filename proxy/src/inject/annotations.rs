@@ -88,6 +88,7 @@ pub fn environment(annotations: &Value) -> Result<Vec<(String, String)>, InjectE
                 duration.as_secs().max(1).to_string(),
             ));
         }
+        let read_by_tern = crate::cli::env_names();
         for (name, value) in config.proxy_metadata {
             let valid = !name.is_empty()
                 && name
@@ -99,10 +100,40 @@ pub fn environment(annotations: &Value) -> Result<Vec<(String, String)>, InjectE
                     format!("proxyMetadata {name:?} is not an environment variable name"),
                 ));
             }
+            if reserved(&name, &read_by_tern) {
+                return Err(bad(
+                    PROXY_CONFIG,
+                    format!(
+                        "proxyMetadata {name:?} would set one of tern's own capture, identity or \
+                         security settings, which a Pod's annotation may not change"
+                    ),
+                ));
+            }
             env.push((name, value));
         }
     }
     Ok(env)
+}
+
+/// Whether a Pod's `proxyMetadata` may not set `name`: what tern reads for its capture,
+/// identity and security (every flag's environment fallback, and any `TERN_` name to come),
+/// and the dynamic loader's. Istio's `ISTIO_META_*` node metadata, and tern's logging and
+/// Thrift port settings, stay open to it.
+fn reserved(name: &str, read_by_tern: &std::collections::BTreeSet<String>) -> bool {
+    const OPEN: [&str; 5] = [
+        "TERN_LOG",
+        "TERN_ACCESS_LOG",
+        "TERN_THRIFT_PORTS",
+        "TERN_THRIFT_DETECT_EXCLUDE_PORTS",
+        "TERN_XDS_DELTA",
+    ];
+    if OPEN.contains(&name)
+        || name.starts_with("ISTIO_META_")
+        || name.starts_with("ISTIO_METAJSON_")
+    {
+        return false;
+    }
+    name.starts_with("TERN_") || name.starts_with("LD_") || read_by_tern.contains(name)
 }
 
 /// An explicit `"true"`/`"false"` for `key` in the labels or annotations (labels first).
@@ -123,6 +154,27 @@ mod tests {
             m.insert((*k).into(), (*v).into());
         }
         Value::Mapping(m)
+    }
+
+    #[test]
+    fn proxy_metadata_cannot_set_terns_own_settings() {
+        for name in [
+            "TERN_CGROUP",
+            "TERN_UNSAFE_NODE_BYPASS",
+            "TERN_OUTBOUND_FAIL_OPEN",
+            "XDS_ADDRESS",
+            "CA_ADDR",
+            "POD_UID",
+            "INBOUND_PORTS_INCLUDE",
+            "TERN_SOMETHING_NEW",
+            "LD_PRELOAD",
+        ] {
+            let config = format!("proxyMetadata:\n  {name}: x\n");
+            let err = environment(&annotations(&[(PROXY_CONFIG, &config)])).unwrap_err();
+            assert!(err.to_string().contains(name), "{name}: {err}");
+        }
+        let config = "proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n  TERN_LOG: debug\n";
+        assert!(environment(&annotations(&[(PROXY_CONFIG, config)])).is_ok());
     }
 
     #[test]
