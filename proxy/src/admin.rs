@@ -1,6 +1,7 @@
 //! The admin server (`--admin`, default 127.0.0.1:15000), with Envoy's endpoints:
 //! `GET /ready`, `/stats/prometheus`, `/config_dump`, `/clusters`; `POST /quitquitquit`
-//! (drain and exit), `POST /logging?level=<filter>`.
+//! (drain and exit), `POST /logging?level=<filter>`. The stats port (15020) serves metrics,
+//! readiness and the application's rewritten probes (`/app-health/…`).
 use std::{convert::Infallible, sync::Arc, time::UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -13,7 +14,7 @@ use serde_json::json;
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, info};
 
-use crate::state::State;
+use crate::{probe::AppProbers, state::State};
 
 /// What the admin endpoints read and act on.
 pub struct Admin {
@@ -22,6 +23,15 @@ pub struct Admin {
     pub drain: Arc<watch::Sender<bool>>,
     /// The xDS client's view, when tern has a control plane.
     pub xds: Option<watch::Receiver<tern_xds_client::ClientStatus>>,
+    /// The application's probes, forwarded on the stats port.
+    pub app_health: AppHealth,
+}
+
+/// Kubelet's rewritten probes (see [`crate::probe`]) and where the application is.
+pub struct AppHealth {
+    pub probers: AppProbers,
+    pub pod_ip: std::net::IpAddr,
+    pub mark: u32,
 }
 
 /// Which endpoints a listener serves.
@@ -58,6 +68,9 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, scope: Scope) {
                             handle(&admin, req)
                         }
                         (Scope::Stats, "/healthz/ready") => ready(&admin),
+                        (Scope::Stats, path) if path.starts_with(crate::probe::PREFIX) => {
+                            app_health(&admin.app_health, path).await
+                        }
                         (Scope::Stats, path) => {
                             text(StatusCode::NOT_FOUND, format!("no endpoint {path}\n"))
                         }
@@ -71,6 +84,21 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, scope: Scope) {
                 debug!(error = %e, "admin connection");
             }
         });
+    }
+}
+
+/// One of the application's probes: 200 when it passes, 503 (with why) when not, 404 for a
+/// path injection did not write.
+async fn app_health(health: &AppHealth, path: &str) -> Response<Full<Bytes>> {
+    let Some(prober) = health.probers.get(path) else {
+        return text(StatusCode::NOT_FOUND, format!("no probe {path}\n"));
+    };
+    match prober.run(health.pod_ip, health.mark).await {
+        Ok(()) => text(StatusCode::OK, "OK\n".to_owned()),
+        Err(why) => {
+            debug!(%path, %why, "application probe failed");
+            text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"))
+        }
     }
 }
 

@@ -142,6 +142,13 @@ pub struct RunArgs {
     /// Deepest nesting of Thrift structs and containers accepted.
     #[arg(long, env = "TERN_MAX_DEPTH", default_value_t = 64)]
     pub max_depth: usize,
+    /// The application's probes, rewritten by injection to `/app-health/…` on the stats
+    /// port: Istio's JSON map of Kubernetes `httpGet`/`tcpSocket` actions by path.
+    #[arg(long, env = "ISTIO_KUBE_APP_PROBERS", default_value = "")]
+    pub app_probers: String,
+    /// The Pod's address, where forwarded probes reach the application.
+    #[arg(long, env = "INSTANCE_IP", default_value = "127.0.0.1")]
+    pub instance_ip: std::net::IpAddr,
     /// Bytes all downstream connections' read buffers may hold together (partial messages
     /// included); a connection that would take more is closed. Keep it well under the
     /// container's memory limit.

@@ -45,6 +45,7 @@ enum Capture {
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = args.capture_args.settings();
+    let probers = crate::probe::AppProbers::parse(&args.app_probers)?;
     // A broken configuration is refused before anything is attached.
     let config = match &args.config {
         Some(path) => file::load(path)?,
@@ -215,6 +216,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         state: state.clone(),
         drain: drain_tx.clone(),
         xds: xds_status.clone(),
+        app_health: admin::AppHealth {
+            probers,
+            pod_ip: args.instance_ip,
+            mark: settings.mark,
+        },
     });
     let mut control: Vec<ControlTask> = Vec::new();
     if let Some(stream) = xds_stream {

@@ -363,3 +363,65 @@ fn quitquitquit_and_a_crash_leave_inbound_closed() {
     let down = tern_tests::connect(&m.p.srv, None, "10.66.1.1:8080");
     assert_eq!(down.kind.as_deref(), Some("ConnectionRefused"), "{down:?}");
 }
+
+/// Kubelet's probes without a bypass: under STRICT mTLS the node's plaintext connection to
+/// the application is refused like anyone's, while the probes injection rewrote to tern's
+/// stats port (`/app-health/…`, Istio's `ISTIO_KUBE_APP_PROBERS`) reach the application —
+/// TCP and HTTP — and fail when it does not answer.
+#[test]
+fn rewritten_probes_reach_the_app_under_strict_without_a_bypass() {
+    let probers = r#"{"/app-health/app/readyz":{"tcpSocket":{"port":8080}},"/app-health/app/livez":{"httpGet":{"path":"/healthz","port":8081}}}"#;
+    let m = mesh_with(
+        "version: \"1\"\ninbound: strict\n",
+        "8080,8081",
+        &[
+            "--app-probers",
+            probers,
+            "--instance-ip",
+            "10.66.1.1",
+            "--stats-address",
+            "0.0.0.0:15020",
+        ],
+    );
+    let mut echo = tern_tests::serve(&m.p.app, &["10.66.1.1:8080"]).unwrap();
+    let http = "import http.server\n\
+        class H(http.server.BaseHTTPRequestHandler):\n\
+        \x20   def do_GET(self):\n\
+        \x20       self.send_response(200 if self.path == '/healthz' else 500)\n\
+        \x20       self.end_headers()\n\
+        s = http.server.HTTPServer(('10.66.1.1', 8081), H)\n\
+        print('ready', flush=True)\n\
+        s.serve_forever()\n";
+    let _http = start_server(&m.p.app, None, Path::new("python3"), &["-c", http]).unwrap();
+    // The node (here: the other namespace) in plaintext: refused, as anyone.
+    let direct = tern_tests::connect(&m.p.srv, None, "10.66.1.1:8080");
+    assert!(!direct.ok(), "{direct:?}");
+    let probe = |path: &str| {
+        m.p.srv
+            .output(
+                None,
+                Path::new("curl"),
+                &[
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "-m",
+                    "3",
+                    &format!("http://10.66.1.1:15020{path}"),
+                ],
+            )
+            .unwrap()
+    };
+    assert_eq!(probe("/app-health/app/readyz"), "200", "{}", m.tern.log());
+    assert_eq!(probe("/app-health/app/livez"), "200", "{}", m.tern.log());
+    assert_eq!(probe("/app-health/other/readyz"), "404");
+    echo.kill();
+    assert!(
+        eventually(Duration::from_secs(3), || probe("/app-health/app/readyz")
+            == "503"),
+        "{}",
+        m.tern.log()
+    );
+}

@@ -12,6 +12,7 @@ use serde_yaml::Value;
 pub mod annotations;
 pub mod patch;
 pub mod pod;
+pub mod probes;
 pub mod sidecar;
 
 pub use pod::Outcome;

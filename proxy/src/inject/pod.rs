@@ -1,7 +1,7 @@
 //! Injecting one Pod (or a workload's Pod template): decide, then add tern once.
 use serde_yaml::{Mapping, Value};
 
-use super::{InjectError, Options, annotations, sidecar};
+use super::{InjectError, Options, annotations, probes, sidecar};
 
 /// What injection did to a Pod.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,7 +73,13 @@ pub fn inject(
     else {
         return Err(refuse("it has no containers"));
     };
-    let env = annotations::environment(&annotations_in).map_err(|e| refuse(&e.to_string()))?;
+    let mut env = annotations::environment(&annotations_in).map_err(|e| refuse(&e.to_string()))?;
+    // Kubelet's probes go to tern, which forwards them (Istio's rewrite, on by default).
+    let rewrite = match annotations::opt(&labels, &annotations_in, probes::REWRITE) {
+        Some(false) => probes::Rewrite::default(),
+        _ => probes::Rewrite::plan(spec).map_err(|e| refuse(&e))?,
+    };
+    env.extend(rewrite.env());
 
     let container = sidecar::container(options, &env);
     let list = sidecar::list(options);
@@ -93,6 +99,7 @@ pub fn inject(
     }
     // First, so that it starts before the application's containers (and, native, before
     // their init containers, whose traffic it captures too).
+    rewrite.apply(spec);
     sequence_mut(spec, list).insert(0, container);
     sequence_mut(spec, "volumes").extend(sidecar::volumes());
 
