@@ -152,6 +152,10 @@ fn what_cannot_be_injected_is_refused_clearly() {
         "  containers:\n",
         "  containers:\n  - name: istio-proxy\n    image: istio/proxyv2:1.22.3\n",
     );
+    let tern_named = pod("").replace(
+        "  containers:\n",
+        "  containers:\n  - name: tern\n    image: evil/tern:1\n",
+    );
     let bad_port =
         pod("  annotations:\n    traffic.sidecar.istio.io/excludeOutboundPorts: \"22,ssh\"\n");
     let include = pod(
@@ -160,9 +164,13 @@ fn what_cannot_be_injected_is_refused_clearly() {
     for (input, says) in [
         (
             host_network.as_str(),
-            "cannot inject Pod n/p: it uses the node's network namespace",
+            "not injecting Pod n/p: it uses the node's network namespace",
         ),
         (istio.as_str(), "already has Istio's sidecar"),
+        (
+            tern_named.as_str(),
+            "a container named tern that injection did not add",
+        ),
         (
             bad_port.as_str(),
             "excludeOutboundPorts: invalid port \"ssh\"",
@@ -278,8 +286,17 @@ fn the_webhook_install_validates_and_agrees_with_tern() {
             certificate["metadata"]["name"].as_str().unwrap()
         )
     );
+    // A webhook that cannot answer must not let Pods be created without tern.
     for hook in webhook_config["webhooks"].as_sequence().unwrap() {
-        assert_eq!(hook["failurePolicy"], "Ignore");
+        assert_eq!(hook["failurePolicy"], "Fail");
         assert_eq!(hook["clientConfig"]["service"]["path"], "/inject");
     }
+    // Only the webhook port is let in.
+    let policy = docs
+        .iter()
+        .find(|d| d["kind"] == "NetworkPolicy")
+        .expect("a NetworkPolicy for the webhook");
+    let ingress = policy["spec"]["ingress"].as_sequence().unwrap();
+    assert_eq!(ingress.len(), 1);
+    assert_eq!(ingress[0]["ports"][0]["port"], 9443);
 }

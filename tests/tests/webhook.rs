@@ -14,6 +14,8 @@ struct Webhook {
     ns: Netns,
     process: Process,
     dir: std::path::PathBuf,
+    /// What requests with a body say they carry.
+    content_type: std::cell::Cell<&'static str>,
 }
 
 impl Webhook {
@@ -43,6 +45,7 @@ impl Webhook {
             process: Process::spawn(cmd).unwrap(),
             ns,
             dir,
+            content_type: std::cell::Cell::new("application/json"),
         };
         assert!(
             eventually(Duration::from_secs(10), || webhook
@@ -76,13 +79,9 @@ impl Webhook {
             method,
             &url,
         ];
+        let content_type = format!("Content-Type: {}", self.content_type.get());
         if body.is_some() {
-            args.extend([
-                "-H",
-                "Content-Type: application/json",
-                "--data-binary",
-                &data,
-            ]);
+            args.extend(["-H", &content_type, "--data-binary", &data]);
         }
         let out = self
             .ns
@@ -90,6 +89,16 @@ impl Webhook {
             .unwrap_or_default();
         let (body, status) = out.rsplit_once('\n').unwrap_or(("", "0"));
         (status.trim().parse().unwrap_or(0), body.to_owned())
+    }
+}
+
+impl Webhook {
+    /// A POST to /inject with another content type.
+    fn curl_typed(&self, ca: &TestCa, content_type: &'static str, body: &str) -> (u16, String) {
+        self.content_type.set(content_type);
+        let answer = self.curl(ca, "POST", "/inject", Some(body));
+        self.content_type.set("application/json");
+        answer
     }
 }
 
@@ -200,7 +209,44 @@ fn reviews_are_answered_as_the_api_server_expects() {
     // Not a creation: unchanged.
     let (_, patch) = answer(&webhook, &ca, &review("u-4", "UPDATE", &selected));
     assert!(patch.is_none());
-    // What tern cannot inject is admitted as it is, with a warning: never denied.
+    // A selected Pod tern cannot inject is denied, with the reason: a name or an annotation
+    // does not opt it out of the mesh's protection.
+    let clash = pod(
+        json!({"app": "cart"}),
+        json!({"volumes": [{"name": "istio-token", "emptyDir": {}}]}),
+    );
+    let mut impostor = pod(json!({"app": "cart"}), json!({}));
+    impostor["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "tern", "image": "evil/tern:1"}));
+    for (uid, denied, says) in [
+        ("u-6", &clash, "istio-token"),
+        ("u-7", &impostor, "a container named tern"),
+    ] {
+        let (status, text) =
+            webhook.curl(&ca, "POST", "/inject", Some(&review(uid, "CREATE", denied)));
+        assert_eq!(status, 200, "{text}");
+        let response = &serde_json::from_str::<Value>(&text).unwrap()["response"];
+        assert_eq!(response["allowed"], false, "{response}");
+        assert!(
+            response["status"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(says),
+            "{response}"
+        );
+    }
+    // A status annotation without tern's container is injected (as Istio's injector does).
+    let mut stale = pod(json!({"app": "cart"}), json!({}));
+    stale["metadata"]["annotations"] = json!({"tern.io/status": "{}"});
+    let (_, patch) = answer(&webhook, &ca, &review("u-8", "CREATE", &stale));
+    assert!(patch.is_some(), "a status annotation opted the Pod out");
+    // Not JSON: refused.
+    let (status, _) = webhook.curl_typed(&ca, "text/plain", &review("u-9", "CREATE", &selected));
+    assert_eq!(status, 415);
+    // A host-network Pod, which injection does not apply to, is admitted as it is, with a
+    // warning (Istio skips them too).
     let host = pod(json!({"app": "node-agent"}), json!({"hostNetwork": true}));
     let (response, patch) = answer(&webhook, &ca, &review("u-5", "CREATE", &host));
     assert!(patch.is_none());
@@ -228,7 +274,8 @@ fn reviews_are_answered_as_the_api_server_expects() {
     }
     let (_, metrics) = webhook.curl(&ca, "GET", "/metrics", None);
     for line in [
-        "tern_webhook_reviews_total{result=\"injected\"} 1",
+        "tern_webhook_reviews_total{result=\"injected\"} 2",
+        "tern_webhook_reviews_total{result=\"denied\"} 2",
         "tern_webhook_reviews_total{result=\"unchanged\"} 4",
         "tern_webhook_reviews_total{result=\"not_injected\"} 1",
         "tern_webhook_reviews_total{result=\"malformed\"} 3",

@@ -45,6 +45,9 @@ impl Default for Options {
 pub enum InjectError {
     #[error("cannot inject {what}: {why}")]
     Refused { what: String, why: String },
+    /// A Pod injection does not apply to (it uses the node's network: Istio skips those too).
+    #[error("not injecting {what}: {why}")]
+    Skipped { what: String, why: String },
     #[error("annotation {annotation}: {why}")]
     Annotation { annotation: String, why: String },
     /// `index` counts from 1.

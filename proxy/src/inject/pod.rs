@@ -30,9 +30,18 @@ pub fn inject(
     }
     let labels = metadata.get("labels").cloned().unwrap_or(Value::Null);
     let annotations_in = metadata.get("annotations").cloned().unwrap_or(Value::Null);
-    if annotations_in.get(annotations::STATUS).is_some() || has_container(spec, sidecar::CONTAINER)
-    {
-        return Ok(Outcome::AlreadyInjected);
+    // Injected means tern's container is there with injection's mark; either alone is a Pod
+    // that would otherwise escape (a status annotation with no container is injected again,
+    // as Istio's injector does; a container named tern that injection did not add is refused).
+    let marked = annotations_in.get(annotations::STATUS).is_some();
+    match (marked, has_container(spec, sidecar::CONTAINER)) {
+        (true, true) => return Ok(Outcome::AlreadyInjected),
+        (false, true) => {
+            return Err(refuse(
+                "it has a container named tern that injection did not add",
+            ));
+        }
+        (true, false) | (false, false) => {}
     }
     let opted_out = [annotations::TERN_INJECT, annotations::ISTIO_INJECT]
         .iter()
@@ -41,10 +50,12 @@ pub fn inject(
         return Ok(Outcome::OptedOut);
     }
     if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
-        return Err(refuse(
-            "it uses the node's network namespace (hostNetwork: true), where capture would \
-             take the node's traffic",
-        ));
+        return Err(InjectError::Skipped {
+            what: what.to_owned(),
+            why: "it uses the node's network namespace (hostNetwork: true), where capture \
+                  would take the node's traffic"
+                .to_owned(),
+        });
     }
     if has_container(spec, "istio-proxy") {
         return Err(refuse(
