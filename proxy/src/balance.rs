@@ -24,7 +24,10 @@ use std::{
 use rand::Rng;
 use xxhash_rust::xxh64::xxh64;
 
-use crate::config::{Endpoint, HashTable, LbPolicy};
+use crate::{
+    budget::{BufferBudget, Held},
+    config::{Endpoint, HashTable, LbPolicy},
+};
 
 /// What the picker needs to know about an endpoint at pick time.
 pub trait Candidate {
@@ -45,6 +48,8 @@ pub struct EndpointPicker {
     policy: LbPolicy,
     levels: Vec<Level>,
     cursor: AtomicUsize,
+    /// What its ring hash or Maglev tables hold of the budget all clusters share.
+    _tables: Held,
 }
 
 #[derive(Debug)]
@@ -75,23 +80,42 @@ pub fn source_hash(ip: IpAddr) -> u64 {
 }
 
 impl EndpointPicker {
+    /// A picker whose tables are bounded only by the cluster's own sizes.
     pub fn new(
         policy: LbPolicy,
         endpoints: &[Endpoint],
         locality_weights: &BTreeMap<Arc<str>, u32>,
         table: &HashTable,
     ) -> Self {
+        let unbounded = BufferBudget::new(usize::MAX);
+        Self::within(policy, endpoints, locality_weights, table, &unbounded)
+    }
+
+    /// A picker whose ring hash or Maglev tables come out of `tables`, a budget all clusters
+    /// share: Envoy bounds each ring, not their sum, and one cluster with weights 1 and
+    /// 4294967295 makes an 8 Mi-entry ring. A table the budget cannot take is not built: the
+    /// cluster balances by round robin instead, with a warning (never an allocation that
+    /// takes the proxy down).
+    pub fn within(
+        policy: LbPolicy,
+        endpoints: &[Endpoint],
+        locality_weights: &BTreeMap<Arc<str>, u32>,
+        table: &HashTable,
+        tables: &Arc<BufferBudget>,
+    ) -> Self {
+        let mut held = tables.hold();
         let mut priorities: Vec<u32> = endpoints.iter().map(|e| e.priority).collect();
         priorities.sort_unstable();
         priorities.dedup();
         let levels = priorities
             .into_iter()
-            .map(|p| Level::new(policy, endpoints, p, locality_weights, table))
+            .map(|p| Level::new(policy, endpoints, p, locality_weights, table, &mut held))
             .collect();
         Self {
             policy,
             levels,
             cursor: AtomicUsize::new(0),
+            _tables: held,
         }
     }
 
@@ -189,6 +213,7 @@ impl Level {
         priority: u32,
         locality_weights: &BTreeMap<Arc<str>, u32>,
         table: &HashTable,
+        held: &mut Held,
     ) -> Self {
         let indices: Vec<usize> = (0..endpoints.len())
             .filter(|&i| endpoints[i].priority == priority)
@@ -245,7 +270,16 @@ impl Level {
                 } else {
                     normalized(&routable, endpoints, 1.0)
                 };
-                if policy == LbPolicy::RingHash {
+                let bytes = if policy == LbPolicy::RingHash {
+                    ring_size(&weights, table) * std::mem::size_of::<(u64, usize)>()
+                } else {
+                    usize::try_from(table.maglev_table_size.max(2))
+                        .unwrap_or(usize::MAX)
+                        .saturating_mul(std::mem::size_of::<u32>())
+                };
+                if let Err(e) = held.grow(bytes) {
+                    tracing::warn!(bytes, error = %e, ?policy, "hash table not built: the cluster balances by round robin");
+                } else if policy == LbPolicy::RingHash {
                     level.ring = ring(&weights, endpoints, table);
                 } else {
                     level.maglev = maglev(&weights, endpoints, table.maglev_table_size);
@@ -385,16 +419,9 @@ fn normalized_by_locality(
 /// in all at least (`maximum_ring_size` at most); point k of a host is the xxHash64 of
 /// `"<address>_<k>"`.
 fn ring(weights: &[(usize, f64)], endpoints: &[Endpoint], table: &HashTable) -> Vec<(u64, usize)> {
-    let Some(min) = weights
-        .iter()
-        .map(|&(_, w)| w)
-        .filter(|w| *w > 0.0)
-        .min_by(f64::total_cmp)
-    else {
+    let Some(scale) = ring_scale(weights, table) else {
         return Vec::new();
     };
-    let scale =
-        ((min * table.minimum_ring_size as f64).ceil() / min).min(table.maximum_ring_size as f64);
     let mut ring = Vec::with_capacity(scale.ceil() as usize);
     let (mut current, mut target) = (0.0f64, 0.0f64);
     let mut key = String::new();
@@ -412,6 +439,21 @@ fn ring(weights: &[(usize, f64)], endpoints: &[Endpoint], table: &HashTable) -> 
     }
     ring.sort_by_key(|&(point, _)| point);
     ring
+}
+
+/// How many points Envoy's ring has for these weights (none: no weight).
+fn ring_scale(weights: &[(usize, f64)], table: &HashTable) -> Option<f64> {
+    let min = weights
+        .iter()
+        .map(|&(_, w)| w)
+        .filter(|w| *w > 0.0)
+        .min_by(f64::total_cmp)?;
+    Some(((min * table.minimum_ring_size as f64).ceil() / min).min(table.maximum_ring_size as f64))
+}
+
+/// The entries a ring for these weights holds.
+fn ring_size(weights: &[(usize, f64)], table: &HashTable) -> usize {
+    ring_scale(weights, table).map_or(0, |s| s.ceil() as usize)
 }
 
 /// Envoy's Maglev table: hosts in order of their address text, each with an offset and a
@@ -512,6 +554,52 @@ mod tests {
             health,
             metadata: None,
         }
+    }
+
+    #[test]
+    fn hash_tables_share_one_bound_and_degrade_to_round_robin() {
+        let budget = BufferBudget::new(1 << 20);
+        // Weights 1 and u32::MAX: Envoy's ring would take its 8 Mi-entry maximum (128 MiB).
+        let skewed = [
+            ep(1, 1, 0, "", Health::Healthy),
+            ep(2, u32::MAX, 0, "", Health::Healthy),
+        ];
+        let table = HashTable::default();
+        let p = EndpointPicker::within(
+            LbPolicy::RingHash,
+            &skewed,
+            &BTreeMap::new(),
+            &table,
+            &budget,
+        );
+        assert!(p.levels[0].ring.is_empty(), "the ring was built");
+        assert_eq!(budget.used(), 0);
+        let fakes: Vec<Fake> = skewed
+            .iter()
+            .map(|e| Fake {
+                config: e.clone(),
+                active: Cell::new(0),
+                ejected: false,
+            })
+            .collect();
+        assert!(p.pick(&fakes, Some(42), &[]).is_some(), "still balances");
+        // Maglev tables (65,537 × 4 bytes each): three fit in 1 MiB, the fourth does not.
+        let eps = [
+            ep(1, 1, 0, "", Health::Healthy),
+            ep(2, 1, 0, "", Health::Healthy),
+        ];
+        let built: Vec<EndpointPicker> = (0..4)
+            .map(|_| {
+                EndpointPicker::within(LbPolicy::Maglev, &eps, &BTreeMap::new(), &table, &budget)
+            })
+            .collect();
+        let tables = built
+            .iter()
+            .filter(|p| !p.levels[0].maglev.is_empty())
+            .count();
+        assert_eq!(tables, 3);
+        drop(built);
+        assert_eq!(budget.used(), 0, "freed with the pickers");
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! A bound on the bytes all downstream connections' read buffers hold together, so clients
-//! holding partial messages cannot grow tern past its memory limit: a connection whose buffer
-//! would take the total over the bound is closed (counted as `overloaded`), the others go on.
+//! A bound on bytes many holders take together: downstream connections' read buffers (so
+//! clients holding partial messages cannot grow tern past its memory limit: a connection whose
+//! buffer would take the total over the bound is closed, counted as `overloaded`), and the
+//! clusters' ring hash and Maglev tables (see [`crate::balance::EndpointPicker::within`]).
 use std::sync::{
     Arc,
     atomic::{AtomicUsize, Ordering},
@@ -74,6 +75,11 @@ impl Held {
         }
         self.bytes = capacity;
         Ok(())
+    }
+
+    /// Holds `bytes` more; refused (and nothing changed) over the limit.
+    pub fn grow(&mut self, bytes: usize) -> Result<(), Exhausted> {
+        self.resize(self.bytes.saturating_add(bytes))
     }
 
     /// Grows `buf` by at least `additional` bytes of spare capacity, within the budget.

@@ -154,6 +154,10 @@ pub struct RunArgs {
     /// container's memory limit.
     #[arg(long, env = "TERN_MAX_BUFFERED_BYTES", default_value_t = 64 << 20)]
     pub max_buffered_bytes: usize,
+    /// Bytes the ring hash and Maglev tables of all clusters may hold together; a cluster
+    /// whose table would not fit balances by round robin instead (with a warning).
+    #[arg(long, env = "TERN_MAX_HASH_TABLE_BYTES", default_value_t = crate::state::DEFAULT_TABLE_BUDGET)]
+    pub max_hash_table_bytes: usize,
     /// Downstream connections open at once (both listeners); more are refused and counted.
     #[arg(long, env = "TERN_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,

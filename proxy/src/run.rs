@@ -121,10 +121,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         CaptureMode::None => "NONE",
     };
     let node = crate::xds::node::node(args.node_id.as_deref(), interception);
-    let state = State::new(Metrics::for_workload(
-        pins,
-        crate::telemetry::Workload::from_node(&node),
-    ));
+    let state = State::with_table_budget(
+        Metrics::for_workload(pins, crate::telemetry::Workload::from_node(&node)),
+        args.max_hash_table_bytes,
+    );
     // With a control plane, tern is ready once its first configuration is warm; the static
     // configuration is the base it adds to. Without one, the static configuration is all.
     let xds = args

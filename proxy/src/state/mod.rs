@@ -63,13 +63,23 @@ pub struct State {
     /// Changes whenever listeners (and so filter chains and their policy) change, so open
     /// connections check themselves against the policy in force.
     policy: tokio::sync::watch::Sender<()>,
+    /// What every cluster's ring hash and Maglev tables may hold together.
+    tables: Arc<crate::budget::BufferBudget>,
     pub metrics: Arc<Metrics>,
     /// The workload certificate, and TLS clients and servers that use it.
     pub tls: TlsContexts,
 }
 
+/// Ring hash and Maglev tables of all clusters together, by default (`--max-hash-table-bytes`).
+pub const DEFAULT_TABLE_BUDGET: usize = 64 << 20;
+
 impl State {
     pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
+        Self::with_table_budget(metrics, DEFAULT_TABLE_BUDGET)
+    }
+
+    /// A state whose clusters' hash tables hold at most `table_bytes` together.
+    pub fn with_table_budget(metrics: Arc<Metrics>, table_bytes: usize) -> Arc<Self> {
         Arc::new(Self {
             current: ArcSwap::from_pointee(Snapshot::empty()),
             clusters: Mutex::new(HashMap::new()),
@@ -79,6 +89,7 @@ impl State {
             freed: AtomicUsize::new(usize::MAX / 2),
             retired: Mutex::new(VecDeque::new()),
             policy: tokio::sync::watch::Sender::new(()),
+            tables: crate::budget::BufferBudget::new(table_bytes),
             metrics,
             tls: TlsContexts::new(Arc::new(CertStore::default())),
         })
@@ -137,7 +148,7 @@ impl State {
                             Arc::new(ClusterRuntime::new(name, &self.metrics, &self.tls))
                         })
                         .clone();
-                    Arc::new(build_cluster(c.clone(), runtime))
+                    Arc::new(build_cluster(c.clone(), runtime, &self.tables))
                 }
             };
             clusters.insert(name.clone(), state);
@@ -282,7 +293,11 @@ fn listeners_changed(old: &Config, new: &Config) -> bool {
 
 /// A cluster's state for a new or changed configuration: endpoints it keeps keep their
 /// runtime; endpoints that left have their connections closed after their requests.
-fn build_cluster(config: Arc<Cluster>, runtime: Arc<ClusterRuntime>) -> ClusterState {
+fn build_cluster(
+    config: Arc<Cluster>,
+    runtime: Arc<ClusterRuntime>,
+    tables: &Arc<crate::budget::BufferBudget>,
+) -> ClusterState {
     let mut known = runtime.endpoints.lock().unwrap_or_else(|e| e.into_inner());
     let mut kept = HashMap::with_capacity(config.endpoints.len());
     // An endpoint's TLS context, by its place among the cluster's few: hashing the context
@@ -325,11 +340,12 @@ fn build_cluster(config: Arc<Cluster>, runtime: Arc<ClusterRuntime>) -> ClusterS
     }
     *known = kept;
     drop(known);
-    let picker = EndpointPicker::new(
+    let picker = EndpointPicker::within(
         config.lb_policy,
         &config.endpoints,
         &config.locality_weights,
         &config.hash_table,
+        tables,
     );
     ClusterState {
         config,
