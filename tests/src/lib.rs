@@ -569,10 +569,12 @@ impl Drop for Tern {
 
 /// Runs `tern <args>` from the host and returns (success, stdout, stderr).
 pub fn tern(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(tern_bin())
-        .args(args)
-        .output()
-        .expect("run tern");
+    outcome(Command::new(tern_bin()).args(args))
+}
+
+/// Whether a command succeeded, and its standard output and error.
+fn outcome(cmd: &mut Command) -> (bool, String, String) {
+    let out = cmd.output().expect("run tern");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -582,19 +584,14 @@ pub fn tern(args: &[&str]) -> (bool, String, String) {
 
 /// `tern <args>` run inside the cgroup at `cgroup` (as a container of that Pod would run it).
 pub fn tern_in(cgroup: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(r#"echo $$ > "$1/cgroup.procs" || exit 97; shift; exec "$@""#)
-        .arg("sh")
-        .arg(cgroup)
-        .arg(tern_bin())
-        .args(args)
-        .output()
-        .expect("run tern");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    outcome(
+        Command::new("sh")
+            .arg("-c")
+            .arg(r#"echo $$ > "$1/cgroup.procs" || exit 97; shift; exec "$@""#)
+            .arg("sh")
+            .arg(cgroup)
+            .arg(tern_bin())
+            .args(args),
     )
 }
 

@@ -278,6 +278,27 @@ impl Mesh {
         Ok(())
     }
 
+    /// Pushes a new version with every server Pod as an endpoint and these YAML lines
+    /// (`inbound_rbac:` …) added; waits until the control plane saw every sidecar ACK it.
+    pub fn push_with(&self, version: u32, extra: &str) -> Result<()> {
+        let ips: Vec<&str> = self.servers.iter().map(|p| p.ip.as_str()).collect();
+        self.cp
+            .push(&format!("{}{extra}\n", snapshot(version, &ips)));
+        let acks = || {
+            self.cp
+                .events()
+                .lines()
+                .filter(|l| l.starts_with(&format!("ACK Listener {version}")))
+                .count()
+        };
+        ensure!(
+            eventually(Duration::from_secs(10), || acks() > self.servers.len()),
+            "not every sidecar ACKed version {version}:\n{}",
+            self.cp.events()
+        );
+        Ok(())
+    }
+
     /// The server Pod a socket address (`ip:port`, as a connection reports it) belongs to.
     pub fn server_at(&self, addr: &str) -> Option<&Pod> {
         let ip = addr.rsplit_once(':').map_or(addr, |(ip, _)| ip);

@@ -361,13 +361,7 @@ fn istio_2023_listeners(protocol: Protocol) {
     let plain = tern_tests::connect(&m.p.srv, None, "10.66.1.1:8080");
     assert!(!plain.ok(), "{plain:?}\n{}", m.tern.log());
     assert!(
-        eventually(Duration::from_secs(5), || m
-            .tern
-            .log()
-            .lines()
-            .any(|l| l.contains("tern::access")
-                && l.contains("dst=10.66.1.1:8080")
-                && l.contains("refused=\"rbac\""))),
+        refused_in_log(&m, "10.66.1.1:8080", "rbac"),
         "{}",
         m.tern.log()
     );
@@ -379,16 +373,21 @@ fn istio_2023_listeners(protocol: Protocol) {
     let http = tern_tests::send_raw(&m.p.srv, None, "10.66.1.1:8080", &request);
     assert_eq!(http["received"], 0, "{http}");
     assert!(
-        eventually(Duration::from_secs(5), || m
-            .tern
-            .log()
-            .lines()
-            .any(|l| l.contains("tern::access")
-                && l.contains("dst=10.66.1.1:8080")
-                && l.contains("refused=\"chain_not_enforceable\""))),
+        refused_in_log(&m, "10.66.1.1:8080", "chain_not_enforceable"),
         "{}",
         m.tern.log()
     );
+}
+
+/// Whether tern's access log says (within 5 s) it refused a connection to `dst` for `reason`.
+fn refused_in_log(m: &DumpMesh, dst: &str, reason: &str) -> bool {
+    let (dst, reason) = (format!("dst={dst}"), format!("refused=\"{reason}\""));
+    eventually(Duration::from_secs(5), || {
+        m.tern
+            .log()
+            .lines()
+            .any(|l| l.contains("tern::access") && l.contains(&dst) && l.contains(&reason))
+    })
 }
 
 /// A Python `ssl` ClientHello for `server_name` offering `alpn`, as hex.

@@ -265,3 +265,40 @@ fn a_client_sidecar_restart_keeps_the_capture_and_traffic_resumes() {
         m.client.sidecar_log()
     );
 }
+
+/// A DENY for a Thrift method pushed while the client's sidecar holds pooled connections to
+/// the server sidecars: no call after the push runs the method, not on a new client
+/// connection either (the client's sidecar reusing a pooled connection opened before the push
+/// gains nothing: the server sidecar holds it to the policy in force).
+#[test]
+fn a_method_deny_reaches_pooled_sidecar_connections() {
+    let m = mesh();
+    let before = tern_tests::thrift_call(
+        &m.client.ns,
+        Some(&m.client.cgroup),
+        &vip(THRIFT_PORT),
+        &["--calls", "30"],
+    );
+    assert_eq!(before.replies(), 30, "{before:?}");
+    m.push_with(
+        2,
+        r#"inbound_rbac:
+  - { name: "ns[default]-policy[deny-whoami]-rule[0]", action: deny, ports: [9090], methods: ["whoami"] }"#,
+    )
+    .unwrap();
+    // A new client connection: none of its calls reaches a server.
+    let after = tern_tests::thrift_call(
+        &m.client.ns,
+        Some(&m.client.cgroup),
+        &vip(THRIFT_PORT),
+        &["--calls", "30"],
+    );
+    assert_eq!(after.replies(), 0, "whoami ran after the DENY: {after:?}");
+    assert!(
+        after
+            .app_errors
+            .iter()
+            .any(|e| e.contains("RBAC: access denied")),
+        "{after:?}"
+    );
+}

@@ -58,8 +58,8 @@ enum Task {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
         seconds: u64,
-        /// Only these targets (codec, codec_configured, first_bytes, static_config,
-        /// xds_translate).
+        /// Only these targets (authz_first_bytes, codec, codec_configured, first_bytes,
+        /// static_config, xds_translate).
         targets: Vec<String>,
     },
 }
@@ -444,7 +444,8 @@ fn dist() -> Result<()> {
 }
 
 /// The fuzz targets (`fuzz/fuzz_targets/*.rs`).
-const FUZZ_TARGETS: [&str; 5] = [
+const FUZZ_TARGETS: [&str; 6] = [
+    "authz_first_bytes",
     "codec",
     "codec_configured",
     "first_bytes",

@@ -55,8 +55,8 @@ pub struct Denied {
 
 impl Authz {
     /// The authorization of a connection on `chain`, whose filters are `filters` in the
-    /// configuration it was selected from.
-    /// `policy` was subscribed before the configuration the filters come from was read.
+    /// configuration it was selected from; `policy` was subscribed before that configuration
+    /// was read, so no change after it is missed.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         chain: ChainRef,
@@ -89,8 +89,9 @@ impl Authz {
         self.needs_method
     }
 
-    /// The check when a connection is accepted (with the policy in force now): the filters
-    /// that do not name methods.
+    /// The check when a connection is accepted, with the policy in force now: every filter,
+    /// a permission on Thrift methods unknown (see [`crate::config::rbac`]); where the outcome
+    /// depends on the method, the connection is left to [`Authz::check_call`].
     pub fn check_connection(&mut self) -> Result<(), Denied> {
         self.refresh()?;
         self.connection_filters()
@@ -105,9 +106,14 @@ impl Authz {
         Ok(())
     }
 
-    /// The check of one Thrift call, with the policy in force now.
+    /// The check of one Thrift call, with the policy in force now. A connection whose fate
+    /// does not depend on the method was decided whole (and is checked again when the policy
+    /// changes): its calls cost no evaluation.
     pub fn check_call(&mut self, call: &Message) -> Result<(), Denied> {
         self.refresh()?;
+        if !self.needs_method {
+            return Ok(());
+        }
         let method = String::from_utf8_lossy(call.method());
         let service = call.service().map(String::from_utf8_lossy);
         self.check(Some((service.as_deref(), method.as_ref())))
@@ -120,9 +126,9 @@ impl Authz {
     }
 
     /// Resolves once the policy in force no longer allows the connection (for relays, which
-    /// see no calls); never while it does.
-    /// A relay sees bytes, not calls: rules that come to name Thrift methods revoke it too
-    /// (the client's next connection is authorized call by call).
+    /// see no calls); never while it does. A relay sees bytes, not calls: rules that come to
+    /// depend on the Thrift method revoke it too (the client's next connection is authorized
+    /// call by call).
     pub async fn revoked(&mut self) -> Denied {
         let mut checked = self.refresh();
         loop {

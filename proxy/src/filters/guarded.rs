@@ -39,7 +39,7 @@ pub async fn serve(
             &mut requests,
             &mut down,
             &mut buf,
-            Some(&mut held),
+            Side::Client(&mut held),
             ctx.message_timeout,
         )
         .await
@@ -51,10 +51,6 @@ pub async fn serve(
                 break;
             }
         };
-        if !matches!(call.kind(), MessageType::Call | MessageType::Oneway) {
-            debug!("a client sent a message that is not a call: closing");
-            break;
-        }
         if let Err(denied) = authz.check_call(&call) {
             if denied.connection {
                 // The policy in force no longer allows the connection at all.
@@ -85,7 +81,7 @@ pub async fn serve(
             &mut replies,
             &mut up,
             &mut from_up,
-            None,
+            Side::Application,
             ctx.message_timeout,
         )
         .await
@@ -104,26 +100,37 @@ pub async fn serve(
     let _ = down.shutdown().await;
 }
 
+/// Whose messages are read.
+enum Side<'a> {
+    /// The client: only calls, its buffer within its budget.
+    Client(&'a mut Held),
+    /// The application: its replies.
+    Application,
+}
+
 /// The next whole message from `stream` (bytes already read in `buf`); `None` at a clean
-/// end between messages. A message must arrive whole within `timeout` of its first byte,
-/// and the client's buffer grows within its budget (`held`).
+/// end between messages. A message must arrive whole within `timeout` of its first byte.
 async fn next(
     decoder: &mut Decoder,
     stream: &mut Stream,
     buf: &mut BytesMut,
-    mut held: Option<&mut Held>,
+    mut side: Side<'_>,
     timeout: std::time::Duration,
 ) -> Result<Option<Message>, String> {
     let mut deadline = None;
     loop {
-        if let Some(m) = decoder.decode(buf).map_err(|e| e.to_string())? {
+        let decoded = match side {
+            Side::Client(_) => decoder.decode_call(buf),
+            Side::Application => decoder.decode(buf),
+        };
+        if let Some(m) = decoded.map_err(|e| e.to_string())? {
             return Ok(Some(m));
         }
         if buf.capacity() - buf.len() < 4096 {
             let more = buf.len().max(16 * 1024);
-            match held.as_deref_mut() {
-                Some(h) => h.reserve(buf, more).map_err(|e| e.to_string())?,
-                None => buf.reserve(more),
+            match &mut side {
+                Side::Client(held) => held.reserve(buf, more).map_err(|e| e.to_string())?,
+                Side::Application => buf.reserve(more),
             }
         }
         let read = if buf.is_empty() {

@@ -54,7 +54,6 @@ pub fn container(options: &Options, extra_env: &[(String, String)]) -> Value {
         field("POD_NAMESPACE", "metadata.namespace"),
         field("POD_UID", "metadata.uid"),
         field("INSTANCE_IP", "status.podIP"),
-        field("HOST_IP", "status.hostIP"),
         field("SERVICE_ACCOUNT", "spec.serviceAccountName"),
         plain("TERN_CGROUP_ROOT", HOST_CGROUP),
         plain("XDS_ADDRESS", &options.xds_address),

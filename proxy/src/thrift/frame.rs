@@ -324,6 +324,17 @@ impl Decoder {
         }))
     }
 
+    /// [`Decoder::decode`] for a client whose messages must all be calls (or one-way calls):
+    /// any other type is an error, never a message (processors dispatch on the name alone).
+    pub fn decode_call(&mut self, buf: &mut BytesMut) -> Result<Option<Message>, ThriftError> {
+        match self.decode(buf)? {
+            Some(m) if !matches!(m.kind(), MessageType::Call | MessageType::Oneway) => {
+                Err(ThriftError::BadMessageType(m.kind() as u8))
+            }
+            found => Ok(found),
+        }
+    }
+
     /// Where the message at the front of `buf` ends, and what it is, once it is all there;
     /// `Ok(None)` when more bytes are needed. Nothing is taken off `buf`; until the message
     /// is complete, each call must see the same bytes in front (and more behind).

@@ -9,9 +9,10 @@
 //! - [`rbac`]: network RBAC filters (TCP `AuthorizationPolicy`), Thrift methods included.
 //!
 //! What tern knowingly does not run is set aside with a [`SetAsideReason`] (shown in
-//! `/config_dump`, counted in `tern_xds_set_aside`). What it cannot honour safely (an
-//! authorization filter it cannot enforce) is an error, so the resource is NACKed and never
-//! runs without its policy.
+//! `/config_dump`, counted in `tern_xds_set_aside`); a chain that needs a filter tern cannot
+//! run (ext_authz, jwt_authn, Wasm, an unknown filter) is set aside and refuses its
+//! connections. What it cannot read safely (an RBAC rule it cannot decide, a TLS context it
+//! cannot honour) is an error, so the resource is NACKed and never runs without its policy.
 use std::{
     net::{IpAddr, SocketAddr},
     time::Duration,

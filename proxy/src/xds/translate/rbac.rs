@@ -34,47 +34,48 @@ const MAX_DEPTH: usize = 32;
 /// A network RBAC filter.
 pub fn translate(any: &tern_proto::Any) -> Result<Rbac, Invalid> {
     let r: NetworkRbac = decode(any, type_url::NETWORK_RBAC)?;
-    if r.matcher.is_some() || r.shadow_matcher.is_some() {
-        return Err(Invalid::RbacRule("the matcher API"));
-    }
-    Ok(Rbac {
-        stat_prefix: r.stat_prefix.clone(),
-        rules: r
-            .rules
-            .as_ref()
-            .map(|r| rules(r, Layer::Network))
-            .transpose()?,
-        shadow_rules: r
-            .shadow_rules
-            .as_ref()
-            .map(|r| rules(r, Layer::Network))
-            .transpose()?,
-    })
+    let matchers = r.matcher.is_some() || r.shadow_matcher.is_some();
+    filter(
+        Layer::Network,
+        &r.stat_prefix,
+        matchers,
+        r.rules.as_ref(),
+        r.shadow_rules.as_ref(),
+    )
 }
 
 /// An HTTP RBAC filter, decided on the connection of a chain relayed as TCP (see the module
 /// doc).
 pub fn translate_http(any: &tern_proto::Any) -> Result<Rbac, Invalid> {
     let r: HttpRbac = decode(any, type_url::HTTP_RBAC)?;
-    if r.matcher.is_some() || r.shadow_matcher.is_some() {
+    let matchers = r.matcher.is_some() || r.shadow_matcher.is_some();
+    let prefix = Some(r.rules_stat_prefix.as_str())
+        .filter(|p| !p.is_empty())
+        .unwrap_or("http.");
+    filter(
+        Layer::Http,
+        prefix,
+        matchers,
+        r.rules.as_ref(),
+        r.shadow_rules.as_ref(),
+    )
+}
+
+/// Either filter's rules and shadow rules; the matcher API (`matchers`) is refused.
+fn filter(
+    layer: Layer,
+    stat_prefix: &str,
+    matchers: bool,
+    enforced: Option<&rbac_types::Rbac>,
+    shadow: Option<&rbac_types::Rbac>,
+) -> Result<Rbac, Invalid> {
+    if matchers {
         return Err(Invalid::RbacRule("the matcher API"));
     }
     Ok(Rbac {
-        stat_prefix: if r.rules_stat_prefix.is_empty() {
-            "http.".to_owned()
-        } else {
-            r.rules_stat_prefix.clone()
-        },
-        rules: r
-            .rules
-            .as_ref()
-            .map(|r| rules(r, Layer::Http))
-            .transpose()?,
-        shadow_rules: r
-            .shadow_rules
-            .as_ref()
-            .map(|r| rules(r, Layer::Http))
-            .transpose()?,
+        stat_prefix: stat_prefix.to_owned(),
+        rules: enforced.map(|r| rules(r, layer)).transpose()?,
+        shadow_rules: shadow.map(|r| rules(r, layer)).transpose()?,
     })
 }
 
