@@ -7,8 +7,9 @@
 //! hooks — so the connect hook never sees the proxy missing and no connection is refused while
 //! tern starts.
 //! Draining keeps the listeners open (see [`crate::listener::serve`]) and lets the connections
-//! open when it began finish (up to the drain timeout). eBPF capture is not released at exit:
-//! while tern is down (exited, crashed, restarting) the Pod's inbound is refused.
+//! open when it began finish (up to the drain timeout). Capture is not released at exit:
+//! while tern is down (exited, crashed, restarting) the Pod's captured connections are
+//! refused, and a restarted tern takes the capture over.
 use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
@@ -36,11 +37,11 @@ use crate::{
     tls,
 };
 
-/// Capture held for the lifetime of `tern run`.
+/// The capture `tern run` set up (it outlives `tern run`: see the module doc).
 enum Capture {
     None,
     Ebpf(EbpfCapture),
-    Iptables(IptablesCapture),
+    Iptables,
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -107,7 +108,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             capture.register_inbound(&inbound.0, inbound.1.as_ref())?;
             Capture::Ebpf(capture)
         }
-        (CaptureMode::Iptables, _) => Capture::Iptables(IptablesCapture::install(&settings)?),
+        (CaptureMode::Iptables, _) => {
+            IptablesCapture::install(&settings)?;
+            Capture::Iptables
+        }
         _ => Capture::None,
     };
 
@@ -285,7 +289,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         // its outbound too, unless it fails open), never let through unchecked. A restarted
         // tern takes it over; it goes with the Pod (`tern capture gc`, at every start).
         Capture::Ebpf(_) => info!("the eBPF capture stays attached while the Pod lives"),
-        Capture::Iptables(mut c) => c.remove(),
+        Capture::Iptables => info!("the iptables capture stays while the Pod lives"),
     }
     info!("tern stopped");
     Ok(())

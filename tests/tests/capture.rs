@@ -99,25 +99,42 @@ fn outbound_goes_through_the_proxy(mode: &str) {
     assert!(outside.ok(), "{outside:?}");
     assert_eq!(outside.proxied(), mode == "iptables", "{outside:?}");
 
+    // Capture stays while the Pod lives: without tern, connections are refused (a restarted
+    // tern takes the capture over).
     tern_proc.process.terminate().unwrap();
-    assert!(
-        p.app.iptables_rules().unwrap().is_empty(),
-        "rules left after exit"
-    );
+    let after = connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080");
     if mode == "ebpf" {
-        // eBPF capture stays while the Pod lives: without tern, connections are refused.
         assert!(p.cgroup.pin_dir().exists(), "the capture outlives tern");
-        let after = connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080");
         assert_eq!(after.kind.as_deref(), Some("PermissionDenied"), "{after:?}");
+    } else {
+        assert!(
+            !p.app.iptables_rules().unwrap().is_empty(),
+            "rules outlive tern"
+        );
+        assert_eq!(
+            after.kind.as_deref(),
+            Some("ConnectionRefused"),
+            "{after:?}"
+        );
+    }
+    let restarted = Tern::start(
+        &p.app,
+        Some(&p.cgroup),
+        &run_args(mode, &p.cgroup, &["--inbound-ports", ""]),
+    )
+    .unwrap();
+    assert!(connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080").proxied());
+    drop(restarted);
+    if mode == "ebpf" {
         let (ok, _, err) = tern_in(
             p.cgroup.path(),
             &["capture", "detach", "--cgroup", p.cgroup.path_str()],
         );
         assert!(ok, "{err}");
         assert!(!p.cgroup.pin_dir().exists(), "pins left after detach");
+        let after = connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080");
+        assert!(after.ok() && !after.proxied(), "{after:?}");
     }
-    let after = connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080");
-    assert!(after.ok() && !after.proxied(), "{after:?}");
 }
 
 /// Excluded ports and CIDRs, and loopback, bypass the proxy.

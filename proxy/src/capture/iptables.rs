@@ -53,8 +53,9 @@ impl Family {
     }
 }
 
-/// Installed REDIRECT rules in the current network namespace; [`IptablesCapture::remove`]
-/// takes them out again.
+/// Installed REDIRECT rules in the current network namespace. They stay when tern exits:
+/// while it is down, redirected connections find nothing listening and are refused, never let
+/// through; they go with the Pod's network namespace, and a restarted tern takes them over.
 pub struct IptablesCapture {
     families: Vec<Family>,
 }
@@ -66,15 +67,14 @@ impl IptablesCapture {
             families: Vec::new(),
         };
         for family in [Family::V4, Family::V6] {
+            // A tern that ran here before left its rules. No tern runs here now (this one
+            // holds the listeners' ports): take them over, with this start's settings.
             if chain_exists(family, CHAINS[0]) {
-                return Err(CaptureError::Command {
-                    what: format!("install {} capture rules", family.iptables()),
-                    detail: format!(
-                        "chain {} already exists in the nat table: another tern installed \
-                         capture in this network namespace",
-                        CHAINS[0]
-                    ),
-                });
+                tracing::info!(
+                    family = family.iptables(),
+                    "taking over the capture rules a previous tern left"
+                );
+                restore(family, &remove_rules())?;
             }
             if let Err(e) = restore(family, &install_rules(family, settings)) {
                 installed.remove();
@@ -86,19 +86,13 @@ impl IptablesCapture {
         Ok(installed)
     }
 
-    /// Removes the rules this handle installed.
-    pub fn remove(&mut self) {
+    /// Removes the rules this handle installed (a half-done install).
+    fn remove(&mut self) {
         for family in self.families.drain(..) {
             if let Err(e) = restore(family, &remove_rules()) {
                 tracing::warn!(error = %e, "could not remove iptables capture rules");
             }
         }
-    }
-}
-
-impl Drop for IptablesCapture {
-    fn drop(&mut self) {
-        self.remove();
     }
 }
 
