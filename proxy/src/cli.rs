@@ -142,6 +142,11 @@ pub struct RunArgs {
     /// Deepest nesting of Thrift structs and containers accepted.
     #[arg(long, env = "TERN_MAX_DEPTH", default_value_t = 64)]
     pub max_depth: usize,
+    /// Once capture is set up, give up root and every capability and run as this uid (and
+    /// gid), as Istio's proxy runs as 1337. Capture must skip this uid's sockets
+    /// (`--proxy-uid`): tern's own then carry no mark.
+    #[arg(long, env = "TERN_RUN_AS_UID")]
+    pub run_as_uid: Option<u32>,
     /// The application's probes, rewritten by injection to `/app-health/…` on the stats
     /// port: Istio's JSON map of Kubernetes `httpGet`/`tcpSocket` actions by path.
     #[arg(long, env = "ISTIO_KUBE_APP_PROBERS", default_value = "")]

@@ -22,6 +22,7 @@ pub mod logging;
 pub mod memory;
 pub mod method_labels;
 pub mod metrics;
+pub mod privileges;
 pub mod probe;
 pub mod refusal;
 pub mod run;

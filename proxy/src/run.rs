@@ -47,6 +47,21 @@ enum Capture {
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = args.capture_args.settings();
     let probers = crate::probe::AppProbers::parse(&args.app_probers)?;
+    // Unprivileged, tern cannot mark its sockets: capture must know them by their uid.
+    if let Some(uid) = args.run_as_uid
+        && args.capture != CaptureMode::None
+        && settings.skip_uid != Some(uid)
+    {
+        anyhow::bail!(
+            "--run-as-uid {uid} needs --proxy-uid {uid}: capture must skip tern's own sockets by their uid"
+        );
+    }
+    // The mark tern's own sockets carry (none once it runs unprivileged).
+    let mark = if args.run_as_uid.is_some() {
+        0
+    } else {
+        settings.mark
+    };
     // A broken configuration is refused before anything is attached.
     let config = match &args.config {
         Some(path) => file::load(path)?,
@@ -115,6 +130,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ => Capture::None,
     };
 
+    // Everything that needs privileges is done (capture attached or taken over, the inbound
+    // socket registered, every listener bound): give them up before serving anything.
+    if let Some(uid) = args.run_as_uid {
+        crate::privileges::drop_to(uid)?;
+        info!(uid, "running unprivileged: no capabilities left");
+    }
     let pins = match &capture {
         Capture::Ebpf(c) => Some(c.pins().to_owned()),
         _ => None,
@@ -151,7 +172,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             let (status_tx, status_rx) = watch::channel(tern_xds_client::ClientStatus::default());
             let stream = tern_xds_client::run(
                 tern_xds_client::StreamConfig {
-                    channel: channel_config(&args, address, args.xds_ca.as_deref(), settings.mark)?,
+                    channel: channel_config(&args, address, args.xds_ca.as_deref(), mark)?,
                     initial_backoff: Duration::from_millis(250),
                     max_backoff: Duration::from_secs(15),
                 },
@@ -177,7 +198,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let drain_tx = Arc::new(drain_tx);
     let ctx = Arc::new(Ctx {
         state: state.clone(),
-        mark: settings.mark,
+        mark,
         limits: DecoderLimits {
             max_frame: args.max_frame_size,
             max_depth: args.max_depth,
@@ -223,7 +244,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         app_health: admin::AppHealth {
             probers,
             pod_ip: args.instance_ip,
-            mark: settings.mark,
+            mark,
         },
     });
     let mut control: Vec<ControlTask> = Vec::new();
@@ -233,7 +254,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Some(status) = xds_status.clone() {
         control.push(Box::pin(export_xds_state(status, state.clone())));
     }
-    if let Some((source, label)) = cert_source(&args, settings.mark)? {
+    if let Some((source, label)) = cert_source(&args, mark)? {
         info!(source = label, "workload certificate source");
         let events = Arc::new(CertMetrics {
             metrics: state.metrics.clone(),
@@ -419,7 +440,7 @@ fn channel_config(
         address,
         tls,
         token_file,
-        socket_mark: Some(mark),
+        socket_mark: (mark != 0).then_some(mark),
     })
 }
 

@@ -67,7 +67,8 @@ pub fn listen(addr: SocketAddr) -> io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::from_std(socket.into())
 }
 
-/// Connects to `dst` from a socket marked with `mark`, optionally bound to `source`.
+/// Connects to `dst` from a socket marked with `mark` (0: unmarked, when tern runs
+/// unprivileged and capture skips its uid instead), optionally bound to `source`.
 pub async fn connect_upstream(
     dst: SocketAddr,
     mark: u32,
@@ -77,7 +78,9 @@ pub async fn connect_upstream(
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
-    SockRef::from(&socket).set_mark(mark)?;
+    if mark != 0 {
+        SockRef::from(&socket).set_mark(mark)?;
+    }
     socket.set_nodelay(true)?;
     if let Some(ip) = source {
         socket.bind(SocketAddr::new(ip, 0))?;

@@ -256,6 +256,17 @@ impl OciPod {
         Ok(())
     }
 
+    /// A running container's process id, as this (the node's) pid namespace sees it.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.runc()
+            .args(["state", &self.id(name)])
+            .output()
+            .ok()
+            .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+            .and_then(|s| s["pid"].as_u64())
+            .and_then(|p| u32::try_from(p).ok())
+    }
+
     /// Whether a container's process still runs.
     pub fn running(&self, name: &str) -> bool {
         self.runc()

@@ -425,7 +425,8 @@ under_both_captures!(
     proxy_uid_bypasses,
     exclusions_bypass_the_proxy,
     inbound_arrives_through_the_proxy,
-    inbound_ipv6_and_node_probes
+    inbound_ipv6_and_node_probes,
+    the_proxy_runs_unprivileged
 );
 
 /// Hooks attached by `tern capture attach` outlive the proxy, and fail closed while it is
@@ -921,5 +922,66 @@ print(json.dumps({"peer": "%s:%d" % held.getpeername(), "greeting": held_greetin
         ) == 0),
         "ORIG_BY_TUPLE holds {} entries after the churn",
         map_entries(&p.cgroup, "ORIG_BY_TUPLE")
+    );
+}
+
+/// Once capture is set up tern gives up root and every capability (`--run-as-uid`, with
+/// capture skipping that uid's sockets instead of a mark), as Istio's proxy runs as 1337:
+/// `/proc` shows uid 1337 and no inherited, permitted, effective or ambient capability, and
+/// outbound and inbound still go through it.
+fn the_proxy_runs_unprivileged(mode: &str) {
+    let p = pods();
+    let _server = serve(&p.srv, &["10.66.1.2:8080"]).unwrap();
+    let _app = serve(&p.app, &["0.0.0.0:8081"]).unwrap();
+    let mut args = run_args(
+        mode,
+        &p.cgroup,
+        &[
+            "--inbound-ports",
+            "8081",
+            "--proxy-uid",
+            "1337",
+            "--run-as-uid",
+            "1337",
+        ],
+    );
+    let netns = p.app.path();
+    if mode == "ebpf" {
+        args.extend(["--netns", netns.to_str().unwrap()]);
+    }
+    let tern_proc = Tern::start(&p.app, Some(&p.cgroup), &args).unwrap();
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", tern_proc.process.pid())).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(field("Uid"), ["1337"; 4], "{status}");
+    assert_eq!(field("Gid"), ["1337"; 4], "{status}");
+    for caps in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(field(caps), ["0000000000000000"], "{caps}: {status}");
+    }
+    assert_eq!(field("NoNewPrivs"), ["1"], "{status}");
+    let out = connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080");
+    assert!(out.ok() && out.proxied(), "{out:?}\n{}", tern_proc.log());
+    let inbound = connect(&p.srv, None, "10.66.1.1:8081");
+    assert!(
+        inbound.ok()
+            && inbound
+                .server_saw
+                .as_deref()
+                .unwrap()
+                .starts_with("127.0.0.6:"),
+        "{inbound:?}\n{}",
+        tern_proc.log()
+    );
+    let metrics = tern_tests::admin(&p.app, "GET", "/stats/prometheus");
+    assert!(
+        metrics.contains("tern_downstream_connections_total"),
+        "{metrics}"
     );
 }

@@ -252,6 +252,22 @@ fn pod_is_captured_from_inside(driver: CgroupDriver) {
     assert!(c.ok() && c.proxied(), "{c:?}\n{}", pod.log("tern"));
     assert_eq!(c.peer.as_deref(), Some(&*format!("{NODE_IP}:9090")));
 
+    // The long-lived proxy runs as uid 1337 with no capability left (the container starts
+    // it as root with BPF, NET_ADMIN and PERFMON to set capture up).
+    let pid = pod.pid("tern").expect("tern's pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(field("Uid"), ["1337"; 4], "{status}");
+    for caps in ["CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(field(caps), ["0000000000000000"], "{caps}: {status}");
+    }
     // Inbound from another Pod: through tern (the application sees 127.0.0.6).
     let c = connect(&peer, None, "10.78.0.2:8080");
     assert!(c.ok(), "{c:?}");

@@ -15,6 +15,8 @@ pub const VOLUMES: [&str; 5] = [
 ];
 /// Where the node's cgroup v2 hierarchy is mounted in tern's container.
 pub const HOST_CGROUP: &str = "/host/sys/fs/cgroup";
+/// The uid tern runs as once capture is set up (Istio's proxy uid).
+pub const PROXY_UID: &str = "1337";
 /// tern's health and metrics port (Istio's merged-metrics port).
 pub const STATS_PORT: u16 = 15020;
 
@@ -23,9 +25,12 @@ pub const STATS_PORT: u16 = 15020;
 /// - `NET_ADMIN`: attach cgroup and `sk_lookup` programs, `SO_MARK` its own sockets;
 /// - `PERFMON`: without it the kernel refuses to load `tern_getsockopt` (`EPERM`).
 ///
+/// - `SETUID`, `SETGID`: to become uid 1337 once capture is set up, which clears every
+///   capability: the long-lived proxy runs with none (`crate::privileges`).
+///
 /// Not `SYS_ADMIN` (bpffs comes mounted from the node) and not `SYS_RESOURCE` (kernels since
 /// 5.11 charge maps to the cgroup, not to `RLIMIT_MEMLOCK`).
-pub const CAPABILITIES: [&str; 3] = ["BPF", "NET_ADMIN", "PERFMON"];
+pub const CAPABILITIES: [&str; 5] = ["BPF", "NET_ADMIN", "PERFMON", "SETUID", "SETGID"];
 
 /// Where the container goes in the Pod spec: a native sidecar is an init container.
 pub fn list(options: &Options) -> &'static str {
@@ -56,6 +61,10 @@ pub fn container(options: &Options, extra_env: &[(String, String)]) -> Value {
         field("INSTANCE_IP", "status.podIP"),
         field("SERVICE_ACCOUNT", "spec.serviceAccountName"),
         plain("TERN_CGROUP_ROOT", HOST_CGROUP),
+        // Once capture is set up, tern runs as Istio's proxy uid with no capability; capture
+        // knows its sockets by that uid.
+        plain("PROXY_UID", PROXY_UID),
+        plain("TERN_RUN_AS_UID", PROXY_UID),
         plain("XDS_ADDRESS", &options.xds_address),
         plain("XDS_ROOT_CA", "/var/run/secrets/istio/root-cert.pem"),
         plain("TERN_XDS_TOKEN_FILE", "/var/run/secrets/tokens/istio-token"),
