@@ -595,6 +595,27 @@ pub fn tern_in(cgroup: &Path, args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// A field of `/proc/<pid>/status`, split at white space (`Uid`: four ids; `VmHWM`: the
+/// number and `kB`); empty when absent.
+pub fn proc_status(pid: u32, field: &str) -> Vec<String> {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A process's memory figure from `/proc/<pid>/status` (`VmRSS`, `VmHWM`), in KiB.
+pub fn proc_kib(pid: u32, field: &str) -> u64 {
+    proc_status(pid, field)
+        .first()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} for process {pid}"))
+}
+
 /// Counters of the capture attached to `cgroup`, by `hook.decision`, from `tern capture status`.
 pub fn capture_counter(cgroup: &Cgroup, name: &str) -> u64 {
     let (ok, out, err) = tern(&["capture", "status", "--cgroup", cgroup.path_str(), "--json"]);

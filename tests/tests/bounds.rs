@@ -89,13 +89,7 @@ fn established(s: &Setup, port: u16) -> usize {
 }
 
 fn rss_kib(s: &Setup) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", s.tern.process.pid())).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap()
+    tern_tests::proc_kib(s.tern.process.pid(), "VmRSS")
 }
 
 /// An endpoint removed from the configuration loses its upstream connections.

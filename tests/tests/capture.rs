@@ -950,22 +950,13 @@ fn the_proxy_runs_unprivileged(mode: &str) {
         args.extend(["--netns", netns.to_str().unwrap()]);
     }
     let tern_proc = Tern::start(&p.app, Some(&p.cgroup), &args).unwrap();
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", tern_proc.process.pid())).unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .unwrap_or_default()
-            .split_whitespace()
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(field("Uid"), ["1337"; 4], "{status}");
-    assert_eq!(field("Gid"), ["1337"; 4], "{status}");
+    let field = |name: &str| tern_tests::proc_status(tern_proc.process.pid(), name);
+    assert_eq!(field("Uid"), ["1337"; 4]);
+    assert_eq!(field("Gid"), ["1337"; 4]);
     for caps in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
-        assert_eq!(field(caps), ["0000000000000000"], "{caps}: {status}");
+        assert_eq!(field(caps), ["0000000000000000"], "{caps}");
     }
-    assert_eq!(field("NoNewPrivs"), ["1"], "{status}");
+    assert_eq!(field("NoNewPrivs"), ["1"]);
     let out = connect(&p.app, Some(&p.cgroup), "10.66.1.2:8080");
     assert!(out.ok() && out.proxied(), "{out:?}\n{}", tern_proc.log());
     let inbound = connect(&p.srv, None, "10.66.1.1:8081");

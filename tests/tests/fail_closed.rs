@@ -72,13 +72,7 @@ fn mesh_with(snapshot: &str, ports: &str, extra: &[&str]) -> Mesh {
 
 /// tern's peak resident memory, in MiB.
 fn peak_rss_mib(tern: &Tern) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", tern.process.pid())).unwrap();
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kib / 1024.0
+    tern_tests::proc_kib(tern.process.pid(), "VmHWM") as f64 / 1024.0
 }
 
 fn refused(m: &Mesh, reason: &str) -> f64 {

@@ -255,18 +255,10 @@ fn pod_is_captured_from_inside(driver: CgroupDriver) {
     // The long-lived proxy runs as uid 1337 with no capability left (the container starts
     // it as root with BPF, NET_ADMIN and PERFMON to set capture up).
     let pid = pod.pid("tern").expect("tern's pid");
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-            .unwrap_or_default()
-            .split_whitespace()
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(field("Uid"), ["1337"; 4], "{status}");
+    let field = |name: &str| tern_tests::proc_status(pid, name);
+    assert_eq!(field("Uid"), ["1337"; 4]);
     for caps in ["CapPrm", "CapEff", "CapAmb"] {
-        assert_eq!(field(caps), ["0000000000000000"], "{caps}: {status}");
+        assert_eq!(field(caps), ["0000000000000000"], "{caps}");
     }
     // Inbound from another Pod: through tern (the application sees 127.0.0.6).
     let c = connect(&peer, None, "10.78.0.2:8080");

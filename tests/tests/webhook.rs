@@ -355,13 +355,7 @@ fn the_largest_reviews_stay_within_bounds() {
     assert!(body.len() > 1_400_000, "{} bytes", body.len());
     let (_, patch) = answer(&webhook, &ca, &body);
     assert!(patch.is_some());
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", webhook.process.pid())).unwrap();
-    let peak_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
+    let peak_kib = tern_tests::proc_kib(webhook.process.pid(), "VmHWM");
     eprintln!(
         "webhook peak RSS after a {} byte review: {} KiB",
         body.len(),
