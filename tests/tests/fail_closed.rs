@@ -132,7 +132,7 @@ fn a_policy_pushed_mid_connection_reaches_open_connections() {
     let _thrift = method_logging_server(&m.p, "10.66.1.1:9090", &log, &[]);
     let _echo = tern_tests::serve(&m.p.app, &["10.66.1.1:8080"]).unwrap();
     let srv = &m.p.srv;
-    let (outcomes, held) = std::thread::scope(|scope| {
+    let (outcomes, held, ran_by_then) = std::thread::scope(|scope| {
         let session = scope.spawn(|| {
             python_json(
                 srv,
@@ -167,7 +167,11 @@ inbound_rbac:
 "#,
         );
         assert!(m.cp.wait_for("ACK Listener 2"), "{}", m.cp.events());
-        (session.join().unwrap(), held.join().unwrap())
+        // What ran until the new policy is in force (a call already on its way when the push
+        // landed may still complete at the application: the relay is then closed under it).
+        std::thread::sleep(Duration::from_millis(200));
+        let ran_by_then = log.read().matches("whoami").count();
+        (session.join().unwrap(), held.join().unwrap(), ran_by_then)
     });
     let outcomes: Vec<&str> = outcomes["outcomes"]
         .as_array()
@@ -187,10 +191,10 @@ inbound_rbac:
     let out = send(&m.p.srv, "10.66.1.1:9090", "call", "whoami");
     assert!(out["answered"].as_u64().unwrap() > 0, "{out}");
     let ran = log.read().matches("whoami").count();
-    assert_eq!(
-        ran,
-        first_stopped.unwrap(),
-        "whoami ran after the push: {outcomes:?}"
+    assert_eq!(ran, ran_by_then, "whoami ran after the push: {outcomes:?}");
+    assert!(
+        ran <= first_stopped.unwrap() + 1,
+        "{ran} calls ran, {outcomes:?}"
     );
     assert_eq!(held["closed"], true, "{held}\n{}", m.tern.log());
     assert!(held["echoes"].as_u64().unwrap() > 0, "{held}");

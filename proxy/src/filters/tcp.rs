@@ -179,15 +179,17 @@ pub async fn relay(
         Active::new(&mut down, &last, started),
         Active::new(&mut up, &last, started),
     );
+    // The policy first: once it no longer allows the connection, no more bytes go through.
     let copied = tokio::select! {
+        biased;
+        denied = revoked => {
+            debug!(policy = %denied.policy, reason = denied.reason.as_str(), "the policy in force no longer allows the connection: closing");
+            return Err(denied);
+        }
         copied = tokio::io::copy_bidirectional(&mut d, &mut u) => copied,
         () = idle_for(idle, &last, started) => {
             debug!(?idle, "no bytes either way for the idle timeout: closing");
             return Ok(());
-        }
-        denied = revoked => {
-            debug!(policy = %denied.policy, reason = denied.reason.as_str(), "the policy in force no longer allows the connection: closing");
-            return Err(denied);
         }
     };
     match copied {
