@@ -262,11 +262,11 @@ fn convert(file: File, version: String) -> Result<Config, ConfigError> {
     let inbound = file
         .inbound
         .map(|i| {
-            Ok::<_, ConfigError>(Listener {
+            Ok::<_, ConfigError>(Arc::new(Listener {
                 name: "virtualInbound".into(),
                 address: SocketAddr::from(([0, 0, 0, 0], 0)),
                 filter_chains: chains("virtualInbound", i.filter_chains)?,
-            })
+            }))
         })
         .transpose()?;
     let clusters = file

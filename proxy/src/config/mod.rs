@@ -25,8 +25,9 @@ pub struct Config {
     /// Outbound listeners, matched against a connection's original destination. Shared, so
     /// a new configuration that keeps a listener does not copy it.
     pub listeners: Vec<Arc<Listener>>,
-    /// The inbound listener's filter chains (Istio's `virtualInbound`), if any.
-    pub inbound: Option<Listener>,
+    /// The inbound listener's filter chains (Istio's `virtualInbound`), if any; shared as
+    /// the outbound ones are, so an update that keeps it neither copies nor compares it.
+    pub inbound: Option<Arc<Listener>>,
     /// What inbound connections get while no inbound listener is in force.
     pub no_inbound: NoInbound,
     /// What happens to outbound destinations no listener matches.
@@ -513,7 +514,12 @@ impl Config {
             why: why.to_owned(),
         };
         let mut names = std::collections::HashSet::new();
-        for l in self.listeners.iter().map(|l| &**l).chain(&self.inbound) {
+        for l in self
+            .listeners
+            .iter()
+            .map(|l| &**l)
+            .chain(self.inbound.as_deref())
+        {
             if !names.insert(&l.name) {
                 return Err(invalid(format!("listener {}", l.name), "duplicate name"));
             }

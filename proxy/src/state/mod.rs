@@ -205,7 +205,12 @@ impl State {
     /// not change keeps its server (and its session cache).
     fn server_tls(&self, config: &Config, previous: &Snapshot) -> HashMap<String, Vec<ChainTls>> {
         let mut out = HashMap::new();
-        for l in config.listeners.iter().map(|l| &**l).chain(&config.inbound) {
+        for l in config
+            .listeners
+            .iter()
+            .map(|l| &**l)
+            .chain(config.inbound.as_deref())
+        {
             let chains: Vec<ChainTls> = l
                 .filter_chains
                 .iter()
@@ -278,16 +283,21 @@ impl State {
     }
 }
 
-/// Whether `new` changes any listener of `old` (outbound ones are shared while unchanged,
-/// so a pointer comparison tells; the inbound listener is compared whole).
+/// Whether `new` changes any listener of `old`: listeners are shared while unchanged, so a
+/// pointer comparison tells (an EDS push compares a few pointers, never a listener).
 fn listeners_changed(old: &Config, new: &Config) -> bool {
+    let inbound_changed = match (&old.inbound, &new.inbound) {
+        (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+        (None, None) => false,
+        _ => true,
+    };
     old.listeners.len() != new.listeners.len()
         || old
             .listeners
             .iter()
             .zip(&new.listeners)
             .any(|(a, b)| !Arc::ptr_eq(a, b))
-        || old.inbound != new.inbound
+        || inbound_changed
         || old.no_inbound != new.no_inbound
 }
 
@@ -358,7 +368,12 @@ fn build_cluster(
 /// Methods the configuration routes on keep labels of their own in the clusters they route
 /// to.
 fn configure_method_labels(config: &Config, clusters: &HashMap<String, Arc<ClusterState>>) {
-    for l in config.listeners.iter().map(|l| &**l).chain(&config.inbound) {
+    for l in config
+        .listeners
+        .iter()
+        .map(|l| &**l)
+        .chain(config.inbound.as_deref())
+    {
         for chain in &l.filter_chains {
             let Filter::Thrift(t) = &chain.filter else {
                 continue;

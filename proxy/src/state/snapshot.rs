@@ -180,7 +180,7 @@ impl Snapshot {
     /// (some chain there matches on TLS, ALPN or SNI).
     pub fn needs_inspection(&self, dst: SocketAddr, inbound: bool) -> bool {
         let listener = if inbound {
-            self.config.inbound.as_ref()
+            self.config.inbound.as_deref()
         } else {
             self.listener_for(dst)
         };

@@ -41,8 +41,8 @@ pub const VIRTUAL_INBOUND: &str = "virtualInbound";
 pub enum ListenerKind {
     /// Istio's `virtualOutbound`: what happens to destinations no listener matches.
     VirtualOutbound(Passthrough),
-    /// Istio's `virtualInbound`.
-    Inbound(Listener),
+    /// Istio's `virtualInbound` (shared like an outbound listener).
+    Inbound(Arc<Listener>),
     /// A listener matched against original destinations (shared by the configurations
     /// built while it does not change).
     Outbound(Arc<Listener>),
@@ -188,10 +188,11 @@ pub fn translate(
         address,
         filter_chains: chains,
     };
+    let listener = Arc::new(listener);
     let kind = if inbound {
         ListenerKind::Inbound(listener)
     } else {
-        ListenerKind::Outbound(Arc::new(listener))
+        ListenerKind::Outbound(listener)
     };
     Ok(Translated {
         kind,
