@@ -851,6 +851,16 @@ impl Connection {
     pub fn ok(&self) -> bool {
         self.error.is_none() && self.echoed == Some(true)
     }
+
+    /// Whether the server saw the connection come from tern's inbound passthrough source
+    /// (127.0.0.6): it went through the inbound proxy.
+    pub fn via_inbound_proxy(&self) -> bool {
+        self.error.is_none()
+            && self
+                .server_saw
+                .as_deref()
+                .is_some_and(|s| s.starts_with("127.0.0.6:"))
+    }
 }
 
 /// Connects from `ns` (inside `cgroup` when given) to `addr` with `tern-testpeer connect`.
