@@ -816,6 +816,21 @@ pub fn metric(ns: &Netns, sample: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// The sum of the samples of metric `name` in a Prometheus text `exposition` whose labels
+/// include all of `labels`.
+pub fn series_sum(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Writes raw bytes to `addr` from `ns` and reports whether tern closed the connection.
 pub fn send_raw(ns: &Netns, cgroup: Option<&Cgroup>, addr: &str, hex: &str) -> serde_json::Value {
     let out = ns

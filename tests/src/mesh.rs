@@ -5,7 +5,8 @@
 //! Addresses, on the bridge `br0` of the node's namespace (10.77.0.0/24):
 //! - the node, every Pod's gateway: 10.77.0.1. It answers "no route to host" for the service
 //!   range 10.96.0.0/12 (there is no kube-proxy): a virtual IP works only through a sidecar;
-//! - the control plane (`tern-controlplane`, Istio-shaped resources): 10.77.0.2:15010;
+//! - the control plane (`tern-controlplane`, Istio-shaped resources): 10.77.0.2:15010, or
+//!   with mutual TLS 10.77.0.2:15012 (xDS and Istio's CA over TLS, a token per Pod);
 //! - `client-0`: 10.77.0.10; `calc-1`, `calc-2`, …: 10.77.0.11, 10.77.0.12, …
 //!
 //! The service `calc.default.svc.cluster.local` has the virtual IP 10.96.0.50 with a Thrift
@@ -13,13 +14,18 @@
 //! plain `tcp_proxy` to `outbound|<port>||calc.default.svc.cluster.local`, no name or option
 //! that says Thrift (the sidecar finds out from the bytes). Every server Pod runs a Thrift
 //! server on 9090 and a TCP echo server on 8080.
+//!
+//! [`Mesh::start_mtls`] builds the same mesh in STRICT mutual TLS, as istiod configures it:
+//! every sidecar gets its certificate from the control plane's CA (`client-0` is
+//! [`CLIENT_ID`], the server Pods [`SERVER_ID`]), originates Istio mTLS to the endpoints and
+//! takes only mTLS inbound.
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 
 use crate::{
-    Cgroup, ControlPlane, Netns, Process, Tern, admin, bin_dir, eventually, ip, start_server,
-    testpeer_bin,
+    Cgroup, ControlPlane, Netns, Process, Tern, admin, bin_dir, eventually, ip, pki::MeshTrust,
+    start_server, testpeer_bin,
 };
 
 /// The service's virtual IP.
@@ -29,6 +35,11 @@ pub const THRIFT_PORT: u16 = 9090;
 pub const TCP_PORT: u16 = 8080;
 /// Where the control plane serves ADS.
 pub const CONTROL_PLANE: &str = "10.77.0.2:15010";
+/// Where it serves xDS and Istio's CA over TLS, in a mesh with mutual TLS (istiod's 15012).
+pub const CONTROL_PLANE_TLS: &str = "10.77.0.2:15012";
+/// The identities of the client Pod and the server Pods, in a mesh with mutual TLS.
+pub const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
+pub const SERVER_ID: &str = "spiffe://cluster.local/ns/default/sa/calc";
 const GATEWAY: &str = "10.77.0.1";
 const SERVICE_RANGE: &str = "10.96.0.0/12";
 
@@ -42,6 +53,8 @@ pub fn vip(port: u16) -> String {
 pub struct Pod {
     sidecar: Option<Tern>,
     apps: Vec<Process>,
+    /// How the sidecar reaches the control plane (`--xds-address` …).
+    control: Vec<String>,
     pub name: String,
     pub ip: String,
     pub cgroup: Cgroup,
@@ -49,13 +62,21 @@ pub struct Pod {
 }
 
 impl Pod {
-    /// A namespace `name` with address `ip` on port `port` of the node's bridge, and a cgroup.
-    fn new(node: &Netns, name: &str, ip_addr: &str, port: u32) -> Result<Self> {
+    /// A namespace `name` with address `ip` on port `port` of the node's bridge, and a cgroup;
+    /// its sidecar reaches the control plane with the arguments `control`.
+    fn new(
+        node: &Netns,
+        name: &str,
+        ip_addr: &str,
+        port: u32,
+        control: Vec<String>,
+    ) -> Result<Self> {
         let ns = Netns::new(name)?;
         bridge_port(node, &ns, ip_addr, port)?;
         Ok(Self {
             sidecar: None,
             apps: Vec::new(),
+            control,
             name: name.to_owned(),
             ip: ip_addr.to_owned(),
             cgroup: Cgroup::new(name)?,
@@ -72,8 +93,7 @@ impl Pod {
             self.ip, self.name
         );
         let netns = self.ns.path();
-        let xds = format!("http://{CONTROL_PLANE}");
-        let args = [
+        let mut args = vec![
             "run",
             "--capture",
             "ebpf",
@@ -81,12 +101,11 @@ impl Pod {
             self.cgroup.path_str(),
             "--netns",
             netns.to_str().context("UTF-8 path")?,
-            "--xds-address",
-            &xds,
             "--node-id",
             &node_id,
             "--access-log",
         ];
+        args.extend(self.control.iter().map(String::as_str));
         let tern = Tern::start(&self.ns, Some(&self.cgroup), &args)?;
         ensure!(
             eventually(Duration::from_secs(10), || self
@@ -207,12 +226,27 @@ pub struct Mesh {
     pub cp: ControlPlane,
     pub istiod: Netns,
     pub node: Netns,
+    /// The CA and tokens of a mesh with mutual TLS (their files go last).
+    trust: Option<MeshTrust>,
 }
 
 impl Mesh {
     /// Builds the mesh with `servers` server Pods, every Pod with its sidecar running.
     /// `progress` hears what is being started.
     pub fn start(servers: usize, progress: &mut dyn FnMut(&str)) -> Result<Self> {
+        Self::build(servers, None, progress)
+    }
+
+    /// The same mesh in STRICT mutual TLS, the control plane being the mesh's CA.
+    pub fn start_mtls(servers: usize, progress: &mut dyn FnMut(&str)) -> Result<Self> {
+        Self::build(servers, Some(MeshTrust::new()?), progress)
+    }
+
+    fn build(
+        servers: usize,
+        trust: Option<MeshTrust>,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Self> {
         crate::require_root();
         progress("node: bridge br0");
         let node = node()?;
@@ -224,27 +258,67 @@ impl Mesh {
             .map(|i| format!("10.77.0.{}", 10 + i))
             .collect();
         let all: Vec<&str> = endpoints.iter().map(String::as_str).collect();
-        let cp = ControlPlane::start(&istiod, CONTROL_PLANE, &snapshot(1, &all), &[])?;
+        // How a Pod's sidecar with this service account reaches the control plane.
+        let (control, cp): (Box<dyn Fn(&str) -> Result<Vec<String>>>, _) = match &trust {
+            None => (
+                Box::new(|_| {
+                    Ok(vec![
+                        "--xds-address".to_owned(),
+                        format!("http://{CONTROL_PLANE}"),
+                    ])
+                }),
+                ControlPlane::start(&istiod, CONTROL_PLANE, &snapshot(1, &all, true), &[])?,
+            ),
+            Some(t) => {
+                let tokens = [
+                    ("client", t.workload_token("default", "client")?),
+                    ("calc", t.workload_token("default", "calc")?),
+                ];
+                let cp = ControlPlane::start(
+                    &istiod,
+                    CONTROL_PLANE_TLS,
+                    &snapshot(1, &all, false),
+                    &t.control_plane_args("-"),
+                )?;
+                (
+                    Box::new(move |sa| {
+                        let (_, token) = tokens
+                            .iter()
+                            .find(|(name, _)| *name == sa)
+                            .context("a service account of the mesh")?;
+                        Ok(t.tern_args_at(CONTROL_PLANE_TLS, token, "default", sa))
+                    }),
+                    cp,
+                )
+            }
+        };
 
         let mut server_pods = Vec::with_capacity(servers);
         for (i, addr) in endpoints.iter().enumerate() {
             let name = format!("calc-{}", i + 1);
             progress(&format!("{name}: servers and sidecar"));
-            let mut pod = Pod::new(&node, &name, addr, 11 + i as u32)?;
+            let mut pod = Pod::new(&node, &name, addr, 11 + i as u32, control("calc")?)?;
             pod.start_servers()?;
             pod.start_sidecar()?;
             server_pods.push(pod);
         }
         progress("client-0: sidecar");
-        let mut client = Pod::new(&node, "client-0", "10.77.0.10", 10)?;
+        let mut client = Pod::new(&node, "client-0", "10.77.0.10", 10, control("client")?)?;
         client.start_sidecar()?;
+        drop(control);
         Ok(Self {
             client,
             servers: server_pods,
             cp,
             istiod,
             node,
+            trust,
         })
+    }
+
+    /// Whether the sidecars speak mutual TLS.
+    fn plaintext(&self) -> bool {
+        self.trust.is_none()
     }
 
     /// Pushes a new version whose endpoints are the server Pods named.
@@ -259,7 +333,7 @@ impl Mesh {
                     .with_context(|| format!("no server Pod {name}"))
             })
             .collect::<Result<_>>()?;
-        self.cp.push(&snapshot(version, &ips));
+        self.cp.push(&snapshot(version, &ips, self.plaintext()));
         // Every sidecar ACKs the push; wait for the client's own view (`/clusters`) to hold
         // exactly these endpoints.
         let thrift_endpoint = |ip: &str| format!("{ip}:{THRIFT_PORT}");
@@ -282,8 +356,10 @@ impl Mesh {
     /// (`inbound_rbac:` …) added; waits until the control plane saw every sidecar ACK it.
     pub fn push_with(&self, version: u32, extra: &str) -> Result<()> {
         let ips: Vec<&str> = self.servers.iter().map(|p| p.ip.as_str()).collect();
-        self.cp
-            .push(&format!("{}{extra}\n", snapshot(version, &ips)));
+        self.cp.push(&format!(
+            "{}{extra}\n",
+            snapshot(version, &ips, self.plaintext())
+        ));
         let acks = || {
             self.cp
                 .events()
@@ -306,19 +382,26 @@ impl Mesh {
     }
 }
 
-/// The control plane's snapshot: the service `calc` on both ports, its endpoints at `ips`.
-fn snapshot(version: u32, ips: &[&str]) -> String {
+/// The control plane's snapshot: the service `calc` on both ports, its endpoints at `ips`;
+/// without `plaintext`, Istio mTLS to the endpoints (SAN [`SERVER_ID`]) and STRICT inbound.
+fn snapshot(version: u32, ips: &[&str], plaintext: bool) -> String {
     let endpoints = |port: u16| {
         ips.iter()
             .map(|ip| format!("\"{ip}:{port}\""))
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let (inbound, mtls) = if plaintext {
+        ("plaintext", String::new())
+    } else {
+        ("strict", format!(r#", mtls: "{SERVER_ID}""#))
+    };
     format!(
         r#"version: "{version}"
+inbound: {inbound}
 services:
-  - {{ name: calc, vip: {VIP}, port: {THRIFT_PORT}, filter: tcp, endpoints: [{}] }}
-  - {{ name: calc, vip: {VIP}, port: {TCP_PORT}, filter: tcp, endpoints: [{}] }}
+  - {{ name: calc, vip: {VIP}, port: {THRIFT_PORT}, filter: tcp{mtls}, endpoints: [{}] }}
+  - {{ name: calc, vip: {VIP}, port: {TCP_PORT}, filter: tcp{mtls}, endpoints: [{}] }}
 "#,
         endpoints(THRIFT_PORT),
         endpoints(TCP_PORT)

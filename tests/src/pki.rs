@@ -197,6 +197,20 @@ impl MeshTrust {
         self.token.to_str().expect("UTF-8 path").to_owned()
     }
 
+    /// A token for the workload `spiffe://cluster.local/ns/<namespace>/sa/<service_account>`,
+    /// in a file of its own (the Pod's `istio-token`); the control plane's token file learns
+    /// whose it is, so its CA issues that identity. Made before the control plane starts.
+    pub fn workload_token(&self, namespace: &str, service_account: &str) -> Result<PathBuf> {
+        let token = format!("jwt-{namespace}-{service_account}");
+        let identity = format!("spiffe://cluster.local/ns/{namespace}/sa/{service_account}");
+        let mut all = fs::read_to_string(&self.token)?;
+        all.push_str(&format!("{token} {identity}\n"));
+        fs::write(&self.token, all)?;
+        let file = self.ca.dir.join(format!("{token}.token"));
+        fs::write(&file, format!("{token}\n"))?;
+        Ok(file)
+    }
+
     /// The test control plane's arguments: xDS and Istio's CA over TLS, the token checked,
     /// certificates issued for `identity`.
     pub fn control_plane_args(&self, identity: &str) -> Vec<String> {
@@ -216,15 +230,26 @@ impl MeshTrust {
     /// `tern run`'s arguments to reach that control plane at [`ISTIOD`] as istio-agent
     /// would, for the identity of `namespace`/`service_account`.
     pub fn tern_args(&self, namespace: &str, service_account: &str) -> Vec<String> {
+        self.tern_args_at(ISTIOD, &self.token, namespace, service_account)
+    }
+
+    /// The same for a control plane at `istiod` (`ip:port`), with the token in `token`.
+    pub fn tern_args_at(
+        &self,
+        istiod: &str,
+        token: &Path,
+        namespace: &str,
+        service_account: &str,
+    ) -> Vec<String> {
         [
             "--xds-address",
-            &format!("https://{ISTIOD}"),
+            &format!("https://{istiod}"),
             "--xds-ca",
             &self.ca.ca_str(),
             "--xds-server-name",
             "istiod.istio-system.svc",
             "--xds-token-file",
-            &self.token_str(),
+            token.to_str().expect("UTF-8 path"),
             "--namespace",
             namespace,
             "--service-account",

@@ -225,18 +225,7 @@ fn workload_certificate_from_istios_ca_and_outbound_mtls() {
     // Istio's standard metrics on 15020, as Kiali reads them: Thrift calls and TCP
     // connections reported by the source, with both workloads and both identities.
     let stats = m.stats();
-    let series = |name: &str, labels: &[(&str, &str)]| -> f64 {
-        stats
-            .lines()
-            .filter(|l| l.starts_with(&format!("{name}{{")))
-            .filter(|l| {
-                labels
-                    .iter()
-                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+    let series = |name: &str, labels: &[(&str, &str)]| tern_tests::series_sum(&stats, name, labels);
     let thrift = [
         ("reporter", "source"),
         ("source_workload", "app-0"),

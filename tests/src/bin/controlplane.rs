@@ -7,7 +7,10 @@
 //! `NACK <type> <version> <reason>`, `SENT <type> <n> bytes` (state of the world), `CLOSE` (a
 //! stream ended by `close_every_ms`). Rewriting the file pushes a new version to every stream.
 //! With `--ca`, it is also Istio's CA: `CreateCertificate` signs CSRs for IDENTITY with the
-//! CA's files (`ISSUE <identity> ttl=<s> cluster=<id>` per certificate).
+//! CA's files (`ISSUE <identity> ttl=<s> cluster=<id>` per certificate). The token file holds
+//! one token per line; a token followed by a SPIFFE identity stands for that identity (as a
+//! TokenReview tells istiod whose service account a token is), and the CA issues it instead of
+//! IDENTITY to callers that present it.
 //!
 //! ```yaml
 //! version: "1"
@@ -1045,6 +1048,10 @@ struct Ca {
     identity: String,
 }
 
+/// The identity the caller's token stands for, when the token file names one.
+#[derive(Clone)]
+struct TokenIdentity(String);
+
 #[tonic::async_trait]
 impl tern_proto::istio_ca::istio_certificate_service_server::IstioCertificateService for Ca {
     async fn create_certificate(
@@ -1057,22 +1064,24 @@ impl tern_proto::istio_ca::istio_certificate_service_server::IstioCertificateSer
             .and_then(|v| v.to_str().ok())
             .unwrap_or("-")
             .to_owned();
+        let identity = request
+            .extensions()
+            .get::<TokenIdentity>()
+            .map_or_else(|| self.identity.clone(), |t| t.0.clone());
         let r = request.into_inner();
         let ttl = Duration::from_secs(u64::try_from(r.validity_duration).unwrap_or(0).max(1));
         let (cert, sans) = self
             .ca
             .sign_csr(&r.csr, ttl)
             .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
-        if sans != [self.identity.clone()] {
+        if sans != [identity.clone()] {
             say(format!("DENY {sans:?}"));
             return Err(Status::permission_denied(format!(
-                "the token is for {}, not {sans:?}",
-                self.identity
+                "the token is for {identity}, not {sans:?}"
             )));
         }
         say(format!(
-            "ISSUE {} ttl={}s cluster={cluster}",
-            self.identity,
+            "ISSUE {identity} ttl={}s cluster={cluster}",
             ttl.as_secs()
         ));
         Ok(Response::new(
@@ -1093,11 +1102,16 @@ async fn main() {
         Some(args[i + 1..i + 1 + n].to_vec())
     };
     let tls = option("--tls", 2);
-    let token = option("--token", 1).map(|f| {
+    // Token → the identity it stands for (if the file names one).
+    let tokens: Option<HashMap<String, Option<String>>> = option("--token", 1).map(|f| {
         std::fs::read_to_string(&f[0])
             .expect("token file")
-            .trim()
-            .to_owned()
+            .lines()
+            .filter_map(|l| {
+                let mut words = l.split_whitespace();
+                Some((words.next()?.to_owned(), words.next().map(str::to_owned)))
+            })
+            .collect()
     });
     let (tx, rx) = watch::channel(Arc::new(load(&path).expect("a valid snapshot file")));
     tokio::spawn(async move {
@@ -1125,19 +1139,30 @@ async fn main() {
             .expect("TLS settings");
     }
     // With --token, streams must carry `authorization: Bearer <token>`, as istiod checks.
-    let check = move |request: Request<()>| {
-        let Some(want) = &token else {
+    let check = move |mut request: Request<()>| {
+        let Some(tokens) = &tokens else {
             return Ok(request);
         };
         let got = request
             .metadata()
             .get("authorization")
-            .and_then(|v| v.to_str().ok());
-        if got == Some(format!("Bearer {want}").as_str()) {
-            Ok(request)
-        } else {
-            say(format!("REJECT {}", got.unwrap_or("no token")));
-            Err(Status::unauthenticated("invalid bearer token"))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        match got
+            .as_deref()
+            .and_then(|g| g.strip_prefix("Bearer "))
+            .and_then(|t| tokens.get(t))
+        {
+            Some(identity) => {
+                if let Some(id) = identity {
+                    request.extensions_mut().insert(TokenIdentity(id.clone()));
+                }
+                Ok(request)
+            }
+            None => {
+                say(format!("REJECT {}", got.as_deref().unwrap_or("no token")));
+                Err(Status::unauthenticated("invalid bearer token"))
+            }
         }
     };
     let ca = option("--ca", 3).map(|a| {

@@ -4,8 +4,12 @@
 //! The client knows only the service's virtual IP and makes its calls over one connection;
 //! the demo shows the hooks in the client Pod and that no iptables rule exists, how the calls
 //! spread over the three server Pods, an endpoint removed through EDS and the traffic moving,
-//! a plain TCP port of the same service, and what the server side saw. Everything is removed
-//! when it ends — on failure and on Ctrl-C too (the guards' `Drop` runs as the demo returns).
+//! a plain TCP port of the same service, and what the server side saw; then the mesh's
+//! security: every sidecar's certificate from the control plane's CA, STRICT mutual TLS
+//! between the Pods with the client's SPIFFE identity seen by the servers, a Thrift method
+//! refused by an AuthorizationPolicy-shaped rule while the others go through, and Istio's
+//! `istio_requests_total` for the calls. Everything is removed when it ends — on failure and on
+//! Ctrl-C too (the guards' `Drop` runs as the demo returns).
 use std::{
     collections::BTreeMap,
     io::{IsTerminal, Write},
@@ -17,7 +21,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use tern_tests::{
     connect,
-    mesh::{CONTROL_PLANE, Mesh, TCP_PORT, THRIFT_PORT, VIP, vip},
+    mesh::{CLIENT_ID, CONTROL_PLANE_TLS, Mesh, SERVER_ID, TCP_PORT, THRIFT_PORT, VIP, vip},
 };
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -66,7 +70,7 @@ fn run() -> Result<()> {
                 eprintln!("starting the mesh: {what}");
             }
         };
-        let mesh = Mesh::start(3, &mut progress);
+        let mesh = Mesh::start_mtls(3, &mut progress);
         if tty {
             eprint!("\r\x1b[2K");
         }
@@ -75,7 +79,7 @@ fn run() -> Result<()> {
         let result = show(&mesh, started);
         println!(
             "\n{}",
-            bold("5. stopping: the sidecars drain and detach their hooks")
+            bold("6. stopping: the sidecars drain and detach their hooks")
         );
         drop(mesh);
         (result, names.left())
@@ -95,8 +99,9 @@ fn show(m: &Mesh, started: Instant) -> Result<()> {
     println!("mesh ready in {:.1} s", started.elapsed().as_secs_f64());
     println!("  node       bridge br0 10.77.0.1/24; nothing routes 10.96.0.0/12 (no kube-proxy)");
     println!(
-        "  istiod     {CONTROL_PLANE}  tern-controlplane: Istio-shaped listeners, clusters, endpoints"
+        "  istiod     {CONTROL_PLANE_TLS}  tern-controlplane: Istio-shaped listeners, clusters, endpoints over TLS, and the mesh's CA"
     );
+    println!("  security   STRICT mutual TLS; client-0 is {CLIENT_ID}, the calc Pods {SERVER_ID}");
     println!(
         "  service    calc.default.svc.cluster.local  VIP {VIP}  :{THRIFT_PORT} Thrift  :{TCP_PORT} plain TCP"
     );
@@ -207,10 +212,112 @@ fn show(m: &Mesh, started: Instant) -> Result<()> {
             let fields = line.split("connection closed").nth(1).unwrap_or(line);
             println!("  {}'s sidecar access log:{fields}", server.name);
             println!(
-                "  (inbound capture keeps the client Pod's address {}: no NAT on either side)",
+                "  (the server sidecar sees the client Pod's address {} and identity — no NAT — and, as Istio's sidecar, opens the application's side from 127.0.0.6)",
                 m.client.ip
             );
         }
+    }
+    check_interrupt()?;
+    security(m)
+}
+
+/// Step 5: identities, STRICT mTLS, a method denied by policy, Istio's request series.
+fn security(m: &Mesh) -> Result<()> {
+    println!("\n{}", bold("5. mutual TLS and an AuthorizationPolicy"));
+    for pod in std::iter::once(&m.client).chain(&m.servers) {
+        let dump: serde_json::Value = serde_json::from_str(&pod.admin("GET", "/config_dump"))
+            .context("the sidecar's /config_dump")?;
+        let cert = &dump["certificate"];
+        println!(
+            "  {:<8} certificate from the control plane's CA: {}, expires in {} h",
+            pod.name,
+            cert["info"]["sans"][0].as_str().unwrap_or("none"),
+            cert["expires_in_seconds"].as_i64().unwrap_or(0) / 3600
+        );
+    }
+    let server = &m.servers[0];
+    let opened = tern_tests::series_sum(
+        &server.admin("GET", "/stats/prometheus"),
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("source_principal", CLIENT_ID),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+    );
+    println!(
+        "  {}'s sidecar: {opened} mutual-TLS connections from {CLIENT_ID}",
+        server.name
+    );
+    ensure!(
+        opened >= 1.0,
+        "{} saw no mTLS connection from the client",
+        server.name
+    );
+    let direct = format!("{}:{THRIFT_PORT}", server.ip);
+    let plain = tern_tests::thrift_call(&m.client.ns, None, &direct, &["--calls", "1"]);
+    println!(
+        "  plaintext straight to {direct} (from client-0, not through its sidecar): {}",
+        if plain.replies() == 0 {
+            "closed by calc-1's sidecar, no reply"
+        } else {
+            "answered"
+        }
+    );
+    ensure!(
+        plain.replies() == 0,
+        "plaintext reached a STRICT Pod: {plain:?}"
+    );
+    check_interrupt()?;
+
+    let rule = r#"{ name: "ns[default]-policy[deny-echo]-rule[0]", action: deny, ports: [9090], methods: ["echo"] }"#;
+    println!(
+        "  the control plane pushes version 3 (all three endpoints) with the server Pods' RBAC:"
+    );
+    println!("    {rule}");
+    m.push_with(3, &format!("inbound_rbac:\n  - {rule}"))?;
+    let call = |method: &str| {
+        tern_tests::thrift_call(
+            &m.client.ns,
+            Some(&m.client.cgroup),
+            &vip(THRIFT_PORT),
+            &["--calls", "10", "--method", method],
+        )
+    };
+    for method in ["echo", "whoami"] {
+        let c = call(method);
+        println!(
+            "  client-0 calls {method:<6} ×10: {} replies{}",
+            c.replies(),
+            c.app_errors
+                .first()
+                .map(|e| format!(", {} × {e}", c.app_errors.len()))
+                .unwrap_or_default()
+        );
+        let want = if method == "echo" { 0 } else { 10 };
+        ensure!(c.replies() == want, "{method}: {c:?}");
+    }
+    let stats = m.client.admin("GET", "/stats/prometheus");
+    println!("  istio_requests_total reported by client-0's sidecar (source {CLIENT_ID}):");
+    let shown = [
+        "destination_workload",
+        "destination_principal",
+        "response_code",
+    ];
+    for line in stats.lines().filter(|l| {
+        l.starts_with("istio_requests_total{")
+            && l.contains(r#"reporter="source""#)
+            && l.contains(r#"request_protocol="thrift""#)
+    }) {
+        let labels: Vec<&str> = line
+            .split(['{', '}', ','])
+            .filter(|kv| shown.iter().any(|k| kv.starts_with(&format!("{k}="))))
+            .collect();
+        let value = line.rsplit(' ').next().unwrap_or("0");
+        if value == "0" {
+            continue;
+        }
+        println!("    {{{}}} {value}", labels.join(", "));
     }
     Ok(())
 }
