@@ -258,54 +258,44 @@ impl Mesh {
             .map(|i| format!("10.77.0.{}", 10 + i))
             .collect();
         let all: Vec<&str> = endpoints.iter().map(String::as_str).collect();
-        // How a Pod's sidecar with this service account reaches the control plane.
-        let (control, cp): (Box<dyn Fn(&str) -> Result<Vec<String>>>, _) = match &trust {
-            None => (
-                Box::new(|_| {
-                    Ok(vec![
-                        "--xds-address".to_owned(),
-                        format!("http://{CONTROL_PLANE}"),
-                    ])
-                }),
-                ControlPlane::start(&istiod, CONTROL_PLANE, &snapshot(1, &all, true), &[])?,
-            ),
-            Some(t) => {
-                let tokens = [
-                    ("client", t.workload_token("default", "client")?),
-                    ("calc", t.workload_token("default", "calc")?),
+        // How the sidecars of the server Pods and of the client reach the control plane.
+        let (cp, control) = match &trust {
+            None => {
+                let plain = vec![
+                    "--xds-address".to_owned(),
+                    format!("http://{CONTROL_PLANE}"),
                 ];
-                let cp = ControlPlane::start(
-                    &istiod,
-                    CONTROL_PLANE_TLS,
-                    &snapshot(1, &all, false),
-                    &t.control_plane_args("-"),
-                )?;
-                (
-                    Box::new(move |sa| {
-                        let (_, token) = tokens
-                            .iter()
-                            .find(|(name, _)| *name == sa)
-                            .context("a service account of the mesh")?;
-                        Ok(t.tern_args_at(CONTROL_PLANE_TLS, token, "default", sa))
-                    }),
-                    cp,
-                )
+                let snapshot = snapshot(1, &all, true);
+                let cp = ControlPlane::start(&istiod, CONTROL_PLANE, &snapshot, &[])?;
+                (cp, [plain.clone(), plain])
+            }
+            Some(t) => {
+                let control = ["calc", "client"].map(|sa| {
+                    let token = t.workload_token("default", sa)?;
+                    Ok::<_, anyhow::Error>(t.tern_args_at(CONTROL_PLANE_TLS, &token, "default", sa))
+                });
+                let [calc, client] = control;
+                let control = [calc?, client?];
+                let snapshot = snapshot(1, &all, false);
+                let args = t.control_plane_args("-");
+                let cp = ControlPlane::start(&istiod, CONTROL_PLANE_TLS, &snapshot, &args)?;
+                (cp, control)
             }
         };
+        let [server_control, client_control] = control;
 
         let mut server_pods = Vec::with_capacity(servers);
         for (i, addr) in endpoints.iter().enumerate() {
             let name = format!("calc-{}", i + 1);
             progress(&format!("{name}: servers and sidecar"));
-            let mut pod = Pod::new(&node, &name, addr, 11 + i as u32, control("calc")?)?;
+            let mut pod = Pod::new(&node, &name, addr, 11 + i as u32, server_control.clone())?;
             pod.start_servers()?;
             pod.start_sidecar()?;
             server_pods.push(pod);
         }
         progress("client-0: sidecar");
-        let mut client = Pod::new(&node, "client-0", "10.77.0.10", 10, control("client")?)?;
+        let mut client = Pod::new(&node, "client-0", "10.77.0.10", 10, client_control)?;
         client.start_sidecar()?;
-        drop(control);
         Ok(Self {
             client,
             servers: server_pods,
