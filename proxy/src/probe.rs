@@ -5,8 +5,9 @@
 //! skip either.
 //!
 //! The probes come from `ISTIO_KUBE_APP_PROBERS`, Istio's JSON map from those paths to a
-//! Kubernetes `httpGet` or `tcpSocket` action (numeric ports; injection resolved names) with
-//! `timeoutSeconds`. tern reaches the application at the Pod's address from 127.0.0.6, which
+//! Kubernetes `httpGet`, `tcpSocket` or `grpc` action (numeric ports; injection resolved names)
+//! with `timeoutSeconds`. A gRPC probe calls `grpc.health.v1.Health/Check` over h2c, as the
+//! kubelet does, and passes when the application answers `SERVING`. tern reaches the application at the Pod's address from 127.0.0.6, which
 //! capture leaves alone, with its own socket mark.
 use std::{
     collections::BTreeMap,
@@ -39,6 +40,8 @@ pub enum Action {
     },
     /// A TCP connection to `port`.
     Tcp { port: u16 },
+    /// `grpc.health.v1.Health/Check` of `service` (empty: the server as a whole) on `port`.
+    Grpc { port: u16, service: String },
 }
 
 /// Why `ISTIO_KUBE_APP_PROBERS` was refused.
@@ -48,7 +51,7 @@ pub enum ProbeError {
     Json(#[from] serde_json::Error),
     #[error("probe path {0:?} is not /app-health/<container>/<readyz|livez|startupz>")]
     Path(String),
-    #[error("probe {0:?} must have exactly one of httpGet and tcpSocket")]
+    #[error("probe {0:?} must have exactly one of httpGet, tcpSocket and grpc")]
     Kind(String),
     #[error("probe {0:?}: HTTPS probes are not forwarded")]
     Https(String),
@@ -59,8 +62,16 @@ pub enum ProbeError {
 struct ProberJson {
     http_get: Option<HttpGetJson>,
     tcp_socket: Option<TcpSocketJson>,
+    grpc: Option<GrpcJson>,
     #[serde(default)]
     timeout_seconds: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct GrpcJson {
+    port: u16,
+    #[serde(default)]
+    service: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -106,8 +117,8 @@ impl AppProbers {
             if !valid {
                 return Err(ProbeError::Path(path));
             }
-            let action = match (p.http_get, p.tcp_socket) {
-                (Some(h), None) => {
+            let action = match (p.http_get, p.tcp_socket, p.grpc) {
+                (Some(h), None, None) => {
                     if h.scheme
                         .as_deref()
                         .is_some_and(|s| !s.eq_ignore_ascii_case("HTTP"))
@@ -128,7 +139,11 @@ impl AppProbers {
                             .collect(),
                     }
                 }
-                (None, Some(t)) => Action::Tcp { port: t.port },
+                (None, Some(t), None) => Action::Tcp { port: t.port },
+                (None, None, Some(g)) => Action::Grpc {
+                    port: g.port,
+                    service: g.service.unwrap_or_default(),
+                },
                 _ => return Err(ProbeError::Kind(path)),
             };
             // Kubernetes' default is 1 s.
@@ -151,15 +166,17 @@ impl Prober {
     /// Runs the probe against the application at `pod_ip`; whether it passed, or why not.
     pub async fn run(&self, pod_ip: IpAddr, mark: u32) -> Result<(), String> {
         let port = match &self.action {
-            Action::Http { port, .. } | Action::Tcp { port } => *port,
+            Action::Http { port, .. } | Action::Tcp { port } | Action::Grpc { port, .. } => *port,
         };
         let (target, source) = crate::socket::inbound_target(SocketAddr::new(pod_ip, port));
         let check = async {
             let mut stream = crate::socket::connect_upstream(target, mark, source)
                 .await
                 .map_err(|e| format!("connect to {target}: {e}"))?;
-            let Action::Http { path, headers, .. } = &self.action else {
-                return Ok(());
+            let (path, headers) = match &self.action {
+                Action::Tcp { .. } => return Ok(()),
+                Action::Grpc { service, .. } => return grpc_health(stream, target, service).await,
+                Action::Http { path, headers, .. } => (path, headers),
             };
             let mut request = format!(
                 "GET {path} HTTP/1.1\r\nHost: {target}\r\nUser-Agent: kube-probe/tern\r\nConnection: close\r\n"
@@ -201,6 +218,42 @@ impl Prober {
     }
 }
 
+/// `grpc.health.v1.Health/Check` of `service` over the connected `stream` (h2c).
+async fn grpc_health(
+    stream: tokio::net::TcpStream,
+    target: SocketAddr,
+    service: &str,
+) -> Result<(), String> {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    // The connection is already made (from 127.0.0.6, with tern's mark): the channel takes it
+    // once, and a reconnect finds nothing.
+    let stream = std::sync::Mutex::new(Some(stream));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{target}"))
+        .map_err(|e| format!("the gRPC address {target}: {e}"))?
+        .connect_with_connector(tower::service_fn(move |_| {
+            let taken = stream.lock().ok().and_then(|mut s| s.take());
+            async move {
+                taken
+                    .map(hyper_util::rt::TokioIo::new)
+                    .ok_or_else(|| std::io::Error::other("the probe's connection is used"))
+            }
+        }))
+        .await
+        .map_err(|e| format!("gRPC connection to {target}: {e}"))?;
+    let reply = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .map_err(|e| format!("gRPC health check: {}", e.message()))?;
+    match reply.into_inner().status() {
+        ServingStatus::Serving => Ok(()),
+        other => Err(format!("the application is {}", other.as_str_name())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,11 +280,23 @@ mod tests {
             p.get("/app-health/app/livez").unwrap().action,
             Action::Tcp { port: 8080 }
         );
+        let g = AppProbers::parse(
+            r#"{"/app-health/app/startupz":{"grpc":{"port":9000,"service":"calc"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            g.get("/app-health/app/startupz").unwrap().action,
+            Action::Grpc {
+                port: 9000,
+                service: "calc".into()
+            }
+        );
         for bad in [
             r#"{"/other":{"tcpSocket":{"port":1}}}"#,
             r#"{"/app-health/app/readyz":{}}"#,
             r#"{"/app-health/app/readyz":{"tcpSocket":{"port":"http"}}}"#,
             r#"{"/app-health/app/readyz":{"httpGet":{"port":1,"scheme":"HTTPS"}}}"#,
+            r#"{"/app-health/app/readyz":{"grpc":{"port":1},"tcpSocket":{"port":1}}}"#,
         ] {
             assert!(AppProbers::parse(bad).is_err(), "{bad}");
         }

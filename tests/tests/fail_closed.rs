@@ -365,13 +365,15 @@ fn quitquitquit_and_a_crash_leave_inbound_closed() {
 /// Kubelet's probes without a bypass: under STRICT mTLS the node's plaintext connection to
 /// the application is refused like anyone's, while the probes injection rewrote to tern's
 /// stats port (`/app-health/…`, Istio's `ISTIO_KUBE_APP_PROBERS`) reach the application —
-/// TCP and HTTP — and fail when it does not answer.
+/// TCP, HTTP and gRPC (gRPC's own health service, in Python) — and fail when it does not
+/// answer or is not serving.
 #[test]
 fn rewritten_probes_reach_the_app_under_strict_without_a_bypass() {
-    let probers = r#"{"/app-health/app/readyz":{"tcpSocket":{"port":8080}},"/app-health/app/livez":{"httpGet":{"path":"/healthz","port":8081}}}"#;
+    let probers = r#"{"/app-health/app/readyz":{"tcpSocket":{"port":8080}},"/app-health/app/livez":{"httpGet":{"path":"/healthz","port":8081}},
+        "/app-health/grpc/readyz":{"grpc":{"port":8082,"service":""}},"/app-health/grpc/livez":{"grpc":{"port":8082,"service":"draining"}}}"#;
     let m = mesh_with(
         "version: \"1\"\ninbound: strict\n",
-        "8080,8081",
+        "8080,8081,8082",
         &[
             "--app-probers",
             probers,
@@ -391,6 +393,19 @@ fn rewritten_probes_reach_the_app_under_strict_without_a_bypass() {
         print('ready', flush=True)\n\
         s.serve_forever()\n";
     let _http = start_server(&m.p.app, None, Path::new("python3"), &["-c", http]).unwrap();
+    let grpc = "from concurrent import futures\n\
+        import grpc\n\
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc\n\
+        s = grpc.server(futures.ThreadPoolExecutor(2))\n\
+        h = health.HealthServicer()\n\
+        h.set('', health_pb2.HealthCheckResponse.SERVING)\n\
+        h.set('draining', health_pb2.HealthCheckResponse.NOT_SERVING)\n\
+        health_pb2_grpc.add_HealthServicer_to_server(h, s)\n\
+        s.add_insecure_port('10.66.1.1:8082')\n\
+        s.start()\n\
+        print('ready', flush=True)\n\
+        s.wait_for_termination()\n";
+    let _grpc = start_server(&m.p.app, None, Path::new("python3"), &["-c", grpc]).unwrap();
     // The node (here: the other namespace) in plaintext: refused, as anyone.
     let direct = tern_tests::connect(&m.p.srv, None, "10.66.1.1:8080");
     assert!(!direct.ok(), "{direct:?}");
@@ -414,6 +429,8 @@ fn rewritten_probes_reach_the_app_under_strict_without_a_bypass() {
     };
     assert_eq!(probe("/app-health/app/readyz"), "200", "{}", m.tern.log());
     assert_eq!(probe("/app-health/app/livez"), "200", "{}", m.tern.log());
+    assert_eq!(probe("/app-health/grpc/readyz"), "200", "{}", m.tern.log());
+    assert_eq!(probe("/app-health/grpc/livez"), "503", "NOT_SERVING fails");
     assert_eq!(probe("/app-health/other/readyz"), "404");
     echo.kill();
     assert!(

@@ -74,7 +74,7 @@ fn injected_tern(pod: &OciPod) -> Container {
             other => panic!("unexpected downward API field {other}"),
         }
     };
-    let env = spec["env"]
+    let env: Vec<(String, String)> = spec["env"]
         .as_sequence()
         .unwrap()
         .iter()
@@ -109,13 +109,25 @@ fn injected_tern(pod: &OciPod) -> Container {
             .as_str()
             .map(PathBuf::from)
     };
+    // A `subPathExpr` names a directory below the hostPath, which the kubelet creates.
+    let expand = |expr: &str| -> String {
+        env.iter()
+            .fold(expr.to_owned(), |e, (name, value): &(String, String)| {
+                e.replace(&format!("$({name})"), value)
+            })
+    };
     let binds = spec["volumeMounts"]
         .as_sequence()
         .unwrap()
         .iter()
         .filter_map(|m| {
+            let mut source = host_path(m["name"].as_str()?)?;
+            if let Some(sub) = m["subPathExpr"].as_str() {
+                source = source.join(expand(sub));
+                std::fs::create_dir_all(&source).unwrap();
+            }
             Some(Bind {
-                source: host_path(m["name"].as_str()?)?,
+                source,
                 destination: m["mountPath"].as_str()?.to_owned(),
                 read_only: m["readOnly"].as_bool().unwrap_or(false),
             })
@@ -287,6 +299,27 @@ fn pod_is_captured_from_inside(driver: CgroupDriver) {
         .as_str()
         .unwrap()
         .to_owned();
+    // Pinned in the Pod's own directory of the node's bpffs, the only one tern's container
+    // sees: the node's other captures are not in its view.
+    let pod_dir = PathBuf::from(format!("/sys/fs/bpf/tern-pods/{}", pod.uid));
+    assert!(
+        PathBuf::from(&pins).starts_with(&pod_dir),
+        "{pins} is not in {}",
+        pod_dir.display()
+    );
+    let seen = pod
+        .exec("tern", &["ls", "/sys/fs/bpf", "/sys/fs/bpf/tern"])
+        .unwrap();
+    let seen = String::from_utf8_lossy(&seen.stdout).into_owned();
+    let own = PathBuf::from(&pins);
+    let own = own.file_name().unwrap().to_str().unwrap();
+    assert_eq!(
+        seen.split_whitespace()
+            .filter(|w| !w.ends_with(':'))
+            .collect::<Vec<_>>(),
+        ["tern", own],
+        "tern's container sees more than its own capture:\n{seen}"
+    );
     pod.kill("tern", "KILL").unwrap();
     assert!(eventually(Duration::from_secs(5), || !pod.running("tern")));
     assert!(
@@ -301,6 +334,10 @@ fn pod_is_captured_from_inside(driver: CgroupDriver) {
             ok && !PathBuf::from(&pins).exists()
         }),
         "the deleted Pod's capture was never collected"
+    );
+    assert!(
+        !pod_dir.exists(),
+        "the deleted Pod's bpffs directory is left"
     );
     let left = tern_tests::bpf_links_on_netns(netns_ino).unwrap();
     assert_eq!(left, 0, "a link still holds the deleted Pod's namespace");

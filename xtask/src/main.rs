@@ -233,16 +233,30 @@ fn setup() -> Result<()> {
             "kubernetes-validate",
             "kubernetes-validate (Kubernetes' API schemas: the tests validate injected manifests)",
         ),
+        (
+            "grpc_health.v1.health",
+            "grpcio-health-checking",
+            "Python grpcio-health-checking (gRPC's health service: the tests' gRPC-probed application)",
+        ),
     ] {
+        // A missing module is what this finds out: its traceback is not shown.
         let present = Command::new("python3")
             .args(["-c", &format!("import {module}")])
+            .stderr(std::process::Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
         if present {
             step(&format!("setup: {why} present"));
         } else {
             step(&format!("setup: installing {why} from PyPI"));
-            status(Command::new("python3").args(["-m", "pip", "install", "--quiet", package]))?;
+            status(Command::new("python3").args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--root-user-action=ignore",
+                package,
+            ]))?;
         }
     }
 

@@ -114,7 +114,7 @@ impl EbpfCapture {
     /// proxy that crashed). The hooks stay when this handle goes away.
     pub fn open(cgroup: &CgroupDir) -> Result<Self, CaptureError> {
         let bpffs = bpffs::mount_point().unwrap_or_else(|| bpffs::DEFAULT_MOUNT.into());
-        let dir = bpffs::pin_dir(&bpffs, cgroup.id());
+        let dir = bpffs::find_pin_dir(&bpffs, cgroup.id());
         if !dir.is_dir() {
             return Err(CaptureError::NotAttached {
                 cgroup: cgroup.path().to_owned(),
@@ -196,7 +196,7 @@ pub fn status(cgroup: Option<&CgroupDir>) -> Result<Vec<CaptureStatus>, CaptureE
         return Ok(Vec::new());
     };
     let dirs: Vec<PathBuf> = match cgroup {
-        Some(cg) => vec![bpffs::pin_dir(&bpffs, cg.id())],
+        Some(cg) => vec![bpffs::find_pin_dir(&bpffs, cg.id())],
         None => bpffs::capture_dirs(&bpffs),
     };
     let mut out = Vec::new();

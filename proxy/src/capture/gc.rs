@@ -132,7 +132,7 @@ pub fn collect() -> Result<Vec<Collected>, CaptureError> {
             kernel_memory,
         });
     }
-    bpffs::remove_root_if_empty(&mount);
+    bpffs::remove_empty_roots(&mount);
     match failed {
         Some(e) => Err(e),
         None => Ok(out),

@@ -1,10 +1,11 @@
 //! Kubelet's probes of the application, rewritten to tern's stats port as Istio's injector
-//! rewrites them (`pkg/kube/inject/app_probe.go`): each `httpGet` or `tcpSocket` readiness,
+//! rewrites them (`pkg/kube/inject/app_probe.go`): each `httpGet`, `tcpSocket` or `grpc` readiness,
 //! liveness and startup probe becomes an `httpGet` of `/app-health/<container>/<kind>` on
 //! 15020, and tern gets the original in `ISTIO_KUBE_APP_PROBERS` (see `crate::probe`). So
 //! probes pass under STRICT mTLS and authorization without the node's address skipping
-//! either. `sidecar.istio.io/rewriteAppHTTPProbers: "false"` keeps them as they are; gRPC,
-//! exec and HTTPS probes are kept as they are (tern does not forward them).
+//! either. `sidecar.istio.io/rewriteAppHTTPProbers: "false"` keeps them as they are; exec and
+//! HTTPS probes are kept as they are (exec runs in the application's container; tern does not
+//! forward HTTPS).
 use serde_json::json;
 use serde_yaml::{Mapping, Value};
 
@@ -76,6 +77,15 @@ impl Rewrite {
                     }})
                 } else if let Some(t) = probe.get("tcpSocket") {
                     json!({"tcpSocket": {"port": port(t.get("port").unwrap_or(&Value::Null))?}})
+                } else if let Some(g) = probe.get("grpc") {
+                    // Kubernetes' gRPC probe takes a number only.
+                    let Some(number) = g.get("port").and_then(Value::as_u64) else {
+                        return Err(format!(
+                            "container {name}'s {field} has a gRPC probe without a port number"
+                        ));
+                    };
+                    let service = g.get("service").and_then(Value::as_str).unwrap_or_default();
+                    json!({"grpc": {"port": number, "service": service}})
                 } else {
                     continue;
                 };
@@ -88,6 +98,7 @@ impl Rewrite {
                 let mut rewritten = probe.as_mapping().cloned().unwrap_or_default();
                 rewritten.remove("httpGet");
                 rewritten.remove("tcpSocket");
+                rewritten.remove("grpc");
                 let mut get = Mapping::new();
                 get.insert("path".into(), path.into());
                 get.insert("port".into(), u64::from(STATS_PORT).into());
@@ -145,7 +156,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn http_and_tcp_probes_go_to_terns_port_and_the_rest_stay() {
+    fn http_tcp_and_grpc_probes_go_to_terns_port_and_the_rest_stay() {
         let mut spec: Value = serde_yaml::from_str(
             "containers:
   - name: app
@@ -170,6 +181,10 @@ mod tests {
             probers["/app-health/app/livez"],
             json!({"tcpSocket": {"port": 8080}})
         );
+        assert_eq!(
+            probers["/app-health/app/startupz"],
+            json!({"grpc": {"port": 9090, "service": ""}})
+        );
         // tern reads what injection writes.
         crate::probe::AppProbers::parse(&probers.to_string()).unwrap();
         rewrite.apply(&mut spec);
@@ -184,7 +199,11 @@ mod tests {
         );
         assert_eq!(app["readinessProbe"]["periodSeconds"].as_u64(), Some(5));
         assert!(app["livenessProbe"].get("tcpSocket").is_none());
-        assert!(app["startupProbe"].get("grpc").is_some(), "gRPC kept");
+        assert!(app["startupProbe"].get("grpc").is_none());
+        assert_eq!(
+            app["startupProbe"]["httpGet"]["path"].as_str(),
+            Some("/app-health/app/startupz")
+        );
         assert_eq!(
             spec["containers"][1]["readinessProbe"]["httpGet"]["scheme"].as_str(),
             Some("HTTPS"),

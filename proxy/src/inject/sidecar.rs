@@ -130,7 +130,7 @@ pub fn container(options: &Options, extra_env: &[(String, String)]) -> Value {
     c.insert(
         "volumeMounts".into(),
         yaml(&format!(
-            "[{{name: tern-bpffs, mountPath: /sys/fs/bpf}},
+            "[{{name: tern-bpffs, mountPath: /sys/fs/bpf, subPathExpr: $(POD_UID)}},
               {{name: tern-host-cgroup, mountPath: {HOST_CGROUP}, readOnly: true}},
               {{name: istio-token, mountPath: /var/run/secrets/tokens, readOnly: true}},
               {{name: istiod-ca-cert, mountPath: /var/run/secrets/istio, readOnly: true}},
@@ -143,7 +143,7 @@ pub fn container(options: &Options, extra_env: &[(String, String)]) -> Value {
 /// The volumes the container mounts.
 pub fn volumes() -> Vec<Value> {
     let Value::Sequence(v) = yaml(
-        "[{name: tern-bpffs, hostPath: {path: /sys/fs/bpf, type: DirectoryOrCreate}},
+        "[{name: tern-bpffs, hostPath: {path: /sys/fs/bpf/tern-pods, type: DirectoryOrCreate}},
           {name: tern-host-cgroup, hostPath: {path: /sys/fs/cgroup, type: Directory}},
           {name: istio-token, projected: {sources: [{serviceAccountToken: {audience: istio-ca, expirationSeconds: 43200, path: istio-token}}]}},
           {name: istiod-ca-cert, configMap: {name: istio-ca-root-cert}},
