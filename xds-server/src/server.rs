@@ -1,0 +1,337 @@
+//! The gRPC services over `tonic`: ADS in both protocols, one task per stream driving a
+//! [`SotwStream`] or [`DeltaStream`], and [`Clients`], the registry of connected clients.
+//!
+//! A stream's task waits for the client's next request or a new snapshot of the client's view,
+//! whichever comes first. Snapshots arrive through a `watch` channel, so a client that cannot
+//! keep up never builds a backlog: when its bounded queue is full its task waits, later
+//! snapshots replace each other, and it is sent the newest state once it reads again. Other
+//! clients are never held up by it.
+use std::{
+    collections::BTreeMap,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::SystemTime,
+};
+
+use serde::Serialize;
+use tern_proto::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Node,
+    aggregated_discovery_service_server::{
+        AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+    },
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use crate::{
+    delta::DeltaStream,
+    snapshot::Snapshot,
+    sotw::{Received, SotwStream},
+    status::TypeStatus,
+};
+
+/// Where the server gets what to serve a client.
+pub trait Views: Send + Sync + 'static {
+    /// The snapshots for a client identified by `node` (its kind decides what it is served).
+    fn view(&self, node: &Node) -> watch::Receiver<Arc<Snapshot>>;
+}
+
+/// A connected client, as the admin port and CSDS show it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClientInfo {
+    /// The stream's number in this process.
+    pub stream: u64,
+    pub node_id: String,
+    pub cluster: String,
+    pub user_agent: String,
+    /// `sotw` or `delta`.
+    pub protocol: &'static str,
+    pub peer: Option<String>,
+    /// Unix seconds.
+    pub connected_at: u64,
+    /// What it has of each type, by type URL.
+    pub types: BTreeMap<String, TypeStatus>,
+}
+
+/// The connected clients.
+#[derive(Debug, Default)]
+pub struct Clients {
+    streams: Mutex<BTreeMap<u64, ClientInfo>>,
+    next: AtomicU64,
+}
+
+impl Clients {
+    /// Every connected client, in the order they connected.
+    pub fn list(&self) -> Vec<ClientInfo> {
+        self.lock().values().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, ClientInfo>> {
+        // A panic elsewhere never leaves the registry half-written: every update is one
+        // insert or remove.
+        self.streams
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn add(&self, mut info: ClientInfo) -> u64 {
+        let stream = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        info.stream = stream;
+        self.lock().insert(stream, info);
+        stream
+    }
+
+    fn update<'a>(&self, stream: u64, types: impl Iterator<Item = (&'a str, &'a TypeStatus)>) {
+        if let Some(c) = self.lock().get_mut(&stream) {
+            c.types = types.map(|(t, s)| (t.to_owned(), s.clone())).collect();
+        }
+    }
+
+    fn remove(&self, stream: u64) {
+        self.lock().remove(&stream);
+    }
+}
+
+/// How many responses may wait for one client before its task waits (and coalesces).
+const CLIENT_QUEUE: usize = 4;
+
+/// The xDS services, serving what `views` gives each client.
+pub struct Server<V> {
+    views: Arc<V>,
+    clients: Arc<Clients>,
+    max_clients: usize,
+}
+
+impl<V: Views> Server<V> {
+    /// A server of `views`, registering its clients in `clients`, with at most `max_clients`
+    /// streams at once (more are refused with `RESOURCE_EXHAUSTED`).
+    pub fn new(views: Arc<V>, clients: Arc<Clients>, max_clients: usize) -> Self {
+        Self {
+            views,
+            clients,
+            max_clients,
+        }
+    }
+
+    /// The ADS service (both protocols), for a `tonic` router.
+    pub fn ads(self) -> AggregatedDiscoveryServiceServer<Self> {
+        AggregatedDiscoveryServiceServer::new(self)
+    }
+
+    fn open<E: Engine>(
+        &self,
+        request: Request<Streaming<E::Request>>,
+    ) -> Result<ReceiverStream<Result<E::Response, Status>>, Status> {
+        if self.clients.len() >= self.max_clients {
+            warn!(
+                max = self.max_clients,
+                "too many xDS clients: stream refused"
+            );
+            return Err(Status::resource_exhausted("too many xDS clients"));
+        }
+        let peer = request.remote_addr().map(|a| a.to_string());
+        let requests = request.into_inner();
+        let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+        tokio::spawn(serve_stream::<E>(
+            requests,
+            tx,
+            self.views.clone(),
+            self.clients.clone(),
+            peer,
+        ));
+        Ok(ReceiverStream::new(rx))
+    }
+}
+
+/// One protocol's engine, as the stream task drives it.
+trait Engine: Default + Send + 'static {
+    type Request: Send + 'static;
+    type Response: Send + 'static;
+    const PROTOCOL: &'static str;
+    fn node(request: &Self::Request) -> Option<&Node>;
+    fn describe(request: &Self::Request) -> (&str, Option<&str>);
+    fn on_request(
+        &mut self,
+        request: &Self::Request,
+        snapshot: &Snapshot,
+    ) -> (Received, Option<Self::Response>);
+    fn on_snapshot(&mut self, snapshot: &Snapshot) -> Vec<Self::Response>;
+    fn status(&self) -> Vec<(&str, &TypeStatus)>;
+}
+
+impl Engine for SotwStream {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    const PROTOCOL: &'static str = "sotw";
+    fn node(request: &DiscoveryRequest) -> Option<&Node> {
+        request.node.as_ref()
+    }
+    fn describe(request: &DiscoveryRequest) -> (&str, Option<&str>) {
+        (
+            &request.type_url,
+            request.error_detail.as_ref().map(|e| e.message.as_str()),
+        )
+    }
+    fn on_request(
+        &mut self,
+        request: &DiscoveryRequest,
+        snapshot: &Snapshot,
+    ) -> (Received, Option<DiscoveryResponse>) {
+        SotwStream::on_request(self, request, snapshot)
+    }
+    fn on_snapshot(&mut self, snapshot: &Snapshot) -> Vec<DiscoveryResponse> {
+        SotwStream::on_snapshot(self, snapshot)
+    }
+    fn status(&self) -> Vec<(&str, &TypeStatus)> {
+        SotwStream::status(self).collect()
+    }
+}
+
+impl Engine for DeltaStream {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    const PROTOCOL: &'static str = "delta";
+    fn node(request: &DeltaDiscoveryRequest) -> Option<&Node> {
+        request.node.as_ref()
+    }
+    fn describe(request: &DeltaDiscoveryRequest) -> (&str, Option<&str>) {
+        (
+            &request.type_url,
+            request.error_detail.as_ref().map(|e| e.message.as_str()),
+        )
+    }
+    fn on_request(
+        &mut self,
+        request: &DeltaDiscoveryRequest,
+        snapshot: &Snapshot,
+    ) -> (Received, Option<DeltaDiscoveryResponse>) {
+        DeltaStream::on_request(self, request, snapshot)
+    }
+    fn on_snapshot(&mut self, snapshot: &Snapshot) -> Vec<DeltaDiscoveryResponse> {
+        DeltaStream::on_snapshot(self, snapshot)
+    }
+    fn status(&self) -> Vec<(&str, &TypeStatus)> {
+        DeltaStream::status(self).collect()
+    }
+}
+
+/// One client stream, from its first request to its end.
+async fn serve_stream<E: Engine>(
+    mut requests: Streaming<E::Request>,
+    tx: mpsc::Sender<Result<E::Response, Status>>,
+    views: Arc<impl Views>,
+    clients: Arc<Clients>,
+    peer: Option<String>,
+) {
+    let first = match requests.message().await {
+        Ok(Some(r)) => r,
+        Ok(None) => return,
+        Err(e) => return debug!(error = %e, "xDS stream ended before its first request"),
+    };
+    let Some(node) = E::node(&first).cloned() else {
+        let _ = tx
+            .send(Err(Status::invalid_argument(
+                "the first request of a stream must carry the node",
+            )))
+            .await;
+        return;
+    };
+    let mut snapshots = views.view(&node);
+    let stream = clients.add(ClientInfo {
+        stream: 0,
+        node_id: node.id.clone(),
+        cluster: node.cluster.clone(),
+        user_agent: node.user_agent_name.clone(),
+        protocol: E::PROTOCOL,
+        peer: peer.clone(),
+        connected_at: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        types: BTreeMap::new(),
+    });
+    info!(node = %node.id, protocol = E::PROTOCOL, peer = peer.as_deref().unwrap_or("-"), "xDS client connected");
+    let mut engine = E::default();
+    let mut next = Some(first);
+    'stream: loop {
+        if let Some(request) = next.take() {
+            let snapshot = snapshots.borrow_and_update().clone();
+            let (received, response) = engine.on_request(&request, &snapshot);
+            let (type_url, error) = E::describe(&request);
+            match (received, error) {
+                (Received::Nack, Some(message)) => {
+                    warn!(node = %node.id, type_url, message, "xDS client NACKed")
+                }
+                _ => debug!(node = %node.id, type_url, ?received, "xDS request"),
+            }
+            clients.update(stream, engine.status().into_iter());
+            if let Some(r) = response
+                && tx.send(Ok(r)).await.is_err()
+            {
+                break;
+            }
+            continue;
+        }
+        tokio::select! {
+            message = requests.message() => match message {
+                Ok(Some(r)) => next = Some(r),
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(node = %node.id, error = %e, "xDS stream failed");
+                    break;
+                }
+            },
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let snapshot = snapshots.borrow_and_update().clone();
+                let responses = engine.on_snapshot(&snapshot);
+                clients.update(stream, engine.status().into_iter());
+                for r in responses {
+                    if tx.send(Ok(r)).await.is_err() {
+                        break 'stream;
+                    }
+                }
+            }
+        }
+    }
+    clients.remove(stream);
+    info!(node = %node.id, protocol = E::PROTOCOL, "xDS client disconnected");
+}
+
+type Responses<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<V: Views> AggregatedDiscoveryService for Server<V> {
+    type StreamAggregatedResourcesStream = Responses<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = Responses<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let responses = self.open::<SotwStream>(request)?;
+        Ok(Response::new(Box::pin(responses)))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let responses = self.open::<DeltaStream>(request)?;
+        Ok(Response::new(Box::pin(responses)))
+    }
+}

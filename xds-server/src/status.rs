@@ -1,0 +1,64 @@
+//! What the server knows of each connected client, per type: what it subscribed to, the last
+//! version sent, the last it ACKed, and its last NACK with the message and when. The engines
+//! keep it; the transport lists it (admin, CSDS).
+use std::{collections::BTreeSet, time::SystemTime};
+
+use serde::Serialize;
+
+/// A NACK: the version refused, the client's message, when.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Nack {
+    /// The version of the response the client refused.
+    pub version: String,
+    pub message: String,
+    #[serde(serialize_with = "unix_seconds")]
+    pub at: SystemTime,
+}
+
+fn unix_seconds<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    )
+}
+
+/// What one client has of one type.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct TypeStatus {
+    /// Every resource of the type (`*`), or these names.
+    pub wildcard: bool,
+    pub names: BTreeSet<String>,
+    /// The version of the last response sent (state of the world: the type's version; delta:
+    /// the snapshot's).
+    pub sent_version: Option<String>,
+    /// The last version the client ACKed. A NACKed version never counts as applied.
+    pub acked_version: Option<String>,
+    /// The client's last NACK, kept after later ACKs so an operator sees what went wrong.
+    pub last_nack: Option<Nack>,
+    /// Responses sent, ACKs and NACKs received.
+    pub responses: u64,
+    pub acks: u64,
+    pub nacks: u64,
+}
+
+impl TypeStatus {
+    /// Whether the client applied what was last sent.
+    pub fn in_sync(&self) -> bool {
+        self.sent_version.is_some() && self.sent_version == self.acked_version
+    }
+
+    pub(crate) fn ack(&mut self, version: &str) {
+        self.acks += 1;
+        self.acked_version = Some(version.to_owned());
+    }
+
+    pub(crate) fn nack(&mut self, version: &str, message: &str) {
+        self.nacks += 1;
+        self.last_nack = Some(Nack {
+            version: version.to_owned(),
+            // A client's message is bounded like everything kept per client.
+            message: message.chars().take(1024).collect(),
+            at: SystemTime::now(),
+        });
+    }
+}
