@@ -39,6 +39,9 @@ pub enum Command {
     /// Show the xDS client's view of a running tern: per type, version, nonce, resources, last NACK.
     #[command(subcommand)]
     Xds(XdsCommand),
+    /// Serve xDS to tern sidecars, Envoy and proxyless gRPC from a services file (an xDS
+    /// control plane for fleets without istiod).
+    Discovery(Box<tern_discovery::DiscoveryArgs>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -572,6 +575,13 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             } else {
                 print_status(&all);
             }
+        }
+        Command::Discovery(args) => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("start the tokio runtime")?;
+            runtime.block_on(tern_discovery::run(*args))?;
         }
         Command::Webhook(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()

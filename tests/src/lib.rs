@@ -19,6 +19,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde::Deserialize;
 
 mod controlplane;
+pub mod discovery;
 pub mod mesh;
 pub mod oci;
 pub mod pki;
@@ -511,16 +512,7 @@ impl Tern {
         args: &[&str],
         filter: &str,
     ) -> Result<Self> {
-        let log = std::env::temp_dir().join(format!("{}.log", unique("tern-log")));
-        let file = fs::File::create(&log)?;
-        let mut cmd = ns.command(cgroup, &tern_bin(), args);
-        cmd.env("TERN_LOG", filter)
-            .stdout(Stdio::null())
-            .stderr(file);
-        let mut tern = Self {
-            process: Process::spawn(cmd)?,
-            log,
-        };
+        let mut tern = Self::spawn(ns, cgroup, args, filter)?;
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if tern.log().contains("tern is running") {
@@ -534,6 +526,20 @@ impl Tern {
             }
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Starts `tern ARGS…` with this log filter, without waiting for anything.
+    pub fn spawn(ns: &Netns, cgroup: Option<&Cgroup>, args: &[&str], filter: &str) -> Result<Self> {
+        let log = std::env::temp_dir().join(format!("{}.log", unique("tern-log")));
+        let file = fs::File::create(&log)?;
+        let mut cmd = ns.command(cgroup, &tern_bin(), args);
+        cmd.env("TERN_LOG", filter)
+            .stdout(Stdio::null())
+            .stderr(file);
+        Ok(Self {
+            process: Process::spawn(cmd)?,
+            log,
+        })
     }
 
     pub fn log(&self) -> String {
@@ -742,12 +748,42 @@ pub fn thrift_call(ns: &Netns, cgroup: Option<&Cgroup>, addr: &str, args: &[&str
         .unwrap_or_else(|e| panic!("client output {out:?}: {e}"))
 }
 
-/// A Thrift client making several phases of calls over one connection; each phase starts
-/// when [`ThriftClient::next_phase`] is called.
-pub struct ThriftClient {
+/// A client process that prints one JSON line per phase and starts its next phase on a line
+/// of stdin.
+pub struct Phased {
     process: Process,
     stdout: BufReader<std::process::ChildStdout>,
 }
+
+impl Phased {
+    pub fn spawn(mut cmd: Command) -> Result<Self> {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        let mut process = Process::spawn(cmd)?;
+        let stdout = BufReader::new(process.child.stdout.take().expect("piped"));
+        Ok(Self { process, stdout })
+    }
+
+    /// The next line the client prints, parsed.
+    pub fn read<T: serde::de::DeserializeOwned>(&mut self) -> Result<T> {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).context("client output")?;
+        serde_json::from_str(&line).with_context(|| format!("client output {line:?}"))
+    }
+
+    /// Lets the client start its next phase.
+    pub fn next_phase(&mut self) {
+        use std::io::Write;
+        let stdin = self.process.child.stdin.as_mut().expect("piped");
+        stdin
+            .write_all(b"go\n")
+            .and_then(|()| stdin.flush())
+            .expect("client stdin");
+    }
+}
+
+/// A Thrift client making several phases of calls over one connection; each phase starts
+/// when [`ThriftClient::next_phase`] is called.
+pub struct ThriftClient(Phased);
 
 impl ThriftClient {
     pub fn start(ns: &Netns, cgroup: Option<&Cgroup>, addr: &str, args: &[&str]) -> Result<Self> {
@@ -762,11 +798,7 @@ impl ThriftClient {
 
     fn spawn(ns: &Netns, cgroup: Option<&Cgroup>, args: &[&str]) -> Result<Self> {
         let peer = bin_dir().join("tern-thriftpeer");
-        let mut cmd = ns.command(cgroup, &peer, args);
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
-        let mut process = Process::spawn(cmd)?;
-        let stdout = BufReader::new(process.child.stdout.take().expect("piped"));
-        Ok(Self { process, stdout })
+        Ok(Self(Phased::spawn(ns.command(cgroup, &peer, args))?))
     }
 
     /// Reads the result of the phase that is running.
@@ -776,28 +808,19 @@ impl ThriftClient {
 
     /// [`ThriftClient::result`], with an error when the client is gone.
     pub fn try_result(&mut self) -> Result<Calls> {
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).context("client output")?;
-        serde_json::from_str(&line).with_context(|| format!("client output {line:?}"))
+        self.0.read()
     }
 
     /// A retrying client's calls since its last report: `ok`, `failed`, `connects`,
     /// `by_server`, `last_error`.
     pub fn report(&mut self) -> serde_json::Value {
         self.next_phase();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).expect("client output");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("client report {line:?}: {e}"))
+        self.0.read().expect("client report")
     }
 
     /// Lets the client start its next phase.
     pub fn next_phase(&mut self) {
-        use std::io::Write;
-        let stdin = self.process.child.stdin.as_mut().expect("piped");
-        stdin
-            .write_all(b"go\n")
-            .and_then(|()| stdin.flush())
-            .expect("client stdin");
+        self.0.next_phase();
     }
 }
 

@@ -58,14 +58,32 @@ pub struct ClientInfo {
     pub types: BTreeMap<String, TypeStatus>,
 }
 
-/// The connected clients.
+/// The connected clients, and counts over every stream since the start.
 #[derive(Debug, Default)]
 pub struct Clients {
     streams: Mutex<BTreeMap<u64, ClientInfo>>,
     next: AtomicU64,
+    responses: AtomicU64,
+    nacks: AtomicU64,
+}
+
+/// Counts over every stream since the start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Totals {
+    pub streams: u64,
+    pub responses: u64,
+    pub nacks: u64,
 }
 
 impl Clients {
+    pub fn totals(&self) -> Totals {
+        Totals {
+            streams: self.next.load(Ordering::Relaxed),
+            responses: self.responses.load(Ordering::Relaxed),
+            nacks: self.nacks.load(Ordering::Relaxed),
+        }
+    }
+
     /// Every connected client, in the order they connected.
     pub fn list(&self) -> Vec<ClientInfo> {
         self.lock().values().cloned().collect()
@@ -272,15 +290,17 @@ async fn serve_stream<E: Engine>(
             let (type_url, error) = E::describe(&request);
             match (received, error) {
                 (Received::Nack, Some(message)) => {
+                    clients.nacks.fetch_add(1, Ordering::Relaxed);
                     warn!(node = %node.id, type_url, message, "xDS client NACKed")
                 }
                 _ => debug!(node = %node.id, type_url, ?received, "xDS request"),
             }
             clients.update(stream, engine.status().into_iter());
-            if let Some(r) = response
-                && tx.send(Ok(r)).await.is_err()
-            {
-                break;
+            if let Some(r) = response {
+                clients.responses.fetch_add(1, Ordering::Relaxed);
+                if tx.send(Ok(r)).await.is_err() {
+                    break;
+                }
             }
             continue;
         }
@@ -301,6 +321,7 @@ async fn serve_stream<E: Engine>(
                 let responses = engine.on_snapshot(&snapshot);
                 clients.update(stream, engine.status().into_iter());
                 for r in responses {
+                    clients.responses.fetch_add(1, Ordering::Relaxed);
                     if tx.send(Ok(r)).await.is_err() {
                         break 'stream;
                     }

@@ -1,0 +1,87 @@
+//! What sidecars (tern, Envoy) are served, in istiod's shape: `virtualOutbound` on 15001
+//! (anything unknown passes through), a `<vip>_<port>` listener per service with a virtual IP
+//! whose `tcp_proxy` names `outbound|<port>||<name>` (tern finds Thrift from the bytes, as
+//! with istiod), EDS clusters over ADS, and a plaintext `virtualInbound` on 15006 that hands
+//! connections to the application (tern discovery issues no certificates: this is a mesh
+//! without mTLS, which tern's inbound refuses until it is served).
+use tern_proto::{
+    Any, Cluster, Listener, build, cluster_types, core_types, listener_types, type_url, wkt,
+};
+
+use super::{eds_cluster, named};
+use crate::model::Service;
+
+const PASSTHROUGH: &str = "PassthroughCluster";
+const INBOUND_PASSTHROUGH: &str = "InboundPassthroughCluster";
+
+fn chain(filters: Vec<listener_types::Filter>) -> listener_types::FilterChain {
+    listener_types::FilterChain {
+        filters,
+        ..Default::default()
+    }
+}
+
+fn original_dst(name: &str) -> Cluster {
+    Cluster {
+        name: name.into(),
+        cluster_discovery_type: Some(cluster_types::ClusterDiscoveryType::Type(
+            cluster_types::DiscoveryType::OriginalDst as i32,
+        )),
+        lb_policy: cluster_types::LbPolicy::ClusterProvided as i32,
+        connect_timeout: Some(wkt::Duration {
+            seconds: 10,
+            nanos: 0,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Listeners and clusters for sidecars.
+pub fn listeners_and_clusters(services: &[Service]) -> Vec<(String, Any)> {
+    let mut listeners = vec![
+        Listener {
+            name: "virtualOutbound".into(),
+            address: Some(build::address("0.0.0.0", 15001)),
+            use_original_dst: Some(wkt::BoolValue { value: true }),
+            default_filter_chain: Some(chain(vec![build::tcp_proxy(PASSTHROUGH)])),
+            ..Default::default()
+        },
+        Listener {
+            name: "virtualInbound".into(),
+            address: Some(build::address("0.0.0.0", 15006)),
+            filter_chains: vec![listener_types::FilterChain {
+                name: "virtualInbound".into(),
+                filter_chain_match: Some(listener_types::FilterChainMatch {
+                    transport_protocol: "raw_buffer".into(),
+                    ..Default::default()
+                }),
+                filters: vec![build::tcp_proxy(INBOUND_PASSTHROUGH)],
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    ];
+    let mut clusters = vec![original_dst(PASSTHROUGH), original_dst(INBOUND_PASSTHROUGH)];
+    for s in services {
+        clusters.push(eds_cluster(s, s.lb));
+        if let Some(vip) = s.vip {
+            listeners.push(Listener {
+                name: format!("{vip}_{}", s.port),
+                address: Some(build::address(&vip.to_string(), s.port.into())),
+                filter_chains: vec![chain(vec![build::tcp_proxy(&s.cluster())])],
+                bind_to_port: Some(wkt::BoolValue { value: false }),
+                traffic_direction: core_types::TrafficDirection::Outbound as i32,
+                ..Default::default()
+            });
+        }
+    }
+    listeners
+        .iter()
+        .map(|l| named(&l.name, l, type_url::LISTENER))
+        .chain(
+            clusters
+                .iter()
+                .map(|c| named(&c.name, c, type_url::CLUSTER)),
+        )
+        .collect()
+}

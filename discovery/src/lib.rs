@@ -1,0 +1,22 @@
+//! `tern discovery`: an xDS control plane for fleets without istiod. It reads services from
+//! the registries Thrift fleets use and serves them to tern sidecars and Envoy (istiod's
+//! shape) and to proxyless gRPC clients (gRPC's shape), over `tern_xds_server`.
+//!
+//! - [`model`]: services and endpoints, as sources give them;
+//! - [`config`]: the services file;
+//! - [`sources`]: where services come from (the file, watched);
+//! - [`catalog`]: the sources' services merged, and each source's state;
+//! - [`generate`]: resources from services, for sidecars and for gRPC;
+//! - [`views`]: which client gets which resources;
+//! - [`admin`]: the admin server (client sync status, sources, metrics);
+//! - [`run`]: the process and its flags.
+pub mod admin;
+pub mod catalog;
+pub mod config;
+pub mod generate;
+pub mod model;
+pub mod run;
+pub mod sources;
+pub mod views;
+
+pub use run::{DiscoveryArgs, run};

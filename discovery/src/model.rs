@@ -1,0 +1,95 @@
+//! The services tern discovery serves, as the sources describe them and the generators read
+//! them: a name, a port, a protocol, an optional virtual IP, a balancing policy, endpoints.
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+/// How clients speak to a service (what a sidecar may do with it; gRPC clients need `grpc`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    Thrift,
+    Grpc,
+    #[default]
+    Tcp,
+}
+
+/// The balancing policy of a service's cluster (Envoy's `lb_policy`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    #[default]
+    RoundRobin,
+    LeastRequest,
+    RingHash,
+    Random,
+}
+
+/// An endpoint's health as served in EDS (`envoy.config.core.v3.HealthStatus`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Nobody checked: clients use it (Envoy and gRPC alike).
+    #[default]
+    Unknown,
+    Healthy,
+    Unhealthy,
+    Draining,
+}
+
+impl Health {
+    /// The `HealthStatus` number.
+    pub fn eds(self) -> i32 {
+        match self {
+            Self::Unknown => 0,
+            Self::Healthy => 1,
+            Self::Unhealthy => 2,
+            Self::Draining => 3,
+        }
+    }
+}
+
+/// Where an endpoint runs, for locality-aware balancing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+pub struct Locality {
+    #[serde(default)]
+    pub region: String,
+    #[serde(default)]
+    pub zone: String,
+    #[serde(default)]
+    pub sub_zone: String,
+}
+
+/// One instance of a service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Endpoint {
+    /// An IP address: host names are resolved by the source that reads them.
+    pub address: SocketAddr,
+    /// Relative weight, at least 1.
+    pub weight: u32,
+    pub locality: Locality,
+    /// What the registry says (a serverset member that is not ALIVE is not listed at all).
+    pub health: Health,
+}
+
+/// A service and its endpoints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Service {
+    /// The name clients use: gRPC dials `xds:///<name>`; sidecars' clusters are
+    /// `outbound|<port>||<name>`.
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// The virtual IP sidecars capture for it (a `<vip>_<port>` listener); none: reached by
+    /// name only (gRPC).
+    pub vip: Option<IpAddr>,
+    pub lb: LbPolicy,
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl Service {
+    /// Its cluster's name, as istiod names outbound clusters.
+    pub fn cluster(&self) -> String {
+        format!("outbound|{}||{}", self.port, self.name)
+    }
+}

@@ -1,0 +1,116 @@
+//! `tern discovery` run as its own process in a namespace, with its services file (rewritten
+//! to change what it serves) and its admin server; and a proxyless gRPC client's bootstrap.
+use std::{path::Path, time::Duration};
+
+use anyhow::{Result, ensure};
+
+use crate::{ConfigFile, Netns, Tern, eventually};
+
+/// A running `tern discovery`.
+pub struct Discovery {
+    pub tern: Tern,
+    services: ConfigFile,
+    admin: String,
+}
+
+impl Discovery {
+    /// Starts `tern discovery` in `ns`, serving xDS on `address` and its admin server on
+    /// `admin`, from `services` (the services file's YAML), with `extra` arguments; returns
+    /// once it is ready.
+    pub fn start(
+        ns: &Netns,
+        address: &str,
+        admin: &str,
+        services: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let file = ConfigFile::new(services)?;
+        let mut args = vec![
+            "discovery",
+            "--services",
+            file.path_str(),
+            "--address",
+            address,
+            "--admin-address",
+            admin,
+            "--file-interval-ms",
+            "100",
+        ];
+        args.extend(extra);
+        let tern = Tern::spawn(ns, None, &args, "info,tern_xds_server=debug")?;
+        let d = Self {
+            tern,
+            services: file,
+            admin: admin.to_owned(),
+        };
+        ensure!(
+            eventually(Duration::from_secs(10), || d.get(ns, "/ready").trim()
+                == "LIVE"),
+            "tern discovery never became ready:\n{}",
+            d.tern.log()
+        );
+        Ok(d)
+    }
+
+    /// Replaces the services file.
+    pub fn write(&self, services: &str) -> Result<()> {
+        self.services.write(services)
+    }
+
+    /// GETs a path of the admin server.
+    pub fn get(&self, ns: &Netns, path: &str) -> String {
+        let url = format!("http://{}{path}", self.admin);
+        ns.output(None, Path::new("curl"), &["-s", "-m", "5", &url])
+            .unwrap_or_default()
+    }
+
+    /// A JSON document of the admin server (`/debug/syncz`, `/debug/sources`, …).
+    pub fn json(&self, ns: &Netns, path: &str) -> serde_json::Value {
+        serde_json::from_str(&self.get(ns, path)).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The version served to `view` (`sidecar` or `grpc`) for `type_url`'s resource `name`.
+    pub fn served_version(&self, ns: &Netns, view: &str, type_url: &str, name: &str) -> String {
+        self.json(ns, "/debug/config_dump")[view][type_url]["resources"][name]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Whether every connected client ACKed the latest version it was sent of every type.
+    pub fn all_in_sync(&self, ns: &Netns) -> bool {
+        let clients = self.json(ns, "/debug/syncz");
+        clients.as_array().is_some_and(|all| {
+            !all.is_empty()
+                && all.iter().all(|c| {
+                    c["types"].as_object().is_some_and(|types| {
+                        types.values().all(|t| {
+                            t["sent_version"].is_null() || t["sent_version"] == t["acked_version"]
+                        })
+                    })
+                })
+        })
+    }
+}
+
+/// A gRPC xDS bootstrap file (`GRPC_XDS_BOOTSTRAP`) pointing at `server` (`host:port`) with
+/// insecure credentials, for the node `node_id`; removed on drop.
+pub struct Bootstrap(ConfigFile);
+
+impl Bootstrap {
+    pub fn new(server: &str, node_id: &str) -> Result<Self> {
+        let json = serde_json::json!({
+            "xds_servers": [{
+                "server_uri": server,
+                "channel_creds": [{"type": "insecure"}],
+                "server_features": ["xds_v3"],
+            }],
+            "node": {"id": node_id, "cluster": "tern-tests", "locality": {}},
+        });
+        Ok(Self(ConfigFile::new(&json.to_string())?))
+    }
+
+    pub fn path_str(&self) -> &str {
+        self.0.path_str()
+    }
+}
