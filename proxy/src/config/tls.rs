@@ -52,6 +52,9 @@ pub struct TlsParams {
     /// TLS 1.2 cipher suites allowed, as IANA names (none listed: rustls' defaults). TLS 1.3
     /// suites are not configurable, as in Envoy.
     pub tls12_cipher_suites: Vec<String>,
+    /// Key exchange groups allowed, as rustls names them (`X25519`, `secp256r1`, `secp384r1`;
+    /// none listed: rustls' defaults).
+    pub key_exchange_groups: Vec<String>,
 }
 
 impl Default for TlsParams {
@@ -60,6 +63,7 @@ impl Default for TlsParams {
             min_version: TlsVersion::Tls12,
             max_version: TlsVersion::Tls13,
             tls12_cipher_suites: Vec::new(),
+            key_exchange_groups: Vec::new(),
         }
     }
 }

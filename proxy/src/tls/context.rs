@@ -67,7 +67,7 @@ impl TlsContexts {
         Self { store }
     }
 
-    /// rustls' ring provider with only the TLS 1.2 suites `params` allow.
+    /// rustls' ring provider with only the TLS 1.2 suites and key exchange groups `params` allow.
     fn provider(params: &TlsParams) -> Arc<rustls::crypto::CryptoProvider> {
         let mut provider = rustls::crypto::ring::default_provider();
         if !params.tls12_cipher_suites.is_empty() {
@@ -77,6 +77,14 @@ impl TlsContexts {
                     .iter()
                     .any(|name| Some(name.as_str()) == s.suite().as_str()),
                 rustls::SupportedCipherSuite::Tls13(_) => true,
+            });
+        }
+        if !params.key_exchange_groups.is_empty() {
+            provider.kx_groups.retain(|g| {
+                params
+                    .key_exchange_groups
+                    .iter()
+                    .any(|name| Some(name.as_str()) == g.name().as_str())
             });
         }
         Arc::new(provider)
@@ -241,5 +249,35 @@ impl ResolvesClientCert for CertResolver {
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         self.get()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_provider_keeps_only_what_the_params_allow() {
+        let params = TlsParams {
+            tls12_cipher_suites: vec!["TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256".into()],
+            key_exchange_groups: vec!["secp256r1".into(), "X25519".into()],
+            ..TlsParams::default()
+        };
+        let p = TlsContexts::provider(&params);
+        let groups: Vec<_> = p
+            .kx_groups
+            .iter()
+            .filter_map(|g| g.name().as_str())
+            .collect();
+        assert_eq!(groups, ["X25519", "secp256r1"], "rustls' order, P-384 gone");
+        let tls12: Vec<_> = p
+            .cipher_suites
+            .iter()
+            .filter(|s| matches!(s, rustls::SupportedCipherSuite::Tls12(_)))
+            .filter_map(|s| s.suite().as_str())
+            .collect();
+        assert_eq!(tls12, ["TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256"]);
+        let all = TlsContexts::provider(&TlsParams::default());
+        assert_eq!(all.kx_groups.len(), 3);
     }
 }

@@ -76,6 +76,10 @@ pub enum Invalid {
     TlsVersion,
     #[error("TLS 1.2 only, and none of its cipher suites ({0}) is one tern has")]
     CipherSuites(String),
+    #[error("none of the ECDH curves {0} is one tern has (X25519, P-256, P-384)")]
+    EcdhCurves(String),
+    #[error("tls_params.signature_algorithms is not supported: tern cannot restrict them")]
+    SignatureAlgorithms,
     #[error("a TLS server context without a certificate")]
     NoServerCertificate,
     #[error(

@@ -137,7 +137,9 @@ fn without_peer_exchange(alpn: &[String]) -> Vec<String> {
 /// is met by 1.2; a context that allows neither, or no version at all, is refused) and the
 /// TLS 1.2 cipher suites rustls has among those listed. A context whose list leaves TLS 1.2
 /// no suite keeps TLS 1.3 only, or is refused when it allows nothing else: never a suite
-/// the configuration did not name.
+/// the configuration did not name. `ecdh_curves` limit the key exchange to the curves tern has
+/// among them (none: refused); `signature_algorithms`, which tern cannot limit, refuse the
+/// context.
 fn params(common: &tls_types::CommonTlsContext) -> Result<TlsParams, Invalid> {
     let Some(p) = common.tls_params.as_ref() else {
         return Ok(TlsParams::default());
@@ -156,11 +158,32 @@ fn params(common: &tls_types::CommonTlsContext) -> Result<TlsParams, Invalid> {
     if min_version > max_version {
         return Err(Invalid::TlsVersion);
     }
+    if !p.signature_algorithms.is_empty() {
+        return Err(Invalid::SignatureAlgorithms);
+    }
     let mut params = TlsParams {
         min_version,
         max_version,
         tls12_cipher_suites: Vec::new(),
+        key_exchange_groups: Vec::new(),
     };
+    if !p.ecdh_curves.is_empty() {
+        // Envoy's (BoringSSL's) names, and rustls'.
+        for curve in &p.ecdh_curves {
+            let group = match curve.as_str() {
+                "X25519" => "X25519",
+                "P-256" | "prime256v1" => "secp256r1",
+                "P-384" | "secp384r1" => "secp384r1",
+                _ => continue,
+            };
+            if !params.key_exchange_groups.iter().any(|g| g == group) {
+                params.key_exchange_groups.push(group.to_owned());
+            }
+        }
+        if params.key_exchange_groups.is_empty() {
+            return Err(Invalid::EcdhCurves(p.ecdh_curves.join(":")));
+        }
+    }
     if p.cipher_suites.is_empty() || min_version == TlsVersion::Tls13 {
         return Ok(params);
     }
@@ -358,5 +381,30 @@ mod tests {
             TlsVersion::Tls13
         );
         assert!(with(0, 3, &["AES128-SHA"]).is_err());
+        // ECDH curves: those tern has, in order; none of them, or signature algorithms: refused.
+        let curves = |c: &[&str], sig: &[&str]| {
+            params(&tls_types::CommonTlsContext {
+                tls_params: Some(tls_types::TlsParameters {
+                    ecdh_curves: c.iter().map(|c| (*c).to_owned()).collect(),
+                    signature_algorithms: sig.iter().map(|c| (*c).to_owned()).collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+        };
+        assert_eq!(
+            curves(&["P-256", "X448", "X25519"], &[])
+                .unwrap()
+                .key_exchange_groups,
+            ["secp256r1", "X25519"]
+        );
+        assert!(matches!(
+            curves(&["X448"], &[]),
+            Err(Invalid::EcdhCurves(_))
+        ));
+        assert!(matches!(
+            curves(&[], &["ecdsa_secp256r1_sha256"]),
+            Err(Invalid::SignatureAlgorithms)
+        ));
     }
 }
