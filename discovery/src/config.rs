@@ -10,6 +10,15 @@
 //!     endpoints:
 //!       - 10.0.0.1:9090
 //!       - { address: 10.0.0.2:9090, weight: 3, region: eu, zone: eu-1, health: healthy }
+//!     health_check:           # Envoy's HealthCheck fields (durations as in Envoy's JSON)
+//!       interval: 1s
+//!       timeout: 500ms
+//!       interval_jitter: 100ms  # optional
+//!       healthy_threshold: 2
+//!       unhealthy_threshold: 2
+//!       panic_threshold: 50     # optional (Envoy's default): see crate::health
+//!       thrift_health_check: { method_name: ping, transport: FRAMED, protocol: BINARY }
+//!       # or tcp_health_check: {}
 //! ```
 //!
 //! A file that is not this shape is refused whole (the last good one stays in force). Within
@@ -22,7 +31,10 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::model::{Endpoint, Health, LbPolicy, Locality, Protocol, Service};
+use crate::{
+    health::{Check, HealthCheck, ThriftProtocol, ThriftTransport},
+    model::{Endpoint, Health, LbPolicy, Locality, Protocol, Service},
+};
 
 /// Why a services file was refused whole.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +77,107 @@ struct ServiceYaml {
     lb: LbPolicy,
     #[serde(default)]
     endpoints: Vec<serde_yaml::Value>,
+    #[serde(default)]
+    health_check: Option<HealthCheckYaml>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HealthCheckYaml {
+    interval: String,
+    timeout: String,
+    #[serde(default)]
+    interval_jitter: Option<String>,
+    healthy_threshold: u32,
+    unhealthy_threshold: u32,
+    #[serde(default = "fifty")]
+    panic_threshold: u8,
+    #[serde(default)]
+    tcp_health_check: Option<serde_yaml::Mapping>,
+    #[serde(default)]
+    thrift_health_check: Option<ThriftCheckYaml>,
+}
+
+fn fifty() -> u8 {
+    50
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ThriftCheckYaml {
+    method_name: String,
+    #[serde(default)]
+    transport: ThriftTransport,
+    #[serde(default)]
+    protocol: ThriftProtocol,
+    #[serde(default)]
+    exception_is_healthy: bool,
+}
+
+/// A duration as Envoy's JSON writes them (`1s`, `0.5s`) or with `ms`.
+fn duration(text: &str) -> Result<std::time::Duration, String> {
+    let (number, scale) = if let Some(ms) = text.strip_suffix("ms") {
+        (ms, 1e-3)
+    } else if let Some(s) = text.strip_suffix('s') {
+        (s, 1.0)
+    } else {
+        return Err(format!("{text:?} is not a duration (1s, 0.5s, 500ms)"));
+    };
+    let seconds = number
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v >= 0.0 && *v <= 86_400.0)
+        .ok_or_else(|| format!("{text:?} is not a duration (1s, 0.5s, 500ms)"))?;
+    Ok(std::time::Duration::from_secs_f64(seconds * scale))
+}
+
+impl HealthCheckYaml {
+    fn check(self) -> Result<HealthCheck, String> {
+        let check = match (self.tcp_health_check, self.thrift_health_check) {
+            (Some(_), None) => Check::Tcp,
+            (None, Some(t)) if !t.method_name.is_empty() => Check::Thrift {
+                method: t.method_name,
+                transport: t.transport,
+                protocol: t.protocol,
+                exception_is_healthy: t.exception_is_healthy,
+            },
+            _ => {
+                return Err(
+                    "a health check needs exactly one of tcp_health_check and thrift_health_check (with a method_name)".into(),
+                );
+            }
+        };
+        let interval = duration(&self.interval)?;
+        let timeout = duration(&self.timeout)?;
+        if interval < std::time::Duration::from_millis(10) || timeout.is_zero() {
+            return Err(
+                "a health check's interval must be at least 10ms and its timeout above 0".into(),
+            );
+        }
+        if self.healthy_threshold == 0
+            || self.unhealthy_threshold == 0
+            || self.panic_threshold > 100
+        {
+            return Err(
+                "thresholds must be at least 1, and the panic threshold at most 100".into(),
+            );
+        }
+        Ok(HealthCheck {
+            interval,
+            timeout,
+            interval_jitter: self
+                .interval_jitter
+                .as_deref()
+                .map(duration)
+                .transpose()?
+                .unwrap_or_default(),
+            healthy_threshold: self.healthy_threshold,
+            unhealthy_threshold: self.unhealthy_threshold,
+            panic_threshold: self.panic_threshold,
+            check,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -126,6 +239,16 @@ pub fn parse(text: &str) -> Result<Parsed, ConfigError> {
             });
             continue;
         }
+        let health_check = match s.health_check.map(HealthCheckYaml::check).transpose() {
+            Ok(hc) => hc,
+            Err(reason) => {
+                out.skipped.push(Skipped {
+                    entry: s.name.clone(),
+                    reason: format!("its health check: {reason}"),
+                });
+                continue;
+            }
+        };
         if !seen.insert((s.name.clone(), s.port)) {
             out.skipped.push(Skipped {
                 entry: format!("{}:{}", s.name, s.port),
@@ -156,6 +279,7 @@ pub fn parse(text: &str) -> Result<Parsed, ConfigError> {
             vip: s.vip,
             lb: s.lb,
             endpoints,
+            health_check,
         });
     }
     Ok(out)
@@ -228,6 +352,41 @@ services:
         assert!(reasons[3].contains("not an endpoint"));
         assert!(reasons[4].contains("first is kept"));
         assert!(reasons[5].contains("not a service"));
+    }
+
+    #[test]
+    fn health_checks_parse_as_envoy_writes_them() {
+        let parsed = parse(
+            "services:
+  - name: calc
+    port: 9090
+    health_check:
+      interval: 0.5s
+      timeout: 200ms
+      healthy_threshold: 1
+      unhealthy_threshold: 2
+      thrift_health_check: { method_name: whoami, transport: UNFRAMED, protocol: COMPACT }
+  - { name: a, port: 1, health_check: { interval: 1s, timeout: 1s, healthy_threshold: 1, unhealthy_threshold: 1 } }
+  - { name: b, port: 1, health_check: { interval: soon, timeout: 1s, healthy_threshold: 1, unhealthy_threshold: 1, tcp_health_check: {} } }
+",
+        )
+        .unwrap();
+        let hc = parsed.services[0].health_check.as_ref().unwrap();
+        assert_eq!(hc.interval, std::time::Duration::from_millis(500));
+        assert_eq!(hc.timeout, std::time::Duration::from_millis(200));
+        assert_eq!(hc.panic_threshold, 50);
+        assert_eq!(
+            hc.check,
+            Check::Thrift {
+                method: "whoami".into(),
+                transport: ThriftTransport::Unframed,
+                protocol: ThriftProtocol::Compact,
+                exception_is_healthy: false
+            }
+        );
+        assert_eq!(parsed.skipped.len(), 2, "{:?}", parsed.skipped);
+        assert!(parsed.skipped[0].reason.contains("exactly one"));
+        assert!(parsed.skipped[1].reason.contains("not a duration"));
     }
 
     #[test]

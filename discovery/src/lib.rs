@@ -7,6 +7,7 @@
 //! - [`sources`]: where services come from (the file, watched);
 //! - [`catalog`]: the sources' services merged, and each source's state;
 //! - [`generate`]: resources from services, for sidecars and for gRPC;
+//! - [`health`]: active health checks, and what their verdicts make of EDS health;
 //! - [`views`]: which client gets which resources;
 //! - [`admin`]: the admin server (client sync status, sources, metrics);
 //! - [`run`]: the process and its flags.
@@ -14,6 +15,7 @@ pub mod admin;
 pub mod catalog;
 pub mod config;
 pub mod generate;
+pub mod health;
 pub mod model;
 pub mod run;
 pub mod sources;

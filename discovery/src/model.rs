@@ -4,6 +4,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
+use crate::health::HealthCheck;
+
 /// How clients speak to a service (what a sidecar may do with it; gRPC clients need `grpc`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -85,6 +87,8 @@ pub struct Service {
     pub vip: Option<IpAddr>,
     pub lb: LbPolicy,
     pub endpoints: Vec<Endpoint>,
+    /// Its active health check, if it has one.
+    pub health_check: Option<HealthCheck>,
 }
 
 impl Service {

@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::{
     catalog::{Catalog, SourceState, SourceStatus},
+    health::checker::Checker,
     sources::{SourceEvent, file},
     views::ClientViews,
 };
@@ -51,6 +52,9 @@ pub struct DiscoveryArgs {
     /// At most this many xDS streams at once.
     #[arg(long, env = "TERN_DISCOVERY_MAX_CLIENTS", default_value_t = 10_000)]
     pub max_clients: usize,
+    /// At most this many health checks in flight at once (each holds a connection).
+    #[arg(long, env = "TERN_DISCOVERY_MAX_HEALTH_CHECKS", default_value_t = 256)]
+    pub max_health_checks: usize,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -68,6 +72,7 @@ struct ViewLabels {
 pub struct State {
     pub clients: Arc<Clients>,
     pub views: Arc<ClientViews>,
+    pub checker: Arc<Checker>,
     catalog: Mutex<Catalog>,
 }
 
@@ -82,7 +87,8 @@ impl State {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Applies a source's event and publishes the views if anything changed.
+    /// Applies a source's event, checks the endpoints it brings, and publishes the views if
+    /// anything changed.
     fn apply(&self, event: SourceEvent) {
         let services = {
             let mut catalog = self.catalog();
@@ -97,9 +103,28 @@ impl State {
             }
             catalog.services()
         };
-        if self.views.publish(&services, |_, e| e.health.eds()) {
+        self.checker.reconcile(&services);
+        self.publish(&services);
+    }
+
+    /// Publishes the views of `services` with the health checks' verdicts.
+    fn publish(&self, services: &[crate::model::Service]) {
+        let health = self.checker.statuses(services);
+        let changed = self.views.publish(services, |s, e| {
+            health
+                .get(&(s.cluster(), e.address))
+                .copied()
+                .unwrap_or_else(|| e.health.eds())
+        });
+        if changed {
             info!(services = services.len(), "configuration published");
         }
+    }
+
+    /// A health verdict changed: publishes the views again.
+    fn republish(&self) {
+        let services = self.catalog().services();
+        self.publish(&services);
     }
 
     /// The metrics, in Prometheus' text format (computed when scraped).
@@ -167,9 +192,11 @@ impl State {
 /// Runs `tern discovery` until SIGTERM or Ctrl-C.
 pub async fn run(args: DiscoveryArgs) -> anyhow::Result<()> {
     let first = file::read(&args.services).map_err(anyhow::Error::msg)?;
+    let verdicts = Arc::new(tokio::sync::Notify::new());
     let state = Arc::new(State {
         clients: Arc::new(Clients::default()),
         views: Arc::new(ClientViews::default()),
+        checker: Checker::new(args.max_health_checks, verdicts.clone()),
         catalog: Mutex::new(Catalog::default()),
     });
     state.apply(SourceEvent {
@@ -185,8 +212,14 @@ pub async fn run(args: DiscoveryArgs) -> anyhow::Result<()> {
     ));
     let applier = state.clone();
     tokio::spawn(async move {
-        while let Some(event) = events.recv().await {
-            applier.apply(event);
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(event) => applier.apply(event),
+                    None => return,
+                },
+                () = verdicts.notified() => applier.republish(),
+            }
         }
     });
 

@@ -185,3 +185,154 @@ fn tern_sidecars_balance_thrift_from_discovery_over_sotw() {
 fn tern_sidecars_balance_thrift_from_discovery_over_delta() {
     sidecar_balances_thrift(true);
 }
+
+/// A server that accepts connections and never answers (a hung process), in `ns` at `addr`.
+fn hung_server(ns: &Netns, addr: &str) -> Process {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let script = format!(
+        "import socket\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('{host}', {port}))\n\
+         s.listen(128)\n\
+         print('ready', flush=True)\n\
+         held = []\n\
+         while True:\n\
+         \x20   held.append(s.accept())\n"
+    );
+    start_server(ns, None, Path::new("python3"), &["-c", &script]).unwrap()
+}
+
+fn checked_services() -> String {
+    "services:
+  - name: calc
+    port: 9090
+    protocol: thrift
+    vip: 10.96.0.20
+    endpoints: [\"10.66.1.2:9001\", \"10.66.1.2:9002\", \"10.66.1.2:9003\"]
+    health_check:
+      interval: 0.2s
+      timeout: 0.2s
+      interval_jitter: 0.05s
+      healthy_threshold: 1
+      unhealthy_threshold: 2
+      thrift_health_check: { method_name: whoami, transport: FRAMED, protocol: BINARY }
+"
+    .to_owned()
+}
+
+/// The verdict tern discovery holds for an endpoint.
+fn verdict(d: &Discovery, ns: &Netns, address: &str) -> String {
+    d.json(ns, "/debug/health")
+        .as_array()
+        .and_then(|all| all.iter().find(|e| e["address"] == address))
+        .map(|e| e["verdict"].as_str().unwrap_or_default().to_owned())
+        .unwrap_or_default()
+}
+
+/// A Thrift server that hangs (accepts, never answers) is marked unhealthy by tern
+/// discovery's Thrift health check within its thresholds, the tern sidecar stops sending it
+/// requests (none of the client's calls is lost to it), and it takes its share again once a
+/// working server is back at its address.
+#[test]
+fn a_hung_thrift_server_is_checked_out_and_back_in() {
+    let p = pods();
+    let mut calc3 = Some(thrift_serve(&p.srv, "10.66.1.2:9003", "calc-3").unwrap());
+    let _servers: Vec<Process> = [(9001, "calc-1"), (9002, "calc-2")]
+        .iter()
+        .map(|(port, id)| thrift_serve(&p.srv, &format!("10.66.1.2:{port}"), id).unwrap())
+        .collect();
+    let d = Discovery::start(
+        &p.app,
+        "127.0.0.1:15010",
+        "127.0.0.1:15014",
+        &checked_services(),
+        &[],
+    )
+    .unwrap();
+    let tern = p.start_tern_xds(&[], "info").unwrap();
+    let all_healthy = || {
+        ["10.66.1.2:9001", "10.66.1.2:9002", "10.66.1.2:9003"]
+            .iter()
+            .all(|a| verdict(&d, &p.app, a) == "healthy")
+    };
+    assert!(
+        eventually(Duration::from_secs(5), all_healthy),
+        "{}",
+        d.get(&p.app, "/debug/health")
+    );
+    assert!(eventually(Duration::from_secs(5), || d.all_in_sync(&p.app)));
+    let mut client = ThriftClient::start(
+        &p.app,
+        Some(&p.cgroup),
+        "10.96.0.20:9090",
+        &["--calls", "60", "--phases", "3"],
+    )
+    .unwrap();
+    let first = client.result();
+    assert_eq!(
+        first.counts(),
+        [("calc-1", 20), ("calc-2", 20), ("calc-3", 20)],
+        "{first:?}"
+    );
+
+    // calc-3 hangs.
+    let eds = || d.served_version(&p.app, "sidecar", CLA, "outbound|9090||calc");
+    let before = eds();
+    drop(calc3.take());
+    let hung = hung_server(&p.srv, "10.66.1.2:9003");
+    let hung_at = std::time::Instant::now();
+    assert!(
+        eventually(Duration::from_secs(5), || verdict(
+            &d,
+            &p.app,
+            "10.66.1.2:9003"
+        ) == "unhealthy"),
+        "{}",
+        d.get(&p.app, "/debug/health")
+    );
+    let detected = hung_at.elapsed();
+    eprintln!("the hung server was marked unhealthy after {detected:?}");
+    // Two failed checks: within two intervals, two timeouts and the jitter (and a margin).
+    assert!(
+        detected < Duration::from_millis(1500),
+        "marked unhealthy after {detected:?}"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || eds() != before
+            && d.all_in_sync(&p.app)),
+        "{}",
+        d.get(&p.app, "/debug/syncz")
+    );
+    client.next_phase();
+    let second = client.result();
+    assert_eq!(
+        second.counts(),
+        [("calc-1", 30), ("calc-2", 30)],
+        "{second:?}\n{}",
+        tern.log()
+    );
+    assert!(
+        second.io_error.is_none() && second.exceptions == 0,
+        "{second:?}"
+    );
+
+    // A working calc-3 is back.
+    let unhealthy = eds();
+    drop(hung);
+    let _calc3 = thrift_serve(&p.srv, "10.66.1.2:9003", "calc-3").unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), all_healthy),
+        "{}",
+        d.get(&p.app, "/debug/health")
+    );
+    assert!(eventually(Duration::from_secs(5), || eds() != unhealthy
+        && d.all_in_sync(&p.app)));
+    client.next_phase();
+    let third = client.result();
+    assert_eq!(
+        third.counts(),
+        [("calc-1", 20), ("calc-2", 20), ("calc-3", 20)],
+        "{third:?}"
+    );
+}
