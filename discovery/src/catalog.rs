@@ -1,6 +1,9 @@
 //! The services of every source, merged by name and port, and what each source is doing.
 //!
-//! A source's update replaces what it contributed. A source that fails keeps what it last
+//! The services file defines services (port, protocol, virtual IP, policy, health check);
+//! registries (etcd, ZooKeeper) contribute endpoints to the service of the same name, and
+//! define with defaults those the file does not (Thrift, round robin, the port of their
+//! endpoints, no virtual IP). A source's update replaces what it contributed. A source that fails keeps what it last
 //! gave (marked stale, counted): a registry that goes away never empties a service. Entries a
 //! source skipped are counted and the latest kept (bounded) with their reasons.
 use std::{
@@ -59,10 +62,20 @@ impl SourceStatus {
     }
 }
 
+/// Whether a source defines services or only lists their endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// The services file.
+    Definitions,
+    /// A registry: its endpoints join the defined service of the same name.
+    Registry,
+}
+
 /// Every source's contribution.
 #[derive(Debug, Default)]
 pub struct Catalog {
-    sources: BTreeMap<String, (SourceStatus, Vec<Service>)>,
+    sources: BTreeMap<String, (SourceStatus, SourceKind, Vec<Service>)>,
 }
 
 fn unix_now() -> u64 {
@@ -73,11 +86,17 @@ fn unix_now() -> u64 {
 
 impl Catalog {
     /// `source` read `services`, skipping `skipped`.
-    pub fn update(&mut self, source: &str, services: Vec<Service>, skipped: Vec<Skipped>) {
-        let (status, current) = self
+    pub fn update(
+        &mut self,
+        source: &str,
+        kind: SourceKind,
+        services: Vec<Service>,
+        skipped: Vec<Skipped>,
+    ) {
+        let (status, _, current) = self
             .sources
             .entry(source.to_owned())
-            .or_insert_with(|| (SourceStatus::new(source), Vec::new()));
+            .or_insert_with(|| (SourceStatus::new(source), kind, Vec::new()));
         status.state = SourceState::Ok;
         status.updated_at = Some(unix_now());
         status.last_error = None;
@@ -94,11 +113,11 @@ impl Catalog {
     }
 
     /// `source` could not be read: what it gave before stays.
-    pub fn failed(&mut self, source: &str, error: String) {
-        let (status, _) = self
+    pub fn failed(&mut self, source: &str, kind: SourceKind, error: String) {
+        let (status, _, _) = self
             .sources
             .entry(source.to_owned())
-            .or_insert_with(|| (SourceStatus::new(source), Vec::new()));
+            .or_insert_with(|| (SourceStatus::new(source), kind, Vec::new()));
         status.failures += 1;
         status.last_error = Some(error);
         if status.state == SourceState::Ok {
@@ -106,31 +125,53 @@ impl Catalog {
         }
     }
 
-    /// The services of every source, merged: one per name and port (the first source, by
-    /// name, defines it), with the endpoints of all, each address once.
+    /// The services of every source, merged: each defined service (the first definition of a
+    /// name and port wins) with the endpoints of every registry for its name, and the
+    /// services only registries know, each address once.
     pub fn services(&self) -> Vec<Service> {
-        let mut merged: BTreeMap<(String, u16), Service> = BTreeMap::new();
-        for (_, services) in self.sources.values() {
+        let mut defined: BTreeMap<(String, u16), Service> = BTreeMap::new();
+        let mut registered: BTreeMap<String, Service> = BTreeMap::new();
+        for (_, kind, services) in self.sources.values() {
             for s in services {
-                match merged.get_mut(&(s.name.clone(), s.port)) {
-                    None => {
-                        merged.insert((s.name.clone(), s.port), s.clone());
+                match kind {
+                    SourceKind::Definitions => {
+                        defined
+                            .entry((s.name.clone(), s.port))
+                            .or_insert_with(|| s.clone());
                     }
-                    Some(m) => {
-                        for e in &s.endpoints {
-                            if !m.endpoints.iter().any(|x| x.address == e.address) {
-                                m.endpoints.push(e.clone());
-                            }
+                    SourceKind::Registry => match registered.get_mut(&s.name) {
+                        None => {
+                            registered.insert(s.name.clone(), s.clone());
                         }
-                    }
+                        Some(r) => add_endpoints(r, s),
+                    },
                 }
             }
         }
-        merged.into_values().collect()
+        for r in registered.values() {
+            let mut joined = false;
+            for d in defined.values_mut().filter(|d| d.name == r.name) {
+                add_endpoints(d, r);
+                joined = true;
+            }
+            if !joined {
+                defined.insert((r.name.clone(), r.port), r.clone());
+            }
+        }
+        defined.into_values().collect()
     }
 
     pub fn status(&self) -> Vec<SourceStatus> {
-        self.sources.values().map(|(s, _)| s.clone()).collect()
+        self.sources.values().map(|(s, _, _)| s.clone()).collect()
+    }
+}
+
+/// Adds the endpoints of `from` that `to` lacks.
+fn add_endpoints(to: &mut Service, from: &Service) {
+    for e in &from.endpoints {
+        if !to.endpoints.iter().any(|x| x.address == e.address) {
+            to.endpoints.push(e.clone());
+        }
     }
 }
 
@@ -148,21 +189,33 @@ mod tests {
         let mut c = Catalog::default();
         c.update(
             "file",
-            services("services: [{name: calc, port: 9090, endpoints: [\"10.0.0.1:9090\"]}]"),
+            SourceKind::Definitions,
+            services("services: [{name: calc, port: 9090, vip: 10.96.0.1, endpoints: [\"10.0.0.1:9090\"]}]"),
             Vec::new(),
         );
         c.update(
             "etcd",
-            services("services: [{name: calc, port: 9090, endpoints: [\"10.0.0.1:9090\", \"10.0.0.2:9090\"]}]"),
+            SourceKind::Registry,
+            services(
+                "services: [{name: calc, port: 9001, endpoints: [\"10.0.0.1:9090\", \"10.0.0.2:9001\"]},
+                            {name: other, port: 7000, endpoints: [\"10.0.0.3:7000\"]}]",
+            ),
             vec![Skipped {
                 entry: "x".into(),
                 reason: "bad".into(),
             }],
         );
         let merged = c.services();
-        assert_eq!(merged.len(), 1);
-        assert_eq!(merged[0].endpoints.len(), 2, "each address once");
-        c.failed("etcd", "connection refused".into());
+        assert_eq!(merged.len(), 2);
+        let calc = &merged[0];
+        assert_eq!(
+            (calc.port, calc.vip.is_some()),
+            (9090, true),
+            "the file defines it"
+        );
+        assert_eq!(calc.endpoints.len(), 2, "each address once");
+        assert_eq!(merged[1].name, "other", "known to the registry only");
+        c.failed("etcd", SourceKind::Registry, "connection refused".into());
         assert_eq!(c.services()[0].endpoints.len(), 2, "stale, not emptied");
         let etcd = c.status().into_iter().find(|s| s.name == "etcd").unwrap();
         assert_eq!(etcd.state, SourceState::Stale);

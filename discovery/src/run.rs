@@ -52,6 +52,13 @@ pub struct DiscoveryArgs {
     /// At most this many xDS streams at once.
     #[arg(long, env = "TERN_DISCOVERY_MAX_CLIENTS", default_value_t = 10_000)]
     pub max_clients: usize,
+    /// etcd members (`http://host:port`, comma-separated) whose registry to serve, in
+    /// CloudWeGo Kitex's `registry-etcd` layout.
+    #[arg(long, env = "TERN_DISCOVERY_ETCD", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// The etcd key prefix the registry lives under.
+    #[arg(long, env = "TERN_DISCOVERY_ETCD_PREFIX", default_value = crate::sources::etcd::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
     /// At most this many health checks in flight at once (each holds a connection).
     #[arg(long, env = "TERN_DISCOVERY_MAX_HEALTH_CHECKS", default_value_t = 256)]
     pub max_health_checks: usize,
@@ -97,9 +104,12 @@ impl State {
                     for s in &parsed.skipped {
                         warn!(source = %event.source, entry = %s.entry, reason = %s.reason, "entry skipped");
                     }
-                    catalog.update(&event.source, parsed.services, parsed.skipped);
+                    catalog.update(&event.source, event.kind, parsed.services, parsed.skipped);
                 }
-                Err(e) => catalog.failed(&event.source, e),
+                Err(e) => {
+                    warn!(source = %event.source, error = %e, "source failed: its last endpoints stay");
+                    catalog.failed(&event.source, event.kind, e)
+                }
             }
             catalog.services()
         };
@@ -201,6 +211,7 @@ pub async fn run(args: DiscoveryArgs) -> anyhow::Result<()> {
     });
     state.apply(SourceEvent {
         source: file::name(&args.services),
+        kind: crate::catalog::SourceKind::Definitions,
         result: Ok(first),
     });
 
@@ -208,8 +219,15 @@ pub async fn run(args: DiscoveryArgs) -> anyhow::Result<()> {
     tokio::spawn(file::watch(
         args.services.clone(),
         Duration::from_millis(args.file_interval_ms.max(10)),
-        events_tx,
+        events_tx.clone(),
     ));
+    if !args.etcd.is_empty() {
+        let source = crate::sources::etcd::EtcdSource {
+            endpoints: args.etcd.clone(),
+            prefix: args.etcd_prefix.clone(),
+        };
+        tokio::spawn(crate::sources::etcd::watch(source, events_tx.clone()));
+    }
     let applier = state.clone();
     tokio::spawn(async move {
         loop {

@@ -26,6 +26,7 @@ pub use envoy_types::pb::{
 };
 
 pub mod build;
+pub mod etcd;
 pub mod istio_ca;
 
 /// The generated modules behind the types above, for their nested enums and messages.

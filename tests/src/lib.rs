@@ -23,6 +23,7 @@ pub mod discovery;
 pub mod mesh;
 pub mod oci;
 pub mod pki;
+pub mod registry;
 pub use controlplane::ControlPlane;
 
 /// Fails loudly when not root: these tests need namespaces, cgroups and eBPF.

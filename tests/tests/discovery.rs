@@ -336,3 +336,178 @@ fn a_hung_thrift_server_is_checked_out_and_back_in() {
         "{third:?}"
     );
 }
+
+/// The services file defines `calc` (its virtual IP and health check); etcd lists its
+/// instances as Kitex registers them.
+fn kitex_calc() -> String {
+    "services:
+  - name: calc
+    port: 9090
+    protocol: thrift
+    vip: 10.96.0.20
+    health_check:
+      interval: 0.2s
+      timeout: 0.2s
+      healthy_threshold: 1
+      unhealthy_threshold: 2
+      thrift_health_check: { method_name: whoami }
+"
+    .to_owned()
+}
+
+/// tern sidecars balance Thrift per request over instances registered in a real etcd in
+/// CloudWeGo Kitex's layout (keys held by leases); a new instance takes its share; a dead one
+/// is checked out by the health check at once and leaves the registry when its lease expires;
+/// malformed entries are skipped and counted; and when etcd goes away the last endpoints stay
+/// served, the source marked stale.
+#[test]
+fn tern_sidecars_balance_over_instances_registered_in_etcd() {
+    let p = pods();
+    let mut etcd = tern_tests::registry::Etcd::start(&p.app, 23790).unwrap();
+    let mut servers: Vec<Process> = [(9001, "calc-1"), (9002, "calc-2"), (9003, "calc-3")]
+        .iter()
+        .map(|(port, id)| thrift_serve(&p.srv, &format!("10.66.1.2:{port}"), id).unwrap())
+        .collect();
+    let _calc1 = etcd.register_kitex("calc", "10.66.1.2:9001", 2).unwrap();
+    let _calc2 = etcd.register_kitex("calc", "10.66.1.2:9002", 2).unwrap();
+    let d = Discovery::start(
+        &p.app,
+        "127.0.0.1:15010",
+        "127.0.0.1:15014",
+        &kitex_calc(),
+        &["--etcd", &etcd.url],
+    )
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || verdict(
+            &d,
+            &p.app,
+            "10.66.1.2:9002"
+        ) == "healthy"),
+        "{}\n{}",
+        d.get(&p.app, "/debug/health"),
+        d.tern.log()
+    );
+    let tern = p.start_tern_xds(&[], "info").unwrap();
+    let mut client = ThriftClient::start(
+        &p.app,
+        Some(&p.cgroup),
+        "10.96.0.20:9090",
+        &["--calls", "60", "--phases", "4"],
+    )
+    .unwrap();
+    let first = client.result();
+    assert_eq!(
+        first.counts(),
+        [("calc-1", 30), ("calc-2", 30)],
+        "{first:?}\n{}",
+        tern.log()
+    );
+
+    // A third instance registers.
+    let calc3 = etcd.register_kitex("calc", "10.66.1.2:9003", 2).unwrap();
+    let in_sidecar = |addr: &str| tern_tests::admin(&p.app, "GET", "/clusters").contains(addr);
+    assert!(
+        eventually(Duration::from_secs(5), || verdict(
+            &d,
+            &p.app,
+            "10.66.1.2:9003"
+        ) == "healthy"
+            && in_sidecar("10.66.1.2:9003")
+            && d.all_in_sync(&p.app)),
+        "{}",
+        d.get(&p.app, "/debug/health")
+    );
+    client.next_phase();
+    let second = client.result();
+    assert_eq!(
+        second.counts(),
+        [("calc-1", 20), ("calc-2", 20), ("calc-3", 20)],
+        "{second:?}"
+    );
+
+    // calc-3 dies: its process, and with it the lease's renewals. The health check sees it
+    // first; the registry forgets it when the lease expires (2 s).
+    let died = std::time::Instant::now();
+    drop(servers.remove(2));
+    drop(calc3);
+    assert!(eventually(Duration::from_secs(3), || verdict(
+        &d,
+        &p.app,
+        "10.66.1.2:9003"
+    ) == "unhealthy"));
+    let checked_out = died.elapsed();
+    assert!(
+        eventually(Duration::from_secs(6), || !d
+            .get(&p.app, "/debug/health")
+            .contains("9003")),
+        "the lease never expired: {}",
+        d.get(&p.app, "/debug/health")
+    );
+    let lease_gone = died.elapsed();
+    eprintln!(
+        "a dead instance: checked out after {checked_out:?}, out of the registry after {lease_gone:?}"
+    );
+    assert!(checked_out < lease_gone, "{checked_out:?} {lease_gone:?}");
+    assert!(eventually(Duration::from_secs(5), || !in_sidecar(
+        "10.66.1.2:9003"
+    ) && d
+        .all_in_sync(&p.app)));
+    client.next_phase();
+    let third = client.result();
+    assert_eq!(
+        third.counts(),
+        [("calc-1", 30), ("calc-2", 30)],
+        "{third:?}"
+    );
+
+    // Malformed entries: skipped and counted, the service untouched.
+    etcd.put("kitex/registry-etcd/calc/10.66.1.2:9999", "{not json", None)
+        .unwrap();
+    etcd.put(
+        "kitex/registry-etcd/calc/db.example:9090",
+        r#"{"network":"tcp","address":"db.example:9090","weight":1}"#,
+        None,
+    )
+    .unwrap();
+    let etcd_source = || {
+        d.json(&p.app, "/debug/sources")
+            .as_array()
+            .and_then(|all| {
+                all.iter()
+                    .find(|s| s["name"] == "etcd:kitex/registry-etcd")
+                    .cloned()
+            })
+            .unwrap_or_default()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || etcd_source()["skipped_total"]
+            .as_u64()
+            >= Some(2)),
+        "{}",
+        etcd_source()
+    );
+    assert_eq!(etcd_source()["endpoints"], 2, "{}", etcd_source());
+
+    // etcd goes away: stale, the last endpoints still served.
+    etcd.stop();
+    assert!(
+        eventually(Duration::from_secs(10), || etcd_source()["state"]
+            == "stale"),
+        "{}",
+        etcd_source()
+    );
+    client.next_phase();
+    let fourth = client.result();
+    assert_eq!(
+        fourth.counts(),
+        [("calc-1", 30), ("calc-2", 30)],
+        "{fourth:?}"
+    );
+    assert!(
+        d.get(&p.app, "/metrics")
+            .contains("tern_discovery_source_stale{source=\"etcd:kitex/registry-etcd\"} 1"),
+        "{}",
+        d.get(&p.app, "/metrics")
+    );
+}

@@ -157,8 +157,9 @@ fn have(program: &str) -> bool {
 }
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
-/// Debian packages the build or the tests need, by the program that shows they are present.
-const PACKAGES: [(&str, &str); 8] = [
+/// Debian packages the build or the tests need, by the program (or, with a `/`, the file)
+/// that shows they are present.
+const PACKAGES: [(&str, &str); 10] = [
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
     ("iptables", "iptables"),
@@ -166,38 +167,59 @@ const PACKAGES: [(&str, &str); 8] = [
     ("haproxy", "haproxy"),
     ("runc", "runc"),
     ("musl-gcc", "musl-tools"),
-    ("llvm-config-22", "llvm-22-dev"),
+    ("/usr/lib/llvm-22/bin/llvm-config", "llvm-22-dev"),
+    // The registries tern discovery reads, run by its tests on loopback.
+    ("etcd", "etcd-server"),
+    ("/usr/share/java/zookeeper.jar", "zookeeperd"),
 ];
+
+/// Runs `cmd` with its output kept, shown only when it fails.
+fn quietly(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().with_context(|| format!("run {shown}"))?;
+    if !out.status.success() {
+        bail!(
+            "{shown} failed with {}:\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
 
 fn setup() -> Result<()> {
     let missing: Vec<&str> = PACKAGES
         .iter()
-        .filter(|(program, package)| {
-            let present = if *package == "llvm-22-dev" {
-                Path::new(LLVM_PREFIX).join("bin/llvm-config").is_file()
+        .filter(|(shown_by, _)| {
+            let present = if shown_by.starts_with('/') {
+                Path::new(shown_by).is_file()
             } else {
-                have(program)
+                have(shown_by)
             };
             !present
         })
         .map(|(_, package)| *package)
         .collect();
+    let all: Vec<&str> = PACKAGES.iter().map(|(_, p)| *p).collect();
     if missing.is_empty() {
-        step(
-            "setup: system packages present (bpftool, iproute2, iptables, nftables, haproxy, runc, musl-tools, llvm-22-dev)",
-        );
+        step(&format!(
+            "setup: system packages present ({})",
+            all.join(", ")
+        ));
     } else {
         step(&format!(
             "setup: installing {} with apt-get",
             missing.join(" ")
         ));
-        status(Command::new("apt-get").args(["update", "-qq"]))?;
-        status(
+        quietly(Command::new("apt-get").args(["update", "-qq"]))?;
+        quietly(
             Command::new("apt-get")
                 .args(["install", "-y", "-qq", "--no-install-recommends"])
                 .args(&missing)
                 .env("DEBIAN_FRONTEND", "noninteractive"),
         )?;
+        step(&format!("setup: installed {}", missing.join(" ")));
     }
 
     let rust_src = Command::new("rustup")
@@ -249,7 +271,7 @@ fn setup() -> Result<()> {
             step(&format!("setup: {why} present"));
         } else {
             step(&format!("setup: installing {why} from PyPI"));
-            status(Command::new("python3").args([
+            quietly(Command::new("python3").args([
                 "-m",
                 "pip",
                 "install",

@@ -39,6 +39,7 @@ pub async fn watch(path: PathBuf, interval: Duration, events: mpsc::Sender<Sourc
         }
         let event = SourceEvent {
             source: name(&path),
+            kind: crate::catalog::SourceKind::Definitions,
             result,
         };
         if events.send(event).await.is_err() {

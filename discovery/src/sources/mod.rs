@@ -1,14 +1,41 @@
 //! Where services come from. Each source runs as its own task and reports what it read (or
 //! why it could not) as [`SourceEvent`]s; the catalog merges them.
+pub mod etcd;
 pub mod file;
 
-use crate::config::Parsed;
+use crate::{catalog::SourceKind, config::Parsed};
 
 /// What a source read.
 #[derive(Debug)]
 pub struct SourceEvent {
     /// The source's name (`file:<path>`, `etcd:<prefix>`, …).
     pub source: String,
+    pub kind: SourceKind,
     /// Its services, or why it could not read them.
     pub result: Result<Parsed, String>,
+}
+
+/// Waits between a source's attempts to reach its registry: 100 ms, doubling to 5 s, back to
+/// 100 ms once it got through.
+#[derive(Debug)]
+pub struct Backoff(std::time::Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self(Self::FIRST)
+    }
+}
+
+impl Backoff {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+    const MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+    pub async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Self::MAX);
+    }
+
+    pub fn reset(&mut self) {
+        self.0 = Self::FIRST;
+    }
 }
