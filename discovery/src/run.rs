@@ -59,6 +59,25 @@ pub struct DiscoveryArgs {
     /// The etcd key prefix the registry lives under.
     #[arg(long, env = "TERN_DISCOVERY_ETCD_PREFIX", default_value = crate::sources::etcd::DEFAULT_PREFIX)]
     pub etcd_prefix: String,
+    /// ZooKeeper servers (`host:port`, comma-separated) holding Finagle/Aurora serversets.
+    #[arg(long, env = "TERN_DISCOVERY_ZOOKEEPER", value_delimiter = ',')]
+    pub zookeeper: Vec<String>,
+    /// The serversets to serve, as `NAME=/path` or `NAME=/path!endpoint` (an
+    /// `additionalEndpoints` name), comma-separated.
+    #[arg(
+        long,
+        env = "TERN_DISCOVERY_SERVERSETS",
+        value_delimiter = ',',
+        requires = "zookeeper"
+    )]
+    pub serverset: Vec<crate::sources::zookeeper::Serverset>,
+    /// The ZooKeeper session timeout, in milliseconds (pings go every third of it).
+    #[arg(
+        long,
+        env = "TERN_DISCOVERY_ZOOKEEPER_SESSION_MS",
+        default_value_t = 6000
+    )]
+    pub zookeeper_session_ms: u64,
     /// At most this many health checks in flight at once (each holds a connection).
     #[arg(long, env = "TERN_DISCOVERY_MAX_HEALTH_CHECKS", default_value_t = 256)]
     pub max_health_checks: usize,
@@ -227,6 +246,14 @@ pub async fn run(args: DiscoveryArgs) -> anyhow::Result<()> {
             prefix: args.etcd_prefix.clone(),
         };
         tokio::spawn(crate::sources::etcd::watch(source, events_tx.clone()));
+    }
+    if !args.zookeeper.is_empty() && !args.serverset.is_empty() {
+        let source = crate::sources::zookeeper::ZookeeperSource {
+            hosts: args.zookeeper.clone(),
+            serversets: args.serverset.clone(),
+            session_timeout: Duration::from_millis(args.zookeeper_session_ms.clamp(2000, 60_000)),
+        };
+        tokio::spawn(crate::sources::zookeeper::watch(source, events_tx.clone()));
     }
     let applier = state.clone();
     tokio::spawn(async move {

@@ -1,6 +1,7 @@
 //! The registries Thrift fleets use, run for real on a namespace's loopback: etcd (Debian's
-//! `etcd-server`), driven over its JSON gateway as Kitex servers would register. Data
-//! directories are removed on drop.
+//! `etcd-server`), driven over its JSON gateway as Kitex servers would register, and
+//! ZooKeeper (Debian's `zookeeperd`), whose serverset members kazoo joins as Finagle's would.
+//! Data directories are removed on drop.
 use std::{
     path::{Path, PathBuf},
     sync::{
@@ -174,5 +175,87 @@ impl Drop for KeepAlive {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// A ZooKeeper server on `127.0.0.1:<port>` of a namespace.
+pub struct Zookeeper {
+    process: Option<Process>,
+    ns_path: PathBuf,
+    pub hosts: String,
+    dir: PathBuf,
+}
+
+impl Zookeeper {
+    /// Starts ZooKeeper (standalone) in `ns` on 127.0.0.1:`port`; returns once it serves.
+    pub fn start(ns: &Netns, port: u16) -> Result<Self> {
+        let dir = std::env::temp_dir().join(unique("zookeeper"));
+        std::fs::create_dir_all(dir.join("data"))?;
+        let config = dir.join("zoo.cfg");
+        std::fs::write(
+            &config,
+            format!(
+                "dataDir={}\nclientPort={port}\nclientPortAddress=127.0.0.1\ntickTime=500\nminSessionTimeout=1000\nadmin.enableServer=false\n4lw.commands.whitelist=srvr,ruok\n",
+                dir.join("data").display()
+            ),
+        )?;
+        // The jar's manifest names its dependencies.
+        let cp = "/usr/share/java/zookeeper.jar";
+        let mut cmd = ns.command(
+            None,
+            Path::new("java"),
+            &[
+                "-Xmx128m",
+                "-cp",
+                cp,
+                "org.apache.zookeeper.server.ZooKeeperServerMain",
+                config.to_str().context("UTF-8 path")?,
+            ],
+        );
+        let log = std::fs::File::create(dir.join("zookeeper.log"))?;
+        cmd.stdout(log.try_clone()?).stderr(log);
+        let zk = Self {
+            process: Some(Process::spawn(cmd)?),
+            ns_path: ns.path(),
+            hosts: format!("127.0.0.1:{port}"),
+            dir,
+        };
+        ensure!(
+            eventually(Duration::from_secs(20), || zk
+                .four_letters("srvr")
+                .contains("Zookeeper version")),
+            "ZooKeeper did not start on {}: {}",
+            zk.hosts,
+            std::fs::read_to_string(zk.dir.join("zookeeper.log")).unwrap_or_default()
+        );
+        Ok(zk)
+    }
+
+    /// A four-letter command's answer (empty when it does not answer).
+    fn four_letters(&self, command: &str) -> String {
+        let Some((_, port)) = self.hosts.rsplit_once(':') else {
+            return String::new();
+        };
+        let script = format!(
+            "import socket\ns = socket.create_connection(('127.0.0.1', {port}), timeout=1)\ns.sendall(b'{command}')\nprint(s.makefile().read())"
+        );
+        std::process::Command::new("nsenter")
+            .arg(format!("--net={}", self.ns_path.display()))
+            .args(["python3", "-c", &script])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Kills ZooKeeper.
+    pub fn stop(&mut self) {
+        self.process.take();
+    }
+}
+
+impl Drop for Zookeeper {
+    fn drop(&mut self) {
+        self.process.take();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -511,3 +511,180 @@ fn tern_sidecars_balance_over_instances_registered_in_etcd() {
         d.get(&p.app, "/metrics")
     );
 }
+
+/// A serverset member joined with kazoo, holding its ZooKeeper session until dropped.
+fn join_serverset(ns: &Netns, zk: &str, path: &str, addr: &str, status: &str) -> Process {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let script = python_peer("serverset.py");
+    start_server(
+        ns,
+        None,
+        Path::new("python3"),
+        &[
+            script.to_str().unwrap(),
+            "join",
+            zk,
+            path,
+            host,
+            port,
+            status,
+            "2",
+        ],
+    )
+    .unwrap()
+}
+
+/// tern sidecars driven by tern discovery over delta balance Thrift per request over
+/// Finagle/Aurora serverset members in a real ZooKeeper (joined by kazoo, Python's client):
+/// only ALIVE members, a host name resolved, a malformed member skipped and counted; a new
+/// member takes its share; a member whose process dies leaves when its session expires; when
+/// ZooKeeper goes away the last endpoints stay served, the source marked stale.
+#[test]
+fn tern_sidecars_balance_over_serverset_members_in_zookeeper() {
+    let p = pods();
+    let mut zk = tern_tests::registry::Zookeeper::start(&p.app, 21810).unwrap();
+    let _servers: Vec<Process> = [(9001, "calc-1"), (9002, "calc-2"), (9003, "calc-3")]
+        .iter()
+        .map(|(port, id)| thrift_serve(&p.srv, &format!("10.66.1.2:{port}"), id).unwrap())
+        .collect();
+    let path = "/aurora/www-data/prod/calc";
+    let _m1 = join_serverset(&p.app, &zk.hosts, path, "10.66.1.2:9001", "ALIVE");
+    let _m2 = join_serverset(&p.app, &zk.hosts, path, "10.66.1.2:9002", "ALIVE");
+    let _stopping = join_serverset(&p.app, &zk.hosts, path, "10.66.1.2:9003", "STOPPING");
+    let serverset = format!("calc={path}");
+    let d = Discovery::start(
+        &p.app,
+        "127.0.0.1:15010",
+        "127.0.0.1:15014",
+        "services:\n  - { name: calc, port: 9090, protocol: thrift, vip: 10.96.0.20 }\n",
+        &[
+            "--zookeeper",
+            &zk.hosts,
+            "--serverset",
+            &serverset,
+            "--zookeeper-session-ms",
+            "2000",
+        ],
+    )
+    .unwrap();
+    let source = || {
+        d.json(&p.app, "/debug/sources")
+            .as_array()
+            .and_then(|all| {
+                all.iter()
+                    .find(|s| {
+                        s["name"]
+                            .as_str()
+                            .is_some_and(|n| n.starts_with("zookeeper:"))
+                    })
+                    .cloned()
+            })
+            .unwrap_or_default()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || source()["endpoints"] == 2),
+        "{}\n{}",
+        source(),
+        d.tern.log()
+    );
+    assert!(
+        source()["skipped_total"].as_u64() >= Some(1),
+        "the STOPPING member: {}",
+        source()
+    );
+    let tern = p.start_tern_xds(&["--xds-delta"], "info").unwrap();
+    let mut client = ThriftClient::start(
+        &p.app,
+        Some(&p.cgroup),
+        "10.96.0.20:9090",
+        &["--calls", "60", "--phases", "4"],
+    )
+    .unwrap();
+    let first = client.result();
+    assert_eq!(
+        first.counts(),
+        [("calc-1", 30), ("calc-2", 30)],
+        "{first:?}\n{}",
+        tern.log()
+    );
+
+    // A member announcing a host name (as Aurora does), and a malformed one.
+    let named = join_serverset(&p.app, &zk.hosts, path, "localhost:9003", "ALIVE");
+    let script = python_peer("serverset.py");
+    p.app
+        .output(
+            None,
+            Path::new("python3"),
+            &[
+                script.to_str().unwrap(),
+                "put",
+                &zk.hosts,
+                &format!("{path}/member_0000009999"),
+                "{not json",
+            ],
+        )
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || source()["endpoints"] == 3
+            && source()["skipped_total"].as_u64() >= Some(2)),
+        "{}",
+        source()
+    );
+    assert!(
+        d.get(&p.app, "/debug/config_dump")
+            .contains("outbound|9090||calc"),
+        "the service is served"
+    );
+    drop(named);
+
+    // calc-2's process dies: its member leaves when its session (2 s) expires.
+    let in_sidecar = |addr: &str| tern_tests::admin(&p.app, "GET", "/clusters").contains(addr);
+    assert!(eventually(Duration::from_secs(8), || source()["endpoints"] == 2));
+    let died = std::time::Instant::now();
+    drop(_m2);
+    assert!(
+        eventually(Duration::from_secs(10), || source()["endpoints"] == 1),
+        "{}",
+        source()
+    );
+    eprintln!(
+        "a dead member left the serverset after {:?}",
+        died.elapsed()
+    );
+    assert!(eventually(Duration::from_secs(5), || !in_sidecar(
+        "10.66.1.2:9002"
+    ) && d
+        .all_in_sync(&p.app)));
+    client.next_phase();
+    let second = client.result();
+    assert_eq!(second.counts(), [("calc-1", 60)], "{second:?}");
+
+    // A new member joins.
+    let _m3 = join_serverset(&p.app, &zk.hosts, path, "10.66.1.2:9002", "ALIVE");
+    assert!(eventually(Duration::from_secs(5), || in_sidecar(
+        "10.66.1.2:9002"
+    ) && d
+        .all_in_sync(&p.app)));
+    client.next_phase();
+    let third = client.result();
+    assert_eq!(
+        third.counts(),
+        [("calc-1", 30), ("calc-2", 30)],
+        "{third:?}"
+    );
+
+    // ZooKeeper goes away: stale, the last endpoints still served.
+    zk.stop();
+    assert!(
+        eventually(Duration::from_secs(10), || source()["state"] == "stale"),
+        "{}",
+        source()
+    );
+    client.next_phase();
+    let fourth = client.result();
+    assert_eq!(
+        fourth.counts(),
+        [("calc-1", 30), ("calc-2", 30)],
+        "{fourth:?}"
+    );
+}

@@ -256,6 +256,11 @@ fn setup() -> Result<()> {
             "kubernetes-validate (Kubernetes' API schemas: the tests validate injected manifests)",
         ),
         (
+            "kazoo.client",
+            "kazoo",
+            "Python kazoo (a ZooKeeper client: the tests' serverset members)",
+        ),
+        (
             "grpc_health.v1.health",
             "grpcio-health-checking",
             "Python grpcio-health-checking (gRPC's health service: the tests' gRPC-probed application)",

@@ -2,6 +2,7 @@
 //! why it could not) as [`SourceEvent`]s; the catalog merges them.
 pub mod etcd;
 pub mod file;
+pub mod zookeeper;
 
 use crate::{catalog::SourceKind, config::Parsed};
 
