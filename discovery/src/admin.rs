@@ -1,7 +1,8 @@
 //! tern discovery's admin server (istiod's monitoring port, 15014): `/debug/syncz` (every
 //! connected client: node, protocol, and per type what it subscribed, was sent, ACKed, and
 //! its last NACK), `/debug/sources` (each source's state), `/debug/health` (each checked
-//! endpoint's verdict and last failure), `/debug/config_dump` (what each
+//! endpoint's verdict and last failure), `/debug/endpoints` (every service's endpoints with
+//! the health served), `/debug/config_dump` (what each
 //! kind of client is served, by type and name with versions), `/ready`, `/metrics`.
 use std::{convert::Infallible, sync::Arc};
 
@@ -60,6 +61,7 @@ fn handle(state: &State, path: &str) -> Response<Full<Bytes>> {
         "/debug/syncz" => json(&state.clients.list()),
         "/debug/sources" => json(&state.sources()),
         "/debug/health" => json(&state.checker.status()),
+        "/debug/endpoints" => json(&state.endpoints()),
         "/debug/config_dump" => json(&serde_json::json!({
             "sidecar": dump(&state.views.sidecar()),
             "grpc": dump(&state.views.grpc()),

@@ -150,6 +150,41 @@ impl State {
         }
     }
 
+    /// What is served of every service: its endpoints with the health clients see.
+    pub fn endpoints(&self) -> serde_json::Value {
+        let services = self.catalog().services();
+        let health = self.checker.statuses(&services);
+        services
+            .iter()
+            .map(|s| {
+                let endpoints: Vec<serde_json::Value> = s
+                    .endpoints
+                    .iter()
+                    .map(|e| {
+                        let status = health
+                            .get(&(s.cluster(), e.address))
+                            .copied()
+                            .unwrap_or_else(|| e.health.eds());
+                        serde_json::json!({
+                            "address": e.address,
+                            "weight": e.weight,
+                            "locality": e.locality,
+                            "health_status": status,
+                        })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "name": s.name,
+                    "port": s.port,
+                    "protocol": s.protocol,
+                    "vip": s.vip,
+                    "cluster": s.cluster(),
+                    "endpoints": endpoints,
+                })
+            })
+            .collect()
+    }
+
     /// A health verdict changed: publishes the views again.
     fn republish(&self) {
         let services = self.catalog().services();

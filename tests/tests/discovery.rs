@@ -688,3 +688,242 @@ fn tern_sidecars_balance_over_serverset_members_in_zookeeper() {
         "{fourth:?}"
     );
 }
+
+/// A client of the test's own making (Envoy's protos and grpcio, not tern's code).
+fn raw_client(ns: &Netns, mode: &str) -> Phased {
+    let script = python_peer("xds_raw.py");
+    Phased::spawn(ns.command(
+        None,
+        Path::new("python3"),
+        &[script.to_str().unwrap(), mode, "127.0.0.1:15010"],
+    ))
+    .unwrap()
+}
+
+const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+
+/// A client that NACKs is recorded with its error, its last ACKed version stays the one it
+/// applied, and the refused resources are not sent to it again until they change (no NACK
+/// loop, as go-control-plane's SotW cache has).
+#[test]
+fn a_nack_is_recorded_and_never_counted_as_applied() {
+    tern_tests::require_root();
+    let ns = Netns::new("disc").unwrap();
+    let d = Discovery::start(
+        &ns,
+        "127.0.0.1:15010",
+        "127.0.0.1:15014",
+        &echo_services(&[50061]),
+        &[],
+    )
+    .unwrap();
+    let mut client = raw_client(&ns, "nack");
+    let first: serde_json::Value = client.read().unwrap();
+    let good = first["version"].as_str().unwrap().to_owned();
+    let cds = || d.json(&ns, "/debug/syncz")[0]["types"][CDS].clone();
+    assert!(
+        eventually(Duration::from_secs(3), || cds()["acked_version"]
+            == good.as_str()),
+        "{}",
+        cds()
+    );
+
+    d.write(&echo_services(&[50061, 50062]).replace("echo", "echo2"))
+        .unwrap();
+    client.next_phase();
+    let nacked: serde_json::Value = client.read().unwrap();
+    let refused = nacked["version"].as_str().unwrap().to_owned();
+    assert_ne!(refused, good);
+    assert!(
+        eventually(Duration::from_secs(3), || cds()["last_nack"]["version"]
+            == refused.as_str()),
+        "{}",
+        cds()
+    );
+    let status = cds();
+    assert_eq!(
+        status["acked_version"],
+        good.as_str(),
+        "a NACKed version never counts: {status}"
+    );
+    assert_eq!(status["sent_version"], refused.as_str());
+    assert_eq!(status["last_nack"]["message"], "refused by the test client");
+    client.next_phase();
+    let after: serde_json::Value = client.read().unwrap();
+    assert_eq!(
+        after["resent"], false,
+        "the refused clusters were sent again: {after}"
+    );
+    assert!(
+        d.get(&ns, "/metrics")
+            .contains("tern_discovery_nacks_total 1"),
+        "{}",
+        d.get(&ns, "/metrics")
+    );
+}
+
+/// A delta client that reconnects with `initial_resource_versions` is sent only what changed
+/// while it was away: the changed cluster, and the removed one in `removed_resources`.
+#[test]
+fn a_reconnecting_delta_client_gets_only_what_changed() {
+    tern_tests::require_root();
+    let ns = Netns::new("disc").unwrap();
+    let three = "services:
+  - { name: a, port: 1, endpoints: [\"127.0.0.1:1\"] }
+  - { name: b, port: 2, endpoints: [\"127.0.0.1:2\"] }
+  - { name: c, port: 3, endpoints: [\"127.0.0.1:3\"] }
+";
+    let d = Discovery::start(&ns, "127.0.0.1:15010", "127.0.0.1:15014", three, &[]).unwrap();
+    let mut client = raw_client(&ns, "delta");
+    let first: serde_json::Value = client.read().unwrap();
+    assert!(
+        first["resources"]
+            .as_object()
+            .unwrap()
+            .contains_key("outbound|2||b"),
+        "{first}"
+    );
+    // While it is away: b's policy changes, c goes.
+    let before = d.served_version(&ns, "sidecar", CDS, "outbound|2||b");
+    d.write(
+        "services:
+  - { name: a, port: 1, endpoints: [\"127.0.0.1:1\"] }
+  - { name: b, port: 2, lb: random, endpoints: [\"127.0.0.1:2\"] }
+",
+    )
+    .unwrap();
+    assert!(eventually(Duration::from_secs(3), || d.served_version(
+        &ns,
+        "sidecar",
+        CDS,
+        "outbound|2||b"
+    ) != before));
+    client.next_phase();
+    let second: serde_json::Value = client.read().unwrap();
+    assert_eq!(
+        second["resources"],
+        serde_json::json!(["outbound|2||b"]),
+        "{second}"
+    );
+    assert_eq!(
+        second["removed"],
+        serde_json::json!(["outbound|3||c"]),
+        "{second}"
+    );
+}
+
+/// A grpcio client dialing `xds:///<service>`, making 40 calls per phase.
+fn grpc_client(ns: &Netns, bootstrap: &Bootstrap, target: &str) -> Phased {
+    let script = python_peer("xds_grpc.py");
+    let mut cmd = ns.command(
+        None,
+        Path::new("python3"),
+        &[
+            script.to_str().unwrap(),
+            "call",
+            target,
+            "40",
+            "--phases",
+            "2",
+        ],
+    );
+    cmd.env("GRPC_XDS_BOOTSTRAP", bootstrap.path_str());
+    Phased::spawn(cmd).unwrap()
+}
+
+/// The endpoints tern discovery serves for `service`, by address.
+fn served(d: &Discovery, ns: &Netns, service: &str) -> Vec<String> {
+    let all = d.json(ns, "/debug/endpoints");
+    let mut out: Vec<String> = all
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["name"] == service)
+        .flat_map(|s| s["endpoints"].as_array().cloned().unwrap_or_default())
+        .filter_map(|e| e["address"].as_str().map(str::to_owned))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Calls `xds:///<service>` over two phases: first over s1 and s2; between them `change`
+/// makes the registry hold s1 and s3, and once every client ACKed that, the calls follow.
+fn follow(d: &Discovery, ns: &Netns, bootstrap: &Bootstrap, service: &str, change: impl FnOnce()) {
+    let mut client = grpc_client(ns, bootstrap, &format!("xds:///{service}"));
+    let first: serde_json::Value = client.read().unwrap();
+    assert_eq!(first["errors"], 0, "{service}: {first}");
+    assert_spread(&first, &["s1", "s2"]);
+    change();
+    assert!(
+        eventually(Duration::from_secs(8), || served(d, ns, service)
+            == ["127.0.0.1:50061", "127.0.0.1:50063"]
+            && d.all_in_sync(ns)),
+        "{service}: {:?}\n{}",
+        served(d, ns, service),
+        d.get(ns, "/debug/sources")
+    );
+    client.next_phase();
+    let second: serde_json::Value = client.read().unwrap();
+    assert_eq!(second["errors"], 0, "{service}: {second}");
+    assert_spread(&second, &["s1", "s3"]);
+}
+
+/// gRPC's own xDS client calls services whose endpoints come from each registry in turn —
+/// etcd (Kitex's layout, leases) and ZooKeeper (serversets) — and follows an instance that
+/// joins and one that leaves (when its lease or its session expires, 2 s).
+#[test]
+fn grpc_clients_follow_etcd_and_zookeeper() {
+    tern_tests::require_root();
+    let ns = Netns::new("disc").unwrap();
+    let etcd = tern_tests::registry::Etcd::start(&ns, 23790).unwrap();
+    let zk = tern_tests::registry::Zookeeper::start(&ns, 21810).unwrap();
+    let _servers: Vec<Process> = [(50061, "s1"), (50062, "s2"), (50063, "s3")]
+        .iter()
+        .map(|(port, id)| grpc_server(&ns, *port, id))
+        .collect();
+    let _k1 = etcd.register_kitex("kecho", "127.0.0.1:50061", 2).unwrap();
+    let k2 = etcd.register_kitex("kecho", "127.0.0.1:50062", 2).unwrap();
+    let path = "/aurora/grpc/prod/zecho";
+    let _z1 = join_serverset(&ns, &zk.hosts, path, "127.0.0.1:50061", "ALIVE");
+    let z2 = join_serverset(&ns, &zk.hosts, path, "127.0.0.1:50062", "ALIVE");
+    let serverset = format!("zecho={path}");
+    let d = Discovery::start(
+        &ns,
+        "127.0.0.1:15010",
+        "127.0.0.1:15014",
+        "",
+        &[
+            "--etcd",
+            &etcd.url,
+            "--zookeeper",
+            &zk.hosts,
+            "--serverset",
+            &serverset,
+        ],
+    )
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || served(&d, &ns, "kecho").len()
+            == 2
+            && served(&d, &ns, "zecho").len() == 2),
+        "{}",
+        d.get(&ns, "/debug/endpoints")
+    );
+    let bootstrap = Bootstrap::new("127.0.0.1:15010", "grpc-client-2").unwrap();
+    let mut k3 = None;
+    follow(&d, &ns, &bootstrap, "kecho", || {
+        k3 = Some(etcd.register_kitex("kecho", "127.0.0.1:50063", 2).unwrap());
+        drop(k2);
+    });
+    let mut z3 = None;
+    follow(&d, &ns, &bootstrap, "zecho", || {
+        z3 = Some(join_serverset(
+            &ns,
+            &zk.hosts,
+            path,
+            "127.0.0.1:50063",
+            "ALIVE",
+        ));
+        drop(z2);
+    });
+}

@@ -1,0 +1,117 @@
+"""An xDS client written against Envoy's own protos (xds-protos) and grpcio, not tern's code,
+for tern discovery's protocol tests. Each command prints one JSON line per phase and waits
+for a line on stdin before the next.
+
+    xds_raw.py nack ADDR
+        state of the world, clusters by wildcard: ACKs the first response (phase 1), then
+        NACKs the next one pushed (phase 2: {"version", "nacked"}), then reports whether the
+        server sent anything more within 1 s (phase 3: {"resent": bool}).
+    xds_raw.py delta ADDR
+        delta, clusters by wildcard: reads and ACKs the first response (phase 1:
+        {"resources": {name: version}}), closes the stream; after a line on stdin, opens a new
+        stream with those initial_resource_versions and reports what it was sent (phase 2:
+        {"resources": [...], "removed": [...]}).
+"""
+import json
+import queue
+import sys
+import threading
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.rpc import status_pb2
+
+CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+NODE = base_pb2.Node(id="raw-client", cluster="tern-tests", user_agent_name="xds-raw")
+
+
+def wait():
+    if not sys.stdin.readline():
+        sys.exit(0)
+
+
+def say(**kw):
+    print(json.dumps(kw), flush=True)
+
+
+class Stream:
+    """A bidirectional stream fed from a queue; responses read with a timeout."""
+
+    def __init__(self, method):
+        self.requests = queue.Queue()
+        self.responses = queue.Queue()
+        self.call = method(iter(self.requests.get, None))
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        try:
+            for r in self.call:
+                self.responses.put(r)
+        except grpc.RpcError:
+            pass
+
+    def send(self, request):
+        self.requests.put(request)
+
+    def recv(self, timeout=10):
+        return self.responses.get(timeout=timeout)
+
+    def close(self):
+        self.requests.put(None)
+        self.call.cancel()
+
+
+def nack(addr):
+    stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(grpc.insecure_channel(addr))
+    s = Stream(stub.StreamAggregatedResources)
+    s.send(discovery_pb2.DiscoveryRequest(node=NODE, type_url=CDS))
+    first = s.recv()
+    s.send(discovery_pb2.DiscoveryRequest(type_url=CDS, version_info=first.version_info, response_nonce=first.nonce))
+    say(version=first.version_info, clusters=len(first.resources))
+    wait()
+    pushed = s.recv()
+    s.send(
+        discovery_pb2.DiscoveryRequest(
+            type_url=CDS,
+            version_info=first.version_info,
+            response_nonce=pushed.nonce,
+            error_detail=status_pb2.Status(code=3, message="refused by the test client"),
+        )
+    )
+    say(version=pushed.version_info, nacked=True)
+    wait()
+    try:
+        s.recv(timeout=1)
+        say(resent=True)
+    except queue.Empty:
+        say(resent=False)
+    s.close()
+
+
+def delta(addr):
+    stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(grpc.insecure_channel(addr))
+    s = Stream(stub.DeltaAggregatedResources)
+    s.send(discovery_pb2.DeltaDiscoveryRequest(node=NODE, type_url=CDS, resource_names_subscribe=["*"]))
+    first = s.recv()
+    held = {r.name: r.version for r in first.resources}
+    s.send(discovery_pb2.DeltaDiscoveryRequest(type_url=CDS, response_nonce=first.nonce))
+    s.close()
+    say(resources=held)
+    wait()
+    s = Stream(stub.DeltaAggregatedResources)
+    s.send(
+        discovery_pb2.DeltaDiscoveryRequest(
+            node=NODE, type_url=CDS, resource_names_subscribe=["*"], initial_resource_versions=held
+        )
+    )
+    try:
+        r = s.recv(timeout=3)
+        say(resources=[x.name for x in r.resources], removed=list(r.removed_resources))
+    except queue.Empty:
+        say(resources=[], removed=[])
+    s.close()
+
+
+if __name__ == "__main__":
+    {"nack": nack, "delta": delta}[sys.argv[1]](sys.argv[2])
