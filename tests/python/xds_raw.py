@@ -11,6 +11,10 @@ for a line on stdin before the next.
         {"resources": {name: version}}), closes the stream; after a line on stdin, opens a new
         stream with those initial_resource_versions and reports what it was sent (phase 2:
         {"resources": [...], "removed": [...]}).
+    xds_raw.py probe ADDR CA [CERT KEY]
+        opens a state-of-the-world stream over TLS (the server checked against CA, with the
+        client certificate if given) and prints {"ok": true} once a response arrives, or
+        {"ok": false, "error": ...}.
 """
 import json
 import queue
@@ -113,5 +117,22 @@ def delta(addr):
     s.close()
 
 
+def probe(addr, ca, cert=None, key=None):
+    read = lambda p: open(p, "rb").read() if p else None
+    creds = grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
+    stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(grpc.secure_channel(addr, creds))
+    try:
+        call = stub.StreamAggregatedResources(
+            iter([discovery_pb2.DiscoveryRequest(node=NODE, type_url=CDS)]), timeout=5
+        )
+        next(iter(call))
+        say(ok=True)
+    except grpc.RpcError as e:
+        say(ok=False, error=f"{e.code().name}: {e.details()}")
+
+
 if __name__ == "__main__":
-    {"nack": nack, "delta": delta}[sys.argv[1]](sys.argv[2])
+    if sys.argv[1] == "probe":
+        probe(*sys.argv[2:])
+    else:
+        {"nack": nack, "delta": delta}[sys.argv[1]](sys.argv[2])

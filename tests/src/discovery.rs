@@ -99,10 +99,28 @@ pub struct Bootstrap(ConfigFile);
 
 impl Bootstrap {
     pub fn new(server: &str, node_id: &str) -> Result<Self> {
+        Self::with_creds(server, node_id, serde_json::json!({"type": "insecure"}))
+    }
+
+    /// Over TLS (gRFC A65): the server checked against `ca`, and this client certificate.
+    pub fn tls(server: &str, node_id: &str, ca: &str, cert: &str, key: &str) -> Result<Self> {
+        let config = serde_json::json!({
+            "ca_certificate_file": ca,
+            "certificate_file": cert,
+            "private_key_file": key,
+        });
+        Self::with_creds(
+            server,
+            node_id,
+            serde_json::json!({"type": "tls", "config": config}),
+        )
+    }
+
+    fn with_creds(server: &str, node_id: &str, creds: serde_json::Value) -> Result<Self> {
         let json = serde_json::json!({
             "xds_servers": [{
                 "server_uri": server,
-                "channel_creds": [{"type": "insecure"}],
+                "channel_creds": [creds],
                 "server_features": ["xds_v3"],
             }],
             "node": {"id": node_id, "cluster": "tern-tests", "locality": {}},

@@ -82,7 +82,7 @@ impl TestCa {
         self.cert_path().to_str().expect("UTF-8 path").to_owned()
     }
 
-    /// A certificate with these SANs (`spiffe://…` URIs, else DNS names), valid for `ttl`,
+    /// A certificate with these SANs (`spiffe://…` URIs, IP addresses, else DNS names), valid for `ttl`,
     /// for server and client use, written as `<name>.pem` and `<name>-key.pem`.
     pub fn issue(&self, name: &str, sans: &[&str], ttl: Duration) -> Result<Issued> {
         anyhow::ensure!(
@@ -137,6 +137,8 @@ impl Drop for TestCa {
 fn san(s: &str) -> Result<SanType> {
     Ok(if s.contains("://") {
         SanType::URI(s.try_into()?)
+    } else if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        SanType::IpAddress(ip)
     } else {
         SanType::DnsName(s.try_into()?)
     })

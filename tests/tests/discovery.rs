@@ -927,3 +927,118 @@ fn grpc_clients_follow_etcd_and_zookeeper() {
         drop(z2);
     });
 }
+
+/// xDS over TLS with client certificates verified against a root: gRPC's client (bootstrap
+/// `tls` credentials) and a tern sidecar (`https`, its client certificate) are served; a
+/// client without a certificate, or trusting another root, is refused.
+#[test]
+fn xds_over_tls_requires_client_certificates() {
+    let p = pods();
+    let ca = tern_tests::pki::TestCa::new().unwrap();
+    let hour = Duration::from_secs(3600);
+    let server = ca
+        .issue("xds", &["xds.tern.local", "127.0.0.1"], hour)
+        .unwrap();
+    let client = ca
+        .issue(
+            "client",
+            &["spiffe://cluster.local/ns/default/sa/grpc"],
+            hour,
+        )
+        .unwrap();
+    let _s1 = grpc_server(&p.app, 50061, "s1");
+    let ca_path = ca.ca_str();
+    let d = Discovery::start(
+        &p.app,
+        "127.0.0.1:15012",
+        "127.0.0.1:15014",
+        &echo_services(&[50061]),
+        &[
+            "--tls-cert",
+            server.cert_str(),
+            "--tls-key",
+            server.key_str(),
+            "--client-ca",
+            &ca_path,
+        ],
+    )
+    .unwrap();
+
+    let bootstrap = Bootstrap::tls(
+        "127.0.0.1:15012",
+        "grpc-tls",
+        &ca_path,
+        client.cert_str(),
+        client.key_str(),
+    )
+    .unwrap();
+    let mut calls = grpc_client(&p.app, &bootstrap, "xds:///echo");
+    let first: serde_json::Value = calls.read().unwrap();
+    assert_eq!(first["by_server"]["s1"], 40, "{first}\n{}", d.tern.log());
+
+    let probe = |args: &[&str]| -> serde_json::Value {
+        let script = python_peer("xds_raw.py");
+        let out = p
+            .app
+            .output(
+                None,
+                Path::new("python3"),
+                &[
+                    &[script.to_str().unwrap(), "probe", "127.0.0.1:15012"][..],
+                    args,
+                ]
+                .concat(),
+            )
+            .unwrap();
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{out:?}: {e}"))
+    };
+    assert_eq!(
+        probe(&[&ca_path, client.cert_str(), client.key_str()])["ok"],
+        true
+    );
+    let anonymous = probe(&[&ca_path]);
+    assert_eq!(
+        anonymous["ok"], false,
+        "served without a client certificate: {anonymous}"
+    );
+    let other = tern_tests::pki::TestCa::new().unwrap();
+    let stranger = other
+        .issue("stranger", &["spiffe://elsewhere/sa/x"], hour)
+        .unwrap();
+    let refused = probe(&[&ca_path, stranger.cert_str(), stranger.key_str()]);
+    assert_eq!(
+        refused["ok"], false,
+        "served a certificate of another root: {refused}"
+    );
+
+    let tern = p
+        .start_tern_with(
+            &[
+                "--xds-address",
+                "https://127.0.0.1:15012",
+                "--xds-ca",
+                &ca_path,
+                "--xds-server-name",
+                "xds.tern.local",
+                "--xds-client-cert",
+                client.cert_str(),
+                "--xds-client-key",
+                client.key_str(),
+                "--inbound-ports",
+                "",
+            ],
+            "info",
+        )
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || d
+            .json(&p.app, "/debug/syncz")
+            .as_array()
+            .is_some_and(|all| all.iter().any(|c| c["node_id"]
+                .as_str()
+                .is_some_and(|n| n.starts_with("sidecar~"))))),
+        "{}\n{}",
+        d.get(&p.app, "/debug/syncz"),
+        tern.log()
+    );
+}
