@@ -1042,3 +1042,67 @@ fn xds_over_tls_requires_client_certificates() {
         tern.log()
     );
 }
+
+/// A restarted tern discovery serves the same names and versions for the same input, so a
+/// sidecar that reconnects to it rebuilds nothing: its wildcard types are not even resent,
+/// and the endpoints it is resent are the ones it holds.
+#[test]
+fn a_restarted_discovery_makes_no_client_rebuild() {
+    let p = pods();
+    let _servers: Vec<Process> = [(9001, "calc-1"), (9002, "calc-2")]
+        .iter()
+        .map(|(port, id)| thrift_serve(&p.srv, &format!("10.66.1.2:{port}"), id).unwrap())
+        .collect();
+    let services = calc_services(&[9001, 9002]);
+    let d = Discovery::start(&p.app, "127.0.0.1:15010", "127.0.0.1:15014", &services, &[]).unwrap();
+    let tern = p.start_tern_xds(&[], "info").unwrap();
+    let dump = d.json(&p.app, "/debug/config_dump");
+    let metric = |name: &str| tern_tests::metric(&p.app, name);
+    assert!(eventually(Duration::from_secs(5), || d.all_in_sync(&p.app)));
+    let applies = metric("tern_xds_apply_seconds_count");
+    let reconnects = metric("tern_xds_reconnects_total");
+    drop(d);
+
+    let d = Discovery::start(&p.app, "127.0.0.1:15010", "127.0.0.1:15014", &services, &[]).unwrap();
+    assert_eq!(
+        d.json(&p.app, "/debug/config_dump"),
+        dump,
+        "names and versions differ after a restart"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || metric(
+            "tern_xds_reconnects_total"
+        ) > reconnects
+            && d.all_in_sync(&p.app)),
+        "{}",
+        tern.log()
+    );
+    let sidecar = d.json(&p.app, "/debug/syncz")[0].clone();
+    let sent = |t: &str| sidecar["types"][t]["responses"].as_u64().unwrap_or(0);
+    assert_eq!(
+        sent(CDS),
+        0,
+        "clusters resent to a client holding them: {sidecar}"
+    );
+    assert_eq!(
+        sent("type.googleapis.com/envoy.config.listener.v3.Listener"),
+        0,
+        "{sidecar}"
+    );
+    assert_eq!(
+        metric("tern_xds_apply_seconds_count"),
+        applies,
+        "the sidecar rebuilt its configuration"
+    );
+    let calls = tern_tests::thrift_call(
+        &p.app,
+        Some(&p.cgroup),
+        "10.96.0.20:9090",
+        &["--calls", "20"],
+    );
+    assert_eq!(
+        calls.counts(),
+        [("calc-1", 10), ("calc-2", 10)],
+        "{calls:?}"
+    );
+}
