@@ -332,9 +332,14 @@ pub async fn run(args: DiscoveryArgs) -> anyhow::Result<()> {
         admin = %args.admin_address,
         "serving xDS"
     );
-    let ads = Server::new(state.views.clone(), state.clients.clone(), args.max_clients).ads();
+    let xds = Server::new(state.views.clone(), state.clients.clone(), args.max_clients);
+    let (cds, eds, lds, rds) = xds.per_type();
     server
-        .add_service(ads)
+        .add_service(xds.ads())
+        .add_service(cds)
+        .add_service(eds)
+        .add_service(lds)
+        .add_service(rds)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown(),

@@ -27,6 +27,15 @@ pub use envoy_types::pb::{
 
 pub mod build;
 pub mod etcd;
+
+/// The per-type discovery services (CDS, EDS, LDS, RDS), beside ADS.
+pub mod discovery_services {
+    pub use envoy_types::pb::envoy::service::{
+        cluster::v3::cluster_discovery_service_server,
+        endpoint::v3::endpoint_discovery_service_server,
+        listener::v3::listener_discovery_service_server, route::v3::route_discovery_service_server,
+    };
+}
 pub mod istio_ca;
 
 /// The generated modules behind the types above, for their nested enums and messages.

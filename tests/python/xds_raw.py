@@ -11,6 +11,9 @@ for a line on stdin before the next.
         {"resources": {name: version}}), closes the stream; after a line on stdin, opens a new
         stream with those initial_resource_versions and reports what it was sent (phase 2:
         {"resources": [...], "removed": [...]}).
+    xds_raw.py per-type ADDR CLUSTER
+        CDS on its own service (StreamClusters, wildcard), EDS's FetchEndpoints for CLUSTER, and a
+        listener asked of CDS; prints {"clusters": n, "endpoints": n, "wrong_type": error}.
     xds_raw.py probe ADDR CA [CERT KEY]
         opens a state-of-the-world stream over TLS (the server checked against CA, with the
         client certificate if given) and prints {"ok": true} once a response arrives, or
@@ -27,6 +30,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from google.rpc import status_pb2
 
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
 NODE = base_pb2.Node(id="raw-client", cluster="tern-tests", user_agent_name="xds-raw")
 
 
@@ -117,6 +121,31 @@ def delta(addr):
     s.close()
 
 
+def per_type(addr, cluster):
+    from envoy.service.cluster.v3 import cds_pb2_grpc
+    from envoy.service.endpoint.v3 import eds_pb2_grpc
+
+    channel = grpc.insecure_channel(addr)
+    cds = cds_pb2_grpc.ClusterDiscoveryServiceStub(channel)
+    s = Stream(cds.StreamClusters)
+    s.send(discovery_pb2.DiscoveryRequest(node=NODE, type_url=CDS))
+    clusters = len(s.recv().resources)
+    s.close()
+    eds = eds_pb2_grpc.EndpointDiscoveryServiceStub(channel)
+    fetched = eds.FetchEndpoints(
+        discovery_pb2.DiscoveryRequest(node=NODE, resource_names=[cluster]), timeout=5
+    )
+    wrong = None
+    try:
+        call = cds.StreamClusters(
+            iter([discovery_pb2.DiscoveryRequest(node=NODE, type_url=LDS)]), timeout=5
+        )
+        next(iter(call))
+    except grpc.RpcError as e:
+        wrong = f"{e.code().name}: {e.details()}"
+    say(clusters=clusters, endpoints=len(fetched.resources), wrong_type=wrong)
+
+
 def probe(addr, ca, cert=None, key=None):
     read = lambda p: open(p, "rb").read() if p else None
     creds = grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
@@ -134,5 +163,7 @@ def probe(addr, ca, cert=None, key=None):
 if __name__ == "__main__":
     if sys.argv[1] == "probe":
         probe(*sys.argv[2:])
+    elif sys.argv[1] == "per-type":
+        per_type(sys.argv[2], sys.argv[3])
     else:
         {"nack": nack, "delta": delta}[sys.argv[1]](sys.argv[2])

@@ -1106,3 +1106,48 @@ fn a_restarted_discovery_makes_no_client_rebuild() {
         "{calls:?}"
     );
 }
+
+/// CDS, EDS, LDS and RDS are also served as their own services (for bootstraps that name them
+/// instead of ADS): a CDS stream, an EDS fetch, and a type asked of the wrong service refused.
+#[test]
+fn the_per_type_services_serve_their_type() {
+    tern_tests::require_root();
+    let ns = Netns::new("disc").unwrap();
+    let d = Discovery::start(
+        &ns,
+        "127.0.0.1:15010",
+        "127.0.0.1:15014",
+        &echo_services(&[50061, 50062]),
+        &[],
+    )
+    .unwrap();
+    let script = python_peer("xds_raw.py");
+    let out = ns
+        .output(
+            None,
+            Path::new("python3"),
+            &[
+                script.to_str().unwrap(),
+                "per-type",
+                "127.0.0.1:15010",
+                "outbound|50051||echo",
+            ],
+        )
+        .unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{out:?}: {e}"));
+    assert_eq!(
+        r["clusters"],
+        3,
+        "echo, and the two passthrough clusters: {r}\n{}",
+        d.tern.log()
+    );
+    assert_eq!(r["endpoints"], 1, "{r}");
+    assert!(
+        r["wrong_type"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("INVALID_ARGUMENT"),
+        "{r}"
+    );
+}

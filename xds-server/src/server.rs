@@ -1,5 +1,6 @@
-//! The gRPC services over `tonic`: ADS in both protocols, one task per stream driving a
-//! [`SotwStream`] or [`DeltaStream`], and [`Clients`], the registry of connected clients.
+//! The gRPC services over `tonic`: ADS and the per-type services (CDS, EDS, LDS, RDS) in both
+//! protocols, one task per stream driving a [`SotwStream`] or [`DeltaStream`], and
+//! [`Clients`], the registry of connected clients.
 //!
 //! A stream's task waits for the client's next request or a new snapshot of the client's view,
 //! whichever comes first. Snapshots arrive through a `watch` channel, so a client that cannot
@@ -22,6 +23,11 @@ use tern_proto::{
     aggregated_discovery_service_server::{
         AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
     },
+    discovery_services::{
+        cluster_discovery_service_server, endpoint_discovery_service_server,
+        listener_discovery_service_server, route_discovery_service_server,
+    },
+    type_url,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
@@ -133,6 +139,16 @@ pub struct Server<V> {
     max_clients: usize,
 }
 
+impl<V> Clone for Server<V> {
+    fn clone(&self) -> Self {
+        Self {
+            views: self.views.clone(),
+            clients: self.clients.clone(),
+            max_clients: self.max_clients,
+        }
+    }
+}
+
 impl<V: Views> Server<V> {
     /// A server of `views`, registering its clients in `clients`, with at most `max_clients`
     /// streams at once (more are refused with `RESOURCE_EXHAUSTED`).
@@ -145,13 +161,59 @@ impl<V: Views> Server<V> {
     }
 
     /// The ADS service (both protocols), for a `tonic` router.
-    pub fn ads(self) -> AggregatedDiscoveryServiceServer<Self> {
-        AggregatedDiscoveryServiceServer::new(self)
+    pub fn ads(&self) -> AggregatedDiscoveryServiceServer<Self> {
+        AggregatedDiscoveryServiceServer::new(self.clone())
+    }
+
+    /// CDS, EDS, LDS and RDS on their own (each stream carries one type), for clients whose
+    /// bootstrap names them instead of ADS.
+    pub fn per_type(
+        &self,
+    ) -> (
+        cluster_discovery_service_server::ClusterDiscoveryServiceServer<Self>,
+        endpoint_discovery_service_server::EndpointDiscoveryServiceServer<Self>,
+        listener_discovery_service_server::ListenerDiscoveryServiceServer<Self>,
+        route_discovery_service_server::RouteDiscoveryServiceServer<Self>,
+    ) {
+        (
+            cluster_discovery_service_server::ClusterDiscoveryServiceServer::new(self.clone()),
+            endpoint_discovery_service_server::EndpointDiscoveryServiceServer::new(self.clone()),
+            listener_discovery_service_server::ListenerDiscoveryServiceServer::new(self.clone()),
+            route_discovery_service_server::RouteDiscoveryServiceServer::new(self.clone()),
+        )
+    }
+
+    /// A one-shot `Fetch*`: the resources the request names (or all of a wildcard type),
+    /// whatever version it says it holds.
+    fn fetch(
+        &self,
+        request: Request<DiscoveryRequest>,
+        type_url: &'static str,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        let mut request = request.into_inner();
+        if request.type_url.is_empty() {
+            request.type_url = type_url.to_owned();
+        }
+        if request.type_url != type_url {
+            return Err(Status::invalid_argument(format!(
+                "this service serves {type_url}, not {}",
+                request.type_url
+            )));
+        }
+        request.version_info.clear();
+        request.response_nonce.clear();
+        let node = request.node.clone().unwrap_or_default();
+        let snapshot = self.views.view(&node).borrow().clone();
+        let (_, response) = SotwStream::new().on_request(&request, &snapshot);
+        response
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found("nothing of that type is subscribed"))
     }
 
     fn open<E: Engine>(
         &self,
         request: Request<Streaming<E::Request>>,
+        only: Option<&'static str>,
     ) -> Result<ReceiverStream<Result<E::Response, Status>>, Status> {
         if self.clients.len() >= self.max_clients {
             warn!(
@@ -169,6 +231,7 @@ impl<V: Views> Server<V> {
             self.views.clone(),
             self.clients.clone(),
             peer,
+            only,
         ));
         Ok(ReceiverStream::new(rx))
     }
@@ -246,13 +309,15 @@ impl Engine for DeltaStream {
     }
 }
 
-/// One client stream, from its first request to its end.
+/// One client stream, from its first request to its end; with `only`, a per-type service's
+/// stream that carries that type alone.
 async fn serve_stream<E: Engine>(
     mut requests: Streaming<E::Request>,
     tx: mpsc::Sender<Result<E::Response, Status>>,
     views: Arc<impl Views>,
     clients: Arc<Clients>,
     peer: Option<String>,
+    only: Option<&'static str>,
 ) {
     let first = match requests.message().await {
         Ok(Some(r)) => r,
@@ -285,6 +350,15 @@ async fn serve_stream<E: Engine>(
     let mut next = Some(first);
     'stream: loop {
         if let Some(request) = next.take() {
+            let (type_url, _) = E::describe(&request);
+            if let Some(only) = only.filter(|t| *t != type_url) {
+                let _ = tx
+                    .send(Err(Status::invalid_argument(format!(
+                        "this service serves {only}, not {type_url}"
+                    ))))
+                    .await;
+                break;
+            }
             let snapshot = snapshots.borrow_and_update().clone();
             let (received, response) = engine.on_request(&request, &snapshot);
             let (type_url, error) = E::describe(&request);
@@ -344,7 +418,7 @@ impl<V: Views> AggregatedDiscoveryService for Server<V> {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let responses = self.open::<SotwStream>(request)?;
+        let responses = self.open::<SotwStream>(request, None)?;
         Ok(Response::new(Box::pin(responses)))
     }
 
@@ -352,7 +426,78 @@ impl<V: Views> AggregatedDiscoveryService for Server<V> {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let responses = self.open::<DeltaStream>(request)?;
+        let responses = self.open::<DeltaStream>(request, None)?;
         Ok(Response::new(Box::pin(responses)))
     }
 }
+
+/// A per-type discovery service: the ADS machinery, one type per stream.
+macro_rules! per_type_service {
+    ($service:path, $type_url:expr, $sotw:ident, $sotw_stream:ident, $delta:ident, $delta_stream:ident, $fetch:ident) => {
+        #[tonic::async_trait]
+        impl<V: Views> $service for Server<V> {
+            type $sotw_stream = Responses<DiscoveryResponse>;
+            type $delta_stream = Responses<DeltaDiscoveryResponse>;
+
+            async fn $sotw(
+                &self,
+                request: Request<Streaming<DiscoveryRequest>>,
+            ) -> Result<Response<Self::$sotw_stream>, Status> {
+                let responses = self.open::<SotwStream>(request, Some($type_url))?;
+                Ok(Response::new(Box::pin(responses)))
+            }
+
+            async fn $delta(
+                &self,
+                request: Request<Streaming<DeltaDiscoveryRequest>>,
+            ) -> Result<Response<Self::$delta_stream>, Status> {
+                let responses = self.open::<DeltaStream>(request, Some($type_url))?;
+                Ok(Response::new(Box::pin(responses)))
+            }
+
+            async fn $fetch(
+                &self,
+                request: Request<DiscoveryRequest>,
+            ) -> Result<Response<DiscoveryResponse>, Status> {
+                self.fetch(request, $type_url)
+            }
+        }
+    };
+}
+
+per_type_service!(
+    cluster_discovery_service_server::ClusterDiscoveryService,
+    type_url::CLUSTER,
+    stream_clusters,
+    StreamClustersStream,
+    delta_clusters,
+    DeltaClustersStream,
+    fetch_clusters
+);
+per_type_service!(
+    endpoint_discovery_service_server::EndpointDiscoveryService,
+    type_url::CLUSTER_LOAD_ASSIGNMENT,
+    stream_endpoints,
+    StreamEndpointsStream,
+    delta_endpoints,
+    DeltaEndpointsStream,
+    fetch_endpoints
+);
+per_type_service!(
+    listener_discovery_service_server::ListenerDiscoveryService,
+    type_url::LISTENER,
+    stream_listeners,
+    StreamListenersStream,
+    delta_listeners,
+    DeltaListenersStream,
+    fetch_listeners
+);
+per_type_service!(
+    route_discovery_service_server::RouteDiscoveryService,
+    type_url::ROUTE_CONFIGURATION,
+    stream_routes,
+    StreamRoutesStream,
+    delta_routes,
+    DeltaRoutesStream,
+    fetch_routes
+);
