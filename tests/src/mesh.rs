@@ -15,6 +15,9 @@
 //! that says Thrift (the sidecar finds out from the bytes). Every server Pod runs a Thrift
 //! server on 9090 and a TCP echo server on 8080.
 //!
+//! [`Mesh::start_discovery`] builds it without istiod: `tern discovery` is the control plane,
+//! serving a services file in which both ports of `calc` have a health check.
+//!
 //! [`Mesh::start_mtls`] builds the same mesh in STRICT mutual TLS, as istiod configures it:
 //! every sidecar gets its certificate from the control plane's CA (`client-0` is
 //! [`CLIENT_ID`], the server Pods [`SERVER_ID`]), originates Istio mTLS to the endpoints and
@@ -24,8 +27,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 
 use crate::{
-    Cgroup, ControlPlane, Netns, Process, Tern, admin, bin_dir, eventually, ip, pki::MeshTrust,
-    start_server, testpeer_bin,
+    Cgroup, ControlPlane, Netns, Process, Tern, admin, bin_dir, discovery::Discovery, eventually,
+    ip, pki::MeshTrust, start_server, testpeer_bin,
 };
 
 /// The service's virtual IP.
@@ -154,6 +157,23 @@ impl Pod {
         Ok((self.cgroup.attached_programs()?, self.ns.bpf_links()?))
     }
 
+    /// Stops the Pod's Thrift server (a crash, or a hung deploy), or starts it again.
+    pub fn set_thrift_server(&mut self, running: bool) -> Result<()> {
+        if !running {
+            self.apps.remove(0);
+            return Ok(());
+        }
+        let thrift = format!("0.0.0.0:{THRIFT_PORT}");
+        let server = start_server(
+            &self.ns,
+            Some(&self.cgroup),
+            &bin_dir().join("tern-thriftpeer"),
+            &["serve", &thrift, &self.name],
+        )?;
+        self.apps.insert(0, server);
+        Ok(())
+    }
+
     /// The Thrift server (`tern-thriftpeer`, answering `whoami` with the Pod's name) and the
     /// TCP echo server (`tern-testpeer`) of a server Pod, inside the Pod's cgroup.
     fn start_servers(&mut self) -> Result<()> {
@@ -219,11 +239,27 @@ pub fn bridge_port(node: &Netns, ns: &Netns, ip_addr: &str, port: u32) -> Result
     ip(&["-n", ns.name(), "route", "add", "default", "via", GATEWAY])
 }
 
+/// The mesh's control plane: the test's istiod stand-in, or `tern discovery`.
+pub enum Control {
+    Istiod(ControlPlane),
+    Discovery(Discovery),
+}
+
+impl Control {
+    /// What happened at the control plane, for messages.
+    pub fn events(&self) -> String {
+        match self {
+            Self::Istiod(cp) => cp.events(),
+            Self::Discovery(d) => d.tern.log(),
+        }
+    }
+}
+
 /// The whole mesh. Dropping it removes every namespace, cgroup, pin and process it made.
 pub struct Mesh {
     pub client: Pod,
     pub servers: Vec<Pod>,
-    pub cp: ControlPlane,
+    pub cp: Control,
     pub istiod: Netns,
     pub node: Netns,
     /// The CA and tokens of a mesh with mutual TLS (their files go last).
@@ -234,17 +270,23 @@ impl Mesh {
     /// Builds the mesh with `servers` server Pods, every Pod with its sidecar running.
     /// `progress` hears what is being started.
     pub fn start(servers: usize, progress: &mut dyn FnMut(&str)) -> Result<Self> {
-        Self::build(servers, None, progress)
+        Self::build(servers, None, false, progress)
     }
 
     /// The same mesh in STRICT mutual TLS, the control plane being the mesh's CA.
     pub fn start_mtls(servers: usize, progress: &mut dyn FnMut(&str)) -> Result<Self> {
-        Self::build(servers, Some(MeshTrust::new()?), progress)
+        Self::build(servers, Some(MeshTrust::new()?), false, progress)
+    }
+
+    /// The same mesh without istiod: `tern discovery` serves the services file.
+    pub fn start_discovery(servers: usize, progress: &mut dyn FnMut(&str)) -> Result<Self> {
+        Self::build(servers, None, true, progress)
     }
 
     fn build(
         servers: usize,
         trust: Option<MeshTrust>,
+        discovery: bool,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Self> {
         crate::require_root();
@@ -265,8 +307,18 @@ impl Mesh {
                     "--xds-address".to_owned(),
                     format!("http://{CONTROL_PLANE}"),
                 ];
-                let snapshot = snapshot(1, &all, true);
-                let cp = ControlPlane::start(&istiod, CONTROL_PLANE, &snapshot, &[])?;
+                let cp = if discovery {
+                    Control::Discovery(Discovery::start(
+                        &istiod,
+                        CONTROL_PLANE,
+                        "127.0.0.1:15014",
+                        &services_file(&all),
+                        &[],
+                    )?)
+                } else {
+                    let snapshot = snapshot(1, &all, true);
+                    Control::Istiod(ControlPlane::start(&istiod, CONTROL_PLANE, &snapshot, &[])?)
+                };
                 (cp, [plain.clone(), plain])
             }
             Some(t) => {
@@ -279,7 +331,7 @@ impl Mesh {
                 let snapshot = snapshot(1, &all, false);
                 let args = t.control_plane_args("-");
                 let cp = ControlPlane::start(&istiod, CONTROL_PLANE_TLS, &snapshot, &args)?;
-                (cp, control)
+                (Control::Istiod(cp), control)
             }
         };
         let [server_control, client_control] = control;
@@ -323,7 +375,10 @@ impl Mesh {
                     .with_context(|| format!("no server Pod {name}"))
             })
             .collect::<Result<_>>()?;
-        self.cp.push(&snapshot(version, &ips, self.plaintext()));
+        match &self.cp {
+            Control::Istiod(cp) => cp.push(&snapshot(version, &ips, self.plaintext())),
+            Control::Discovery(d) => d.write(&services_file(&ips))?,
+        }
         // Every sidecar ACKs the push; wait for the client's own view (`/clusters`) to hold
         // exactly these endpoints.
         let thrift_endpoint = |ip: &str| format!("{ip}:{THRIFT_PORT}");
@@ -345,14 +400,16 @@ impl Mesh {
     /// Pushes a new version with every server Pod as an endpoint and these YAML lines
     /// (`inbound_rbac:` …) added; waits until the control plane saw every sidecar ACK it.
     pub fn push_with(&self, version: u32, extra: &str) -> Result<()> {
+        let Control::Istiod(cp) = &self.cp else {
+            anyhow::bail!("tern discovery serves no inbound policy");
+        };
         let ips: Vec<&str> = self.servers.iter().map(|p| p.ip.as_str()).collect();
-        self.cp.push(&format!(
+        cp.push(&format!(
             "{}{extra}\n",
             snapshot(version, &ips, self.plaintext())
         ));
         let acks = || {
-            self.cp
-                .events()
+            cp.events()
                 .lines()
                 .filter(|l| l.starts_with(&format!("ACK Listener {version}")))
                 .count()
@@ -360,7 +417,7 @@ impl Mesh {
         ensure!(
             eventually(Duration::from_secs(10), || acks() > self.servers.len()),
             "not every sidecar ACKed version {version}:\n{}",
-            self.cp.events()
+            cp.events()
         );
         Ok(())
     }
@@ -370,6 +427,35 @@ impl Mesh {
         let ip = addr.rsplit_once(':').map_or(addr, |(ip, _)| ip);
         self.servers.iter().find(|p| p.ip == ip)
     }
+}
+
+/// `tern discovery`'s services file: `calc` on both ports, its endpoints at `ips`, each port
+/// with a health check (a Thrift call of `whoami`, and a TCP connect).
+fn services_file(ips: &[&str]) -> String {
+    let endpoints = |port: u16| {
+        ips.iter()
+            .map(|ip| format!("\"{ip}:{port}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let check = "interval: 0.5s, timeout: 0.5s, healthy_threshold: 1, unhealthy_threshold: 2";
+    format!(
+        r#"services:
+  - name: calc.default.svc.cluster.local
+    port: {THRIFT_PORT}
+    protocol: thrift
+    vip: {VIP}
+    endpoints: [{}]
+    health_check: {{ {check}, thrift_health_check: {{ method_name: whoami }} }}
+  - name: calc.default.svc.cluster.local
+    port: {TCP_PORT}
+    vip: {VIP}
+    endpoints: [{}]
+    health_check: {{ {check}, tcp_health_check: {{}} }}
+"#,
+        endpoints(THRIFT_PORT),
+        endpoints(TCP_PORT)
+    )
 }
 
 /// The control plane's snapshot: the service `calc` on both ports, its endpoints at `ips`;

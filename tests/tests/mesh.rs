@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tern_tests::{
     ThriftClient, connect, eventually,
-    mesh::{CLIENT_ID, CONTROL_PLANE, Mesh, Pod, SERVER_ID, TCP_PORT, THRIFT_PORT, vip},
+    mesh::{CLIENT_ID, CONTROL_PLANE, Control, Mesh, Pod, SERVER_ID, TCP_PORT, THRIFT_PORT, vip},
     serve,
 };
 
@@ -406,4 +406,70 @@ fn an_mtls_mesh_carries_identities_and_enforces_a_method_policy() {
         )
     };
     assert_eq!(series("success"), 50.0, "{stats}");
+}
+
+/// The mesh without istiod (what `cargo xtask demo` shows first): `tern discovery` serves the
+/// services file; a server Pod's Thrift server stops, tern discovery's health check serves it
+/// UNHEALTHY and the client's calls on the same connection avoid it, then return to it.
+#[test]
+fn a_tern_discovery_mesh_moves_calls_off_a_stopped_server_and_back() {
+    let mut m = Mesh::start_discovery(3, &mut |_| {}).expect("the mesh starts");
+    let Control::Discovery(d) = &m.cp else {
+        panic!("tern discovery expected");
+    };
+    let in_sync = |m: &Mesh| match &m.cp {
+        Control::Discovery(d) => d.all_in_sync(&m.istiod),
+        Control::Istiod(_) => false,
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || in_sync(&m)),
+        "{}",
+        d.get(&m.istiod, "/debug/syncz")
+    );
+    let mut client = ThriftClient::start(
+        &m.client.ns,
+        Some(&m.client.cgroup),
+        &vip(THRIFT_PORT),
+        &["--calls", "90", "--phases", "3"],
+    )
+    .unwrap();
+    let first = client.result();
+    assert_eq!(
+        first.counts(),
+        [("calc-1", 30), ("calc-2", 30), ("calc-3", 30)],
+        "{first:?}"
+    );
+    let endpoint = format!("{}:{THRIFT_PORT}", m.servers[1].ip);
+    let verdict = |m: &Mesh| match &m.cp {
+        Control::Discovery(d) => d
+            .json(&m.istiod, "/debug/health")
+            .as_array()
+            .and_then(|all| {
+                all.iter()
+                    .find(|e| e["address"] == endpoint.as_str())
+                    .map(|e| e["verdict"].as_str().unwrap_or_default().to_owned())
+            }),
+        Control::Istiod(_) => None,
+    };
+    for (running, wanted, expected) in [
+        (false, "unhealthy", vec![("calc-1", 45), ("calc-3", 45)]),
+        (
+            true,
+            "healthy",
+            vec![("calc-1", 30), ("calc-2", 30), ("calc-3", 30)],
+        ),
+    ] {
+        m.servers[1].set_thrift_server(running).unwrap();
+        assert!(eventually(Duration::from_secs(10), || verdict(&m)
+            .as_deref()
+            == Some(wanted)));
+        assert!(eventually(Duration::from_secs(10), || in_sync(&m)));
+        client.next_phase();
+        let calls = client.result();
+        assert_eq!(calls.counts(), expected, "{calls:?}");
+        assert!(
+            calls.io_error.is_none() && calls.exceptions == 0,
+            "{calls:?}"
+        );
+    }
 }

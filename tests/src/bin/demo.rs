@@ -1,15 +1,18 @@
 //! `tern-demo` (run by `cargo xtask demo`): a Thrift service in a mesh of network namespaces, with tern as every
-//! Pod's sidecar (the topology of `tern_tests::mesh`), shown step by step.
+//! Pod's sidecar (the topology of `tern_tests::mesh`), shown step by step, in two parts.
 //!
-//! The client knows only the service's virtual IP and makes its calls over one connection;
-//! the demo shows the hooks in the client Pod and that no iptables rule exists, how the calls
-//! spread over the three server Pods, an endpoint removed through EDS and the traffic moving,
-//! a plain TCP port of the same service, and what the server side saw; then the mesh's
-//! security: every sidecar's certificate from the control plane's CA, STRICT mutual TLS
-//! between the Pods with the client's SPIFFE identity seen by the servers, a Thrift method
-//! refused by an AuthorizationPolicy-shaped rule while the others go through, and Istio's
-//! `istio_requests_total` for the calls. Everything is removed when it ends — on failure and on
-//! Ctrl-C too (the guards' `Drop` runs as the demo returns).
+//! Without istiod, `tern discovery` is the control plane, serving a services file. The client
+//! knows only the service's virtual IP and makes its calls over one connection; the demo shows
+//! the hooks in the client Pod and that no iptables rule exists, how the calls spread over the
+//! three server Pods, one server stopped and tern discovery's health check moving the traffic
+//! away (and back once it returns), and a plain TCP port of the same service.
+//!
+//! With istiod (the tests' stand-in, which speaks istiod's xDS and CA API): every sidecar's
+//! certificate from the CA, STRICT mutual TLS between the Pods with the client's SPIFFE
+//! identity seen by the servers, a Thrift method refused by an AuthorizationPolicy-shaped rule
+//! while the others go through, and Istio's `istio_requests_total` for the calls. Everything is
+//! removed when it ends — on failure and on Ctrl-C too (the guards' `Drop` runs as the demo
+//! returns).
 use std::{
     collections::BTreeMap,
     io::{IsTerminal, Write},
@@ -21,7 +24,10 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use tern_tests::{
     connect,
-    mesh::{CLIENT_ID, CONTROL_PLANE_TLS, Mesh, SERVER_ID, TCP_PORT, THRIFT_PORT, VIP, vip},
+    mesh::{
+        CLIENT_ID, CONTROL_PLANE, CONTROL_PLANE_TLS, Control, Mesh, SERVER_ID, TCP_PORT,
+        THRIFT_PORT, VIP, vip,
+    },
 };
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -61,7 +67,7 @@ fn run() -> Result<()> {
         "{}\n",
         bold("tern demo: a Thrift service in a mesh of network namespaces")
     );
-    let (result, leftovers) = {
+    let start = |mtls: bool| {
         let tty = std::io::stderr().is_terminal();
         let mut progress = |what: &str| {
             if tty {
@@ -70,18 +76,40 @@ fn run() -> Result<()> {
                 eprintln!("starting the mesh: {what}");
             }
         };
-        let mesh = Mesh::start_mtls(3, &mut progress);
+        let mesh = if mtls {
+            Mesh::start_mtls(3, &mut progress)
+        } else {
+            Mesh::start_discovery(3, &mut progress)
+        };
         if tty {
             eprint!("\r\x1b[2K");
         }
-        let mesh = mesh?;
-        let names = Names::of(&mesh);
-        let result = show(&mesh, started);
+        mesh
+    };
+    let (result, leftovers) = {
         println!(
-            "\n{}",
-            bold("6. stopping: the sidecars drain and detach their hooks")
+            "{}",
+            bold("Part A. Without istiod: tern discovery is the control plane")
         );
+        let mesh = start(false)?;
+        let names = Names::of(&mesh);
+        let mut mesh = mesh;
+        let mut result = show(&mut mesh, started);
         drop(mesh);
+        if result.is_ok() {
+            check_interrupt()?;
+            println!(
+                "\n{}",
+                bold("Part B. With istiod: mutual TLS and an AuthorizationPolicy")
+            );
+            let mesh = start(true)?;
+            result = security(&mesh);
+            println!(
+                "\n{}",
+                bold("6. stopping: the sidecars drain and detach their hooks")
+            );
+            drop(mesh);
+        }
         (result, names.left())
     };
     let (_, status, _) = tern_tests::tern(&["capture", "status"]);
@@ -95,13 +123,12 @@ fn run() -> Result<()> {
     Ok(())
 }
 
-fn show(m: &Mesh, started: Instant) -> Result<()> {
+fn show(m: &mut Mesh, started: Instant) -> Result<()> {
     println!("mesh ready in {:.1} s", started.elapsed().as_secs_f64());
     println!("  node       bridge br0 10.77.0.1/24; nothing routes 10.96.0.0/12 (no kube-proxy)");
     println!(
-        "  istiod     {CONTROL_PLANE_TLS}  tern-controlplane: Istio-shaped listeners, clusters, endpoints over TLS, and the mesh's CA"
+        "  control    {CONTROL_PLANE}  tern discovery: the services file, health-checked, served as istiod would"
     );
-    println!("  security   STRICT mutual TLS; client-0 is {CLIENT_ID}, the calc Pods {SERVER_ID}");
     println!(
         "  service    calc.default.svc.cluster.local  VIP {VIP}  :{THRIFT_PORT} Thrift  :{TCP_PORT} plain TCP"
     );
@@ -157,7 +184,7 @@ fn show(m: &Mesh, started: Instant) -> Result<()> {
         &m.client.ns,
         Some(&m.client.cgroup),
         &vip(THRIFT_PORT),
-        &["--calls", "300", "--phases", "2"],
+        &["--calls", "300", "--phases", "3"],
     )?;
     let first = client.try_result()?;
     ensure!(first.io_error.is_none(), "the calls failed: {first:?}");
@@ -174,13 +201,9 @@ fn show(m: &Mesh, started: Instant) -> Result<()> {
 
     println!(
         "\n{}",
-        bold("3. the control plane removes calc-2 (EDS version 2); the same connection goes on")
+        bold("3. calc-2's Thrift server stops; tern discovery's health check moves the traffic")
     );
-    m.set_endpoints(2, &["calc-1", "calc-3"])?;
-    client.next_phase();
-    let second = client.try_result()?;
-    ensure!(second.io_error.is_none(), "the calls failed: {second:?}");
-    chart(m, &second.by_server);
+    health_moves_traffic(m, &mut client)?;
     check_interrupt()?;
 
     println!(
@@ -205,25 +228,103 @@ fn show(m: &Mesh, started: Instant) -> Result<()> {
     if let Some(dst) = last
         && let Some(server) = m.server_at(&dst)
     {
+        // The client's connections, not the health checks of tern discovery.
+        let from_client = || {
+            let peer = format!("peer={}:", m.client.ip);
+            server
+                .access_log(&dst)
+                .into_iter()
+                .filter(move |l| l.contains(&peer))
+        };
         tern_tests::eventually(std::time::Duration::from_secs(2), || {
-            !server.access_log(&dst).is_empty()
+            from_client().next().is_some()
         });
-        if let Some(line) = server.access_log(&dst).last() {
-            let fields = line.split("connection closed").nth(1).unwrap_or(line);
+        if let Some(line) = from_client().next_back() {
+            let fields = line.split("connection closed").nth(1).unwrap_or(&line);
             println!("  {}'s sidecar access log:{fields}", server.name);
             println!(
-                "  (the server sidecar sees the client Pod's address {} and identity — no NAT — and, as Istio's sidecar, opens the application's side from 127.0.0.6)",
+                "  (the server sidecar sees the client Pod's address {}: no NAT on either side)",
                 m.client.ip
             );
         }
     }
-    check_interrupt()?;
-    security(m)
+    Ok(())
+}
+
+/// Step 3: a server stops, its health check fails, tern discovery serves it UNHEALTHY and the
+/// client's sidecar stops sending it calls; it returns and gets them again.
+fn health_moves_traffic(m: &mut Mesh, client: &mut tern_tests::ThriftClient) -> Result<()> {
+    let endpoint = format!("{}:{THRIFT_PORT}", m.servers[1].ip);
+    let verdict = |m: &Mesh| -> String {
+        let Control::Discovery(d) = &m.cp else {
+            return String::new();
+        };
+        d.json(&m.istiod, "/debug/health")
+            .as_array()
+            .and_then(|all| {
+                all.iter()
+                    .find(|e| e["address"] == endpoint.as_str())
+                    .cloned()
+            })
+            .map(|e| e["verdict"].as_str().unwrap_or_default().to_owned())
+            .unwrap_or_default()
+    };
+    // The client's sidecar holds the new endpoints once every client ACKed them.
+    let applied = |m: &Mesh| match &m.cp {
+        Control::Discovery(d) => d.all_in_sync(&m.istiod),
+        Control::Istiod(_) => false,
+    };
+    for (running, wanted, what) in [(false, "unhealthy", "stopped"), (true, "healthy", "back")] {
+        let at = Instant::now();
+        m.servers[1].set_thrift_server(running)?;
+        ensure!(
+            tern_tests::eventually(std::time::Duration::from_secs(10), || verdict(m) == wanted),
+            "calc-2 never became {wanted}"
+        );
+        let seen = at.elapsed();
+        ensure!(
+            tern_tests::eventually(std::time::Duration::from_secs(10), || applied(m)),
+            "the sidecars did not apply calc-2 {wanted}"
+        );
+        println!(
+            "  calc-2's server {what}: its health check (Thrift whoami every 0.5 s) says {wanted} after {:.1} s; EDS serves it {}",
+            seen.as_secs_f64(),
+            wanted.to_uppercase()
+        );
+        client.next_phase();
+        let calls = client.try_result()?;
+        ensure!(
+            calls.io_error.is_none() && calls.exceptions == 0,
+            "the calls failed: {calls:?}"
+        );
+        chart(m, &calls.by_server);
+        check_interrupt()?;
+    }
+    Ok(())
 }
 
 /// Step 5: identities, STRICT mTLS, a method denied by policy, Istio's request series.
 fn security(m: &Mesh) -> Result<()> {
+    println!(
+        "  istiod     {CONTROL_PLANE_TLS}  the tests' istiod stand-in: Istio-shaped xDS over TLS, and Istio's CA API"
+    );
+    println!("  security   STRICT mutual TLS; client-0 is {CLIENT_ID}, the calc Pods {SERVER_ID}");
     println!("\n{}", bold("5. mutual TLS and an AuthorizationPolicy"));
+    let calls = tern_tests::thrift_call(
+        &m.client.ns,
+        Some(&m.client.cgroup),
+        &vip(THRIFT_PORT),
+        &["--calls", "30"],
+    );
+    ensure!(
+        calls.io_error.is_none() && calls.replies() == 30,
+        "the calls failed: {calls:?}"
+    );
+    println!(
+        "  client-0 makes 30 calls to {} over mutual TLS:",
+        vip(THRIFT_PORT)
+    );
+    chart(m, &calls.by_server);
     for pod in std::iter::once(&m.client).chain(&m.servers) {
         let dump: serde_json::Value = serde_json::from_str(&pod.admin("GET", "/config_dump"))
             .context("the sidecar's /config_dump")?;
