@@ -226,6 +226,22 @@ pub struct MtlsBench {
     pub pooled_handshakes: f64,
 }
 
+/// What `tern discovery` costs at fleet size (`bench/src/bin/bench/discovery.rs`).
+#[derive(Clone, Debug, Serialize)]
+pub struct DiscoveryBench {
+    pub services: usize,
+    pub endpoints: usize,
+    pub clients: usize,
+    pub changes: usize,
+    /// From a registry change to the last client's ACK of it.
+    pub change_to_all_acked_p50_ms: f64,
+    pub change_to_all_acked_p99_ms: f64,
+    /// The server's CPU time per change (reading, generating, sending to every client).
+    pub cpu_ms_per_change: f64,
+    pub rss_mib: f64,
+    pub peak_rss_mib: f64,
+}
+
 /// Everything `cargo xtask bench` measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
@@ -236,6 +252,7 @@ pub struct Report {
     pub idle_rss_mib_1000_clusters: f64,
     pub xds_updates: XdsUpdates,
     pub mtls: Option<MtlsBench>,
+    pub discovery: Option<DiscoveryBench>,
     /// Micro-benchmarks: criterion means (ns) and allocations per proxied request.
     pub micro: BTreeMap<String, f64>,
     pub duration_secs: f64,
@@ -268,6 +285,7 @@ impl Report {
         idle_rss_mib_1000_clusters: f64,
         xds_updates: XdsUpdates,
         mtls: Option<MtlsBench>,
+        discovery: Option<DiscoveryBench>,
         micro: BTreeMap<String, f64>,
         took: Duration,
     ) -> Self {
@@ -278,6 +296,7 @@ impl Report {
             idle_rss_mib_1000_clusters,
             xds_updates,
             mtls,
+            discovery,
             micro,
             duration_secs: took.as_secs_f64(),
         }
@@ -584,6 +603,27 @@ impl Report {
                     num(t.pooled_handshakes)
                 ),
                 None,
+            );
+        }
+        if let Some(d) = &self.discovery {
+            line(
+                format!(
+                    "tern discovery, {} services / {} endpoints, {} delta clients: registry change to every client's ACK (goal p99 < 100 ms)",
+                    d.services, d.endpoints, d.clients
+                ),
+                format!(
+                    "p50 {} ms, p99 {} ms over {} changes; {} ms CPU per change",
+                    num(d.change_to_all_acked_p50_ms),
+                    num(d.change_to_all_acked_p99_ms),
+                    d.changes,
+                    num(d.cpu_ms_per_change)
+                ),
+                Some(d.change_to_all_acked_p99_ms < 100.0),
+            );
+            line(
+                "tern discovery's resident memory, same load (goal < 64 MiB)".into(),
+                format!("{} MiB (peak {})", num(d.rss_mib), num(d.peak_rss_mib)),
+                Some(d.peak_rss_mib < 64.0),
             );
         }
         s + "\n"

@@ -222,7 +222,7 @@ pub fn parse(text: &str) -> Result<Parsed, ConfigError> {
     let mut out = Parsed::default();
     let mut seen = BTreeSet::new();
     for value in file.services {
-        let s: ServiceYaml = match serde_yaml::from_value(value.clone()) {
+        let s = match ServiceYaml::deserialize(&value) {
             Ok(s) => s,
             Err(e) => {
                 out.skipped.push(Skipped {
@@ -257,8 +257,8 @@ pub fn parse(text: &str) -> Result<Parsed, ConfigError> {
             continue;
         }
         let mut endpoints: Vec<Endpoint> = Vec::with_capacity(s.endpoints.len());
-        for value in s.endpoints {
-            match endpoint(&value) {
+        for value in &s.endpoints {
+            match endpoint(value) {
                 Ok(e) if endpoints.iter().any(|x| x.address == e.address) => {
                     out.skipped.push(Skipped {
                         entry: format!("{} {}", s.name, e.address),
@@ -267,7 +267,7 @@ pub fn parse(text: &str) -> Result<Parsed, ConfigError> {
                 }
                 Ok(e) => endpoints.push(e),
                 Err(reason) => out.skipped.push(Skipped {
-                    entry: format!("{} {}", s.name, describe(&value)),
+                    entry: format!("{} {}", s.name, describe(value)),
                     reason,
                 }),
             }
@@ -286,8 +286,7 @@ pub fn parse(text: &str) -> Result<Parsed, ConfigError> {
 }
 
 fn endpoint(value: &serde_yaml::Value) -> Result<Endpoint, String> {
-    let e: EndpointYaml =
-        serde_yaml::from_value(value.clone()).map_err(|e| format!("not an endpoint: {e}"))?;
+    let e = EndpointYaml::deserialize(value).map_err(|e| format!("not an endpoint: {e}"))?;
     let (address, weight, locality, health) = match e {
         EndpointYaml::Address(a) => (a, 1, Locality::default(), Health::Unknown),
         EndpointYaml::Full(f) => (f.address, f.weight, f.locality, f.health),

@@ -116,6 +116,7 @@ impl State {
     /// Applies a source's event, checks the endpoints it brings, and publishes the views if
     /// anything changed.
     fn apply(&self, event: SourceEvent) {
+        let started = std::time::Instant::now();
         let services = {
             let mut catalog = self.catalog();
             match event.result {
@@ -132,12 +133,15 @@ impl State {
             }
             catalog.services()
         };
+        let merged = started.elapsed();
         self.checker.reconcile(&services);
         self.publish(&services);
+        tracing::debug!(?merged, total = ?started.elapsed(), "source event applied");
     }
 
     /// Publishes the views of `services` with the health checks' verdicts.
     fn publish(&self, services: &[crate::model::Service]) {
+        let started = std::time::Instant::now();
         let health = self.checker.statuses(services);
         let changed = self.views.publish(services, |s, e| {
             health
@@ -146,7 +150,7 @@ impl State {
                 .unwrap_or_else(|| e.health.eds())
         });
         if changed {
-            info!(services = services.len(), "configuration published");
+            info!(services = services.len(), took = ?started.elapsed(), "configuration published");
         }
     }
 

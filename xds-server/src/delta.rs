@@ -22,6 +22,8 @@ use crate::{
 #[derive(Debug, Default)]
 struct TypeState {
     status: TypeStatus,
+    /// The names subscribed (besides `*`).
+    names: BTreeSet<String>,
     /// Whether the type's first request on this stream was handled.
     started: bool,
     nonce: Option<String>,
@@ -29,12 +31,9 @@ struct TypeState {
     held: BTreeMap<String, String>,
     /// Subscribed names already reported absent.
     reported_absent: BTreeSet<String>,
-}
-
-impl TypeState {
-    fn in_scope(&self, name: &str) -> bool {
-        self.status.wildcard || self.status.names.contains(name)
-    }
+    /// The version of the type's set when this subscription was last compared with it: the
+    /// same set and subscription need no comparison (an ACK, a change to another type).
+    compared: Option<String>,
 }
 
 /// One delta stream's protocol state.
@@ -99,7 +98,7 @@ impl DeltaStream {
             if name == "*" {
                 state.status.wildcard = true;
             } else {
-                state.status.names.insert(name.clone());
+                state.names.insert(name.clone());
                 state.reported_absent.remove(name);
             }
         }
@@ -107,13 +106,20 @@ impl DeltaStream {
             if name == "*" {
                 state.status.wildcard = false;
             } else {
-                state.status.names.remove(name);
+                state.names.remove(name);
                 state.reported_absent.remove(name);
                 if !state.status.wildcard {
                     // The client drops it: naming it again sends it again.
                     state.held.remove(name);
                 }
             }
+        }
+        state.status.subscribed = state.names.len();
+        if first
+            || !request.resource_names_subscribe.is_empty()
+            || !request.resource_names_unsubscribe.is_empty()
+        {
+            state.compared = None;
         }
         let response = self.respond(type_url, snapshot, first);
         (received, response)
@@ -135,40 +141,55 @@ impl DeltaStream {
         first: bool,
     ) -> Option<DeltaDiscoveryResponse> {
         let state = self.types.get_mut(type_url)?;
-        let candidates: Vec<_> = if state.status.wildcard {
-            snapshot.of_type(type_url).collect()
+        let version = snapshot.version(type_url);
+        if state.compared.as_deref() == Some(version) {
+            return None;
+        }
+        state.compared = Some(version.to_owned());
+        // One pass over what is in scope, one over what the client holds.
+        let mut updates = Vec::new();
+        let mut removed: Vec<String> = Vec::new();
+        let mut absent: Vec<String> = Vec::new();
+        if state.status.wildcard {
+            updates.extend(
+                snapshot
+                    .of_type(type_url)
+                    .filter(|r| state.held.get(&r.name) != Some(&r.version)),
+            );
+            removed.extend(
+                state
+                    .held
+                    .keys()
+                    .filter(|n| snapshot.get(type_url, n).is_none())
+                    .cloned(),
+            );
         } else {
-            state
-                .status
-                .names
-                .iter()
-                .filter_map(|n| snapshot.get(type_url, n))
-                .collect()
-        };
-        let updates: Vec<_> = candidates
-            .into_iter()
-            .filter(|r| state.held.get(&r.name) != Some(&r.version))
-            .collect();
-        let mut removed: Vec<String> = state
-            .held
-            .keys()
-            .filter(|n| !state.in_scope(n) || snapshot.get(type_url, n).is_none())
-            .cloned()
-            .collect();
+            removed.extend(
+                state
+                    .held
+                    .keys()
+                    .filter(|n| !state.names.contains(*n))
+                    .cloned(),
+            );
+        }
+        for name in &state.names {
+            match snapshot.get(type_url, name) {
+                Some(r) if !state.status.wildcard && state.held.get(name) != Some(&r.version) => {
+                    updates.push(r)
+                }
+                Some(_) => {}
+                None if state.held.contains_key(name) => {
+                    if !state.status.wildcard {
+                        removed.push(name.clone());
+                    }
+                }
+                None if !state.reported_absent.contains(name) => absent.push(name.clone()),
+                None => {}
+            }
+        }
         for name in &removed {
             state.held.remove(name);
         }
-        let absent: Vec<String> = state
-            .status
-            .names
-            .iter()
-            .filter(|n| {
-                snapshot.get(type_url, n).is_none()
-                    && !removed.contains(n)
-                    && !state.reported_absent.contains(*n)
-            })
-            .cloned()
-            .collect();
         state.reported_absent.extend(absent.iter().cloned());
         removed.extend(absent);
         // The first request of a wildcard type is answered even with nothing (Envoy waits
@@ -191,7 +212,7 @@ impl DeltaStream {
             .collect();
         self.nonces += 1;
         let nonce = self.nonces.to_string();
-        let version = snapshot.version(type_url);
+        let version = version.to_owned();
         state.nonce = Some(nonce.clone());
         state.status.sent_version = Some(version.clone());
         state.status.responses += 1;

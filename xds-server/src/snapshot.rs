@@ -16,6 +16,8 @@ fn fnv1a(bytes: impl IntoIterator<Item = u8>, mut hash: u64) -> u64 {
 }
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+/// The version of an empty set: the hash of nothing.
+const EMPTY_VERSION: &str = "cbf29ce484222325";
 
 /// One resource as served: its name, the version of its bytes, and the bytes.
 #[derive(Clone, Debug, PartialEq)]
@@ -89,11 +91,10 @@ impl Snapshot {
     }
 
     /// The version of the set of resources of `type_url` (that of an empty set when none).
-    pub fn version(&self, type_url: &str) -> String {
-        self.types.get(type_url).map_or_else(
-            || TypeResources::new(BTreeMap::new()).version,
-            |t| t.version.clone(),
-        )
+    pub fn version(&self, type_url: &str) -> &str {
+        self.types
+            .get(type_url)
+            .map_or(EMPTY_VERSION, |t| &t.version)
     }
 
     pub fn get(&self, type_url: &str, name: &str) -> Option<&Arc<Resource>> {
@@ -155,6 +156,7 @@ mod tests {
         );
         assert_ne!(changed.version("t"), a.version("t"));
         assert_eq!(a.version("none"), Snapshot::default().version("t"));
+        assert_eq!(EMPTY_VERSION, TypeResources::new(BTreeMap::new()).version);
         assert_eq!(a.counts()["t"], 2);
     }
 }

@@ -39,6 +39,8 @@ pub fn is_wildcard_type(type_url: &str) -> bool {
 #[derive(Debug, Default)]
 struct TypeState {
     status: TypeStatus,
+    /// The names subscribed (besides `*`).
+    names: BTreeSet<String>,
     /// Whether a request of this type named anything on this stream (after which an empty
     /// list means nothing, not everything).
     named: bool,
@@ -46,11 +48,14 @@ struct TypeState {
     /// What the client holds as far as this stream knows: name → version of the resources
     /// last sent (`None`: nothing sent yet).
     sent: Option<BTreeMap<String, String>>,
+    /// The version of the type's set when this subscription was last compared with it: the
+    /// same set and subscription need no comparison (an ACK, a change to another type).
+    compared: Option<String>,
 }
 
 impl TypeState {
     fn subscribed(&self) -> bool {
-        self.status.wildcard || !self.status.names.is_empty()
+        self.status.wildcard || !self.names.is_empty()
     }
 
     /// The resources this client should hold, by name → version.
@@ -61,8 +66,7 @@ impl TypeState {
                 .map(|r| (r.name.clone(), r.version.clone()))
                 .collect()
         } else {
-            self.status
-                .names
+            self.names
                 .iter()
                 .filter_map(|n| snapshot.get(type_url, n))
                 .map(|r| (r.name.clone(), r.version.clone()))
@@ -112,8 +116,14 @@ impl SotwStream {
         let names: BTreeSet<String> = request.resource_names.iter().cloned().collect();
         let legacy_wildcard = !state.named && names.is_empty() && is_wildcard_type(type_url);
         state.named |= !names.is_empty();
-        state.status.wildcard = legacy_wildcard || names.contains("*");
-        state.status.names = names.into_iter().filter(|n| n != "*").collect();
+        let wildcard = legacy_wildcard || names.contains("*");
+        let names: BTreeSet<String> = names.into_iter().filter(|n| n != "*").collect();
+        if wildcard != state.status.wildcard || names != state.names {
+            state.compared = None;
+        }
+        state.status.wildcard = wildcard;
+        state.names = names;
+        state.status.subscribed = state.names.len();
 
         if state.sent.is_none()
             && received == Received::Request
@@ -123,6 +133,7 @@ impl SotwStream {
         {
             // A reconnecting client that holds the current set: nothing to send.
             state.sent = Some(state.wanted(type_url, snapshot));
+            state.compared = Some(request.version_info.clone());
             state.status.sent_version = Some(request.version_info.clone());
             state.status.ack(&request.version_info);
             return (received, None);
@@ -131,7 +142,7 @@ impl SotwStream {
         if !state.status.wildcard
             && let Some(sent) = &mut state.sent
         {
-            sent.retain(|name, _| state.status.names.contains(name));
+            sent.retain(|name, _| state.names.contains(name));
         }
         let response = self.respond_if_changed(type_url, snapshot, true);
         (received, response)
@@ -153,6 +164,11 @@ impl SotwStream {
         asked: bool,
     ) -> Option<DiscoveryResponse> {
         let state = self.types.get_mut(type_url)?;
+        let version = snapshot.version(type_url);
+        if state.compared.as_deref() == Some(version) {
+            return None;
+        }
+        state.compared = Some(version.to_owned());
         let wanted = state.wanted(type_url, snapshot);
         match &state.sent {
             Some(sent) if *sent == wanted => return None,
@@ -167,7 +183,7 @@ impl SotwStream {
         }
         self.nonces += 1;
         let nonce = self.nonces.to_string();
-        let version = snapshot.version(type_url);
+        let version = version.to_owned();
         let resources = wanted
             .keys()
             .filter_map(|n| snapshot.get(type_url, n))

@@ -1,7 +1,7 @@
 //! What the server knows of each connected client, per type: what it subscribed to, the last
 //! version sent, the last it ACKed, and its last NACK with the message and when. The engines
 //! keep it; the transport lists it (admin, CSDS).
-use std::{collections::BTreeSet, time::SystemTime};
+use std::time::SystemTime;
 
 use serde::Serialize;
 
@@ -25,9 +25,9 @@ fn unix_seconds<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::
 /// What one client has of one type.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct TypeStatus {
-    /// Every resource of the type (`*`), or these names.
+    /// Every resource of the type (`*`), and how many names besides.
     pub wildcard: bool,
-    pub names: BTreeSet<String>,
+    pub subscribed: usize,
     /// The version of the last response sent (state of the world: the type's version; delta:
     /// the snapshot's).
     pub sent_version: Option<String>,

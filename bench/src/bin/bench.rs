@@ -24,6 +24,8 @@ use tern_bench::{
 };
 use tern_tests::{Cgroup, ControlPlane, Netns, Process, Tern, bin_dir, eventually, mesh};
 
+#[path = "bench/discovery.rs"]
+mod discovery;
 #[path = "bench/mtls.rs"]
 mod mtls;
 
@@ -57,6 +59,10 @@ fn run() -> Result<()> {
     let criterion_dir = std::env::args().nth(2).map(PathBuf::from);
     std::fs::create_dir_all(&out_dir)?;
     // `TERN_BENCH_ONLY=xds`: only the xDS measurements, printed (for working on them).
+    if std::env::var("TERN_BENCH_ONLY").as_deref() == Ok("discovery") {
+        println!("{:#?}", discovery::run()?);
+        return Ok(());
+    }
     if std::env::var("TERN_BENCH_ONLY").as_deref() == Ok("mtls") {
         println!("{:#?}", mtls::run()?);
         return Ok(());
@@ -204,6 +210,7 @@ fn run() -> Result<()> {
     drop(bench);
     let xds = xds_updates()?;
     let mtls = mtls::run()?;
+    let discovery = discovery::run()?;
 
     let report = Report::new(
         groups,
@@ -211,6 +218,7 @@ fn run() -> Result<()> {
         idle_rss,
         xds,
         Some(mtls),
+        Some(discovery),
         read_micro(&out_dir, criterion_dir.as_deref()),
         started.elapsed(),
     );

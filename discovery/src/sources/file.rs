@@ -33,7 +33,9 @@ pub async fn watch(path: PathBuf, interval: Duration, events: mpsc::Sender<Sourc
             continue;
         }
         last = now;
+        let started = std::time::Instant::now();
         let result = read(&path);
+        tracing::debug!(took = ?started.elapsed(), "services file read");
         if let Err(e) = &result {
             warn!(error = %e, "the services file is refused; the last good one stays");
         }
