@@ -285,7 +285,6 @@ impl Report {
         idle_rss_mib_1000_clusters: f64,
         xds_updates: XdsUpdates,
         mtls: Option<MtlsBench>,
-        discovery: Option<DiscoveryBench>,
         micro: BTreeMap<String, f64>,
         took: Duration,
     ) -> Self {
@@ -296,10 +295,16 @@ impl Report {
             idle_rss_mib_1000_clusters,
             xds_updates,
             mtls,
-            discovery,
+            discovery: None,
             micro,
             duration_secs: took.as_secs_f64(),
         }
+    }
+
+    /// With tern discovery's measurements.
+    pub fn with_discovery(mut self, discovery: DiscoveryBench) -> Self {
+        self.discovery = Some(discovery);
+        self
     }
 
     /// Writes `report.json`, `report.md` and `report.svg` into `dir`.

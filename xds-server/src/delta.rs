@@ -178,11 +178,11 @@ impl DeltaStream {
                     updates.push(r)
                 }
                 Some(_) => {}
-                None if state.held.contains_key(name) => {
-                    if !state.status.wildcard {
-                        removed.push(name.clone());
-                    }
+                // Under the wildcard, the pass over what the client holds found it gone.
+                None if state.held.contains_key(name) && !state.status.wildcard => {
+                    removed.push(name.clone());
                 }
+                None if state.held.contains_key(name) => {}
                 None if !state.reported_absent.contains(name) => absent.push(name.clone()),
                 None => {}
             }

@@ -349,7 +349,7 @@ mod tests {
     fn a_reconnecting_client_holding_the_current_set_gets_nothing() {
         let snap = snapshot(&[(CDS, "a", "1")]);
         let mut s = SotwStream::new();
-        let (_, r) = s.on_request(&request(CDS, &[], &snap.version(CDS), ""), &snap);
+        let (_, r) = s.on_request(&request(CDS, &[], snap.version(CDS), ""), &snap);
         assert!(r.is_none());
         assert!(s.status().next().unwrap().1.in_sync());
         // An older version: the current set.
@@ -363,7 +363,7 @@ mod tests {
         let mut u = SotwStream::new();
         let eds = snapshot(&[(EDS, "a", "1")]);
         assert!(
-            u.on_request(&request(EDS, &["a"], &eds.version(EDS), ""), &eds)
+            u.on_request(&request(EDS, &["a"], eds.version(EDS), ""), &eds)
                 .1
                 .is_some()
         );

@@ -218,10 +218,10 @@ fn run() -> Result<()> {
         idle_rss,
         xds,
         Some(mtls),
-        Some(discovery),
         read_micro(&out_dir, criterion_dir.as_deref()),
         started.elapsed(),
-    );
+    )
+    .with_discovery(discovery);
     report.write(&out_dir)?;
     println!("{}", report.markdown());
     Ok(())
