@@ -284,7 +284,7 @@ pub async fn run(args: DiscoveryArgs) -> anyhow::Result<()> {
             endpoints: args.etcd.clone(),
             prefix: args.etcd_prefix.clone(),
         };
-        tokio::spawn(crate::sources::etcd::watch(source, events_tx.clone()));
+        tokio::spawn(crate::sources::keep_watching(source, events_tx.clone()));
     }
     if !args.zookeeper.is_empty() && !args.serverset.is_empty() {
         let source = crate::sources::zookeeper::ZookeeperSource {
@@ -292,7 +292,7 @@ pub async fn run(args: DiscoveryArgs) -> anyhow::Result<()> {
             serversets: args.serverset.clone(),
             session_timeout: Duration::from_millis(args.zookeeper_session_ms.clamp(2000, 60_000)),
         };
-        tokio::spawn(crate::sources::zookeeper::watch(source, events_tx.clone()));
+        tokio::spawn(crate::sources::keep_watching(source, events_tx.clone()));
     }
     let applier = state.clone();
     tokio::spawn(async move {

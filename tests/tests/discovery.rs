@@ -111,6 +111,32 @@ fn assert_spread(calls: &serde_json::Value, servers: &[&str]) {
     assert!(by.values().all(|n| n.as_u64().unwrap() >= 15), "{calls}");
 }
 
+/// Thrift servers `calc-1`… at 10.66.1.2:9001… in the server namespace.
+fn calc_servers(p: &tern_tests::Pods, n: u16) -> Vec<Process> {
+    (1..=n)
+        .map(|i| {
+            thrift_serve(
+                &p.srv,
+                &format!("10.66.1.2:{}", 9000 + i),
+                &format!("calc-{i}"),
+            )
+            .unwrap()
+        })
+        .collect()
+}
+
+/// A client in the application Pod making `phases` rounds of 60 calls to `calc`'s virtual IP.
+fn calc_client(p: &tern_tests::Pods, phases: u32) -> ThriftClient {
+    let phases = phases.to_string();
+    ThriftClient::start(
+        &p.app,
+        Some(&p.cgroup),
+        "10.96.0.20:9090",
+        &["--calls", "60", "--phases", &phases],
+    )
+    .unwrap()
+}
+
 fn calc_services(ports: &[u16]) -> String {
     let endpoints: Vec<String> = ports.iter().map(|p| format!("\"10.66.1.2:{p}\"")).collect();
     format!(
@@ -124,10 +150,7 @@ fn calc_services(ports: &[u16]) -> String {
 /// file takes its share on the same client connection.
 fn sidecar_balances_thrift(delta: bool) {
     let p = pods();
-    let _servers: Vec<Process> = [(9001, "calc-1"), (9002, "calc-2"), (9003, "calc-3")]
-        .iter()
-        .map(|(port, id)| thrift_serve(&p.srv, &format!("10.66.1.2:{port}"), id).unwrap())
-        .collect();
+    let _servers: Vec<Process> = calc_servers(&p, 3);
     let d = Discovery::start(
         &p.app,
         "127.0.0.1:15010",
@@ -138,13 +161,7 @@ fn sidecar_balances_thrift(delta: bool) {
     .unwrap();
     let extra: &[&str] = if delta { &["--xds-delta"] } else { &[] };
     let tern = p.start_tern_xds(extra, "info").unwrap();
-    let mut client = ThriftClient::start(
-        &p.app,
-        Some(&p.cgroup),
-        "10.96.0.20:9090",
-        &["--calls", "60", "--phases", "2"],
-    )
-    .unwrap();
+    let mut client = calc_client(&p, 2);
     let first = client.result();
     assert_eq!(
         first.counts(),
@@ -238,10 +255,7 @@ fn verdict(d: &Discovery, ns: &Netns, address: &str) -> String {
 fn a_hung_thrift_server_is_checked_out_and_back_in() {
     let p = pods();
     let mut calc3 = Some(thrift_serve(&p.srv, "10.66.1.2:9003", "calc-3").unwrap());
-    let _servers: Vec<Process> = [(9001, "calc-1"), (9002, "calc-2")]
-        .iter()
-        .map(|(port, id)| thrift_serve(&p.srv, &format!("10.66.1.2:{port}"), id).unwrap())
-        .collect();
+    let _servers: Vec<Process> = calc_servers(&p, 2);
     let d = Discovery::start(
         &p.app,
         "127.0.0.1:15010",
@@ -262,13 +276,7 @@ fn a_hung_thrift_server_is_checked_out_and_back_in() {
         d.get(&p.app, "/debug/health")
     );
     assert!(eventually(Duration::from_secs(5), || d.all_in_sync(&p.app)));
-    let mut client = ThriftClient::start(
-        &p.app,
-        Some(&p.cgroup),
-        "10.96.0.20:9090",
-        &["--calls", "60", "--phases", "3"],
-    )
-    .unwrap();
+    let mut client = calc_client(&p, 3);
     let first = client.result();
     assert_eq!(
         first.counts(),
@@ -364,10 +372,7 @@ fn kitex_calc() -> String {
 fn tern_sidecars_balance_over_instances_registered_in_etcd() {
     let p = pods();
     let mut etcd = tern_tests::registry::Etcd::start(&p.app, 23790).unwrap();
-    let mut servers: Vec<Process> = [(9001, "calc-1"), (9002, "calc-2"), (9003, "calc-3")]
-        .iter()
-        .map(|(port, id)| thrift_serve(&p.srv, &format!("10.66.1.2:{port}"), id).unwrap())
-        .collect();
+    let mut servers: Vec<Process> = calc_servers(&p, 3);
     let _calc1 = etcd.register_kitex("calc", "10.66.1.2:9001", 2).unwrap();
     let _calc2 = etcd.register_kitex("calc", "10.66.1.2:9002", 2).unwrap();
     let d = Discovery::start(
@@ -389,13 +394,7 @@ fn tern_sidecars_balance_over_instances_registered_in_etcd() {
         d.tern.log()
     );
     let tern = p.start_tern_xds(&[], "info").unwrap();
-    let mut client = ThriftClient::start(
-        &p.app,
-        Some(&p.cgroup),
-        "10.96.0.20:9090",
-        &["--calls", "60", "--phases", "4"],
-    )
-    .unwrap();
+    let mut client = calc_client(&p, 4);
     let first = client.result();
     assert_eq!(
         first.counts(),
@@ -543,10 +542,7 @@ fn join_serverset(ns: &Netns, zk: &str, path: &str, addr: &str, status: &str) ->
 fn tern_sidecars_balance_over_serverset_members_in_zookeeper() {
     let p = pods();
     let mut zk = tern_tests::registry::Zookeeper::start(&p.app, 21810).unwrap();
-    let _servers: Vec<Process> = [(9001, "calc-1"), (9002, "calc-2"), (9003, "calc-3")]
-        .iter()
-        .map(|(port, id)| thrift_serve(&p.srv, &format!("10.66.1.2:{port}"), id).unwrap())
-        .collect();
+    let _servers: Vec<Process> = calc_servers(&p, 3);
     let path = "/aurora/www-data/prod/calc";
     let _m1 = join_serverset(&p.app, &zk.hosts, path, "10.66.1.2:9001", "ALIVE");
     let _m2 = join_serverset(&p.app, &zk.hosts, path, "10.66.1.2:9002", "ALIVE");
@@ -593,13 +589,7 @@ fn tern_sidecars_balance_over_serverset_members_in_zookeeper() {
         source()
     );
     let tern = p.start_tern_xds(&["--xds-delta"], "info").unwrap();
-    let mut client = ThriftClient::start(
-        &p.app,
-        Some(&p.cgroup),
-        "10.96.0.20:9090",
-        &["--calls", "60", "--phases", "4"],
-    )
-    .unwrap();
+    let mut client = calc_client(&p, 4);
     let first = client.result();
     assert_eq!(
         first.counts(),
@@ -1049,10 +1039,7 @@ fn xds_over_tls_requires_client_certificates() {
 #[test]
 fn a_restarted_discovery_makes_no_client_rebuild() {
     let p = pods();
-    let _servers: Vec<Process> = [(9001, "calc-1"), (9002, "calc-2")]
-        .iter()
-        .map(|(port, id)| thrift_serve(&p.srv, &format!("10.66.1.2:{port}"), id).unwrap())
-        .collect();
+    let _servers: Vec<Process> = calc_servers(&p, 2);
     let services = calc_services(&[9001, 9002]);
     let d = Discovery::start(&p.app, "127.0.0.1:15010", "127.0.0.1:15014", &services, &[]).unwrap();
     let tern = p.start_tern_xds(&[], "info").unwrap();

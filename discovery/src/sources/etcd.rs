@@ -147,20 +147,13 @@ async fn connect(source: &EtcdSource) -> Result<Channel, String> {
     Err(last)
 }
 
-/// Reads and watches the registry until `events` closes.
-pub async fn watch(source: EtcdSource, events: mpsc::Sender<SourceEvent>) {
-    let mut backoff = Backoff::default();
-    loop {
-        let error = session(&source, &events, &mut backoff).await;
-        let event = SourceEvent {
-            source: source.name(),
-            kind: SourceKind::Registry,
-            result: Err(error),
-        };
-        if events.send(event).await.is_err() {
-            return;
-        }
-        backoff.wait().await;
+impl super::Registry for EtcdSource {
+    fn name(&self) -> String {
+        EtcdSource::name(self)
+    }
+
+    async fn session(&self, events: &mpsc::Sender<SourceEvent>, backoff: &mut Backoff) -> String {
+        session(self, events, backoff).await
     }
 }
 

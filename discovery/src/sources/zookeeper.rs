@@ -178,20 +178,13 @@ fn is_member(name: &str) -> bool {
         .is_some_and(|d| !d.is_empty() && d.chars().all(|c| c.is_ascii_digit() || c == '-'))
 }
 
-/// Reads and watches the serversets until `events` closes.
-pub async fn watch(source: ZookeeperSource, events: mpsc::Sender<SourceEvent>) {
-    let mut backoff = Backoff::default();
-    loop {
-        let error = session(&source, &events, &mut backoff).await;
-        let event = SourceEvent {
-            source: source.name(),
-            kind: SourceKind::Registry,
-            result: Err(error),
-        };
-        if events.send(event).await.is_err() {
-            return;
-        }
-        backoff.wait().await;
+impl super::Registry for ZookeeperSource {
+    fn name(&self) -> String {
+        ZookeeperSource::name(self)
+    }
+
+    async fn session(&self, events: &mpsc::Sender<SourceEvent>, backoff: &mut Backoff) -> String {
+        session(self, events, backoff).await
     }
 }
 
