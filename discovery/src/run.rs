@@ -151,6 +151,13 @@ impl State {
         });
         if changed {
             info!(services = services.len(), took = ?started.elapsed(), "configuration published");
+            // The previous snapshots, decoded registries and parsed files were freed at once;
+            // glibc keeps such memory unless asked.
+            #[cfg(target_env = "gnu")]
+            // SAFETY: malloc_trim only walks glibc's own heap metadata; it takes no pointers.
+            unsafe {
+                libc::malloc_trim(0);
+            }
         }
     }
 

@@ -137,6 +137,12 @@ pub fn run() -> Result<DiscoveryBench> {
         tern.log()
     );
     let pid = tern.process.pid();
+    let stage = |what: &str| {
+        if std::env::var_os("TERN_BENCH_LOG").is_some() {
+            eprintln!("{what}: RSS {} MiB", proc_kib(pid, "VmRSS") / 1024);
+        }
+    };
+    stage("started, no client");
 
     // The clients run in this process, in the namespace's network (setns on a thread of their
     // own, so the rest of the bench keeps its namespace).
@@ -177,6 +183,7 @@ pub fn run() -> Result<DiscoveryBench> {
         "the clients never got every endpoint: {} ACKs",
         acks.lock().map(|a| a.len()).unwrap_or(0)
     );
+    stage("100 clients hold every resource");
     let connected = admin("/debug/syncz").matches("\"node_id\"").count();
     ensure!(connected == CLIENTS, "{connected} clients connected");
 
