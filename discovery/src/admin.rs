@@ -15,7 +15,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::debug;
 
-use crate::run::State;
+use crate::state::State;
 
 fn respond(
     status: StatusCode,

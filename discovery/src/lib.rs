@@ -9,6 +9,7 @@
 //! - [`generate`]: resources from services, for sidecars and for gRPC;
 //! - [`health`]: active health checks, and what their verdicts make of EDS health;
 //! - [`views`]: which client gets which resources;
+//! - [`state`]: what it holds while it runs, and how events become published configuration;
 //! - [`admin`]: the admin server (client sync status, sources, metrics);
 //! - [`run`]: the process and its flags.
 pub mod admin;
@@ -19,6 +20,7 @@ pub mod health;
 pub mod model;
 pub mod run;
 pub mod sources;
+pub mod state;
 pub mod views;
 
 pub use run::{DiscoveryArgs, run};
