@@ -14,6 +14,9 @@ for a line on stdin before the next.
     xds_raw.py per-type ADDR CLUSTER
         CDS on its own service (StreamClusters, wildcard), EDS's FetchEndpoints for CLUSTER, and a
         listener asked of CDS; prints {"clusters": n, "endpoints": n, "wrong_type": error}.
+    xds_raw.py stall ADDR N
+        a delta client subscribing to every cluster and the endpoints of svc-0 … svc-N-1 that
+        never reads a response (a client that cannot keep up); prints "ready" once subscribed.
     xds_raw.py probe ADDR CA [CERT KEY]
         opens a state-of-the-world stream over TLS (the server checked against CA, with the
         client certificate if given) and prints {"ok": true} once a response arrives, or
@@ -31,6 +34,7 @@ from google.rpc import status_pb2
 
 CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 LDS = "type.googleapis.com/envoy.config.listener.v3.Listener"
+EDS = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 NODE = base_pb2.Node(id="raw-client", cluster="tern-tests", user_agent_name="xds-raw")
 
 
@@ -146,6 +150,18 @@ def per_type(addr, cluster):
     say(clusters=clusters, endpoints=len(fetched.resources), wrong_type=wrong)
 
 
+def stall(addr, n):
+    stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(grpc.insecure_channel(addr))
+    requests = queue.Queue()
+    call = stub.DeltaAggregatedResources(iter(requests.get, None))
+    requests.put(discovery_pb2.DeltaDiscoveryRequest(node=NODE, type_url=CDS, resource_names_subscribe=["*"]))
+    names = [f"outbound|9090||svc-{i}" for i in range(int(n))]
+    requests.put(discovery_pb2.DeltaDiscoveryRequest(type_url=EDS, resource_names_subscribe=names))
+    print("ready", flush=True)
+    # Never reads `call`.
+    threading.Event().wait()
+
+
 def probe(addr, ca, cert=None, key=None):
     read = lambda p: open(p, "rb").read() if p else None
     creds = grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
@@ -163,6 +179,8 @@ def probe(addr, ca, cert=None, key=None):
 if __name__ == "__main__":
     if sys.argv[1] == "probe":
         probe(*sys.argv[2:])
+    elif sys.argv[1] == "stall":
+        stall(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "per-type":
         per_type(sys.argv[2], sys.argv[3])
     else:

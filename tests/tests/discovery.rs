@@ -1138,3 +1138,117 @@ fn the_per_type_services_serve_their_type() {
         "{r}"
     );
 }
+
+/// `n` services `svc-0`…, 10 endpoints each of weight `weight`; `svc-0`'s endpoints are
+/// `first`.
+fn many_services(n: usize, first: &[u16], weight: u32) -> String {
+    let mut s = String::from("services:\n");
+    for i in 0..n {
+        let endpoints: Vec<String> = if i == 0 {
+            first.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect()
+        } else {
+            (1..=10)
+                .map(|e| {
+                    format!(
+                        "{{ address: \"10.9.{}.{e}:9090\", weight: {weight} }}",
+                        i % 250
+                    )
+                })
+                .collect()
+        };
+        s.push_str(&format!(
+            "  - {{ name: svc-{i}, port: 9090, protocol: grpc, endpoints: [{}] }}\n",
+            endpoints.join(", ")
+        ));
+    }
+    s
+}
+
+/// A client that stops reading holds up nobody: while it never reads, twenty changes of every
+/// service's endpoints reach a gRPC client, and the stalled client is not sent a backlog (once
+/// its connection's window and its bounded queue are full, later states replace each other).
+#[test]
+fn a_client_that_stops_reading_holds_up_nobody() {
+    tern_tests::require_root();
+    let ns = Netns::new("disc").unwrap();
+    let _servers: Vec<Process> = [(50061, "s1"), (50062, "s2")]
+        .iter()
+        .map(|(port, id)| grpc_server(&ns, *port, id))
+        .collect();
+    let d = Discovery::start(
+        &ns,
+        "127.0.0.1:15010",
+        "127.0.0.1:15014",
+        &many_services(500, &[50061], 1),
+        &[],
+    )
+    .unwrap();
+    let script = python_peer("xds_raw.py");
+    let stalled = start_server(
+        &ns,
+        None,
+        Path::new("python3"),
+        &[script.to_str().unwrap(), "stall", "127.0.0.1:15010", "500"],
+    )
+    .unwrap();
+    // Frozen: not even its transport reads, so its flow-control window stays as it is.
+    std::thread::sleep(Duration::from_millis(300));
+    std::process::Command::new("kill")
+        .args(["-STOP", &stalled.pid().to_string()])
+        .status()
+        .unwrap();
+    let bootstrap = Bootstrap::new("127.0.0.1:15010", "grpc-client-3").unwrap();
+    let mut client = grpc_client(&ns, &bootstrap, "xds:///svc-0");
+    let first: serde_json::Value = client.read().unwrap();
+    assert_eq!(first["by_server"]["s1"], 40, "{first}");
+
+    for k in 0..20 {
+        let last = if k % 2 == 0 { 50062 } else { 50061 };
+        // Every service changes: each change is a response of every endpoints resource.
+        d.write(&many_services(500, &[last], 2 + k)).unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let grpc_in_sync = || {
+        d.json(&ns, "/debug/syncz").as_array().is_some_and(|all| {
+            all.iter().any(|c| {
+                c["node_id"] == "grpc-client-3"
+                    && c["types"].as_object().is_some_and(|t| {
+                        t.values().all(|s| s["sent_version"] == s["acked_version"])
+                    })
+            })
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || served(&d, &ns, "svc-0")
+            == ["127.0.0.1:50061"]
+            && grpc_in_sync()),
+        "{}",
+        d.get(&ns, "/debug/syncz")
+    );
+    // gRPC's round robin keeps its previous picker until a new endpoint's connection is ready.
+    std::thread::sleep(Duration::from_millis(500));
+    client.next_phase();
+    let second: serde_json::Value = client.read().unwrap();
+    assert_eq!(
+        second["by_server"]["s1"], 40,
+        "the last change (s1) reached the client: {second}"
+    );
+    let status = d
+        .json(&ns, "/debug/syncz")
+        .as_array()
+        .and_then(|all| all.iter().find(|c| c["node_id"] == "raw-client").cloned())
+        .unwrap_or_default();
+    let eds = status["types"]["type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"]
+        ["responses"]
+        .as_u64()
+        .unwrap_or(99);
+    eprintln!("the stalled client was sent {eds} endpoint responses for 20 changes");
+    assert!(
+        eds < 20,
+        "the stalled client was sent {eds} responses for 20 changes (one each: a backlog): {status}"
+    );
+    std::process::Command::new("kill")
+        .args(["-CONT", &stalled.pid().to_string()])
+        .status()
+        .unwrap();
+}
