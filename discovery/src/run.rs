@@ -160,6 +160,7 @@ pub async fn run(args: DiscoveryArgs) -> anyhow::Result<()> {
         .add_service(eds)
         .add_service(lds)
         .add_service(rds)
+        .add_service(tern_xds_server::Csds::new(state.clients.clone()))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
             shutdown(),

@@ -28,6 +28,17 @@ pub use envoy_types::pb::{
 pub mod build;
 pub mod etcd;
 
+/// Client status discovery (CSDS): what a control plane knows of each client's configuration.
+pub mod csds_types {
+    pub use envoy_types::pb::envoy::{
+        admin::v3::{ClientResourceStatus, UpdateFailureState},
+        service::status::v3::{
+            ClientConfig, ClientStatusRequest, ClientStatusResponse, ConfigStatus,
+            client_config::GenericXdsConfig, client_status_discovery_service_server,
+        },
+    };
+}
+
 /// The per-type discovery services (CDS, EDS, LDS, RDS), beside ADS.
 pub mod discovery_services {
     pub use envoy_types::pb::envoy::service::{
@@ -79,7 +90,7 @@ pub use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as Htt
 pub use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
 pub mod wkt {
     pub use envoy_types::pb::google::protobuf::{
-        BoolValue, Duration, Struct, UInt32Value, UInt64Value, Value, value::Kind,
+        BoolValue, Duration, Struct, Timestamp, UInt32Value, UInt64Value, Value, value::Kind,
     };
 }
 

@@ -17,6 +17,9 @@ for a line on stdin before the next.
     xds_raw.py stall ADDR N
         a delta client subscribing to every cluster and the endpoints of svc-0 … svc-N-1 that
         never reads a response (a client that cannot keep up); prints "ready" once subscribed.
+    xds_raw.py csds ADDR
+        FetchClientStatus (CSDS) for every client; prints
+        {node_id: {type_url: {"config_status", "client_status", "version", "error"}}}.
     xds_raw.py probe ADDR CA [CERT KEY]
         opens a state-of-the-world stream over TLS (the server checked against CA, with the
         client certificate if given) and prints {"ok": true} once a response arrives, or
@@ -162,6 +165,26 @@ def stall(addr, n):
     threading.Event().wait()
 
 
+def csds(addr):
+    from envoy.admin.v3 import config_dump_shared_pb2
+    from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
+
+    stub = csds_pb2_grpc.ClientStatusDiscoveryServiceStub(grpc.insecure_channel(addr))
+    response = stub.FetchClientStatus(csds_pb2.ClientStatusRequest(), timeout=5)
+    out = {}
+    for config in response.config:
+        out[config.node.id] = {
+            g.type_url: {
+                "config_status": csds_pb2.ConfigStatus.Name(g.config_status),
+                "client_status": config_dump_shared_pb2.ClientResourceStatus.Name(g.client_status),
+                "version": g.version_info,
+                "error": g.error_state.details,
+            }
+            for g in config.generic_xds_configs
+        }
+    say(**out)
+
+
 def probe(addr, ca, cert=None, key=None):
     read = lambda p: open(p, "rb").read() if p else None
     creds = grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
@@ -179,6 +202,8 @@ def probe(addr, ca, cert=None, key=None):
 if __name__ == "__main__":
     if sys.argv[1] == "probe":
         probe(*sys.argv[2:])
+    elif sys.argv[1] == "csds":
+        csds(sys.argv[2])
     elif sys.argv[1] == "stall":
         stall(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "per-type":

@@ -6,13 +6,16 @@
 //! - [`sotw`]: the state-of-the-world protocol of one stream, without a transport;
 //! - [`delta`]: the incremental protocol, likewise;
 //! - [`status`]: what each client subscribed, was sent, ACKed and NACKed;
-//! - [`server`]: the gRPC services over `tonic`, one task per stream, and the client registry.
+//! - [`server`]: the gRPC services over `tonic`, one task per stream, and the client registry;
+//! - [`csds`]: the client registry as Envoy's client status discovery service.
+pub mod csds;
 pub mod delta;
 pub mod server;
 pub mod snapshot;
 pub mod sotw;
 pub mod status;
 
+pub use csds::Csds;
 pub use delta::DeltaStream;
 pub use server::{ClientInfo, Clients, Server, Views};
 pub use snapshot::{Resource, Snapshot};
