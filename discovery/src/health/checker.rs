@@ -190,6 +190,40 @@ mod tests {
     use super::*;
     use crate::config;
 
+    /// A source update that keeps an endpoint keeps its verdict (and its task); one that drops
+    /// it drops both.
+    #[tokio::test]
+    async fn verdicts_survive_updates_that_keep_the_endpoint() {
+        let yaml = |endpoints: &str| {
+            config::parse(&format!(
+                "services:
+  - name: calc
+    port: 9090
+    endpoints: [{endpoints}]
+    health_check: {{ interval: 3600s, timeout: 1s, healthy_threshold: 1, unhealthy_threshold: 1, tcp_health_check: {{}} }}
+"
+            ))
+            .unwrap()
+            .services
+        };
+        let checker = Checker::new(4, Arc::new(Notify::new()));
+        checker.reconcile(&yaml("\"10.0.0.1:9090\""));
+        let key = (
+            "outbound|9090||calc".to_owned(),
+            "10.0.0.1:9090".parse().unwrap(),
+        );
+        lock(&checker.verdicts)
+            .entry(key.clone())
+            .or_default()
+            .record(Err("refused".into()), 1, 1);
+        checker.reconcile(&yaml("\"10.0.0.1:9090\", \"10.0.0.2:9090\""));
+        assert_eq!(lock(&checker.verdicts)[&key].verdict, Verdict::Unhealthy);
+        assert_eq!(lock(&checker.tasks).len(), 2);
+        checker.reconcile(&yaml("\"10.0.0.2:9090\""));
+        assert!(!lock(&checker.verdicts).contains_key(&key));
+        assert_eq!(lock(&checker.tasks).len(), 1);
+    }
+
     /// Endpoints of a service whose check fails everywhere are served as their registry says
     /// (panic); one failing endpoint of three is served UNHEALTHY.
     #[test]
