@@ -36,7 +36,13 @@ pub struct State {
     pub views: Arc<ClientViews>,
     pub checker: Arc<Checker>,
     catalog: Mutex<Catalog>,
+    /// When freed memory was last given back (walking the heap costs tens of milliseconds at
+    /// fleet size, so not at every change of a churning registry).
+    trimmed: Mutex<std::time::Instant>,
 }
+
+/// At most this often is freed memory given back.
+const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl State {
     pub fn new(
@@ -50,6 +56,7 @@ impl State {
             views,
             checker,
             catalog: Mutex::new(catalog),
+            trimmed: Mutex::new(std::time::Instant::now()),
         }
     }
 
@@ -101,13 +108,7 @@ impl State {
         });
         if changed {
             info!(services = services.len(), took = ?started.elapsed(), "configuration published");
-            // The previous snapshots, decoded registries and parsed files were freed at once;
-            // glibc keeps such memory unless asked.
-            #[cfg(target_env = "gnu")]
-            // SAFETY: malloc_trim only walks glibc's own heap metadata; it takes no pointers.
-            unsafe {
-                libc::malloc_trim(0);
-            }
+            self.release_free_memory();
         }
     }
 
@@ -144,6 +145,24 @@ impl State {
                 })
             })
             .collect()
+    }
+
+    /// Gives freed memory back (the previous snapshots, decoded registries and parsed files
+    /// were freed at once; glibc keeps such memory unless asked), at most every [`TRIM_EVERY`].
+    fn release_free_memory(&self) {
+        let mut last = self
+            .trimmed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.elapsed() < TRIM_EVERY {
+            return;
+        }
+        *last = std::time::Instant::now();
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only walks glibc's own heap metadata; it takes no pointers.
+        unsafe {
+            libc::malloc_trim(0);
+        }
     }
 
     /// A health verdict changed: publishes the views again.
