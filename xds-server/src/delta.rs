@@ -15,8 +15,8 @@ use tern_proto::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as Wire
 
 use crate::{
     snapshot::Snapshot,
-    sotw::{Received, is_wildcard_type},
-    status::TypeStatus,
+    sotw::is_wildcard_type,
+    status::{Received, TypeStatus},
 };
 
 #[derive(Debug, Default)]
@@ -61,23 +61,12 @@ impl DeltaStream {
     ) -> (Received, Option<DeltaDiscoveryResponse>) {
         let type_url = request.type_url.as_str();
         let state = self.types.entry(type_url.to_owned()).or_default();
-        let received = if request.response_nonce.is_empty() {
-            Received::Request
-        } else if state.nonce.as_deref() != Some(request.response_nonce.as_str()) {
-            Received::Stale
-        } else {
-            let sent = state.status.sent_version.clone().unwrap_or_default();
-            match &request.error_detail {
-                Some(error) => {
-                    state.status.nack(&sent, &error.message);
-                    Received::Nack
-                }
-                None => {
-                    state.status.ack(&sent);
-                    Received::Ack
-                }
-            }
-        };
+        // A stale nonce's subscription changes still count (delta).
+        let received = state.status.receive(
+            state.nonce.as_deref(),
+            &request.response_nonce,
+            request.error_detail.as_ref().map(|e| e.message.as_str()),
+        );
 
         let first = !state.started;
         if first {

@@ -19,5 +19,5 @@ pub use csds::Csds;
 pub use delta::DeltaStream;
 pub use server::{ClientInfo, Clients, Server, Views};
 pub use snapshot::{Resource, Snapshot};
-pub use sotw::{Received, SotwStream};
-pub use status::{Nack, TypeStatus};
+pub use sotw::SotwStream;
+pub use status::{Nack, Received, TypeStatus};

@@ -37,8 +37,8 @@ use tracing::{debug, info, warn};
 use crate::{
     delta::DeltaStream,
     snapshot::Snapshot,
-    sotw::{Received, SotwStream},
-    status::TypeStatus,
+    sotw::SotwStream,
+    status::{Received, TypeStatus},
 };
 
 /// Where the server gets what to serve a client.

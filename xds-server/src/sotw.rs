@@ -18,18 +18,10 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use tern_proto::{DiscoveryRequest, DiscoveryResponse, type_url};
 
-use crate::{snapshot::Snapshot, status::TypeStatus};
-
-/// What a request was, for the server's log and counters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Received {
-    /// The first request of a type on the stream, or one changing only the subscription.
-    Request,
-    Ack,
-    Nack,
-    /// A nonce that is not the type's latest: superseded, ignored.
-    Stale,
-}
+use crate::{
+    snapshot::Snapshot,
+    status::{Received, TypeStatus},
+};
 
 /// Types whose first request naming nothing means every resource (legacy wildcard).
 pub fn is_wildcard_type(type_url: &str) -> bool {
@@ -100,18 +92,15 @@ impl SotwStream {
     ) -> (Received, Option<DiscoveryResponse>) {
         let type_url = request.type_url.as_str();
         let state = self.types.entry(type_url.to_owned()).or_default();
-        let received = if request.response_nonce.is_empty() {
-            Received::Request
-        } else if state.nonce.as_deref() != Some(request.response_nonce.as_str()) {
-            return (Received::Stale, None);
-        } else if let Some(error) = &request.error_detail {
-            let refused = state.status.sent_version.clone().unwrap_or_default();
-            state.status.nack(&refused, &error.message);
-            Received::Nack
-        } else {
-            state.status.ack(&request.version_info);
-            Received::Ack
-        };
+        let received = state.status.receive(
+            state.nonce.as_deref(),
+            &request.response_nonce,
+            request.error_detail.as_ref().map(|e| e.message.as_str()),
+        );
+        if received == Received::Stale {
+            // Superseded: its subscription too (state of the world).
+            return (received, None);
+        }
 
         let names: BTreeSet<String> = request.resource_names.iter().cloned().collect();
         let legacy_wildcard = !state.named && names.is_empty() && is_wildcard_type(type_url);

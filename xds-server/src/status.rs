@@ -5,6 +5,17 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
+/// What a request was, for the server's log and counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Received {
+    /// The first request of a type on the stream, or one changing only the subscription.
+    Request,
+    Ack,
+    Nack,
+    /// A nonce that is not the type's latest: superseded (its ACK or NACK does not count).
+    Stale,
+}
+
 /// A NACK: the version refused, the client's message, when.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Nack {
@@ -45,6 +56,33 @@ impl TypeStatus {
     /// Whether the client applied what was last sent.
     pub fn in_sync(&self) -> bool {
         self.sent_version.is_some() && self.sent_version == self.acked_version
+    }
+
+    /// Tells a request by its nonce (`latest`: that of the type's last response) and records
+    /// an ACK or a NACK (it carries an `error`) of the version that response carried.
+    pub(crate) fn receive(
+        &mut self,
+        latest: Option<&str>,
+        response_nonce: &str,
+        error: Option<&str>,
+    ) -> Received {
+        if response_nonce.is_empty() {
+            return Received::Request;
+        }
+        if latest != Some(response_nonce) {
+            return Received::Stale;
+        }
+        let sent = self.sent_version.clone().unwrap_or_default();
+        match error {
+            Some(message) => {
+                self.nack(&sent, message);
+                Received::Nack
+            }
+            None => {
+                self.ack(&sent);
+                Received::Ack
+            }
+        }
     }
 
     pub(crate) fn ack(&mut self, version: &str) {
