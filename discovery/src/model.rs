@@ -92,6 +92,20 @@ pub struct Service {
 }
 
 impl Service {
+    /// A service only a registry knows, with its defaults: Thrift, round robin, the port of its
+    /// first endpoint, no virtual IP, no health check.
+    pub fn registered(name: String, endpoints: Vec<Endpoint>) -> Self {
+        Self {
+            port: endpoints.first().map_or(0, |e| e.address.port()),
+            name,
+            protocol: Protocol::Thrift,
+            vip: None,
+            lb: LbPolicy::RoundRobin,
+            endpoints,
+            health_check: None,
+        }
+    }
+
     /// Its cluster's name, as istiod names outbound clusters.
     pub fn cluster(&self) -> String {
         format!("outbound|{}||{}", self.port, self.name)

@@ -23,7 +23,7 @@ use super::{Backoff, SourceEvent};
 use crate::{
     catalog::SourceKind,
     config::{Parsed, Skipped},
-    model::{Endpoint as Instance, Health, LbPolicy, Locality, Protocol, Service},
+    model::{Endpoint as Instance, Health, Locality, Service},
 };
 
 /// Kitex's default prefix.
@@ -117,15 +117,7 @@ pub fn services(prefix: &[u8], keys: &BTreeMap<Vec<u8>, Vec<u8>>) -> Parsed {
     }
     let services = by_service
         .into_iter()
-        .map(|(name, endpoints)| Service {
-            port: endpoints.first().map_or(0, |e| e.address.port()),
-            name,
-            protocol: Protocol::Thrift,
-            vip: None,
-            lb: LbPolicy::RoundRobin,
-            endpoints,
-            health_check: None,
-        })
+        .map(|(name, endpoints)| Service::registered(name, endpoints))
         .collect();
     Parsed { services, skipped }
 }
@@ -263,6 +255,7 @@ async fn session(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Protocol;
 
     #[test]
     fn kitex_instances_become_endpoints_and_bad_ones_are_skipped() {

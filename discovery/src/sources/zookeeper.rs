@@ -29,7 +29,7 @@ use super::{Backoff, SourceEvent};
 use crate::{
     catalog::SourceKind,
     config::{Parsed, Skipped},
-    model::{Endpoint, Health, LbPolicy, Locality, Protocol, Service},
+    model::{Endpoint, Health, Locality, Service},
 };
 
 /// One serverset served as a service.
@@ -161,15 +161,7 @@ async fn service(
             }),
         }
     }
-    Service {
-        name: set.service.clone(),
-        port: endpoints.first().map_or(0, |e| e.address.port()),
-        protocol: Protocol::Thrift,
-        vip: None,
-        lb: LbPolicy::RoundRobin,
-        endpoints,
-        health_check: None,
-    }
+    Service::registered(set.service.clone(), endpoints)
 }
 
 /// Whether a child of a serverset is a member (Finagle: `member_` and digits).
