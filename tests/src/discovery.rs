@@ -77,6 +77,16 @@ impl Discovery {
             .to_owned()
     }
 
+    /// The health checks' verdict on an endpoint (`healthy`, `unhealthy`, `pending`; empty
+    /// when it is not checked).
+    pub fn verdict(&self, ns: &Netns, address: &str) -> String {
+        self.json(ns, "/debug/health")
+            .as_array()
+            .and_then(|all| all.iter().find(|e| e["address"] == address))
+            .map(|e| e["verdict"].as_str().unwrap_or_default().to_owned())
+            .unwrap_or_default()
+    }
+
     /// Whether every connected client ACKed the latest version it was sent of every type.
     pub fn all_in_sync(&self, ns: &Netns) -> bool {
         let clients = self.json(ns, "/debug/syncz");

@@ -278,9 +278,25 @@ impl Mesh {
         Self::build(servers, Some(MeshTrust::new()?), false, progress)
     }
 
-    /// The same mesh without istiod: `tern discovery` serves the services file.
+    /// The same mesh without istiod: `tern discovery` serves the services file. Returns once
+    /// every endpoint passed its first health check and every sidecar holds that (before,
+    /// the verdicts arriving would change the endpoints under the first calls).
     pub fn start_discovery(servers: usize, progress: &mut dyn FnMut(&str)) -> Result<Self> {
-        Self::build(servers, None, true, progress)
+        let mesh = Self::build(servers, None, true, progress)?;
+        progress("health checks");
+        let checked = |m: &Self| {
+            m.servers.iter().all(|p| {
+                [THRIFT_PORT, TCP_PORT]
+                    .iter()
+                    .all(|port| m.verdict(&format!("{}:{port}", p.ip)) == "healthy")
+            }) && m.discovery_in_sync()
+        };
+        ensure!(
+            eventually(Duration::from_secs(10), || checked(&mesh)),
+            "the endpoints never passed their health checks:\n{}",
+            mesh.cp.events()
+        );
+        Ok(mesh)
     }
 
     fn build(
@@ -420,6 +436,22 @@ impl Mesh {
             cp.events()
         );
         Ok(())
+    }
+
+    /// With tern discovery as the control plane: its verdict on an endpoint, and whether every
+    /// sidecar ACKed what it was last sent (empty and false with the istiod stand-in).
+    pub fn verdict(&self, address: &str) -> String {
+        match &self.cp {
+            Control::Discovery(d) => d.verdict(&self.istiod, address),
+            Control::Istiod(_) => String::new(),
+        }
+    }
+
+    pub fn discovery_in_sync(&self) -> bool {
+        match &self.cp {
+            Control::Discovery(d) => d.all_in_sync(&self.istiod),
+            Control::Istiod(_) => false,
+        }
     }
 
     /// The server Pod a socket address (`ip:port`, as a connection reports it) belongs to.

@@ -238,15 +238,6 @@ fn checked_services() -> String {
     .to_owned()
 }
 
-/// The verdict tern discovery holds for an endpoint.
-fn verdict(d: &Discovery, ns: &Netns, address: &str) -> String {
-    d.json(ns, "/debug/health")
-        .as_array()
-        .and_then(|all| all.iter().find(|e| e["address"] == address))
-        .map(|e| e["verdict"].as_str().unwrap_or_default().to_owned())
-        .unwrap_or_default()
-}
-
 /// A Thrift server that hangs (accepts, never answers) is marked unhealthy by tern
 /// discovery's Thrift health check within its thresholds, the tern sidecar stops sending it
 /// requests (none of the client's calls is lost to it), and it takes its share again once a
@@ -268,7 +259,7 @@ fn a_hung_thrift_server_is_checked_out_and_back_in() {
     let all_healthy = || {
         ["10.66.1.2:9001", "10.66.1.2:9002", "10.66.1.2:9003"]
             .iter()
-            .all(|a| verdict(&d, &p.app, a) == "healthy")
+            .all(|a| d.verdict(&p.app, a) == "healthy")
     };
     assert!(
         eventually(Duration::from_secs(5), all_healthy),
@@ -291,11 +282,9 @@ fn a_hung_thrift_server_is_checked_out_and_back_in() {
     let hung = hung_server(&p.srv, "10.66.1.2:9003");
     let hung_at = std::time::Instant::now();
     assert!(
-        eventually(Duration::from_secs(5), || verdict(
-            &d,
-            &p.app,
-            "10.66.1.2:9003"
-        ) == "unhealthy"),
+        eventually(Duration::from_secs(5), || d
+            .verdict(&p.app, "10.66.1.2:9003")
+            == "unhealthy"),
         "{}",
         d.get(&p.app, "/debug/health")
     );
@@ -384,11 +373,9 @@ fn tern_sidecars_balance_over_instances_registered_in_etcd() {
     )
     .unwrap();
     assert!(
-        eventually(Duration::from_secs(5), || verdict(
-            &d,
-            &p.app,
-            "10.66.1.2:9002"
-        ) == "healthy"),
+        eventually(Duration::from_secs(5), || d
+            .verdict(&p.app, "10.66.1.2:9002")
+            == "healthy"),
         "{}\n{}",
         d.get(&p.app, "/debug/health"),
         d.tern.log()
@@ -407,11 +394,9 @@ fn tern_sidecars_balance_over_instances_registered_in_etcd() {
     let calc3 = etcd.register_kitex("calc", "10.66.1.2:9003", 2).unwrap();
     let in_sidecar = |addr: &str| tern_tests::admin(&p.app, "GET", "/clusters").contains(addr);
     assert!(
-        eventually(Duration::from_secs(5), || verdict(
-            &d,
-            &p.app,
-            "10.66.1.2:9003"
-        ) == "healthy"
+        eventually(Duration::from_secs(5), || d
+            .verdict(&p.app, "10.66.1.2:9003")
+            == "healthy"
             && in_sidecar("10.66.1.2:9003")
             && d.all_in_sync(&p.app)),
         "{}",
@@ -430,11 +415,9 @@ fn tern_sidecars_balance_over_instances_registered_in_etcd() {
     let died = std::time::Instant::now();
     drop(servers.remove(2));
     drop(calc3);
-    assert!(eventually(Duration::from_secs(3), || verdict(
-        &d,
-        &p.app,
-        "10.66.1.2:9003"
-    ) == "unhealthy"));
+    assert!(eventually(Duration::from_secs(3), || d
+        .verdict(&p.app, "10.66.1.2:9003")
+        == "unhealthy"));
     let checked_out = died.elapsed();
     assert!(
         eventually(Duration::from_secs(6), || !d

@@ -417,12 +417,8 @@ fn a_tern_discovery_mesh_moves_calls_off_a_stopped_server_and_back() {
     let Control::Discovery(d) = &m.cp else {
         panic!("tern discovery expected");
     };
-    let in_sync = |m: &Mesh| match &m.cp {
-        Control::Discovery(d) => d.all_in_sync(&m.istiod),
-        Control::Istiod(_) => false,
-    };
     assert!(
-        eventually(Duration::from_secs(5), || in_sync(&m)),
+        eventually(Duration::from_secs(5), || m.discovery_in_sync()),
         "{}",
         d.get(&m.istiod, "/debug/syncz")
     );
@@ -440,17 +436,6 @@ fn a_tern_discovery_mesh_moves_calls_off_a_stopped_server_and_back() {
         "{first:?}"
     );
     let endpoint = format!("{}:{THRIFT_PORT}", m.servers[1].ip);
-    let verdict = |m: &Mesh| match &m.cp {
-        Control::Discovery(d) => d
-            .json(&m.istiod, "/debug/health")
-            .as_array()
-            .and_then(|all| {
-                all.iter()
-                    .find(|e| e["address"] == endpoint.as_str())
-                    .map(|e| e["verdict"].as_str().unwrap_or_default().to_owned())
-            }),
-        Control::Istiod(_) => None,
-    };
     for (running, wanted, expected) in [
         (false, "unhealthy", vec![("calc-1", 45), ("calc-3", 45)]),
         (
@@ -460,10 +445,8 @@ fn a_tern_discovery_mesh_moves_calls_off_a_stopped_server_and_back() {
         ),
     ] {
         m.servers[1].set_thrift_server(running).unwrap();
-        assert!(eventually(Duration::from_secs(10), || verdict(&m)
-            .as_deref()
-            == Some(wanted)));
-        assert!(eventually(Duration::from_secs(10), || in_sync(&m)));
+        assert!(eventually(Duration::from_secs(10), || m.verdict(&endpoint) == wanted));
+        assert!(eventually(Duration::from_secs(10), || m.discovery_in_sync()));
         client.next_phase();
         let calls = client.result();
         assert_eq!(calls.counts(), expected, "{calls:?}");

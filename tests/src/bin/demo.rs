@@ -25,8 +25,8 @@ use anyhow::{Context, Result, bail, ensure};
 use tern_tests::{
     connect,
     mesh::{
-        CLIENT_ID, CONTROL_PLANE, CONTROL_PLANE_TLS, Control, Mesh, SERVER_ID, TCP_PORT,
-        THRIFT_PORT, VIP, vip,
+        CLIENT_ID, CONTROL_PLANE, CONTROL_PLANE_TLS, Mesh, SERVER_ID, TCP_PORT, THRIFT_PORT, VIP,
+        vip,
     },
 };
 
@@ -255,35 +255,17 @@ fn show(m: &mut Mesh, started: Instant) -> Result<()> {
 /// client's sidecar stops sending it calls; it returns and gets them again.
 fn health_moves_traffic(m: &mut Mesh, client: &mut tern_tests::ThriftClient) -> Result<()> {
     let endpoint = format!("{}:{THRIFT_PORT}", m.servers[1].ip);
-    let verdict = |m: &Mesh| -> String {
-        let Control::Discovery(d) = &m.cp else {
-            return String::new();
-        };
-        d.json(&m.istiod, "/debug/health")
-            .as_array()
-            .and_then(|all| {
-                all.iter()
-                    .find(|e| e["address"] == endpoint.as_str())
-                    .cloned()
-            })
-            .map(|e| e["verdict"].as_str().unwrap_or_default().to_owned())
-            .unwrap_or_default()
-    };
-    // The client's sidecar holds the new endpoints once every client ACKed them.
-    let applied = |m: &Mesh| match &m.cp {
-        Control::Discovery(d) => d.all_in_sync(&m.istiod),
-        Control::Istiod(_) => false,
-    };
     for (running, wanted, what) in [(false, "unhealthy", "stopped"), (true, "healthy", "back")] {
         let at = Instant::now();
         m.servers[1].set_thrift_server(running)?;
         ensure!(
-            tern_tests::eventually(std::time::Duration::from_secs(10), || verdict(m) == wanted),
+            tern_tests::eventually(std::time::Duration::from_secs(10), || m.verdict(&endpoint)
+                == wanted),
             "calc-2 never became {wanted}"
         );
         let seen = at.elapsed();
         ensure!(
-            tern_tests::eventually(std::time::Duration::from_secs(10), || applied(m)),
+            tern_tests::eventually(std::time::Duration::from_secs(10), || m.discovery_in_sync()),
             "the sidecars did not apply calc-2 {wanted}"
         );
         println!(
