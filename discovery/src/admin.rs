@@ -46,7 +46,7 @@ fn dump(snapshot: &tern_xds_server::Snapshot) -> serde_json::Value {
     for type_url in snapshot.counts().keys() {
         let resources: serde_json::Map<String, serde_json::Value> = snapshot
             .of_type(type_url)
-            .map(|r| (r.name.clone(), r.version.clone().into()))
+            .map(|r| (r.name.to_string(), r.version.to_string().into()))
             .collect();
         types.insert(
             (*type_url).to_owned(),

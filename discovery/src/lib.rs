@@ -9,6 +9,7 @@
 //! - [`generate`]: resources from services, for sidecars and for gRPC;
 //! - [`health`]: active health checks, and what their verdicts make of EDS health;
 //! - [`views`]: which client gets which resources;
+//! - [`memory`]: how the heap stays small;
 //! - [`state`]: what it holds while it runs, and how events become published configuration;
 //! - [`admin`]: the admin server (client sync status, sources, metrics);
 //! - [`run`]: the process and its flags.
@@ -17,10 +18,11 @@ pub mod catalog;
 pub mod config;
 pub mod generate;
 pub mod health;
+pub mod memory;
 pub mod model;
 pub mod run;
 pub mod sources;
 pub mod state;
 pub mod views;
 
-pub use run::{DiscoveryArgs, run};
+pub use run::{DiscoveryArgs, main, run};

@@ -73,6 +73,16 @@ pub struct DiscoveryArgs {
     pub max_health_checks: usize,
 }
 
+/// The process: one heap arena (see [`crate::memory`]), a runtime, [`run`].
+pub fn main(args: DiscoveryArgs) -> anyhow::Result<()> {
+    crate::memory::one_arena();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")?;
+    runtime.block_on(run(args))
+}
+
 /// Runs `tern discovery` until SIGTERM or Ctrl-C.
 pub async fn run(args: DiscoveryArgs) -> anyhow::Result<()> {
     let first = file::read(&args.services).map_err(anyhow::Error::msg)?;

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use crate::{
     catalog::{Catalog, SourceState, SourceStatus},
     health::checker::Checker,
+    memory::Trimmer,
     sources::SourceEvent,
     views::ClientViews,
 };
@@ -36,13 +37,8 @@ pub struct State {
     pub views: Arc<ClientViews>,
     pub checker: Arc<Checker>,
     catalog: Mutex<Catalog>,
-    /// When freed memory was last given back (walking the heap costs tens of milliseconds at
-    /// fleet size, so not at every change of a churning registry).
-    trimmed: Mutex<std::time::Instant>,
+    trimmer: Trimmer,
 }
-
-/// At most this often is freed memory given back.
-const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl State {
     pub fn new(
@@ -56,7 +52,7 @@ impl State {
             views,
             checker,
             catalog: Mutex::new(catalog),
-            trimmed: Mutex::new(std::time::Instant::now()),
+            trimmer: Trimmer::default(),
         }
     }
 
@@ -100,15 +96,10 @@ impl State {
     fn publish(&self, services: &[crate::model::Service]) {
         let started = std::time::Instant::now();
         let health = self.checker.statuses(services);
-        let changed = self.views.publish(services, |s, e| {
-            health
-                .get(&(s.cluster(), e.address))
-                .copied()
-                .unwrap_or_else(|| e.health.eds())
-        });
+        let changed = self.views.publish(services, &health);
         if changed {
             info!(services = services.len(), took = ?started.elapsed(), "configuration published");
-            self.release_free_memory();
+            self.trimmer.trim();
         }
     }
 
@@ -118,15 +109,13 @@ impl State {
         let health = self.checker.statuses(&services);
         services
             .iter()
-            .map(|s| {
+            .zip(health)
+            .map(|(s, health)| {
                 let endpoints: Vec<serde_json::Value> = s
                     .endpoints
                     .iter()
-                    .map(|e| {
-                        let status = health
-                            .get(&(s.cluster(), e.address))
-                            .copied()
-                            .unwrap_or_else(|| e.health.eds());
+                    .zip(health)
+                    .map(|(e, status)| {
                         serde_json::json!({
                             "address": e.address,
                             "weight": e.weight,
@@ -145,24 +134,6 @@ impl State {
                 })
             })
             .collect()
-    }
-
-    /// Gives freed memory back (the previous snapshots, decoded registries and parsed files
-    /// were freed at once; glibc keeps such memory unless asked), at most every [`TRIM_EVERY`].
-    fn release_free_memory(&self) {
-        let mut last = self
-            .trimmed
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if last.elapsed() < TRIM_EVERY {
-            return;
-        }
-        *last = std::time::Instant::now();
-        #[cfg(target_env = "gnu")]
-        // SAFETY: malloc_trim only walks glibc's own heap metadata; it takes no pointers.
-        unsafe {
-            libc::malloc_trim(0);
-        }
     }
 
     /// A health verdict changed: publishes the views again.

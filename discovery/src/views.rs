@@ -1,15 +1,19 @@
 //! Which snapshot each client is served: proxyless gRPC clients get the gRPC shape, every
-//! other client (tern, Envoy) the sidecar shape. Both are rebuilt from the services at once,
-//! and published only when they changed, so an unchanged update wakes no stream.
-use std::sync::Arc;
+//! other client (tern, Envoy) the sidecar shape. Both are rebuilt from the services at once
+//! (only the services that changed are generated again), and published only when they
+//! changed, so an unchanged update wakes no stream.
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+};
 
-use tern_proto::{Node, wkt};
-use tern_xds_server::{Snapshot, Views};
+use tern_proto::{Any, Node, wkt};
+use tern_xds_server::{Resource, Snapshot, Views};
 use tokio::sync::watch;
 
 use crate::{
     generate::{self, grpc, sidecar},
-    model::{Endpoint, Service},
+    model::Service,
 };
 
 /// Whether `node` is a proxyless gRPC client: its user agent is gRPC's (`gRPC C-core …`,
@@ -31,6 +35,51 @@ pub fn is_grpc(node: &Node) -> bool {
 pub struct ClientViews {
     sidecar: watch::Sender<Arc<Snapshot>>,
     grpc: watch::Sender<Arc<Snapshot>>,
+    /// What sidecars are served whatever the services.
+    fixed: Vec<Arc<Resource>>,
+    /// What each service (by name and port) generated last, kept while it and its
+    /// endpoints' health stay the same: a change regenerates only the services it touched.
+    generated: Mutex<HashMap<(String, u16), Generated>>,
+}
+
+/// One service's resources in both shapes, and what they were generated from.
+#[derive(Debug)]
+struct Generated {
+    service: Service,
+    first_of_name: bool,
+    health: Vec<i32>,
+    sidecar: Vec<Arc<Resource>>,
+    grpc: Vec<Arc<Resource>>,
+    /// Its endpoints, the same in both shapes.
+    endpoints: Arc<Resource>,
+}
+
+impl Generated {
+    fn new(service: &Service, first_of_name: bool, health: Vec<i32>) -> Self {
+        let resources = |items: Vec<(String, Any)>| {
+            items
+                .into_iter()
+                .map(|(name, body)| Arc::new(Resource::new(name, body)))
+                .collect()
+        };
+        let mut statuses = health.iter().copied();
+        // An endpoint without a status (none given) is served as its registry says.
+        let (name, body) = generate::endpoints(service, |e| {
+            statuses.next().unwrap_or_else(|| e.health.eds())
+        });
+        Self {
+            sidecar: resources(sidecar::service(service)),
+            grpc: resources(grpc::service(service, first_of_name)),
+            endpoints: Arc::new(Resource::new(name, body)),
+            service: service.clone(),
+            first_of_name,
+            health,
+        }
+    }
+
+    fn generated_from(&self, service: &Service, first_of_name: bool, health: &[i32]) -> bool {
+        self.first_of_name == first_of_name && self.health == health && self.service == *service
+    }
 }
 
 impl Default for ClientViews {
@@ -38,36 +87,57 @@ impl Default for ClientViews {
         Self {
             sidecar: watch::Sender::new(Arc::new(Snapshot::default())),
             grpc: watch::Sender::new(Arc::new(Snapshot::default())),
+            fixed: sidecar::fixed()
+                .into_iter()
+                .map(|(name, body)| Arc::new(Resource::new(name, body)))
+                .collect(),
+            generated: Mutex::default(),
         }
     }
 }
 
 impl ClientViews {
-    /// Rebuilds both shapes from `services`, each endpoint with the health `health` gives.
-    /// Returns whether either changed.
-    pub fn publish(
-        &self,
-        services: &[Service],
-        health: impl Fn(&Service, &Endpoint) -> i32,
-    ) -> bool {
-        let endpoints: Vec<_> = generate::endpoints(services, &health).collect();
-        let sidecar = Snapshot::new(
-            sidecar::listeners_and_clusters(services)
-                .into_iter()
-                .chain(endpoints.iter().cloned()),
+    /// Rebuilds both shapes from `services`, their endpoints with the EDS health in `health`
+    /// (by service, in the same order), regenerating only the services that changed. Returns
+    /// whether either shape changed.
+    pub fn publish(&self, services: &[Service], health: &[Vec<i32>]) -> bool {
+        let mut generated = self
+            .generated
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut next = HashMap::with_capacity(services.len());
+        let mut named_once = BTreeSet::new();
+        for (i, s) in services.iter().enumerate() {
+            let first_of_name = named_once.insert(s.name.as_str());
+            let statuses = health.get(i).cloned().unwrap_or_default();
+            let key = (s.name.clone(), s.port);
+            let g = match generated.remove(&key) {
+                Some(g) if g.generated_from(s, first_of_name, &statuses) => g,
+                _ => Generated::new(s, first_of_name, statuses),
+            };
+            next.insert(key, g);
+        }
+        *generated = next;
+        let sidecar = Snapshot::of(
+            self.fixed.iter().cloned().chain(
+                generated
+                    .values()
+                    .flat_map(|g| g.sidecar.iter().chain([&g.endpoints]).cloned()),
+            ),
         );
-        let grpc = Snapshot::new(
-            grpc::listeners_routes_and_clusters(services)
-                .into_iter()
-                .chain(endpoints),
+        let grpc = Snapshot::of(
+            generated
+                .values()
+                .flat_map(|g| g.grpc.iter().chain([&g.endpoints]).cloned()),
         );
+        drop(generated);
         let mut changed = false;
         for (tx, new) in [(&self.sidecar, sidecar), (&self.grpc, grpc)] {
             changed |= tx.send_if_modified(|current| {
-                if **current == new {
+                if current.same_as(&new) {
                     return false;
                 }
-                *current = Arc::new(new);
+                *current = Arc::new(new.since(current));
                 true
             });
         }
@@ -119,11 +189,8 @@ mod tests {
     #[test]
     fn grpc_clients_get_api_listeners_and_sidecars_get_istiods_shape() {
         let views = ClientViews::default();
-        assert!(views.publish(&services(), |_, e| e.health.eds()));
-        assert!(
-            !views.publish(&services(), |_, e| e.health.eds()),
-            "unchanged: not published"
-        );
+        assert!(views.publish(&services(), &[]));
+        assert!(!views.publish(&services(), &[]), "unchanged: not published");
 
         let g = views.grpc();
         let l: Listener = decode(

@@ -576,13 +576,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 print_status(&all);
             }
         }
-        Command::Discovery(args) => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("start the tokio runtime")?;
-            runtime.block_on(tern_discovery::run(*args))?;
-        }
+        Command::Discovery(args) => tern_discovery::main(*args)?,
         Command::Webhook(args) => {
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

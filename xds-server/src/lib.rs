@@ -6,17 +6,19 @@
 //! - [`sotw`]: the state-of-the-world protocol of one stream, without a transport;
 //! - [`delta`]: the incremental protocol, likewise;
 //! - [`status`]: what each client subscribed, was sent, ACKed and NACKed;
+//! - `sorted`: the compact map of names each stream keeps;
 //! - [`server`]: the gRPC services over `tonic`, one task per stream, and the client registry;
 //! - [`csds`]: the client registry as Envoy's client status discovery service.
 pub mod csds;
 pub mod delta;
 pub mod server;
 pub mod snapshot;
+mod sorted;
 pub mod sotw;
 pub mod status;
 
 pub use csds::Csds;
-pub use delta::DeltaStream;
+pub use delta::{DeltaResponse, DeltaStream};
 pub use server::{ClientInfo, Clients, Server, Views};
 pub use snapshot::{Resource, Snapshot};
 pub use sotw::SotwStream;

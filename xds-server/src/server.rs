@@ -35,7 +35,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::{
-    delta::DeltaStream,
+    delta::{DeltaResponse, DeltaStream},
     snapshot::Snapshot,
     sotw::SotwStream,
     status::{Received, TypeStatus},
@@ -214,7 +214,7 @@ impl<V: Views> Server<V> {
         &self,
         request: Request<Streaming<E::Request>>,
         only: Option<&'static str>,
-    ) -> Result<ReceiverStream<Result<E::Response, Status>>, Status> {
+    ) -> Result<ReceiverStream<Result<E::Message, Status>>, Status> {
         if self.clients.len() >= self.max_clients {
             warn!(
                 max = self.max_clients,
@@ -240,7 +240,9 @@ impl<V: Views> Server<V> {
 /// One protocol's engine, as the stream task drives it.
 trait Engine: Default + Send + 'static {
     type Request: Send + 'static;
+    /// What the engine answers, made into a `Message` when it is sent.
     type Response: Send + 'static;
+    type Message: Send + 'static;
     const PROTOCOL: &'static str;
     fn node(request: &Self::Request) -> Option<&Node>;
     fn describe(request: &Self::Request) -> (&str, Option<&str>);
@@ -248,14 +250,16 @@ trait Engine: Default + Send + 'static {
         &mut self,
         request: &Self::Request,
         snapshot: &Snapshot,
-    ) -> (Received, Option<Self::Response>);
+    ) -> (Received, Vec<Self::Response>);
     fn on_snapshot(&mut self, snapshot: &Snapshot) -> Vec<Self::Response>;
+    fn message(response: Self::Response) -> Self::Message;
     fn status(&self) -> Vec<(&str, &TypeStatus)>;
 }
 
 impl Engine for SotwStream {
     type Request = DiscoveryRequest;
     type Response = DiscoveryResponse;
+    type Message = DiscoveryResponse;
     const PROTOCOL: &'static str = "sotw";
     fn node(request: &DiscoveryRequest) -> Option<&Node> {
         request.node.as_ref()
@@ -270,11 +274,15 @@ impl Engine for SotwStream {
         &mut self,
         request: &DiscoveryRequest,
         snapshot: &Snapshot,
-    ) -> (Received, Option<DiscoveryResponse>) {
-        SotwStream::on_request(self, request, snapshot)
+    ) -> (Received, Vec<DiscoveryResponse>) {
+        let (received, response) = SotwStream::on_request(self, request, snapshot);
+        (received, response.into_iter().collect())
     }
     fn on_snapshot(&mut self, snapshot: &Snapshot) -> Vec<DiscoveryResponse> {
         SotwStream::on_snapshot(self, snapshot)
+    }
+    fn message(response: DiscoveryResponse) -> DiscoveryResponse {
+        response
     }
     fn status(&self) -> Vec<(&str, &TypeStatus)> {
         SotwStream::status(self).collect()
@@ -283,7 +291,8 @@ impl Engine for SotwStream {
 
 impl Engine for DeltaStream {
     type Request = DeltaDiscoveryRequest;
-    type Response = DeltaDiscoveryResponse;
+    type Response = DeltaResponse;
+    type Message = DeltaDiscoveryResponse;
     const PROTOCOL: &'static str = "delta";
     fn node(request: &DeltaDiscoveryRequest) -> Option<&Node> {
         request.node.as_ref()
@@ -298,11 +307,14 @@ impl Engine for DeltaStream {
         &mut self,
         request: &DeltaDiscoveryRequest,
         snapshot: &Snapshot,
-    ) -> (Received, Option<DeltaDiscoveryResponse>) {
+    ) -> (Received, Vec<DeltaResponse>) {
         DeltaStream::on_request(self, request, snapshot)
     }
-    fn on_snapshot(&mut self, snapshot: &Snapshot) -> Vec<DeltaDiscoveryResponse> {
+    fn on_snapshot(&mut self, snapshot: &Snapshot) -> Vec<DeltaResponse> {
         DeltaStream::on_snapshot(self, snapshot)
+    }
+    fn message(response: DeltaResponse) -> DeltaDiscoveryResponse {
+        response.into_message()
     }
     fn status(&self) -> Vec<(&str, &TypeStatus)> {
         DeltaStream::status(self).collect()
@@ -313,7 +325,7 @@ impl Engine for DeltaStream {
 /// stream that carries that type alone.
 async fn serve_stream<E: Engine>(
     mut requests: Streaming<E::Request>,
-    tx: mpsc::Sender<Result<E::Response, Status>>,
+    tx: mpsc::Sender<Result<E::Message, Status>>,
     views: Arc<impl Views>,
     clients: Arc<Clients>,
     peer: Option<String>,
@@ -348,7 +360,7 @@ async fn serve_stream<E: Engine>(
     info!(node = %node.id, protocol = E::PROTOCOL, peer = peer.as_deref().unwrap_or("-"), "xDS client connected");
     let mut engine = E::default();
     let mut next = Some(first);
-    'stream: loop {
+    loop {
         if let Some(request) = next.take() {
             let (type_url, _) = E::describe(&request);
             if let Some(only) = only.filter(|t| *t != type_url) {
@@ -360,7 +372,7 @@ async fn serve_stream<E: Engine>(
                 break;
             }
             let snapshot = snapshots.borrow_and_update().clone();
-            let (received, response) = engine.on_request(&request, &snapshot);
+            let (received, responses) = engine.on_request(&request, &snapshot);
             let (type_url, error) = E::describe(&request);
             match (received, error) {
                 (Received::Nack, Some(message)) => {
@@ -370,11 +382,8 @@ async fn serve_stream<E: Engine>(
                 _ => debug!(node = %node.id, type_url, ?received, "xDS request"),
             }
             clients.update(stream, engine.status().into_iter());
-            if let Some(r) = response {
-                clients.responses.fetch_add(1, Ordering::Relaxed);
-                if tx.send(Ok(r)).await.is_err() {
-                    break;
-                }
+            if send::<E>(&tx, &clients, responses).await.is_err() {
+                break;
             }
             continue;
         }
@@ -394,17 +403,29 @@ async fn serve_stream<E: Engine>(
                 let snapshot = snapshots.borrow_and_update().clone();
                 let responses = engine.on_snapshot(&snapshot);
                 clients.update(stream, engine.status().into_iter());
-                for r in responses {
-                    clients.responses.fetch_add(1, Ordering::Relaxed);
-                    if tx.send(Ok(r)).await.is_err() {
-                        break 'stream;
-                    }
+                if send::<E>(&tx, &clients, responses).await.is_err() {
+                    break;
                 }
             }
         }
     }
     clients.remove(stream);
     info!(node = %node.id, protocol = E::PROTOCOL, "xDS client disconnected");
+}
+
+/// Sends `responses` in order, each made a message only once the client's queue has room;
+/// fails once the client is gone.
+async fn send<E: Engine>(
+    tx: &mpsc::Sender<Result<E::Message, Status>>,
+    clients: &Clients,
+    responses: Vec<E::Response>,
+) -> Result<(), ()> {
+    for r in responses {
+        let permit = tx.reserve().await.map_err(|_| ())?;
+        clients.responses.fetch_add(1, Ordering::Relaxed);
+        permit.send(Ok(E::message(r)));
+    }
+    Ok(())
 }
 
 type Responses<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;

@@ -1,6 +1,7 @@
 //! What the server serves: resources by type and name, each with a version derived from its
 //! bytes, so the same input gives the same versions in every process (a restarted server does
-//! not make its clients rebuild anything).
+//! not make its clients rebuild anything). A snapshot made [`Snapshot::since`] its predecessor
+//! also knows which names of each type changed, so that streams compare only those.
 use std::{collections::BTreeMap, sync::Arc};
 
 use tern_proto::Any;
@@ -22,13 +23,14 @@ const EMPTY_VERSION: &str = "cbf29ce484222325";
 /// One resource as served: its name, the version of its bytes, and the bytes.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Resource {
-    pub name: String,
-    pub version: String,
+    /// Shared by every snapshot and client that holds the resource.
+    pub name: Arc<str>,
+    pub version: Arc<str>,
     pub body: Any,
 }
 
 impl Resource {
-    pub fn new(name: impl Into<String>, body: Any) -> Self {
+    pub fn new(name: impl Into<Arc<str>>, body: Any) -> Self {
         let hash = fnv1a(
             body.type_url
                 .bytes()
@@ -38,21 +40,31 @@ impl Resource {
         );
         Self {
             name: name.into(),
-            version: format!("{hash:016x}"),
+            version: format!("{hash:016x}").into(),
             body,
         }
     }
 }
 
 /// The resources of one type, and the version of the set (for state-of-the-world responses).
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default)]
 pub struct TypeResources {
     pub version: String,
-    pub resources: BTreeMap<String, Arc<Resource>>,
+    pub resources: BTreeMap<Arc<str>, Arc<Resource>>,
+    /// The names added, changed or removed since the set of the previous snapshot, and that
+    /// set's version; `None` when not known.
+    changed: Option<(String, Vec<Arc<str>>)>,
+}
+
+impl PartialEq for TypeResources {
+    /// The same resources (what changed since an earlier set is no part of a set's identity).
+    fn eq(&self, other: &Self) -> bool {
+        self.version == other.version && self.resources == other.resources
+    }
 }
 
 impl TypeResources {
-    fn new(resources: BTreeMap<String, Arc<Resource>>) -> Self {
+    fn new(resources: BTreeMap<Arc<str>, Arc<Resource>>) -> Self {
         let mut hash = FNV_OFFSET;
         for r in resources.values() {
             hash = fnv1a(r.name.bytes().chain([0]), hash);
@@ -61,6 +73,46 @@ impl TypeResources {
         Self {
             version: format!("{hash:016x}"),
             resources,
+            changed: None,
+        }
+    }
+}
+
+/// The names in either map whose resources differ (by version; the same `Arc` is the same).
+fn changed_names(
+    old: &BTreeMap<Arc<str>, Arc<Resource>>,
+    new: &BTreeMap<Arc<str>, Arc<Resource>>,
+) -> Vec<Arc<str>> {
+    let mut changed = Vec::new();
+    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => return changed,
+            (Some((name, _)), None) => {
+                changed.push((*name).clone());
+                a.next();
+            }
+            (None, Some((name, _))) => {
+                changed.push((*name).clone());
+                b.next();
+            }
+            (Some((x, rx)), Some((y, ry))) => match x.cmp(y) {
+                std::cmp::Ordering::Less => {
+                    changed.push((*x).clone());
+                    a.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    changed.push((*y).clone());
+                    b.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if !Arc::ptr_eq(rx, ry) && rx.version != ry.version {
+                        changed.push((*x).clone());
+                    }
+                    a.next();
+                    b.next();
+                }
+            },
         }
     }
 }
@@ -75,12 +127,22 @@ impl Snapshot {
     /// A snapshot of these resources (type URL, name, body); a later one of the same type and
     /// name replaces an earlier one.
     pub fn new(resources: impl IntoIterator<Item = (String, Any)>) -> Self {
-        let mut by_type: BTreeMap<String, BTreeMap<String, Arc<Resource>>> = BTreeMap::new();
-        for (name, body) in resources {
+        Self::of(
+            resources
+                .into_iter()
+                .map(|(name, body)| Arc::new(Resource::new(name, body))),
+        )
+    }
+
+    /// A snapshot of these resources (already versioned, perhaps shared with other
+    /// snapshots); a later one of the same type and name replaces an earlier one.
+    pub fn of(resources: impl IntoIterator<Item = Arc<Resource>>) -> Self {
+        let mut by_type: BTreeMap<String, BTreeMap<Arc<str>, Arc<Resource>>> = BTreeMap::new();
+        for r in resources {
             by_type
-                .entry(body.type_url.clone())
+                .entry(r.body.type_url.clone())
                 .or_default()
-                .insert(name.clone(), Arc::new(Resource::new(name, body)));
+                .insert(r.name.clone(), r);
         }
         Self {
             types: by_type
@@ -88,6 +150,56 @@ impl Snapshot {
                 .map(|(t, r)| (t, TypeResources::new(r)))
                 .collect(),
         }
+    }
+
+    /// This snapshot, knowing which names of each type changed since `previous`.
+    pub fn since(mut self, previous: &Snapshot) -> Self {
+        let empty = BTreeMap::new();
+        for (type_url, now) in &mut self.types {
+            let before = previous.types.get(type_url);
+            let names = if before.is_some_and(|b| b.version == now.version) {
+                Vec::new()
+            } else {
+                changed_names(before.map_or(&empty, |b| &b.resources), &now.resources)
+            };
+            now.changed = Some((previous.version(type_url).to_owned(), names));
+        }
+        // A type that is gone entirely: every name it had changed.
+        for (type_url, before) in &previous.types {
+            if !self.types.contains_key(type_url) {
+                let mut gone = TypeResources::new(BTreeMap::new());
+                gone.changed = Some((
+                    before.version.clone(),
+                    before.resources.keys().cloned().collect(),
+                ));
+                self.types.insert(type_url.clone(), gone);
+            }
+        }
+        self
+    }
+
+    /// The names of `type_url` that changed since its set at `version`, if this snapshot
+    /// knows (it does for its predecessor's set, and for its own: nothing).
+    pub fn changed_since(&self, type_url: &str, version: &str) -> Option<&[Arc<str>]> {
+        if self.version(type_url) == version {
+            return Some(&[]);
+        }
+        match &self.types.get(type_url)?.changed {
+            Some((from, names)) if from == version => Some(names),
+            _ => None,
+        }
+    }
+
+    /// Whether both serve the same resources (compared by the versions of their sets).
+    pub fn same_as(&self, other: &Snapshot) -> bool {
+        let versions = |s: &Snapshot| -> Vec<(String, String)> {
+            s.types
+                .iter()
+                .filter(|(_, t)| !t.resources.is_empty())
+                .map(|(u, t)| (u.clone(), t.version.clone()))
+                .collect()
+        };
+        versions(self) == versions(other)
     }
 
     /// The version of the set of resources of `type_url` (that of an empty set when none).
@@ -141,7 +253,7 @@ mod tests {
         ]);
         assert_eq!(a, again, "the order of the input does not matter");
         // Fixed values: the same in every process and build (FNV-1a of `t\0` `1`).
-        assert_eq!(a.get("t", "a").unwrap().version, "566e051943eea1d8");
+        assert_eq!(&*a.get("t", "a").unwrap().version, "566e051943eea1d8");
         let changed = Snapshot::new([
             ("a".to_owned(), any("t", b"1")),
             ("b".to_owned(), any("t", b"3")),

@@ -14,7 +14,10 @@
 //!   wildcard type gets nothing it holds;
 //! - a snapshot change reaches only the types, and only the clients, whose subscribed
 //!   resources changed.
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use tern_proto::{DiscoveryRequest, DiscoveryResponse, type_url};
 
@@ -39,7 +42,7 @@ struct TypeState {
     nonce: Option<String>,
     /// What the client holds as far as this stream knows: name → version of the resources
     /// last sent (`None`: nothing sent yet).
-    sent: Option<BTreeMap<String, String>>,
+    sent: Option<BTreeMap<Arc<str>, Arc<str>>>,
     /// The version of the type's set when this subscription was last compared with it: the
     /// same set and subscription need no comparison (an ACK, a change to another type).
     compared: Option<String>,
@@ -51,7 +54,7 @@ impl TypeState {
     }
 
     /// The resources this client should hold, by name → version.
-    fn wanted(&self, type_url: &str, snapshot: &Snapshot) -> BTreeMap<String, String> {
+    fn wanted(&self, type_url: &str, snapshot: &Snapshot) -> BTreeMap<Arc<str>, Arc<str>> {
         if self.status.wildcard {
             snapshot
                 .of_type(type_url)
@@ -94,6 +97,7 @@ impl SotwStream {
         let state = self.types.entry(type_url.to_owned()).or_default();
         let received = state.status.receive(
             state.nonce.as_deref(),
+            &[],
             &request.response_nonce,
             request.error_detail.as_ref().map(|e| e.message.as_str()),
         );
@@ -131,7 +135,7 @@ impl SotwStream {
         if !state.status.wildcard
             && let Some(sent) = &mut state.sent
         {
-            sent.retain(|name, _| state.names.contains(name));
+            sent.retain(|name, _| state.names.contains(&**name));
         }
         let response = self.respond_if_changed(type_url, snapshot, true);
         (received, response)
@@ -157,7 +161,18 @@ impl SotwStream {
         if state.compared.as_deref() == Some(version) {
             return None;
         }
+        // A named subscription none of whose names changed since it was last compared
+        // needs nothing (the snapshot knows what changed since its predecessor).
+        let untouched = !state.status.wildcard
+            && state
+                .compared
+                .as_deref()
+                .and_then(|v| snapshot.changed_since(type_url, v))
+                .is_some_and(|changed| !changed.iter().any(|n| state.names.contains(&**n)));
         state.compared = Some(version.to_owned());
+        if untouched {
+            return None;
+        }
         let wanted = state.wanted(type_url, snapshot);
         match &state.sent {
             Some(sent) if *sent == wanted => return None,

@@ -46,7 +46,8 @@ pub struct TypeStatus {
     pub acked_version: Option<String>,
     /// The client's last NACK, kept after later ACKs so an operator sees what went wrong.
     pub last_nack: Option<Nack>,
-    /// Responses sent, ACKs and NACKs received.
+    /// Answers sent (one answer may go in several responses: see `delta`), ACKs and NACKs
+    /// received.
     pub responses: u64,
     pub acks: u64,
     pub nacks: u64,
@@ -58,22 +59,27 @@ impl TypeStatus {
         self.sent_version.is_some() && self.sent_version == self.acked_version
     }
 
-    /// Tells a request by its nonce (`latest`: that of the type's last response) and records
-    /// an ACK or a NACK (it carries an `error`) of the version that response carried.
+    /// Tells a request by its nonce (`latest`: that of the type's last response;
+    /// `earlier_parts`: those of the earlier parts of the same answer) and records an ACK or a
+    /// NACK (it carries an `error`) of the version that answer carried. A part's NACK counts;
+    /// its ACK waits for the last part's.
     pub(crate) fn receive(
         &mut self,
         latest: Option<&str>,
+        earlier_parts: &[String],
         response_nonce: &str,
         error: Option<&str>,
     ) -> Received {
         if response_nonce.is_empty() {
             return Received::Request;
         }
-        if latest != Some(response_nonce) {
+        let part = earlier_parts.iter().any(|n| n == response_nonce);
+        if latest != Some(response_nonce) && !part {
             return Received::Stale;
         }
         let sent = self.sent_version.clone().unwrap_or_default();
         match error {
+            None if part => Received::Ack,
             Some(message) => {
                 self.nack(&sent, message);
                 Received::Nack

@@ -71,34 +71,32 @@ fn route_configuration(service: &Service, name: &str) -> RouteConfiguration {
     }
 }
 
-/// Listeners, route configurations and clusters for gRPC clients.
-pub fn listeners_routes_and_clusters(services: &[Service]) -> Vec<(String, Any)> {
-    let mut out = Vec::new();
-    let mut named_once = std::collections::BTreeSet::new();
-    for s in services {
-        let route = format!("{}:{}", s.name, s.port);
-        if named_once.insert(s.name.as_str()) {
-            out.push(named(
-                &s.name,
-                &api_listener(&s.name, &route),
-                type_url::LISTENER,
-            ));
-        }
+/// One service's listeners, route configuration and cluster for gRPC clients; with
+/// `first_of_name`, also the listener named by the service's name alone.
+pub fn service(s: &Service, first_of_name: bool) -> Vec<(String, Any)> {
+    let mut out = Vec::with_capacity(4);
+    let route = format!("{}:{}", s.name, s.port);
+    if first_of_name {
         out.push(named(
-            &route,
-            &api_listener(&route, &route),
+            &s.name,
+            &api_listener(&s.name, &route),
             type_url::LISTENER,
         ));
-        out.push(named(
-            &route,
-            &route_configuration(s, &route),
-            type_url::ROUTE_CONFIGURATION,
-        ));
-        let lb = match s.lb {
-            LbPolicy::RingHash => LbPolicy::RingHash,
-            _ => LbPolicy::RoundRobin,
-        };
-        out.push(named(&s.cluster(), &eds_cluster(s, lb), type_url::CLUSTER));
     }
+    out.push(named(
+        &route,
+        &api_listener(&route, &route),
+        type_url::LISTENER,
+    ));
+    out.push(named(
+        &route,
+        &route_configuration(s, &route),
+        type_url::ROUTE_CONFIGURATION,
+    ));
+    let lb = match s.lb {
+        LbPolicy::RingHash => LbPolicy::RingHash,
+        _ => LbPolicy::RoundRobin,
+    };
+    out.push(named(&s.cluster(), &eds_cluster(s, lb), type_url::CLUSTER));
     out
 }

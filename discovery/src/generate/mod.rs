@@ -41,7 +41,7 @@ pub fn eds_cluster(service: &Service, lb: LbPolicy) -> Cluster {
 /// endpoints' weights: gRPC drops a locality without a weight).
 pub fn load_assignment(
     service: &Service,
-    health: impl Fn(&Endpoint) -> i32,
+    mut health: impl FnMut(&Endpoint) -> i32,
 ) -> ClusterLoadAssignment {
     let mut localities: Vec<endpoint_types::LocalityLbEndpoints> = Vec::new();
     let mut keys = Vec::new();
@@ -90,13 +90,8 @@ pub fn named<T: prost::Message>(name: &str, message: &T, type_url: &str) -> (Str
     (name.to_owned(), encode(message, type_url))
 }
 
-/// The endpoints of every service, in either shape.
-pub fn endpoints<'a>(
-    services: &'a [Service],
-    health: &'a impl Fn(&Service, &Endpoint) -> i32,
-) -> impl Iterator<Item = (String, Any)> + 'a {
-    services.iter().map(move |s| {
-        let cla = load_assignment(s, |e| health(s, e));
-        named(&s.cluster(), &cla, type_url::CLUSTER_LOAD_ASSIGNMENT)
-    })
+/// A service's endpoints, as both shapes serve them.
+pub fn endpoints(service: &Service, health: impl FnMut(&Endpoint) -> i32) -> (String, Any) {
+    let cla = load_assignment(service, health);
+    named(&cla.cluster_name, &cla, type_url::CLUSTER_LOAD_ASSIGNMENT)
 }

@@ -36,9 +36,10 @@ fn original_dst(name: &str) -> Cluster {
     }
 }
 
-/// Listeners and clusters for sidecars.
-pub fn listeners_and_clusters(services: &[Service]) -> Vec<(String, Any)> {
-    let mut listeners = vec![
+/// What every sidecar is served whatever the services: the catch-all listeners and their
+/// pass-through clusters.
+pub fn fixed() -> Vec<(String, Any)> {
+    let listeners = [
         Listener {
             name: "virtualOutbound".into(),
             address: Some(build::address("0.0.0.0", 15001)),
@@ -61,20 +62,7 @@ pub fn listeners_and_clusters(services: &[Service]) -> Vec<(String, Any)> {
             ..Default::default()
         },
     ];
-    let mut clusters = vec![original_dst(PASSTHROUGH), original_dst(INBOUND_PASSTHROUGH)];
-    for s in services {
-        clusters.push(eds_cluster(s, s.lb));
-        if let Some(vip) = s.vip {
-            listeners.push(Listener {
-                name: format!("{vip}_{}", s.port),
-                address: Some(build::address(&vip.to_string(), s.port.into())),
-                filter_chains: vec![chain(vec![build::tcp_proxy(&s.cluster())])],
-                bind_to_port: Some(wkt::BoolValue { value: false }),
-                traffic_direction: core_types::TrafficDirection::Outbound as i32,
-                ..Default::default()
-            });
-        }
-    }
+    let clusters = [original_dst(PASSTHROUGH), original_dst(INBOUND_PASSTHROUGH)];
     listeners
         .iter()
         .map(|l| named(&l.name, l, type_url::LISTENER))
@@ -84,4 +72,25 @@ pub fn listeners_and_clusters(services: &[Service]) -> Vec<(String, Any)> {
                 .map(|c| named(&c.name, c, type_url::CLUSTER)),
         )
         .collect()
+}
+
+/// One service's cluster, and its `<vip>_<port>` listener when it has a virtual IP.
+pub fn service(s: &Service) -> Vec<(String, Any)> {
+    let mut out = vec![named(
+        &s.cluster(),
+        &eds_cluster(s, s.lb),
+        type_url::CLUSTER,
+    )];
+    if let Some(vip) = s.vip {
+        let listener = Listener {
+            name: format!("{vip}_{}", s.port),
+            address: Some(build::address(&vip.to_string(), s.port.into())),
+            filter_chains: vec![chain(vec![build::tcp_proxy(&s.cluster())])],
+            bind_to_port: Some(wkt::BoolValue { value: false }),
+            traffic_direction: core_types::TrafficDirection::Outbound as i32,
+            ..Default::default()
+        };
+        out.push(named(&listener.name, &listener, type_url::LISTENER));
+    }
+    out
 }

@@ -22,7 +22,7 @@ use super::{
     HealthCheck, probe,
     state::{EndpointHealth, Verdict},
 };
-use crate::model::{Endpoint, Service};
+use crate::model::Service;
 
 /// An endpoint of a service: its cluster name and address.
 type Key = (String, SocketAddr);
@@ -122,37 +122,46 @@ impl Checker {
         }
     }
 
-    /// The EDS health of every endpoint of `services`, by cluster and address: the checks'
-    /// verdicts where they hold, the registry's word elsewhere and for services in panic.
-    pub fn statuses(&self, services: &[Service]) -> HashMap<Key, i32> {
+    /// The EDS health of every endpoint of `services`, in their order: the checks' verdicts
+    /// where they hold, the registry's word elsewhere and for services in panic.
+    pub fn statuses(&self, services: &[Service]) -> Vec<Vec<i32>> {
         let verdicts = lock(&self.verdicts);
-        let mut out = HashMap::new();
-        for s in services {
-            let verdict = |e: &Endpoint| {
-                verdicts
-                    .get(&(s.cluster(), e.address))
-                    .map_or(Verdict::Pending, |h| h.verdict)
-            };
-            let failing = s
-                .endpoints
-                .iter()
-                .filter(|e| verdict(e) == Verdict::Unhealthy)
-                .count();
-            let passing = s.endpoints.len() - failing;
-            let panic = s.health_check.as_ref().is_some_and(|hc| {
-                passing * 100 < usize::from(hc.panic_threshold) * s.endpoints.len()
-            });
-            for e in &s.endpoints {
-                let health = match verdict(e) {
-                    _ if panic => e.health.eds(),
-                    Verdict::Pending => e.health.eds(),
-                    Verdict::Healthy => crate::model::Health::Healthy.eds(),
-                    Verdict::Unhealthy => crate::model::Health::Unhealthy.eds(),
-                };
-                out.insert((s.cluster(), e.address), health);
-            }
-        }
-        out
+        services
+            .iter()
+            .map(|s| {
+                let registry = || s.endpoints.iter().map(|e| e.health.eds()).collect();
+                if s.health_check.is_none() {
+                    return registry();
+                }
+                let cluster = s.cluster();
+                let found: Vec<Verdict> = s
+                    .endpoints
+                    .iter()
+                    .map(|e| {
+                        verdicts
+                            .get(&(cluster.clone(), e.address))
+                            .map_or(Verdict::Pending, |h| h.verdict)
+                    })
+                    .collect();
+                let failing = found.iter().filter(|v| **v == Verdict::Unhealthy).count();
+                let passing = s.endpoints.len() - failing;
+                let panic = s.health_check.as_ref().is_some_and(|hc| {
+                    passing * 100 < usize::from(hc.panic_threshold) * s.endpoints.len()
+                });
+                if panic {
+                    return registry();
+                }
+                s.endpoints
+                    .iter()
+                    .zip(found)
+                    .map(|(e, v)| match v {
+                        Verdict::Pending => e.health.eds(),
+                        Verdict::Healthy => crate::model::Health::Healthy.eds(),
+                        Verdict::Unhealthy => crate::model::Health::Unhealthy.eds(),
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     /// Every checked endpoint's state.
@@ -253,22 +262,13 @@ mod tests {
         };
         set("10.0.0.1:9090", true);
         set("10.0.0.2:9090", false);
-        let s = checker.statuses(&services);
-        let at = |a: &str| s[&("outbound|9090||calc".to_owned(), a.parse().unwrap())];
-        assert_eq!(
-            (
-                at("10.0.0.1:9090"),
-                at("10.0.0.2:9090"),
-                at("10.0.0.3:9090")
-            ),
-            (1, 2, 0)
-        );
+        assert_eq!(checker.statuses(&services), [[1, 2, 0]]);
         set("10.0.0.1:9090", false);
         set("10.0.0.3:9090", false);
-        let s = checker.statuses(&services);
-        assert!(
-            s.values().all(|h| *h == 0),
-            "every check fails: panic, all served: {s:?}"
+        assert_eq!(
+            checker.statuses(&services),
+            [[0, 0, 0]],
+            "every check fails: panic, all served"
         );
     }
 }
