@@ -17,6 +17,11 @@ for a line on stdin before the next.
     xds_raw.py stall ADDR N
         a delta client subscribing to every cluster and the endpoints of svc-0 … svc-N-1 that
         never reads a response (a client that cannot keep up); prints "ready" once subscribed.
+    xds_raw.py flood ADDR N
+        opens N delta streams one after another, each subscribing to every cluster, and keeps
+        those answered; then, with one of them closed, a stream naming 17 resource types and
+        one subscribing to 100,001 endpoints names; prints {"kept": n, "refused": [error, ...],
+        "types": error, "names": error}.
     xds_raw.py csds ADDR
         FetchClientStatus (CSDS) for every client; prints
         {node_id: {type_url: {"config_status", "client_status", "version", "error"}}}.
@@ -59,12 +64,15 @@ class Stream:
         self.call = method(iter(self.requests.get, None))
         threading.Thread(target=self._read, daemon=True).start()
 
+    error = None
+
     def _read(self):
         try:
             for r in self.call:
                 self.responses.put(r)
-        except grpc.RpcError:
-            pass
+        except grpc.RpcError as e:
+            self.error = f"{e.code().name}: {e.details()}"
+            self.responses.put(None)
 
     def send(self, request):
         self.requests.put(request)
@@ -165,6 +173,45 @@ def stall(addr, n):
     threading.Event().wait()
 
 
+def flood(addr, n):
+    stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(grpc.insecure_channel(addr))
+    kept, refused = [], []
+    for i in range(int(n)):
+        s = Stream(stub.DeltaAggregatedResources)
+        node = base_pb2.Node(id=f"flood-{i}", user_agent_name="xds-raw")
+        s.send(discovery_pb2.DeltaDiscoveryRequest(node=node, type_url=CDS, resource_names_subscribe=["*"]))
+        if s.recv() is None:
+            refused.append(s.error)
+        else:
+            kept.append(s)
+    answered = len(kept)
+    kept.pop().close()
+
+    def refusal(requests):
+        for _ in range(20):
+            s = Stream(stub.DeltaAggregatedResources)
+            for r in requests:
+                s.send(r)
+            try:
+                while s.recv(timeout=5) is not None:
+                    pass
+            except queue.Empty:
+                return "not refused"
+            s.close()
+            # The closed stream's slot may not be free yet: try again.
+            if "too many xDS clients" not in s.error:
+                return s.error
+            threading.Event().wait(0.1)
+        return s.error
+
+    types = refusal(
+        [discovery_pb2.DeltaDiscoveryRequest(node=NODE, type_url=f"type.example/t{i}") for i in range(17)]
+    )
+    names = [f"outbound|9090||svc-{i}" for i in range(100_001)]
+    too_many = refusal([discovery_pb2.DeltaDiscoveryRequest(node=NODE, type_url=EDS, resource_names_subscribe=names)])
+    say(kept=answered, refused=refused, types=types, names=too_many)
+
+
 def csds(addr):
     from envoy.admin.v3 import config_dump_shared_pb2
     from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
@@ -204,6 +251,8 @@ if __name__ == "__main__":
         probe(*sys.argv[2:])
     elif sys.argv[1] == "csds":
         csds(sys.argv[2])
+    elif sys.argv[1] == "flood":
+        flood(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "stall":
         stall(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "per-type":

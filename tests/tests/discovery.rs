@@ -1122,6 +1122,74 @@ fn the_per_type_services_serve_their_type() {
     );
 }
 
+/// A flood is refused visibly and costs nothing it should not: streams past `--max-clients`
+/// end with RESOURCE_EXHAUSTED at once, and so does a stream asking for too many types or
+/// names; the clients already served are served on.
+#[test]
+fn streams_past_the_limits_are_refused_and_the_server_serves_on() {
+    tern_tests::require_root();
+    let ns = Netns::new("disc").unwrap();
+    let d = Discovery::start(
+        &ns,
+        "127.0.0.1:15010",
+        "127.0.0.1:15014",
+        &echo_services(&[50061]),
+        &["--max-clients", "4"],
+    )
+    .unwrap();
+    let script = python_peer("xds_raw.py");
+    let out = ns
+        .output(
+            None,
+            Path::new("python3"),
+            &[script.to_str().unwrap(), "flood", "127.0.0.1:15010", "7"],
+        )
+        .unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{out:?}: {e}"));
+    assert_eq!(r["kept"], 4, "{r}\n{}", d.tern.log());
+    let refused = r["refused"].as_array().cloned().unwrap_or_default();
+    assert_eq!(refused.len(), 3, "{r}");
+    assert!(
+        refused
+            .iter()
+            .all(|e| e.as_str() == Some("RESOURCE_EXHAUSTED: too many xDS clients")),
+        "{r}"
+    );
+    let refusal = |what: &str, says: &str| {
+        let e = r[what].as_str().unwrap_or_default();
+        assert!(
+            e.starts_with("RESOURCE_EXHAUSTED") && e.contains(says),
+            "{what}: {r}\n{}",
+            d.tern.log()
+        );
+    };
+    refusal("types", "more than 16 resource types");
+    refusal("names", "more than 100000 names");
+    // The flood is gone with its process; the server serves a new client.
+    assert!(
+        eventually(Duration::from_secs(5), || d
+            .json(&ns, "/debug/syncz")
+            .as_array()
+            .is_some_and(|c| c.is_empty())),
+        "{}",
+        d.get(&ns, "/debug/syncz")
+    );
+    let out = ns
+        .output(
+            None,
+            Path::new("python3"),
+            &[
+                script.to_str().unwrap(),
+                "per-type",
+                "127.0.0.1:15010",
+                "outbound|50051||echo",
+            ],
+        )
+        .unwrap();
+    assert!(out.contains("\"endpoints\": 1"), "{out}");
+}
+
 /// `n` services `svc-0`…, 10 endpoints each of weight `weight`; `svc-0`'s endpoints are
 /// `first`.
 fn many_services(n: usize, first: &[u16], weight: u32) -> String {

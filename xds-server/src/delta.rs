@@ -17,6 +17,7 @@ use std::{
 use tern_proto::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as WireResource};
 
 use crate::{
+    limits::{self, Refused},
     snapshot::{Resource, Snapshot},
     sorted::{NameMap, NameSet},
     sotw::is_wildcard_type,
@@ -59,6 +60,18 @@ impl DeltaStream {
     /// What the client has of each type.
     pub fn status(&self) -> impl Iterator<Item = (&str, &TypeStatus)> {
         self.types.iter().map(|(t, s)| (t.as_str(), &s.status))
+    }
+
+    /// Whether this stream may take `request` (see [`crate::limits`]); a refused request
+    /// ends the stream.
+    pub fn admit(&self, request: &DeltaDiscoveryRequest) -> Result<(), Refused> {
+        let state = self.types.get(&request.type_url);
+        limits::check(
+            self.types.len(),
+            state.is_none(),
+            &request.type_url,
+            state.map_or(0, |s| s.names.len()) + request.resource_names_subscribe.len(),
+        )
     }
 
     /// Handles one request; returns what it was and the response to send, if any.
@@ -448,6 +461,36 @@ mod tests {
             Received::Ack
         );
         assert!(status(&s).in_sync());
+    }
+
+    #[test]
+    fn a_stream_that_asks_for_too_much_is_refused() {
+        let mut s = DeltaStream::new();
+        let half = |prefix: &str| -> Vec<String> {
+            (0..limits::MAX_NAMES / 2)
+                .map(|i| format!("{prefix}{i}"))
+                .collect()
+        };
+        for names in [half("c"), half("d")] {
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let r = request(EDS, &names, &[], "");
+            assert_eq!(s.admit(&r), Ok(()), "up to the limit");
+            s.on_request(&r, &Snapshot::default());
+        }
+        assert!(matches!(
+            s.admit(&request(EDS, &["x"], &[], "")),
+            Err(Refused::TooManyNames { .. })
+        ));
+        for i in 1..limits::MAX_TYPES {
+            let r = request(&format!("t{i}"), &[], &[], "");
+            assert_eq!(s.admit(&r), Ok(()));
+            s.on_request(&r, &Snapshot::default());
+        }
+        assert_eq!(
+            s.admit(&request("one-too-many", &[], &[], "")),
+            Err(Refused::TooManyTypes)
+        );
+        assert_eq!(s.admit(&request(EDS, &[], &[], "")), Ok(()), "a known type");
     }
 
     #[test]

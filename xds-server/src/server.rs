@@ -12,7 +12,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::SystemTime,
 };
@@ -36,6 +36,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     delta::{DeltaResponse, DeltaStream},
+    limits::Refused,
     snapshot::Snapshot,
     sotw::SotwStream,
     status::{Received, TypeStatus},
@@ -68,6 +69,8 @@ pub struct ClientInfo {
 #[derive(Debug, Default)]
 pub struct Clients {
     streams: Mutex<BTreeMap<u64, ClientInfo>>,
+    /// Streams open, from their opening (before their first request) to their end.
+    open: AtomicUsize,
     next: AtomicU64,
     responses: AtomicU64,
     nacks: AtomicU64,
@@ -127,7 +130,30 @@ impl Clients {
     fn remove(&self, stream: u64) {
         self.lock().remove(&stream);
     }
+
+    /// Takes one of `max` stream slots, if one is free.
+    fn open_slot(self: &Arc<Self>, max: usize) -> Option<Slot> {
+        let before = self.open.fetch_add(1, Ordering::AcqRel);
+        if before >= max {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(self.clone()))
+    }
 }
+
+/// A stream's slot among `--max-clients`, given back when the stream's task ends.
+struct Slot(Arc<Clients>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How long a new stream may take to send its first request before it is closed (it holds a
+/// slot meanwhile).
+const FIRST_REQUEST_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How many responses may wait for one client before its task waits (and coalesces).
 const CLIENT_QUEUE: usize = 4;
@@ -215,17 +241,18 @@ impl<V: Views> Server<V> {
         request: Request<Streaming<E::Request>>,
         only: Option<&'static str>,
     ) -> Result<ReceiverStream<Result<E::Message, Status>>, Status> {
-        if self.clients.len() >= self.max_clients {
+        let Some(slot) = self.clients.open_slot(self.max_clients) else {
             warn!(
                 max = self.max_clients,
                 "too many xDS clients: stream refused"
             );
             return Err(Status::resource_exhausted("too many xDS clients"));
-        }
+        };
         let peer = request.remote_addr().map(|a| a.to_string());
         let requests = request.into_inner();
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
         tokio::spawn(serve_stream::<E>(
+            slot,
             requests,
             tx,
             self.views.clone(),
@@ -246,6 +273,7 @@ trait Engine: Default + Send + 'static {
     const PROTOCOL: &'static str;
     fn node(request: &Self::Request) -> Option<&Node>;
     fn describe(request: &Self::Request) -> (&str, Option<&str>);
+    fn admit(&self, request: &Self::Request) -> Result<(), Refused>;
     fn on_request(
         &mut self,
         request: &Self::Request,
@@ -269,6 +297,9 @@ impl Engine for SotwStream {
             &request.type_url,
             request.error_detail.as_ref().map(|e| e.message.as_str()),
         )
+    }
+    fn admit(&self, request: &DiscoveryRequest) -> Result<(), Refused> {
+        SotwStream::admit(self, request)
     }
     fn on_request(
         &mut self,
@@ -303,6 +334,9 @@ impl Engine for DeltaStream {
             request.error_detail.as_ref().map(|e| e.message.as_str()),
         )
     }
+    fn admit(&self, request: &DeltaDiscoveryRequest) -> Result<(), Refused> {
+        DeltaStream::admit(self, request)
+    }
     fn on_request(
         &mut self,
         request: &DeltaDiscoveryRequest,
@@ -324,6 +358,7 @@ impl Engine for DeltaStream {
 /// One client stream, from its first request to its end; with `only`, a per-type service's
 /// stream that carries that type alone.
 async fn serve_stream<E: Engine>(
+    _slot: Slot,
     mut requests: Streaming<E::Request>,
     tx: mpsc::Sender<Result<E::Message, Status>>,
     views: Arc<impl Views>,
@@ -331,10 +366,18 @@ async fn serve_stream<E: Engine>(
     peer: Option<String>,
     only: Option<&'static str>,
 ) {
-    let first = match requests.message().await {
-        Ok(Some(r)) => r,
-        Ok(None) => return,
-        Err(e) => return debug!(error = %e, "xDS stream ended before its first request"),
+    let first = match tokio::time::timeout(FIRST_REQUEST_WITHIN, requests.message()).await {
+        Ok(Ok(Some(r))) => r,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => return debug!(error = %e, "xDS stream ended before its first request"),
+        Err(_) => {
+            let _ = tx
+                .send(Err(Status::deadline_exceeded(
+                    "no first request within 10 s",
+                )))
+                .await;
+            return debug!("xDS stream without a first request closed");
+        }
     };
     let Some(node) = E::node(&first).cloned() else {
         let _ = tx
@@ -368,6 +411,13 @@ async fn serve_stream<E: Engine>(
                     .send(Err(Status::invalid_argument(format!(
                         "this service serves {only}, not {type_url}"
                     ))))
+                    .await;
+                break;
+            }
+            if let Err(refused) = engine.admit(&request) {
+                warn!(node = %node.id, %refused, "xDS stream refused");
+                let _ = tx
+                    .send(Err(Status::resource_exhausted(refused.to_string())))
                     .await;
                 break;
             }

@@ -22,6 +22,7 @@ use std::{
 use tern_proto::{DiscoveryRequest, DiscoveryResponse, type_url};
 
 use crate::{
+    limits::{self, Refused},
     snapshot::Snapshot,
     status::{Received, TypeStatus},
 };
@@ -85,6 +86,17 @@ impl SotwStream {
     /// What the client has of each type.
     pub fn status(&self) -> impl Iterator<Item = (&str, &TypeStatus)> {
         self.types.iter().map(|(t, s)| (t.as_str(), &s.status))
+    }
+
+    /// Whether this stream may take `request` (see [`crate::limits`]); a refused request
+    /// ends the stream.
+    pub fn admit(&self, request: &DiscoveryRequest) -> Result<(), Refused> {
+        limits::check(
+            self.types.len(),
+            !self.types.contains_key(&request.type_url),
+            &request.type_url,
+            request.resource_names.len(),
+        )
     }
 
     /// Handles one request; returns what it was and the response to send, if any.
