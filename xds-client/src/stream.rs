@@ -71,6 +71,8 @@ pub struct TypeSummary {
 pub struct ClientStatus {
     pub address: String,
     pub connected: bool,
+    /// ADS streams opened, and reopened after the first (failed attempts count in neither).
+    pub streams: u64,
     pub reconnects: u64,
     pub types: BTreeMap<String, TypeSummary>,
 }
@@ -116,18 +118,9 @@ pub async fn run<H: Handler + Send>(
     status: watch::Sender<ClientStatus>,
 ) {
     let mut backoff = config.initial_backoff;
-    let mut reconnects = 0u64;
     loop {
         let mut lived = false;
-        let ended = stream_once(
-            &config,
-            &mut engine,
-            &mut handler,
-            &status,
-            reconnects,
-            &mut lived,
-        )
-        .await;
+        let ended = stream_once(&config, &mut engine, &mut handler, &status, &mut lived).await;
         status.send_modify(|s| s.connected = false);
         if lived {
             backoff = config.initial_backoff;
@@ -145,8 +138,6 @@ pub async fn run<H: Handler + Send>(
                 backoff = (backoff * 2).min(config.max_backoff);
             }
         }
-        reconnects += 1;
-        status.send_modify(|s| s.reconnects = reconnects);
     }
 }
 
@@ -155,7 +146,6 @@ async fn stream_once<H: Handler>(
     engine: &mut Engine,
     handler: &mut H,
     status: &watch::Sender<ClientStatus>,
-    reconnects: u64,
     lived: &mut bool,
 ) -> Result<(), StreamError> {
     let crate::channel::Connected { channel, bearer } =
@@ -174,11 +164,14 @@ async fn stream_once<H: Handler>(
     .max_decoding_message_size(MAX_MESSAGE)
     .max_encoding_message_size(MAX_MESSAGE);
     let opened = |kind: &str| {
-        info!(address = %config.channel.address, reconnects, protocol = kind, "ADS stream open");
         status.send_modify(|s| {
             s.address = config.channel.address.clone();
             s.connected = true;
+            s.streams += 1;
+            s.reconnects = s.streams - 1;
         });
+        let reconnects = status.borrow().reconnects;
+        info!(address = %config.channel.address, reconnects, protocol = kind, "ADS stream open");
     };
     match engine {
         Engine::Sotw(e) => {
