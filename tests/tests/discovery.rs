@@ -662,6 +662,19 @@ fn tern_sidecars_balance_over_serverset_members_in_zookeeper() {
     );
 }
 
+/// One run of `xds_raw.py ARGS…` in `ns` that prints one JSON line: that line.
+fn raw_once(ns: &Netns, args: &[&str]) -> serde_json::Value {
+    let script = python_peer("xds_raw.py");
+    let out = ns
+        .output(
+            None,
+            Path::new("python3"),
+            &[&[script.to_str().unwrap()][..], args].concat(),
+        )
+        .unwrap();
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{out:?}: {e}"))
+}
+
 /// A client of the test's own making (Envoy's protos and grpcio, not tern's code).
 fn raw_client(ns: &Netns, mode: &str) -> Phased {
     let script = python_peer("xds_raw.py");
@@ -721,6 +734,17 @@ fn a_nack_is_recorded_and_never_counted_as_applied() {
     );
     assert_eq!(status["sent_version"], refused.as_str());
     assert_eq!(status["last_nack"]["message"], "refused by the test client");
+    // The same, as Envoy's CSDS stubs read it.
+    let csds = raw_once(&ns, &["csds", "127.0.0.1:15010"]);
+    let cds_status = &csds["raw-client"][CDS];
+    assert_eq!(cds_status["config_status"], "ERROR", "{csds}");
+    assert_eq!(cds_status["client_status"], "NACKED", "{csds}");
+    assert_eq!(cds_status["error"], "refused by the test client", "{csds}");
+    assert_eq!(
+        cds_status["version"],
+        good.as_str(),
+        "the version it still runs: {csds}"
+    );
     client.next_phase();
     let after: serde_json::Value = client.read().unwrap();
     assert_eq!(
@@ -949,22 +973,8 @@ fn xds_over_tls_requires_client_certificates() {
     let first: serde_json::Value = calls.read().unwrap();
     assert_eq!(first["by_server"]["s1"], 40, "{first}\n{}", d.tern.log());
 
-    let probe = |args: &[&str]| -> serde_json::Value {
-        let script = python_peer("xds_raw.py");
-        let out = p
-            .app
-            .output(
-                None,
-                Path::new("python3"),
-                &[
-                    &[script.to_str().unwrap(), "probe", "127.0.0.1:15012"][..],
-                    args,
-                ]
-                .concat(),
-            )
-            .unwrap();
-        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{out:?}: {e}"))
-    };
+    let probe =
+        |args: &[&str]| raw_once(&p.app, &[&["probe", "127.0.0.1:15012"][..], args].concat());
     assert_eq!(
         probe(&[&ca_path, client.cert_str(), client.key_str()])["ok"],
         true
@@ -1091,21 +1101,10 @@ fn the_per_type_services_serve_their_type() {
         &[],
     )
     .unwrap();
-    let script = python_peer("xds_raw.py");
-    let out = ns
-        .output(
-            None,
-            Path::new("python3"),
-            &[
-                script.to_str().unwrap(),
-                "per-type",
-                "127.0.0.1:15010",
-                "outbound|50051||echo",
-            ],
-        )
-        .unwrap();
-    let r: serde_json::Value =
-        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{out:?}: {e}"));
+    let r = raw_once(
+        &ns,
+        &["per-type", "127.0.0.1:15010", "outbound|50051||echo"],
+    );
     assert_eq!(
         r["clusters"],
         3,
@@ -1137,16 +1136,7 @@ fn streams_past_the_limits_are_refused_and_the_server_serves_on() {
         &["--max-clients", "4"],
     )
     .unwrap();
-    let script = python_peer("xds_raw.py");
-    let out = ns
-        .output(
-            None,
-            Path::new("python3"),
-            &[script.to_str().unwrap(), "flood", "127.0.0.1:15010", "7"],
-        )
-        .unwrap();
-    let r: serde_json::Value =
-        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{out:?}: {e}"));
+    let r = raw_once(&ns, &["flood", "127.0.0.1:15010", "7"]);
     assert_eq!(r["kept"], 4, "{r}\n{}", d.tern.log());
     let refused = r["refused"].as_array().cloned().unwrap_or_default();
     assert_eq!(refused.len(), 3, "{r}");
@@ -1175,19 +1165,11 @@ fn streams_past_the_limits_are_refused_and_the_server_serves_on() {
         "{}",
         d.get(&ns, "/debug/syncz")
     );
-    let out = ns
-        .output(
-            None,
-            Path::new("python3"),
-            &[
-                script.to_str().unwrap(),
-                "per-type",
-                "127.0.0.1:15010",
-                "outbound|50051||echo",
-            ],
-        )
-        .unwrap();
-    assert!(out.contains("\"endpoints\": 1"), "{out}");
+    let r = raw_once(
+        &ns,
+        &["per-type", "127.0.0.1:15010", "outbound|50051||echo"],
+    );
+    assert_eq!(r["endpoints"], 1, "{r}");
 }
 
 /// `n` services `svc-0`…, 10 endpoints each of weight `weight`; `svc-0`'s endpoints are
