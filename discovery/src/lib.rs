@@ -12,7 +12,7 @@
 //! - [`memory`]: how the heap stays small;
 //! - [`state`]: what it holds while it runs, and how events become published configuration;
 //! - [`admin`]: the admin server (client sync status, sources, metrics);
-//! - [`run`]: the process and its flags.
+//! - [`run`](mod@run): the process and its flags.
 pub mod admin;
 pub mod catalog;
 pub mod config;

@@ -106,6 +106,7 @@ impl ClientViews {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut next = HashMap::with_capacity(services.len());
+        let mut order = Vec::with_capacity(services.len());
         let mut named_once = BTreeSet::new();
         for (i, s) in services.iter().enumerate() {
             let first_of_name = named_once.insert(s.name.as_str());
@@ -115,21 +116,21 @@ impl ClientViews {
                 Some(g) if g.generated_from(s, first_of_name, &statuses) => g,
                 _ => Generated::new(s, first_of_name, statuses),
             };
+            order.push(key.clone());
             next.insert(key, g);
         }
         *generated = next;
+        // In the services' order: where two services make a resource of the same name, the
+        // later one's is served, the same at every publication.
+        let in_order = || order.iter().filter_map(|k| generated.get(k));
         let sidecar = Snapshot::of(
-            self.fixed.iter().cloned().chain(
-                generated
-                    .values()
-                    .flat_map(|g| g.sidecar.iter().chain([&g.endpoints]).cloned()),
-            ),
+            self.fixed
+                .iter()
+                .cloned()
+                .chain(in_order().flat_map(|g| g.sidecar.iter().chain([&g.endpoints]).cloned())),
         );
-        let grpc = Snapshot::of(
-            generated
-                .values()
-                .flat_map(|g| g.grpc.iter().chain([&g.endpoints]).cloned()),
-        );
+        let grpc =
+            Snapshot::of(in_order().flat_map(|g| g.grpc.iter().chain([&g.endpoints]).cloned()));
         drop(generated);
         let mut changed = false;
         for (tx, new) in [(&self.sidecar, sidecar), (&self.grpc, grpc)] {

@@ -7,8 +7,10 @@
 //! `removed_resources` for those it holds that are gone or no longer subscribed, and for
 //! subscribed names that do not exist (said once, so the client need not wait for a timer).
 //! Subscriptions change with every request, stale nonce or not; ACKs and NACKs count only
-//! with the type's latest nonce. A NACKed resource is not sent again until it changes.
-//! Wildcard is `*`, or a first request of a listener or cluster type naming nothing.
+//! with the type's latest answer's nonces. A NACKed resource is not sent again until it
+//! changes. Wildcard is `*`, or a first request of a listener or cluster type naming nothing.
+//! An answer over 16 KiB goes in parts, each a response with its own nonce: it counts
+//! as applied when its last part is ACKed, and a NACK of any part counts.
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::Arc,
@@ -198,9 +200,9 @@ impl DeltaStream {
             state.held.insert(r.name.clone(), r.version.clone());
         }
         let version = version.to_owned();
-        let mut parts = parts(updates);
+        let parts = parts(updates);
         let mut responses = Vec::with_capacity(parts.len());
-        for (i, part) in parts.drain(..).enumerate() {
+        for (i, part) in parts.into_iter().enumerate() {
             self.nonces += 1;
             responses.push(DeltaResponse {
                 system_version_info: version.clone(),

@@ -43,8 +43,8 @@ const SETTLED: Duration = Duration::from_secs(2);
 /// one interval (a file written in place is read half-written at times, and half a file may
 /// well parse: it would take services away from every client for a moment). The event is
 /// parsed from the bytes that showed the change; the catalog logs a file it refuses. A file
-/// modified more than [`SETTLED`] ago is read again only when its size, modification time or
-/// inode changed.
+/// modified more than two seconds (`SETTLED`) ago is read again only when its size,
+/// modification time or inode changed.
 pub async fn watch(path: PathBuf, interval: Duration, events: mpsc::Sender<SourceEvent>) {
     let mut seen = stamp(&path);
     let mut contents = Settling::new(std::fs::read(&path));
