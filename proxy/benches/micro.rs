@@ -156,7 +156,8 @@ fn router(c: &mut Criterion) {
     });
 }
 
-struct Ep(Endpoint);
+/// An endpoint with a real latency average (least request weighs it at every pick).
+struct Ep(Endpoint, tern::latency::PeakEwma);
 
 impl Candidate for Ep {
     fn config(&self) -> &Endpoint {
@@ -164,6 +165,9 @@ impl Candidate for Ep {
     }
     fn active(&self) -> u64 {
         0
+    }
+    fn latency(&self, now: std::time::Instant) -> f64 {
+        self.1.weigh(now, 0)
     }
     fn ejected(&self) -> bool {
         false
@@ -174,14 +178,17 @@ fn balancer(c: &mut Criterion) {
     let mut g = c.benchmark_group("balancer");
     let endpoints: Vec<Ep> = (0..100u32)
         .map(|i| {
-            Ep(Endpoint {
-                address: SocketAddr::from(([10, 0, (i / 256) as u8, (i % 256) as u8], 9090)),
-                weight: 1 + i % 3,
-                priority: 0,
-                locality: "".into(),
-                health: Default::default(),
-                metadata: None,
-            })
+            Ep(
+                Endpoint {
+                    address: SocketAddr::from(([10, 0, (i / 256) as u8, (i % 256) as u8], 9090)),
+                    weight: 1 + i % 3,
+                    priority: 0,
+                    locality: "".into(),
+                    health: Default::default(),
+                    metadata: None,
+                },
+                Default::default(),
+            )
         })
         .collect();
     let configs: Vec<Endpoint> = endpoints.iter().map(|e| e.0.clone()).collect();

@@ -190,6 +190,7 @@ fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
                                 "locality": e.config.locality,
                                 "ejected": rt.ejected(),
                                 "active_requests": rt.active.load(Relaxed),
+                                "latency_ms": rt.latency.weigh(std::time::Instant::now(), rt.active.load(Relaxed)) * 1e3,
                                 "requests": rt.requests.load(Relaxed),
                                 "errors": rt.errors.load(Relaxed),
                                 "connections": rt.pool.open_connections(),

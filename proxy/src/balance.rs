@@ -3,7 +3,11 @@
 //! An [`EndpointPicker`] is built once per configuration snapshot (schedules, rings and tables
 //! are precomputed there) and then picks without locks: round robin is an atomic cursor over
 //! a weighted schedule (built earliest-deadline-first, in O(n log n)), least request is the
-//! power of two choices on live in-flight counts, ring hash and Maglev map a request's hash
+//! power of two choices between two different endpoints by in-flight count times latency
+//! (linkerd2-proxy's peak EWMA, see [`crate::latency`]; latencies under 10 ms weigh the same,
+//! so between endpoints that answer in time the counts decide, as in Envoy; counts alone kept
+//! sending to a server that accepts and never answers whenever both choices fell on it),
+//! ring hash and Maglev map a request's hash
 //! key to an endpoint exactly as Envoy does (xxHash64 over the same strings, the same ring
 //! and table construction), so tern and Envoy sidecars send one key to one endpoint. Priorities are tried in
 //! order: the first level with an available endpoint serves. Within a level an endpoint's
@@ -34,6 +38,8 @@ pub trait Candidate {
     fn config(&self) -> &Endpoint;
     /// Requests in flight to it now.
     fn active(&self) -> u64;
+    /// The latency to weigh it with at `now` (seconds; see [`crate::latency`]).
+    fn latency(&self, now: std::time::Instant) -> f64;
     /// Ejected by outlier detection now.
     fn ejected(&self) -> bool;
 }
@@ -175,10 +181,18 @@ impl EndpointPicker {
             }
             (LbPolicy::LeastRequest, _) => {
                 let a = weighted_random(level, ok)?;
-                let b = weighted_random(level, ok)?;
-                let load =
-                    |i: usize| endpoints[i].active() as f64 / f64::from(level.weight_of(i).max(1));
-                Some(if load(b) < load(a) { b } else { a })
+                let Some(b) = weighted_random(level, &|i| i != a && ok(i)) else {
+                    return Some(a);
+                };
+                let now = std::time::Instant::now();
+                let alike = crate::latency::ALIKE.as_secs_f64();
+                let cost = |i: usize| {
+                    let e = &endpoints[i];
+                    let active = e.active();
+                    e.latency(now).max(alike) * (active + 1) as f64
+                        / f64::from(level.weight_of(i).max(1))
+                };
+                Some(if cost(b) < cost(a) { b } else { a })
             }
             // Random, and hash policies for requests without a hash key.
             _ => weighted_random(level, ok),
@@ -530,6 +544,7 @@ mod tests {
     struct Fake {
         config: Endpoint,
         active: Cell<u64>,
+        latency: Cell<f64>,
         ejected: bool,
     }
 
@@ -539,6 +554,9 @@ mod tests {
         }
         fn active(&self) -> u64 {
             self.active.get()
+        }
+        fn latency(&self, _: std::time::Instant) -> f64 {
+            self.latency.get()
         }
         fn ejected(&self) -> bool {
             self.ejected
@@ -579,6 +597,7 @@ mod tests {
             .map(|e| Fake {
                 config: e.clone(),
                 active: Cell::new(0),
+                latency: Cell::new(1e-3),
                 ejected: false,
             })
             .collect();
@@ -624,6 +643,7 @@ mod tests {
             .map(|e| Fake {
                 config: e.clone(),
                 active: Cell::new(0),
+                latency: Cell::new(1e-3),
                 ejected: false,
             })
             .collect()
@@ -740,8 +760,38 @@ mod tests {
             &HashTable::default(),
         );
         let c = counts(&p, &f, 1000);
-        // Two choices: the busy one wins only when both draws are it (about a quarter).
-        assert!(c.get(&0).copied().unwrap_or(0) < 350, "{c:?}");
+        // Two different endpoints are compared: the busy one never wins.
+        assert_eq!(c.get(&0), None, "{c:?}");
+    }
+
+    #[test]
+    fn least_request_weighs_latency_with_the_count() {
+        let eps: Vec<_> = (1..=3).map(|n| ep(n, 1, 0, "", Health::Healthy)).collect();
+        let f = fakes(&eps);
+        let p = EndpointPicker::new(
+            LbPolicy::LeastRequest,
+            &eps,
+            &BTreeMap::new(),
+            &HashTable::default(),
+        );
+        // A server that stopped answering: one request in flight, waiting for seconds.
+        f[0].active.set(1);
+        f[0].latency.set(5.0);
+        // The others answer in 100 µs, with a few requests each.
+        for e in &f[1..] {
+            e.active.set(3);
+            e.latency.set(1e-4);
+        }
+        let c = counts(&p, &f, 1000);
+        assert_eq!(c.get(&0), None, "{c:?}");
+        // Equally fast: the count decides.
+        f[0].latency.set(1e-4);
+        f[0].active.set(0);
+        let c = counts(&p, &f, 1000);
+        assert!(
+            c[&0] > 600,
+            "the idle one wins every comparison it is in: {c:?}"
+        );
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! Data path: [`listener`] accepts captured connections and learns their original
 //! destination ([`socket`]); [`filters`] picks the filter chain and runs it — the Thrift
-//! proxy ([`thrift`] codec, [`balance`] per request, [`upstream`] multiplexed pools) or a
+//! proxy ([`thrift`] codec, [`balance`] per request weighing [`latency`], [`upstream`]
+//! multiplexed pools) or a
 //! TCP relay. Control path: [`config`] (the model and the static file) and [`xds`] (what a
 //! control plane sends, through the `tern-xds-client` library) build snapshots that
 //! [`state`] swaps atomically; [`admin`] and [`metrics`] show what happens.
@@ -17,6 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod filters;
 pub mod inject;
+pub mod latency;
 pub mod listener;
 pub mod logging;
 pub mod memory;

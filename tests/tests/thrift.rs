@@ -501,3 +501,98 @@ fn circuit_breaker_overflow_answers_in_thrift() {
         2.0
     );
 }
+
+/// A server that accepts connections and never answers.
+const HOLE: &str = "10.66.1.2:9004";
+const HOLE_SCRIPT: &str = "import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(('10.66.1.2', 9004))
+s.listen(128)
+print('ready', flush=True)
+held = []
+while True:
+    held.append(s.accept())
+";
+
+/// Least request keeps away from a server that accepts and never answers (istiod sends
+/// LEAST_REQUEST for most clusters): once one call waited on it past the timeout, four
+/// closed-loop callers lose no call while its slowness is remembered. Weighing in-flight
+/// counts alone sent it a call whenever both choices fell on it or its count was the lower:
+/// every few calls, one hung for the whole timeout.
+#[test]
+fn least_request_keeps_away_from_a_server_that_never_answers() {
+    let config = format!(
+        r#"listeners:
+  - address: {SERVICE}
+    filter_chains:
+      - thrift_proxy: {{ default_cluster: lr }}
+clusters:
+  - name: lr
+    lb_policy: least_request
+    timeout_ms: 1000
+    endpoints: [ {{ address: 10.66.1.2:9001 }}, {{ address: 10.66.1.2:9002 }}, {{ address: {HOLE} }} ]
+"#
+    );
+    let m = Mesh::start(&config, &[]);
+    let _hole = tern_tests::start_server(
+        &m.p.srv,
+        None,
+        std::path::Path::new("python3"),
+        &["-c", HOLE_SCRIPT],
+    )
+    .unwrap();
+    let callers = |calls: &str| -> Vec<Calls> {
+        std::thread::scope(|s| {
+            let running: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| m.call(SERVICE, &["--calls", calls])))
+                .collect();
+            running.into_iter().map(|c| c.join().unwrap()).collect()
+        })
+    };
+    let hole_requests = || -> u64 {
+        let clusters: serde_json::Value =
+            serde_json::from_str(&admin(&m.p.app, "GET", "/clusters")).unwrap_or_default();
+        clusters["clusters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|c| c["name"] == "lr")
+            .flat_map(|c| c["endpoints"].as_array().cloned().unwrap_or_default())
+            .filter(|e| e["address"] == HOLE)
+            .map(|e| e["requests"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    // An endpoint nothing is known of is tried: the hole gets a call, which times out.
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            callers("50");
+            hole_requests() >= 1
+        }),
+        "the hole was never tried: {}",
+        admin(&m.p.app, "GET", "/clusters")
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    let tried = hole_requests();
+    let started = std::time::Instant::now();
+    let measured = callers("500");
+    let elapsed = started.elapsed();
+    let outcome: Vec<(u64, usize)> = measured
+        .iter()
+        .map(|c| (c.replies(), c.app_errors.len()))
+        .collect();
+    assert_eq!(
+        hole_requests(),
+        tried,
+        "(replies, failures) of each caller: {outcome:?}\n{}",
+        admin(&m.p.app, "GET", "/clusters")
+    );
+    for c in &measured {
+        assert_eq!(c.replies(), 500, "{c:?}");
+        assert!(c.app_errors.is_empty(), "a call hung on the hole: {c:?}");
+    }
+    eprintln!(
+        "4 callers past the hole: {:.0} calls/s",
+        2000.0 / elapsed.as_secs_f64()
+    );
+}

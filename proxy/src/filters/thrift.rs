@@ -13,10 +13,7 @@
 //! requests already accepted are written: nothing accepted is dropped silently.
 use std::{
     net::IpAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -33,7 +30,7 @@ use crate::budget::Held;
 use crate::{
     balance::{hash_key, source_hash},
     config::{Cluster, Filter, Route, RouteAction, RouteMatch, Target, UpstreamMode},
-    state::{ActiveRequest, ClusterState, Failure, Snapshot},
+    state::{ActiveRequest, ClusterState, EndpointRuntime, Failure, Snapshot},
     stream::Stream,
     thrift::{
         Decoder, Message, MessageType,
@@ -482,8 +479,15 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Byte
          outcome: Result<Result<Option<Message>, Failed>, tokio::time::error::Elapsed>,
          name: &[u8]| {
             let endpoint = &*ep.runtime;
+            // How long it took, for least request: an answer, a lost connection or a timeout
+            // (not a request that never left, nor a one-way call).
+            let took = || {
+                let now = Instant::now();
+                endpoint.latency.observe(now - started, now.into_std());
+            };
             match outcome {
                 Ok(Ok(Some(reply))) => {
+                    took();
                     istio::endpoint_requests(&ctx, &cluster, ep)[reply.reply_result() as usize]
                         .observe(elapsed_ms(), request_len, reply.as_bytes().len());
                     let answered = reply.kind() == MessageType::Reply;
@@ -521,6 +525,7 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Byte
                     Next::Retry
                 }
                 Ok(Err(Failed::Lost(e))) => {
+                    took();
                     cluster.record_failure(endpoint, Failure::Gateway);
                     Next::Done(local(
                         name,
@@ -530,6 +535,7 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Byte
                     ))
                 }
                 Err(_) => {
+                    took();
                     cluster.record_failure(endpoint, Failure::Gateway);
                     Next::Done(local(
                         name,
@@ -562,7 +568,7 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Byte
         let ert = &ep.runtime;
         ert.requests.fetch_add(1, Ordering::Relaxed);
         debug!(endpoint = %ep.config.address, attempt, "sending");
-        let _in_flight = ActiveEndpoint::new(&ert.active);
+        let _in_flight = ActiveEndpoint::new(ert);
         let started = Instant::now();
         let conclude = |outcome, name: &[u8]| conclude_with(ep, started, outcome, name);
         let outcome = match cfg.upstream {
@@ -648,18 +654,20 @@ fn deadline_after(timeout: Duration) -> Instant {
 }
 
 /// Counts a request as in flight to an endpoint while it lives (least request reads it).
-struct ActiveEndpoint<'a>(&'a AtomicU64);
+struct ActiveEndpoint<'a>(&'a EndpointRuntime);
 
 impl<'a> ActiveEndpoint<'a> {
-    fn new(count: &'a AtomicU64) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        Self(count)
+    fn new(endpoint: &'a EndpointRuntime) -> Self {
+        if endpoint.active.fetch_add(1, Ordering::Relaxed) == 0 {
+            endpoint.latency.busy_from(std::time::Instant::now());
+        }
+        Self(endpoint)
     }
 }
 
 impl Drop for ActiveEndpoint<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -16,6 +16,7 @@ use prometheus_client::metrics::{counter::Counter, gauge::Gauge, histogram::Hist
 use super::outlier::Outlier;
 use crate::{
     config::UpstreamTls,
+    latency::PeakEwma,
     method_labels::MethodCounters,
     metrics::{ClusterLabel, Metrics, ResultLabels},
     telemetry::RequestSeries,
@@ -32,6 +33,8 @@ pub struct EndpointRuntime {
     /// TLS towards it, or plaintext.
     pub tls: Option<Arc<UpstreamTls>>,
     pub active: AtomicU64,
+    /// How long its requests take (least request weighs it).
+    pub latency: PeakEwma,
     pub requests: AtomicU64,
     pub errors: AtomicU64,
     pub outlier: Outlier,
@@ -56,6 +59,7 @@ impl EndpointRuntime {
             address,
             tls,
             active: AtomicU64::new(0),
+            latency: PeakEwma::default(),
             requests: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             outlier: Outlier::default(),

@@ -34,6 +34,9 @@ impl Candidate for EndpointHandle {
     fn active(&self) -> u64 {
         self.runtime.active.load(Ordering::Relaxed)
     }
+    fn latency(&self, now: std::time::Instant) -> f64 {
+        self.runtime.latency.weigh(now, self.active())
+    }
     fn ejected(&self) -> bool {
         self.runtime.ejected()
     }
