@@ -181,7 +181,13 @@ impl EndpointPicker {
             }
             (LbPolicy::LeastRequest, _) => {
                 let a = weighted_random(level, ok)?;
-                let Some(b) = weighted_random(level, &|i| i != a && ok(i)) else {
+                // Another draw is another endpoint but for the heaviest few: a draw costs a
+                // pass over the level, so draw again before leaving `a` out of a pass.
+                let b = (0..3)
+                    .filter_map(|_| weighted_random(level, ok))
+                    .find(|&b| b != a)
+                    .or_else(|| weighted_random(level, &|i| i != a && ok(i)));
+                let Some(b) = b else {
                     return Some(a);
                 };
                 let now = std::time::Instant::now();
