@@ -37,9 +37,9 @@ pub struct ClientViews {
     grpc: watch::Sender<Arc<Snapshot>>,
     /// What sidecars are served whatever the services.
     fixed: Vec<Arc<Resource>>,
-    /// What each service (by name and port) generated last, kept while it and its
+    /// What each service generated last, in the services' order, kept while it and its
     /// endpoints' health stay the same: a change regenerates only the services it touched.
-    generated: Mutex<HashMap<(String, u16), Generated>>,
+    generated: Mutex<Vec<Generated>>,
 }
 
 /// One service's resources in both shapes, and what they were generated from.
@@ -56,21 +56,15 @@ struct Generated {
 
 impl Generated {
     fn new(service: &Service, first_of_name: bool, health: Vec<i32>) -> Self {
-        let resources = |items: Vec<(String, Any)>| {
-            items
-                .into_iter()
-                .map(|(name, body)| Arc::new(Resource::new(name, body)))
-                .collect()
-        };
         let mut statuses = health.iter().copied();
         // An endpoint without a status (none given) is served as its registry says.
-        let (name, body) = generate::endpoints(service, |e| {
+        let endpoints = generate::endpoints(service, |e| {
             statuses.next().unwrap_or_else(|| e.health.eds())
         });
         Self {
-            sidecar: resources(sidecar::service(service)),
-            grpc: resources(grpc::service(service, first_of_name)),
-            endpoints: Arc::new(Resource::new(name, body)),
+            sidecar: versioned(sidecar::service(service)),
+            grpc: versioned(grpc::service(service, first_of_name)),
+            endpoints: versioned(vec![endpoints]).remove(0),
             service: service.clone(),
             first_of_name,
             health,
@@ -82,15 +76,20 @@ impl Generated {
     }
 }
 
+/// Resources as served: each with the version of its bytes.
+fn versioned(items: Vec<(String, Any)>) -> Vec<Arc<Resource>> {
+    items
+        .into_iter()
+        .map(|(name, body)| Arc::new(Resource::new(name, body)))
+        .collect()
+}
+
 impl Default for ClientViews {
     fn default() -> Self {
         Self {
             sidecar: watch::Sender::new(Arc::new(Snapshot::default())),
             grpc: watch::Sender::new(Arc::new(Snapshot::default())),
-            fixed: sidecar::fixed()
-                .into_iter()
-                .map(|(name, body)| Arc::new(Resource::new(name, body)))
-                .collect(),
+            fixed: versioned(sidecar::fixed()),
             generated: Mutex::default(),
         }
     }
@@ -105,32 +104,33 @@ impl ClientViews {
             .generated
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut next = HashMap::with_capacity(services.len());
-        let mut order = Vec::with_capacity(services.len());
+        let mut previous: HashMap<(String, u16), Generated> = std::mem::take(&mut *generated)
+            .into_iter()
+            .map(|g| ((g.service.name.clone(), g.service.port), g))
+            .collect();
         let mut named_once = BTreeSet::new();
         for (i, s) in services.iter().enumerate() {
             let first_of_name = named_once.insert(s.name.as_str());
             let statuses = health.get(i).cloned().unwrap_or_default();
-            let key = (s.name.clone(), s.port);
-            let g = match generated.remove(&key) {
+            generated.push(match previous.remove(&(s.name.clone(), s.port)) {
                 Some(g) if g.generated_from(s, first_of_name, &statuses) => g,
                 _ => Generated::new(s, first_of_name, statuses),
-            };
-            order.push(key.clone());
-            next.insert(key, g);
+            });
         }
-        *generated = next;
         // In the services' order: where two services make a resource of the same name, the
         // later one's is served, the same at every publication.
-        let in_order = || order.iter().filter_map(|k| generated.get(k));
         let sidecar = Snapshot::of(
-            self.fixed
-                .iter()
-                .cloned()
-                .chain(in_order().flat_map(|g| g.sidecar.iter().chain([&g.endpoints]).cloned())),
+            self.fixed.iter().cloned().chain(
+                generated
+                    .iter()
+                    .flat_map(|g| g.sidecar.iter().chain([&g.endpoints]).cloned()),
+            ),
         );
-        let grpc =
-            Snapshot::of(in_order().flat_map(|g| g.grpc.iter().chain([&g.endpoints]).cloned()));
+        let grpc = Snapshot::of(
+            generated
+                .iter()
+                .flat_map(|g| g.grpc.iter().chain([&g.endpoints]).cloned()),
+        );
         drop(generated);
         let mut changed = false;
         for (tx, new) in [(&self.sidecar, sidecar), (&self.grpc, grpc)] {

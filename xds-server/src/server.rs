@@ -372,9 +372,9 @@ async fn serve_stream<E: Engine>(
         Ok(Err(e)) => return debug!(error = %e, "xDS stream ended before its first request"),
         Err(_) => {
             let _ = tx
-                .send(Err(Status::deadline_exceeded(
-                    "no first request within 10 s",
-                )))
+                .send(Err(Status::deadline_exceeded(format!(
+                    "no first request within {FIRST_REQUEST_WITHIN:?}"
+                ))))
                 .await;
             return debug!("xDS stream without a first request closed");
         }

@@ -130,9 +130,9 @@ impl Checker {
             .iter()
             .map(|s| {
                 let registry = || s.endpoints.iter().map(|e| e.health.eds()).collect();
-                if s.health_check.is_none() {
+                let Some(hc) = &s.health_check else {
                     return registry();
-                }
+                };
                 let cluster = s.cluster();
                 let found: Vec<Verdict> = s
                     .endpoints
@@ -145,10 +145,7 @@ impl Checker {
                     .collect();
                 let failing = found.iter().filter(|v| **v == Verdict::Unhealthy).count();
                 let passing = s.endpoints.len() - failing;
-                let panic = s.health_check.as_ref().is_some_and(|hc| {
-                    passing * 100 < usize::from(hc.panic_threshold) * s.endpoints.len()
-                });
-                if panic {
+                if passing * 100 < usize::from(hc.panic_threshold) * s.endpoints.len() {
                     return registry();
                 }
                 s.endpoints

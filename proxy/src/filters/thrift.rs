@@ -483,11 +483,13 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Byte
             // (not a request that never left, nor a one-way call).
             let took = || {
                 let now = Instant::now();
-                endpoint.latency.observe(now - started, now.into_std());
+                let took = now - started;
+                endpoint.latency.observe(took, now.into_std());
+                took
             };
             match outcome {
                 Ok(Ok(Some(reply))) => {
-                    took();
+                    let took = took();
                     istio::endpoint_requests(&ctx, &cluster, ep)[reply.reply_result() as usize]
                         .observe(elapsed_ms(), request_len, reply.as_bytes().len());
                     let answered = reply.kind() == MessageType::Reply;
@@ -498,9 +500,7 @@ async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Byte
                         }
                         _ => cluster.record_success(endpoint),
                     }
-                    rt.metrics()
-                        .request_seconds
-                        .observe(started.elapsed().as_secs_f64());
+                    rt.metrics().request_seconds.observe(took.as_secs_f64());
                     rt.metrics().replies(reply.reply_result()).inc();
                     Next::Done(Some(reply.into_bytes()))
                 }
