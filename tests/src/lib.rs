@@ -26,18 +26,42 @@ pub mod pki;
 pub mod registry;
 pub use controlplane::ControlPlane;
 
-/// Fails loudly when not root: these tests need namespaces, cgroups and eBPF.
-pub fn require_root() {
-    if !nix::unistd::geteuid().is_root() {
-        if std::env::var_os("TERN_SKIP_ROOT_TESTS").is_some() {
-            eprintln!("SKIPPED: tern's integration tests need root (TERN_SKIP_ROOT_TESTS is set)");
+/// The first statement of every test here: these tests need namespaces, cgroups and eBPF.
+/// Not root, the test fails loudly, or, with `TERN_SKIP_ROOT_TESTS` set, says SKIPPED and
+/// returns from the test (a function could only return from itself).
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::may_run_as_root() {
             return;
         }
-        panic!(
-            "tern's integration tests need root (network namespaces, cgroups, eBPF); \
-             run them as root (`cargo xtask test`), or set TERN_SKIP_ROOT_TESTS=1 to skip them"
-        );
+    };
+}
+
+/// Whether a test needing root may run: true as root; false (after saying SKIPPED) when not
+/// root and `TERN_SKIP_ROOT_TESTS` is set; otherwise a panic that says what to do.
+pub fn may_run_as_root() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
     }
+    if std::env::var_os("TERN_SKIP_ROOT_TESTS").is_some() {
+        eprintln!("SKIPPED: tern's integration tests need root (TERN_SKIP_ROOT_TESTS is set)");
+        return false;
+    }
+    panic!(
+        "tern's integration tests need root (network namespaces, cgroups, eBPF); \
+         run them as root (`cargo xtask test`), or set TERN_SKIP_ROOT_TESTS=1 to skip them"
+    );
+}
+
+/// For helpers that make namespaces, and the bench: without root they cannot work, whatever
+/// `TERN_SKIP_ROOT_TESTS` says (a test reaching one without root forgot [`require_root!`]).
+pub fn assert_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this needs root (network namespaces, cgroups, eBPF); tests start with \
+         `tern_tests::require_root!()`"
+    );
 }
 
 /// A short name unique to this process and call, for namespaces and cgroups of parallel runs.
@@ -338,7 +362,7 @@ impl Drop for ConfigFile {
 
 /// Builds [`Pods`] (needs root).
 pub fn pods() -> Pods {
-    require_root();
+    assert_root();
     let app = Netns::new("app").expect("app namespace");
     let srv = Netns::new("srv").expect("server namespace");
     link(&app, "10.66.1.1/24", &srv, "10.66.1.2/24").expect("veth link");

@@ -305,7 +305,7 @@ impl Mesh {
         discovery: bool,
         progress: &mut dyn FnMut(&str),
     ) -> Result<Self> {
-        crate::require_root();
+        crate::assert_root();
         progress("node: bridge br0");
         let node = node()?;
 

@@ -95,6 +95,7 @@ fn rss_kib(s: &Setup) -> u64 {
 /// An endpoint removed from the configuration loses its upstream connections.
 #[test]
 fn an_endpoint_that_leaves_loses_its_connections() {
+    tern_tests::require_root!();
     let s = setup();
     let c = thrift_call(&s.p.app, Some(&s.p.cgroup), CALC, &["--calls", "30"]);
     assert_eq!(c.counts(), [("s1", 10), ("s2", 10), ("s3", 10)], "{c:?}");
@@ -115,6 +116,7 @@ fn an_endpoint_that_leaves_loses_its_connections() {
 /// Pooled connections nobody uses close after the cluster's idle timeout.
 #[test]
 fn idle_connections_close_after_the_idle_timeout() {
+    tern_tests::require_root!();
     let s = setup();
     s.tern.reconfigure(
         &s.config,
@@ -136,6 +138,7 @@ fn idle_connections_close_after_the_idle_timeout() {
 /// (its circuit breakers and the client's TCP window) instead of buffering the flood.
 #[test]
 fn a_one_way_flood_at_a_stalled_server_keeps_memory_bounded() {
+    tern_tests::require_root!();
     let s = setup();
     let before = rss_kib(&s);
     let flood = python_json(
@@ -162,6 +165,7 @@ fn a_one_way_flood_at_a_stalled_server_keeps_memory_bounded() {
 /// 20,000 calls with distinct method names add no metric series.
 #[test]
 fn clients_method_names_create_no_metric_series() {
+    tern_tests::require_root!();
     let s = setup();
     let series = || {
         admin(&s.p.app, "GET", "/stats/prometheus")

@@ -7,8 +7,7 @@
 use std::{os::unix::fs::MetadataExt, path::Path, process::Command, time::Duration};
 
 use tern_tests::{
-    Cgroup, Netns, Tern, bpftool, capture_counter, connect, eventually, pods, require_root, serve,
-    tern, tern_in,
+    Cgroup, Netns, Tern, bpftool, capture_counter, connect, eventually, pods, serve, tern, tern_in,
 };
 
 /// Entries bpftool sees in one of tern's pinned maps.
@@ -268,7 +267,7 @@ fn proxy_uid_bypasses(mode: &str) {
 /// `tern check` loads every program on this kernel and says so.
 #[test]
 fn check_reports_every_program_loadable() {
-    require_root();
+    tern_tests::require_root!();
     let (ok, out, err) = tern(&["check"]);
     assert!(ok, "{out}{err}");
     for program in tern_ebpf_common::program_names::ALL {
@@ -354,6 +353,7 @@ fn inbound_ipv6_and_node_probes(mode: &str) {
 /// it, until it exits; then capture refuses them (it stays while the Pod lives).
 #[test]
 fn ebpf_outbound_goes_through_the_proxy_while_draining() {
+    tern_tests::require_root!();
     let p = pods();
     let _server = serve(&p.srv, &["10.66.1.2:8080"]).unwrap();
     let mut tern_proc = Tern::start(
@@ -405,11 +405,13 @@ macro_rules! under_both_captures {
         mod $scenario {
             #[test]
             fn ebpf() {
+                tern_tests::require_root!();
                 super::$scenario("ebpf");
             }
 
             #[test]
             fn iptables() {
+                tern_tests::require_root!();
                 super::$scenario("iptables");
             }
         }
@@ -431,6 +433,7 @@ under_both_captures!(
 /// refused too unless `--outbound-fail-open`; a restarted proxy takes over again.
 #[test]
 fn ebpf_fails_closed_when_the_proxy_dies() {
+    tern_tests::require_root!();
     for outbound_fail_open in [false, true] {
         let p = pods();
         let _server = serve(&p.srv, &["10.66.1.2:8080"]).unwrap();
@@ -504,6 +507,7 @@ fn ebpf_fails_closed_when_the_proxy_dies() {
 /// would hold other Pods) or to detach another Pod's capture.
 #[test]
 fn captures_belong_to_their_pod() {
+    tern_tests::require_root!();
     let p = pods();
     let other = pods();
     let cg = p.cgroup.path_str();
@@ -537,6 +541,7 @@ fn captures_belong_to_their_pod() {
 /// attach → status → detach, seen by tern and by bpftool: nothing is left behind.
 #[test]
 fn ebpf_attach_and_detach_leave_nothing_behind() {
+    tern_tests::require_root!();
     let p = pods();
     let cg = p.cgroup.path_str();
     let netns = p.app.path();
@@ -643,6 +648,7 @@ impl ServiceLb {
 /// Detaching tern leaves the other agent's programs in place.
 #[test]
 fn ebpf_coexists_with_an_address_rewriting_load_balancer() {
+    tern_tests::require_root!();
     for lb_first in [false, true] {
         let p = pods();
         let _server = serve(&p.srv, &["10.66.1.2:8080"]).unwrap();
@@ -690,6 +696,7 @@ fn ebpf_coexists_with_an_address_rewriting_load_balancer() {
 /// Bad input gets a clear error and never a half-attached state.
 #[test]
 fn bad_input_is_refused_clearly() {
+    tern_tests::require_root!();
     let p = pods();
     let (ok, _, err) = tern(&["capture", "attach", "--cgroup", "/nonexistent/tern"]);
     assert!(!ok && err.contains("/nonexistent/tern"), "{err}");
@@ -777,7 +784,7 @@ fn capture_objects(pins: &Path) -> (Vec<u64>, Vec<u64>, Vec<u64>) {
 /// and `tern capture gc` does the same on demand, leaving live captures alone.
 #[test]
 fn ebpf_captures_of_deleted_pods_are_collected() {
-    require_root();
+    tern_tests::require_root!();
     let ns = Netns::new("gc").unwrap();
     let cgroup = Cgroup::new("gc").unwrap();
     let run = ["run", "--capture", "ebpf", "--cgroup", cgroup.path_str()];
@@ -866,6 +873,7 @@ fn ebpf_captures_of_deleted_pods_are_collected() {
 /// hand-over entries behind.
 #[test]
 fn ebpf_original_destinations_survive_churn() {
+    tern_tests::require_root!();
     let p = pods();
     let _server = serve(&p.srv, &["10.66.1.2:8080"]).unwrap();
     let _tern = Tern::start(

@@ -134,6 +134,7 @@ fn setup(extra_args: &[&str]) -> Setup {
 /// A Thrift service named `echo`, served as istiod serves it, is balanced per request.
 #[test]
 fn a_plain_tcp_proxy_to_a_thrift_service_is_balanced_per_request() {
+    tern_tests::require_root!();
     let s = setup(&[]);
     for format in [
         ["--transport", "framed", "--protocol", "binary"],
@@ -158,6 +159,7 @@ fn a_plain_tcp_proxy_to_a_thrift_service_is_balanced_per_request() {
 /// TLS record length are relayed byte for byte.
 #[test]
 fn other_protocols_are_relayed_untouched_and_undelayed() {
+    tern_tests::require_root!();
     let s = setup(&[]);
     let peer = |args: &[&str]| python_json(&s.p.app, Some(&s.p.cgroup), "protocols_peer.py", args);
 
@@ -201,6 +203,7 @@ fn other_protocols_are_relayed_untouched_and_undelayed() {
 /// go to the one endpoint its connection reached.
 #[test]
 fn detection_can_be_turned_off_per_port() {
+    tern_tests::require_root!();
     let s = setup(&["--thrift-detect-exclude-ports", "9090"]);
     let c = thrift_call(
         &s.p.app,

@@ -38,7 +38,7 @@ fn grpc_server(ns: &Netns, port: u16, id: &str) -> Process {
 /// type ACKed.
 #[test]
 fn grpc_clients_dialing_xds_follow_the_services_file() {
-    tern_tests::require_root();
+    tern_tests::require_root!();
     let ns = Netns::new("disc").unwrap();
     let _servers: Vec<Process> = [(50061, "s1"), (50062, "s2"), (50063, "s3")]
         .iter()
@@ -195,11 +195,13 @@ fn sidecar_balances_thrift(delta: bool) {
 
 #[test]
 fn tern_sidecars_balance_thrift_from_discovery_over_sotw() {
+    tern_tests::require_root!();
     sidecar_balances_thrift(false);
 }
 
 #[test]
 fn tern_sidecars_balance_thrift_from_discovery_over_delta() {
+    tern_tests::require_root!();
     sidecar_balances_thrift(true);
 }
 
@@ -244,6 +246,7 @@ fn checked_services() -> String {
 /// working server is back at its address.
 #[test]
 fn a_hung_thrift_server_is_checked_out_and_back_in() {
+    tern_tests::require_root!();
     let p = pods();
     let mut calc3 = Some(thrift_serve(&p.srv, "10.66.1.2:9003", "calc-3").unwrap());
     let _servers: Vec<Process> = calc_servers(&p, 2);
@@ -359,6 +362,7 @@ fn kitex_calc() -> String {
 /// served, the source marked stale.
 #[test]
 fn tern_sidecars_balance_over_instances_registered_in_etcd() {
+    tern_tests::require_root!();
     let p = pods();
     let mut etcd = tern_tests::registry::Etcd::start(&p.app, 23790).unwrap();
     let mut servers: Vec<Process> = calc_servers(&p, 3);
@@ -523,6 +527,7 @@ fn join_serverset(ns: &Netns, zk: &str, path: &str, addr: &str, status: &str) ->
 /// ZooKeeper goes away the last endpoints stay served, the source marked stale.
 #[test]
 fn tern_sidecars_balance_over_serverset_members_in_zookeeper() {
+    tern_tests::require_root!();
     let p = pods();
     let mut zk = tern_tests::registry::Zookeeper::start(&p.app, 21810).unwrap();
     let _servers: Vec<Process> = calc_servers(&p, 3);
@@ -693,7 +698,7 @@ const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 /// loop, as go-control-plane's SotW cache has).
 #[test]
 fn a_nack_is_recorded_and_never_counted_as_applied() {
-    tern_tests::require_root();
+    tern_tests::require_root!();
     let ns = Netns::new("disc").unwrap();
     let d = Discovery::start(
         &ns,
@@ -763,7 +768,7 @@ fn a_nack_is_recorded_and_never_counted_as_applied() {
 /// while it was away: the changed cluster, and the removed one in `removed_resources`.
 #[test]
 fn a_reconnecting_delta_client_gets_only_what_changed() {
-    tern_tests::require_root();
+    tern_tests::require_root!();
     let ns = Netns::new("disc").unwrap();
     let three = "services:
   - { name: a, port: 1, endpoints: [\"127.0.0.1:1\"] }
@@ -870,7 +875,7 @@ fn follow(d: &Discovery, ns: &Netns, bootstrap: &Bootstrap, service: &str, chang
 /// joins and one that leaves (when its lease or its session expires, 2 s).
 #[test]
 fn grpc_clients_follow_etcd_and_zookeeper() {
-    tern_tests::require_root();
+    tern_tests::require_root!();
     let ns = Netns::new("disc").unwrap();
     let etcd = tern_tests::registry::Etcd::start(&ns, 23790).unwrap();
     let zk = tern_tests::registry::Zookeeper::start(&ns, 21810).unwrap();
@@ -930,6 +935,7 @@ fn grpc_clients_follow_etcd_and_zookeeper() {
 /// client without a certificate, or trusting another root, is refused.
 #[test]
 fn xds_over_tls_requires_client_certificates() {
+    tern_tests::require_root!();
     let p = pods();
     let ca = tern_tests::pki::TestCa::new().unwrap();
     let hour = Duration::from_secs(3600);
@@ -1031,6 +1037,7 @@ fn xds_over_tls_requires_client_certificates() {
 /// and the endpoints it is resent are the ones it holds.
 #[test]
 fn a_restarted_discovery_makes_no_client_rebuild() {
+    tern_tests::require_root!();
     let p = pods();
     let _servers: Vec<Process> = calc_servers(&p, 2);
     let services = calc_services(&[9001, 9002]);
@@ -1091,7 +1098,7 @@ fn a_restarted_discovery_makes_no_client_rebuild() {
 /// instead of ADS): a CDS stream, an EDS fetch, and a type asked of the wrong service refused.
 #[test]
 fn the_per_type_services_serve_their_type() {
-    tern_tests::require_root();
+    tern_tests::require_root!();
     let ns = Netns::new("disc").unwrap();
     let d = Discovery::start(
         &ns,
@@ -1126,7 +1133,7 @@ fn the_per_type_services_serve_their_type() {
 /// names; the clients already served are served on.
 #[test]
 fn streams_past_the_limits_are_refused_and_the_server_serves_on() {
-    tern_tests::require_root();
+    tern_tests::require_root!();
     let ns = Netns::new("disc").unwrap();
     let d = Discovery::start(
         &ns,
@@ -1202,7 +1209,7 @@ fn many_services(n: usize, first: &[u16], weight: u32) -> String {
 /// its connection's window and its bounded queue are full, later states replace each other).
 #[test]
 fn a_client_that_stops_reading_holds_up_nobody() {
-    tern_tests::require_root();
+    tern_tests::require_root!();
     let ns = Netns::new("disc").unwrap();
     let _servers: Vec<Process> = [(50061, "s1"), (50062, "s2")]
         .iter()

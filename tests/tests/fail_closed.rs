@@ -89,6 +89,7 @@ fn refused(m: &Mesh, reason: &str) -> f64 {
 /// call is answered with `RBAC: access denied`; `whoami` still runs.
 #[test]
 fn thrift_method_rules_cannot_be_bypassed() {
+    tern_tests::require_root!();
     let snapshot = r#"version: "1"
 inbound_rbac:
   - { name: "ns[default]-policy[deny-echo]-rule[0]", action: deny, ports: [9090, 9091], methods: ["echo"] }
@@ -127,6 +128,7 @@ inbound_rbac:
 /// opened.
 #[test]
 fn a_policy_pushed_mid_connection_reaches_open_connections() {
+    tern_tests::require_root!();
     let m = mesh("version: \"1\"\n", "9090,8080");
     let log = TempFile::new("ran-session");
     let _thrift = method_logging_server(&m.p, "10.66.1.1:9090", &log, &[]);
@@ -208,6 +210,7 @@ inbound_rbac:
 /// certificate is requested.
 #[test]
 fn no_secret_over_plaintext() {
+    tern_tests::require_root!();
     let p = pods();
     let token = TempFile::new("istio-token");
     std::fs::write(&token.0, "secret-istio-token").unwrap();
@@ -270,6 +273,7 @@ fn no_secret_over_plaintext() {
 /// A client that starts a message and stalls is closed when its time is up.
 #[test]
 fn a_flood_of_half_sent_frames_leaves_tern_bounded_and_serving() {
+    tern_tests::require_root!();
     let snapshot = r#"version: "1"
 inbound_rbac:
   - { name: "ns[default]-policy[deny-echo]-rule[0]", action: deny, methods: ["echo"] }
@@ -330,6 +334,7 @@ inbound_rbac:
 /// tern serves again (once its inbound policy is in force).
 #[test]
 fn quitquitquit_and_a_crash_leave_inbound_closed() {
+    tern_tests::require_root!();
     let mut m = mesh("version: \"1\"\n", "8080");
     let _app = tern_tests::serve(&m.p.app, &["10.66.1.1:8080"]).unwrap();
     assert!(tern_tests::connect(&m.p.srv, None, "10.66.1.1:8080").ok());
@@ -369,6 +374,7 @@ fn quitquitquit_and_a_crash_leave_inbound_closed() {
 /// answer or is not serving.
 #[test]
 fn rewritten_probes_reach_the_app_under_strict_without_a_bypass() {
+    tern_tests::require_root!();
     let probers = r#"{"/app-health/app/readyz":{"tcpSocket":{"port":8080}},"/app-health/app/livez":{"httpGet":{"path":"/healthz","port":8081}},
         "/app-health/grpc/readyz":{"grpc":{"port":8082,"service":""}},"/app-health/grpc/livez":{"grpc":{"port":8082,"service":"draining"}}}"#;
     let m = mesh_with(

@@ -62,6 +62,7 @@ const FIXTURES: [&str; 3] = ["deployment", "statefulset", "job"];
 
 #[test]
 fn real_manifests_match_their_golden_files_and_validate() {
+    tern_tests::require_root!();
     for name in FIXTURES {
         let (ok, out, err) = inject(&["-f", data(&format!("{name}.yaml")).to_str().unwrap()], "");
         assert!(ok, "{name}: {err}");
@@ -80,6 +81,7 @@ fn real_manifests_match_their_golden_files_and_validate() {
 
 #[test]
 fn the_validator_catches_unknown_fields() {
+    tern_tests::require_root!();
     // The check the golden test relies on can fail: a misspelt field is refused.
     let (_, out, _) = inject(&["-f", data("job.yaml").to_str().unwrap()], "");
     let misspelt = out.replace("readOnlyRootFilesystem", "readOnlyRootFilesytem");
@@ -113,6 +115,7 @@ fn the_validator_catches_unknown_fields() {
 
 #[test]
 fn injecting_twice_changes_nothing() {
+    tern_tests::require_root!();
     for name in FIXTURES {
         let (_, once, _) = inject(&["-f", data(&format!("{name}.yaml")).to_str().unwrap()], "");
         let (ok, twice, err) = inject(&[], &once);
@@ -124,6 +127,7 @@ fn injecting_twice_changes_nothing() {
 
 #[test]
 fn opted_out_pods_and_other_kinds_pass_unchanged() {
+    tern_tests::require_root!();
     let pod = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: legacy\n  labels:\n    sidecar.istio.io/inject: \"false\"\nspec:\n  containers:\n  - name: app\n    image: app:1\n";
     let config = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\ndata:\n  a: b\n";
     let (ok, out, err) = inject(&[], &format!("{pod}---\n{config}"));
@@ -142,6 +146,7 @@ fn opted_out_pods_and_other_kinds_pass_unchanged() {
 
 #[test]
 fn what_cannot_be_injected_is_refused_clearly() {
+    tern_tests::require_root!();
     let pod = |extra: &str| {
         format!(
             "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  namespace: n\n{extra}spec:\n  containers:\n  - name: app\n    image: app:1\n"
@@ -202,6 +207,7 @@ fn repo(path: &str) -> PathBuf {
 /// merges it into one.
 #[test]
 fn the_istio_template_matches_its_file_and_makes_a_valid_pod() {
+    tern_tests::require_root!();
     let (ok, out, err) = inject(&["--istio-template"], "");
     assert!(ok, "{err}");
     let file = repo("deploy/istio/tern-template.yaml");
@@ -236,6 +242,7 @@ fn the_istio_template_matches_its_file_and_makes_a_valid_pod() {
 /// and mount the Secret cert-manager.yaml makes where `tern webhook` reads it.
 #[test]
 fn the_webhook_install_validates_and_agrees_with_tern() {
+    tern_tests::require_root!();
     let install = std::fs::read_to_string(repo("deploy/kubernetes/tern-webhook.yaml")).unwrap();
     validate(&install, "1.30.0").unwrap();
     let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&install)

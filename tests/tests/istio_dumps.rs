@@ -478,10 +478,10 @@ fn istio_1_22_chains_by_first_bytes(protocol: Protocol) {
 macro_rules! both_protocols {
     ($($name:ident),*) => {
         mod sotw {
-            $(#[test] fn $name() { super::$name(super::Protocol::Sotw) })*
+            $(#[test] fn $name() { tern_tests::require_root!(); super::$name(super::Protocol::Sotw) })*
         }
         mod delta {
-            $(#[test] fn $name() { super::$name(super::Protocol::Delta) })*
+            $(#[test] fn $name() { tern_tests::require_root!(); super::$name(super::Protocol::Delta) })*
         }
     };
 }

@@ -28,6 +28,7 @@ fn access_lines(pod: &Pod, peer_ip: &str, dst: &str) -> Vec<String> {
 /// removes a server moves the same connection's calls to the other two.
 #[test]
 fn thrift_calls_are_balanced_per_request_and_follow_eds() {
+    tern_tests::require_root!();
     let m = mesh();
     let (programs, links) = m.client.hooks().unwrap();
     assert_eq!(programs.len(), 6, "cgroup programs: {programs:?}");
@@ -93,6 +94,7 @@ fn thrift_calls_are_balanced_per_request_and_follow_eds() {
 /// application from 127.0.0.6, at the address the client's sidecar dialled.
 #[test]
 fn the_server_sidecar_sees_the_client_pod_address() {
+    tern_tests::require_root!();
     let m = mesh();
     let c = connect(&m.client.ns, Some(&m.client.cgroup), &vip(TCP_PORT));
     assert!(c.ok() && c.proxied(), "{c:?}");
@@ -124,6 +126,7 @@ fn the_server_sidecar_sees_the_client_pod_address() {
 /// plain TCP port per connection (each connection stays on one server for its lifetime).
 #[test]
 fn a_thrift_port_and_a_tcp_port_of_one_service_behave_differently() {
+    tern_tests::require_root!();
     let m = mesh();
     let thrift = tern_tests::thrift_call(
         &m.client.ns,
@@ -182,6 +185,7 @@ fn a_thrift_port_and_a_tcp_port_of_one_service_behave_differently() {
 /// direction, and the sidecar never sees it.
 #[test]
 fn pod_local_connections_are_not_captured() {
+    tern_tests::require_root!();
     let m = mesh();
     let _local = serve(&m.client.ns, &["127.0.0.1:7070"]).unwrap();
     let c = connect(&m.client.ns, Some(&m.client.cgroup), "127.0.0.1:7070");
@@ -204,6 +208,7 @@ fn pod_local_connections_are_not_captured() {
 /// restarted sidecar takes the same hooks over, once, and the calls succeed again.
 #[test]
 fn a_client_sidecar_restart_keeps_the_capture_and_traffic_resumes() {
+    tern_tests::require_root!();
     let mut m = mesh();
     let before = m.client.hooks().unwrap();
     let mut retrying =
@@ -272,6 +277,7 @@ fn a_client_sidecar_restart_keeps_the_capture_and_traffic_resumes() {
 /// gains nothing: the server sidecar holds it to the policy in force).
 #[test]
 fn a_method_deny_reaches_pooled_sidecar_connections() {
+    tern_tests::require_root!();
     let m = mesh();
     let before = tern_tests::thrift_call(
         &m.client.ns,
@@ -311,6 +317,7 @@ fn a_method_deny_reaches_pooled_sidecar_connections() {
 /// both identities.
 #[test]
 fn an_mtls_mesh_carries_identities_and_enforces_a_method_policy() {
+    tern_tests::require_root!();
     let m = Mesh::start_mtls(2, &mut |_| {}).expect("the mesh starts");
     for (pod, id) in [(&m.client, CLIENT_ID), (&m.servers[0], SERVER_ID)] {
         let sans = || {
@@ -413,6 +420,7 @@ fn an_mtls_mesh_carries_identities_and_enforces_a_method_policy() {
 /// UNHEALTHY and the client's calls on the same connection avoid it, then return to it.
 #[test]
 fn a_tern_discovery_mesh_moves_calls_off_a_stopped_server_and_back() {
+    tern_tests::require_root!();
     let mut m = Mesh::start_discovery(3, &mut |_| {}).expect("the mesh starts");
     let Control::Discovery(d) = &m.cp else {
         panic!("tern discovery expected");

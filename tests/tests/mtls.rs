@@ -166,6 +166,7 @@ impl Mesh {
 /// mTLS connections, and a renewal breaks no open connection.
 #[test]
 fn workload_certificate_from_istios_ca_and_outbound_mtls() {
+    tern_tests::require_root!();
     let m = mesh("null", "6s");
     // Issued through CreateCertificate, with the token and the cluster id.
     assert!(
@@ -298,6 +299,7 @@ fn workload_certificate_from_istios_ca_and_outbound_mtls() {
 /// client is refused in STRICT and let through in PERMISSIVE.
 #[test]
 fn inbound_mtls_strict_and_permissive() {
+    tern_tests::require_root!();
     let m = mesh("strict", "1h");
     let client = m
         .trust
@@ -386,6 +388,7 @@ fn inbound_mtls_strict_and_permissive() {
 /// tern cannot decide refuses the listener instead of being skipped.
 #[test]
 fn inbound_authorization_policies() {
+    tern_tests::require_root!();
     const OTHER_ID: &str = "spiffe://cluster.local/ns/backend/sa/other";
     const BANNED_ID: &str = "spiffe://cluster.local/ns/backend/sa/banned";
     let rules = format!(
@@ -513,6 +516,7 @@ fn inbound_authorization_policies() {
 /// SAN, presents no certificate; a SAN the server does not have is refused.
 #[test]
 fn destination_rule_simple_tls_to_an_openssl_server() {
+    tern_tests::require_root!();
     let m = mesh("null", "1h");
     let external = m
         .trust
@@ -575,6 +579,7 @@ fn eventually_reply(m: &Mesh, addr: &str) -> serde_json::Value {
 /// reads them again when they change; a broken set is refused and the last one serves.
 #[test]
 fn workload_certificate_from_files_read_again_when_they_change() {
+    tern_tests::require_root!();
     let temp = TempFile(std::env::temp_dir().join(unique("certs")));
     let dir = temp.0.clone();
     std::fs::create_dir_all(&dir).unwrap();
@@ -618,6 +623,7 @@ fn workload_certificate_from_files_read_again_when_they_change() {
 /// refuses a TLS 1.2 client.
 #[test]
 fn identity_only_from_verified_peers_and_tls_params_hold() {
+    tern_tests::require_root!();
     const ADMIN_ID: &str = "spiffe://cluster.local/ns/default/sa/admin";
     let allow_admin = format!(
         r#"inbound_rbac:

@@ -11,7 +11,7 @@ use serde_yaml::Value;
 use tern_tests::{
     Netns, connect, eventually, link_via,
     oci::{BIN, Bind, CgroupDriver, Container, OciPod},
-    require_root, serve, tern, tern_bin,
+    serve, tern, tern_bin,
 };
 
 const NODE_IP: &str = "10.77.0.1";
@@ -143,7 +143,6 @@ fn injected_tern(pod: &OciPod) -> Container {
 }
 
 fn pod_is_captured_from_inside(driver: CgroupDriver) {
-    require_root();
     let node = Netns::new("node").unwrap();
     let peer = Netns::new("peer").unwrap();
     let mut pod = OciPod::new(driver).unwrap();
@@ -345,10 +344,12 @@ fn pod_is_captured_from_inside(driver: CgroupDriver) {
 
 #[test]
 fn pod_with_cgroupfs_driver_is_captured_from_inside() {
+    tern_tests::require_root!();
     pod_is_captured_from_inside(CgroupDriver::Cgroupfs);
 }
 
 #[test]
 fn pod_with_systemd_driver_is_captured_from_inside() {
+    tern_tests::require_root!();
     pod_is_captured_from_inside(CgroupDriver::Systemd);
 }

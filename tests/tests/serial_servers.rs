@@ -103,6 +103,7 @@ fn client(s: &Setup, addr: &str, args: &[&str]) -> ThriftClient {
 /// make fast calls: with a connection per request, every fast call succeeds.
 #[test]
 fn slow_callers_do_not_stall_fast_callers() {
+    tern_tests::require_root!();
     let s = setup();
     for addr in EXCLUSIVE {
         let mut slow: Vec<ThriftClient> = (0..4)
@@ -149,6 +150,7 @@ fn slow_callers_do_not_stall_fast_callers() {
 /// its own reply, never the late one (`late:…`), in both modes and both protocols.
 #[test]
 fn a_late_reply_never_reaches_another_request() {
+    tern_tests::require_root!();
     let s = setup();
     for addr in EXCLUSIVE.into_iter().chain(MULTIPLEXED) {
         let mut slow = client(&s, addr, &["--method", "sleep", "--ms", "700"]);

@@ -118,6 +118,7 @@ const FORMATS: [[&str; 4]; 4] = [
 /// transport and protocol, and through a sniffed plain TCP listener too.
 #[test]
 fn one_connection_is_balanced_per_request() {
+    tern_tests::require_root!();
     let all: Vec<&str> = SERVERS.iter().map(|(a, _)| *a).collect();
     let m = Mesh::start(&config(&all, ""), &[]);
     for format in FORMATS {
@@ -176,6 +177,7 @@ fn one_connection_is_balanced_per_request() {
 /// payloads, in every transport and protocol.
 #[test]
 fn every_kind_of_call_arrives() {
+    tern_tests::require_root!();
     let all: Vec<&str> = SERVERS.iter().map(|(a, _)| *a).collect();
     let m = Mesh::start(&config(&all, ""), &[]);
     let mut notified = 0;
@@ -240,6 +242,7 @@ fn every_kind_of_call_arrives() {
 /// open; a broken configuration is refused while the last good one keeps serving.
 #[test]
 fn configuration_changes_move_traffic_without_breaking_connections() {
+    tern_tests::require_root!();
     let all: Vec<&str> = SERVERS.iter().map(|(a, _)| *a).collect();
     let m = Mesh::start(&config(&all, ""), &[]);
     let mut client = ThriftClient::start(
@@ -286,6 +289,7 @@ fn configuration_changes_move_traffic_without_breaking_connections() {
 /// `TApplicationException`s at once instead of hanging.
 #[test]
 fn dead_endpoints_never_hang_the_client() {
+    tern_tests::require_root!();
     let m = Mesh::start(&config(&["10.66.1.2:9001", "10.66.1.2:9009"], ""), &[]);
     let c = m.call(SERVICE, &["--calls", "100"]);
     assert_eq!(c.counts(), [("s1", 100)], "{c:?}");
@@ -317,6 +321,7 @@ fn dead_endpoints_never_hang_the_client() {
 /// A slow endpoint hits the request timeout, and the client gets an exception in time.
 #[test]
 fn a_slow_endpoint_hits_the_timeout() {
+    tern_tests::require_root!();
     let m = Mesh::start(&config(&["10.66.1.2:9001"], ""), &[]);
     let started = std::time::Instant::now();
     let c = m.call(SERVICE, &["--method", "sleep", "--ms", "3000"]);
@@ -334,6 +339,7 @@ fn a_slow_endpoint_hits_the_timeout() {
 /// A 10,000-message pipelined burst on one connection arrives complete and in order.
 #[test]
 fn a_pipelined_burst_arrives_complete_and_in_order() {
+    tern_tests::require_root!();
     let all: Vec<&str> = SERVERS.iter().map(|(a, _)| *a).collect();
     let m = Mesh::start(&config(&all, ""), &[]);
     for format in [FORMATS[0], FORMATS[3]] {
@@ -350,6 +356,7 @@ fn a_pipelined_burst_arrives_complete_and_in_order() {
 /// Each bound closes only the offending connection, with a counted cause.
 #[test]
 fn malformed_input_closes_only_its_connection() {
+    tern_tests::require_root!();
     let m = Mesh::start(
         &config(&["10.66.1.2:9001"], ""),
         &["--max-frame-size", "4096", "--max-depth", "4"],
@@ -396,6 +403,7 @@ fn malformed_input_closes_only_its_connection() {
 /// request in flight finishes, tern exits.
 #[test]
 fn drain_lets_requests_in_flight_finish() {
+    tern_tests::require_root!();
     let mut m = Mesh::start(&config(&["10.66.1.2:9001"], ""), &[]);
     let mut slow = ThriftClient::start(
         &m.p.app,
@@ -420,6 +428,7 @@ fn drain_lets_requests_in_flight_finish() {
 /// info headers route, both sequence ids are rewritten, binary and compact payloads.
 #[test]
 fn theader_clients_of_another_implementation_are_routed_by_header() {
+    tern_tests::require_root!();
     let all: Vec<&str> = SERVERS.iter().map(|(a, _)| *a).collect();
     let m = Mesh::start(&config(&all, ""), &[]);
     let _py: Vec<Process> = [
@@ -470,6 +479,7 @@ fn theader_clients_of_another_implementation_are_routed_by_header() {
 /// A cluster's circuit breaker answers the requests over its limit at once, in Thrift.
 #[test]
 fn circuit_breaker_overflow_answers_in_thrift() {
+    tern_tests::require_root!();
     let m = Mesh::start(&config(&["10.66.1.2:9001"], ""), &[]);
     let c = m.call(
         TIGHT,
@@ -522,6 +532,7 @@ while True:
 /// every few calls, one hung for the whole timeout.
 #[test]
 fn least_request_keeps_away_from_a_server_that_never_answers() {
+    tern_tests::require_root!();
     let config = format!(
         r#"listeners:
   - address: {SERVICE}

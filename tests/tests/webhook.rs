@@ -6,7 +6,7 @@ use std::{path::Path, time::Duration};
 
 use base64::Engine;
 use serde_json::{Value, json};
-use tern_tests::{Netns, Process, eventually, pki::TestCa, require_root, tern_bin};
+use tern_tests::{Netns, Process, eventually, pki::TestCa, tern_bin};
 
 const HOST: &str = "tern-webhook.tern-system.svc";
 
@@ -184,7 +184,7 @@ fn injected_by_the_cli(pod: &Value) -> Value {
 
 #[test]
 fn reviews_are_answered_as_the_api_server_expects() {
-    require_root();
+    tern_tests::require_root!();
     let ca = TestCa::new().unwrap();
     let webhook = Webhook::start(&ca);
 
@@ -286,7 +286,7 @@ fn reviews_are_answered_as_the_api_server_expects() {
 
 #[test]
 fn a_rotated_certificate_is_served_without_a_restart() {
-    require_root();
+    tern_tests::require_root!();
     let first = TestCa::new().unwrap();
     let webhook = Webhook::start(&first);
     let second = TestCa::new().unwrap();
@@ -310,7 +310,7 @@ fn a_rotated_certificate_is_served_without_a_restart() {
 /// period (its Service stops sending them meanwhile), then exits.
 #[test]
 fn it_stops_gracefully() {
-    require_root();
+    tern_tests::require_root!();
     let ca = TestCa::new().unwrap();
     let mut webhook = Webhook::start_with(&ca, &["--shutdown-grace-secs", "2"]);
     let _ = std::process::Command::new("kill")
@@ -338,7 +338,7 @@ fn it_stops_gracefully() {
 /// body past 3 MiB is refused unread.
 #[test]
 fn the_largest_reviews_stay_within_bounds() {
-    require_root();
+    tern_tests::require_root!();
     let ca = TestCa::new().unwrap();
     let webhook = Webhook::start(&ca);
     let env: Vec<Value> = (0..7000)

@@ -520,11 +520,13 @@ macro_rules! under_both_protocols {
         mod $scenario {
             #[test]
             fn sotw() {
+                tern_tests::require_root!();
                 super::$scenario(super::Protocol::Sotw);
             }
 
             #[test]
             fn delta() {
+                tern_tests::require_root!();
                 super::$scenario(super::Protocol::Delta);
             }
         }
@@ -549,6 +551,7 @@ under_both_protocols!(
 /// a token the control plane refuses keeps tern on its last configuration.
 #[test]
 fn xds_over_tls_with_a_bearer_token() {
+    tern_tests::require_root!();
     let p = pods();
     let dir = std::env::temp_dir().join(unique("xds-tls"));
     std::fs::create_dir_all(&dir).unwrap();
@@ -645,6 +648,7 @@ fn xds_over_tls_with_a_bearer_token() {
 /// not ready.
 #[test]
 fn a_control_plane_down_at_start_leaves_the_static_configuration_serving() {
+    tern_tests::require_root!();
     let p = pods();
     let _server = thrift_serve(&p.srv, "10.66.1.2:9001", "s1").unwrap();
     let config = std::env::temp_dir().join(format!("{}.yaml", unique("static")));

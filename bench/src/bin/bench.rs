@@ -51,7 +51,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> Result<()> {
-    tern_tests::require_root();
+    tern_tests::assert_root();
     let out_dir = std::env::args()
         .nth(1)
         .map(PathBuf::from)

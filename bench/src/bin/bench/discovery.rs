@@ -104,7 +104,7 @@ async fn client(id: usize, acks: Acks) -> Result<()> {
 }
 
 pub fn run() -> Result<DiscoveryBench> {
-    tern_tests::require_root();
+    tern_tests::assert_root();
     let ns = Netns::new("disc")?;
     let file = ConfigFile::new(&services(0, 1))?;
     let args = [
