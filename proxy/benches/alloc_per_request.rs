@@ -65,19 +65,19 @@ fn main() {
         .on_thread_start(|| COUNTING.with(|c| c.set(true)))
         .build()
         .expect("runtime");
-    let (proxy, _drain) = runtime.block_on(async {
+    let (proxy, _closing) = runtime.block_on(async {
         let state = State::new(Metrics::new(None));
         let yaml = format!(
             "listeners:\n  - address: {vip}\n    filter_chains: [ {{ thrift_proxy: {{ default_cluster: echo }} }} ]\n\
              clusters:\n  - name: echo\n    endpoints: [ {{ address: {echo} }} ]\n"
         );
         state.apply(config::file::parse(&yaml, "bench").expect("configuration"));
-        let (drain_tx, drain) = tokio::sync::watch::channel(false);
+        let (closing_tx, closing) = tokio::sync::watch::channel(false);
         let ctx = Arc::new(Ctx {
             state,
             mark: 0,
             limits: DecoderLimits::default(),
-            drain,
+            closing,
             connect_timeout: Duration::from_secs(1),
             access_log: false,
             thrift_ports: Default::default(),
@@ -100,7 +100,7 @@ fn main() {
                 ));
             }
         });
-        (addr, drain_tx)
+        (addr, closing_tx)
     });
 
     let mut stream = TcpStream::connect(proxy).expect("connect to the proxy");

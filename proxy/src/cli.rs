@@ -136,7 +136,8 @@ pub struct RunArgs {
     /// Seconds to wait for a passthrough upstream connection.
     #[arg(long, env = "TERN_CONNECT_TIMEOUT", default_value_t = 10)]
     pub connect_timeout_secs: u64,
-    /// Seconds in-flight requests get to finish after SIGTERM or /quitquitquit.
+    /// Seconds tern serves on after SIGTERM or /quitquitquit while connections are open;
+    /// then no new requests, and replies in flight get up to 5 s.
     #[arg(long, env = "TERMINATION_DRAIN_DURATION_SECONDS", default_value_t = 5)]
     pub drain_timeout_secs: u64,
     /// Largest Thrift message accepted, in bytes.

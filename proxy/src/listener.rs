@@ -42,8 +42,8 @@ impl Drop for Open {
 /// listeners), a new connection is closed at once and counted. The listeners stay open while tern drains: closing
 /// them would make capture fail open, so the application's new outbound connections would
 /// bypass tern and new inbound ones would reach the application without TLS or
-/// authorization. Draining ends the connections that were open when it began (see
-/// [`crate::filters::thrift`]) and waits for them, up to the drain timeout.
+/// authorization. Draining waits for the connections to close, up to the drain timeout (see
+/// [`crate::run`]).
 pub async fn serve(
     listener: TcpListener,
     direction: Direction,

@@ -6,8 +6,8 @@
 //! hook only answers on sockets in the cgroup), then binds its listeners, then attaches the
 //! hooks — so the connect hook never sees the proxy missing and no connection is refused while
 //! tern starts.
-//! Draining keeps the listeners open (see [`crate::listener::serve`]) and lets the connections
-//! open when it began finish (up to the drain timeout). Capture is not released at exit:
+//! Draining keeps the listeners open (see [`crate::listener::serve`]) and serves on until the
+//! connections close or the drain timeout passes (see `drain`). Capture is not released at exit:
 //! while tern is down (exited, crashed, restarting) the Pod's captured connections are
 //! refused, and a restarted tern takes the capture over.
 use std::{
@@ -196,6 +196,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let (drain_tx, drain_rx) = watch::channel(false);
     let drain_tx = Arc::new(drain_tx);
+    let (closing_tx, closing_rx) = watch::channel(false);
     let ctx = Arc::new(Ctx {
         state: state.clone(),
         mark,
@@ -203,7 +204,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             max_frame: args.max_frame_size,
             max_depth: args.max_depth,
         },
-        drain: drain_rx.clone(),
+        closing: closing_rx,
         connect_timeout: Duration::from_secs(args.connect_timeout_secs),
         access_log: args.access_log,
         thrift_ports: ThriftPorts {
@@ -293,16 +294,12 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     info!(why, "draining");
     drain_tx.send_replace(true);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.drain_timeout_secs);
-    while open.count() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    if open.count() > 0 {
-        warn!(
-            open = open.count(),
-            "drain timeout: closing the remaining connections"
-        );
-    }
+    drain(
+        &open,
+        &closing_tx,
+        Duration::from_secs(args.drain_timeout_secs),
+    )
+    .await;
     tasks.shutdown().await;
     match capture {
         Capture::None => {}
@@ -314,6 +311,38 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     info!("tern stopped");
     Ok(())
+}
+
+/// How long replies in flight when the drain's time is up get to arrive: a reply cut off
+/// would be a call the server executed reported to its client as failed.
+const REPLIES_GRACE: Duration = Duration::from_secs(5);
+
+/// Drains: connections are served as usual (every request of a Thrift connection is
+/// answered, so no client's next call meets a closed connection) until they all close or
+/// `timeout` passes; then Thrift connections take no new requests and close once their
+/// replies in flight are written, for up to [`REPLIES_GRACE`].
+async fn drain(open: &OpenConnections, closing: &watch::Sender<bool>, timeout: Duration) {
+    let until_closed = |deadline: tokio::time::Instant| async move {
+        while open.count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    until_closed(tokio::time::Instant::now() + timeout).await;
+    if open.count() == 0 {
+        return;
+    }
+    info!(
+        open = open.count(),
+        "drain timeout: no new requests; closing connections once their replies are written"
+    );
+    closing.send_replace(true);
+    until_closed(tokio::time::Instant::now() + REPLIES_GRACE).await;
+    if open.count() > 0 {
+        warn!(
+            open = open.count(),
+            "closing the remaining connections with replies still in flight"
+        );
+    }
 }
 
 /// Work for the control thread.

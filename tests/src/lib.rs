@@ -847,6 +847,18 @@ impl ThriftClient {
     pub fn next_phase(&mut self) {
         self.0.next_phase();
     }
+
+    /// Stops a retrying client once its call in flight is done, and returns its last
+    /// [`ThriftClient::report`].
+    pub fn stop(&mut self) -> serde_json::Value {
+        use std::io::Write;
+        let stdin = self.0.process.child.stdin.as_mut().expect("piped");
+        stdin
+            .write_all(b"stop\n")
+            .and_then(|()| stdin.flush())
+            .expect("client stdin");
+        self.0.read().expect("client's last report")
+    }
 }
 
 /// GETs (or POSTs) a path of tern's admin server in `ns`.

@@ -399,8 +399,8 @@ fn malformed_input_closes_only_its_connection() {
     );
 }
 
-/// `POST /quitquitquit` drains: the connection open when it began takes no new requests, the
-/// request in flight finishes, tern exits.
+/// `POST /quitquitquit` drains: the request in flight finishes, and tern exits once its
+/// connection closes.
 #[test]
 fn drain_lets_requests_in_flight_finish() {
     tern_tests::require_root!();
@@ -422,6 +422,117 @@ fn drain_lets_requests_in_flight_finish() {
     );
     m.tern.process.terminate().unwrap();
     assert!(m.tern.log().contains("tern stopped"), "{}", m.tern.log());
+}
+
+/// Calls the servers executed (their `served` counters), asked directly, not through tern.
+fn executed(m: &Mesh) -> i64 {
+    SERVERS
+        .iter()
+        .map(|(addr, _)| thrift_call(&m.p.srv, None, addr, &["--method", "served"]).values[0])
+        .sum()
+}
+
+/// Four clients that keep calling through tern; returns them once each had a call answered,
+/// and adds what they saw meanwhile to `seen` (`ok`, `failed`).
+fn callers(m: &Mesh, seen: &mut [u64; 2]) -> Vec<ThriftClient> {
+    let mut clients: Vec<ThriftClient> = (0..4)
+        .map(|_| ThriftClient::retrying(&m.p.app, Some(&m.p.cgroup), SERVICE).unwrap())
+        .collect();
+    for c in &mut clients {
+        assert!(
+            eventually(Duration::from_secs(5), || add(seen, &c.report()) > 0),
+            "a client's calls got no answer"
+        );
+    }
+    clients
+}
+
+/// Adds a retrying client's report to `seen`; returns its `ok`.
+fn add(seen: &mut [u64; 2], report: &serde_json::Value) -> u64 {
+    let ok = report["ok"].as_u64().unwrap();
+    seen[0] += ok;
+    seen[1] += report["failed"].as_u64().unwrap();
+    ok
+}
+
+fn sigterm(tern: &Tern) {
+    std::process::Command::new("kill")
+        .args(["-TERM", &tern.process.pid().to_string()])
+        .status()
+        .unwrap();
+}
+
+/// SIGTERM while four clients keep calling, as a Pod stops: the application goes on calling
+/// for a moment, then closes its connections. No call fails, and tern exits as soon as the
+/// connections are closed, long before its drain timeout. Then a drain whose time runs out
+/// under load: calls fail once tern is gone (the capture refuses them), but never a call a
+/// server executed — the requests in flight are answered before the connections close.
+#[test]
+fn a_drain_under_load_fails_no_call_and_cuts_no_executed_one() {
+    tern_tests::require_root!();
+    let all: Vec<&str> = SERVERS.iter().map(|(a, _)| *a).collect();
+    let mut m = Mesh::start(&config(&all, ""), &["--drain-timeout-secs", "20"]);
+    let before = executed(&m);
+    let mut seen = [0, 0];
+    let mut clients = callers(&m, &mut seen);
+    sigterm(&m.tern);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !m.tern.process.exited(),
+        "tern exited with connections open"
+    );
+    for c in &mut clients {
+        add(&mut seen, &c.stop());
+    }
+    assert!(
+        eventually(Duration::from_secs(3), || m.tern.process.exited()),
+        "tern did not exit once its connections were closed"
+    );
+    let [ok, failed] = seen;
+    eprintln!("drained under load: {ok} calls answered, {failed} failed");
+    assert_eq!(failed, 0, "calls failed while tern drained ({ok} answered)");
+    assert!(
+        ok > 100,
+        "the clients kept calling while tern drained: {ok}"
+    );
+    assert_eq!(
+        executed(&m) - before,
+        ok as i64,
+        "calls executed vs answered"
+    );
+    assert!(!m.tern.log().contains("drain timeout"), "{}", m.tern.log());
+
+    m.tern =
+        m.p.start_tern(&m.config, &["--drain-timeout-secs", "1"])
+            .unwrap();
+    let before = executed(&m);
+    let mut seen = [0, 0];
+    let mut clients = callers(&m, &mut seen);
+    sigterm(&m.tern);
+    assert!(
+        eventually(Duration::from_secs(8), || m.tern.process.exited()),
+        "tern did not exit after its drain timeout"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    for c in &mut clients {
+        add(&mut seen, &c.stop());
+    }
+    let [ok, failed] = seen;
+    eprintln!("drain timeout under load: {ok} calls answered, {failed} failed");
+    assert!(
+        failed > 0,
+        "the clients kept calling until tern was gone ({ok} answered)"
+    );
+    assert_eq!(
+        executed(&m) - before,
+        ok as i64,
+        "every call a server executed was answered ({failed} failed)"
+    );
+    assert!(
+        m.tern.log().contains("drain timeout: no new requests"),
+        "{}",
+        m.tern.log()
+    );
 }
 
 /// THeader, spoken by a second, independent implementation (Apache Thrift's Python library):

@@ -55,8 +55,9 @@ pub struct Ctx {
     /// `SO_MARK` on upstream sockets, so capture skips them.
     pub mark: u32,
     pub limits: DecoderLimits,
-    /// Flips to true when tern starts draining.
-    pub drain: watch::Receiver<bool>,
+    /// Flips to true when the drain's time is up: Thrift connections take no new requests,
+    /// finish the replies in flight and close; those accepted later close at once.
+    pub closing: watch::Receiver<bool>,
     /// Connect timeout for passthrough connections (clusters have their own).
     pub connect_timeout: Duration,
     /// Log one line per connection when it closes (target `tern::access`).

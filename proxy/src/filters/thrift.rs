@@ -79,11 +79,11 @@ pub async fn serve(
     let mut replies = Ordered::default();
     // Replies ready to write together (kept, so its capacity is reused).
     let mut out: Vec<Bytes> = Vec::with_capacity(MAX_BATCH);
-    let mut reading = true;
-    // A connection open when draining begins takes no new requests; one accepted during the
-    // drain (the client reconnecting) is served until tern exits.
-    let mut drain = ctx.drain.clone();
-    drain.borrow_and_update();
+    // Draining serves every request until the drain's time is up (closing a connection
+    // between requests would fail the client's next call, which may already be on its way);
+    // then no new requests, only the replies in flight.
+    let mut closing = ctx.closing.clone();
+    let mut reading = !*closing.borrow_and_update();
     // A message must arrive whole within the message timeout of its first byte: one timer,
     // set when a partial message starts (or the one before it completed).
     let stall = tokio::time::sleep(ctx.message_timeout);
@@ -171,8 +171,8 @@ pub async fn serve(
                 partial = false;
                 buf.clear();
             },
-            _ = drain.changed(), if reading => {
-                debug!("draining: no new requests on this connection");
+            _ = closing.changed(), if reading => {
+                debug!("the drain's time is up: no new requests on this connection");
                 reading = false;
             },
         }

@@ -7,6 +7,8 @@
 //! - `sleep(1: i32 ms)` → string: the ID, after sleeping;
 //! - `fail()` → throws the declared exception `Oops { 1: string why }`;
 //! - oneway `notify(1: string note)`, and `count()` → i64: notifications received;
+//! - `served()` → i64: calls answered so far (other than `count` and `served`), to tell
+//!   calls a server executed from calls its clients saw answered;
 //! - anything else: a `TApplicationException` UNKNOWN_METHOD.
 //!
 //! Method names may carry a multiplexed `Service:` prefix; replies repeat the name as sent.
@@ -22,7 +24,8 @@
 //! 10 ms over one connection, and when a call or a connection fails it counts the failure and
 //! connects again 50 ms later (500 ms connect timeout). Each line on stdin prints what happened
 //! since the last one: `{"ok": n, "failed": n, "connects": n, "by_server": {..}, "last_error": ..}`;
-//! it exits when stdin closes.
+//! it exits when stdin closes, or, on a line `stop`, once its call in flight is done, after
+//! printing what happened since the last report.
 use std::{
     collections::BTreeMap,
     io::{BufReader, BufWriter, Write},
@@ -90,7 +93,7 @@ fn main() {
 
 fn serve(addr: &str, id: &str) {
     let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-    let notes = Arc::new(AtomicI64::new(0));
+    let notes = Arc::new(Counters::default());
     println!("ready");
     std::io::stdout().flush().expect("stdout");
     for stream in listener.incoming().flatten() {
@@ -124,11 +127,18 @@ fn serve(addr: &str, id: &str) {
     }
 }
 
+/// What a server counts for the tests to ask.
+#[derive(Default)]
+struct Counters {
+    notes: AtomicI64,
+    served: AtomicI64,
+}
+
 fn answer(
     i: &mut dyn TInputProtocol,
     o: &mut dyn TOutputProtocol,
     id: &str,
-    notes: &AtomicI64,
+    counters: &Counters,
 ) -> thrift::Result<()> {
     let msg = i.read_message_begin()?;
     let method = msg.name.rsplit(':').next().unwrap_or("").to_owned();
@@ -150,7 +160,7 @@ fn answer(
     i.read_message_end()?;
     if msg.message_type == TMessageType::OneWay {
         if method == "notify" {
-            notes.fetch_add(1, Ordering::SeqCst);
+            counters.notes.fetch_add(1, Ordering::SeqCst);
         }
         return Ok(());
     }
@@ -172,6 +182,9 @@ fn answer(
         o.write_message_end()?;
         o.flush()
     };
+    if !matches!(method.as_str(), "count" | "served") {
+        counters.served.fetch_add(1, Ordering::SeqCst);
+    }
     match method.as_str() {
         "whoami" => reply(o, 0, &|o| o.write_string(id), TType::String),
         "echo" => reply(o, 0, &|o| o.write_bytes(&data), TType::String),
@@ -182,7 +195,13 @@ fn answer(
         "count" => reply(
             o,
             0,
-            &|o| o.write_i64(notes.load(Ordering::SeqCst)),
+            &|o| o.write_i64(counters.notes.load(Ordering::SeqCst)),
+            TType::I64,
+        ),
+        "served" => reply(
+            o,
+            0,
+            &|o| o.write_i64(counters.served.load(Ordering::SeqCst)),
             TType::I64,
         ),
         "fail" => reply(
@@ -408,11 +427,15 @@ struct Retrying {
 fn retry(addr: &str) {
     let target: std::net::SocketAddr = addr.parse().expect("retry ADDR: an IP:port");
     let seen = Arc::new(std::sync::Mutex::new(Retrying::default()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reporter = seen.clone();
+    let stopping = stop.clone();
     thread::spawn(move || {
         for line in std::io::stdin().lines() {
-            if line.is_err() {
-                break;
+            let Ok(line) = line else { break };
+            if line == "stop" {
+                stopping.store(true, Ordering::SeqCst);
+                return;
             }
             let report = std::mem::take(&mut *reporter.lock().expect("lock"));
             println!("{}", serde_json::to_string(&report).expect("json"));
@@ -435,7 +458,16 @@ fn retry(addr: &str) {
         pipeline: false,
         phases: 1,
     };
+    let stopped = || {
+        if stop.load(Ordering::SeqCst) {
+            let report = std::mem::take(&mut *seen.lock().expect("lock"));
+            println!("{}", serde_json::to_string(&report).expect("json"));
+            std::io::stdout().flush().expect("stdout");
+            std::process::exit(0);
+        }
+    };
     loop {
+        stopped();
         let stream = match TcpStream::connect_timeout(&target, Duration::from_millis(500)) {
             Ok(s) => s,
             Err(e) => {
@@ -465,6 +497,7 @@ fn retry(addr: &str) {
             }
             drop(s);
             thread::sleep(Duration::from_millis(10));
+            stopped();
         }
         thread::sleep(Duration::from_millis(50));
     }
