@@ -30,7 +30,7 @@ use xxhash_rust::xxh64::xxh64;
 
 use crate::{
     budget::{BufferBudget, Held},
-    config::{Endpoint, HashTable, LbPolicy},
+    config::{Endpoint, HashTable, LbPolicy, Target},
 };
 
 /// What the picker needs to know about an endpoint at pick time.
@@ -208,6 +208,17 @@ impl EndpointPicker {
 
 fn weighted_random(level: &Level, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
     weighted_pick(level.members.iter().copied().filter(|&(i, _)| ok(i)))
+}
+
+/// The cluster for one request or connection: weighted clusters pick by weight.
+pub fn cluster_of(target: &Target) -> &str {
+    match target {
+        Target::Cluster(c) => c,
+        // Validation refuses weights that are all zero; the first is the fallback anyway.
+        Target::Weighted(w) => {
+            weighted_pick(w.iter().map(|(c, weight)| (c.as_str(), *weight))).unwrap_or(&w[0].0)
+        }
+    }
 }
 
 /// Picks one item at random in proportion to its weight; `None` when every weight is zero.

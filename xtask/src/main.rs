@@ -4,7 +4,9 @@
 //!   what it does: LLVM 22 and `bpf-linker` (for the eBPF object), nightly's `rust-src`
 //!   (for `-Z build-std=core`), iproute2 and iptables (for the tests).
 //! - `build-ebpf`: build the kernel programs; the `tern` crate embeds the object.
-//! - `test`: setup, the eBPF build, fmt and clippy, and every test (unit and integration).
+//! - `test`: setup, the eBPF build, fmt, the import-cycle check (`cycles`), clippy, and every
+//!   test (unit and integration).
+//! - `cycles`: fail on an import cycle between the `tern` crate's top-level modules.
 //! - `bench`: release builds, criterion micro-benchmarks and tern against the direct path,
 //!   HAProxy and iptables capture (`tern-bench`); writes `target/bench/report.{md,json,svg}`.
 //! - `fuzz`: cargo-fuzz targets for the codec, the static configuration and xDS translation,
@@ -20,6 +22,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+
+mod cycles;
 
 #[derive(Parser)]
 #[command(name = "cargo xtask")]
@@ -45,6 +49,8 @@ enum Task {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
+    /// Fail on an import cycle between the `tern` crate's top-level modules.
+    Cycles,
     /// A Thrift service in a mesh of network namespaces with tern as every sidecar, then clean up.
     Demo,
     /// The static tern binary for the container image: target/dist/tern (x86_64 musl).
@@ -85,6 +91,7 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Test { args } => test(&args),
         Task::Bench => bench(),
+        Task::Cycles => no_cycles(),
         Task::Dist => {
             setup()?;
             build_ebpf()?;
@@ -567,6 +574,23 @@ fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// No top-level module of the `tern` crate reaches back to itself through its imports.
+fn no_cycles() -> Result<()> {
+    let edges = cycles::uses(&root().join("proxy/src"))?;
+    let groups = cycles::cycles(&edges);
+    if !groups.is_empty() {
+        bail!(
+            "import cycles between the tern crate's modules:\n{}",
+            cycles::report(&edges, &groups)
+        );
+    }
+    step(&format!(
+        "test: no import cycle between the tern crate's modules ({} edges)",
+        edges.len()
+    ));
+    Ok(())
+}
+
 fn test(extra: &[String]) -> Result<()> {
     setup()?;
     build_ebpf()?;
@@ -578,6 +602,7 @@ fn test(extra: &[String]) -> Result<()> {
             .current_dir(root().join("ebpf/programs"))
             .args(["+nightly", "fmt", "--check"]),
     )?;
+    no_cycles()?;
     step("test: cargo clippy --all-targets -- -D warnings");
     status(cargo().args([
         "clippy",

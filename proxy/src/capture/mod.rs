@@ -13,6 +13,7 @@ use std::{
 
 use ipnet::IpNet;
 
+pub mod args;
 pub mod bpffs;
 pub mod cgroup;
 pub mod check;

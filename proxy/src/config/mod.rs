@@ -220,18 +220,6 @@ pub enum Target {
 }
 
 impl Target {
-    /// The cluster for one request or connection: weighted clusters pick by weight.
-    pub fn pick(&self) -> &str {
-        match self {
-            Target::Cluster(c) => c,
-            // Validation refuses weights that are all zero; the first is the fallback anyway.
-            Target::Weighted(w) => {
-                crate::balance::weighted_pick(w.iter().map(|(c, weight)| (c.as_str(), *weight)))
-                    .unwrap_or(&w[0].0)
-            }
-        }
-    }
-
     pub fn clusters(&self) -> Vec<&str> {
         match self {
             Target::Cluster(c) => vec![c.as_str()],

@@ -358,7 +358,7 @@ async fn run_filter(
             idle_timeout,
         } => (target, sniff_thrift, idle_timeout),
     };
-    let name = target.pick();
+    let name = crate::balance::cluster_of(&target);
     let Some(cluster) = snap.clusters.get(name).cloned() else {
         debug!(cluster = %name, "unknown cluster: closing");
         return Ok(Handled::Tcp);

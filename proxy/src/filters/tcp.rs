@@ -26,9 +26,10 @@ use super::{
 use crate::{
     balance::source_hash,
     socket,
-    state::{ClusterState, Failure},
+    state::ClusterState,
     stream::Stream,
     telemetry::TcpSeries,
+    upstream::Failure,
     upstream::dial::{dial, secure},
 };
 

@@ -30,13 +30,14 @@ use crate::budget::Held;
 use crate::{
     balance::{hash_key, source_hash},
     config::{Cluster, Filter, Route, RouteAction, RouteMatch, Target, UpstreamMode},
-    state::{ActiveRequest, ClusterState, EndpointRuntime, Failure, Snapshot},
+    state::{ClusterState, Snapshot},
     stream::Stream,
     thrift::{
         Decoder, Message, MessageType,
         frame::{Meta, ReplyResult, split_name},
         reply::{AppExceptionType, application_exception},
     },
+    upstream::{ActiveRequest, EndpointRuntime, Failure},
     upstream::{
         Failed, PoolSettings, ReplyCell, UpstreamError, exclusive,
         multiplexed::{self, Sent},
@@ -301,7 +302,7 @@ impl Downstream {
                 action: RouteAction::Target(t),
                 timeout,
                 ..
-            }) => (Some(t.pick()), *timeout),
+            }) => (Some(crate::balance::cluster_of(t)), *timeout),
             Some(Route {
                 action: RouteAction::ClusterHeader(h),
                 timeout,
@@ -311,7 +312,7 @@ impl Downstream {
                     .and_then(|v| std::str::from_utf8(v).ok()),
                 *timeout,
             ),
-            None => (default.map(Target::pick), None),
+            None => (default.map(crate::balance::cluster_of), None),
         };
         let Some(name) = name else {
             return Plan::local(

@@ -81,14 +81,14 @@ pub fn environment(annotations: &Value) -> Result<Vec<(String, String)>, InjectE
             env.push(("XDS_ADDRESS".into(), format!("https://{address}")));
         }
         if let Some(drain) = config.termination_drain_duration {
-            let duration = crate::cli::parse_go_duration(&drain)
+            let duration = crate::duration::parse_go_duration(&drain)
                 .map_err(|e| bad(PROXY_CONFIG, format!("terminationDrainDuration: {e}")))?;
             env.push((
                 "TERMINATION_DRAIN_DURATION_SECONDS".into(),
                 duration.as_secs().max(1).to_string(),
             ));
         }
-        let read_by_tern = crate::cli::env_names();
+        let read_by_tern = crate::run::args::env_names();
         for (name, value) in config.proxy_metadata {
             let valid = !name.is_empty()
                 && name

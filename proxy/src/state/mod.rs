@@ -1,9 +1,7 @@
-//! The snapshot the data path reads, swapped atomically, and the live state that outlives
-//! snapshots.
-//!
-//! - [`snapshot`]: one immutable configuration, indexed for the data path;
-//! - [`runtime`]: per endpoint and per cluster live state (counters, pools, breakers);
-//! - [`outlier`]: Envoy's consecutive-error ejection.
+//! The snapshot the data path reads: built from a configuration, swapped atomically,
+//! selected per connection ([`snapshot`]: one immutable configuration, indexed for the data
+//! path). The live state snapshots share (counters, pools, breakers, outlier state) is
+//! [`crate::upstream`]'s.
 //!
 //! The control path (file reload, xDS) builds a new [`Snapshot`] from a `Config` and stores
 //! it with `arc-swap`; requests load the current one without a lock. An update costs what
@@ -21,12 +19,8 @@ use std::{
 
 use arc_swap::ArcSwap;
 
-pub mod outlier;
-pub mod runtime;
 pub mod snapshot;
 
-pub use outlier::Failure;
-pub use runtime::{ActiveRequest, ClusterRuntime, EndpointRuntime};
 pub use snapshot::{ChainTls, ClusterState, EndpointHandle, Peeked, Selection, Snapshot};
 
 use crate::{
@@ -34,6 +28,7 @@ use crate::{
     config::{Cluster, Config, Filter, RouteAction},
     metrics::Metrics,
     tls::{CertStore, TlsContexts},
+    upstream::ClusterRuntime,
 };
 
 /// At most one `malloc_trim` this often (it walks the heap; pushes can come 100 times a
@@ -158,10 +153,7 @@ impl State {
             if config.clusters.contains_key(name) {
                 return true;
             }
-            let endpoints = rt.endpoints.lock().unwrap_or_else(|e| e.into_inner());
-            for e in endpoints.values() {
-                e.pool.retire(rt);
-            }
+            rt.retire();
             rebuilt += 1;
             false
         });
@@ -308,48 +300,15 @@ fn build_cluster(
     runtime: Arc<ClusterRuntime>,
     tables: &Arc<crate::budget::BufferBudget>,
 ) -> ClusterState {
-    let mut known = runtime.endpoints.lock().unwrap_or_else(|e| e.into_inner());
-    let mut kept = HashMap::with_capacity(config.endpoints.len());
-    // An endpoint's TLS context, by its place among the cluster's few: hashing the context
-    // itself for every endpoint of a large cluster would cost more than the rest.
-    let contexts = config.transport.contexts();
     let endpoints: Vec<EndpointHandle> = config
         .endpoints
         .iter()
-        .map(|e| {
-            let tls = config
-                .transport
-                .for_endpoint(e.metadata.as_ref().map_or(&[], |m| &m.socket_match[..]));
-            let key = (
-                e.address,
-                tls.and_then(|t| contexts.iter().position(|c| Arc::ptr_eq(c, t))),
-            );
-            // The same place may hold another context after an update: then a new runtime
-            // (and pool), so no connection made under the old one is reused.
-            let same = |rt: &&Arc<EndpointRuntime>| match (&rt.tls, tls) {
-                (None, None) => true,
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
-                _ => false,
-            };
-            let rt = known
-                .get(&key)
-                .filter(same)
-                .cloned()
-                .unwrap_or_else(|| Arc::new(EndpointRuntime::new(e.address, tls.cloned())));
-            kept.insert(key, rt.clone());
-            EndpointHandle {
-                config: e.clone(),
-                runtime: rt,
-            }
+        .zip(runtime.endpoints_for(&config))
+        .map(|(e, rt)| EndpointHandle {
+            config: e.clone(),
+            runtime: rt,
         })
         .collect();
-    for (key, gone) in known.iter() {
-        if kept.get(key).is_none_or(|k| !Arc::ptr_eq(k, gone)) {
-            gone.pool.retire(&runtime);
-        }
-    }
-    *known = kept;
-    drop(known);
     let picker = EndpointPicker::within(
         config.lb_policy,
         &config.endpoints,

@@ -7,10 +7,6 @@ use std::{
     time::SystemTime,
 };
 
-use super::{
-    outlier::Failure,
-    runtime::{ClusterRuntime, EndpointRuntime},
-};
 use crate::{
     balance::{Candidate, EndpointPicker},
     config::{
@@ -18,6 +14,7 @@ use crate::{
     },
     refusal::Refusal,
     tls::ServerTls,
+    upstream::{ClusterRuntime, EndpointRuntime, Failure},
 };
 
 /// An endpoint as one snapshot configures it, with its shared live state.

@@ -6,12 +6,8 @@ use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::net::TcpStream;
 
-use crate::{
-    config::UpstreamTls,
-    socket,
-    state::{ClusterRuntime, EndpointRuntime},
-    stream::Stream,
-};
+use super::{ClusterRuntime, EndpointRuntime};
+use crate::{config::UpstreamTls, socket, stream::Stream};
 
 /// Connects to `endpoint` of `cluster`, with TLS if the endpoint takes it.
 pub async fn dial(

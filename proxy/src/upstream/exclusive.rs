@@ -15,11 +15,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::debug;
 
 use super::{
-    Failed, Pool, PoolSettings, UpstreamError, answers, release_connection, reserve_connection,
-    wake_pending,
+    ClusterRuntime, EndpointRuntime, Failed, Pool, PoolSettings, UpstreamError, answers,
+    release_connection, reserve_connection, wake_pending,
 };
 use crate::{
-    state::{ClusterRuntime, EndpointRuntime},
     stream::Stream,
     thrift::{Decoder, DecoderLimits, Message, MessageType, Protocol, Transport},
 };

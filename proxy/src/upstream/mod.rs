@@ -1,4 +1,6 @@
-//! Upstream connections to one endpoint, for the Thrift proxy.
+//! The upstream side: each cluster's and endpoint's live state, which outlives snapshots
+//! ([`runtime`]: counters, breakers, pools; [`outlier`]: Envoy's consecutive-error
+//! ejection), and the connections to one endpoint, for the Thrift proxy.
 //!
 //! Thrift servers — Apache Thrift's `TSimpleServer`, `TThreadedServer`, `TThreadPoolServer`,
 //! and most in production — read a connection's next request only after answering the one
@@ -23,17 +25,18 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{
-    state::ClusterRuntime,
-    thrift::{DecoderLimits, Message, MessageType, frame::split_name},
-};
+use crate::thrift::{DecoderLimits, Message, MessageType, frame::split_name};
 
 pub mod dial;
 pub mod exclusive;
 pub mod multiplexed;
+pub mod outlier;
 mod reply_cell;
+pub mod runtime;
 
+pub use outlier::Failure;
 pub use reply_cell::ReplyCell;
+pub use runtime::{ActiveRequest, ClusterRuntime, EndpointRuntime};
 
 /// Why a request got no reply from upstream.
 #[derive(Debug, thiserror::Error)]

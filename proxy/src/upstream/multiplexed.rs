@@ -28,11 +28,11 @@ use tokio::{
 };
 use tracing::debug;
 
-use super::{Failed, Pool, PoolSettings, ReplyCell, UpstreamError, answers_by_name};
-use crate::{
-    state::{ActiveRequest, ClusterRuntime, EndpointRuntime},
-    thrift::{Decoder, Message, MessageType, Protocol, Transport},
+use super::{
+    ActiveRequest, ClusterRuntime, EndpointRuntime, Failed, Pool, PoolSettings, ReplyCell,
+    UpstreamError, answers_by_name,
 };
+use crate::thrift::{Decoder, Message, MessageType, Protocol, Transport};
 
 /// Requests queued for writing on one connection before new ones overflow.
 const WRITE_QUEUE: usize = 1024;

@@ -113,7 +113,7 @@ pub async fn serve(config: WebhookConfig) -> anyhow::Result<()> {
         .with_context(|| format!("listen on {}", config.listen))?;
     tracing::info!(address = %config.listen, "tern webhook is serving");
     let accepting = tokio::spawn(accept(listener, acceptor, webhook.clone()));
-    let why = crate::run::wait_for_signal().await;
+    let why = crate::signal::wait_for_signal().await;
     webhook.stopping.store(true, Ordering::Relaxed);
     tracing::info!(why, grace = ?config.shutdown_grace, "stopping: unready, still answering");
     tokio::time::sleep(config.shutdown_grace).await;

@@ -10,6 +10,8 @@
 //! connections close or the drain timeout passes (see `drain`). Capture is not released at exit:
 //! while tern is down (exited, crashed, restarting) the Pod's captured connections are
 //! refused, and a restarted tern takes the capture over.
+pub mod args;
+
 use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
@@ -26,7 +28,6 @@ use crate::{
     capture::{
         CaptureError, OUTBOUND_IP4, OUTBOUND_IP6, ebpf::EbpfCapture, iptables::IptablesCapture,
     },
-    cli::{CaptureMode, RunArgs},
     config::{Config, NoInbound, file},
     filters::{Ctx, Direction, ThriftPorts},
     listener::{self, OpenConnections},
@@ -36,6 +37,7 @@ use crate::{
     thrift::DecoderLimits,
     tls,
 };
+use args::{CaptureMode, RunArgs};
 
 /// The capture `tern run` set up (it outlives `tern run`: see the module doc).
 enum Capture {
@@ -289,7 +291,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let mut drain_requested = drain_rx.clone();
     let why = tokio::select! {
-        signal = wait_for_signal() => signal,
+        signal = crate::signal::wait_for_signal() => signal,
         _ = drain_requested.wait_for(|d| *d) => "/quitquitquit",
     };
     info!(why, "draining");
@@ -561,15 +563,4 @@ fn bind_pair(v4: SocketAddr, v6: SocketAddr) -> anyhow::Result<(TcpListener, Opt
         }
     };
     Ok((l4, l6))
-}
-
-/// Waits for SIGTERM or SIGINT and says which.
-pub async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("install the SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("install the SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    }
 }

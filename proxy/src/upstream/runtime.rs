@@ -13,16 +13,15 @@ use std::{
 
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge, histogram::Histogram};
 
-use super::outlier::Outlier;
+use super::{Pool, outlier::Outlier};
 use crate::{
-    config::UpstreamTls,
+    config::{Cluster, UpstreamTls},
     latency::PeakEwma,
     method_labels::MethodCounters,
     metrics::{ClusterLabel, Metrics, ResultLabels},
     telemetry::RequestSeries,
     thrift::frame::ReplyResult,
     tls::{ClientTls, ContextError, TlsContexts},
-    upstream::Pool,
 };
 
 /// Live state of one endpoint of one cluster, for one way of reaching it (an endpoint that
@@ -94,7 +93,7 @@ pub struct ClusterRuntime {
     registry: Arc<Metrics>,
     /// The runtime of each endpoint, by address and TLS; read and written only when a
     /// snapshot is built (the data path reaches endpoints through the snapshot).
-    pub(super) endpoints: Mutex<HashMap<EndpointKey, Arc<EndpointRuntime>>>,
+    endpoints: Mutex<HashMap<EndpointKey, Arc<EndpointRuntime>>>,
     /// TLS clients of the cluster's contexts, made when a connection first needs one (a
     /// mesh has thousands of clusters; a Pod talks to a few). Taken when a connection
     /// opens, never per request, and never by the control path.
@@ -104,7 +103,7 @@ pub struct ClusterRuntime {
 
 /// An endpoint runtime's identity: its address, and which of its cluster's TLS contexts
 /// reaches it (none: plaintext).
-pub(super) type EndpointKey = (SocketAddr, Option<usize>);
+type EndpointKey = (SocketAddr, Option<usize>);
 
 /// TLS clients a cluster keeps (it has one or two contexts; more only after changes).
 const CLIENT_TLS_KEPT: usize = 4;
@@ -159,7 +158,7 @@ impl ClusterMetrics {
 }
 
 impl ClusterRuntime {
-    pub(super) fn new(name: &str, metrics: &Arc<Metrics>, contexts: &TlsContexts) -> Self {
+    pub fn new(name: &str, metrics: &Arc<Metrics>, contexts: &TlsContexts) -> Self {
         Self {
             client_tls: Mutex::new(Vec::new()),
             contexts: contexts.clone(),
@@ -171,6 +170,61 @@ impl ClusterRuntime {
             name: name.into(),
             registry: metrics.clone(),
             endpoints: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The runtime of each of `config`'s endpoints, in order, for a new or changed
+    /// configuration of this cluster: endpoints it keeps keep their runtime (counters,
+    /// outlier state, pool); endpoints that left have their connections closed after their
+    /// requests.
+    pub fn endpoints_for(&self, config: &Cluster) -> Vec<Arc<EndpointRuntime>> {
+        let mut known = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        let mut kept = HashMap::with_capacity(config.endpoints.len());
+        // An endpoint's TLS context, by its place among the cluster's few: hashing the context
+        // itself for every endpoint of a large cluster would cost more than the rest.
+        let contexts = config.transport.contexts();
+        let runtimes = config
+            .endpoints
+            .iter()
+            .map(|e| {
+                let tls = config
+                    .transport
+                    .for_endpoint(e.metadata.as_ref().map_or(&[], |m| &m.socket_match[..]));
+                let key = (
+                    e.address,
+                    tls.and_then(|t| contexts.iter().position(|c| Arc::ptr_eq(c, t))),
+                );
+                // The same place may hold another context after an update: then a new
+                // runtime (and pool), so no connection made under the old one is reused.
+                let same = |rt: &&Arc<EndpointRuntime>| match (&rt.tls, tls) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+                    _ => false,
+                };
+                let rt = known
+                    .get(&key)
+                    .filter(same)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(EndpointRuntime::new(e.address, tls.cloned())));
+                kept.insert(key, rt.clone());
+                rt
+            })
+            .collect();
+        for (key, gone) in known.iter() {
+            if kept.get(key).is_none_or(|k| !Arc::ptr_eq(k, gone)) {
+                gone.pool.retire(self);
+            }
+        }
+        *known = kept;
+        runtimes
+    }
+
+    /// The cluster left the configuration: its connections close once their requests are
+    /// done.
+    pub fn retire(&self) {
+        let endpoints = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        for e in endpoints.values() {
+            e.pool.retire(self);
         }
     }
 
