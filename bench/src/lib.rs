@@ -5,6 +5,7 @@
 //! `thrift` crate; per call only the sequence id changes. The echo server's reply is the call
 //! with its message type set to REPLY and its field id set to 0 (the result), so a reply is
 //! exactly as long as its call and both sides can check it without decoding.
+#![forbid(unsafe_code)]
 use serde::{Deserialize, Serialize};
 use thrift::protocol::{
     TBinaryOutputProtocol, TFieldIdentifier, TMessageIdentifier, TMessageType, TOutputProtocol,

@@ -18,6 +18,7 @@ pub mod catalog;
 pub mod config;
 pub mod generate;
 pub mod health;
+#[allow(unsafe_code)] // mallopt, malloc_trim (FFI)
 pub mod memory;
 pub mod model;
 pub mod run;

@@ -3,6 +3,7 @@
 //!
 //! Every other crate names Envoy types through here, so generated code has one entry point
 //! and a change of `envoy-types` version touches one file.
+#![forbid(unsafe_code)]
 pub use envoy_types::pb::{
     envoy::{
         config::{

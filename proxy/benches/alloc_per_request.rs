@@ -19,6 +19,7 @@ use tern::{
 use tern_bench::{echo_call, into_reply, is_echo_call, is_reply_to, set_seq};
 
 #[path = "../tests/support/counting_alloc.rs"]
+#[allow(unsafe_code)] // a GlobalAlloc (an unsafe trait) forwarding to the system's
 mod counting_alloc;
 use counting_alloc::{ALLOCATIONS, COUNTING};
 

@@ -27,6 +27,7 @@ pub mod upstream;
 // The control path: configuration, snapshots, identity, what tern shows.
 pub mod admin;
 pub mod config;
+#[allow(unsafe_code)] // malloc_trim (FFI)
 pub mod memory;
 pub mod metrics;
 pub mod state;
@@ -36,6 +37,7 @@ pub mod xds;
 
 // The Pod: capture, privileges, the application's probes.
 pub mod capture;
+#[allow(unsafe_code)] // prctl (FFI)
 pub mod privileges;
 pub mod probe;
 

@@ -7,6 +7,7 @@ use bytes::BytesMut;
 use tern::thrift::{Decoder, DecoderLimits};
 
 #[path = "support/counting_alloc.rs"]
+#[allow(unsafe_code)] // a GlobalAlloc (an unsafe trait) forwarding to the system's
 mod counting_alloc;
 use counting_alloc::{ALLOCATIONS, COUNTING};
 

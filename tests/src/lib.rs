@@ -4,6 +4,7 @@
 //! Processes run inside a namespace through `nsenter --net`, not `ip netns exec`: the latter
 //! remounts `/sys`, which would hide the cgroup v2 mount and bpffs from tern. A process joins
 //! its cgroup in a shell before `exec`, so every socket it creates belongs to that cgroup.
+#![forbid(unsafe_code)]
 use std::{
     fs,
     io::{BufRead, BufReader},

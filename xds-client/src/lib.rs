@@ -11,6 +11,7 @@
 //!
 //! TLS (`https` addresses: CA, optional client certificate) and a bearer token from a file
 //! are read again at every connection, so rotated credentials are picked up.
+#![forbid(unsafe_code)]
 pub mod channel;
 pub mod delta;
 pub mod handler;

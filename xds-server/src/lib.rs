@@ -10,6 +10,7 @@
 //! - `sorted`: the compact map of names each stream keeps;
 //! - [`server`]: the gRPC services over `tonic`, one task per stream, and the client registry;
 //! - [`csds`]: the client registry as Envoy's client status discovery service.
+#![forbid(unsafe_code)]
 pub mod csds;
 pub mod delta;
 pub mod limits;

@@ -14,6 +14,7 @@
 //! - `dist`: the static `tern` binary (musl) that the `Containerfile` puts on an empty base.
 //! - `demo`: a Thrift service in a mesh of network namespaces, tern as every Pod's sidecar
 //!   (`tern-demo`, built with the test harness it uses).
+#![forbid(unsafe_code)]
 use std::{
     env,
     path::{Path, PathBuf},

@@ -235,6 +235,7 @@ impl Counter {
 }
 
 #[cfg(feature = "user")]
+#[allow(unsafe_code)] // aya::Pod is an unsafe trait: these types are plain bytes
 mod pod {
     // SAFETY: these are `#[repr(C)]`, contain only integers and have no padding bytes
     // (checked by the size assertions below), so any bit pattern is a valid value.

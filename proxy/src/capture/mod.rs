@@ -21,6 +21,7 @@ pub mod ebpf;
 pub mod gc;
 pub mod iptables;
 pub mod pod;
+#[allow(unsafe_code)] // bpf(2), perf_event_open(2) and their file descriptors (FFI)
 mod sys;
 
 /// What to capture and where to send it; shared by both mechanisms.
