@@ -1,0 +1,339 @@
+//! One request upstream: pick an endpoint, send on its pool, wait for the reply within the
+//! timeout, retry on another endpoint when nothing was sent, and conclude (metrics, outlier
+//! detection, latency for least request, or a `TApplicationException`).
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use bytes::{Bytes, BytesMut};
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::{
+    MAX_ATTEMPTS,
+    routing::{Forward, Plan},
+};
+use crate::{
+    config::{Cluster, UpstreamMode},
+    filters::{Ctx, istio},
+    state::{ClusterState, EndpointHandle},
+    thrift::{
+        Message, MessageType,
+        frame::{Meta, ReplyResult, split_name},
+        reply::{AppExceptionType, application_exception},
+    },
+    upstream::{
+        ActiveRequest, EndpointRuntime, Failed, Failure, PoolSettings, ReplyCell, UpstreamError,
+        exclusive,
+        multiplexed::{self, Sent},
+    },
+};
+
+/// Sends a request upstream and returns what to write back to the client.
+pub(super) async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Bytes> {
+    let f = match plan {
+        Plan::Local(reply) => return reply,
+        Plan::Forward(f) => f,
+    };
+    let Forward {
+        mut msg,
+        client_seq,
+        meta,
+        cluster,
+        timeout,
+        hash,
+    } = f;
+    let call = Call {
+        ctx: &ctx,
+        cluster: &cluster,
+        meta,
+        client_seq,
+        oneway: msg.kind() == MessageType::Oneway,
+        began: Instant::now(),
+        request_len: msg.as_bytes().len(),
+        timeout,
+    };
+    let cfg = &cluster.config;
+    let rt = &cluster.runtime;
+    if rt.active_requests.load(Ordering::Relaxed) >= cfg.circuit_breakers.max_requests {
+        return call.local(
+            msg.name(),
+            "overflow",
+            AppExceptionType::InternalError,
+            "circuit breaker overflow: max_requests",
+        );
+    }
+    let _active = ActiveRequest::new(rt.clone());
+    let settings = pool_settings(cfg, &ctx);
+    let deadline = deadline_after(timeout);
+    let mut tried = [usize::MAX; MAX_ATTEMPTS];
+    for attempt in 0..MAX_ATTEMPTS {
+        let Some(i) = cluster
+            .picker
+            .pick(&cluster.endpoints, hash, &tried[..attempt])
+        else {
+            let cause = if attempt == 0 {
+                "no_healthy_upstream"
+            } else {
+                "connect_failure"
+            };
+            return call.local(
+                msg.name(),
+                cause,
+                AppExceptionType::InternalError,
+                &format!("{cause} in cluster {}", cfg.name),
+            );
+        };
+        tried[attempt] = i;
+        let ep = &cluster.endpoints[i];
+        let ert = &ep.runtime;
+        ert.requests.fetch_add(1, Ordering::Relaxed);
+        debug!(endpoint = %ep.config.address, attempt, "sending");
+        let _in_flight = ActiveEndpoint::new(ert);
+        let started = Instant::now();
+        let next = match cfg.upstream {
+            UpstreamMode::Exclusive => {
+                let sent = exclusive::call(ert, &msg, &settings, rt);
+                let outcome = tokio::time::timeout_at(deadline, sent).await;
+                call.conclude(ep, started, outcome, msg.name())
+            }
+            UpstreamMode::Multiplexed => {
+                let generation = cell.begin();
+                match multiplexed::send(ert, msg, &settings, rt, (&cell, generation)) {
+                    Ok(Sent::Oneway(sent)) => {
+                        call.sent_oneway(ep, &sent[meta.name_range()]);
+                        return None;
+                    }
+                    Ok(Sent::Reply(sent)) => {
+                        let waited = tokio::time::timeout_at(deadline, cell.reply(generation));
+                        let outcome = waited.await.map(|reply| reply.map(Some));
+                        match call.conclude(ep, started, outcome, &sent[meta.name_range()]) {
+                            Next::Retry => {
+                                // Only a retry (the connection never opened) needs the
+                                // bytes again.
+                                msg = Message::from_parts(BytesMut::from(&sent[..]), meta);
+                                continue;
+                            }
+                            Next::Done(reply) => return reply,
+                        }
+                    }
+                    Err((e, back)) => {
+                        let next =
+                            call.conclude(ep, started, Ok(Err(Failed::NotSent(e))), back.name());
+                        msg = back;
+                        next
+                    }
+                }
+            }
+        };
+        match next {
+            Next::Done(reply) => return reply,
+            Next::Retry => {}
+        }
+    }
+    call.local(
+        msg.name(),
+        "connect_failure",
+        AppExceptionType::InternalError,
+        &format!("could not connect to any endpoint of {}", cfg.name),
+    )
+}
+
+/// One request on its way upstream: what its local replies and its metrics need.
+struct Call<'a> {
+    ctx: &'a Ctx,
+    cluster: &'a Arc<ClusterState>,
+    meta: Meta,
+    client_seq: i32,
+    oneway: bool,
+    began: Instant,
+    request_len: usize,
+    timeout: Duration,
+}
+
+/// An attempt's outcome: a reply (`None` for a one-way call sent), a failure, or the timeout.
+type Outcome = Result<Result<Option<Message>, Failed>, tokio::time::error::Elapsed>;
+
+impl Call<'_> {
+    fn elapsed_ms(&self) -> f64 {
+        self.began.elapsed().as_secs_f64() * 1000.0
+    }
+
+    /// A `TApplicationException` for the client (nothing for a one-way call), counted; the
+    /// name comes from the request bytes, wherever they are now.
+    fn local(
+        &self,
+        name: &[u8],
+        cause: &'static str,
+        kind: AppExceptionType,
+        why: &str,
+    ) -> Option<Bytes> {
+        let cluster = self.cluster;
+        cluster
+            .runtime
+            .metrics()
+            .methods
+            .count(split_name(name).1, false);
+        self.ctx
+            .state
+            .metrics
+            .local_reply(&cluster.config.name, cause);
+        debug!(cause, "local reply");
+        let reply = (!self.oneway)
+            .then(|| application_exception(&self.meta, name, self.client_seq, kind, why));
+        istio::local_reply(self.ctx, Some(cluster), cause).observe(
+            self.elapsed_ms(),
+            self.request_len,
+            reply.as_ref().map_or(0, Bytes::len),
+        );
+        reply
+    }
+
+    /// A one-way call went out to `ep`.
+    fn sent_oneway(&self, ep: &EndpointHandle, name: &[u8]) {
+        istio::endpoint_requests(self.ctx, self.cluster, ep)[0].observe(
+            self.elapsed_ms(),
+            self.request_len,
+            0,
+        );
+        self.cluster
+            .runtime
+            .metrics()
+            .methods
+            .count(split_name(name).1, false);
+    }
+
+    /// What an attempt on `ep`, begun at `started`, means for the client; `name` names a
+    /// local reply.
+    fn conclude(
+        &self,
+        ep: &EndpointHandle,
+        started: Instant,
+        outcome: Outcome,
+        name: &[u8],
+    ) -> Next {
+        let (cluster, endpoint) = (self.cluster, &*ep.runtime);
+        let rt = &cluster.runtime;
+        // How long it took, for least request: an answer, a lost connection or a timeout (not
+        // a request that never left, nor a one-way call).
+        let took = || {
+            let now = Instant::now();
+            let took = now - started;
+            endpoint.latency.observe(took, now.into_std());
+            took
+        };
+        match outcome {
+            Ok(Ok(Some(reply))) => {
+                let took = took();
+                istio::endpoint_requests(self.ctx, cluster, ep)[reply.reply_result() as usize]
+                    .observe(self.elapsed_ms(), self.request_len, reply.as_bytes().len());
+                let answered = reply.kind() == MessageType::Reply;
+                rt.metrics().methods.count(split_name(name).1, answered);
+                match reply.reply_result() {
+                    ReplyResult::ApplicationException => {
+                        cluster.record_failure(endpoint, Failure::Application)
+                    }
+                    _ => cluster.record_success(endpoint),
+                }
+                rt.metrics().request_seconds.observe(took.as_secs_f64());
+                rt.metrics().replies(reply.reply_result()).inc();
+                Next::Done(Some(reply.into_bytes()))
+            }
+            Ok(Ok(None)) => {
+                self.sent_oneway(ep, name);
+                Next::Done(None)
+            }
+            Ok(Err(Failed::NotSent(UpstreamError::Overflow(what)))) => Next::Done(self.local(
+                name,
+                "overflow",
+                AppExceptionType::InternalError,
+                &format!("circuit breaker overflow: {what}"),
+            )),
+            Ok(Err(Failed::NotSent(e))) => {
+                debug!(error = %e, "not sent; trying another endpoint");
+                cluster.record_failure(endpoint, Failure::Gateway);
+                Next::Retry
+            }
+            Ok(Err(Failed::Lost(e))) => {
+                took();
+                cluster.record_failure(endpoint, Failure::Gateway);
+                Next::Done(self.local(
+                    name,
+                    "upstream_reset",
+                    AppExceptionType::InternalError,
+                    &e.to_string(),
+                ))
+            }
+            Err(_) => {
+                took();
+                cluster.record_failure(endpoint, Failure::Gateway);
+                Next::Done(self.local(
+                    name,
+                    "timeout",
+                    AppExceptionType::InternalError,
+                    &format!("upstream request timeout after {:?}", self.timeout),
+                ))
+            }
+        }
+    }
+}
+
+/// What a cluster's pools need to know.
+pub fn pool_settings(cfg: &Cluster, ctx: &Ctx) -> PoolSettings {
+    PoolSettings {
+        mark: ctx.mark,
+        connect_timeout: cfg.connect_timeout,
+        per_endpoint: cfg.connections_per_endpoint,
+        max_connections: cfg.circuit_breakers.max_connections,
+        max_pending: cfg.circuit_breakers.max_pending_requests,
+        limits: ctx.limits,
+    }
+}
+
+/// What an attempt leaves to do.
+enum Next {
+    /// Answer the client with this (nothing for a one-way call).
+    Done(Option<Bytes>),
+    /// Nothing reached the server: try another endpoint.
+    Retry,
+}
+
+/// When a request that starts now times out; a timeout too long to represent never does
+/// (in practice: in a century).
+fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+/// Counts a request as in flight to an endpoint while it lives (least request reads it).
+struct ActiveEndpoint<'a>(&'a EndpointRuntime);
+
+impl<'a> ActiveEndpoint<'a> {
+    fn new(endpoint: &'a EndpointRuntime) -> Self {
+        if endpoint.active.fetch_add(1, Ordering::Relaxed) == 0 {
+            endpoint.latency.busy_from(std::time::Instant::now());
+        }
+        Self(endpoint)
+    }
+}
+
+impl Drop for ActiveEndpoint<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timeout_too_long_to_represent_never_fires() {
+        let far = deadline_after(Duration::MAX);
+        assert!(far > Instant::now() + Duration::from_secs(50 * 365 * 24 * 3600));
+        let near = deadline_after(Duration::from_millis(5));
+        assert!(near <= Instant::now() + Duration::from_millis(5));
+    }
+}

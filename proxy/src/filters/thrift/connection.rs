@@ -1,0 +1,187 @@
+//! A downstream connection: read requests as they come, plan each, execute them concurrently
+//! (up to a bound), write the replies back in request order, batched.
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::{Instrument, debug, debug_span, warn};
+
+use super::{ChainRef, MAX_BATCH, MAX_IN_FLIGHT, call::execute, routing::Downstream};
+use crate::{
+    budget::Held,
+    filters::{Ctx, authz::Authz, ordered::Ordered},
+    stream::Stream,
+};
+
+/// Serves one downstream connection whose first bytes (`buf`) were Thrift.
+pub async fn serve(
+    down: Stream,
+    buf: BytesMut,
+    mut held: Held,
+    chain: ChainRef,
+    authz: Authz,
+    ctx: Arc<Ctx>,
+) {
+    let _ = down.set_nodelay(true);
+    let source = down.peer_addr().ok().map(|a| a.ip());
+    let (mut rd, mut wr) = down.into_split();
+    let mut conn = Downstream::new(chain, ctx.clone(), source);
+    conn.authz = Some(authz);
+    let mut buf = buf;
+    let mut replies = Ordered::default();
+    // Replies ready to write together (kept, so its capacity is reused).
+    let mut out: Vec<Bytes> = Vec::with_capacity(MAX_BATCH);
+    // Draining serves every request until the drain's time is up (closing a connection
+    // between requests would fail the client's next call, which may already be on its way);
+    // then no new requests, only the replies in flight.
+    let mut closing = ctx.closing.clone();
+    let mut reading = !*closing.borrow_and_update();
+    // A message must arrive whole within the message timeout of its first byte: one timer,
+    // set when a partial message starts (or the one before it completed).
+    let stall = tokio::time::sleep(ctx.message_timeout);
+    let mut stall = std::pin::pin!(stall);
+    let mut partial = false;
+    loop {
+        let mut progressed = false;
+        while reading && replies.len() < MAX_IN_FLIGHT {
+            match conn.decoder.decode(&mut buf) {
+                Ok(Some(msg)) => {
+                    progressed = true;
+                    let plan = conn.plan(msg);
+                    let span = debug_span!("request", seq = plan.client_seq());
+                    let ctx = ctx.clone();
+                    replies.push(|cell| execute(plan, ctx, cell).instrument(span));
+                    if conn.revoked {
+                        debug!(
+                            "the policy in force no longer allows the connection: no new requests"
+                        );
+                        reading = false;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    ctx.state.metrics.rejected(e.cause());
+                    warn!(error = %e, "closing a connection that sent malformed Thrift");
+                    reading = false;
+                }
+            }
+        }
+        if !reading && replies.is_empty() {
+            break;
+        }
+        let now_partial = reading && !buf.is_empty();
+        if now_partial && (!partial || progressed) {
+            stall
+                .as_mut()
+                .reset(tokio::time::Instant::now() + ctx.message_timeout);
+        }
+        partial = now_partial;
+        tokio::select! {
+            read = rd.read_buf(&mut buf), if reading && replies.len() < MAX_IN_FLIGHT => match read {
+                Ok(0) => {
+                    if !buf.is_empty() {
+                        ctx.state.metrics.rejected("truncated");
+                        debug!(bytes = buf.len(), "connection closed inside a message");
+                    }
+                    reading = false;
+                }
+                Ok(_) => {
+                    if buf.capacity() - buf.len() < 4096
+                        && let Err(e) = held.reserve(&mut buf, 64 * 1024)
+                    {
+                        ctx.state.metrics.rejected("buffer_budget");
+                        warn!(error = %e, "closing a connection: no buffer left for it");
+                        reading = false;
+                        buf.clear();
+                    }
+                }
+                Err(e) => {
+                    debug!(error = %e, "downstream read failed");
+                    reading = false;
+                }
+            },
+            Some(reply) = replies.next(), if !replies.is_empty() => {
+                // This reply and every one already done behind it go out in one write.
+                out.extend(reply);
+                while out.len() < MAX_BATCH {
+                    match replies.next().now_or_never() {
+                        Some(Some(reply)) => out.extend(reply),
+                        _ => break,
+                    }
+                }
+                let written = write_all_vectored(&mut wr, &out).await;
+                out.clear();
+                if let Err(e) = written {
+                    debug!(error = %e, "downstream write failed");
+                    return;
+                }
+            },
+            () = &mut stall, if partial => {
+                ctx.state.metrics.rejected("message_timeout");
+                debug!(bytes = buf.len(), "a message took longer than its time: no new requests");
+                reading = false;
+                partial = false;
+                buf.clear();
+            },
+            _ = closing.changed(), if reading => {
+                debug!("the drain's time is up: no new requests on this connection");
+                reading = false;
+            },
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// Writes every buffer, in order, with as few (vectored) writes as the socket takes.
+async fn write_all_vectored(
+    wr: &mut (impl tokio::io::AsyncWrite + Unpin),
+    bufs: &[Bytes],
+) -> std::io::Result<()> {
+    let (mut i, mut offset) = (0, 0);
+    while i < bufs.len() {
+        let mut slices = [std::io::IoSlice::new(&[]); MAX_BATCH];
+        let mut n = 0;
+        for (k, b) in bufs[i..].iter().enumerate().take(MAX_BATCH) {
+            slices[k] = std::io::IoSlice::new(if k == 0 { &b[offset..] } else { b });
+            n = k + 1;
+        }
+        let mut written = wr.write_vectored(&slices[..n]).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while i < bufs.len() && written >= bufs[i].len() - offset {
+            written -= bufs[i].len() - offset;
+            i += 1;
+            offset = 0;
+        }
+        offset += written;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn replies_written_together_arrive_whole_and_in_order_through_short_writes() {
+        use tokio::io::AsyncReadExt;
+        let bufs: Vec<Bytes> = (0..70u8)
+            .map(|i| Bytes::from(vec![i; 1 + usize::from(i % 13)]))
+            .collect();
+        let expected: Vec<u8> = bufs.iter().flat_map(|b| b.to_vec()).collect();
+        // A pipe that takes 7 bytes at a time: every write is short.
+        let (mut a, mut b) = tokio::io::duplex(7);
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        for chunk in bufs.chunks(MAX_BATCH) {
+            write_all_vectored(&mut a, chunk).await.unwrap();
+        }
+        drop(a);
+        assert_eq!(reader.await.unwrap(), expected);
+    }
+}

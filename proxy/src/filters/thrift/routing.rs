@@ -1,0 +1,250 @@
+//! Routing one request: the connection's view of its chain across snapshots, the per-call
+//! authorization, Envoy's thrift route match, the cluster and the hash key (a [`Plan`]).
+use std::{net::IpAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use tracing::debug;
+
+use super::ChainRef;
+use crate::{
+    balance::{cluster_of, hash_key, source_hash},
+    config::{Filter, Route, RouteAction, RouteMatch, Target},
+    filters::{Ctx, authz::Authz, istio},
+    state::{ClusterState, Snapshot},
+    thrift::{
+        Decoder, Message, MessageType,
+        frame::Meta,
+        reply::{AppExceptionType, application_exception},
+    },
+};
+
+/// Per-connection routing state.
+pub(super) struct Downstream {
+    chain: ChainRef,
+    ctx: Arc<Ctx>,
+    pub(super) decoder: Decoder,
+    /// The snapshot this connection routes with, and its chain's filter, resolved once per
+    /// snapshot (finding a chain walks the listeners by name).
+    snapshot: Arc<Snapshot>,
+    filter: Option<Arc<Filter>>,
+    /// The last snapshot looked at: a snapshot without this chain is looked at once, and the
+    /// connection keeps routing with the one before.
+    seen: Arc<Snapshot>,
+    /// The hash key of the client's address, for ring hash and Maglev requests without a
+    /// hash header.
+    source_hash: Option<u64>,
+    /// RBAC rules that name Thrift methods, decided per call.
+    pub(super) authz: Option<Authz>,
+    /// The policy in force no longer allows the connection: it takes no new requests.
+    pub(super) revoked: bool,
+}
+
+impl Downstream {
+    pub(super) fn new(chain: ChainRef, ctx: Arc<Ctx>, source: Option<IpAddr>) -> Self {
+        let snapshot = ctx.state.load();
+        let filter = snapshot
+            .chain(&chain.listener, &chain.chain)
+            .map(|c| Arc::new(c.filter.clone()));
+        let format = match filter.as_deref() {
+            Some(Filter::Thrift(t)) => t.transport.zip(t.protocol),
+            _ => None,
+        };
+        let decoder = match format {
+            Some((t, p)) => Decoder::configured(ctx.limits, t, p, false),
+            None => Decoder::detecting(ctx.limits),
+        };
+        Self {
+            chain,
+            ctx,
+            decoder,
+            seen: snapshot.clone(),
+            snapshot,
+            filter,
+            source_hash: source.map(source_hash),
+            authz: None,
+            revoked: false,
+        }
+    }
+
+    /// What to do with one request: answer it here, or forward it to a cluster.
+    pub(super) fn plan(&mut self, msg: Message) -> Plan {
+        self.follow_snapshot();
+        if !matches!(msg.kind(), MessageType::Call | MessageType::Oneway) {
+            return Plan::Local(local_reply(
+                &self.ctx,
+                &msg,
+                "invalid_message_type",
+                AppExceptionType::ProtocolError,
+                "tern accepts only calls and one-way calls from clients",
+            ));
+        }
+        if let Some(a) = &mut self.authz
+            && let Err(denied) = a.check_call(&msg)
+        {
+            self.revoked |= denied.connection;
+            return Plan::Local(local_reply(
+                &self.ctx,
+                &msg,
+                "rbac_access_denied",
+                AppExceptionType::Unknown,
+                "RBAC: access denied",
+            ));
+        }
+        let (cluster, timeout) = match self.route(&msg) {
+            Ok(routed) => routed,
+            Err(reply) => return Plan::Local(reply),
+        };
+        debug!(method = %String::from_utf8_lossy(msg.name()), cluster = %cluster.config.name, "routed");
+        let hash = if cluster.config.lb_policy.hashes() {
+            cluster
+                .config
+                .hash_header
+                .as_ref()
+                .and_then(|h| msg.header(h.as_bytes()))
+                .map(hash_key)
+                .or(self.source_hash)
+        } else {
+            None
+        };
+        let timeout = timeout.unwrap_or(cluster.config.request_timeout);
+        Plan::Forward(Forward {
+            client_seq: msg.seq_id(),
+            meta: msg.meta(),
+            msg,
+            cluster,
+            timeout,
+            hash,
+        })
+    }
+
+    /// Takes up a new snapshot's version of this connection's chain; a snapshot without the
+    /// chain is looked at once, and the connection keeps routing with the one before.
+    fn follow_snapshot(&mut self) {
+        let current = self.ctx.state.load();
+        if !Arc::ptr_eq(&current, &self.seen) {
+            if let Some(c) = current.chain(&self.chain.listener, &self.chain.chain) {
+                self.filter = Some(Arc::new(c.filter.clone()));
+                self.snapshot = current.clone();
+            }
+            self.seen = current;
+        }
+    }
+
+    /// The cluster a request goes to, with its route's timeout; or the local reply when no
+    /// route or no such cluster.
+    fn route(&self, msg: &Message) -> Result<(Arc<ClusterState>, Option<Duration>), Option<Bytes>> {
+        let (routes, default): (&[Route], Option<&Target>) = match self.filter.as_deref() {
+            Some(Filter::Thrift(t)) => (&t.routes, t.default_target.as_ref()),
+            Some(Filter::TcpProxy { target, .. }) => (&[], Some(target)),
+            // A chain that became a relay or refusal: nothing to route to.
+            Some(Filter::Passthrough | Filter::Refuse) | None => (&[], None),
+        };
+        let routed = routes.iter().find(|r| matches(&r.matcher, msg));
+        let (name, timeout): (Option<&str>, Option<Duration>) = match routed {
+            Some(Route {
+                action: RouteAction::Target(t),
+                timeout,
+                ..
+            }) => (Some(cluster_of(t)), *timeout),
+            Some(Route {
+                action: RouteAction::ClusterHeader(h),
+                timeout,
+                ..
+            }) => (
+                msg.header(h.as_bytes())
+                    .and_then(|v| std::str::from_utf8(v).ok()),
+                *timeout,
+            ),
+            None => (default.map(cluster_of), None),
+        };
+        let Some(name) = name else {
+            return Err(local_reply(
+                &self.ctx,
+                msg,
+                "no_route",
+                AppExceptionType::UnknownMethod,
+                "no route for this method",
+            ));
+        };
+        let Some(cluster) = self.snapshot.clusters.get(name).cloned() else {
+            // The name may come from a client's header: it is no label value.
+            let why = format!("unknown cluster {name}");
+            return Err(local_reply(
+                &self.ctx,
+                msg,
+                "no_cluster",
+                AppExceptionType::InternalError,
+                &why,
+            ));
+        };
+        Ok((cluster, timeout))
+    }
+}
+
+/// Envoy's thrift route match. `method` matches the full name or the part after a
+/// multiplexed `Service:` prefix; `service` matches that prefix; headers match exactly.
+fn matches(m: &RouteMatch, msg: &Message) -> bool {
+    let method = m
+        .method
+        .as_deref()
+        .is_none_or(|want| want.as_bytes() == msg.name() || want.as_bytes() == msg.method());
+    let service = m
+        .service
+        .as_deref()
+        .is_none_or(|want| msg.service() == Some(want.as_bytes()));
+    let headers = m
+        .headers
+        .iter()
+        .all(|(k, v)| msg.header(k.as_bytes()) == Some(v.as_bytes()));
+    (method && service && headers) != m.invert
+}
+
+/// A local reply decided while routing (before any cluster), counted; nothing for a one-way
+/// call.
+fn local_reply(
+    ctx: &Ctx,
+    msg: &Message,
+    cause: &'static str,
+    kind: AppExceptionType,
+    why: &str,
+) -> Option<Bytes> {
+    ctx.state.metrics.local_reply("", cause);
+    debug!(cause, "local reply");
+    let reply = (msg.kind() != MessageType::Oneway)
+        .then(|| application_exception(&msg.meta(), msg.name(), msg.seq_id(), kind, why));
+    istio::local_reply(ctx, None, cause).observe(
+        0.0,
+        msg.as_bytes().len(),
+        reply.as_ref().map_or(0, Bytes::len),
+    );
+    reply
+}
+
+/// What to do with one request.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "boxing the common variant would allocate once per request"
+)]
+pub(super) enum Plan {
+    /// Answer at once (already encoded), or nothing for a one-way call.
+    Local(Option<Bytes>),
+    Forward(Forward),
+}
+
+pub(super) struct Forward {
+    pub(super) msg: Message,
+    pub(super) client_seq: i32,
+    pub(super) meta: Meta,
+    pub(super) cluster: Arc<ClusterState>,
+    pub(super) timeout: Duration,
+    pub(super) hash: Option<u64>,
+}
+
+impl Plan {
+    pub(super) fn client_seq(&self) -> i32 {
+        match self {
+            Plan::Forward(f) => f.client_seq,
+            Plan::Local(_) => 0,
+        }
+    }
+}
