@@ -5,7 +5,7 @@
 //! by nonce alone; subscriptions change by difference (`resource_names_subscribe` /
 //! `_unsubscribe`); a new stream announces the versions held (`initial_resource_versions`)
 //! so the server sends only what changed. The handler sees exactly what changed.
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use tern_proto::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Status};
 
@@ -67,8 +67,8 @@ impl Delta {
             let interest = handler.interest(t);
             let state = self.state.entry(t).or_default();
             state.nonce.clear();
-            if interest == Interest::Names(BTreeSet::new()) {
-                state.subscribed = Some(BTreeSet::new());
+            if interest.is_nothing() {
+                state.subscribed = Some(Default::default());
                 continue;
             }
             let initial_resource_versions = state
@@ -199,6 +199,8 @@ impl Delta {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use tern_proto::{Cluster, ClusterLoadAssignment, Resource, encode, type_url};
 
     use super::*;
@@ -235,7 +237,7 @@ mod tests {
         }
         fn interest(&self, t: &str) -> Interest {
             if t == type_url::CLUSTER_LOAD_ASSIGNMENT {
-                Interest::Names(self.clusters.clone())
+                Interest::Names(std::sync::Arc::new(self.clusters.clone()))
             } else {
                 Interest::Wildcard
             }

@@ -2,7 +2,7 @@
 //! resources it refused. The client ACKs an update whose resources were all accepted, and
 //! NACKs one naming the refused ones; the accepted ones are in force either way (Envoy's
 //! per-resource acceptance, ztunnel's `RejectedConfig`).
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, sync::Arc};
 
 use tern_proto::Any;
 
@@ -11,11 +11,18 @@ use tern_proto::Any;
 pub enum Interest {
     /// Everything the server has (Envoy's wildcard for listeners and clusters).
     Wildcard,
-    /// These names.
-    Names(BTreeSet<String>),
+    /// These names; shared, so a handler whose interest did not change hands over the same
+    /// set and the client compares two pointers (an EDS push to 1,000 clusters compares no
+    /// names).
+    Names(Arc<BTreeSet<String>>),
 }
 
 impl Interest {
+    /// No names at all (a type nobody wants yet).
+    pub(crate) fn is_nothing(&self) -> bool {
+        matches!(self, Interest::Names(n) if n.is_empty())
+    }
+
     pub(crate) fn names(&self) -> Vec<String> {
         match self {
             Interest::Wildcard => Vec::new(),
@@ -31,7 +38,7 @@ impl Interest {
     }
 
     /// The names subscribed to, `None` for a wildcard.
-    pub(crate) fn subscribed(&self) -> Option<BTreeSet<String>> {
+    pub(crate) fn subscribed(&self) -> Option<Arc<BTreeSet<String>>> {
         match self {
             Interest::Wildcard => None,
             Interest::Names(n) => Some(n.clone()),

@@ -2,6 +2,7 @@
 //! their bodies), how it reads a resource's name, and why it refuses a whole response.
 use std::{
     collections::{BTreeMap, BTreeSet},
+    sync::{Arc, OnceLock},
     time::SystemTime,
 };
 
@@ -99,7 +100,7 @@ pub struct TypeState {
     /// Resources the handler refused, with the reason (a held one keeps its last version).
     pub rejected: BTreeMap<String, String>,
     /// The names last subscribed to (`None` for a wildcard).
-    pub subscribed: Option<BTreeSet<String>>,
+    pub subscribed: Option<Arc<BTreeSet<String>>>,
     pub last_update: Option<SystemTime>,
     /// The reason of the last NACK, cleared by the next ACK.
     pub last_error: Option<String>,
@@ -107,9 +108,27 @@ pub struct TypeState {
     pub nacks: u64,
     /// Whether this type was requested on the current stream.
     pub(crate) requested: bool,
+    /// The names in force, listed once for status pages until the set changes (a response
+    /// that changes one resource of 1,000 lists none).
+    names: OnceLock<Arc<[String]>>,
 }
 
 impl TypeState {
+    /// The names of the resources in force, in order.
+    pub fn names(&self) -> Arc<[String]> {
+        self.names
+            .get_or_init(|| self.resources.keys().cloned().collect())
+            .clone()
+    }
+
+    /// Removes a resource (and any refusal of it).
+    pub(crate) fn forget(&mut self, name: &str) {
+        if self.resources.remove(name).is_some() {
+            self.names = OnceLock::new();
+        }
+        self.rejected.remove(name);
+    }
+
     /// Hands `changes` to the handler and records the outcome: the response's `version` if
     /// everything was accepted, else the NACK reason, which it returns.
     pub(crate) fn apply(
@@ -144,13 +163,14 @@ impl TypeState {
     ) -> Option<String> {
         let refused: BTreeSet<&str> = rejected.iter().map(|r| r.name.as_str()).collect();
         for name in removed {
-            self.resources.remove(name);
-            self.rejected.remove(name);
+            self.forget(name);
         }
         for (name, held) in changed {
             if !refused.contains(name.as_str()) {
                 self.rejected.remove(&name);
-                self.resources.insert(name, held);
+                if self.resources.insert(name, held).is_none() {
+                    self.names = OnceLock::new();
+                }
             }
         }
         for r in &rejected {

@@ -71,7 +71,7 @@ impl Sotw {
             .into_iter()
             .filter_map(|t| {
                 let interest = handler.interest(t);
-                if interest == Interest::Names(BTreeSet::new()) {
+                if interest.is_nothing() {
                     return None;
                 }
                 Some(self.request_for(t, &interest, None))
@@ -141,11 +141,11 @@ impl Sotw {
             let state = self.state.get(t);
             let requested = state.is_some_and(|s| s.requested);
             // An empty first request would mean "everything": a type nobody wants yet waits.
-            if !requested && interest == Interest::Names(BTreeSet::new()) {
+            if !requested && interest.is_nothing() {
                 continue;
             }
-            let subscribed = state.map(|s| s.subscribed.clone());
-            if !requested || subscribed != Some(interest.subscribed()) {
+            let same = state.is_some_and(|s| s.subscribed == interest.subscribed());
+            if !requested || !same {
                 forget_unwanted(self.state.get_mut(t), t, &interest, handler);
                 out.push(self.request_for(t, &interest, None));
             }
@@ -231,8 +231,7 @@ pub(crate) fn forget_unwanted(
         return;
     }
     for n in &removed {
-        state.resources.remove(n);
-        state.rejected.remove(n);
+        state.forget(n);
     }
     // Removing resources nobody wants cannot be refused.
     let _ = handler.apply(
@@ -290,7 +289,7 @@ mod tests {
 
         fn interest(&self, t: &str) -> Interest {
             if t == type_url::CLUSTER_LOAD_ASSIGNMENT {
-                Interest::Names(self.clusters.clone())
+                Interest::Names(std::sync::Arc::new(self.clusters.clone()))
             } else {
                 Interest::Wildcard
             }

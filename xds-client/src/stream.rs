@@ -8,7 +8,7 @@
 //!
 //! Responses are accepted up to [`MAX_MESSAGE`] (tonic's default is 4 MiB; a big mesh's CDS
 //! or EDS is larger); the channel itself is [`crate::channel`]'s.
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use rand::Rng;
 use serde::Serialize;
@@ -57,7 +57,8 @@ pub struct StreamConfig {
 pub struct TypeSummary {
     pub version: String,
     pub nonce: String,
-    pub resources: Vec<String>,
+    /// Shared with the client's state until the names change.
+    pub resources: Arc<[String]>,
     /// Resources refused, with the reason (a held one keeps its previous version).
     pub rejected: BTreeMap<String, String>,
     pub last_update_unix: Option<u64>,
@@ -97,7 +98,7 @@ fn summary(state: &BTreeMap<&'static str, TypeState>) -> BTreeMap<String, TypeSu
                 TypeSummary {
                     version: s.version.clone(),
                     nonce: s.nonce.clone(),
-                    resources: s.resources.keys().cloned().collect(),
+                    resources: s.names(),
                     rejected: s.rejected.clone(),
                     last_update_unix: unix,
                     last_error: s.last_error.clone(),

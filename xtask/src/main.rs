@@ -167,12 +167,14 @@ fn have(program: &str) -> bool {
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 /// Debian packages the build or the tests need, by the program (or, with a `/`, the file)
 /// that shows they are present.
-const PACKAGES: [(&str, &str); 10] = [
+const PACKAGES: [(&str, &str); 11] = [
     ("bpftool", "bpftool"),
     ("ip", "iproute2"),
     ("iptables", "iptables"),
     ("nft", "nftables"),
     ("haproxy", "haproxy"),
+    // The bench counts system calls per request with `perf stat`.
+    ("perf", "linux-perf"),
     ("runc", "runc"),
     ("musl-gcc", "musl-tools"),
     ("/usr/lib/llvm-22/bin/llvm-config", "llvm-22-dev"),

@@ -39,6 +39,9 @@ const SERIAL_SERVER: &str = "10.77.0.2:9401";
 /// The Thrift path with a multiplexed cluster (opt-in; the echo server answers pipelined calls).
 const MULTIPLEXED: &str = "tern Thrift, per request, multiplexed";
 const SERIAL_VIP: &str = "10.96.0.5:9090";
+/// The synchronous-client groups: 32 connections, one call in flight each.
+const SYNC_NETNS: &str = "netns, 32 sync clients × 1 in flight, 100 B";
+const SYNC_LOOPBACK: &str = "loopback, 32 sync clients × 1 in flight, 100 B";
 
 fn main() -> std::process::ExitCode {
     match run() {
@@ -80,8 +83,10 @@ fn run() -> Result<()> {
     let mut groups = Vec::new();
 
     // The namespace path twice: the second time with two low-priority processes keeping both
-    // cores busy, as on a shared node.
-    for (name, vip_tcp, vip_thrift, vip_mux, direct, haproxy, size, inflight, busy) in [
+    // cores busy, as on a shared node. Pipelined load (4 connections, several calls in flight
+    // each), then 32 synchronous clients (one call in flight each: every proxy makes a system
+    // call per request).
+    for (name, vip_tcp, vip_thrift, vip_mux, direct, haproxy, size, connections, inflight, busy) in [
         (
             "loopback, 100 B",
             "10.96.0.3:9090",
@@ -90,6 +95,7 @@ fn run() -> Result<()> {
             LOOPBACK_ENDPOINTS,
             "127.0.0.1:19001",
             "100",
+            "4",
             "8",
             false,
         ),
@@ -101,6 +107,7 @@ fn run() -> Result<()> {
             NETNS_ENDPOINTS,
             "127.0.0.1:19000",
             "100",
+            "4",
             "8",
             false,
         ),
@@ -112,8 +119,33 @@ fn run() -> Result<()> {
             NETNS_ENDPOINTS,
             "127.0.0.1:19000",
             "100",
+            "4",
             "8",
             true,
+        ),
+        (
+            SYNC_NETNS,
+            "10.96.0.1:9090",
+            "10.96.0.2:9090",
+            "10.96.0.6:9090",
+            NETNS_ENDPOINTS,
+            "127.0.0.1:19000",
+            "100",
+            "32",
+            "1",
+            false,
+        ),
+        (
+            SYNC_LOOPBACK,
+            "10.96.0.3:9090",
+            "10.96.0.4:9090",
+            "10.96.0.7:9090",
+            LOOPBACK_ENDPOINTS,
+            "127.0.0.1:19001",
+            "100",
+            "32",
+            "1",
+            false,
         ),
         (
             "netns, 64 KiB",
@@ -123,11 +155,19 @@ fn run() -> Result<()> {
             NETNS_ENDPOINTS,
             "127.0.0.1:19000",
             "65536",
+            "4",
             "2",
             false,
         ),
     ] {
-        let load = ["--connections", "4", "--inflight", inflight, "--size", size];
+        let load = [
+            "--connections",
+            connections,
+            "--inflight",
+            inflight,
+            "--size",
+            size,
+        ];
         let latency = [
             "--connections",
             "1",
@@ -159,7 +199,8 @@ fn run() -> Result<()> {
                 Process::spawn(cmd)
             })
             .collect::<Result<_>>()?;
-        groups.push(bench.compare(name, &paths, &load, Some(&latency), &bench.cli)?);
+        let group = bench.compare(name, &paths, &load, Some(&latency), &bench.cli)?;
+        groups.push(bench.count_syscalls(group, &paths, &load)?);
         drop(busy);
     }
 
@@ -420,6 +461,44 @@ impl Bench {
         Ok(Group::new(name, rows))
     }
 
+    /// Adds each proxy's system calls per request to `group`: one more run per proxied path,
+    /// counted by `perf stat` on the `raw_syscalls:sys_enter` tracepoint (a run of its own,
+    /// so the counting costs the measured rounds nothing).
+    fn count_syscalls(&self, mut group: Group, paths: &[LoadPath], load: &[&str]) -> Result<Group> {
+        let load = [load, &["--secs", "1", "--warmup", "0"]].concat();
+        for p in paths {
+            let Some(pid) = p.proxy else { continue };
+            let perf = std::process::Command::new("perf")
+                .args(["stat", "-x,", "-e", "raw_syscalls:sys_enter", "-p"])
+                .arg(pid.to_string())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .context("run perf (`cargo xtask setup` installs it)")?;
+            // perf stat reports once interrupted; give it a moment to attach first.
+            std::thread::sleep(Duration::from_millis(200));
+            let cgroup = p.captured.then_some(&self.cgroup);
+            let result = load_run(p.ns.unwrap_or(&self.cli), cgroup, p.addr, &load);
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(perf.id() as i32),
+                nix::sys::signal::Signal::SIGINT,
+            )?;
+            let out = perf.wait_with_output()?;
+            let result = result?;
+            let text = String::from_utf8_lossy(&out.stderr);
+            let calls: f64 = text
+                .lines()
+                .find(|l| l.contains("raw_syscalls:sys_enter"))
+                .and_then(|l| l.split(',').next())
+                .and_then(|n| n.trim().parse().ok())
+                .with_context(|| format!("perf stat output {text:?}"))?;
+            if let Some(row) = group.rows.iter_mut().find(|r| r.path == p.name) {
+                row.syscalls_per_request = Some(calls / result.total.max(1) as f64);
+            }
+        }
+        Ok(group)
+    }
+
     /// Apache Thrift's serial Python server, with two callers of a method that takes 300 ms
     /// on it all along: the fast callers' latency (4 connections, one call at a time each),
     /// direct and through tern (detected on a plain `tcp_proxy`, exclusive connections).
@@ -550,6 +629,11 @@ impl Bench {
 /// 1,000 clusters / 10,000 endpoints over xDS; the p99 of calls with no pushes, then with one
 /// endpoint change pushed 100 times a second, and what each apply took (tern's
 /// `tern_xds_apply_seconds`). Also tern's peak memory with capture.
+/// Thrift p99 through a tern with 1,000 clusters while one EDS change is pushed 100 times a
+/// second, against two references: no pushes anywhere, and the same pushes going to another
+/// tern (so the control plane and the other tern compete for the cores as much, while the
+/// measured tern receives nothing). Also what each costs: the control plane's CPU, and the
+/// measured tern's CPU per push beyond its quiet run's.
 fn xds_updates() -> Result<XdsUpdates> {
     eprintln!("tern-bench: xDS endpoint churn, 100 changes a second, 1,000 clusters");
     let p = tern_tests::pods();
@@ -580,12 +664,39 @@ fn xds_updates() -> Result<XdsUpdates> {
         "--warmup",
         "0.5",
     ];
-    let quiet = load_run(&p.app, Some(&p.cgroup), "10.96.0.20:9090", &latency)?;
+    let pid = |c: &ControlPlane| c.process.as_ref().map(Process::pid).context("running");
+    // What the pushes cost tern: its control thread's CPU (decoding, applying, freeing; the
+    // data path's CPU follows the calls, which the pushes slow down).
+    let tern_control = || thread_cpu_seconds(tern.process.pid(), "tern-control");
+    // A run of the latency load, with the CPU seconds of `cpu` meanwhile.
+    let measured = |cpu: &[&dyn Fn() -> Result<f64>]| -> Result<(LoadResult, Vec<f64>)> {
+        let before = cpu.iter().map(|f| f()).collect::<Result<Vec<_>>>()?;
+        let run = load_run(&p.app, Some(&p.cgroup), "10.96.0.20:9090", &latency)?;
+        let after = cpu.iter().map(|f| f()).collect::<Result<Vec<_>>>()?;
+        Ok((run, after.iter().zip(before).map(|(a, b)| a - b).collect()))
+    };
+    let (quiet, quiet_cpu) = measured(&[&tern_control])?;
+
+    // The baseline: the same pushes to another tern, from another control plane.
+    let other = tern_tests::pods();
+    let other_cp = ControlPlane::start(&other.app, "127.0.0.1:15010", &snapshot(0), &[])?;
+    let other_tern = other.start_tern_xds(&[], "info")?;
+    ensure!(
+        other_cp.wait_for("ACK ClusterLoadAssignment 1"),
+        "no EDS ACK"
+    );
+    other_cp.push(&snapshot(100));
+    std::thread::sleep(Duration::from_millis(500));
+    let other_pid = pid(&other_cp)?;
+    let (baseline, baseline_cpu) = measured(&[&|| cpu_seconds(other_pid)])?;
+    drop((other_tern, other_cp, other));
+
     let applies = |text: &str| apply_buckets(text, "ClusterLoadAssignment");
     let before = applies(&tern_tests::admin(&p.app, "GET", "/stats/prometheus"));
     cp.push(&snapshot(100));
     std::thread::sleep(Duration::from_millis(500));
-    let churned = load_run(&p.app, Some(&p.cgroup), "10.96.0.20:9090", &latency)?;
+    let cp_pid = pid(&cp)?;
+    let (churned, churn_cpu) = measured(&[&tern_control, &|| cpu_seconds(cp_pid)])?;
     let after = applies(&tern_tests::admin(&p.app, "GET", "/stats/prometheus"));
     cp.push(&snapshot(0));
     let window: Vec<(f64, f64)> = after
@@ -601,8 +712,12 @@ fn xds_updates() -> Result<XdsUpdates> {
         apply_p50_ms: quantile(&window, 0.5) * 1e3,
         apply_p99_ms: quantile(&window, 0.99) * 1e3,
         quiet_p99_us: quiet.p99_us,
+        baseline_p99_us: baseline.p99_us,
         churn_p99_us: churned.p99_us,
         churn_errors: churned.errors,
+        tern_cpu_us_per_push: (churn_cpu[0] - quiet_cpu[0]).max(0.0) / count.max(1.0) * 1e6,
+        control_plane_cpu_share_baseline: baseline_cpu[0] / baseline.secs.max(0.1),
+        control_plane_cpu_share_churn: churn_cpu[1] / churned.secs.max(0.1),
         peak_rss_mib_with_capture: field_kib(&status, "VmHWM:").context("VmHWM")? as f64 / 1024.0,
         rss_mib_with_capture: field_kib(&status, "VmRSS:").context("VmRSS")? as f64 / 1024.0,
     })
@@ -705,8 +820,23 @@ fn load_run(ns: &Netns, cgroup: Option<&Cgroup>, addr: &str, load: &[&str]) -> R
 
 /// User and system CPU seconds a process used so far (`/proc/PID/stat`).
 fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("read /proc/{pid}/stat"))?;
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// The CPU seconds of a process's thread named `name` (tern's `tern-control`).
+fn thread_cpu_seconds(pid: u32, name: &str) -> Result<f64> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let dir = task?.path();
+        if std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim() == name) {
+            return stat_cpu_seconds(&dir.join("stat").to_string_lossy());
+        }
+    }
+    bail!("process {pid} has no thread {name}")
+}
+
+/// User and system CPU seconds from a `stat` file of `/proc`.
+fn stat_cpu_seconds(path: &str) -> Result<f64> {
+    let stat = std::fs::read_to_string(path).with_context(|| format!("read {path}"))?;
     let after_name = stat
         .rsplit_once(')')
         .map(|(_, s)| s)

@@ -272,7 +272,7 @@ fn convert(file: File, version: String) -> Result<Config, ConfigError> {
     let clusters = file
         .clusters
         .into_iter()
-        .map(|c| (c.name.clone(), Arc::new(cluster(c))))
+        .map(|c| (Arc::from(c.name.as_str()), Arc::new(cluster(c))))
         .collect();
     Ok(Config {
         version,

@@ -33,8 +33,9 @@ pub struct Config {
     /// What happens to outbound destinations no listener matches.
     pub passthrough: Passthrough,
     /// Shared, so a new configuration that keeps a cluster does not copy it, and the
-    /// snapshot keeps its picker and pools (see [`crate::state`]).
-    pub clusters: BTreeMap<String, Arc<Cluster>>,
+    /// snapshot keeps its picker and pools (see [`crate::state`]); names are shared too, so
+    /// assembling a configuration of 1,000 clusters copies no name.
+    pub clusters: BTreeMap<Arc<str>, Arc<Cluster>>,
     /// What the control plane sent that tern knowingly does not run (shown, and counted).
     pub set_aside: Vec<SetAside>,
 }

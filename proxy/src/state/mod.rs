@@ -9,7 +9,7 @@
 //! [`ClusterState`] (endpoints, picker, pools, outlier state); a changed one is rebuilt,
 //! keeping the runtime of every endpoint it still has.
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{BTreeMap, HashMap, VecDeque},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -21,6 +21,7 @@ use arc_swap::ArcSwap;
 
 pub mod snapshot;
 
+use snapshot::ListenerIndex;
 pub use snapshot::{ChainTls, ClusterState, EndpointHandle, Peeked, Selection, Snapshot};
 
 use crate::{
@@ -46,7 +47,7 @@ pub struct State {
     current: ArcSwap<Snapshot>,
     /// Live cluster state by name; touched only when applying a snapshot (one writer: the
     /// lock only orders appliers, the data path never takes it).
-    clusters: Mutex<HashMap<String, Arc<ClusterRuntime>>>,
+    clusters: Mutex<HashMap<Arc<str>, Arc<ClusterRuntime>>>,
     ready: AtomicBool,
     /// When memory was last given back to the system (ms since `born`), and whether an
     /// apply since has freed enough to be worth it.
@@ -130,35 +131,74 @@ impl State {
         let mut runtimes = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
         let mut rebuilt = 0usize;
         let mut rebuilt_endpoints = 0usize;
-        let mut clusters = HashMap::with_capacity(config.clusters.len());
-        for (name, c) in &config.clusters {
-            let state = match previous.clusters.get(name) {
-                Some(old) if Arc::ptr_eq(&old.config, c) => old.clone(),
-                _ => {
-                    rebuilt += 1;
-                    rebuilt_endpoints += c.endpoints.len();
-                    let runtime = runtimes
-                        .entry(name.clone())
-                        .or_insert_with(|| {
-                            Arc::new(ClusterRuntime::new(name, &self.metrics, &self.tls))
-                        })
-                        .clone();
-                    Arc::new(build_cluster(c.clone(), runtime, &self.tables))
+        let mut new_runtimes = false;
+        // The previous snapshot's clusters, then what changed: both configurations are sorted
+        // by name, so one pass over them finds the changes comparing pointers (an EDS push
+        // to one of 1,000 clusters hashes one name, not 1,000).
+        let mut clusters = previous.clusters.clone();
+        for change in changed_clusters(&previous.config.clusters, &config.clusters) {
+            let (name, c) = match change {
+                Change::Gone(name) => {
+                    clusters.remove(name);
+                    continue;
                 }
+                Change::New(name, c) => (name, c),
             };
+            rebuilt += 1;
+            rebuilt_endpoints += c.endpoints.len();
+            let runtime = runtimes
+                .entry(name.clone())
+                .or_insert_with(|| {
+                    new_runtimes = true;
+                    Arc::new(ClusterRuntime::new(name, &self.metrics, &self.tls))
+                })
+                .clone();
+            let state = Arc::new(build_cluster(c.clone(), runtime, &self.tables));
             clusters.insert(name.clone(), state);
         }
         // Clusters that left: their connections close once their requests are done.
-        runtimes.retain(|name, rt| {
-            if config.clusters.contains_key(name) {
-                return true;
-            }
-            rt.retire();
-            rebuilt += 1;
-            false
-        });
+        if runtimes.len() > config.clusters.len() {
+            runtimes.retain(|name, rt| {
+                if config.clusters.contains_key(name) {
+                    return true;
+                }
+                rt.retire();
+                rebuilt += 1;
+                false
+            });
+        }
         drop(runtimes);
-        configure_method_labels(&config, &clusters);
+        let listeners_changed = listeners_changed(&previous.config, &config);
+        // An update that changed no listener (an EDS push) keeps the listener index, the
+        // chains' TLS servers and the method labels as they are.
+        let listeners = if listeners_changed || previous.config.listeners.is_empty() {
+            Arc::new(self.index_listeners(&config, &previous))
+        } else {
+            previous.listeners.clone()
+        };
+        if listeners_changed || new_runtimes {
+            configure_method_labels(&config, &clusters);
+        }
+        let version = config.version.clone();
+        let replaced = self.current.swap(Arc::new(Snapshot {
+            config: Arc::new(config),
+            clusters,
+            applied_at: SystemTime::now(),
+            listeners,
+        }));
+        drop(previous);
+        self.retire(replaced);
+        if listeners_changed {
+            self.policy.send_replace(());
+        }
+        tracing::debug!(%version, clusters_rebuilt = rebuilt, "snapshot swapped");
+        self.freed
+            .fetch_add(rebuilt_endpoints.max(rebuilt), Ordering::Relaxed);
+        self.release_memory();
+    }
+
+    /// The listeners indexed by address and name, with their chains' TLS servers.
+    fn index_listeners(&self, config: &Config, previous: &Snapshot) -> ListenerIndex {
         let mut exact = HashMap::new();
         let mut wildcard = HashMap::new();
         let mut by_name = HashMap::with_capacity(config.listeners.len());
@@ -170,27 +210,12 @@ impl State {
             }
             by_name.insert(l.name.clone(), i);
         }
-        let server_tls = self.server_tls(&config, &previous);
-        let version = config.version.clone();
-        let listeners_changed = listeners_changed(&previous.config, &config);
-        let replaced = self.current.swap(Arc::new(Snapshot {
-            server_tls,
-            config: Arc::new(config),
-            clusters,
-            applied_at: SystemTime::now(),
+        ListenerIndex {
             exact,
             wildcard,
             by_name,
-        }));
-        drop(previous);
-        self.retire(replaced);
-        if listeners_changed {
-            self.policy.send_replace(());
+            server_tls: self.server_tls(config, previous),
         }
-        tracing::debug!(%version, clusters_rebuilt = rebuilt, "snapshot swapped");
-        self.freed
-            .fetch_add(rebuilt_endpoints.max(rebuilt), Ordering::Relaxed);
-        self.release_memory();
     }
 
     /// The TLS servers of the chains that terminate TLS; a chain whose TLS configuration did
@@ -275,6 +300,61 @@ impl State {
     }
 }
 
+/// How a cluster of a new configuration differs from the one before.
+enum Change<'a> {
+    /// New, or changed (another `Arc`).
+    New(&'a Arc<str>, &'a Arc<Cluster>),
+    Gone(&'a Arc<str>),
+}
+
+/// The clusters `new` adds, changes or removes relative to `old`, in one ordered pass over
+/// both: a cluster that is the same `Arc` in both is unchanged.
+fn changed_clusters<'a>(
+    old: &'a BTreeMap<Arc<str>, Arc<Cluster>>,
+    new: &'a BTreeMap<Arc<str>, Arc<Cluster>>,
+) -> Vec<Change<'a>> {
+    let mut out = Vec::new();
+    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some((name, _)), None) => {
+                out.push(Change::Gone(name));
+                a.next();
+            }
+            (None, Some((name, c))) => {
+                out.push(Change::New(name, c));
+                b.next();
+            }
+            (Some((na, ca)), Some((nb, cb))) => {
+                let order = if Arc::ptr_eq(na, nb) {
+                    std::cmp::Ordering::Equal
+                } else {
+                    na.cmp(nb)
+                };
+                match order {
+                    std::cmp::Ordering::Less => {
+                        out.push(Change::Gone(na));
+                        a.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        out.push(Change::New(nb, cb));
+                        b.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if !Arc::ptr_eq(ca, cb) {
+                            out.push(Change::New(nb, cb));
+                        }
+                        a.next();
+                        b.next();
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Whether `new` changes any listener of `old`: listeners are shared while unchanged, so a
 /// pointer comparison tells (an EDS push compares a few pointers, never a listener).
 fn listeners_changed(old: &Config, new: &Config) -> bool {
@@ -326,7 +406,7 @@ fn build_cluster(
 
 /// Methods the configuration routes on keep labels of their own in the clusters they route
 /// to.
-fn configure_method_labels(config: &Config, clusters: &HashMap<String, Arc<ClusterState>>) {
+fn configure_method_labels(config: &Config, clusters: &HashMap<Arc<str>, Arc<ClusterState>>) {
     for l in config
         .listeners
         .iter()
@@ -429,6 +509,55 @@ clusters:
             chain_for(&state.load(), "10.96.0.10:8080", "10.9.0.1:1"),
             "passthrough"
         );
+    }
+
+    #[test]
+    fn changes_between_configurations_are_found_by_pointer_in_one_pass() {
+        let config = parse(CONFIG, "test").unwrap();
+        let a = config.clusters.values().next().unwrap().clone();
+        let map = |entries: &[(&str, &Arc<Cluster>)]| -> BTreeMap<Arc<str>, Arc<Cluster>> {
+            entries
+                .iter()
+                .map(|(n, c)| (Arc::from(*n), Arc::clone(c)))
+                .collect()
+        };
+        let changed = Arc::new((*a).clone());
+        // Names are other `Arc`s with the same text: compared by content.
+        let old = map(&[("a", &a), ("b", &a), ("c", &a)]);
+        let new = map(&[("a", &a), ("b", &changed), ("d", &a)]);
+        let seen: Vec<String> = changed_clusters(&old, &new)
+            .into_iter()
+            .map(|c| match c {
+                Change::New(n, c) if Arc::ptr_eq(c, &changed) => format!("changed {n}"),
+                Change::New(n, _) => format!("new {n}"),
+                Change::Gone(n) => format!("gone {n}"),
+            })
+            .collect();
+        assert_eq!(seen, ["changed b", "gone c", "new d"]);
+        assert!(changed_clusters(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn an_update_that_keeps_the_listeners_keeps_their_index() {
+        let state = State::new(Metrics::new(None));
+        let config = parse(CONFIG, "test").unwrap();
+        state.apply(config.clone());
+        let first = state.load();
+        // An EDS push: the same listeners (shared), one cluster changed.
+        let mut eds = config.clone();
+        let mut a = (*eds.clusters["a"]).clone();
+        a.endpoints = a.endpoints[..1].to_vec().into();
+        eds.clusters.insert("a".into(), Arc::new(a));
+        state.apply(eds);
+        let second = state.load();
+        assert!(Arc::ptr_eq(&first.listeners, &second.listeners));
+        assert!(!Arc::ptr_eq(&first.clusters["a"], &second.clusters["a"]));
+        assert_eq!(chain_for(&second, "10.96.0.10:9090", "10.9.0.1:1"), "exact");
+        // New listeners: a new index, which selects as before.
+        state.apply(parse(CONFIG, "test").unwrap());
+        let third = state.load();
+        assert!(!Arc::ptr_eq(&second.listeners, &third.listeners));
+        assert_eq!(chain_for(&third, "10.96.0.10:9090", "10.9.0.1:1"), "exact");
     }
 
     #[test]

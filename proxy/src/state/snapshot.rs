@@ -92,8 +92,15 @@ pub enum Selection<'a> {
 #[derive(Debug)]
 pub struct Snapshot {
     pub config: Arc<Config>,
-    pub clusters: HashMap<String, Arc<ClusterState>>,
+    pub clusters: HashMap<Arc<str>, Arc<ClusterState>>,
     pub applied_at: SystemTime,
+    /// Shared with the snapshot before while listeners do not change (an EDS push).
+    pub(super) listeners: Arc<ListenerIndex>,
+}
+
+/// The listeners indexed for the data path, and their chains' TLS servers.
+#[derive(Debug, Default)]
+pub(super) struct ListenerIndex {
     pub(super) exact: HashMap<SocketAddr, usize>,
     pub(super) wildcard: HashMap<u16, usize>,
     /// Listeners by name, for connections that find their chain again in a new snapshot.
@@ -116,16 +123,14 @@ impl Snapshot {
             config: Arc::new(Config::default()),
             clusters: HashMap::new(),
             applied_at: SystemTime::now(),
-            exact: HashMap::new(),
-            wildcard: HashMap::new(),
-            by_name: HashMap::new(),
-            server_tls: HashMap::new(),
+            listeners: Arc::default(),
         }
     }
 
     /// The TLS server of a chain that terminates TLS.
     pub fn server_tls(&self, listener: &str, chain: &str) -> Option<&ChainTls> {
-        self.server_tls
+        self.listeners
+            .server_tls
             .get(listener)?
             .iter()
             .find(|c| c.chain == chain)
@@ -170,9 +175,10 @@ impl Snapshot {
 
     /// The listener an outbound connection to `dst` is matched against.
     fn listener_for(&self, dst: SocketAddr) -> Option<&Listener> {
-        self.exact
+        self.listeners
+            .exact
             .get(&dst)
-            .or_else(|| self.wildcard.get(&dst.port()))
+            .or_else(|| self.listeners.wildcard.get(&dst.port()))
             .map(|&i| &*self.config.listeners[i])
     }
 
@@ -199,7 +205,7 @@ impl Snapshot {
 
     /// A chain by listener and chain name (a connection follows its chain across snapshots).
     pub fn chain(&self, listener: &str, chain: &str) -> Option<&FilterChain> {
-        let l = match self.by_name.get(listener) {
+        let l = match self.listeners.by_name.get(listener) {
             Some(&i) => &*self.config.listeners[i],
             None => self
                 .config

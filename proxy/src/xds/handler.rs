@@ -4,7 +4,10 @@
 //!
 //! It runs on the control thread (see `run.rs`), never on a data-plane worker: decoding,
 //! translating and building the snapshot cost the data path nothing but the atomic swap.
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use tern_proto::{
     Cluster as XdsCluster, ClusterLoadAssignment, Listener as XdsListener,
@@ -60,6 +63,10 @@ pub struct XdsHandler {
     updates: u64,
     /// Set-aside gauge series set last time, reset when they go away.
     set_aside_series: Vec<SetAsideLabels>,
+    /// The endpoint and Thrift route names wanted, kept while they stay the same: the xDS
+    /// client compares them after every response, and an EDS push changes neither.
+    eds_wanted: Arc<BTreeSet<String>>,
+    trds_wanted: Arc<BTreeSet<String>>,
 }
 
 impl XdsHandler {
@@ -74,6 +81,8 @@ impl XdsHandler {
             inbound_refused: false,
             updates: 0,
             set_aside_series: Vec::new(),
+            eds_wanted: Arc::default(),
+            trds_wanted: Arc::default(),
         }
     }
 
@@ -156,7 +165,13 @@ impl XdsHandler {
             .listeners
             .retain(|l| !xds.listeners.iter().any(|x| x.name == l.name));
         config.listeners.extend(xds.listeners);
-        config.clusters.extend(xds.clusters);
+        if config.clusters.is_empty() {
+            // No static clusters (istiod's case): the control plane's map as it is, without
+            // inserting 1,000 names one by one.
+            config.clusters = xds.clusters;
+        } else {
+            config.clusters.extend(xds.clusters);
+        }
         if xds.inbound.is_some() {
             config.inbound = xds.inbound;
         }
@@ -202,6 +217,19 @@ impl XdsHandler {
             info!(%version, listeners, clusters, set_aside, "a complete xDS configuration with inbound policy is in force: ready");
         } else if was && !ready {
             warn!(%version, reason = no_inbound.as_str(), "no inbound policy in force: inbound connections are refused and tern is not ready");
+        }
+    }
+
+    /// The names clusters and listeners ask for now; a set that did not change stays the
+    /// same `Arc`.
+    fn refresh_wanted(&mut self) {
+        let eds = self.store.eds_names();
+        if *self.eds_wanted != eds {
+            self.eds_wanted = Arc::new(eds);
+        }
+        let trds = self.store.trds_names();
+        if *self.trds_wanted != trds {
+            self.trds_wanted = Arc::new(trds);
         }
     }
 
@@ -274,6 +302,9 @@ impl Handler for XdsHandler {
             type_url::CLUSTER => self.seen_clusters = true,
             _ => {}
         }
+        if type_url != type_url::CLUSTER_LOAD_ASSIGNMENT {
+            self.refresh_wanted();
+        }
         let count = self.rejected.get(type_url).map_or(0, |r| r.len());
         self.state
             .metrics
@@ -308,8 +339,8 @@ impl Handler for XdsHandler {
     fn interest(&self, type_url: &str) -> Interest {
         match type_url {
             type_url::LISTENER | type_url::CLUSTER => Interest::Wildcard,
-            type_url::CLUSTER_LOAD_ASSIGNMENT => Interest::Names(self.store.eds_names()),
-            type_url::THRIFT_ROUTE_CONFIGURATION => Interest::Names(self.store.trds_names()),
+            type_url::CLUSTER_LOAD_ASSIGNMENT => Interest::Names(self.eds_wanted.clone()),
+            type_url::THRIFT_ROUTE_CONFIGURATION => Interest::Names(self.trds_wanted.clone()),
             _ => Interest::Names(Default::default()),
         }
     }

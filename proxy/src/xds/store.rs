@@ -43,7 +43,7 @@ struct HeldCluster {
 #[derive(Default)]
 pub struct Store {
     listeners: BTreeMap<String, HeldListener>,
-    clusters: BTreeMap<String, HeldCluster>,
+    clusters: BTreeMap<Arc<str>, HeldCluster>,
     endpoints: BTreeMap<String, Arc<LoadAssignment>>,
     pub(super) thrift_routes: BTreeMap<String, ThriftRouteConfiguration>,
 }
@@ -65,9 +65,12 @@ impl Store {
     }
 
     pub fn put_cluster(&mut self, name: String, translated: cluster::Translated) {
-        let published = self.clusters.remove(&name).and_then(|c| c.published);
+        let published = self
+            .clusters
+            .remove(name.as_str())
+            .and_then(|c| c.published);
         self.clusters.insert(
-            name,
+            name.into(),
             HeldCluster {
                 translated,
                 published,
@@ -154,7 +157,7 @@ impl Store {
             version,
             ..Config::default()
         };
-        for (name, c) in self.clusters.iter_mut() {
+        for c in self.clusters.values_mut() {
             if c.stale && !waits(c, &self.endpoints) {
                 // Past its timeout an EDS cluster without endpoints is used without them.
                 let endpoints = match &c.translated.endpoints {
@@ -172,13 +175,18 @@ impl Store {
                 }));
                 c.stale = false;
             }
-            if let Some(p) = &c.published {
-                config.clusters.insert(name.clone(), p.clone());
-            }
+        }
+        // Built from sorted names in one pass (no comparisons), sharing names and clusters.
+        config.clusters = self
+            .clusters
+            .iter()
+            .filter_map(|(name, c)| Some((name.clone(), c.published.clone()?)))
+            .collect();
+        for (name, c) in &self.clusters {
             if let Some(reason) = c.translated.set_aside {
                 config.set_aside.push(SetAside {
                     kind: "cluster",
-                    name: name.clone(),
+                    name: name.to_string(),
                     reason,
                     filter: None,
                 });

@@ -482,7 +482,7 @@ fn a_bad_resource_is_refused_by_name_and_the_rest_applies() {
     );
     let snap = state.load();
     assert!(
-        snap.clusters.contains_key(&good.name),
+        snap.clusters.contains_key(good.name.as_str()),
         "the good cluster serves"
     );
     assert!(
@@ -712,8 +712,8 @@ fn an_endpoint_change_touches_only_its_cluster() {
         &after.clusters[CALC]
     ));
     assert!(std::sync::Arc::ptr_eq(
-        &before.clusters[&other.name],
-        &after.clusters[&other.name]
+        &before.clusters[other.name.as_str()],
+        &after.clusters[other.name.as_str()]
     ));
     assert!(
         std::sync::Arc::ptr_eq(
@@ -765,7 +765,7 @@ fn warming_is_per_cluster() {
         "the old version serves"
     );
     assert!(
-        !snap.clusters.contains_key(&fresh.name),
+        !snap.clusters.contains_key(fresh.name.as_str()),
         "a new cluster waits for its endpoints"
     );
     assert!(
