@@ -174,14 +174,40 @@ pub fn main(cli: Cli) -> ExitCode {
 
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run(args) => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("start the tokio runtime")?;
-            runtime.block_on(crate::run::run(*args))?;
+        Command::Run(args) => runtime()?.block_on(crate::run::run(*args))?,
+        Command::Capture(c) => capture_command(c)?,
+        Command::Check(pod) => return Ok(check(&pod)),
+        Command::Discovery(args) => tern_discovery::main(*args)?,
+        Command::Webhook(args) => {
+            runtime()?.block_on(crate::webhook::serve(crate::webhook::WebhookConfig {
+                listen: args.listen,
+                cert: args.tls_cert,
+                key: args.tls_key,
+                options: args.sidecar.options(),
+                shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace_secs),
+            }))?;
         }
-        Command::Capture(CaptureCommand::Attach(args)) => {
+        Command::Inject(args) => inject(&args)?,
+        Command::Xds(XdsCommand::Status { admin }) => {
+            let dump = fetch_config_dump(admin)?;
+            print!("{}", format_xds_status(&dump));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The multi-threaded runtime of the long-running commands.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the tokio runtime")
+}
+
+/// `tern capture attach|detach|status|gc`.
+fn capture_command(command: CaptureCommand) -> anyhow::Result<()> {
+    match command {
+        CaptureCommand::Attach(args) => {
             let cgroup = args.cgroup()?;
             // Only tern's own Pod: never a sibling's, never an ancestor holding other Pods.
             cgroup.require_self_inside()?;
@@ -193,7 +219,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             );
             drop(capture);
         }
-        Command::Capture(CaptureCommand::Detach(pod)) => {
+        CaptureCommand::Detach(pod) => {
             let (cgroup, _) = pod.resolve()?;
             // Another Pod's capture is its protection: not for this Pod to remove (captures
             // of deleted Pods go with `tern capture gc`).
@@ -204,7 +230,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 cgroup.path().display()
             );
         }
-        Command::Capture(CaptureCommand::Status { cgroup, json }) => {
+        CaptureCommand::Status { cgroup, json } => {
             let cgroup = cgroup.as_deref().map(CgroupDir::open).transpose()?;
             let all = ebpf::status(cgroup.as_ref())?;
             if json {
@@ -213,43 +239,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 print_status(&all);
             }
         }
-        Command::Discovery(args) => tern_discovery::main(*args)?,
-        Command::Webhook(args) => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("start the tokio runtime")?;
-            runtime.block_on(crate::webhook::serve(crate::webhook::WebhookConfig {
-                listen: args.listen,
-                cert: args.tls_cert,
-                key: args.tls_key,
-                options: args.sidecar.options(),
-                shutdown_grace: std::time::Duration::from_secs(args.shutdown_grace_secs),
-            }))?;
-        }
-        Command::Inject(args) if args.istio_template => {
-            let template = crate::inject::istio_template(&args.sidecar.options());
-            write_output(args.output.as_deref(), &template)?;
-        }
-        Command::Inject(args) => {
-            let text = if args.input.as_os_str() == "-" {
-                std::io::read_to_string(std::io::stdin()).context("read standard input")?
-            } else {
-                std::fs::read_to_string(&args.input)
-                    .with_context(|| format!("read {}", args.input.display()))?
-            };
-            let (yaml, report) = crate::inject::manifests(&text, &args.sidecar.options())?;
-            write_output(args.output.as_deref(), &yaml)?;
-            for item in report {
-                let done = match item.outcome {
-                    crate::inject::Outcome::Injected => "injected",
-                    crate::inject::Outcome::AlreadyInjected => "unchanged (already injected)",
-                    crate::inject::Outcome::OptedOut => "unchanged (opted out)",
-                };
-                eprintln!("tern inject: {} {done}", item.what);
-            }
-        }
-        Command::Capture(CaptureCommand::Gc { json }) => {
+        CaptureCommand::Gc { json } => {
             let removed = capture::gc::collect()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&removed)?);
@@ -267,46 +257,73 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        Command::Xds(XdsCommand::Status { admin }) => {
-            let dump = fetch_config_dump(admin)?;
-            print!("{}", format_xds_status(&dump));
-        }
-        Command::Check(pod) => {
-            let kernel = capture::check::run();
-            let pod_findings = if pod.given() {
-                capture::check::pod(pod.resolve().map_err(|e| format!("{e:#}")))
-            } else {
-                Vec::new()
-            };
-            for f in kernel.iter().chain(&pod_findings) {
-                let mark = if f.ok { "ok  " } else { "FAIL" };
-                println!("{mark} {:<28} {}", f.what, f.detail);
-            }
-            let kernel_ok = kernel.iter().all(|f| f.ok);
-            println!(
-                "{}",
-                if kernel_ok {
-                    "this kernel can run tern's eBPF capture"
-                } else {
-                    "this kernel cannot run tern's eBPF capture; --capture iptables may still work"
-                }
-            );
-            if !pod_findings.is_empty() {
-                println!(
-                    "{}",
-                    if pod_findings.iter().all(|f| f.ok) {
-                        "tern can capture this Pod from where it runs"
-                    } else {
-                        "tern cannot capture this Pod from where it runs"
-                    }
-                );
-            }
-            if !kernel_ok || pod_findings.iter().any(|f| !f.ok) {
-                return Ok(ExitCode::FAILURE);
-            }
-        }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
+}
+
+/// `tern inject`: the manifests with tern added (or istiod's template), and a line per
+/// workload on standard error.
+fn inject(args: &InjectArgs) -> anyhow::Result<()> {
+    if args.istio_template {
+        let template = crate::inject::istio_template(&args.sidecar.options());
+        return write_output(args.output.as_deref(), &template);
+    }
+    let text = if args.input.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("read standard input")?
+    } else {
+        std::fs::read_to_string(&args.input)
+            .with_context(|| format!("read {}", args.input.display()))?
+    };
+    let (yaml, report) = crate::inject::manifests(&text, &args.sidecar.options())?;
+    write_output(args.output.as_deref(), &yaml)?;
+    for item in report {
+        let done = match item.outcome {
+            crate::inject::Outcome::Injected => "injected",
+            crate::inject::Outcome::AlreadyInjected => "unchanged (already injected)",
+            crate::inject::Outcome::OptedOut => "unchanged (opted out)",
+        };
+        eprintln!("tern inject: {} {done}", item.what);
+    }
+    Ok(())
+}
+
+/// `tern check`: whether this kernel can run the eBPF capture, and, given a Pod, whether tern
+/// can capture it from where it runs; fails when not.
+fn check(pod: &PodCgroupArgs) -> ExitCode {
+    let kernel = capture::check::run();
+    let pod_findings = if pod.given() {
+        capture::check::pod(pod.resolve().map_err(|e| format!("{e:#}")))
+    } else {
+        Vec::new()
+    };
+    for f in kernel.iter().chain(&pod_findings) {
+        let mark = if f.ok { "ok  " } else { "FAIL" };
+        println!("{mark} {:<28} {}", f.what, f.detail);
+    }
+    let kernel_ok = kernel.iter().all(|f| f.ok);
+    println!(
+        "{}",
+        if kernel_ok {
+            "this kernel can run tern's eBPF capture"
+        } else {
+            "this kernel cannot run tern's eBPF capture; --capture iptables may still work"
+        }
+    );
+    if !pod_findings.is_empty() {
+        println!(
+            "{}",
+            if pod_findings.iter().all(|f| f.ok) {
+                "tern can capture this Pod from where it runs"
+            } else {
+                "tern cannot capture this Pod from where it runs"
+            }
+        );
+    }
+    if !kernel_ok || pod_findings.iter().any(|f| !f.ok) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 /// GETs `/config_dump` from a tern admin server (a one-request HTTP/1.0 exchange).

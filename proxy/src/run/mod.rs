@@ -92,45 +92,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .with_context(|| format!("listen on the admin address {}", args.admin))?;
 
-    let capture = match (args.capture, cgroup) {
-        (CaptureMode::Ebpf, Some(cgroup)) => {
-            // Pods deleted while their tern was dead left their hooks pinned: free them.
-            if let Err(e) = crate::capture::gc::collect() {
-                warn!(error = %e, "could not remove the captures of deleted Pods");
-            }
-            let capture = match EbpfCapture::open(&cgroup) {
-                Ok(pinned) => {
-                    info!(cgroup = %cgroup.path().display(), "using the eBPF capture already pinned for this cgroup");
-                    let config = pinned.config().with_context(|| {
-                        format!(
-                            "the capture pinned at {} was attached by another tern version; \
-                             detach it (`tern capture detach`) and start again",
-                            pinned.pins().display()
-                        )
-                    })?;
-                    if config.outbound_port != u32::from(settings.outbound_port) {
-                        warn!(
-                            pinned = config.outbound_port,
-                            ours = settings.outbound_port,
-                            "the pinned capture sends connections to another outbound port"
-                        );
-                    }
-                    pinned
-                }
-                Err(CaptureError::NotAttached { .. }) => {
-                    EbpfCapture::attach(&cgroup, &args.capture_args.netns, &settings)?
-                }
-                Err(e) => return Err(e.into()),
-            };
-            capture.register_inbound(&inbound.0, inbound.1.as_ref())?;
-            Capture::Ebpf(capture)
-        }
-        (CaptureMode::Iptables, _) => {
-            IptablesCapture::install(&settings)?;
-            Capture::Iptables
-        }
-        _ => Capture::None,
-    };
+    let capture = attach_capture(&args, &settings, cgroup, &inbound)?;
 
     // Everything that needs privileges is done (capture attached or taken over, the inbound
     // socket registered, every listener bound): give them up before serving anything.
@@ -154,37 +116,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     // With a control plane, tern is ready once its first configuration is warm; the static
     // configuration is the base it adds to. Without one, the static configuration is all.
-    let xds = args
-        .xds_address
-        .clone()
-        .map(|address| -> anyhow::Result<_> {
-            let node = node.clone();
-            info!(%address, node = %node.id, "connecting to the control plane");
-            let types = [
-                tern_proto::type_url::CLUSTER,
-                tern_proto::type_url::CLUSTER_LOAD_ASSIGNMENT,
-                tern_proto::type_url::LISTENER,
-                tern_proto::type_url::THRIFT_ROUTE_CONFIGURATION,
-            ];
-            let engine = if args.xds_delta {
-                tern_xds_client::Engine::Delta(tern_xds_client::Delta::new(node, &types))
-            } else {
-                tern_xds_client::Engine::Sotw(tern_xds_client::Sotw::new(node, &types))
-            };
-            let (status_tx, status_rx) = watch::channel(tern_xds_client::ClientStatus::default());
-            let stream = tern_xds_client::run(
-                tern_xds_client::StreamConfig {
-                    channel: channel_config(&args, address, args.xds_ca.as_deref(), mark)?,
-                    initial_backoff: Duration::from_millis(250),
-                    max_backoff: Duration::from_secs(15),
-                },
-                engine,
-                crate::xds::handler::XdsHandler::new(state.clone(), config.clone()),
-                status_tx,
-            );
-            Ok((stream, status_rx))
-        });
-    let xds = xds.transpose()?;
+    let xds = xds_client(&args, &node, &state, &config, mark)?;
     let loaded_version = config.version.clone();
     if xds.is_none() {
         state.apply(config);
@@ -250,36 +182,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             mark,
         },
     });
-    let mut control: Vec<ControlTask> = Vec::new();
-    if let Some(stream) = xds_stream {
-        control.push(Box::pin(stream));
-    }
-    if let Some(status) = xds_status.clone() {
-        control.push(Box::pin(export_xds_state(status, state.clone())));
-    }
-    if let Some((source, label)) = cert_source(&args, mark)? {
-        info!(source = label, "workload certificate source");
-        let events = Arc::new(CertMetrics {
-            metrics: state.metrics.clone(),
-            source: label,
-        });
-        control.push(Box::pin(tls::source::run(
-            source,
-            state.tls.store.clone(),
-            events,
-        )));
-    }
-    let mut servers = vec![(admin_listener, admin::Scope::Admin)];
-    if let Some(addr) = args.stats_address.0 {
-        // Prometheus scrapes it; a port in use costs the metrics, not the Pod.
-        match std::net::TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
-            Ok(l) => {
-                info!(%addr, "stats server listening");
-                servers.push((l, admin::Scope::Stats));
-            }
-            Err(e) => warn!(%addr, error = %e, "no stats server"),
-        }
-    }
+    let control = control_tasks(&args, &state, xds_stream, xds_status.clone(), mark)?;
+    let servers = admin_servers(&args, admin_listener);
     spawn_control_thread(servers, admin, control)?;
     // The file is re-read when it changes unless a control plane owns the configuration
     // (then the file is only the base it adds to).
@@ -315,6 +219,151 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Attaches capture (or takes over the one pinned for the cgroup), or installs iptables
+/// rules; eBPF capture registers the inbound listeners for `sk_lookup`.
+fn attach_capture(
+    args: &RunArgs,
+    settings: &crate::capture::CaptureSettings,
+    cgroup: Option<crate::capture::cgroup::CgroupDir>,
+    inbound: &(TcpListener, Option<TcpListener>),
+) -> anyhow::Result<Capture> {
+    Ok(match (args.capture, cgroup) {
+        (CaptureMode::Ebpf, Some(cgroup)) => {
+            // Pods deleted while their tern was dead left their hooks pinned: free them.
+            if let Err(e) = crate::capture::gc::collect() {
+                warn!(error = %e, "could not remove the captures of deleted Pods");
+            }
+            let capture = match EbpfCapture::open(&cgroup) {
+                Ok(pinned) => {
+                    info!(cgroup = %cgroup.path().display(), "using the eBPF capture already pinned for this cgroup");
+                    let config = pinned.config().with_context(|| {
+                        format!(
+                            "the capture pinned at {} was attached by another tern version; \
+                         detach it (`tern capture detach`) and start again",
+                            pinned.pins().display()
+                        )
+                    })?;
+                    if config.outbound_port != u32::from(settings.outbound_port) {
+                        warn!(
+                            pinned = config.outbound_port,
+                            ours = settings.outbound_port,
+                            "the pinned capture sends connections to another outbound port"
+                        );
+                    }
+                    pinned
+                }
+                Err(CaptureError::NotAttached { .. }) => {
+                    EbpfCapture::attach(&cgroup, &args.capture_args.netns, settings)?
+                }
+                Err(e) => return Err(e.into()),
+            };
+            capture.register_inbound(&inbound.0, inbound.1.as_ref())?;
+            Capture::Ebpf(capture)
+        }
+        (CaptureMode::Iptables, _) => {
+            IptablesCapture::install(settings)?;
+            Capture::Iptables
+        }
+        _ => Capture::None,
+    })
+}
+
+/// The xDS client's stream (to run on the control thread) and its status, when a control
+/// plane is configured.
+fn xds_client(
+    args: &RunArgs,
+    node: &tern_proto::Node,
+    state: &Arc<State>,
+    config: &Config,
+    mark: u32,
+) -> anyhow::Result<
+    Option<(
+        impl std::future::Future<Output = ()> + Send + use<>,
+        XdsStatus,
+    )>,
+> {
+    args.xds_address
+        .clone()
+        .map(|address| -> anyhow::Result<_> {
+            let node = node.clone();
+            info!(%address, node = %node.id, "connecting to the control plane");
+            let types = [
+                tern_proto::type_url::CLUSTER,
+                tern_proto::type_url::CLUSTER_LOAD_ASSIGNMENT,
+                tern_proto::type_url::LISTENER,
+                tern_proto::type_url::THRIFT_ROUTE_CONFIGURATION,
+            ];
+            let engine = if args.xds_delta {
+                tern_xds_client::Engine::Delta(tern_xds_client::Delta::new(node, &types))
+            } else {
+                tern_xds_client::Engine::Sotw(tern_xds_client::Sotw::new(node, &types))
+            };
+            let (status_tx, status_rx) = watch::channel(tern_xds_client::ClientStatus::default());
+            let stream = tern_xds_client::run(
+                tern_xds_client::StreamConfig {
+                    channel: channel_config(args, address, args.xds_ca.as_deref(), mark)?,
+                    initial_backoff: Duration::from_millis(250),
+                    max_backoff: Duration::from_secs(15),
+                },
+                engine,
+                crate::xds::handler::XdsHandler::new(state.clone(), config.clone()),
+                status_tx,
+            );
+            Ok((stream, status_rx))
+        })
+        .transpose()
+}
+
+/// The control thread's work besides the admin servers: the xDS stream, exporting its
+/// state, and the workload certificate's source.
+fn control_tasks(
+    args: &RunArgs,
+    state: &Arc<State>,
+    xds_stream: Option<impl std::future::Future<Output = ()> + Send + 'static>,
+    xds_status: Option<XdsStatus>,
+    mark: u32,
+) -> anyhow::Result<Vec<ControlTask>> {
+    let mut control: Vec<ControlTask> = Vec::new();
+    if let Some(stream) = xds_stream {
+        control.push(Box::pin(stream));
+    }
+    if let Some(status) = xds_status {
+        control.push(Box::pin(export_xds_state(status, state.clone())));
+    }
+    if let Some((source, label)) = cert_source(args, mark)? {
+        info!(source = label, "workload certificate source");
+        let events = Arc::new(CertMetrics {
+            metrics: state.metrics.clone(),
+            source: label,
+        });
+        control.push(Box::pin(tls::source::run(
+            source,
+            state.tls.store.clone(),
+            events,
+        )));
+    }
+    Ok(control)
+}
+
+/// The admin server's socket, and the stats server's when it binds.
+fn admin_servers(
+    args: &RunArgs,
+    admin_listener: std::net::TcpListener,
+) -> Vec<(std::net::TcpListener, admin::Scope)> {
+    let mut servers = vec![(admin_listener, admin::Scope::Admin)];
+    if let Some(addr) = args.stats_address.0 {
+        // Prometheus scrapes it; a port in use costs the metrics, not the Pod.
+        match std::net::TcpListener::bind(addr).and_then(|l| l.set_nonblocking(true).map(|()| l)) {
+            Ok(l) => {
+                info!(%addr, "stats server listening");
+                servers.push((l, admin::Scope::Stats));
+            }
+            Err(e) => warn!(%addr, error = %e, "no stats server"),
+        }
+    }
+    servers
+}
+
 /// How long replies in flight when the drain's time is up get to arrive: a reply cut off
 /// would be a call the server executed reported to its client as failed.
 const REPLIES_GRACE: Duration = Duration::from_secs(5);
@@ -346,6 +395,9 @@ async fn drain(open: &OpenConnections, closing: &watch::Sender<bool>, timeout: D
         );
     }
 }
+
+/// The xDS client's status, as the admin server shows it.
+type XdsStatus = watch::Receiver<tern_xds_client::ClientStatus>;
 
 /// Work for the control thread.
 type ControlTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
