@@ -202,6 +202,11 @@ fn run() -> Result<()> {
         let group = bench.compare(name, &paths, &load, Some(&latency), &bench.cli)?;
         groups.push(bench.count_syscalls(group, &paths, &load)?);
         drop(busy);
+        // `TERN_BENCH_ONLY=paths`: the first group alone, printed (for profiling the path).
+        if std::env::var("TERN_BENCH_ONLY").as_deref() == Ok("paths") {
+            println!("{:#?}", groups[0].rows);
+            return Ok(());
+        }
     }
 
     groups.push(bench.serial_server_with_slow_callers()?);
