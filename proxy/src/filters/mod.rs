@@ -18,7 +18,7 @@ use self::authz::Authz;
 use crate::{
     config::{Filter, UpstreamMode},
     refusal::Refusal,
-    state::{Selection, State},
+    state::{ClusterState, Selection, State},
     stream::Stream,
     thrift::DecoderLimits,
     tls::ServerTls,
@@ -312,7 +312,7 @@ async fn terminate(
 /// nothing but Thrift calls tern fully understands: anything else is refused, so a client
 /// cannot slip a method past a rule by framing it in a way tern does not decode.
 async fn run_filter(
-    mut down: Stream,
+    down: Stream,
     filter: Filter,
     chain: thrift::ChainRef,
     conn: Conn,
@@ -383,116 +383,154 @@ async fn run_filter(
         TcpMode::Relay => {
             not_thrift()?;
             if let Some(up) = tcp::connect(&cluster, dst, peer, direction, &ctx).await {
-                let series = istio::tcp(
-                    &ctx,
-                    direction,
-                    Some(&cluster),
-                    up.endpoint,
-                    Some(&up.stream),
-                    identity,
-                );
-                tcp::relay(
-                    down,
-                    (BytesMut::new(), BytesMut::new()),
-                    up.stream,
-                    series,
-                    Some(authz),
-                    idle,
+                let early = (BytesMut::new(), BytesMut::new());
+                relay(
+                    down, early, up, &cluster, direction, identity, authz, idle, &ctx,
                 )
-                .await
-                .map_err(|d| d.reason)?;
+                .await?;
             }
             Handled::Tcp
         }
         TcpMode::Detect => {
-            let connect = tcp::connect(&cluster, dst, peer, direction, &ctx);
-            let mut held = ctx.budget.hold();
-            let first = detect::first_speaker(
-                &mut down,
-                connect,
-                ctx.limits,
-                &mut held,
-                ctx.message_timeout,
-            );
-            match first.await {
-                detect::Outcome::Thrift {
-                    first,
-                    format,
-                    upstream,
-                } if guarded => {
-                    let up = match upstream {
-                        Some(up) => Some(up),
-                        None => tcp::connect(&cluster, dst, peer, direction, &ctx).await,
-                    };
-                    let Some(up) = up else {
-                        return Ok(Handled::Tcp);
-                    };
-                    debug!("the client speaks Thrift: authorizing each call");
-                    guarded::serve(down, first, held, up.stream, format, authz, ctx).await;
-                    Handled::Thrift
-                }
-                detect::Outcome::Thrift {
-                    first,
-                    format,
-                    upstream,
-                } => {
-                    debug!("the client speaks Thrift: balancing per request");
-                    // The connection opened meanwhile serves the pool (one-request-at-a-time
-                    // connections are interchangeable); a multiplexed pool opens its own.
-                    if let Some(tcp::Connected {
-                        stream,
-                        endpoint: Some(i),
-                    }) = upstream
-                        && cluster.config.upstream == UpstreamMode::Exclusive
-                    {
-                        let settings = thrift::pool_settings(&cluster.config, &ctx);
-                        cluster.endpoints[i].runtime.pool.adopt(
-                            stream,
-                            format,
-                            &settings,
-                            &cluster.runtime,
-                        );
-                    }
-                    thrift::serve(down, first, held, chain, authz, ctx).await;
-                    Handled::Thrift
-                }
-                detect::Outcome::Relay {
-                    from_client,
-                    from_server,
-                    upstream,
-                    stalled,
-                } => {
-                    // Nothing of the client's has been sent yet.
-                    if stalled && defers {
-                        return Err(Refusal::FirstBytesTimeout);
-                    }
-                    not_thrift()?;
-                    let series = istio::tcp(
-                        &ctx,
-                        direction,
-                        Some(&cluster),
-                        upstream.endpoint,
-                        Some(&upstream.stream),
-                        identity,
-                    );
-                    tcp::relay(
-                        down,
-                        (from_client, from_server),
-                        upstream.stream,
-                        series,
-                        Some(authz),
-                        idle,
-                    )
-                    .await
-                    .map_err(|d| d.reason)?;
-                    Handled::Tcp
-                }
-                detect::Outcome::Unreachable => Handled::Tcp,
-                detect::Outcome::Overloaded => return Err(Refusal::Overloaded),
-            }
+            let conn = Conn {
+                direction,
+                dst,
+                peer,
+                peer_identity,
+                authz,
+            };
+            return detect_first_speaker(down, cluster, chain, conn, guarded, idle, ctx).await;
         }
     };
     Ok(handled)
+}
+
+/// A `tcp_proxy` connection its first bytes decide, while the upstream connection opens:
+/// Thrift calls are balanced per request (or, where rules name methods on an
+/// original-destination cluster, authorized call by call); anything else is relayed.
+async fn detect_first_speaker(
+    mut down: Stream,
+    cluster: Arc<ClusterState>,
+    chain: thrift::ChainRef,
+    conn: Conn,
+    guarded: bool,
+    idle: Option<Duration>,
+    ctx: Arc<Ctx>,
+) -> Result<Handled, Refusal> {
+    let Conn {
+        direction,
+        dst,
+        peer,
+        peer_identity,
+        authz,
+    } = conn;
+    let defers = authz.defers();
+    let connect = tcp::connect(&cluster, dst, peer, direction, &ctx);
+    let mut held = ctx.budget.hold();
+    let first = detect::first_speaker(
+        &mut down,
+        connect,
+        ctx.limits,
+        &mut held,
+        ctx.message_timeout,
+    );
+    Ok(match first.await {
+        detect::Outcome::Thrift {
+            first,
+            format,
+            upstream,
+        } if guarded => {
+            let up = match upstream {
+                Some(up) => Some(up),
+                None => tcp::connect(&cluster, dst, peer, direction, &ctx).await,
+            };
+            let Some(up) = up else {
+                return Ok(Handled::Tcp);
+            };
+            debug!("the client speaks Thrift: authorizing each call");
+            guarded::serve(down, first, held, up.stream, format, authz, ctx).await;
+            Handled::Thrift
+        }
+        detect::Outcome::Thrift {
+            first,
+            format,
+            upstream,
+        } => {
+            debug!("the client speaks Thrift: balancing per request");
+            // The connection opened meanwhile serves the pool (one-request-at-a-time
+            // connections are interchangeable); a multiplexed pool opens its own.
+            if let Some(tcp::Connected {
+                stream,
+                endpoint: Some(i),
+            }) = upstream
+                && cluster.config.upstream == UpstreamMode::Exclusive
+            {
+                let settings = thrift::pool_settings(&cluster.config, &ctx);
+                cluster.endpoints[i].runtime.pool.adopt(
+                    stream,
+                    format,
+                    &settings,
+                    &cluster.runtime,
+                );
+            }
+            thrift::serve(down, first, held, chain, authz, ctx).await;
+            Handled::Thrift
+        }
+        detect::Outcome::Relay {
+            from_client,
+            from_server,
+            upstream,
+            stalled,
+        } => {
+            // Nothing of the client's has been sent yet.
+            if stalled && defers {
+                return Err(Refusal::FirstBytesTimeout);
+            }
+            if defers {
+                debug!(%dst, "rules name Thrift methods and the client did not send a Thrift call: closing");
+                return Err(Refusal::NotAThriftCall);
+            }
+            let identity = peer_identity.as_deref();
+            let early = (from_client, from_server);
+            relay(
+                down, early, upstream, &cluster, direction, identity, authz, idle, &ctx,
+            )
+            .await?;
+            Handled::Tcp
+        }
+        detect::Outcome::Unreachable => Handled::Tcp,
+        detect::Outcome::Overloaded => return Err(Refusal::Overloaded),
+    })
+}
+
+/// Relays a connection to an endpoint of `cluster` (or its original destination), counted
+/// in Istio's TCP metrics; `early` is what each side sent before the relay began.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one connection's parts, passed once"
+)]
+async fn relay(
+    down: Stream,
+    early: (BytesMut, BytesMut),
+    up: tcp::Connected,
+    cluster: &ClusterState,
+    direction: Direction,
+    identity: Option<&str>,
+    authz: Authz,
+    idle: Option<Duration>,
+    ctx: &Ctx,
+) -> Result<(), Refusal> {
+    let series = istio::tcp(
+        ctx,
+        direction,
+        Some(cluster),
+        up.endpoint,
+        Some(&up.stream),
+        identity,
+    );
+    tcp::relay(down, early, up.stream, series, Some(authz), idle)
+        .await
+        .map_err(|d| d.reason)
 }
 
 #[cfg(test)]
