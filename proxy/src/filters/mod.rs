@@ -318,17 +318,10 @@ async fn run_filter(
     conn: Conn,
     ctx: Arc<Ctx>,
 ) -> Result<Handled, Refusal> {
-    let Conn {
-        direction,
-        dst,
-        peer,
-        peer_identity,
-        authz,
-    } = conn;
-    let identity = peer_identity.as_deref();
-    let defers = authz.defers();
+    let (direction, dst, peer) = (conn.direction, conn.dst, conn.peer);
+    let defers = conn.authz.defers();
     // Rules that name Thrift methods, on a connection that is not Thrift.
-    let not_thrift = || {
+    let not_thrift = move || {
         if defers {
             debug!(%dst, "rules name Thrift methods and the client did not send a Thrift call: closing");
             return Err(Refusal::NotAThriftCall);
@@ -340,13 +333,14 @@ async fn run_filter(
         Filter::Thrift(_) => {
             drop(snap);
             let held = ctx.budget.hold();
-            thrift::serve(down, BytesMut::new(), held, chain, authz, ctx).await;
+            thrift::serve(down, BytesMut::new(), held, chain, conn.authz, ctx).await;
             return Ok(Handled::Thrift);
         }
         Filter::Passthrough => {
             drop(snap);
             not_thrift()?;
-            tcp::passthrough(down, dst, direction, identity, Some(authz), &ctx)
+            let identity = conn.peer_identity.as_deref();
+            tcp::passthrough(down, dst, direction, identity, Some(conn.authz), &ctx)
                 .await
                 .map_err(|d| d.reason)?;
             return Ok(Handled::Passthrough);
@@ -377,28 +371,18 @@ async fn run_filter(
     let handled = match mode {
         TcpMode::Thrift => {
             let held = ctx.budget.hold();
-            thrift::serve(down, BytesMut::new(), held, chain, authz, ctx).await;
+            thrift::serve(down, BytesMut::new(), held, chain, conn.authz, ctx).await;
             Handled::Thrift
         }
         TcpMode::Relay => {
             not_thrift()?;
             if let Some(up) = tcp::connect(&cluster, dst, peer, direction, &ctx).await {
                 let early = (BytesMut::new(), BytesMut::new());
-                relay(
-                    down, early, up, &cluster, direction, identity, authz, idle, &ctx,
-                )
-                .await?;
+                relay(down, early, up, &cluster, conn, idle, &ctx).await?;
             }
             Handled::Tcp
         }
         TcpMode::Detect => {
-            let conn = Conn {
-                direction,
-                dst,
-                peer,
-                peer_identity,
-                authz,
-            };
             return detect_first_speaker(down, cluster, chain, conn, guarded, idle, ctx).await;
         }
     };
@@ -417,14 +401,8 @@ async fn detect_first_speaker(
     idle: Option<Duration>,
     ctx: Arc<Ctx>,
 ) -> Result<Handled, Refusal> {
-    let Conn {
-        direction,
-        dst,
-        peer,
-        peer_identity,
-        authz,
-    } = conn;
-    let defers = authz.defers();
+    let (direction, dst, peer) = (conn.direction, conn.dst, conn.peer);
+    let defers = conn.authz.defers();
     let connect = tcp::connect(&cluster, dst, peer, direction, &ctx);
     let mut held = ctx.budget.hold();
     let first = detect::first_speaker(
@@ -448,7 +426,7 @@ async fn detect_first_speaker(
                 return Ok(Handled::Tcp);
             };
             debug!("the client speaks Thrift: authorizing each call");
-            guarded::serve(down, first, held, up.stream, format, authz, ctx).await;
+            guarded::serve(down, first, held, up.stream, format, conn.authz, ctx).await;
             Handled::Thrift
         }
         detect::Outcome::Thrift {
@@ -473,7 +451,7 @@ async fn detect_first_speaker(
                     &cluster.runtime,
                 );
             }
-            thrift::serve(down, first, held, chain, authz, ctx).await;
+            thrift::serve(down, first, held, chain, conn.authz, ctx).await;
             Handled::Thrift
         }
         detect::Outcome::Relay {
@@ -490,12 +468,8 @@ async fn detect_first_speaker(
                 debug!(%dst, "rules name Thrift methods and the client did not send a Thrift call: closing");
                 return Err(Refusal::NotAThriftCall);
             }
-            let identity = peer_identity.as_deref();
             let early = (from_client, from_server);
-            relay(
-                down, early, upstream, &cluster, direction, identity, authz, idle, &ctx,
-            )
-            .await?;
+            relay(down, early, upstream, &cluster, conn, idle, &ctx).await?;
             Handled::Tcp
         }
         detect::Outcome::Unreachable => Handled::Tcp,
@@ -505,30 +479,24 @@ async fn detect_first_speaker(
 
 /// Relays a connection to an endpoint of `cluster` (or its original destination), counted
 /// in Istio's TCP metrics; `early` is what each side sent before the relay began.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one connection's parts, passed once"
-)]
 async fn relay(
     down: Stream,
     early: (BytesMut, BytesMut),
     up: tcp::Connected,
     cluster: &ClusterState,
-    direction: Direction,
-    identity: Option<&str>,
-    authz: Authz,
+    conn: Conn,
     idle: Option<Duration>,
     ctx: &Ctx,
 ) -> Result<(), Refusal> {
     let series = istio::tcp(
         ctx,
-        direction,
+        conn.direction,
         Some(cluster),
         up.endpoint,
         Some(&up.stream),
-        identity,
+        conn.peer_identity.as_deref(),
     );
-    tcp::relay(down, early, up.stream, series, Some(authz), idle)
+    tcp::relay(down, early, up.stream, series, Some(conn.authz), idle)
         .await
         .map_err(|d| d.reason)
 }
