@@ -491,11 +491,16 @@ impl Process {
         self.child.try_wait().is_ok_and(|s| s.is_some())
     }
 
-    /// Sends SIGTERM and waits for the process to exit.
-    pub fn terminate(&mut self) -> Result<()> {
+    /// Sends SIGTERM, without waiting.
+    pub fn sigterm(&self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status();
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn terminate(&mut self) -> Result<()> {
+        self.sigterm();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if self.child.try_wait()?.is_some() {
@@ -798,10 +803,15 @@ impl Phased {
 
     /// Lets the client start its next phase.
     pub fn next_phase(&mut self) {
+        self.send("go");
+    }
+
+    /// Writes one line to the client's standard input.
+    fn send(&mut self, line: &str) {
         use std::io::Write;
         let stdin = self.process.child.stdin.as_mut().expect("piped");
         stdin
-            .write_all(b"go\n")
+            .write_all(format!("{line}\n").as_bytes())
             .and_then(|()| stdin.flush())
             .expect("client stdin");
     }
@@ -852,12 +862,7 @@ impl ThriftClient {
     /// Stops a retrying client once its call in flight is done, and returns its last
     /// [`ThriftClient::report`].
     pub fn stop(&mut self) -> serde_json::Value {
-        use std::io::Write;
-        let stdin = self.0.process.child.stdin.as_mut().expect("piped");
-        stdin
-            .write_all(b"stop\n")
-            .and_then(|()| stdin.flush())
-            .expect("client stdin");
+        self.0.send("stop");
         self.0.read().expect("client's last report")
     }
 }

@@ -455,13 +455,6 @@ fn add(seen: &mut [u64; 2], report: &serde_json::Value) -> u64 {
     ok
 }
 
-fn sigterm(tern: &Tern) {
-    std::process::Command::new("kill")
-        .args(["-TERM", &tern.process.pid().to_string()])
-        .status()
-        .unwrap();
-}
-
 /// SIGTERM while four clients keep calling, as a Pod stops: the application goes on calling
 /// for a moment, then closes its connections. No call fails, and tern exits as soon as the
 /// connections are closed, long before its drain timeout. Then a drain whose time runs out
@@ -475,7 +468,7 @@ fn a_drain_under_load_fails_no_call_and_cuts_no_executed_one() {
     let before = executed(&m);
     let mut seen = [0, 0];
     let mut clients = callers(&m, &mut seen);
-    sigterm(&m.tern);
+    m.tern.process.sigterm();
     std::thread::sleep(Duration::from_secs(1));
     assert!(
         !m.tern.process.exited(),
@@ -508,7 +501,7 @@ fn a_drain_under_load_fails_no_call_and_cuts_no_executed_one() {
     let before = executed(&m);
     let mut seen = [0, 0];
     let mut clients = callers(&m, &mut seen);
-    sigterm(&m.tern);
+    m.tern.process.sigterm();
     assert!(
         eventually(Duration::from_secs(8), || m.tern.process.exited()),
         "tern did not exit after its drain timeout"

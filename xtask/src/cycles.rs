@@ -197,8 +197,8 @@ fn named_in(code: &str, module: &[String]) -> Vec<(String, usize)> {
         }
         let rest: String = bytes[i..bytes.len().min(i + 6)].iter().collect();
         // Where the path starts: at the crate root, or `supers` levels above this module.
-        let (after, root_relative) = if rest.starts_with("crate:") {
-            (i + "crate::".len(), true)
+        let after = if rest.starts_with("crate:") {
+            i + "crate::".len()
         } else if rest.starts_with("super:") {
             let mut j = i;
             let mut supers = 0;
@@ -212,12 +212,12 @@ fn named_in(code: &str, module: &[String]) -> Vec<(String, usize)> {
                 i = j;
                 continue;
             }
-            (j, true)
+            j
         } else {
             i += 1;
             continue;
         };
-        if !root_relative || bytes.get(after - 1) != Some(&':') {
+        if bytes.get(after - 1) != Some(&':') {
             i += 1;
             continue;
         }

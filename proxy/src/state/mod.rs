@@ -171,7 +171,7 @@ impl State {
         let listeners_changed = listeners_changed(&previous.config, &config);
         // An update that changed no listener (an EDS push) keeps the listener index, the
         // chains' TLS servers and the method labels as they are.
-        let listeners = if listeners_changed || previous.config.listeners.is_empty() {
+        let listeners = if listeners_changed {
             Arc::new(self.index_listeners(&config, &previous))
         } else {
             previous.listeners.clone()
