@@ -1,6 +1,7 @@
 //! The TCP proxy: relays a connection's bytes to a cluster endpoint (over TLS when the
-//! endpoint takes it) or to its original destination, with `copy_bidirectional` (each
-//! direction's end of stream forwarded on its own: half-close).
+//! endpoint takes it) or to its original destination, each direction's end of stream
+//! forwarded on its own (half-close): between plain sockets with [`splice`], otherwise with
+//! `copy_bidirectional`.
 use std::{
     net::SocketAddr,
     pin::Pin,
@@ -11,6 +12,8 @@ use std::{
     task::{Context, Poll},
     time::{Duration, Instant},
 };
+
+mod splice;
 
 use bytes::BytesMut;
 use tokio::{
@@ -174,12 +177,7 @@ pub async fn relay(
             None => std::future::pending().await,
         }
     };
-    let started = Instant::now();
-    let last = AtomicU64::new(0);
-    let (mut d, mut u) = (
-        Active::new(&mut down, &last, started),
-        Active::new(&mut up, &last, started),
-    );
+    let activity = Activity::new();
     // The policy first: once it no longer allows the connection, no more bytes go through.
     let copied = tokio::select! {
         biased;
@@ -187,8 +185,8 @@ pub async fn relay(
             debug!(policy = %denied.policy, reason = denied.reason.as_str(), "the policy in force no longer allows the connection: closing");
             return Err(denied);
         }
-        copied = tokio::io::copy_bidirectional(&mut d, &mut u) => copied,
-        () = idle_for(idle, &last, started) => {
+        copied = both_ways(&mut down, &mut up, &activity) => copied,
+        () = idle_for(idle, &activity) => {
             debug!(?idle, "no bytes either way for the idle timeout: closing");
             return Ok(());
         }
@@ -217,14 +215,50 @@ impl Drop for Closed<'_> {
     }
 }
 
-/// Resolves once no byte moved for `idle` (never, without one); `last` is when bytes last
-/// moved, in milliseconds after `started`. One timer per idle period, not one per read.
-async fn idle_for(idle: Option<Duration>, last: &AtomicU64, started: Instant) {
+/// Copies both ways until both sides are done: spliced when both are plain sockets and a
+/// relay's pipes are to be had, through buffers otherwise.
+async fn both_ways(
+    down: &mut Stream,
+    up: &mut Stream,
+    activity: &Activity,
+) -> std::io::Result<(u64, u64)> {
+    if let (Stream::Plain(d), Stream::Plain(u)) = (&*down, &*up)
+        && let Some(pipes) = splice::Pipes::take()
+    {
+        return splice::relay(d, u, &pipes, &|| activity.moved()).await;
+    }
+    let (mut d, mut u) = (Active::new(down, activity), Active::new(up, activity));
+    tokio::io::copy_bidirectional(&mut d, &mut u).await
+}
+
+/// When a relay last moved bytes, in milliseconds after it started (for its idle timeout).
+struct Activity {
+    started: Instant,
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn moved(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(ms, Ordering::Relaxed);
+    }
+}
+
+/// Resolves once no byte moved for `idle` (never, without one). One timer per idle period,
+/// not one per read.
+async fn idle_for(idle: Option<Duration>, activity: &Activity) {
     let Some(idle) = idle else {
         return std::future::pending().await;
     };
     loop {
-        let moved = started + Duration::from_millis(last.load(Ordering::Relaxed));
+        let moved = activity.started + Duration::from_millis(activity.last.load(Ordering::Relaxed));
         let until = moved + idle;
         if Instant::now() >= until {
             return;
@@ -233,25 +267,15 @@ async fn idle_for(idle: Option<Duration>, last: &AtomicU64, started: Instant) {
     }
 }
 
-/// A stream that notes when it last moved bytes (for the relay's idle timeout).
+/// A stream that tells its relay's [`Activity`] when it moves bytes.
 struct Active<'a, S> {
     inner: &'a mut S,
-    last: &'a AtomicU64,
-    started: Instant,
+    activity: &'a Activity,
 }
 
 impl<'a, S> Active<'a, S> {
-    fn new(inner: &'a mut S, last: &'a AtomicU64, started: Instant) -> Self {
-        Self {
-            inner,
-            last,
-            started,
-        }
-    }
-
-    fn moved(&self) {
-        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(ms, Ordering::Relaxed);
+    fn new(inner: &'a mut S, activity: &'a Activity) -> Self {
+        Self { inner, activity }
     }
 }
 
@@ -264,7 +288,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Active<'_, S> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut *self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.moved();
+            self.activity.moved();
         }
         polled
     }
@@ -278,7 +302,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Active<'_, S> {
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut *self.inner).poll_write(cx, buf);
         if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.moved();
+            self.activity.moved();
         }
         polled
     }
@@ -301,10 +325,10 @@ mod tests {
     #[tokio::test]
     async fn a_relay_is_idle_only_when_no_byte_moves_either_way() {
         let (mut a, mut b) = tokio::io::duplex(64);
-        let started = Instant::now();
-        let last = AtomicU64::new(0);
+        let activity = Activity::new();
+        let started = activity.started;
         let idle = Some(Duration::from_millis(300));
-        let mut watched = Active::new(&mut a, &last, started);
+        let mut watched = Active::new(&mut a, &activity);
         // Bytes every 100 ms keep it alive past the idle timeout.
         let busy = async {
             for _ in 0..6 {
@@ -316,14 +340,14 @@ mod tests {
         };
         tokio::select! {
             () = busy => {}
-            () = idle_for(idle, &last, started) => panic!("idle while bytes moved"),
+            () = idle_for(idle, &activity) => panic!("idle while bytes moved"),
         }
         assert!(started.elapsed() >= Duration::from_millis(600));
         let quiet = Instant::now();
-        idle_for(idle, &last, started).await;
+        idle_for(idle, &activity).await;
         assert!(quiet.elapsed() >= Duration::from_millis(250));
         // No idle timeout: never.
-        let never = tokio::time::timeout(Duration::from_millis(50), idle_for(None, &last, started));
+        let never = tokio::time::timeout(Duration::from_millis(50), idle_for(None, &activity));
         assert!(never.await.is_err());
     }
 }
