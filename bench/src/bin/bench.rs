@@ -5,7 +5,7 @@
 //! Topology (network namespaces on a bridge, as in `tern_tests::mesh`):
 //! - `srv` (10.77.0.2): three echo servers on :9001–9003 — the "netns" endpoints;
 //! - `cli` (10.77.0.10): the load generator, HAProxy (127.0.0.1:19000 → netns endpoints,
-//!   :19001 → loopback endpoints), three echo servers on 127.0.0.1:9101–9103 (the "loopback"
+//!   :19001 → loopback endpoints, :19002 → netns endpoints spliced), three echo servers on 127.0.0.1:9101–9103 (the "loopback"
 //!   endpoints) and tern with eBPF capture of the cgroup the load generator runs in;
 //! - `cli-ipt` (10.77.0.11): tern with iptables REDIRECT capture, and the load generator.
 //!
@@ -20,7 +20,9 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use tern_bench::{
     LoadResult,
-    report::{DIRECT, Group, HAPROXY, MethodNames, Report, Row, Sample, XdsUpdates},
+    report::{
+        DIRECT, Group, HAPROXY, HAPROXY_SPLICE, MethodNames, Report, Row, Sample, XdsUpdates,
+    },
 };
 use tern_tests::{Cgroup, ControlPlane, Netns, Process, Tern, bin_dir, eventually, mesh};
 
@@ -154,12 +156,21 @@ fn run() -> Result<()> {
             "10.96.0.6:9090",
             NETNS_ENDPOINTS,
             "127.0.0.1:19000",
-            "65536",
+            LARGE,
             "4",
             "2",
             false,
         ),
     ] {
+        // `TERN_BENCH_PATHS=64`: only the data-path groups whose name holds it, printed (for
+        // profiling a path).
+        let only = std::env::var("TERN_BENCH_PATHS").ok();
+        if only
+            .as_ref()
+            .is_some_and(|only| !name.contains(only.as_str()))
+        {
+            continue;
+        }
         let load = [
             "--connections",
             connections,
@@ -180,7 +191,7 @@ fn run() -> Result<()> {
             "--warmup",
             "0.2",
         ];
-        let paths = [
+        let mut paths = vec![
             LoadPath::new(DIRECT, direct, None, false),
             LoadPath::new(HAPROXY, haproxy, Some(bench.haproxy.pid()), false),
             LoadPath::new("tern TCP proxy", vip_tcp, bench.tern_pid(), true),
@@ -192,6 +203,16 @@ fn run() -> Result<()> {
             ),
             LoadPath::new(MULTIPLEXED, vip_mux, bench.tern_pid(), true),
         ];
+        if size == LARGE {
+            // HAProxy at its best for large relays: splicing (not its default), as tern does.
+            let spliced = LoadPath::new(
+                HAPROXY_SPLICE,
+                HAPROXY_SPLICE_ADDR,
+                Some(bench.haproxy.pid()),
+                false,
+            );
+            paths.insert(2, spliced);
+        }
         let busy: Vec<Process> = (0..if busy { 2 } else { 0 })
             .map(|_| {
                 let mut cmd = std::process::Command::new("nice");
@@ -202,11 +223,23 @@ fn run() -> Result<()> {
         let group = bench.compare(name, &paths, &load, Some(&latency), &bench.cli)?;
         groups.push(bench.count_syscalls(group, &paths, &load)?);
         drop(busy);
-        // `TERN_BENCH_ONLY=paths`: the first group alone, printed (for profiling the path).
-        if std::env::var("TERN_BENCH_ONLY").as_deref() == Ok("paths") {
-            println!("{:#?}", groups[0].rows);
-            return Ok(());
+    }
+    if std::env::var_os("TERN_BENCH_PATHS").is_some() {
+        for group in &groups {
+            println!("{}", group.name);
+            for r in &group.rows {
+                println!(
+                    "  {:<28} {:>9.0} req/s  per core vs HAProxy {:>5.2?}  added p99 vs HAProxy {:>5.2?}  syscalls/req {:>5.2?}  CPU s/M {:>7.1?}",
+                    r.path,
+                    r.rps,
+                    r.per_core_vs_haproxy,
+                    r.added_p99_vs_haproxy,
+                    r.syscalls_per_request,
+                    r.cpu_s_per_million,
+                );
+            }
         }
+        return Ok(());
     }
 
     groups.push(bench.serial_server_with_slow_callers()?);
@@ -912,6 +945,11 @@ clusters:
     )
 }
 
+/// The large message size, which HAProxy also relays spliced.
+const LARGE: &str = "65536";
+/// HAProxy to the netns endpoints with `option splice-request` and `splice-response`.
+const HAPROXY_SPLICE_ADDR: &str = "127.0.0.1:19002";
+
 fn haproxy_config() -> String {
     let servers = |list: &str| {
         list.split(',')
@@ -920,11 +958,13 @@ fn haproxy_config() -> String {
             .collect::<String>()
     };
     format!(
-        "global\n    maxconn 8000\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n\n\
+        "global\n    maxconn 8000\n    maxpipes 256\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 60s\n    timeout server 60s\n\n\
          listen netns\n    bind 127.0.0.1:19000\n    balance roundrobin\n{}\n\
-         listen loopback\n    bind 127.0.0.1:19001\n    balance roundrobin\n{}",
+         listen loopback\n    bind 127.0.0.1:19001\n    balance roundrobin\n{}\n\
+         listen netns_splice\n    bind {HAPROXY_SPLICE_ADDR}\n    balance roundrobin\n    option splice-request\n    option splice-response\n{}",
         servers(NETNS_ENDPOINTS),
-        servers(LOOPBACK_ENDPOINTS)
+        servers(LOOPBACK_ENDPOINTS),
+        servers(NETNS_ENDPOINTS),
     )
 }
 
