@@ -191,9 +191,9 @@ fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
                                 "ejected": rt.ejected(),
                                 "active_requests": rt.active.load(Relaxed),
                                 "latency_ms": rt.latency.weigh(std::time::Instant::now(), rt.active.load(Relaxed)) * 1e3,
-                                "requests": rt.requests.load(Relaxed),
-                                "errors": rt.errors.load(Relaxed),
-                                "connections": rt.pool.open_connections(),
+                                "requests": rt.seen().map_or(0, |t| t.requests.load(Relaxed)),
+                                "errors": rt.seen().map_or(0, |t| t.errors.load(Relaxed)),
+                                "connections": rt.seen().map_or(0, |t| t.pool.open_connections()),
                             })
                         })
                         .collect();

@@ -63,7 +63,7 @@ fn run() -> Result<()> {
         .context("usage: tern-bench OUT_DIR [CRITERION_DIR]")?;
     let criterion_dir = std::env::args().nth(2).map(PathBuf::from);
     std::fs::create_dir_all(&out_dir)?;
-    // `TERN_BENCH_ONLY=xds`: only the xDS measurements, printed (for working on them).
+    // `TERN_BENCH_ONLY=…`: one part of the measurements alone, printed (for working on it).
     if std::env::var("TERN_BENCH_ONLY").as_deref() == Ok("discovery") {
         println!("{:#?}", discovery::run()?);
         return Ok(());
@@ -72,12 +72,16 @@ fn run() -> Result<()> {
         println!("{:#?}", mtls::run()?);
         return Ok(());
     }
-    if std::env::var("TERN_BENCH_ONLY").as_deref() == Ok("xds") {
+    // `=xds`: the xDS measurements; `=rss`: the idle RSS alone.
+    let only = std::env::var("TERN_BENCH_ONLY").ok();
+    if matches!(only.as_deref(), Some("xds" | "rss")) {
         let bench = Bench::start()?;
         let idle = bench.idle_rss_with_1000_clusters()?;
         drop(bench);
         println!("idle RSS, 1,000 clusters: {idle:.1} MiB");
-        println!("{:#?}", xds_updates()?);
+        if only.as_deref() == Some("xds") {
+            println!("{:#?}", xds_updates()?);
+        }
         return Ok(());
     }
     let started = Instant::now();

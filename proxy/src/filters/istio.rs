@@ -83,12 +83,12 @@ pub fn endpoint_requests<'a>(
     cluster: &ClusterState,
     ep: &'a EndpointHandle,
 ) -> &'a [RequestSeries; 3] {
-    let observed = ep.runtime.observed();
-    observed.istio.get_or_init(|| {
+    let traffic = ep.runtime.traffic();
+    traffic.istio.get_or_init(|| {
         let remote = endpoint_workload(Some(ep));
         let istio = &ctx.state.metrics.istio;
         let own = own_principal(ctx);
-        let server = observed.server_identity.get().map(|s| &**s);
+        let server = traffic.server_identity.get().map(|s| &**s);
         let peers = Peers {
             reporter: Reporter::Source,
             source: &istio.local,

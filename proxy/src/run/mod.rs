@@ -536,10 +536,11 @@ async fn close_idle_connections(state: Arc<State>) {
         let snapshot = state.load();
         for cluster in snapshot.clusters.values() {
             for endpoint in &cluster.endpoints {
-                endpoint
-                    .runtime
-                    .pool
-                    .close_idle(&cluster.runtime, cluster.config.idle_timeout);
+                if let Some(traffic) = endpoint.runtime.seen() {
+                    traffic
+                        .pool
+                        .close_idle(&cluster.runtime, cluster.config.idle_timeout);
+                }
             }
         }
     }

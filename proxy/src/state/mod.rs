@@ -495,7 +495,7 @@ clusters:
         let state = State::new(Metrics::new(None));
         state.apply(parse(CONFIG, "test").unwrap());
         let before = state.load().clusters["a"].endpoints[0].runtime.clone();
-        before.requests.fetch_add(7, Ordering::Relaxed);
+        before.traffic().requests.fetch_add(7, Ordering::Relaxed);
         state.apply(
             parse(
                 &CONFIG.replace("passthrough: deny", "passthrough: allow"),

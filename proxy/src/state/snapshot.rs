@@ -58,7 +58,7 @@ impl ClusterState {
     /// A request or connection to `endpoint` failed; outlier detection (where the cluster
     /// asks for it) may eject the endpoint.
     pub fn record_failure(&self, endpoint: &EndpointRuntime, failure: Failure) {
-        endpoint.errors.fetch_add(1, Ordering::Relaxed);
+        endpoint.traffic().errors.fetch_add(1, Ordering::Relaxed);
         let Some(config) = &self.config.outlier else {
             return;
         };

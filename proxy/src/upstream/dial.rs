@@ -20,7 +20,7 @@ pub async fn dial(
         let tcp = socket::connect_upstream(endpoint.address, mark, None).await?;
         let stream = secure(tcp, endpoint.address, endpoint.tls.as_ref(), cluster).await?;
         if let Some(id) = stream.peer_identity() {
-            let _ = endpoint.observed().server_identity.set(id.into());
+            let _ = endpoint.traffic().server_identity.set(id.into());
         }
         Ok(stream)
     };

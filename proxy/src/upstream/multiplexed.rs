@@ -175,6 +175,7 @@ pub fn send(
     reply_to: (&Arc<ReplyCell>, u64),
 ) -> Result<Sent, Refused> {
     endpoint
+        .traffic()
         .pool
         .send(endpoint, msg, settings, cluster, reply_to)
 }

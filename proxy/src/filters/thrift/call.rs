@@ -88,7 +88,7 @@ pub(super) async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> 
         tried[attempt] = i;
         let ep = &cluster.endpoints[i];
         let ert = &ep.runtime;
-        ert.requests.fetch_add(1, Ordering::Relaxed);
+        ert.traffic().requests.fetch_add(1, Ordering::Relaxed);
         debug!(endpoint = %ep.config.address, attempt, "sending");
         let _in_flight = ActiveEndpoint::new(ert);
         let started = Instant::now();
