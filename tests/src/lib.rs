@@ -717,6 +717,38 @@ pub fn python_serve(ns: &Netns, addr: &str, id: &str) -> Result<Process> {
     )
 }
 
+/// A server that accepts connections and never answers (a hung process), in `ns` at `addr`.
+pub fn hung_server(ns: &Netns, addr: &str) -> Result<Process> {
+    let (host, port) = addr.rsplit_once(':').context("HOST:PORT")?;
+    let script = format!(
+        "import socket\n\
+         s = socket.socket()\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('{host}', {port}))\n\
+         s.listen(128)\n\
+         print('ready', flush=True)\n\
+         held = []\n\
+         while True:\n\
+         \x20   held.append(s.accept())\n"
+    );
+    start_server(ns, None, Path::new("python3"), &["-c", &script])
+}
+
+/// The requests tern sent to endpoint `addr` of `cluster` (its admin `/clusters` page).
+pub fn endpoint_requests(ns: &Netns, cluster: &str, addr: &str) -> u64 {
+    let clusters: serde_json::Value =
+        serde_json::from_str(&admin(ns, "GET", "/clusters")).unwrap_or_default();
+    clusters["clusters"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["name"] == cluster)
+        .flat_map(|c| c["endpoints"].as_array().cloned().unwrap_or_default())
+        .filter(|e| e["address"] == addr)
+        .map(|e| e["requests"].as_u64().unwrap_or(0))
+        .sum()
+}
+
 /// Starts a server that prints `ready` once it listens, in `ns` (and `cgroup`).
 pub fn start_server(
     ns: &Netns,

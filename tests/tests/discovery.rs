@@ -205,23 +205,6 @@ fn tern_sidecars_balance_thrift_from_discovery_over_delta() {
     sidecar_balances_thrift(true);
 }
 
-/// A server that accepts connections and never answers (a hung process), in `ns` at `addr`.
-fn hung_server(ns: &Netns, addr: &str) -> Process {
-    let (host, port) = addr.rsplit_once(':').unwrap();
-    let script = format!(
-        "import socket\n\
-         s = socket.socket()\n\
-         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-         s.bind(('{host}', {port}))\n\
-         s.listen(128)\n\
-         print('ready', flush=True)\n\
-         held = []\n\
-         while True:\n\
-         \x20   held.append(s.accept())\n"
-    );
-    start_server(ns, None, Path::new("python3"), &["-c", &script]).unwrap()
-}
-
 fn checked_services() -> String {
     "services:
   - name: calc
@@ -282,7 +265,7 @@ fn a_hung_thrift_server_is_checked_out_and_back_in() {
     let eds = || d.served_version(&p.app, "sidecar", CLA, "outbound|9090||calc");
     let before = eds();
     drop(calc3.take());
-    let hung = hung_server(&p.srv, "10.66.1.2:9003");
+    let hung = tern_tests::hung_server(&p.srv, "10.66.1.2:9003").unwrap();
     let hung_at = std::time::Instant::now();
     assert!(
         eventually(Duration::from_secs(5), || d

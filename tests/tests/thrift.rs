@@ -618,17 +618,6 @@ fn circuit_breaker_overflow_answers_in_thrift() {
 
 /// A server that accepts connections and never answers.
 const HOLE: &str = "10.66.1.2:9004";
-const HOLE_SCRIPT: &str = "import socket
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(('10.66.1.2', 9004))
-s.listen(128)
-print('ready', flush=True)
-held = []
-while True:
-    held.append(s.accept())
-";
-
 /// Least request keeps away from a server that accepts and never answers (istiod sends
 /// LEAST_REQUEST for most clusters): once one call waited on it past the timeout, four
 /// closed-loop callers lose no call while its slowness is remembered. Weighing in-flight
@@ -650,13 +639,7 @@ clusters:
 "#
     );
     let m = Mesh::start(&config, &[]);
-    let _hole = tern_tests::start_server(
-        &m.p.srv,
-        None,
-        std::path::Path::new("python3"),
-        &["-c", HOLE_SCRIPT],
-    )
-    .unwrap();
+    let _hole = tern_tests::hung_server(&m.p.srv, HOLE).unwrap();
     let callers = |calls: &str| -> Vec<Calls> {
         std::thread::scope(|s| {
             let running: Vec<_> = (0..4)
@@ -665,19 +648,7 @@ clusters:
             running.into_iter().map(|c| c.join().unwrap()).collect()
         })
     };
-    let hole_requests = || -> u64 {
-        let clusters: serde_json::Value =
-            serde_json::from_str(&admin(&m.p.app, "GET", "/clusters")).unwrap_or_default();
-        clusters["clusters"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|c| c["name"] == "lr")
-            .flat_map(|c| c["endpoints"].as_array().cloned().unwrap_or_default())
-            .filter(|e| e["address"] == HOLE)
-            .map(|e| e["requests"].as_u64().unwrap_or(0))
-            .sum()
-    };
+    let hole_requests = || tern_tests::endpoint_requests(&m.p.app, "lr", HOLE);
     // An endpoint nothing is known of is tried: the hole gets a call, which times out.
     assert!(
         eventually(Duration::from_secs(30), || {
