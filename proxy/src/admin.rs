@@ -193,7 +193,7 @@ fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
                                 "latency_ms": rt.latency.weigh(std::time::Instant::now(), rt.active.load(Relaxed)) * 1e3,
                                 "requests": rt.seen().map_or(0, |t| t.requests.load(Relaxed)),
                                 "errors": rt.seen().map_or(0, |t| t.errors.load(Relaxed)),
-                                "connections": rt.seen().map_or(0, |t| t.pool.open_connections()),
+                                "connections": rt.seen().map_or(0, |t| t.open_connections()),
                             })
                         })
                         .collect();

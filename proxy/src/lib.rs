@@ -23,6 +23,7 @@ pub mod socket;
 pub mod stream;
 pub mod thrift;
 pub mod upstream;
+pub mod workers;
 
 // The control path: configuration, snapshots, identity, what tern shows.
 pub mod admin;

@@ -17,6 +17,7 @@ use crate::{
     metrics::ListenerLabel,
     refusal::Refusal,
     socket::{self, OriginalDstSource},
+    workers::Workers,
 };
 
 /// Open downstream connections, for draining.
@@ -38,7 +39,7 @@ impl Drop for Open {
     }
 }
 
-/// Accepts connections until tern exits; past `max_connections` open ones (across
+/// Accepts connections until tern exits and hands each to a worker ([`crate::workers`]); past `max_connections` open ones (across
 /// listeners), a new connection is closed at once and counted. The listeners stay open while tern drains: closing
 /// them would make capture fail open, so the application's new outbound connections would
 /// bypass tern and new inbound ones would reach the application without TLS or
@@ -50,6 +51,7 @@ pub async fn serve(
     ctx: Arc<Ctx>,
     open: Arc<OpenConnections>,
     max_connections: usize,
+    workers: Arc<Workers>,
 ) {
     let listen_port = listener.local_addr().map_or(0, |a| a.port());
     let label = ListenerLabel {
@@ -89,10 +91,22 @@ pub async fn serve(
         open.0.fetch_add(1, Ordering::Relaxed);
         let guard = Open(open.clone(), active.clone());
         let ctx = ctx.clone();
-        let span = info_span!("conn", dir = direction.as_str(), %peer);
-        tokio::spawn(
+        // The socket leaves this thread's runtime for the worker's.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(%peer, error = %e, "could not hand the connection to a worker");
+                continue;
+            }
+        };
+        let serve = move || {
+            let span = info_span!("conn", dir = direction.as_str(), %peer);
             async move {
                 let _guard = guard;
+                let stream = match tokio::net::TcpStream::from_std(stream) {
+                    Ok(s) => s,
+                    Err(e) => return debug!(error = %e, "the worker could not take the connection"),
+                };
                 let (dst, learned) = match socket::original_dst(&stream) {
                     Ok(d) => d,
                     Err(e) => return debug!(error = %e, "no original destination"),
@@ -121,7 +135,8 @@ pub async fn serve(
                     );
                 }
             }
-            .instrument(span),
-        );
+            .instrument(span)
+        };
+        workers.hand_off(serve);
     }
 }

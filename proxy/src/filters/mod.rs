@@ -444,7 +444,7 @@ async fn detect_first_speaker(
                 && cluster.config.upstream == UpstreamMode::Exclusive
             {
                 let settings = thrift::pool_settings(&cluster.config, &ctx);
-                cluster.endpoints[i].runtime.traffic().pool.adopt(
+                cluster.endpoints[i].runtime.traffic().pool().adopt(
                     stream,
                     format,
                     &settings,

@@ -97,6 +97,10 @@ pub struct RunArgs {
     /// whose table would not fit balances by round robin instead (with a warning).
     #[arg(long, env = "TERN_MAX_HASH_TABLE_BYTES", default_value_t = crate::state::DEFAULT_TABLE_BUDGET)]
     pub max_hash_table_bytes: usize,
+    /// Data-plane worker threads, each serving its own connections (0: one per core available
+    /// to tern); Istio's `concurrency`.
+    #[arg(long, env = "TERN_CONCURRENCY", default_value_t = 0)]
+    pub concurrency: usize,
     /// Downstream connections open at once (both listeners); more are refused and counted.
     #[arg(long, env = "TERN_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,

@@ -36,6 +36,7 @@ use crate::{
     state::State,
     thrift::DecoderLimits,
     tls,
+    workers::Workers,
 };
 use args::{CaptureMode, RunArgs};
 
@@ -149,6 +150,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         message_timeout: Duration::from_secs(args.message_timeout_secs),
     });
     let open = Arc::new(OpenConnections::default());
+    let workers = Arc::new(Workers::start(args.concurrency)?);
+    info!(
+        workers = crate::workers::count(),
+        "data-plane workers started"
+    );
     let mut tasks = tokio::task::JoinSet::new();
     for (l, direction) in [
         (Some(outbound.0), Direction::Outbound),
@@ -164,6 +170,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 ctx.clone(),
                 open.clone(),
                 args.max_connections,
+                workers.clone(),
             ));
         }
     }
@@ -536,10 +543,8 @@ async fn close_idle_connections(state: Arc<State>) {
         let snapshot = state.load();
         for cluster in snapshot.clusters.values() {
             for endpoint in &cluster.endpoints {
-                if let Some(traffic) = endpoint.runtime.seen() {
-                    traffic
-                        .pool
-                        .close_idle(&cluster.runtime, cluster.config.idle_timeout);
+                for pool in endpoint.runtime.seen().map_or(&[][..], |t| t.pools()) {
+                    pool.close_idle(&cluster.runtime, cluster.config.idle_timeout);
                 }
             }
         }

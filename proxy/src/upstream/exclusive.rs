@@ -204,7 +204,7 @@ async fn acquire<'a>(
     settings: &PoolSettings,
     cluster: &'a ClusterRuntime,
 ) -> Result<Lease<'a>, Failed> {
-    let pool = &endpoint.traffic().pool;
+    let pool = endpoint.traffic().pool();
     let lease = |conn| Lease {
         conn: Some(conn),
         pool,
@@ -254,7 +254,7 @@ async fn connect(
     settings: &PoolSettings,
     cluster: &ClusterRuntime,
 ) -> Result<Conn, Failed> {
-    let (pool, addr) = (&endpoint.traffic().pool, endpoint.address);
+    let (pool, addr) = (endpoint.traffic().pool(), endpoint.address);
     let connected =
         super::dial::dial(endpoint, cluster, settings.mark, settings.connect_timeout).await;
     match connected {

@@ -176,7 +176,7 @@ pub fn send(
 ) -> Result<Sent, Refused> {
     endpoint
         .traffic()
-        .pool
+        .pool()
         .send(endpoint, msg, settings, cluster, reply_to)
 }
 

@@ -41,15 +41,33 @@ pub struct EndpointRuntime {
 }
 
 /// An endpoint's connections, and what its traffic counted and taught.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Traffic {
-    pub pool: Pool,
+    /// Its connections, a pool for each worker (see [`crate::workers`]).
+    pools: Box<[Pool]>,
     pub requests: AtomicU64,
     pub errors: AtomicU64,
     /// The identity its certificate showed at the first TLS handshake.
     pub server_identity: OnceLock<Box<str>>,
     /// Istio's request series of calls to it (made at the first call).
     pub istio: OnceLock<[RequestSeries; 3]>,
+}
+
+impl Traffic {
+    /// The pool of the worker running this thread.
+    pub fn pool(&self) -> &Pool {
+        &self.pools[crate::workers::current() % self.pools.len()]
+    }
+
+    /// Every worker's pool.
+    pub fn pools(&self) -> &[Pool] {
+        &self.pools
+    }
+
+    /// Connections open to the endpoint, across workers.
+    pub fn open_connections(&self) -> usize {
+        self.pools.iter().map(Pool::open_connections).sum()
+    }
 }
 
 impl EndpointRuntime {
@@ -66,7 +84,17 @@ impl EndpointRuntime {
 
     /// Its connections and what its traffic taught (made on first use).
     pub fn traffic(&self) -> &Traffic {
-        self.traffic.get_or_init(Box::default)
+        self.traffic.get_or_init(|| {
+            Box::new(Traffic {
+                pools: (0..crate::workers::count())
+                    .map(|_| Pool::default())
+                    .collect(),
+                requests: AtomicU64::new(0),
+                errors: AtomicU64::new(0),
+                server_identity: OnceLock::new(),
+                istio: OnceLock::new(),
+            })
+        })
     }
 
     /// Its traffic so far, if it had any (for reports, which make nothing).
@@ -79,7 +107,9 @@ impl EndpointRuntime {
     /// older snapshot holds the runtime, pool and all, only until it is done.
     pub fn retire(&self, cluster: &ClusterRuntime) {
         if let Some(t) = self.seen() {
-            t.pool.retire(cluster);
+            for pool in t.pools() {
+                pool.retire(cluster);
+            }
         }
     }
 
