@@ -2,7 +2,14 @@
 //! `GET /ready`, `/stats/prometheus`, `/config_dump`, `/clusters`; `POST /quitquitquit`
 //! (drain and exit), `POST /logging?level=<filter>`. The stats port (15020) serves metrics,
 //! readiness and the application's rewritten probes (`/app-health/…`).
-use std::{convert::Infallible, sync::Arc, time::UNIX_EPOCH};
+use std::{
+    convert::Infallible,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::UNIX_EPOCH,
+};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -25,6 +32,28 @@ pub struct Admin {
     pub xds: Option<watch::Receiver<tern_xds_client::ClientStatus>>,
     /// The application's probes, forwarded on the stats port.
     pub app_health: AppHealth,
+    /// Admin connections open (tern's exit waits for them, so `/quitquitquit` is answered).
+    pub connections: AtomicUsize,
+}
+
+impl Admin {
+    /// Waits until no admin connection is open, at most `within`.
+    pub async fn answered(&self, within: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.connections.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Counts an admin connection open until its task ends.
+struct Connection(Arc<Admin>);
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Kubelet's rewritten probes (see [`crate::probe`]) and where the application is.
@@ -51,7 +80,10 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, scope: Scope) {
             continue;
         };
         let admin = admin.clone();
+        admin.connections.fetch_add(1, Ordering::Relaxed);
+        let open = Connection(admin.clone());
         tokio::spawn(async move {
+            let _open = open;
             let service = service_fn(move |req: Request<Incoming>| {
                 let admin = admin.clone();
                 async move {

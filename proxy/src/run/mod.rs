@@ -188,10 +188,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             pod_ip: args.instance_ip,
             mark,
         },
+        connections: Default::default(),
     });
     let control = control_tasks(&args, &state, xds_stream, xds_status.clone(), mark)?;
     let servers = admin_servers(&args, admin_listener);
-    spawn_control_thread(servers, admin, control)?;
+    spawn_control_thread(servers, admin.clone(), control)?;
     // The file is re-read when it changes unless a control plane owns the configuration
     // (then the file is only the base it adds to).
     if let (Some(path), None) = (args.config.clone(), &xds_status) {
@@ -213,6 +214,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Duration::from_secs(args.drain_timeout_secs),
     )
     .await;
+    // `/quitquitquit`'s reply (and any admin request in flight) is written before the exit.
+    admin.answered(Duration::from_secs(1)).await;
     tasks.shutdown().await;
     match capture {
         Capture::None => {}
