@@ -1,7 +1,7 @@
 //! The TCP proxy: relays a connection's bytes to a cluster endpoint (over TLS when the
 //! endpoint takes it) or to its original destination, each direction's end of stream
-//! forwarded on its own (half-close): between plain sockets with [`splice`], otherwise with
-//! `copy_bidirectional`.
+//! forwarded on its own (half-close): between plain sockets by [`splice`] (copied while
+//! messages are small, spliced once they are bulk), otherwise with `copy_bidirectional`.
 use std::{
     net::SocketAddr,
     pin::Pin,
@@ -215,17 +215,15 @@ impl Drop for Closed<'_> {
     }
 }
 
-/// Copies both ways until both sides are done: spliced when both are plain sockets and a
-/// relay's pipes are to be had, through buffers otherwise.
+/// Copies both ways until both sides are done: between plain sockets with [`splice`], through
+/// buffers otherwise.
 async fn both_ways(
     down: &mut Stream,
     up: &mut Stream,
     activity: &Activity,
 ) -> std::io::Result<(u64, u64)> {
-    if let (Stream::Plain(d), Stream::Plain(u)) = (&*down, &*up)
-        && let Some(pipes) = splice::Pipes::take()
-    {
-        return splice::relay(d, u, &pipes, &|| activity.moved()).await;
+    if let (Stream::Plain(d), Stream::Plain(u)) = (&mut *down, &mut *up) {
+        return splice::relay(d, u, &|| activity.moved()).await;
     }
     let (mut d, mut u) = (Active::new(down, activity), Active::new(up, activity));
     tokio::io::copy_bidirectional(&mut d, &mut u).await

@@ -1,8 +1,9 @@
-//! The relay between two plain TCP sockets without copying: `splice(2)` moves each
-//! direction's bytes through a pipe inside the kernel, never through tern's memory.
+//! The relay between two plain TCP sockets. Each direction copies through a small buffer
+//! while its reads come back short (requests and replies: one read and one write each), and
+//! once a read fills the buffer (a bulk transfer) it moves its bytes with `splice(2)` through
+//! a pipe inside the kernel, never through tern's memory.
 use std::{
     io,
-    net::Shutdown,
     os::fd::{AsFd, OwnedFd},
     sync::atomic::{AtomicUsize, Ordering},
 };
@@ -11,17 +12,25 @@ use nix::{
     fcntl::{OFlag, SpliceFFlags, splice},
     unistd::pipe2,
 };
-use tokio::{io::Interest, net::TcpStream};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt, Interest},
+    net::{
+        TcpStream,
+        tcp::{ReadHalf, WriteHalf},
+    },
+};
+
+/// A direction's copy buffer; a read that fills it switches the direction to splicing.
+const COPY_BUFFER: usize = 8 * 1024;
 
 /// How much one `splice` moves at most: a pipe's default capacity (16 pages).
 const CHUNK: usize = 64 * 1024;
 
-/// At most this many relays splice at once. Each holds two pipes (four file descriptors,
-/// and up to [`CHUNK`] bytes of pages in flight per direction); relays beyond it copy
-/// through buffers of their own.
-pub const MAX_SPLICING: usize = 4096;
+/// At most this many pipes exist at once (two file descriptors each, and up to [`CHUNK`]
+/// bytes of pages in flight); a direction that finds none keeps copying.
+pub const MAX_PIPES: usize = 8192;
 
-static SPLICING: Places = Places::new(MAX_SPLICING);
+static PIPES: Places = Places::new(MAX_PIPES);
 
 /// A count of holders with a limit.
 struct Places {
@@ -51,44 +60,31 @@ impl Places {
     }
 }
 
-/// One relay's two pipes, and its place among the [`MAX_SPLICING`] (given back on drop).
-pub struct Pipes {
-    to_up: Pipe,
-    to_down: Pipe,
-    places: &'static Places,
-}
-
-/// The two ends of a pipe.
+/// A pipe's two ends, and its place among the [`MAX_PIPES`] (given back on drop).
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
+    places: &'static Places,
 }
 
 impl Pipe {
-    fn new() -> io::Result<Self> {
-        let (read, write) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
-        Ok(Self { read, write })
-    }
-}
-
-impl Pipes {
-    /// Pipes for one more relay; `None` when [`MAX_SPLICING`] relays splice already or the
-    /// process is out of file descriptors.
-    pub fn take() -> Option<Self> {
-        Self::take_from(&SPLICING)
+    /// A pipe; `None` when [`MAX_PIPES`] exist already or the process is out of file
+    /// descriptors.
+    fn take() -> Option<Self> {
+        Self::take_from(&PIPES)
     }
 
     fn take_from(places: &'static Places) -> Option<Self> {
         if !places.take() {
             return None;
         }
-        match (Pipe::new(), Pipe::new()) {
-            (Ok(to_up), Ok(to_down)) => Some(Self {
-                to_up,
-                to_down,
+        match pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) {
+            Ok((read, write)) => Some(Self {
+                read,
+                write,
                 places,
             }),
-            _ => {
+            Err(_) => {
                 places.give_back();
                 None
             }
@@ -96,7 +92,7 @@ impl Pipes {
     }
 }
 
-impl Drop for Pipes {
+impl Drop for Pipe {
     fn drop(&mut self) {
         self.places.give_back();
     }
@@ -106,32 +102,52 @@ impl Drop for Pipes {
 /// half-close) or one fails; returns the bytes moved (to `up`, to `down`). `moved` is called
 /// whenever bytes moved.
 pub async fn relay(
-    down: &TcpStream,
-    up: &TcpStream,
-    pipes: &Pipes,
+    down: &mut TcpStream,
+    up: &mut TcpStream,
     moved: &(impl Fn() + Sync),
 ) -> io::Result<(u64, u64)> {
+    let (down_read, down_write) = down.split();
+    let (up_read, up_write) = up.split();
     tokio::try_join!(
-        one_way(down, up, &pipes.to_up, moved),
-        one_way(up, down, &pipes.to_down, moved)
+        one_way(down_read, up_write, moved),
+        one_way(up_read, down_write, moved)
     )
 }
 
-/// Moves `from`'s bytes to `to` through `pipe` until `from` ends, then shuts `to` for
-/// writing. The pipe is empty whenever `from` is read, so a read that would block means
-/// `from` has nothing, never that the pipe is full.
+/// Moves `from`'s bytes to `to` until `from` ends, then shuts `to` for writing: copied while
+/// reads are short, spliced from the first read that fills the buffer on.
 async fn one_way(
-    from: &TcpStream,
-    to: &TcpStream,
-    pipe: &Pipe,
+    mut from: ReadHalf<'_>,
+    mut to: WriteHalf<'_>,
     moved: &impl Fn(),
 ) -> io::Result<u64> {
     let mut total = 0;
+    let mut buf = vec![0u8; COPY_BUFFER];
+    let pipe = loop {
+        // tokio takes a short read as "drained": no read that would block follows it.
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            to.shutdown().await?;
+            return Ok(total);
+        }
+        moved();
+        to.write_all(&buf[..n]).await?;
+        total += n as u64;
+        moved();
+        if n == buf.len()
+            && let Some(pipe) = Pipe::take()
+        {
+            break pipe;
+        }
+    };
+    drop(buf);
+    let (from, to) = (from.as_ref(), to.as_ref());
     loop {
+        // The pipe is empty whenever `from` is read, so a read that would block means `from`
+        // has nothing, never that the pipe is full.
         let n = move_when_ready(from, Interest::READABLE, from, &pipe.write, CHUNK).await?;
         if n == 0 {
-            // The peer may be gone already; the relay ends with the other direction.
-            let _ = socket2::SockRef::from(to).shutdown(Shutdown::Write);
+            socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
             return Ok(total);
         }
         moved();
@@ -171,10 +187,7 @@ async fn move_when_ready(
 mod tests {
     use std::sync::atomic::AtomicU64;
 
-    use tokio::{
-        io::{AsyncReadExt, AsyncWriteExt},
-        net::TcpListener,
-    };
+    use tokio::net::TcpListener;
 
     use super::*;
 
@@ -186,55 +199,69 @@ mod tests {
         (a.unwrap(), b.unwrap().0)
     }
 
+    /// `len` bytes of a pattern that shows any byte lost, repeated or out of order.
+    fn pattern(len: u32, modulo: u32) -> Vec<u8> {
+        (0..len).map(|i| (i % modulo) as u8).collect()
+    }
+
     #[tokio::test]
-    async fn bytes_cross_both_ways_whole_and_each_end_is_passed_on() {
-        let (mut client, down) = pair().await;
-        let (up, mut server) = pair().await;
-        let pipes = Pipes::take().unwrap();
+    async fn small_and_bulk_bytes_cross_both_ways_whole_and_each_end_is_passed_on() {
+        let (mut client, mut down) = pair().await;
+        let (mut up, mut server) = pair().await;
         let moves = AtomicU64::new(0);
         let moved = || {
             moves.fetch_add(1, Ordering::Relaxed);
         };
-        let request: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-        let reply: Vec<u8> = (0..1_000_000u32).map(|i| (i % 241) as u8).collect();
+        // A small request first (copied), then bulk (spliced once a read fills the buffer).
+        let request = [&b"hello"[..], &pattern(3_000_000, 251)].concat();
+        let reply = pattern(1_000_000, 241);
+        // The client ends its stream once the server saw it all (the pipe is still held).
+        let (seen_tx, seen_rx) = tokio::sync::oneshot::channel();
         let client_side = async {
-            client.write_all(&request).await.unwrap();
+            client.write_all(&request[..5]).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            client.write_all(&request[5..]).await.unwrap();
+            seen_rx.await.unwrap();
             client.shutdown().await.unwrap();
             let mut got = Vec::new();
             client.read_to_end(&mut got).await.unwrap();
             got
         };
         let server_side = async {
-            let mut got = Vec::new();
+            let mut got = vec![0u8; request.len()];
+            server.read_exact(&mut got).await.unwrap();
+            let spliced = PIPES.used.load(Ordering::Relaxed);
+            seen_tx.send(()).unwrap();
             // Reads to the client's end of stream: the half-close crossed.
-            server.read_to_end(&mut got).await.unwrap();
+            assert_eq!(server.read(&mut [0u8; 1]).await.unwrap(), 0);
             server.write_all(&reply).await.unwrap();
             server.shutdown().await.unwrap();
-            got
+            (got, spliced)
         };
         let (copied, to_client, to_server) =
-            tokio::join!(relay(&down, &up, &pipes, &moved), client_side, server_side);
+            tokio::join!(relay(&mut down, &mut up, &moved), client_side, server_side);
         assert_eq!(copied.unwrap(), (request.len() as u64, reply.len() as u64));
+        let (to_server, spliced) = to_server;
+        assert!(spliced >= 1, "the bulk was spliced");
         assert!(
             to_server == request,
             "the request arrived whole and in order"
         );
         assert!(to_client == reply, "the reply arrived whole and in order");
-        assert!(moves.load(Ordering::Relaxed) >= 2);
+        assert!(moves.load(Ordering::Relaxed) >= 4);
     }
 
     #[tokio::test]
     async fn a_reset_peer_ends_the_relay_with_an_error() {
-        let (client, down) = pair().await;
-        let (up, server) = pair().await;
-        let pipes = Pipes::take().unwrap();
+        let (client, mut down) = pair().await;
+        let (mut up, server) = pair().await;
         // The server resets its connection; the client keeps writing.
         socket2::SockRef::from(&server)
             .set_linger(Some(std::time::Duration::ZERO))
             .unwrap();
         drop(server);
         // The relay owns its sockets, as in tern: they close when it ends.
-        let relay = tokio::spawn(async move { relay(&down, &up, &pipes, &|| {}).await });
+        let relay = tokio::spawn(async move { relay(&mut down, &mut up, &|| {}).await });
         let writes = async {
             let mut client = client;
             let chunk = vec![7u8; 64 * 1024];
@@ -252,14 +279,14 @@ mod tests {
     }
 
     #[test]
-    fn no_more_than_the_bound_splice_at_once() {
+    fn no_more_pipes_than_the_bound() {
         let places: &'static Places = Box::leak(Box::new(Places::new(2)));
-        let first = Pipes::take_from(places).unwrap();
-        let _second = Pipes::take_from(places).unwrap();
-        assert!(Pipes::take_from(places).is_none(), "the bound holds");
+        let first = Pipe::take_from(places).unwrap();
+        let _second = Pipe::take_from(places).unwrap();
+        assert!(Pipe::take_from(places).is_none(), "the bound holds");
         drop(first);
         assert!(
-            Pipes::take_from(places).is_some(),
+            Pipe::take_from(places).is_some(),
             "a place given back is taken again"
         );
         assert_eq!(places.used.load(Ordering::Relaxed), 1);
