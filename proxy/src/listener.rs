@@ -39,9 +39,10 @@ impl Drop for Open {
     }
 }
 
-/// Accepts connections until tern exits and hands each to a worker ([`crate::workers`]); past `max_connections` open ones (across
-/// listeners), a new connection is closed at once and counted. The listeners stay open while tern drains: closing
-/// them would make capture fail open, so the application's new outbound connections would
+/// Accepts connections until tern exits and hands each to a worker ([`crate::workers`]);
+/// past `max_connections` open ones (across listeners), a new connection is closed at once
+/// and counted. The listeners stay open while tern drains: closing them would make capture
+/// fail open, so the application's new outbound connections would
 /// bypass tern and new inbound ones would reach the application without TLS or
 /// authorization. Draining waits for the connections to close, up to the drain timeout (see
 /// [`crate::run`]).
