@@ -174,12 +174,9 @@ pub fn main(cli: Cli) -> ExitCode {
 
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        // The listeners, signals and drain: the data plane runs on workers of its own.
-        Command::Run(args) => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("start the tokio runtime")?
-            .block_on(crate::run::run(*args))?,
+        // The listeners, signals and drain; the data plane runs on workers of its own. (A
+        // current-thread runtime here measured 0.3-0.5 MiB more idle RSS.)
+        Command::Run(args) => runtime()?.block_on(crate::run::run(*args))?,
         Command::Capture(c) => capture_command(c)?,
         Command::Check(pod) => return Ok(check(&pod)),
         Command::Discovery(args) => tern_discovery::main(*args)?,
