@@ -1,7 +1,7 @@
 //! The data plane's threads. Each worker runs a current-thread runtime that owns the
 //! connections handed to it and the upstream connections they open (its own slice of every
 //! endpoint's pool): a request is read, balanced, sent, answered and written on one thread,
-//! with no wakeup of another. The listeners accept on their own thread and hand each
+//! with no wakeup of another. The listeners accept on the main runtime and hand each
 //! connection to the worker with the fewest open (one listening socket per address, so no
 //! other process can join a `SO_REUSEPORT` group and take captured connections).
 use std::{
