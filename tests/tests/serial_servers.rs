@@ -12,8 +12,9 @@ use tern_tests::{
 
 /// Exclusive (default) and multiplexed clusters over the binary server (9201) and the
 /// compact one (9202), and least request over 9201, a second binary server (9203) and a
-/// server that never answers (9204), as istiod sends most clusters; every cluster times requests out after 300 ms, except `whoami` calls
-/// on the multiplexed listeners (2 s), which queue behind a sleeping call on the one shared
+/// server that never answers (9204), as istiod sends most clusters. Every cluster times
+/// requests out after 300 ms, except the least-request one (1 s) and `whoami` calls on the
+/// multiplexed listeners (2 s), which queue behind a sleeping call on the one shared
 /// connection of a serial server.
 const CONFIG: &str = r#"
 listeners:

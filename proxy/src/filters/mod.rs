@@ -171,6 +171,18 @@ pub struct Conn {
     pub authz: Authz,
 }
 
+impl Conn {
+    /// Refuses a connection that is not Thrift when the chain's rules name Thrift methods
+    /// (they could not be enforced on it).
+    fn refuse_if_rules_need_thrift(&self) -> Result<(), Refusal> {
+        if self.authz.defers() {
+            debug!(dst = %self.dst, "rules name Thrift methods and the client did not send a Thrift call: closing");
+            return Err(Refusal::NotAThriftCall);
+        }
+        Ok(())
+    }
+}
+
 /// Handles one accepted connection whose original destination is `dst`.
 pub async fn handle(
     down: TcpStream,
@@ -319,15 +331,6 @@ async fn run_filter(
     ctx: Arc<Ctx>,
 ) -> Result<Handled, Refusal> {
     let (direction, dst, peer) = (conn.direction, conn.dst, conn.peer);
-    let defers = conn.authz.defers();
-    // Rules that name Thrift methods, on a connection that is not Thrift.
-    let not_thrift = move || {
-        if defers {
-            debug!(%dst, "rules name Thrift methods and the client did not send a Thrift call: closing");
-            return Err(Refusal::NotAThriftCall);
-        }
-        Ok(())
-    };
     let snap = ctx.state.load();
     let (target, detect, idle) = match filter {
         Filter::Thrift(_) => {
@@ -338,7 +341,7 @@ async fn run_filter(
         }
         Filter::Passthrough => {
             drop(snap);
-            not_thrift()?;
+            conn.refuse_if_rules_need_thrift()?;
             let identity = conn.peer_identity.as_deref();
             tcp::passthrough(down, dst, direction, identity, Some(conn.authz), &ctx)
                 .await
@@ -360,7 +363,7 @@ async fn run_filter(
     drop(snap);
     // An original-destination cluster has one destination and no endpoints: nothing to
     // balance, whatever the port; Thrift is looked for only when rules name its methods.
-    let guarded = cluster.config.original_dst && defers;
+    let guarded = cluster.config.original_dst && conn.authz.defers();
     let mode = if guarded {
         TcpMode::Detect
     } else if cluster.config.original_dst {
@@ -375,7 +378,7 @@ async fn run_filter(
             Handled::Thrift
         }
         TcpMode::Relay => {
-            not_thrift()?;
+            conn.refuse_if_rules_need_thrift()?;
             if let Some(up) = tcp::connect(&cluster, dst, peer, direction, &ctx).await {
                 let early = (BytesMut::new(), BytesMut::new());
                 relay(down, early, up, &cluster, conn, idle, &ctx).await?;
@@ -464,10 +467,7 @@ async fn detect_first_speaker(
             if stalled && defers {
                 return Err(Refusal::FirstBytesTimeout);
             }
-            if defers {
-                debug!(%dst, "rules name Thrift methods and the client did not send a Thrift call: closing");
-                return Err(Refusal::NotAThriftCall);
-            }
+            conn.refuse_if_rules_need_thrift()?;
             let early = (from_client, from_server);
             relay(down, early, upstream, &cluster, conn, idle, &ctx).await?;
             Handled::Tcp

@@ -215,7 +215,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     )
     .await;
     // `/quitquitquit`'s reply (and any admin request in flight) is written before the exit.
-    admin.answered(Duration::from_secs(1)).await;
+    until_none(|| admin.connections(), Duration::from_secs(1)).await;
     tasks.shutdown().await;
     match capture {
         Capture::None => {}
@@ -383,12 +383,8 @@ const REPLIES_GRACE: Duration = Duration::from_secs(5);
 /// `timeout` passes; then Thrift connections take no new requests and close once their
 /// replies in flight are written, for up to [`REPLIES_GRACE`].
 async fn drain(open: &OpenConnections, closing: &watch::Sender<bool>, timeout: Duration) {
-    let until_closed = |deadline: tokio::time::Instant| async move {
-        while open.count() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    until_closed(tokio::time::Instant::now() + timeout).await;
+    let until_closed = |within| until_none(|| open.count(), within);
+    until_closed(timeout).await;
     if open.count() == 0 {
         return;
     }
@@ -397,12 +393,20 @@ async fn drain(open: &OpenConnections, closing: &watch::Sender<bool>, timeout: D
         "drain timeout: no new requests; closing connections once their replies are written"
     );
     closing.send_replace(true);
-    until_closed(tokio::time::Instant::now() + REPLIES_GRACE).await;
+    until_closed(REPLIES_GRACE).await;
     if open.count() > 0 {
         warn!(
             open = open.count(),
             "closing the remaining connections with replies still in flight"
         );
+    }
+}
+
+/// Waits until `open` counts nothing, at most `within`.
+async fn until_none(open: impl Fn() -> usize, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    while open() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
