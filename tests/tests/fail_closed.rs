@@ -446,3 +446,38 @@ fn rewritten_probes_reach_the_app_under_strict_without_a_bypass() {
         m.tern.log()
     );
 }
+
+/// An application in the Pod, under tern's own uid (root here, as many containers run),
+/// cannot join tern's listening sockets with `SO_REUSEPORT` and take captured connections:
+/// tern's listeners are not in a reuseport group, so the bind fails.
+#[test]
+fn the_application_cannot_share_terns_listening_ports() {
+    tern_tests::require_root!();
+    let m = mesh("version: \"1\"\n", "8080");
+    let script = "import socket, sys
+for addr in [('0.0.0.0', 15006), ('127.0.0.1', 15001)]:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        s.bind(addr)
+        s.listen(1)
+        print(addr[1], 'bound')
+    except OSError as e:
+        print(addr[1], e.strerror)
+";
+    let out =
+        m.p.app
+            .output(
+                Some(&m.p.cgroup),
+                std::path::Path::new("python3"),
+                &["-c", script],
+            )
+            .unwrap();
+    assert_eq!(
+        out.trim(),
+        "15006 Address already in use\n15001 Address already in use",
+        "{}",
+        m.tern.log()
+    );
+}
