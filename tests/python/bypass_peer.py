@@ -20,6 +20,11 @@ type, and whose binary protocol reads old non-strict messages.
     bypass_peer.py hold ADDR SECONDS
         a line-echo session (the test peer greets first) kept busy for SECONDS; prints
         JSON: {"echoes": n, "closed": whether the connection was closed under it}
+    bypass_peer.py bulk ADDR SECONDS
+        the same session with 64 KiB lines sent without pause (a bulk transfer both ways)
+        for SECONDS; prints JSON: {"sent": bytes, "received": bytes echoed, "closed":
+        whether the connection was closed under it, "stalled": whether it stopped moving
+        without being closed}
     bypass_peer.py flood ADDR N SIZE SECONDS
         N connections each send a framed binary CALL whose SIZE-byte frame lacks its last
         byte, and hold it for SECONDS; prints JSON: {"closed": how many the peer closed}
@@ -185,6 +190,43 @@ def hold(addr, seconds):
     print(json.dumps({"echoes": echoes, "closed": closed}), flush=True)
 
 
+def bulk(addr, seconds):
+    import time
+
+    host, port = addr.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=2)
+    line = b"x" * (64 * 1024 - 1) + b"\n"
+    counts = {"sent": 0, "received": 0, "closed": False, "stalled": False}
+
+    def writer():
+        try:
+            while True:
+                s.sendall(line)
+                counts["sent"] += len(line)
+        except OSError:
+            pass
+
+    deadline = time.time() + seconds
+    try:
+        greeting = b""
+        while not greeting.endswith(b"\n"):
+            chunk = s.recv(1)
+            if not chunk:
+                raise EOFError
+            greeting += chunk
+        threading.Thread(target=writer, daemon=True).start()
+        while time.time() < deadline:
+            chunk = s.recv(1 << 16)
+            if not chunk:
+                raise EOFError
+            counts["received"] += len(chunk)
+    except socket.timeout:
+        counts["stalled"] = True
+    except (OSError, EOFError):
+        counts["closed"] = True
+    print(json.dumps(counts), flush=True)
+
+
 def flood(addr, n, size, seconds):
     import time
 
@@ -247,3 +289,5 @@ if __name__ == "__main__":
         flood(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]))
     elif sys.argv[1] == "hold":
         hold(sys.argv[2], float(sys.argv[3]))
+    elif sys.argv[1] == "bulk":
+        bulk(sys.argv[2], float(sys.argv[3]))

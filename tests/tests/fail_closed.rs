@@ -70,6 +70,20 @@ fn mesh_with(snapshot: &str, ports: &str, extra: &[&str]) -> Mesh {
     Mesh { p, cp, tern }
 }
 
+/// How many pipe ends tern holds beyond its standard streams (a relay that splices holds a
+/// pipe per direction).
+fn pipes(tern: &Tern) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", tern.process.pid()))
+        .map(|fds| {
+            fds.filter_map(|fd| fd.ok())
+                .filter(|fd| fd.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) > Some(2))
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .filter(|target| target.to_string_lossy().starts_with("pipe:"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// tern's peak resident memory, in MiB.
 fn peak_rss_mib(tern: &Tern) -> f64 {
     tern_tests::proc_kib(tern.process.pid(), "VmHWM") as f64 / 1024.0
@@ -124,12 +138,13 @@ inbound_rbac:
 
 /// A policy pushed while connections are open reaches them: the next call on an open
 /// Thrift connection is decided by the new rule, a relayed connection the new rule denies is
-/// closed, and a new connection is refused — nothing keeps the policy of the moment it
+/// closed (a bulk transfer spliced inside the kernel too), and a new connection is refused — nothing keeps the policy of the moment it
 /// opened.
 #[test]
 fn a_policy_pushed_mid_connection_reaches_open_connections() {
     tern_tests::require_root!();
     let m = mesh("version: \"1\"\n", "9090,8080");
+    let idle_pipes = pipes(&m.tern);
     let log = TempFile::new("ran-session");
     let _thrift = method_logging_server(&m.p, "10.66.1.1:9090", &log, &[]);
     let _echo = tern_tests::serve(&m.p.app, &["10.66.1.1:8080"]).unwrap();
@@ -151,13 +166,26 @@ fn a_policy_pushed_mid_connection_reaches_open_connections() {
                 &["hold", "10.66.1.1:8080", "4"],
             )
         });
-        // Both connections are served (the relay once tern connected to the application).
+        let bulk = scope.spawn(|| {
+            python_json(
+                srv,
+                None,
+                "bypass_peer.py",
+                &["bulk", "10.66.1.1:8080", "4"],
+            )
+        });
+        // Every connection is served (the relays once tern connected to the application),
+        // and the bulk one is spliced: tern holds pipes.
         assert!(
             eventually(Duration::from_secs(5), || log.read().contains("whoami")
                 && m.tern
                     .log()
-                    .contains("relaying original_dst=10.66.1.1:8080")),
-            "{}",
+                    .matches("relaying original_dst=10.66.1.1:8080")
+                    .count()
+                    >= 2
+                && pipes(&m.tern) > idle_pipes),
+            "pipes: {} (idle: {idle_pipes})\n{}",
+            pipes(&m.tern),
             m.tern.log()
         );
         std::thread::sleep(Duration::from_millis(300));
@@ -173,6 +201,15 @@ inbound_rbac:
         // landed may still complete at the application: the relay is then closed under it).
         std::thread::sleep(Duration::from_millis(200));
         let ran_by_then = log.read().matches("whoami").count();
+        // The spliced relay is closed too, and its pipes given back.
+        assert!(
+            eventually(Duration::from_secs(2), || pipes(&m.tern) == idle_pipes),
+            "pipes: {} (idle: {idle_pipes})",
+            pipes(&m.tern)
+        );
+        let bulk = bulk.join().unwrap();
+        assert_eq!(bulk["closed"], true, "{bulk}\n{}", m.tern.log());
+        assert!(bulk["received"].as_u64().unwrap() > 1 << 20, "{bulk}");
         (session.join().unwrap(), held.join().unwrap(), ran_by_then)
     });
     let outcomes: Vec<&str> = outcomes["outcomes"]
