@@ -204,6 +204,11 @@ fn pod_is_captured_from_inside(driver: CgroupDriver) {
         log.contains(&pod.cgroup_relative()),
         "tern did not find the Pod's cgroup:\n{log}"
     );
+    // Istio's default number of workers, not one per core of the node.
+    assert!(
+        log.contains("data-plane workers started workers=2"),
+        "{log}"
+    );
 
     // tern's view from inside: a private cgroup namespace, and the Pod's cgroup found by UID.
     let own = pod.exec("tern", &["cat", "/proc/self/cgroup"]).unwrap();

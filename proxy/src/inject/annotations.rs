@@ -21,6 +21,10 @@ pub const TERN_INJECT: &str = "tern.io/inject";
 /// What injection added, so that it is done once.
 pub const STATUS: &str = "tern.io/status";
 
+/// The most data-plane workers a Pod may ask for (each is a thread with its own runtime and
+/// its own slice of every endpoint's pool).
+const MAX_CONCURRENCY: u32 = 256;
+
 /// The part of Istio's `ProxyConfig` tern honours (`proxy.istio.io/config`).
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -29,6 +33,8 @@ struct ProxyConfig {
     discovery_address: Option<String>,
     /// A Go duration.
     termination_drain_duration: Option<String>,
+    /// Data-plane worker threads; 0 for one per core available to tern's container.
+    concurrency: Option<u32>,
     /// Extra environment for the proxy.
     #[serde(default)]
     proxy_metadata: BTreeMap<String, String>,
@@ -87,6 +93,15 @@ pub fn environment(annotations: &Value) -> Result<Vec<(String, String)>, InjectE
                 "TERMINATION_DRAIN_DURATION_SECONDS".into(),
                 duration.as_secs().max(1).to_string(),
             ));
+        }
+        if let Some(workers) = config.concurrency {
+            if workers > MAX_CONCURRENCY {
+                return Err(bad(
+                    PROXY_CONFIG,
+                    format!("concurrency {workers}: at most {MAX_CONCURRENCY} workers"),
+                ));
+            }
+            env.push(("TERN_CONCURRENCY".into(), workers.to_string()));
         }
         let read_by_tern = crate::run::args::env_names();
         for (name, value) in config.proxy_metadata {
@@ -184,7 +199,7 @@ mod tests {
             (EXCLUDE_INBOUND_PORTS, "8081"),
             (
                 PROXY_CONFIG,
-                "discoveryAddress: istiod-canary.istio-system.svc:15012\nterminationDrainDuration: 30s\nproxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n",
+                "discoveryAddress: istiod-canary.istio-system.svc:15012\nterminationDrainDuration: 30s\nconcurrency: 4\nproxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n",
             ),
         ]))
         .unwrap();
@@ -198,6 +213,7 @@ mod tests {
                     "https://istiod-canary.istio-system.svc:15012"
                 ),
                 ("TERMINATION_DRAIN_DURATION_SECONDS", "30"),
+                ("TERN_CONCURRENCY", "4"),
                 ("ISTIO_META_DNS_CAPTURE", "true"),
             ]
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -215,6 +231,8 @@ mod tests {
                 "excludeOutboundIPRanges",
             ),
             (PROXY_CONFIG, "terminationDrainDuration: soon", "soon"),
+            (PROXY_CONFIG, "concurrency: 100000", "at most 256"),
+            (PROXY_CONFIG, "concurrency: -1", "not a ProxyConfig"),
             (PROXY_CONFIG, "[1, 2]", "not a ProxyConfig"),
         ] {
             let err = environment(&annotations(&[(key, value)]))

@@ -17,6 +17,9 @@ pub const VOLUMES: [&str; 5] = [
 pub const HOST_CGROUP: &str = "/host/sys/fs/cgroup";
 /// The uid tern runs as once capture is set up (Istio's proxy uid).
 pub const PROXY_UID: &str = "1337";
+/// Data-plane workers of an injected tern unless the Pod's `ProxyConfig` says otherwise
+/// (Istio's default `concurrency`).
+pub const DEFAULT_CONCURRENCY: &str = "2";
 /// tern's health and metrics port (Istio's merged-metrics port).
 pub const STATS_PORT: u16 = 15020;
 
@@ -70,6 +73,9 @@ pub fn container(options: &Options, extra_env: &[(String, String)]) -> Value {
         plain("TERN_XDS_TOKEN_FILE", "/var/run/secrets/tokens/istio-token"),
         plain("ISTIO_META_CLUSTER_ID", &options.cluster_id),
         plain("TRUST_DOMAIN", &options.trust_domain),
+        // Istio's default: two workers, whatever the node's size (the container has no CPU
+        // limit to size them by); `proxy.istio.io/config`'s `concurrency` replaces it.
+        plain("TERN_CONCURRENCY", DEFAULT_CONCURRENCY),
     ];
     // An annotation's value replaces the default of the same name, and the last of the same
     // name wins; in one pass each, so an annotation of 20,000 entries costs no more than linear.
@@ -177,6 +183,18 @@ mod tests {
         let xds: Vec<_> = env.iter().filter(|e| e["name"] == "XDS_ADDRESS").collect();
         assert_eq!(xds.len(), 1);
         assert_eq!(xds[0]["value"], "https://x:15012");
+        let workers = |c: &Value| -> Vec<String> {
+            c["env"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .filter(|e| e["name"] == "TERN_CONCURRENCY")
+                .map(|e| e["value"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(workers(&c), [DEFAULT_CONCURRENCY]);
+        let four = container(&options, &[("TERN_CONCURRENCY".into(), "4".into())]);
+        assert_eq!(workers(&four), ["4"]);
         let mounts: Vec<&str> = c["volumeMounts"]
             .as_sequence()
             .unwrap()
