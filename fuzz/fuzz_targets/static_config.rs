@@ -3,14 +3,14 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tern::{config::file::parse, metrics::Metrics, state::State};
+use tern::{config::file::parse, state::State};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
     if let Ok(config) = parse(text, "fuzz") {
-        let state = State::new(Metrics::new(None));
+        let state = State::new(Default::default());
         state.apply(config);
         let snapshot = state.load();
         let _ = snapshot.select(

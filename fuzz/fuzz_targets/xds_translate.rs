@@ -5,7 +5,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use tern::{config::Config, metrics::Metrics, state::State, xds::handler::XdsHandler};
+use tern::{
+    config::Config,
+    state::State,
+    xds::{handler::XdsHandler, metrics::ConfigMetrics},
+};
 use tern_proto::{Any, type_url};
 use tern_xds_client::{Handler, Update};
 
@@ -17,7 +21,11 @@ const TYPES: [&str; 4] = [
 ];
 
 fuzz_target!(|data: &[u8]| {
-    let mut handler = XdsHandler::new(State::new(Metrics::new(None)), Config::default());
+    let mut handler = XdsHandler::new(
+        State::new(Default::default()),
+        Config::default(),
+        ConfigMetrics::unregistered(),
+    );
     let mut rest = data;
     while let [selector, name_len, tail @ ..] = rest {
         let name_len = usize::from(*name_len);

@@ -67,7 +67,8 @@ fn main() {
         .build()
         .expect("runtime");
     let (proxy, _closing) = runtime.block_on(async {
-        let state = State::new(Metrics::new(None));
+        let metrics = Metrics::new(None);
+        let state = State::new(metrics.upstream.clone());
         let yaml = format!(
             "listeners:\n  - address: {vip}\n    filter_chains: [ {{ thrift_proxy: {{ default_cluster: echo }} }} ]\n\
              clusters:\n  - name: echo\n    endpoints: [ {{ address: {echo} }} ]\n"
@@ -76,6 +77,7 @@ fn main() {
         let (closing_tx, closing) = tokio::sync::watch::channel(false);
         let ctx = Arc::new(Ctx {
             state,
+            metrics: metrics.filters.clone(),
             mark: 0,
             limits: DecoderLimits::default(),
             closing,

@@ -8,7 +8,6 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use tern::{
     balance::{Candidate, EndpointPicker},
     config::{self, Endpoint, LbPolicy},
-    metrics::Metrics,
     state::{Selection, State},
     thrift::{Decoder, DecoderLimits},
 };
@@ -141,7 +140,7 @@ fn router(c: &mut Criterion) {
         );
     }
     yaml += "clusters:\n  - name: c\n    endpoints: [ { address: 10.0.0.1:9090 } ]\n";
-    let state = State::new(Metrics::new(None));
+    let state = State::new(Default::default());
     state.apply(config::file::parse(&yaml, "bench").expect("configuration"));
     let snap = state.load();
     let dst: SocketAddr = "10.96.3.200:9090".parse().expect("address");

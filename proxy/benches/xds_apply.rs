@@ -10,7 +10,11 @@
 //! Prints JSON; with `TERN_BENCH_OUT=FILE` also writes it there.
 use std::{collections::BTreeMap, time::Instant};
 
-use tern::{config::Config, metrics::Metrics, state::State, xds::handler::XdsHandler};
+use tern::{
+    config::Config,
+    state::State,
+    xds::{handler::XdsHandler, metrics::ConfigMetrics},
+};
 use tern_proto::{ClusterLoadAssignment, build, encode, type_url};
 use tern_xds_client::{Handler, Update};
 
@@ -27,7 +31,11 @@ fn load_assignment(name: &str, n: u32, variant: u32) -> ClusterLoadAssignment {
 }
 
 fn handler() -> XdsHandler {
-    XdsHandler::new(State::new(Metrics::new(None)), Config::default())
+    XdsHandler::new(
+        State::new(Default::default()),
+        Config::default(),
+        ConfigMetrics::unregistered(),
+    )
 }
 
 fn apply(h: &mut XdsHandler, url: &'static str, items: Vec<(String, tern_proto::Any)>) {

@@ -26,6 +26,8 @@ use crate::{probe::AppProbers, state::State};
 /// What the admin endpoints read and act on.
 pub struct Admin {
     pub state: Arc<State>,
+    /// What `/stats/prometheus` encodes.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Set to true to start draining (`/quitquitquit`).
     pub drain: Arc<watch::Sender<bool>>,
     /// The xDS client's view, when tern has a control plane.
@@ -173,7 +175,7 @@ fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (&Method::GET, "/stats/prometheus") => respond(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            admin.state.metrics.encode(),
+            admin.metrics.encode(),
         ),
         (&Method::GET, "/config_dump") => {
             let snap = admin.state.load();

@@ -8,17 +8,49 @@ use std::{
     time::{Duration, Instant},
 };
 
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
 use tokio::net::TcpListener;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     filters::{self, Ctx, Direction},
-    metrics::ListenerLabel,
     refusal::Refusal,
     socket::{self, OriginalDstSource},
     workers::Workers,
 };
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabel {
+    listener: String,
+}
+
+/// The listeners' metric families: connections accepted, and open, by listener.
+#[derive(Clone, Debug, Default)]
+pub struct ListenerMetrics {
+    accepted: Family<ListenerLabel, Counter>,
+    open: Family<ListenerLabel, Gauge>,
+}
+
+impl ListenerMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "downstream_connections",
+            "Connections accepted by listener",
+            m.accepted.clone(),
+        );
+        registry.register(
+            "downstream_connections_active",
+            "Open downstream connections by listener",
+            m.open.clone(),
+        );
+        m
+    }
+}
 
 /// Open downstream connections, for draining.
 #[derive(Debug, Default)]
@@ -53,23 +85,14 @@ pub async fn serve(
     open: Arc<OpenConnections>,
     max_connections: usize,
     workers: Arc<Workers>,
+    metrics: ListenerMetrics,
 ) {
     let listen_port = listener.local_addr().map_or(0, |a| a.port());
     let label = ListenerLabel {
         listener: direction.as_str().to_owned(),
     };
-    let accepted = ctx
-        .state
-        .metrics
-        .downstream_connections
-        .get_or_create(&label)
-        .clone();
-    let active = ctx
-        .state
-        .metrics
-        .downstream_connections_active
-        .get_or_create(&label)
-        .clone();
+    let accepted = metrics.accepted.get_or_create(&label).clone();
+    let active = metrics.open.get_or_create(&label).clone();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -81,9 +104,9 @@ pub async fn serve(
         };
         accepted.inc();
         if open.count() >= max_connections {
-            ctx.state
-                .metrics
-                .refused(direction.as_str(), Refusal::Overloaded);
+            ctx.metrics
+                .refusals
+                .count(direction.as_str(), Refusal::Overloaded);
             debug!(%peer, open = open.count(), "too many connections: refused");
             drop(stream);
             continue;

@@ -9,9 +9,17 @@
 use std::{collections::HashMap, sync::Arc, sync::Mutex};
 
 use arc_swap::ArcSwap;
-use prometheus_client::metrics::{counter::Counter, family::Family};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+};
 
-use crate::metrics::MethodLabels;
+/// The labels of `tern_thrift_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub cluster: String,
+    pub method: String,
+}
 
 /// Names learned from replies, per cluster.
 pub const MAX_LEARNED: usize = 64;

@@ -1,7 +1,46 @@
 //! Why tern refused a connection: every refusal has a reason, counted
 //! (`tern_connections_refused_total{direction,reason}`) and written in the access log, so a
 //! closed door is never silent.
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
+
 use crate::config::NoInbound;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    /// `inbound` or `outbound`.
+    direction: &'static str,
+    reason: &'static str,
+}
+
+/// Counts refused connections by direction and [`Refusal`].
+#[derive(Clone, Debug, Default)]
+pub struct Refusals(Family<RefusedLabels, Counter>);
+
+impl Refusals {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        registry.register(
+            "connections_refused",
+            "Connections tern closed without reaching their destination, by direction and reason",
+            m.0.clone(),
+        );
+        m
+    }
+
+    /// Counts a refused connection.
+    pub fn count(&self, direction: &'static str, why: Refusal) {
+        self.0
+            .get_or_create(&RefusedLabels {
+                direction,
+                reason: why.as_str(),
+            })
+            .inc();
+    }
+}
 
 /// Why a connection was closed without reaching its destination.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

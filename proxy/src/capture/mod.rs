@@ -20,6 +20,7 @@ pub mod check;
 pub mod ebpf;
 pub mod gc;
 pub mod iptables;
+pub mod metrics;
 pub mod pod;
 #[allow(unsafe_code)] // bpf(2), perf_event_open(2) and their file descriptors (FFI)
 mod sys;

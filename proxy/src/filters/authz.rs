@@ -16,7 +16,6 @@ use crate::{
         Filter,
         rbac::{Attributes, Rbac},
     },
-    metrics::Metrics,
     refusal::Refusal,
     state::State,
     thrift::Message,
@@ -29,6 +28,7 @@ pub struct Authz {
     /// The chain, found again in each new configuration.
     chain: ChainRef,
     state: Arc<State>,
+    metrics: Arc<super::metrics::FilterMetrics>,
     /// Changes when listeners change.
     policy: watch::Receiver<()>,
     /// Set once the policy in force no longer allows the connection: it stays so.
@@ -62,6 +62,7 @@ impl Authz {
         chain: ChainRef,
         filters: Vec<Arc<Rbac>>,
         state: Arc<State>,
+        metrics: Arc<super::metrics::FilterMetrics>,
         policy: watch::Receiver<()>,
         source: SocketAddr,
         destination: SocketAddr,
@@ -72,6 +73,7 @@ impl Authz {
             filters,
             chain,
             state,
+            metrics,
             policy,
             revoked: None,
             needs_method: false,
@@ -207,14 +209,10 @@ impl Authz {
         Ok(())
     }
 
-    fn metrics(&self) -> &Metrics {
-        &self.state.metrics
-    }
-
     /// Every filter, in order: the deciding policy of a refusal, or whether some filter
     /// could not decide without a Thrift method (`thrift` is none).
     fn check(&self, thrift: Option<(Option<&str>, &str)>) -> Result<bool, String> {
-        let metrics = self.metrics();
+        let metrics = &self.metrics;
         let attrs = Attributes {
             source: self.source,
             destination: self.destination,

@@ -56,7 +56,7 @@ pub async fn serve(
                 // The policy in force no longer allows the connection at all.
                 break;
             }
-            ctx.state.metrics.local_reply("", "rbac_access_denied");
+            ctx.metrics.local_reply("", "rbac_access_denied");
             if call.kind() == MessageType::Call {
                 let reply = application_exception(
                     &call.meta(),

@@ -38,7 +38,7 @@ pub fn tcp(
     up: Option<&Stream>,
     peer_identity: Option<&str>,
 ) -> TcpSeries {
-    let istio = &ctx.state.metrics.istio;
+    let istio = &ctx.metrics.istio;
     let own = own_principal(ctx);
     let service = cluster.and_then(|c| c.config.service.as_deref());
     match direction {
@@ -86,7 +86,7 @@ pub fn endpoint_requests<'a>(
     let traffic = ep.runtime.traffic();
     traffic.istio.get_or_init(|| {
         let remote = endpoint_workload(Some(ep));
-        let istio = &ctx.state.metrics.istio;
+        let istio = &ctx.metrics.istio;
         let own = own_principal(ctx);
         let server = traffic.server_identity.get().map(|s| &**s);
         let peers = Peers {
@@ -104,7 +104,7 @@ pub fn endpoint_requests<'a>(
 
 /// The series of a call tern answered itself (`cause`, as Envoy's response flags say it).
 pub fn local_reply(ctx: &Ctx, cluster: Option<&Arc<ClusterState>>, cause: &str) -> RequestSeries {
-    let istio = &ctx.state.metrics.istio;
+    let istio = &ctx.metrics.istio;
     let own = own_principal(ctx);
     let unknown = Workload::default();
     let peers = Peers {

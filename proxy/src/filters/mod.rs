@@ -5,6 +5,7 @@
 //! - [`tcp`]: a byte relay to a cluster, or to the original destination (passthrough);
 //! - [`inspect`]: TLS ClientHello and HTTP detection, for chains that match on them;
 //! - [`authz`]: the chain's RBAC filters, on the connection and on Thrift calls;
+//! - [`metrics`]: what they count;
 //! - [`detect`]: what a TCP proxy chain does first — it finds out from the first bytes
 //!   whether the client speaks Thrift, and then balances it per request. Istio sends Thrift
 //!   services as plain `tcp_proxy`, so this is how tern balances them with no configuration.
@@ -29,6 +30,7 @@ pub mod detect;
 mod guarded;
 pub mod inspect;
 mod istio;
+pub mod metrics;
 mod ordered;
 pub mod tcp;
 pub mod thrift;
@@ -52,6 +54,7 @@ impl Direction {
 /// What every connection handler needs.
 pub struct Ctx {
     pub state: Arc<State>,
+    pub metrics: Arc<metrics::FilterMetrics>,
     /// `SO_MARK` on upstream sockets, so capture skips them.
     pub mark: u32,
     pub limits: DecoderLimits,
@@ -150,7 +153,7 @@ impl From<Handled> for Outcome {
 impl Outcome {
     /// A connection refused for `why` (counted).
     fn refused(why: Refusal, direction: Direction, ctx: &Ctx) -> Self {
-        ctx.state.metrics.refused(direction.as_str(), why);
+        ctx.metrics.refusals.count(direction.as_str(), why);
         Outcome {
             handled: Handled::Denied,
             peer_identity: None,
@@ -258,6 +261,7 @@ pub async fn handle(
         chain.clone(),
         rbac,
         ctx.state.clone(),
+        ctx.metrics.clone(),
         policy,
         peer,
         dst,
@@ -304,9 +308,9 @@ async fn terminate(
     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, server.accept(down, offered))
         .await
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
-    ctx.state
-        .metrics
-        .handshake("inbound", handshake.as_ref().map(|_| ()));
+    ctx.metrics
+        .handshakes
+        .count("inbound", handshake.as_ref().map(|_| ()));
     match handshake {
         Ok(tls) => {
             let identity = crate::tls::peer_identity(tls.get_ref().1.peer_certificates());

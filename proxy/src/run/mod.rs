@@ -31,12 +31,13 @@ use crate::{
     config::{Config, NoInbound, file},
     filters::{Ctx, Direction, ThriftPorts},
     listener::{self, OpenConnections},
-    metrics::{CertMetrics, ConfigLabels, Metrics},
+    metrics::Metrics,
     socket,
     state::State,
     thrift::DecoderLimits,
     tls,
     workers::Workers,
+    xds::metrics::ConfigMetrics,
 };
 use args::{CaptureMode, RunArgs};
 
@@ -111,13 +112,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         CaptureMode::None => "NONE",
     };
     let node = crate::xds::node::node(args.node_id.as_deref(), interception);
-    let state = State::with_table_budget(
-        Metrics::for_workload(pins, crate::telemetry::Workload::from_node(&node)),
-        args.max_hash_table_bytes,
-    );
+    let metrics = Metrics::for_workload(pins, crate::telemetry::Workload::from_node(&node));
+    let state = State::with_table_budget(metrics.upstream.clone(), args.max_hash_table_bytes);
     // With a control plane, tern is ready once its first configuration is warm; the static
     // configuration is the base it adds to. Without one, the static configuration is all.
-    let xds = xds_client(&args, &node, &state, &config, mark)?;
+    let xds = xds_client(&args, &node, &state, &config, &metrics, mark)?;
     let loaded_version = config.version.clone();
     if xds.is_none() {
         state.apply(config);
@@ -134,6 +133,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (closing_tx, closing_rx) = watch::channel(false);
     let ctx = Arc::new(Ctx {
         state: state.clone(),
+        metrics: metrics.filters.clone(),
         mark,
         limits: DecoderLimits {
             max_frame: args.max_frame_size,
@@ -171,6 +171,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
                 open.clone(),
                 args.max_connections,
                 workers.clone(),
+                metrics.listeners.clone(),
             ));
         }
     }
@@ -181,6 +182,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let admin = Arc::new(Admin {
         state: state.clone(),
+        metrics: metrics.clone(),
         drain: drain_tx.clone(),
         xds: xds_status.clone(),
         app_health: admin::AppHealth {
@@ -190,13 +192,25 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         connections: Default::default(),
     });
-    let control = control_tasks(&args, &state, xds_stream, xds_status.clone(), mark)?;
+    let control = control_tasks(
+        &args,
+        &state,
+        &metrics,
+        xds_stream,
+        xds_status.clone(),
+        mark,
+    )?;
     let servers = admin_servers(&args, admin_listener);
     spawn_control_thread(servers, admin.clone(), control)?;
     // The file is re-read when it changes unless a control plane owns the configuration
     // (then the file is only the base it adds to).
     if let (Some(path), None) = (args.config.clone(), &xds_status) {
-        tasks.spawn(watch_config(path, state.clone(), loaded_version));
+        tasks.spawn(watch_config(
+            path,
+            state.clone(),
+            metrics.config.clone(),
+            loaded_version,
+        ));
     }
     tasks.spawn(close_idle_connections(state.clone()));
     info!("tern is running");
@@ -285,6 +299,7 @@ fn xds_client(
     node: &tern_proto::Node,
     state: &Arc<State>,
     config: &Config,
+    metrics: &Metrics,
     mark: u32,
 ) -> anyhow::Result<
     Option<(
@@ -316,7 +331,11 @@ fn xds_client(
                     max_backoff: Duration::from_secs(15),
                 },
                 engine,
-                crate::xds::handler::XdsHandler::new(state.clone(), config.clone()),
+                crate::xds::handler::XdsHandler::new(
+                    state.clone(),
+                    config.clone(),
+                    metrics.config.clone(),
+                ),
                 status_tx,
             );
             Ok((stream, status_rx))
@@ -329,6 +348,7 @@ fn xds_client(
 fn control_tasks(
     args: &RunArgs,
     state: &Arc<State>,
+    metrics: &Metrics,
     xds_stream: Option<impl std::future::Future<Output = ()> + Send + 'static>,
     xds_status: Option<XdsStatus>,
     mark: u32,
@@ -338,14 +358,11 @@ fn control_tasks(
         control.push(Box::pin(stream));
     }
     if let Some(status) = xds_status {
-        control.push(Box::pin(export_xds_state(status, state.clone())));
+        control.push(Box::pin(export_xds_state(status, metrics.config.clone())));
     }
     if let Some((source, label)) = cert_source(args, mark)? {
         info!(source = label, "workload certificate source");
-        let events = Arc::new(CertMetrics {
-            metrics: state.metrics.clone(),
-            source: label,
-        });
+        let events = Arc::new(metrics.tls.certificate_events(label));
         control.push(Box::pin(tls::source::run(
             source,
             state.tls.store.clone(),
@@ -560,20 +577,11 @@ async fn close_idle_connections(state: Arc<State>) {
 
 /// Re-reads the configuration file when it changes; a broken one is refused (logged and
 /// counted) and the last good configuration keeps serving.
-async fn watch_config(path: PathBuf, state: Arc<State>, loaded: String) {
+async fn watch_config(path: PathBuf, state: Arc<State>, metrics: ConfigMetrics, loaded: String) {
     // What was loaded at start, by its version (a hash of the text): a change written before
     // this task first looks is still a change.
     let mut last = loaded;
-    let count = |result: &'static str| {
-        state
-            .metrics
-            .config_updates
-            .get_or_create(&ConfigLabels {
-                source: "file",
-                result,
-            })
-            .inc();
-    };
+    let count = |result: &'static str| metrics.update("file", result);
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let Ok(now) = std::fs::read_to_string(&path) else {
@@ -600,7 +608,7 @@ async fn watch_config(path: PathBuf, state: Arc<State>, loaded: String) {
 /// Mirrors the xDS client's connection state into metrics.
 async fn export_xds_state(
     mut status: watch::Receiver<tern_xds_client::ClientStatus>,
-    state: Arc<State>,
+    metrics: ConfigMetrics,
 ) {
     let mut reconnects = 0;
     while status.changed().await.is_ok() {
@@ -608,11 +616,7 @@ async fn export_xds_state(
             let s = status.borrow();
             (s.connected, s.reconnects)
         };
-        state.metrics.xds_connected.set(i64::from(connected));
-        state
-            .metrics
-            .xds_reconnects
-            .inc_by(now.saturating_sub(reconnects));
+        metrics.stream(connected, now.saturating_sub(reconnects));
         reconnects = now;
     }
 }

@@ -27,9 +27,8 @@ pub use snapshot::{ChainTls, ClusterState, EndpointHandle, Peeked, Selection, Sn
 use crate::{
     balance::EndpointPicker,
     config::{Cluster, Config, Filter, RouteAction},
-    metrics::Metrics,
     tls::{CertStore, TlsContexts},
-    upstream::ClusterRuntime,
+    upstream::{ClusterRuntime, metrics::UpstreamMetrics},
 };
 
 /// At most one `malloc_trim` this often (it walks the heap; pushes can come 100 times a
@@ -61,7 +60,8 @@ pub struct State {
     policy: tokio::sync::watch::Sender<()>,
     /// What every cluster's ring hash and Maglev tables may hold together.
     tables: Arc<crate::budget::BufferBudget>,
-    pub metrics: Arc<Metrics>,
+    /// The families clusters count in.
+    metrics: Arc<UpstreamMetrics>,
     /// The workload certificate, and TLS clients and servers that use it.
     pub tls: TlsContexts,
 }
@@ -70,12 +70,12 @@ pub struct State {
 pub const DEFAULT_TABLE_BUDGET: usize = 64 << 20;
 
 impl State {
-    pub fn new(metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(metrics: Arc<UpstreamMetrics>) -> Arc<Self> {
         Self::with_table_budget(metrics, DEFAULT_TABLE_BUDGET)
     }
 
     /// A state whose clusters' hash tables hold at most `table_bytes` together.
-    pub fn with_table_budget(metrics: Arc<Metrics>, table_bytes: usize) -> Arc<Self> {
+    pub fn with_table_budget(metrics: Arc<UpstreamMetrics>, table_bytes: usize) -> Arc<Self> {
         Arc::new(Self {
             current: ArcSwap::from_pointee(Snapshot::empty()),
             clusters: Mutex::new(HashMap::new()),
@@ -469,7 +469,7 @@ clusters:
 
     #[test]
     fn selects_listeners_and_chains_as_envoy_does() {
-        let state = State::new(Metrics::new(None));
+        let state = State::new(Default::default());
         state.apply(parse(CONFIG, "test").unwrap());
         let s = state.load();
         assert_eq!(chain_for(&s, "10.96.0.10:9090", "10.9.0.1:1"), "exact");
@@ -492,7 +492,7 @@ clusters:
 
     #[test]
     fn endpoints_keep_their_state_across_snapshots() {
-        let state = State::new(Metrics::new(None));
+        let state = State::new(Default::default());
         state.apply(parse(CONFIG, "test").unwrap());
         let before = state.load().clusters["a"].endpoints[0].runtime.clone();
         before.traffic().requests.fetch_add(7, Ordering::Relaxed);
@@ -539,7 +539,7 @@ clusters:
 
     #[test]
     fn an_update_that_keeps_the_listeners_keeps_their_index() {
-        let state = State::new(Metrics::new(None));
+        let state = State::new(Default::default());
         let config = parse(CONFIG, "test").unwrap();
         state.apply(config.clone());
         let first = state.load();
@@ -566,7 +566,7 @@ clusters:
             EndpointMetadata,
             tls::{CertSource, Roots, SocketMatch, TransportSockets, UpstreamTls, Validation},
         };
-        let state = State::new(Metrics::new(None));
+        let state = State::new(Default::default());
         let mtls = |san: &str| {
             Arc::new(UpstreamTls {
                 sni: None,

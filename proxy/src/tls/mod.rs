@@ -7,12 +7,14 @@
 //! - [`ca`]: Istio's `CreateCertificate`;
 //! - [`verify`]: checking a peer's certificate (roots and SAN matchers);
 //! - [`context`]: rustls clients and servers for the configuration's TLS contexts;
-//! - [`failure`]: why a handshake failed, as a metric label.
+//! - [`failure`]: why a handshake failed, as a metric label;
+//! - [`metrics`]: handshakes and the workload certificate's updates, counted.
 pub mod ca;
 pub mod certs;
 pub mod context;
 pub mod failure;
 pub mod identity;
+pub mod metrics;
 pub mod source;
 pub mod store;
 pub mod verify;

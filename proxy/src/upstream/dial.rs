@@ -45,8 +45,8 @@ pub async fn secure(
     })?;
     let handshake = client.connect(tcp, addr.ip()).await;
     cluster
-        .registry()
-        .handshake("outbound", handshake.as_ref().map(|_| ()));
+        .handshakes()
+        .count("outbound", handshake.as_ref().map(|_| ()));
     let stream = Stream::Tls(Box::new(handshake?.into()));
     tracing::debug!(
         %addr,

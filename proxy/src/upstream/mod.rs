@@ -1,6 +1,7 @@
 //! The upstream side: each cluster's and endpoint's live state, which outlives snapshots
 //! ([`runtime`]: counters, breakers, pools; [`outlier`]: Envoy's consecutive-error
-//! ejection), and the connections to one endpoint, for the Thrift proxy.
+//! ejection; [`metrics`]: what it counts), and the connections to one endpoint, for the
+//! Thrift proxy.
 //!
 //! Thrift servers — Apache Thrift's `TSimpleServer`, `TThreadedServer`, `TThreadPoolServer`,
 //! and most in production — read a connection's next request only after answering the one
@@ -29,6 +30,7 @@ use crate::thrift::{DecoderLimits, Message, MessageType, frame::split_name};
 
 pub mod dial;
 pub mod exclusive;
+pub mod metrics;
 pub mod multiplexed;
 pub mod outlier;
 mod reply_cell;

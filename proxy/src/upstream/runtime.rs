@@ -10,16 +10,15 @@ use std::{
     },
 };
 
-use prometheus_client::metrics::{counter::Counter, gauge::Gauge, histogram::Histogram};
-
-use super::{Pool, outlier::Outlier};
+use super::{
+    Pool,
+    metrics::{ClusterMetrics, UpstreamMetrics},
+    outlier::Outlier,
+};
 use crate::{
     config::{Cluster, UpstreamTls},
     latency::PeakEwma,
-    method_labels::MethodCounters,
-    metrics::{ClusterLabel, Metrics, ResultLabels},
     telemetry::RequestSeries,
-    thrift::frame::ReplyResult,
     tls::{ClientTls, ContextError, TlsContexts},
 };
 
@@ -131,7 +130,7 @@ pub struct ClusterRuntime {
     /// clusters and each series costs memory (and a line on the metrics page).
     metrics: OnceLock<ClusterMetrics>,
     name: Box<str>,
-    registry: Arc<Metrics>,
+    families: Arc<UpstreamMetrics>,
     /// The runtime of each endpoint, by address and TLS; read and written only when a
     /// snapshot is built (the data path reaches endpoints through the snapshot).
     endpoints: Mutex<Vec<(EndpointKey, Arc<EndpointRuntime>)>>,
@@ -160,57 +159,8 @@ fn find<'a>(
 /// TLS clients a cluster keeps (it has one or two contexts; more only after changes).
 const CLIENT_TLS_KEPT: usize = 4;
 
-/// A cluster's metric handles, resolved once so counting looks nothing up and allocates
-/// nothing.
-#[derive(Debug)]
-pub struct ClusterMetrics {
-    pub active_gauge: Gauge,
-    pub request_seconds: Histogram,
-    pub connections_opened: Counter,
-    pub connections_gauge: Gauge,
-    /// Replies by result (success, declared exception, application error).
-    pub replies: [Counter; 3],
-    /// Requests by method, with bounded labels.
-    pub methods: MethodCounters,
-}
-
-impl ClusterMetrics {
-    fn new(name: &str, metrics: &Metrics) -> Self {
-        let label = ClusterLabel {
-            cluster: name.to_owned(),
-        };
-        Self {
-            active_gauge: metrics.active_requests.get_or_create(&label).clone(),
-            request_seconds: metrics
-                .upstream_request_seconds
-                .get_or_create(&label)
-                .clone(),
-            connections_opened: metrics.upstream_connections.get_or_create(&label).clone(),
-            connections_gauge: metrics
-                .upstream_connections_active
-                .get_or_create(&label)
-                .clone(),
-            methods: MethodCounters::new(name, &metrics.requests),
-            replies: ReplyResult::ALL.map(|result| {
-                metrics
-                    .replies
-                    .get_or_create(&ResultLabels {
-                        cluster: name.to_owned(),
-                        result: result.as_str(),
-                    })
-                    .clone()
-            }),
-        }
-    }
-
-    /// The reply counter for a result.
-    pub fn replies(&self, result: ReplyResult) -> &Counter {
-        &self.replies[result as usize]
-    }
-}
-
 impl ClusterRuntime {
-    pub fn new(name: &str, metrics: &Arc<Metrics>, contexts: &TlsContexts) -> Self {
+    pub fn new(name: &str, metrics: &Arc<UpstreamMetrics>, contexts: &TlsContexts) -> Self {
         Self {
             client_tls: Mutex::new(Vec::new()),
             contexts: contexts.clone(),
@@ -220,7 +170,7 @@ impl ClusterRuntime {
             released: tokio::sync::Notify::new(),
             metrics: OnceLock::new(),
             name: name.into(),
-            registry: metrics.clone(),
+            families: metrics.clone(),
             endpoints: Mutex::new(Vec::new()),
         }
     }
@@ -301,15 +251,15 @@ impl ClusterRuntime {
         &self.name
     }
 
-    /// The metrics registry (for counts that are not per cluster).
-    pub fn registry(&self) -> &Metrics {
-        &self.registry
+    /// Handshakes of upstream TLS connections (counted per direction, not per cluster).
+    pub fn handshakes(&self) -> &crate::tls::metrics::Handshakes {
+        &self.families.handshakes
     }
 
     /// The cluster's metric handles (made on first use).
     pub fn metrics(&self) -> &ClusterMetrics {
         self.metrics
-            .get_or_init(|| ClusterMetrics::new(&self.name, &self.registry))
+            .get_or_init(|| ClusterMetrics::new(&self.name, &self.families))
     }
 }
 

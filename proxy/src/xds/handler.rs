@@ -17,12 +17,12 @@ use tern_xds_client::{Handler, Interest, RejectedConfig, Update};
 use tracing::{debug, info, warn};
 
 use super::{
+    metrics::{ConfigMetrics, SetAsideLabels},
     store::Store,
     translate::{TranslateError, cluster, endpoints, listener},
 };
 use crate::{
     config::{Config, NoInbound},
-    metrics::{ConfigLabels, SetAsideLabels, TypeLabel},
     state::State,
 };
 
@@ -48,6 +48,7 @@ fn short(type_url: &str) -> &'static str {
 /// The proxy's xDS handler.
 pub struct XdsHandler {
     state: Arc<State>,
+    metrics: ConfigMetrics,
     /// The static configuration (`--config`), under what xDS adds.
     base: Config,
     store: Store,
@@ -70,9 +71,10 @@ pub struct XdsHandler {
 }
 
 impl XdsHandler {
-    pub fn new(state: Arc<State>, base: Config) -> Self {
+    pub fn new(state: Arc<State>, base: Config, metrics: ConfigMetrics) -> Self {
         Self {
             state,
+            metrics,
             base,
             store: Store::default(),
             rejected: BTreeMap::new(),
@@ -87,14 +89,7 @@ impl XdsHandler {
     }
 
     fn count(&self, type_url: &str, result: &'static str) {
-        self.state
-            .metrics
-            .config_updates
-            .get_or_create(&ConfigLabels {
-                source: short(type_url),
-                result,
-            })
-            .inc();
+        self.metrics.update(short(type_url), result);
     }
 
     /// Decodes, checks and translates one resource into the store.
@@ -234,7 +229,7 @@ impl XdsHandler {
     }
 
     fn export_set_aside(&mut self, config: &Config) {
-        let family = &self.state.metrics.xds_set_aside;
+        let family = &self.metrics.set_aside;
         for labels in self.set_aside_series.drain(..) {
             family.get_or_create(&labels).set(0);
         }
@@ -306,13 +301,7 @@ impl Handler for XdsHandler {
             self.refresh_wanted();
         }
         let count = self.rejected.get(type_url).map_or(0, |r| r.len());
-        self.state
-            .metrics
-            .xds_rejected
-            .get_or_create(&TypeLabel {
-                resource: short(type_url),
-            })
-            .set(i64::try_from(count).unwrap_or(i64::MAX));
+        self.metrics.rejected(short(type_url), count);
         self.count(
             type_url,
             if rejected.is_empty() {
@@ -322,13 +311,8 @@ impl Handler for XdsHandler {
             },
         );
         self.publish();
-        self.state
-            .metrics
-            .xds_apply_seconds
-            .get_or_create(&TypeLabel {
-                resource: short(type_url),
-            })
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .applied_in(short(type_url), started.elapsed().as_secs_f64());
         if rejected.is_empty() {
             Ok(())
         } else {

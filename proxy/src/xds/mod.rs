@@ -5,8 +5,10 @@
 //!   they make;
 //! - [`handler`]: the xDS client's handler: refuses what cannot be used by name, applies
 //!   the rest, publishes;
+//! - [`metrics`]: what the configuration path counts;
 //! - [`node`]: the node identity istiod expects.
 pub mod handler;
+pub mod metrics;
 pub mod node;
 pub mod store;
 pub mod translate;

@@ -10,10 +10,9 @@ use tern_proto::{
 };
 use tern_xds_client::{Handler, Update};
 
-use super::handler::XdsHandler;
+use super::{handler::XdsHandler, metrics::ConfigMetrics};
 use crate::{
     config::{Config, Filter, Health, LbPolicy, Passthrough, SetAsideReason, Target},
-    metrics::Metrics,
     refusal::Refusal,
     state::{Peeked, Selection, State},
     thrift::{Protocol, Transport},
@@ -40,8 +39,16 @@ fn changed<T: prost::Message>(items: &BTreeMap<String, T>, url: &str) -> Update 
 
 /// A handler with every resource of `r` applied in istiod's order (CDS, EDS, LDS).
 fn apply_all(r: &Resources) -> (XdsHandler, std::sync::Arc<State>, Vec<String>) {
-    let state = State::new(Metrics::new(None));
-    let mut h = XdsHandler::new(state.clone(), Config::default());
+    let (h, state, rejected, _) = apply_all_counted(r);
+    (h, state, rejected)
+}
+
+/// [`apply_all`], and the configuration path's metrics it counted, as Prometheus text.
+fn apply_all_counted(r: &Resources) -> (XdsHandler, std::sync::Arc<State>, Vec<String>, String) {
+    let mut registry = prometheus_client::registry::Registry::with_prefix("tern");
+    let metrics = ConfigMetrics::register(&mut registry);
+    let state = State::new(Default::default());
+    let mut h = XdsHandler::new(state.clone(), Config::default(), metrics);
     let mut rejected = Vec::new();
     for (url, update) in [
         (type_url::CLUSTER, changed(&r.clusters, type_url::CLUSTER)),
@@ -62,7 +69,9 @@ fn apply_all(r: &Resources) -> (XdsHandler, std::sync::Arc<State>, Vec<String>) 
             rejected.extend(r.iter().map(ToString::to_string));
         }
     }
-    (h, state, rejected)
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+    (h, state, rejected, text)
 }
 
 fn chain(port: Option<u32>, filters: Vec<listener_types::Filter>) -> listener_types::FilterChain {
@@ -554,7 +563,7 @@ fn set_aside_listeners_tls_chains_and_network_rbac() {
     for l in [internal, terminate] {
         r.listeners.insert(l.name.clone(), l);
     }
-    let (mut h, state, rejected) = apply_all(&r);
+    let (mut h, state, rejected, metrics) = apply_all_counted(&r);
     assert!(rejected.is_empty(), "{rejected:?}");
     let snap = state.load();
     let reasons: Vec<(&str, &str, SetAsideReason)> = snap
@@ -592,7 +601,6 @@ fn set_aside_listeners_tls_chains_and_network_rbac() {
         reasons.contains(&("filter_chain", "virtualInbound/http", SetAsideReason::Http)),
         "{reasons:?}"
     );
-    let metrics = state.metrics.encode();
     assert!(
         metrics.contains(r#"tern_xds_set_aside{kind="listener",reason="internal_listener"} 1"#),
         "{metrics}"
@@ -1107,7 +1115,7 @@ fn http_policy_on_connections_and_unenforceable_chains() {
             tcp_proxy("inbound|8006||"),
         ],
     );
-    let (_, state, rejected) = apply_all(&r);
+    let (_, state, rejected, metrics) = apply_all_counted(&r);
     assert!(rejected.is_empty(), "{rejected:?}");
     let snap = state.load();
     let inbound = snap.config.inbound.as_ref().unwrap();
@@ -1152,7 +1160,6 @@ fn http_policy_on_connections_and_unenforceable_chains() {
         assert_eq!(s.reason, SetAsideReason::Unenforceable);
         assert_eq!(s.filter.as_deref(), Some(filter));
     }
-    let metrics = state.metrics.encode();
     assert!(
         metrics
             .contains(r#"tern_xds_set_aside{kind="filter_chain",reason="unenforceable_filter"} 4"#),

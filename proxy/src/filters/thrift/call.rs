@@ -175,10 +175,7 @@ impl Call<'_> {
             .metrics()
             .methods
             .count(split_name(name).1, false);
-        self.ctx
-            .state
-            .metrics
-            .local_reply(&cluster.config.name, cause);
+        self.ctx.metrics.local_reply(&cluster.config.name, cause);
         debug!(cause, "local reply");
         let reply = (!self.oneway)
             .then(|| application_exception(&self.meta, name, self.client_seq, kind, why));

@@ -61,7 +61,7 @@ pub async fn serve(
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    ctx.state.metrics.rejected(e.cause());
+                    ctx.metrics.rejected(e.cause());
                     warn!(error = %e, "closing a connection that sent malformed Thrift");
                     reading = false;
                 }
@@ -81,7 +81,7 @@ pub async fn serve(
             read = rd.read_buf(&mut buf), if reading && replies.len() < MAX_IN_FLIGHT => match read {
                 Ok(0) => {
                     if !buf.is_empty() {
-                        ctx.state.metrics.rejected("truncated");
+                        ctx.metrics.rejected("truncated");
                         debug!(bytes = buf.len(), "connection closed inside a message");
                     }
                     reading = false;
@@ -90,7 +90,7 @@ pub async fn serve(
                     if buf.capacity() - buf.len() < 4096
                         && let Err(e) = held.reserve(&mut buf, 64 * 1024)
                     {
-                        ctx.state.metrics.rejected("buffer_budget");
+                        ctx.metrics.rejected("buffer_budget");
                         warn!(error = %e, "closing a connection: no buffer left for it");
                         reading = false;
                         buf.clear();
@@ -118,7 +118,7 @@ pub async fn serve(
                 }
             },
             () = &mut stall, if partial => {
-                ctx.state.metrics.rejected("message_timeout");
+                ctx.metrics.rejected("message_timeout");
                 debug!(bytes = buf.len(), "a message took longer than its time: no new requests");
                 reading = false;
                 partial = false;

@@ -208,7 +208,7 @@ fn local_reply(
     kind: AppExceptionType,
     why: &str,
 ) -> Option<Bytes> {
-    ctx.state.metrics.local_reply("", cause);
+    ctx.metrics.local_reply("", cause);
     debug!(cause, "local reply");
     let reply = (msg.kind() != MessageType::Oneway)
         .then(|| application_exception(&msg.meta(), msg.name(), msg.seq_id(), kind, why));
