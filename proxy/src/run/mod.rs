@@ -13,6 +13,7 @@
 pub mod args;
 
 use std::{
+    future::Future,
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
@@ -51,21 +52,7 @@ enum Capture {
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let settings = args.capture_args.settings();
     let probers = crate::probe::AppProbers::parse(&args.app_probers)?;
-    // Unprivileged, tern cannot mark its sockets: capture must know them by their uid.
-    if let Some(uid) = args.run_as_uid
-        && args.capture != CaptureMode::None
-        && settings.skip_uid != Some(uid)
-    {
-        anyhow::bail!(
-            "--run-as-uid {uid} needs --proxy-uid {uid}: capture must skip tern's own sockets by their uid"
-        );
-    }
-    // The mark tern's own sockets carry (none once it runs unprivileged).
-    let mark = if args.run_as_uid.is_some() {
-        0
-    } else {
-        settings.mark
-    };
+    let mark = own_sockets_mark(&args, &settings)?;
     // A broken configuration is refused before anything is attached.
     let config = match &args.config {
         Some(path) => file::load(path)?,
@@ -113,68 +100,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let node = crate::xds::node::node(args.node_id.as_deref(), interception);
     let metrics = Metrics::for_workload(pins, crate::telemetry::Workload::from_node(&node));
-    let state = State::with_table_budget(metrics.upstream.clone(), args.max_hash_table_bytes);
-    // With a control plane, tern is ready once its first configuration is warm; the static
-    // configuration is the base it adds to. Without one, the static configuration is all.
-    let xds = xds_client(&args, &node, &state, &config, &metrics, mark)?;
     let loaded_version = config.version.clone();
-    if xds.is_none() {
-        state.apply(config);
-    } else {
-        // Until the control plane's first configuration, the static one serves outbound,
-        // and inbound is closed unless it has an inbound listener of its own; not ready.
-        state.update(Config {
-            no_inbound: NoInbound::AwaitingPolicy,
-            ..config
-        });
-    }
+    let (state, xds) = configured_state(&args, &node, config, &metrics, mark)?;
     let (drain_tx, drain_rx) = watch::channel(false);
     let drain_tx = Arc::new(drain_tx);
     let (closing_tx, closing_rx) = watch::channel(false);
-    let ctx = Arc::new(Ctx {
-        state: state.clone(),
-        metrics: metrics.filters.clone(),
-        mark,
-        limits: DecoderLimits {
-            max_frame: args.max_frame_size,
-            max_depth: args.max_depth,
-        },
-        closing: closing_rx,
-        connect_timeout: Duration::from_secs(args.connect_timeout_secs),
-        access_log: args.access_log,
-        thrift_ports: ThriftPorts {
-            relay: args.thrift_detect_exclude_ports.clone(),
-            forced: args.thrift_ports.clone(),
-        },
-        budget: crate::budget::BufferBudget::new(args.max_buffered_bytes),
-        message_timeout: Duration::from_secs(args.message_timeout_secs),
-    });
+    let ctx = Arc::new(context(&args, &state, &metrics, mark, closing_rx));
     let open = Arc::new(OpenConnections::default());
-    let workers = Arc::new(Workers::start(args.concurrency)?);
-    info!(
-        workers = crate::workers::count(),
-        "data-plane workers started"
-    );
-    let mut tasks = tokio::task::JoinSet::new();
-    for (l, direction) in [
-        (Some(outbound.0), Direction::Outbound),
-        (outbound.1, Direction::Outbound),
-        (Some(inbound.0), Direction::Inbound),
-        (inbound.1, Direction::Inbound),
-    ] {
-        if let Some(l) = l {
-            info!(addr = ?l.local_addr().ok(), dir = direction.as_str(), "listening");
-            tasks.spawn(listener::serve(
-                l,
-                direction,
-                ctx.clone(),
-                open.clone(),
-                args.max_connections,
-                workers.clone(),
-                metrics.listeners.clone(),
-            ));
-        }
-    }
+    let mut tasks = serve_listeners(
+        &args,
+        [outbound, inbound],
+        &ctx,
+        &open,
+        metrics.listeners.clone(),
+    )?;
     info!(addr = %args.admin, "admin server listening");
     let (xds_stream, xds_status) = match xds {
         Some((stream, status)) => (Some(stream), Some(status)),
@@ -231,16 +170,130 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // `/quitquitquit`'s reply (and any admin request in flight) is written before the exit.
     until_none(|| admin.connections(), Duration::from_secs(1)).await;
     tasks.shutdown().await;
-    match capture {
-        Capture::None => {}
-        // The capture stays while the Pod lives: without tern its inbound is refused (and
-        // its outbound too, unless it fails open), never let through unchecked. A restarted
-        // tern takes it over; it goes with the Pod (`tern capture gc`, at every start).
-        Capture::Ebpf(_) => info!("the eBPF capture stays attached while the Pod lives"),
-        Capture::Iptables => info!("the iptables capture stays while the Pod lives"),
-    }
+    capture.stays();
     info!("tern stopped");
     Ok(())
+}
+
+impl Capture {
+    /// Says that the capture outlives tern: without tern the Pod's inbound is refused (and
+    /// its outbound too, unless it fails open), never let through unchecked. A restarted
+    /// tern takes it over; it goes with the Pod (`tern capture gc`, at every start).
+    fn stays(&self) {
+        match self {
+            Capture::None => {}
+            Capture::Ebpf(_) => info!("the eBPF capture stays attached while the Pod lives"),
+            Capture::Iptables => info!("the iptables capture stays while the Pod lives"),
+        }
+    }
+}
+
+/// The state with the static configuration in force, and the xDS client when a control
+/// plane is configured. With one, tern is ready once its first configuration is warm, and
+/// the static configuration is the base it adds to; without one, the static configuration
+/// is all.
+fn configured_state(
+    args: &RunArgs,
+    node: &tern_proto::Node,
+    config: Config,
+    metrics: &Metrics,
+    mark: u32,
+) -> anyhow::Result<(Arc<State>, Option<XdsClient>)> {
+    let state = State::with_table_budget(metrics.upstream.clone(), args.max_hash_table_bytes);
+    let xds = xds_client(args, node, &state, &config, metrics, mark)?;
+    if xds.is_none() {
+        state.apply(config);
+    } else {
+        // Until the control plane's first configuration, the static one serves outbound,
+        // and inbound is closed unless it has an inbound listener of its own; not ready.
+        state.update(Config {
+            no_inbound: NoInbound::AwaitingPolicy,
+            ..config
+        });
+    }
+    Ok((state, xds))
+}
+
+/// The mark tern's own sockets carry so that capture skips them: none once tern runs
+/// unprivileged, when capture must know them by their uid instead.
+fn own_sockets_mark(
+    args: &RunArgs,
+    settings: &crate::capture::CaptureSettings,
+) -> anyhow::Result<u32> {
+    if let Some(uid) = args.run_as_uid {
+        if args.capture != CaptureMode::None && settings.skip_uid != Some(uid) {
+            anyhow::bail!(
+                "--run-as-uid {uid} needs --proxy-uid {uid}: capture must skip tern's own sockets by their uid"
+            );
+        }
+        return Ok(0);
+    }
+    Ok(settings.mark)
+}
+
+/// What every connection handler needs, from the arguments.
+fn context(
+    args: &RunArgs,
+    state: &Arc<State>,
+    metrics: &Metrics,
+    mark: u32,
+    closing: watch::Receiver<bool>,
+) -> Ctx {
+    Ctx {
+        state: state.clone(),
+        metrics: metrics.filters.clone(),
+        mark,
+        limits: DecoderLimits {
+            max_frame: args.max_frame_size,
+            max_depth: args.max_depth,
+        },
+        closing,
+        connect_timeout: Duration::from_secs(args.connect_timeout_secs),
+        access_log: args.access_log,
+        thrift_ports: ThriftPorts {
+            relay: args.thrift_detect_exclude_ports.clone(),
+            forced: args.thrift_ports.clone(),
+        },
+        budget: crate::budget::BufferBudget::new(args.max_buffered_bytes),
+        message_timeout: Duration::from_secs(args.message_timeout_secs),
+    }
+}
+
+/// Starts the data-plane workers and accepts on every listener (outbound's pair, then
+/// inbound's), handing connections to them.
+fn serve_listeners(
+    args: &RunArgs,
+    [outbound, inbound]: [(TcpListener, Option<TcpListener>); 2],
+    ctx: &Arc<Ctx>,
+    open: &Arc<OpenConnections>,
+    metrics: listener::ListenerMetrics,
+) -> anyhow::Result<tokio::task::JoinSet<()>> {
+    let workers = Arc::new(Workers::start(args.concurrency)?);
+    info!(
+        workers = crate::workers::count(),
+        "data-plane workers started"
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    for (l, direction) in [
+        (Some(outbound.0), Direction::Outbound),
+        (outbound.1, Direction::Outbound),
+        (Some(inbound.0), Direction::Inbound),
+        (inbound.1, Direction::Inbound),
+    ] {
+        if let Some(l) = l {
+            info!(addr = ?l.local_addr().ok(), dir = direction.as_str(), "listening");
+            tasks.spawn(listener::serve(
+                l,
+                direction,
+                ctx.clone(),
+                open.clone(),
+                args.max_connections,
+                workers.clone(),
+                metrics.clone(),
+            ));
+        }
+    }
+    Ok(tasks)
 }
 
 /// Attaches capture (or takes over the one pinned for the cgroup), or installs iptables
@@ -301,12 +354,7 @@ fn xds_client(
     config: &Config,
     metrics: &Metrics,
     mark: u32,
-) -> anyhow::Result<
-    Option<(
-        impl std::future::Future<Output = ()> + Send + use<>,
-        XdsStatus,
-    )>,
-> {
+) -> anyhow::Result<Option<XdsClient>> {
     args.xds_address
         .clone()
         .map(|address| -> anyhow::Result<_> {
@@ -338,7 +386,7 @@ fn xds_client(
                 ),
                 status_tx,
             );
-            Ok((stream, status_rx))
+            Ok((Box::pin(stream) as ControlTask, status_rx))
         })
         .transpose()
 }
@@ -349,13 +397,13 @@ fn control_tasks(
     args: &RunArgs,
     state: &Arc<State>,
     metrics: &Metrics,
-    xds_stream: Option<impl std::future::Future<Output = ()> + Send + 'static>,
+    xds_stream: Option<ControlTask>,
     xds_status: Option<XdsStatus>,
     mark: u32,
 ) -> anyhow::Result<Vec<ControlTask>> {
     let mut control: Vec<ControlTask> = Vec::new();
     if let Some(stream) = xds_stream {
-        control.push(Box::pin(stream));
+        control.push(stream);
     }
     if let Some(status) = xds_status {
         control.push(Box::pin(export_xds_state(status, metrics.config.clone())));
@@ -430,8 +478,11 @@ async fn until_none(open: impl Fn() -> usize, within: Duration) {
 /// The xDS client's status, as the admin server shows it.
 type XdsStatus = watch::Receiver<tern_xds_client::ClientStatus>;
 
+/// The xDS client's stream (to run on the control thread), and its status.
+type XdsClient = (ControlTask, XdsStatus);
+
 /// Work for the control thread.
-type ControlTask = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+type ControlTask = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Where the workload certificate comes from: files, Istio's CA (`CA_ADDR`, else an
 /// `https` xDS address), or nowhere (then TLS contexts that need it fail their handshakes).
