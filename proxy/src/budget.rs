@@ -1,7 +1,8 @@
 //! A bound on bytes many holders take together: downstream connections' read buffers (so
 //! clients holding partial messages cannot grow tern past its memory limit: a connection whose
 //! buffer would take the total over the bound is closed, counted as `overloaded`), and the
-//! clusters' ring hash and Maglev tables (see [`crate::balance::EndpointPicker::within`]).
+//! clusters' ring hash and Maglev tables (see [`crate::balance::EndpointPicker::within`]),
+//! and the pipes bulk relays splice through (counted one each, see `filters::tcp::splice`).
 use std::sync::{
     Arc,
     atomic::{AtomicUsize, Ordering},

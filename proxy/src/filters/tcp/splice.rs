@@ -5,7 +5,7 @@
 use std::{
     io,
     os::fd::{AsFd, OwnedFd},
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{Arc, LazyLock},
 };
 
 use nix::{
@@ -20,6 +20,8 @@ use tokio::{
     },
 };
 
+use crate::budget::{BufferBudget, Held};
+
 /// A direction's copy buffer; a read that fills it switches the direction to splicing.
 const COPY_BUFFER: usize = 8 * 1024;
 
@@ -30,41 +32,14 @@ const CHUNK: usize = 64 * 1024;
 /// bytes of pages in flight); a direction that finds none keeps copying.
 pub const MAX_PIPES: usize = 8192;
 
-static PIPES: Places = Places::new(MAX_PIPES);
-
-/// A count of holders with a limit.
-struct Places {
-    used: AtomicUsize,
-    limit: usize,
-}
-
-impl Places {
-    const fn new(limit: usize) -> Self {
-        Self {
-            used: AtomicUsize::new(0),
-            limit,
-        }
-    }
-
-    fn take(&self) -> bool {
-        let taken = self.used.fetch_add(1, Ordering::Relaxed);
-        if taken >= self.limit {
-            self.give_back();
-            return false;
-        }
-        true
-    }
-
-    fn give_back(&self) {
-        self.used.fetch_sub(1, Ordering::Relaxed);
-    }
-}
+/// The pipes that exist, among the [`MAX_PIPES`].
+static PIPES: LazyLock<Arc<BufferBudget>> = LazyLock::new(|| BufferBudget::new(MAX_PIPES));
 
 /// A pipe's two ends, and its place among the [`MAX_PIPES`] (given back on drop).
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
-    places: &'static Places,
+    _place: Held,
 }
 
 impl Pipe {
@@ -74,27 +49,15 @@ impl Pipe {
         Self::take_from(&PIPES)
     }
 
-    fn take_from(places: &'static Places) -> Option<Self> {
-        if !places.take() {
-            return None;
-        }
-        match pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) {
-            Ok((read, write)) => Some(Self {
-                read,
-                write,
-                places,
-            }),
-            Err(_) => {
-                places.give_back();
-                None
-            }
-        }
-    }
-}
-
-impl Drop for Pipe {
-    fn drop(&mut self) {
-        self.places.give_back();
+    fn take_from(places: &Arc<BufferBudget>) -> Option<Self> {
+        let mut place = places.hold();
+        place.grow(1).ok()?;
+        let (read, write) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).ok()?;
+        Some(Self {
+            read,
+            write,
+            _place: place,
+        })
     }
 }
 
@@ -185,7 +148,7 @@ async fn move_when_ready(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicU64;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     use tokio::net::TcpListener;
 
@@ -230,7 +193,7 @@ mod tests {
         let server_side = async {
             let mut got = vec![0u8; request.len()];
             server.read_exact(&mut got).await.unwrap();
-            let spliced = PIPES.used.load(Ordering::Relaxed);
+            let spliced = PIPES.used();
             seen_tx.send(()).unwrap();
             // Reads to the client's end of stream: the half-close crossed.
             assert_eq!(server.read(&mut [0u8; 1]).await.unwrap(), 0);
@@ -280,15 +243,14 @@ mod tests {
 
     #[test]
     fn no_more_pipes_than_the_bound() {
-        let places: &'static Places = Box::leak(Box::new(Places::new(2)));
-        let first = Pipe::take_from(places).unwrap();
-        let _second = Pipe::take_from(places).unwrap();
-        assert!(Pipe::take_from(places).is_none(), "the bound holds");
+        let places = BufferBudget::new(2);
+        let first = Pipe::take_from(&places).unwrap();
+        let _second = Pipe::take_from(&places).unwrap();
+        assert!(Pipe::take_from(&places).is_none(), "the bound holds");
         drop(first);
-        assert!(
-            Pipe::take_from(places).is_some(),
-            "a place given back is taken again"
-        );
-        assert_eq!(places.used.load(Ordering::Relaxed), 1);
+        let third = Pipe::take_from(&places);
+        assert!(third.is_some(), "a place given back is taken again");
+        drop(third);
+        assert_eq!(places.used(), 1);
     }
 }

@@ -12,6 +12,7 @@ use tracing::debug;
 
 use super::{
     MAX_ATTEMPTS,
+    local::{self, Answered},
     routing::{Forward, Plan},
 };
 use crate::{
@@ -21,7 +22,7 @@ use crate::{
     thrift::{
         Message, MessageType,
         frame::{Meta, ReplyResult, split_name},
-        reply::{AppExceptionType, application_exception},
+        reply::AppExceptionType,
     },
     upstream::{
         ActiveRequest, EndpointRuntime, Failed, Failure, PoolSettings, ReplyCell, UpstreamError,
@@ -175,16 +176,16 @@ impl Call<'_> {
             .metrics()
             .methods
             .count(split_name(name).1, false);
-        self.ctx.metrics.local_reply(&cluster.config.name, cause);
-        debug!(cause, "local reply");
-        let reply = (!self.oneway)
-            .then(|| application_exception(&self.meta, name, self.client_seq, kind, why));
-        istio::local_reply(self.ctx, Some(cluster), cause).observe(
-            self.elapsed_ms(),
-            self.request_len,
-            reply.as_ref().map_or(0, Bytes::len),
-        );
-        reply
+        let request = Answered {
+            cluster: Some(cluster),
+            meta: &self.meta,
+            name,
+            seq: self.client_seq,
+            oneway: self.oneway,
+            len: self.request_len,
+            elapsed_ms: self.elapsed_ms(),
+        };
+        local::reply(self.ctx, request, cause, kind, why)
     }
 
     /// A one-way call went out to `ep`.

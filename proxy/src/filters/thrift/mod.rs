@@ -14,9 +14,11 @@
 //!
 //! - [`connection`]: a downstream connection: read, cut, keep order, write back;
 //! - [`routing`]: one request's route, cluster and hash key (its `Plan`);
-//! - [`call`]: one request upstream: pick, send, wait, retry, conclude.
+//! - [`call`]: one request upstream: pick, send, wait, retry, conclude;
+//! - [`local`]: what tern answers itself.
 mod call;
 mod connection;
+mod local;
 mod routing;
 
 pub use call::pool_settings;

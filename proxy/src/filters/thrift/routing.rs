@@ -5,17 +5,16 @@ use std::{net::IpAddr, sync::Arc, time::Duration};
 use bytes::Bytes;
 use tracing::debug;
 
-use super::ChainRef;
+use super::{
+    ChainRef,
+    local::{self, Answered},
+};
 use crate::{
     balance::{cluster_of, hash_key, source_hash},
     config::{Filter, Route, RouteAction, RouteMatch, Target},
-    filters::{Ctx, authz::Authz, istio},
+    filters::{Ctx, authz::Authz},
     state::{ClusterState, Snapshot},
-    thrift::{
-        Decoder, Message, MessageType,
-        frame::Meta,
-        reply::{AppExceptionType, application_exception},
-    },
+    thrift::{Decoder, Message, MessageType, frame::Meta, reply::AppExceptionType},
 };
 
 /// Per-connection routing state.
@@ -208,16 +207,16 @@ fn local_reply(
     kind: AppExceptionType,
     why: &str,
 ) -> Option<Bytes> {
-    ctx.metrics.local_reply("", cause);
-    debug!(cause, "local reply");
-    let reply = (msg.kind() != MessageType::Oneway)
-        .then(|| application_exception(&msg.meta(), msg.name(), msg.seq_id(), kind, why));
-    istio::local_reply(ctx, None, cause).observe(
-        0.0,
-        msg.as_bytes().len(),
-        reply.as_ref().map_or(0, Bytes::len),
-    );
-    reply
+    let request = Answered {
+        cluster: None,
+        meta: &msg.meta(),
+        name: msg.name(),
+        seq: msg.seq_id(),
+        oneway: msg.kind() == MessageType::Oneway,
+        len: msg.as_bytes().len(),
+        elapsed_ms: 0.0,
+    };
+    local::reply(ctx, request, cause, kind, why)
 }
 
 /// What to do with one request.
