@@ -154,7 +154,7 @@ pub fn decode<T: prost::Message + Default>(
     T::decode(any.value.as_slice()).map_err(|source| DecodeError::Invalid { type_url, source })
 }
 
-/// Wraps a message as an `Any` of `type_url` (for tests and the test control plane).
+/// Wraps a message as an `Any` of `type_url` (for tests and istiod's stand-in).
 pub fn encode<T: prost::Message>(message: &T, type_url: &str) -> Any {
     Any {
         type_url: type_url.to_owned(),

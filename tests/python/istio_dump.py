@@ -5,7 +5,7 @@
 
 Writes the dynamic listeners, clusters and endpoints (ClusterLoadAssignments) as protobuf,
 one record each: type URL, name and body, every field length-prefixed (u16, u16, u32, big
-endian). `tern-controlplane` serves such a file over ADS (its `dump:` setting), as istiod would.
+endian). `tern-istiod` (istiod's stand-in) serves such a file over ADS (its `dumps:` setting), as istiod would.
 
 JSON is parsed with the reference implementation (`google.protobuf.json_format`) against the
 Envoy, UDPA and xDS protos of grpc's `xds-protos` package. Four Istio types inside the dumps

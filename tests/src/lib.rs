@@ -19,13 +19,13 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use serde::Deserialize;
 
-mod controlplane;
 pub mod discovery;
+mod istiod;
 pub mod mesh;
 pub mod oci;
 pub mod pki;
 pub mod registry;
-pub use controlplane::ControlPlane;
+pub use istiod::Istiod;
 
 /// The first statement of every test here: these tests need namespaces, cgroups and eBPF.
 /// Not root, the test fails loudly, or, with `TERN_SKIP_ROOT_TESTS` set, says SKIPPED and

@@ -5,7 +5,7 @@
 //! Addresses, on the bridge `br0` of the node's namespace (10.77.0.0/24):
 //! - the node, every Pod's gateway: 10.77.0.1. It answers "no route to host" for the service
 //!   range 10.96.0.0/12 (there is no kube-proxy): a virtual IP works only through a sidecar;
-//! - the control plane (`tern-controlplane`, Istio-shaped resources): 10.77.0.2:15010, or
+//! - the control plane (istiod's stand-in `tern-istiod`, Istio-shaped resources): 10.77.0.2:15010, or
 //!   with mutual TLS 10.77.0.2:15012 (xDS and Istio's CA over TLS, a token per Pod);
 //! - `client-0`: 10.77.0.10; `calc-1`, `calc-2`, …: 10.77.0.11, 10.77.0.12, …
 //!
@@ -27,8 +27,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 
 use crate::{
-    Cgroup, ControlPlane, Netns, Process, Tern, admin, bin_dir, discovery::Discovery, eventually,
-    ip, pki::MeshTrust, start_server, testpeer_bin,
+    Cgroup, Istiod, Netns, Process, Tern, admin, bin_dir, discovery::Discovery, eventually, ip,
+    pki::MeshTrust, start_server, testpeer_bin,
 };
 
 /// The service's virtual IP.
@@ -241,7 +241,7 @@ pub fn bridge_port(node: &Netns, ns: &Netns, ip_addr: &str, port: u32) -> Result
 
 /// The mesh's control plane: the test's istiod stand-in, or `tern discovery`.
 pub enum Control {
-    Istiod(ControlPlane),
+    Istiod(Istiod),
     Discovery(Discovery),
 }
 
@@ -333,7 +333,7 @@ impl Mesh {
                     )?)
                 } else {
                     let snapshot = snapshot(1, &all, true);
-                    Control::Istiod(ControlPlane::start(&istiod, CONTROL_PLANE, &snapshot, &[])?)
+                    Control::Istiod(Istiod::start(&istiod, CONTROL_PLANE, &snapshot, &[])?)
                 };
                 (cp, [plain.clone(), plain])
             }
@@ -346,7 +346,7 @@ impl Mesh {
                 let control = [calc?, client?];
                 let snapshot = snapshot(1, &all, false);
                 let args = t.control_plane_args("-");
-                let cp = ControlPlane::start(&istiod, CONTROL_PLANE_TLS, &snapshot, &args)?;
+                let cp = Istiod::start(&istiod, CONTROL_PLANE_TLS, &snapshot, &args)?;
                 (Control::Istiod(cp), control)
             }
         };

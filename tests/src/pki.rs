@@ -179,7 +179,7 @@ pub struct MeshTrust {
     token: PathBuf,
 }
 
-/// Where the test control plane listens in a Pod (istiod's TLS port).
+/// Where istiod's stand-in listens in a Pod (istiod's TLS port).
 pub const ISTIOD: &str = "127.0.0.1:15012";
 
 impl MeshTrust {
@@ -213,7 +213,7 @@ impl MeshTrust {
         Ok(file)
     }
 
-    /// The test control plane's arguments: xDS and Istio's CA over TLS, the token checked,
+    /// istiod's stand-in's arguments: xDS and Istio's CA over TLS, the token checked,
     /// certificates issued for `identity`.
     pub fn control_plane_args(&self, identity: &str) -> Vec<String> {
         vec![

@@ -1,11 +1,11 @@
 //! tern's protection tried as an attacker would, with configuration shaped as istiod writes
 //! it: each test is a way around mTLS or authorization that once worked, and must not.
 //! The peers are real: Apache Thrift's Python servers (whose processors dispatch on the
-//! method name and ignore the message type), Python `ssl`, the test control plane.
+//! method name and ignore the message type), Python `ssl`, istiod's stand-in.
 use std::{path::Path, time::Duration};
 
 use tern_tests::{
-    ControlPlane, Netns, Pods, Process, Tern, eventually, metric, pods, python_json, python_peer,
+    Istiod, Netns, Pods, Process, Tern, eventually, metric, pods, python_json, python_peer,
     start_server, unique,
 };
 
@@ -49,7 +49,7 @@ fn send(ns: &Netns, addr: &str, mode: &str, method: &str) -> serde_json::Value {
 
 struct Mesh {
     p: Pods,
-    cp: ControlPlane,
+    cp: Istiod,
     tern: Tern,
 }
 
@@ -62,7 +62,7 @@ fn mesh(snapshot: &str, ports: &str) -> Mesh {
 /// [`mesh`], with more arguments for tern.
 fn mesh_with(snapshot: &str, ports: &str, extra: &[&str]) -> Mesh {
     let p = pods();
-    let cp = ControlPlane::start(&p.app, "127.0.0.1:15010", snapshot, &[]).unwrap();
+    let cp = Istiod::start(&p.app, "127.0.0.1:15010", snapshot, &[]).unwrap();
     let args = [&["--inbound-ports", ports, "--access-log"][..], extra].concat();
     let tern = p
         .start_tern_xds(&args, "info,tern=debug")
@@ -251,7 +251,7 @@ fn no_secret_over_plaintext() {
     let p = pods();
     let token = TempFile::new("istio-token");
     std::fs::write(&token.0, "secret-istio-token").unwrap();
-    let cp = ControlPlane::start(
+    let cp = Istiod::start(
         &p.app,
         "127.0.0.1:15010",
         "version: \"1\"\n",

@@ -1,6 +1,6 @@
 //! Real istiod configuration: the `/config_dump`s of real Istio sidecars in
 //! `../shared/istio-dumps/`, turned back into the resources istiod sent
-//! (`tests/python/istio_dump.py`) and served over ADS by the test control plane, state of the
+//! (`tests/python/istio_dump.py`) and served over ADS by istiod's stand-in (`tern-istiod`), state of the
 //! world and delta. Every listener and cluster ends up applied, set aside with a counted
 //! reason, or (only where tern cannot enforce a policy) refused; and a service of the dump,
 //! with endpoints the test supplies, answers Thrift calls balanced per request through tern.
@@ -13,8 +13,8 @@ use std::{
 
 use serde_json::Value;
 use tern_tests::{
-    ControlPlane, Pods, Process, Tern, admin, eventually, pods, python_peer, thrift_call,
-    thrift_serve, unique,
+    Istiod, Pods, Process, Tern, admin, eventually, pods, python_peer, thrift_call, thrift_serve,
+    unique,
 };
 
 /// Copies of `../shared/istio-dumps/` (see its `SOURCES.md`), so a clean clone has them.
@@ -51,7 +51,7 @@ impl Drop for Converted {
 
 struct DumpMesh {
     p: Pods,
-    cp: ControlPlane,
+    cp: Istiod,
     tern: Tern,
     _servers: Vec<Process>,
     _files: Vec<Converted>,
@@ -83,7 +83,7 @@ endpoints: {{ "{cluster}": ["10.66.1.2:9001", "10.66.1.2:9002"] }}
 "#,
         paths.join(", ")
     );
-    let cp = ControlPlane::start(&p.app, "127.0.0.1:15010", &snapshot, &[]).unwrap();
+    let cp = Istiod::start(&p.app, "127.0.0.1:15010", &snapshot, &[]).unwrap();
     let mut extra = vec!["--access-log"];
     extra.extend(args);
     if protocol == Protocol::Delta {

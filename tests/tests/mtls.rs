@@ -1,12 +1,12 @@
 //! tern in an Istio mesh's mutual TLS, against peers with an independent TLS stack
-//! (Python's `ssl`): the workload certificate from Istio's CA API (the test control plane's
+//! (Python's `ssl`): the workload certificate from Istio's CA API (istiod's stand-in's
 //! `CreateCertificate`, over TLS with a bearer token, as istio-agent calls istiod on 15012),
 //! renewed with no gap; outbound auto-mTLS chosen per endpoint by `tlsMode`, with the
 //! server's SAN checked; inbound TLS terminated in STRICT and PERMISSIVE mode.
 use std::{path::Path, time::Duration};
 
 use tern_tests::{
-    ControlPlane, Pods, Process, Tern, admin, eventually, metric,
+    Istiod, Pods, Process, Tern, admin, eventually, metric,
     pki::{ISTIOD, MeshTrust, TestCa},
     pods, python_peer, start_server, unique,
 };
@@ -46,7 +46,7 @@ services:
 struct Mesh {
     p: Pods,
     trust: MeshTrust,
-    cp: ControlPlane,
+    cp: Istiod,
     tern: Tern,
     server_log: std::path::PathBuf,
     _servers: Vec<Process>,
@@ -104,7 +104,7 @@ fn mesh_full(first: &str, extra: &[&str], prepare: impl FnOnce(&TestCa)) -> Mesh
         python("server", ECHO, &[]),
         python("thrift", THRIFT, &["secure-1"]),
     ];
-    let cp = ControlPlane::start(&p.app, ISTIOD, first, &trust.control_plane_args(APP_ID)).unwrap();
+    let cp = Istiod::start(&p.app, ISTIOD, first, &trust.control_plane_args(APP_ID)).unwrap();
     let mut args = trust.tern_args("default", "app");
     args.push("--access-log".into());
     args.extend(extra.iter().map(|a| (*a).to_owned()));

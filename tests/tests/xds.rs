@@ -1,42 +1,28 @@
-//! tern as an xDS client, end to end: the test control plane (`tern-controlplane`, a tonic
-//! ADS server) serves Istio-shaped listeners, clusters and endpoints; the real `tern` with eBPF
-//! capture takes its configuration from it, and Thrift clients in the application Pod call
-//! the services' virtual IPs.
+//! tern as an xDS client, end to end: istiod's stand-in (`tern-istiod`, a tonic ADS server)
+//! serves Istio-shaped listeners, clusters and endpoints, through the misbehaving
+//! `tern-controlplane` where a test is about a control plane's faults (stalls, streams cut,
+//! malformed resources); the real `tern` with eBPF capture takes its configuration from it,
+//! and Thrift clients in the application Pod call the services' virtual IPs.
 use std::time::{Duration, Instant};
 
 use tern_tests::{
-    ControlPlane, Pods, Process, Tern, ThriftClient, admin, connect, eventually, metric, pods,
-    serve, thrift_call, thrift_serve, unique,
+    Istiod, Pods, Process, Tern, ThriftClient, admin, connect, eventually, metric, pods, serve,
+    thrift_call, thrift_serve, unique,
 };
 
 const CALC: &str = "10.96.0.20:9090";
 const SNIFFED: &str = "10.96.0.21:9090";
 
-fn snapshot(version: &str, endpoints: &[&str], broken: bool) -> String {
-    snapshot_with_bulk(version, endpoints, broken, 0)
+fn snapshot(version: &str, endpoints: &[&str]) -> String {
+    snapshot_with_bulk(version, endpoints, 0)
 }
 
-fn snapshot_with_bulk(version: &str, endpoints: &[&str], broken: bool, bulk: usize) -> String {
-    snapshot_full(version, endpoints, broken, bulk, 0)
-}
-
-fn snapshot_full(
-    version: &str,
-    endpoints: &[&str],
-    broken: bool,
-    bulk: usize,
-    delay_ms: u64,
-) -> String {
-    snapshot_custom(
-        version,
-        endpoints,
-        &format!("broken_listener: {broken}\nbulk: {bulk}\ndelay_ms: {delay_ms}\n"),
-        "",
-    )
+fn snapshot_with_bulk(version: &str, endpoints: &[&str], bulk: usize) -> String {
+    snapshot_custom(version, endpoints, &format!("bulk: {bulk}\n"), "")
 }
 
 /// The two Thrift services with `endpoints`, more `services` (YAML list items) and
-/// top-level `settings` (YAML lines) of the control plane's snapshot.
+/// top-level `settings` (YAML lines) of istiod's snapshot.
 fn snapshot_custom(version: &str, endpoints: &[&str], settings: &str, services: &str) -> String {
     let eps = endpoints
         .iter()
@@ -55,7 +41,8 @@ services:
 
 struct Mesh {
     p: Pods,
-    cp: ControlPlane,
+    /// istiod's stand-in (behind `tern-controlplane` when the test is about faults).
+    cp: Istiod,
     tern: Tern,
     _servers: Vec<Process>,
 }
@@ -69,11 +56,28 @@ enum Protocol {
 const THREE: [&str; 3] = ["10.66.1.2:9001", "10.66.1.2:9002", "10.66.1.2:9003"];
 
 fn mesh(protocol: Protocol) -> Mesh {
-    mesh_with(protocol, &snapshot("1", &THREE, false))
+    mesh_with(protocol, &snapshot("1", &THREE))
 }
 
-/// The mesh, with the control plane serving `first` at start.
+/// The mesh, with istiod serving `first` at start.
 fn mesh_with(protocol: Protocol, first: &str) -> Mesh {
+    mesh_from(protocol, |p| {
+        Istiod::start(&p.app, "127.0.0.1:15010", first, &[])
+    })
+}
+
+/// The mesh, with istiod serving `first` at start behind a control plane that misbehaves as
+/// `faults` says (`tern-controlplane`'s file).
+fn faulty_mesh(protocol: Protocol, first: &str, faults: &str) -> Mesh {
+    mesh_from(protocol, |p| {
+        Istiod::start_faulty(&p.app, "127.0.0.1:15010", first, faults)
+    })
+}
+
+fn mesh_from(
+    protocol: Protocol,
+    control_plane: impl FnOnce(&Pods) -> anyhow::Result<Istiod>,
+) -> Mesh {
     let p = pods();
     let servers = [
         ("10.66.1.2:9001", "s1"),
@@ -83,7 +87,7 @@ fn mesh_with(protocol: Protocol, first: &str) -> Mesh {
     .iter()
     .map(|(a, id)| thrift_serve(&p.srv, a, id).unwrap())
     .collect();
-    let cp = ControlPlane::start(&p.app, "127.0.0.1:15010", first, &[]).unwrap();
+    let cp = control_plane(&p).unwrap();
     let extra: &[&str] = if protocol == Protocol::Delta {
         &["--xds-delta"]
     } else {
@@ -166,7 +170,7 @@ fn a_large_snapshot_applies_without_stalling_traffic(protocol: Protocol) {
     std::thread::sleep(Duration::from_millis(100));
     let pushed = Instant::now();
     let eps = ["10.66.1.2:9001", "10.66.1.2:9002", "10.66.1.2:9003"];
-    m.cp.push(&snapshot_with_bulk("2", &eps, false, 1000));
+    m.cp.push(&snapshot_with_bulk("2", &eps, 1000));
     assert!(
         m.cp.wait_for_within("ACK ClusterLoadAssignment 2", Duration::from_secs(30)),
         "{}",
@@ -205,7 +209,7 @@ fn endpoint_updates_move_traffic_within_a_second(protocol: Protocol) {
     );
 
     let pushed = Instant::now();
-    m.cp.push(&snapshot("2", &["10.66.1.2:9001", "10.66.1.2:9002"], false));
+    m.cp.push(&snapshot("2", &["10.66.1.2:9001", "10.66.1.2:9002"]));
     assert!(
         m.cp.wait_for("ACK ClusterLoadAssignment 2"),
         "{}",
@@ -216,7 +220,7 @@ fn endpoint_updates_move_traffic_within_a_second(protocol: Protocol) {
     assert_eq!(client.result().counts(), [("s1", 150), ("s2", 150)]);
     assert!(took < Duration::from_secs(1), "the update took {took:?}");
 
-    m.cp.push(&snapshot("3", &["10.66.1.2:9003"], false));
+    m.cp.push(&snapshot("3", &["10.66.1.2:9003"]));
     assert!(m.cp.wait_for("ACK ClusterLoadAssignment 3"));
     client.next_phase();
     assert_eq!(client.result().counts(), [("s3", 300)]);
@@ -225,9 +229,11 @@ fn endpoint_updates_move_traffic_within_a_second(protocol: Protocol) {
 /// A resource tern cannot use is NACKed by name with its reason (SotW: with the last
 /// version accepted whole), the rest of its response applies, and traffic keeps flowing.
 fn a_bad_resource_is_nacked_while_traffic_keeps_flowing(protocol: Protocol) {
-    let m = mesh(protocol);
+    let m = faulty_mesh(protocol, &snapshot("1", &THREE), "");
     assert!(m.cp.wait_for("ACK Listener 1"));
-    m.cp.push(&snapshot("2", &["10.66.1.2:9001"], true));
+    // A listener whose address is a hostname, beside the endpoints change.
+    m.cp.faults("broken_listener: true");
+    m.cp.push(&snapshot("2", &["10.66.1.2:9001"]));
     // SotW NACKs carry the last good version; the delta log names the refused response's.
     let nacked = match protocol {
         Protocol::Sotw => "NACK Listener 1 broken_9999: address:",
@@ -329,13 +335,14 @@ fn a_control_plane_restart_does_not_interrupt_traffic(protocol: Protocol) {
 /// A response that mixes a corrupt cluster with good ones: the good ones (and the listener
 /// and endpoints that use them) serve, and the NACK names the corrupt one.
 fn a_corrupt_cluster_is_refused_by_name_and_the_others_serve(protocol: Protocol) {
-    let m = mesh(protocol);
+    let m = faulty_mesh(protocol, &snapshot("1", &THREE), "");
     let _echo = serve(&m.p.srv, &["10.66.1.2:7001"]).unwrap();
     assert!(m.cp.wait_for("ACK ClusterLoadAssignment 1"));
+    m.cp.faults("corrupt_cluster: true");
     m.cp.push(&snapshot_custom(
         "2",
         &THREE,
-        "corrupt_cluster: true",
+        "",
         "  - { name: fresh, vip: 10.96.0.30, port: 7070, filter: tcp, endpoints: [\"10.66.1.2:7001\"] }\n",
     ));
     let nacked = match protocol {
@@ -410,10 +417,7 @@ fn a_5_mib_cds_response_is_accepted(protocol: Protocol) {
 /// age): tern reconnects at once, an update pushed meanwhile lands within a second, and no
 /// call fails.
 fn streams_closed_by_the_server_cost_no_traffic(protocol: Protocol) {
-    let m = mesh_with(
-        protocol,
-        &snapshot_custom("1", &THREE, "close_every_ms: 1500", ""),
-    );
+    let m = faulty_mesh(protocol, &snapshot("1", &THREE), "close_every_ms: 1500");
     assert!(m.cp.wait_for("ACK ClusterLoadAssignment 1"));
     let mut client = ThriftClient::retrying(&m.p.app, Some(&m.p.cgroup), CALC).unwrap();
     // Watch the event log: when each CLOSE appears, and when the next ACK follows it.
@@ -436,12 +440,7 @@ fn streams_closed_by_the_server_cost_no_traffic(protocol: Protocol) {
             closed_at = None;
         }
         if !pushed && started.elapsed() > Duration::from_secs(3) {
-            m.cp.push(&snapshot_custom(
-                "2",
-                &["10.66.1.2:9001"],
-                "close_every_ms: 1500",
-                "",
-            ));
+            m.cp.push(&snapshot("2", &["10.66.1.2:9001"]));
             pushed = true;
         }
         std::thread::sleep(Duration::from_millis(5));
@@ -586,10 +585,10 @@ fn xds_over_tls_with_a_bearer_token() {
         .iter()
         .map(|(a, id)| thrift_serve(&p.srv, a, id).unwrap())
         .collect();
-    let mut cp = ControlPlane::start(
+    let mut cp = Istiod::start(
         &p.app,
         "127.0.0.1:15012",
-        &snapshot("1", &["10.66.1.2:9001", "10.66.1.2:9002"], false),
+        &snapshot("1", &["10.66.1.2:9001", "10.66.1.2:9002"]),
         &[
             "--tls".into(),
             cert_pem,
@@ -719,9 +718,10 @@ fn a_control_plane_down_at_start_leaves_the_static_configuration_serving() {
 /// A control plane that answers slowly holds up nothing: calls keep flowing on the
 /// configuration in force until the update arrives, then follow it.
 fn a_slow_control_plane_does_not_hold_up_traffic(protocol: Protocol) {
-    let m = mesh(protocol);
+    let m = faulty_mesh(protocol, &snapshot("1", &THREE), "");
     assert!(m.cp.wait_for("ACK ClusterLoadAssignment 1"));
-    m.cp.push(&snapshot_full("2", &["10.66.1.2:9001"], false, 0, 1500));
+    m.cp.faults("delay_ms: 1500");
+    m.cp.push(&snapshot("2", &["10.66.1.2:9001"]));
     let during = thrift_call(&m.p.app, Some(&m.p.cgroup), CALC, &["--calls", "300"]);
     assert_eq!(
         during.counts(),

@@ -24,7 +24,7 @@ use tern_bench::{
         DIRECT, Group, HAPROXY, HAPROXY_SPLICE, MethodNames, Report, Row, Sample, XdsUpdates,
     },
 };
-use tern_tests::{Cgroup, ControlPlane, Netns, Process, Tern, bin_dir, eventually, mesh};
+use tern_tests::{Cgroup, Istiod, Netns, Process, Tern, bin_dir, eventually, mesh};
 
 #[path = "bench/discovery.rs"]
 mod discovery;
@@ -632,7 +632,7 @@ impl Bench {
     fn idle_rss_with_1000_clusters(&self) -> Result<f64> {
         eprintln!("tern-bench: idle memory with 1,000 clusters / 10,000 endpoints");
         let ns = Netns::new("bench-rss")?;
-        let cp = ControlPlane::start(&ns, "127.0.0.1:15010", "version: \"1\"\nbulk: 1000\n", &[])?;
+        let cp = Istiod::start(&ns, "127.0.0.1:15010", "version: \"1\"\nbulk: 1000\n", &[])?;
         let tern = Tern::start_logging(
             &ns,
             None,
@@ -691,7 +691,7 @@ fn xds_updates() -> Result<XdsUpdates> {
             1 + churn
         )
     };
-    let cp = ControlPlane::start(&p.app, "127.0.0.1:15010", &snapshot(0), &[])?;
+    let cp = Istiod::start(&p.app, "127.0.0.1:15010", &snapshot(0), &[])?;
     let tern = p.start_tern_xds(&[], "info")?;
     ensure!(cp.wait_for("ACK ClusterLoadAssignment 1"), "no EDS ACK");
     let latency = [
@@ -706,7 +706,7 @@ fn xds_updates() -> Result<XdsUpdates> {
         "--warmup",
         "0.5",
     ];
-    let pid = |c: &ControlPlane| c.process.as_ref().map(Process::pid).context("running");
+    let pid = |c: &Istiod| c.process.as_ref().map(Process::pid).context("running");
     // What the pushes cost tern: its control thread's CPU (decoding, applying, freeing; the
     // data path's CPU follows the calls, which the pushes slow down).
     let tern_control = || thread_cpu_seconds(tern.process.pid(), "tern-control");
@@ -721,7 +721,7 @@ fn xds_updates() -> Result<XdsUpdates> {
 
     // The baseline: the same pushes to another tern, from another control plane.
     let other = tern_tests::pods();
-    let other_cp = ControlPlane::start(&other.app, "127.0.0.1:15010", &snapshot(0), &[])?;
+    let other_cp = Istiod::start(&other.app, "127.0.0.1:15010", &snapshot(0), &[])?;
     let other_tern = other.start_tern_xds(&[], "info")?;
     ensure!(
         other_cp.wait_for("ACK ClusterLoadAssignment 1"),

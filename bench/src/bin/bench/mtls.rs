@@ -1,4 +1,4 @@
-//! What mutual TLS costs, in a mesh of two tern sidecars configured by test control planes
+//! What mutual TLS costs, in a mesh of two tern sidecars configured by istiod's stand-ins
 //! with a test CA (Istio's shapes: auto-mTLS outbound, `virtualInbound` TLS chains):
 //! - connection setup: full mTLS handshakes per second and per proxy core, terminated by the
 //!   server-side tern and by HAProxy (OpenSSL) in front of the same echo server, driven by
@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context, Result, ensure};
 use tern_bench::report::{MtlsBench, MtlsPath, MtlsSetup};
 use tern_tests::{
-    ControlPlane, Process, Tern, eventually,
+    Istiod, Process, Tern, eventually,
     pki::{ISTIOD, MeshTrust},
     pods, unique,
 };
@@ -52,13 +52,13 @@ pub fn run() -> Result<MtlsBench> {
     let _echo = tern_tests::start_server(&p.srv, None, &load, &["serve", ECHO])?;
 
     // One control plane per Pod, each also the CA for its Pod's identity.
-    let _cp_server = ControlPlane::start(
+    let _cp_server = Istiod::start(
         &p.srv,
         ISTIOD,
         "version: \"1\"\ninbound: permissive\ninbound_any_alpn: true\n",
         &trust.control_plane_args(SERVER_ID),
     )?;
-    let _cp_app = ControlPlane::start(
+    let _cp_app = Istiod::start(
         &p.app,
         ISTIOD,
         &format!(
