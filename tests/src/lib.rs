@@ -65,6 +65,20 @@ pub fn assert_root() {
     );
 }
 
+/// Calls `changed` each time the file at `path` changes (looked at every 100 ms), forever; for
+/// the test control planes, whose tests rewrite their files.
+pub async fn on_change(path: &str, mut changed: impl FnMut()) {
+    let mut last = std::fs::read(path).ok();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let now = std::fs::read(path).ok();
+        if now != last {
+            last = now;
+            changed();
+        }
+    }
+}
+
 /// A short name unique to this process and call, for namespaces and cgroups of parallel runs.
 pub fn unique(tag: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);

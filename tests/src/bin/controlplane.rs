@@ -241,18 +241,13 @@ async fn main() {
     let (tx, faults) = watch::channel(load(path).expect("a valid faults file"));
     let path = path.clone();
     tokio::spawn(async move {
-        let mut last = std::fs::read(&path).ok();
-        loop {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let now = std::fs::read(&path).ok();
-            if now != last {
-                last = now;
-                if let Some(f) = load(&path) {
-                    tx.send_replace(f);
-                    say("FAULTS");
-                }
+        tern_tests::on_change(&path, || {
+            if let Some(f) = load(&path) {
+                tx.send_replace(f);
+                say("FAULTS");
             }
-        }
+        })
+        .await;
     });
     let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
     say("ready");

@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::{
     resources::{load_assignment, resources},
     say, short,
-    snapshot::{Service, Snapshot},
+    snapshot::{Snapshot, bulk_service},
 };
 
 /// The ADS service, serving the snapshot in force.
@@ -26,21 +26,19 @@ pub(crate) struct Ads {
     pub(crate) snapshot: watch::Receiver<Arc<Snapshot>>,
 }
 
-/// One churned endpoint change: generated service `n` (cycling through those `wanted`)
-/// with its first endpoint on another port, alone in a response.
+/// One churned endpoint change: the generated service `n` (or the next of those `wanted`)
+/// with its first endpoint on another port, alone in a response. Only that service is built:
+/// istiod's cost per push is not what the churn measures.
 fn churn_response(
     s: &Snapshot,
     wanted: &[String],
     n: u64,
     nonce: u64,
 ) -> Option<DiscoveryResponse> {
-    let services = s.all_services();
-    let candidates: Vec<&Service> = services
-        .iter()
-        .filter(|svc| wanted.is_empty() || wanted.contains(&svc.cluster()))
-        .filter(|svc| svc.name.starts_with("bulk-"))
-        .collect();
-    let svc = candidates.get(usize::try_from(n).ok()? % candidates.len().max(1))?;
+    let first = usize::try_from(n).ok()? % s.bulk.max(1);
+    let svc = (0..s.bulk)
+        .map(|k| bulk_service((first + k) % s.bulk))
+        .find(|svc| wanted.is_empty() || wanted.contains(&svc.cluster()))?;
     let mut endpoints = svc.endpoints.clone();
     if let Some((ip, _)) = endpoints.first().and_then(|e| e.rsplit_once(':')) {
         endpoints[0] = format!("{ip}:{}", 10_000 + n % 50_000);

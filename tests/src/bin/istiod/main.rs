@@ -47,7 +47,7 @@ mod inbound;
 mod resources;
 mod snapshot;
 
-use std::{collections::HashMap, io::Write, sync::Arc, time::Duration};
+use std::{collections::HashMap, io::Write, sync::Arc};
 
 use tern_proto::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use tokio::sync::watch;
@@ -92,18 +92,13 @@ async fn main() {
         snapshot::load(&path).expect("a valid snapshot file"),
     ));
     tokio::spawn(async move {
-        let mut last = std::fs::read(&path).ok();
-        loop {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            let now = std::fs::read(&path).ok();
-            if now != last {
-                last = now;
-                if let Some(s) = snapshot::load(&path) {
-                    say(format!("PUSH {}", s.version));
-                    tx.send_replace(Arc::new(s));
-                }
+        tern_tests::on_change(&path, || {
+            if let Some(s) = snapshot::load(&path) {
+                say(format!("PUSH {}", s.version));
+                tx.send_replace(Arc::new(s));
             }
-        }
+        })
+        .await;
     });
     let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
     let mut server = tonic::transport::Server::builder();

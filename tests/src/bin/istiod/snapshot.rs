@@ -108,21 +108,24 @@ impl Snapshot {
     /// The services, with `bulk` generated ones after those listed.
     pub(crate) fn all_services(&self) -> Vec<Service> {
         let mut all = self.services.clone();
-        all.extend((0..self.bulk).map(|i| {
-            Service {
-                name: format!("bulk-{i}"),
-                vip: format!("10.97.{}.{}", i / 256, i % 256),
-                port: 9090,
-                filter: "tcp".into(),
-                lb: None,
-                mtls: None,
-                simple_tls: None,
-                endpoints: (0..10)
-                    .map(|e| format!("10.200.{}.{}:{}", i / 256, i % 256, 9000 + e))
-                    .collect(),
-            }
-        }));
+        all.extend((0..self.bulk).map(bulk_service));
         all
+    }
+}
+
+/// Generated service `i` (of `bulk`): 10 endpoints.
+pub(crate) fn bulk_service(i: usize) -> Service {
+    Service {
+        name: format!("bulk-{i}"),
+        vip: format!("10.97.{}.{}", i / 256, i % 256),
+        port: 9090,
+        filter: "tcp".into(),
+        lb: None,
+        mtls: None,
+        simple_tls: None,
+        endpoints: (0..10)
+            .map(|e| format!("10.200.{}.{}:{}", i / 256, i % 256, 9000 + e))
+            .collect(),
     }
 }
 
