@@ -680,6 +680,15 @@ pub fn serve(ns: &Netns, addrs: &[&str]) -> Result<Process> {
     start_server(ns, None, &testpeer_bin(), &[&["serve"], addrs].concat())
 }
 
+/// Apache Thrift's Python `TThreadedServer` (`tests/python/serial_peer.py serve ADDR ID`),
+/// which reads a connection's next request only after answering the one before, in a
+/// namespace; it answers `tern-thriftpeer call`'s methods.
+pub fn serial_thrift_serve(ns: &Netns, addr: &str, id: &str) -> Result<Process> {
+    let peer = python_peer("serial_peer.py");
+    let peer = peer.to_str().context("UTF-8 path")?;
+    start_server(ns, None, Path::new("python3"), &[peer, "serve", addr, id])
+}
+
 /// A Thrift server (`tern-thriftpeer serve ADDR ID`) in a namespace.
 pub fn thrift_serve(ns: &Netns, addr: &str, id: &str) -> Result<Process> {
     start_server(

@@ -7,7 +7,7 @@ use std::{path::Path, time::Duration};
 use tern_tests::{
     Netns, Phased, Process, ThriftClient,
     discovery::{Bootstrap, Discovery},
-    eventually, pods, python_peer, start_server, thrift_serve,
+    eventually, pods, python_peer, serial_thrift_serve, start_server, thrift_serve,
 };
 
 const CLA: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -223,15 +223,16 @@ fn checked_services() -> String {
     .to_owned()
 }
 
-/// A Thrift server that hangs (accepts, never answers) is marked unhealthy by tern
-/// discovery's Thrift health check within its thresholds, the tern sidecar stops sending it
+/// A Thrift server (Apache Thrift's serial `TThreadedServer`) that hangs (accepts, never
+/// answers) is marked unhealthy by tern discovery's Thrift health check within its thresholds, the tern sidecar stops sending it
 /// requests (none of the client's calls is lost to it), and it takes its share again once a
 /// working server is back at its address.
 #[test]
 fn a_hung_thrift_server_is_checked_out_and_back_in() {
     tern_tests::require_root!();
     let p = pods();
-    let mut calc3 = Some(thrift_serve(&p.srv, "10.66.1.2:9003", "calc-3").unwrap());
+    // calc-3 is Apache Thrift's serial `TThreadedServer`, as most production servers are.
+    let mut calc3 = Some(serial_thrift_serve(&p.srv, "10.66.1.2:9003", "calc-3").unwrap());
     let _servers: Vec<Process> = calc_servers(&p, 2);
     let d = Discovery::start(
         &p.app,
@@ -303,7 +304,7 @@ fn a_hung_thrift_server_is_checked_out_and_back_in() {
     // A working calc-3 is back.
     let unhealthy = eds();
     drop(hung);
-    let _calc3 = thrift_serve(&p.srv, "10.66.1.2:9003", "calc-3").unwrap();
+    let _calc3 = serial_thrift_serve(&p.srv, "10.66.1.2:9003", "calc-3").unwrap();
     assert!(
         eventually(Duration::from_secs(5), all_healthy),
         "{}",

@@ -202,14 +202,7 @@ const HOLE: &str = "10.66.1.2:9204";
 fn least_request_keeps_serial_callers_away_from_a_server_that_never_answers() {
     tern_tests::require_root!();
     let s = setup();
-    let peer = python_peer("serial_peer.py");
-    let _second = start_server(
-        &s.p.srv,
-        None,
-        std::path::Path::new("python3"),
-        &[peer.to_str().unwrap(), "serve", "10.66.1.2:9203", "b2"],
-    )
-    .unwrap();
+    let _second = tern_tests::serial_thrift_serve(&s.p.srv, "10.66.1.2:9203", "b2").unwrap();
     let _hole = hung_server(&s.p.srv, HOLE).unwrap();
     let callers = |calls: &str| -> Vec<tern_tests::Calls> {
         let mut running: Vec<ThriftClient> = (0..4)
