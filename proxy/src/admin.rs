@@ -34,6 +34,9 @@ pub struct Admin {
     pub xds: Option<watch::Receiver<tern_xds_client::ClientStatus>>,
     /// The application's probes, forwarded on the stats port.
     pub app_health: AppHealth,
+    /// A workload certificate source runs (Istio's CA, or files): readiness waits for its
+    /// first certificate when the configuration presents one.
+    pub certificate_source: bool,
     /// Admin connections open (tern's exit waits for them, so `/quitquitquit` is answered).
     pub connections: AtomicUsize,
 }
@@ -158,13 +161,24 @@ fn json_body(v: &serde_json::Value) -> Response<Full<Bytes>> {
     )
 }
 
+/// Ready once the configuration is complete and, when it presents the workload certificate
+/// and a source for one runs, once the first certificate is in (as Envoy's listeners and
+/// clusters warm until their SDS secret arrives): before, every mTLS connection would fail.
 fn ready(admin: &Admin) -> Response<Full<Bytes>> {
     if *admin.drain.borrow() {
         text(StatusCode::SERVICE_UNAVAILABLE, "DRAINING\n")
-    } else if admin.state.ready() {
-        text(StatusCode::OK, "LIVE\n")
-    } else {
+    } else if !admin.state.ready() {
         text(StatusCode::SERVICE_UNAVAILABLE, "PRE_INITIALIZING\n")
+    } else if admin.certificate_source
+        && admin.state.tls.store.current().is_none()
+        && admin.state.load().config.needs_workload_certificate()
+    {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "PRE_INITIALIZING: waiting for the workload certificate\n",
+        )
+    } else {
+        text(StatusCode::OK, "LIVE\n")
     }
 }
 

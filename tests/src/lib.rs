@@ -325,17 +325,7 @@ impl Pods {
     /// say otherwise, of every inbound port), the node id of `app-0`, and `args`; waits
     /// until it is ready.
     pub fn start_tern_with(&self, args: &[&str], log_level: &str) -> Result<Tern> {
-        let mut all = vec![
-            "run",
-            "--capture",
-            "ebpf",
-            "--cgroup",
-            self.cgroup.path_str(),
-            "--node-id",
-            "sidecar~10.66.1.1~app-0.default~default.svc.cluster.local",
-        ];
-        all.extend(args);
-        let tern = Tern::start_logging(&self.app, Some(&self.cgroup), &all, log_level)?;
+        let tern = self.spawn_tern_with(args, log_level)?;
         ensure!(
             eventually(Duration::from_secs(30), || admin(
                 &self.app, "GET", "/ready"
@@ -346,6 +336,21 @@ impl Pods {
             tern.log()
         );
         Ok(tern)
+    }
+
+    /// [`Pods::start_tern_with`], without waiting for tern to be ready.
+    pub fn spawn_tern_with(&self, args: &[&str], log_level: &str) -> Result<Tern> {
+        let mut all = vec![
+            "run",
+            "--capture",
+            "ebpf",
+            "--cgroup",
+            self.cgroup.path_str(),
+            "--node-id",
+            "sidecar~10.66.1.1~app-0.default~default.svc.cluster.local",
+        ];
+        all.extend(args);
+        Tern::start_logging(&self.app, Some(&self.cgroup), &all, log_level)
     }
 }
 

@@ -708,3 +708,74 @@ fn identity_only_from_verified_peers_and_tls_params_hold() {
         m.tern.log()
     );
 }
+
+/// Until its workload certificate is in, a tern whose configuration presents one (Istio's
+/// auto-mTLS clusters) is not ready: every mTLS connection would fail, so kubelet must not
+/// start the application or send it traffic yet. With Istio's CA not answering, the
+/// configuration is applied and tern stays unready, saying why; once the CA answers, tern is
+/// ready and its mTLS calls go through.
+#[test]
+fn not_ready_until_the_workload_certificate_is_in() {
+    tern_tests::require_root!();
+    let p = pods();
+    let trust = MeshTrust::new().unwrap();
+    let server = trust
+        .ca
+        .issue("server", &[SERVER_ID], Duration::from_secs(3600))
+        .unwrap();
+    let log = std::env::temp_dir().join(unique("tls-server-log"));
+    let script = python_peer("tls_peer.py");
+    let _echo = start_server(
+        &p.srv,
+        None,
+        Path::new("python3"),
+        &[
+            script.to_str().unwrap(),
+            "server",
+            ECHO,
+            server.cert_str(),
+            server.key_str(),
+            &trust.ca.ca_str(),
+            log.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    // istiod without its CA: CreateCertificate is not served.
+    let with_ca = trust.control_plane_args(APP_ID);
+    let without_ca: Vec<String> = with_ca[..with_ca.len() - 4].to_vec();
+    assert_eq!(with_ca[with_ca.len() - 4], "--ca");
+    let mut cp = Istiod::start(&p.app, ISTIOD, &snapshot("1", "null"), &without_ca).unwrap();
+    let args = trust.tern_args("default", "app");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let tern = p.spawn_tern_with(&args, "info").unwrap();
+    let ready = || tern_tests::admin(&p.app, "GET", "/ready");
+    assert!(
+        eventually(Duration::from_secs(10), || cp
+            .events()
+            .contains("ACK Listener 1")
+            && tern.log().contains("no certificate from the CA")),
+        "{}\n{}",
+        cp.events(),
+        tern.log()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        ready().contains("waiting for the workload certificate"),
+        "{}",
+        ready()
+    );
+    cp.stop();
+    drop(cp);
+    let _cp = Istiod::start(&p.app, ISTIOD, &snapshot("1", "null"), &with_ca).unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || ready().trim() == "LIVE"),
+        "{}\n{}",
+        ready(),
+        tern.log()
+    );
+    // The application speaks plaintext to the service; tern originates mTLS with its
+    // certificate.
+    let out = tern_tests::python_json(&p.app, Some(&p.cgroup), "tls_peer.py", &["plain", SECURE]);
+    assert_eq!(out["reply"], format!("{APP_ID} hello"), "{out}");
+    let _ = std::fs::remove_file(&log);
+}

@@ -496,6 +496,29 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// Whether some connection it describes presents the workload certificate: a cluster's
+    /// TLS (Istio's auto-mTLS) or a chain terminating TLS with it.
+    pub fn needs_workload_certificate(&self) -> bool {
+        let workload = |c: &tls::CertSource| *c == tls::CertSource::Workload;
+        let chains = self
+            .listeners
+            .iter()
+            .chain(&self.inbound)
+            .flat_map(|l| &l.filter_chains)
+            .filter_map(|c| c.tls.as_ref());
+        let clusters = self.clusters.values().flat_map(|c| {
+            c.transport
+                .matches
+                .iter()
+                .filter_map(|m| m.tls.as_ref())
+                .chain(&c.transport.default)
+        });
+        chains.map(|t| &t.cert).any(workload)
+            || clusters
+                .filter_map(|t| t.client_cert.as_ref())
+                .any(workload)
+    }
+
     /// Checks what the types cannot: names are unique and every referenced cluster exists.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |what: String, why: &str| ConfigError::Invalid {

@@ -119,6 +119,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some((stream, status)) => (Some(stream), Some(status)),
         None => (None, None),
     };
+    let certificates = cert_source(&args, mark)?;
     let admin = Arc::new(Admin {
         state: state.clone(),
         metrics: metrics.clone(),
@@ -129,16 +130,16 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             pod_ip: args.instance_ip,
             mark,
         },
+        certificate_source: certificates.is_some(),
         connections: Default::default(),
     });
     let control = control_tasks(
-        &args,
         &state,
         &metrics,
         xds_stream,
         xds_status.clone(),
-        mark,
-    )?;
+        certificates,
+    );
     let servers = admin_servers(&args, admin_listener);
     spawn_control_thread(servers, admin.clone(), control)?;
     // The file is re-read when it changes unless a control plane owns the configuration
@@ -394,13 +395,12 @@ fn xds_client(
 /// The control thread's work besides the admin servers: the xDS stream, exporting its
 /// state, and the workload certificate's source.
 fn control_tasks(
-    args: &RunArgs,
     state: &Arc<State>,
     metrics: &Metrics,
     xds_stream: Option<ControlTask>,
     xds_status: Option<XdsStatus>,
-    mark: u32,
-) -> anyhow::Result<Vec<ControlTask>> {
+    certificates: Option<(tls::source::CertSource, &'static str)>,
+) -> Vec<ControlTask> {
     let mut control: Vec<ControlTask> = Vec::new();
     if let Some(stream) = xds_stream {
         control.push(stream);
@@ -408,7 +408,7 @@ fn control_tasks(
     if let Some(status) = xds_status {
         control.push(Box::pin(export_xds_state(status, metrics.config.clone())));
     }
-    if let Some((source, label)) = cert_source(args, mark)? {
+    if let Some((source, label)) = certificates {
         info!(source = label, "workload certificate source");
         let events = Arc::new(metrics.tls.certificate_events(label));
         control.push(Box::pin(tls::source::run(
@@ -417,7 +417,7 @@ fn control_tasks(
             events,
         )));
     }
-    Ok(control)
+    control
 }
 
 /// The admin server's socket, and the stats server's when it binds.

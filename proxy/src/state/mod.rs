@@ -600,6 +600,9 @@ clusters:
             config
         };
         let runtime = |state: &State| state.load().clusters["a"].endpoints[0].runtime.clone();
+        // Readiness waits for the workload certificate only where it is presented.
+        assert!(!parse(CONFIG, "test").unwrap().needs_workload_certificate());
+        assert!(with(mtls("spiffe://td/ns/a/sa/b"), "istio").needs_workload_certificate());
         state.apply(with(mtls("spiffe://td/ns/a/sa/b"), "istio"));
         let first = runtime(&state);
         assert!(first.tls.is_some());
