@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
     let mut handler = XdsHandler::new(
         State::new(Default::default()),
         Config::default(),
-        ConfigMetrics::unregistered(),
+        ConfigMetrics::default(),
     );
     let mut rest = data;
     while let [selector, name_len, tail @ ..] = rest {

@@ -34,7 +34,7 @@ fn handler() -> XdsHandler {
     XdsHandler::new(
         State::new(Default::default()),
         Config::default(),
-        ConfigMetrics::unregistered(),
+        ConfigMetrics::default(),
     )
 }
 

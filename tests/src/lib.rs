@@ -7,7 +7,7 @@
 #![forbid(unsafe_code)]
 use std::{
     fs,
-    io::{BufRead, BufReader},
+    io::{BufRead, BufReader, Write},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -63,6 +63,14 @@ pub fn assert_root() {
         "this needs root (network namespaces, cgroups, eBPF); tests start with \
          `tern_tests::require_root!()`"
     );
+}
+
+/// Prints one event line and flushes it at once (the test control planes' event logs, which
+/// tests read while the process runs).
+pub fn say(line: impl AsRef<str>) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", line.as_ref());
+    let _ = out.flush();
 }
 
 /// Calls `changed` each time the file at `path` changes (looked at every 100 ms), forever; for
@@ -868,7 +876,6 @@ impl Phased {
 
     /// Writes one line to the client's standard input.
     fn send(&mut self, line: &str) {
-        use std::io::Write;
         let stdin = self.process.child.stdin.as_mut().expect("piped");
         stdin
             .write_all(format!("{line}\n").as_bytes())

@@ -80,8 +80,7 @@ impl UpstreamMetrics {
         m
     }
 
-    /// Families no registry exports (for tests of the parts that count).
-    pub fn unregistered(handshakes: Handshakes) -> Self {
+    fn unregistered(handshakes: Handshakes) -> Self {
         Self {
             requests: Family::default(),
             replies: Family::default(),
@@ -96,6 +95,7 @@ impl UpstreamMetrics {
     }
 }
 
+/// Families no registry exports (for tests of the parts that count).
 impl Default for UpstreamMetrics {
     fn default() -> Self {
         Self::unregistered(Handshakes::default())

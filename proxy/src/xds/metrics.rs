@@ -45,7 +45,7 @@ pub struct ConfigMetrics {
 
 impl ConfigMetrics {
     pub fn register(registry: &mut Registry) -> Self {
-        let m = Self::unregistered();
+        let m = Self::default();
         registry.register(
             "config_updates",
             "Configuration updates by source (file, or xDS type) and result (applied, rejected)",
@@ -78,9 +78,11 @@ impl ConfigMetrics {
         );
         m
     }
+}
 
-    /// Families no registry exports (for tests of the parts that count).
-    pub fn unregistered() -> Self {
+/// Families no registry exports (for tests of the parts that count).
+impl Default for ConfigMetrics {
+    fn default() -> Self {
         Self {
             updates: Family::default(),
             connected: Gauge::default(),
@@ -92,7 +94,9 @@ impl ConfigMetrics {
             }),
         }
     }
+}
 
+impl ConfigMetrics {
     /// Counts an update from `source` (`file`, or an xDS type's short name) as `applied` or
     /// `rejected`.
     pub fn update(&self, source: &'static str, result: &'static str) {

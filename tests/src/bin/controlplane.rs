@@ -12,7 +12,7 @@
 //! corrupt_cluster: false   # add a cluster whose body does not decode to every CDS response
 //! broken_listener: false   # add a listener whose address is a hostname to every LDS response
 //! ```
-use std::{io::Write, pin::Pin, time::Duration};
+use std::{pin::Pin, time::Duration};
 
 use serde::Deserialize;
 use tern_proto::{
@@ -25,6 +25,7 @@ use tern_proto::{
     build::{address, eds_cluster, tcp_proxy},
     encode, listener_types, type_url,
 };
+use tern_tests::say;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming, transport::Channel};
@@ -113,13 +114,19 @@ impl Malformable for DeltaDiscoveryResponse {
     }
 }
 
-fn say(line: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
-}
-
 type Responses<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The responses of a stream relayed to `up` (see [`relay`]).
+fn relayed<Req: Send + 'static, Resp: Malformable>(
+    down: Streaming<Req>,
+    up_tx: mpsc::Sender<Req>,
+    up: Streaming<Resp>,
+    faults: watch::Receiver<Faults>,
+) -> Response<Responses<Resp>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(relay(down, up_tx, up, faults, tx));
+    Response::new(Box::pin(ReceiverStream::new(rx)))
+}
 
 /// Passes one stream's requests upstream and its responses back, with the faults in force,
 /// until either side ends or the stream is to be closed.
@@ -199,10 +206,12 @@ impl AggregatedDiscoveryService for Proxy {
             .stream_aggregated_resources(ReceiverStream::new(up_rx))
             .await?
             .into_inner();
-        let (tx, rx) = mpsc::channel(64);
-        let down = request.into_inner();
-        tokio::spawn(relay(down, up_tx, up, self.faults.clone(), tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(relayed(
+            request.into_inner(),
+            up_tx,
+            up,
+            self.faults.clone(),
+        ))
     }
 
     async fn delta_aggregated_resources(
@@ -216,17 +225,19 @@ impl AggregatedDiscoveryService for Proxy {
             .delta_aggregated_resources(ReceiverStream::new(up_rx))
             .await?
             .into_inner();
-        let (tx, rx) = mpsc::channel(64);
-        let down = request.into_inner();
-        tokio::spawn(relay(down, up_tx, up, self.faults.clone(), tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(relayed(
+            request.into_inner(),
+            up_tx,
+            up,
+            self.faults.clone(),
+        ))
     }
 }
 
 fn load(path: &str) -> Option<Faults> {
     let text = std::fs::read_to_string(path).ok()?;
     serde_yaml::from_str(&text)
-        .map_err(|e| say(&format!("ERROR {path}: {e}")))
+        .map_err(|e| say(format!("ERROR {path}: {e}")))
         .ok()
 }
 

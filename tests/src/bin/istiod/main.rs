@@ -47,20 +47,14 @@ mod inbound;
 mod resources;
 mod snapshot;
 
-use std::{collections::HashMap, io::Write, sync::Arc};
+use std::{collections::HashMap, sync::Arc};
 
 use tern_proto::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use tokio::sync::watch;
 use tonic::{Request, Status};
 
 use ads::Ads;
-
-/// Says one event on its own line.
-fn say(line: impl AsRef<str>) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{}", line.as_ref());
-    let _ = out.flush();
-}
+use tern_tests::say;
 
 /// A type URL's last part (`Cluster`, `Listener`, …).
 fn short(t: &str) -> &str {
