@@ -7,13 +7,16 @@
 //! - [`sotw`]: the state-of-the-world protocol as a transport-free state machine;
 //! - [`delta`]: the incremental protocol, likewise;
 //! - [`channel`]: the gRPC channel to the control plane (also for Istio's CA);
-//! - [`stream`]: the gRPC stream over `tonic`, with reconnection and resubscription.
+//! - [`stream`]: the ADS stream, with reconnection and resubscription;
+//! - `grpc`: one gRPC call of protobuf messages over the channel, read into a buffer that
+//!   does not outlive a large message.
 //!
 //! TLS (`https` addresses: CA, optional client certificate) and a bearer token from a file
 //! are read again at every connection, so rotated credentials are picked up.
 #![forbid(unsafe_code)]
 pub mod channel;
 pub mod delta;
+mod grpc;
 pub mod handler;
 pub mod resource;
 pub mod sotw;

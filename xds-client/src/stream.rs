@@ -1,4 +1,4 @@
-//! The ADS stream over gRPC (`tonic`): open, resubscribe, ACK/NACK, reconnect.
+//! The ADS stream over gRPC: open, resubscribe, ACK/NACK, reconnect.
 //!
 //! On a broken or refused stream the client keeps what it holds (the handler's last good
 //! configuration keeps serving), waits a jittered, exponentially growing delay, reconnects
@@ -7,15 +7,13 @@
 //! its maximum connection age) is reopened at once.
 //!
 //! Responses are accepted up to [`MAX_MESSAGE`] (tonic's default is 4 MiB; a big mesh's CDS
-//! or EDS is larger); the channel itself is [`crate::channel`]'s.
+//! or EDS is larger); the channel itself is [`crate::channel`]'s, the call
+//! [`crate::grpc`]'s.
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use rand::Rng;
 use serde::Serialize;
-use tern_proto::{
-    DeltaDiscoveryRequest, DiscoveryRequest,
-    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
-};
+use tern_proto::{DeltaDiscoveryRequest, DiscoveryRequest};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
@@ -23,6 +21,7 @@ use tracing::{info, warn};
 use crate::{
     channel::{ChannelConfig, ChannelError},
     delta::Delta,
+    grpc::{self, Responses},
     handler::Handler,
     resource::TypeState,
     sotw::Sotw,
@@ -30,6 +29,12 @@ use crate::{
 
 /// The largest response accepted (ztunnel's limit too).
 pub const MAX_MESSAGE: usize = 200 * 1024 * 1024;
+
+/// The two ADS calls.
+const SOTW: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+const DELTA: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 
 /// Why a stream ended or could not open.
 #[derive(Debug, thiserror::Error)]
@@ -151,19 +156,6 @@ async fn stream_once<H: Handler>(
 ) -> Result<(), StreamError> {
     let crate::channel::Connected { channel, bearer } =
         crate::channel::open(&config.channel).await?;
-    let mut client = AggregatedDiscoveryServiceClient::with_interceptor(
-        channel,
-        move |mut request: tonic::Request<()>| {
-            if let Some(token) = &bearer {
-                request
-                    .metadata_mut()
-                    .insert("authorization", token.clone());
-            }
-            Ok(request)
-        },
-    )
-    .max_decoding_message_size(MAX_MESSAGE)
-    .max_encoding_message_size(MAX_MESSAGE);
     let opened = |kind: &str| {
         status.send_modify(|s| {
             s.address = config.channel.address.clone();
@@ -177,7 +169,7 @@ async fn stream_once<H: Handler>(
     match engine {
         Engine::Sotw(e) => {
             let first = e.open_stream(handler);
-            let open = move |rx| async move { client.stream_aggregated_resources(rx).await };
+            let open = |rx| grpc::open(channel, SOTW, bearer, rx, MAX_MESSAGE);
             converse(
                 first,
                 open,
@@ -194,7 +186,7 @@ async fn stream_once<H: Handler>(
         }
         Engine::Delta(e) => {
             let first = e.open_stream(handler);
-            let open = move |rx| async move { client.delta_aggregated_resources(rx).await };
+            let open = |rx| grpc::open(channel, DELTA, bearer, rx, MAX_MESSAGE);
             converse(
                 first,
                 open,
@@ -246,7 +238,8 @@ async fn converse<H, Req, Resp, Fut>(
 where
     H: Handler,
     Req: XdsRequest,
-    Fut: std::future::Future<Output = Result<tonic::Response<tonic::Streaming<Resp>>, tonic::Status>>,
+    Resp: prost::Message + Default,
+    Fut: std::future::Future<Output = Result<Responses<Resp>, tonic::Status>>,
 {
     let (tx, rx) = mpsc::channel(64);
     for request in first {
@@ -254,15 +247,14 @@ where
     }
     let mut responses = open(ReceiverStream::new(rx))
         .await
-        .map_err(StreamError::Open)?
-        .into_inner();
+        .map_err(StreamError::Open)?;
     opened();
     pump(&mut responses, &tx, handler, status, lived, on_response).await
 }
 
 /// Feeds responses to the engine and its requests back, ticking the handler every second.
-async fn pump<H: Handler, Req: XdsRequest, Resp>(
-    responses: &mut tonic::Streaming<Resp>,
+async fn pump<H: Handler, Req: XdsRequest, Resp: prost::Message + Default>(
+    responses: &mut Responses<Resp>,
     tx: &mpsc::Sender<Req>,
     handler: &mut H,
     status: &watch::Sender<ClientStatus>,
