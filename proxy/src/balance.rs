@@ -2,8 +2,9 @@
 //!
 //! An [`EndpointPicker`] is built once per configuration snapshot (schedules, rings and tables
 //! are precomputed there) and then picks without locks: round robin is an atomic cursor over
-//! a weighted schedule (built earliest-deadline-first, in O(n log n)), least request is the
-//! power of two choices between two different endpoints by in-flight count times latency
+//! a weighted schedule (built earliest-deadline-first, in O(n log n)), random draws by weight
+//! in O(log n) (a binary search over running totals), least request is the
+//! power of two such draws, between two different endpoints, by in-flight count times latency
 //! (linkerd2-proxy's peak EWMA, see [`crate::latency`]; latencies under 10 ms weigh the same,
 //! so between endpoints that answer in time the counts decide, as in Envoy; counts alone kept
 //! sending to a server that accepts and never answers whenever both choices fell on it),
@@ -44,6 +45,9 @@ pub trait Candidate {
     fn ejected(&self) -> bool;
 }
 
+/// Weighted draws an endpoint filter may refuse before the draw walks the accepted ones.
+const DRAWS: usize = 4;
+
 /// Round-robin schedules longer than this many turns (or 8 per endpoint, if more) are
 /// scaled down; weights keep their proportions to within an eighth of a turn.
 const SCHEDULE_MAX: u64 = 4_096;
@@ -60,8 +64,10 @@ pub struct EndpointPicker {
 
 #[derive(Debug)]
 struct Level {
-    /// Indices of the endpoints at this priority and their effective weights.
-    members: Vec<(usize, u32)>,
+    /// Indices of the endpoints at this priority, each with the running total of the
+    /// effective weights of the routable ones up to and including it: a weighted draw is a
+    /// binary search, and an endpoint that is not routable takes no width.
+    members: Vec<(usize, u64)>,
     /// Round robin: endpoint indices interleaved by weight.
     schedule: Vec<u32>,
     /// Ring hash: (point, endpoint index), sorted by point.
@@ -100,7 +106,7 @@ impl EndpointPicker {
     /// A picker whose ring hash or Maglev tables come out of `tables`, a budget all clusters
     /// share: Envoy bounds each ring, not their sum, and one cluster with weights 1 and
     /// 4294967295 makes an 8 Mi-entry ring. A table the budget cannot take is not built: the
-    /// cluster balances by round robin instead, with a warning (never an allocation that
+    /// cluster balances at random by weight instead, with a warning (never an allocation that
     /// takes the proxy down).
     pub fn within(
         policy: LbPolicy,
@@ -141,11 +147,9 @@ impl EndpointPicker {
         };
         for honour_ejection in [true, false] {
             let ok = |i: usize| usable(i, honour_ejection);
-            for level in &self.levels {
-                if !level.members.iter().any(|&(i, _)| ok(i)) {
-                    continue;
-                }
-                return self.pick_in(level, endpoints, hash, &ok);
+            let mut levels = self.levels.iter();
+            if let Some(i) = levels.find_map(|level| self.pick_in(level, endpoints, hash, &ok)) {
+                return Some(i);
             }
         }
         None
@@ -180,34 +184,30 @@ impl EndpointPicker {
                     .find(|&i| ok(i))
             }
             (LbPolicy::LeastRequest, _) => {
-                let a = weighted_random(level, ok)?;
-                // Another draw is another endpoint but for the heaviest few: a draw costs a
-                // pass over the level, so draw again before leaving `a` out of a pass.
+                let a = level.draw(ok)?;
+                let index = |at: usize| level.members[at].0;
+                // Another draw is another endpoint but for the heaviest few: draw again
+                // before drawing among the others only.
                 let b = (0..3)
-                    .filter_map(|_| weighted_random(level, ok))
+                    .filter_map(|_| level.draw(ok))
                     .find(|&b| b != a)
-                    .or_else(|| weighted_random(level, &|i| i != a && ok(i)));
+                    .or_else(|| level.draw(&|i| i != index(a) && ok(i)));
                 let Some(b) = b else {
-                    return Some(a);
+                    return Some(index(a));
                 };
                 let now = std::time::Instant::now();
                 let alike = crate::latency::ALIKE.as_secs_f64();
-                let cost = |i: usize| {
-                    let e = &endpoints[i];
+                let cost = |at: usize| {
+                    let e = &endpoints[index(at)];
                     let active = e.active();
-                    e.latency(now).max(alike) * (active + 1) as f64
-                        / f64::from(level.weight_of(i).max(1))
+                    e.latency(now).max(alike) * (active + 1) as f64 / level.weight_at(at) as f64
                 };
-                Some(if cost(b) < cost(a) { b } else { a })
+                Some(index(if cost(b) < cost(a) { b } else { a }))
             }
             // Random, and hash policies for requests without a hash key.
-            _ => weighted_random(level, ok),
+            _ => level.draw(ok).map(|at| level.members[at].0),
         }
     }
-}
-
-fn weighted_random(level: &Level, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
-    weighted_pick(level.members.iter().copied().filter(|&(i, _)| ok(i)))
 }
 
 /// The cluster for one request or connection: weighted clusters pick by weight.
@@ -256,7 +256,7 @@ impl Level {
                 u64::from(endpoints[i].weight);
         }
         let uses_localities = !locality_weights.is_empty() && per_locality.len() > 1;
-        let members: Vec<(usize, u32)> = indices
+        let weighted: Vec<(usize, u32)> = indices
             .iter()
             .map(|&i| {
                 let e = &endpoints[i];
@@ -279,6 +279,16 @@ impl Level {
             .copied()
             .filter(|&i| endpoints[i].health.routable())
             .collect();
+        let mut total = 0;
+        let members = weighted
+            .iter()
+            .map(|&(i, w)| {
+                if endpoints[i].health.routable() {
+                    total += u64::from(w);
+                }
+                (i, total)
+            })
+            .collect();
         let mut level = Self {
             schedule: Vec::new(),
             ring: Vec::new(),
@@ -287,13 +297,11 @@ impl Level {
         };
         match policy {
             LbPolicy::RoundRobin => {
-                let weighted: Vec<(usize, u32)> = level
-                    .members
-                    .iter()
-                    .copied()
+                let turns: Vec<(usize, u32)> = weighted
+                    .into_iter()
                     .filter(|&(i, _)| endpoints[i].health.routable())
                     .collect();
-                level.schedule = schedule(&weighted);
+                level.schedule = schedule(&turns);
             }
             LbPolicy::RingHash | LbPolicy::Maglev => {
                 let weights = if uses_localities {
@@ -309,7 +317,7 @@ impl Level {
                         .saturating_mul(std::mem::size_of::<u32>())
                 };
                 if let Err(e) = held.grow(bytes) {
-                    tracing::warn!(bytes, error = %e, ?policy, "hash table not built: the cluster balances by round robin");
+                    tracing::warn!(bytes, error = %e, ?policy, "hash table not built: the cluster balances at random by weight");
                 } else if policy == LbPolicy::RingHash {
                     level.ring = ring(&weights, endpoints, table);
                 } else {
@@ -321,11 +329,33 @@ impl Level {
         level
     }
 
-    fn weight_of(&self, i: usize) -> u32 {
-        self.members
-            .iter()
-            .find(|&&(j, _)| j == i)
-            .map_or(1, |&(_, w)| w)
+    /// The effective weight of the member at `at` (0 when it is not routable).
+    fn weight_at(&self, at: usize) -> u64 {
+        let before = at.checked_sub(1).map_or(0, |b| self.members[b].1);
+        self.members[at].1 - before
+    }
+
+    /// A member (its position) drawn in proportion to its weight among the endpoints `ok`
+    /// accepts. A draw over all routable members that `ok` refuses is drawn again (so the
+    /// draw it accepts is still in proportion among the accepted ones); after a few refusals
+    /// the accepted ones are walked instead. O(log n) while few are refused.
+    fn draw(&self, ok: &dyn Fn(usize) -> bool) -> Option<usize> {
+        let total = self.members.last().map_or(0, |&(_, end)| end);
+        if total == 0 {
+            return None;
+        }
+        let mut rng = rand::rng();
+        for _ in 0..DRAWS {
+            let r = rng.random_range(0..total);
+            let at = self.members.partition_point(|&(_, end)| end <= r);
+            if ok(self.members[at].0) {
+                return Some(at);
+            }
+        }
+        let accepted = (0..self.members.len()).filter(|&at| ok(self.members[at].0));
+        weighted_pick(
+            accepted.map(|at| (at, u32::try_from(self.weight_at(at)).unwrap_or(u32::MAX))),
+        )
     }
 }
 
@@ -592,7 +622,7 @@ mod tests {
     }
 
     #[test]
-    fn hash_tables_share_one_bound_and_degrade_to_round_robin() {
+    fn hash_tables_share_one_bound_and_degrade_to_weighted_random() {
         let budget = BufferBudget::new(1 << 20);
         // Weights 1 and u32::MAX: Envoy's ring would take its 8 Mi-entry maximum (128 MiB).
         let skewed = [
@@ -763,6 +793,35 @@ mod tests {
         let c = counts(&p, &fakes(&eps), 800);
         assert_eq!(c[&2], 600, "{c:?}");
         assert_eq!(c[&0] + c[&1], 200, "{c:?}");
+    }
+
+    #[test]
+    fn random_draws_in_proportion_among_the_endpoints_left() {
+        let eps = vec![
+            ep(1, 1, 0, "", Health::Healthy),
+            ep(2, 3, 0, "", Health::Healthy),
+            ep(3, 5, 0, "", Health::Unhealthy),
+            ep(4, 5, 0, "", Health::Healthy),
+            ep(5, 5, 0, "", Health::Healthy),
+        ];
+        let mut f = fakes(&eps);
+        f[3].ejected = true;
+        let p = EndpointPicker::new(
+            LbPolicy::Random,
+            &eps,
+            &BTreeMap::new(),
+            &HashTable::default(),
+        );
+        let n = 40_000;
+        let mut c: HashMap<usize, usize> = HashMap::new();
+        for _ in 0..n {
+            // Most weight is refused here (unhealthy, ejected, excluded): the draws that
+            // are refused fall back to walking the rest, in the same proportions.
+            *c.entry(p.pick(&f, None, &[4]).unwrap()).or_default() += 1;
+        }
+        assert_eq!(c.len(), 2, "{c:?}");
+        let share = c[&1] as f64 / n as f64;
+        assert!((share - 0.75).abs() < 0.02, "{c:?}");
     }
 
     #[test]

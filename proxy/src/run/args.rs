@@ -94,7 +94,7 @@ pub struct RunArgs {
     #[arg(long, env = "TERN_MAX_BUFFERED_BYTES", default_value_t = 64 << 20)]
     pub max_buffered_bytes: usize,
     /// Bytes the ring hash and Maglev tables of all clusters may hold together; a cluster
-    /// whose table would not fit balances by round robin instead (with a warning).
+    /// whose table would not fit balances at random by weight instead (with a warning).
     #[arg(long, env = "TERN_MAX_HASH_TABLE_BYTES", default_value_t = crate::state::DEFAULT_TABLE_BUDGET)]
     pub max_hash_table_bytes: usize,
     /// Data-plane worker threads, each serving its own connections (0: one per core available
