@@ -45,13 +45,16 @@ pub(super) async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> 
         timeout,
         hash,
     } = f;
+    // One clock read for the request's start, its deadline and its first attempt (the clock
+    // is a measurable share of a request's own CPU).
+    let began = Instant::now();
     let call = Call {
         ctx: &ctx,
         cluster: &cluster,
         meta,
         client_seq,
         oneway: msg.kind() == MessageType::Oneway,
-        began: Instant::now(),
+        began,
         request_len: msg.as_bytes().len(),
         timeout,
     };
@@ -67,7 +70,7 @@ pub(super) async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> 
     }
     let _active = ActiveRequest::new(rt.clone());
     let settings = pool_settings(cfg, &ctx);
-    let deadline = deadline_after(timeout);
+    let deadline = deadline_after(began, timeout);
     let mut tried = [usize::MAX; MAX_ATTEMPTS];
     for attempt in 0..MAX_ATTEMPTS {
         let Some(i) = cluster
@@ -91,8 +94,8 @@ pub(super) async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> 
         let ert = &ep.runtime;
         ert.traffic().requests.fetch_add(1, Ordering::Relaxed);
         debug!(endpoint = %ep.config.address, attempt, "sending");
-        let _in_flight = ActiveEndpoint::new(ert);
-        let started = Instant::now();
+        let started = if attempt == 0 { began } else { Instant::now() };
+        let _in_flight = ActiveEndpoint::new(ert, started);
         let next = match cfg.upstream {
             UpstreamMode::Exclusive => {
                 let sent = exclusive::call(ert, &msg, &settings, rt);
@@ -157,8 +160,9 @@ struct Call<'a> {
 type Outcome = Result<Result<Option<Message>, Failed>, tokio::time::error::Elapsed>;
 
 impl Call<'_> {
-    fn elapsed_ms(&self) -> f64 {
-        self.began.elapsed().as_secs_f64() * 1000.0
+    /// Milliseconds from the request's start to `now`.
+    fn elapsed_ms(&self, now: Instant) -> f64 {
+        (now - self.began).as_secs_f64() * 1000.0
     }
 
     /// A `TApplicationException` for the client (nothing for a one-way call), counted; the
@@ -183,7 +187,7 @@ impl Call<'_> {
             seq: self.client_seq,
             oneway: self.oneway,
             len: self.request_len,
-            elapsed_ms: self.elapsed_ms(),
+            elapsed_ms: self.elapsed_ms(Instant::now()),
         };
         local::reply(self.ctx, request, cause, kind, why)
     }
@@ -191,7 +195,7 @@ impl Call<'_> {
     /// A one-way call went out to `ep`.
     fn sent_oneway(&self, ep: &EndpointHandle, name: &[u8]) {
         istio::endpoint_requests(self.ctx, self.cluster, ep)[0].observe(
-            self.elapsed_ms(),
+            self.elapsed_ms(Instant::now()),
             self.request_len,
             0,
         );
@@ -215,17 +219,21 @@ impl Call<'_> {
         let rt = &cluster.runtime;
         // How long it took, for least request: an answer, a lost connection or a timeout (not
         // a request that never left, nor a one-way call).
-        let took = || {
-            let now = Instant::now();
+        let took = |now: Instant| {
             let took = now - started;
             endpoint.latency.observe(took, now.into_std());
             took
         };
         match outcome {
             Ok(Ok(Some(reply))) => {
-                let took = took();
+                let now = Instant::now();
+                let took = took(now);
                 istio::endpoint_requests(self.ctx, cluster, ep)[reply.reply_result() as usize]
-                    .observe(self.elapsed_ms(), self.request_len, reply.as_bytes().len());
+                    .observe(
+                        self.elapsed_ms(now),
+                        self.request_len,
+                        reply.as_bytes().len(),
+                    );
                 let answered = reply.kind() == MessageType::Reply;
                 rt.metrics().methods.count(split_name(name).1, answered);
                 match reply.reply_result() {
@@ -254,7 +262,7 @@ impl Call<'_> {
                 Next::Retry
             }
             Ok(Err(Failed::Lost(e))) => {
-                took();
+                took(Instant::now());
                 cluster.record_failure(endpoint, Failure::Gateway);
                 Next::Done(self.local(
                     name,
@@ -264,7 +272,7 @@ impl Call<'_> {
                 ))
             }
             Err(_) => {
-                took();
+                took(Instant::now());
                 cluster.record_failure(endpoint, Failure::Gateway);
                 Next::Done(self.local(
                     name,
@@ -297,10 +305,9 @@ enum Next {
     Retry,
 }
 
-/// When a request that starts now times out; a timeout too long to represent never does
+/// When a request that starts at `now` times out; a timeout too long to represent never does
 /// (in practice: in a century).
-fn deadline_after(timeout: Duration) -> Instant {
-    let now = Instant::now();
+fn deadline_after(now: Instant, timeout: Duration) -> Instant {
     now.checked_add(timeout)
         .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
@@ -309,9 +316,10 @@ fn deadline_after(timeout: Duration) -> Instant {
 struct ActiveEndpoint<'a>(&'a EndpointRuntime);
 
 impl<'a> ActiveEndpoint<'a> {
-    fn new(endpoint: &'a EndpointRuntime) -> Self {
+    /// From `now`, when the attempt starts.
+    fn new(endpoint: &'a EndpointRuntime, now: Instant) -> Self {
         if endpoint.active.fetch_add(1, Ordering::Relaxed) == 0 {
-            endpoint.latency.busy_from(std::time::Instant::now());
+            endpoint.latency.busy_from(now.into_std());
         }
         Self(endpoint)
     }
@@ -329,9 +337,12 @@ mod tests {
 
     #[test]
     fn a_timeout_too_long_to_represent_never_fires() {
-        let far = deadline_after(Duration::MAX);
-        assert!(far > Instant::now() + Duration::from_secs(50 * 365 * 24 * 3600));
-        let near = deadline_after(Duration::from_millis(5));
-        assert!(near <= Instant::now() + Duration::from_millis(5));
+        let now = Instant::now();
+        let far = deadline_after(now, Duration::MAX);
+        assert!(far > now + Duration::from_secs(50 * 365 * 24 * 3600));
+        assert_eq!(
+            deadline_after(now, Duration::from_millis(5)),
+            now + Duration::from_millis(5)
+        );
     }
 }
