@@ -51,7 +51,8 @@ pub struct Row {
     pub samples: Vec<Sample>,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median (the mean of the middle two for an even count; NaN for none).
+pub fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
@@ -193,10 +194,14 @@ pub struct XdsUpdates {
     pub apply_p50_ms: f64,
     pub apply_p99_ms: f64,
     /// Thrift calls' p99 with no pushes, with 100 a second going to another tern (from
-    /// another control plane), and with 100 a second to the measured tern.
+    /// another control plane), and with 100 a second to the measured tern: medians of
+    /// interleaved rounds, and each round's.
     pub quiet_p99_us: f64,
     pub baseline_p99_us: f64,
     pub churn_p99_us: f64,
+    pub quiet_rounds_us: Vec<f64>,
+    pub baseline_rounds_us: Vec<f64>,
+    pub churn_rounds_us: Vec<f64>,
     pub churn_errors: u64,
     /// The measured tern's control-thread CPU per push (decoding, applying, freeing), beyond
     /// its quiet run's.
@@ -608,24 +613,28 @@ impl Report {
             ),
             None,
         );
+        let rounds = |v: &[f64]| v.iter().map(|&p| num(p)).collect::<Vec<_>>().join(" / ");
         line(
-            "Thrift p99 during 100 EDS pushes/s ≤ 1.25× its p99 with no pushes".into(),
+            "Thrift p99 during 100 EDS pushes/s ≤ 1.25× its p99 with no pushes (medians of interleaved rounds)".into(),
             format!(
-                "{} vs {} µs ({}), {} errors",
+                "{} vs {} µs ({}), {} errors; rounds: {} vs {} µs",
                 num(x.churn_p99_us),
                 num(x.quiet_p99_us),
                 ratio(Some(x.churn_p99_us / x.quiet_p99_us)),
-                x.churn_errors
+                x.churn_errors,
+                rounds(&x.churn_rounds_us),
+                rounds(&x.quiet_rounds_us),
             ),
             Some(x.churn_p99_us <= 1.25 * x.quiet_p99_us),
         );
         line(
             "… and ≤ 1.25× its p99 while the same pushes go to another tern".into(),
             format!(
-                "{} vs {} µs ({})",
+                "{} vs {} µs ({}); rounds: {} µs",
                 num(x.churn_p99_us),
                 num(x.baseline_p99_us),
                 ratio(Some(x.churn_p99_us / x.baseline_p99_us)),
+                rounds(&x.baseline_rounds_us),
             ),
             Some(x.churn_p99_us <= 1.25 * x.baseline_p99_us),
         );
@@ -805,6 +814,9 @@ mod tests {
             quiet_p99_us: 100.0,
             baseline_p99_us: 120.0,
             churn_p99_us: 150.0,
+            quiet_rounds_us: vec![90.0, 100.0, 110.0],
+            baseline_rounds_us: vec![120.0; 3],
+            churn_rounds_us: vec![150.0; 3],
             churn_errors: 0,
             tern_cpu_us_per_push: 900.0,
             control_plane_cpu_share_baseline: 0.2,
