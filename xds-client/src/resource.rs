@@ -108,6 +108,10 @@ pub struct TypeState {
     pub nacks: u64,
     /// Whether this type was requested on the current stream.
     pub(crate) requested: bool,
+    /// A subscription everything held or refused is known to be within (checked when a
+    /// response or a change of interest last compared them): a response under the same
+    /// subscription compares no held names (an EDS push to one of 1,000 clusters).
+    pub(crate) within: Option<Arc<BTreeSet<String>>>,
     /// The names in force, listed once for status pages until the set changes (a response
     /// that changes one resource of 1,000 lists none).
     names: OnceLock<Arc<[String]>>,

@@ -16,6 +16,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashSet},
     hash::{DefaultHasher, Hasher},
+    sync::Arc,
 };
 
 use tern_proto::{DiscoveryRequest, DiscoveryResponse, Node, Status};
@@ -122,7 +123,12 @@ impl Sotw {
         let changes = self.changes(type_url, response, &interest);
         let state = self.state.entry(type_url).or_default();
         let nack = match changes {
-            Ok(changes) => state.apply(type_url, changes, version, handler),
+            Ok(changes) => {
+                let nack = state.apply(type_url, changes, version, handler);
+                // What was unwanted is gone, and what came was wanted.
+                state.within = interest.subscribed();
+                nack
+            }
             Err(e) => Some(state.refuse(&e)),
         };
         state.nonce = nonce;
@@ -197,13 +203,22 @@ impl Sotw {
             ));
             update.changed.push((name, any));
         }
-        let rejected = self.state[type_url].rejected.keys();
-        let known: BTreeSet<&String> = held.keys().chain(rejected).collect();
-        update.removed = known
-            .into_iter()
-            .filter(|n| !interest.wants(n) || (is_full_state(type_url) && !seen.contains(*n)))
-            .cloned()
-            .collect();
+        let state = &self.state[type_url];
+        let within = match (&state.within, interest) {
+            (Some(within), Interest::Names(names)) => Arc::ptr_eq(within, names),
+            _ => false,
+        };
+        // A full-state type drops what the response lacks; any type drops what is no longer
+        // wanted, unless nothing held can be unwanted (the subscription it was checked
+        // against is this one).
+        if is_full_state(type_url) || !within {
+            let known: BTreeSet<&String> = held.keys().chain(state.rejected.keys()).collect();
+            update.removed = known
+                .into_iter()
+                .filter(|n| !interest.wants(n) || (is_full_state(type_url) && !seen.contains(*n)))
+                .cloned()
+                .collect();
+        }
         Ok(Changes {
             update,
             held: changed,
@@ -227,6 +242,7 @@ pub(crate) fn forget_unwanted(
         .filter(|n| !interest.wants(n))
         .cloned()
         .collect();
+    state.within = interest.subscribed();
     if removed.is_empty() {
         return;
     }
@@ -289,7 +305,7 @@ mod tests {
 
         fn interest(&self, t: &str) -> Interest {
             if t == type_url::CLUSTER_LOAD_ASSIGNMENT {
-                Interest::Names(std::sync::Arc::new(self.clusters.clone()))
+                Interest::Names(Arc::new(self.clusters.clone()))
             } else {
                 Interest::Wildcard
             }
@@ -352,6 +368,53 @@ mod tests {
                 type_url::CLUSTER_LOAD_ASSIGNMENT,
             ],
         )
+    }
+
+    /// Wants the endpoints named in one shared set, as a real handler hands its interest
+    /// over: the same `Arc` while it does not change.
+    struct Shared {
+        wanted: Arc<BTreeSet<String>>,
+        removed: Vec<String>,
+    }
+
+    impl Handler for Shared {
+        fn apply(&mut self, _: &'static str, update: Update) -> Result<(), Vec<RejectedConfig>> {
+            self.removed.extend(update.removed);
+            Ok(())
+        }
+
+        fn interest(&self, _: &str) -> Interest {
+            Interest::Names(self.wanted.clone())
+        }
+    }
+
+    #[test]
+    fn endpoints_no_longer_wanted_go_even_when_the_interest_changed_unannounced() {
+        let names = |n: &[&str]| Arc::new(n.iter().map(|s| (*s).to_owned()).collect());
+        let mut s = Sotw::new(node(), &[type_url::CLUSTER_LOAD_ASSIGNMENT]);
+        let mut h = Shared {
+            wanted: names(&["a", "b"]),
+            removed: Vec::new(),
+        };
+        s.open_stream(&h);
+        s.on_response(endpoints("1", "n1", &["a", "b"]), &mut h);
+        // The same subscription: a response with part of it removes nothing (EDS is not
+        // state of the world).
+        s.on_response(endpoints("2", "n2", &["a"]), &mut h);
+        assert!(h.removed.is_empty(), "{:?}", h.removed);
+        assert_eq!(
+            s.state()[type_url::CLUSTER_LOAD_ASSIGNMENT].names().len(),
+            2
+        );
+        // The handler stops wanting "b" with no response in between: the next response
+        // drops it.
+        h.wanted = names(&["a"]);
+        s.on_response(endpoints("3", "n3", &["a"]), &mut h);
+        assert_eq!(h.removed, ["b"]);
+        assert_eq!(
+            &*s.state()[type_url::CLUSTER_LOAD_ASSIGNMENT].names(),
+            ["a"]
+        );
     }
 
     #[test]
