@@ -147,9 +147,14 @@ impl EndpointPicker {
         };
         for honour_ejection in [true, false] {
             let ok = |i: usize| usable(i, honour_ejection);
-            let mut levels = self.levels.iter();
-            if let Some(i) = levels.find_map(|level| self.pick_in(level, endpoints, hash, &ok)) {
-                return Some(i);
+            // A level with no usable member is passed over by a pass that stops at the first
+            // usable one: the policy's own search would walk its whole schedule or ring (up
+            // to millions of entries) on every request while a priority is down.
+            for level in &self.levels {
+                if !level.members.iter().any(|&(i, _)| ok(i)) {
+                    continue;
+                }
+                return self.pick_in(level, endpoints, hash, &ok);
             }
         }
         None
