@@ -75,9 +75,29 @@ fn mesh_with(first: &str, ttl: &str) -> Mesh {
 fn mesh_full(first: &str, extra: &[&str], prepare: impl FnOnce(&TestCa)) -> Mesh {
     let p = pods();
     let trust = MeshTrust::new().unwrap();
-    let ca = &trust.ca;
-    prepare(ca);
-    let server = ca
+    prepare(&trust.ca);
+    let (servers, server_log) = mtls_servers(&p, &trust);
+    let cp = Istiod::start(&p.app, ISTIOD, first, &trust.control_plane_args(APP_ID)).unwrap();
+    let mut args = trust.tern_args("default", "app");
+    args.push("--access-log".into());
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let tern = p.start_tern_with(&args, "info,tern=debug").unwrap();
+    Mesh {
+        p,
+        trust,
+        cp,
+        tern,
+        server_log,
+        _servers: servers,
+    }
+}
+
+/// The mTLS servers in the server Pod (Python `ssl`, presenting `SERVER_ID` from the mesh
+/// CA): an echo server on `ECHO` and a Thrift one on `THRIFT`; and the file they log to.
+fn mtls_servers(p: &Pods, trust: &MeshTrust) -> (Vec<Process>, std::path::PathBuf) {
+    let server = trust
+        .ca
         .issue("server", &[SERVER_ID], Duration::from_secs(3600))
         .unwrap();
     let server_log = std::env::temp_dir().join(unique("tls-server-log"));
@@ -104,20 +124,7 @@ fn mesh_full(first: &str, extra: &[&str], prepare: impl FnOnce(&TestCa)) -> Mesh
         python("server", ECHO, &[]),
         python("thrift", THRIFT, &["secure-1"]),
     ];
-    let cp = Istiod::start(&p.app, ISTIOD, first, &trust.control_plane_args(APP_ID)).unwrap();
-    let mut args = trust.tern_args("default", "app");
-    args.push("--access-log".into());
-    args.extend(extra.iter().map(|a| (*a).to_owned()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let tern = p.start_tern_with(&args, "info,tern=debug").unwrap();
-    Mesh {
-        p,
-        trust,
-        cp,
-        tern,
-        server_log,
-        _servers: servers,
-    }
+    (servers, server_log)
 }
 
 impl Drop for Mesh {
@@ -719,27 +726,7 @@ fn not_ready_until_the_workload_certificate_is_in() {
     tern_tests::require_root!();
     let p = pods();
     let trust = MeshTrust::new().unwrap();
-    let server = trust
-        .ca
-        .issue("server", &[SERVER_ID], Duration::from_secs(3600))
-        .unwrap();
-    let log = std::env::temp_dir().join(unique("tls-server-log"));
-    let script = python_peer("tls_peer.py");
-    let _echo = start_server(
-        &p.srv,
-        None,
-        Path::new("python3"),
-        &[
-            script.to_str().unwrap(),
-            "server",
-            ECHO,
-            server.cert_str(),
-            server.key_str(),
-            &trust.ca.ca_str(),
-            log.to_str().unwrap(),
-        ],
-    )
-    .unwrap();
+    let (_servers, log) = mtls_servers(&p, &trust);
     // istiod without its CA: CreateCertificate is not served.
     let with_ca = trust.control_plane_args(APP_ID);
     let without_ca: Vec<String> = with_ca[..with_ca.len() - 4].to_vec();

@@ -78,25 +78,7 @@ impl ConfigMetrics {
         );
         m
     }
-}
 
-/// Families no registry exports (for tests of the parts that count).
-impl Default for ConfigMetrics {
-    fn default() -> Self {
-        Self {
-            updates: Family::default(),
-            connected: Gauge::default(),
-            reconnects: Counter::default(),
-            set_aside: Family::default(),
-            rejected: Family::default(),
-            apply_seconds: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.00005, 1.5, 28))
-            }),
-        }
-    }
-}
-
-impl ConfigMetrics {
     /// Counts an update from `source` (`file`, or an xDS type's short name) as `applied` or
     /// `rejected`.
     pub fn update(&self, source: &'static str, result: &'static str) {
@@ -123,5 +105,21 @@ impl ConfigMetrics {
         self.apply_seconds
             .get_or_create(&TypeLabel { resource })
             .observe(seconds);
+    }
+}
+
+/// Families no registry exports (for tests of the parts that count).
+impl Default for ConfigMetrics {
+    fn default() -> Self {
+        Self {
+            updates: Family::default(),
+            connected: Gauge::default(),
+            reconnects: Counter::default(),
+            set_aside: Family::default(),
+            rejected: Family::default(),
+            apply_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.00005, 1.5, 28))
+            }),
+        }
     }
 }
