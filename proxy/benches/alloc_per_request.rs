@@ -66,7 +66,7 @@ fn main() {
         .on_thread_start(|| COUNTING.with(|c| c.set(true)))
         .build()
         .expect("runtime");
-    let (proxy, _closing) = runtime.block_on(async {
+    let proxy = runtime.block_on(async {
         let metrics = Metrics::new(None);
         let state = State::new(metrics.upstream.clone());
         let yaml = format!(
@@ -74,13 +74,12 @@ fn main() {
              clusters:\n  - name: echo\n    endpoints: [ {{ address: {echo} }} ]\n"
         );
         state.apply(config::file::parse(&yaml, "bench").expect("configuration"));
-        let (closing_tx, closing) = tokio::sync::watch::channel(false);
         let ctx = Arc::new(Ctx {
             state,
             metrics: metrics.filters.clone(),
             mark: 0,
             limits: DecoderLimits::default(),
-            closing,
+            closing: Default::default(),
             connect_timeout: Duration::from_secs(1),
             access_log: false,
             thrift_ports: Default::default(),
@@ -103,7 +102,7 @@ fn main() {
                 ));
             }
         });
-        (addr, closing_tx)
+        addr
     });
 
     let mut stream = TcpStream::connect(proxy).expect("connect to the proxy");

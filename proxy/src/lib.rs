@@ -14,6 +14,7 @@
 // The data path: accept, choose a chain, relay or balance each request.
 pub mod balance;
 pub mod budget;
+pub mod closing;
 pub mod filters;
 pub mod latency;
 pub mod listener;

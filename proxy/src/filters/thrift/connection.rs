@@ -35,8 +35,8 @@ pub async fn serve(
     // Draining serves every request until the drain's time is up (closing a connection
     // between requests would fail the client's next call, which may already be on its way);
     // then no new requests, only the replies in flight.
-    let mut closing = ctx.closing.clone();
-    let mut reading = !*closing.borrow_and_update();
+    let mut closing = ctx.closing.waiter();
+    let mut reading = !closing.is_closed();
     // A message must arrive whole within the message timeout of its first byte: one timer,
     // set when a partial message starts (or the one before it completed).
     let stall = tokio::time::sleep(ctx.message_timeout);
@@ -124,7 +124,7 @@ pub async fn serve(
                 partial = false;
                 buf.clear();
             },
-            _ = closing.changed(), if reading => {
+            () = closing.closed(), if reading => {
                 debug!("the drain's time is up: no new requests on this connection");
                 reading = false;
             },
