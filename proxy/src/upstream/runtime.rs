@@ -3,10 +3,11 @@
 //! an endpoint or cluster shares its runtime, so an update neither resets counters nor
 //! drops upstream connections.
 use std::{
+    borrow::Borrow,
     net::SocketAddr,
     sync::{
         Arc, Mutex, OnceLock,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize},
     },
 };
 
@@ -120,7 +121,6 @@ impl EndpointRuntime {
 /// Live state of a cluster: what its circuit breakers count, and its metric handles.
 #[derive(Debug)]
 pub struct ClusterRuntime {
-    pub active_requests: AtomicUsize,
     pub pending_requests: AtomicUsize,
     /// Upstream connections, connecting or open (`max_connections` counts them).
     pub connections: AtomicUsize,
@@ -164,7 +164,6 @@ impl ClusterRuntime {
         Self {
             client_tls: Mutex::new(Vec::new()),
             contexts: contexts.clone(),
-            active_requests: AtomicUsize::new(0),
             pending_requests: AtomicUsize::new(0),
             connections: AtomicUsize::new(0),
             released: tokio::sync::Notify::new(),
@@ -261,29 +260,38 @@ impl ClusterRuntime {
         self.metrics
             .get_or_init(|| ClusterMetrics::new(&self.name, &self.families))
     }
+
+    /// Requests waiting for a reply (`max_requests` counts them): the gauge that exports
+    /// them, so a request counts itself once.
+    pub fn active_requests(&self) -> usize {
+        self.metrics
+            .get()
+            .map_or(0, |m| usize::try_from(m.active_gauge.get()).unwrap_or(0))
+    }
 }
 
 /// Counts a request against its cluster's `max_requests` while it lives.
 #[derive(Debug)]
-pub struct ActiveRequest(Arc<ClusterRuntime>);
+pub struct ActiveRequest<C: Borrow<ClusterRuntime> = Arc<ClusterRuntime>>(C);
 
-impl ActiveRequest {
-    pub fn new(cluster: Arc<ClusterRuntime>) -> Self {
-        cluster.active_requests.fetch_add(1, Ordering::Relaxed);
-        cluster.metrics().active_gauge.inc();
+impl<C: Borrow<ClusterRuntime>> ActiveRequest<C> {
+    /// Borrowed by a request's own future; owned (an `Arc`) by a request queued elsewhere.
+    pub fn new(cluster: C) -> Self {
+        cluster.borrow().metrics().active_gauge.inc();
         Self(cluster)
     }
 }
 
-impl Drop for ActiveRequest {
+impl<C: Borrow<ClusterRuntime>> Drop for ActiveRequest<C> {
     fn drop(&mut self) {
-        self.0.active_requests.fetch_sub(1, Ordering::Relaxed);
-        self.0.metrics().active_gauge.dec();
+        self.0.borrow().metrics().active_gauge.dec();
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
     use super::*;
 
     #[test]

@@ -32,7 +32,7 @@ use crate::{
 };
 
 /// Sends a request upstream and returns what to write back to the client.
-pub(super) async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> Option<Bytes> {
+pub(super) async fn execute(plan: Plan, ctx: &Ctx, cell: Arc<ReplyCell>) -> Option<Bytes> {
     let f = match plan {
         Plan::Local(reply) => return reply,
         Plan::Forward(f) => f,
@@ -49,7 +49,7 @@ pub(super) async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> 
     // is a measurable share of a request's own CPU).
     let began = Instant::now();
     let call = Call {
-        ctx: &ctx,
+        ctx,
         cluster: &cluster,
         meta,
         client_seq,
@@ -60,7 +60,7 @@ pub(super) async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> 
     };
     let cfg = &cluster.config;
     let rt = &cluster.runtime;
-    if rt.active_requests.load(Ordering::Relaxed) >= cfg.circuit_breakers.max_requests {
+    if rt.active_requests() >= cfg.circuit_breakers.max_requests {
         return call.local(
             msg.name(),
             "overflow",
@@ -68,8 +68,8 @@ pub(super) async fn execute(plan: Plan, ctx: Arc<Ctx>, cell: Arc<ReplyCell>) -> 
             "circuit breaker overflow: max_requests",
         );
     }
-    let _active = ActiveRequest::new(rt.clone());
-    let settings = pool_settings(cfg, &ctx);
+    let _active = ActiveRequest::new(&**rt);
+    let settings = pool_settings(cfg, ctx);
     let deadline = deadline_after(began, timeout);
     let mut tried = [usize::MAX; MAX_ATTEMPTS];
     for attempt in 0..MAX_ATTEMPTS {

@@ -50,8 +50,7 @@ pub async fn serve(
                     progressed = true;
                     let plan = conn.plan(msg);
                     let span = debug_span!("request", seq = plan.client_seq());
-                    let ctx = ctx.clone();
-                    replies.push(|cell| execute(plan, ctx, cell).instrument(span));
+                    replies.push(|cell| execute(plan, &ctx, cell).instrument(span));
                     if conn.revoked {
                         debug!(
                             "the policy in force no longer allows the connection: no new requests"

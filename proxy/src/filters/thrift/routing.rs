@@ -17,6 +17,15 @@ use crate::{
     thrift::{Decoder, Message, MessageType, frame::Meta, reply::AppExceptionType},
 };
 
+/// A connection's own handle on a cluster of its snapshot, which a request holds while in
+/// flight. Cloning it per request writes a count only this connection's task writes;
+/// cloning the cluster itself would write the one count every worker's requests share.
+pub(super) type ClusterRef = Arc<Arc<ClusterState>>;
+
+/// Clusters a connection keeps handles on (most route to one or two); a request to another
+/// makes a handle of its own.
+const CLUSTERS_KEPT: usize = 8;
+
 /// Per-connection routing state.
 pub(super) struct Downstream {
     chain: ChainRef,
@@ -29,6 +38,8 @@ pub(super) struct Downstream {
     /// The last snapshot looked at: a snapshot without this chain is looked at once, and the
     /// connection keeps routing with the one before.
     seen: Arc<Snapshot>,
+    /// The clusters of `snapshot` this connection routed to, at most [`CLUSTERS_KEPT`].
+    clusters: Vec<ClusterRef>,
     /// The hash key of the client's address, for ring hash and Maglev requests without a
     /// hash header.
     source_hash: Option<u64>,
@@ -58,6 +69,7 @@ impl Downstream {
             decoder,
             seen: snapshot.clone(),
             snapshot,
+            clusters: Vec::new(),
             filter,
             source_hash: source.map(source_hash),
             authz: None,
@@ -124,6 +136,7 @@ impl Downstream {
             if let Some(c) = current.chain(&self.chain.listener, &self.chain.chain) {
                 self.filter = Some(Arc::new(c.filter.clone()));
                 self.snapshot = current.clone();
+                self.clusters.clear();
             }
             self.seen = current;
         }
@@ -131,7 +144,7 @@ impl Downstream {
 
     /// The cluster a request goes to, with its route's timeout; or the local reply when no
     /// route or no such cluster.
-    fn route(&self, msg: &Message) -> Result<(Arc<ClusterState>, Option<Duration>), Option<Bytes>> {
+    fn route(&mut self, msg: &Message) -> Result<(ClusterRef, Option<Duration>), Option<Bytes>> {
         let (routes, default): (&[Route], Option<&Target>) = match self.filter.as_deref() {
             Some(Filter::Thrift(t)) => (&t.routes, t.default_target.as_ref()),
             Some(Filter::TcpProxy { target, .. }) => (&[], Some(target)),
@@ -165,7 +178,10 @@ impl Downstream {
                 "no route for this method",
             ));
         };
-        let Some(cluster) = self.snapshot.clusters.get(name).cloned() else {
+        if let Some(kept) = self.clusters.iter().find(|c| c.config.name == name) {
+            return Ok((kept.clone(), timeout));
+        }
+        let Some(cluster) = self.snapshot.clusters.get(name) else {
             // The name may come from a client's header: it is no label value.
             let why = format!("unknown cluster {name}");
             return Err(local_reply(
@@ -176,6 +192,10 @@ impl Downstream {
                 &why,
             ));
         };
+        let cluster = Arc::new(cluster.clone());
+        if self.clusters.len() < CLUSTERS_KEPT {
+            self.clusters.push(cluster.clone());
+        }
         Ok((cluster, timeout))
     }
 }
@@ -234,7 +254,7 @@ pub(super) struct Forward {
     pub(super) msg: Message,
     pub(super) client_seq: i32,
     pub(super) meta: Meta,
-    pub(super) cluster: Arc<ClusterState>,
+    pub(super) cluster: ClusterRef,
     pub(super) timeout: Duration,
     pub(super) hash: Option<u64>,
 }
