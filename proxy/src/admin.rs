@@ -21,7 +21,7 @@ use serde_json::json;
 use tokio::{net::TcpListener, sync::watch};
 use tracing::{debug, info};
 
-use crate::{probe::AppProbers, state::State};
+use crate::{probe::AppProbers, state::State, upstream::runtime::Traffic};
 
 /// What the admin endpoints read and act on.
 pub struct Admin {
@@ -235,7 +235,7 @@ fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
                                 "ejected": rt.ejected(),
                                 "active_requests": rt.active.load(Relaxed),
                                 "latency_ms": rt.latency.weigh(std::time::Instant::now(), rt.active.load(Relaxed)) * 1e3,
-                                "requests": rt.seen().map_or(0, |t| t.requests.load(Relaxed)),
+                                "requests": rt.seen().map_or(0, Traffic::requests),
                                 "errors": rt.seen().map_or(0, |t| t.errors.load(Relaxed)),
                                 "connections": rt.seen().map_or(0, |t| t.open_connections()),
                             })

@@ -495,7 +495,11 @@ clusters:
         let state = State::new(Default::default());
         state.apply(parse(CONFIG, "test").unwrap());
         let before = state.load().clusters["a"].endpoints[0].runtime.clone();
-        before.traffic().requests.fetch_add(7, Ordering::Relaxed);
+        before
+            .traffic()
+            .pool()
+            .requests
+            .fetch_add(7, Ordering::Relaxed);
         state.apply(
             parse(
                 &CONFIG.replace("passthrough: deny", "passthrough: allow"),

@@ -7,7 +7,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex, OnceLock,
-        atomic::{AtomicU64, AtomicUsize},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
 };
 
@@ -45,7 +45,6 @@ pub struct EndpointRuntime {
 pub struct Traffic {
     /// Its connections, a pool for each worker (see [`crate::workers`]).
     pools: Box<[Pool]>,
-    pub requests: AtomicU64,
     pub errors: AtomicU64,
     /// The identity its certificate showed at the first TLS handshake.
     pub server_identity: OnceLock<Box<str>>,
@@ -68,6 +67,14 @@ impl Traffic {
     pub fn open_connections(&self) -> usize {
         self.pools.iter().map(Pool::open_connections).sum()
     }
+
+    /// Requests sent to the endpoint, across workers.
+    pub fn requests(&self) -> u64 {
+        self.pools
+            .iter()
+            .map(|p| p.requests.load(Ordering::Relaxed))
+            .sum()
+    }
 }
 
 impl EndpointRuntime {
@@ -89,7 +96,6 @@ impl EndpointRuntime {
                 pools: (0..crate::workers::count())
                     .map(|_| Pool::default())
                     .collect(),
-                requests: AtomicU64::new(0),
                 errors: AtomicU64::new(0),
                 server_identity: OnceLock::new(),
                 istio: OnceLock::new(),
@@ -290,8 +296,6 @@ impl<C: Borrow<ClusterRuntime>> Drop for ActiveRequest<C> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::Ordering;
-
     use super::*;
 
     #[test]
@@ -302,10 +306,7 @@ mod tests {
         assert!(size <= 128, "{size} bytes");
         let e = EndpointRuntime::new("10.0.0.1:80".parse().unwrap(), None);
         assert!(e.seen().is_none());
-        e.traffic().requests.fetch_add(1, Ordering::Relaxed);
-        assert_eq!(
-            e.seen().map(|t| t.requests.load(Ordering::Relaxed)),
-            Some(1)
-        );
+        e.traffic().pool().requests.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(e.seen().map(Traffic::requests), Some(1));
     }
 }

@@ -92,7 +92,10 @@ pub(super) async fn execute(plan: Plan, ctx: &Ctx, cell: Arc<ReplyCell>) -> Opti
         tried[attempt] = i;
         let ep = &cluster.endpoints[i];
         let ert = &ep.runtime;
-        ert.traffic().requests.fetch_add(1, Ordering::Relaxed);
+        ert.traffic()
+            .pool()
+            .requests
+            .fetch_add(1, Ordering::Relaxed);
         debug!(endpoint = %ep.config.address, attempt, "sending");
         let started = if attempt == 0 { began } else { Instant::now() };
         let _in_flight = ActiveEndpoint::new(ert, started);

@@ -145,7 +145,12 @@ async fn write_all_vectored(
             slices[k] = std::io::IoSlice::new(if k == 0 { &b[offset..] } else { b });
             n = k + 1;
         }
-        let mut written = wr.write_vectored(&slices[..n]).await?;
+        // One buffer goes with a plain write, which costs the kernel less than writev.
+        let mut written = if n == 1 {
+            wr.write(&slices[0]).await?
+        } else {
+            wr.write_vectored(&slices[..n]).await?
+        };
         if written == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
