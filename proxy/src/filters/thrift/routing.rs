@@ -129,12 +129,21 @@ impl Downstream {
     }
 
     /// Takes up a new snapshot's version of this connection's chain; a snapshot without the
-    /// chain is looked at once, and the connection keeps routing with the one before.
+    /// chain is looked at once, and the connection keeps routing with the one before. A
+    /// snapshot that shares the chain with the one before (an EDS push shares every
+    /// listener) costs no copy of its filter.
     fn follow_snapshot(&mut self) {
         let current = self.ctx.state.load();
         if !Arc::ptr_eq(&current, &self.seen) {
             if let Some(c) = current.chain(&self.chain.listener, &self.chain.chain) {
-                self.filter = Some(Arc::new(c.filter.clone()));
+                // Both snapshots are held, so the same address is the same chain.
+                let shared = self
+                    .snapshot
+                    .chain(&self.chain.listener, &self.chain.chain)
+                    .is_some_and(|before| std::ptr::eq(before, c));
+                if !shared {
+                    self.filter = Some(Arc::new(c.filter.clone()));
+                }
                 self.snapshot = current.clone();
                 self.clusters.clear();
             }
@@ -265,5 +274,103 @@ impl Plan {
             Plan::Forward(f) => f.client_seq,
             Plan::Local(_) => 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::BytesMut;
+
+    use super::*;
+    use crate::{
+        config::file::parse,
+        metrics::Metrics,
+        state::State,
+        thrift::{DecoderLimits, Protocol, Transport},
+    };
+
+    const CONFIG: &str = "listeners:\n  - address: 10.96.0.1:9090\n    filter_chains: [ { thrift_proxy: { default_cluster: a } } ]\n\
+                          clusters:\n  - name: a\n    endpoints: [ { address: 127.0.0.1:1 } ]\n  - name: b\n    endpoints: [ { address: 127.0.0.1:2 } ]\n";
+
+    /// A framed binary call `ping` with an empty body.
+    fn ping() -> Message {
+        let mut msg = vec![0x80, 0x01, 0x00, 0x01, 0, 0, 0, 4];
+        msg.extend_from_slice(b"ping");
+        msg.extend_from_slice(&7i32.to_be_bytes());
+        msg.push(0);
+        let mut framed = BytesMut::from(&(msg.len() as u32).to_be_bytes()[..]);
+        framed.extend_from_slice(&msg);
+        let limits = DecoderLimits::default();
+        Decoder::configured(limits, Transport::Framed, Protocol::Binary, false)
+            .decode(&mut framed)
+            .unwrap()
+            .unwrap()
+    }
+
+    fn routed_to(conn: &mut Downstream) -> String {
+        match conn.plan(ping()) {
+            Plan::Forward(f) => f.cluster.config.name.clone(),
+            Plan::Local(_) => panic!("answered locally"),
+        }
+    }
+
+    #[test]
+    fn a_connection_copies_its_filter_again_only_when_its_chain_changed() {
+        let metrics = Metrics::new(None);
+        let state = State::new(metrics.upstream.clone());
+        state.apply(parse(CONFIG, "one").unwrap());
+        let snapshot = state.load();
+        let listener = &snapshot.config.listeners[0];
+        let chain = ChainRef {
+            listener: listener.name.clone(),
+            chain: listener.filter_chains[0].name.clone(),
+        };
+        let ctx = Arc::new(Ctx {
+            state: state.clone(),
+            metrics: metrics.filters.clone(),
+            mark: 0,
+            limits: DecoderLimits::default(),
+            closing: Default::default(),
+            connect_timeout: Duration::from_secs(1),
+            access_log: false,
+            thrift_ports: Default::default(),
+            budget: crate::budget::BufferBudget::new(1 << 20),
+            message_timeout: Duration::from_secs(1),
+        });
+        let mut conn = Downstream::new(chain, ctx, None);
+        assert_eq!(routed_to(&mut conn), "a");
+        let filter = conn.filter.clone().unwrap();
+
+        // An EDS push: the same listeners, a cluster's endpoints changed.
+        let mut pushed = (*snapshot.config).clone();
+        let mut a = (*pushed.clusters["a"]).clone();
+        let mut endpoints = a.endpoints.to_vec();
+        endpoints[0].address = "127.0.0.1:3".parse().unwrap();
+        a.endpoints = endpoints.into();
+        pushed.clusters.insert("a".into(), Arc::new(a));
+        state.apply(pushed);
+        assert_eq!(routed_to(&mut conn), "a");
+        assert!(Arc::ptr_eq(&filter, conn.filter.as_ref().unwrap()));
+        // The request holds the new snapshot's cluster, not the one kept before.
+        match conn.plan(ping()) {
+            Plan::Forward(f) => assert_eq!(
+                f.cluster.endpoints[0].config.address,
+                "127.0.0.1:3".parse().unwrap()
+            ),
+            Plan::Local(_) => panic!("answered locally"),
+        }
+
+        // The chain changed: the connection routes by the new one.
+        state.apply(
+            parse(
+                &CONFIG.replace("default_cluster: a", "default_cluster: b"),
+                "two",
+            )
+            .unwrap(),
+        );
+        assert_eq!(routed_to(&mut conn), "b");
+        assert!(!Arc::ptr_eq(&filter, conn.filter.as_ref().unwrap()));
     }
 }
