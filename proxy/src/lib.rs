@@ -14,11 +14,11 @@
 // The data path: accept, choose a chain, relay or balance each request.
 pub mod balance;
 pub mod budget;
-pub mod closing;
 pub mod filters;
 pub mod latency;
 pub mod listener;
 pub mod method_labels;
+pub mod notice;
 pub mod refusal;
 pub mod socket;
 pub mod stream;

@@ -7,7 +7,6 @@
 //! name methods that is not Thrift is refused by the filter (see `filters::run_filter`).
 use std::{net::SocketAddr, sync::Arc};
 
-use tokio::sync::watch;
 use tracing::{debug, info};
 
 use super::thrift::ChainRef;
@@ -16,6 +15,7 @@ use crate::{
         Filter,
         rbac::{Attributes, Rbac},
     },
+    notice::Watcher,
     refusal::Refusal,
     state::State,
     thrift::Message,
@@ -30,7 +30,7 @@ pub struct Authz {
     state: Arc<State>,
     metrics: Arc<super::metrics::FilterMetrics>,
     /// Changes when listeners change.
-    policy: watch::Receiver<()>,
+    policy: Watcher,
     /// Set once the policy in force no longer allows the connection: it stays so.
     revoked: Option<Denied>,
     /// The connection's fate depends on the Thrift methods it calls: only calls can be
@@ -63,7 +63,7 @@ impl Authz {
         filters: Vec<Arc<Rbac>>,
         state: Arc<State>,
         metrics: Arc<super::metrics::FilterMetrics>,
-        policy: watch::Receiver<()>,
+        policy: Watcher,
         source: SocketAddr,
         destination: SocketAddr,
         principal: Option<String>,
@@ -146,9 +146,7 @@ impl Authz {
             if let Err(denied) = checked {
                 return denied;
             }
-            if self.policy.changed().await.is_err() {
-                return std::future::pending().await;
-            }
+            self.policy.changed().await;
             checked = self.settle();
         }
     }
@@ -160,7 +158,7 @@ impl Authz {
         if let Some(denied) = &self.revoked {
             return Err(denied.clone());
         }
-        if !self.policy.has_changed().unwrap_or(false) {
+        if !self.policy.has_changed() {
             return Ok(());
         }
         self.settle()
@@ -176,7 +174,7 @@ impl Authz {
     }
 
     fn recheck(&mut self) -> Result<(), Denied> {
-        self.policy.borrow_and_update();
+        self.policy.mark_seen();
         let snapshot = self.state.load();
         let gone = |what: &str| {
             info!(listener = %self.chain.listener, chain = %self.chain.chain, source = %self.source, destination = %self.destination, "{what}: closing the connection");

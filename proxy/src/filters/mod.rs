@@ -60,7 +60,7 @@ pub struct Ctx {
     pub limits: DecoderLimits,
     /// Flips to true when the drain's time is up: Thrift connections take no new requests,
     /// finish the replies in flight and close; those accepted later close at once.
-    pub closing: crate::closing::Closing,
+    pub closing: crate::notice::Notice,
     /// Connect timeout for passthrough connections (clusters have their own).
     pub connect_timeout: Duration,
     /// Log one line per connection when it closes (target `tern::access`).

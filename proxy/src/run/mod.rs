@@ -29,11 +29,11 @@ use crate::{
     capture::{
         CaptureError, OUTBOUND_IP4, OUTBOUND_IP6, ebpf::EbpfCapture, iptables::IptablesCapture,
     },
-    closing::Closing,
     config::{Config, NoInbound, file},
     filters::{Ctx, Direction, ThriftPorts},
     listener::{self, OpenConnections},
     metrics::Metrics,
+    notice::Notice,
     socket,
     state::State,
     thrift::DecoderLimits,
@@ -105,7 +105,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let (state, xds) = configured_state(&args, &node, config, &metrics, mark)?;
     let (drain_tx, drain_rx) = watch::channel(false);
     let drain_tx = Arc::new(drain_tx);
-    let closing = Closing::default();
+    let closing = Notice::default();
     let ctx = Arc::new(context(&args, &state, &metrics, mark, closing.clone()));
     let open = Arc::new(OpenConnections::default());
     let mut tasks = serve_listeners(
@@ -239,7 +239,7 @@ fn context(
     state: &Arc<State>,
     metrics: &Metrics,
     mark: u32,
-    closing: Closing,
+    closing: Notice,
 ) -> Ctx {
     Ctx {
         state: state.clone(),
@@ -448,7 +448,7 @@ const REPLIES_GRACE: Duration = Duration::from_secs(5);
 /// answered, so no client's next call meets a closed connection) until they all close or
 /// `timeout` passes; then Thrift connections take no new requests and close once their
 /// replies in flight are written, for up to [`REPLIES_GRACE`].
-async fn drain(open: &OpenConnections, closing: &Closing, timeout: Duration) {
+async fn drain(open: &OpenConnections, closing: &Notice, timeout: Duration) {
     let until_closed = |within| until_none(|| open.count(), within);
     until_closed(timeout).await;
     if open.count() == 0 {
@@ -458,7 +458,7 @@ async fn drain(open: &OpenConnections, closing: &Closing, timeout: Duration) {
         open = open.count(),
         "drain timeout: no new requests; closing connections once their replies are written"
     );
-    closing.close();
+    closing.post();
     until_closed(REPLIES_GRACE).await;
     if open.count() > 0 {
         warn!(

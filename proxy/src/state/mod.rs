@@ -57,7 +57,7 @@ pub struct State {
     retired: Mutex<VecDeque<(Instant, Arc<Snapshot>)>>,
     /// Changes whenever listeners (and so filter chains and their policy) change, so open
     /// connections check themselves against the policy in force.
-    policy: tokio::sync::watch::Sender<()>,
+    policy: crate::notice::Notice,
     /// What every cluster's ring hash and Maglev tables may hold together.
     tables: Arc<crate::budget::BufferBudget>,
     /// The families clusters count in.
@@ -84,7 +84,7 @@ impl State {
             trimmed_ms: AtomicU64::new(0),
             freed: AtomicUsize::new(usize::MAX / 2),
             retired: Mutex::new(VecDeque::new()),
-            policy: tokio::sync::watch::Sender::new(()),
+            policy: Default::default(),
             tables: crate::budget::BufferBudget::new(table_bytes),
             metrics,
             tls: TlsContexts::new(Arc::new(CertStore::default())),
@@ -97,8 +97,8 @@ impl State {
     }
 
     /// A receiver that sees every change of listeners (see [`crate::filters::authz`]).
-    pub fn policy_changes(&self) -> tokio::sync::watch::Receiver<()> {
-        self.policy.subscribe()
+    pub fn policy_changes(&self) -> crate::notice::Watcher {
+        self.policy.watch()
     }
 
     /// Whether a complete configuration has been applied (the admin server's `/ready`).
@@ -189,7 +189,7 @@ impl State {
         drop(previous);
         self.retire(replaced);
         if listeners_changed {
-            self.policy.send_replace(());
+            self.policy.post();
         }
         tracing::debug!(%version, clusters_rebuilt = rebuilt, "snapshot swapped");
         self.freed

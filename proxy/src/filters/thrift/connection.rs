@@ -35,8 +35,8 @@ pub async fn serve(
     // Draining serves every request until the drain's time is up (closing a connection
     // between requests would fail the client's next call, which may already be on its way);
     // then no new requests, only the replies in flight.
-    let mut closing = ctx.closing.waiter();
-    let mut reading = !closing.is_closed();
+    let mut closing = ctx.closing.watch();
+    let mut reading = !ctx.closing.was_posted();
     // A message must arrive whole within the message timeout of its first byte: one timer,
     // set when a partial message starts (or the one before it completed).
     let stall = tokio::time::sleep(ctx.message_timeout);
@@ -123,7 +123,7 @@ pub async fn serve(
                 partial = false;
                 buf.clear();
             },
-            () = closing.closed(), if reading => {
+            () = closing.changed(), if reading => {
                 debug!("the drain's time is up: no new requests on this connection");
                 reading = false;
             },
