@@ -58,7 +58,7 @@ pub struct Ctx {
     /// `SO_MARK` on upstream sockets, so capture skips them.
     pub mark: u32,
     pub limits: DecoderLimits,
-    /// Flips to true when the drain's time is up: Thrift connections take no new requests,
+    /// Posted once, when the drain's time is up: Thrift connections take no new requests,
     /// finish the replies in flight and close; those accepted later close at once.
     pub closing: crate::notice::Notice,
     /// Connect timeout for passthrough connections (clusters have their own).

@@ -55,7 +55,7 @@ pub struct State {
     /// Endpoints (or clusters) rebuilt or removed since the last trim.
     freed: AtomicUsize,
     retired: Mutex<VecDeque<(Instant, Arc<Snapshot>)>>,
-    /// Changes whenever listeners (and so filter chains and their policy) change, so open
+    /// Posted whenever listeners (and so filter chains and their policy) change, so open
     /// connections check themselves against the policy in force.
     policy: crate::notice::Notice,
     /// What every cluster's ring hash and Maglev tables may hold together.
@@ -96,7 +96,7 @@ impl State {
         self.current.load_full()
     }
 
-    /// A receiver that sees every change of listeners (see [`crate::filters::authz`]).
+    /// A watcher that sees every change of listeners (see [`crate::filters::authz`]).
     pub fn policy_changes(&self) -> crate::notice::Watcher {
         self.policy.watch()
     }
