@@ -286,9 +286,12 @@ mod tests {
     use super::*;
     use crate::{
         config::file::parse,
-        metrics::Metrics,
+        filters::metrics::FilterMetrics,
+        refusal::Refusals,
         state::State,
+        telemetry::IstioMetrics,
         thrift::{DecoderLimits, Protocol, Transport},
+        tls::metrics::Handshakes,
     };
 
     const CONFIG: &str = "listeners:\n  - address: 10.96.0.1:9090\n    filter_chains: [ { thrift_proxy: { default_cluster: a } } ]\n\
@@ -318,8 +321,12 @@ mod tests {
 
     #[test]
     fn a_connection_copies_its_filter_again_only_when_its_chain_changed() {
-        let metrics = Metrics::new(None);
-        let state = State::new(metrics.upstream.clone());
+        let state = State::new(Default::default());
+        let mut registry = prometheus_client::registry::Registry::default();
+        let refusals = Refusals::register(&mut registry);
+        let istio = IstioMetrics::new(Default::default());
+        let metrics =
+            FilterMetrics::register(&mut registry, refusals, Handshakes::default(), istio);
         state.apply(parse(CONFIG, "one").unwrap());
         let snapshot = state.load();
         let listener = &snapshot.config.listeners[0];
@@ -329,7 +336,7 @@ mod tests {
         };
         let ctx = Arc::new(Ctx {
             state: state.clone(),
-            metrics: metrics.filters.clone(),
+            metrics: Arc::new(metrics),
             mark: 0,
             limits: DecoderLimits::default(),
             closing: Default::default(),
