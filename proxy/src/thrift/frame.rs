@@ -570,11 +570,11 @@ fn walk_info<'a>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A framed binary call `ping` with seq id 7 and an empty body.
-    fn framed_ping() -> Vec<u8> {
+    pub(crate) fn framed_ping() -> Vec<u8> {
         let mut msg = vec![0x80, 0x01, 0x00, 0x01, 0, 0, 0, 4];
         msg.extend_from_slice(b"ping");
         msg.extend_from_slice(&7i32.to_be_bytes());

@@ -290,21 +290,16 @@ mod tests {
         refusal::Refusals,
         state::State,
         telemetry::IstioMetrics,
-        thrift::{DecoderLimits, Protocol, Transport},
+        thrift::{DecoderLimits, Protocol, Transport, frame::tests::framed_ping},
         tls::metrics::Handshakes,
     };
 
     const CONFIG: &str = "listeners:\n  - address: 10.96.0.1:9090\n    filter_chains: [ { thrift_proxy: { default_cluster: a } } ]\n\
                           clusters:\n  - name: a\n    endpoints: [ { address: 127.0.0.1:1 } ]\n  - name: b\n    endpoints: [ { address: 127.0.0.1:2 } ]\n";
 
-    /// A framed binary call `ping` with an empty body.
+    /// A framed binary call `ping` with an empty body, decoded.
     fn ping() -> Message {
-        let mut msg = vec![0x80, 0x01, 0x00, 0x01, 0, 0, 0, 4];
-        msg.extend_from_slice(b"ping");
-        msg.extend_from_slice(&7i32.to_be_bytes());
-        msg.push(0);
-        let mut framed = BytesMut::from(&(msg.len() as u32).to_be_bytes()[..]);
-        framed.extend_from_slice(&msg);
+        let mut framed = BytesMut::from(&framed_ping()[..]);
         let limits = DecoderLimits::default();
         Decoder::configured(limits, Transport::Framed, Protocol::Binary, false)
             .decode(&mut framed)
