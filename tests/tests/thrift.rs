@@ -334,6 +334,25 @@ fn a_slow_endpoint_hits_the_timeout() {
     );
     let quick = m.call(SERVICE, &["--method", "sleep", "--ms", "10"]);
     assert_eq!(quick.counts(), [("s1", 1)]);
+
+    // A connection's requests share one timer, which is not moved when a request finishes
+    // before its deadline: a slow call after a quick one on the same connection still times
+    // out on time, once the timer, set for the quick one, has found nothing due.
+    let started = std::time::Instant::now();
+    let c = m.call(
+        SERVICE,
+        &["--method", "sleep", "--calls", "3", "--ms", "10,400,3000"],
+    );
+    assert_eq!(c.counts(), [("s1", 2)], "{c:?}");
+    assert_eq!(c.app_errors.len(), 1, "{c:?}");
+    assert!(c.app_errors[0].contains("timeout"), "{c:?}");
+    // The slow call had its own full second: not cut short when the timer first fired.
+    assert!((950..2000).contains(&c.max_ms), "{c:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "took {:?}",
+        started.elapsed()
+    );
 }
 
 /// A 10,000-message pipelined burst on one connection arrives complete and in order.

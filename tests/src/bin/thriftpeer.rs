@@ -16,7 +16,8 @@
 //! `tern-thriftpeer call ADDR [options]` makes calls over one connection and prints one JSON
 //! line per phase: `{"by_server": {ID: n}, "exceptions": n, "app_errors": [..], "seq_ok": bool}`.
 //! Options: `--transport framed|unframed`, `--protocol binary|compact`, `--method M`,
-//! `--calls N`, `--size BYTES` (echo payload), `--ms MS` (sleep), `--pipeline` (send all,
+//! `--calls N`, `--size BYTES` (echo payload), `--ms MS[,MS..]` (sleep; the calls take the
+//! times in turn), `--pipeline` (send all,
 //! then read), `--phases K` (K rounds of N calls on the same connection, waiting for a line
 //! on stdin between rounds).
 //!
@@ -257,7 +258,8 @@ struct Options {
     method: String,
     calls: usize,
     size: usize,
-    ms: i32,
+    /// How long each `sleep` call asks for, in turn.
+    ms: Vec<i32>,
     pipeline: bool,
     phases: usize,
 }
@@ -277,7 +279,11 @@ fn call(args: &[String]) {
         method: option(args, "--method").unwrap_or("whoami").to_owned(),
         calls: option(args, "--calls").map_or(1, |n| n.parse().expect("--calls N")),
         size: option(args, "--size").map_or(0, |n| n.parse().expect("--size BYTES")),
-        ms: option(args, "--ms").map_or(0, |n| n.parse().expect("--ms MS")),
+        ms: option(args, "--ms").map_or(vec![0], |list| {
+            list.split(',')
+                .map(|n| n.parse().expect("--ms MS[,MS..]"))
+                .collect()
+        }),
         pipeline: args.iter().any(|a| a == "--pipeline"),
         phases: option(args, "--phases").map_or(1, |n| n.parse().expect("--phases K")),
     };
@@ -327,7 +333,7 @@ fn write_call(o: &mut dyn TOutputProtocol, opts: &Options, seq: i32) -> thrift::
         }
         "sleep" => {
             o.write_field_begin(&TFieldIdentifier::new("ms", TType::I32, 1))?;
-            o.write_i32(opts.ms)?;
+            o.write_i32(opts.ms[seq.unsigned_abs() as usize % opts.ms.len()])?;
             o.write_field_end()?;
         }
         _ => {}
@@ -454,7 +460,7 @@ fn retry(addr: &str) {
         method: "whoami".into(),
         calls: 1,
         size: 0,
-        ms: 0,
+        ms: vec![0],
         pipeline: false,
         phases: 1,
     };

@@ -17,7 +17,10 @@ use super::{
 };
 use crate::{
     config::{Cluster, UpstreamMode},
-    filters::{Ctx, istio},
+    filters::{
+        Ctx, istio,
+        ordered::{Expired, SlotRefs},
+    },
     state::{ClusterState, EndpointHandle},
     thrift::{
         Message, MessageType,
@@ -25,14 +28,19 @@ use crate::{
         reply::AppExceptionType,
     },
     upstream::{
-        ActiveRequest, EndpointRuntime, Failed, Failure, PoolSettings, ReplyCell, UpstreamError,
-        exclusive,
+        ActiveRequest, EndpointRuntime, Failed, Failure, PoolSettings, UpstreamError, exclusive,
         multiplexed::{self, Sent},
     },
 };
 
-/// Sends a request upstream and returns what to write back to the client.
-pub(super) async fn execute(plan: Plan, ctx: &Ctx, cell: Arc<ReplyCell>) -> Option<Bytes> {
+/// Sends a request that began at `began` upstream and returns what to write back to the
+/// client. Its deadline is kept by its connection, which marks `slot.expiry` when it passes.
+pub(super) async fn execute(
+    plan: Plan,
+    ctx: &Ctx,
+    slot: SlotRefs,
+    began: Instant,
+) -> Option<Bytes> {
     let f = match plan {
         Plan::Local(reply) => return reply,
         Plan::Forward(f) => f,
@@ -45,9 +53,7 @@ pub(super) async fn execute(plan: Plan, ctx: &Ctx, cell: Arc<ReplyCell>) -> Opti
         timeout,
         hash,
     } = f;
-    // One clock read for the request's start, its deadline and its first attempt (the clock
-    // is a measurable share of a request's own CPU).
-    let began = Instant::now();
+    let SlotRefs { cell, expiry } = slot;
     let call = Call {
         ctx,
         cluster: &cluster,
@@ -70,7 +76,6 @@ pub(super) async fn execute(plan: Plan, ctx: &Ctx, cell: Arc<ReplyCell>) -> Opti
     }
     let _active = ActiveRequest::new(&**rt);
     let settings = pool_settings(cfg, ctx);
-    let deadline = deadline_after(began, timeout);
     let mut tried = [usize::MAX; MAX_ATTEMPTS];
     for attempt in 0..MAX_ATTEMPTS {
         let Some(i) = cluster
@@ -102,7 +107,7 @@ pub(super) async fn execute(plan: Plan, ctx: &Ctx, cell: Arc<ReplyCell>) -> Opti
         let next = match cfg.upstream {
             UpstreamMode::Exclusive => {
                 let sent = exclusive::call(ert, &msg, &settings, rt);
-                let outcome = tokio::time::timeout_at(deadline, sent).await;
+                let outcome = expiry.within(sent).await;
                 call.conclude(ep, started, outcome, msg.name())
             }
             UpstreamMode::Multiplexed => {
@@ -113,7 +118,7 @@ pub(super) async fn execute(plan: Plan, ctx: &Ctx, cell: Arc<ReplyCell>) -> Opti
                         return None;
                     }
                     Ok(Sent::Reply(sent)) => {
-                        let waited = tokio::time::timeout_at(deadline, cell.reply(generation));
+                        let waited = expiry.within(cell.reply(generation));
                         let outcome = waited.await.map(|reply| reply.map(Some));
                         match call.conclude(ep, started, outcome, &sent[meta.name_range()]) {
                             Next::Retry => {
@@ -160,7 +165,7 @@ struct Call<'a> {
 }
 
 /// An attempt's outcome: a reply (`None` for a one-way call sent), a failure, or the timeout.
-type Outcome = Result<Result<Option<Message>, Failed>, tokio::time::error::Elapsed>;
+type Outcome = Result<Result<Option<Message>, Failed>, Expired>;
 
 impl Call<'_> {
     /// Milliseconds from the request's start to `now`.
@@ -308,13 +313,6 @@ enum Next {
     Retry,
 }
 
-/// When a request that starts at `now` times out; a timeout too long to represent never does
-/// (in practice: in a century).
-fn deadline_after(now: Instant, timeout: Duration) -> Instant {
-    now.checked_add(timeout)
-        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
-}
-
 /// Counts a request as in flight to an endpoint while it lives (least request reads it).
 struct ActiveEndpoint<'a>(&'a EndpointRuntime);
 
@@ -331,21 +329,5 @@ impl<'a> ActiveEndpoint<'a> {
 impl Drop for ActiveEndpoint<'_> {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_timeout_too_long_to_represent_never_fires() {
-        let now = Instant::now();
-        let far = deadline_after(now, Duration::MAX);
-        assert!(far > now + Duration::from_secs(50 * 365 * 24 * 3600));
-        assert_eq!(
-            deadline_after(now, Duration::from_millis(5)),
-            now + Duration::from_millis(5)
-        );
     }
 }

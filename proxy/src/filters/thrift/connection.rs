@@ -4,7 +4,10 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    time::Instant,
+};
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::{ChainRef, MAX_BATCH, MAX_IN_FLIGHT, call::execute, routing::Downstream};
@@ -42,15 +45,34 @@ pub async fn serve(
     let stall = tokio::time::sleep(ctx.message_timeout);
     let mut stall = std::pin::pin!(stall);
     let mut partial = false;
+    // The requests' deadlines: one timer, armed at the earliest deadline known when it was
+    // set. It stays put when that request finishes first; when it fires, the requests past
+    // their deadline are marked and it is armed at the earliest left. So a request costs no
+    // timer of its own, and the timer moves about once per timeout.
+    let expiry = tokio::time::sleep(ctx.message_timeout);
+    let mut expiry = std::pin::pin!(expiry);
+    let mut armed: Option<Instant> = None;
     loop {
         let mut progressed = false;
+        // One clock read for the requests this turn decodes: they came in the same read.
+        let mut now = None;
         while reading && replies.len() < MAX_IN_FLIGHT {
             match conn.decoder.decode(&mut buf) {
                 Ok(Some(msg)) => {
                     progressed = true;
+                    let began = *now.get_or_insert_with(Instant::now);
                     let plan = conn.plan(msg);
+                    let deadline = plan.deadline(began);
+                    if let Some(at) = deadline
+                        && armed.is_none_or(|armed| at < armed)
+                    {
+                        expiry.as_mut().reset(at);
+                        armed = Some(at);
+                    }
                     let span = debug_span!("request", seq = plan.client_seq());
-                    replies.push(|cell| execute(plan, &ctx, cell).instrument(span));
+                    replies.push(deadline, |slot| {
+                        execute(plan, &ctx, slot, began).instrument(span)
+                    });
                     if conn.revoked {
                         debug!(
                             "the policy in force no longer allows the connection: no new requests"
@@ -71,9 +93,7 @@ pub async fn serve(
         }
         let now_partial = reading && !buf.is_empty();
         if now_partial && (!partial || progressed) {
-            stall
-                .as_mut()
-                .reset(tokio::time::Instant::now() + ctx.message_timeout);
+            stall.as_mut().reset(Instant::now() + ctx.message_timeout);
         }
         partial = now_partial;
         tokio::select! {
@@ -114,6 +134,12 @@ pub async fn serve(
                 if let Err(e) = written {
                     debug!(error = %e, "downstream write failed");
                     return;
+                }
+            },
+            () = &mut expiry, if armed.is_some() && !replies.is_empty() => {
+                armed = replies.expire(Instant::now());
+                if let Some(at) = armed {
+                    expiry.as_mut().reset(at);
                 }
             },
             () = &mut stall, if partial => {

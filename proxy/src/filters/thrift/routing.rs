@@ -3,6 +3,7 @@
 use std::{net::IpAddr, sync::Arc, time::Duration};
 
 use bytes::Bytes;
+use tokio::time::Instant;
 use tracing::debug;
 
 use super::{
@@ -275,6 +276,21 @@ impl Plan {
             Plan::Local(_) => 0,
         }
     }
+
+    /// When the request, begun at `began`, times out (an answer given here has no deadline).
+    pub(super) fn deadline(&self, began: Instant) -> Option<Instant> {
+        match self {
+            Plan::Forward(f) => Some(deadline_after(began, f.timeout)),
+            Plan::Local(_) => None,
+        }
+    }
+}
+
+/// When a request that starts at `now` times out; a timeout too long to represent never does
+/// (in practice: in a century).
+fn deadline_after(now: Instant, timeout: Duration) -> Instant {
+    now.checked_add(timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 #[cfg(test)]
@@ -305,6 +321,17 @@ mod tests {
             .decode(&mut framed)
             .unwrap()
             .unwrap()
+    }
+
+    #[test]
+    fn a_timeout_too_long_to_represent_never_fires() {
+        let now = Instant::now();
+        let far = deadline_after(now, Duration::MAX);
+        assert!(far > now + Duration::from_secs(50 * 365 * 24 * 3600));
+        assert_eq!(
+            deadline_after(now, Duration::from_millis(5)),
+            now + Duration::from_millis(5)
+        );
     }
 
     fn routed_to(conn: &mut Downstream) -> String {
