@@ -14,7 +14,7 @@ use prometheus_client::{
     registry::Registry,
 };
 use tokio::net::TcpListener;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, debug_span, info, warn};
 
 use crate::{
     filters::{self, Ctx, Direction},
@@ -124,7 +124,11 @@ pub async fn serve(
             }
         };
         let serve = move || {
-            let span = info_span!("conn", dir = direction.as_str(), %peer);
+            // At debug level: a span in force is entered and left on every poll of the
+            // connection's task, and each time the log filter takes two locks that every
+            // worker shares. Events logged at info and above name their connection
+            // themselves.
+            let span = debug_span!("conn", dir = direction.as_str(), %peer);
             async move {
                 let _guard = guard;
                 let stream = match tokio::net::TcpStream::from_std(stream) {

@@ -13,7 +13,7 @@
 use std::{
     collections::VecDeque,
     future::Future,
-    pin::{Pin, pin},
+    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -53,9 +53,9 @@ pub struct Expired;
 
 impl Expiry {
     /// `work`'s output, unless the deadline is found passed first. The work is polled first,
-    /// so what is already done when the deadline passes is kept.
-    pub async fn within<F: Future>(&self, work: F) -> Result<F::Output, Expired> {
-        let mut work = pin!(work);
+    /// so what is already done when the deadline passes is kept. It is pinned by the caller,
+    /// so the future of a request, large, is not moved again.
+    pub async fn within<F: Future>(&self, mut work: Pin<&mut F>) -> Result<F::Output, Expired> {
         std::future::poll_fn(|cx| match work.as_mut().poll(cx) {
             Poll::Ready(output) => Poll::Ready(Ok(output)),
             Poll::Pending if self.0.load(Ordering::Acquire) => Poll::Ready(Err(Expired)),
@@ -189,7 +189,7 @@ impl<F: Future> Ordered<F> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::{pin::pin, time::Duration};
 
     use futures_util::FutureExt;
 
@@ -238,10 +238,8 @@ mod tests {
         let mut q = Ordered::default();
         for deadline in [at(10), at(30), None, at(20)] {
             q.push(deadline, |refs| async move {
-                refs.expiry
-                    .within(std::future::pending::<()>())
-                    .await
-                    .is_err()
+                let never = pin!(std::future::pending::<()>());
+                refs.expiry.within(never).await.is_err()
             });
         }
         // Nothing is due yet: the earliest deadline is the next to look at.
@@ -264,6 +262,6 @@ mod tests {
     async fn work_done_by_the_deadline_is_kept() {
         let expiry = Expiry::default();
         expiry.0.store(true, Ordering::Release);
-        assert!(matches!(expiry.within(async { 7 }).await, Ok(7)));
+        assert!(matches!(expiry.within(pin!(async { 7 })).await, Ok(7)));
     }
 }

@@ -16,14 +16,16 @@ pub async fn dial(
     mark: u32,
     timeout: Duration,
 ) -> io::Result<Stream> {
-    let open = async {
+    // Boxed: a handshake's state is large, and a request that finds an idle connection
+    // (most do) would otherwise carry room for it in its own future, moved on every step.
+    let open = Box::pin(async {
         let tcp = socket::connect_upstream(endpoint.address, mark, None).await?;
         let stream = secure(tcp, endpoint.address, endpoint.tls.as_ref(), cluster).await?;
         if let Some(id) = stream.peer_identity() {
             let _ = endpoint.traffic().server_identity.set(id.into());
         }
         Ok(stream)
-    };
+    });
     tokio::time::timeout(timeout, open)
         .await
         .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))

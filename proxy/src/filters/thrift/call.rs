@@ -2,6 +2,7 @@
 //! timeout, retry on another endpoint when nothing was sent, and conclude (metrics, outlier
 //! detection, latency for least request, or a `TApplicationException`).
 use std::{
+    pin::pin,
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
@@ -106,7 +107,7 @@ pub(super) async fn execute(
         let _in_flight = ActiveEndpoint::new(ert, started);
         let next = match cfg.upstream {
             UpstreamMode::Exclusive => {
-                let sent = exclusive::call(ert, &msg, &settings, rt);
+                let sent = pin!(exclusive::call(ert, &msg, &settings, rt));
                 let outcome = expiry.within(sent).await;
                 call.conclude(ep, started, outcome, msg.name())
             }
@@ -118,8 +119,8 @@ pub(super) async fn execute(
                         return None;
                     }
                     Ok(Sent::Reply(sent)) => {
-                        let waited = expiry.within(cell.reply(generation));
-                        let outcome = waited.await.map(|reply| reply.map(Some));
+                        let reply = pin!(cell.reply(generation));
+                        let outcome = expiry.within(reply).await.map(|reply| reply.map(Some));
                         match call.conclude(ep, started, outcome, &sent[meta.name_range()]) {
                             Next::Retry => {
                                 // Only a retry (the connection never opened) needs the

@@ -27,7 +27,8 @@ pub async fn serve(
     ctx: Arc<Ctx>,
 ) {
     let _ = down.set_nodelay(true);
-    let source = down.peer_addr().ok().map(|a| a.ip());
+    let peer = down.peer_addr().ok();
+    let source = peer.map(|a| a.ip());
     let (mut rd, mut wr) = down.into_split();
     let mut conn = Downstream::new(chain, ctx.clone(), source);
     conn.authz = Some(authz);
@@ -83,7 +84,12 @@ pub async fn serve(
                 Ok(None) => break,
                 Err(e) => {
                     ctx.metrics.rejected(e.cause());
-                    warn!(error = %e, "closing a connection that sent malformed Thrift");
+                    warn!(
+                        peer = ?peer,
+                        listener = %conn.chain().listener,
+                        error = %e,
+                        "closing a connection that sent malformed Thrift"
+                    );
                     reading = false;
                 }
             }
@@ -110,7 +116,12 @@ pub async fn serve(
                         && let Err(e) = held.reserve(&mut buf, 64 * 1024)
                     {
                         ctx.metrics.rejected("buffer_budget");
-                        warn!(error = %e, "closing a connection: no buffer left for it");
+                        warn!(
+                            peer = ?peer,
+                            listener = %conn.chain().listener,
+                            error = %e,
+                            "closing a connection: no buffer left for it"
+                        );
                         reading = false;
                         buf.clear();
                     }

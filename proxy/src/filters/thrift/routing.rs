@@ -78,6 +78,11 @@ impl Downstream {
         }
     }
 
+    /// The chain the connection belongs to.
+    pub(super) fn chain(&self) -> &ChainRef {
+        &self.chain
+    }
+
     /// What to do with one request: answer it here, or forward it to a cluster.
     pub(super) fn plan(&mut self, msg: Message) -> Plan {
         self.follow_snapshot();
