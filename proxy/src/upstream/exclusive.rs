@@ -27,9 +27,12 @@ use crate::{
 /// header claims.
 const READ_BUFFER: usize = 16 * 1024;
 
-/// An open connection with its reply decoder.
+/// An open connection with its reply decoder, boxed: a request takes it from the idle list
+/// and gives it back, and a box moves as a pointer, not 200 bytes.
+type Conn = Box<Open>;
+
 #[derive(Debug)]
-struct Conn {
+struct Open {
     stream: Stream,
     buf: BytesMut,
     decoder: Decoder,
@@ -273,12 +276,12 @@ async fn connect(
 }
 
 fn new_conn(stream: Stream, format: (Transport, Protocol), limits: DecoderLimits) -> Conn {
-    Conn {
+    Box::new(Open {
         stream,
         buf: BytesMut::with_capacity(READ_BUFFER),
         decoder: Decoder::configured(limits, format.0, format.1, false),
         format,
-    }
+    })
 }
 
 impl Pool {
