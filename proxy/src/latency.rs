@@ -55,20 +55,23 @@ impl Default for PeakEwma {
 }
 
 impl PeakEwma {
-    /// The average at `now` (decayed since the last observation), and the seconds since then.
-    fn decayed(&self, now: Instant) -> (f64, f64) {
+    /// The average at `now` (in [`nanos`]) decayed since the last observation, the share of
+    /// it the decay kept, and the seconds since then.
+    fn decayed(&self, now: u64) -> (f64, f64, f64) {
         let estimate = f64::from_bits(self.estimate.load(Ordering::Relaxed));
-        let since = nanos(now).saturating_sub(self.at.load(Ordering::Relaxed)) as f64 / 1e9;
-        (estimate * (-since / DECAY.as_secs_f64()).exp(), since)
+        let since = now.saturating_sub(self.at.load(Ordering::Relaxed)) as f64 / 1e9;
+        let kept = (-since / DECAY.as_secs_f64()).exp();
+        (estimate * kept, kept, since)
     }
 
     /// The latency to weigh it with at `now` (seconds), with `in_flight` requests to it: the average,
     /// or while anything is in flight at least the time since its last answer or since it
     /// became busy, whichever is later.
     pub fn weigh(&self, now: Instant, in_flight: u64) -> f64 {
-        let (average, since) = self.decayed(now);
+        let now = nanos(now);
+        let (average, _, since) = self.decayed(now);
         let waiting = if in_flight > 0 {
-            let busy = nanos(now).saturating_sub(self.busy.load(Ordering::Relaxed)) as f64 / 1e9;
+            let busy = now.saturating_sub(self.busy.load(Ordering::Relaxed)) as f64 / 1e9;
             since.min(busy)
         } else {
             0.0
@@ -83,17 +86,17 @@ impl PeakEwma {
 
     /// Records how long a request took (an answer, a failure, a timeout) at `now`.
     pub fn observe(&self, took: Duration, now: Instant) {
-        let (average, since) = self.decayed(now);
+        let now = nanos(now);
+        let (average, kept, _) = self.decayed(now);
         let took = took.as_secs_f64();
         let first = !self.observed.swap(true, Ordering::Relaxed);
         let next = if first || took > average {
             took
         } else {
-            let recency = 1.0 - (-since / DECAY.as_secs_f64()).exp();
-            average + took * recency
+            average + took * (1.0 - kept)
         };
         self.estimate.store(next.to_bits(), Ordering::Relaxed);
-        self.at.store(nanos(now), Ordering::Relaxed);
+        self.at.store(now, Ordering::Relaxed);
     }
 }
 

@@ -1,12 +1,12 @@
 //! A downstream connection: read requests as they come, plan each, execute them concurrently
 //! (up to a bound), write the replies back in request order, batched.
-use std::sync::Arc;
+use std::{future::Future, pin::Pin, sync::Arc, task::Poll};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    time::Instant,
+    time::{Instant, Sleep},
 };
 use tracing::{Instrument, debug, debug_span, warn};
 
@@ -46,13 +46,12 @@ pub async fn serve(
     let stall = tokio::time::sleep(ctx.message_timeout);
     let mut stall = std::pin::pin!(stall);
     let mut partial = false;
-    // The requests' deadlines: one timer, armed at the earliest deadline known when it was
-    // set. It stays put when that request finishes first; when it fires, the requests past
-    // their deadline are marked and it is armed at the earliest left. So a request costs no
-    // timer of its own, and the timer moves about once per timeout.
     let expiry = tokio::time::sleep(ctx.message_timeout);
-    let mut expiry = std::pin::pin!(expiry);
-    let mut armed: Option<Instant> = None;
+    let mut expiry = ExpiryTimer {
+        sleep: std::pin::pin!(expiry),
+        armed: None,
+        polled: false,
+    };
     loop {
         let mut progressed = false;
         // One clock read for the requests this turn decodes: they came in the same read.
@@ -64,11 +63,8 @@ pub async fn serve(
                     let began = *now.get_or_insert_with(Instant::now);
                     let plan = conn.plan(msg);
                     let deadline = plan.deadline(began);
-                    if let Some(at) = deadline
-                        && armed.is_none_or(|armed| at < armed)
-                    {
-                        expiry.as_mut().reset(at);
-                        armed = Some(at);
+                    if let Some(at) = deadline {
+                        expiry.arm(at);
                     }
                     let span = debug_span!("request", seq = plan.client_seq());
                     replies.push(deadline, |slot| {
@@ -102,7 +98,40 @@ pub async fn serve(
             stall.as_mut().reset(Instant::now() + ctx.message_timeout);
         }
         partial = now_partial;
+        // In order: replies done go out before more requests are read (which the number in
+        // flight bounds), and rare events before reads.
         tokio::select! {
+            biased;
+            Some(reply) = replies.next(), if !replies.is_empty() => {
+                // This reply and every one already done behind it go out in one write.
+                out.extend(reply);
+                while out.len() < MAX_BATCH {
+                    match replies.next().now_or_never() {
+                        Some(Some(reply)) => out.extend(reply),
+                        _ => break,
+                    }
+                }
+                let written = write_all_vectored(&mut wr, &out).await;
+                out.clear();
+                if let Err(e) = written {
+                    debug!(error = %e, "downstream write failed");
+                    return;
+                }
+            },
+            () = expiry.fired(), if expiry.armed.is_some() && !replies.is_empty() => {
+                expiry.rearm(replies.expire(Instant::now()));
+            },
+            () = &mut stall, if partial => {
+                ctx.metrics.rejected("message_timeout");
+                debug!(bytes = buf.len(), "a message took longer than its time: no new requests");
+                reading = false;
+                partial = false;
+                buf.clear();
+            },
+            () = closing.changed(), if reading => {
+                debug!("the drain's time is up: no new requests on this connection");
+                reading = false;
+            },
             read = rd.read_buf(&mut buf), if reading && replies.len() < MAX_IN_FLIGHT => match read {
                 Ok(0) => {
                     if !buf.is_empty() {
@@ -131,42 +160,53 @@ pub async fn serve(
                     reading = false;
                 }
             },
-            Some(reply) = replies.next(), if !replies.is_empty() => {
-                // This reply and every one already done behind it go out in one write.
-                out.extend(reply);
-                while out.len() < MAX_BATCH {
-                    match replies.next().now_or_never() {
-                        Some(Some(reply)) => out.extend(reply),
-                        _ => break,
-                    }
-                }
-                let written = write_all_vectored(&mut wr, &out).await;
-                out.clear();
-                if let Err(e) = written {
-                    debug!(error = %e, "downstream write failed");
-                    return;
-                }
-            },
-            () = &mut expiry, if armed.is_some() && !replies.is_empty() => {
-                armed = replies.expire(Instant::now());
-                if let Some(at) = armed {
-                    expiry.as_mut().reset(at);
-                }
-            },
-            () = &mut stall, if partial => {
-                ctx.metrics.rejected("message_timeout");
-                debug!(bytes = buf.len(), "a message took longer than its time: no new requests");
-                reading = false;
-                partial = false;
-                buf.clear();
-            },
-            () = closing.changed(), if reading => {
-                debug!("the drain's time is up: no new requests on this connection");
-                reading = false;
-            },
         }
     }
     let _ = wr.shutdown().await;
+}
+
+/// The connection's one timer for its requests' deadlines, armed at the earliest deadline
+/// known when it was set. It stays put when that request finishes first; when it fires, the
+/// requests past their deadline are marked and it is armed at the earliest left. So a request
+/// costs no timer of its own, and the timer moves about once per timeout. Once polled it
+/// holds the task's waker until it fires, so it is polled again only when it was moved or
+/// has fired, not on every turn of the connection.
+struct ExpiryTimer<'a> {
+    sleep: Pin<&'a mut Sleep>,
+    /// When it is set for, while anything may wait on it.
+    armed: Option<Instant>,
+    /// Polled since it was last moved: it holds the task's waker.
+    polled: bool,
+}
+
+impl ExpiryTimer<'_> {
+    /// A request due `at` joined.
+    fn arm(&mut self, at: Instant) {
+        if self.armed.is_none_or(|armed| at < armed) {
+            self.rearm(Some(at));
+        }
+    }
+
+    /// Sets the timer for `next`, the earliest deadline left (none: nothing waits).
+    fn rearm(&mut self, next: Option<Instant>) {
+        self.armed = next;
+        if let Some(at) = next {
+            self.sleep.as_mut().reset(at);
+            self.polled = false;
+        }
+    }
+
+    /// Done when the timer fires.
+    async fn fired(&mut self) {
+        std::future::poll_fn(|cx| {
+            if self.polled && !self.sleep.is_elapsed() {
+                return Poll::Pending;
+            }
+            self.polled = true;
+            self.sleep.as_mut().poll(cx)
+        })
+        .await
+    }
 }
 
 /// Writes every buffer, in order, with as few (vectored) writes as the socket takes.
