@@ -203,7 +203,7 @@ fn balancer(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new(name, "100 endpoints"), |b| {
             b.iter(|| {
                 key = key.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                black_box(picker.pick(&endpoints, Some(key), &[]))
+                black_box(picker.pick(&endpoints, Some(key), &[], std::time::Instant::now()))
             })
         });
     }

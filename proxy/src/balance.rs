@@ -24,6 +24,7 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
+    time::Instant,
 };
 
 use rand::Rng;
@@ -40,7 +41,7 @@ pub trait Candidate {
     /// Requests in flight to it now.
     fn active(&self) -> u64;
     /// The latency to weigh it with at `now` (seconds; see [`crate::latency`]).
-    fn latency(&self, now: std::time::Instant) -> f64;
+    fn latency(&self, now: Instant) -> f64;
     /// Ejected by outlier detection now.
     fn ejected(&self) -> bool;
 }
@@ -131,13 +132,15 @@ impl EndpointPicker {
         }
     }
 
-    /// Picks an endpoint index for a request; `hash` is the request's hash key (ring hash,
-    /// Maglev), `exclude` the endpoints already tried for it.
+    /// Picks an endpoint index for a request at `now`; `hash` is the request's hash key (ring
+    /// hash, Maglev), `exclude` the endpoints already tried for it. (The caller's clock read:
+    /// a request already has one.)
     pub fn pick<C: Candidate>(
         &self,
         endpoints: &[C],
         hash: Option<u64>,
         exclude: &[usize],
+        now: Instant,
     ) -> Option<usize> {
         let usable = |i: usize, honour_ejection: bool| {
             let e = &endpoints[i];
@@ -154,7 +157,7 @@ impl EndpointPicker {
                 if !level.members.iter().any(|&(i, _)| ok(i)) {
                     continue;
                 }
-                return self.pick_in(level, endpoints, hash, &ok);
+                return self.pick_in(level, endpoints, hash, &ok, now);
             }
         }
         None
@@ -166,6 +169,7 @@ impl EndpointPicker {
         endpoints: &[C],
         hash: Option<u64>,
         ok: &dyn Fn(usize) -> bool,
+        now: Instant,
     ) -> Option<usize> {
         match (self.policy, hash) {
             (LbPolicy::RingHash, Some(h)) if !level.ring.is_empty() => {
@@ -200,7 +204,6 @@ impl EndpointPicker {
                 let Some(b) = b else {
                     return Some(index(a));
                 };
-                let now = std::time::Instant::now();
                 let alike = crate::latency::ALIKE.as_secs_f64();
                 let cost = |at: usize| {
                     let e = &endpoints[index(at)];
@@ -607,7 +610,7 @@ mod tests {
         fn active(&self) -> u64 {
             self.active.get()
         }
-        fn latency(&self, _: std::time::Instant) -> f64 {
+        fn latency(&self, _: Instant) -> f64 {
             self.latency.get()
         }
         fn ejected(&self) -> bool {
@@ -653,7 +656,10 @@ mod tests {
                 ejected: false,
             })
             .collect();
-        assert!(p.pick(&fakes, Some(42), &[]).is_some(), "still balances");
+        assert!(
+            p.pick(&fakes, Some(42), &[], Instant::now()).is_some(),
+            "still balances"
+        );
         // Maglev tables (65,537 × 4 bytes each): three fit in 1 MiB, the fourth does not.
         let eps = [
             ep(1, 1, 0, "", Health::Healthy),
@@ -686,7 +692,10 @@ mod tests {
             LbPolicy::LeastRequest,
         ] {
             let p = EndpointPicker::new(policy, &eps, &weights, &HashTable::default());
-            assert!(p.pick(&fakes(&eps), None, &[]).is_some(), "{policy:?}");
+            assert!(
+                p.pick(&fakes(&eps), None, &[], Instant::now()).is_some(),
+                "{policy:?}"
+            );
         }
     }
 
@@ -704,7 +713,8 @@ mod tests {
     fn counts(picker: &EndpointPicker, f: &[Fake], n: usize) -> HashMap<usize, usize> {
         let mut c = HashMap::new();
         for _ in 0..n {
-            *c.entry(picker.pick(f, None, &[]).unwrap()).or_default() += 1;
+            *c.entry(picker.pick(f, None, &[], Instant::now()).unwrap())
+                .or_default() += 1;
         }
         c
     }
@@ -752,7 +762,7 @@ mod tests {
             &BTreeMap::new(),
             &HashTable::default(),
         );
-        assert_eq!(p.pick(&fakes(&eps), None, &[]), Some(1));
+        assert_eq!(p.pick(&fakes(&eps), None, &[], Instant::now()), Some(1));
         let eps = vec![
             ep(1, 1, 0, "", Health::Healthy),
             ep(2, 1, 1, "", Health::Healthy),
@@ -763,7 +773,7 @@ mod tests {
             &BTreeMap::new(),
             &HashTable::default(),
         );
-        assert!((0..100).all(|_| p.pick(&fakes(&eps), None, &[]) == Some(0)));
+        assert!((0..100).all(|_| p.pick(&fakes(&eps), None, &[], Instant::now()) == Some(0)));
     }
 
     #[test]
@@ -777,13 +787,13 @@ mod tests {
             &BTreeMap::new(),
             &HashTable::default(),
         );
-        assert!((0..10).all(|_| p.pick(&f, None, &[]) == Some(1)));
+        assert!((0..10).all(|_| p.pick(&f, None, &[], Instant::now()) == Some(1)));
         assert_eq!(
-            p.pick(&f, None, &[1]),
+            p.pick(&f, None, &[1], Instant::now()),
             Some(0),
             "panic mode: ejection ignored"
         );
-        assert_eq!(p.pick(&f, None, &[0, 1]), None);
+        assert_eq!(p.pick(&f, None, &[0, 1], Instant::now()), None);
     }
 
     #[test]
@@ -822,7 +832,8 @@ mod tests {
         for _ in 0..n {
             // Most weight is refused here (unhealthy, ejected, excluded): the draws that
             // are refused fall back to walking the rest, in the same proportions.
-            *c.entry(p.pick(&f, None, &[4]).unwrap()).or_default() += 1;
+            *c.entry(p.pick(&f, None, &[4], Instant::now()).unwrap())
+                .or_default() += 1;
         }
         assert_eq!(c.len(), 2, "{c:?}");
         let share = c[&1] as f64 / n as f64;
@@ -884,11 +895,11 @@ mod tests {
             let keys: Vec<u64> = (0..1000).map(|k: i32| hash_key(&k.to_be_bytes())).collect();
             let before: Vec<usize> = keys
                 .iter()
-                .map(|&h| p.pick(&f, Some(h), &[]).unwrap())
+                .map(|&h| p.pick(&f, Some(h), &[], Instant::now()).unwrap())
                 .collect();
             let again: Vec<usize> = keys
                 .iter()
-                .map(|&h| p.pick(&f, Some(h), &[]).unwrap())
+                .map(|&h| p.pick(&f, Some(h), &[], Instant::now()).unwrap())
                 .collect();
             assert_eq!(before, again, "{policy:?} is consistent");
             let spread = (0..4)
@@ -902,7 +913,9 @@ mod tests {
             let moved = keys
                 .iter()
                 .zip(&before)
-                .filter(|&(&h, &b)| b != 3 && p3.pick(&f[..3], Some(h), &[]).unwrap() != b)
+                .filter(|&(&h, &b)| {
+                    b != 3 && p3.pick(&f[..3], Some(h), &[], Instant::now()).unwrap() != b
+                })
                 .count();
             assert!(
                 moved < 100,
@@ -967,7 +980,11 @@ mod tests {
             (3551244743356806948, 3),
             (16117243373044804880, 0),
         ] {
-            assert_eq!(p.pick(&f, Some(key), &[]), Some(host), "key {key}");
+            assert_eq!(
+                p.pick(&f, Some(key), &[], Instant::now()),
+                Some(host),
+                "key {key}"
+            );
         }
     }
 
@@ -991,7 +1008,7 @@ mod tests {
             let p = EndpointPicker::new(LbPolicy::Maglev, &eps, &BTreeMap::new(), &table);
             let f = fakes(&eps);
             let got: Vec<usize> = (0..size)
-                .map(|key| p.pick(&f, Some(key), &[]).unwrap())
+                .map(|key| p.pick(&f, Some(key), &[], Instant::now()).unwrap())
                 .collect();
             assert_eq!(got, expected, "weights {weights:?}");
         }

@@ -76,7 +76,9 @@ pub async fn connect(
         .then(|| source_hash(source.ip()));
     let mut tried = Vec::new();
     for _ in 0..3 {
-        let i = cluster.picker.pick(&cluster.endpoints, hash, &tried)?;
+        let i = cluster
+            .picker
+            .pick(&cluster.endpoints, hash, &tried, Instant::now())?;
         tried.push(i);
         let ep = &cluster.endpoints[i];
         let connect = dial(

@@ -79,10 +79,13 @@ pub(super) async fn execute(
     let settings = pool_settings(cfg, ctx);
     let mut tried = [usize::MAX; MAX_ATTEMPTS];
     for attempt in 0..MAX_ATTEMPTS {
-        let Some(i) = cluster
-            .picker
-            .pick(&cluster.endpoints, hash, &tried[..attempt])
-        else {
+        let started = if attempt == 0 { began } else { Instant::now() };
+        let Some(i) = cluster.picker.pick(
+            &cluster.endpoints,
+            hash,
+            &tried[..attempt],
+            started.into_std(),
+        ) else {
             let cause = if attempt == 0 {
                 "no_healthy_upstream"
             } else {
@@ -103,7 +106,6 @@ pub(super) async fn execute(
             .requests
             .fetch_add(1, Ordering::Relaxed);
         debug!(endpoint = %ep.config.address, attempt, "sending");
-        let started = if attempt == 0 { began } else { Instant::now() };
         let _in_flight = ActiveEndpoint::new(ert, started);
         let next = match cfg.upstream {
             UpstreamMode::Exclusive => {
@@ -237,9 +239,15 @@ impl Call<'_> {
             Ok(Ok(Some(reply))) => {
                 let now = Instant::now();
                 let took = took(now);
+                // The first attempt began with the request: its time is the request's.
+                let elapsed = if started == self.began {
+                    took
+                } else {
+                    now - self.began
+                };
                 istio::endpoint_requests(self.ctx, cluster, ep)[reply.reply_result() as usize]
                     .observe(
-                        self.elapsed_ms(now),
+                        elapsed.as_secs_f64() * 1000.0,
                         self.request_len,
                         reply.as_bytes().len(),
                     );
