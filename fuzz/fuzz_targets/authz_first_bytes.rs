@@ -66,7 +66,9 @@ fuzz_target!(|data: &[u8]| {
     let mut buf = BytesMut::from(data);
     while let Ok(Some(call)) = calls.decode_call(&mut buf) {
         let method = String::from_utf8_lossy(call.method()).into_owned();
-        let service = call.service().map(|s| String::from_utf8_lossy(s).into_owned());
+        let service = call
+            .service()
+            .map(|s| String::from_utf8_lossy(s).into_owned());
         if !allowed(&rbac, service.as_deref(), &method) {
             continue;
         }

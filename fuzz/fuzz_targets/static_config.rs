@@ -19,7 +19,10 @@ fuzz_target!(|data: &[u8]| {
             &Default::default(),
         );
         for cluster in snapshot.clusters.values() {
-            let _ = cluster.picker.pick(&cluster.endpoints, Some(7), &[]);
+            let _ =
+                cluster
+                    .picker
+                    .pick(&cluster.endpoints, Some(7), &[], std::time::Instant::now());
         }
     }
 });
