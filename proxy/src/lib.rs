@@ -20,6 +20,7 @@ pub mod listener;
 pub mod method_labels;
 pub mod notice;
 pub mod refusal;
+pub mod sharded;
 pub mod socket;
 pub mod stream;
 pub mod thrift;

@@ -13,10 +13,9 @@
 use std::{collections::HashMap, sync::Arc, sync::Mutex};
 
 use arc_swap::ArcSwap;
-use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family},
-};
+use prometheus_client::{encoding::EncodeLabelSet, metrics::family::Family};
+
+use crate::sharded::Counter;
 
 /// The labels of `tern_thrift_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

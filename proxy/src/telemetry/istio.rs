@@ -9,14 +9,13 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
-    registry::Registry,
-};
+use prometheus_client::{encoding::EncodeLabelSet, metrics::family::Family, registry::Registry};
 
 use super::workload::{UNKNOWN, Workload};
-use crate::config::ServiceRef;
+use crate::{
+    config::ServiceRef,
+    sharded::{Counter, Histogram},
+};
 
 /// Label sets per family, at most.
 pub const MAX_SERIES: usize = 2048;

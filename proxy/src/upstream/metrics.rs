@@ -2,17 +2,13 @@
 //! flight and connections, by cluster), and each cluster's handles to them.
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{
-        counter::Counter,
-        family::Family,
-        gauge::Gauge,
-        histogram::{Histogram, exponential_buckets},
-    },
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::exponential_buckets},
     registry::Registry,
 };
 
 use crate::{
     method_labels::{MethodCounters, MethodLabels},
+    sharded,
     thrift::frame::ReplyResult,
     tls::metrics::Handshakes,
 };
@@ -29,13 +25,13 @@ struct ResultLabels {
     result: &'static str,
 }
 
-type Histograms = Family<ClusterLabel, Histogram, fn() -> Histogram>;
+type Histograms = Family<ClusterLabel, sharded::Histogram, fn() -> sharded::Histogram>;
 
 /// The upstream side's metric families.
 #[derive(Debug)]
 pub struct UpstreamMetrics {
-    requests: Family<MethodLabels, Counter>,
-    replies: Family<ResultLabels, Counter>,
+    requests: Family<MethodLabels, sharded::Counter>,
+    replies: Family<ResultLabels, sharded::Counter>,
     request_seconds: Histograms,
     active_requests: Family<ClusterLabel, Gauge>,
     connections: Family<ClusterLabel, Counter>,
@@ -85,7 +81,7 @@ impl UpstreamMetrics {
             requests: Family::default(),
             replies: Family::default(),
             request_seconds: Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.0001, 2.0, 18))
+                sharded::Histogram::new(exponential_buckets(0.0001, 2.0, 18))
             }),
             active_requests: Family::default(),
             connections: Family::default(),
@@ -107,11 +103,11 @@ impl Default for UpstreamMetrics {
 #[derive(Debug)]
 pub struct ClusterMetrics {
     pub active_gauge: Gauge,
-    pub request_seconds: Histogram,
+    pub request_seconds: sharded::Histogram,
     pub connections_opened: Counter,
     pub connections_gauge: Gauge,
     /// Replies by result (success, declared exception, application error).
-    replies: [Counter; 3],
+    replies: [sharded::Counter; 3],
     /// Requests by method, with bounded labels.
     pub methods: MethodCounters,
 }
@@ -140,7 +136,7 @@ impl ClusterMetrics {
     }
 
     /// The reply counter for a result.
-    pub fn replies(&self, result: ReplyResult) -> &Counter {
+    pub fn replies(&self, result: ReplyResult) -> &sharded::Counter {
         &self.replies[result as usize]
     }
 }

@@ -40,13 +40,32 @@ pub struct Outlier {
 }
 
 impl Outlier {
+    /// Whether the endpoint is ejected now. Every pick asks this of its candidates, so an
+    /// endpoint that is not ejected (0) costs no clock read; one whose ejection ran out is
+    /// set back to 0 by the first look after (unless a new ejection came in between).
     pub fn ejected(&self) -> bool {
-        self.ejected_until_ms.load(Ordering::Relaxed) > now_ms()
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        if until == 0 {
+            return false;
+        }
+        if until > now_ms() {
+            return true;
+        }
+        let _ =
+            self.ejected_until_ms
+                .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
+        false
     }
 
+    /// A success ends both runs of failures. Every answered request says so, from every
+    /// worker: the counts are written only when there is a run to end, so the line stays
+    /// shared between the cores rather than passed back and forth.
     pub fn success(&self) {
-        self.consecutive_5xx.store(0, Ordering::Relaxed);
-        self.consecutive_gateway.store(0, Ordering::Relaxed);
+        for run in [&self.consecutive_5xx, &self.consecutive_gateway] {
+            if run.load(Ordering::Relaxed) != 0 {
+                run.store(0, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Counts a failure; returns how long the endpoint is ejected for, if it now is.
@@ -129,6 +148,14 @@ mod tests {
         assert!(o.ejected());
         std::thread::sleep(Duration::from_millis(80));
         assert!(!o.ejected());
+        assert_eq!(
+            o.ejected_until_ms.load(Ordering::Relaxed),
+            0,
+            "a lapsed ejection is cleared, so later looks read no clock"
+        );
+        assert!(o.failure(Failure::Application, &c, || 0, 3).is_none());
+        assert!(o.failure(Failure::Application, &c, || 0, 3).is_some());
+        assert!(o.ejected(), "ejected again after being cleared");
     }
 
     #[test]
