@@ -97,11 +97,54 @@ pub struct LoadResult {
     /// Churn mode: `connect()` latency percentiles, in microseconds.
     pub connect_p50_us: Option<f64>,
     pub connect_p99_us: Option<f64>,
+    /// Every call's latency in the measured window, as (µs, calls) ascending: the rounds of
+    /// one path pool these, so their percentiles come from all of its calls.
+    #[serde(default)]
+    pub calls_us: Vec<(u64, u64)>,
+}
+
+/// The `q` quantile (0 to 1) of latency histograms pooled together, each (µs, calls); NaN
+/// when they hold no call.
+pub fn pooled_quantile<'a>(histograms: impl IntoIterator<Item = &'a [(u64, u64)]>, q: f64) -> f64 {
+    let mut pooled = std::collections::BTreeMap::<u64, u64>::new();
+    for h in histograms {
+        for &(us, n) in h {
+            *pooled.entry(us).or_default() += n;
+        }
+    }
+    let total: u64 = pooled.values().sum();
+    if total == 0 {
+        return f64::NAN;
+    }
+    // The smallest value with at least `q` of the calls at or below it (as HdrHistogram's
+    // `value_at_quantile` counts).
+    let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+    let mut seen = 0;
+    for (&us, &n) in &pooled {
+        seen += n;
+        if seen >= rank {
+            return us as f64;
+        }
+    }
+    f64::NAN
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pooled_quantiles_count_every_histograms_calls() {
+        let quick: &[(u64, u64)] = &[(10, 98), (20, 2)];
+        let slow: &[(u64, u64)] = &[(15, 50), (500, 50)];
+        assert_eq!(pooled_quantile([quick], 0.5), 10.0);
+        assert_eq!(pooled_quantile([quick], 0.99), 20.0);
+        // 200 calls: 98 at 10, 50 at 15, 2 at 20, 50 at 500.
+        assert_eq!(pooled_quantile([quick, slow], 0.5), 15.0);
+        assert_eq!(pooled_quantile([quick, slow], 0.75), 20.0);
+        assert_eq!(pooled_quantile([quick, slow], 0.99), 500.0);
+        assert!(pooled_quantile([], 0.5).is_nan());
+    }
 
     #[test]
     fn a_reply_is_the_call_with_type_and_field_id_changed() {

@@ -1,5 +1,6 @@
-//! The benchmark report: medians over rounds per path, ratios to the direct path and to
-//! HAProxy, the targets, written as JSON, Markdown and an SVG chart.
+//! The benchmark report: medians over rounds per path (latency percentiles over their calls
+//! pooled), ratios to the direct path and to HAProxy, the targets, written as JSON, Markdown
+//! and an SVG chart.
 use std::{collections::BTreeMap, path::Path, process::Command, time::Duration};
 
 use anyhow::{Context, Result};
@@ -65,8 +66,36 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// A latency quantile of one path: from its rounds' calls pooled (a tail from 3 rounds of
+/// a second each moves by a third between rounds on this VM, so the median of the rounds'
+/// own p99 swung a comparison by ±1× from run to run), or, for results without their
+/// histograms, the median of the rounds' own (`own`).
+fn latency(samples: &[Sample], q: f64, own: fn(&LoadResult) -> f64) -> f64 {
+    let runs: Vec<&LoadResult> = samples
+        .iter()
+        .map(|s| s.latency.as_ref().unwrap_or(&s.load))
+        .collect();
+    if !runs.is_empty() && runs.iter().all(|r| !r.calls_us.is_empty()) {
+        crate::pooled_quantile(runs.iter().map(|r| &r.calls_us[..]), q)
+    } else {
+        median(runs.into_iter().map(own).collect())
+    }
+}
+
 impl Row {
-    pub fn from_samples(path: &str, samples: Vec<Sample>) -> Self {
+    pub fn from_samples(path: &str, mut samples: Vec<Sample>) -> Self {
+        let (p50_us, p99_us, p999_us) = (
+            latency(&samples, 0.5, |r| r.p50_us),
+            latency(&samples, 0.99, |r| r.p99_us),
+            latency(&samples, 0.999, |r| r.p999_us),
+        );
+        // The histograms are pooled; the JSON report keeps each round's own percentiles.
+        for s in &mut samples {
+            s.load.calls_us = Vec::new();
+            if let Some(l) = &mut s.latency {
+                l.calls_us = Vec::new();
+            }
+        }
         let m = |f: &dyn Fn(&Sample) -> Option<f64>| {
             let v: Vec<f64> = samples.iter().filter_map(f).collect();
             (!v.is_empty()).then(|| median(v))
@@ -74,10 +103,9 @@ impl Row {
         Self {
             path: path.to_owned(),
             rps: m(&|s| Some(s.load.rps)).unwrap_or(f64::NAN),
-            p50_us: m(&|s| Some(s.latency.as_ref().unwrap_or(&s.load).p50_us)).unwrap_or(f64::NAN),
-            p99_us: m(&|s| Some(s.latency.as_ref().unwrap_or(&s.load).p99_us)).unwrap_or(f64::NAN),
-            p999_us: m(&|s| Some(s.latency.as_ref().unwrap_or(&s.load).p999_us))
-                .unwrap_or(f64::NAN),
+            p50_us,
+            p99_us,
+            p999_us,
             connect_p50_us: m(&|s| s.load.connect_p50_us),
             connect_p99_us: m(&|s| s.load.connect_p99_us),
             added_p99_us: None,
@@ -343,7 +371,8 @@ impl Report {
             "Measured by `cargo xtask bench` on {} — {} ({} cores), Linux {}; {} rounds per path, \
              interleaved, medians; the whole bench took {:.0} s. Throughput: 4 connections with \
              8 calls in flight each (2 for 64 KiB), or 32 synchronous clients with one call in \
-             flight each where the group says so; latency: one call at a time on one connection; \
+             flight each where the group says so; latency: one call at a time on one connection, \
+             3 s a round, percentiles over every round's calls pooled; \
              CPU and peak RSS: the proxy process's own accounting (`/proc/PID/stat`, `VmHWM`); \
              system calls per request: `perf stat` on `raw_syscalls:sys_enter` over a run of \
              their own.\n\n",
@@ -776,6 +805,38 @@ mod tests {
             proxy_cpu_s: cpu,
             proxy_peak_rss_kib: cpu.map(|_| 10 * 1024),
         }
+    }
+
+    #[test]
+    fn latency_percentiles_pool_the_rounds_calls() {
+        let round = |calls_us: Vec<(u64, u64)>| Sample {
+            latency: Some(LoadResult {
+                p99_us: 1.0,
+                calls_us,
+                ..LoadResult::default()
+            }),
+            ..sample(100.0, 1.0, None)
+        };
+        // 300 calls: 297 at 50 µs or less and 3 at 900 µs, all in one round. Each round's own
+        // p99 (the median of 1, 1, 1) would miss them.
+        let row = Row::from_samples(
+            "tern",
+            vec![
+                round(vec![(40, 100)]),
+                round(vec![(50, 97), (900, 3)]),
+                round(vec![(45, 100)]),
+            ],
+        );
+        assert_eq!((row.p50_us, row.p99_us, row.p999_us), (45.0, 50.0, 900.0));
+        assert!(
+            row.samples
+                .iter()
+                .all(|s| s.latency.as_ref().unwrap().calls_us.is_empty()),
+            "the report keeps no histograms"
+        );
+        // Results without histograms: the median of the rounds' own.
+        let row = Row::from_samples("tern", vec![sample(1.0, 7.0, None); 3]);
+        assert_eq!(row.p99_us, 7.0);
     }
 
     #[test]

@@ -178,6 +178,11 @@ async fn run(args: RunArgs) -> Result<LoadResult> {
         p999_us: pct(&r.calls, 0.999),
         connect_p50_us: args.churn.then(|| pct(&r.connects, 0.5)),
         connect_p99_us: args.churn.then(|| pct(&r.connects, 0.99)),
+        calls_us: r
+            .calls
+            .iter_recorded()
+            .map(|v| (v.value_iterated_to(), v.count_since_last_iteration()))
+            .collect(),
     })
 }
 
