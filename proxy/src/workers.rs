@@ -24,7 +24,7 @@ thread_local! {
 /// How many workers run; pools are made with a slice for each.
 static COUNT: OnceLock<usize> = OnceLock::new();
 
-/// How many workers run (1 before they start, and in tests).
+/// How many workers run (1 before [`plan`], and in tests).
 pub fn count() -> usize {
     COUNT.get().copied().unwrap_or(1)
 }
@@ -32,6 +32,18 @@ pub fn count() -> usize {
 /// The worker running this thread (0 on any other thread).
 pub fn current() -> usize {
     INDEX.with(Cell::get)
+}
+
+/// Fixes how many workers run, `n` (one per core available to the process when 0), before
+/// they start, and returns it: pools and per-worker metrics made from then on have a slice
+/// for each (the configuration is applied before the workers start). Only the first call in
+/// a process counts.
+pub fn plan(n: usize) -> usize {
+    let n = match n {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    *COUNT.get_or_init(|| n)
 }
 
 /// The running workers.
@@ -48,14 +60,9 @@ struct Worker {
 }
 
 impl Workers {
-    /// Starts `n` workers (one per core available to the process when 0); they end with the
-    /// process. Only the first call in a process sets how many pools have slices.
+    /// Starts the workers [`plan`] fixes for `n`; they end with the process.
     pub fn start(n: usize) -> anyhow::Result<Self> {
-        let n = match n {
-            0 => std::thread::available_parallelism().map_or(1, usize::from),
-            n => n,
-        };
-        let n = *COUNT.get_or_init(|| n);
+        let n = plan(n);
         let workers = (0..n)
             .map(|index| {
                 let runtime = tokio::runtime::Builder::new_current_thread()

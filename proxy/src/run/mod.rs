@@ -51,6 +51,8 @@ enum Capture {
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Before the configuration makes pools and metrics: they are sliced per worker.
+    crate::workers::plan(args.concurrency);
     let settings = args.capture_args.settings();
     let probers = crate::probe::AppProbers::parse(&args.app_probers)?;
     let mark = own_sockets_mark(&args, &settings)?;
