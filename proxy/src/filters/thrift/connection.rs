@@ -14,7 +14,7 @@ use super::{ChainRef, MAX_BATCH, MAX_IN_FLIGHT, call::execute, routing::Downstre
 use crate::{
     budget::Held,
     filters::{Ctx, authz::Authz, ordered::Ordered},
-    stream::Stream,
+    stream::{Stream, write_all_vectored},
 };
 
 /// Serves one downstream connection whose first bytes (`buf`) were Thrift.
@@ -206,63 +206,5 @@ impl ExpiryTimer<'_> {
             self.sleep.as_mut().poll(cx)
         })
         .await
-    }
-}
-
-/// Writes every buffer, in order, with as few (vectored) writes as the socket takes.
-async fn write_all_vectored(
-    wr: &mut (impl tokio::io::AsyncWrite + Unpin),
-    bufs: &[Bytes],
-) -> std::io::Result<()> {
-    let (mut i, mut offset) = (0, 0);
-    while i < bufs.len() {
-        let mut slices = [std::io::IoSlice::new(&[]); MAX_BATCH];
-        let mut n = 0;
-        for (k, b) in bufs[i..].iter().enumerate().take(MAX_BATCH) {
-            slices[k] = std::io::IoSlice::new(if k == 0 { &b[offset..] } else { b });
-            n = k + 1;
-        }
-        // One buffer goes with a plain write, which costs the kernel less than writev.
-        let mut written = if n == 1 {
-            wr.write(&slices[0]).await?
-        } else {
-            wr.write_vectored(&slices[..n]).await?
-        };
-        if written == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        while i < bufs.len() && written >= bufs[i].len() - offset {
-            written -= bufs[i].len() - offset;
-            i += 1;
-            offset = 0;
-        }
-        offset += written;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn replies_written_together_arrive_whole_and_in_order_through_short_writes() {
-        use tokio::io::AsyncReadExt;
-        let bufs: Vec<Bytes> = (0..70u8)
-            .map(|i| Bytes::from(vec![i; 1 + usize::from(i % 13)]))
-            .collect();
-        let expected: Vec<u8> = bufs.iter().flat_map(|b| b.to_vec()).collect();
-        // A pipe that takes 7 bytes at a time: every write is short.
-        let (mut a, mut b) = tokio::io::duplex(7);
-        let reader = tokio::spawn(async move {
-            let mut got = Vec::new();
-            b.read_to_end(&mut got).await.unwrap();
-            got
-        });
-        for chunk in bufs.chunks(MAX_BATCH) {
-            write_all_vectored(&mut a, chunk).await.unwrap();
-        }
-        drop(a);
-        assert_eq!(reader.await.unwrap(), expected);
     }
 }
