@@ -60,9 +60,9 @@ impl Cells {
         &self.lines[shard * self.lines_per_shard + word / WORDS].0[word % WORDS]
     }
 
-    /// The running worker's count number `word`.
-    fn mine(&self, word: usize) -> &AtomicU64 {
-        self.at(crate::workers::current() % self.shards, word)
+    /// The running worker's shard.
+    fn mine(&self) -> usize {
+        crate::workers::current() % self.shards
     }
 
     /// Count number `word` of every shard.
@@ -92,7 +92,7 @@ impl Counter {
     }
 
     pub fn inc_by(&self, n: u64) {
-        self.0.mine(0).fetch_add(n, Ordering::Relaxed);
+        self.0.at(self.0.mine(), 0).fetch_add(n, Ordering::Relaxed);
     }
 
     /// The sum over every worker.
@@ -150,10 +150,13 @@ impl Histogram {
             .iter()
             .position(|&b| v <= b)
             .unwrap_or(h.bounds.len() - 1);
-        h.cells.mine(1 + bucket).fetch_add(1, Ordering::Relaxed);
+        let shard = h.cells.mine();
+        h.cells
+            .at(shard, 1 + bucket)
+            .fetch_add(1, Ordering::Relaxed);
         // The worker is the only writer of its shard but for threads sharing it: the
         // exchange succeeds the first time unless one did.
-        let sum = h.cells.mine(SUM);
+        let sum = h.cells.at(shard, SUM);
         let mut bits = sum.load(Ordering::Relaxed);
         while let Err(now) = sum.compare_exchange_weak(
             bits,

@@ -342,7 +342,7 @@ async fn run(
     };
     open.fetch_add(1, Ordering::Relaxed);
     cluster.metrics().connections_gauge.inc();
-    let (mut rd, wr) = stream.into_split();
+    let (mut rd, mut wr) = stream.into_split();
     let (transport, protocol) = conn.format;
     let reader = async {
         let mut decoder = Decoder::configured(settings.limits, transport, protocol, false);
@@ -373,19 +373,15 @@ async fn run(
         }
     };
     let writer = async {
-        let mut wr = wr;
         // What is queued goes out together, in one vectored write of the requests' own
         // bytes (no copy); one-way calls stay counted until written.
+        let mut queued: Vec<Queued> = Vec::with_capacity(WRITE_BATCH);
         let mut out: Vec<Bytes> = Vec::with_capacity(WRITE_BATCH);
         let mut counted: Vec<ActiveRequest> = Vec::new();
-        while let Some(first) = rx.recv().await {
-            let mut next = Some(first);
-            while let Some((bytes, count)) = next.take() {
+        while rx.recv_many(&mut queued, WRITE_BATCH).await > 0 {
+            for (bytes, count) in queued.drain(..) {
                 out.push(bytes);
                 counted.extend(count);
-                if out.len() < WRITE_BATCH {
-                    next = rx.try_recv().ok();
-                }
             }
             write_all_vectored(&mut wr, &out).await?;
             out.clear();
