@@ -20,6 +20,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde::Deserialize;
 
 pub mod discovery;
+pub mod interrupt;
 mod istiod;
 pub mod mesh;
 pub mod oci;

@@ -25,7 +25,7 @@ use tern_bench::{
         median,
     },
 };
-use tern_tests::{Cgroup, Istiod, Netns, Process, Tern, bin_dir, eventually, mesh};
+use tern_tests::{Cgroup, Istiod, Netns, Process, Tern, bin_dir, eventually, interrupt, mesh};
 
 #[path = "bench/discovery.rs"]
 mod discovery;
@@ -49,6 +49,10 @@ const SYNC_LOOPBACK: &str = "loopback, 32 sync clients × 1 in flight, 100 B";
 fn main() -> std::process::ExitCode {
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(_) if interrupt::interrupted() => {
+            eprintln!("tern-bench: interrupted; everything it made is removed");
+            std::process::ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("tern-bench: error: {e:#}");
             std::process::ExitCode::FAILURE
@@ -58,6 +62,8 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> Result<()> {
     tern_tests::assert_root();
+    // Ctrl-C or SIGTERM ends the bench at its next step, through its guards' `Drop`.
+    interrupt::catch()?;
     let out_dir = std::env::args()
         .nth(1)
         .map(PathBuf::from)
@@ -294,10 +300,14 @@ fn run() -> Result<()> {
     }
     groups.insert(5, setup.expect("measured"));
 
+    interrupt::check()?;
     let idle_rss = bench.idle_rss_with_1000_clusters()?;
     drop(bench);
+    interrupt::check()?;
     let xds = xds_updates()?;
+    interrupt::check()?;
     let mtls = mtls::run()?;
+    interrupt::check()?;
     let discovery = discovery::run()?;
 
     let report = Report::new(
@@ -887,6 +897,7 @@ fn start_tern(
 }
 
 fn load_run(ns: &Netns, cgroup: Option<&Cgroup>, addr: &str, load: &[&str]) -> Result<LoadResult> {
+    interrupt::check()?;
     let bin = bin_dir().join("tern-load");
     let args = [&["run", "--addr", addr, "--secs", SECS][..], load].concat();
     // A later `--secs` wins (clap keeps the last occurrence).

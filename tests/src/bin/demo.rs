@@ -17,28 +17,17 @@ use std::{
     collections::BTreeMap,
     io::{IsTerminal, Write},
     path::Path,
-    sync::atomic::{AtomicBool, Ordering},
     time::Instant,
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use tern_tests::{
-    connect,
+    connect, interrupt,
     mesh::{
         CLIENT_ID, CONTROL_PLANE, CONTROL_PLANE_TLS, Mesh, SERVER_ID, TCP_PORT, THRIFT_PORT, VIP,
         vip,
     },
 };
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-/// Fails once Ctrl-C (or SIGTERM) arrived, so the demo unwinds and cleans up.
-fn check_interrupt() -> Result<()> {
-    if INTERRUPTED.load(Ordering::Relaxed) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
 
 fn bold(s: &str) -> String {
     format!("\x1b[1m{s}\x1b[0m")
@@ -47,7 +36,7 @@ fn bold(s: &str) -> String {
 fn main() -> std::process::ExitCode {
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(_) if INTERRUPTED.load(Ordering::Relaxed) => {
+        Err(_) if interrupt::interrupted() => {
             eprintln!("tern-demo: interrupted; everything it made is removed");
             std::process::ExitCode::from(130)
         }
@@ -60,8 +49,7 @@ fn main() -> std::process::ExitCode {
 
 /// Runs the demo with the binaries built beside this one.
 fn run() -> Result<()> {
-    ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed))
-        .context("install the Ctrl-C handler")?;
+    interrupt::catch()?;
     let started = Instant::now();
     println!(
         "{}\n",
@@ -97,7 +85,7 @@ fn run() -> Result<()> {
         let mut result = show(&mut mesh, started);
         drop(mesh);
         if result.is_ok() {
-            check_interrupt()?;
+            interrupt::check()?;
             println!(
                 "\n{}",
                 bold("Part B. With istiod: mutual TLS and an AuthorizationPolicy")
@@ -142,7 +130,7 @@ fn show(m: &mut Mesh, started: Instant) -> Result<()> {
             s.name, s.ip
         );
     }
-    check_interrupt()?;
+    interrupt::check()?;
 
     println!(
         "\n{}",
@@ -171,7 +159,7 @@ fn show(m: &mut Mesh, started: Instant) -> Result<()> {
         }
     );
     ensure!(rules.is_empty(), "the demo found iptables rules: {rules:?}");
-    check_interrupt()?;
+    interrupt::check()?;
 
     println!(
         "\n{}",
@@ -197,14 +185,14 @@ fn show(m: &mut Mesh, started: Instant) -> Result<()> {
         counter("getsockopt.answered"),
         counter("getpeername.rewritten")
     );
-    check_interrupt()?;
+    interrupt::check()?;
 
     println!(
         "\n{}",
         bold("3. calc-2's Thrift server stops; tern discovery's health check moves the traffic")
     );
     health_moves_traffic(m, &mut client)?;
-    check_interrupt()?;
+    interrupt::check()?;
 
     println!(
         "\n{}",
@@ -280,7 +268,7 @@ fn health_moves_traffic(m: &mut Mesh, client: &mut tern_tests::ThriftClient) -> 
             "the calls failed: {calls:?}"
         );
         chart(m, &calls.by_server);
-        check_interrupt()?;
+        interrupt::check()?;
     }
     Ok(())
 }
@@ -351,7 +339,7 @@ fn security(m: &Mesh) -> Result<()> {
         plain.replies() == 0,
         "plaintext reached a STRICT Pod: {plain:?}"
     );
-    check_interrupt()?;
+    interrupt::check()?;
 
     let rule = r#"{ name: "ns[default]-policy[deny-echo]-rule[0]", action: deny, ports: [9090], methods: ["echo"] }"#;
     println!(
