@@ -222,8 +222,8 @@ pub struct XdsUpdates {
     pub apply_p50_ms: f64,
     pub apply_p99_ms: f64,
     /// Thrift calls' p99 with no pushes, with 100 a second going to another tern (from
-    /// another control plane), and with 100 a second to the measured tern: medians of
-    /// interleaved rounds, and each round's.
+    /// another control plane), and with 100 a second to the measured tern: each over the
+    /// calls of all its interleaved rounds, pooled; and each round's own.
     pub quiet_p99_us: f64,
     pub baseline_p99_us: f64,
     pub churn_p99_us: f64,
@@ -644,7 +644,7 @@ impl Report {
         );
         let rounds = |v: &[f64]| v.iter().map(|&p| num(p)).collect::<Vec<_>>().join(" / ");
         line(
-            "Thrift p99 during 100 EDS pushes/s ≤ 1.25× its p99 with no pushes (medians of interleaved rounds)".into(),
+            "Thrift p99 during 100 EDS pushes/s ≤ 1.25× its p99 with no pushes (interleaved rounds, calls pooled)".into(),
             format!(
                 "{} vs {} µs ({}), {} errors; rounds: {} vs {} µs",
                 num(x.churn_p99_us),

@@ -4,8 +4,8 @@
 //! - one endpoint change in a cluster of 10,000 endpoints (round robin, weighted);
 //! - parsing plus two applies of one round-robin cluster of 2,000, 4,000 and 8,000 weighted
 //!   endpoints (the measurement that found the quadratic schedule: 0.63, 2.06 and 7.58 s);
-//! - one endpoint change at a time in a snapshot of 1,000 clusters (10 endpoints each):
-//!   p50 and p99 of 1,000 applies.
+//! - one endpoint change at a time in a snapshot of 1,000 and of 10,000 clusters (10
+//!   endpoints each): p50 and p99 of 1,000 applies.
 //!
 //! Prints JSON; with `TERN_BENCH_OUT=FILE` also writes it there.
 use std::{collections::BTreeMap, time::Instant};
@@ -115,31 +115,35 @@ fn main() {
         );
     }
 
-    // One endpoint change at a time in a 1,000-cluster snapshot.
-    let mut h = handler();
-    let names: Vec<String> = (0..1_000)
-        .map(|i| format!("outbound|9090||svc-{i}.default.svc.cluster.local"))
-        .collect();
-    clusters(&mut h, &names);
-    for n in &names {
-        endpoints(&mut h, n, 10, 0);
+    // One endpoint change at a time in a snapshot of 1,000 and of 10,000 clusters: what a
+    // push costs should follow what it changes, not the snapshot's size.
+    for size in [1_000usize, 10_000] {
+        let mut h = handler();
+        let names: Vec<String> = (0..size)
+            .map(|i| format!("outbound|9090||svc-{i}.default.svc.cluster.local"))
+            .collect();
+        clusters(&mut h, &names);
+        for n in &names {
+            endpoints(&mut h, n, 10, 0);
+        }
+        let mut times: Vec<f64> = (0..1_000u32)
+            .map(|k| {
+                let started = Instant::now();
+                endpoints(&mut h, &names[(k as usize * 7) % names.len()], 10, 1 + k);
+                started.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let label = if size == 1_000 { "1,000" } else { "10,000" };
+        out.insert(
+            format!("xds/one endpoint change, {label}-cluster snapshot, p50 ms"),
+            percentile(&times, 0.5),
+        );
+        out.insert(
+            format!("xds/one endpoint change, {label}-cluster snapshot, p99 ms"),
+            percentile(&times, 0.99),
+        );
     }
-    let mut times: Vec<f64> = (0..1_000u32)
-        .map(|k| {
-            let started = Instant::now();
-            endpoints(&mut h, &names[(k as usize * 7) % names.len()], 10, 1 + k);
-            started.elapsed().as_secs_f64() * 1e3
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    out.insert(
-        "xds/one endpoint change, 1,000-cluster snapshot, p50 ms".into(),
-        percentile(&times, 0.5),
-    );
-    out.insert(
-        "xds/one endpoint change, 1,000-cluster snapshot, p99 ms".into(),
-        percentile(&times, 0.99),
-    );
 
     let json = serde_json::to_string_pretty(&out).expect("JSON");
     println!("{json}");

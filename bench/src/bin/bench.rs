@@ -19,10 +19,9 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use tern_bench::{
-    LoadResult,
+    LoadResult, pooled_quantile,
     report::{
         DIRECT, Group, HAPROXY, HAPROXY_SPLICE, MethodNames, Report, Row, Sample, XdsUpdates,
-        median,
     },
 };
 use tern_tests::{Cgroup, Istiod, Netns, Process, Tern, bin_dir, eventually, interrupt, mesh};
@@ -757,7 +756,7 @@ fn xds_updates() -> Result<XdsUpdates> {
         measured
     };
     // A p99 of one 4-second run moves by tens of µs from run to run: the three cases are
-    // interleaved over rounds, and each is the median of its rounds.
+    // interleaved over rounds, and each case's p99 is over all its rounds' calls pooled.
     let (mut quiet, mut baseline, mut churned) = (Vec::new(), Vec::new(), Vec::new());
     let (mut quiet_cpu, mut churn_cpu, mut cp_cpu, mut other_cp_cpu) = (0.0, 0.0, 0.0, 0.0);
     let mut window: Vec<(f64, f64)> = Vec::new();
@@ -794,14 +793,16 @@ fn xds_updates() -> Result<XdsUpdates> {
     let status = std::fs::read_to_string(format!("/proc/{}/status", tern.process.pid()))?;
     drop(servers);
     let p99s = |runs: &[LoadResult]| runs.iter().map(|r| r.p99_us).collect::<Vec<f64>>();
+    let pooled_p99 =
+        |runs: &[LoadResult]| pooled_quantile(runs.iter().map(|r| &r.calls_us[..]), 0.99);
     let secs = |runs: &[LoadResult]| runs.iter().map(|r| r.secs).sum::<f64>().max(0.1);
     Ok(XdsUpdates {
         applies_during_calls: count as u64,
         apply_p50_ms: quantile(&window, 0.5) * 1e3,
         apply_p99_ms: quantile(&window, 0.99) * 1e3,
-        quiet_p99_us: median(p99s(&quiet)),
-        baseline_p99_us: median(p99s(&baseline)),
-        churn_p99_us: median(p99s(&churned)),
+        quiet_p99_us: pooled_p99(&quiet),
+        baseline_p99_us: pooled_p99(&baseline),
+        churn_p99_us: pooled_p99(&churned),
         quiet_rounds_us: p99s(&quiet),
         baseline_rounds_us: p99s(&baseline),
         churn_rounds_us: p99s(&churned),

@@ -33,12 +33,16 @@ pub struct Config {
     /// What happens to outbound destinations no listener matches.
     pub passthrough: Passthrough,
     /// Shared, so a new configuration that keeps a cluster does not copy it, and the
-    /// snapshot keeps its picker and pools (see [`crate::state`]); names are shared too, so
-    /// assembling a configuration of 1,000 clusters copies no name.
-    pub clusters: BTreeMap<Arc<str>, Arc<Cluster>>,
+    /// snapshot keeps its picker and pools (see [`crate::state`]).
+    pub clusters: ClusterMap,
     /// What the control plane sent that tern knowingly does not run (shown, and counted).
     pub set_aside: Vec<SetAside>,
 }
+
+/// Clusters by name: a persistent map, so a configuration that changes one cluster of
+/// 10,000 shares the rest with the one before (a clone costs nothing, a change copies one
+/// path of the tree), and names are shared, never copied.
+pub type ClusterMap = imbl::OrdMap<Arc<str>, Arc<Cluster>>;
 
 /// A resource, or part of one, that tern knowingly does not run as configured.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]

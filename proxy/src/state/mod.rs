@@ -9,7 +9,7 @@
 //! [`ClusterState`] (endpoints, picker, pools, outlier state); a changed one is rebuilt,
 //! keeping the runtime of every endpoint it still has.
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{HashMap, VecDeque},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -22,11 +22,13 @@ use arc_swap::ArcSwap;
 pub mod snapshot;
 
 use snapshot::ListenerIndex;
-pub use snapshot::{ChainTls, ClusterState, EndpointHandle, Peeked, Selection, Snapshot};
+pub use snapshot::{
+    ChainTls, ClusterState, ClusterStates, EndpointHandle, Peeked, Selection, Snapshot,
+};
 
 use crate::{
     balance::EndpointPicker,
-    config::{Cluster, Config, Filter, RouteAction},
+    config::{Cluster, ClusterMap, Config, Filter, RouteAction},
     tls::{CertStore, TlsContexts},
     upstream::{ClusterRuntime, metrics::UpstreamMetrics},
 };
@@ -309,10 +311,7 @@ enum Change<'a> {
 
 /// The clusters `new` adds, changes or removes relative to `old`, in one ordered pass over
 /// both: a cluster that is the same `Arc` in both is unchanged.
-fn changed_clusters<'a>(
-    old: &'a BTreeMap<Arc<str>, Arc<Cluster>>,
-    new: &'a BTreeMap<Arc<str>, Arc<Cluster>>,
-) -> Vec<Change<'a>> {
+fn changed_clusters<'a>(old: &'a ClusterMap, new: &'a ClusterMap) -> Vec<Change<'a>> {
     let mut out = Vec::new();
     let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
     loop {
@@ -406,7 +405,7 @@ fn build_cluster(
 
 /// Methods the configuration routes on keep labels of their own in the clusters they route
 /// to.
-fn configure_method_labels(config: &Config, clusters: &HashMap<Arc<str>, Arc<ClusterState>>) {
+fn configure_method_labels(config: &Config, clusters: &ClusterStates) {
     for l in config
         .listeners
         .iter()
@@ -519,7 +518,7 @@ clusters:
     fn changes_between_configurations_are_found_by_pointer_in_one_pass() {
         let config = parse(CONFIG, "test").unwrap();
         let a = config.clusters.values().next().unwrap().clone();
-        let map = |entries: &[(&str, &Arc<Cluster>)]| -> BTreeMap<Arc<str>, Arc<Cluster>> {
+        let map = |entries: &[(&str, &Arc<Cluster>)]| -> ClusterMap {
             entries
                 .iter()
                 .map(|(n, c)| (Arc::from(*n), Arc::clone(c)))

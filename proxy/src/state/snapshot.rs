@@ -88,11 +88,16 @@ pub enum Selection<'a> {
     Refused(Refusal),
 }
 
+/// The clusters built for the data path, by name: a persistent map, so a snapshot that
+/// rebuilds one cluster of 10,000 shares the rest with the snapshot before (neither copies
+/// nor frees them).
+pub type ClusterStates = imbl::HashMap<Arc<str>, Arc<ClusterState>>;
+
 /// One immutable configuration with everything precomputed for the data path.
 #[derive(Debug)]
 pub struct Snapshot {
     pub config: Arc<Config>,
-    pub clusters: HashMap<Arc<str>, Arc<ClusterState>>,
+    pub clusters: ClusterStates,
     pub applied_at: SystemTime,
     /// Shared with the snapshot before while listeners do not change (an EDS push).
     pub(super) listeners: Arc<ListenerIndex>,
@@ -121,7 +126,7 @@ impl Snapshot {
     pub(super) fn empty() -> Self {
         Snapshot {
             config: Arc::new(Config::default()),
-            clusters: HashMap::new(),
+            clusters: ClusterStates::new(),
             applied_at: SystemTime::now(),
             listeners: Arc::default(),
         }

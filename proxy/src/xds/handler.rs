@@ -160,12 +160,11 @@ impl XdsHandler {
             .listeners
             .retain(|l| !xds.listeners.iter().any(|x| x.name == l.name));
         config.listeners.extend(xds.listeners);
-        if config.clusters.is_empty() {
-            // No static clusters (istiod's case): the control plane's map as it is, without
-            // inserting 1,000 names one by one.
-            config.clusters = xds.clusters;
-        } else {
-            config.clusters.extend(xds.clusters);
+        // The control plane's clusters as they are (a persistent map: no copy), with the
+        // static ones it does not name.
+        let statics = std::mem::replace(&mut config.clusters, xds.clusters);
+        for (name, cluster) in statics {
+            config.clusters.entry(name).or_insert(cluster);
         }
         if xds.inbound.is_some() {
             config.inbound = xds.inbound;

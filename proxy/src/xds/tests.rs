@@ -796,6 +796,82 @@ fn warming_is_per_cluster() {
     );
 }
 
+/// An EDS push rebuilds exactly the clusters that read that name: both clusters that share
+/// it, and not one that moved to another name.
+#[test]
+fn an_eds_push_rebuilds_the_clusters_that_read_its_name() {
+    let r = istiod();
+    let (mut h, state, _) = apply_all(&r);
+    // A second cluster reads CALC's endpoints; CALC's own cluster moves to "calc-v2".
+    let twin = XdsCluster {
+        name: "outbound|9091||twin.default.svc.cluster.local".into(),
+        eds_cluster_config: Some(tern_proto::cluster_types::EdsClusterConfig {
+            service_name: CALC.into(),
+            ..Default::default()
+        }),
+        ..r.clusters[CALC].clone()
+    };
+    h.apply(
+        type_url::CLUSTER,
+        changed(
+            &BTreeMap::from([(twin.name.clone(), twin.clone())]),
+            type_url::CLUSTER,
+        ),
+    )
+    .unwrap();
+    let push = |h: &mut XdsHandler, name: &str, keep: usize| {
+        let mut cla = r.endpoints[CALC].clone();
+        cla.cluster_name = name.into();
+        cla.endpoints[0].lb_endpoints.truncate(keep);
+        h.apply(
+            type_url::CLUSTER_LOAD_ASSIGNMENT,
+            changed(
+                &BTreeMap::from([(name.to_string(), cla)]),
+                type_url::CLUSTER_LOAD_ASSIGNMENT,
+            ),
+        )
+        .unwrap();
+    };
+    // Its first locality keeps `keep` endpoints; the second has one.
+    push(&mut h, CALC, 1);
+    let snap = state.load();
+    assert_eq!(snap.clusters[CALC].endpoints.len(), 2);
+    assert_eq!(snap.clusters[twin.name.as_str()].endpoints.len(), 2);
+
+    let mut moved = r.clusters[CALC].clone();
+    moved.eds_cluster_config = Some(tern_proto::cluster_types::EdsClusterConfig {
+        service_name: "calc-v2".into(),
+        ..Default::default()
+    });
+    h.apply(
+        type_url::CLUSTER,
+        changed(
+            &BTreeMap::from([(CALC.to_string(), moved)]),
+            type_url::CLUSTER,
+        ),
+    )
+    .unwrap();
+    push(&mut h, "calc-v2", 2);
+    let before = state.load();
+    assert_eq!(before.clusters[CALC].endpoints.len(), 3);
+    push(&mut h, CALC, 0);
+    let after = state.load();
+    assert_eq!(after.clusters[twin.name.as_str()].endpoints.len(), 1);
+    assert!(
+        std::sync::Arc::ptr_eq(&before.clusters[CALC], &after.clusters[CALC]),
+        "a cluster that reads another name is not rebuilt"
+    );
+    let tern_xds_client::handler::Interest::Names(names) =
+        h.interest(type_url::CLUSTER_LOAD_ASSIGNMENT)
+    else {
+        panic!("EDS asks for names");
+    };
+    assert!(
+        names.contains("calc-v2") && names.contains(CALC),
+        "EDS asks for the names the clusters read: {names:?}"
+    );
+}
+
 /// Chains that match on the first bytes: istiod's HTTP chain (`raw_buffer` with
 /// `http/1.1`/`h2c`), its TLS chains, and the listener's default chain for the rest.
 #[test]
