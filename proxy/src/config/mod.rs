@@ -23,8 +23,9 @@ pub struct Config {
     /// A label for this configuration (file hash or xDS version).
     pub version: String,
     /// Outbound listeners, matched against a connection's original destination. Shared, so
-    /// a new configuration that keeps a listener does not copy it.
-    pub listeners: Vec<Arc<Listener>>,
+    /// a new configuration that keeps a listener does not copy it, and one that keeps them
+    /// all (an EDS push) shares the list.
+    pub listeners: Arc<[Arc<Listener>]>,
     /// The inbound listener's filter chains (Istio's `virtualInbound`), if any; shared as
     /// the outbound ones are, so an update that keeps it neither copies nor compares it.
     pub inbound: Option<Arc<Listener>>,

@@ -362,14 +362,14 @@ fn listeners_changed(old: &Config, new: &Config) -> bool {
         (None, None) => false,
         _ => true,
     };
-    old.listeners.len() != new.listeners.len()
-        || old
-            .listeners
-            .iter()
-            .zip(&new.listeners)
-            .any(|(a, b)| !Arc::ptr_eq(a, b))
-        || inbound_changed
-        || old.no_inbound != new.no_inbound
+    let same_list = Arc::ptr_eq(&old.listeners, &new.listeners)
+        || (old.listeners.len() == new.listeners.len()
+            && old
+                .listeners
+                .iter()
+                .zip(new.listeners.iter())
+                .all(|(a, b)| Arc::ptr_eq(a, b)));
+    !same_list || inbound_changed || old.no_inbound != new.no_inbound
 }
 
 /// A cluster's state for a new or changed configuration: endpoints it keeps keep their

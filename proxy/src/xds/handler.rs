@@ -156,10 +156,19 @@ impl XdsHandler {
     fn merged(&self, xds: Config) -> Config {
         let mut config = self.base.clone();
         config.version = xds.version;
-        config
-            .listeners
-            .retain(|l| !xds.listeners.iter().any(|x| x.name == l.name));
-        config.listeners.extend(xds.listeners);
+        // The control plane's listeners as they are (shared), after the static ones it does
+        // not name.
+        config.listeners = if config.listeners.is_empty() {
+            xds.listeners
+        } else {
+            config
+                .listeners
+                .iter()
+                .filter(|l| !xds.listeners.iter().any(|x| x.name == l.name))
+                .chain(xds.listeners.iter())
+                .cloned()
+                .collect()
+        };
         // The control plane's clusters as they are (a persistent map: no copy), with the
         // static ones it does not name.
         let statics = std::mem::replace(&mut config.clusters, xds.clusters);

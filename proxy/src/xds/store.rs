@@ -55,7 +55,7 @@ impl HeldCluster {
 /// none of them changes (an EDS push changes none).
 #[derive(Default)]
 struct Shape {
-    listeners: Vec<Arc<Listener>>,
+    listeners: Arc<[Arc<Listener>]>,
     inbound: Option<Arc<Listener>>,
     passthrough: Passthrough,
     set_aside: Vec<SetAside>,
@@ -247,6 +247,7 @@ impl Store {
     /// What the listeners and cluster resources held make besides the clusters in force.
     fn shape(&self) -> Shape {
         let mut shape = Shape::default();
+        let mut listeners = Vec::new();
         for (name, c) in &self.clusters {
             if let Some(reason) = c.translated.set_aside {
                 shape.set_aside.push(SetAside {
@@ -261,7 +262,7 @@ impl Store {
             match &l.translated.kind {
                 ListenerKind::VirtualOutbound(mode) => shape.passthrough = *mode,
                 ListenerKind::Inbound(listener) => shape.inbound = Some(listener.clone()),
-                ListenerKind::Outbound(listener) => shape.listeners.push(listener.clone()),
+                ListenerKind::Outbound(listener) => listeners.push(listener.clone()),
                 ListenerKind::SetAside(reason) => shape.set_aside.push(SetAside {
                     kind: "listener",
                     name: name.clone(),
@@ -281,6 +282,7 @@ impl Store {
         if !self.has_listeners() {
             shape.passthrough = Passthrough::default();
         }
+        shape.listeners = listeners.into();
         shape
     }
 }
