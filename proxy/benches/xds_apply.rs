@@ -117,7 +117,7 @@ fn main() {
 
     // One endpoint change at a time in a snapshot of 1,000 and of 10,000 clusters: what a
     // push costs should follow what it changes, not the snapshot's size.
-    for size in [1_000usize, 10_000] {
+    for (size, label) in [(1_000usize, "1,000"), (10_000, "10,000")] {
         let mut h = handler();
         let names: Vec<String> = (0..size)
             .map(|i| format!("outbound|9090||svc-{i}.default.svc.cluster.local"))
@@ -134,7 +134,6 @@ fn main() {
             })
             .collect();
         times.sort_by(f64::total_cmp);
-        let label = if size == 1_000 { "1,000" } else { "10,000" };
         out.insert(
             format!("xds/one endpoint change, {label}-cluster snapshot, p50 ms"),
             percentile(&times, 0.5),
