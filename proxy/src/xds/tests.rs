@@ -872,6 +872,88 @@ fn an_eds_push_rebuilds_the_clusters_that_read_its_name() {
     );
 }
 
+/// The listeners and inbound policy a configuration carries are kept between EDS pushes; a
+/// policy pushed after them still takes effect at once, and so does its removal (inbound
+/// closes, it does not keep the cached policy).
+#[test]
+fn a_policy_pushed_after_eds_pushes_is_in_force() {
+    use tern_proto::rbac_types::{permission::Rule, principal::Identifier};
+    let r = istiod();
+    let (mut h, state, _) = apply_all(&r);
+    let eds = |h: &mut XdsHandler, keep: usize| {
+        let mut cla = r.endpoints[CALC].clone();
+        cla.endpoints[0].lb_endpoints.truncate(keep);
+        h.apply(
+            type_url::CLUSTER_LOAD_ASSIGNMENT,
+            changed(
+                &BTreeMap::from([(CALC.to_string(), cla)]),
+                type_url::CLUSTER_LOAD_ASSIGNMENT,
+            ),
+        )
+        .unwrap();
+    };
+    eds(&mut h, 1);
+    let before = state.load();
+    eds(&mut h, 2);
+    let after = state.load();
+    assert!(
+        std::sync::Arc::ptr_eq(&before.config.listeners, &after.config.listeners),
+        "an EDS push shares the listener list"
+    );
+    assert!(
+        after.config.inbound.as_ref().unwrap().filter_chains[0]
+            .rbac
+            .is_empty()
+    );
+
+    let mut inbound = r.listeners["virtualInbound"].clone();
+    inbound.filter_chains[0].filters.insert(
+        0,
+        rbac_filter(
+            "ns[default]-policy[p]-rule[0]",
+            Rule::DestinationPort(8080),
+            Identifier::Any(true),
+        ),
+    );
+    h.apply(
+        type_url::LISTENER,
+        changed(
+            &BTreeMap::from([(inbound.name.clone(), inbound.clone())]),
+            type_url::LISTENER,
+        ),
+    )
+    .unwrap();
+    eds(&mut h, 1);
+    let snap = state.load();
+    assert_eq!(
+        snap.config.inbound.as_ref().unwrap().filter_chains[0]
+            .rbac
+            .len(),
+        1,
+        "the policy pushed after the EDS pushes is in force, and stays through the next"
+    );
+
+    h.apply(
+        type_url::LISTENER,
+        Update {
+            changed: Vec::new(),
+            removed: vec![inbound.name.clone()],
+        },
+    )
+    .unwrap();
+    eds(&mut h, 2);
+    let snap = state.load();
+    assert!(snap.config.inbound.is_none(), "no cached inbound policy");
+    assert!(matches!(
+        snap.select_inbound(
+            "10.0.0.2:8080".parse().unwrap(),
+            "10.0.0.1:1".parse().unwrap(),
+            &Peeked::default()
+        ),
+        Selection::Refused(Refusal::AwaitingPolicy)
+    ));
+}
+
 /// Chains that match on the first bytes: istiod's HTTP chain (`raw_buffer` with
 /// `http/1.1`/`h2c`), its TLS chains, and the listener's default chain for the rest.
 #[test]
