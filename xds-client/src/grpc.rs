@@ -49,7 +49,7 @@ pub async fn open<Req, Resp>(
     limit: usize,
 ) -> Result<Responses<Resp>, Status>
 where
-    Req: prost::Message + 'static,
+    Req: Outgoing + 'static,
 {
     let frames = requests.map(|r| encode(&r).map(Frame::data));
     let mut request = http::Request::new(Body::new(StreamBody::new(frames)));
@@ -153,8 +153,24 @@ impl<M: prost::Message + Default> Responses<M> {
     }
 }
 
+/// A request as the call writes it: its protobuf encoding and that encoding's length.
+pub trait Outgoing {
+    fn encoded_len(&self) -> usize;
+    fn encode_raw(&self, buf: &mut BytesMut);
+}
+
+impl<M: prost::Message> Outgoing for M {
+    fn encoded_len(&self) -> usize {
+        prost::Message::encoded_len(self)
+    }
+
+    fn encode_raw(&self, buf: &mut BytesMut) {
+        prost::Message::encode_raw(self, buf);
+    }
+}
+
 /// A message as a gRPC frame: uncompressed, with its length.
-fn encode(message: &impl prost::Message) -> Result<Bytes, Status> {
+fn encode(message: &impl Outgoing) -> Result<Bytes, Status> {
     let len = message.encoded_len();
     let framed = u32::try_from(len).map_err(|_| Status::out_of_range("a request of 4 GiB"))?;
     let mut buf = BytesMut::with_capacity(PREFIX + len);

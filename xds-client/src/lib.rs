@@ -26,5 +26,5 @@ pub use channel::{ChannelConfig, ChannelError, TlsFiles};
 pub use delta::Delta;
 pub use handler::{Handler, Interest, RejectedConfig, Update};
 pub use resource::{ResponseError, TypeState};
-pub use sotw::Sotw;
+pub use sotw::{Sotw, SotwRequest};
 pub use stream::{ClientStatus, Engine, StreamConfig, StreamError, run};

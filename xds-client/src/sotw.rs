@@ -19,9 +19,11 @@ use std::{
     sync::Arc,
 };
 
+use bytes::BytesMut;
 use tern_proto::{DiscoveryRequest, DiscoveryResponse, Node, Status};
 
 use crate::{
+    grpc::Outgoing,
     handler::{Handler, Interest, Update},
     resource::{Changes, Held, ResponseError, TypeState, is_full_state, resource_name},
 };
@@ -31,6 +33,46 @@ pub(crate) fn body_hash(body: &[u8]) -> u64 {
     let mut h = DefaultHasher::new();
     h.write(body);
     h.finish()
+}
+
+/// A request as the engine sends it: the protobuf message, with its resource names shared
+/// with the engine's subscription instead of copied into it. Every ACK carries the names it
+/// subscribes to (an EDS ACK in a mesh of 1,000 services: 1,000 names on every push); they are
+/// written straight from the shared set.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SotwRequest {
+    /// The request, `resource_names` left empty.
+    pub message: DiscoveryRequest,
+    /// The names subscribed to; `None` for a wildcard.
+    pub names: Option<Arc<BTreeSet<String>>>,
+}
+
+/// `resource_names`' field number in `DiscoveryRequest`.
+const RESOURCE_NAMES: u32 = 3;
+
+impl SotwRequest {
+    fn names(&self) -> impl Iterator<Item = &String> {
+        self.names.iter().flat_map(|n| n.iter())
+    }
+}
+
+impl Outgoing for SotwRequest {
+    fn encoded_len(&self) -> usize {
+        let names: usize = self
+            .names()
+            .map(|n| prost::encoding::string::encoded_len(RESOURCE_NAMES, n))
+            .sum();
+        prost::Message::encoded_len(&self.message) + names
+    }
+
+    /// The message's own fields, then the names: a protobuf reader takes fields in any order,
+    /// and each name is one more element of the repeated field.
+    fn encode_raw(&self, buf: &mut BytesMut) {
+        prost::Message::encode_raw(&self.message, buf);
+        for name in self.names() {
+            prost::encoding::string::encode(RESOURCE_NAMES, name, buf);
+        }
+    }
 }
 
 /// The protocol state of one ADS client.
@@ -60,7 +102,7 @@ impl Sotw {
 
     /// The requests that open a stream: every type with its interest and the versions held,
     /// so a reconnected client does not get what it already has.
-    pub fn open_stream(&mut self, handler: &impl Handler) -> Vec<DiscoveryRequest> {
+    pub fn open_stream(&mut self, handler: &impl Handler) -> Vec<SotwRequest> {
         self.node_sent = false;
         for s in self.state.values_mut() {
             s.requested = false;
@@ -85,24 +127,26 @@ impl Sotw {
         type_url: &'static str,
         interest: &Interest,
         error: Option<String>,
-    ) -> DiscoveryRequest {
+    ) -> SotwRequest {
         let node = (!self.node_sent).then(|| self.node.clone());
         self.node_sent = true;
         let state = self.state.entry(type_url).or_default();
         state.requested = true;
         state.subscribed = interest.subscribed();
-        DiscoveryRequest {
-            version_info: state.version.clone(),
-            node,
-            resource_names: interest.names(),
-            type_url: type_url.to_owned(),
-            response_nonce: state.nonce.clone(),
-            error_detail: error.map(|message| Status {
-                code: 3, // INVALID_ARGUMENT, as Envoy sends
-                message,
-                details: Vec::new(),
-            }),
-            ..Default::default()
+        SotwRequest {
+            message: DiscoveryRequest {
+                version_info: state.version.clone(),
+                node,
+                type_url: type_url.to_owned(),
+                response_nonce: state.nonce.clone(),
+                error_detail: error.map(|message| Status {
+                    code: 3, // INVALID_ARGUMENT, as Envoy sends
+                    message,
+                    details: Vec::new(),
+                }),
+                ..Default::default()
+            },
+            names: state.subscribed.clone(),
         }
     }
 
@@ -112,7 +156,7 @@ impl Sotw {
         &mut self,
         response: DiscoveryResponse,
         handler: &mut impl Handler,
-    ) -> Vec<DiscoveryRequest> {
+    ) -> Vec<SotwRequest> {
         let Some(type_url) = self.types.iter().copied().find(|t| *t == response.type_url) else {
             // Not a type this client asked for: nothing to ACK.
             return Vec::new();
@@ -139,7 +183,7 @@ impl Sotw {
 
     /// Requests for types whose interest differs from what was last subscribed; resources
     /// no longer wanted leave at once.
-    fn interest_changes(&mut self, handler: &mut impl Handler) -> Vec<DiscoveryRequest> {
+    fn interest_changes(&mut self, handler: &mut impl Handler) -> Vec<SotwRequest> {
         let types = self.types.clone();
         let mut out = Vec::new();
         for t in types {
@@ -265,6 +309,31 @@ mod tests {
 
     use super::*;
     use crate::handler::RejectedConfig;
+
+    /// What the server reads of the engine's requests: each encoded as the stream writes it,
+    /// then decoded as one `DiscoveryRequest`.
+    trait Wire {
+        fn wire(self) -> Vec<DiscoveryRequest>;
+    }
+
+    impl Wire for Vec<SotwRequest> {
+        fn wire(self) -> Vec<DiscoveryRequest> {
+            self.iter()
+                .map(|r| {
+                    let mut buf = BytesMut::new();
+                    r.encode_raw(&mut buf);
+                    assert_eq!(buf.len(), Outgoing::encoded_len(r));
+                    let decoded = <DiscoveryRequest as prost::Message>::decode(&buf[..]).unwrap();
+                    let whole = DiscoveryRequest {
+                        resource_names: r.names().cloned().collect(),
+                        ..r.message.clone()
+                    };
+                    assert_eq!(decoded, whole);
+                    decoded
+                })
+                .collect()
+        }
+    }
 
     /// Wants every cluster and listener, and the endpoints of every cluster it holds;
     /// refuses clusters named "bad".
@@ -396,11 +465,12 @@ mod tests {
             wanted: names(&["a", "b"]),
             removed: Vec::new(),
         };
-        s.open_stream(&h);
-        s.on_response(endpoints("1", "n1", &["a", "b"]), &mut h);
+        s.open_stream(&h).wire();
+        s.on_response(endpoints("1", "n1", &["a", "b"]), &mut h)
+            .wire();
         // The same subscription: a response with part of it removes nothing (EDS is not
         // state of the world).
-        s.on_response(endpoints("2", "n2", &["a"]), &mut h);
+        s.on_response(endpoints("2", "n2", &["a"]), &mut h).wire();
         assert!(h.removed.is_empty(), "{:?}", h.removed);
         assert_eq!(
             s.state()[type_url::CLUSTER_LOAD_ASSIGNMENT].names().len(),
@@ -409,7 +479,7 @@ mod tests {
         // The handler stops wanting "b" with no response in between: the next response
         // drops it.
         h.wanted = names(&["a"]);
-        s.on_response(endpoints("3", "n3", &["a"]), &mut h);
+        s.on_response(endpoints("3", "n3", &["a"]), &mut h).wire();
         assert_eq!(h.removed, ["b"]);
         assert_eq!(
             &*s.state()[type_url::CLUSTER_LOAD_ASSIGNMENT].names(),
@@ -420,7 +490,7 @@ mod tests {
     #[test]
     fn a_stream_opens_with_wildcards_and_the_node_once() {
         let mut s = engine();
-        let reqs = s.open_stream(&Fake::default());
+        let reqs = s.open_stream(&Fake::default()).wire();
         let types: Vec<&str> = reqs.iter().map(|r| r.type_url.as_str()).collect();
         assert_eq!(
             types,
@@ -438,8 +508,10 @@ mod tests {
     fn an_accepted_response_is_acked_and_endpoints_follow_clusters() {
         let mut s = engine();
         let mut h = Fake::default();
-        s.open_stream(&h);
-        let out = s.on_response(clusters("v1", "n1", &["a", "b"]), &mut h);
+        s.open_stream(&h).wire();
+        let out = s
+            .on_response(clusters("v1", "n1", &["a", "b"]), &mut h)
+            .wire();
         assert_eq!(out[0].type_url, type_url::CLUSTER);
         assert_eq!(
             (out[0].version_info.as_str(), out[0].response_nonce.as_str()),
@@ -455,9 +527,11 @@ mod tests {
     fn a_refused_resource_is_nacked_by_name_and_the_others_apply() {
         let mut s = engine();
         let mut h = Fake::default();
-        s.open_stream(&h);
-        s.on_response(clusters("v1", "n1", &["a"]), &mut h);
-        let out = s.on_response(clusters("v2", "n2", &["a", "b", "bad"]), &mut h);
+        s.open_stream(&h).wire();
+        s.on_response(clusters("v1", "n1", &["a"]), &mut h).wire();
+        let out = s
+            .on_response(clusters("v2", "n2", &["a", "b", "bad"]), &mut h)
+            .wire();
         let nack = &out[0];
         assert_eq!(
             (nack.version_info.as_str(), nack.response_nonce.as_str()),
@@ -481,9 +555,13 @@ mod tests {
         assert_eq!((state.acks, state.nacks), (1, 1));
         // The same bad resource again is refused again; once it is gone, the next response
         // is ACKed and clears the error.
-        let out = s.on_response(clusters("v3", "n3", &["a", "b", "bad"]), &mut h);
+        let out = s
+            .on_response(clusters("v3", "n3", &["a", "b", "bad"]), &mut h)
+            .wire();
         assert!(out[0].error_detail.is_some());
-        let out = s.on_response(clusters("v4", "n4", &["a", "b"]), &mut h);
+        let out = s
+            .on_response(clusters("v4", "n4", &["a", "b"]), &mut h)
+            .wire();
         assert!(out[0].error_detail.is_none());
         let state = &s.state()[type_url::CLUSTER];
         assert!(state.last_error.is_none() && state.rejected.is_empty());
@@ -494,7 +572,7 @@ mod tests {
     fn wrong_types_unnamed_and_duplicate_resources_are_nacked() {
         let mut s = engine();
         let mut h = Fake::default();
-        s.open_stream(&h);
+        s.open_stream(&h).wire();
         let mut wrong = clusters("v1", "n1", &["a"]);
         wrong.resources.push(encode(
             &Listener {
@@ -503,14 +581,19 @@ mod tests {
             },
             type_url::LISTENER,
         ));
-        assert!(s.on_response(wrong, &mut h)[0].error_detail.is_some());
         assert!(
-            s.on_response(clusters("v1", "n2", &[""]), &mut h)[0]
+            s.on_response(wrong, &mut h).wire()[0]
                 .error_detail
                 .is_some()
         );
         assert!(
-            s.on_response(clusters("v1", "n3", &["a", "a"]), &mut h)[0]
+            s.on_response(clusters("v1", "n2", &[""]), &mut h).wire()[0]
+                .error_detail
+                .is_some()
+        );
+        assert!(
+            s.on_response(clusters("v1", "n3", &["a", "a"]), &mut h)
+                .wire()[0]
                 .error_detail
                 .is_some()
         );
@@ -521,17 +604,19 @@ mod tests {
     fn clusters_missing_from_a_response_are_removed_endpoints_are_not() {
         let mut s = engine();
         let mut h = Fake::default();
-        s.open_stream(&h);
-        s.on_response(clusters("v1", "n1", &["a", "b"]), &mut h);
-        s.on_response(endpoints("e1", "m1", &["a", "b"]), &mut h);
+        s.open_stream(&h).wire();
+        s.on_response(clusters("v1", "n1", &["a", "b"]), &mut h)
+            .wire();
+        s.on_response(endpoints("e1", "m1", &["a", "b"]), &mut h)
+            .wire();
         // An endpoints update for "a" alone leaves "b" in place.
-        s.on_response(endpoints("e2", "m2", &["a"]), &mut h);
+        s.on_response(endpoints("e2", "m2", &["a"]), &mut h).wire();
         assert_eq!(
             s.state()[type_url::CLUSTER_LOAD_ASSIGNMENT].resources.len(),
             2
         );
         // Cluster "b" disappears: removed, and its endpoints are no longer wanted.
-        let out = s.on_response(clusters("v2", "n2", &["a"]), &mut h);
+        let out = s.on_response(clusters("v2", "n2", &["a"]), &mut h).wire();
         assert_eq!(h.applied.last().unwrap().2, ["b"]);
         let eds = out
             .iter()
@@ -552,9 +637,9 @@ mod tests {
     fn a_reopened_stream_carries_the_versions_held() {
         let mut s = engine();
         let mut h = Fake::default();
-        s.open_stream(&h);
-        s.on_response(clusters("v7", "n7", &["a"]), &mut h);
-        let reqs = s.open_stream(&h);
+        s.open_stream(&h).wire();
+        s.on_response(clusters("v7", "n7", &["a"]), &mut h).wire();
+        let reqs = s.open_stream(&h).wire();
         let cds = reqs
             .iter()
             .find(|r| r.type_url == type_url::CLUSTER)

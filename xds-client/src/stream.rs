@@ -13,7 +13,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use rand::Rng;
 use serde::Serialize;
-use tern_proto::{DeltaDiscoveryRequest, DiscoveryRequest};
+use tern_proto::DeltaDiscoveryRequest;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
@@ -24,7 +24,7 @@ use crate::{
     grpc::{self, Responses},
     handler::Handler,
     resource::TypeState,
-    sotw::Sotw,
+    sotw::{Sotw, SotwRequest},
 };
 
 /// The largest response accepted (ztunnel's limit too).
@@ -209,11 +209,12 @@ trait XdsRequest {
     fn nack(&self) -> Option<(&str, &str)>;
 }
 
-impl XdsRequest for DiscoveryRequest {
+impl XdsRequest for SotwRequest {
     fn nack(&self) -> Option<(&str, &str)> {
-        self.error_detail
+        let m = &self.message;
+        m.error_detail
             .as_ref()
-            .map(|d| (self.type_url.as_str(), d.message.as_str()))
+            .map(|d| (m.type_url.as_str(), d.message.as_str()))
     }
 }
 
