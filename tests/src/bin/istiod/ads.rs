@@ -124,11 +124,16 @@ impl AggregatedDiscoveryService for Ads {
                         } else {
                             say(format!("ACK {} {}", short(&t), r.version_info));
                         }
+                        // An ACK names every resource subscribed to (1,000 under churn): they
+                        // are kept only when they changed.
                         let changed = subscriptions.get(&t) != Some(&r.resource_names);
-                        subscriptions.insert(t.clone(), r.resource_names.clone());
-                        if r.response_nonce.is_empty() || changed {
+                        let first = r.response_nonce.is_empty();
+                        if changed {
+                            subscriptions.insert(t.clone(), r.resource_names);
+                        }
+                        if let (true, Some(names)) = (first || changed, subscriptions.get(&t)) {
                             let s = snapshot.borrow().clone();
-                            if tx.send(Ok(send(&t, &r.resource_names, &s, &mut nonce))).await.is_err() { break }
+                            if tx.send(Ok(send(&t, names, &s, &mut nonce))).await.is_err() { break }
                         }
                     }
                     changed = snapshot.changed() => {
