@@ -683,7 +683,7 @@ impl Bench {
 
 /// Rounds of the churn measurement (each: no pushes, pushes to another tern, pushes to the
 /// measured one).
-const CHURN_ROUNDS: usize = 3;
+const CHURN_ROUNDS: usize = 5;
 
 /// Endpoint churn from the control plane while Thrift calls run: tern with eBPF capture and
 /// 1,000 clusters / 10,000 endpoints over xDS; the p99 of calls with no pushes, then with one
