@@ -701,3 +701,82 @@ clusters:
         2000.0 / elapsed.as_secs_f64()
     );
 }
+
+/// A listener whose calls go to cluster `mux`: multiplexed, one connection to `endpoint`.
+fn multiplexed_config(endpoint: &str, timeout_ms: u64) -> String {
+    format!(
+        r#"listeners:
+  - address: {SERVICE}
+    filter_chains:
+      - thrift_proxy: {{ default_cluster: mux }}
+clusters:
+  - name: mux
+    thrift_upstream: multiplexed
+    connections_per_endpoint: 1
+    timeout_ms: {timeout_ms}
+    endpoints: [ {{ address: {endpoint} }} ]
+"#
+    )
+}
+
+/// A multiplexed connection to an endpoint that left the configuration closes once no live
+/// request waits on it — also when the request it still held gave up at its timeout instead
+/// of being answered (a server that accepts and never answers, removed while a call waited).
+#[test]
+fn a_removed_endpoints_multiplexed_connection_closes_after_its_last_request_times_out() {
+    tern_tests::require_root!();
+    let m = Mesh::start(&multiplexed_config(HOLE, 2000), &[]);
+    let _hole = tern_tests::hung_server(&m.p.srv, HOLE).unwrap();
+    let open = || {
+        metric(
+            &m.p.app,
+            "tern_upstream_connections_active{cluster=\"mux\"}",
+        )
+    };
+    let mut waiting = ThriftClient::start(&m.p.app, Some(&m.p.cgroup), SERVICE, &[]).unwrap();
+    assert!(
+        eventually(Duration::from_secs(2), || open() == 1.0),
+        "no connection to the hole: {}",
+        admin(&m.p.app, "GET", "/stats/prometheus")
+    );
+    // The hole leaves while the call waits on it.
+    m.reconfigure(&multiplexed_config("10.66.1.2:9001", 2000));
+    let c = waiting.result();
+    assert_eq!(c.app_errors.len(), 1, "{c:?}");
+    assert!(c.app_errors[0].contains("timeout"), "{c:?}");
+    assert!(
+        eventually(Duration::from_secs(5), || open() == 0.0),
+        "the removed endpoint's connection is still open ({}) after its only request timed out",
+        open()
+    );
+    // The endpoint that replaced it serves.
+    assert_eq!(m.call(SERVICE, &[]).counts(), [("s1", 1)]);
+}
+
+/// A multiplexed connection to a server that never answers keeps the id of every request
+/// sent on it, so that a late reply cannot reach another request: it holds a bounded number
+/// (1,024), then takes no more and closes once they all gave up, while a new connection
+/// takes the calls. Without the bound, one connection held them all for good.
+#[test]
+fn a_multiplexed_connection_to_a_hung_server_holds_a_bounded_number_of_requests() {
+    tern_tests::require_root!();
+    let m = Mesh::start(&multiplexed_config(HOLE, 100), &[]);
+    let _hole = tern_tests::hung_server(&m.p.srv, HOLE).unwrap();
+    let c = m.call(SERVICE, &["--calls", "1100", "--pipeline"]);
+    assert_eq!(c.app_errors.len(), 1100, "{}", c.app_errors.len());
+    assert!(c.app_errors.iter().all(|e| e.contains("timeout")), "{c:?}");
+    let opened = metric(&m.p.app, "tern_upstream_connections_total{cluster=\"mux\"}");
+    assert_eq!(
+        opened, 2.0,
+        "1,100 requests to a hung server took {opened} connections"
+    );
+    // The first connection, whose requests all gave up, closes; the second holds 76.
+    assert!(
+        eventually(Duration::from_secs(5), || metric(
+            &m.p.app,
+            "tern_upstream_connections_active{cluster=\"mux\"}"
+        ) == 1.0),
+        "{}",
+        admin(&m.p.app, "GET", "/stats/prometheus")
+    );
+}

@@ -6,9 +6,11 @@
 //! compact protocol ids are varints: a request's upstream id is chosen with the same encoded
 //! length as the client's, so both rewrites fit the bytes exactly. A request that gives up
 //! (times out) keeps its id reserved until its reply arrives or the connection closes, so a
-//! late reply can never be mapped to a newer request; a connection whose ids run out takes
-//! no new requests and closes when its live requests are done. One-way calls are written and
-//! done, and count against the circuit breakers until written. The write queue is bounded.
+//! late reply can never be mapped to a newer request; a connection whose ids run out, or that
+//! holds 1,024 of them (its server stopped answering), takes no new requests and closes when
+//! its live requests are done — answered, or given up at their timeout. One-way calls are
+//! written and done, and count against the circuit breakers until written. The write queue
+//! is bounded.
 //! A connection that fails to connect hands every queued request back (for a retry on
 //! another endpoint); one that closes fails its requests in flight.
 use std::{
@@ -39,8 +41,13 @@ use crate::{
 
 /// Requests queued for writing on one connection before new ones overflow.
 const WRITE_QUEUE: usize = 1024;
+/// Requests a connection holds ids for (waiting, or given up with no reply yet) before it
+/// takes no more.
+const MAX_WAITING: usize = 1024;
 /// Queued requests written together, at most.
 const WRITE_BATCH: usize = 64;
+/// How often a retiring connection looks whether its last live request gave up.
+const RETIRED_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A request handed back unsent, with the reason.
 pub type Refused = (UpstreamError, Message);
@@ -270,6 +277,14 @@ impl Pool {
         cluster: &Arc<ClusterRuntime>,
     ) -> Result<Arc<Conn>, UpstreamError> {
         let mut conns = self.multiplexed.0.lock().unwrap_or_else(|e| e.into_inner());
+        // A connection whose server stopped answering keeps the id of every request sent on
+        // it (so a late reply cannot reach another request): past a bound it takes no more,
+        // and closes once none of them still waits.
+        for c in conns.iter() {
+            if c.inflight.load(Ordering::Relaxed) >= MAX_WAITING {
+                c.retire();
+            }
+        }
         conns.retain(|c| c.state() != CLOSED && !c.retiring.load(Ordering::Acquire));
         let same = conns.iter().filter(|c| c.format == format);
         let count = same.clone().count();
@@ -394,10 +409,16 @@ async fn run(
             let woken = conn.wake.notified();
             let mut woken = std::pin::pin!(woken);
             woken.as_mut().enable();
-            if conn.done() {
-                return;
+            if conn.retiring.load(Ordering::Acquire) {
+                break;
             }
             woken.await;
+        }
+        // A live request ends with its reply (the reader looks then) or by giving up at its
+        // timeout, which wakes nobody: a server that never answers would hold the connection
+        // open for good. So a retiring connection also looks now and then.
+        while !conn.done() {
+            tokio::time::sleep(RETIRED_CHECK).await;
         }
     };
     let reason = tokio::select! {

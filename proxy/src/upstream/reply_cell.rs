@@ -38,8 +38,21 @@ impl ReplyCell {
         self.value.lock().unwrap_or_else(|e| e.into_inner()).0 == generation
     }
 
-    /// Waits for the reply of `generation`.
+    /// Ends `generation` unless a newer request began: the request gave up (timed out, or
+    /// its downstream connection went away), so nothing waits for its reply any more.
+    fn give_up(&self, generation: u64) {
+        let mut v = self.value.lock().unwrap_or_else(|e| e.into_inner());
+        if v.0 == generation {
+            v.0 += 1;
+            v.1 = None;
+        }
+    }
+
+    /// Waits for the reply of `generation`. Dropping the wait (at the request's timeout, or
+    /// with its downstream connection) gives the request up, so the connection it was sent on
+    /// no longer counts it as waiting.
     pub async fn reply(&self, generation: u64) -> Reply {
+        let _gives_up = GiveUp(self, generation);
         std::future::poll_fn(|cx| {
             self.waker.register(cx.waker());
             let mut v = self.value.lock().unwrap_or_else(|e| e.into_inner());
@@ -49,6 +62,16 @@ impl ReplyCell {
             }
         })
         .await
+    }
+}
+
+/// Gives a request up when its wait ends, whether its reply came or not (after a reply the
+/// generation ends all the same).
+struct GiveUp<'a>(&'a ReplyCell, u64);
+
+impl Drop for GiveUp<'_> {
+    fn drop(&mut self) {
+        self.0.give_up(self.1);
     }
 }
 
@@ -76,5 +99,28 @@ mod tests {
             Err(Failed::Lost(UpstreamError::Closed(why))) => assert_eq!(why, "on time"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_wait_dropped_before_its_reply_gives_the_request_up() {
+        let cell = ReplyCell::default();
+        let generation = cell.begin();
+        {
+            let mut wait = std::pin::pin!(cell.reply(generation));
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            assert!(wait.as_mut().poll(&mut cx).is_pending());
+            assert!(cell.waiting(generation));
+        }
+        assert!(
+            !cell.waiting(generation),
+            "a timed-out request still counted as waiting"
+        );
+        // Its late reply lands nowhere, and the cell serves the next request.
+        cell.complete(
+            generation,
+            Err(Failed::Lost(UpstreamError::Closed("late".into()))),
+        );
+        let next = cell.begin();
+        assert!(cell.waiting(next));
     }
 }
