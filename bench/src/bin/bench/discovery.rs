@@ -140,7 +140,11 @@ pub fn run() -> Result<DiscoveryBench> {
     let pid = tern.process.pid();
     let stage = |what: &str| {
         if std::env::var_os("TERN_BENCH_LOG").is_some() {
-            eprintln!("{what}: RSS {} MiB", proc_kib(pid, "VmRSS") / 1024);
+            eprintln!(
+                "{what}: RSS {} MiB, peak {} MiB",
+                proc_kib(pid, "VmRSS") / 1024,
+                proc_kib(pid, "VmHWM") / 1024
+            );
         }
     };
     stage("started, no client");
