@@ -290,7 +290,9 @@ impl LbPolicy {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+/// `Eq`, so an `Arc<Cluster>` compares by pointer before content: a diff of two snapshots'
+/// clusters passes over the shared ones without reading them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Cluster {
     pub name: String,
     pub lb_policy: LbPolicy,
@@ -443,7 +445,7 @@ impl Default for HashTable {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Endpoint {
     pub address: SocketAddr,
     pub weight: u32,

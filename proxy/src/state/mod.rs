@@ -134,9 +134,7 @@ impl State {
         let mut rebuilt = 0usize;
         let mut rebuilt_endpoints = 0usize;
         let mut new_runtimes = false;
-        // The previous snapshot's clusters, then what changed: both configurations are sorted
-        // by name, so one pass over them finds the changes comparing pointers (an EDS push
-        // to one of 1,000 clusters hashes one name, not 1,000).
+        // The previous snapshot's clusters, patched with what changed.
         let mut clusters = previous.clusters.clone();
         for change in changed_clusters(&previous.config.clusters, &config.clusters) {
             let (name, c) = match change {
@@ -304,54 +302,24 @@ impl State {
 
 /// How a cluster of a new configuration differs from the one before.
 enum Change<'a> {
-    /// New, or changed (another `Arc`).
+    /// New, or changed.
     New(&'a Arc<str>, &'a Arc<Cluster>),
     Gone(&'a Arc<str>),
 }
 
-/// The clusters `new` adds, changes or removes relative to `old`, in one ordered pass over
-/// both: a cluster that is the same `Arc` in both is unchanged.
+/// The clusters `new` adds, changes or removes relative to `old`. The maps share every part
+/// of their trees a change did not touch, and the diff skips those parts whole; in the rest,
+/// a cluster that is the same `Arc` in both is unchanged without being read (`Cluster` is
+/// `Eq`), and one rebuilt equal to the old is unchanged too. So an EDS push to one cluster of
+/// 10,000 compares one leaf of the tree, not 10,000 entries.
 fn changed_clusters<'a>(old: &'a ClusterMap, new: &'a ClusterMap) -> Vec<Change<'a>> {
-    let mut out = Vec::new();
-    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
-    loop {
-        match (a.peek(), b.peek()) {
-            (None, None) => break,
-            (Some((name, _)), None) => {
-                out.push(Change::Gone(name));
-                a.next();
-            }
-            (None, Some((name, c))) => {
-                out.push(Change::New(name, c));
-                b.next();
-            }
-            (Some((na, ca)), Some((nb, cb))) => {
-                let order = if Arc::ptr_eq(na, nb) {
-                    std::cmp::Ordering::Equal
-                } else {
-                    na.cmp(nb)
-                };
-                match order {
-                    std::cmp::Ordering::Less => {
-                        out.push(Change::Gone(na));
-                        a.next();
-                    }
-                    std::cmp::Ordering::Greater => {
-                        out.push(Change::New(nb, cb));
-                        b.next();
-                    }
-                    std::cmp::Ordering::Equal => {
-                        if !Arc::ptr_eq(ca, cb) {
-                            out.push(Change::New(nb, cb));
-                        }
-                        a.next();
-                        b.next();
-                    }
-                }
-            }
-        }
-    }
-    out
+    old.diff(new)
+        .map(|d| match d {
+            imbl::ordmap::DiffItem::Add(name, c)
+            | imbl::ordmap::DiffItem::Update { new: (name, c), .. } => Change::New(name, c),
+            imbl::ordmap::DiffItem::Remove(name, _) => Change::Gone(name),
+        })
+        .collect()
 }
 
 /// Whether `new` changes any listener of `old`: listeners are shared while unchanged, so a
@@ -515,7 +483,7 @@ clusters:
     }
 
     #[test]
-    fn changes_between_configurations_are_found_by_pointer_in_one_pass() {
+    fn changes_between_configurations_are_found_by_diffing_the_maps() {
         let config = parse(CONFIG, "test").unwrap();
         let a = config.clusters.values().next().unwrap().clone();
         let map = |entries: &[(&str, &Arc<Cluster>)]| -> ClusterMap {
@@ -524,7 +492,10 @@ clusters:
                 .map(|(n, c)| (Arc::from(*n), Arc::clone(c)))
                 .collect()
         };
-        let changed = Arc::new((*a).clone());
+        let changed = Arc::new(Cluster {
+            request_timeout: a.request_timeout * 2,
+            ..(*a).clone()
+        });
         // Names are other `Arc`s with the same text: compared by content.
         let old = map(&[("a", &a), ("b", &a), ("c", &a)]);
         let new = map(&[("a", &a), ("b", &changed), ("d", &a)]);
@@ -538,6 +509,22 @@ clusters:
             .collect();
         assert_eq!(seen, ["changed b", "gone c", "new d"]);
         assert!(changed_clusters(&new, &new).is_empty());
+        // A cluster rebuilt equal to the one in force is no change.
+        let rebuilt = map(&[("a", &a), ("b", &Arc::new((*changed).clone())), ("d", &a)]);
+        assert!(changed_clusters(&new, &rebuilt).is_empty());
+        // One change among 10,000 clusters sharing the rest of the tree.
+        let big: ClusterMap = (0..10_000)
+            .map(|i| (Arc::from(format!("c{i:05}").as_str()), a.clone()))
+            .collect();
+        let mut pushed = big.clone();
+        pushed.insert("c04321".into(), changed.clone());
+        let seen: Vec<&str> = changed_clusters(&big, &pushed)
+            .into_iter()
+            .map(|c| match c {
+                Change::New(n, _) | Change::Gone(n) => &**n,
+            })
+            .collect();
+        assert_eq!(seen, ["c04321"]);
     }
 
     #[test]
@@ -546,10 +533,10 @@ clusters:
         let config = parse(CONFIG, "test").unwrap();
         state.apply(config.clone());
         let first = state.load();
-        // An EDS push: the same listeners (shared), one cluster changed.
+        // An EDS push: the same listeners (shared), one cluster changed (its endpoint gone).
         let mut eds = config.clone();
         let mut a = (*eds.clusters["a"]).clone();
-        a.endpoints = a.endpoints[..1].to_vec().into();
+        a.endpoints = Arc::from([]);
         eds.clusters.insert("a".into(), Arc::new(a));
         state.apply(eds);
         let second = state.load();
