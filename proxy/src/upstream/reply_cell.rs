@@ -52,8 +52,12 @@ impl ReplyCell {
     /// with its downstream connection) gives the request up, so the connection it was sent on
     /// no longer counts it as waiting.
     pub async fn reply(&self, generation: u64) -> Reply {
-        let _gives_up = GiveUp(self, generation);
-        std::future::poll_fn(|cx| {
+        let mut wait = GiveUp {
+            cell: self,
+            generation,
+            answered: false,
+        };
+        let reply = std::future::poll_fn(|cx| {
             self.waker.register(cx.waker());
             let mut v = self.value.lock().unwrap_or_else(|e| e.into_inner());
             match v.1.take() {
@@ -61,17 +65,25 @@ impl ReplyCell {
                 _ => std::task::Poll::Pending,
             }
         })
-        .await
+        .await;
+        // Delivered: the connection already forgot the request.
+        wait.answered = true;
+        reply
     }
 }
 
-/// Gives a request up when its wait ends, whether its reply came or not (after a reply the
-/// generation ends all the same).
-struct GiveUp<'a>(&'a ReplyCell, u64);
+/// Gives a request up when its wait ends before its reply came.
+struct GiveUp<'a> {
+    cell: &'a ReplyCell,
+    generation: u64,
+    answered: bool,
+}
 
 impl Drop for GiveUp<'_> {
     fn drop(&mut self) {
-        self.0.give_up(self.1);
+        if !self.answered {
+            self.cell.give_up(self.generation);
+        }
     }
 }
 
