@@ -37,6 +37,22 @@ fn changed<T: prost::Message>(items: &BTreeMap<String, T>, url: &str) -> Update 
     }
 }
 
+/// An EDS push of `r`'s endpoints for CALC under the name `name`, its first locality cut to
+/// `keep` endpoints (the second keeps its one).
+fn push_calc_endpoints(h: &mut XdsHandler, r: &Resources, name: &str, keep: usize) {
+    let mut cla = r.endpoints[CALC].clone();
+    cla.cluster_name = name.into();
+    cla.endpoints[0].lb_endpoints.truncate(keep);
+    h.apply(
+        type_url::CLUSTER_LOAD_ASSIGNMENT,
+        changed(
+            &BTreeMap::from([(name.to_string(), cla)]),
+            type_url::CLUSTER_LOAD_ASSIGNMENT,
+        ),
+    )
+    .unwrap();
+}
+
 /// A handler with every resource of `r` applied in istiod's order (CDS, EDS, LDS).
 fn apply_all(r: &Resources) -> (XdsHandler, std::sync::Arc<State>, Vec<String>) {
     let (h, state, rejected, _) = apply_all_counted(r);
@@ -703,16 +719,7 @@ fn an_endpoint_change_touches_only_its_cluster() {
     r.clusters.insert(other.name.clone(), other.clone());
     let (mut h, state, _) = apply_all(&r);
     let before = state.load();
-    let mut cla = r.endpoints[CALC].clone();
-    cla.endpoints[0].lb_endpoints.truncate(1);
-    h.apply(
-        type_url::CLUSTER_LOAD_ASSIGNMENT,
-        changed(
-            &BTreeMap::from([(CALC.to_string(), cla)]),
-            type_url::CLUSTER_LOAD_ASSIGNMENT,
-        ),
-    )
-    .unwrap();
+    push_calc_endpoints(&mut h, &r, CALC, 1);
     let after = state.load();
     assert_eq!(after.clusters[CALC].endpoints.len(), 2);
     assert!(!std::sync::Arc::ptr_eq(
@@ -819,21 +826,7 @@ fn an_eds_push_rebuilds_the_clusters_that_read_its_name() {
         ),
     )
     .unwrap();
-    let push = |h: &mut XdsHandler, name: &str, keep: usize| {
-        let mut cla = r.endpoints[CALC].clone();
-        cla.cluster_name = name.into();
-        cla.endpoints[0].lb_endpoints.truncate(keep);
-        h.apply(
-            type_url::CLUSTER_LOAD_ASSIGNMENT,
-            changed(
-                &BTreeMap::from([(name.to_string(), cla)]),
-                type_url::CLUSTER_LOAD_ASSIGNMENT,
-            ),
-        )
-        .unwrap();
-    };
-    // Its first locality keeps `keep` endpoints; the second has one.
-    push(&mut h, CALC, 1);
+    push_calc_endpoints(&mut h, &r, CALC, 1);
     let snap = state.load();
     assert_eq!(snap.clusters[CALC].endpoints.len(), 2);
     assert_eq!(snap.clusters[twin.name.as_str()].endpoints.len(), 2);
@@ -851,10 +844,10 @@ fn an_eds_push_rebuilds_the_clusters_that_read_its_name() {
         ),
     )
     .unwrap();
-    push(&mut h, "calc-v2", 2);
+    push_calc_endpoints(&mut h, &r, "calc-v2", 2);
     let before = state.load();
     assert_eq!(before.clusters[CALC].endpoints.len(), 3);
-    push(&mut h, CALC, 0);
+    push_calc_endpoints(&mut h, &r, CALC, 0);
     let after = state.load();
     assert_eq!(after.clusters[twin.name.as_str()].endpoints.len(), 1);
     assert!(
@@ -880,18 +873,7 @@ fn a_policy_pushed_after_eds_pushes_is_in_force() {
     use tern_proto::rbac_types::{permission::Rule, principal::Identifier};
     let r = istiod();
     let (mut h, state, _) = apply_all(&r);
-    let eds = |h: &mut XdsHandler, keep: usize| {
-        let mut cla = r.endpoints[CALC].clone();
-        cla.endpoints[0].lb_endpoints.truncate(keep);
-        h.apply(
-            type_url::CLUSTER_LOAD_ASSIGNMENT,
-            changed(
-                &BTreeMap::from([(CALC.to_string(), cla)]),
-                type_url::CLUSTER_LOAD_ASSIGNMENT,
-            ),
-        )
-        .unwrap();
-    };
+    let eds = |h: &mut XdsHandler, keep: usize| push_calc_endpoints(h, &r, CALC, keep);
     eds(&mut h, 1);
     let before = state.load();
     eds(&mut h, 2);
