@@ -54,6 +54,15 @@ impl SotwRequest {
     fn names(&self) -> impl Iterator<Item = &String> {
         self.names.iter().flat_map(|n| n.iter())
     }
+
+    /// The whole `DiscoveryRequest`, its names copied in: for a transport of its own (the
+    /// stream this crate runs writes the names from the shared set instead).
+    pub fn to_message(&self) -> DiscoveryRequest {
+        DiscoveryRequest {
+            resource_names: self.names().cloned().collect(),
+            ..self.message.clone()
+        }
+    }
 }
 
 impl Outgoing for SotwRequest {
@@ -324,11 +333,7 @@ mod tests {
                     r.encode_raw(&mut buf);
                     assert_eq!(buf.len(), Outgoing::encoded_len(r));
                     let decoded = <DiscoveryRequest as prost::Message>::decode(&buf[..]).unwrap();
-                    let whole = DiscoveryRequest {
-                        resource_names: r.names().cloned().collect(),
-                        ..r.message.clone()
-                    };
-                    assert_eq!(decoded, whole);
+                    assert_eq!(decoded, r.to_message());
                     decoded
                 })
                 .collect()
