@@ -24,10 +24,8 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use tokio::{
-    io::AsyncReadExt,
-    sync::{Notify, mpsc},
-};
+use futures_util::task::AtomicWaker;
+use tokio::{io::AsyncReadExt, sync::mpsc};
 use tracing::debug;
 
 use super::{
@@ -82,7 +80,9 @@ struct Conn {
     pending: Mutex<Pending>,
     /// Takes no new requests; closes once no live request waits on it.
     retiring: AtomicBool,
-    wake: Notify,
+    /// The connection's task, woken when it retires (a waker the task polls beside every
+    /// read and write: a `Notify` took its waiter list's lock on each of those polls).
+    wake: AtomicWaker,
 }
 
 #[derive(Debug, Default)]
@@ -151,7 +151,7 @@ impl Conn {
     /// Takes no new requests from now on; closes once no live request waits.
     fn retire(&self) {
         self.retiring.store(true, Ordering::Release);
-        self.wake.notify_one();
+        self.wake.wake();
     }
 
     /// Whether a retiring connection has no live request left (abandoned ones, whose
@@ -308,7 +308,7 @@ impl Pool {
             inflight: AtomicUsize::new(0),
             pending: Mutex::new(Pending::default()),
             retiring: AtomicBool::new(self.retired()),
-            wake: Notify::new(),
+            wake: AtomicWaker::new(),
         });
         cluster.metrics().connections_opened.inc();
         tokio::spawn(run(
@@ -405,15 +405,15 @@ async fn run(
         Ok::<_, io::Error>(())
     };
     let retired = async {
-        loop {
-            let woken = conn.wake.notified();
-            let mut woken = std::pin::pin!(woken);
-            woken.as_mut().enable();
+        std::future::poll_fn(|cx| {
+            conn.wake.register(cx.waker());
             if conn.retiring.load(Ordering::Acquire) {
-                break;
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
             }
-            woken.await;
-        }
+        })
+        .await;
         // A live request ends with its reply (the reader looks then) or by giving up at its
         // timeout, which wakes nobody: a server that never answers would hold the connection
         // open for good. So a retiring connection also looks now and then.
