@@ -753,6 +753,26 @@ fn a_removed_endpoints_multiplexed_connection_closes_after_its_last_request_time
     assert_eq!(m.call(SERVICE, &[]).counts(), [("s1", 1)]);
 }
 
+/// A reply under another method's name answers no call: over a multiplexed connection,
+/// where tern maps the sequence ids itself and keeps only the method's name of each request
+/// it waits on, the caller gets an error instead, the connection closes, and the next call
+/// is served on a new one.
+#[test]
+fn a_multiplexed_reply_under_another_methods_name_answers_no_call() {
+    tern_tests::require_root!();
+    let m = Mesh::start(&multiplexed_config("10.66.1.2:9001", 2000), &[]);
+    let c = m.call(SERVICE, &["--method", "misnamed"]);
+    assert!(
+        c.by_server.is_empty(),
+        "the misnamed reply reached the call: {c:?}"
+    );
+    assert_eq!(c.app_errors.len(), 1, "{c:?}");
+    let opened = || metric(&m.p.app, "tern_upstream_connections_total{cluster=\"mux\"}");
+    assert_eq!(opened(), 1.0);
+    assert_eq!(m.call(SERVICE, &[]).counts(), [("s1", 1)]);
+    assert_eq!(opened(), 2.0, "the connection that sent it was closed");
+}
+
 /// A multiplexed connection to a server that never answers keeps the id of every request
 /// sent on it, so that a late reply cannot reach another request: it holds a bounded number
 /// (1,024), then takes no more and closes once they all gave up, while a new connection

@@ -25,6 +25,7 @@ use std::{
 
 use bytes::{Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
+use smallvec::SmallVec;
 use tokio::{io::AsyncReadExt, sync::mpsc};
 use tracing::debug;
 
@@ -102,9 +103,26 @@ struct Waiter {
     client_seq: i32,
     cell: Arc<ReplyCell>,
     generation: u64,
-    /// The request as sent, for checking that the reply is its own.
-    request: Bytes,
-    name: Range<usize>,
+    /// The request's method name, for checking that the reply is its own: a copy, not a
+    /// slice of the request, which would hold the downstream connection's whole read buffer
+    /// for as long as a reply that may never come (its caller long gone).
+    name: SmallVec<[u8; 64]>,
+}
+
+impl Waiter {
+    fn new(
+        client_seq: i32,
+        (cell, generation): (Arc<ReplyCell>, u64),
+        request: &[u8],
+        name: Range<usize>,
+    ) -> Self {
+        Self {
+            client_seq,
+            cell,
+            generation,
+            name: SmallVec::from_slice(request.get(name).unwrap_or_default()),
+        }
+    }
 }
 
 impl Pending {
@@ -256,13 +274,12 @@ impl Pool {
         let bytes = msg.into_bytes();
         p.waiting.insert(
             id,
-            Waiter {
+            Waiter::new(
                 client_seq,
-                cell: cell.clone(),
-                generation,
-                request: bytes.clone(),
-                name: meta.name_range(),
-            },
+                (cell.clone(), generation),
+                &bytes,
+                meta.name_range(),
+            ),
         );
         conn.inflight.fetch_add(1, Ordering::Relaxed);
         slot.send((bytes.clone(), None));
@@ -450,7 +467,7 @@ fn deliver(conn: &Conn, mut reply: Message) -> Result<(), String> {
         ));
     };
     conn.inflight.fetch_sub(1, Ordering::Relaxed);
-    if let Err(why) = answers_by_name(&w.request[w.name.clone()], &reply) {
+    if let Err(why) = answers_by_name(&w.name, &reply) {
         // The connection closes for this; the request learns it now, not at its timeout.
         w.cell.complete(
             w.generation,
@@ -493,18 +510,24 @@ mod tests {
             let id = p.allocate(1).unwrap();
             let cell = Arc::new(ReplyCell::default());
             let generation = cell.begin();
-            p.waiting.insert(
-                id,
-                Waiter {
-                    client_seq: 0,
-                    cell,
-                    generation,
-                    request: Bytes::new(),
-                    name: 0..0,
-                },
-            );
+            p.waiting
+                .insert(id, Waiter::new(0, (cell, generation), &[], 0..0));
         }
         assert_eq!(p.waiting.len(), 128);
         assert_eq!(p.allocate(1), None);
+    }
+
+    #[test]
+    fn a_waiter_copies_its_requests_method_name() {
+        let request = b"....calc.add....";
+        let cell = Arc::new(ReplyCell::default());
+        let generation = cell.begin();
+        let w = Waiter::new(7, (cell, generation), request, 4..12);
+        assert_eq!(&w.name[..], b"calc.add");
+        let out_of_range = Waiter::new(7, (w.cell.clone(), generation), request, 10..99);
+        assert!(
+            out_of_range.name.is_empty(),
+            "a range past the request names nothing"
+        );
     }
 }

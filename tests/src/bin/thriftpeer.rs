@@ -6,6 +6,8 @@
 //! - `echo(1: binary data)` → binary: the data;
 //! - `sleep(1: i32 ms)` → string: the ID, after sleeping;
 //! - `fail()` → throws the declared exception `Oops { 1: string why }`;
+//! - `misnamed()` → a reply named `whoami`, with the call's sequence id: a server that mixes
+//!   up its replies;
 //! - oneway `notify(1: string note)`, and `count()` → i64: notifications received;
 //! - `served()` → i64: calls answered so far (other than `count` and `served`), to tell
 //!   calls a server executed from calls its clients saw answered;
@@ -165,12 +167,13 @@ fn answer(
         }
         return Ok(());
     }
-    let reply = |o: &mut dyn TOutputProtocol,
-                 field: i16,
-                 write: &dyn Fn(&mut dyn TOutputProtocol) -> thrift::Result<()>,
-                 ty: TType| {
+    let reply_named = |o: &mut dyn TOutputProtocol,
+                       name: &str,
+                       field: i16,
+                       write: &dyn Fn(&mut dyn TOutputProtocol) -> thrift::Result<()>,
+                       ty: TType| {
         o.write_message_begin(&TMessageIdentifier::new(
-            &msg.name,
+            name,
             TMessageType::Reply,
             msg.sequence_number,
         ))?;
@@ -183,11 +186,19 @@ fn answer(
         o.write_message_end()?;
         o.flush()
     };
+    let reply = |o: &mut dyn TOutputProtocol,
+                 field: i16,
+                 write: &dyn Fn(&mut dyn TOutputProtocol) -> thrift::Result<()>,
+                 ty: TType| reply_named(o, &msg.name, field, write, ty);
     if !matches!(method.as_str(), "count" | "served") {
         counters.served.fetch_add(1, Ordering::SeqCst);
     }
     match method.as_str() {
         "whoami" => reply(o, 0, &|o| o.write_string(id), TType::String),
+        "misnamed" => {
+            let name = msg.name.replace("misnamed", "whoami");
+            reply_named(o, &name, 0, &|o| o.write_string(id), TType::String)
+        }
         "echo" => reply(o, 0, &|o| o.write_bytes(&data), TType::String),
         "sleep" => {
             thread::sleep(Duration::from_millis(ms.max(0) as u64));
