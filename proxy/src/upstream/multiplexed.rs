@@ -282,6 +282,12 @@ impl Pool {
             ),
         );
         conn.inflight.fetch_add(1, Ordering::Relaxed);
+        if p.waiting.len() >= MAX_WAITING {
+            // A connection whose server stopped answering keeps the id of every request sent
+            // on it (so a late reply cannot reach another request): at the bound it takes no
+            // more, and closes once none of them still waits.
+            conn.retire();
+        }
         slot.send((bytes.clone(), None));
         Ok(Sent::Reply(bytes))
     }
@@ -294,14 +300,6 @@ impl Pool {
         cluster: &Arc<ClusterRuntime>,
     ) -> Result<Arc<Conn>, UpstreamError> {
         let mut conns = self.multiplexed.0.lock().unwrap_or_else(|e| e.into_inner());
-        // A connection whose server stopped answering keeps the id of every request sent on
-        // it (so a late reply cannot reach another request): past a bound it takes no more,
-        // and closes once none of them still waits.
-        for c in conns.iter() {
-            if c.inflight.load(Ordering::Relaxed) >= MAX_WAITING {
-                c.retire();
-            }
-        }
         conns.retain(|c| c.state() != CLOSED && !c.retiring.load(Ordering::Acquire));
         let same = conns.iter().filter(|c| c.format == format);
         let count = same.clone().count();
