@@ -1,6 +1,8 @@
-//! A bound on bytes many holders take together: downstream connections' read buffers (so
-//! clients holding partial messages cannot grow tern past its memory limit: a connection whose
-//! buffer would take the total over the bound is closed, counted as `overloaded`), and the
+//! A bound on bytes many holders take together: what tern holds for clients' messages —
+//! downstream read buffers (partial messages included), the requests cut from them until they
+//! are done, and large replies until they are written (see `filters::thrift::read_buffer`,
+//! and the pools' reply buffers in `upstream`) — so clients and servers cannot grow tern past
+//! its memory limit; and the
 //! clusters' ring hash and Maglev tables (see [`crate::balance::EndpointPicker::within`]),
 //! and the pipes bulk relays splice through (counted one each, see `filters::tcp::splice`).
 use std::sync::{
@@ -24,7 +26,7 @@ pub struct Held {
 
 /// The budget cannot take a buffer that large.
 #[derive(Debug, thiserror::Error)]
-#[error("read buffers of all connections would hold more than {limit} bytes")]
+#[error("buffered messages would take more than {limit} bytes (--max-buffered-bytes)")]
 pub struct Exhausted {
     pub limit: usize,
 }
@@ -78,6 +80,52 @@ impl Held {
         Ok(())
     }
 
+    /// Accounts a buffer that already has `capacity` bytes: memory that exists is counted,
+    /// whatever the limit (growth is held with [`Held::resize`] before it happens; this
+    /// corrects the estimate afterwards).
+    pub fn set(&mut self, capacity: usize) {
+        if capacity == self.bytes {
+            // The common case on a request's path: no trip to the shared counter.
+            return;
+        }
+        if capacity > self.bytes {
+            self.budget
+                .used
+                .fetch_add(capacity - self.bytes, Ordering::Relaxed);
+        } else {
+            self.budget
+                .used
+                .fetch_sub(self.bytes - capacity, Ordering::Relaxed);
+        }
+        self.bytes = capacity;
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Grows `buf` by at least `additional` bytes of spare capacity, holding what it takes
+    /// beyond `usual` (a pool's read buffer: its usual size is not charged, its growth for a
+    /// large message is). Refused (and nothing changed) over the limit.
+    pub fn reserve_beyond(
+        &mut self,
+        usual: usize,
+        buf: &mut bytes::BytesMut,
+        additional: usize,
+    ) -> Result<(), Exhausted> {
+        let wanted = buf.len().saturating_add(additional);
+        if buf.capacity() >= wanted {
+            return Ok(());
+        }
+        // BytesMut may double: hold what it may take first.
+        let most = wanted.max(buf.capacity().saturating_mul(2));
+        self.resize(most.saturating_sub(usual))?;
+        buf.reserve(additional);
+        self.set(buf.capacity().saturating_sub(usual));
+        Ok(())
+    }
+
     /// Holds `bytes` more; refused (and nothing changed) over the limit.
     pub fn grow(&mut self, bytes: usize) -> Result<(), Exhausted> {
         self.resize(self.bytes.saturating_add(bytes))
@@ -96,7 +144,8 @@ impl Held {
         // BytesMut may double: account for what it may take.
         self.resize(wanted.max(buf.capacity().saturating_mul(2)))?;
         buf.reserve(additional);
-        self.resize(buf.capacity())
+        self.set(buf.capacity());
+        Ok(())
     }
 }
 

@@ -6,6 +6,9 @@ Python's own sockets and `ssl` (OpenSSL), independent of tern.
         echo:    echoes whatever arrives
         tls:     a TLS server (CERT, KEY) that echoes what it decrypts
         stalled: accepts connections and never reads from them
+        mirror:  a framed binary Thrift server that answers every call with a REPLY carrying
+                 the call's own bytes (a reply as large as its call)
+        inflate: a framed binary Thrift server that answers every call with a 1 MiB REPLY
     protocols_peer.py greet ADDR          ms until the greeting arrives, with nothing sent first
     protocols_peer.py hellos ADDR         TLS ClientHello records of every length 0x0100-0x01ff
                                           (every low byte); each must come back unchanged
@@ -16,6 +19,10 @@ Python's own sockets and `ssl` (OpenSSL), independent of tern.
                                           connection, for at most SECONDS; how many were written
     protocols_peer.py names ADDR N        N calls with distinct method names (framed binary,
                                           pipelined), reading every reply
+    protocols_peer.py hoard ADDR CONNS CALLS SIZE SECONDS
+                                          on each of CONNS connections, CALLS framed binary
+                                          calls of SIZE bytes, pipelined; reads nothing and
+                                          holds the connections open for SECONDS
 Each client prints one JSON line.
 """
 import json
@@ -51,6 +58,31 @@ def echo_loop(conn):
 stalled = []
 
 
+def mirror_loop(conn, inflate):
+    """Answers each framed binary call with a REPLY that carries the call's bytes, or, to
+    `inflate`, with a 1 MiB string."""
+    big = b"\x0b\x00\x00" + (1 << 20).to_bytes(4, "big") + b"y" * (1 << 20) + b"\0"
+    try:
+        while True:
+            head = read_exactly(conn, 4)
+            if len(head) < 4:
+                break
+            body = bytearray(read_exactly(conn, int.from_bytes(head, "big")))
+            if len(body) < 4:
+                break
+            if inflate:
+                n = int.from_bytes(body[4:8], "big")
+                seq = int.from_bytes(body[8 + n:12 + n], "big", signed=True)
+                conn.sendall(frame(bytes(body[8:8 + n]), 2, seq, big))
+                continue
+            body[3] = 2
+            conn.sendall(head + body)
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
 def serve(addr, kind, cert=None, key=None):
     listener = listen(addr)
     ctx = None
@@ -67,6 +99,9 @@ def serve(addr, kind, cert=None, key=None):
                 conn.sendall(b"220 mail.example ESMTP ready\r\n")
             elif kind == "stalled":
                 stalled.append(conn)
+                return
+            elif kind in ("mirror", "inflate"):
+                mirror_loop(conn, kind == "inflate")
                 return
             elif kind == "tls":
                 try:
@@ -185,10 +220,37 @@ def names(addr, n):
     print(json.dumps({"replies": replies}))
 
 
+def hoard(addr, conns, calls, size, seconds):
+    conns, calls, size, seconds = int(conns), int(calls), int(size), float(seconds)
+    # note(1: string note)
+    note = b"x" * size
+    socks = [connect(addr) for _ in range(conns)]
+    written = [0] * conns
+
+    def send(i):
+        s = socks[i]
+        s.settimeout(seconds)
+        try:
+            for seq in range(calls):
+                body = b"\x0b\x00\x01" + len(note).to_bytes(4, "big") + note + b"\0"
+                s.sendall(frame(b"note", 1, seq, body))
+                written[i] += 1
+        except OSError:
+            pass
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(conns)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    print(json.dumps({"written": sum(written)}), flush=True)
+    for t in threads:
+        t.join()
+
+
 if __name__ == "__main__":
     cmd, rest = sys.argv[1], sys.argv[2:]
     try:
         {"serve": serve, "greet": greet, "hellos": hellos, "echo": echo, "tls": tls,
-         "oneways": oneways, "names": names}[cmd](*rest)
+         "oneways": oneways, "names": names, "hoard": hoard}[cmd](*rest)
     except OSError as e:
         print(json.dumps({"error": str(e)}))

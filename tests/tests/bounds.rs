@@ -10,6 +10,9 @@ use tern_tests::{
 
 const CALC: &str = "10.96.0.60:9090";
 const STALLED: &str = "10.96.0.61:9090";
+const MIRROR: &str = "10.96.0.62:9090";
+const INFLATE: &str = "10.96.0.63:9090";
+const INFLATE_MUX: &str = "10.96.0.64:9090";
 
 fn config(calc_endpoints: &[&str]) -> String {
     config_with(calc_endpoints, "")
@@ -27,12 +30,25 @@ fn config_with(calc_endpoints: &[&str], extra: &str) -> String {
     filter_chains: [ {{ tcp_proxy: {{ cluster: 'outbound|9090||calc.default.svc.cluster.local' }} }} ]
   - address: {STALLED}
     filter_chains: [ {{ tcp_proxy: {{ cluster: 'outbound|9090||stalled.default.svc.cluster.local' }} }} ]
+  - address: {MIRROR}
+    filter_chains: [ {{ tcp_proxy: {{ cluster: 'outbound|9090||mirror.default.svc.cluster.local' }} }} ]
+  - address: {INFLATE}
+    filter_chains: [ {{ tcp_proxy: {{ cluster: 'outbound|9090||inflate.default.svc.cluster.local' }} }} ]
+  - address: {INFLATE_MUX}
+    filter_chains: [ {{ tcp_proxy: {{ cluster: inflate-mux }} }} ]
 clusters:
   - name: 'outbound|9090||calc.default.svc.cluster.local'
     endpoints: [ {} ]
 {extra}
   - name: 'outbound|9090||stalled.default.svc.cluster.local'
     endpoints: [ {{ address: 10.66.1.2:9301 }} ]
+  - name: 'outbound|9090||mirror.default.svc.cluster.local'
+    endpoints: [ {{ address: 10.66.1.2:9302 }} ]
+  - name: 'outbound|9090||inflate.default.svc.cluster.local'
+    endpoints: [ {{ address: 10.66.1.2:9303 }} ]
+  - name: inflate-mux
+    thrift_upstream: multiplexed
+    endpoints: [ {{ address: 10.66.1.2:9303 }} ]
 "#,
         eps.join(", ")
     )
@@ -48,6 +64,11 @@ struct Setup {
 const ENDPOINTS: [&str; 3] = ["10.66.1.2:9001", "10.66.1.2:9002", "10.66.1.2:9003"];
 
 fn setup() -> Setup {
+    setup_with(&[])
+}
+
+/// [`setup`], with `extra` arguments for `tern run`.
+fn setup_with(extra: &[&str]) -> Setup {
     let p = pods();
     let mut servers: Vec<Process> = ENDPOINTS
         .iter()
@@ -64,8 +85,26 @@ fn setup() -> Setup {
         )
         .unwrap(),
     );
+    servers.push(
+        start_server(
+            &p.srv,
+            None,
+            std::path::Path::new("python3"),
+            &[peer.to_str().unwrap(), "serve", "10.66.1.2:9302", "mirror"],
+        )
+        .unwrap(),
+    );
+    servers.push(
+        start_server(
+            &p.srv,
+            None,
+            std::path::Path::new("python3"),
+            &[peer.to_str().unwrap(), "serve", "10.66.1.2:9303", "inflate"],
+        )
+        .unwrap(),
+    );
     let config = ConfigFile::new(&self::config(&ENDPOINTS)).unwrap();
-    let tern = p.start_tern(&config, &[]).unwrap();
+    let tern = p.start_tern(&config, extra).unwrap();
     Setup {
         p,
         tern,
@@ -160,6 +199,67 @@ fn a_one_way_flood_at_a_stalled_server_keeps_memory_bounded() {
         written < 200_000,
         "the flood was absorbed somewhere: {written} calls written"
     );
+}
+
+/// The buffer budget of [`large_calls_and_replies_a_client_does_not_read_stay_within_the_buffer_budget`].
+const BUDGET: u64 = 16 << 20;
+/// What tern's resident memory may grow by beyond the budget there: the allocator keeps much
+/// of what large buffers freed, and pools' usual read buffers are not charged. Before replies
+/// and requests in flight were charged, the same clients grew it by 91 (`mirror`), 477
+/// (`stalled`), 22-29 (`inflate`: its client's unread replies stop tern's reads soon) and
+/// 400 MiB (`inflate`, multiplexed).
+const SLACK: u64 = 48 << 20;
+
+/// Clients that pipeline large calls and read nothing back: what tern holds for them — their
+/// calls in flight and the replies it cannot write — stays within the buffer budget
+/// (`--max-buffered-bytes`, 16 MiB here), whether the server answers every call (`mirror`, replies
+/// as large as the calls), reads nothing (`stalled`), or answers small calls with large
+/// replies (`inflate`), over connections of their own or multiplexed.
+#[test]
+fn large_calls_and_replies_a_client_does_not_read_stay_within_the_buffer_budget() {
+    tern_tests::require_root!();
+    for (vip, server, size) in [
+        (MIRROR, "mirror", "1048576"),
+        (STALLED, "stalled", "1048576"),
+        (INFLATE, "inflate", "100"),
+        (INFLATE_MUX, "inflate, multiplexed", "100"),
+    ] {
+        // A tern of its own for each: what one left behind does not hide what the next holds.
+        let s = setup_with(&["--max-buffered-bytes", &BUDGET.to_string()]);
+        let before = rss_kib(&s);
+        // 4 connections × 64 calls: of 1 MiB, 256 MiB of calls (as much again in replies
+        // from `mirror`); of 100 B to `inflate`, 256 MiB of replies.
+        let pid = s.tern.process.pid();
+        let hoarding = std::sync::atomic::AtomicBool::new(true);
+        let (hoard, after) = std::thread::scope(|scope| {
+            let peak = scope.spawn(|| {
+                let mut peak = 0;
+                while hoarding.load(std::sync::atomic::Ordering::Relaxed) {
+                    peak = peak.max(tern_tests::proc_kib(pid, "VmRSS"));
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                peak
+            });
+            let hoard = python_json(
+                &s.p.app,
+                Some(&s.p.cgroup),
+                "protocols_peer.py",
+                &["hoard", vip, "4", "64", size, "6"],
+            );
+            hoarding.store(false, std::sync::atomic::Ordering::Relaxed);
+            (hoard, peak.join().unwrap())
+        });
+        eprintln!(
+            "{server}: {} calls of {size} B written; tern RSS {before} KiB, at most {after} KiB",
+            hoard["written"]
+        );
+        assert!(
+            after.saturating_sub(before) < (BUDGET + SLACK) / 1024,
+            "{server}: tern's peak RSS grew from {before} KiB to {after} KiB for clients that \
+             read nothing ({} calls of {size} B written)",
+            hoard["written"]
+        );
+    }
 }
 
 /// 20,000 calls with distinct method names add no metric series.

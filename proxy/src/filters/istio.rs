@@ -125,6 +125,7 @@ fn response_flags(cause: &str) -> &'static str {
         "no_healthy_upstream" => "UH",
         "connect_failure" => "UF",
         "overflow" => "UO",
+        "buffer_budget" => "OM",
         "upstream_reset" => "UC",
         "timeout" => "UT",
         "no_route" => "NR",

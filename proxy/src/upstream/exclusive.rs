@@ -4,7 +4,8 @@
 //! that connection from its own task — no hop to a connection task and back — and gives the
 //! connection back when the reply is whole and checked. A request that is dropped before
 //! (timed out, or its client went away) drops the connection with it: a late reply can only
-//! ever reach a closed socket, never another request.
+//! ever reach a closed socket, never another request. A reply larger than the connection's
+//! read buffer is read within the buffer budget, and its charge goes with it to the client.
 use std::{
     sync::{Mutex, atomic::Ordering},
     time::Instant,
@@ -19,6 +20,7 @@ use super::{
     release_connection, reserve_connection, wake_pending,
 };
 use crate::{
+    budget::{BufferBudget, Held},
     stream::Stream,
     thrift::{Decoder, DecoderLimits, Message, MessageType, Protocol, Transport},
 };
@@ -138,11 +140,17 @@ impl Drop for Pending<'_> {
 
 /// Sends `request` to `endpoint` on a connection of its own and reads the reply (none for a
 /// one-way call). Wrap it in the request's timeout: dropping it closes the connection.
+///
+/// A reply that outgrows the connection's read buffer grows it within `budget`, held by
+/// `charge`, which the caller keeps until the reply is written; the grown buffer leaves the
+/// connection with the reply. When the budget has no room, the request fails (it may have
+/// run on the server) and the connection closes.
 pub async fn call(
     endpoint: &EndpointRuntime,
     request: &Message,
     settings: &PoolSettings,
     cluster: &ClusterRuntime,
+    (budget, charge): (&std::sync::Arc<BufferBudget>, &mut Option<Held>),
 ) -> Result<Option<Message>, Failed> {
     let meta = request.meta();
     let addr = endpoint.address;
@@ -171,7 +179,14 @@ pub async fn call(
             }
         }
         if conn.buf.capacity() - conn.buf.len() < 1024 {
-            conn.buf.reserve(conn.buf.len().max(READ_BUFFER));
+            let more = conn.buf.len().max(READ_BUFFER);
+            if let Err(e) = charge.get_or_insert_with(|| budget.hold()).reserve_beyond(
+                READ_BUFFER,
+                &mut conn.buf,
+                more,
+            ) {
+                return Err(Failed::Lost(UpstreamError::Budget(e)));
+            }
         }
         match conn.stream.read_buf(&mut conn.buf).await {
             Ok(0) => {
@@ -192,6 +207,12 @@ pub async fn call(
         return Err(Failed::Lost(UpstreamError::Mismatch(why)));
     }
     if conn.buf.is_empty() {
+        if conn.buf.capacity() > READ_BUFFER {
+            // What is left of a buffer grown for a large reply stays with that reply (which
+            // holds its charge); the connection reads the next one into a buffer of the usual
+            // size.
+            conn.buf = BytesMut::with_capacity(READ_BUFFER);
+        }
         lease.release();
     } else {
         debug!(%addr, bytes = conn.buf.len(), "upstream sent bytes nobody asked for: closing");

@@ -51,6 +51,9 @@ pub enum UpstreamError {
     Overflow(&'static str),
     #[error("reply does not answer its request: {0}")]
     Mismatch(String),
+    /// A reply larger than the buffer budget has room for.
+    #[error("no buffer left for the reply: {0}")]
+    Budget(#[from] crate::budget::Exhausted),
 }
 
 /// Why a request got no reply.

@@ -12,7 +12,10 @@
 //! written and done, and count against the circuit breakers until written. The write queue
 //! is bounded.
 //! A connection that fails to connect hands every queued request back (for a retry on
-//! another endpoint); one that closes fails its requests in flight.
+//! another endpoint); one that closes fails its requests in flight. Its read buffer grows
+//! past its usual size, for a large reply, within the buffer budget (a connection the budget
+//! cannot take closes), and a large reply takes its share of the budget with it to the
+//! client.
 use std::{
     collections::HashMap,
     io,
@@ -34,6 +37,7 @@ use super::{
     UpstreamError, answers_by_name,
 };
 use crate::{
+    budget::{BufferBudget, Held},
     stream::write_all_vectored,
     thrift::{Decoder, Message, MessageType, Protocol, Transport},
 };
@@ -45,6 +49,9 @@ const WRITE_QUEUE: usize = 1024;
 const MAX_WAITING: usize = 1024;
 /// Queued requests written together, at most.
 const WRITE_BATCH: usize = 64;
+/// A connection's read buffer, and the size of reply that is charged to the buffer budget
+/// (the buffer's growth past it, and each reply larger than it, while the client has it).
+const READ_BUFFER: usize = 64 * 1024;
 /// How often a retiring connection looks whether its last live request gave up.
 const RETIRED_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -202,14 +209,14 @@ impl Conns {
 pub fn send(
     endpoint: &Arc<EndpointRuntime>,
     msg: Message,
-    settings: &PoolSettings,
+    (settings, budget): (&PoolSettings, &Arc<BufferBudget>),
     cluster: &Arc<ClusterRuntime>,
     reply_to: (&Arc<ReplyCell>, u64),
 ) -> Result<Sent, Refused> {
     endpoint
         .traffic()
         .pool()
-        .send(endpoint, msg, settings, cluster, reply_to)
+        .send(endpoint, msg, (settings, budget), cluster, reply_to)
 }
 
 impl Pool {
@@ -221,13 +228,13 @@ impl Pool {
         &self,
         endpoint: &Arc<EndpointRuntime>,
         mut msg: Message,
-        settings: &PoolSettings,
+        (settings, budget): (&PoolSettings, &Arc<BufferBudget>),
         cluster: &Arc<ClusterRuntime>,
         reply_to: (&Arc<ReplyCell>, u64),
     ) -> Result<Sent, Refused> {
         let meta = msg.meta();
         let format = (meta.transport, meta.protocol);
-        let conn = match self.connection(endpoint, format, settings, cluster) {
+        let conn = match self.connection(endpoint, format, (settings, budget), cluster) {
             Ok(c) => c,
             Err(e) => return Err((e, msg)),
         };
@@ -296,7 +303,7 @@ impl Pool {
         &self,
         endpoint: &Arc<EndpointRuntime>,
         format: (Transport, Protocol),
-        settings: &PoolSettings,
+        (settings, budget): (&PoolSettings, &Arc<BufferBudget>),
         cluster: &Arc<ClusterRuntime>,
     ) -> Result<Arc<Conn>, UpstreamError> {
         let mut conns = self.multiplexed.0.lock().unwrap_or_else(|e| e.into_inner());
@@ -329,7 +336,7 @@ impl Pool {
         tokio::spawn(run(
             conn.clone(),
             endpoint.clone(),
-            *settings,
+            (*settings, budget.clone()),
             rx,
             cluster.clone(),
             self.open.clone(),
@@ -342,7 +349,7 @@ impl Pool {
 async fn run(
     conn: Arc<Conn>,
     endpoint: Arc<EndpointRuntime>,
-    settings: PoolSettings,
+    (settings, budget): (PoolSettings, Arc<BufferBudget>),
     mut rx: mpsc::Receiver<Queued>,
     cluster: Arc<ClusterRuntime>,
     open: Arc<AtomicUsize>,
@@ -376,12 +383,21 @@ async fn run(
     let (transport, protocol) = conn.format;
     let reader = async {
         let mut decoder = Decoder::configured(settings.limits, transport, protocol, false);
-        let mut buf = BytesMut::with_capacity(64 * 1024);
+        let mut buf = BytesMut::with_capacity(READ_BUFFER);
+        // What the buffer holds of the budget beyond its usual size.
+        let mut held = budget.hold();
         loop {
             loop {
                 match decoder.decode(&mut buf) {
                     Ok(Some(reply)) => {
-                        if let Err(why) = deliver(&conn, reply) {
+                        // A large reply takes its charge with it; the buffer keeps the rest.
+                        let charge = (reply.as_bytes().len() > READ_BUFFER).then(|| {
+                            let mut charge = budget.hold();
+                            charge.set(reply.as_bytes().len());
+                            charge
+                        });
+                        held.set(buf.capacity().saturating_sub(READ_BUFFER));
+                        if let Err(why) = deliver(&conn, reply, charge) {
                             return why;
                         }
                         if conn.done() {
@@ -393,7 +409,10 @@ async fn run(
                 }
             }
             if buf.capacity() - buf.len() < 4096 {
-                buf.reserve(buf.len().max(64 * 1024));
+                let more = buf.len().max(READ_BUFFER);
+                if let Err(e) = held.reserve_beyond(READ_BUFFER, &mut buf, more) {
+                    return format!("no buffer left for replies from {addr}: {e}");
+                }
             }
             match rd.read_buf(&mut buf).await {
                 Ok(0) => return format!("{addr} closed the connection"),
@@ -453,7 +472,7 @@ async fn run(
 
 /// Hands a reply to the request it answers; an error closes the connection. A reply to a
 /// request that gave up is dropped, and only then is its id free again.
-fn deliver(conn: &Conn, mut reply: Message) -> Result<(), String> {
+fn deliver(conn: &Conn, mut reply: Message, charge: Option<Held>) -> Result<(), String> {
     let waiter = {
         let mut p = conn.pending.lock().unwrap_or_else(|e| e.into_inner());
         p.waiting.remove(&reply.seq_id())
@@ -482,7 +501,7 @@ fn deliver(conn: &Conn, mut reply: Message) -> Result<(), String> {
     }
     // Same varint class both ways: the client's id always fits.
     let _ = reply.set_seq_id(w.client_seq);
-    w.cell.complete(w.generation, Ok(reply));
+    w.cell.complete_held(w.generation, Ok(reply), charge);
     Ok(())
 }
 

@@ -4,13 +4,18 @@ use std::sync::Mutex;
 use futures_util::task::AtomicWaker;
 
 use super::Reply;
+use crate::budget::Held;
+
+/// A reply, with what it holds of the buffer budget (a large one) until it is written.
+type Delivered = (Reply, Option<Held>);
 
 /// A cell is reused by one request after another (it is allocated once per in-flight slot of
 /// a downstream connection, not per request); each request is a new generation, so a reply
 /// that arrives after its request gave up (timed out) is dropped instead of reaching the next.
 #[derive(Debug, Default)]
 pub struct ReplyCell {
-    value: Mutex<(u64, Option<Reply>)>,
+    /// The generation, and its reply once delivered.
+    value: Mutex<(u64, Option<Delivered>)>,
     waker: AtomicWaker,
 }
 
@@ -25,9 +30,15 @@ impl ReplyCell {
 
     /// Delivers the reply of `generation`, unless that request is gone.
     pub(super) fn complete(&self, generation: u64, reply: Reply) {
+        self.complete_held(generation, reply, None);
+    }
+
+    /// [`ReplyCell::complete`], with what the reply holds of the buffer budget (given back
+    /// when the reply is dropped, here if its request is gone).
+    pub(super) fn complete_held(&self, generation: u64, reply: Reply, held: Option<Held>) {
         let mut v = self.value.lock().unwrap_or_else(|e| e.into_inner());
         if v.0 == generation && v.1.is_none() {
-            v.1 = Some(reply);
+            v.1 = Some((reply, held));
             drop(v);
             self.waker.wake();
         }
@@ -48,10 +59,10 @@ impl ReplyCell {
         }
     }
 
-    /// Waits for the reply of `generation`. Dropping the wait (at the request's timeout, or
-    /// with its downstream connection) gives the request up, so the connection it was sent on
-    /// no longer counts it as waiting.
-    pub async fn reply(&self, generation: u64) -> Reply {
+    /// Waits for the reply of `generation`, with what it holds of the buffer budget. Dropping
+    /// the wait (at the request's timeout, or with its downstream connection) gives the
+    /// request up, so the connection it was sent on no longer counts it as waiting.
+    pub async fn reply(&self, generation: u64) -> Delivered {
         let mut wait = GiveUp {
             cell: self,
             generation,
@@ -107,7 +118,7 @@ mod tests {
             second,
             Err(Failed::Lost(UpstreamError::Closed("on time".into()))),
         );
-        match cell.reply(second).await {
+        match cell.reply(second).await.0 {
             Err(Failed::Lost(UpstreamError::Closed(why))) => assert_eq!(why, "on time"),
             other => panic!("{other:?}"),
         }

@@ -17,6 +17,7 @@ use super::{
     routing::{Forward, Plan},
 };
 use crate::{
+    budget::Held,
     config::{Cluster, UpstreamMode},
     filters::{
         Ctx, istio,
@@ -34,13 +35,28 @@ use crate::{
     },
 };
 
+/// What goes back to the client for one request: its bytes (none for a one-way call), and
+/// what they hold of the buffer budget (a large reply) until they are written.
+pub(super) struct Answer {
+    pub bytes: Option<Bytes>,
+    pub held: Option<Held>,
+}
+
 /// Sends a request that began at `began` upstream and returns what to write back to the
 /// client. Its deadline is kept by its connection, which marks `slot.expiry` when it passes.
-pub(super) async fn execute(
+pub(super) async fn execute(plan: Plan, ctx: &Ctx, slot: SlotRefs, began: Instant) -> Answer {
+    let mut held = None;
+    let bytes = forward(plan, ctx, slot, began, &mut held).await;
+    Answer { bytes, held }
+}
+
+/// [`execute`]; a reply read within the buffer budget leaves its charge in `held`.
+async fn forward(
     plan: Plan,
     ctx: &Ctx,
     slot: SlotRefs,
     began: Instant,
+    held: &mut Option<Held>,
 ) -> Option<Bytes> {
     let f = match plan {
         Plan::Local(reply) => return reply,
@@ -109,20 +125,31 @@ pub(super) async fn execute(
         let _in_flight = ActiveEndpoint::new(ert, started);
         let next = match cfg.upstream {
             UpstreamMode::Exclusive => {
-                let sent = pin!(exclusive::call(ert, &msg, &settings, rt));
+                let sent = pin!(exclusive::call(
+                    ert,
+                    &msg,
+                    &settings,
+                    rt,
+                    (&ctx.budget, &mut *held)
+                ));
                 let outcome = expiry.within(sent).await;
                 call.conclude(ep, started, outcome, msg.name())
             }
             UpstreamMode::Multiplexed => {
                 let generation = cell.begin();
-                match multiplexed::send(ert, msg, &settings, rt, (&cell, generation)) {
+                let sent =
+                    multiplexed::send(ert, msg, (&settings, &ctx.budget), rt, (&cell, generation));
+                match sent {
                     Ok(Sent::Oneway(sent)) => {
                         call.sent_oneway(ep, &sent[meta.name_range()]);
                         return None;
                     }
                     Ok(Sent::Reply(sent)) => {
                         let reply = pin!(cell.reply(generation));
-                        let outcome = expiry.within(reply).await.map(|reply| reply.map(Some));
+                        let outcome = expiry.within(reply).await.map(|(reply, charge)| {
+                            *held = charge;
+                            reply.map(Some)
+                        });
                         match call.conclude(ep, started, outcome, &sent[meta.name_range()]) {
                             Next::Retry => {
                                 // Only a retry (the connection never opened) needs the
@@ -277,6 +304,16 @@ impl Call<'_> {
                 debug!(error = %e, "not sent; trying another endpoint");
                 cluster.record_failure(endpoint, Failure::Gateway);
                 Next::Retry
+            }
+            Ok(Err(Failed::Lost(UpstreamError::Budget(e)))) => {
+                // tern's own limit, not the endpoint's failing.
+                took(Instant::now());
+                Next::Done(self.local(
+                    name,
+                    "buffer_budget",
+                    AppExceptionType::InternalError,
+                    &e.to_string(),
+                ))
             }
             Ok(Err(Failed::Lost(e))) => {
                 took(Instant::now());

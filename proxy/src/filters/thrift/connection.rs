@@ -10,7 +10,9 @@ use tokio::{
 };
 use tracing::{Instrument, debug, debug_span, warn};
 
-use super::{ChainRef, MAX_BATCH, MAX_IN_FLIGHT, call::execute, routing::Downstream};
+use super::{
+    ChainRef, MAX_BATCH, MAX_IN_FLIGHT, call::execute, read_buffer::ReadBuffer, routing::Downstream,
+};
 use crate::{
     budget::Held,
     filters::{Ctx, authz::Authz, ordered::Ordered},
@@ -21,7 +23,7 @@ use crate::{
 pub async fn serve(
     down: Stream,
     buf: BytesMut,
-    mut held: Held,
+    held: Held,
     chain: ChainRef,
     authz: Authz,
     ctx: Arc<Ctx>,
@@ -32,10 +34,15 @@ pub async fn serve(
     let (mut rd, mut wr) = down.into_split();
     let mut conn = Downstream::new(chain, ctx.clone(), source);
     conn.authz = Some(authz);
-    let mut buf = buf;
+    // Requests in flight keep the chunk they were read into charged to the buffer budget.
+    let mut rb = ReadBuffer::new(buf, held);
+    // The budget has no room for more buffer: no reads until a request in flight is done.
+    let mut starved = false;
     let mut replies = Ordered::default();
-    // Replies ready to write together (kept, so its capacity is reused).
+    // Replies ready to write together (kept, so its capacity is reused), and what the large
+    // ones among them hold of the buffer budget until they are written.
     let mut out: Vec<Bytes> = Vec::with_capacity(MAX_BATCH);
+    let mut out_held: Vec<Held> = Vec::new();
     // Draining serves every request until the drain's time is up (closing a connection
     // between requests would fail the client's next call, which may already be on its way);
     // then no new requests, only the replies in flight.
@@ -57,8 +64,9 @@ pub async fn serve(
         // One clock read for the requests this turn decodes: they came in the same read.
         let mut now = None;
         while reading && replies.len() < MAX_IN_FLIGHT {
-            match conn.decoder.decode(&mut buf) {
+            match conn.decoder.decode(&mut rb.buf) {
                 Ok(Some(msg)) => {
+                    rb.cut();
                     progressed = true;
                     let began = *now.get_or_insert_with(Instant::now);
                     let plan = conn.plan(msg);
@@ -93,7 +101,26 @@ pub async fn serve(
         if !reading && replies.is_empty() {
             break;
         }
-        let now_partial = reading && !buf.is_empty();
+        if reading
+            && !starved
+            && let Err(e) = rb.make_room()
+        {
+            if replies.is_empty() {
+                ctx.metrics.rejected("buffer_budget");
+                warn!(
+                    peer = ?peer,
+                    listener = %conn.chain().listener,
+                    error = %e,
+                    "closing a connection: no buffer left for it"
+                );
+                reading = false;
+                rb.clear();
+            } else {
+                debug!(error = %e, "no buffer left: no reads until a request in flight is done");
+                starved = true;
+            }
+        }
+        let now_partial = reading && !rb.buf.is_empty();
         if now_partial && (!partial || progressed) {
             stall.as_mut().reset(Instant::now() + ctx.message_timeout);
         }
@@ -104,15 +131,20 @@ pub async fn serve(
             biased;
             Some(reply) = replies.next(), if !replies.is_empty() => {
                 // This reply and every one already done behind it go out in one write.
-                out.extend(reply);
-                while out.len() < MAX_BATCH {
-                    match replies.next().now_or_never() {
-                        Some(Some(reply)) => out.extend(reply),
-                        _ => break,
+                let (mut next, mut taken) = (Some(reply), 0);
+                while let Some(answer) = next.take() {
+                    out.extend(answer.bytes);
+                    out_held.extend(answer.held);
+                    rb.done();
+                    taken += 1;
+                    if taken < MAX_BATCH {
+                        next = replies.next().now_or_never().flatten();
                     }
                 }
+                starved = false;
                 let written = write_all_vectored(&mut wr, &out).await;
                 out.clear();
+                out_held.clear();
                 if let Err(e) = written {
                     debug!(error = %e, "downstream write failed");
                     return;
@@ -123,38 +155,24 @@ pub async fn serve(
             },
             () = &mut stall, if partial => {
                 ctx.metrics.rejected("message_timeout");
-                debug!(bytes = buf.len(), "a message took longer than its time: no new requests");
+                debug!(bytes = rb.buf.len(), "a message took longer than its time: no new requests");
                 reading = false;
                 partial = false;
-                buf.clear();
+                rb.clear();
             },
             () = closing.changed(), if reading => {
                 debug!("the drain's time is up: no new requests on this connection");
                 reading = false;
             },
-            read = rd.read_buf(&mut buf), if reading && replies.len() < MAX_IN_FLIGHT => match read {
+            read = rd.read_buf(&mut rb.buf), if reading && !starved && replies.len() < MAX_IN_FLIGHT => match read {
                 Ok(0) => {
-                    if !buf.is_empty() {
+                    if !rb.buf.is_empty() {
                         ctx.metrics.rejected("truncated");
-                        debug!(bytes = buf.len(), "connection closed inside a message");
+                        debug!(bytes = rb.buf.len(), "connection closed inside a message");
                     }
                     reading = false;
                 }
-                Ok(_) => {
-                    if buf.capacity() - buf.len() < 4096
-                        && let Err(e) = held.reserve(&mut buf, 64 * 1024)
-                    {
-                        ctx.metrics.rejected("buffer_budget");
-                        warn!(
-                            peer = ?peer,
-                            listener = %conn.chain().listener,
-                            error = %e,
-                            "closing a connection: no buffer left for it"
-                        );
-                        reading = false;
-                        buf.clear();
-                    }
-                }
+                Ok(_) => {}
                 Err(e) => {
                     debug!(error = %e, "downstream read failed");
                     reading = false;

@@ -15,10 +15,13 @@
 //! - [`connection`]: a downstream connection: read, cut, keep order, write back;
 //! - [`routing`]: one request's route, cluster and hash key (its `Plan`);
 //! - [`call`]: one request upstream: pick, send, wait, retry, conclude;
-//! - [`local`]: what tern answers itself.
+//! - [`local`]: what tern answers itself;
+//! - [`read_buffer`]: the read buffer, and what it and the requests cut from it hold of the
+//!   buffer budget.
 mod call;
 mod connection;
 mod local;
+mod read_buffer;
 mod routing;
 
 pub use call::pool_settings;
