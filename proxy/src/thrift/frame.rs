@@ -317,6 +317,7 @@ impl Decoder {
 
     /// Splits the next whole message off `buf`; `Ok(None)` when more bytes are needed (read
     /// them onto the end of `buf`: the decoder goes on from where it stopped).
+    #[inline]
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Message>, ThriftError> {
         Ok(self.check(buf)?.map(|(end, meta)| Message {
             bytes: buf.split_to(end),

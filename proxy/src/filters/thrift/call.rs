@@ -364,6 +364,7 @@ struct ActiveEndpoint<'a>(&'a EndpointRuntime);
 
 impl<'a> ActiveEndpoint<'a> {
     /// From `now`, when the attempt starts.
+    #[inline]
     fn new(endpoint: &'a EndpointRuntime, now: Instant) -> Self {
         if endpoint.active.fetch_add(1, Ordering::Relaxed) == 0 {
             endpoint.latency.busy_from(now.into_std());
