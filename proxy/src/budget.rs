@@ -100,11 +100,6 @@ impl Held {
         self.bytes = capacity;
     }
 
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-
     /// Grows `buf` by at least `additional` bytes of spare capacity, holding what it takes
     /// beyond `usual` (a pool's read buffer: its usual size is not charged, its growth for a
     /// large message is). Refused (and nothing changed) over the limit.
@@ -137,15 +132,7 @@ impl Held {
         buf: &mut bytes::BytesMut,
         additional: usize,
     ) -> Result<(), Exhausted> {
-        let wanted = buf.len().saturating_add(additional);
-        if buf.capacity() >= wanted {
-            return Ok(());
-        }
-        // BytesMut may double: account for what it may take.
-        self.resize(wanted.max(buf.capacity().saturating_mul(2)))?;
-        buf.reserve(additional);
-        self.set(buf.capacity());
-        Ok(())
+        self.reserve_beyond(0, buf, additional)
     }
 }
 

@@ -76,33 +76,14 @@ fn setup_with(extra: &[&str]) -> Setup {
         .map(|(addr, id)| thrift_serve(&p.srv, addr, id).unwrap())
         .collect();
     let peer = python_peer("protocols_peer.py");
-    servers.push(
-        start_server(
-            &p.srv,
-            None,
-            std::path::Path::new("python3"),
-            &[peer.to_str().unwrap(), "serve", "10.66.1.2:9301", "stalled"],
-        )
-        .unwrap(),
-    );
-    servers.push(
-        start_server(
-            &p.srv,
-            None,
-            std::path::Path::new("python3"),
-            &[peer.to_str().unwrap(), "serve", "10.66.1.2:9302", "mirror"],
-        )
-        .unwrap(),
-    );
-    servers.push(
-        start_server(
-            &p.srv,
-            None,
-            std::path::Path::new("python3"),
-            &[peer.to_str().unwrap(), "serve", "10.66.1.2:9303", "inflate"],
-        )
-        .unwrap(),
-    );
+    for (addr, kind) in [
+        ("10.66.1.2:9301", "stalled"),
+        ("10.66.1.2:9302", "mirror"),
+        ("10.66.1.2:9303", "inflate"),
+    ] {
+        let args = [peer.to_str().unwrap(), "serve", addr, kind];
+        servers.push(start_server(&p.srv, None, std::path::Path::new("python3"), &args).unwrap());
+    }
     let config = ConfigFile::new(&self::config(&ENDPOINTS)).unwrap();
     let tern = p.start_tern(&config, extra).unwrap();
     Setup {
