@@ -1,7 +1,14 @@
 //! Heap allocations per proxied Thrift request, in steady state: tern's Thrift proxy runs
-//! in-process on a tokio runtime whose threads count their allocations; a client thread
-//! sends framed `echo` calls (8 in flight) through it to an echo server thread, neither of
-//! which counts. Prints the number and, with `TERN_BENCH_OUT=FILE`, writes it as JSON.
+//! in-process on a current-thread runtime of its own thread, as on one of tern's workers,
+//! which counts its allocations; a client thread sends framed `echo` calls (8 in flight)
+//! through it to an echo server thread, neither of which counts. Prints the number and, with
+//! `TERN_BENCH_OUT=FILE`, writes it as JSON.
+//!
+//! It is also the rig for the request path's instructions: `TERN_BENCH_REQUESTS` (100,000)
+//! and `TERN_BENCH_IN_FLIGHT` (8) set the load, so two runs under
+//! `valgrind --tool=callgrind` that differ only in requests give, by difference, each
+//! function's instructions per request (a multi-thread runtime would add its scheduler's
+//! statistics, which tern's workers never run).
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
@@ -24,8 +31,14 @@ mod counting_alloc;
 use counting_alloc::{ALLOCATIONS, COUNTING};
 
 const WARMUP: usize = 20_000;
-const MEASURED: usize = 100_000;
-const IN_FLIGHT: usize = 8;
+
+/// A count from the environment, or `default`.
+fn setting(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
 /// A blocking echo server: one thread per connection, one reused buffer.
 fn echo_server() -> SocketAddr {
@@ -57,53 +70,65 @@ fn echo_server() -> SocketAddr {
     addr
 }
 
+/// tern's Thrift proxy for `vip`, balancing over `echo`, on the current runtime: its address.
+async fn start_proxy(vip: SocketAddr, echo: SocketAddr) -> SocketAddr {
+    let metrics = Metrics::new(None);
+    let state = State::new(metrics.upstream.clone());
+    let yaml = format!(
+        "listeners:\n  - address: {vip}\n    filter_chains: [ {{ thrift_proxy: {{ default_cluster: echo }} }} ]\n\
+         clusters:\n  - name: echo\n    endpoints: [ {{ address: {echo} }} ]\n"
+    );
+    state.apply(config::file::parse(&yaml, "bench").expect("configuration"));
+    let ctx = Arc::new(Ctx {
+        state,
+        metrics: metrics.filters.clone(),
+        mark: 0,
+        limits: DecoderLimits::default(),
+        closing: Default::default(),
+        connect_timeout: Duration::from_secs(1),
+        access_log: false,
+        thrift_ports: Default::default(),
+        budget: tern::budget::BufferBudget::new(64 << 20),
+        message_timeout: Duration::from_secs(15),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the proxy");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((stream, peer)) = listener.accept().await {
+            // As if the capture had sent a connection for the virtual IP here.
+            tokio::spawn(filters::handle(
+                stream,
+                Direction::Outbound,
+                vip,
+                peer,
+                ctx.clone(),
+            ));
+        }
+    });
+    addr
+}
+
 fn main() {
     let echo = echo_server();
     let vip: SocketAddr = "10.96.0.2:9090".parse().expect("address");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let measured = setting("TERN_BENCH_REQUESTS", 100_000);
+    let in_flight = setting("TERN_BENCH_IN_FLIGHT", 8).max(1) as i32;
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .on_thread_start(|| COUNTING.with(|c| c.set(true)))
         .build()
         .expect("runtime");
-    let proxy = runtime.block_on(async {
-        let metrics = Metrics::new(None);
-        let state = State::new(metrics.upstream.clone());
-        let yaml = format!(
-            "listeners:\n  - address: {vip}\n    filter_chains: [ {{ thrift_proxy: {{ default_cluster: echo }} }} ]\n\
-             clusters:\n  - name: echo\n    endpoints: [ {{ address: {echo} }} ]\n"
-        );
-        state.apply(config::file::parse(&yaml, "bench").expect("configuration"));
-        let ctx = Arc::new(Ctx {
-            state,
-            metrics: metrics.filters.clone(),
-            mark: 0,
-            limits: DecoderLimits::default(),
-            closing: Default::default(),
-            connect_timeout: Duration::from_secs(1),
-            access_log: false,
-            thrift_ports: Default::default(),
-            budget: tern::budget::BufferBudget::new(64 << 20),
-            message_timeout: Duration::from_secs(15),
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the proxy");
-        let addr = listener.local_addr().expect("address");
-        tokio::spawn(async move {
-            while let Ok((stream, peer)) = listener.accept().await {
-                // As if the capture had sent a connection for the virtual IP here.
-                tokio::spawn(filters::handle(
-                    stream,
-                    Direction::Outbound,
-                    vip,
-                    peer,
-                    ctx.clone(),
-                ));
-            }
-        });
-        addr
+    let (proxy_tx, proxy_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        COUNTING.with(|c| c.set(true));
+        runtime.block_on(async {
+            let addr = start_proxy(vip, echo).await;
+            proxy_tx.send(addr).expect("the bench waits for the proxy");
+            std::future::pending::<()>().await
+        })
     });
+    let proxy = proxy_rx.recv().expect("the proxy's address");
 
     let mut stream = TcpStream::connect(proxy).expect("connect to the proxy");
     stream.set_nodelay(true).expect("nodelay");
@@ -113,7 +138,7 @@ fn main() {
     let mut oldest = 0i32;
     let mut calls = |n: usize, stream: &mut TcpStream| {
         for _ in 0..n {
-            while seq - oldest < IN_FLIGHT as i32 {
+            while seq - oldest < in_flight {
                 set_seq(&mut call, seq);
                 stream.write_all(&call).expect("send a call");
                 seq += 1;
@@ -125,15 +150,14 @@ fn main() {
     };
     calls(WARMUP, &mut stream);
     let before = ALLOCATIONS.load(Ordering::Relaxed);
-    calls(MEASURED, &mut stream);
+    calls(measured, &mut stream);
     let allocations = ALLOCATIONS.load(Ordering::Relaxed) - before;
-    let per_request = allocations as f64 / MEASURED as f64;
+    let per_request = allocations as f64 / measured.max(1) as f64;
     println!(
-        "allocations per proxied request: {per_request:.3} ({allocations} over {MEASURED} requests)"
+        "allocations per proxied request: {per_request:.3} ({allocations} over {measured} requests)"
     );
     if let Some(out) = std::env::var_os("TERN_BENCH_OUT") {
         let json = format!("{{\"allocations per proxied request\": {per_request}}}\n");
         std::fs::write(&out, json).expect("write the result");
     }
-    drop(runtime);
 }

@@ -1,10 +1,11 @@
 //! A bound on bytes many holders take together: what tern holds for clients' messages —
 //! downstream read buffers (partial messages included), the requests cut from them until they
-//! are done, and large replies until they are written (see `filters::thrift::read_buffer`,
-//! and the pools' reply buffers in `upstream`) — so clients and servers cannot grow tern past
-//! its memory limit; and the
-//! clusters' ring hash and Maglev tables (see [`crate::balance::EndpointPicker::within`]),
-//! and the pipes bulk relays splice through (counted one each, see `filters::tcp::splice`).
+//! are done, requests waiting to be written on a multiplexed connection ([`Backlog`]), and
+//! large replies until they are written (see `filters::thrift::read_buffer`, and the pools'
+//! reply buffers in `upstream`) — so clients and servers cannot grow tern past its memory
+//! limit; the clusters' ring hash and Maglev tables (see
+//! [`crate::balance::EndpointPicker::within`]); and the pipes bulk relays splice through
+//! (counted one each, see `filters::tcp::splice`).
 use std::sync::{
     Arc,
     atomic::{AtomicUsize, Ordering},
@@ -136,6 +137,60 @@ impl Held {
     }
 }
 
+/// Bytes waiting in a queue (a multiplexed connection's requests to write): what it holds
+/// beyond an allowance that is not charged, in steps of the allowance, so a queue that stays
+/// short never touches the shared counter.
+#[derive(Debug)]
+pub struct Backlog {
+    bytes: usize,
+    held: Held,
+}
+
+impl Backlog {
+    /// Bytes a queue holds uncharged, and the step its charge moves by.
+    pub const STEP: usize = 64 * 1024;
+
+    pub fn new(budget: &Arc<BufferBudget>) -> Self {
+        Self {
+            bytes: 0,
+            held: budget.hold(),
+        }
+    }
+
+    /// What `bytes` waiting are charged.
+    fn charge(bytes: usize) -> usize {
+        bytes
+            .saturating_sub(Self::STEP)
+            .checked_next_multiple_of(Self::STEP)
+            .unwrap_or(usize::MAX)
+    }
+
+    /// `n` more bytes wait; refused (and nothing changed) over the limit.
+    pub fn add(&mut self, n: usize) -> Result<(), Exhausted> {
+        let bytes = self.bytes.saturating_add(n);
+        let charge = Self::charge(bytes);
+        if charge > self.held.bytes {
+            self.held.resize(charge)?;
+        }
+        self.bytes = bytes;
+        Ok(())
+    }
+
+    /// `n` bytes no longer wait (written, or dropped with their connection).
+    pub fn remove(&mut self, n: usize) {
+        self.bytes = self.bytes.saturating_sub(n);
+        let charge = Self::charge(self.bytes);
+        if charge < self.held.bytes {
+            self.held.set(charge);
+        }
+    }
+
+    /// Nothing waits any more.
+    pub fn clear(&mut self) {
+        self.remove(self.bytes);
+    }
+}
+
 impl Drop for Held {
     fn drop(&mut self) {
         self.budget.used.fetch_sub(self.bytes, Ordering::Relaxed);
@@ -164,5 +219,29 @@ mod tests {
         assert_eq!(budget.used(), 400, "a refused growth holds nothing more");
         drop(b);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_backlog_is_charged_beyond_its_allowance_in_steps() {
+        const STEP: usize = Backlog::STEP;
+        let budget = BufferBudget::new(4 * STEP);
+        let mut queue = Backlog::new(&budget);
+        queue.add(STEP).unwrap();
+        assert_eq!(budget.used(), 0, "the allowance is not charged");
+        queue.add(1).unwrap();
+        assert_eq!(budget.used(), STEP, "a byte past it takes a step");
+        queue.add(STEP - 1).unwrap();
+        assert_eq!(budget.used(), STEP);
+        assert!(queue.add(4 * STEP).is_err(), "over the limit");
+        assert_eq!(budget.used(), STEP, "a refused add holds nothing more");
+        queue.add(3 * STEP).unwrap();
+        assert_eq!(budget.used(), 4 * STEP);
+        queue.remove(3 * STEP);
+        assert_eq!(budget.used(), STEP);
+        queue.clear();
+        assert_eq!(budget.used(), 0);
+        queue.add(3 * STEP).unwrap();
+        drop(queue);
+        assert_eq!(budget.used(), 0, "given back when dropped");
     }
 }

@@ -1,6 +1,7 @@
 //! What tern holds is bounded by its configuration, not by what peers do: connections to an
 //! endpoint that left the configuration close, a one-way flood at a server that stopped
-//! reading does not grow tern's memory, and clients' method names do not create metric series.
+//! reading does not grow tern's memory, what clients and servers make tern buffer stays
+//! within the buffer budget, and clients' method names do not create metric series.
 use std::time::Duration;
 
 use tern_tests::{
@@ -13,6 +14,7 @@ const STALLED: &str = "10.96.0.61:9090";
 const MIRROR: &str = "10.96.0.62:9090";
 const INFLATE: &str = "10.96.0.63:9090";
 const INFLATE_MUX: &str = "10.96.0.64:9090";
+const STALLED_MUX: &str = "10.96.0.65:9090";
 
 fn config(calc_endpoints: &[&str]) -> String {
     config_with(calc_endpoints, "")
@@ -36,6 +38,8 @@ fn config_with(calc_endpoints: &[&str], extra: &str) -> String {
     filter_chains: [ {{ tcp_proxy: {{ cluster: 'outbound|9090||inflate.default.svc.cluster.local' }} }} ]
   - address: {INFLATE_MUX}
     filter_chains: [ {{ tcp_proxy: {{ cluster: inflate-mux }} }} ]
+  - address: {STALLED_MUX}
+    filter_chains: [ {{ tcp_proxy: {{ cluster: stalled-mux }} }} ]
 clusters:
   - name: 'outbound|9090||calc.default.svc.cluster.local'
     endpoints: [ {} ]
@@ -49,6 +53,9 @@ clusters:
   - name: inflate-mux
     thrift_upstream: multiplexed
     endpoints: [ {{ address: 10.66.1.2:9303 }} ]
+  - name: stalled-mux
+    thrift_upstream: multiplexed
+    endpoints: [ {{ address: 10.66.1.2:9301 }} ]
 "#,
         eps.join(", ")
     )
@@ -180,6 +187,60 @@ fn a_one_way_flood_at_a_stalled_server_keeps_memory_bounded() {
         written < 200_000,
         "the flood was absorbed somewhere: {written} calls written"
     );
+}
+
+/// Large one-way calls at a server that reads nothing, over connections of their own or
+/// multiplexed: a one-way call is done once it is queued, but what waits to be written
+/// stays within the buffer budget (16 MiB here) — not the write queue's 1,024 calls.
+#[test]
+fn large_one_way_calls_waiting_to_be_written_stay_within_the_buffer_budget() {
+    tern_tests::require_root!();
+    for (vip, pool) in [(STALLED, "exclusive"), (STALLED_MUX, "multiplexed")] {
+        let s = setup_with(&["--max-buffered-bytes", &BUDGET.to_string()]);
+        let before = rss_kib(&s);
+        let pid = s.tern.process.pid();
+        let flooding = std::sync::atomic::AtomicBool::new(true);
+        let (flood, after) = std::thread::scope(|scope| {
+            let peak = scope.spawn(|| {
+                let mut peak = 0;
+                while flooding.load(std::sync::atomic::Ordering::Relaxed) {
+                    peak = peak.max(tern_tests::proc_kib(pid, "VmRSS"));
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                peak
+            });
+            // 1,024 calls of 1 MiB: a gigabyte, if the write queue held them all.
+            let flood = python_json(
+                &s.p.app,
+                Some(&s.p.cgroup),
+                "protocols_peer.py",
+                &["oneways", vip, "1024", "1048576", "6"],
+            );
+            flooding.store(false, std::sync::atomic::Ordering::Relaxed);
+            (flood, peak.join().unwrap())
+        });
+        let written = &flood["written"];
+        eprintln!(
+            "{pool}: {written} one-way calls of 1 MiB written; tern RSS {before} KiB, at most {after} KiB"
+        );
+        assert!(
+            after.saturating_sub(before) < (BUDGET + SLACK) / 1024,
+            "{pool}: tern's peak RSS grew from {before} KiB to {after} KiB for one-way calls a \
+             server does not read ({written} written)"
+        );
+        if pool == "multiplexed" {
+            // The multiplexed pool reads on (the connection is shared): what the budget had
+            // no room for is refused, and counted.
+            let refused = tern_tests::metric(
+                &s.p.app,
+                "tern_thrift_local_replies_total{cluster=\"stalled-mux\",cause=\"buffer_budget\"}",
+            );
+            assert!(
+                refused > 0.0,
+                "no call refused for the budget ({written} written)"
+            );
+        }
+    }
 }
 
 /// The buffer budget of [`large_calls_and_replies_a_client_does_not_read_stay_within_the_buffer_budget`].

@@ -89,9 +89,11 @@ pub struct RunArgs {
     #[arg(long, env = "INSTANCE_IP", default_value = "127.0.0.1")]
     pub instance_ip: std::net::IpAddr,
     /// Bytes tern may hold for messages, all connections together: read buffers (partial
-    /// messages included), requests in flight, and large replies until they are written. A
-    /// client with requests in flight is not read until one is done; one with none, that
-    /// would take more, is closed; a large reply that would take more fails its request.
+    /// messages included), requests in flight, requests waiting to be written on a
+    /// multiplexed connection, and large replies until they are written. A client with
+    /// requests in flight is not read until one is done; one with none, that would take
+    /// more, is closed; a request that would wait on a multiplexed connection, or a large
+    /// reply, that would take more fails its request.
     /// Keep it well under the container's memory limit.
     #[arg(long, env = "TERN_MAX_BUFFERED_BYTES", default_value_t = 64 << 20)]
     pub max_buffered_bytes: usize,

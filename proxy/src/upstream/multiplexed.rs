@@ -10,7 +10,9 @@
 //! holds 1,024 of them (its server stopped answering), takes no new requests and closes when
 //! its live requests are done — answered, or given up at their timeout. One-way calls are
 //! written and done, and count against the circuit breakers until written. The write queue
-//! is bounded.
+//! is bounded in requests, and what waits in it in bytes by the buffer budget: a request the
+//! budget cannot take is refused (a server that reads slowly, or not at all, cannot make tern
+//! hold its callers' large or one-way calls, or those that timed out, beyond the budget).
 //! A connection that fails to connect hands every queued request back (for a retry on
 //! another endpoint); one that closes fails its requests in flight. Its read buffer grows
 //! past its usual size, for a large reply, within the buffer budget (a connection the budget
@@ -37,7 +39,7 @@ use super::{
     UpstreamError, answers_by_name,
 };
 use crate::{
-    budget::{BufferBudget, Held},
+    budget::{Backlog, BufferBudget, Held},
     stream::write_all_vectored,
     thrift::{Decoder, Message, MessageType, Protocol, Transport},
 };
@@ -93,7 +95,7 @@ struct Conn {
     wake: AtomicWaker,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Pending {
     /// By upstream id. tern chooses the ids and a reply's id only looks one up, so the map
     /// hashes with foldhash (SipHash was 2.4% of a multiplexed request's instructions).
@@ -102,6 +104,8 @@ struct Pending {
     next: [u32; 6],
     /// Requests queued while connecting (counted against max pending requests).
     queued: usize,
+    /// The bytes of the requests waiting to be written, within the buffer budget.
+    unwritten: Backlog,
     closed: bool,
 }
 
@@ -133,6 +137,16 @@ impl Waiter {
 }
 
 impl Pending {
+    fn new(budget: &Arc<BufferBudget>) -> Self {
+        Self {
+            waiting: HashMap::default(),
+            next: [0; 6],
+            queued: 0,
+            unwritten: Backlog::new(budget),
+            closed: false,
+        }
+    }
+
     /// A free id in the class: any non-negative i32 for binary; for compact, one whose
     /// varint has exactly `len` bytes.
     fn allocate(&mut self, len: usize) -> Option<i32> {
@@ -166,6 +180,8 @@ impl Conn {
     fn close(&self, reason: impl Fn() -> Failed) {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         p.closed = true;
+        // What was queued goes with the connection's task.
+        p.unwritten.clear();
         self.state.store(CLOSED, Ordering::Release);
         for (_, w) in p.waiting.drain() {
             w.cell.complete(w.generation, Err(reason()));
@@ -260,6 +276,9 @@ impl Pool {
         if oneway {
             // Nothing comes back, so the sequence id needs no rewriting; the call counts
             // against the circuit breakers until it is written.
+            if let Err(e) = p.unwritten.add(msg.as_bytes().len()) {
+                return Err((UpstreamError::Budget(e), msg));
+            }
             let bytes = msg.into_bytes();
             slot.send((bytes.clone(), Some(ActiveRequest::new(cluster.clone()))));
             return Ok(Sent::Oneway(bytes));
@@ -275,6 +294,9 @@ impl Pool {
         let client_seq = msg.seq_id();
         if msg.set_seq_id(id).is_err() {
             return Err((UpstreamError::Overflow("sequence id length"), msg));
+        }
+        if let Err(e) = p.unwritten.add(msg.as_bytes().len()) {
+            return Err((UpstreamError::Budget(e), msg));
         }
         let (cell, generation) = reply_to;
         // Sent while holding the lock, so a connection closing now drains this waiter.
@@ -328,7 +350,7 @@ impl Pool {
             tx,
             state: AtomicU8::new(CONNECTING),
             inflight: AtomicUsize::new(0),
-            pending: Mutex::new(Pending::default()),
+            pending: Mutex::new(Pending::new(budget)),
             retiring: AtomicBool::new(self.retired()),
             wake: AtomicWaker::new(),
         });
@@ -433,6 +455,12 @@ async fn run(
                 counted.extend(count);
             }
             write_all_vectored(&mut wr, &out).await?;
+            let written = out.iter().map(Bytes::len).sum();
+            conn.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .unwritten
+                .remove(written);
             out.clear();
             counted.clear();
         }
@@ -511,7 +539,7 @@ mod tests {
 
     #[test]
     fn compact_ids_keep_their_varint_length() {
-        let mut p = Pending::default();
+        let mut p = Pending::new(&BufferBudget::new(0));
         for len in 1..=5 {
             for _ in 0..300 {
                 let id = p.allocate(len).unwrap();
@@ -522,7 +550,7 @@ mod tests {
 
     #[test]
     fn ids_in_use_are_skipped_and_a_full_class_is_refused() {
-        let mut p = Pending::default();
+        let mut p = Pending::new(&BufferBudget::new(0));
         for _ in 0..128 {
             let id = p.allocate(1).unwrap();
             let cell = Arc::new(ReplyCell::default());

@@ -17,7 +17,7 @@ use super::{
     routing::{Forward, Plan},
 };
 use crate::{
-    budget::Held,
+    budget::{Exhausted, Held},
     config::{Cluster, UpstreamMode},
     filters::{
         Ctx, istio,
@@ -230,6 +230,16 @@ impl Call<'_> {
         local::reply(self.ctx, request, cause, kind, why)
     }
 
+    /// The local reply to a request the buffer budget had no room for.
+    fn over_budget(&self, name: &[u8], e: &Exhausted) -> Option<Bytes> {
+        self.local(
+            name,
+            "buffer_budget",
+            AppExceptionType::InternalError,
+            &e.to_string(),
+        )
+    }
+
     /// A one-way call went out to `ep`.
     fn sent_oneway(&self, ep: &EndpointHandle, name: &[u8]) {
         istio::endpoint_requests(self.ctx, self.cluster, ep)[0].observe(
@@ -300,20 +310,18 @@ impl Call<'_> {
                 AppExceptionType::InternalError,
                 &format!("circuit breaker overflow: {what}"),
             )),
+            Ok(Err(Failed::NotSent(UpstreamError::Budget(e)))) => {
+                // tern's own limit, not the endpoint's failing: another endpoint would not do.
+                Next::Done(self.over_budget(name, &e))
+            }
             Ok(Err(Failed::NotSent(e))) => {
                 debug!(error = %e, "not sent; trying another endpoint");
                 cluster.record_failure(endpoint, Failure::Gateway);
                 Next::Retry
             }
             Ok(Err(Failed::Lost(UpstreamError::Budget(e)))) => {
-                // tern's own limit, not the endpoint's failing.
                 took(Instant::now());
-                Next::Done(self.local(
-                    name,
-                    "buffer_budget",
-                    AppExceptionType::InternalError,
-                    &e.to_string(),
-                ))
+                Next::Done(self.over_budget(name, &e))
             }
             Ok(Err(Failed::Lost(e))) => {
                 took(Instant::now());
