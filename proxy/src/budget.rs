@@ -11,6 +11,12 @@ use std::sync::{
     atomic::{AtomicUsize, Ordering},
 };
 
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{MetricType, gauge::ConstGauge},
+};
+
 /// The shared budget.
 #[derive(Debug)]
 pub struct BufferBudget {
@@ -185,9 +191,40 @@ impl Backlog {
         }
     }
 
+    /// Bytes waiting.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// Nothing waits any more.
     pub fn clear(&mut self) {
         self.remove(self.bytes);
+    }
+}
+
+/// Exports a budget's use and limit when scraped (`…_used_bytes`, `…_limit_bytes`): how close
+/// tern is to refusing for it.
+#[derive(Debug)]
+pub struct BudgetCollector {
+    /// The metrics' name before `_used_bytes` and `_limit_bytes`.
+    pub name: &'static str,
+    pub help: &'static str,
+    pub budget: Arc<BufferBudget>,
+}
+
+impl Collector for BudgetCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let gauge = |n: usize| ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX));
+        for (suffix, what, value) in [
+            ("used", "held now", self.budget.used()),
+            ("limit", "the limit", self.budget.limit),
+        ] {
+            let name = format!("{}_{suffix}_bytes", self.name);
+            let help = format!("{}: {what}", self.help);
+            let metric = encoder.encode_descriptor(&name, &help, None, MetricType::Gauge)?;
+            gauge(value).encode(metric)?;
+        }
+        Ok(())
     }
 }
 
@@ -219,6 +256,29 @@ mod tests {
         assert_eq!(budget.used(), 400, "a refused growth holds nothing more");
         drop(b);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn the_collector_exports_use_and_limit() {
+        let budget = BufferBudget::new(1000);
+        let mut registry = prometheus_client::registry::Registry::with_prefix("tern");
+        registry.register_collector(Box::new(BudgetCollector {
+            name: "buffer_budget",
+            help: "Bytes held",
+            budget: budget.clone(),
+        }));
+        let mut held = budget.hold();
+        held.resize(300).unwrap();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains("\ntern_buffer_budget_used_bytes 300\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\ntern_buffer_budget_limit_bytes 1000\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::{fmt::Write as _, path::PathBuf, sync::Arc};
 use prometheus_client::{encoding::text::encode, registry::Registry};
 
 use crate::{
+    budget::{BudgetCollector, BufferBudget},
     capture::metrics::CaptureCollector,
     filters::metrics::FilterMetrics,
     listener::ListenerMetrics,
@@ -32,13 +33,25 @@ impl Metrics {
     /// The registry; `capture_pins` is the pin directory of the eBPF capture this proxy
     /// serves, whose counters are exported at each scrape.
     pub fn new(capture_pins: Option<PathBuf>) -> Arc<Self> {
-        Self::for_workload(capture_pins, Workload::default())
+        Self::for_workload(capture_pins, Workload::default(), None)
     }
 
-    /// [`Metrics::new`], for Istio's metrics naming `local` as tern's workload.
-    pub fn for_workload(capture_pins: Option<PathBuf>, local: Workload) -> Arc<Self> {
+    /// [`Metrics::new`], for Istio's metrics naming `local` as tern's workload, and the
+    /// buffer budget's use exported from `budget`.
+    pub fn for_workload(
+        capture_pins: Option<PathBuf>,
+        local: Workload,
+        budget: Option<Arc<BufferBudget>>,
+    ) -> Arc<Self> {
         let mut registry = Registry::with_prefix("tern");
         registry.register_collector(Box::new(CaptureCollector { pins: capture_pins }));
+        if let Some(budget) = budget {
+            registry.register_collector(Box::new(BudgetCollector {
+                name: "buffer_budget",
+                help: "Bytes held for messages, all connections together (--max-buffered-bytes)",
+                budget,
+            }));
+        }
         let istio = IstioMetrics::new(local);
         let tls = TlsMetrics::register(&mut registry);
         let refusals = Refusals::register(&mut registry);

@@ -119,6 +119,46 @@ fn rss_kib(s: &Setup) -> u64 {
     tern_tests::proc_kib(s.tern.process.pid(), "VmRSS")
 }
 
+/// The buffer budget's use, from tern's metrics.
+fn budget_used(s: &Setup) -> f64 {
+    tern_tests::metric(&s.p.app, "tern_buffer_budget_used_bytes")
+}
+
+/// The most tern held while a client ran: resident KiB (sampled every 50 ms) and bytes of the
+/// buffer budget (every 250 ms).
+struct Peak {
+    rss_kib: u64,
+    budget_bytes: f64,
+}
+
+/// Runs `client` and watches tern meanwhile.
+fn watching<T: Send>(s: &Setup, client: impl FnOnce() -> T + Send) -> (T, Peak) {
+    let pid = s.tern.process.pid();
+    let running = std::sync::atomic::AtomicBool::new(true);
+    std::thread::scope(|scope| {
+        let peak = scope.spawn(|| {
+            let mut peak = Peak {
+                rss_kib: 0,
+                budget_bytes: 0.0,
+            };
+            for sample in 0.. {
+                if !running.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                peak.rss_kib = peak.rss_kib.max(tern_tests::proc_kib(pid, "VmRSS"));
+                if sample % 5 == 0 {
+                    peak.budget_bytes = peak.budget_bytes.max(budget_used(s));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            peak
+        });
+        let out = client();
+        running.store(false, std::sync::atomic::Ordering::Relaxed);
+        (out, peak.join().unwrap())
+    })
+}
+
 /// An endpoint removed from the configuration loses its upstream connections.
 #[test]
 fn an_endpoint_that_leaves_loses_its_connections() {
@@ -191,53 +231,59 @@ fn a_one_way_flood_at_a_stalled_server_keeps_memory_bounded() {
 
 /// Large one-way calls at a server that reads nothing, over connections of their own or
 /// multiplexed: a one-way call is done once it is queued, but what waits to be written
-/// stays within the buffer budget (16 MiB here) — not the write queue's 1,024 calls.
+/// stays within the buffer budget (16 MiB here) and the write queue's bound in bytes — not
+/// its 1,024 calls — and is given back when it could not be written within the message
+/// timeout.
 #[test]
 fn large_one_way_calls_waiting_to_be_written_stay_within_the_buffer_budget() {
     tern_tests::require_root!();
     for (vip, pool) in [(STALLED, "exclusive"), (STALLED_MUX, "multiplexed")] {
-        let s = setup_with(&["--max-buffered-bytes", &BUDGET.to_string()]);
+        let s = setup_with(&[
+            "--max-buffered-bytes",
+            &BUDGET.to_string(),
+            "--message-timeout-secs",
+            "3",
+        ]);
         let before = rss_kib(&s);
-        let pid = s.tern.process.pid();
-        let flooding = std::sync::atomic::AtomicBool::new(true);
-        let (flood, after) = std::thread::scope(|scope| {
-            let peak = scope.spawn(|| {
-                let mut peak = 0;
-                while flooding.load(std::sync::atomic::Ordering::Relaxed) {
-                    peak = peak.max(tern_tests::proc_kib(pid, "VmRSS"));
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                peak
-            });
-            // 1,024 calls of 1 MiB: a gigabyte, if the write queue held them all.
-            let flood = python_json(
+        // 1,024 calls of 1 MiB: a gigabyte, if the write queue held them all.
+        let (flood, peak) = watching(&s, || {
+            python_json(
                 &s.p.app,
                 Some(&s.p.cgroup),
                 "protocols_peer.py",
                 &["oneways", vip, "1024", "1048576", "6"],
-            );
-            flooding.store(false, std::sync::atomic::Ordering::Relaxed);
-            (flood, peak.join().unwrap())
+            )
         });
+        let after = peak.rss_kib;
         let written = &flood["written"];
         eprintln!(
-            "{pool}: {written} one-way calls of 1 MiB written; tern RSS {before} KiB, at most {after} KiB"
+            "{pool}: {written} one-way calls of 1 MiB written; tern RSS {before} KiB, at most \
+             {after} KiB; the budget's use at most {} bytes",
+            peak.budget_bytes
         );
         assert!(
             after.saturating_sub(before) < (BUDGET + SLACK) / 1024,
             "{pool}: tern's peak RSS grew from {before} KiB to {after} KiB for one-way calls a \
              server does not read ({written} written)"
         );
+        assert!(
+            peak.budget_bytes > 0.0,
+            "{pool}: the budget's use never showed ({written} written)"
+        );
         if pool == "multiplexed" {
-            // The multiplexed pool reads on (the connection is shared): what the budget had
-            // no room for is refused, and counted.
+            // The multiplexed pool reads on (the connection is shared): what its write queue
+            // had no room for is refused, and counted.
             let refused = tern_tests::metric(
                 &s.p.app,
-                "tern_thrift_local_replies_total{cluster=\"stalled-mux\",cause=\"buffer_budget\"}",
+                "tern_thrift_local_replies_total{cluster=\"stalled-mux\",cause=\"overflow\"}",
             );
+            assert!(refused > 0.0, "no call refused ({written} written)");
+            // What waited for the server that reads nothing is given back once it was not
+            // written within the message timeout (3 s here).
             assert!(
-                refused > 0.0,
-                "no call refused for the budget ({written} written)"
+                tern_tests::eventually(Duration::from_secs(10), || budget_used(&s) == 0.0),
+                "the budget still holds {} bytes for a stalled server",
+                budget_used(&s)
             );
         }
     }
@@ -271,29 +317,19 @@ fn large_calls_and_replies_a_client_does_not_read_stay_within_the_buffer_budget(
         let before = rss_kib(&s);
         // 4 connections × 64 calls: of 1 MiB, 256 MiB of calls (as much again in replies
         // from `mirror`); of 100 B to `inflate`, 256 MiB of replies.
-        let pid = s.tern.process.pid();
-        let hoarding = std::sync::atomic::AtomicBool::new(true);
-        let (hoard, after) = std::thread::scope(|scope| {
-            let peak = scope.spawn(|| {
-                let mut peak = 0;
-                while hoarding.load(std::sync::atomic::Ordering::Relaxed) {
-                    peak = peak.max(tern_tests::proc_kib(pid, "VmRSS"));
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                peak
-            });
-            let hoard = python_json(
+        let (hoard, peak) = watching(&s, || {
+            python_json(
                 &s.p.app,
                 Some(&s.p.cgroup),
                 "protocols_peer.py",
                 &["hoard", vip, "4", "64", size, "6"],
-            );
-            hoarding.store(false, std::sync::atomic::Ordering::Relaxed);
-            (hoard, peak.join().unwrap())
+            )
         });
+        let after = peak.rss_kib;
         eprintln!(
-            "{server}: {} calls of {size} B written; tern RSS {before} KiB, at most {after} KiB",
-            hoard["written"]
+            "{server}: {} calls of {size} B written; tern RSS {before} KiB, at most {after} \
+             KiB; the budget's use at most {} bytes",
+            hoard["written"], peak.budget_bytes
         );
         assert!(
             after.saturating_sub(before) < (BUDGET + SLACK) / 1024,
@@ -301,6 +337,19 @@ fn large_calls_and_replies_a_client_does_not_read_stay_within_the_buffer_budget(
              read nothing ({} calls of {size} B written)",
             hoard["written"]
         );
+        assert!(
+            peak.budget_bytes > 0.0,
+            "{server}: the budget's use never showed"
+        );
+        if server != "stalled" {
+            // The clients are gone and every call was answered: all is given back (calls to
+            // `stalled` wait for their timeout).
+            assert!(
+                tern_tests::eventually(Duration::from_secs(10), || budget_used(&s) == 0.0),
+                "{server}: the budget still holds {} bytes for clients that left",
+                budget_used(&s)
+            );
+        }
     }
 }
 

@@ -90,10 +90,10 @@ pub struct RunArgs {
     pub instance_ip: std::net::IpAddr,
     /// Bytes tern may hold for messages, all connections together: read buffers (partial
     /// messages included), requests in flight, requests waiting to be written on a
-    /// multiplexed connection, and large replies until they are written. A client with
-    /// requests in flight is not read until one is done; one with none, that would take
-    /// more, is closed; a request that would wait on a multiplexed connection, or a large
-    /// reply, that would take more fails its request.
+    /// multiplexed connection (beyond 64 KiB each), and large replies until they are written.
+    /// A client with requests in flight is not read until one is done; one with none, that
+    /// would take more, is closed; a request that would wait on a multiplexed connection, or
+    /// a large reply, that would take more fails its request.
     /// Keep it well under the container's memory limit.
     #[arg(long, env = "TERN_MAX_BUFFERED_BYTES", default_value_t = 64 << 20)]
     pub max_buffered_bytes: usize,
@@ -109,7 +109,8 @@ pub struct RunArgs {
     #[arg(long, env = "TERN_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
     /// Seconds a client has from a message's first byte to its last (its first message too,
-    /// while tern finds out whether it speaks Thrift); slower ones are closed.
+    /// while tern finds out whether it speaks Thrift); slower ones are closed. A multiplexed
+    /// upstream connection that cannot write what it queued within it closes too.
     #[arg(long, env = "TERN_MESSAGE_TIMEOUT", default_value_t = 15)]
     pub message_timeout_secs: u64,
     /// Log one line per connection when it closes: direction, peer, original destination,

@@ -102,13 +102,24 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         CaptureMode::None => "NONE",
     };
     let node = crate::xds::node::node(args.node_id.as_deref(), interception);
-    let metrics = Metrics::for_workload(pins, crate::telemetry::Workload::from_node(&node));
+    let budget = crate::budget::BufferBudget::new(args.max_buffered_bytes);
+    let metrics = Metrics::for_workload(
+        pins,
+        crate::telemetry::Workload::from_node(&node),
+        Some(budget.clone()),
+    );
     let loaded_version = config.version.clone();
     let (state, xds) = configured_state(&args, &node, config, &metrics, mark)?;
     let (drain_tx, drain_rx) = watch::channel(false);
     let drain_tx = Arc::new(drain_tx);
     let closing = Notice::default();
-    let ctx = Arc::new(context(&args, &state, &metrics, mark, closing.clone()));
+    let ctx = Arc::new(context(
+        &args,
+        (&state, budget),
+        &metrics,
+        mark,
+        closing.clone(),
+    ));
     let open = Arc::new(OpenConnections::default());
     let mut tasks = serve_listeners(
         &args,
@@ -238,7 +249,7 @@ fn own_sockets_mark(
 /// What every connection handler needs, from the arguments.
 fn context(
     args: &RunArgs,
-    state: &Arc<State>,
+    (state, budget): (&Arc<State>, Arc<crate::budget::BufferBudget>),
     metrics: &Metrics,
     mark: u32,
     closing: Notice,
@@ -258,7 +269,7 @@ fn context(
             relay: args.thrift_detect_exclude_ports.clone(),
             forced: args.thrift_ports.clone(),
         },
-        budget: crate::budget::BufferBudget::new(args.max_buffered_bytes),
+        budget,
         message_timeout: Duration::from_secs(args.message_timeout_secs),
     }
 }

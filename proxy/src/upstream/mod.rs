@@ -79,6 +79,10 @@ pub struct PoolSettings {
     pub max_connections: usize,
     pub max_pending: usize,
     pub limits: DecoderLimits,
+    /// What a multiplexed connection has to write must go out within this (the message
+    /// timeout), or the connection closes: a server that stopped reading holds nothing for
+    /// longer.
+    pub write_timeout: Duration,
 }
 
 /// The connections to one endpoint from one worker, and the requests that worker sent it.

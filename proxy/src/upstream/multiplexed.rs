@@ -10,9 +10,11 @@
 //! holds 1,024 of them (its server stopped answering), takes no new requests and closes when
 //! its live requests are done — answered, or given up at their timeout. One-way calls are
 //! written and done, and count against the circuit breakers until written. The write queue
-//! is bounded in requests, and what waits in it in bytes by the buffer budget: a request the
-//! budget cannot take is refused (a server that reads slowly, or not at all, cannot make tern
-//! hold its callers' large or one-way calls, or those that timed out, beyond the budget).
+//! is bounded in requests and in bytes, and what waits in it beyond 64 KiB is charged to the
+//! buffer budget; what is queued must be written within the message timeout, or the
+//! connection closes. So a server that reads slowly, or not at all, cannot make tern hold its
+//! callers' large or one-way calls, or those that timed out, beyond those bounds, nor for
+//! longer than that.
 //! A connection that fails to connect hands every queued request back (for a retry on
 //! another endpoint); one that closes fails its requests in flight. Its read buffer grows
 //! past its usual size, for a large reply, within the buffer budget (a connection the budget
@@ -29,7 +31,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use futures_util::task::AtomicWaker;
+use futures_util::{FutureExt, task::AtomicWaker};
 use smallvec::SmallVec;
 use tokio::{io::AsyncReadExt, sync::mpsc};
 use tracing::debug;
@@ -46,6 +48,10 @@ use crate::{
 
 /// Requests queued for writing on one connection before new ones overflow.
 const WRITE_QUEUE: usize = 1024;
+/// Bytes queued for writing on one connection before new requests overflow (as Envoy's
+/// per-connection buffer limit): one server that reads slowly takes this much of the buffer
+/// budget per connection, not all of it.
+const WRITE_QUEUE_BYTES: usize = 4 << 20;
 /// Requests a connection holds ids for (waiting, or given up with no reply yet) before it
 /// takes no more.
 const MAX_WAITING: usize = 1024;
@@ -145,6 +151,16 @@ impl Pending {
             unwritten: Backlog::new(budget),
             closed: false,
         }
+    }
+
+    /// Counts `len` more bytes to write: refused past the queue's own bound (unless it is
+    /// empty: any one message fits) or the buffer budget.
+    fn enqueue(&mut self, len: usize) -> Result<(), UpstreamError> {
+        let waiting = self.unwritten.bytes();
+        if waiting > 0 && waiting.saturating_add(len) > WRITE_QUEUE_BYTES {
+            return Err(UpstreamError::Overflow("upstream write queue"));
+        }
+        Ok(self.unwritten.add(len)?)
     }
 
     /// A free id in the class: any non-negative i32 for binary; for compact, one whose
@@ -276,8 +292,8 @@ impl Pool {
         if oneway {
             // Nothing comes back, so the sequence id needs no rewriting; the call counts
             // against the circuit breakers until it is written.
-            if let Err(e) = p.unwritten.add(msg.as_bytes().len()) {
-                return Err((UpstreamError::Budget(e), msg));
+            if let Err(e) = p.enqueue(msg.as_bytes().len()) {
+                return Err((e, msg));
             }
             let bytes = msg.into_bytes();
             slot.send((bytes.clone(), Some(ActiveRequest::new(cluster.clone()))));
@@ -295,8 +311,8 @@ impl Pool {
         if msg.set_seq_id(id).is_err() {
             return Err((UpstreamError::Overflow("sequence id length"), msg));
         }
-        if let Err(e) = p.unwritten.add(msg.as_bytes().len()) {
-            return Err((UpstreamError::Budget(e), msg));
+        if let Err(e) = p.enqueue(msg.as_bytes().len()) {
+            return Err((e, msg));
         }
         let (cell, generation) = reply_to;
         // Sent while holding the lock, so a connection closing now drains this waiter.
@@ -454,7 +470,7 @@ async fn run(
                 out.push(bytes);
                 counted.extend(count);
             }
-            write_all_vectored(&mut wr, &out).await?;
+            write_within(&mut wr, &out, settings.write_timeout).await?;
             let written = out.iter().map(Bytes::len).sum();
             conn.pending
                 .lock()
@@ -496,6 +512,27 @@ async fn run(
     open.fetch_sub(1, Ordering::Relaxed);
     cluster.metrics().connections_gauge.dec();
     super::release_connection(&cluster);
+}
+
+/// Writes `out` whole within `timeout`: at once, as usual (no timer then), or while the server
+/// reads on.
+async fn write_within(
+    wr: &mut crate::stream::WriteHalf,
+    out: &[Bytes],
+    timeout: std::time::Duration,
+) -> io::Result<()> {
+    let mut write = std::pin::pin!(write_all_vectored(wr, out));
+    if let Some(done) = write.as_mut().now_or_never() {
+        return done;
+    }
+    tokio::time::timeout(timeout, write)
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("requests not written within {timeout:?}: the server reads nothing"),
+            ))
+        })
 }
 
 /// Hands a reply to the request it answers; an error closes the connection. A reply to a

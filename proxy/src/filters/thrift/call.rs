@@ -356,6 +356,7 @@ pub fn pool_settings(cfg: &Cluster, ctx: &Ctx) -> PoolSettings {
         max_connections: cfg.circuit_breakers.max_connections,
         max_pending: cfg.circuit_breakers.max_pending_requests,
         limits: ctx.limits,
+        write_timeout: ctx.message_timeout,
     }
 }
 
