@@ -382,3 +382,65 @@ fn the_largest_reviews_stay_within_bounds() {
     let (status, _) = webhook.curl(&ca, "POST", "/inject", Some(&oversized));
     assert_eq!(status, 413);
 }
+
+/// Many clients at once, each with a body just under the bound (what anyone who reaches the
+/// webhook's port can send): the bodies it holds together are bounded, so its memory stays
+/// under its 192 Mi limit (64 bodies of 3 MB took it to 262 MiB before), and it answers
+/// reviews again afterwards.
+#[test]
+fn many_large_bodies_at_once_stay_within_bounds() {
+    tern_tests::require_root!();
+    let ca = TestCa::new().unwrap();
+    let webhook = Webhook::start(&ca);
+    let file = webhook.dir.join("large.json");
+    std::fs::write(&file, format!("{{\"pad\": \"{}\"}}", "x".repeat(3_000_000))).unwrap();
+    let (url, resolve, data, ca_file) = (
+        format!("https://{HOST}:9443/inject"),
+        format!("{HOST}:9443:127.0.0.1"),
+        format!("@{}", file.display()),
+        ca.ca_str(),
+    );
+    let statuses: Vec<String> = std::thread::scope(|scope| {
+        let clients: Vec<_> = (0..64)
+            .map(|_| {
+                scope.spawn(|| {
+                    let args = [
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "-m",
+                        "30",
+                        "-w",
+                        "%{http_code}",
+                        "--cacert",
+                        &ca_file,
+                        "--resolve",
+                        &resolve,
+                        "-H",
+                        "Content-Type: application/json",
+                        "--data-binary",
+                        &data,
+                        &url,
+                    ];
+                    webhook
+                        .ns
+                        .output(None, Path::new("curl"), &args)
+                        .unwrap_or_default()
+                })
+            })
+            .collect();
+        clients.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let peak_kib = tern_tests::proc_kib(webhook.process.pid(), "VmHWM");
+    eprintln!(
+        "webhook peak RSS with 64 bodies of 3 MB at once: {peak_kib} KiB; answers {statuses:?}"
+    );
+    assert!(peak_kib < 192 * 1024, "peak RSS {peak_kib} KiB");
+    assert!(
+        statuses.iter().all(|s| s == "400" || s == "503"),
+        "each is refused with an answer (not a review, or busy): {statuses:?}"
+    );
+    let review = review("u-after", "CREATE", &pod(json!({"app": "a"}), json!({})));
+    let (_, patch) = answer(&webhook, &ca, &review);
+    assert!(patch.is_some(), "no review answered after the flood");
+}

@@ -51,6 +51,13 @@ const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// entries, 0.37 s in a debug build): one at a time keeps the webhook under its 192 Mi limit
 /// for any body the 3 MiB bound admits.
 const CONCURRENT_REVIEWS: usize = 1;
+/// Bytes of request bodies held at once, all connections together (four of the largest): a
+/// request waits for its share before its body is read, so many clients sending large
+/// bodies at once cannot take the webhook past its limit (64 bodies of 3 MB at once took it
+/// to 262 MiB before).
+const BODY_BUDGET: usize = 4 * MAX_BODY;
+/// Connections open at once; more are closed as they come (the API server keeps a few).
+const MAX_CONNECTIONS: usize = 256;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const CERT_RELOAD_EVERY: Duration = Duration::from_secs(5);
 
@@ -77,6 +84,10 @@ struct Webhook {
     registry: Registry,
     /// Reviews computed at once.
     reviewing: tokio::sync::Semaphore,
+    /// What request bodies may hold, in KiB.
+    bodies: tokio::sync::Semaphore,
+    /// Connections open.
+    connections: Arc<tokio::sync::Semaphore>,
 }
 
 /// Serves until the process ends.
@@ -107,6 +118,8 @@ pub async fn serve(config: WebhookConfig) -> anyhow::Result<()> {
         reviews,
         registry,
         reviewing: tokio::sync::Semaphore::new(CONCURRENT_REVIEWS),
+        bodies: tokio::sync::Semaphore::new(BODY_BUDGET / 1024),
+        connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
     });
     let listener = TcpListener::bind(config.listen)
         .await
@@ -127,8 +140,13 @@ async fn accept(listener: TcpListener, acceptor: TlsAcceptor, webhook: Arc<Webho
         let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
+        let Ok(open) = webhook.connections.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, max = MAX_CONNECTIONS, "too many connections: closing a new one");
+            continue;
+        };
         let (acceptor, webhook) = (acceptor.clone(), webhook.clone());
         tokio::spawn(async move {
+            let _open = open;
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
@@ -181,9 +199,32 @@ async fn handle(webhook: &Webhook, req: Request<Incoming>) -> Response<Full<Byte
             "an AdmissionReview is application/json\n",
         );
     }
-    let collected = tokio::time::timeout(
-        READ_TIMEOUT,
-        Limited::new(req.into_body(), MAX_BODY).collect(),
+    // The body's share of what bodies may hold, before it is read: what it says it carries
+    // (the API server says), or the most a body may be.
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY) {
+        return text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body refused: more than {MAX_BODY} bytes\n"),
+        );
+    }
+    let limit = declared.unwrap_or(MAX_BODY);
+    let share = u32::try_from(limit.div_ceil(1024).max(1)).unwrap_or(u32::MAX);
+    let started = tokio::time::Instant::now();
+    let Ok(Ok(_body_share)) =
+        tokio::time::timeout(READ_TIMEOUT, webhook.bodies.acquire_many(share)).await
+    else {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy: too many large requests at once\n",
+        );
+    };
+    let collected = tokio::time::timeout_at(
+        started + READ_TIMEOUT,
+        Limited::new(req.into_body(), limit).collect(),
     )
     .await;
     let body = match collected {
