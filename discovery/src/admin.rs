@@ -8,9 +8,7 @@ use std::{convert::Infallible, sync::Arc};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{
-    Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
-};
+use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::debug;
@@ -80,14 +78,14 @@ fn handle(state: &State, path: &str) -> Response<Full<Bytes>> {
     }
 }
 
+/// Admin connections open at once (one that sends no request head goes after 10 s).
+const MAX_CONNECTIONS: usize = 1024;
+
 /// Serves admin requests (GET only) until the task is dropped.
 pub async fn serve(listener: TcpListener, state: Arc<State>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
+    tern_http_server::accept_each(listener, MAX_CONNECTIONS, |stream, _| {
         let state = state.clone();
-        tokio::spawn(async move {
+        async move {
             let service = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
                 async move {
@@ -98,12 +96,13 @@ pub async fn serve(listener: TcpListener, state: Arc<State>) {
                     })
                 }
             });
-            if let Err(e) = http1::Builder::new()
+            if let Err(e) = tern_http_server::http1()
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
                 debug!(error = %e, "admin connection");
             }
-        });
-    }
+        }
+    })
+    .await;
 }

@@ -13,9 +13,7 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{
-    Method, Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
-};
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::{net::TcpListener, sync::watch};
@@ -74,16 +72,17 @@ pub enum Scope {
     Stats,
 }
 
+/// Admin or stats connections open at once, each server: Prometheus and kubelet keep a few;
+/// an idle one costs a few KiB, and one that sends no request head goes after 10 s.
+const MAX_CONNECTIONS: usize = 1024;
+
 /// Serves admin requests until the task is dropped.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, scope: Scope) {
-    loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            continue;
-        };
+    tern_http_server::accept_each(listener, MAX_CONNECTIONS, |stream, peer| {
         let admin = admin.clone();
         admin.connections.fetch_add(1, Ordering::Relaxed);
         let open = Connection(admin.clone());
-        tokio::spawn(async move {
+        async move {
             let _open = open;
             let service = service_fn(move |req: Request<Incoming>| {
                 let admin = admin.clone();
@@ -110,14 +109,15 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, scope: Scope) {
                     })
                 }
             });
-            if let Err(e) = http1::Builder::new()
+            if let Err(e) = tern_http_server::http1()
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {
                 debug!(error = %e, "admin connection");
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 /// One of the application's probes: 200 when it passes, 503 (with why) when not, 404 for a

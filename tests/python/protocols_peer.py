@@ -19,6 +19,9 @@ Python's own sockets and `ssl` (OpenSSL), independent of tern.
                                           connection, for at most SECONDS; how many were written
     protocols_peer.py names ADDR N        N calls with distinct method names (framed binary,
                                           pipelined), reading every reply
+    protocols_peer.py idle ADDR CONNS SECONDS
+                                          CONNS connections that send nothing; how many the
+                                          server closed within 1 s, and within SECONDS
     protocols_peer.py hoard ADDR CONNS CALLS SIZE SECONDS
                                           on each of CONNS connections, CALLS framed binary
                                           calls of SIZE bytes, pipelined; reads nothing and
@@ -247,10 +250,38 @@ def hoard(addr, conns, calls, size, seconds):
         t.join()
 
 
+def idle(addr, conns, seconds):
+    import resource
+    import selectors
+    conns, seconds = int(conns), float(seconds)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    watch = selectors.DefaultSelector()
+    for _ in range(conns):
+        watch.register(connect(addr), selectors.EVENT_READ)
+    start = time.monotonic()
+    left, closed_at = conns, []
+    while left and time.monotonic() - start < seconds:
+        for key, _ in watch.select(timeout=0.1):
+            try:
+                data = key.fileobj.recv(1)
+            except OSError:
+                data = b""
+            if not data:
+                closed_at.append(time.monotonic() - start)
+                watch.unregister(key.fileobj)
+                left -= 1
+    print(json.dumps({
+        "closed_within_1s": sum(1 for t in closed_at if t < 1.0),
+        "closed": len(closed_at),
+        "last_closed_after": max(closed_at, default=None),
+    }), flush=True)
+
+
 if __name__ == "__main__":
     cmd, rest = sys.argv[1], sys.argv[2:]
     try:
         {"serve": serve, "greet": greet, "hellos": hellos, "echo": echo, "tls": tls,
-         "oneways": oneways, "names": names, "hoard": hoard}[cmd](*rest)
+         "oneways": oneways, "names": names, "hoard": hoard, "idle": idle}[cmd](*rest)
     except OSError as e:
         print(json.dumps({"error": str(e)}))

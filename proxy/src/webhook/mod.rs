@@ -21,9 +21,7 @@ use std::{
 use anyhow::Context;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::{
-    Method, Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
-};
+use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -44,7 +42,7 @@ pub mod review;
 /// The largest request body read: the API server sends at most 3 MiB (its own request
 /// limit), and etcd holds Pods of at most 1.5 MiB.
 const MAX_BODY: usize = 3 << 20;
-/// How long a client has to send a request's headers, and then its body.
+/// How long a client has to send a request's body (its head: [`tern_http_server::HEADER_TIMEOUT`]).
 const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Reviews computed at once. A review holds its Pod in a few forms, about 40 times the
 /// body's size at its peak (measured: a 2.0 MB review, +83 MiB; 20,000 `proxyMetadata`
@@ -86,8 +84,6 @@ struct Webhook {
     reviewing: tokio::sync::Semaphore,
     /// What request bodies may hold, in KiB.
     bodies: tokio::sync::Semaphore,
-    /// Connections open.
-    connections: Arc<tokio::sync::Semaphore>,
 }
 
 /// Serves until the process ends.
@@ -119,7 +115,6 @@ pub async fn serve(config: WebhookConfig) -> anyhow::Result<()> {
         registry,
         reviewing: tokio::sync::Semaphore::new(CONCURRENT_REVIEWS),
         bodies: tokio::sync::Semaphore::new(BODY_BUDGET / 1024),
-        connections: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
     });
     let listener = TcpListener::bind(config.listen)
         .await
@@ -136,17 +131,9 @@ pub async fn serve(config: WebhookConfig) -> anyhow::Result<()> {
 }
 
 async fn accept(listener: TcpListener, acceptor: TlsAcceptor, webhook: Arc<Webhook>) {
-    loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            continue;
-        };
-        let Ok(open) = webhook.connections.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, max = MAX_CONNECTIONS, "too many connections: closing a new one");
-            continue;
-        };
+    tern_http_server::accept_each(listener, MAX_CONNECTIONS, |stream, peer| {
         let (acceptor, webhook) = (acceptor.clone(), webhook.clone());
-        tokio::spawn(async move {
-            let _open = open;
+        async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
@@ -156,16 +143,15 @@ async fn accept(listener: TcpListener, acceptor: TlsAcceptor, webhook: Arc<Webho
                 let webhook = webhook.clone();
                 async move { Ok::<_, Infallible>(handle(&webhook, req).await) }
             });
-            if let Err(e) = http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(READ_TIMEOUT)
+            if let Err(e) = tern_http_server::http1()
                 .serve_connection(TokioIo::new(tls), service)
                 .await
             {
                 tracing::debug!(%peer, error = %e, "webhook connection");
             }
-        });
-    }
+        }
+    })
+    .await;
 }
 
 async fn handle(webhook: &Webhook, req: Request<Incoming>) -> Response<Full<Bytes>> {
