@@ -78,12 +78,16 @@ fn handle(state: &State, path: &str) -> Response<Full<Bytes>> {
     }
 }
 
-/// Admin connections open at once (one that sends no request head goes after 10 s).
-const MAX_CONNECTIONS: usize = 1024;
+/// Admin connections open at once, and from one address (one that sends no request head goes
+/// after 10 s).
+const LIMITS: tern_http_server::Limits = tern_http_server::Limits {
+    connections: 1024,
+    per_peer: 64,
+};
 
 /// Serves admin requests (GET only) until the task is dropped.
 pub async fn serve(listener: TcpListener, state: Arc<State>) {
-    tern_http_server::accept_each(listener, MAX_CONNECTIONS, |stream, _| {
+    tern_http_server::accept_each(listener, LIMITS, |stream, _| {
         let state = state.clone();
         async move {
             let service = service_fn(move |req: Request<Incoming>| {

@@ -12,12 +12,14 @@
 //! - [`memory`]: how the heap stays small;
 //! - [`state`]: what it holds while it runs, and how events become published configuration;
 //! - [`admin`]: the admin server (client sync status, sources, metrics);
+//! - [`incoming`]: the xDS server's connections, within limits;
 //! - [`run`](mod@run): the process and its flags.
 pub mod admin;
 pub mod catalog;
 pub mod config;
 pub mod generate;
 pub mod health;
+pub mod incoming;
 #[allow(unsafe_code)] // mallopt, malloc_trim (FFI)
 pub mod memory;
 pub mod model;

@@ -39,9 +39,17 @@ pub struct DiscoveryArgs {
     /// How often the services file is checked for changes, in milliseconds.
     #[arg(long, env = "TERN_DISCOVERY_FILE_INTERVAL_MS", default_value_t = 500)]
     pub file_interval_ms: u64,
-    /// At most this many xDS streams at once.
+    /// At most this many xDS streams at once (and connections: more are closed as they come).
     #[arg(long, env = "TERN_DISCOVERY_MAX_CLIENTS", default_value_t = 10_000)]
     pub max_clients: usize,
+    /// At most this many xDS connections from one address (a sidecar keeps one; Pods on the
+    /// host's network share its address), so one client cannot take every place.
+    #[arg(
+        long,
+        env = "TERN_DISCOVERY_MAX_CONNECTIONS_PER_ADDRESS",
+        default_value_t = 256
+    )]
+    pub max_connections_per_address: usize,
     /// etcd members (`http://host:port`, comma-separated) whose registry to serve, in
     /// CloudWeGo Kitex's `registry-etcd` layout.
     #[arg(long, env = "TERN_DISCOVERY_ETCD", value_delimiter = ',')]
@@ -172,7 +180,13 @@ pub async fn run(args: DiscoveryArgs) -> anyhow::Result<()> {
         .add_service(rds)
         .add_service(tern_xds_server::Csds::new(state.clients.clone()))
         .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            crate::incoming::accepted(
+                listener,
+                tern_http_server::Limits {
+                    connections: args.max_clients,
+                    per_peer: args.max_connections_per_address,
+                },
+            ),
             shutdown(),
         )
         .await

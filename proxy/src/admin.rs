@@ -72,13 +72,17 @@ pub enum Scope {
     Stats,
 }
 
-/// Admin or stats connections open at once, each server: Prometheus and kubelet keep a few;
-/// an idle one costs a few KiB, and one that sends no request head goes after 10 s.
-const MAX_CONNECTIONS: usize = 1024;
+/// Admin or stats connections open at once, each server, and from one address: Prometheus
+/// and kubelet keep a few; an idle one costs a few KiB, and one that sends no request head
+/// goes after 10 s.
+const LIMITS: tern_http_server::Limits = tern_http_server::Limits {
+    connections: 1024,
+    per_peer: 64,
+};
 
 /// Serves admin requests until the task is dropped.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, scope: Scope) {
-    tern_http_server::accept_each(listener, MAX_CONNECTIONS, |stream, peer| {
+    tern_http_server::accept_each(listener, LIMITS, |stream, peer| {
         let admin = admin.clone();
         admin.connections.fetch_add(1, Ordering::Relaxed);
         let open = Connection(admin.clone());

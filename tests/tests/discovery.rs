@@ -1276,3 +1276,41 @@ fn a_client_that_stops_reading_holds_up_nobody() {
         .status()
         .unwrap();
 }
+
+/// Anyone who reaches the xDS port: connections past the bound from one address are closed as
+/// they come, and one that never speaks is closed after 10 s (an HTTP/2 server waits for the
+/// preface for good: each held its place, a task and buffers for as long as its client
+/// liked); a real client is served afterwards.
+#[test]
+fn silent_connections_to_the_xds_port_are_bounded_in_number_and_time() {
+    tern_tests::require_root!();
+    let ns = Netns::new("disc").unwrap();
+    let d = Discovery::start(
+        &ns,
+        "127.0.0.1:15010",
+        "127.0.0.1:15014",
+        &echo_services(&[50061]),
+        &["--max-connections-per-address", "32"],
+    )
+    .unwrap();
+    let idle = tern_tests::python_json(
+        &ns,
+        None,
+        "protocols_peer.py",
+        &["idle", "127.0.0.1:15010", "40", "14"],
+    );
+    eprintln!("40 silent xDS connections: {idle}");
+    assert_eq!(
+        idle["closed_within_1s"], 8,
+        "past the 32 from one address: {idle}"
+    );
+    assert_eq!(idle["closed"], 40, "{idle}");
+    let last = idle["last_closed_after"].as_f64().unwrap();
+    assert!((9.5..15.0).contains(&last), "{idle}");
+    let r = raw_once(
+        &ns,
+        &["per-type", "127.0.0.1:15010", "outbound|50051||echo"],
+    );
+    assert_eq!(r["endpoints"], 1, "a client is served afterwards: {r}");
+    drop(d);
+}

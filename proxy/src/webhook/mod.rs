@@ -54,8 +54,12 @@ const CONCURRENT_REVIEWS: usize = 1;
 /// bodies at once cannot take the webhook past its limit (64 bodies of 3 MB at once took it
 /// to 262 MiB before).
 const BODY_BUDGET: usize = 4 * MAX_BODY;
-/// Connections open at once; more are closed as they come (the API server keeps a few).
-const MAX_CONNECTIONS: usize = 256;
+/// Connections open at once; more are closed as they come. The API server keeps a few, and
+/// may open many in a burst of admissions, so one address may take them all.
+const LIMITS: tern_http_server::Limits = tern_http_server::Limits {
+    connections: 256,
+    per_peer: 256,
+};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const CERT_RELOAD_EVERY: Duration = Duration::from_secs(5);
 
@@ -131,7 +135,7 @@ pub async fn serve(config: WebhookConfig) -> anyhow::Result<()> {
 }
 
 async fn accept(listener: TcpListener, acceptor: TlsAcceptor, webhook: Arc<Webhook>) {
-    tern_http_server::accept_each(listener, MAX_CONNECTIONS, |stream, peer| {
+    tern_http_server::accept_each(listener, LIMITS, |stream, peer| {
         let (acceptor, webhook) = (acceptor.clone(), webhook.clone());
         async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
