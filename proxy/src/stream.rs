@@ -166,6 +166,28 @@ macro_rules! forward_write {
 forward_write!(Stream);
 forward_write!(WriteHalf);
 
+/// [`write_all_vectored`] within `timeout`: at once, as usual (no timer then), or while the
+/// peer reads on; a peer that stops reading for longer fails it (`TimedOut`), so what waits
+/// for it is not held for good.
+pub async fn write_all_vectored_within(
+    wr: &mut (impl AsyncWrite + Unpin),
+    bufs: &[Bytes],
+    timeout: std::time::Duration,
+) -> io::Result<()> {
+    let mut write = std::pin::pin!(write_all_vectored(wr, bufs));
+    if let Some(done) = futures_util::FutureExt::now_or_never(write.as_mut()) {
+        return done;
+    }
+    tokio::time::timeout(timeout, write)
+        .await
+        .unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the peer read nothing for {timeout:?}"),
+            ))
+        })
+}
+
 /// Buffers one vectored write takes, at most.
 const WRITE_SLICES: usize = 64;
 

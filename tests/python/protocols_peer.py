@@ -23,6 +23,10 @@ Python's own sockets and `ssl` (OpenSSL), independent of tern.
                                           CONNS connections that send nothing; how many the
                                           server closed within 1 s of the last connect, and
                                           within SECONDS (times from the first connect)
+    protocols_peer.py stall ADDR CALLS SECONDS
+                                          CALLS framed binary calls, pipelined; reads nothing
+                                          for SECONDS, then reads until the server closes (or
+                                          5 s pass with nothing): the bytes, and whether closed
     protocols_peer.py hoard ADDR CONNS CALLS SIZE SECONDS
                                           on each of CONNS connections, CALLS framed binary
                                           calls of SIZE bytes, pipelined; reads nothing and
@@ -251,6 +255,28 @@ def hoard(addr, conns, calls, size, seconds):
         t.join()
 
 
+def stall(addr, calls, seconds):
+    calls, seconds = int(calls), float(seconds)
+    s = connect(addr)
+    for seq in range(calls):
+        s.sendall(frame(b"note", 1, seq, b"\x0b\x00\x01\x00\x00\x00\x01x\0"))
+    time.sleep(seconds)
+    s.settimeout(5)
+    received, closed = 0, False
+    try:
+        while True:
+            data = s.recv(1 << 20)
+            if not data:
+                closed = True
+                break
+            received += len(data)
+    except socket.timeout:
+        pass
+    except OSError:
+        closed = True
+    print(json.dumps({"bytes": received, "closed": closed}), flush=True)
+
+
 def idle(addr, conns, seconds):
     import resource
     import selectors
@@ -285,6 +311,7 @@ if __name__ == "__main__":
     cmd, rest = sys.argv[1], sys.argv[2:]
     try:
         {"serve": serve, "greet": greet, "hellos": hellos, "echo": echo, "tls": tls,
-         "oneways": oneways, "names": names, "hoard": hoard, "idle": idle}[cmd](*rest)
+         "oneways": oneways, "names": names, "hoard": hoard, "idle": idle,
+         "stall": stall}[cmd](*rest)
     except OSError as e:
         print(json.dumps({"error": str(e)}))

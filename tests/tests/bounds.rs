@@ -316,6 +316,31 @@ fn idle_admin_connections_are_bounded_in_number_and_time() {
     );
 }
 
+/// A client that stops reading its replies is closed once they could not be written for the
+/// message timeout (2 s here), with what waited for it: before, tern held its connection, its
+/// replies and what they pinned for as long as the client liked.
+#[test]
+fn a_client_that_stops_reading_is_closed_after_the_message_timeout() {
+    tern_tests::require_root!();
+    let s = setup_with(&["--message-timeout-secs", "2"]);
+    // 64 calls answered with 1 MiB each, not read for 6 s.
+    let stalled = python_json(
+        &s.p.app,
+        Some(&s.p.cgroup),
+        "protocols_peer.py",
+        &["stall", INFLATE, "64", "6"],
+    );
+    eprintln!("a client that read nothing for 6 s: {stalled}");
+    assert_eq!(stalled["closed"], true, "{stalled}");
+    let received = stalled["bytes"].as_u64().unwrap();
+    assert!(received < 64 << 20, "every reply was written: {stalled}");
+    assert!(
+        tern_tests::eventually(Duration::from_secs(5), || budget_used(&s) == 0.0),
+        "the budget still holds {} bytes for a closed client",
+        budget_used(&s)
+    );
+}
+
 /// The buffer budget of [`large_calls_and_replies_a_client_does_not_read_stay_within_the_buffer_budget`].
 const BUDGET: u64 = 16 << 20;
 /// What tern's resident memory may grow by beyond the budget there: the allocator keeps much

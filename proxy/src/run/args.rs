@@ -109,8 +109,9 @@ pub struct RunArgs {
     #[arg(long, env = "TERN_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
     /// Seconds a client has from a message's first byte to its last (its first message too,
-    /// while tern finds out whether it speaks Thrift); slower ones are closed. A multiplexed
-    /// upstream connection that cannot write what it queued within it closes too.
+    /// while tern finds out whether it speaks Thrift); slower ones are closed, and so is a
+    /// client that reads nothing of its replies for as long. A multiplexed upstream
+    /// connection that cannot write what it queued within it closes too.
     #[arg(long, env = "TERN_MESSAGE_TIMEOUT", default_value_t = 15)]
     pub message_timeout_secs: u64,
     /// Log one line per connection when it closes: direction, peer, original destination,

@@ -31,7 +31,7 @@ use std::{
 };
 
 use bytes::{Bytes, BytesMut};
-use futures_util::{FutureExt, task::AtomicWaker};
+use futures_util::task::AtomicWaker;
 use smallvec::SmallVec;
 use tokio::{io::AsyncReadExt, sync::mpsc};
 use tracing::debug;
@@ -42,7 +42,7 @@ use super::{
 };
 use crate::{
     budget::{Backlog, BufferBudget, Held},
-    stream::write_all_vectored,
+    stream::write_all_vectored_within,
     thrift::{Decoder, Message, MessageType, Protocol, Transport},
 };
 
@@ -470,7 +470,7 @@ async fn run(
                 out.push(bytes);
                 counted.extend(count);
             }
-            write_within(&mut wr, &out, settings.write_timeout).await?;
+            write_all_vectored_within(&mut wr, &out, settings.write_timeout).await?;
             let written = out.iter().map(Bytes::len).sum();
             conn.pending
                 .lock()
@@ -512,27 +512,6 @@ async fn run(
     open.fetch_sub(1, Ordering::Relaxed);
     cluster.metrics().connections_gauge.dec();
     super::release_connection(&cluster);
-}
-
-/// Writes `out` whole within `timeout`: at once, as usual (no timer then), or while the server
-/// reads on.
-async fn write_within(
-    wr: &mut crate::stream::WriteHalf,
-    out: &[Bytes],
-    timeout: std::time::Duration,
-) -> io::Result<()> {
-    let mut write = std::pin::pin!(write_all_vectored(wr, out));
-    if let Some(done) = write.as_mut().now_or_never() {
-        return done;
-    }
-    tokio::time::timeout(timeout, write)
-        .await
-        .unwrap_or_else(|_| {
-            Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("requests not written within {timeout:?}: the server reads nothing"),
-            ))
-        })
 }
 
 /// Hands a reply to the request it answers; an error closes the connection. A reply to a

@@ -16,7 +16,7 @@ use super::{
 use crate::{
     budget::Held,
     filters::{Ctx, authz::Authz, ordered::Ordered},
-    stream::{Stream, write_all_vectored},
+    stream::{Stream, write_all_vectored_within},
 };
 
 /// Serves one downstream connection whose first bytes (`buf`) were Thrift.
@@ -142,7 +142,9 @@ pub async fn serve(
                     }
                 }
                 starved = false;
-                let written = write_all_vectored(&mut wr, &out).await;
+                // A client that stops reading is closed after the message timeout, with what
+                // waits for it.
+                let written = write_all_vectored_within(&mut wr, &out, ctx.message_timeout).await;
                 out.clear();
                 out_held.clear();
                 if let Err(e) = written {
