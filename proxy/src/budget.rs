@@ -116,13 +116,10 @@ impl Held {
         buf: &mut bytes::BytesMut,
         additional: usize,
     ) -> Result<(), Exhausted> {
-        let wanted = buf.len().saturating_add(additional);
-        if buf.capacity() >= wanted {
+        if buf.capacity() >= buf.len().saturating_add(additional) {
             return Ok(());
         }
-        // BytesMut may double: hold what it may take first.
-        let most = wanted.max(buf.capacity().saturating_mul(2));
-        self.resize(most.saturating_sub(usual))?;
+        self.resize(most_after_reserve(buf, additional).saturating_sub(usual))?;
         buf.reserve(additional);
         self.set(buf.capacity().saturating_sub(usual));
         Ok(())
@@ -200,6 +197,14 @@ impl Backlog {
     pub fn clear(&mut self) {
         self.remove(self.bytes);
     }
+}
+
+/// The most capacity `buf` may have after `reserve(additional)`: `BytesMut` may double, so
+/// growth is held for this before it happens.
+pub fn most_after_reserve(buf: &bytes::BytesMut, additional: usize) -> usize {
+    buf.len()
+        .saturating_add(additional)
+        .max(buf.capacity().saturating_mul(2))
 }
 
 /// Exports a budget's use and limit when scraped (`…_used_bytes`, `…_limit_bytes`): how close

@@ -51,8 +51,9 @@ pub enum UpstreamError {
     Overflow(&'static str),
     #[error("reply does not answer its request: {0}")]
     Mismatch(String),
-    /// A reply larger than the buffer budget has room for.
-    #[error("no buffer left for the reply: {0}")]
+    /// The buffer budget has no room: for a large reply, or for a request to wait in a
+    /// multiplexed connection's write queue.
+    #[error("no buffer left: {0}")]
     Budget(#[from] crate::budget::Exhausted),
 }
 

@@ -6,7 +6,7 @@
 //! never saw.
 use bytes::BytesMut;
 
-use crate::budget::{Exhausted, Held};
+use crate::budget::{Exhausted, Held, most_after_reserve};
 
 /// Spare room a read needs; below it the buffer grows by [`GROWTH`].
 const MIN_SPARE: usize = 4096;
@@ -85,11 +85,8 @@ impl ReadBuffer {
         // bytes to a new one, and the old one stays charged until they are done.
         let retiring = self.live > 0;
         let retired_bytes = self.retired_bytes + if retiring { self.chunk } else { 0 };
-        // `BytesMut` may double: hold what it may take first.
-        let wanted = self.buf.len().saturating_add(GROWTH);
-        self.held.resize(
-            retired_bytes.saturating_add(wanted.max(self.buf.capacity().saturating_mul(2))),
-        )?;
+        self.held
+            .resize(retired_bytes.saturating_add(most_after_reserve(&self.buf, GROWTH)))?;
         if retiring {
             self.retired.push_back(Retired {
                 bytes: self.chunk,
