@@ -800,3 +800,30 @@ fn a_multiplexed_connection_to_a_hung_server_holds_a_bounded_number_of_requests(
         admin(&m.p.app, "GET", "/stats/prometheus")
     );
 }
+
+/// Requests share a multiplexed connection until 8 wait on it: they go out in one write and
+/// their replies come back in one read. Only then does another open, up to
+/// `connections_per_endpoint` (4 by default). Before, a request that found every connection
+/// with one waiting opened another: 8 calls at once took 4 connections, and each request
+/// cost a write and a read of its own.
+#[test]
+fn multiplexed_requests_fill_a_connection_before_another_opens() {
+    tern_tests::require_root!();
+    let config = multiplexed_config(HOLE, 500).replace("    connections_per_endpoint: 1\n", "");
+    let m = Mesh::start(&config, &[]);
+    // Nothing is answered, so every request stays on its connection: the count is exact.
+    let _hole = tern_tests::hung_server(&m.p.srv, HOLE).unwrap();
+    let opened = || metric(&m.p.app, "tern_upstream_connections_total{cluster=\"mux\"}");
+    let c = m.call(SERVICE, &["--calls", "8", "--pipeline"]);
+    assert_eq!(c.app_errors.len(), 8, "{c:?}");
+    assert_eq!(
+        opened(),
+        1.0,
+        "8 calls at once opened more than one connection"
+    );
+    // The first connection still holds the ids of its 8 (a late reply must find them): 40
+    // more fill three more connections, and the last 16 share the four.
+    let c = m.call(SERVICE, &["--calls", "40", "--pipeline"]);
+    assert_eq!(c.app_errors.len(), 40, "{c:?}");
+    assert_eq!(opened(), 4.0, "{}", admin(&m.p.app, "GET", "/clusters"));
+}
