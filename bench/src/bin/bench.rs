@@ -241,13 +241,14 @@ fn run() -> Result<()> {
             println!("{}", group.name);
             for r in &group.rows {
                 println!(
-                    "  {:<28} {:>9.0} req/s  per core vs HAProxy {:>5.2?}  added p99 vs HAProxy {:>5.2?}  syscalls/req {:>5.2?}  CPU s/M {:>7.1?}  p50 {:>5.0} p99 {:>5.0} µs",
+                    "  {:<28} {:>9.0} req/s  per core vs HAProxy {:>5.2?}  added p99 vs HAProxy {:>5.2?}  syscalls/req {:>5.2?}  CPU s/M {:>7.1?} (kernel {:>7.1?})  p50 {:>5.0} p99 {:>5.0} µs",
                     r.path,
                     r.rps,
                     r.per_core_vs_haproxy,
                     r.added_p99_vs_haproxy,
                     r.syscalls_per_request,
                     r.cpu_s_per_million,
+                    r.kernel_cpu_s_per_million,
                     r.p50_us,
                     r.p99_us,
                 );
@@ -475,12 +476,12 @@ impl Bench {
         let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
         for round in 0..ROUNDS {
             for p in paths {
-                let cpu_before = p.proxy.map(cpu_seconds).transpose()?;
+                let cpu_before = p.proxy.map(cpu_times).transpose()?;
                 let ns = p.ns.unwrap_or(ns);
                 let cgroup = p.captured.then_some(&self.cgroup);
                 let result = load_run(ns, cgroup, p.addr, load)?;
                 let cpu = match (p.proxy, cpu_before) {
-                    (Some(pid), Some(before)) => Some(cpu_seconds(pid)? - before),
+                    (Some(pid), Some(before)) => Some(cpu_times(pid)?.since(before)),
                     _ => None,
                 };
                 // Latency one call at a time (a saturated run measures its own queue).
@@ -505,7 +506,8 @@ impl Bench {
                 samples.entry(p.name).or_default().push(Sample {
                     load: result,
                     latency,
-                    proxy_cpu_s: cpu,
+                    proxy_cpu_s: cpu.map(CpuTimes::total),
+                    proxy_kernel_cpu_s: cpu.map(|c| c.kernel),
                     proxy_peak_rss_kib: peak_rss,
                 });
             }
@@ -608,6 +610,7 @@ impl Bench {
                     load: fast,
                     latency: None,
                     proxy_cpu_s: None,
+                    proxy_kernel_cpu_s: None,
                     proxy_peak_rss_kib: None,
                 });
             }
@@ -913,7 +916,32 @@ fn load_run(ns: &Netns, cgroup: Option<&Cgroup>, addr: &str, load: &[&str]) -> R
 
 /// User and system CPU seconds a process used so far (`/proc/PID/stat`).
 fn cpu_seconds(pid: u32) -> Result<f64> {
-    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+    cpu_times(pid).map(CpuTimes::total)
+}
+
+/// A process's CPU seconds in user space and in the kernel (its system calls, with the
+/// network stack's work they do, which on loopback includes the receiving side's).
+#[derive(Clone, Copy, Debug)]
+struct CpuTimes {
+    user: f64,
+    kernel: f64,
+}
+
+impl CpuTimes {
+    fn total(self) -> f64 {
+        self.user + self.kernel
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            user: self.user - before.user,
+            kernel: self.kernel - before.kernel,
+        }
+    }
+}
+
+fn cpu_times(pid: u32) -> Result<CpuTimes> {
+    stat_cpu_times(&format!("/proc/{pid}/stat"))
 }
 
 /// The CPU seconds of a process's thread named `name` (tern's `tern-control`).
@@ -921,14 +949,14 @@ fn thread_cpu_seconds(pid: u32, name: &str) -> Result<f64> {
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         let dir = task?.path();
         if std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim() == name) {
-            return stat_cpu_seconds(&dir.join("stat").to_string_lossy());
+            return stat_cpu_times(&dir.join("stat").to_string_lossy()).map(CpuTimes::total);
         }
     }
     bail!("process {pid} has no thread {name}")
 }
 
 /// User and system CPU seconds from a `stat` file of `/proc`.
-fn stat_cpu_seconds(path: &str) -> Result<f64> {
+fn stat_cpu_times(path: &str) -> Result<CpuTimes> {
     let stat = std::fs::read_to_string(path).with_context(|| format!("read {path}"))?;
     let after_name = stat
         .rsplit_once(')')
@@ -936,9 +964,11 @@ fn stat_cpu_seconds(path: &str) -> Result<f64> {
         .context("stat format")?;
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of stat; after the name they are the 12th and 13th.
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.unwrap_or(100) as f64;
-    Ok(ticks as f64 / hz)
+    Ok(CpuTimes {
+        user: fields[11].parse::<u64>()? as f64 / hz,
+        kernel: fields[12].parse::<u64>()? as f64 / hz,
+    })
 }
 
 /// The process's peak resident memory (`VmHWM`).
