@@ -1,7 +1,8 @@
 //! The xDS server's connections: accepted within limits (in all, and from one address, as
 //! tern's other servers: `tern-http-server`), and each must send its first bytes within
 //! [`FIRST_BYTES_WITHIN`] — an HTTP/2 server waits for a client's preface for good, so a
-//! silent connection would hold its place forever.
+//! silent connection would hold its place forever. A TLS handshake must be done within
+//! [`HANDSHAKE_WITHIN`].
 use std::{
     io,
     pin::Pin,
@@ -19,6 +20,9 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 
 /// How long a new connection has to send its first bytes.
 pub const FIRST_BYTES_WITHIN: Duration = Duration::from_secs(10);
+/// How long a TLS handshake may take once begun (tonic's acceptor waits for good unless
+/// told): a ClientHello's first bytes clear [`FIRST_BYTES_WITHIN`].
+pub const HANDSHAKE_WITHIN: Duration = Duration::from_secs(10);
 
 /// An accepted connection, holding its place until it closes.
 #[derive(Debug)]

@@ -155,9 +155,12 @@ pub async fn run(args: DiscoveryArgs) -> anyhow::Result<()> {
     let tls = args.tls_cert.is_some();
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("read {}", p.display()));
-        let mut config = tonic::transport::ServerTlsConfig::new().identity(
-            tonic::transport::Identity::from_pem(read(cert)?, read(key)?),
-        );
+        let mut config = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(
+                read(cert)?,
+                read(key)?,
+            ))
+            .timeout(crate::incoming::HANDSHAKE_WITHIN);
         if let Some(ca) = &args.client_ca {
             config = config.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
         }

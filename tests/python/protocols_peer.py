@@ -19,10 +19,11 @@ Python's own sockets and `ssl` (OpenSSL), independent of tern.
                                           connection, for at most SECONDS; how many were written
     protocols_peer.py names ADDR N        N calls with distinct method names (framed binary,
                                           pipelined), reading every reply
-    protocols_peer.py idle ADDR CONNS SECONDS
-                                          CONNS connections that send nothing; how many the
-                                          server closed within 1 s of the last connect, and
-                                          within SECONDS (times from the first connect)
+    protocols_peer.py idle ADDR CONNS SECONDS [HEX]
+                                          CONNS connections that send nothing (or only HEX,
+                                          the start of a message); how many the server closed
+                                          within 1 s of the last connect, and within SECONDS
+                                          (times from the first connect)
     protocols_peer.py stall ADDR CALLS SECONDS
                                           CALLS framed binary calls, pipelined; reads nothing
                                           for SECONDS, then reads until the server closes (or
@@ -277,16 +278,18 @@ def stall(addr, calls, seconds):
     print(json.dumps({"bytes": received, "closed": closed}), flush=True)
 
 
-def idle(addr, conns, seconds):
+def idle(addr, conns, seconds, first=""):
     import resource
     import selectors
-    conns, seconds = int(conns), float(seconds)
+    conns, seconds, first = int(conns), float(seconds), bytes.fromhex(first)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     watch = selectors.DefaultSelector()
     start = time.monotonic()
     for _ in range(conns):
-        watch.register(connect(addr), selectors.EVENT_READ)
+        s = connect(addr)
+        s.sendall(first)
+        watch.register(s, selectors.EVENT_READ)
     connected = time.monotonic() - start
     left, closed_at = conns, []
     while left and time.monotonic() - start < seconds:

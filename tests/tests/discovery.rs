@@ -1314,3 +1314,42 @@ fn silent_connections_to_the_xds_port_are_bounded_in_number_and_time() {
     assert_eq!(r["endpoints"], 1, "a client is served afterwards: {r}");
     drop(d);
 }
+
+/// A TLS handshake that stops half way is closed after 10 s: the start of a ClientHello counts
+/// as the connection's first bytes, and tonic's acceptor waits for the rest of a handshake
+/// for good unless told otherwise (each such connection held its place for as long as its
+/// client liked, so a few hundred from as many addresses took the xDS port).
+#[test]
+fn a_tls_handshake_that_stalls_is_closed_after_10_s() {
+    tern_tests::require_root!();
+    let ns = Netns::new("disc").unwrap();
+    let ca = tern_tests::pki::TestCa::new().unwrap();
+    let server = ca
+        .issue("xds", &["127.0.0.1"], Duration::from_secs(3600))
+        .unwrap();
+    let d = Discovery::start(
+        &ns,
+        "127.0.0.1:15012",
+        "127.0.0.1:15014",
+        &echo_services(&[50061]),
+        &[
+            "--tls-cert",
+            server.cert_str(),
+            "--tls-key",
+            server.key_str(),
+        ],
+    )
+    .unwrap();
+    // A TLS handshake record's header, and nothing after it.
+    let stalled = tern_tests::python_json(
+        &ns,
+        None,
+        "protocols_peer.py",
+        &["idle", "127.0.0.1:15012", "4", "14", "160301"],
+    );
+    eprintln!("4 stalled TLS handshakes: {stalled}");
+    assert_eq!(stalled["closed"], 4, "{stalled}\n{}", d.tern.log());
+    let last = stalled["last_closed_after"].as_f64().unwrap();
+    assert!((9.5..15.0).contains(&last), "{stalled}");
+    drop(d);
+}
