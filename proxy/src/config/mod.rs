@@ -312,9 +312,9 @@ pub struct Cluster {
     pub outlier: Option<OutlierDetection>,
     /// How Thrift requests use upstream connections.
     pub upstream: UpstreamMode,
-    /// Multiplexed connections per endpoint (per transport and protocol); a new one opens
-    /// when all are busy, up to this many (default 4). Exclusive connections grow to
-    /// `max_connections` instead.
+    /// Multiplexed connections per endpoint (per transport and protocol, per worker); a new
+    /// one opens when every open one has 8 requests waiting, up to this many (default 4).
+    /// Exclusive connections grow to `max_connections` instead.
     pub connections_per_endpoint: usize,
     /// Idle upstream connections close after this long.
     pub idle_timeout: Duration,
