@@ -4,12 +4,18 @@
 //! large replies until they are written (see `filters::thrift::read_buffer`, and the pools'
 //! reply buffers in `upstream`) — so clients and servers cannot grow tern past its memory
 //! limit; the clusters' ring hash and Maglev tables (see
-//! [`crate::balance::EndpointPicker::within`]); and the pipes bulk relays splice through
-//! (counted one each, see `filters::tcp::splice`).
-use std::sync::{
-    Arc,
-    atomic::{AtomicUsize, Ordering},
+//! [`crate::balance::EndpointPicker::within`]); the pipes bulk relays splice through
+//! (counted one each, see `filters::tcp::splice`); and pool buffers that replies waiting to be
+//! written still hold after their connection moved on from them ([`BufferBudget::keep`]).
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
+
+use bytes::Bytes;
 
 use prometheus_client::{
     collector::Collector,
@@ -22,7 +28,13 @@ use prometheus_client::{
 pub struct BufferBudget {
     used: AtomicUsize,
     limit: usize,
+    /// Allocations kept alive by slices cut from them, each with what it is charged, oldest
+    /// first ([`BufferBudget::keep`]).
+    kept: Mutex<VecDeque<(Bytes, usize)>>,
 }
+
+/// How many of the oldest kept allocations [`BufferBudget::keep`] looks at each time.
+const KEPT_CHECKED_EACH_TIME: usize = 4;
 
 /// What one connection's buffer holds of the budget; given back when dropped.
 #[derive(Debug)]
@@ -32,7 +44,7 @@ pub struct Held {
 }
 
 /// The budget cannot take a buffer that large.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[error("buffered messages would take more than {limit} bytes (--max-buffered-bytes)")]
 pub struct Exhausted {
     pub limit: usize,
@@ -43,12 +55,69 @@ impl BufferBudget {
         Arc::new(Self {
             used: AtomicUsize::new(0),
             limit,
+            kept: Mutex::default(),
         })
     }
 
     /// Bytes held now, across connections.
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
+    }
+
+    /// Charges `bytes` for the allocation `handle` is a slice of, for as long as anything
+    /// else holds it: a buffer that moved on from an allocation that slices cut from it
+    /// (replies waiting to be written) still hold. The memory exists, so it is charged
+    /// whatever the limit. Nothing is kept when `handle` is the last holder (or holds no
+    /// allocation: `bytes` is 0).
+    pub fn keep(&self, handle: Bytes, bytes: usize) {
+        if bytes == 0 || handle.is_unique() {
+            return;
+        }
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        // Slices are mostly dropped in the order their allocations were kept: letting go of
+        // the oldest few each time keeps the list as short as what is really held.
+        for _ in 0..KEPT_CHECKED_EACH_TIME {
+            match kept.front() {
+                Some((oldest, _)) if oldest.is_unique() => self.let_go(kept.pop_front()),
+                _ => break,
+            }
+        }
+        self.used.fetch_add(bytes, Ordering::Relaxed);
+        kept.push_back((handle, bytes));
+    }
+
+    /// Whether `bytes` more would fit, without holding them: for memory that is not charged
+    /// (a pool connection's buffer of the usual size) but must not be allocated while the
+    /// budget is full.
+    pub fn has_room(&self, bytes: usize) -> Result<(), Exhausted> {
+        let fits = |used: usize| used.saturating_add(bytes) <= self.limit;
+        if fits(self.used()) || fits(self.sweep()) {
+            Ok(())
+        } else {
+            Err(Exhausted { limit: self.limit })
+        }
+    }
+
+    /// Lets go of every kept allocation nothing else holds any more; returns the bytes held
+    /// after.
+    pub fn sweep(&self) -> usize {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        let mut freed = 0;
+        kept.retain(|(handle, bytes)| {
+            let held = !handle.is_unique();
+            if !held {
+                freed += bytes;
+            }
+            held
+        });
+        drop(kept);
+        self.used.fetch_sub(freed, Ordering::Relaxed) - freed
+    }
+
+    fn let_go(&self, entry: Option<(Bytes, usize)>) {
+        if let Some((_, bytes)) = entry {
+            self.used.fetch_sub(bytes, Ordering::Relaxed);
+        }
     }
 
     /// A connection's share, holding nothing yet.
@@ -61,22 +130,33 @@ impl BufferBudget {
 }
 
 impl Held {
+    /// The budget this is a share of.
+    pub fn budget(&self) -> &Arc<BufferBudget> {
+        &self.budget
+    }
+
     /// Accounts a buffer that now has `capacity` bytes; refused (and nothing changed) when
     /// the total would go over the limit.
     pub fn resize(&mut self, capacity: usize) -> Result<(), Exhausted> {
         let budget = &self.budget;
         if capacity > self.bytes {
             let more = capacity - self.bytes;
-            let grown = budget
-                .used
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
-                    used.checked_add(more)
-                        .filter(|total| *total <= budget.limit)
-                });
-            if grown.is_err() {
-                return Err(Exhausted {
-                    limit: budget.limit,
-                });
+            let grow = || {
+                budget
+                    .used
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                        used.checked_add(more)
+                            .filter(|total| *total <= budget.limit)
+                    })
+            };
+            // Before refusing, let go of kept allocations that are no longer held.
+            if grow().is_err() {
+                budget.sweep();
+                if grow().is_err() {
+                    return Err(Exhausted {
+                        limit: budget.limit,
+                    });
+                }
             }
         } else {
             budget
@@ -107,36 +187,25 @@ impl Held {
         self.bytes = capacity;
     }
 
-    /// Grows `buf` by at least `additional` bytes of spare capacity, holding what it takes
-    /// beyond `usual` (a pool's read buffer: its usual size is not charged, its growth for a
-    /// large message is). Refused (and nothing changed) over the limit.
-    pub fn reserve_beyond(
-        &mut self,
-        usual: usize,
-        buf: &mut bytes::BytesMut,
-        additional: usize,
-    ) -> Result<(), Exhausted> {
-        if buf.capacity() >= buf.len().saturating_add(additional) {
-            return Ok(());
-        }
-        self.resize(most_after_reserve(buf, additional).saturating_sub(usual))?;
-        buf.reserve(additional);
-        self.set(buf.capacity().saturating_sub(usual));
-        Ok(())
-    }
-
     /// Holds `bytes` more; refused (and nothing changed) over the limit.
     pub fn grow(&mut self, bytes: usize) -> Result<(), Exhausted> {
         self.resize(self.bytes.saturating_add(bytes))
     }
 
     /// Grows `buf` by at least `additional` bytes of spare capacity, within the budget.
+    /// Refused (and nothing changed) over the limit.
     pub fn reserve(
         &mut self,
         buf: &mut bytes::BytesMut,
         additional: usize,
     ) -> Result<(), Exhausted> {
-        self.reserve_beyond(0, buf, additional)
+        if buf.capacity() >= buf.len().saturating_add(additional) {
+            return Ok(());
+        }
+        self.resize(most_after_reserve(buf, additional))?;
+        buf.reserve(additional);
+        self.set(buf.capacity());
+        Ok(())
     }
 }
 
@@ -221,7 +290,7 @@ impl Collector for BudgetCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let gauge = |n: usize| ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX));
         for (suffix, what, value) in [
-            ("used", "held now", self.budget.used()),
+            ("used", "held now", self.budget.sweep()),
             ("limit", "the limit", self.budget.limit),
         ] {
             let name = format!("{}_{suffix}_bytes", self.name);
@@ -261,6 +330,27 @@ mod tests {
         assert_eq!(budget.used(), 400, "a refused growth holds nothing more");
         drop(b);
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_kept_allocation_is_charged_until_its_last_slice_is_gone() {
+        let budget = BufferBudget::new(1000);
+        let mut buf = bytes::BytesMut::with_capacity(800);
+        buf.extend_from_slice(&[1; 100]);
+        let slice = buf.split().freeze();
+        budget.keep(buf.freeze(), 800);
+        assert_eq!(budget.used(), 800, "the slice holds the allocation");
+        assert!(budget.has_room(300).is_err());
+        let mut held = budget.hold();
+        assert!(held.resize(300).is_err());
+        drop(slice);
+        // A refusal would let go of what nothing holds any more first.
+        held.resize(300).unwrap();
+        budget.has_room(700).unwrap();
+        assert_eq!(budget.used(), 300);
+        let lone = bytes::Bytes::from(vec![0; 10]);
+        budget.keep(lone, 10);
+        assert_eq!(budget.used(), 300, "nothing else held it: nothing kept");
     }
 
     #[test]

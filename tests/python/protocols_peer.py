@@ -9,6 +9,8 @@ Python's own sockets and `ssl` (OpenSSL), independent of tern.
         mirror:  a framed binary Thrift server that answers every call with a REPLY carrying
                  the call's own bytes (a reply as large as its call)
         inflate: a framed binary Thrift server that answers every call with a 1 MiB REPLY
+        swell:   a framed binary Thrift server that answers every call with a 12 KiB REPLY,
+                 except calls named "hang", which it never answers
     protocols_peer.py greet ADDR          ms until the greeting arrives, with nothing sent first
     protocols_peer.py hellos ADDR         TLS ClientHello records of every length 0x0100-0x01ff
                                           (every low byte); each must come back unchanged
@@ -28,10 +30,11 @@ Python's own sockets and `ssl` (OpenSSL), independent of tern.
                                           CALLS framed binary calls, pipelined; reads nothing
                                           for SECONDS, then reads until the server closes (or
                                           5 s pass with nothing): the bytes, and whether closed
-    protocols_peer.py hoard ADDR CONNS CALLS SIZE SECONDS
+    protocols_peer.py hoard ADDR CONNS CALLS SIZE SECONDS [FIRST [GAP_MS]]
                                           on each of CONNS connections, CALLS framed binary
-                                          calls of SIZE bytes, pipelined; reads nothing and
-                                          holds the connections open for SECONDS
+                                          calls of SIZE bytes, pipelined (the first named
+                                          FIRST, if given; GAP_MS apart, if given); reads
+                                          nothing and holds the connections open for SECONDS
 Each client prints one JSON line.
 """
 import json
@@ -67,10 +70,10 @@ def echo_loop(conn):
 stalled = []
 
 
-def mirror_loop(conn, inflate):
+def mirror_loop(conn, inflate=None):
     """Answers each framed binary call with a REPLY that carries the call's bytes, or, to
-    `inflate`, with a 1 MiB string."""
-    big = b"\x0b\x00\x00" + (1 << 20).to_bytes(4, "big") + b"y" * (1 << 20) + b"\0"
+    `inflate` to a size, with a string of that size; calls named "hang" get no answer."""
+    big = b"\x0b\x00\x00" + (inflate or 0).to_bytes(4, "big") + b"y" * (inflate or 0) + b"\0"
     try:
         while True:
             head = read_exactly(conn, 4)
@@ -79,8 +82,10 @@ def mirror_loop(conn, inflate):
             body = bytearray(read_exactly(conn, int.from_bytes(head, "big")))
             if len(body) < 4:
                 break
+            n = int.from_bytes(body[4:8], "big")
+            if body[8:8 + n] == b"hang":
+                continue
             if inflate:
-                n = int.from_bytes(body[4:8], "big")
                 seq = int.from_bytes(body[8 + n:12 + n], "big", signed=True)
                 conn.sendall(frame(bytes(body[8:8 + n]), 2, seq, big))
                 continue
@@ -109,8 +114,8 @@ def serve(addr, kind, cert=None, key=None):
             elif kind == "stalled":
                 stalled.append(conn)
                 return
-            elif kind in ("mirror", "inflate"):
-                mirror_loop(conn, kind == "inflate")
+            elif kind in ("mirror", "inflate", "swell"):
+                mirror_loop(conn, {"inflate": 1 << 20, "swell": 12 << 10}.get(kind))
                 return
             elif kind == "tls":
                 try:
@@ -229,8 +234,9 @@ def names(addr, n):
     print(json.dumps({"replies": replies}))
 
 
-def hoard(addr, conns, calls, size, seconds):
+def hoard(addr, conns, calls, size, seconds, first="note", gap_ms="0"):
     conns, calls, size, seconds = int(conns), int(calls), int(size), float(seconds)
+    gap = float(gap_ms) / 1000
     # note(1: string note)
     note = b"x" * size
     socks = [connect(addr) for _ in range(conns)]
@@ -242,8 +248,10 @@ def hoard(addr, conns, calls, size, seconds):
         try:
             for seq in range(calls):
                 body = b"\x0b\x00\x01" + len(note).to_bytes(4, "big") + note + b"\0"
-                s.sendall(frame(b"note", 1, seq, body))
+                s.sendall(frame(first.encode() if seq == 0 else b"note", 1, seq, body))
                 written[i] += 1
+                if gap:
+                    time.sleep(gap)
         except OSError:
             pass
 

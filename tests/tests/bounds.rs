@@ -1,7 +1,8 @@
 //! What tern holds is bounded by its configuration, not by what peers do: connections to an
 //! endpoint that left the configuration close, a one-way flood at a server that stopped
-//! reading does not grow tern's memory, what clients and servers make tern buffer stays
-//! within the buffer budget, and clients' method names do not create metric series.
+//! reading does not grow tern's memory, what clients and servers make tern buffer (replies
+//! waiting for their clients included) stays within the buffer budget, and clients' method
+//! names do not create metric series.
 use std::time::Duration;
 
 use tern_tests::{
@@ -15,6 +16,8 @@ const MIRROR: &str = "10.96.0.62:9090";
 const INFLATE: &str = "10.96.0.63:9090";
 const INFLATE_MUX: &str = "10.96.0.64:9090";
 const STALLED_MUX: &str = "10.96.0.65:9090";
+const SWELL: &str = "10.96.0.66:9090";
+const SWELL_MUX: &str = "10.96.0.67:9090";
 
 fn config(calc_endpoints: &[&str]) -> String {
     config_with(calc_endpoints, "")
@@ -40,6 +43,10 @@ fn config_with(calc_endpoints: &[&str], extra: &str) -> String {
     filter_chains: [ {{ tcp_proxy: {{ cluster: inflate-mux }} }} ]
   - address: {STALLED_MUX}
     filter_chains: [ {{ tcp_proxy: {{ cluster: stalled-mux }} }} ]
+  - address: {SWELL}
+    filter_chains: [ {{ tcp_proxy: {{ cluster: swell }} }} ]
+  - address: {SWELL_MUX}
+    filter_chains: [ {{ tcp_proxy: {{ cluster: swell-mux }} }} ]
 clusters:
   - name: 'outbound|9090||calc.default.svc.cluster.local'
     endpoints: [ {} ]
@@ -56,6 +63,13 @@ clusters:
   - name: stalled-mux
     thrift_upstream: multiplexed
     endpoints: [ {{ address: 10.66.1.2:9301 }} ]
+  - name: swell
+    timeout_ms: 5000
+    endpoints: [ {{ address: 10.66.1.2:9304 }} ]
+  - name: swell-mux
+    thrift_upstream: multiplexed
+    timeout_ms: 5000
+    endpoints: [ {{ address: 10.66.1.2:9304 }} ]
 "#,
         eps.join(", ")
     )
@@ -87,6 +101,7 @@ fn setup_with(extra: &[&str]) -> Setup {
         ("10.66.1.2:9301", "stalled"),
         ("10.66.1.2:9302", "mirror"),
         ("10.66.1.2:9303", "inflate"),
+        ("10.66.1.2:9304", "swell"),
     ] {
         let args = [peer.to_str().unwrap(), "serve", addr, kind];
         servers.push(start_server(&p.srv, None, std::path::Path::new("python3"), &args).unwrap());
@@ -402,6 +417,59 @@ fn large_calls_and_replies_a_client_does_not_read_stay_within_the_buffer_budget(
                 budget_used(&s)
             );
         }
+    }
+}
+
+/// Clients whose replies wait behind a call the server never answers, and who read nothing:
+/// each reply is small (12 KiB, under a pool connection's usual read buffer, so no reply is
+/// charged for itself), but it keeps the pool buffer it was read into alive. What those
+/// buffers take stays within the buffer budget, over connections of their own or
+/// multiplexed: once it is full, calls get a `buffer_budget` exception instead of pinning
+/// more. Before, tern's RSS grew by 90 MiB for these clients (exclusive), against 34 now.
+#[test]
+fn small_replies_waiting_for_their_clients_stay_within_the_buffer_budget() {
+    tern_tests::require_root!();
+    for (vip, upstream) in [(SWELL, "exclusive"), (SWELL_MUX, "multiplexed")] {
+        let s = setup_with(&["--max-buffered-bytes", &BUDGET.to_string()]);
+        let before = rss_kib(&s);
+        // 48 connections × 128 calls, 20 ms apart: the first hangs (for the cluster's 5 s
+        // timeout), the other 127 are answered at once and wait behind it: 72 MiB of replies.
+        let (hoard, peak) = watching(&s, || {
+            python_json(
+                &s.p.app,
+                Some(&s.p.cgroup),
+                "protocols_peer.py",
+                &["hoard", vip, "48", "128", "100", "8", "hang", "20"],
+            )
+        });
+        let after = peak.rss_kib;
+        let exposition = tern_tests::admin(&s.p.app, "GET", "/stats/prometheus");
+        let refused = tern_tests::series_sum(
+            &exposition,
+            "tern_thrift_local_replies_total",
+            &[("cause", "buffer_budget")],
+        );
+        eprintln!(
+            "{upstream}: {} calls written, {refused} refused for the budget; tern RSS {before} \
+             KiB, at most {after} KiB; the budget's use at most {} bytes",
+            hoard["written"], peak.budget_bytes
+        );
+        assert_eq!(hoard["written"], 48 * 128, "{upstream}: {hoard}");
+        assert!(
+            after.saturating_sub(before) < (BUDGET + SLACK) / 1024,
+            "{upstream}: tern's peak RSS grew from {before} KiB to {after} KiB for replies \
+             waiting for clients that read nothing"
+        );
+        assert!(
+            peak.budget_bytes > 0.0 && refused > 0.0,
+            "{upstream}: the buffers replies hold never filled the budget"
+        );
+        // Every call is done (the hung ones at their timeout) and the clients are gone.
+        assert!(
+            tern_tests::eventually(Duration::from_secs(10), || budget_used(&s) == 0.0),
+            "{upstream}: the budget still holds {} bytes for clients that left",
+            budget_used(&s)
+        );
     }
 }
 

@@ -454,7 +454,7 @@ async fn detect_first_speaker(
                 cluster.endpoints[i].runtime.traffic().pool().adopt(
                     stream,
                     format,
-                    &settings,
+                    (&settings, &ctx.budget),
                     &cluster.runtime,
                 );
             }

@@ -4,20 +4,20 @@
 //! that connection from its own task — no hop to a connection task and back — and gives the
 //! connection back when the reply is whole and checked. A request that is dropped before
 //! (timed out, or its client went away) drops the connection with it: a late reply can only
-//! ever reach a closed socket, never another request. A reply larger than the connection's
-//! read buffer is read within the buffer budget, and its charge goes with it to the client.
+//! ever reach a closed socket, never another request. Replies are read into the connection's
+//! [`ReplyBuffer`], within the buffer budget; a reply larger than its usual size takes its
+//! charge along to the client.
 use std::{
-    sync::{Mutex, atomic::Ordering},
+    sync::{Arc, Mutex, atomic::Ordering},
     time::Instant,
 };
 
-use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::debug;
 
 use super::{
     ClusterRuntime, EndpointRuntime, Failed, Pool, PoolSettings, UpstreamError, answers,
-    release_connection, reserve_connection, wake_pending,
+    release_connection, reply_buffer::ReplyBuffer, reserve_connection, wake_pending,
 };
 use crate::{
     budget::{BufferBudget, Held},
@@ -36,7 +36,7 @@ type Conn = Box<Open>;
 #[derive(Debug)]
 struct Open {
     stream: Stream,
-    buf: BytesMut,
+    buf: ReplyBuffer,
     decoder: Decoder,
     format: (Transport, Protocol),
 }
@@ -141,24 +141,32 @@ impl Drop for Pending<'_> {
 /// Sends `request` to `endpoint` on a connection of its own and reads the reply (none for a
 /// one-way call). Wrap it in the request's timeout: dropping it closes the connection.
 ///
-/// A reply that outgrows the connection's read buffer grows it within `budget`, held by
-/// `charge`, which the caller keeps until the reply is written; the grown buffer leaves the
-/// connection with the reply. When the budget has no room, the request fails (it may have
-/// run on the server) and the connection closes.
+/// A reply that outgrows the connection's read buffer grows it within `budget`; the grown
+/// buffer leaves the connection with the reply, and its charge in `charge`, which the caller
+/// keeps until the reply is written. When the budget has no room (for that growth, or for a
+/// buffer earlier replies still hold), the request fails (it may have run on the server) and
+/// the connection closes.
 pub async fn call(
     endpoint: &EndpointRuntime,
     request: &Message,
     settings: &PoolSettings,
     cluster: &ClusterRuntime,
-    (budget, charge): (&std::sync::Arc<BufferBudget>, &mut Option<Held>),
+    (budget, charge): (&Arc<BufferBudget>, &mut Option<Held>),
 ) -> Result<Option<Message>, Failed> {
     let meta = request.meta();
     let addr = endpoint.address;
-    let mut lease = acquire(endpoint, (meta.transport, meta.protocol), settings, cluster).await?;
+    let format = (meta.transport, meta.protocol);
+    let mut lease = acquire(endpoint, format, (settings, budget), cluster).await?;
     let conn = lease
         .conn
         .as_mut()
         .expect("a lease holds its connection until released");
+    // Room for a usual reply before the request goes: without it, nothing is sent, and the
+    // connection, unused, goes back.
+    if let Err(e) = conn.buf.make_room(READ_BUFFER / 2) {
+        lease.release();
+        return Err(Failed::NotSent(UpstreamError::Budget(e)));
+    }
     if let Err(e) = conn.stream.write_all(request.as_bytes()).await {
         return Err(Failed::Lost(UpstreamError::Closed(format!(
             "write to {addr}: {e}"
@@ -169,7 +177,7 @@ pub async fn call(
         return Ok(None);
     }
     let reply = loop {
-        match conn.decoder.decode(&mut conn.buf) {
+        match conn.decoder.decode(&mut conn.buf.buf) {
             Ok(Some(reply)) => break reply,
             Ok(None) => {}
             Err(e) => {
@@ -178,17 +186,10 @@ pub async fn call(
                 ))));
             }
         }
-        if conn.buf.capacity() - conn.buf.len() < 1024 {
-            let more = conn.buf.len().max(READ_BUFFER);
-            if let Err(e) = charge.get_or_insert_with(|| budget.hold()).reserve_beyond(
-                READ_BUFFER,
-                &mut conn.buf,
-                more,
-            ) {
-                return Err(Failed::Lost(UpstreamError::Budget(e)));
-            }
+        if let Err(e) = conn.buf.make_room(1024) {
+            return Err(Failed::Lost(UpstreamError::Budget(e)));
         }
-        match conn.stream.read_buf(&mut conn.buf).await {
+        match conn.stream.read_buf(&mut conn.buf.buf).await {
             Ok(0) => {
                 return Err(Failed::Lost(UpstreamError::Closed(format!(
                     "{addr} closed the connection"
@@ -206,16 +207,15 @@ pub async fn call(
         debug!(%addr, %why, "closing an upstream connection whose reply is not its request's");
         return Err(Failed::Lost(UpstreamError::Mismatch(why)));
     }
-    if conn.buf.is_empty() {
-        if conn.buf.capacity() > READ_BUFFER {
-            // What is left of a buffer grown for a large reply stays with that reply (which
-            // holds its charge); the connection reads the next one into a buffer of the usual
-            // size.
-            conn.buf = BytesMut::with_capacity(READ_BUFFER);
+    if conn.buf.buf.is_empty() {
+        // A buffer grown for a large reply stays with that reply, which holds its charge;
+        // the connection reads the next one into a buffer of the usual size.
+        if let Some(grown) = conn.buf.hand_over_if_grown() {
+            *charge = Some(grown);
         }
         lease.release();
     } else {
-        debug!(%addr, bytes = conn.buf.len(), "upstream sent bytes nobody asked for: closing");
+        debug!(%addr, bytes = conn.buf.buf.len(), "upstream sent bytes nobody asked for: closing");
     }
     Ok(Some(reply))
 }
@@ -225,9 +225,10 @@ pub async fn call(
 async fn acquire<'a>(
     endpoint: &'a EndpointRuntime,
     format: (Transport, Protocol),
-    settings: &PoolSettings,
+    opening: (&PoolSettings, &Arc<BufferBudget>),
     cluster: &'a ClusterRuntime,
 ) -> Result<Lease<'a>, Failed> {
+    let settings = opening.0;
     let pool = endpoint.traffic().pool();
     let lease = |conn| Lease {
         conn: Some(conn),
@@ -241,9 +242,7 @@ async fn acquire<'a>(
     loop {
         if reserve_connection(cluster, settings.max_connections) {
             drop(pending);
-            return connect(endpoint, format, settings, cluster)
-                .await
-                .map(lease);
+            return connect(endpoint, format, opening, cluster).await.map(lease);
         }
         if pending.is_none() {
             if cluster.pending_requests.fetch_add(1, Ordering::SeqCst) >= settings.max_pending {
@@ -263,9 +262,7 @@ async fn acquire<'a>(
         }
         if reserve_connection(cluster, settings.max_connections) {
             drop(pending);
-            return connect(endpoint, format, settings, cluster)
-                .await
-                .map(lease);
+            return connect(endpoint, format, opening, cluster).await.map(lease);
         }
         released.await;
     }
@@ -275,7 +272,7 @@ async fn acquire<'a>(
 async fn connect(
     endpoint: &EndpointRuntime,
     format: (Transport, Protocol),
-    settings: &PoolSettings,
+    (settings, budget): (&PoolSettings, &Arc<BufferBudget>),
     cluster: &ClusterRuntime,
 ) -> Result<Conn, Failed> {
     let (pool, addr) = (endpoint.traffic().pool(), endpoint.address);
@@ -286,7 +283,7 @@ async fn connect(
             pool.open.fetch_add(1, Ordering::Relaxed);
             cluster.metrics().connections_gauge.inc();
             cluster.metrics().connections_opened.inc();
-            Ok(new_conn(stream, format, settings.limits))
+            Ok(new_conn(stream, format, settings.limits, budget))
         }
         Err(e) => {
             debug!(%addr, error = %e, "upstream connect failed");
@@ -296,10 +293,15 @@ async fn connect(
     }
 }
 
-fn new_conn(stream: Stream, format: (Transport, Protocol), limits: DecoderLimits) -> Conn {
+fn new_conn(
+    stream: Stream,
+    format: (Transport, Protocol),
+    limits: DecoderLimits,
+    budget: &Arc<BufferBudget>,
+) -> Conn {
     Box::new(Open {
         stream,
-        buf: BytesMut::with_capacity(READ_BUFFER),
+        buf: ReplyBuffer::new(READ_BUFFER, budget),
         decoder: Decoder::configured(limits, format.0, format.1, false),
         format,
     })
@@ -313,7 +315,7 @@ impl Pool {
         &self,
         stream: Stream,
         format: (Transport, Protocol),
-        settings: &PoolSettings,
+        (settings, budget): (&PoolSettings, &Arc<BufferBudget>),
         cluster: &ClusterRuntime,
     ) {
         if self.retired() || self.exclusive.has(format) {
@@ -326,7 +328,7 @@ impl Pool {
         cluster.metrics().connections_gauge.inc();
         cluster.metrics().connections_opened.inc();
         self.exclusive
-            .put(new_conn(stream, format, settings.limits));
+            .put(new_conn(stream, format, settings.limits, budget));
         wake_pending(cluster);
     }
 }

@@ -33,6 +33,7 @@ pub mod exclusive;
 pub mod metrics;
 pub mod multiplexed;
 pub mod outlier;
+mod reply_buffer;
 mod reply_cell;
 pub mod runtime;
 
@@ -55,6 +56,20 @@ pub enum UpstreamError {
     /// multiplexed connection's write queue.
     #[error("no buffer left: {0}")]
     Budget(#[from] crate::budget::Exhausted),
+}
+
+/// One connection's end fails each of its requests with the same error.
+impl Clone for UpstreamError {
+    fn clone(&self) -> Self {
+        match self {
+            // An `io::Error` is not `Clone`: its kind is what requests are told.
+            Self::ConnectFailed(addr, e) => Self::ConnectFailed(*addr, e.kind().into()),
+            Self::Closed(why) => Self::Closed(why.clone()),
+            Self::Overflow(what) => Self::Overflow(what),
+            Self::Mismatch(why) => Self::Mismatch(why.clone()),
+            Self::Budget(e) => Self::Budget(e.clone()),
+        }
+    }
 }
 
 /// Why a request got no reply.

@@ -30,7 +30,7 @@ use std::{
     },
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use smallvec::SmallVec;
 use tokio::{io::AsyncReadExt, sync::mpsc};
@@ -38,7 +38,7 @@ use tracing::debug;
 
 use super::{
     ActiveRequest, ClusterRuntime, EndpointRuntime, Failed, Pool, PoolSettings, ReplyCell,
-    UpstreamError, answers_by_name,
+    UpstreamError, answers_by_name, reply_buffer::ReplyBuffer,
 };
 use crate::{
     budget::{Backlog, BufferBudget, Held},
@@ -66,6 +66,8 @@ const DEPTH_BEFORE_ANOTHER: usize = 8;
 /// A connection's read buffer, and the size of reply that is charged to the buffer budget
 /// (the buffer's growth past it, and each reply larger than it, while the client has it).
 const READ_BUFFER: usize = 64 * 1024;
+/// Room a read needs in the read buffer; below it the buffer makes more.
+const MIN_SPARE: usize = 4096;
 /// How often a retiring connection looks whether its last live request gave up.
 const RETIRED_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -399,8 +401,14 @@ async fn run(
     open: Arc<AtomicUsize>,
 ) {
     let addr = endpoint.address;
-    let connected =
-        super::dial::dial(&endpoint, &cluster, settings.mark, settings.connect_timeout).await;
+    // The reply buffer first: without room for it, nothing is sent.
+    let mut buf = ReplyBuffer::new(READ_BUFFER, &budget);
+    let connected = match buf.make_room(MIN_SPARE) {
+        Ok(()) => super::dial::dial(&endpoint, &cluster, settings.mark, settings.connect_timeout)
+            .await
+            .map_err(|e| UpstreamError::ConnectFailed(addr, e)),
+        Err(e) => Err(UpstreamError::Budget(e)),
+    };
     {
         let mut p = conn.pending.lock().unwrap_or_else(|e| e.into_inner());
         cluster
@@ -414,9 +422,8 @@ async fn run(
     let stream = match connected {
         Ok(s) => s,
         Err(e) => {
-            debug!(%addr, error = %e, "upstream connect failed");
-            let kind = e.kind();
-            conn.close(|| Failed::NotSent(UpstreamError::ConnectFailed(addr, kind.into())));
+            debug!(%addr, error = %e, "upstream connection not opened");
+            conn.close(|| Failed::NotSent(e.clone()));
             super::release_connection(&cluster);
             return;
         }
@@ -427,41 +434,37 @@ async fn run(
     let (transport, protocol) = conn.format;
     let reader = async {
         let mut decoder = Decoder::configured(settings.limits, transport, protocol, false);
-        let mut buf = BytesMut::with_capacity(READ_BUFFER);
-        // What the buffer holds of the budget beyond its usual size.
-        let mut held = budget.hold();
         loop {
             loop {
-                match decoder.decode(&mut buf) {
+                match decoder.decode(&mut buf.buf) {
                     Ok(Some(reply)) => {
                         // A large reply takes its charge with it; the buffer keeps the rest.
                         let charge = (reply.as_bytes().len() > READ_BUFFER).then(|| {
                             let mut charge = budget.hold();
                             charge.set(reply.as_bytes().len());
+                            buf.charge_what_is_left();
                             charge
                         });
-                        held.set(buf.capacity().saturating_sub(READ_BUFFER));
                         if let Err(why) = deliver(&conn, reply, charge) {
-                            return why;
+                            return UpstreamError::Closed(why);
                         }
                         if conn.done() {
-                            return "endpoint removed".to_owned();
+                            return UpstreamError::Closed("endpoint removed".to_owned());
                         }
                     }
                     Ok(None) => break,
-                    Err(e) => return format!("invalid reply from {addr}: {e}"),
+                    Err(e) => {
+                        return UpstreamError::Closed(format!("invalid reply from {addr}: {e}"));
+                    }
                 }
             }
-            if buf.capacity() - buf.len() < 4096 {
-                let more = buf.len().max(READ_BUFFER);
-                if let Err(e) = held.reserve_beyond(READ_BUFFER, &mut buf, more) {
-                    return format!("no buffer left for replies from {addr}: {e}");
-                }
+            if let Err(e) = buf.make_room(MIN_SPARE) {
+                return UpstreamError::Budget(e);
             }
-            match rd.read_buf(&mut buf).await {
-                Ok(0) => return format!("{addr} closed the connection"),
+            match rd.read_buf(&mut buf.buf).await {
+                Ok(0) => return UpstreamError::Closed(format!("{addr} closed the connection")),
                 Ok(_) => {}
-                Err(e) => return format!("read from {addr}: {e}"),
+                Err(e) => return UpstreamError::Closed(format!("read from {addr}: {e}")),
             }
         }
     };
@@ -507,14 +510,14 @@ async fn run(
     };
     let reason = tokio::select! {
         reason = reader => reason,
-        w = writer => match w {
+        w = writer => UpstreamError::Closed(match w {
             Ok(()) => "pool dropped".to_owned(),
             Err(e) => format!("write to {addr}: {e}"),
-        },
-        () = retired => "endpoint removed".to_owned(),
+        }),
+        () = retired => UpstreamError::Closed("endpoint removed".to_owned()),
     };
     debug!(%addr, %reason, "upstream connection closed");
-    conn.close(|| Failed::Lost(UpstreamError::Closed(reason.clone())));
+    conn.close(|| Failed::Lost(reason.clone()));
     open.fetch_sub(1, Ordering::Relaxed);
     cluster.metrics().connections_gauge.dec();
     super::release_connection(&cluster);
