@@ -28,6 +28,8 @@ use crate::{
 /// Initial read buffer of a connection; it grows with what arrives, never with what a frame
 /// header claims.
 const READ_BUFFER: usize = 16 * 1024;
+/// Room a read needs in the read buffer; below it the buffer makes more.
+const MIN_SPARE: usize = 1024;
 
 /// An open connection with its reply decoder, boxed: a request takes it from the idle list
 /// and gives it back, and a box moves as a pointer, not 200 bytes.
@@ -161,9 +163,9 @@ pub async fn call(
         .conn
         .as_mut()
         .expect("a lease holds its connection until released");
-    // Room for a usual reply before the request goes: without it, nothing is sent, and the
-    // connection, unused, goes back.
-    if let Err(e) = conn.buf.make_room(READ_BUFFER / 2) {
+    // Room to read the reply into before the request goes: without it, nothing is sent, and
+    // the connection, unused, goes back.
+    if let Err(e) = conn.buf.make_room(MIN_SPARE) {
         lease.release();
         return Err(Failed::NotSent(UpstreamError::Budget(e)));
     }
@@ -186,7 +188,7 @@ pub async fn call(
                 ))));
             }
         }
-        if let Err(e) = conn.buf.make_room(1024) {
+        if let Err(e) = conn.buf.make_room(MIN_SPARE) {
             return Err(Failed::Lost(UpstreamError::Budget(e)));
         }
         match conn.stream.read_buf(&mut conn.buf.buf).await {
