@@ -7,6 +7,9 @@
 //!     protocol: thrift        # thrift | grpc | tcp (default)
 //!     vip: 10.96.0.50         # optional: the address sidecars capture (<vip>_<port>)
 //!     lb: round_robin         # round_robin (default) | least_request | ring_hash | random
+//!     thrift_upstream: exclusive  # exclusive (default): a connection per request until its
+//!                             # reply; multiplexed: tern sidecars share connections (servers
+//!                             # that answer out of order); thrift services only
 //!     endpoints:
 //!       - 10.0.0.1:9090
 //!       - { address: 10.0.0.2:9090, weight: 3, region: eu, zone: eu-1, health: healthy }
@@ -33,7 +36,7 @@ use serde::Deserialize;
 
 use crate::{
     health::{Check, HealthCheck, ThriftProtocol, ThriftTransport},
-    model::{Endpoint, Health, LbPolicy, Locality, Protocol, Service},
+    model::{Endpoint, Health, LbPolicy, Locality, Protocol, Service, ThriftUpstream},
 };
 
 /// Why a services file was refused whole.
@@ -78,6 +81,8 @@ struct ServiceYaml<E> {
     vip: Option<IpAddr>,
     #[serde(default)]
     lb: LbPolicy,
+    #[serde(default)]
+    thrift_upstream: ThriftUpstream,
     #[serde(default = "Vec::new")]
     endpoints: Vec<E>,
     #[serde(default)]
@@ -294,6 +299,13 @@ fn services<'a, E>(
             });
             continue;
         }
+        if s.thrift_upstream != ThriftUpstream::Exclusive && s.protocol != Protocol::Thrift {
+            out.skipped.push(Skipped {
+                entry: s.name.clone(),
+                reason: "thrift_upstream is for thrift services".into(),
+            });
+            continue;
+        }
         let health_check = match s.health_check.map(HealthCheckYaml::check).transpose() {
             Ok(hc) => hc,
             Err(reason) => {
@@ -333,6 +345,7 @@ fn services<'a, E>(
             protocol: s.protocol,
             vip: s.vip,
             lb: s.lb,
+            thrift_upstream: s.thrift_upstream,
             endpoints,
             health_check,
         });
@@ -414,6 +427,27 @@ services:
         assert!(reasons[3].contains("not an endpoint"));
         assert!(reasons[4].contains("first is kept"));
         assert!(reasons[5].contains("not a service"));
+    }
+
+    #[test]
+    fn only_thrift_services_choose_how_sidecars_connect() {
+        let parsed = parse(
+            r#"
+services:
+  - { name: calc, port: 9090, protocol: thrift, thrift_upstream: multiplexed }
+  - { name: plain, port: 9091, protocol: thrift }
+  - { name: echo, port: 50051, protocol: grpc, thrift_upstream: multiplexed }
+"#,
+        )
+        .unwrap();
+        let modes: Vec<_> = parsed.services.iter().map(|s| s.thrift_upstream).collect();
+        assert_eq!(
+            modes,
+            [ThriftUpstream::Multiplexed, ThriftUpstream::Exclusive]
+        );
+        assert_eq!(parsed.skipped.len(), 1, "{:#?}", parsed.skipped);
+        assert_eq!(parsed.skipped[0].entry, "echo");
+        assert!(parsed.skipped[0].reason.contains("thrift services"));
     }
 
     #[test]

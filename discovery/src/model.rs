@@ -1,5 +1,6 @@
 //! The services tern discovery serves, as the sources describe them and the generators read
-//! them: a name, a port, a protocol, an optional virtual IP, a balancing policy, endpoints.
+//! them: a name, a port, a protocol, an optional virtual IP, a balancing policy, how Thrift
+//! sidecars connect, endpoints.
 use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
@@ -25,6 +26,18 @@ pub enum LbPolicy {
     LeastRequest,
     RingHash,
     Random,
+}
+
+/// How tern sidecars connect to a Thrift service's servers (tern's `thrift_upstream`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ThriftUpstream {
+    /// A connection per request until its reply: what Apache Thrift's servers need.
+    #[default]
+    Exclusive,
+    /// Requests share connections, sequence ids rewritten: for servers that answer out of
+    /// order.
+    Multiplexed,
 }
 
 /// An endpoint's health as served in EDS (`envoy.config.core.v3.HealthStatus`).
@@ -86,6 +99,8 @@ pub struct Service {
     /// name only (gRPC).
     pub vip: Option<IpAddr>,
     pub lb: LbPolicy,
+    /// How tern sidecars connect to its servers (a Thrift service's).
+    pub thrift_upstream: ThriftUpstream,
     pub endpoints: Vec<Endpoint>,
     /// Its active health check, if it has one.
     pub health_check: Option<HealthCheck>,
@@ -101,6 +116,7 @@ impl Service {
             protocol: Protocol::Thrift,
             vip: None,
             lb: LbPolicy::RoundRobin,
+            thrift_upstream: ThriftUpstream::Exclusive,
             endpoints,
             health_check: None,
         }

@@ -225,41 +225,42 @@ pub fn istio_simple_tls(cluster: &mut Cluster, ca_file: &str, sni: &str, san: &s
     });
 }
 
-/// Gives an endpoint istiod's workload metadata (`istio.workload`:
-/// `name;namespace;canonical name;revision;cluster`).
-pub fn istio_workload(e: &mut endpoint_types::LbEndpoint, workload: &str) {
+/// Sets `filter_metadata.<filter>` to a struct of one string, `key: value`.
+pub fn filter_metadata(
+    metadata: &mut Option<core_types::Metadata>,
+    filter: &str,
+    key: &str,
+    value: &str,
+) {
     let fields = [(
-        "workload".to_owned(),
+        key.to_owned(),
         wkt::Value {
-            kind: Some(wkt::Kind::StringValue(workload.into())),
+            kind: Some(wkt::Kind::StringValue(value.into())),
         },
     )];
-    e.metadata
+    metadata
         .get_or_insert_with(Default::default)
         .filter_metadata
         .insert(
-            "istio".into(),
+            filter.into(),
             wkt::Struct {
                 fields: fields.into(),
             },
         );
 }
 
+/// Gives an endpoint istiod's workload metadata (`istio.workload`:
+/// `name;namespace;canonical name;revision;cluster`).
+pub fn istio_workload(e: &mut endpoint_types::LbEndpoint, workload: &str) {
+    filter_metadata(&mut e.metadata, "istio", "workload", workload);
+}
+
 /// Labels an endpoint `tlsMode: istio`, as istiod does for Pods with a sidecar.
 pub fn istio_tls_mode(e: &mut endpoint_types::LbEndpoint) {
-    let fields = [(
-        "tlsMode".to_owned(),
-        wkt::Value {
-            kind: Some(wkt::Kind::StringValue("istio".into())),
-        },
-    )];
-    e.metadata
-        .get_or_insert_with(Default::default)
-        .filter_metadata
-        .insert(
-            "envoy.transport_socket_match".into(),
-            wkt::Struct {
-                fields: fields.into(),
-            },
-        );
+    filter_metadata(
+        &mut e.metadata,
+        "envoy.transport_socket_match",
+        "tlsMode",
+        "istio",
+    );
 }

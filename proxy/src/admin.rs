@@ -245,7 +245,12 @@ fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
                             })
                         })
                         .collect();
-                    json!({ "name": c.config.name, "lb_policy": c.config.lb_policy, "endpoints": endpoints })
+                    json!({
+                        "name": c.config.name,
+                        "lb_policy": c.config.lb_policy,
+                        "thrift_upstream": c.config.upstream,
+                        "endpoints": endpoints,
+                    })
                 })
                 .collect();
             json_body(&json!({ "clusters": clusters }))

@@ -7,7 +7,7 @@ use std::{path::Path, time::Duration};
 use tern_tests::{
     Netns, Phased, Process, ThriftClient,
     discovery::{Bootstrap, Discovery},
-    eventually, pods, python_peer, serial_thrift_serve, start_server, thrift_serve,
+    eventually, pods, python_json, python_peer, serial_thrift_serve, start_server, thrift_serve,
 };
 
 const CLA: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -203,6 +203,73 @@ fn tern_sidecars_balance_thrift_from_discovery_over_sotw() {
 fn tern_sidecars_balance_thrift_from_discovery_over_delta() {
     tern_tests::require_root!();
     sidecar_balances_thrift(true);
+}
+
+/// A Thrift service the services file opts in to multiplexed connections: tern sidecars share
+/// a few connections per endpoint for its calls, where the same calls to a service without the
+/// opt-in take a connection each.
+#[test]
+fn a_service_can_opt_in_to_multiplexed_connections() {
+    tern_tests::require_root!();
+    let p = pods();
+    let _servers: Vec<Process> = calc_servers(&p, 3);
+    let endpoints = "[10.66.1.2:9001, 10.66.1.2:9002, 10.66.1.2:9003]";
+    let services = format!(
+        "services:\n  - {{ name: calc, port: 9090, protocol: thrift, vip: 10.96.0.20, endpoints: \
+         {endpoints} }}\n  - {{ name: calc-mux, port: 9090, protocol: thrift, vip: 10.96.0.21, \
+         thrift_upstream: multiplexed, endpoints: {endpoints} }}\n"
+    );
+    let _d =
+        Discovery::start(&p.app, "127.0.0.1:15010", "127.0.0.1:15014", &services, &[]).unwrap();
+    let tern = p.start_tern_xds(&[], "info").unwrap();
+    let mut opened = Vec::new();
+    for (vip, name, mode) in [
+        ("10.96.0.20:9090", "calc", "exclusive"),
+        ("10.96.0.21:9090", "calc-mux", "multiplexed"),
+    ] {
+        let cluster = format!("outbound|9090||{name}");
+        let served = || {
+            let clusters: serde_json::Value =
+                serde_json::from_str(&tern_tests::admin(&p.app, "GET", "/clusters")).unwrap();
+            clusters["clusters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == cluster.as_str())
+                .map(|c| {
+                    (
+                        c["thrift_upstream"].clone(),
+                        c["endpoints"].as_array().unwrap().len(),
+                    )
+                })
+        };
+        assert!(
+            eventually(Duration::from_secs(5), || served()
+                == Some((mode.into(), 3))),
+            "{cluster}: {:?}\n{}",
+            served(),
+            tern.log()
+        );
+        // 300 calls pipelined on one connection, each answered (the servers know no such
+        // method: a TApplicationException each).
+        let calls = python_json(
+            &p.app,
+            Some(&p.cgroup),
+            "protocols_peer.py",
+            &["names", vip, "300"],
+        );
+        assert_eq!(calls["replies"], 300, "{name}: {calls}\n{}", tern.log());
+        let exposition = tern_tests::admin(&p.app, "GET", "/stats/prometheus");
+        opened.push(tern_tests::series_sum(
+            &exposition,
+            "tern_upstream_connections_total",
+            &[("cluster", &cluster)],
+        ));
+    }
+    eprintln!("connections opened: {opened:?} (exclusive, multiplexed)");
+    // One client connection is served by one worker: at most 4 connections per endpoint.
+    assert!(opened[1] >= 3.0 && opened[1] <= 12.0, "{opened:?}");
+    assert!(opened[0] > 2.0 * opened[1], "{opened:?}");
 }
 
 fn checked_services() -> String {

@@ -1,7 +1,8 @@
 //! What sidecars (tern, Envoy) are served, in istiod's shape: `virtualOutbound` on 15001
 //! (anything unknown passes through), a `<vip>_<port>` listener per service with a virtual IP
 //! whose `tcp_proxy` names `outbound|<port>||<name>` (tern finds Thrift from the bytes, as
-//! with istiod), EDS clusters over ADS, and a plaintext `virtualInbound` on 15006 that hands
+//! with istiod), EDS clusters over ADS (a service's `thrift_upstream: multiplexed` as the
+//! cluster's `filter_metadata.tern`), and a plaintext `virtualInbound` on 15006 that hands
 //! connections to the application (tern discovery issues no certificates: this is a mesh
 //! without mTLS, which tern's inbound refuses until it is served).
 use tern_proto::{
@@ -9,7 +10,7 @@ use tern_proto::{
 };
 
 use super::{eds_cluster, named};
-use crate::model::Service;
+use crate::model::{Service, ThriftUpstream};
 
 const PASSTHROUGH: &str = "PassthroughCluster";
 const INBOUND_PASSTHROUGH: &str = "InboundPassthroughCluster";
@@ -76,11 +77,17 @@ pub fn fixed() -> Vec<(String, Any)> {
 
 /// One service's cluster, and its `<vip>_<port>` listener when it has a virtual IP.
 pub fn service(s: &Service) -> Vec<(String, Any)> {
-    let mut out = vec![named(
-        &s.cluster(),
-        &eds_cluster(s, s.lb),
-        type_url::CLUSTER,
-    )];
+    let mut cluster = eds_cluster(s, s.lb);
+    if s.thrift_upstream == ThriftUpstream::Multiplexed {
+        // What tern reads; Envoy ignores it.
+        build::filter_metadata(
+            &mut cluster.metadata,
+            "tern",
+            "thrift_upstream",
+            "multiplexed",
+        );
+    }
+    let mut out = vec![named(&s.cluster(), &cluster, type_url::CLUSTER)];
     if let Some(vip) = s.vip {
         let listener = Listener {
             name: format!("{vip}_{}", s.port),
@@ -93,4 +100,25 @@ pub fn service(s: &Service) -> Vec<(String, Any)> {
         out.push(named(&listener.name, &listener, type_url::LISTENER));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_multiplexed_service_says_so_in_its_clusters_tern_metadata() {
+        let mut s = Service::registered("calc".into(), Vec::new());
+        let cluster = |s: &Service| -> Cluster {
+            tern_proto::decode(&service(s)[0].1, type_url::CLUSTER).unwrap()
+        };
+        assert_eq!(cluster(&s).metadata, None);
+        s.thrift_upstream = ThriftUpstream::Multiplexed;
+        let md = cluster(&s).metadata.unwrap();
+        let mode = &md.filter_metadata["tern"].fields["thrift_upstream"];
+        assert_eq!(
+            mode.kind,
+            Some(wkt::Kind::StringValue("multiplexed".into()))
+        );
+    }
 }

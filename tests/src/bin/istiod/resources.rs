@@ -4,7 +4,7 @@
 use tern_proto::{
     Any, Cluster, ClusterLoadAssignment, Listener, ThriftProxy, ThriftRouteConfiguration,
     build::{self, address as addr, eds_cluster, filter as typed, tcp_proxy},
-    cluster_types, core_types, encode, listener_types, thrift_types, type_url, wkt,
+    cluster_types, encode, listener_types, thrift_types, type_url, wkt,
 };
 
 use crate::{
@@ -115,24 +115,12 @@ fn generated(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<(String, Any
                     _ => 0,
                 };
                 if s.cluster_padding > 0 {
-                    c.metadata = Some(core_types::Metadata {
-                        filter_metadata: [(
-                            "padding".to_string(),
-                            wkt::Struct {
-                                fields: [(
-                                    "bytes".to_string(),
-                                    wkt::Value {
-                                        kind: Some(wkt::Kind::StringValue(
-                                            "x".repeat(s.cluster_padding),
-                                        )),
-                                    },
-                                )]
-                                .into(),
-                            },
-                        )]
-                        .into(),
-                        ..Default::default()
-                    });
+                    build::filter_metadata(
+                        &mut c.metadata,
+                        "padding",
+                        "bytes",
+                        &"x".repeat(s.cluster_padding),
+                    );
                 }
                 clusters.push(c);
             }
