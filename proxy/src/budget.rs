@@ -33,8 +33,10 @@ pub struct BufferBudget {
     kept: Mutex<VecDeque<(Bytes, usize)>>,
 }
 
-/// How many of the oldest kept allocations [`BufferBudget::keep`] looks at each time.
-const KEPT_CHECKED_EACH_TIME: usize = 4;
+/// How many kept allocations [`BufferBudget::keep`] looks at, to let go of what nothing holds.
+const LOOKED_AT_WHEN_KEEPING: usize = 4;
+/// How many kept allocations a refusal looks at first.
+const LOOKED_AT_BEFORE_REFUSING: usize = 64;
 
 /// What one connection's buffer holds of the budget; given back when dropped.
 #[derive(Debug)]
@@ -74,14 +76,7 @@ impl BufferBudget {
             return;
         }
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        // Slices are mostly dropped in the order their allocations were kept: letting go of
-        // the oldest few each time keeps the list as short as what is really held.
-        for _ in 0..KEPT_CHECKED_EACH_TIME {
-            match kept.front() {
-                Some((oldest, _)) if oldest.is_unique() => self.let_go(kept.pop_front()),
-                _ => break,
-            }
-        }
+        self.let_go(&mut kept, LOOKED_AT_WHEN_KEEPING);
         self.used.fetch_add(bytes, Ordering::Relaxed);
         kept.push_back((handle, bytes));
     }
@@ -91,7 +86,7 @@ impl BufferBudget {
     /// budget is full.
     pub fn has_room(&self, bytes: usize) -> Result<(), Exhausted> {
         let fits = |used: usize| used.saturating_add(bytes) <= self.limit;
-        if fits(self.used()) || fits(self.sweep()) {
+        if fits(self.used()) || fits(self.let_go_before_refusing()) {
             Ok(())
         } else {
             Err(Exhausted { limit: self.limit })
@@ -102,21 +97,33 @@ impl BufferBudget {
     /// after.
     pub fn sweep(&self) -> usize {
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        let mut freed = 0;
-        kept.retain(|(handle, bytes)| {
-            let held = !handle.is_unique();
-            if !held {
-                freed += bytes;
-            }
-            held
-        });
-        drop(kept);
-        self.used.fetch_sub(freed, Ordering::Relaxed) - freed
+        let all = kept.len();
+        self.let_go(&mut kept, all);
+        self.used()
     }
 
-    fn let_go(&self, entry: Option<(Bytes, usize)>) {
-        if let Some((_, bytes)) = entry {
-            self.used.fetch_sub(bytes, Ordering::Relaxed);
+    /// Before a refusal: lets go of what nothing holds among some of the kept allocations;
+    /// returns the bytes held after. Not all of them: refusals come as often as an attacker
+    /// likes, and each would otherwise look at every kept allocation.
+    fn let_go_before_refusing(&self) -> usize {
+        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+        self.let_go(&mut kept, LOOKED_AT_BEFORE_REFUSING);
+        self.used()
+    }
+
+    /// Looks at the `n` oldest kept allocations, in turn: those nothing else holds any more
+    /// are let go, the others go to the back (so allocations that stay held, such as replies
+    /// for a client that does not read, do not hide the ones behind them).
+    fn let_go(&self, kept: &mut VecDeque<(Bytes, usize)>, n: usize) {
+        for _ in 0..n.min(kept.len()) {
+            let Some((handle, bytes)) = kept.pop_front() else {
+                break;
+            };
+            if handle.is_unique() {
+                self.used.fetch_sub(bytes, Ordering::Relaxed);
+            } else {
+                kept.push_back((handle, bytes));
+            }
         }
     }
 
@@ -151,7 +158,7 @@ impl Held {
             };
             // Before refusing, let go of kept allocations that are no longer held.
             if grow().is_err() {
-                budget.sweep();
+                budget.let_go_before_refusing();
                 if grow().is_err() {
                     return Err(Exhausted {
                         limit: budget.limit,
@@ -351,6 +358,24 @@ mod tests {
         let lone = bytes::Bytes::from(vec![0; 10]);
         budget.keep(lone, 10);
         assert_eq!(budget.used(), 300, "nothing else held it: nothing kept");
+    }
+
+    #[test]
+    fn allocations_that_stay_held_do_not_hide_those_behind_them() {
+        let budget = BufferBudget::new(1000);
+        let kept = |n: usize| {
+            let mut buf = bytes::BytesMut::with_capacity(n);
+            buf.extend_from_slice(&[1]);
+            let slice = buf.split().freeze();
+            budget.keep(buf.freeze(), n);
+            slice
+        };
+        let _stays = kept(300);
+        let goes = kept(600);
+        drop(goes);
+        // The oldest is still held; the one behind it is looked at too.
+        budget.has_room(600).unwrap();
+        assert_eq!(budget.used(), 300);
     }
 
     #[test]
