@@ -10,6 +10,7 @@
 //!     thrift_upstream: exclusive  # exclusive (default): a connection per request until its
 //!                             # reply; multiplexed: tern sidecars share connections (servers
 //!                             # that answer out of order); thrift services only
+//!     connections_per_endpoint: 4 # multiplexed only: connections per endpoint (default 4)
 //!     endpoints:
 //!       - 10.0.0.1:9090
 //!       - { address: 10.0.0.2:9090, weight: 3, region: eu, zone: eu-1, health: healthy }
@@ -83,6 +84,8 @@ struct ServiceYaml<E> {
     lb: LbPolicy,
     #[serde(default)]
     thrift_upstream: ThriftUpstream,
+    #[serde(default)]
+    connections_per_endpoint: Option<u32>,
     #[serde(default = "Vec::new")]
     endpoints: Vec<E>,
     #[serde(default)]
@@ -299,10 +302,22 @@ fn services<'a, E>(
             });
             continue;
         }
-        if s.thrift_upstream != ThriftUpstream::Exclusive && s.protocol != Protocol::Thrift {
+        let upstream =
+            if s.thrift_upstream != ThriftUpstream::Exclusive && s.protocol != Protocol::Thrift {
+                Err("thrift_upstream is for thrift services")
+            } else if s.connections_per_endpoint.is_some()
+                && s.thrift_upstream != ThriftUpstream::Multiplexed
+            {
+                Err("connections_per_endpoint is for thrift_upstream: multiplexed")
+            } else if s.connections_per_endpoint == Some(0) {
+                Err("connections_per_endpoint must be at least 1")
+            } else {
+                Ok(())
+            };
+        if let Err(reason) = upstream {
             out.skipped.push(Skipped {
                 entry: s.name.clone(),
-                reason: "thrift_upstream is for thrift services".into(),
+                reason: reason.into(),
             });
             continue;
         }
@@ -346,6 +361,7 @@ fn services<'a, E>(
             vip: s.vip,
             lb: s.lb,
             thrift_upstream: s.thrift_upstream,
+            connections_per_endpoint: s.connections_per_endpoint,
             endpoints,
             health_check,
         });
@@ -434,20 +450,42 @@ services:
         let parsed = parse(
             r#"
 services:
-  - { name: calc, port: 9090, protocol: thrift, thrift_upstream: multiplexed }
+  - { name: calc, port: 9090, protocol: thrift, thrift_upstream: multiplexed, connections_per_endpoint: 8 }
   - { name: plain, port: 9091, protocol: thrift }
   - { name: echo, port: 50051, protocol: grpc, thrift_upstream: multiplexed }
+  - { name: more, port: 9092, protocol: thrift, connections_per_endpoint: 8 }
+  - { name: none, port: 9093, protocol: thrift, thrift_upstream: multiplexed, connections_per_endpoint: 0 }
 "#,
         )
         .unwrap();
-        let modes: Vec<_> = parsed.services.iter().map(|s| s.thrift_upstream).collect();
+        let modes: Vec<_> = parsed
+            .services
+            .iter()
+            .map(|s| (s.thrift_upstream, s.connections_per_endpoint))
+            .collect();
         assert_eq!(
             modes,
-            [ThriftUpstream::Multiplexed, ThriftUpstream::Exclusive]
+            [
+                (ThriftUpstream::Multiplexed, Some(8)),
+                (ThriftUpstream::Exclusive, None)
+            ]
         );
-        assert_eq!(parsed.skipped.len(), 1, "{:#?}", parsed.skipped);
-        assert_eq!(parsed.skipped[0].entry, "echo");
-        assert!(parsed.skipped[0].reason.contains("thrift services"));
+        let skipped: Vec<_> = parsed
+            .skipped
+            .iter()
+            .map(|s| (s.entry.as_str(), s.reason.as_str()))
+            .collect();
+        assert_eq!(
+            skipped,
+            [
+                ("echo", "thrift_upstream is for thrift services"),
+                (
+                    "more",
+                    "connections_per_endpoint is for thrift_upstream: multiplexed"
+                ),
+                ("none", "connections_per_endpoint must be at least 1"),
+            ]
+        );
     }
 
     #[test]

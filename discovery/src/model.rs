@@ -101,6 +101,8 @@ pub struct Service {
     pub lb: LbPolicy,
     /// How tern sidecars connect to its servers (a Thrift service's).
     pub thrift_upstream: ThriftUpstream,
+    /// Multiplexed connections per endpoint, if not the sidecars' default.
+    pub connections_per_endpoint: Option<u32>,
     pub endpoints: Vec<Endpoint>,
     /// Its active health check, if it has one.
     pub health_check: Option<HealthCheck>,
@@ -117,6 +119,7 @@ impl Service {
             vip: None,
             lb: LbPolicy::RoundRobin,
             thrift_upstream: ThriftUpstream::Exclusive,
+            connections_per_endpoint: None,
             endpoints,
             health_check: None,
         }

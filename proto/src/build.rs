@@ -225,33 +225,26 @@ pub fn istio_simple_tls(cluster: &mut Cluster, ca_file: &str, sni: &str, san: &s
     });
 }
 
-/// Sets `filter_metadata.<filter>` to a struct of one string, `key: value`.
+/// Sets `filter_metadata.<filter>.<key>` to `value`, beside the struct's other fields.
 pub fn filter_metadata(
     metadata: &mut Option<core_types::Metadata>,
     filter: &str,
     key: &str,
-    value: &str,
+    value: wkt::Kind,
 ) {
-    let fields = [(
-        key.to_owned(),
-        wkt::Value {
-            kind: Some(wkt::Kind::StringValue(value.into())),
-        },
-    )];
     metadata
         .get_or_insert_with(Default::default)
         .filter_metadata
-        .insert(
-            filter.into(),
-            wkt::Struct {
-                fields: fields.into(),
-            },
-        );
+        .entry(filter.into())
+        .or_default()
+        .fields
+        .insert(key.into(), wkt::Value { kind: Some(value) });
 }
 
 /// Gives an endpoint istiod's workload metadata (`istio.workload`:
 /// `name;namespace;canonical name;revision;cluster`).
 pub fn istio_workload(e: &mut endpoint_types::LbEndpoint, workload: &str) {
+    let workload = wkt::Kind::StringValue(workload.into());
     filter_metadata(&mut e.metadata, "istio", "workload", workload);
 }
 
@@ -261,6 +254,6 @@ pub fn istio_tls_mode(e: &mut endpoint_types::LbEndpoint) {
         &mut e.metadata,
         "envoy.transport_socket_match",
         "tlsMode",
-        "istio",
+        wkt::Kind::StringValue("istio".into()),
     );
 }

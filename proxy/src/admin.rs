@@ -249,6 +249,7 @@ fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Full<Bytes>> {
                         "name": c.config.name,
                         "lb_policy": c.config.lb_policy,
                         "thrift_upstream": c.config.upstream,
+                        "connections_per_endpoint": c.config.connections_per_endpoint,
                         "endpoints": endpoints,
                     })
                 })

@@ -205,9 +205,9 @@ fn tern_sidecars_balance_thrift_from_discovery_over_delta() {
     sidecar_balances_thrift(true);
 }
 
-/// A Thrift service the services file opts in to multiplexed connections: tern sidecars share
-/// a few connections per endpoint for its calls, where the same calls to a service without the
-/// opt-in take a connection each.
+/// A Thrift service the services file opts in to multiplexed connections, 2 per endpoint: tern
+/// sidecars share that many connections per endpoint for its calls, where the same calls to a
+/// service without the opt-in take a connection each.
 #[test]
 fn a_service_can_opt_in_to_multiplexed_connections() {
     tern_tests::require_root!();
@@ -217,15 +217,15 @@ fn a_service_can_opt_in_to_multiplexed_connections() {
     let services = format!(
         "services:\n  - {{ name: calc, port: 9090, protocol: thrift, vip: 10.96.0.20, endpoints: \
          {endpoints} }}\n  - {{ name: calc-mux, port: 9090, protocol: thrift, vip: 10.96.0.21, \
-         thrift_upstream: multiplexed, endpoints: {endpoints} }}\n"
+         thrift_upstream: multiplexed, connections_per_endpoint: 2, endpoints: {endpoints} }}\n"
     );
     let _d =
         Discovery::start(&p.app, "127.0.0.1:15010", "127.0.0.1:15014", &services, &[]).unwrap();
     let tern = p.start_tern_xds(&[], "info").unwrap();
     let mut opened = Vec::new();
-    for (vip, name, mode) in [
-        ("10.96.0.20:9090", "calc", "exclusive"),
-        ("10.96.0.21:9090", "calc-mux", "multiplexed"),
+    for (vip, name, mode, per_endpoint) in [
+        ("10.96.0.20:9090", "calc", "exclusive", 4),
+        ("10.96.0.21:9090", "calc-mux", "multiplexed", 2),
     ] {
         let cluster = format!("outbound|9090||{name}");
         let served = || {
@@ -239,13 +239,14 @@ fn a_service_can_opt_in_to_multiplexed_connections() {
                 .map(|c| {
                     (
                         c["thrift_upstream"].clone(),
+                        c["connections_per_endpoint"].clone(),
                         c["endpoints"].as_array().unwrap().len(),
                     )
                 })
         };
         assert!(
             eventually(Duration::from_secs(5), || served()
-                == Some((mode.into(), 3))),
+                == Some((mode.into(), per_endpoint.into(), 3))),
             "{cluster}: {:?}\n{}",
             served(),
             tern.log()
@@ -267,8 +268,8 @@ fn a_service_can_opt_in_to_multiplexed_connections() {
         ));
     }
     eprintln!("connections opened: {opened:?} (exclusive, multiplexed)");
-    // One client connection is served by one worker: at most 4 connections per endpoint.
-    assert!(opened[1] >= 3.0 && opened[1] <= 12.0, "{opened:?}");
+    // One client connection is served by one worker: at most 2 connections per endpoint.
+    assert!(opened[1] >= 3.0 && opened[1] <= 6.0, "{opened:?}");
     assert!(opened[0] > 2.0 * opened[1], "{opened:?}");
 }
 

@@ -80,12 +80,15 @@ pub fn service(s: &Service) -> Vec<(String, Any)> {
     let mut cluster = eds_cluster(s, s.lb);
     if s.thrift_upstream == ThriftUpstream::Multiplexed {
         // What tern reads; Envoy ignores it.
-        build::filter_metadata(
-            &mut cluster.metadata,
-            "tern",
+        let mut tern =
+            |key, value| build::filter_metadata(&mut cluster.metadata, "tern", key, value);
+        tern(
             "thrift_upstream",
-            "multiplexed",
+            wkt::Kind::StringValue("multiplexed".into()),
         );
+        if let Some(n) = s.connections_per_endpoint {
+            tern("connections_per_endpoint", wkt::Kind::NumberValue(n.into()));
+        }
     }
     let mut out = vec![named(&s.cluster(), &cluster, type_url::CLUSTER)];
     if let Some(vip) = s.vip {
@@ -107,18 +110,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_multiplexed_service_says_so_in_its_clusters_tern_metadata() {
+    fn a_multiplexed_service_says_so_in_its_clusters_tern_metadata_with_its_connections() {
         let mut s = Service::registered("calc".into(), Vec::new());
         let cluster = |s: &Service| -> Cluster {
             tern_proto::decode(&service(s)[0].1, type_url::CLUSTER).unwrap()
         };
         assert_eq!(cluster(&s).metadata, None);
         s.thrift_upstream = ThriftUpstream::Multiplexed;
+        s.connections_per_endpoint = Some(8);
         let md = cluster(&s).metadata.unwrap();
-        let mode = &md.filter_metadata["tern"].fields["thrift_upstream"];
+        let tern = &md.filter_metadata["tern"].fields;
         assert_eq!(
-            mode.kind,
+            tern["thrift_upstream"].kind,
             Some(wkt::Kind::StringValue("multiplexed".into()))
+        );
+        assert_eq!(
+            tern["connections_per_endpoint"].kind,
+            Some(wkt::Kind::NumberValue(8.0))
         );
     }
 }

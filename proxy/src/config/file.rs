@@ -450,7 +450,9 @@ fn cluster(c: ClusterFile) -> Cluster {
             ..outlier
         }),
         upstream: c.thrift_upstream,
-        connections_per_endpoint: c.connections_per_endpoint.unwrap_or(4),
+        connections_per_endpoint: c
+            .connections_per_endpoint
+            .unwrap_or(super::DEFAULT_CONNECTIONS_PER_ENDPOINT),
         idle_timeout: c
             .idle_timeout_ms
             .map_or(super::DEFAULT_IDLE_TIMEOUT, Duration::from_millis),

@@ -215,6 +215,9 @@ impl Filter {
     }
 }
 
+/// Multiplexed connections per endpoint unless a cluster says otherwise.
+pub const DEFAULT_CONNECTIONS_PER_ENDPOINT: usize = 4;
+
 /// How long an upstream connection stays open unused (Envoy's default idle timeout: 1 h).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 

@@ -3,8 +3,9 @@
 //! EDS clusters take their endpoints from the `ClusterLoadAssignment` named by
 //! `service_name` (else the cluster name), STATIC ones carry them inline, ORIGINAL_DST ones
 //! relay to the original destination. Load-balancing policy with Envoy's ring hash and
-//! Maglev sizes, connect timeout, default-priority circuit breakers, and outlier detection
-//! only where the cluster asks for it, with Envoy's defaults for what it leaves out.
+//! Maglev sizes, connect timeout, default-priority circuit breakers, outlier detection only
+//! where the cluster asks for it, with Envoy's defaults for what it leaves out, and how Thrift
+//! requests use upstream connections from tern's own metadata.
 use std::time::Duration;
 
 use tern_proto::{Cluster as XdsCluster, cluster_types};
@@ -14,7 +15,8 @@ use super::{
     endpoints::{self, LoadAssignment},
 };
 use crate::config::{
-    CircuitBreakers, Cluster, HashTable, LbPolicy, OutlierDetection, ServiceRef, UpstreamMode,
+    CircuitBreakers, Cluster, DEFAULT_CONNECTIONS_PER_ENDPOINT, HashTable, LbPolicy,
+    OutlierDetection, ServiceRef, UpstreamMode,
 };
 
 /// Where a cluster's endpoints come from.
@@ -86,6 +88,7 @@ pub fn translate(c: &XdsCluster) -> Result<Translated, TranslateError> {
         }
     };
     let transport = super::tls::transport_sockets(c).map_err(|e| e.at("transport_socket"))?;
+    let (upstream, connections_per_endpoint) = upstream(c)?;
     let lb_policy = match c.lb_policy {
         0 => LbPolicy::RoundRobin,
         1 => LbPolicy::LeastRequest,
@@ -128,8 +131,8 @@ pub fn translate(c: &XdsCluster) -> Result<Translated, TranslateError> {
             max_requests: threshold(|t| t.max_requests.map(|v| v.value), defaults.max_requests),
         },
         outlier: c.outlier_detection.as_ref().map(outlier),
-        upstream: upstream_mode(c),
-        connections_per_endpoint: 4,
+        upstream,
+        connections_per_endpoint,
         idle_timeout: crate::config::DEFAULT_IDLE_TIMEOUT,
         original_dst,
         transport,
@@ -249,29 +252,99 @@ fn service(c: &XdsCluster) -> Option<ServiceRef> {
     }
 }
 
-/// A cluster opts in to multiplexed Thrift upstream connections with the metadata
-/// `filter_metadata: { tern: { thrift_upstream: multiplexed } }` (a DestinationRule cannot
-/// say it; an EnvoyFilter or another control plane can).
-fn upstream_mode(c: &XdsCluster) -> UpstreamMode {
+/// How the cluster's Thrift requests use upstream connections, from tern's own metadata (a
+/// DestinationRule cannot say it; an EnvoyFilter, `tern discovery` or another control plane
+/// can): `filter_metadata: { tern: { thrift_upstream: multiplexed, connections_per_endpoint: 8 } }`.
+/// Exclusive connections, 4 per endpoint when multiplexed, unless it says otherwise; a value
+/// tern cannot read refuses the cluster, rather than serve it some other way than asked.
+fn upstream(c: &XdsCluster) -> Result<(UpstreamMode, usize), TranslateError> {
     use tern_proto::wkt::Kind;
-    let mode = c
+    let Some(tern) = c
         .metadata
         .as_ref()
         .and_then(|m| m.filter_metadata.get("tern"))
-        .and_then(|s| s.fields.get("thrift_upstream"))
-        .and_then(|v| match &v.kind {
-            Some(Kind::StringValue(s)) => Some(s.as_str()),
-            _ => None,
-        });
-    match mode {
-        Some("multiplexed") => UpstreamMode::Multiplexed,
-        _ => UpstreamMode::Exclusive,
-    }
+    else {
+        return Ok((UpstreamMode::Exclusive, DEFAULT_CONNECTIONS_PER_ENDPOINT));
+    };
+    let at = |key: &str| format!("metadata.filter_metadata.tern.{key}");
+    let mode = match tern.fields.get("thrift_upstream").map(|v| &v.kind) {
+        None => UpstreamMode::Exclusive,
+        Some(Some(Kind::StringValue(s))) if s == "exclusive" => UpstreamMode::Exclusive,
+        Some(Some(Kind::StringValue(s))) if s == "multiplexed" => UpstreamMode::Multiplexed,
+        Some(other) => {
+            return Err(Invalid::TernMetadata(format!(
+                "{other:?} is neither \"exclusive\" nor \"multiplexed\""
+            ))
+            .at(at("thrift_upstream")));
+        }
+    };
+    let per_endpoint = match tern.fields.get("connections_per_endpoint").map(|v| &v.kind) {
+        None => DEFAULT_CONNECTIONS_PER_ENDPOINT,
+        Some(Some(Kind::NumberValue(n)))
+            if n.fract() == 0.0 && (1.0..=f64::from(u32::MAX)).contains(n) =>
+        {
+            *n as usize
+        }
+        Some(other) => {
+            return Err(Invalid::TernMetadata(format!(
+                "{other:?} is not a whole number of at least 1"
+            ))
+            .at(at("connections_per_endpoint")));
+        }
+    };
+    Ok((mode, per_endpoint))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn terns_metadata_chooses_upstream_connections_and_what_it_cannot_read_is_refused() {
+        use tern_proto::wkt::{Kind, Value};
+        let with = |fields: &[(&str, Kind)]| {
+            let mut c = XdsCluster {
+                name: "c".into(),
+                ..Default::default()
+            };
+            let md = c.metadata.get_or_insert_with(Default::default);
+            let tern = md.filter_metadata.entry("tern".into()).or_default();
+            for (k, v) in fields {
+                tern.fields.insert(
+                    (*k).into(),
+                    Value {
+                        kind: Some(v.clone()),
+                    },
+                );
+            }
+            translate(&c).map(|t| (t.cluster.upstream, t.cluster.connections_per_endpoint))
+        };
+        let text = |s: &str| Kind::StringValue(s.into());
+        assert_eq!(with(&[]).unwrap(), (UpstreamMode::Exclusive, 4));
+        assert_eq!(
+            with(&[("thrift_upstream", text("multiplexed"))]).unwrap(),
+            (UpstreamMode::Multiplexed, 4)
+        );
+        assert_eq!(
+            with(&[
+                ("thrift_upstream", text("multiplexed")),
+                ("connections_per_endpoint", Kind::NumberValue(8.0))
+            ])
+            .unwrap(),
+            (UpstreamMode::Multiplexed, 8)
+        );
+        for (key, bad) in [
+            ("thrift_upstream", text("multiplex")),
+            ("thrift_upstream", Kind::BoolValue(true)),
+            ("connections_per_endpoint", Kind::NumberValue(0.0)),
+            ("connections_per_endpoint", Kind::NumberValue(2.5)),
+            ("connections_per_endpoint", Kind::NumberValue(f64::NAN)),
+            ("connections_per_endpoint", text("8")),
+        ] {
+            let e = with(&[(key, bad.clone())]).unwrap_err().to_string();
+            assert!(e.contains(key), "{key} {bad:?}: {e}");
+        }
+    }
 
     #[test]
     fn outlier_detection_only_where_asked_with_envoys_defaults() {

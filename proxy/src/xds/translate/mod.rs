@@ -70,6 +70,8 @@ pub enum Invalid {
     RingSize { min: u64, max: u64 },
     #[error("maglev table size {0} is not a prime number")]
     MaglevTableSize(u64),
+    #[error("tern's metadata: {0}")]
+    TernMetadata(String),
     #[error("transport socket {0} is not supported (only TLS and raw buffer)")]
     TransportSocket(String),
     #[error("TLS versions tern cannot speak (only 1.2 and 1.3), or none at all")]

@@ -119,7 +119,7 @@ fn generated(s: &Snapshot, type_url: &str, names: &[String]) -> Vec<(String, Any
                         &mut c.metadata,
                         "padding",
                         "bytes",
-                        &"x".repeat(s.cluster_padding),
+                        wkt::Kind::StringValue("x".repeat(s.cluster_padding)),
                     );
                 }
                 clusters.push(c);
