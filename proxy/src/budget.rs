@@ -35,7 +35,7 @@ pub struct BufferBudget {
 
 /// How many kept allocations [`BufferBudget::keep`] looks at, to let go of what nothing holds.
 const LOOKED_AT_WHEN_KEEPING: usize = 4;
-/// How many kept allocations a refusal looks at first.
+/// How many kept allocations a refusal looks at first, and a sweep at a time.
 const LOOKED_AT_BEFORE_REFUSING: usize = 64;
 
 /// What one connection's buffer holds of the budget; given back when dropped.
@@ -93,12 +93,15 @@ impl BufferBudget {
         }
     }
 
-    /// Lets go of every kept allocation nothing else holds any more; returns the bytes held
-    /// after.
+    /// Lets go of every kept allocation nothing else holds any more (when scraped); returns
+    /// the bytes held after. A few at a time under the lock, so a worker that keeps one
+    /// meanwhile waits for a few, not for all.
     pub fn sweep(&self) -> usize {
-        let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        let all = kept.len();
-        self.let_go(&mut kept, all);
+        let all = self.kept.lock().unwrap_or_else(|e| e.into_inner()).len();
+        for _ in 0..all.div_ceil(LOOKED_AT_BEFORE_REFUSING) {
+            let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
+            self.let_go(&mut kept, LOOKED_AT_BEFORE_REFUSING);
+        }
         self.used()
     }
 
