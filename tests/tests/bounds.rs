@@ -356,7 +356,21 @@ fn a_client_that_stops_reading_is_closed_after_the_message_timeout() {
     );
 }
 
-/// The buffer budget of [`large_calls_and_replies_a_client_does_not_read_stay_within_the_buffer_budget`].
+/// A tern of its own with a buffer budget of [`BUDGET`], and what it held while
+/// `protocols_peer.py hoard ARGS` ran: its RSS before (KiB), the client's report, the peak.
+fn hoarded(args: &[&str]) -> (Setup, u64, serde_json::Value, Peak) {
+    let s = setup_with(&["--max-buffered-bytes", &BUDGET.to_string()]);
+    let before = rss_kib(&s);
+    let argv: Vec<&str> = std::iter::once("hoard")
+        .chain(args.iter().copied())
+        .collect();
+    let (hoard, peak) = watching(&s, || {
+        python_json(&s.p.app, Some(&s.p.cgroup), "protocols_peer.py", &argv)
+    });
+    (s, before, hoard, peak)
+}
+
+/// The buffer budget of the tests of clients that read nothing.
 const BUDGET: u64 = 16 << 20;
 /// What tern's resident memory may grow by beyond the budget there: the allocator keeps much
 /// of what large buffers freed, and pools' usual read buffers are not charged. Before replies
@@ -380,18 +394,9 @@ fn large_calls_and_replies_a_client_does_not_read_stay_within_the_buffer_budget(
         (INFLATE_MUX, "inflate, multiplexed", "100"),
     ] {
         // A tern of its own for each: what one left behind does not hide what the next holds.
-        let s = setup_with(&["--max-buffered-bytes", &BUDGET.to_string()]);
-        let before = rss_kib(&s);
         // 4 connections × 64 calls: of 1 MiB, 256 MiB of calls (as much again in replies
         // from `mirror`); of 100 B to `inflate`, 256 MiB of replies.
-        let (hoard, peak) = watching(&s, || {
-            python_json(
-                &s.p.app,
-                Some(&s.p.cgroup),
-                "protocols_peer.py",
-                &["hoard", vip, "4", "64", size, "6"],
-            )
-        });
+        let (s, before, hoard, peak) = hoarded(&[vip, "4", "64", size, "6"]);
         let after = peak.rss_kib;
         eprintln!(
             "{server}: {} calls of {size} B written; tern RSS {before} KiB, at most {after} \
@@ -430,18 +435,9 @@ fn large_calls_and_replies_a_client_does_not_read_stay_within_the_buffer_budget(
 fn small_replies_waiting_for_their_clients_stay_within_the_buffer_budget() {
     tern_tests::require_root!();
     for (vip, upstream) in [(SWELL, "exclusive"), (SWELL_MUX, "multiplexed")] {
-        let s = setup_with(&["--max-buffered-bytes", &BUDGET.to_string()]);
-        let before = rss_kib(&s);
         // 48 connections × 128 calls, 20 ms apart: the first hangs (for the cluster's 5 s
         // timeout), the other 127 are answered at once and wait behind it: 72 MiB of replies.
-        let (hoard, peak) = watching(&s, || {
-            python_json(
-                &s.p.app,
-                Some(&s.p.cgroup),
-                "protocols_peer.py",
-                &["hoard", vip, "48", "128", "100", "8", "hang", "20"],
-            )
-        });
+        let (s, before, hoard, peak) = hoarded(&[vip, "48", "128", "100", "8", "hang", "20"]);
         let after = peak.rss_kib;
         let exposition = tern_tests::admin(&s.p.app, "GET", "/stats/prometheus");
         let refused = tern_tests::series_sum(
