@@ -38,7 +38,7 @@ type Conn = Box<Open>;
 #[derive(Debug)]
 struct Open {
     stream: Stream,
-    buf: ReplyBuffer,
+    replies: ReplyBuffer,
     decoder: Decoder,
     format: (Transport, Protocol),
 }
@@ -165,7 +165,7 @@ pub async fn call(
         .expect("a lease holds its connection until released");
     // Room to read the reply into before the request goes: without it, nothing is sent, and
     // the connection, unused, goes back.
-    if let Err(e) = conn.buf.make_room(MIN_SPARE) {
+    if let Err(e) = conn.replies.make_room(MIN_SPARE) {
         lease.release();
         return Err(Failed::NotSent(UpstreamError::Budget(e)));
     }
@@ -179,7 +179,7 @@ pub async fn call(
         return Ok(None);
     }
     let reply = loop {
-        match conn.decoder.decode(&mut conn.buf.buf) {
+        match conn.decoder.decode(&mut conn.replies.buf) {
             Ok(Some(reply)) => break reply,
             Ok(None) => {}
             Err(e) => {
@@ -188,10 +188,10 @@ pub async fn call(
                 ))));
             }
         }
-        if let Err(e) = conn.buf.make_room(MIN_SPARE) {
+        if let Err(e) = conn.replies.make_room(MIN_SPARE) {
             return Err(Failed::Lost(UpstreamError::Budget(e)));
         }
-        match conn.stream.read_buf(&mut conn.buf.buf).await {
+        match conn.stream.read_buf(&mut conn.replies.buf).await {
             Ok(0) => {
                 return Err(Failed::Lost(UpstreamError::Closed(format!(
                     "{addr} closed the connection"
@@ -209,15 +209,15 @@ pub async fn call(
         debug!(%addr, %why, "closing an upstream connection whose reply is not its request's");
         return Err(Failed::Lost(UpstreamError::Mismatch(why)));
     }
-    if conn.buf.buf.is_empty() {
+    if conn.replies.buf.is_empty() {
         // A buffer grown for a large reply stays with that reply, which holds its charge;
         // the connection reads the next one into a buffer of the usual size.
-        if let Some(grown) = conn.buf.hand_over_if_grown() {
+        if let Some(grown) = conn.replies.hand_over_if_grown() {
             *charge = Some(grown);
         }
         lease.release();
     } else {
-        debug!(%addr, bytes = conn.buf.buf.len(), "upstream sent bytes nobody asked for: closing");
+        debug!(%addr, bytes = conn.replies.buf.len(), "upstream sent bytes nobody asked for: closing");
     }
     Ok(Some(reply))
 }
@@ -303,7 +303,7 @@ fn new_conn(
 ) -> Conn {
     Box::new(Open {
         stream,
-        buf: ReplyBuffer::new(READ_BUFFER, budget),
+        replies: ReplyBuffer::new(READ_BUFFER, budget),
         decoder: Decoder::configured(limits, format.0, format.1, false),
         format,
     })

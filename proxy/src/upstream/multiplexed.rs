@@ -402,8 +402,8 @@ async fn run(
 ) {
     let addr = endpoint.address;
     // The reply buffer first: without room for it, nothing is sent.
-    let mut buf = ReplyBuffer::new(READ_BUFFER, &budget);
-    let connected = match buf.make_room(MIN_SPARE) {
+    let mut replies = ReplyBuffer::new(READ_BUFFER, &budget);
+    let connected = match replies.make_room(MIN_SPARE) {
         Ok(()) => super::dial::dial(&endpoint, &cluster, settings.mark, settings.connect_timeout)
             .await
             .map_err(|e| UpstreamError::ConnectFailed(addr, e)),
@@ -436,13 +436,13 @@ async fn run(
         let mut decoder = Decoder::configured(settings.limits, transport, protocol, false);
         loop {
             loop {
-                match decoder.decode(&mut buf.buf) {
+                match decoder.decode(&mut replies.buf) {
                     Ok(Some(reply)) => {
                         // A large reply takes its charge with it; the buffer keeps the rest.
                         let charge = (reply.as_bytes().len() > READ_BUFFER).then(|| {
                             let mut charge = budget.hold();
                             charge.set(reply.as_bytes().len());
-                            buf.charge_what_is_left();
+                            replies.charge_what_is_left();
                             charge
                         });
                         if let Err(why) = deliver(&conn, reply, charge) {
@@ -458,10 +458,10 @@ async fn run(
                     }
                 }
             }
-            if let Err(e) = buf.make_room(MIN_SPARE) {
+            if let Err(e) = replies.make_room(MIN_SPARE) {
                 return UpstreamError::Budget(e);
             }
-            match rd.read_buf(&mut buf.buf).await {
+            match rd.read_buf(&mut replies.buf).await {
                 Ok(0) => return UpstreamError::Closed(format!("{addr} closed the connection")),
                 Ok(_) => {}
                 Err(e) => return UpstreamError::Closed(format!("read from {addr}: {e}")),

@@ -57,10 +57,10 @@ impl ReplyBuffer {
             // Replies still hold the old allocation: it stays, charged until they are gone.
             budget.keep(old.clone(), self.chunk);
         }
-        let first = self.chunk == 0;
+        // A new allocation of the usual size, beside what is kept (or the first one).
+        let adds_usual = held || self.chunk == 0;
         self.chunk = 0;
-        if held || first {
-            // A new allocation of the usual size, beside what is kept.
+        if adds_usual {
             budget.has_room(self.usual)?;
         }
         self.grown.resize(capacity.saturating_sub(self.usual))?;
