@@ -482,8 +482,24 @@ fn add(seen: &mut [u64; 2], report: &serde_json::Value) -> u64 {
 #[test]
 fn a_drain_under_load_fails_no_call_and_cuts_no_executed_one() {
     tern_tests::require_root!();
-    let all: Vec<&str> = SERVERS.iter().map(|(a, _)| *a).collect();
-    let mut m = Mesh::start(&config(&all, ""), &["--drain-timeout-secs", "20"]);
+    drain_under_load(&config(&SERVERS.map(|(a, _)| a), ""));
+}
+
+/// [`a_drain_under_load_fails_no_call_and_cuts_no_executed_one`] with the calls' cluster on
+/// multiplexed connections, which many client connections share.
+#[test]
+fn a_drain_under_load_over_multiplexed_connections_fails_no_call() {
+    tern_tests::require_root!();
+    let text = config(&SERVERS.map(|(a, _)| a), "").replace(
+        "  - name: calc\n",
+        "  - name: calc\n    thrift_upstream: multiplexed\n",
+    );
+    assert!(text.contains("multiplexed"));
+    drain_under_load(&text);
+}
+
+fn drain_under_load(config: &str) {
+    let mut m = Mesh::start(config, &["--drain-timeout-secs", "20"]);
     let before = executed(&m);
     let mut seen = [0, 0];
     let mut clients = callers(&m, &mut seen);
