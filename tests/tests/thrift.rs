@@ -661,6 +661,18 @@ const HOLE: &str = "10.66.1.2:9004";
 #[test]
 fn least_request_keeps_away_from_a_server_that_never_answers() {
     tern_tests::require_root!();
+    least_request_past_a_hole("");
+}
+
+/// [`least_request_keeps_away_from_a_server_that_never_answers`] over multiplexed
+/// connections, where the hole's one connection takes many calls before any times out.
+#[test]
+fn least_request_over_multiplexed_connections_keeps_away_from_a_server_that_never_answers() {
+    tern_tests::require_root!();
+    least_request_past_a_hole("    thrift_upstream: multiplexed\n");
+}
+
+fn least_request_past_a_hole(upstream: &str) {
     let config = format!(
         r#"listeners:
   - address: {SERVICE}
@@ -670,7 +682,7 @@ clusters:
   - name: lr
     lb_policy: least_request
     timeout_ms: 1000
-    endpoints: [ {{ address: 10.66.1.2:9001 }}, {{ address: 10.66.1.2:9002 }}, {{ address: {HOLE} }} ]
+{upstream}    endpoints: [ {{ address: 10.66.1.2:9001 }}, {{ address: 10.66.1.2:9002 }}, {{ address: {HOLE} }} ]
 "#
     );
     let m = Mesh::start(&config, &[]);
