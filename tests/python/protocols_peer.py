@@ -11,6 +11,8 @@ Python's own sockets and `ssl` (OpenSSL), independent of tern.
         inflate: a framed binary Thrift server that answers every call with a 1 MiB REPLY
         swell:   a framed binary Thrift server that answers every call with a 12 KiB REPLY,
                  except calls named "hang", which it never answers
+        twice:   a framed binary Thrift server that writes every reply twice: a call's REPLY
+                 (the call's own bytes) goes out again just ahead of the next call's
     protocols_peer.py greet ADDR          ms until the greeting arrives, with nothing sent first
     protocols_peer.py hellos ADDR         TLS ClientHello records of every length 0x0100-0x01ff
                                           (every low byte); each must come back unchanged
@@ -30,6 +32,12 @@ Python's own sockets and `ssl` (OpenSSL), independent of tern.
                                           CALLS framed binary calls, pipelined; reads nothing
                                           for SECONDS, then reads until the server closes (or
                                           5 s pass with nothing): the bytes, and whether closed
+    protocols_peer.py tags ADDR CONNS ROUNDS
+                                          CONNS connections take turns calling, one call at a
+                                          time, ROUNDS each, every call numbered 0 and carrying
+                                          a tag of its own; how many replies carried the
+                                          call's own tag, another call's, or were exceptions
+                                          or lost connections
     protocols_peer.py hoard ADDR CONNS CALLS SIZE SECONDS [FIRST [GAP_MS]]
                                           on each of CONNS connections, CALLS framed binary
                                           calls of SIZE bytes, pipelined (the first named
@@ -97,6 +105,28 @@ def mirror_loop(conn, inflate=None):
         conn.close()
 
 
+def twice_loop(conn):
+    """Answers each framed binary call with a REPLY carrying the call's bytes, after writing
+    the previous call's REPLY once more."""
+    previous = b""
+    try:
+        while True:
+            head = read_exactly(conn, 4)
+            if len(head) < 4:
+                break
+            body = bytearray(read_exactly(conn, int.from_bytes(head, "big")))
+            if len(body) < 4:
+                break
+            body[3] = 2
+            reply = head + bytes(body)
+            conn.sendall(previous + reply)
+            previous = reply
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
 def serve(addr, kind, cert=None, key=None):
     listener = listen(addr)
     ctx = None
@@ -113,6 +143,9 @@ def serve(addr, kind, cert=None, key=None):
                 conn.sendall(b"220 mail.example ESMTP ready\r\n")
             elif kind == "stalled":
                 stalled.append(conn)
+                return
+            elif kind == "twice":
+                twice_loop(conn)
                 return
             elif kind in ("mirror", "inflate", "swell"):
                 mirror_loop(conn, {"inflate": 1 << 20, "swell": 12 << 10}.get(kind))
@@ -234,6 +267,38 @@ def names(addr, n):
     print(json.dumps({"replies": replies}))
 
 
+def tags(addr, conns, rounds):
+    conns, rounds = int(conns), int(rounds)
+    socks = [None] * conns
+    seen = {"own": 0, "foreign": 0, "failed": 0}
+    for r in range(rounds):
+        for i in range(conns):
+            tag = b"tag-%03d-%05d" % (i, r)
+            # echo(0: string tag), numbered 0 like every call of Apache Thrift's Python client
+            call = frame(b"echo", 1, 0, b"\x0b\x00\x00" + len(tag).to_bytes(4, "big") + tag + b"\0")
+            try:
+                if socks[i] is None:
+                    socks[i] = connect(addr)
+                socks[i].sendall(call)
+                length = int.from_bytes(read_exactly(socks[i], 4), "big")
+                reply = read_exactly(socks[i], length)
+                if length == 0 or len(reply) < length:
+                    raise OSError("closed")
+            except OSError:
+                socks[i] = None
+                seen["failed"] += 1
+                continue
+            if reply[3] != 2:
+                seen["failed"] += 1
+            elif tag in reply:
+                seen["own"] += 1
+            elif b"tag-" in reply:
+                seen["foreign"] += 1
+            else:
+                seen["failed"] += 1
+    print(json.dumps(seen))
+
+
 def hoard(addr, conns, calls, size, seconds, first="note", gap_ms="0"):
     conns, calls, size, seconds = int(conns), int(calls), int(size), float(seconds)
     gap = float(gap_ms) / 1000
@@ -323,6 +388,6 @@ if __name__ == "__main__":
     try:
         {"serve": serve, "greet": greet, "hellos": hellos, "echo": echo, "tls": tls,
          "oneways": oneways, "names": names, "hoard": hoard, "idle": idle,
-         "stall": stall}[cmd](*rest)
+         "stall": stall, "tags": tags}[cmd](*rest)
     except OSError as e:
         print(json.dumps({"error": str(e)}))

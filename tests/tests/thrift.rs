@@ -781,6 +781,54 @@ fn a_removed_endpoints_multiplexed_connection_closes_after_its_last_request_time
     assert_eq!(m.call(SERVICE, &[]).counts(), [("s1", 1)]);
 }
 
+/// A server that writes every reply twice: the second copy goes out ahead of the reply to
+/// the next call on that connection. Two callers take turns, with their calls numbered 0 as
+/// Apache Thrift's Python and C++ clients number every call, over the one worker's pool of
+/// exclusive connections (so the copy of one caller's reply waits on a connection the other
+/// caller's call takes next). Each call gets its own reply or an exception, never the reply
+/// written for the other caller: tern numbers the calls it sends on a connection itself.
+#[test]
+fn a_reply_written_twice_never_answers_another_callers_call() {
+    tern_tests::require_root!();
+    let config = format!(
+        r#"listeners:
+  - address: {SERVICE}
+    filter_chains:
+      - thrift_proxy: {{ default_cluster: twice }}
+clusters:
+  - name: twice
+    endpoints: [ {{ address: {TWICE} }} ]
+"#
+    );
+    let m = Mesh::start(&config, &["--concurrency", "1"]);
+    let peer = tern_tests::python_peer("protocols_peer.py");
+    let _twice = tern_tests::start_server(
+        &m.p.srv,
+        None,
+        std::path::Path::new("python3"),
+        &[peer.to_str().unwrap(), "serve", TWICE, "twice"],
+    )
+    .unwrap();
+    let seen = tern_tests::python_json(
+        &m.p.app,
+        Some(&m.p.cgroup),
+        "protocols_peer.py",
+        &["tags", SERVICE, "2", "50"],
+    );
+    eprintln!("two callers, a server that writes every reply twice: {seen}");
+    assert_eq!(
+        seen["foreign"], 0,
+        "replies to the other caller's calls: {seen}"
+    );
+    assert!(
+        seen["own"].as_u64() >= Some(40) && seen["failed"].as_u64() > Some(0),
+        "{seen}"
+    );
+}
+
+/// A server that writes every reply twice.
+const TWICE: &str = "10.66.1.2:9005";
+
 /// A reply under another method's name answers no call: over a multiplexed connection,
 /// where tern maps the sequence ids itself and keeps only the method's name of each request
 /// it waits on, the caller gets an error instead, the connection closes, and the next call

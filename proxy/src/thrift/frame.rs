@@ -139,6 +139,15 @@ impl Message {
         found
     }
 
+    /// The ids that may replace this message's sequence id (see [`seq_id_in_class`]): 0 in
+    /// binary, the id's varint length in compact.
+    pub fn seq_class(&self) -> usize {
+        match self.meta.protocol {
+            Protocol::Binary => 0,
+            Protocol::Compact => self.seq_len(),
+        }
+    }
+
     /// Rewrites the sequence id in place (and the THeader's copy of it). In compact the new
     /// id must fit the bytes the old one took: `7 * seq_len` bits; callers pick ids of the
     /// same varint length (see [`seq_id_fits`]).
@@ -218,6 +227,33 @@ pub struct SeqIdTooLong {
 /// Whether `id` can be written as a varint of exactly `len` bytes.
 pub fn seq_id_fits(id: i32, len: usize) -> bool {
     len >= 5 || (id as u32) < (1u32 << (7 * len))
+}
+
+/// The `n`-th id (counting round) of a class of ids that may stand in for a client's: class 0
+/// (binary) is every non-negative i32; class 1–5 (compact) the ids whose varint takes exactly
+/// that many bytes, so the server's reply, which writes the id as short as it goes, has room
+/// for the client's id again.
+pub fn seq_id_in_class(class: usize, n: u32) -> i32 {
+    let (lo, size) = seq_class_range(class);
+    (lo + u64::from(n) % size) as u32 as i32
+}
+
+/// How many ids a class holds (see [`seq_id_in_class`]).
+pub fn seq_class_size(class: usize) -> u64 {
+    seq_class_range(class).1
+}
+
+/// A class's first id (as a `u32`) and how many ids follow it.
+fn seq_class_range(class: usize) -> (u64, u64) {
+    match class {
+        0 => (0, 1 << 31),
+        1 => (0, 1 << 7),
+        l => {
+            let lo = 1u64 << (7 * (l.min(5) - 1));
+            let hi = (1u64 << (7 * l.min(5))).min(1 << 32);
+            (lo, hi - lo)
+        }
+    }
 }
 
 /// Splits `Service:method` at the first colon.
@@ -764,5 +800,28 @@ pub(crate) mod tests {
         assert!(seq_id_fits(127, 1));
         assert!(!seq_id_fits(128, 1));
         assert!(seq_id_fits(-1, 5));
+    }
+
+    #[test]
+    fn ids_of_a_class_take_exactly_its_varint_length() {
+        let varint_len = |id: i32| {
+            let mut v = id as u32;
+            let mut n = 1;
+            while v >= 0x80 {
+                v >>= 7;
+                n += 1;
+            }
+            n
+        };
+        for class in 1..=5 {
+            for n in [0, 1, 127, 128, 16_383, 16_384, u32::MAX] {
+                let id = seq_id_in_class(class, n);
+                assert_eq!(varint_len(id), class, "class {class}, n {n}: {id}");
+            }
+        }
+        assert_ne!(seq_id_in_class(1, 0), seq_id_in_class(1, 1));
+        assert_eq!(seq_id_in_class(1, 0), seq_id_in_class(1, 128));
+        assert!((0..1000).all(|n| seq_id_in_class(0, n) == n as i32));
+        assert!(seq_id_in_class(0, u32::MAX) >= 0);
     }
 }

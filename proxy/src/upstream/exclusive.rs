@@ -4,9 +4,11 @@
 //! that connection from its own task — no hop to a connection task and back — and gives the
 //! connection back when the reply is whole and checked. A request that is dropped before
 //! (timed out, or its client went away) drops the connection with it: a late reply can only
-//! ever reach a closed socket, never another request. Replies are read into the connection's
-//! [`ReplyBuffer`], within the buffer budget; a reply larger than its usual size takes its
-//! charge along to the client.
+//! ever reach a closed socket, never another request. Requests go under sequence ids the
+//! connection numbers, so a reply the server wrote twice, or for an earlier request, matches
+//! none of the requests after it (clients that number every call 0 would otherwise match).
+//! Replies are read into the connection's [`ReplyBuffer`], within the buffer budget; a reply
+//! larger than its usual size takes its charge along to the client.
 use std::{
     sync::{Arc, Mutex, atomic::Ordering},
     time::Instant,
@@ -22,7 +24,9 @@ use super::{
 use crate::{
     budget::{BufferBudget, Held},
     stream::Stream,
-    thrift::{Decoder, DecoderLimits, Message, MessageType, Protocol, Transport},
+    thrift::{
+        Decoder, DecoderLimits, Message, MessageType, Protocol, Transport, frame::seq_id_in_class,
+    },
 };
 
 /// Initial read buffer of a connection; it grows with what arrives, never with what a frame
@@ -41,6 +45,8 @@ struct Open {
     replies: ReplyBuffer,
     decoder: Decoder,
     format: (Transport, Protocol),
+    /// Counts the requests written, for the sequence id each is sent with.
+    sent: u32,
 }
 
 /// Idle connections of one endpoint, most recently used last.
@@ -150,7 +156,7 @@ impl Drop for Pending<'_> {
 /// the connection closes.
 pub async fn call(
     endpoint: &EndpointRuntime,
-    request: &Message,
+    request: &mut Message,
     settings: &PoolSettings,
     cluster: &ClusterRuntime,
     (budget, charge): (&Arc<BufferBudget>, &mut Option<Held>),
@@ -169,16 +175,33 @@ pub async fn call(
         lease.release();
         return Err(Failed::NotSent(UpstreamError::Budget(e)));
     }
+    // A call goes with an id of the connection's, a different one each time, and the
+    // client's goes back on the reply: a reply the server wrote for an earlier request on
+    // this connection (twice, or late) cannot pass for this one's, even from clients that
+    // number every call 0. Only a request that is written is rewritten, and a written
+    // request is never sent again.
+    let oneway = request.kind() == MessageType::Oneway;
+    let client_seq = request.seq_id();
+    if !oneway {
+        let id = seq_id_in_class(request.seq_class(), conn.sent);
+        conn.sent = conn.sent.wrapping_add(1);
+        if request.set_seq_id(id).is_err() {
+            lease.release();
+            return Err(Failed::NotSent(UpstreamError::Overflow(
+                "sequence id length",
+            )));
+        }
+    }
     if let Err(e) = conn.stream.write_all(request.as_bytes()).await {
         return Err(Failed::Lost(UpstreamError::Closed(format!(
             "write to {addr}: {e}"
         ))));
     }
-    if request.kind() == MessageType::Oneway {
+    if oneway {
         lease.release();
         return Ok(None);
     }
-    let reply = loop {
+    let mut reply = loop {
         match conn.decoder.decode(&mut conn.replies.buf) {
             Ok(Some(reply)) => break reply,
             Ok(None) => {}
@@ -208,6 +231,13 @@ pub async fn call(
     if let Err(why) = answers(request, &reply) {
         debug!(%addr, %why, "closing an upstream connection whose reply is not its request's");
         return Err(Failed::Lost(UpstreamError::Mismatch(why)));
+    }
+    if reply.set_seq_id(client_seq).is_err() {
+        // A reply whose id the server wrote in fewer bytes than its class takes.
+        return Err(Failed::Lost(UpstreamError::Mismatch(format!(
+            "sequence id {} written too short for the client's {client_seq}",
+            reply.seq_id()
+        ))));
     }
     if conn.replies.buf.is_empty() {
         // A buffer grown for a large reply stays with that reply, which holds its charge;
@@ -306,6 +336,7 @@ fn new_conn(
         replies: ReplyBuffer::new(READ_BUFFER, budget),
         decoder: Decoder::configured(limits, format.0, format.1, false),
         format,
+        sent: 0,
     })
 }
 

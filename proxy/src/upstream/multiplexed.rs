@@ -43,7 +43,10 @@ use super::{
 use crate::{
     budget::{Backlog, BufferBudget, Held},
     stream::write_all_vectored_within,
-    thrift::{Decoder, Message, MessageType, Protocol, Transport},
+    thrift::{
+        Decoder, Message, MessageType, Protocol, Transport,
+        frame::{seq_class_size, seq_id_in_class},
+    },
 };
 
 /// Requests queued for writing on one connection before new ones overflow.
@@ -174,18 +177,9 @@ impl Pending {
     /// A free id in the class: any non-negative i32 for binary; for compact, one whose
     /// varint has exactly `len` bytes.
     fn allocate(&mut self, len: usize) -> Option<i32> {
-        let (lo, span): (u64, u64) = match len {
-            0 => (0, 1 << 31),
-            1 => (0, 1 << 7),
-            l => {
-                let lo = 1u64 << (7 * (l - 1));
-                let hi = (1u64 << (7 * l)).min(1 << 32);
-                (lo, hi - lo)
-            }
-        };
-        let tries = (self.waiting.len() as u64 + 1).min(span);
+        let tries = (self.waiting.len() as u64 + 1).min(seq_class_size(len));
         for _ in 0..tries {
-            let id = (lo + u64::from(self.next[len]) % span) as u32 as i32;
+            let id = seq_id_in_class(len, self.next[len]);
             self.next[len] = self.next[len].wrapping_add(1);
             if !self.waiting.contains_key(&id) {
                 return Some(id);
@@ -279,10 +273,7 @@ impl Pool {
             Err(e) => return Err((e, msg)),
         };
         let oneway = msg.kind() == MessageType::Oneway;
-        let class = match meta.protocol {
-            Protocol::Binary => 0,
-            Protocol::Compact => msg.seq_len(),
-        };
+        let class = msg.seq_class();
         let mut p = conn.pending.lock().unwrap_or_else(|e| e.into_inner());
         if p.closed {
             return Err((UpstreamError::Closed("connection closed".into()), msg));

@@ -125,14 +125,16 @@ async fn forward(
         let _in_flight = ActiveEndpoint::new(ert, started);
         let next = match cfg.upstream {
             UpstreamMode::Exclusive => {
-                let sent = pin!(exclusive::call(
-                    ert,
-                    &msg,
-                    &settings,
-                    rt,
-                    (&ctx.budget, &mut *held)
-                ));
-                let outcome = expiry.within(sent).await;
+                let outcome = {
+                    let sent = pin!(exclusive::call(
+                        ert,
+                        &mut msg,
+                        &settings,
+                        rt,
+                        (&ctx.budget, &mut *held)
+                    ));
+                    expiry.within(sent).await
+                };
                 call.conclude(ep, started, outcome, msg.name())
             }
             UpstreamMode::Multiplexed => {
