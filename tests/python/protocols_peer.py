@@ -78,10 +78,12 @@ def echo_loop(conn):
 stalled = []
 
 
-def mirror_loop(conn, inflate=None):
+def mirror_loop(conn, inflate=None, twice=False):
     """Answers each framed binary call with a REPLY that carries the call's bytes, or, to
-    `inflate` to a size, with a string of that size; calls named "hang" get no answer."""
+    `inflate` to a size, with a string of that size; calls named "hang" get no answer. With
+    `twice`, each REPLY of a call's bytes goes out again ahead of the next call's."""
     big = b"\x0b\x00\x00" + (inflate or 0).to_bytes(4, "big") + b"y" * (inflate or 0) + b"\0"
+    previous = b""
     try:
         while True:
             head = read_exactly(conn, 4)
@@ -98,29 +100,10 @@ def mirror_loop(conn, inflate=None):
                 conn.sendall(frame(bytes(body[8:8 + n]), 2, seq, big))
                 continue
             body[3] = 2
-            conn.sendall(head + body)
-    except OSError:
-        pass
-    finally:
-        conn.close()
-
-
-def twice_loop(conn):
-    """Answers each framed binary call with a REPLY carrying the call's bytes, after writing
-    the previous call's REPLY once more."""
-    previous = b""
-    try:
-        while True:
-            head = read_exactly(conn, 4)
-            if len(head) < 4:
-                break
-            body = bytearray(read_exactly(conn, int.from_bytes(head, "big")))
-            if len(body) < 4:
-                break
-            body[3] = 2
             reply = head + bytes(body)
             conn.sendall(previous + reply)
-            previous = reply
+            if twice:
+                previous = reply
     except OSError:
         pass
     finally:
@@ -144,11 +127,8 @@ def serve(addr, kind, cert=None, key=None):
             elif kind == "stalled":
                 stalled.append(conn)
                 return
-            elif kind == "twice":
-                twice_loop(conn)
-                return
-            elif kind in ("mirror", "inflate", "swell"):
-                mirror_loop(conn, {"inflate": 1 << 20, "swell": 12 << 10}.get(kind))
+            elif kind in ("mirror", "inflate", "swell", "twice"):
+                mirror_loop(conn, {"inflate": 1 << 20, "swell": 12 << 10}.get(kind), kind == "twice")
                 return
             elif kind == "tls":
                 try:

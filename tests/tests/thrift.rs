@@ -673,17 +673,12 @@ fn least_request_over_multiplexed_connections_keeps_away_from_a_server_that_neve
 }
 
 fn least_request_past_a_hole(upstream: &str) {
-    let config = format!(
-        r#"listeners:
-  - address: {SERVICE}
-    filter_chains:
-      - thrift_proxy: {{ default_cluster: lr }}
-clusters:
-  - name: lr
-    lb_policy: least_request
-    timeout_ms: 1000
-{upstream}    endpoints: [ {{ address: 10.66.1.2:9001 }}, {{ address: 10.66.1.2:9002 }}, {{ address: {HOLE} }} ]
-"#
+    let config = one_cluster(
+        "lr",
+        &format!(
+            "    lb_policy: least_request\n    timeout_ms: 1000\n{upstream}    endpoints: \
+             [ {{ address: 10.66.1.2:9001 }}, {{ address: 10.66.1.2:9002 }}, {{ address: {HOLE} }} ]\n"
+        ),
     );
     let m = Mesh::start(&config, &[]);
     let _hole = tern_tests::hung_server(&m.p.srv, HOLE).unwrap();
@@ -732,18 +727,21 @@ clusters:
 
 /// A listener whose calls go to cluster `mux`: multiplexed, one connection to `endpoint`.
 fn multiplexed_config(endpoint: &str, timeout_ms: u64) -> String {
+    one_cluster(
+        "mux",
+        &format!(
+            "    thrift_upstream: multiplexed\n    connections_per_endpoint: 1\n    \
+             timeout_ms: {timeout_ms}\n    endpoints: [ {{ address: {endpoint} }} ]\n"
+        ),
+    )
+}
+
+/// A Thrift listener whose calls all go to the cluster `name`, its settings `cluster` (YAML
+/// lines, indented under it).
+fn one_cluster(name: &str, cluster: &str) -> String {
     format!(
-        r#"listeners:
-  - address: {SERVICE}
-    filter_chains:
-      - thrift_proxy: {{ default_cluster: mux }}
-clusters:
-  - name: mux
-    thrift_upstream: multiplexed
-    connections_per_endpoint: 1
-    timeout_ms: {timeout_ms}
-    endpoints: [ {{ address: {endpoint} }} ]
-"#
+        "listeners:\n  - address: {SERVICE}\n    filter_chains:\n      \
+         - thrift_proxy: {{ default_cluster: {name} }}\nclusters:\n  - name: {name}\n{cluster}"
     )
 }
 
@@ -790,15 +788,21 @@ fn a_removed_endpoints_multiplexed_connection_closes_after_its_last_request_time
 #[test]
 fn a_reply_written_twice_never_answers_another_callers_call() {
     tern_tests::require_root!();
-    let config = format!(
-        r#"listeners:
-  - address: {SERVICE}
-    filter_chains:
-      - thrift_proxy: {{ default_cluster: twice }}
-clusters:
-  - name: twice
-    endpoints: [ {{ address: {TWICE} }} ]
-"#
+    reply_written_twice("");
+}
+
+/// [`a_reply_written_twice_never_answers_another_callers_call`] over a multiplexed
+/// connection, where the two callers' calls share one connection.
+#[test]
+fn a_reply_written_twice_never_answers_another_callers_call_over_a_multiplexed_connection() {
+    tern_tests::require_root!();
+    reply_written_twice("    thrift_upstream: multiplexed\n    connections_per_endpoint: 1\n");
+}
+
+fn reply_written_twice(upstream: &str) {
+    let config = one_cluster(
+        "twice",
+        &format!("{upstream}    endpoints: [ {{ address: {TWICE} }} ]\n"),
     );
     let m = Mesh::start(&config, &["--concurrency", "1"]);
     let peer = tern_tests::python_peer("protocols_peer.py");
@@ -815,7 +819,7 @@ clusters:
         "protocols_peer.py",
         &["tags", SERVICE, "2", "50"],
     );
-    eprintln!("two callers, a server that writes every reply twice: {seen}");
+    eprintln!("two callers, a server that writes every reply twice ({upstream:?}): {seen}");
     assert_eq!(
         seen["foreign"], 0,
         "replies to the other caller's calls: {seen}"
