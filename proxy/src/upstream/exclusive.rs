@@ -19,7 +19,8 @@ use tracing::debug;
 
 use super::{
     ClusterRuntime, EndpointRuntime, Failed, Pool, PoolSettings, UpstreamError, answers,
-    release_connection, reply_buffer::ReplyBuffer, reserve_connection, wake_pending,
+    release_connection, reply_buffer::ReplyBuffer, reserve_connection, restore_client_seq,
+    wake_pending,
 };
 use crate::{
     budget::{BufferBudget, Held},
@@ -228,16 +229,11 @@ pub async fn call(
             }
         }
     };
-    if let Err(why) = answers(request, &reply) {
+    if let Err(why) =
+        answers(request, &reply).and_then(|()| restore_client_seq(&mut reply, client_seq))
+    {
         debug!(%addr, %why, "closing an upstream connection whose reply is not its request's");
         return Err(Failed::Lost(UpstreamError::Mismatch(why)));
-    }
-    if reply.set_seq_id(client_seq).is_err() {
-        // A reply whose id the server wrote in fewer bytes than its class takes.
-        return Err(Failed::Lost(UpstreamError::Mismatch(format!(
-            "sequence id {} written too short for the client's {client_seq}",
-            reply.seq_id()
-        ))));
     }
     if conn.replies.buf.is_empty() {
         // A buffer grown for a large reply stays with that reply, which holds its charge;

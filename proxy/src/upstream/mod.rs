@@ -181,6 +181,16 @@ pub fn answers(request: &Message, reply: &Message) -> Result<(), String> {
     answers_by_name(request.name(), reply)
 }
 
+/// Puts the client's sequence id back on a reply that came under tern's. It fits: tern chose
+/// its id with the varint length the client's takes (`thrift::frame::seq_id_in_class`);
+/// were it not to, the reply is refused like one that does not answer its request, never
+/// passed on under tern's id.
+fn restore_client_seq(reply: &mut Message, client_seq: i32) -> Result<(), String> {
+    reply
+        .set_seq_id(client_seq)
+        .map_err(|e| format!("the client's {e}"))
+}
+
 /// [`answers`] without the sequence id (a multiplexed connection maps ids itself).
 fn answers_by_name(request_name: &[u8], reply: &Message) -> Result<(), String> {
     if !matches!(reply.kind(), MessageType::Reply | MessageType::Exception) {

@@ -38,7 +38,7 @@ use tracing::debug;
 
 use super::{
     ActiveRequest, ClusterRuntime, EndpointRuntime, Failed, Pool, PoolSettings, ReplyCell,
-    UpstreamError, answers_by_name, reply_buffer::ReplyBuffer,
+    UpstreamError, answers_by_name, reply_buffer::ReplyBuffer, restore_client_seq,
 };
 use crate::{
     budget::{Backlog, BufferBudget, Held},
@@ -517,18 +517,18 @@ async fn run(
 /// Hands a reply to the request it answers; an error closes the connection. A reply to a
 /// request that gave up is dropped, and only then is its id free again.
 fn deliver(conn: &Conn, mut reply: Message, charge: Option<Held>) -> Result<(), String> {
+    let id = reply.seq_id();
     let waiter = {
         let mut p = conn.pending.lock().unwrap_or_else(|e| e.into_inner());
-        p.waiting.remove(&reply.seq_id())
+        p.waiting.remove(&id)
     };
     let Some(w) = waiter else {
-        return Err(format!(
-            "a reply with sequence id {} nobody sent",
-            reply.seq_id()
-        ));
+        return Err(format!("a reply with sequence id {id} nobody sent"));
     };
     conn.inflight.fetch_sub(1, Ordering::Relaxed);
-    if let Err(why) = answers_by_name(&w.name, &reply) {
+    if let Err(why) =
+        answers_by_name(&w.name, &reply).and_then(|()| restore_client_seq(&mut reply, w.client_seq))
+    {
         // The connection closes for this; the request learns it now, not at its timeout.
         w.cell.complete(
             w.generation,
@@ -537,14 +537,9 @@ fn deliver(conn: &Conn, mut reply: Message, charge: Option<Held>) -> Result<(), 
         return Err(why);
     }
     if !w.cell.waiting(w.generation) {
-        debug!(
-            seq = reply.seq_id(),
-            "late reply to a request that gave up: dropped"
-        );
+        debug!(seq = id, "late reply to a request that gave up: dropped");
         return Ok(());
     }
-    // Same varint class both ways: the client's id always fits.
-    let _ = reply.set_seq_id(w.client_seq);
     w.cell.complete_held(w.generation, Ok(reply), charge);
     Ok(())
 }
