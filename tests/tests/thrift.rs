@@ -799,10 +799,14 @@ fn a_reply_written_twice_never_answers_another_callers_call_over_a_multiplexed_c
     reply_written_twice("    thrift_upstream: multiplexed\n    connections_per_endpoint: 1\n");
 }
 
+/// On istiod's shape: a plain `tcp_proxy` to a cluster whose name does not say Thrift (tern
+/// finds it by its first bytes).
 fn reply_written_twice(upstream: &str) {
-    let config = one_cluster(
-        "twice",
-        &format!("{upstream}    endpoints: [ {{ address: {TWICE} }} ]\n"),
+    let cluster = "outbound|9090||echo.default.svc.cluster.local";
+    let config = format!(
+        "listeners:\n  - address: {SERVICE}\n    filter_chains: [ {{ tcp_proxy: {{ cluster: \
+         '{cluster}' }} }} ]\nclusters:\n  - name: '{cluster}'\n{upstream}    endpoints: \
+         [ {{ address: {TWICE} }} ]\n"
     );
     let m = Mesh::start(&config, &["--concurrency", "1"]);
     let peer = tern_tests::python_peer("protocols_peer.py");
