@@ -103,6 +103,41 @@ pub struct LoadResult {
     pub calls_us: Vec<(u64, u64)>,
 }
 
+impl LoadResult {
+    /// One result from runs of the same load taken in slices: their calls and seconds added,
+    /// percentiles over all their calls (connect percentiles, which have no histogram, are
+    /// the slices' median). `None` for no slice.
+    pub fn merged(slices: &[LoadResult]) -> Option<LoadResult> {
+        let first = slices.first()?;
+        let sum = |f: fn(&LoadResult) -> u64| slices.iter().map(f).sum::<u64>();
+        let histograms = || slices.iter().map(|s| &s.calls_us[..]);
+        let mut calls = std::collections::BTreeMap::<u64, u64>::new();
+        for &(us, n) in histograms().flatten() {
+            *calls.entry(us).or_default() += n;
+        }
+        let secs: f64 = slices.iter().map(|s| s.secs).sum();
+        let requests = sum(|s| s.requests);
+        let middle = |f: fn(&LoadResult) -> Option<f64>| {
+            let mut v: Vec<f64> = slices.iter().filter_map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied()
+        };
+        Some(LoadResult {
+            requests,
+            total: sum(|s| s.total),
+            errors: sum(|s| s.errors),
+            secs,
+            rps: requests as f64 / secs.max(f64::MIN_POSITIVE),
+            p50_us: pooled_quantile(histograms(), 0.5),
+            p99_us: pooled_quantile(histograms(), 0.99),
+            p999_us: pooled_quantile(histograms(), 0.999),
+            connect_p50_us: first.connect_p50_us.and(middle(|s| s.connect_p50_us)),
+            connect_p99_us: first.connect_p99_us.and(middle(|s| s.connect_p99_us)),
+            calls_us: calls.into_iter().collect(),
+        })
+    }
+}
+
 /// The `q` quantile (0 to 1) of latency histograms pooled together, each (µs, calls); NaN
 /// when they hold no call.
 pub fn pooled_quantile<'a>(histograms: impl IntoIterator<Item = &'a [(u64, u64)]>, q: f64) -> f64 {
@@ -144,6 +179,41 @@ mod tests {
         assert_eq!(pooled_quantile([quick, slow], 0.75), 20.0);
         assert_eq!(pooled_quantile([quick, slow], 0.99), 500.0);
         assert!(pooled_quantile([], 0.5).is_nan());
+    }
+
+    #[test]
+    fn slices_merge_into_one_run_of_all_their_calls() {
+        let slice = |calls_us: Vec<(u64, u64)>, secs: f64| {
+            let requests = calls_us.iter().map(|c| c.1).sum();
+            LoadResult {
+                requests,
+                total: requests + 10,
+                errors: 1,
+                secs,
+                rps: requests as f64 / secs,
+                calls_us,
+                ..LoadResult::default()
+            }
+        };
+        assert!(LoadResult::merged(&[]).is_none());
+        // 200 calls in 2 s: the slow slice's tail is the merged run's p99, though it is
+        // only one slice's.
+        let merged = LoadResult::merged(&[
+            slice(vec![(10, 99), (20, 1)], 1.0),
+            slice(vec![(10, 97), (900, 3)], 1.0),
+        ])
+        .unwrap();
+        assert_eq!(
+            (merged.requests, merged.total, merged.errors),
+            (200, 220, 2)
+        );
+        assert_eq!((merged.secs, merged.rps), (2.0, 100.0));
+        assert_eq!(
+            (merged.p50_us, merged.p99_us, merged.p999_us),
+            (10.0, 900.0, 900.0)
+        );
+        assert_eq!(merged.calls_us, vec![(10, 196), (20, 1), (900, 3)]);
+        assert_eq!(merged.connect_p99_us, None);
     }
 
     #[test]

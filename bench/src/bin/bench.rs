@@ -32,6 +32,8 @@ mod discovery;
 mod mtls;
 
 const ROUNDS: usize = 3;
+/// Latency runs per path in each round, of a second each, taking turns across the paths.
+const LATENCY_SLICES: usize = 3;
 const SECS: &str = "1.5";
 const NETNS_ENDPOINTS: &str = "10.77.0.2:9001,10.77.0.2:9002,10.77.0.2:9003";
 const LOOPBACK_ENDPOINTS: &str = "127.0.0.1:9101,127.0.0.1:9102,127.0.0.1:9103";
@@ -189,8 +191,9 @@ fn run() -> Result<()> {
             "--size",
             size,
         ];
-        // Three seconds a round: the rounds' calls are pooled, and a tail needs many calls
-        // to hold still (a second a round left p99 comparisons moving by ±1× between runs).
+        // A second a slice, `LATENCY_SLICES` slices a round: the calls of all of them are
+        // pooled, and a tail needs many calls to hold still (a second a round left p99
+        // comparisons moving by ±1× between runs).
         let latency = [
             "--connections",
             "1",
@@ -199,7 +202,7 @@ fn run() -> Result<()> {
             "--size",
             size,
             "--secs",
-            "3",
+            "1",
             "--warmup",
             "0.2",
         ];
@@ -241,11 +244,13 @@ fn run() -> Result<()> {
             println!("{}", group.name);
             for r in &group.rows {
                 println!(
-                    "  {:<28} {:>9.0} req/s  per core vs HAProxy {:>5.2?}  added p99 vs HAProxy {:>5.2?}  syscalls/req {:>5.2?}  CPU s/M {:>7.1?} (kernel {:>7.1?})  p50 {:>5.0} p99 {:>5.0} µs",
+                    "  {:<28} {:>9.0} req/s  per core vs HAProxy {:>5.2?}  added p99 vs HAProxy {:>5.2?} (by slice {:.2?})  syscalls/req {:>5.2?}  CPU s/M {:>7.1?} (kernel {:>7.1?})  p50 {:>5.0} p99 {:>5.0} µs",
                     r.path,
                     r.rps,
                     r.per_core_vs_haproxy,
                     r.added_p99_vs_haproxy,
+                    r.added_p99_vs_haproxy_by_slice
+                        .map(|s| (s.median, s.low, s.high)),
                     r.syscalls_per_request,
                     r.cpu_s_per_million,
                     r.kernel_cpu_s_per_million,
@@ -474,21 +479,33 @@ impl Bench {
     ) -> Result<Group> {
         eprintln!("tern-bench: {name}");
         let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
+        let cgroup = |p: &LoadPath| p.captured.then_some(&self.cgroup);
         for round in 0..ROUNDS {
+            let mut loads = Vec::with_capacity(paths.len());
             for p in paths {
                 let cpu_before = p.proxy.map(cpu_times).transpose()?;
-                let ns = p.ns.unwrap_or(ns);
-                let cgroup = p.captured.then_some(&self.cgroup);
-                let result = load_run(ns, cgroup, p.addr, load)?;
+                let result = load_run(p.ns.unwrap_or(ns), cgroup(p), p.addr, load)?;
                 let cpu = match (p.proxy, cpu_before) {
                     (Some(pid), Some(before)) => Some(cpu_times(pid)?.since(before)),
                     _ => None,
                 };
-                // Latency one call at a time (a saturated run measures its own queue).
-                let latency = match latency {
-                    Some(args) => Some(load_run(ns, cgroup, p.addr, args)?),
-                    None => None,
-                };
+                loads.push((result, cpu));
+            }
+            // Latency one call at a time (a saturated run measures its own queue), in short
+            // slices that take turns across the paths: a slow phase of the host (they last
+            // seconds on this VM) then falls on every path alike, not on the one measured
+            // while it lasted.
+            let mut slices: Vec<Vec<LoadResult>> = vec![Vec::new(); paths.len()];
+            if let Some(args) = latency {
+                for _ in 0..LATENCY_SLICES {
+                    for (p, slices) in paths.iter().zip(&mut slices) {
+                        slices.push(load_run(p.ns.unwrap_or(ns), cgroup(p), p.addr, args)?);
+                    }
+                }
+            }
+            for ((p, (result, cpu)), slices) in paths.iter().zip(loads).zip(slices) {
+                let latency = LoadResult::merged(&slices);
+                let latency_slices_p99_us = slices.iter().map(|s| s.p99_us).collect();
                 let peak_rss = p.proxy.map(peak_rss_kib).transpose()?;
                 let p99 = latency.as_ref().unwrap_or(&result).p99_us;
                 eprintln!(
@@ -509,6 +526,7 @@ impl Bench {
                     proxy_cpu_s: cpu.map(CpuTimes::total),
                     proxy_kernel_cpu_s: cpu.map(|c| c.kernel),
                     proxy_peak_rss_kib: peak_rss,
+                    latency_slices_p99_us,
                 });
             }
         }
@@ -612,6 +630,7 @@ impl Bench {
                     proxy_cpu_s: None,
                     proxy_kernel_cpu_s: None,
                     proxy_peak_rss_kib: None,
+                    latency_slices_p99_us: Vec::new(),
                 });
             }
         }
