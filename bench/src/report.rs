@@ -438,7 +438,7 @@ impl Report {
              interleaved, medians; the whole bench took {:.0} s. Throughput: 4 connections with \
              8 calls in flight each (2 for 64 KiB), or 32 synchronous clients with one call in \
              flight each where the group says so; latency: one call at a time on one connection, \
-             in slices of 1 s that take turns across the paths, 3 a round, percentiles over \
+             in slices of 1 s that take turns across the paths, {} a round, percentiles over \
              every slice's calls pooled, and the added p99 also compared slice by slice with \
              HAProxy's slice beside it (median and range; the target counts as met when both \
              are); \
@@ -454,6 +454,10 @@ impl Report {
                 .first()
                 .and_then(|g| g.rows.first())
                 .map_or(0, |r| r.samples.len()),
+            self.groups
+                .first()
+                .and_then(|g| g.rows.first()?.samples.first())
+                .map_or(0, |s| s.latency_slices_p99_us.len()),
             self.duration_secs
         );
         for g in &self.groups {

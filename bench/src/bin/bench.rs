@@ -31,9 +31,11 @@ mod discovery;
 #[path = "bench/mtls.rs"]
 mod mtls;
 
-const ROUNDS: usize = 3;
+/// Throughput runs per path, interleaved (medians over them: a slow phase of the host that
+/// falls on one path's run in a round or two moves nothing).
+const ROUNDS: usize = 5;
 /// Latency runs per path in each round, of a second each, taking turns across the paths.
-const LATENCY_SLICES: usize = 3;
+const LATENCY_SLICES: usize = 2;
 const SECS: &str = "1.5";
 const NETNS_ENDPOINTS: &str = "10.77.0.2:9001,10.77.0.2:9002,10.77.0.2:9003";
 const LOOPBACK_ENDPOINTS: &str = "127.0.0.1:9101,127.0.0.1:9102,127.0.0.1:9103";
@@ -191,7 +193,7 @@ fn run() -> Result<()> {
             "--size",
             size,
         ];
-        // A second a slice, `LATENCY_SLICES` slices a round: the calls of all of them are
+        // A second a slice, `LATENCY_SLICES` slices a round (10 s in all): the calls of all are
         // pooled, and a tail needs many calls to hold still (a second a round left p99
         // comparisons moving by ±1× between runs).
         let latency = [
