@@ -80,6 +80,9 @@ pub struct Row {
     pub added_p99_vs_haproxy_by_slice: Option<Spread>,
     /// The proxy's system calls per request, from a run of their own (`perf stat`).
     pub syscalls_per_request: Option<f64>,
+    /// In the same run, how often per request one of the proxy's threads woke another of
+    /// its own (or itself).
+    pub own_wakeups_per_request: Option<f64>,
     pub errors: u64,
     pub samples: Vec<Sample>,
 }
@@ -157,6 +160,7 @@ impl Row {
             added_p99_vs_haproxy: None,
             added_p99_vs_haproxy_by_slice: None,
             syscalls_per_request: None,
+            own_wakeups_per_request: None,
             errors: samples.iter().map(|s| s.load.errors).sum(),
             samples,
         }
@@ -454,11 +458,11 @@ impl Report {
                 .first()
                 .and_then(|g| g.rows.first())
                 .map_or(0, |r| r.samples.len()),
+            self.duration_secs,
             self.groups
                 .first()
                 .and_then(|g| g.rows.first()?.samples.first())
-                .map_or(0, |s| s.latency_slices_p99_us.len()),
-            self.duration_secs
+                .map_or(0, |s| s.latency_slices_p99_us.len())
         );
         for g in &self.groups {
             let churn = g.rows.iter().any(|r| r.connect_p50_us.is_some());
@@ -596,6 +600,37 @@ impl Report {
                         .map(|v| v <= 1.5 && by_slice.is_none_or(|b| b.median <= 1.5)),
                 );
             }
+        }
+        // A request is read, balanced, sent, answered and written on one worker thread: what
+        // wakes another of tern's threads (or the same one) is off the request's path. Met at
+        // no more than one such wakeup per 1,000 requests on every tern path.
+        for g in self.groups.iter().filter(|g| g.name.ends_with("100 B")) {
+            let per_1000 = |r: &Row| r.own_wakeups_per_request.map(|w| w * 1000.0);
+            let tern: Vec<(&str, f64)> = g
+                .rows
+                .iter()
+                .filter(|r| r.path.starts_with("tern"))
+                .filter_map(|r| Some((r.path.as_str(), per_1000(r)?)))
+                .collect();
+            if tern.is_empty() {
+                continue;
+            }
+            let mut measured: Vec<String> = tern
+                .iter()
+                .map(|(path, n)| format!("{path} {}", num(*n)))
+                .collect();
+            if let Some(h) = g.row(HAPROXY).and_then(per_1000) {
+                measured.push(format!("(HAProxy's among its own threads: {})", num(h)));
+            }
+            line(
+                format!(
+                    "no wakeup of another tern thread on a request's path: wakeups among tern's \
+                     own threads per 1,000 requests ≤ 1 ({})",
+                    g.name
+                ),
+                measured.join(", "),
+                Some(tern.iter().all(|(_, n)| *n <= 1.0)),
+            );
         }
         if let Some(g) = self
             .groups
@@ -939,6 +974,41 @@ mod tests {
         assert_eq!(row.p99_us, 7.0);
     }
 
+    /// A report of `groups`, with the other parts' numbers made up.
+    fn report(groups: Vec<Group>) -> Report {
+        let names = MethodNames {
+            calls: 1_000_000,
+            page_bytes_before: 5000,
+            page_bytes_after: 5010,
+        };
+        let xds = XdsUpdates {
+            applies_during_calls: 400,
+            apply_p50_ms: 1.0,
+            apply_p99_ms: 3.0,
+            quiet_p99_us: 100.0,
+            baseline_p99_us: 120.0,
+            churn_p99_us: 150.0,
+            quiet_rounds_us: vec![90.0, 100.0, 110.0],
+            baseline_rounds_us: vec![120.0; 3],
+            churn_rounds_us: vec![150.0; 3],
+            churn_errors: 0,
+            tern_cpu_us_per_push: 900.0,
+            control_plane_cpu_share_baseline: 0.2,
+            control_plane_cpu_share_churn: 0.2,
+            peak_rss_mib_with_capture: 30.0,
+            rss_mib_with_capture: 25.0,
+        };
+        Report::new(
+            groups,
+            names,
+            12.0,
+            xds,
+            None,
+            BTreeMap::new(),
+            Duration::from_secs(1),
+        )
+    }
+
     #[test]
     fn ratios_compare_medians_with_direct_and_haproxy() {
         let rows = vec![
@@ -963,40 +1033,44 @@ mod tests {
         // 900 requests per CPU second against HAProxy's 1000.
         assert_eq!(tern.rps_per_core, Some(900.0));
         assert_eq!(tern.per_core_vs_haproxy, Some(0.9));
-        let names = MethodNames {
-            calls: 1_000_000,
-            page_bytes_before: 5000,
-            page_bytes_after: 5010,
-        };
-        let xds = XdsUpdates {
-            applies_during_calls: 400,
-            apply_p50_ms: 1.0,
-            apply_p99_ms: 3.0,
-            quiet_p99_us: 100.0,
-            baseline_p99_us: 120.0,
-            churn_p99_us: 150.0,
-            quiet_rounds_us: vec![90.0, 100.0, 110.0],
-            baseline_rounds_us: vec![120.0; 3],
-            churn_rounds_us: vec![150.0; 3],
-            churn_errors: 0,
-            tern_cpu_us_per_push: 900.0,
-            control_plane_cpu_share_baseline: 0.2,
-            control_plane_cpu_share_churn: 0.2,
-            peak_rss_mib_with_capture: 30.0,
-            rss_mib_with_capture: 25.0,
-        };
-        let md = Report::new(
-            vec![g],
-            names,
-            12.0,
-            xds,
-            None,
-            BTreeMap::new(),
-            Duration::from_secs(1),
-        )
-        .markdown();
+        let md = report(vec![g]).markdown();
+        assert!(md.contains("3 rounds per path"), "{md}");
+        assert!(md.contains("the whole bench took 1 s"), "{md}");
         assert!(md.contains("| tern | 450 |"), "{md}");
         assert!(md.contains("150 vs 100 µs (1.50×)"), "{md}");
+    }
+
+    #[test]
+    fn wakeups_among_terns_threads_are_a_target_per_group() {
+        let row = |path: &str, wakeups: f64| Row {
+            own_wakeups_per_request: Some(wakeups),
+            ..Row::from_samples(path, vec![sample(100.0, 1.0, Some(1.0))])
+        };
+        let line = |tcp: f64| {
+            let g = Group::new(
+                "loopback, 100 B",
+                vec![
+                    Row::from_samples(DIRECT, vec![sample(100.0, 1.0, None)]),
+                    row(HAPROXY, 0.02),
+                    row("tern TCP proxy", tcp),
+                    row("tern Thrift, per request", 0.0005),
+                ],
+            );
+            let md = report(vec![g]).markdown();
+            md.lines()
+                .find(|l| l.starts_with("| no wakeup of another tern thread"))
+                .map(str::to_owned)
+                .unwrap_or_else(|| panic!("{md}"))
+        };
+        assert!(
+            line(0.001).ends_with(
+                "(loopback, 100 B) | tern TCP proxy 1.00, tern Thrift, per request 0.50, \
+                 (HAProxy's among its own threads: 20.0) | yes |"
+            ),
+            "{}",
+            line(0.001)
+        );
+        assert!(line(0.0011).ends_with("| no |"), "{}", line(0.0011));
     }
 
     #[test]

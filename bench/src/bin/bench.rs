@@ -246,7 +246,7 @@ fn run() -> Result<()> {
             println!("{}", group.name);
             for r in &group.rows {
                 println!(
-                    "  {:<28} {:>9.0} req/s  per core vs HAProxy {:>5.2?}  added p99 vs HAProxy {:>5.2?} (by slice {:.2?})  syscalls/req {:>5.2?}  CPU s/M {:>7.1?} (kernel {:>7.1?})  p50 {:>5.0} p99 {:>5.0} µs",
+                    "  {:<28} {:>9.0} req/s  per core vs HAProxy {:>5.2?}  added p99 vs HAProxy {:>5.2?} (by slice {:.2?})  syscalls/req {:>5.2?}  own wakeups/req {:>6.4?}  CPU s/M {:>7.1?} (kernel {:>7.1?})  p50 {:>5.0} p99 {:>5.0} µs",
                     r.path,
                     r.rps,
                     r.per_core_vs_haproxy,
@@ -254,6 +254,7 @@ fn run() -> Result<()> {
                     r.added_p99_vs_haproxy_by_slice
                         .map(|s| (s.median, s.low, s.high)),
                     r.syscalls_per_request,
+                    r.own_wakeups_per_request,
                     r.cpu_s_per_million,
                     r.kernel_cpu_s_per_million,
                     r.p50_us,
@@ -539,15 +540,24 @@ impl Bench {
         Ok(Group::new(name, rows))
     }
 
-    /// Adds each proxy's system calls per request to `group`: one more run per proxied path,
-    /// counted by `perf stat` on the `raw_syscalls:sys_enter` tracepoint (a run of its own,
-    /// so the counting costs the measured rounds nothing).
+    /// Adds each proxy's system calls per request to `group`, and how often one of its
+    /// threads woke another of its own: one more run per proxied path, counted by `perf
+    /// stat` on the `raw_syscalls:sys_enter` and `sched:sched_waking` tracepoints (a run of
+    /// its own, so the counting costs the measured rounds nothing). `sched_waking` fires in
+    /// the waker's context, which `-p` selects; a filter keeps the wakees that are the
+    /// proxy's threads.
     fn count_syscalls(&self, mut group: Group, paths: &[LoadPath], load: &[&str]) -> Result<Group> {
         let load = [load, &["--secs", "1", "--warmup", "0"]].concat();
         for p in paths {
             let Some(pid) = p.proxy else { continue };
+            let own = threads(pid)?
+                .iter()
+                .map(|tid| format!("pid == {tid}"))
+                .collect::<Vec<_>>()
+                .join(" || ");
             let perf = std::process::Command::new("perf")
-                .args(["stat", "-x,", "-e", "raw_syscalls:sys_enter", "-p"])
+                .args(["stat", "-x,", "-e", "raw_syscalls:sys_enter"])
+                .args(["-e", "sched:sched_waking", "--filter", &own, "-p"])
                 .arg(pid.to_string())
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::piped())
@@ -564,14 +574,19 @@ impl Bench {
             let out = perf.wait_with_output()?;
             let result = result?;
             let text = String::from_utf8_lossy(&out.stderr);
-            let calls: f64 = text
-                .lines()
-                .find(|l| l.contains("raw_syscalls:sys_enter"))
-                .and_then(|l| l.split(',').next())
-                .and_then(|n| n.trim().parse().ok())
-                .with_context(|| format!("perf stat output {text:?}"))?;
+            let counted = |event: &str| -> Result<f64> {
+                text.lines()
+                    .find(|l| l.contains(event))
+                    .and_then(|l| l.split(',').next())
+                    .and_then(|n| n.trim().parse().ok())
+                    .with_context(|| format!("{event} in perf stat output {text:?}"))
+            };
+            let per_request = |n: f64| n / result.total.max(1) as f64;
+            let calls = per_request(counted("raw_syscalls:sys_enter")?);
+            let wakeups = per_request(counted("sched:sched_waking")?);
             if let Some(row) = group.rows.iter_mut().find(|r| r.path == p.name) {
-                row.syscalls_per_request = Some(calls / result.total.max(1) as f64);
+                row.syscalls_per_request = Some(calls);
+                row.own_wakeups_per_request = Some(wakeups);
             }
         }
         Ok(group)
@@ -933,6 +948,20 @@ fn load_run(ns: &Netns, cgroup: Option<&Cgroup>, addr: &str, load: &[&str]) -> R
         bail!("no call succeeded on {addr} ({} errors)", result.errors);
     }
     Ok(result)
+}
+
+/// The thread ids of a process.
+fn threads(pid: u32) -> Result<Vec<u32>> {
+    let dir = format!("/proc/{pid}/task");
+    std::fs::read_dir(&dir)
+        .with_context(|| format!("list {dir}"))?
+        .map(|entry| {
+            let name = entry?.file_name();
+            name.to_str()
+                .and_then(|n| n.parse().ok())
+                .with_context(|| format!("a thread id in {dir}: {name:?}"))
+        })
+        .collect()
 }
 
 /// User and system CPU seconds a process used so far (`/proc/PID/stat`).
