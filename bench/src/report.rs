@@ -394,6 +394,28 @@ fn spread(v: Option<Spread>) -> String {
     )
 }
 
+/// One line of the targets table: what, what was measured, and whether it was met (`None`:
+/// reported, no goal).
+struct Target {
+    what: String,
+    measured: String,
+    met: Option<bool>,
+}
+
+/// The targets table's lines, in order.
+#[derive(Default)]
+struct Targets(Vec<Target>);
+
+impl Targets {
+    fn line(&mut self, what: String, measured: String, met: Option<bool>) {
+        self.0.push(Target {
+            what,
+            measured,
+            met,
+        });
+    }
+}
+
 impl Report {
     pub fn new(
         groups: Vec<Group>,
@@ -527,17 +549,31 @@ impl Report {
 
     /// The issue's targets, with what was measured against each.
     fn targets(&self) -> String {
+        let mut t = Targets::default();
+        self.path_targets(&mut t);
+        self.resource_targets(&mut t);
+        self.control_targets(&mut t);
         let mut s =
             "**Targets** (reported, not enforced)\n\n| target | measured | met |\n|---|---|---|\n"
                 .to_owned();
-        let mut line = |what: String, measured: String, met: Option<bool>| {
+        for Target {
+            what,
+            measured,
+            met,
+        } in t.0
+        {
             let mark = match met {
                 Some(true) => "yes",
                 Some(false) => "no",
                 None => "–",
             };
             s += &format!("| {what} | {measured} | {mark} |\n");
-        };
+        }
+        s + "\n"
+    }
+
+    /// The data paths': throughput per core, added latency, wakeups, relays, connection setup.
+    fn path_targets(&self, out: &mut Targets) {
         let thrift_paths = [
             "tern Thrift, per request",
             "tern Thrift, per request, multiplexed",
@@ -568,7 +604,7 @@ impl Report {
                         h.cpu_s_per_million?
                     ))
                 });
-                line(
+                out.line(
                     format!(
                         "Thrift per request{mode} ≥ {:.0}% of HAProxy's req/s per proxy core ({})",
                         goal * 100.0,
@@ -583,7 +619,7 @@ impl Report {
                 );
                 // Met when both the pooled ratio and the median slice by slice are.
                 let by_slice = r.added_p99_vs_haproxy_by_slice;
-                line(
+                out.line(
                     format!(
                         "Thrift per request{mode}: added p99 ≤ 1.5× HAProxy's ({})",
                         g.name
@@ -622,7 +658,7 @@ impl Report {
             if let Some(h) = g.row(HAPROXY).and_then(per_1000) {
                 measured.push(format!("(HAProxy's among its own threads: {})", num(h)));
             }
-            line(
+            out.line(
                 format!(
                     "no wakeup of another tern thread on a request's path: wakeups among tern's \
                      own threads per 1,000 requests ≤ 1 ({})",
@@ -638,7 +674,7 @@ impl Report {
             .find(|g| g.name.starts_with("serial Thrift server"))
             && let (Some(d), Some(t)) = (g.row(DIRECT), g.row("tern Thrift, per request"))
         {
-            line(
+            out.line(
                 "serial Thrift server: fast callers' p99 beside slow ones, tern vs direct".into(),
                 format!(
                     "{} vs {} µs ({})",
@@ -649,39 +685,6 @@ impl Report {
                 None,
             );
         }
-        let pieces = |label: &str| {
-            self.micro
-                .get(&format!("codec-unframed-16MiB/{label}"))
-                .copied()
-        };
-        if let (Some(whole), Some(reads)) = (pieces("whole"), pieces("1460-byte reads")) {
-            line(
-                "unframed 16 MiB in 1,460-byte reads costs about as much as in one piece".into(),
-                format!(
-                    "{:.1} ms vs {:.1} ms ({})",
-                    reads / 1e6,
-                    whole / 1e6,
-                    ratio(Some(reads / whole))
-                ),
-                Some(reads / whole < 2.0),
-            );
-        }
-        let n = &self.method_names;
-        line(
-            format!(
-                "{} distinct method names leave the metrics page bounded",
-                n.calls
-            ),
-            format!("{} → {} bytes", n.page_bytes_before, n.page_bytes_after),
-            Some(n.page_bytes_after < n.page_bytes_before + 4096),
-        );
-        if let Some(a) = self.micro.get("allocations per proxied request") {
-            line(
-                "zero heap allocations per request (steady state)".into(),
-                format!("{a:.3}"),
-                Some(*a < 0.01),
-            );
-        }
         for g in self
             .groups
             .iter()
@@ -690,7 +693,7 @@ impl Report {
             if let (Some(e), Some(i)) =
                 (g.row("tern, eBPF capture"), g.row("tern, iptables capture"))
             {
-                line(
+                out.line(
                     format!(
                         "eBPF connection setup ≥ iptables REDIRECT ({})",
                         g.name.trim_start_matches("connection setup, ")
@@ -713,7 +716,7 @@ impl Report {
             let spliced = large
                 .and_then(|g| g.row(HAPROXY_SPLICE))
                 .and_then(|h| Some(r.rps_per_core? / h.rps_per_core?));
-            line(
+            out.line(
                 "TCP relay at 64 KiB ≥ HAProxy's req/s per proxy core".into(),
                 format!(
                     "{} (HAProxy splicing: {})",
@@ -723,13 +726,54 @@ impl Report {
                 r.per_core_vs_haproxy.map(|v| v >= 1.0),
             );
         }
-        line(
+    }
+
+    /// What tern costs at rest and per request: memory, allocations, decoding, metrics.
+    fn resource_targets(&self, out: &mut Targets) {
+        let pieces = |label: &str| {
+            self.micro
+                .get(&format!("codec-unframed-16MiB/{label}"))
+                .copied()
+        };
+        if let (Some(whole), Some(reads)) = (pieces("whole"), pieces("1460-byte reads")) {
+            out.line(
+                "unframed 16 MiB in 1,460-byte reads costs about as much as in one piece".into(),
+                format!(
+                    "{:.1} ms vs {:.1} ms ({})",
+                    reads / 1e6,
+                    whole / 1e6,
+                    ratio(Some(reads / whole))
+                ),
+                Some(reads / whole < 2.0),
+            );
+        }
+        let n = &self.method_names;
+        out.line(
+            format!(
+                "{} distinct method names leave the metrics page bounded",
+                n.calls
+            ),
+            format!("{} → {} bytes", n.page_bytes_before, n.page_bytes_after),
+            Some(n.page_bytes_after < n.page_bytes_before + 4096),
+        );
+        if let Some(a) = self.micro.get("allocations per proxied request") {
+            out.line(
+                "zero heap allocations per request (steady state)".into(),
+                format!("{a:.3}"),
+                Some(*a < 0.01),
+            );
+        }
+        out.line(
             "idle RSS ≤ 20 MiB with 1,000 clusters / 10,000 endpoints".into(),
             format!("{:.1} MiB", self.idle_rss_mib_1000_clusters),
             Some(self.idle_rss_mib_1000_clusters <= 20.0),
         );
+    }
+
+    /// The control path's: xDS applies and churn, mTLS, tern discovery.
+    fn control_targets(&self, out: &mut Targets) {
         let x = &self.xds_updates;
-        line(
+        out.line(
             "with eBPF capture and 1,000 clusters, after the churn: memory now / peak".into(),
             format!(
                 "{:.1} / {:.1} MiB",
@@ -741,7 +785,7 @@ impl Report {
             .micro
             .get("xds/one endpoint change, 10,000-endpoint cluster, median ms")
         {
-            line(
+            out.line(
                 "one endpoint change in a 10,000-endpoint cluster (in-process apply)".into(),
                 format!("{} ms", num(*ms)),
                 None,
@@ -758,14 +802,14 @@ impl Report {
             })
             .collect();
         if !schedules.is_empty() {
-            line(
+            out.line(
                 "parse and two applies of one round-robin cluster, linear (was 0.63 / 2.06 / 7.58 s)"
                     .into(),
                 schedules.join(", "),
                 None,
             );
         }
-        line(
+        out.line(
             "one EDS change pushed 100×/s to 1,000 clusters: apply p50 / p99".into(),
             format!(
                 "{} / {} ms over {} applies",
@@ -776,7 +820,7 @@ impl Report {
             None,
         );
         let rounds = |v: &[f64]| v.iter().map(|&p| num(p)).collect::<Vec<_>>().join(" / ");
-        line(
+        out.line(
             "Thrift p99 during 100 EDS pushes/s ≤ 1.25× its p99 with no pushes (interleaved rounds, calls pooled)".into(),
             format!(
                 "{} vs {} µs ({}), {} errors; rounds: {} vs {} µs",
@@ -789,7 +833,7 @@ impl Report {
             ),
             Some(x.churn_p99_us <= 1.25 * x.quiet_p99_us),
         );
-        line(
+        out.line(
             "… and ≤ 1.25× its p99 while the same pushes go to another tern".into(),
             format!(
                 "{} vs {} µs ({}); rounds: {} µs",
@@ -800,7 +844,7 @@ impl Report {
             ),
             Some(x.churn_p99_us <= 1.25 * x.baseline_p99_us),
         );
-        line(
+        out.line(
             "what the pushes cost: tern's CPU per push; the control plane's CPU (pushing to the measured tern / to the other)".into(),
             format!(
                 "{} µs; {} / {} cores",
@@ -811,7 +855,7 @@ impl Report {
             None,
         );
         if let Some(t) = &self.mtls {
-            line(
+            out.line(
                 "mTLS connection setup (full handshakes, client certificate): tern vs HAProxy, per proxy core".into(),
                 format!(
                     "{} vs {} handshakes per core ({}); {} vs {} per s",
@@ -824,7 +868,7 @@ impl Report {
                 None,
             );
             let (m, p) = (&t.thrift_mtls, &t.thrift_plaintext);
-            line(
+            out.line(
                 "Thrift through two sidecars, pooled mTLS vs plaintext: req/s, p99, CPU s per M calls (client + server tern)".into(),
                 format!(
                     "{} vs {} req/s; {} vs {} µs; {} + {} vs {} + {} s; {} handshakes for all calls",
@@ -842,7 +886,7 @@ impl Report {
             );
         }
         if let Some(d) = &self.discovery {
-            line(
+            out.line(
                 format!(
                     "tern discovery, {} services / {} endpoints, {} delta clients: registry change to every client's ACK (goal p99 < 100 ms)",
                     d.services, d.endpoints, d.clients
@@ -856,13 +900,12 @@ impl Report {
                 ),
                 Some(d.change_to_all_acked_p99_ms < 100.0),
             );
-            line(
+            out.line(
                 "tern discovery's resident memory, same load (goal < 64 MiB)".into(),
                 format!("{} MiB (peak {})", num(d.rss_mib), num(d.peak_rss_mib)),
                 Some(d.peak_rss_mib < 64.0),
             );
         }
-        s + "\n"
     }
 
     /// Horizontal bars of throughput per path, one panel per comparison.

@@ -238,7 +238,7 @@ fn run() -> Result<()> {
             })
             .collect::<Result<_>>()?;
         let group = bench.compare(name, &paths, &load, Some(&latency), &bench.cli)?;
-        groups.push(bench.count_syscalls(group, &paths, &load)?);
+        groups.push(bench.count_syscalls_and_wakeups(group, &paths, &load)?);
         drop(busy);
     }
     if std::env::var_os("TERN_BENCH_PATHS").is_some() {
@@ -545,8 +545,13 @@ impl Bench {
     /// stat` on the `raw_syscalls:sys_enter` and `sched:sched_waking` tracepoints (a run of
     /// its own, so the counting costs the measured rounds nothing). `sched_waking` fires in
     /// the waker's context, which `-p` selects; a filter keeps the wakees that are the
-    /// proxy's threads.
-    fn count_syscalls(&self, mut group: Group, paths: &[LoadPath], load: &[&str]) -> Result<Group> {
+    /// proxy's threads (those it has when the run starts; tern's are all up by then).
+    fn count_syscalls_and_wakeups(
+        &self,
+        mut group: Group,
+        paths: &[LoadPath],
+        load: &[&str],
+    ) -> Result<Group> {
         let load = [load, &["--secs", "1", "--warmup", "0"]].concat();
         for p in paths {
             let Some(pid) = p.proxy else { continue };
