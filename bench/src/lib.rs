@@ -108,32 +108,34 @@ impl LoadResult {
     /// percentiles over all their calls (connect percentiles, which have no histogram, are
     /// the slices' median). `None` for no slice.
     pub fn merged(slices: &[LoadResult]) -> Option<LoadResult> {
-        let first = slices.first()?;
-        let sum = |f: fn(&LoadResult) -> u64| slices.iter().map(f).sum::<u64>();
-        let histograms = || slices.iter().map(|s| &s.calls_us[..]);
-        let mut calls = std::collections::BTreeMap::<u64, u64>::new();
-        for &(us, n) in histograms().flatten() {
-            *calls.entry(us).or_default() += n;
+        if slices.is_empty() {
+            return None;
         }
+        let mut pooled = std::collections::BTreeMap::<u64, u64>::new();
+        for &(us, n) in slices.iter().flat_map(|s| &s.calls_us) {
+            *pooled.entry(us).or_default() += n;
+        }
+        let calls_us: Vec<(u64, u64)> = pooled.into_iter().collect();
+        let quantile = |q| pooled_quantile([&calls_us[..]], q);
+        let sum = |f: fn(&LoadResult) -> u64| slices.iter().map(f).sum::<u64>();
+        let median = |f: fn(&LoadResult) -> Option<f64>| {
+            let v: Vec<f64> = slices.iter().filter_map(f).collect();
+            (!v.is_empty()).then(|| report::median(v))
+        };
         let secs: f64 = slices.iter().map(|s| s.secs).sum();
         let requests = sum(|s| s.requests);
-        let middle = |f: fn(&LoadResult) -> Option<f64>| {
-            let mut v: Vec<f64> = slices.iter().filter_map(f).collect();
-            v.sort_by(f64::total_cmp);
-            v.get(v.len() / 2).copied()
-        };
         Some(LoadResult {
             requests,
             total: sum(|s| s.total),
             errors: sum(|s| s.errors),
             secs,
             rps: requests as f64 / secs.max(f64::MIN_POSITIVE),
-            p50_us: pooled_quantile(histograms(), 0.5),
-            p99_us: pooled_quantile(histograms(), 0.99),
-            p999_us: pooled_quantile(histograms(), 0.999),
-            connect_p50_us: first.connect_p50_us.and(middle(|s| s.connect_p50_us)),
-            connect_p99_us: first.connect_p99_us.and(middle(|s| s.connect_p99_us)),
-            calls_us: calls.into_iter().collect(),
+            p50_us: quantile(0.5),
+            p99_us: quantile(0.99),
+            p999_us: quantile(0.999),
+            connect_p50_us: median(|s| s.connect_p50_us),
+            connect_p99_us: median(|s| s.connect_p99_us),
+            calls_us,
         })
     }
 }
