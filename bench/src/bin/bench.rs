@@ -1001,10 +1001,10 @@ fn cpu_times(pid: u32) -> Result<CpuTimes> {
 
 /// The CPU seconds of a process's thread named `name` (tern's `tern-control`).
 fn thread_cpu_seconds(pid: u32, name: &str) -> Result<f64> {
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        let dir = task?.path();
-        if std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim() == name) {
-            return stat_cpu_times(&dir.join("stat").to_string_lossy()).map(CpuTimes::total);
+    for tid in threads(pid)? {
+        let dir = format!("/proc/{pid}/task/{tid}");
+        if std::fs::read_to_string(format!("{dir}/comm")).is_ok_and(|c| c.trim() == name) {
+            return stat_cpu_times(&format!("{dir}/stat")).map(CpuTimes::total);
         }
     }
     bail!("process {pid} has no thread {name}")
