@@ -98,9 +98,6 @@ pub async fn serve(
                 }
             }
         }
-        if !reading && replies.is_empty() {
-            break;
-        }
         if reading
             && !starved
             && let Err(e) = rb.make_room()
@@ -119,6 +116,11 @@ pub async fn serve(
                 debug!(error = %e, "no buffer left: no reads until a request in flight is done");
                 starved = true;
             }
+        }
+        // Nothing left to read or to answer (a malformed message, or no buffer for an idle
+        // connection): done. Checked after the room is made, which may end the reading.
+        if !reading && replies.is_empty() {
+            break;
         }
         let now_partial = reading && !rb.buf.is_empty();
         if now_partial && (!partial || progressed) {
