@@ -230,3 +230,84 @@ impl ExpiryTimer<'_> {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use prometheus_client::encoding::text::encode;
+    use tokio::{
+        io::AsyncReadExt,
+        net::{TcpListener, TcpStream},
+    };
+
+    use super::*;
+    use crate::{filters::thrift::testing, thrift::frame::tests::framed_ping};
+
+    /// A Thrift listener whose cluster's one endpoint refuses connections: each call is
+    /// answered by tern itself, quickly.
+    const CONFIG: &str = "listeners:\n  - address: 10.96.0.1:9090\n    filter_chains: [ { thrift_proxy: { default_cluster: a } } ]\n\
+                          clusters:\n  - name: a\n    endpoints: [ { address: 127.0.0.1:1 } ]\n";
+    const BUDGET: usize = 1 << 20;
+
+    /// Serves a connection whose first bytes are `first` (read into a buffer with no spare
+    /// room) while another connection holds the whole buffer budget; returns what the client
+    /// read until the connection closed, and the metrics.
+    async fn serve_with_the_budget_spent(first: &[u8]) -> (Vec<u8>, String) {
+        let (ctx, chain, registry) = testing::ctx(CONFIG, BUDGET);
+        let mut hog = ctx.budget.hold();
+        hog.resize(BUDGET).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (down, peer) = listener.accept().await.unwrap();
+        let authz = Authz::new(
+            chain.clone(),
+            Vec::new(),
+            ctx.state.clone(),
+            ctx.metrics.clone(),
+            ctx.state.policy_changes(),
+            peer,
+            down.local_addr().unwrap(),
+            None,
+            None,
+        );
+        let mut buf = BytesMut::with_capacity(first.len());
+        buf.extend_from_slice(first);
+        let held = ctx.budget.hold();
+        let served = serve(down.into(), buf, held, chain, authz, ctx.clone());
+        tokio::time::timeout(Duration::from_secs(10), served)
+            .await
+            .expect("the connection was served and closed");
+        let mut read = Vec::new();
+        client.read_to_end(&mut read).await.unwrap();
+        let mut metrics = String::new();
+        encode(&mut metrics, &registry).unwrap();
+        (read, metrics)
+    }
+
+    /// With no buffer left in the budget, a connection with nothing in flight cannot read on:
+    /// it is closed and counted, whether it had nothing yet or its requests were all
+    /// answered. Before, it went on to wait with every branch of its loop disabled, and its
+    /// task panicked.
+    #[tokio::test]
+    async fn a_connection_with_no_buffer_left_and_nothing_in_flight_is_closed() {
+        let (read, metrics) = serve_with_the_budget_spent(&[]).await;
+        assert!(read.is_empty(), "{read:?}");
+        assert!(
+            metrics.contains("thrift_frames_rejected_total{cause=\"buffer_budget\"} 1"),
+            "{metrics}"
+        );
+
+        // A call in flight: no reads until it is answered; then the connection, idle, closes.
+        let (read, metrics) = serve_with_the_budget_spent(&framed_ping()).await;
+        assert!(read.len() > 4, "the call was answered: {read:?}");
+        let len = u32::from_be_bytes(read[..4].try_into().unwrap()) as usize;
+        assert_eq!(read.len(), 4 + len, "one reply, then the end: {read:?}");
+        assert!(
+            metrics.contains("thrift_frames_rejected_total{cause=\"buffer_budget\"} 1"),
+            "{metrics}"
+        );
+    }
+}

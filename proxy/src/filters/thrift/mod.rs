@@ -23,6 +23,8 @@ mod connection;
 mod local;
 mod read_buffer;
 mod routing;
+#[cfg(test)]
+mod testing;
 
 pub use call::pool_settings;
 pub use connection::serve;

@@ -307,12 +307,8 @@ mod tests {
     use super::*;
     use crate::{
         config::file::parse,
-        filters::metrics::FilterMetrics,
-        refusal::Refusals,
-        state::State,
-        telemetry::IstioMetrics,
+        filters::thrift::testing,
         thrift::{DecoderLimits, Protocol, Transport, frame::tests::framed_ping},
-        tls::metrics::Handshakes,
     };
 
     const CONFIG: &str = "listeners:\n  - address: 10.96.0.1:9090\n    filter_chains: [ { thrift_proxy: { default_cluster: a } } ]\n\
@@ -348,31 +344,9 @@ mod tests {
 
     #[test]
     fn a_connection_copies_its_filter_again_only_when_its_chain_changed() {
-        let state = State::new(Default::default());
-        let mut registry = prometheus_client::registry::Registry::default();
-        let refusals = Refusals::register(&mut registry);
-        let istio = IstioMetrics::new(Default::default());
-        let metrics =
-            FilterMetrics::register(&mut registry, refusals, Handshakes::default(), istio);
-        state.apply(parse(CONFIG, "one").unwrap());
+        let (ctx, chain, _) = testing::ctx(CONFIG, 1 << 20);
+        let state = ctx.state.clone();
         let snapshot = state.load();
-        let listener = &snapshot.config.listeners[0];
-        let chain = ChainRef {
-            listener: listener.name.clone(),
-            chain: listener.filter_chains[0].name.clone(),
-        };
-        let ctx = Arc::new(Ctx {
-            state: state.clone(),
-            metrics: Arc::new(metrics),
-            mark: 0,
-            limits: DecoderLimits::default(),
-            closing: Default::default(),
-            connect_timeout: Duration::from_secs(1),
-            access_log: false,
-            thrift_ports: Default::default(),
-            budget: crate::budget::BufferBudget::new(1 << 20),
-            message_timeout: Duration::from_secs(1),
-        });
         let mut conn = Downstream::new(chain, ctx, None);
         assert_eq!(routed_to(&mut conn), "a");
         let filter = conn.filter.clone().unwrap();
