@@ -182,6 +182,9 @@ pub async fn serve(
                     reading = false;
                 }
             },
+            // Nothing could make progress (the check above ends the loop first): close
+            // rather than wait on nothing.
+            else => break,
         }
     }
     let _ = wr.shutdown().await;
