@@ -1,6 +1,6 @@
 //! A downstream connection: read requests as they come, plan each, execute them concurrently
 //! (up to a bound), write the replies back in request order, batched.
-use std::{future::Future, pin::Pin, sync::Arc, task::Poll};
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, task::Poll, time::Duration};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
@@ -11,12 +11,19 @@ use tokio::{
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::{
-    ChainRef, MAX_BATCH, MAX_IN_FLIGHT, call::execute, read_buffer::ReadBuffer, routing::Downstream,
+    ChainRef, MAX_BATCH, MAX_IN_FLIGHT,
+    call::{Answer, execute},
+    read_buffer::ReadBuffer,
+    routing::{Downstream, Plan},
 };
 use crate::{
     budget::Held,
-    filters::{Ctx, authz::Authz, ordered::Ordered},
-    stream::{Stream, write_all_vectored_within},
+    filters::{
+        Ctx,
+        authz::Authz,
+        ordered::{Ordered, SlotRefs},
+    },
+    stream::{Stream, WriteHalf, write_all_vectored_within},
 };
 
 /// Serves one downstream connection whose first bytes (`buf`) were Thrift.
@@ -30,24 +37,22 @@ pub async fn serve(
 ) {
     let _ = down.set_nodelay(true);
     let peer = down.peer_addr().ok();
-    let source = peer.map(|a| a.ip());
     let (mut rd, mut wr) = down.into_split();
-    let mut conn = Downstream::new(chain, ctx.clone(), source);
+    let mut conn = Downstream::new(chain, ctx.clone(), peer.map(|a| a.ip()));
     conn.authz = Some(authz);
-    // Requests in flight keep the chunk they were read into charged to the buffer budget.
-    let mut rb = ReadBuffer::new(buf, held);
-    // The budget has no room for more buffer: no reads until a request in flight is done.
-    let mut starved = false;
-    let mut replies = Ordered::default();
-    // Replies ready to write together (kept, so its capacity is reused), and what the large
-    // ones among them hold of the buffer budget until they are written.
-    let mut out: Vec<Bytes> = Vec::with_capacity(MAX_BATCH);
-    let mut out_held: Vec<Held> = Vec::new();
     // Draining serves every request until the drain's time is up (closing a connection
     // between requests would fail the client's next call, which may already be on its way);
     // then no new requests, only the replies in flight.
     let mut closing = ctx.closing.watch();
-    let mut reading = !ctx.closing.was_posted();
+    let mut input = Input {
+        conn,
+        peer,
+        rb: ReadBuffer::new(buf, held),
+        reading: !ctx.closing.was_posted(),
+        starved: false,
+    };
+    let mut replies = Ordered::default();
+    let mut batch = Batch::new();
     // A message must arrive whole within the message timeout of its first byte: one timer,
     // set when a partial message starts (or the one before it completed).
     let stall = tokio::time::sleep(ctx.message_timeout);
@@ -60,69 +65,18 @@ pub async fn serve(
         polled: false,
     };
     loop {
-        let mut progressed = false;
-        // One clock read for the requests this turn decodes: they came in the same read.
-        let mut now = None;
-        while reading && replies.len() < MAX_IN_FLIGHT {
-            match conn.decoder.decode(&mut rb.buf) {
-                Ok(Some(msg)) => {
-                    rb.cut();
-                    progressed = true;
-                    let began = *now.get_or_insert_with(Instant::now);
-                    let plan = conn.plan(msg);
-                    let deadline = plan.deadline(began);
-                    if let Some(at) = deadline {
-                        expiry.arm(at);
-                    }
-                    let span = debug_span!("request", seq = plan.client_seq());
-                    replies.push(deadline, |slot| {
-                        execute(plan, &ctx, slot, began).instrument(span)
-                    });
-                    if conn.revoked {
-                        debug!(
-                            "the policy in force no longer allows the connection: no new requests"
-                        );
-                        reading = false;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    ctx.metrics.rejected(e.cause());
-                    warn!(
-                        peer = ?peer,
-                        listener = %conn.chain().listener,
-                        error = %e,
-                        "closing a connection that sent malformed Thrift"
-                    );
-                    reading = false;
-                }
-            }
-        }
-        if reading
-            && !starved
-            && let Err(e) = rb.make_room()
-        {
-            if replies.is_empty() {
-                ctx.metrics.rejected("buffer_budget");
-                warn!(
-                    peer = ?peer,
-                    listener = %conn.chain().listener,
-                    error = %e,
-                    "closing a connection: no buffer left for it"
-                );
-                reading = false;
-                rb.clear();
-            } else {
-                debug!(error = %e, "no buffer left: no reads until a request in flight is done");
-                starved = true;
-            }
-        }
+        let progressed =
+            input.take_requests(&ctx, &mut replies, &mut expiry, |plan, slot, began| {
+                let span = debug_span!("request", seq = plan.client_seq());
+                execute(plan, &ctx, slot, began).instrument(span)
+            });
+        input.make_room(replies.is_empty(), &ctx);
         // Nothing left to read or to answer (a malformed message, or no buffer for an idle
         // connection): done. Checked after the room is made, which may end the reading.
-        if !reading && replies.is_empty() {
+        if !input.reading && replies.is_empty() {
             break;
         }
-        let now_partial = reading && !rb.buf.is_empty();
+        let now_partial = input.reading && !input.rb.buf.is_empty();
         if now_partial && (!partial || progressed) {
             stall.as_mut().reset(Instant::now() + ctx.message_timeout);
         }
@@ -132,55 +86,30 @@ pub async fn serve(
         tokio::select! {
             biased;
             Some(reply) = replies.next(), if !replies.is_empty() => {
-                // This reply and every one already done behind it go out in one write.
-                let (mut next, mut taken) = (Some(reply), 0);
-                while let Some(answer) = next.take() {
-                    out.extend(answer.bytes);
-                    out_held.extend(answer.held);
-                    rb.done();
-                    taken += 1;
-                    if taken < MAX_BATCH {
-                        next = replies.next().now_or_never().flatten();
-                    }
-                }
-                starved = false;
-                // A client that stops reading is closed after the message timeout, with what
-                // waits for it.
-                let written = write_all_vectored_within(&mut wr, &out, ctx.message_timeout).await;
-                out.clear();
-                out_held.clear();
+                let written = batch
+                    .write(reply, &mut replies, &mut input.rb, &mut wr, ctx.message_timeout)
+                    .await;
                 if let Err(e) = written {
                     debug!(error = %e, "downstream write failed");
                     return;
                 }
+                input.starved = false;
             },
             () = expiry.fired(), if expiry.armed.is_some() && !replies.is_empty() => {
                 expiry.rearm(replies.expire(Instant::now()));
             },
             () = &mut stall, if partial => {
                 ctx.metrics.rejected("message_timeout");
-                debug!(bytes = rb.buf.len(), "a message took longer than its time: no new requests");
-                reading = false;
+                debug!(bytes = input.rb.buf.len(), "a message took longer than its time: no new requests");
+                input.stop();
                 partial = false;
-                rb.clear();
             },
-            () = closing.changed(), if reading => {
+            () = closing.changed(), if input.reading => {
                 debug!("the drain's time is up: no new requests on this connection");
-                reading = false;
+                input.reading = false;
             },
-            read = rd.read_buf(&mut rb.buf), if reading && !starved && replies.len() < MAX_IN_FLIGHT => match read {
-                Ok(0) => {
-                    if !rb.buf.is_empty() {
-                        ctx.metrics.rejected("truncated");
-                        debug!(bytes = rb.buf.len(), "connection closed inside a message");
-                    }
-                    reading = false;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    debug!(error = %e, "downstream read failed");
-                    reading = false;
-                }
+            read = rd.read_buf(&mut input.rb.buf), if input.wants_read(replies.len()) => {
+                input.read(read, &ctx);
             },
             // Nothing could make progress (the check above ends the loop first): close
             // rather than wait on nothing.
@@ -188,6 +117,167 @@ pub async fn serve(
         }
     }
     let _ = wr.shutdown().await;
+}
+
+/// A connection's read side: its requests' routing, its buffer, and whether it reads on.
+struct Input {
+    conn: Downstream,
+    peer: Option<SocketAddr>,
+    rb: ReadBuffer,
+    /// New requests are taken (not after the client's end, malformed input, a policy that no
+    /// longer allows the connection, the drain's end or a message past its time).
+    reading: bool,
+    /// The budget has no room for more buffer: no reads until a request in flight is done.
+    starved: bool,
+}
+
+impl Input {
+    /// Cuts the whole requests the buffer holds (as many as may be in flight), plans each
+    /// and starts it with `start`; returns whether any was cut.
+    fn take_requests<F: Future>(
+        &mut self,
+        ctx: &Ctx,
+        replies: &mut Ordered<F>,
+        expiry: &mut ExpiryTimer<'_>,
+        mut start: impl FnMut(Plan, SlotRefs, Instant) -> F,
+    ) -> bool {
+        let mut progressed = false;
+        // One clock read for the requests this turn decodes: they came in the same read.
+        let mut now = None;
+        while self.reading && replies.len() < MAX_IN_FLIGHT {
+            match self.conn.decoder.decode(&mut self.rb.buf) {
+                Ok(Some(msg)) => {
+                    self.rb.cut();
+                    progressed = true;
+                    let began = *now.get_or_insert_with(Instant::now);
+                    let plan = self.conn.plan(msg);
+                    let deadline = plan.deadline(began);
+                    if let Some(at) = deadline {
+                        expiry.arm(at);
+                    }
+                    replies.push(deadline, |slot| start(plan, slot, began));
+                    if self.conn.revoked {
+                        debug!(
+                            "the policy in force no longer allows the connection: no new requests"
+                        );
+                        self.reading = false;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    ctx.metrics.rejected(e.cause());
+                    warn!(
+                        peer = ?self.peer,
+                        listener = %self.conn.chain().listener,
+                        error = %e,
+                        "closing a connection that sent malformed Thrift"
+                    );
+                    self.reading = false;
+                }
+            }
+        }
+        progressed
+    }
+
+    /// Makes room for the next read within the buffer budget. Without room, a connection
+    /// with requests in flight (`idle` false) waits for one to be done; an idle one can
+    /// never go on, and reads no more.
+    fn make_room(&mut self, idle: bool, ctx: &Ctx) {
+        if !self.reading || self.starved {
+            return;
+        }
+        let Err(e) = self.rb.make_room() else {
+            return;
+        };
+        if idle {
+            ctx.metrics.rejected("buffer_budget");
+            warn!(
+                peer = ?self.peer,
+                listener = %self.conn.chain().listener,
+                error = %e,
+                "closing a connection: no buffer left for it"
+            );
+            self.stop();
+        } else {
+            debug!(error = %e, "no buffer left: no reads until a request in flight is done");
+            self.starved = true;
+        }
+    }
+
+    /// Whether to read now, with `in_flight` requests in flight.
+    fn wants_read(&self, in_flight: usize) -> bool {
+        self.reading && !self.starved && in_flight < MAX_IN_FLIGHT
+    }
+
+    /// What a read into the buffer gave.
+    fn read(&mut self, read: std::io::Result<usize>, ctx: &Ctx) {
+        match read {
+            Ok(0) => {
+                if !self.rb.buf.is_empty() {
+                    ctx.metrics.rejected("truncated");
+                    debug!(
+                        bytes = self.rb.buf.len(),
+                        "connection closed inside a message"
+                    );
+                }
+                self.reading = false;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                debug!(error = %e, "downstream read failed");
+                self.reading = false;
+            }
+        }
+    }
+
+    /// No new requests, and what is buffered of the next one is dropped.
+    fn stop(&mut self) {
+        self.reading = false;
+        self.rb.clear();
+    }
+}
+
+/// Replies written back together (kept, so its capacity is reused), and what the large ones
+/// among them hold of the buffer budget until they are written.
+struct Batch {
+    bytes: Vec<Bytes>,
+    held: Vec<Held>,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Self {
+            bytes: Vec::with_capacity(MAX_BATCH),
+            held: Vec::new(),
+        }
+    }
+
+    /// Writes `first` and every reply already done behind it (up to [`MAX_BATCH`]) in one
+    /// write. A client that stops reading fails it after `timeout`, so it is closed with
+    /// what waits for it.
+    async fn write<F: Future<Output = Answer>>(
+        &mut self,
+        first: Answer,
+        replies: &mut Ordered<F>,
+        rb: &mut ReadBuffer,
+        wr: &mut WriteHalf,
+        timeout: Duration,
+    ) -> std::io::Result<()> {
+        let (mut next, mut taken) = (Some(first), 0);
+        while let Some(answer) = next.take() {
+            self.bytes.extend(answer.bytes);
+            self.held.extend(answer.held);
+            rb.done();
+            taken += 1;
+            if taken < MAX_BATCH {
+                next = replies.next().now_or_never().flatten();
+            }
+        }
+        let written = write_all_vectored_within(wr, &self.bytes, timeout).await;
+        self.bytes.clear();
+        self.held.clear();
+        written
+    }
 }
 
 /// The connection's one timer for its requests' deadlines, armed at the earliest deadline
