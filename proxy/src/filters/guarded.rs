@@ -11,11 +11,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::debug;
 
 use super::{Ctx, authz::Authz};
-use crate::budget::Held;
+use crate::budget::{Exhausted, Held};
 use crate::{
     stream::Stream,
     thrift::{
-        Decoder, Message, MessageType, Protocol, Transport,
+        Decoder, Message, MessageType, Protocol, ThriftError, Transport,
         reply::{AppExceptionType, application_exception},
     },
     upstream::answers,
@@ -108,6 +108,21 @@ enum Side<'a> {
     Application,
 }
 
+/// Why a side's next message did not come.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error(transparent)]
+    Malformed(#[from] ThriftError),
+    #[error("no buffer left: {0}")]
+    Budget(#[from] Exhausted),
+    #[error("a message took longer than its time")]
+    Stalled,
+    #[error("closed inside a message")]
+    Truncated,
+    #[error("read: {0}")]
+    Io(#[from] std::io::Error),
+}
+
 /// The next whole message from `stream` (bytes already read in `buf`); `None` at a clean
 /// end between messages. A message must arrive whole within `timeout` of its first byte.
 async fn next(
@@ -116,20 +131,20 @@ async fn next(
     buf: &mut BytesMut,
     mut side: Side<'_>,
     timeout: std::time::Duration,
-) -> Result<Option<Message>, String> {
+) -> Result<Option<Message>, ReadError> {
     let mut deadline = None;
     loop {
         let decoded = match side {
             Side::Client(_) => decoder.decode_call(buf),
             Side::Application => decoder.decode(buf),
         };
-        if let Some(m) = decoded.map_err(|e| e.to_string())? {
+        if let Some(m) = decoded? {
             return Ok(Some(m));
         }
         if buf.capacity() - buf.len() < 4096 {
             let more = buf.len().max(16 * 1024);
             match &mut side {
-                Side::Client(held) => held.reserve(buf, more).map_err(|e| e.to_string())?,
+                Side::Client(held) => held.reserve(buf, more)?,
                 Side::Application => buf.reserve(more),
             }
         }
@@ -139,13 +154,12 @@ async fn next(
             let at = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + timeout);
             tokio::time::timeout_at(at, stream.read_buf(buf))
                 .await
-                .map_err(|_| "a message took longer than its time".to_owned())?
+                .map_err(|_| ReadError::Stalled)?
         };
-        match read {
-            Ok(0) if buf.is_empty() => return Ok(None),
-            Ok(0) => return Err("closed inside a message".into()),
-            Ok(_) => {}
-            Err(e) => return Err(e.to_string()),
+        match read? {
+            0 if buf.is_empty() => return Ok(None),
+            0 => return Err(ReadError::Truncated),
+            _ => {}
         }
     }
 }

@@ -217,7 +217,7 @@ impl ReplyResult {
 }
 
 /// A sequence id that does not fit the bytes of the one it replaces.
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("sequence id {id} does not fit in {len} varint bytes")]
 pub struct SeqIdTooLong {
     pub id: i32,

@@ -26,7 +26,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::thrift::{DecoderLimits, Message, MessageType, frame::split_name};
+use crate::thrift::{
+    DecoderLimits, Message, MessageType,
+    frame::{SeqIdTooLong, split_name},
+};
 
 pub mod dial;
 pub mod exclusive;
@@ -51,7 +54,7 @@ pub enum UpstreamError {
     #[error("circuit breaker overflow: {0}")]
     Overflow(&'static str),
     #[error("reply does not answer its request: {0}")]
-    Mismatch(String),
+    Mismatch(Mismatch),
     /// The buffer budget has no room: for a large reply, or for a request to wait in a
     /// multiplexed connection's write queue.
     #[error("no buffer left: {0}")]
@@ -167,16 +170,31 @@ fn wake_pending(cluster: &ClusterRuntime) {
     }
 }
 
+/// How a reply fails to answer its request; the connection it came on closes.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Mismatch {
+    #[error("sequence id {got} for request {sent}")]
+    SeqId { got: i32, sent: i32 },
+    #[error("a reply with sequence id {0} nobody sent")]
+    Unsolicited(i32),
+    #[error("a {0} message")]
+    Kind(&'static str),
+    /// The names, cut to 64 bytes.
+    #[error("method {got:?} for a call of {sent:?}")]
+    Method { got: String, sent: String },
+    #[error("the client's {0}")]
+    ClientSeq(#[from] SeqIdTooLong),
+}
+
 /// Whether `reply` answers `request`: the same sequence id, a reply or exception, and the
 /// request's method name (a multiplexing server may answer with the name without its
 /// `Service:` prefix).
-pub fn answers(request: &Message, reply: &Message) -> Result<(), String> {
+pub fn answers(request: &Message, reply: &Message) -> Result<(), Mismatch> {
     if reply.seq_id() != request.seq_id() {
-        return Err(format!(
-            "sequence id {} for request {}",
-            reply.seq_id(),
-            request.seq_id()
-        ));
+        return Err(Mismatch::SeqId {
+            got: reply.seq_id(),
+            sent: request.seq_id(),
+        });
     }
     answers_by_name(request.name(), reply)
 }
@@ -185,24 +203,22 @@ pub fn answers(request: &Message, reply: &Message) -> Result<(), String> {
 /// its id with the varint length the client's takes (`thrift::frame::seq_id_in_class`);
 /// were it not to, the reply is refused like one that does not answer its request, never
 /// passed on under tern's id.
-fn restore_client_seq(reply: &mut Message, client_seq: i32) -> Result<(), String> {
-    reply
-        .set_seq_id(client_seq)
-        .map_err(|e| format!("the client's {e}"))
+fn restore_client_seq(reply: &mut Message, client_seq: i32) -> Result<(), Mismatch> {
+    Ok(reply.set_seq_id(client_seq)?)
 }
 
 /// [`answers`] without the sequence id (a multiplexed connection maps ids itself).
-fn answers_by_name(request_name: &[u8], reply: &Message) -> Result<(), String> {
+fn answers_by_name(request_name: &[u8], reply: &Message) -> Result<(), Mismatch> {
     if !matches!(reply.kind(), MessageType::Reply | MessageType::Exception) {
-        return Err(format!("a {} message", reply.kind().as_str()));
+        return Err(Mismatch::Kind(reply.kind().as_str()));
     }
     let name = reply.name();
     if name != request_name && name != split_name(request_name).1 {
-        return Err(format!(
-            "method {:?} for a call of {:?}",
-            String::from_utf8_lossy(&name[..name.len().min(64)]),
-            String::from_utf8_lossy(&request_name[..request_name.len().min(64)])
-        ));
+        let shown = |n: &[u8]| String::from_utf8_lossy(&n[..n.len().min(64)]).into_owned();
+        return Err(Mismatch::Method {
+            got: shown(name),
+            sent: shown(request_name),
+        });
     }
     Ok(())
 }
@@ -235,14 +251,19 @@ mod tests {
         assert!(answers(&call, &message("Calc:add", 2, 7)).is_ok());
         // A multiplexing server answers with the method alone; an exception is an answer.
         assert!(answers(&call, &message("add", 3, 7)).is_ok());
+        let method = |got: &str| Mismatch::Method {
+            got: got.to_owned(),
+            sent: "Calc:add".to_owned(),
+        };
         let wrong = [
-            message("add", 2, 8),       // another request's sequence id
-            message("add", 1, 7),       // a call, not a reply
-            message("sub", 2, 7),       // another method
-            message("Other:add", 2, 7), // another service
+            // another request's sequence id
+            (message("add", 2, 8), Mismatch::SeqId { got: 8, sent: 7 }),
+            (message("add", 1, 7), Mismatch::Kind("call")), // a call, not a reply
+            (message("sub", 2, 7), method("sub")),          // another method
+            (message("Other:add", 2, 7), method("Other:add")), // another service
         ];
-        for reply in wrong {
-            assert!(answers(&call, &reply).is_err(), "{reply:?}");
+        for (reply, why) in wrong {
+            assert_eq!(answers(&call, &reply), Err(why), "{reply:?}");
         }
     }
 }

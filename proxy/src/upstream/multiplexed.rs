@@ -37,8 +37,8 @@ use tokio::{io::AsyncReadExt, sync::mpsc};
 use tracing::debug;
 
 use super::{
-    ActiveRequest, ClusterRuntime, EndpointRuntime, Failed, Pool, PoolSettings, ReplyCell,
-    UpstreamError, answers_by_name, reply_buffer::ReplyBuffer, restore_client_seq,
+    ActiveRequest, ClusterRuntime, EndpointRuntime, Failed, Mismatch, Pool, PoolSettings,
+    ReplyCell, UpstreamError, answers_by_name, reply_buffer::ReplyBuffer, restore_client_seq,
 };
 use crate::{
     budget::{Backlog, BufferBudget, Held},
@@ -437,7 +437,7 @@ async fn run(
                             charge
                         });
                         if let Err(why) = deliver(&conn, reply, charge) {
-                            return UpstreamError::Closed(why);
+                            return UpstreamError::Closed(why.to_string());
                         }
                         if conn.done() {
                             return UpstreamError::Closed("endpoint removed".to_owned());
@@ -516,14 +516,14 @@ async fn run(
 
 /// Hands a reply to the request it answers; an error closes the connection. A reply to a
 /// request that gave up is dropped, and only then is its id free again.
-fn deliver(conn: &Conn, mut reply: Message, charge: Option<Held>) -> Result<(), String> {
+fn deliver(conn: &Conn, mut reply: Message, charge: Option<Held>) -> Result<(), Mismatch> {
     let id = reply.seq_id();
     let waiter = {
         let mut p = conn.pending.lock().unwrap_or_else(|e| e.into_inner());
         p.waiting.remove(&id)
     };
     let Some(w) = waiter else {
-        return Err(format!("a reply with sequence id {id} nobody sent"));
+        return Err(Mismatch::Unsolicited(id));
     };
     conn.inflight.fetch_sub(1, Ordering::Relaxed);
     if let Err(why) =
