@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::debug;
 
 use super::{
-    ClusterRuntime, EndpointRuntime, Failed, Pool, PoolSettings, UpstreamError, answers,
+    Closed, ClusterRuntime, EndpointRuntime, Failed, Pool, PoolSettings, UpstreamError, answers,
     release_connection, reply_buffer::ReplyBuffer, reserve_connection, restore_client_seq,
     wake_pending,
 };
@@ -194,8 +194,9 @@ pub async fn call(
         }
     }
     if let Err(e) = conn.stream.write_all(request.as_bytes()).await {
-        return Err(Failed::Lost(UpstreamError::Closed(format!(
-            "write to {addr}: {e}"
+        return Err(Failed::Lost(UpstreamError::Closed(Closed::Write(
+            addr,
+            e.kind(),
         ))));
     }
     if oneway {
@@ -207,8 +208,8 @@ pub async fn call(
             Ok(Some(reply)) => break reply,
             Ok(None) => {}
             Err(e) => {
-                return Err(Failed::Lost(UpstreamError::Closed(format!(
-                    "invalid reply from {addr}: {e}"
+                return Err(Failed::Lost(UpstreamError::Closed(Closed::InvalidReply(
+                    addr, e,
                 ))));
             }
         }
@@ -217,14 +218,13 @@ pub async fn call(
         }
         match conn.stream.read_buf(&mut conn.replies.buf).await {
             Ok(0) => {
-                return Err(Failed::Lost(UpstreamError::Closed(format!(
-                    "{addr} closed the connection"
-                ))));
+                return Err(Failed::Lost(UpstreamError::Closed(Closed::ByPeer(addr))));
             }
             Ok(_) => {}
             Err(e) => {
-                return Err(Failed::Lost(UpstreamError::Closed(format!(
-                    "read from {addr}: {e}"
+                return Err(Failed::Lost(UpstreamError::Closed(Closed::Read(
+                    addr,
+                    e.kind(),
                 ))));
             }
         }

@@ -27,7 +27,7 @@ use std::{
 };
 
 use crate::thrift::{
-    DecoderLimits, Message, MessageType,
+    DecoderLimits, Message, MessageType, ThriftError,
     frame::{SeqIdTooLong, split_name},
 };
 
@@ -50,7 +50,7 @@ pub enum UpstreamError {
     #[error("connect to {0} failed: {1}")]
     ConnectFailed(SocketAddr, io::Error),
     #[error("upstream connection closed: {0}")]
-    Closed(String),
+    Closed(Closed),
     #[error("circuit breaker overflow: {0}")]
     Overflow(&'static str),
     #[error("reply does not answer its request: {0}")]
@@ -59,6 +59,29 @@ pub enum UpstreamError {
     /// multiplexed connection's write queue.
     #[error("no buffer left: {0}")]
     Budget(#[from] crate::budget::Exhausted),
+}
+
+/// Why an upstream connection ended under its requests.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Closed {
+    #[error("{0} closed the connection")]
+    ByPeer(SocketAddr),
+    #[error("read from {0}: {1}")]
+    Read(SocketAddr, io::ErrorKind),
+    #[error("write to {0}: {1}")]
+    Write(SocketAddr, io::ErrorKind),
+    #[error("invalid reply from {0}: {1}")]
+    InvalidReply(SocketAddr, ThriftError),
+    /// Another request's reply on the connection did not answer it.
+    #[error("a reply on it did not answer its request: {0}")]
+    Mismatch(Mismatch),
+    #[error("endpoint removed")]
+    EndpointRemoved,
+    #[error("pool dropped")]
+    PoolDropped,
+    /// Found closed when a request was about to be queued on it.
+    #[error("connection closed")]
+    Already,
 }
 
 /// One connection's end fails each of its requests with the same error.

@@ -37,7 +37,7 @@ use tokio::{io::AsyncReadExt, sync::mpsc};
 use tracing::debug;
 
 use super::{
-    ActiveRequest, ClusterRuntime, EndpointRuntime, Failed, Mismatch, Pool, PoolSettings,
+    ActiveRequest, Closed, ClusterRuntime, EndpointRuntime, Failed, Mismatch, Pool, PoolSettings,
     ReplyCell, UpstreamError, answers_by_name, reply_buffer::ReplyBuffer, restore_client_seq,
 };
 use crate::{
@@ -276,7 +276,7 @@ impl Pool {
         let class = msg.seq_class();
         let mut p = conn.pending.lock().unwrap_or_else(|e| e.into_inner());
         if p.closed {
-            return Err((UpstreamError::Closed("connection closed".into()), msg));
+            return Err((UpstreamError::Closed(Closed::Already), msg));
         }
         let Ok(slot) = conn.tx.try_reserve() else {
             return Err((UpstreamError::Overflow("upstream write queue"), msg));
@@ -437,15 +437,15 @@ async fn run(
                             charge
                         });
                         if let Err(why) = deliver(&conn, reply, charge) {
-                            return UpstreamError::Closed(why.to_string());
+                            return UpstreamError::Closed(Closed::Mismatch(why));
                         }
                         if conn.done() {
-                            return UpstreamError::Closed("endpoint removed".to_owned());
+                            return UpstreamError::Closed(Closed::EndpointRemoved);
                         }
                     }
                     Ok(None) => break,
                     Err(e) => {
-                        return UpstreamError::Closed(format!("invalid reply from {addr}: {e}"));
+                        return UpstreamError::Closed(Closed::InvalidReply(addr, e));
                     }
                 }
             }
@@ -453,9 +453,9 @@ async fn run(
                 return UpstreamError::Budget(e);
             }
             match rd.read_buf(&mut replies.buf).await {
-                Ok(0) => return UpstreamError::Closed(format!("{addr} closed the connection")),
+                Ok(0) => return UpstreamError::Closed(Closed::ByPeer(addr)),
                 Ok(_) => {}
-                Err(e) => return UpstreamError::Closed(format!("read from {addr}: {e}")),
+                Err(e) => return UpstreamError::Closed(Closed::Read(addr, e.kind())),
             }
         }
     };
@@ -502,10 +502,10 @@ async fn run(
     let reason = tokio::select! {
         reason = reader => reason,
         w = writer => UpstreamError::Closed(match w {
-            Ok(()) => "pool dropped".to_owned(),
-            Err(e) => format!("write to {addr}: {e}"),
+            Ok(()) => Closed::PoolDropped,
+            Err(e) => Closed::Write(addr, e.kind()),
         }),
-        () = retired => UpstreamError::Closed("endpoint removed".to_owned()),
+        () = retired => UpstreamError::Closed(Closed::EndpointRemoved),
     };
     debug!(%addr, %reason, "upstream connection closed");
     conn.close(|| Failed::Lost(reason.clone()));

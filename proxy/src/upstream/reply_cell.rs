@@ -101,7 +101,7 @@ impl Drop for GiveUp<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::upstream::{Failed, UpstreamError};
+    use crate::upstream::{Closed, Failed, UpstreamError};
 
     #[tokio::test]
     async fn a_late_reply_does_not_reach_the_next_request_of_the_cell() {
@@ -111,15 +111,15 @@ mod tests {
         let second = cell.begin();
         cell.complete(
             first,
-            Err(Failed::Lost(UpstreamError::Closed("late".into()))),
+            Err(Failed::Lost(UpstreamError::Closed(Closed::EndpointRemoved))),
         );
         assert!(!cell.waiting(first) && cell.waiting(second));
         cell.complete(
             second,
-            Err(Failed::Lost(UpstreamError::Closed("on time".into()))),
+            Err(Failed::Lost(UpstreamError::Closed(Closed::PoolDropped))),
         );
         match cell.reply(second).await.0 {
-            Err(Failed::Lost(UpstreamError::Closed(why))) => assert_eq!(why, "on time"),
+            Err(Failed::Lost(UpstreamError::Closed(why))) => assert_eq!(why, Closed::PoolDropped),
             other => panic!("{other:?}"),
         }
     }
@@ -141,7 +141,7 @@ mod tests {
         // Its late reply lands nowhere, and the cell serves the next request.
         cell.complete(
             generation,
-            Err(Failed::Lost(UpstreamError::Closed("late".into()))),
+            Err(Failed::Lost(UpstreamError::Closed(Closed::EndpointRemoved))),
         );
         let next = cell.begin();
         assert!(cell.waiting(next));
