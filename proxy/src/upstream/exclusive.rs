@@ -14,7 +14,7 @@ use std::{
     time::Instant,
 };
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tracing::debug;
 
 use super::{
@@ -213,20 +213,8 @@ pub async fn call(
                 ))));
             }
         }
-        if let Err(e) = conn.replies.make_room(MIN_SPARE) {
-            return Err(Failed::Lost(UpstreamError::Budget(e)));
-        }
-        match conn.stream.read_buf(&mut conn.replies.buf).await {
-            Ok(0) => {
-                return Err(Failed::Lost(UpstreamError::Closed(Closed::ByPeer(addr))));
-            }
-            Ok(_) => {}
-            Err(e) => {
-                return Err(Failed::Lost(UpstreamError::Closed(Closed::Read(
-                    addr,
-                    e.kind(),
-                ))));
-            }
+        if let Err(e) = conn.replies.fill(&mut conn.stream, MIN_SPARE, addr).await {
+            return Err(Failed::Lost(e));
         }
     };
     if let Err(why) =

@@ -33,7 +33,7 @@ use std::{
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use smallvec::SmallVec;
-use tokio::{io::AsyncReadExt, sync::mpsc};
+use tokio::sync::mpsc;
 use tracing::debug;
 
 use super::{
@@ -449,13 +449,8 @@ async fn run(
                     }
                 }
             }
-            if let Err(e) = replies.make_room(MIN_SPARE) {
-                return UpstreamError::Budget(e);
-            }
-            match rd.read_buf(&mut replies.buf).await {
-                Ok(0) => return UpstreamError::Closed(Closed::ByPeer(addr)),
-                Ok(_) => {}
-                Err(e) => return UpstreamError::Closed(Closed::Read(addr, e.kind())),
+            if let Err(e) = replies.fill(&mut rd, MIN_SPARE, addr).await {
+                return e;
             }
         }
     };

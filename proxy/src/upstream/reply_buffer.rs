@@ -6,10 +6,12 @@
 //! allocation is charged until the last of them is gone ([`BufferBudget::keep`]). Without
 //! that, replies waiting for a client that does not read, up to 128 per client connection and
 //! each holding an allocation of 16 or 64 KiB, held memory the budget never saw.
-use std::sync::Arc;
+use std::{net::SocketAddr, sync::Arc};
 
 use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
+use super::{Closed, UpstreamError};
 use crate::budget::{BufferBudget, Exhausted, Held};
 
 #[derive(Debug)]
@@ -31,6 +33,23 @@ impl ReplyBuffer {
             usual,
             chunk: 0,
             grown: budget.hold(),
+        }
+    }
+
+    /// Reads more of what `addr` sends on `rd`, with room made for at least `min_spare`
+    /// bytes first. An end or error of the connection, or no room in the budget, is why it
+    /// can read no more.
+    pub async fn fill(
+        &mut self,
+        rd: &mut (impl AsyncRead + Unpin),
+        min_spare: usize,
+        addr: SocketAddr,
+    ) -> Result<(), UpstreamError> {
+        self.make_room(min_spare)?;
+        match rd.read_buf(&mut self.buf).await {
+            Ok(0) => Err(UpstreamError::Closed(Closed::ByPeer(addr))),
+            Ok(_) => Ok(()),
+            Err(e) => Err(UpstreamError::Closed(Closed::Read(addr, e.kind()))),
         }
     }
 
