@@ -31,7 +31,7 @@ pub(super) fn ctx(config: &str, budget: usize) -> (Arc<Ctx>, ChainRef, Registry)
         chain: listener.filter_chains[0].name.clone(),
     };
     let ctx = Arc::new(Ctx {
-        state: state.clone(),
+        state,
         metrics: Arc::new(metrics),
         mark: 0,
         limits: DecoderLimits::default(),
